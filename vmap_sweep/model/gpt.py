@@ -1,0 +1,199 @@
+"""nanochat's GPT as the Oct-Dec 2025 checkpoints (nanochat-d20 among them) define it.
+
+A plain nn.Module with nanochat's parameter names, so that `torch.func.functional_call` can drive it
+with stacked parameters. Notable features, all from nanochat:
+- rotary embeddings (half-split), no learned positions
+- QK norm after RoPE
+- untied weights for token embedding and lm_head
+- relu^2 activation in the MLP
+- RMS norm without learnable parameters
+- no bias in any linear layer
+- logit softcap 15 * tanh(logits / 15)
+- group-query attention when n_kv_head < n_head
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    sequence_len: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+    # None = the dtype's machine epsilon (what native nanochat's F.rms_norm does); the HF port sets 1e-6.
+    norm_eps: float | None = None
+    rope_base: float = 10000.0
+    softcap: float = 15.0
+
+    @classmethod
+    def from_depth(cls, depth: int, **overrides) -> GPTConfig:
+        """nanochat's sizing rule: width 64 per layer, heads of 128 dims."""
+        n_embd = 64 * depth
+        n_head = max(1, (n_embd + 127) // 128)
+        fields = dict(n_layer=depth, n_embd=n_embd, n_head=n_head, n_kv_head=n_head)
+        fields.update(overrides)
+        return cls(**fields)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+
+
+def norm(x: torch.Tensor, eps: float | None) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),), eps=eps)
+
+
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, T, H, D); cos/sin: (T, D/2) kept in float32 and cast to the activation dtype, as nanochat
+    # (which stores them in bf16 and runs under bf16 autocast) sees them.
+    d = x.shape[-1] // 2
+    cos = cos[None, :, None, :].to(x.dtype)
+    sin = sin[None, :, None, :].to(x.dtype)
+    x1, x2 = x[..., :d], x[..., d:]
+    y1 = x1 * cos + x2 * sin
+    y2 = x1 * (-sin) + x2 * cos
+    return torch.cat([y1, y2], dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.eps = config.norm_eps
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        q, k = norm(q, self.eps), norm(k, self.eps)  # QK norm, after RoPE
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        if self.n_kv_head != self.n_head:
+            # Query head h reads kv head h // group. Expanding keeps the SDPA call on its fused kernels.
+            group = self.n_head // self.n_kv_head
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.eps = config.norm_eps
+        self.attn = CausalSelfAttention(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(norm(x, self.eps), cos, sin)
+        x = x + self.mlp(norm(x, self.eps))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        cos, sin = self._rotary_tables(config.sequence_len)
+        # Non-persistent buffers: never in a checkpoint, and functional_call reads them from the module,
+        # so a stacked forward shares one copy across all models.
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _rotary_tables(self, seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        hd = self.config.head_dim
+        inv_freq = 1.0 / (self.config.rope_base ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
+        t = torch.arange(seq_len, dtype=torch.float32, device=device)
+        freqs = torch.outer(t, inv_freq)
+        return freqs.cos(), freqs.sin()
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> GPT:
+        """nanochat's init: embeddings N(0, 1), linears scaled by fan-in, output projections zero."""
+        gen = torch.Generator(device="cpu")
+        if seed is not None:
+            gen.manual_seed(seed)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                fan_out, fan_in = module.weight.shape
+                std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
+                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * std)
+            elif isinstance(module, nn.Embedding):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=gen))
+        nn.init.zeros_(self.lm_head.weight)
+        for block in self.transformer.h:
+            nn.init.zeros_(block.mlp.c_proj.weight)
+            nn.init.zeros_(block.attn.c_proj.weight)
+        return self
+
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """Final normed hidden states (B, T, n_embd): everything before lm_head."""
+        T = idx.size(-1)
+        if T > self.cos.size(0):
+            raise ValueError(f"sequence of {T} tokens is longer than the model's sequence_len {self.cos.size(0)}")
+        cos, sin = self.cos[:T], self.sin[:T]
+        eps = self.config.norm_eps
+        x = norm(self.transformer.wte(idx), eps)
+        for block in self.transformer.h:
+            x = block(x, cos, sin)
+        return norm(x, eps)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        cap = self.config.softcap
+        logits = self.lm_head(h)
+        return cap * torch.tanh(logits / cap)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) without targets; with targets the mean cross-entropy over supervised ones."""
+        logits = self.logits(self.hidden(idx))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=-1)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
