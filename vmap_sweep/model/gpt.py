@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vmap_sweep.model.loss import fused_linear_cross_entropy
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -144,6 +146,7 @@ class GPT(nn.Module):
         # so a stacked forward shares one copy across all models.
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+        self.ce_chunk = 4096  # rows of logits held at once by the fused cross-entropy
 
     def _rotary_tables(self, seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         hd = self.config.head_dim
@@ -188,11 +191,19 @@ class GPT(nn.Module):
         logits = self.lm_head(h)
         return cap * torch.tanh(logits / cap)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab) without targets; with targets the mean cross-entropy over supervised ones."""
-        logits = self.logits(self.hidden(idx))
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab) without targets; with targets the mean cross-entropy over supervised ones
+        (ignore_index -1); with loss_weights too, sum(weights * CE) through the fused chunked path, which
+        never holds the full logits (targets -1 must carry weight 0)."""
+        h = self.hidden(idx)
         if targets is None:
-            return logits
+            return self.logits(h)
+        if loss_weights is not None:
+            w = self.lm_head.weight
+            return fused_linear_cross_entropy(h, w, targets, loss_weights, self.config.softcap, self.ce_chunk)
+        logits = self.logits(h)
         return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=-1)
 
     def num_params(self) -> int:

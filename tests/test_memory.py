@@ -1,0 +1,45 @@
+import pytest
+import torch
+from stacking_helpers import RandomStream, tiny_model
+
+from vmap_sweep.errors import OutOfMemoryForOneModel
+from vmap_sweep.train.memory import probe_models_per_batch, train_splitting_on_oom
+from vmap_sweep.train.trainer import TrainConfig, train_batch
+
+CFG = TrainConfig(batch_size=2, seq_len=16)
+
+
+def test_out_of_memory_splits_the_batch_and_loses_nothing():
+    base, stream = tiny_model(), RandomStream()
+    cells = [{"lr": lr, "tokens": 96} for lr in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)]
+    calls = []
+
+    def train(batch):
+        calls.append(len(batch))
+        if len(batch) > 2:  # pretend more than two models don't fit
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return train_batch(base, stream, batch, CFG)
+
+    split = train_splitting_on_oom(train, cells)
+    whole = train_batch(base, stream, cells, CFG)
+    assert calls == [5, 2, 3, 1, 2]
+    assert [r.losses for r in split] == [r.losses for r in whole]  # each cell once, in order, same result
+
+
+def test_out_of_memory_with_one_model_is_a_clear_error():
+    def train(batch):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(OutOfMemoryForOneModel, match="one model does not fit"):
+        train_splitting_on_oom(train, [{"lr": 1e-3, "tokens": 10}])
+
+
+def test_probe_on_cpu_is_bounded_by_the_limit():
+    assert probe_models_per_batch(tiny_model(), CFG, "cpu", limit=3) == 3
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_probe_finds_a_fitting_k_on_gpu():
+    k = probe_models_per_batch(tiny_model(), CFG, "cuda", limit=16)
+    assert 1 <= k <= 16

@@ -1,0 +1,177 @@
+"""The invariants the science rests on: stacked = separate, isolation, packing invariance, determinism."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from stacking_helpers import RandomStream, newton_schulz_single, reference_adamw, reference_nanochat, tiny_model
+
+from vmap_sweep.train.optim import newton_schulz
+from vmap_sweep.train.schedule import lr_multiplier
+from vmap_sweep.train.trainer import StackedTrainer, TrainConfig, group_lrs, train_batch
+
+B, T = 2, 16
+CAP = 2 * math.log(61)  # the default cap: twice the loss of a uniform guess
+CFG = TrainConfig(optimizer="adamw", schedule="linear", batch_size=B, seq_len=T)
+
+
+def norm_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative error of a whole tensor: Adam divides by sqrt(v), so single elements with a tiny v turn a
+    last-bit difference in the gradient (vmap's batched matmul vs a plain one) into a larger one."""
+    return float((a - b).norm() / b.norm())
+
+
+def rel_close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    return bool(((a - b).abs() / b.abs().clamp(min=1e-6)).max() <= tol)
+
+
+def test_stacked_adamw_equals_separate_runs():
+    base, stream = tiny_model(), RandomStream()
+    # LRs over four decades, the last diverges; budgets differ so step counts and a partial last step differ.
+    cells = [
+        {"lr": 1e-4, "tokens": 200},
+        {"lr": 1e-3, "tokens": 96, "weight_decay": 0.1},
+        {"lr": 1e-2, "tokens": 160},
+        {"lr": 30.0, "tokens": 200},
+    ]
+    trainer = StackedTrainer(base, cells, CFG)
+    records = trainer.run(stream)
+    assert records[3].diverged and not any(r.diverged for r in records[:3])
+    for i, cell in enumerate(cells):
+        ref_losses, ref_model, ref_diverged = reference_adamw(base, stream, cell, B, T, loss_cap=CAP)
+        assert records[i].diverged == ref_diverged
+        got = torch.tensor(records[i].losses)
+        want = torch.tensor(ref_losses)
+        assert got.shape == want.shape, (i, got, want)
+        if not ref_diverged:
+            assert rel_close(got, want, 1e-6), (i, got, want)
+            state = trainer.state_dict_of(i)
+            for name, p in ref_model.named_parameters():
+                assert norm_rel(state[name], p.detach()) <= 1e-6, (i, name)
+        else:
+            # the diverging model agrees up to its last finite step, then is frozen
+            assert rel_close(got[:-1], want[:-1], 1e-6)
+            assert records[i].steps_done < records[i].steps
+
+
+def test_stacked_nanochat_optimizer_equals_separate_runs():
+    base, stream = tiny_model(), RandomStream(seed=3)
+    # Newton-Schulz in float32 here: in bf16 any float32 rounding difference between two implementations
+    # is amplified to bf16 precision. That the stack equals a loop bitwise in bf16 is tested below.
+    cfg = TrainConfig(optimizer="nanochat", schedule="linear", batch_size=B, seq_len=T, muon_ns_dtype="float32")
+    cells = [{"lr": 1e-4, "tokens": 160}, {"lr": 1e-3, "tokens": 160}, {"lr": 1e-2, "tokens": 96}]
+    trainer = StackedTrainer(base, cells, cfg)
+    records = trainer.run(stream)
+    for i, cell in enumerate(cells):
+        ref_losses, ref_model = reference_nanochat(base, stream, cell, B, T, ns_dtype=torch.float32)
+        got = torch.tensor(records[i].losses[: len(ref_losses)])
+        assert rel_close(got, torch.tensor(ref_losses), 1e-6), (i, got, ref_losses)
+        state = trainer.state_dict_of(i)
+        for name, p in ref_model.named_parameters():
+            assert norm_rel(state[name], p.detach()) <= 1e-6, (i, name)
+
+
+def test_stacked_newton_schulz_equals_a_loop_bitwise_in_bf16():
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(3, 64, 32), (3, 32, 128)]:
+        g = torch.randn(shape, generator=gen)
+        loop = torch.stack([newton_schulz_single(m) for m in g])
+        assert torch.equal(newton_schulz(g), loop)
+
+
+def test_divergence_is_isolated_bitwise():
+    base, stream = tiny_model(), RandomStream()
+    good = [{"lr": 1e-3, "tokens": 200}, {"lr": 3e-3, "tokens": 128}]
+    bad = {"lr": 1e4, "tokens": 200}
+    with_bad = StackedTrainer(base, [good[0], bad, good[1]], CFG)
+    records_with = with_bad.run(stream)
+    without = StackedTrainer(base, good, CFG)
+    records_without = without.run(stream)
+    assert records_with[1].diverged
+    assert records_with[1].diverged_step is not None and records_with[1].diverged_step < records_with[1].steps
+    for a, b, ia, ib in [(records_with[0], records_without[0], 0, 0), (records_with[2], records_without[1], 2, 1)]:
+        assert a.losses == b.losses and a.grad_norms == b.grad_norms and a.lrs == b.lrs
+        sa, sb = with_bad.state_dict_of(ia), without.state_dict_of(ib)
+        assert all(torch.equal(sa[n], sb[n]) for n in sa)
+
+
+def test_non_finite_weights_freeze_the_model():
+    base, stream = tiny_model(), RandomStream()
+    cells = [{"lr": 1e-3, "tokens": 200}, {"lr": 1e39, "tokens": 200}]  # inf in float32
+    trainer = StackedTrainer(base, cells, TrainConfig(batch_size=B, seq_len=T, loss_cap=1e9))
+    records = trainer.run(stream)
+    assert records[1].diverged and records[1].diverged_step == 0
+    assert not records[0].diverged and records[0].steps_done == records[0].steps
+
+
+@pytest.mark.parametrize("companions", [[], [{"lr": 1e-2, "tokens": 64}], [{"lr": 1e-5, "tokens": 300}] * 4])
+def test_packing_invariance_bitwise(companions):
+    base, stream = tiny_model(), RandomStream()
+    cell = {"lr": 2e-3, "tokens": 160, "warmup_ratio": 0.2}
+    evals = [stream.batch(1000 + i, B, T) for i in range(2)]
+    alone = train_batch(base, stream, [cell], CFG, evals)[0]
+    packed = train_batch(base, stream, [*companions, cell], CFG, evals)[-1]
+    assert packed.losses == alone.losses
+    assert packed.grad_norms == alone.grad_norms
+    assert packed.eval_loss == alone.eval_loss
+
+
+def test_micro_batches_accumulate_to_the_full_batch():
+    base, stream = tiny_model(), RandomStream()
+    cells = [{"lr": 1e-3, "tokens": 256}, {"lr": 1e-2, "tokens": 256}]
+    full = train_batch(base, stream, cells, TrainConfig(batch_size=4, seq_len=T))
+    micro = train_batch(base, stream, cells, TrainConfig(batch_size=4, seq_len=T, micro_batch_size=1))
+    for a, b in zip(full, micro, strict=True):
+        assert rel_close(torch.tensor(a.losses), torch.tensor(b.losses), 1e-5)
+
+
+def test_records_and_budgets():
+    base, stream = tiny_model(), RandomStream()
+    cells = [{"lr": 1e-3, "tokens": 40}, {"lr": 1e-3, "tokens": 64}, {"lr": 1e-3, "tokens": 80}]
+    records = train_batch(base, stream, cells, CFG, [stream.batch(500, B, T)])
+    assert [r.steps for r in records] == [2, 2, 3]  # ceil(N / 32 tokens per step)
+    for r in records:
+        assert r.steps_done == r.steps
+        assert len(r.losses) == r.steps + 1 and len(r.grad_norms) == r.steps == len(r.lrs)
+        assert r.initial_loss == r.losses[0] and math.isfinite(r.eval_loss)
+        assert r.lrs[0] == pytest.approx(1e-3) and r.lrs[-1] < r.lrs[0]  # linear decay
+    # the first two cells see the same first step; the 40-token cell's second step has only 8 tokens
+    assert records[0].losses[0] == records[1].losses[0] and records[0].losses[1] != records[1].losses[1]
+
+
+def test_frozen_groups_are_shared_not_stacked_and_do_not_move():
+    base, stream = tiny_model(), RandomStream()
+    cfg = TrainConfig(batch_size=B, seq_len=T, trainable=("attn", "mlp", "unembedding"))
+    trainer = StackedTrainer(base, [{"lr": 1e-2, "tokens": 96}] * 3, cfg)
+    assert "transformer.wte.weight" in trainer.frozen and "transformer.wte.weight" not in trainer.stacked
+    assert trainer.frozen["transformer.wte.weight"].ndim == 2
+    trainer.run(stream)
+    assert torch.equal(trainer.state_dict_of(1)["transformer.wte.weight"], base.transformer.wte.weight)
+    assert not torch.equal(trainer.state_dict_of(1)["lm_head.weight"], base.lm_head.weight)
+
+
+def test_rerun_is_identical():
+    base, stream = tiny_model(), RandomStream()
+    cells = [{"lr": 1e-3, "tokens": 128}, {"lr": 5e-3, "tokens": 96}]
+    a = train_batch(base, stream, cells, CFG)
+    b = train_batch(base, stream, cells, CFG)
+    assert [r.losses for r in a] == [r.losses for r in b]
+
+
+def test_group_learning_rates_follow_overrides():
+    lrs = group_lrs({"lr": 1e-3, "matrix_lr": 2e-3, "mlp_lr": 3e-3}, "adamw", 768)
+    assert lrs == {"embedding": 1e-3, "unembedding": 1e-3, "attn": 2e-3, "mlp": 3e-3}
+    nano = group_lrs({"lr": 0.02}, "nanochat", 768)
+    assert nano["attn"] == 0.02 and nano["embedding"] == pytest.approx(0.2)
+    assert nano["unembedding"] == pytest.approx(0.004)
+
+
+def test_schedules():
+    total, warm = torch.tensor([10.0, 4.0]), torch.tensor([0.2, 0.0])
+    assert lr_multiplier(0, total, warm, "linear").tolist() == [0.5, 1.0]
+    assert lr_multiplier(2, total, warm, "linear").tolist() == [1.0, 0.5]
+    assert lr_multiplier(3, total, warm, "constant").tolist() == [1.0, 1.0]
+    assert lr_multiplier(2, total, warm, "cosine")[0].item() == pytest.approx(1.0)
+    assert lr_multiplier(6, total, warm, "cosine")[0].item() == pytest.approx(0.5)

@@ -1,0 +1,78 @@
+"""How many models fit at once, and what to do when they don't: split the batch, lose nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from vmap_sweep.errors import OutOfMemoryForOneModel
+from vmap_sweep.model.gpt import GPT
+from vmap_sweep.train.trainer import CellRecord, StackedTrainer, TrainConfig
+
+
+class _OneStepStream:
+    """Random tokens of the study's shape: the probe needs the memory of a step, not its data."""
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
+
+    def batch(self, step: int, batch_size: int, seq_len: int):
+        gen = torch.Generator().manual_seed(step)
+        x = torch.randint(0, self.vocab, (batch_size, seq_len + 1), generator=gen)
+        return x[:, :-1], x[:, 1:]
+
+
+def _fits(model: GPT, k: int, cfg: TrainConfig, device: torch.device) -> bool:
+    cells = [{"lr": 1e-6, "tokens": cfg.tokens_per_step}] * k
+    try:
+        StackedTrainer(model, cells, cfg, device).run(_OneStepStream(model.config.vocab_size))
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def probe_models_per_batch(model: GPT, cfg: TrainConfig, device: str | torch.device, limit: int = 256) -> int:
+    """The largest K (<= limit) whose training step fits in free device memory: doubling, then bisection.
+
+    On CPU there is no memory wall worth probing for; it returns min(limit, 8).
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return min(limit, 8)
+    if not _fits(model, 1, cfg, device):
+        raise OutOfMemoryForOneModel(
+            "not even one model fits in GPU memory at this batch size; lower --micro-batch-size or --seq-len"
+        )
+    lo, hi = 1, 2
+    while hi <= limit and _fits(model, hi, cfg, device):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:  # lo fits, hi doesn't
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if _fits(model, mid, cfg, device) else (lo, mid)
+    return lo
+
+
+def train_splitting_on_oom(
+    train: Callable[[Sequence[dict]], list[CellRecord]], cells: Sequence[dict]
+) -> list[CellRecord]:
+    """train(cells), and on out-of-memory the two halves one after the other, recursively.
+
+    A cell's result does not depend on its batch companions, so splitting changes no result; every cell is
+    trained exactly once in the end and the records come back in the order of `cells`.
+    """
+    try:
+        return train(cells)
+    except torch.OutOfMemoryError:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(cells) == 1:
+            raise OutOfMemoryForOneModel(
+                "one model does not fit in GPU memory; lower --micro-batch-size or --seq-len, or use a smaller model"
+            ) from None
+        half = len(cells) // 2
+        return train_splitting_on_oom(train, cells[:half]) + train_splitting_on_oom(train, cells[half:])

@@ -1,0 +1,307 @@
+"""K fine-tunes of one base model in one vectorized step: functional_call under vmap.
+
+Data is shared (the input has no model dimension); only the weights and the hyperparameters differ.
+Every per-model quantity is a (K,) tensor, and nothing is ever reduced across the model dimension, so a
+model's trajectory does not depend on its companions, and one model's divergence never touches another.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch.func import functional_call, vmap
+
+from vmap_sweep.model.gpt import GPT
+from vmap_sweep.train.optim import AdamWHparams, StackedAdamW, StackedMuon
+from vmap_sweep.train.schedule import SCHEDULES, lr_multiplier
+from vmap_sweep.train.stack import GROUPS, group_of, split_params, unstack
+
+OPTIMIZERS = ("adamw", "nanochat")
+# nanochat's SFT recipe (chat_sft.py, Oct 2025): Muon lr 0.02 on block matrices, AdamW 0.2*s on the
+# embedding and 0.004*s on lm_head (s = (n_embd/768)^-0.5), all times init_lr_frac 0.02.
+NANOCHAT_INIT_LR_FRAC = 0.02
+NANOCHAT_MATRIX_LR = 0.02
+NANOCHAT_EMBEDDING_LR = 0.2
+NANOCHAT_UNEMBEDDING_LR = 0.004
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    optimizer: str = "adamw"  # "adamw", or "nanochat": Muon on block matrices + AdamW on (un)embedding
+    schedule: str = "constant"  # constant | linear (to zero, nanochat SFT) | cosine
+    batch_size: int = 8  # rows per optimizer step; tokens per step = batch_size * seq_len
+    seq_len: int = 1024
+    micro_batch_size: int | None = None  # rows per forward/backward (gradient accumulation); None = all
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = 1e-8
+    trainable: tuple[str, ...] = GROUPS  # frozen groups are shared across models, never stacked
+    loss_cap: float | None = None  # a loss above this counts as diverged; None = 2 ln(vocab) (twice uniform)
+    eval_every_model: bool = True
+    # nanochat runs Newton-Schulz in bf16; float32 makes runs comparable to the ulp (bf16 rounding
+    # amplifies float32 rounding differences between any two implementations).
+    muon_ns_dtype: str = "bfloat16"
+    ce_chunk: int = 4096
+    autocast: bool = True  # bf16 autocast on CUDA, fp32 master weights; ignored on CPU
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    def validate(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {OPTIMIZERS}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose from {SCHEDULES}")
+        mb = self.micro_batch_size
+        if mb is not None and (mb < 1 or self.batch_size % mb):
+            raise ValueError(f"micro_batch_size {mb} must divide batch_size {self.batch_size}")
+
+
+@dataclass
+class CellRecord:
+    """What one fine-tune produced. losses[s] is the training loss of step s's batch before its update,
+    and, for a model that finished, one more value: the loss of its last batch after its last update."""
+
+    initial_loss: float
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    steps_done: int = 0
+    diverged: bool = False
+    diverged_step: int | None = None
+    eval_loss: float | None = None
+    wall_time: float = 0.0
+
+    @property
+    def final_loss(self) -> float:
+        return self.losses[-1] if self.losses else float("nan")
+
+
+def steps_for(tokens: int, tokens_per_step: int) -> int:
+    return max(1, math.ceil(tokens / tokens_per_step))
+
+
+def group_lrs(hp: dict, optimizer: str, n_embd: int) -> dict[str, float]:
+    """Each parameter group's learning rate for one cell.
+
+    adamw: `lr` for every group. nanochat: `lr` is the Muon (matrix) rate and the (un)embedding rates follow
+    nanochat's ratios to it; default lr = 0.02 * init_lr_frac. Then matrix_lr overrides attn and mlp, and
+    embedding_lr, unembedding_lr, attn_lr, mlp_lr override their own group.
+    """
+    if optimizer == "adamw":
+        lrs = {g: float(hp["lr"]) for g in GROUPS}
+    else:
+        base = float(hp.get("lr", NANOCHAT_MATRIX_LR * NANOCHAT_INIT_LR_FRAC))
+        s = (n_embd / 768) ** -0.5
+        lrs = {
+            "embedding": base * NANOCHAT_EMBEDDING_LR * s / NANOCHAT_MATRIX_LR,
+            "unembedding": base * NANOCHAT_UNEMBEDDING_LR * s / NANOCHAT_MATRIX_LR,
+            "attn": base,
+            "mlp": base,
+        }
+    if "matrix_lr" in hp:
+        lrs["attn"] = lrs["mlp"] = float(hp["matrix_lr"])
+    for g in GROUPS:
+        if f"{g}_lr" in hp:
+            lrs[g] = float(hp[f"{g}_lr"])
+    return lrs
+
+
+def set_determinism(seed: int, deterministic: bool) -> None:
+    """Seeds everything; with deterministic, also asks torch for bitwise-reproducible kernels."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    torch.manual_seed(seed)
+
+
+class StackedTrainer:
+    """K copies of `model` trained at once, one cell's hyperparameters (a dict over the axes) each."""
+
+    def __init__(self, model: GPT, cells: Sequence[dict], cfg: TrainConfig, device: str | torch.device = "cpu"):
+        cfg.validate()
+        self.cfg, self.device = cfg, torch.device(device)
+        self.model = model.to(self.device)
+        self.model.ce_chunk = cfg.ce_chunk
+        self.k = len(cells)
+        if self.k == 0:
+            raise ValueError("a batch needs at least one cell")
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.stacked, self.frozen = split_params(self.model, self.k, cfg.trainable)
+        self.stacked = {n: t.to(self.device).detach().requires_grad_(True) for n, t in self.stacked.items()}
+        self.frozen = {n: t.to(self.device) for n, t in self.frozen.items()}
+
+        def per_model(key: str, default: float) -> torch.Tensor:
+            return torch.tensor([float(c.get(key, default)) for c in cells], dtype=torch.float64)
+
+        n_embd = model.config.n_embd
+        cell_lrs = [group_lrs(c, cfg.optimizer, n_embd) for c in cells]
+        self.group_lr = {g: torch.tensor([lr[g] for lr in cell_lrs], dtype=torch.float64) for g in GROUPS}
+        self.base_lr = per_model("lr", float("nan")) if cfg.optimizer == "adamw" else self.group_lr["attn"]
+        self.weight_decay = per_model("weight_decay", 0.0)
+        self.warmup_ratio = per_model("warmup_ratio", 0.0)
+        self.tokens = [int(c["tokens"]) for c in cells]
+        self.total_steps = torch.tensor([steps_for(t, cfg.tokens_per_step) for t in self.tokens], dtype=torch.float64)
+        self.loss_cap = cfg.loss_cap if cfg.loss_cap is not None else 2 * math.log(model.config.vocab_size)
+
+        if cfg.optimizer == "adamw":
+            self.adamw_params = self.stacked
+            self.muon = None
+        else:
+            self.adamw_params = {n: t for n, t in self.stacked.items() if group_of(n) in ("embedding", "unembedding")}
+            matrices = {n: t for n, t in self.stacked.items() if group_of(n) in ("attn", "mlp")}
+            self.muon = StackedMuon(matrices, ns_dtype=getattr(torch, cfg.muon_ns_dtype)) if matrices else None
+        betas = cfg.adam_betas if cfg.optimizer == "adamw" else (0.8, 0.95)
+        eps = cfg.adam_eps if cfg.optimizer == "adamw" else 1e-10
+        self.adamw = StackedAdamW(self.adamw_params, AdamWHparams(betas, eps)) if self.adamw_params else None
+
+        def model_loss(stacked, x, y, w):
+            return functional_call(self.model, (stacked, self.frozen), (x, y, w))
+
+        # Params carry the model dimension; tokens and targets are shared; loss weights are per model.
+        self._vmapped_loss = vmap(model_loss, in_dims=(0, None, None, 0))
+
+    # -- one step ---------------------------------------------------------------------------------------
+
+    def _autocast(self):
+        enabled = self.cfg.autocast and self.device.type == "cuda"
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def _loss_weights(self, step: int, targets: torch.Tensor) -> torch.Tensor:
+        """(K, B, T): 1/count on each model's supervised positions inside its token budget, else 0.
+
+        A budget of N tokens is the first N positions of the stream: the last step of a model is partial.
+        """
+        B, T = targets.shape
+        position = step * B * T + torch.arange(B * T, device=targets.device).view(B, T)
+        budget = torch.tensor(self.tokens, device=targets.device).view(-1, 1, 1)
+        valid = (position.unsqueeze(0) < budget) & (targets != -1).unsqueeze(0)
+        count = valid.sum(dim=(1, 2), keepdim=True)
+        return valid.float() / count.clamp(min=1).float()
+
+    def _forward_backward(self, inputs, targets, weights, with_grad: bool) -> torch.Tensor:
+        """(K,) summed weighted losses over micro-batches; gradients accumulated in .grad when asked."""
+        mb = self.cfg.micro_batch_size or inputs.shape[0]
+        total = torch.zeros(self.k, device=self.device)
+        for start in range(0, inputs.shape[0], mb):
+            sl = slice(start, start + mb)
+            with torch.set_grad_enabled(with_grad), self._autocast():
+                losses = self._vmapped_loss(self.stacked, inputs[sl], targets[sl], weights[:, sl])
+            if with_grad:
+                # Each model's loss depends only on its own slice of the stack: the gradient of the sum is
+                # every model's own gradient.
+                losses.sum().backward()
+            total += losses.detach().float()
+        return total
+
+    def _grad_norms(self) -> torch.Tensor:
+        sq = torch.zeros(self.k, device=self.device)
+        for p in self.stacked.values():
+            sq += p.grad.float().pow(2).flatten(1).sum(1)
+        return sq.sqrt()
+
+    def _weights_finite(self) -> torch.Tensor:
+        ok = torch.ones(self.k, dtype=torch.bool, device=self.device)
+        for p in self.stacked.values():
+            ok &= torch.isfinite(p.detach()).flatten(1).all(1)
+        return ok
+
+    def _optimizer_step(self, step: int, active: torch.Tensor) -> None:
+        mult = lr_multiplier(step, self.total_steps, self.warmup_ratio, self.cfg.schedule)
+        lrs = {n: (self.group_lr[group_of(n)] * mult).to(self.device) for n in self.stacked}
+        active_dev = active.to(self.device)
+        if self.adamw is not None:
+            self.adamw.step(lrs, self.weight_decay.to(self.device), active_dev)
+        if self.muon is not None:
+            self.muon.step(lrs, active_dev)
+
+    # -- a whole run ------------------------------------------------------------------------------------
+
+    def run(self, stream, eval_batches: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[CellRecord]:
+        cfg, k = self.cfg, self.k
+        start_time = time.perf_counter()
+        records = [CellRecord(initial_loss=float("nan"), steps=int(s)) for s in self.total_steps.tolist()]
+        total_steps = self.total_steps.long()
+        active = torch.ones(k, dtype=torch.bool)
+        for step in range(int(total_steps.max())):
+            active &= step < total_steps
+            if not active.any():
+                break
+            inputs, targets = (t.to(self.device) for t in stream.batch(step, cfg.batch_size, cfg.seq_len))
+            weights = self._loss_weights(step, targets)
+            has_tokens = (weights.flatten(1).sum(1) > 0).cpu()
+            for p in self.stacked.values():
+                p.grad = None
+            losses = self._forward_backward(inputs, targets, weights, with_grad=True).cpu()
+            norms = self._grad_norms().cpu()
+            mult = lr_multiplier(step, self.total_steps, self.warmup_ratio, cfg.schedule)
+            bad = ~torch.isfinite(losses) | (losses > self.loss_cap) | ~torch.isfinite(norms)
+            stepping = active & has_tokens & ~bad
+            self._optimizer_step(step, stepping)
+            bad_weights = ~self._weights_finite().cpu() & stepping
+            for i in torch.nonzero(active & has_tokens).flatten().tolist():
+                rec = records[i]
+                rec.losses.append(losses[i].item())
+                rec.grad_norms.append(norms[i].item())
+                rec.lrs.append((self.base_lr[i] * mult[i]).item())
+                rec.steps_done = step + 1
+                if step == 0:
+                    rec.initial_loss = rec.losses[0]
+                if bad[i] or bad_weights[i]:
+                    rec.diverged, rec.diverged_step = True, step
+            active &= ~bad & ~bad_weights
+        self._final_losses(stream, records)
+        if eval_batches:
+            for rec, loss in zip(records, self.evaluate(eval_batches).tolist(), strict=True):
+                rec.eval_loss = loss
+        elapsed = time.perf_counter() - start_time
+        for rec in records:
+            rec.wall_time = elapsed / k  # a batch's time shared among its cells
+        return records
+
+    @torch.no_grad()
+    def _final_losses(self, stream, records: list[CellRecord]) -> None:
+        """Each finished model's loss on its last batch after its last update (one pass per step count)."""
+        cfg = self.cfg
+        finished = [i for i, r in enumerate(records) if not r.diverged and r.steps_done > 0]
+        for last in sorted({records[i].steps_done - 1 for i in finished}):
+            inputs, targets = (t.to(self.device) for t in stream.batch(last, cfg.batch_size, cfg.seq_len))
+            losses = self._forward_backward(inputs, targets, self._loss_weights(last, targets), with_grad=False)
+            for i in finished:
+                if records[i].steps_done - 1 == last:
+                    records[i].losses.append(losses[i].item())
+
+    @torch.no_grad()
+    def evaluate(self, eval_batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """(K,) mean loss of every model over the same held-out tokens, all models in one batched pass."""
+        total_tokens = sum(int((t != -1).sum()) for _, t in eval_batches)
+        if total_tokens == 0:
+            raise ValueError("the evaluation set has no supervised tokens")
+        loss = torch.zeros(self.k, device=self.device)
+        for inputs, targets in eval_batches:
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            w = ((targets != -1).float() / total_tokens).unsqueeze(0).expand(self.k, -1, -1)
+            loss += self._forward_backward(inputs, targets, w, with_grad=False)
+        return loss.cpu()
+
+    def state_dict_of(self, index: int) -> dict[str, torch.Tensor]:
+        return unstack(self.stacked, self.frozen, index)
+
+
+def train_batch(
+    model: GPT,
+    stream,
+    cells: Sequence[dict],
+    cfg: TrainConfig,
+    eval_batches: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    device: str | torch.device = "cpu",
+) -> list[CellRecord]:
+    """Fine-tune one copy of `model` per cell, all at once; one record per cell, in order."""
+    return StackedTrainer(model, cells, cfg, device).run(stream, eval_batches)
