@@ -1,0 +1,143 @@
+"""Where conversations come from: the built-in synthetic set, a local .jsonl/.parquet file, or the Hub.
+
+Splits are "train" and "validation", and the two never share a conversation:
+- "synthetic": train and validation come from different seed streams (and carry different source ids).
+- a local file has no validation split of its own, so a fixed held-out tail is carved out of it:
+  the rows are permuted with HOLDOUT_SEED and the last HOLDOUT_FRACTION of that permutation
+  (at least one row once there are two) is "validation"; "train" is every other row, in file order.
+  The split depends only on the number of rows, so it is the same on every run.
+- a local directory holding train.jsonl/.parquet (and optionally validation.jsonl/.parquet) uses its
+  validation file when there is one, else the held-out tail of train.
+- a Hub dataset id is read with `datasets.load_dataset(source, split=split)`, its own splits.
+Every row is validated on load, so a malformed row fails here, naming its file:line or source and row index.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from vmap_sweep.data.render import validate_conversation
+from vmap_sweep.data.synthetic import synthetic_docqa
+from vmap_sweep.errors import DataError
+
+DEFAULT_DATASET = "morgan/docvqa-nanochat"
+SPLITS = ("train", "validation")
+SYNTHETIC_SIZES = {"train": 4000, "validation": 400}
+SYNTHETIC_SEEDS = {"train": 1234, "validation": 98765}  # different seed streams -> disjoint sets
+HOLDOUT_SEED = 20251
+HOLDOUT_FRACTION = 0.05
+LOCAL_SUFFIXES = (".jsonl", ".parquet")
+
+
+def load_conversations(source: str = DEFAULT_DATASET, split: str = "train") -> list[dict]:
+    """Conversations {"messages": [...]} of one split of `source` (see the module doc for the sources)."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r} for {source}; use one of {', '.join(SPLITS)}")
+    path = Path(source).expanduser()
+    if source == "synthetic":
+        rows = _checked(synthetic_docqa(SYNTHETIC_SIZES[split], SYNTHETIC_SEEDS[split]), f"synthetic ({split})")
+    elif path.is_dir():
+        rows = _load_directory(path, split)
+    elif path.suffix in LOCAL_SUFFIXES:
+        if not path.is_file():
+            raise DataError(f"{path}: no such file")
+        rows = _holdout_split(_read_file(path), split)
+    elif path.is_absolute() or source.startswith((".", "~")):
+        raise DataError(f"{path}: no such file or directory; expected a .jsonl/.parquet file or a directory")
+    else:
+        rows = _checked(_load_hub(source, split), f"{source} ({split})")
+    if not rows:
+        raise DataError(
+            f"{source} split {split!r}: no conversations; the dataset is empty "
+            "(or has a single row, too few to hold out a validation split)"
+        )
+    return rows
+
+
+def _checked(rows: list[dict], source: str) -> list[dict]:
+    """Validate every row up front, so a malformed one fails at load time naming its source and index."""
+    for i, row in enumerate(rows):
+        validate_conversation(row, i, source)
+    return rows
+
+
+def holdout_indices(n: int) -> set[int]:
+    """Row indices of a local file's held-out validation tail (fixed by n and HOLDOUT_SEED)."""
+    if n < 2:
+        return set()
+    order = list(range(n))
+    random.Random(HOLDOUT_SEED).shuffle(order)
+    k = max(1, round(n * HOLDOUT_FRACTION))
+    return set(order[n - k:])
+
+
+def _holdout_split(rows: list[dict], split: str) -> list[dict]:
+    held = holdout_indices(len(rows))
+    keep = (lambda i: i in held) if split == "validation" else (lambda i: i not in held)
+    return [row for i, row in enumerate(rows) if keep(i)]
+
+
+def _load_directory(path: Path, split: str) -> list[dict]:
+    def find(name: str) -> Path | None:
+        return next((path / f"{name}{s}" for s in LOCAL_SUFFIXES if (path / f"{name}{s}").is_file()), None)
+
+    train, validation = find("train"), find("validation")
+    if train is None:
+        raise DataError(f"{path}: no train.jsonl or train.parquet in this directory")
+    if validation is not None:
+        return _read_file(validation if split == "validation" else train)
+    return _holdout_split(_read_file(train), split)
+
+
+def _read_file(path: Path) -> list[dict]:
+    return _read_jsonl(path) if path.suffix == ".jsonl" else _read_parquet(path)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f"{path}:{lineno}: invalid JSON ({e.msg}); expected one {{\"messages\": [...]}} per line"
+                ) from e
+            validate_conversation(row, None, f"{path}:{lineno}")
+            rows.append({"messages": row["messages"]})
+    return rows
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except Exception as e:  # pyarrow raises several types for a file that isn't parquet
+        raise DataError(f"{path}: not a readable parquet file ({e})") from e
+    if "messages" not in schema.names:
+        raise DataError(f"{path}: no `messages` column (columns: {', '.join(schema.names)})")
+    messages = pq.read_table(path, columns=["messages"]).column("messages").to_pylist()
+    return _checked([{"messages": m} for m in messages], str(path))
+
+
+def _load_hub(source: str, split: str) -> list[dict]:
+    """A Hub dataset through `datasets`, which honours HF_HUB_OFFLINE / HF_DATASETS_OFFLINE and its cache."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(source, split=split)
+    except Exception as e:  # network, missing repo, missing split, offline without a cache: all user-fixable
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(
+            f"could not load Hub dataset {source!r} split {split!r} ({type(e).__name__}: {first_line}); "
+            "check the name, use HF_HUB_OFFLINE=1 with a cached copy, or pass a local .jsonl/.parquet file"
+        ) from e
+    if "messages" not in ds.column_names:
+        raise DataError(f"Hub dataset {source!r}: no `messages` column (columns: {', '.join(ds.column_names)})")
+    return [{"messages": m} for m in ds["messages"]]
+

@@ -1,0 +1,120 @@
+"""The fixed token stream every cell of a study trains on, its token budgets, and the eval set.
+
+The training conversations are put in one order fixed by a seed (random.Random(seed).shuffle, which
+depends on nothing else), rendered, and concatenated into one stream of ids and supervision mask.
+Step s reads stream positions [s*B*T, (s+1)*B*T) as B rows of T; the target of position k is the token
+at k+1, or -1 where that token is unsupervised. Conversations are packed: a row can span several.
+A budget of N tokens is the first N positions, so it takes steps_for(N, B*T) steps and the trainer masks
+positions >= N of the last step with budget_mask. Every budget's step s is the same tensor.
+If a budget is longer than the stream, positions wrap around to the start (a second epoch in the same
+order), deterministically.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from vmap_sweep.data.render import render_conversation
+from vmap_sweep.errors import ConfigError, DataError
+from vmap_sweep.model.tokenizer import Tokenizer
+
+EVAL_SEED = 7
+
+
+def steps_for(tokens: int, tokens_per_step: int) -> int:
+    """Optimizer steps of a budget of `tokens` tokens: ceil(tokens / tokens_per_step)."""
+    if tokens < 1 or tokens_per_step < 1:
+        raise ConfigError(f"token budget {tokens} and tokens per step {tokens_per_step} must both be >= 1")
+    return -(-tokens // tokens_per_step)
+
+
+def budget_mask(step: int, tokens: int, batch_size: int, seq_len: int) -> torch.Tensor:
+    """Bool (B, T): True where the position of step `step` is inside a budget of the first `tokens` tokens."""
+    n = batch_size * seq_len
+    return (step * n + torch.arange(n) < tokens).view(batch_size, seq_len)
+
+
+@dataclass(frozen=True)
+class TokenStream:
+    ids: torch.Tensor  # (N,) int64
+    mask: torch.Tensor  # (N,) bool: supervised tokens
+    order: tuple[int, ...]  # indices into the conversations, in stream order
+    seed: int
+
+    @classmethod
+    def build(
+        cls,
+        conversations: Sequence[dict],
+        tokenizer: Tokenizer,
+        seed: int,
+        max_len: int | None = None,
+        source: str | None = None,
+    ) -> TokenStream:
+        if not conversations:
+            raise DataError(f"{source or 'conversations'}: no conversations to build a token stream from")
+        order = list(range(len(conversations)))
+        random.Random(seed).shuffle(order)
+        ids: list[int] = []
+        mask: list[int] = []
+        for i in order:
+            c_ids, c_mask = render_conversation(tokenizer, conversations[i], max_len, index=i, source=source)
+            ids += c_ids
+            mask += c_mask
+        if not any(mask):
+            raise DataError(f"{source or 'conversations'}: no supervised (assistant) tokens after rendering")
+        return cls(torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool), tuple(order), seed)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.ids.numel()
+
+    def window(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat inputs and targets of positions [start, start+count), wrapping around the stream."""
+        pos = torch.arange(start, start + count) % self.num_tokens
+        nxt = (pos + 1) % self.num_tokens
+        targets = torch.where(self.mask[nxt], self.ids[nxt], torch.full_like(nxt, -1))
+        return self.ids[pos], targets
+
+    def batch(self, step: int, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), each LongTensor (B, T), of positions [step*B*T, (step+1)*B*T)."""
+        inputs, targets = self.window(step * batch_size * seq_len, batch_size * seq_len)
+        return inputs.view(batch_size, seq_len), targets.view(batch_size, seq_len)
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """The first num_tokens positions of the held-out conversations' own seeded stream (no wrap-around)."""
+
+    stream: TokenStream
+    num_tokens: int
+
+    @classmethod
+    def build(
+        cls,
+        conversations: Sequence[dict],
+        tokenizer: Tokenizer,
+        n_tokens: int | None = None,
+        seed: int = EVAL_SEED,
+        max_len: int | None = None,
+        source: str | None = None,
+    ) -> EvalSet:
+        stream = TokenStream.build(conversations, tokenizer, seed, max_len, source)
+        available = stream.num_tokens - 1  # the last token has no next token to predict
+        return cls(stream, available if n_tokens is None else min(n_tokens, available))
+
+    def batches(self, batch_size: int, seq_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(inputs, targets) batches of up to batch_size rows of seq_len covering the eval tokens.
+
+        The last row is padded (targets -1) and the last batch may have fewer rows, so an exact mean
+        loss weights each batch by its count of targets != -1.
+        """
+        rows = math.ceil(self.num_tokens / seq_len)
+        inputs, targets = self.stream.window(0, rows * seq_len)
+        targets[self.num_tokens:] = -1
+        inputs, targets = inputs.view(rows, seq_len), targets.view(rows, seq_len)
+        return [(inputs[r:r + batch_size], targets[r:r + batch_size]) for r in range(0, rows, batch_size)]
