@@ -1,0 +1,135 @@
+"""Export: every format reads back bit-for-bit (nan, inf, -0.0 included), pending cells and errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from test_store import CONFIG, grid, new_store, rec_for
+
+from vmap_sweep.errors import ConfigError
+from vmap_sweep.sweep.export import COLUMNS, export_study
+from vmap_sweep.sweep.store import StudyStore
+
+FLOATS = ("x", "y", "score", "initial_loss", "final_loss", "eval_loss", "wall_time")
+
+
+@pytest.fixture
+def store(tmp_path) -> StudyStore:
+    s = new_store(tmp_path)
+    cells = grid().cells()
+    s.record_batch([(c, rec_for(c.i, c.j)) for c in cells[:7]], batch_index=0)
+    s.record_batch([((3, 1), rec_for(3, 1).__class__(losses=[1e-310, -0.0, float("-inf")]))], batch_index=1)
+    s.set_labels({(0, 0): ("diverged", float("inf")), (1, 0): ("converged", -1.0 / 3)})
+    yield s
+    s.close()
+
+
+def bits(v) -> np.ndarray:
+    return np.asarray(v, dtype=np.float64).view(np.uint64)
+
+
+def expected(store: StudyStore) -> list[dict]:
+    return store.rows(arrays=True)
+
+
+def check_rows(store: StudyStore, got: dict[str, list], trajectories: list | None) -> None:
+    exp = expected(store)
+    assert list(got["i"]) == [r["i"] for r in exp] and list(got["j"]) == [r["j"] for r in exp]
+    for c in FLOATS:
+        np.testing.assert_array_equal(bits(got[c]), bits([r[c] for r in exp]), err_msg=c)
+    assert list(got["status"]) == [r["status"] for r in exp]
+    assert [lab or None for lab in got["label"]] == [r["label"] for r in exp]
+    assert [json.loads(h) for h in got["hparams"]] == [r["hparams"] for r in exp]
+    if trajectories is not None:
+        for r, t in zip(exp, trajectories, strict=True):
+            if r["status"] == "done":
+                np.testing.assert_array_equal(bits(t), bits(r["trajectory"]))
+            else:
+                assert t is None or len(t) == 0
+
+
+def test_values_cover_special_floats(store):
+    finals = store.grid_arrays("final_loss")
+    assert np.isnan(finals).sum() > 0 and np.isneginf(finals[1, 3])
+    assert np.isinf(store.grid_arrays("score")[0, 0])
+
+
+@pytest.mark.parametrize("traj", [False, True])
+def test_csv_roundtrip(store, tmp_path, traj):
+    path = export_study(store, "csv", tmp_path / "out.csv", trajectories=traj)
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == list(COLUMNS) + (["trajectory"] if traj else [])
+    got = {c: [r[c] for r in rows] for c in rows[0]}
+    got["i"] = [int(v) for v in got["i"]]
+    got["j"] = [int(v) for v in got["j"]]
+    for c in FLOATS:
+        got[c] = [float(v) for v in got[c]]
+    steps = [int(v) if v else None for v in got["steps"]]
+    assert steps == [r["steps"] for r in expected(store)]
+    trajs = [np.array([float(t) for t in v.split()]) if v else None for v in got["trajectory"]] if traj else None
+    check_rows(store, got, trajs)
+
+
+@pytest.mark.parametrize("traj", [False, True])
+def test_parquet_roundtrip(store, tmp_path, traj):
+    path = export_study(store, "parquet", tmp_path / "out.parquet", trajectories=traj)
+    table = pq.read_table(path)
+    assert table.column_names == list(COLUMNS) + (["trajectory"] if traj else [])
+    assert table.schema.field("final_loss").type == "double"
+    assert json.loads(table.schema.metadata[b"vmap_sweep_config"]) == CONFIG
+    got = table.to_pydict()
+    got = {c: [math.nan if v is None and c in FLOATS else v for v in vs] for c, vs in got.items()}
+    assert got["steps"] == [r["steps"] for r in expected(store)]
+    if traj:
+        assert table.schema.field("trajectory").type.value_type == pa.float64()
+    check_rows(store, got, got["trajectory"] if traj else None)
+
+
+@pytest.mark.parametrize("traj", [False, True])
+def test_npz_roundtrip(store, tmp_path, traj):
+    path = export_study(store, "npz", tmp_path / "out.npz", trajectories=traj)
+    with np.load(path, allow_pickle=False) as z:
+        got = {k: z[k] for k in z.files}
+    assert json.loads(str(got["config"])) == CONFIG
+    assert got["steps"].dtype == np.int64
+    assert list(got["steps"]) == [-1 if r["steps"] is None else r["steps"] for r in expected(store)]
+    trajs = None
+    if traj:
+        mat, lengths = got["trajectory"], got["trajectory_lengths"]
+        assert mat.dtype == np.float64 and mat.ndim == 2 and mat.shape[0] == len(lengths)
+        assert np.isnan(mat[lengths == 0]).all() if mat.shape[1] else True
+        trajs = [mat[k, :n] for k, n in enumerate(lengths)]
+    check_rows(store, {k: list(v) for k, v in got.items() if v.ndim}, trajs)
+
+
+def test_export_errors_and_no_partial_file(store, tmp_path):
+    with pytest.raises(ConfigError, match="unknown"):
+        export_study(store, "xlsx", tmp_path / "out.xlsx")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="can't write"):
+        export_study(store, "csv", blocker / "out.csv")
+    with pytest.raises(ConfigError, match="is a folder"):
+        export_study(store, "csv", tmp_path)
+    # an existing export is replaced whole; no temporary files are left behind
+    out = tmp_path / "sub" / "out.csv"
+    export_study(store, "CSV", out)
+    export_study(store, "csv", out, trajectories=True)
+    assert [p.name for p in out.parent.iterdir()] == ["out.csv"]
+    assert "trajectory" in out.read_text().splitlines()[0]
+
+
+def test_pending_study_exports(tmp_path: Path):
+    with new_store(tmp_path, "empty") as s:
+        for fmt in ("csv", "parquet", "npz"):
+            export_study(s, fmt, tmp_path / f"e.{fmt}", trajectories=True)
+        with np.load(tmp_path / "e.npz", allow_pickle=False) as z:
+            assert z["trajectory"].shape == (12, 0) and (z["status"] == "pending").all()

@@ -1,0 +1,369 @@
+"""StudyStore: creation, refusals that change nothing, exact round trips, atomic batches, crash safety, merge."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vmap_sweep.errors import ConfigError, StoreError
+from vmap_sweep.sweep.axes import parse_axis_spec
+from vmap_sweep.sweep.grid import Grid
+from vmap_sweep.sweep.plan import plan_batches, shard
+from vmap_sweep.sweep.store import DB_NAME, StudyStore, config_hash, merge_studies
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = {"grid": {"x": "lr:1e-5:1e-2:log", "y": "tokens:1000:8000:log", "res": [4, 3]}, "seed": 0,
+          "model": {"depth": 1}}
+
+
+@dataclass
+class Rec:
+    """Duck-typed CellRecord (see CONTRACTS.md)."""
+
+    initial_loss: float = 5.0
+    losses: list[float] = field(default_factory=lambda: [4.0, 3.0, 2.5])
+    grad_norms: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25])
+    lrs: list[float] = field(default_factory=lambda: [1e-4, 1e-4, 1e-4])
+    steps: int = 3
+    steps_done: int = 3
+    diverged: bool = False
+    diverged_step: int | None = None
+    eval_loss: float | None = 2.75
+    wall_time: float = 1.5
+
+
+def grid() -> Grid:
+    return Grid(parse_axis_spec("lr:1e-5:1e-2"), parse_axis_spec("tokens:1000:8000"), 4, 3)
+
+
+def rec_for(i: int, j: int) -> Rec:
+    """Distinct, exactly representable-or-not values per cell, incl. nan/inf in some trajectories."""
+    base = 5.0 + i / 7 + j / 3
+    losses = [base * 0.9, base * 0.7 + 1e-17, base / 3]
+    if (i + j) % 3 == 0:
+        losses[-1] = float("nan")
+    if (i + j) % 3 == 1:
+        losses[1] = float("inf")
+    return Rec(initial_loss=base, losses=losses, grad_norms=[0.1 * i, -0.0, 1e300], lrs=[1e-4 / (j + 1)] * 3,
+               diverged=(i + j) % 3 == 0, diverged_step=2 if (i + j) % 3 == 0 else None,
+               eval_loss=None if i == 0 else base / 4, wall_time=0.1 * (i + 1))
+
+
+def new_store(tmp_path: Path, name: str = "study") -> StudyStore:
+    return StudyStore.create_or_open(tmp_path / name, CONFIG, grid().cells())
+
+
+def snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(directory.iterdir())}
+
+
+def bits(a) -> np.ndarray:
+    return np.asarray(a, dtype=np.float64).view(np.uint64)
+
+
+# ------------------------------------------------------------------ create / open
+def test_create_writes_meta_and_pending_cells(tmp_path):
+    cells = grid().cells()
+    with new_store(tmp_path) as s:
+        assert s.pending() == cells and s.cells() == cells
+        assert s.done_count() == 0 and s.cell_count() == 12 and (s.nx, s.ny) == (4, 3)
+        assert s.config == CONFIG and s.config_hash == config_hash(CONFIG)
+    con = sqlite3.connect(tmp_path / "study" / DB_NAME)
+    meta = dict(con.execute("SELECT key, value FROM meta"))
+    assert meta["schema_version"] == "1" and meta["app"] == "vmap-sweep" and meta["created"]
+    assert meta["config"] == '{"grid":{"res":[4,3],"x":"lr:1e-5:1e-2:log","y":"tokens:1000:8000:log"},' \
+                             '"model":{"depth":1},"seed":0}'
+    assert meta["config_hash"] == hashlib.sha256(meta["config"].encode()).hexdigest()
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert con.execute("SELECT count(*) FROM cells WHERE status='pending'").fetchone()[0] == 12
+    con.close()
+
+
+def test_reopen_same_config_resumes(tmp_path):
+    with new_store(tmp_path) as s:
+        s.record_batch([(c, rec_for(c.i, c.j)) for c in grid().cells()[:4]], batch_index=0)
+    # key order of the config does not matter (canonical JSON)
+    reordered = {"model": {"depth": 1}, "seed": 0, "grid": dict(reversed(list(CONFIG["grid"].items())))}
+    with StudyStore.create_or_open(tmp_path / "study", reordered, grid().cells()) as s:
+        assert s.done_count() == 4 and s.pending() == grid().cells()[4:]
+
+
+def test_different_config_refused_and_nothing_changes(tmp_path):
+    with new_store(tmp_path) as s:
+        s.record_batch([((0, 0), rec_for(0, 0))])
+    before = snapshot(tmp_path / "study")
+    other = {**CONFIG, "seed": 1, "grid": {**CONFIG["grid"], "x": "lr:1e-5:1e-1:log"}}
+    with pytest.raises(StoreError) as e:
+        StudyStore.create_or_open(tmp_path / "study", other, grid().cells())
+    msg = str(e.value)
+    assert "seed: 0 -> 1" in msg and 'grid.x: "lr:1e-5:1e-2:log" -> "lr:1e-5:1e-1:log"' in msg
+    assert "--out" in msg and "\n" not in msg
+    assert snapshot(tmp_path / "study") == before
+    with StudyStore.open(tmp_path / "study") as s:
+        assert s.done_count() == 1 and s.config == CONFIG
+
+
+def test_non_sqlite_file_refused_unchanged(tmp_path):
+    d = tmp_path / "study"
+    d.mkdir()
+    (d / DB_NAME).write_bytes(b"hello, this is not a database" * 10)
+    before = snapshot(d)
+    with pytest.raises(StoreError, match="is not a vmap-sweep study database"):
+        StudyStore.create_or_open(d, CONFIG, grid().cells())
+    with pytest.raises(StoreError, match="is not a vmap-sweep study database"):
+        StudyStore.open(d)
+    assert snapshot(d) == before
+
+
+def test_foreign_sqlite_refused_unchanged(tmp_path):
+    d = tmp_path / "study"
+    d.mkdir()
+    con = sqlite3.connect(d / DB_NAME)
+    con.execute("CREATE TABLE meta (key TEXT, value TEXT)")
+    con.execute("INSERT INTO meta VALUES ('owner', 'someone else')")
+    con.commit()
+    con.close()
+    before = snapshot(d)
+    with pytest.raises(StoreError, match="is not a vmap-sweep study database"):
+        StudyStore.create_or_open(d, CONFIG, grid().cells())
+    assert snapshot(d) == before
+
+
+def test_other_schema_version_refused(tmp_path):
+    new_store(tmp_path).close()
+    con = sqlite3.connect(tmp_path / "study" / DB_NAME)
+    con.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
+    con.commit()
+    con.close()
+    with pytest.raises(StoreError, match="schema version 99"):
+        StudyStore.open(tmp_path / "study")
+
+
+def test_unwritable_directory(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StoreError, match="can't create the study folder"):
+        StudyStore.create_or_open(blocker / "study", CONFIG, grid().cells())
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / DB_NAME).mkdir()
+    with pytest.raises(StoreError, match="is not a file"):
+        StudyStore.create_or_open(tmp_path / "d", CONFIG, grid().cells())
+    with pytest.raises(StoreError, match="no study.db"):
+        StudyStore.open(tmp_path / "nowhere")
+
+
+def test_changed_cells_with_same_config_refused(tmp_path):
+    new_store(tmp_path).close()
+    with pytest.raises(StoreError, match="cells differ"):
+        StudyStore.create_or_open(tmp_path / "study", CONFIG, grid().cells()[:5])
+    with pytest.raises(ConfigError, match="repeats"):
+        StudyStore.create_or_open(tmp_path / "x", CONFIG, grid().cells()[:2] * 2)
+    with pytest.raises(ConfigError, match="JSON"):
+        StudyStore.create_or_open(tmp_path / "y", {"a": object()}, grid().cells())
+
+
+# ------------------------------------------------------------------ records
+def test_record_roundtrip_exact(tmp_path):
+    cells = grid().cells()
+    with new_store(tmp_path) as s:
+        s.record_batch([(c, rec_for(c.i, c.j)) for c in cells[:6]], batch_index=0, shard="1/2")
+        s.record_batch([((c.i, c.j), rec_for(c.i, c.j)) for c in cells[6:10]], batch_index=1)
+    with StudyStore.open(tmp_path / "study") as s:
+        assert s.done_count() == 10 and s.pending() == cells[10:]
+        traj = s.trajectories()
+        assert set(traj) == {(c.i, c.j) for c in cells[:10]}
+        for c in cells[:10]:
+            r = rec_for(c.i, c.j)
+            np.testing.assert_array_equal(bits(traj[(c.i, c.j)]), bits(r.losses))
+            np.testing.assert_array_equal(bits(s.trajectories("grad_norms")[(c.i, c.j)]), bits(r.grad_norms))
+            np.testing.assert_array_equal(bits(s.trajectories("lrs")[(c.i, c.j)]), bits(r.lrs))
+        final = s.grid_arrays("final_loss")
+        assert final.shape == (3, 4)
+        for c in cells:
+            if c in cells[:10]:
+                r = rec_for(c.i, c.j)
+                assert bits(final[c.j, c.i]) == bits(r.losses[-1])  # last loss, nan kept as nan
+                assert s.grid_arrays("initial_loss")[c.j, c.i] == r.initial_loss
+                ev = s.grid_arrays("eval_loss")[c.j, c.i]
+                assert (np.isnan(ev) if r.eval_loss is None else ev == r.eval_loss)
+                assert s.grid_arrays("diverged")[c.j, c.i] == float(r.diverged)
+            else:
+                assert np.isnan(final[c.j, c.i])  # pending
+        np.testing.assert_array_equal(s.grid_arrays("x")[0], grid().xs)  # x known even when pending
+        rows = {(r["i"], r["j"]): r for r in s.rows()}
+        assert rows[(0, 0)]["shard"] == "1/2" and rows[(0, 0)]["batch_index"] == 0
+        assert rows[(2, 1)]["batch_index"] == 1 and rows[(2, 1)]["status"] == "done"
+        assert rows[(3, 2)]["status"] == "pending" and rows[(3, 2)]["steps"] is None
+        assert rows[(0, 0)]["diverged"] is True and rows[(0, 0)]["diverged_step"] == 2
+        with pytest.raises(ConfigError, match="unknown field"):
+            s.grid_arrays("hparams")
+
+
+def test_nan_payloads_canonicalised(tmp_path):
+    weird = np.array([0x7FF8000000000001, 0xFFF8000000000000], dtype=np.uint64).view(np.float64)
+    with new_store(tmp_path) as s:
+        s.record_batch([((0, 0), Rec(losses=list(weird)))])
+        got = s.trajectories()[(0, 0)]
+    assert list(bits(got)) == [bits(np.nan)] * 2
+
+
+def test_record_batch_atomic(tmp_path):
+    cells = grid().cells()
+    with new_store(tmp_path) as s:
+        s.record_batch([(cells[0], Rec())])
+        before = s.rows(arrays=True)
+        # second cell of this batch is already done: nothing of the batch is written
+        with pytest.raises(StoreError, match=r"cell \(0, 0\) is already done"):
+            s.record_batch([(cells[1], Rec()), (cells[0], Rec()), (cells[2], Rec())])
+        with pytest.raises(StoreError, match="already done"):
+            s.record_batch([(cells[3], Rec()), (cells[3], Rec())])  # same cell twice in one batch
+        with pytest.raises(StoreError, match="not in this study"):
+            s.record_batch([(cells[4], Rec()), ((9, 9), Rec())])
+        with pytest.raises(AttributeError):
+            s.record_batch([(cells[5], Rec()), (cells[6], object())])  # not a record
+        after = s.rows(arrays=True)
+        assert [r["status"] for r in after] == [r["status"] for r in before]
+        assert s.done_count() == 1 and s.pending() == cells[1:]
+
+
+def test_labels_counts_and_arrays(tmp_path):
+    cells = grid().cells()
+    with new_store(tmp_path) as s:
+        s.record_batch([(c, rec_for(c.i, c.j)) for c in cells[:5]])
+        s.set_labels({(0, 0): ("diverged", 3.0), (1, 0): ("converged", -2.5), (2, 0): ("converged", -1.0)})
+        assert s.label_counts() == {"converged": 2, "diverged": 1, "unlabelled": 2}
+        lab = s.labels_array()
+        assert lab.shape == (3, 4) and lab[0, 0] == "diverged" and lab[0, 1] == "converged" and lab[2, 3] == ""
+        assert s.grid_arrays("score")[0, 1] == -2.5 and np.isnan(s.grid_arrays("score")[0, 3])
+        # atomic: a pending cell in the mapping refuses the whole update
+        with pytest.raises(StoreError, match="pending"):
+            s.set_labels({(3, 0): ("marginal", 0.0), (3, 2): ("converged", -1.0)})
+        assert s.labels_array()[0, 3] == "" and s.label_counts()["unlabelled"] == 2
+
+
+def test_children_and_extras(tmp_path):
+    with new_store(tmp_path) as s:
+        c = s.add_child((1e-4, 1e-3, 2000, 4000), "zoom/1", 1)
+        assert c.window == (1e-4, 1e-3, 2000.0, 4000.0) and c.level == 1
+        s.add_child((1e-4, 1e-3, 2000, 4000), "zoom/1", 1)  # idempotent
+        with pytest.raises(StoreError, match="already holds window"):
+            s.add_child((1e-4, 2e-3, 2000, 4000), "zoom/1", 1)
+        s.add_child((2e-4, 1e-3, 2000, 3000), "zoom/2", 2)
+        s.put_extra("eval", {"hellaswag": [0.25, 0.5], "n": 3})
+        s.put_extra("note", "text")
+    with StudyStore.open(tmp_path / "study") as s:
+        assert [(c.child_dir, c.level) for c in s.children()] == [("zoom/1", 1), ("zoom/2", 2)]
+        assert s.get_extra("eval") == {"hellaswag": [0.25, 0.5], "n": 3} and s.get_extra("note") == "text"
+        assert s.get_extra("missing", 7) == 7
+
+
+# ------------------------------------------------------------------ crash safety
+CHILD = textwrap.dedent("""
+    import os, signal, sys
+    from vmap_sweep.sweep.axes import parse_axis_spec
+    from vmap_sweep.sweep.grid import Grid
+    from vmap_sweep.sweep.plan import plan_batches
+    from vmap_sweep.sweep.store import StudyStore
+    sys.path.insert(0, {tests!r})
+    from test_store import CONFIG, grid, rec_for
+    mode = sys.argv[1]
+    batches = plan_batches(grid().cells(), 3, lambda c: 3)
+    store = StudyStore.create_or_open(sys.argv[2], CONFIG, grid().cells())
+    if mode == "mid":
+        calls = []
+        orig = StudyStore._require
+        def boom(self, conn, i, j, want):
+            calls.append(1)
+            if len(calls) == 3 * 2 + 2:  # second cell of the third batch: its first UPDATE is written
+                os.kill(os.getpid(), signal.SIGKILL)
+            return orig(self, conn, i, j, want)
+        StudyStore._require = boom
+    for b in batches:
+        store.record_batch([(c, rec_for(c.i, c.j)) for c in b.cells], batch_index=b.index)
+        if mode == "after" and b.index == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+@pytest.mark.parametrize("mode", ["after", "mid"])
+def test_sigkill_keeps_committed_batches(tmp_path, mode):
+    d = tmp_path / "study"
+    script = CHILD.format(tests=str(ROOT / "tests"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-c", script, mode, str(d)], env=env, capture_output=True, timeout=60)
+    assert p.returncode == -9, p.stderr.decode()
+    batches = plan_batches(grid().cells(), 3, lambda c: 3)
+    committed = [c for b in batches[:2] for c in b.cells]
+    with StudyStore.create_or_open(d, CONFIG, grid().cells()) as s:
+        assert s.integrity_check() == "ok"
+        assert s.done_count() == 6
+        done = {k for k in s.trajectories()}
+        assert done == {(c.i, c.j) for c in committed}
+        assert s.pending() == [c for c in grid().cells() if (c.i, c.j) not in done]
+        rows = {(r["i"], r["j"]): r for r in s.rows()}
+        assert {rows[(c.i, c.j)]["batch_index"] for c in committed} == {0, 1}
+        # resume: the rest can be recorded
+        for b in batches[2:]:
+            s.record_batch([(c, rec_for(c.i, c.j)) for c in b.cells], batch_index=b.index)
+        assert s.done_count() == 12
+
+
+# ------------------------------------------------------------------ merge
+def run_shard(tmp_path: Path, k: int, n: int, config=CONFIG, tweak=None) -> Path:
+    batches = plan_batches(grid().cells(), 2, lambda c: 3)
+    d = tmp_path / f"shard{k}of{n}"
+    with StudyStore.create_or_open(d, config, grid().cells()) as s:
+        for b in shard(batches, k, n):
+            recs = [(c, rec_for(c.i, c.j) if tweak is None else tweak(c)) for c in b.cells]
+            s.record_batch(recs, batch_index=b.index, shard=f"{k}/{n}")
+    return d
+
+
+def test_merge_union_of_shards(tmp_path):
+    dirs = [run_shard(tmp_path, k, 3) for k in (1, 2, 3)]
+    with StudyStore.open(dirs[0]) as s0:
+        s0.put_extra("eval", {"a": 1})
+        s0.add_child((1e-4, 1e-3, 2000, 4000), "zoom/1", 1)
+    with merge_studies(dirs, tmp_path / "merged") as m:
+        assert m.done_count() == 12 and m.pending() == [] and m.config == CONFIG
+        assert m.get_extra("eval") == {"a": 1} and [c.child_dir for c in m.children()] == ["zoom/1"]
+        traj = m.trajectories()
+        for c in grid().cells():
+            np.testing.assert_array_equal(bits(traj[(c.i, c.j)]), bits(rec_for(c.i, c.j).losses))
+        assert {r["shard"] for r in m.rows()} == {"1/3", "2/3", "3/3"}
+    # merging again into the same folder (e.g. after more shards finished) is a no-op, not an error
+    with merge_studies(dirs, tmp_path / "merged") as m:
+        assert m.done_count() == 12
+    # partial merge: only the cells of the given shards
+    with merge_studies(dirs[:1], tmp_path / "partial") as m:
+        with StudyStore.open(dirs[0]) as s0:
+            assert m.done_count() == s0.done_count() > 0
+
+
+def test_merge_refuses_other_config_and_conflicts(tmp_path):
+    a = run_shard(tmp_path, 1, 2)
+    other = run_shard(tmp_path / "o", 2, 2, config={**CONFIG, "seed": 5})
+    with pytest.raises(StoreError) as e:
+        merge_studies([a, other], tmp_path / "m1")
+    assert str(other) in str(e.value) and "seed: 0 -> 5" in str(e.value)
+    assert not (tmp_path / "m1").exists()
+    # the same cells done twice with equal results merge fine; different results are refused
+    same = run_shard(tmp_path / "s", 1, 2)
+    with merge_studies([a, same], tmp_path / "m2") as m:
+        assert m.done_count() == 6
+    diff = run_shard(tmp_path / "d", 1, 2, tweak=lambda c: replace(rec_for(c.i, c.j), initial_loss=1.0))
+    with pytest.raises(StoreError, match="different results"):
+        merge_studies([a, diff], tmp_path / "m3")
+    with pytest.raises(ConfigError, match="one of the shards"):
+        merge_studies([a], a)
+    with pytest.raises(ConfigError):
+        merge_studies([], tmp_path / "m4")

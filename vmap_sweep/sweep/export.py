@@ -1,0 +1,129 @@
+"""Export a study as one row per cell: csv, parquet or npz. Floats read back bit-for-bit.
+
+csv writes floats with ``repr`` (shortest round-tripping text; ``nan``/``inf``/``-inf`` parse back with
+``float``); missing ints and labels are empty. parquet keeps float64 and nulls natively. npz holds only
+plain arrays (loads with ``allow_pickle=False``): missing ints are -1, missing strings ''.
+The file is written to a temporary name beside ``path`` and renamed, so a crash leaves no half file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from vmap_sweep.errors import ConfigError
+from vmap_sweep.sweep.store import StudyStore
+
+FORMATS = ("csv", "parquet", "npz")
+INT_COLUMNS = ("i", "j", "steps", "steps_done", "diverged", "diverged_step")
+FLOAT_COLUMNS = ("x", "y", "score", "initial_loss", "final_loss", "eval_loss", "wall_time")
+STR_COLUMNS = ("status", "label", "hparams")
+COLUMNS = ("i", "j", "x", "y", "status", "label", "score", "initial_loss", "final_loss", "eval_loss",
+           "steps", "steps_done", "diverged", "diverged_step", "wall_time", "hparams")
+
+
+def _records(store: StudyStore, trajectories: bool) -> list[dict[str, Any]]:
+    rows = store.rows(arrays=trajectories)
+    for r in rows:
+        r["hparams"] = json.dumps(r["hparams"], sort_keys=True)
+        r["diverged"] = None if r["diverged"] is None else int(r["diverged"])
+        if trajectories and r["status"] != "done":
+            r["trajectory"] = None
+    return rows
+
+
+def _write_csv(rows: list[dict[str, Any]], cols: list[str], f: IO[str], config: str) -> None:
+    w = csv.writer(f, lineterminator="\n")
+    w.writerow(cols)
+    for r in rows:
+        out = []
+        for c in cols:
+            v = r[c]
+            if c == "trajectory":
+                out.append("" if v is None else " ".join(repr(float(t)) for t in v))
+            elif v is None:
+                out.append("")
+            elif c in FLOAT_COLUMNS:
+                out.append(repr(float(v)))
+            else:
+                out.append(str(v))
+        w.writerow(out)
+
+
+def _write_parquet(rows: list[dict[str, Any]], cols: list[str], f: IO[bytes], config: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    types = {**{c: pa.int64() for c in INT_COLUMNS}, **{c: pa.float64() for c in FLOAT_COLUMNS},
+             **{c: pa.string() for c in STR_COLUMNS}, "trajectory": pa.list_(pa.float64())}
+    arrays = []
+    for c in cols:
+        vals = [r[c] for r in rows]
+        if c == "trajectory":
+            vals = [None if v is None else np.asarray(v, dtype=np.float64) for v in vals]
+        arrays.append(pa.array(vals, type=types[c]))
+    table = pa.table(arrays, names=cols).replace_schema_metadata({"vmap_sweep_config": config})
+    pq.write_table(table, f)
+
+
+def _write_npz(rows: list[dict[str, Any]], cols: list[str], f: IO[bytes], config: str) -> None:
+    data: dict[str, np.ndarray] = {}
+    for c in cols:
+        vals = [r[c] for r in rows]
+        if c == "trajectory":
+            lengths = np.array([0 if v is None else len(v) for v in vals], dtype=np.int64)
+            mat = np.full((len(vals), int(lengths.max(initial=0))), np.nan)
+            for k, v in enumerate(vals):
+                if v is not None:
+                    mat[k, :len(v)] = v
+            data["trajectory"], data["trajectory_lengths"] = mat, lengths
+        elif c in INT_COLUMNS:
+            data[c] = np.array([-1 if v is None else v for v in vals], dtype=np.int64)
+        elif c in FLOAT_COLUMNS:
+            data[c] = np.array(vals, dtype=np.float64)
+        else:
+            data[c] = np.array(["" if v is None else v for v in vals], dtype=str)
+    data["config"] = np.array(config, dtype=str)
+    np.savez_compressed(f, **data)
+
+
+_WRITERS: dict[str, tuple[str, Callable[..., None]]] = {
+    "csv": ("w", _write_csv), "parquet": ("wb", _write_parquet), "npz": ("wb", _write_npz)}
+
+
+def export_study(store: StudyStore, fmt: str, path: str | os.PathLike, trajectories: bool = False) -> Path:
+    """Write every cell of ``store`` to ``path`` as ``fmt``; with ``trajectories`` add per-step losses."""
+    fmt = str(fmt).lower()
+    if fmt not in FORMATS:
+        raise ConfigError(f"export format {fmt!r} is unknown; use one of {', '.join(FORMATS)}")
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"export path {path} is a folder; give a file name like results.{fmt}")
+    cols = list(COLUMNS) + (["trajectory"] if trajectories else [])
+    rows = _records(store, trajectories)
+    mode, writer = _WRITERS[fmt]
+    tmp: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, mode, **({"newline": "", "encoding": "utf-8"} if mode == "w" else {})) as f:
+            writer(rows, cols, f, store.config_json)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; an export is meant to be shared
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise ConfigError(f"export path {path}: can't write ({e.strerror or e}); "
+                          "choose a writable file path") from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    return path

@@ -1,0 +1,603 @@
+"""A study's results: one SQLite database (``study.db``) per study folder.
+
+Why SQLite: a batch of cells is committed in one transaction, so a crash (OOM, SIGKILL, power) loses at
+most the batch in flight and a rerun resumes from ``pending()``. WAL mode + synchronous=FULL makes each
+commit durable. The config is stored as canonical JSON with its sha256; reopening with a different
+config is refused so one database never mixes two experiments.
+
+Floats: per-step arrays are float64 little-endian BLOBs and read back exactly. SQLite has no NaN in
+REAL columns (it stores NULL), so scalar losses that are NaN read back as NaN from NULL; NaN payloads
+and signs are canonicalised to numpy's quiet NaN on write (they carry no information for a loss).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vmap_sweep.errors import ConfigError, StoreError
+from vmap_sweep.sweep.grid import Cell
+
+DB_NAME = "study.db"
+APP = "vmap-sweep"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE cells (
+    i             INTEGER NOT NULL,
+    j             INTEGER NOT NULL,
+    x             REAL NOT NULL,
+    y             REAL NOT NULL,
+    hparams       TEXT NOT NULL,
+    status        TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'done')),
+    steps         INTEGER,
+    steps_done    INTEGER,
+    initial_loss  REAL,
+    final_loss    REAL,
+    eval_loss     REAL,
+    diverged      INTEGER,
+    diverged_step INTEGER,
+    trajectory    BLOB,
+    base_losses   BLOB,
+    grad_norms    BLOB,
+    lrs           BLOB,
+    wall_time     REAL,
+    label         TEXT,
+    score         REAL,
+    batch_index   INTEGER,
+    shard         TEXT,
+    finished_at   TEXT,
+    PRIMARY KEY (j, i)
+) WITHOUT ROWID;
+CREATE INDEX cells_status ON cells (status);
+CREATE TABLE children (
+    child_dir TEXT PRIMARY KEY,
+    x0        REAL NOT NULL,
+    x1        REAL NOT NULL,
+    y0        REAL NOT NULL,
+    y1        REAL NOT NULL,
+    level     INTEGER NOT NULL,
+    created   TEXT NOT NULL
+);
+CREATE TABLE extra (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+# Columns that hold a cell's training results (what merge compares; label/score are recomputable and
+# wall_time/batch_index/shard/finished_at describe the run, not the result).
+RESULT_COLUMNS = ("steps", "steps_done", "initial_loss", "final_loss", "eval_loss", "diverged",
+                  "diverged_step", "trajectory", "base_losses", "grad_norms", "lrs")
+_RUN_COLUMNS = ("wall_time", "label", "score", "batch_index", "shard", "finished_at")
+ARRAY_FIELDS = ("trajectory", "base_losses", "grad_norms", "lrs")
+NUMERIC_FIELDS = ("x", "y", "steps", "steps_done", "initial_loss", "final_loss", "eval_loss", "diverged",
+                  "diverged_step", "wall_time", "score", "batch_index")
+_FLOAT_FIELDS = ("x", "y", "initial_loss", "final_loss", "eval_loss", "wall_time", "score")
+
+
+def canonical_json(config: Mapping[str, Any]) -> str:
+    """The config as JSON with sorted keys and no whitespace: equal configs give equal text."""
+    try:
+        return json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"study config can't be stored as JSON ({e}); use plain numbers, strings, "
+                          "lists and dicts") from None
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    return hashlib.sha256(canonical_json(config).encode()).hexdigest()
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out if out or not prefix else {prefix[:-1]: {}}
+    return {prefix[:-1]: d}
+
+
+_MISSING = "<missing>"
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 6) -> str:
+    """``key: old -> new`` for every differing (dotted) key, at most ``limit`` of them."""
+    a = _flatten(json.loads(canonical_json(old)))
+    b = _flatten(json.loads(canonical_json(new)))
+    diffs = [f"{k}: {json.dumps(a.get(k, _MISSING))} -> {json.dumps(b.get(k, _MISSING))}"
+             for k in sorted(set(a) | set(b)) if a.get(k, _MISSING) != b.get(k, _MISSING)]
+    more = f" (and {len(diffs) - limit} more)" if len(diffs) > limit else ""
+    return "; ".join(diffs[:limit]) + more
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def _to_blob(values: Any) -> bytes:
+    a = np.array(values, dtype=np.float64).reshape(-1)
+    a[np.isnan(a)] = np.nan  # canonical quiet NaN; see module docstring
+    return a.astype("<f8", copy=False).tobytes()
+
+
+def _from_blob(blob: bytes | None) -> np.ndarray:
+    if blob is None:
+        return np.empty(0, dtype=np.float64)
+    return np.frombuffer(blob, dtype="<f8").astype(np.float64)
+
+
+def _opt_float(v: Any) -> float | None:
+    """None stays None (NULL); everything else a Python float (NaN becomes NULL in SQLite anyway)."""
+    return None if v is None else float(v)
+
+
+def _nan(v: float | None) -> float:
+    return math.nan if v is None else float(v)
+
+
+def _cell_key(key: Any) -> tuple[int, int]:
+    if hasattr(key, "i") and hasattr(key, "j"):
+        return int(key.i), int(key.j)
+    i, j = key
+    return int(i), int(j)
+
+
+@dataclass(frozen=True)
+class Child:
+    """A zoom: the window (in axis units) of this study that ``child_dir`` (relative) re-sweeps."""
+
+    x0: float
+    x1: float
+    y0: float
+    y1: float
+    child_dir: str
+    level: int
+    created: str
+
+    @property
+    def window(self) -> tuple[float, float, float, float]:
+        return (self.x0, self.x1, self.y0, self.y1)
+
+
+class StudyStore:
+    """One study's database. Open with ``create_or_open`` (runs) or ``open`` (analysis, merge)."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+        self.path = path
+        self.directory = path.parent
+        self._conn = conn
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        self.config_json: str = meta["config"]
+        self.config: dict[str, Any] = json.loads(meta["config"])
+        self.config_hash: str = meta["config_hash"]
+        self.created: str = meta["created"]
+        self.nx = int(meta["nx"])
+        self.ny = int(meta["ny"])
+
+    # ---------------------------------------------------------------- opening
+    @classmethod
+    def create_or_open(cls, directory: str | os.PathLike, config: Mapping[str, Any],
+                       cells: Sequence[Cell]) -> StudyStore:
+        """First call creates ``directory/study.db`` with the config and one pending row per cell;
+        later calls reopen it if (and only if) the config is the same. Errors change nothing."""
+        directory = Path(directory)
+        text = canonical_json(config)
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        if not cells:
+            raise ConfigError(f"{directory}: a study needs at least one cell")
+        keys = [(int(c.i), int(c.j)) for c in cells]
+        if len(set(keys)) != len(keys):
+            raise ConfigError(f"{directory}: the cell list repeats a cell (i, j); build it with Grid.cells()")
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"{directory}: can't create the study folder ({e.strerror or e}); "
+                             "choose a writable --out") from None
+        path = directory / DB_NAME
+        if path.exists() and not path.is_file():
+            raise StoreError(f"{path} is not a file; remove it or choose another --out")
+        if not path.exists() and not os.access(directory, os.W_OK):
+            raise StoreError(f"{directory}: folder is not writable; choose a writable --out")
+        conn = _connect(path)
+        try:
+            if _is_empty(conn, path):
+                _create(conn, path, text, digest, cells)
+            else:
+                _check_ours(conn, path)
+                old = conn.execute("SELECT value FROM meta WHERE key='config_hash'").fetchone()[0]
+                if old != digest:
+                    row = conn.execute("SELECT value FROM meta WHERE key='config'").fetchone()
+                    old_cfg = json.loads(row[0])
+                    raise StoreError(
+                        f"{path} was made with a different config ({config_diff(old_cfg, config)}); "
+                        "use a new --out folder for a new study, or the same options to resume this one")
+                _check_cells(conn, path, cells)
+                _pragmas(conn, path)
+            return cls(path, conn)
+        except BaseException:
+            conn.close()
+            raise
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike) -> StudyStore:
+        """Open an existing study (no config needed)."""
+        directory = Path(directory)
+        path = directory / DB_NAME if directory.is_dir() or not directory.exists() else directory
+        if not path.is_file():
+            raise StoreError(f"{directory}: no {DB_NAME} here; is this a study folder (the --out of a run)?")
+        conn = _connect(path)
+        try:
+            if _is_empty(conn, path):
+                raise StoreError(f"{path} is not a vmap-sweep study database (it is empty)")
+            _check_ours(conn, path)
+            _pragmas(conn, path)
+            return cls(path, conn)
+        except BaseException:
+            conn.close()
+            raise
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> StudyStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: all of it commits or none of it does."""
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            raise StoreError(f"{self.path}: can't start a write ({e}); is another process writing, "
+                             "or is the folder read-only?") from None
+        try:
+            yield self._conn
+        except sqlite3.Error as e:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK")
+            raise StoreError(f"{self.path}: write failed ({e}); is the disk full or read-only?") from None
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK")
+            raise
+        try:
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK")
+            raise StoreError(f"{self.path}: write failed ({e}); is the disk full or read-only?") from None
+
+    # ---------------------------------------------------------------- writing
+    def record_batch(self, results: Iterable[tuple[Any, Any]], batch_index: int | None = None,
+                     shard: str | None = None) -> None:
+        """Store the results of one batch atomically. ``results``: (Cell or (i, j), CellRecord-like).
+        Refuses (and writes nothing) if any cell is unknown or already done."""
+        now = _now()
+        rows = []
+        for key, rec in results:
+            i, j = _cell_key(key)
+            losses = np.array(rec.losses, dtype=np.float64).reshape(-1)
+            ds = rec.diverged_step
+            rows.append({
+                "i": i, "j": j, "steps": int(rec.steps), "steps_done": int(rec.steps_done),
+                "initial_loss": _opt_float(rec.initial_loss),
+                "final_loss": float(losses[-1]) if len(losses) else None,
+                "eval_loss": _opt_float(rec.eval_loss),
+                "diverged": int(bool(rec.diverged)), "diverged_step": None if ds is None else int(ds),
+                "trajectory": _to_blob(losses), "grad_norms": _to_blob(rec.grad_norms),
+                "base_losses": _to_blob(getattr(rec, "base_losses", [])),
+                "lrs": _to_blob(rec.lrs), "wall_time": _opt_float(rec.wall_time),
+                "batch_index": batch_index, "shard": shard, "finished_at": now,
+                # a record may carry its class already, so result and class commit together
+                "label": getattr(rec, "label", None), "score": _opt_float(getattr(rec, "score", None)),
+            })
+        with self._tx() as conn:
+            for r in rows:
+                self._require(conn, r["i"], r["j"], want="pending")
+                conn.execute(
+                    "UPDATE cells SET status='done', steps=:steps, steps_done=:steps_done, "
+                    "initial_loss=:initial_loss, final_loss=:final_loss, eval_loss=:eval_loss, "
+                    "diverged=:diverged, diverged_step=:diverged_step, trajectory=:trajectory, "
+                    "base_losses=:base_losses, "
+                    "grad_norms=:grad_norms, lrs=:lrs, wall_time=:wall_time, batch_index=:batch_index, "
+                    "shard=:shard, finished_at=:finished_at, label=:label, score=:score WHERE i=:i AND j=:j", r)
+
+    def _require(self, conn: sqlite3.Connection, i: int, j: int, want: str) -> None:
+        row = conn.execute("SELECT status FROM cells WHERE i=? AND j=?", (i, j)).fetchone()
+        if row is None:
+            raise StoreError(f"{self.path}: cell ({i}, {j}) is not in this study ({self.nx}x{self.ny})")
+        if want == "pending" and row[0] == "done":
+            raise StoreError(f"{self.path}: cell ({i}, {j}) is already done; two runs writing one study? "
+                             "Give each run its own --shard or --out")
+        if want == "done" and row[0] != "done":
+            raise StoreError(f"{self.path}: cell ({i}, {j}) is still pending; only done cells get labels")
+
+    def set_labels(self, labels: Mapping[Any, tuple[str, float]]) -> None:
+        """Set (label, score) of done cells in one transaction (classification is recomputed later)."""
+        with self._tx() as conn:
+            for key, (label, score) in labels.items():
+                i, j = _cell_key(key)
+                self._require(conn, i, j, want="done")
+                conn.execute("UPDATE cells SET label=?, score=? WHERE i=? AND j=?",
+                             (str(label), _opt_float(score), i, j))
+
+    def add_child(self, window: tuple[float, float, float, float], child_dir: str, level: int) -> Child:
+        """Register a zoom child (``child_dir`` relative to this study's folder). Idempotent for the
+        same window; a different window for the same folder is refused."""
+        x0, x1, y0, y1 = (float(v) for v in window)
+        with self._tx() as conn:
+            old = conn.execute("SELECT x0, x1, y0, y1, level FROM children WHERE child_dir=?",
+                               (str(child_dir),)).fetchone()
+            if old is None:
+                conn.execute("INSERT INTO children VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (str(child_dir), x0, x1, y0, y1, int(level), _now()))
+            elif tuple(old) != (x0, x1, y0, y1, int(level)):
+                raise StoreError(f"{self.path}: zoom folder {child_dir!r} already holds window "
+                                 f"{tuple(old[:4])} (level {old[4]}); choose another folder for window "
+                                 f"{(x0, x1, y0, y1)}")
+        return next(c for c in self.children() if c.child_dir == str(child_dir))
+
+    def children(self) -> list[Child]:
+        rows = self._conn.execute(
+            "SELECT x0, x1, y0, y1, child_dir, level, created FROM children "
+            "ORDER BY level, created, child_dir")
+        return [Child(*r) for r in rows]
+
+    def put_extra(self, key: str, value: Any) -> None:
+        """Store any JSON-serialisable value under ``key`` (overwrites)."""
+        text = canonical_json({"v": value})
+        with self._tx() as conn:
+            conn.execute("INSERT OR REPLACE INTO extra VALUES (?, ?)", (str(key), text))
+
+    def get_extra(self, key: str, default: Any = None) -> Any:
+        row = self._conn.execute("SELECT value FROM extra WHERE key=?", (str(key),)).fetchone()
+        return default if row is None else json.loads(row[0])["v"]
+
+    def extras(self) -> dict[str, Any]:
+        rows = self._conn.execute("SELECT key, value FROM extra ORDER BY key")
+        return {k: json.loads(v)["v"] for k, v in rows}
+
+    # ---------------------------------------------------------------- reading
+    def _cells(self, where: str = "") -> list[Cell]:
+        rows = self._conn.execute(f"SELECT i, j, x, y, hparams FROM cells {where} ORDER BY j, i")
+        return [Cell(i, j, x, y, json.loads(hp)) for i, j, x, y, hp in rows]
+
+    def cells(self) -> list[Cell]:
+        """All cells, row-major (j, i)."""
+        return self._cells()
+
+    def pending(self) -> list[Cell]:
+        """Cells not done yet, row-major (j, i): what a resumed run still has to train."""
+        return self._cells("WHERE status='pending'")
+
+    def done_count(self) -> int:
+        return self._conn.execute("SELECT count(*) FROM cells WHERE status='done'").fetchone()[0]
+
+    def cell_count(self) -> int:
+        return self._conn.execute("SELECT count(*) FROM cells").fetchone()[0]
+
+    def label_counts(self) -> dict[str, int]:
+        """Done cells per label; done cells without a label count as 'unlabelled'."""
+        rows = self._conn.execute(
+            "SELECT coalesce(label, 'unlabelled'), count(*) FROM cells WHERE status='done' "
+            "GROUP BY 1 ORDER BY 1")
+        return dict(rows.fetchall())
+
+    def grid_arrays(self, field: str) -> np.ndarray:
+        """(ny, nx) float64 array of a numeric field; NaN where pending (x and y are always filled)."""
+        if field not in NUMERIC_FIELDS:
+            raise ConfigError(f"unknown field {field!r}; numeric fields: {', '.join(NUMERIC_FIELDS)}")
+        out = np.full((self.ny, self.nx), np.nan)
+        where = "" if field in ("x", "y") else "WHERE status='done'"
+        for i, j, v in self._conn.execute(f"SELECT i, j, {field} FROM cells {where}"):
+            out[j, i] = _nan(v)
+        return out
+
+    def labels_array(self) -> np.ndarray:
+        """(ny, nx) str array of labels; '' where pending or unlabelled."""
+        out = [[""] * self.nx for _ in range(self.ny)]
+        for i, j, lab in self._conn.execute("SELECT i, j, label FROM cells WHERE label IS NOT NULL"):
+            out[j][i] = lab
+        return np.array(out, dtype=str)
+
+    def trajectories(self, field: str = "trajectory") -> dict[tuple[int, int], np.ndarray]:
+        """Per-step arrays of done cells: training losses (default), ``base_losses`` (the base model's loss
+        on the same batches), ``grad_norms`` or ``lrs``."""
+        if field not in ARRAY_FIELDS:
+            raise ConfigError(f"unknown per-step field {field!r}; use one of {', '.join(ARRAY_FIELDS)}")
+        rows = self._conn.execute(f"SELECT i, j, {field} FROM cells WHERE status='done' ORDER BY j, i")
+        return {(i, j): _from_blob(b) for i, j, b in rows}
+
+    def rows(self, arrays: bool = False) -> list[dict[str, Any]]:
+        """Every cell as a dict, row-major. Missing floats are NaN, missing ints None;
+        with ``arrays`` also trajectory, base_losses, grad_norms and lrs (empty when pending)."""
+        cols = ["i", "j", "x", "y", "hparams", "status", *RESULT_COLUMNS[:7], *_RUN_COLUMNS]
+        if arrays:
+            cols += list(ARRAY_FIELDS)
+        out = []
+        for r in self._conn.execute(f"SELECT {', '.join(cols)} FROM cells ORDER BY j, i"):
+            d = dict(zip(cols, r, strict=True))
+            d["hparams"] = json.loads(d["hparams"])
+            for f in _FLOAT_FIELDS:
+                d[f] = _nan(d[f])
+            d["diverged"] = None if d["diverged"] is None else bool(d["diverged"])
+            for f in ARRAY_FIELDS if arrays else ():
+                d[f] = _from_blob(d[f])
+            out.append(d)
+        return out
+
+    def _raw_done(self) -> dict[tuple[int, int], dict[str, Any]]:
+        cols = ["i", "j", *RESULT_COLUMNS, *_RUN_COLUMNS]
+        rows = self._conn.execute(f"SELECT {', '.join(cols)} FROM cells WHERE status='done'")
+        return {(r[0], r[1]): dict(zip(cols, r, strict=True)) for r in rows}
+
+    def integrity_check(self) -> str:
+        return self._conn.execute("PRAGMA integrity_check").fetchone()[0]
+
+
+# -------------------------------------------------------------------- helpers
+def _connect(path: Path) -> sqlite3.Connection:
+    try:
+        return sqlite3.connect(str(path), isolation_level=None, timeout=30.0)
+    except sqlite3.Error as e:
+        raise StoreError(f"{path}: can't open ({e}); choose a writable --out") from None
+
+
+def _is_empty(conn: sqlite3.Connection, path: Path) -> bool:
+    """True for a new (or zero-length) database with no schema at all."""
+    try:
+        return conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+    except sqlite3.DatabaseError:
+        raise StoreError(f"{path} is not a vmap-sweep study database (not SQLite); "
+                         "remove it or choose another --out") from None
+
+
+def _check_ours(conn: sqlite3.Connection, path: Path) -> None:
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall()) if "meta" in tables else {}
+    except sqlite3.DatabaseError as e:
+        raise StoreError(f"{path} is not a vmap-sweep study database ({e})") from None
+    if meta.get("app") != APP or "schema_version" not in meta or not {"cells", "children", "extra"} <= tables:
+        raise StoreError(f"{path} is not a vmap-sweep study database (no vmap-sweep meta table); "
+                         "remove it or choose another --out")
+    if meta["schema_version"] != str(SCHEMA_VERSION):
+        raise StoreError(f"{path}: study schema version {meta['schema_version']}, this vmap-sweep reads "
+                         f"{SCHEMA_VERSION}; use the vmap-sweep version that made it")
+
+
+def _check_cells(conn: sqlite3.Connection, path: Path, cells: Sequence[Cell]) -> None:
+    stored = {(i, j): (x, y) for i, j, x, y in conn.execute("SELECT i, j, x, y FROM cells")}
+    given = {(int(c.i), int(c.j)): (float(c.x), float(c.y)) for c in cells}
+    if stored != given:
+        raise StoreError(f"{path}: its cells differ from this run's grid although the config matches; "
+                         "use a new --out folder")
+
+
+def _pragmas(conn: sqlite3.Connection, path: Path) -> None:
+    try:
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        conn.execute("PRAGMA synchronous=FULL")
+    except sqlite3.Error as e:
+        raise StoreError(f"{path}: can't open for writing ({e}); is the folder read-only?") from None
+    if str(mode).lower() != "wal":
+        raise StoreError(f"{path}: can't switch to WAL mode (got {mode}); put the study on a local disk")
+
+
+def _create(conn: sqlite3.Connection, path: Path, text: str, digest: str, cells: Sequence[Cell]) -> None:
+    _pragmas(conn, path)
+    meta = {"app": APP, "schema_version": str(SCHEMA_VERSION), "config": text, "config_hash": digest,
+            "created": _now(), "nx": str(max(int(c.i) for c in cells) + 1),
+            "ny": str(max(int(c.j) for c in cells) + 1)}
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.Error as e:
+        raise StoreError(f"{path}: can't write ({e}); choose a writable --out") from None
+    try:
+        if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            raise StoreError(f"{path}: another process created this study at the same time; run again")
+        for stmt in _SCHEMA.split(";"):
+            if stmt.strip():
+                conn.execute(stmt)
+        conn.executemany("INSERT INTO meta VALUES (?, ?)", sorted(meta.items()))
+        conn.executemany(
+            "INSERT INTO cells (i, j, x, y, hparams) VALUES (?, ?, ?, ?, ?)",
+            [(int(c.i), int(c.j), float(c.x), float(c.y), canonical_json(c.hparams)) for c in cells])
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+
+
+# -------------------------------------------------------------------- merge
+def merge_studies(shard_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> StudyStore:
+    """Union of the done cells of shard studies (one config) into ``out_dir`` (new, or an earlier
+    merge of the same study). A cell done in two places must hold identical results."""
+    if not shard_dirs:
+        raise ConfigError("merge: no shard folders given; pass the --out folders of the shard runs")
+    out_dir = Path(out_dir)
+    resolved = [Path(d).resolve() for d in shard_dirs]
+    if out_dir.resolve() in resolved:
+        raise ConfigError(f"merge: output {out_dir} is one of the shards; choose a new folder")
+    stores: list[StudyStore] = []
+    try:
+        for d in shard_dirs:
+            stores.append(StudyStore.open(d))
+        first = stores[0]
+        for s in stores[1:]:
+            if s.config_hash != first.config_hash:
+                raise StoreError(f"merge: {s.directory} was made with a different config than "
+                                 f"{first.directory} ({config_diff(first.config, s.config)}); "
+                                 "merge only shards of one study")
+        cells = first.cells()
+        for s in stores[1:]:
+            if s.cells() != cells:
+                raise StoreError(f"merge: {s.directory} has different cells than {first.directory}; "
+                                 "merge only shards of one study")
+        done: dict[tuple[int, int], tuple[dict[str, Any], Path]] = {}
+        extras: dict[str, tuple[Any, Path]] = {}
+        for s in stores:
+            for key, row in s._raw_done().items():
+                if key in done and not _same_result(done[key][0], row):
+                    raise StoreError(f"merge: cell {key} is done in {done[key][1]} and {s.directory} with "
+                                     "different results; keep only one of those shards")
+                done.setdefault(key, (row, s.directory))
+            for k, v in s.extras().items():
+                if k in extras and extras[k][0] != v:
+                    raise StoreError(f"merge: extra result {k!r} differs between {extras[k][1]} and "
+                                     f"{s.directory}; remove it from one shard")
+                extras.setdefault(k, (v, s.directory))
+        out = StudyStore.create_or_open(out_dir, first.config, cells)
+        try:
+            existing = out._raw_done()
+            cols = [*RESULT_COLUMNS, *_RUN_COLUMNS]
+            with out._tx() as conn:
+                for key, (row, src) in sorted(done.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+                    if key in existing:
+                        if not _same_result(existing[key], row):
+                            raise StoreError(f"merge: cell {key} in {out_dir} differs from {src}; "
+                                             "merge into a new folder")
+                        continue
+                    conn.execute(f"UPDATE cells SET status='done', {', '.join(f'{c}=?' for c in cols)} "
+                                 "WHERE i=? AND j=?", [row[c] for c in cols] + [key[0], key[1]])
+                for k, (v, _) in extras.items():
+                    old = out.get_extra(k, _MISSING)
+                    if old != _MISSING and old != v:
+                        raise StoreError(f"merge: extra result {k!r} in {out_dir} differs; "
+                                         "merge into a new folder")
+                    conn.execute("INSERT OR REPLACE INTO extra VALUES (?, ?)", (k, canonical_json({"v": v})))
+                for s in stores:
+                    for c in s.children():
+                        conn.execute("INSERT OR IGNORE INTO children VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                     (c.child_dir, c.x0, c.x1, c.y0, c.y1, c.level, c.created))
+        except BaseException:
+            out.close()
+            raise
+        return out
+    finally:
+        for s in stores:
+            s.close()
+
+
+def _same_result(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return all(a[c] == b[c] for c in RESULT_COLUMNS)
