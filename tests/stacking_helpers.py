@@ -54,7 +54,7 @@ def budget_weights(step: int, tokens: int, targets: torch.Tensor) -> torch.Tenso
     return valid.float() / valid.sum().clamp(min=1).float()
 
 
-def reference_adamw(base: GPT, stream, cell: dict, batch_size: int, seq_len: int, loss_cap: float,
+def reference_adamw(base: GPT, stream, cell: dict, batch_size: int, seq_len: int, divergence_ratio: float,
                     betas=(0.9, 0.95), eps=1e-8, schedule="linear"):
     """One cell trained the ordinary way: its own model and torch.optim.AdamW, one step at a time."""
     model = copy.deepcopy(base)
@@ -66,9 +66,12 @@ def reference_adamw(base: GPT, stream, cell: dict, batch_size: int, seq_len: int
     losses = []
     for step in range(steps):
         x, y = stream.batch(step, batch_size, seq_len)
-        loss = model(x, y, budget_weights(step, cell["tokens"], y))
+        weights = budget_weights(step, cell["tokens"], y)
+        loss = model(x, y, weights)
         losses.append(loss.item())
-        if not math.isfinite(loss.item()) or loss.item() > loss_cap:
+        with torch.no_grad():
+            base_loss = base(x, y, weights).item()
+        if not math.isfinite(loss.item()) or loss.item() > divergence_ratio * base_loss:
             return losses, model, True
         opt.zero_grad()
         loss.backward()

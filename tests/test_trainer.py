@@ -6,15 +6,22 @@ import math
 
 import pytest
 import torch
-from stacking_helpers import RandomStream, newton_schulz_single, reference_adamw, reference_nanochat, tiny_model
+from stacking_helpers import (
+    RandomStream,
+    budget_weights,
+    newton_schulz_single,
+    reference_adamw,
+    reference_nanochat,
+    tiny_model,
+)
 
 from vmap_sweep.train.optim import newton_schulz
 from vmap_sweep.train.schedule import lr_multiplier
 from vmap_sweep.train.trainer import StackedTrainer, TrainConfig, group_lrs, train_batch
 
 B, T = 2, 16
-CAP = 2 * math.log(61)  # the default cap: twice the loss of a uniform guess
-CFG = TrainConfig(optimizer="adamw", schedule="linear", batch_size=B, seq_len=T)
+# A tight divergence cap (2x the base loss), so that the large-LR cells below pass it.
+CFG = TrainConfig(optimizer="adamw", schedule="linear", batch_size=B, seq_len=T, divergence_ratio=2.0)
 
 
 def norm_rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -40,7 +47,7 @@ def test_stacked_adamw_equals_separate_runs():
     records = trainer.run(stream)
     assert records[3].diverged and not any(r.diverged for r in records[:3])
     for i, cell in enumerate(cells):
-        ref_losses, ref_model, ref_diverged = reference_adamw(base, stream, cell, B, T, loss_cap=CAP)
+        ref_losses, ref_model, ref_diverged = reference_adamw(base, stream, cell, B, T, divergence_ratio=CFG.divergence_ratio)
         assert records[i].diverged == ref_diverged
         got = torch.tensor(records[i].losses)
         want = torch.tensor(ref_losses)
@@ -84,14 +91,15 @@ def test_stacked_newton_schulz_equals_a_loop_bitwise_in_bf16():
 def test_divergence_is_isolated_bitwise():
     base, stream = tiny_model(), RandomStream()
     good = [{"lr": 1e-3, "tokens": 200}, {"lr": 3e-3, "tokens": 128}]
-    bad = {"lr": 1e4, "tokens": 200}
-    with_bad = StackedTrainer(base, [good[0], bad, good[1]], CFG)
+    capped = {"lr": 1e4, "tokens": 200}  # its loss passes the cap
+    non_finite = {"lr": 1e39, "tokens": 200}  # inf in float32: NaN weights and losses after one step
+    with_bad = StackedTrainer(base, [good[0], capped, non_finite, good[1]], CFG)
     records_with = with_bad.run(stream)
     without = StackedTrainer(base, good, CFG)
     records_without = without.run(stream)
-    assert records_with[1].diverged
-    assert records_with[1].diverged_step is not None and records_with[1].diverged_step < records_with[1].steps
-    for a, b, ia, ib in [(records_with[0], records_without[0], 0, 0), (records_with[2], records_without[1], 2, 1)]:
+    for bad in records_with[1:3]:
+        assert bad.diverged and bad.diverged_step is not None and bad.diverged_step < bad.steps
+    for a, b, ia, ib in [(records_with[0], records_without[0], 0, 0), (records_with[3], records_without[1], 3, 1)]:
         assert a.losses == b.losses and a.grad_norms == b.grad_norms and a.lrs == b.lrs
         sa, sb = with_bad.state_dict_of(ia), without.state_dict_of(ib)
         assert all(torch.equal(sa[n], sb[n]) for n in sa)
@@ -100,7 +108,7 @@ def test_divergence_is_isolated_bitwise():
 def test_non_finite_weights_freeze_the_model():
     base, stream = tiny_model(), RandomStream()
     cells = [{"lr": 1e-3, "tokens": 200}, {"lr": 1e39, "tokens": 200}]  # inf in float32
-    trainer = StackedTrainer(base, cells, TrainConfig(batch_size=B, seq_len=T, loss_cap=1e9))
+    trainer = StackedTrainer(base, cells, TrainConfig(batch_size=B, seq_len=T, divergence_ratio=1e9))
     records = trainer.run(stream)
     assert records[1].diverged and records[1].diverged_step == 0
     assert not records[0].diverged and records[0].steps_done == records[0].steps
@@ -137,6 +145,14 @@ def test_records_and_budgets():
         assert len(r.losses) == r.steps + 1 and len(r.grad_norms) == r.steps == len(r.lrs)
         assert r.initial_loss == r.losses[0] and math.isfinite(r.eval_loss)
         assert r.lrs[0] == pytest.approx(1e-3) and r.lrs[-1] < r.lrs[0]  # linear decay
+    # base_losses: the untouched base model on exactly the tokens of each recorded loss
+    for r, cell in zip(records, cells, strict=True):
+        assert len(r.base_losses) == len(r.losses)
+        for step in range(r.steps):
+            x, y = stream.batch(step, B, T)
+            want = base(x, y, budget_weights(step, cell["tokens"], y)).item()
+            assert r.base_losses[step] == pytest.approx(want, rel=1e-6)
+        assert r.base_losses[0] == pytest.approx(r.losses[0], rel=1e-6)
     # the first two cells see the same first step; the 40-token cell's second step has only 8 tokens
     assert records[0].losses[0] == records[1].losses[0] and records[0].losses[1] != records[1].losses[1]
 

@@ -206,5 +206,17 @@ class GPT(nn.Module):
         logits = self.logits(h)
         return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=-1)
 
+    @torch.no_grad()
+    def token_losses(self, idx: torch.Tensor, targets: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """Per-token cross-entropy (B, T), 0 where the target is -1; logits are held a chunk of rows at a time."""
+        h = self.hidden(idx).flatten(0, -2)
+        flat = targets.flatten()
+        out = torch.zeros(flat.shape, dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], chunk):
+            sl = slice(start, start + chunk)
+            logits = self.logits(h[sl]).float()
+            out[sl] = F.cross_entropy(logits, flat[sl].clamp(min=0), reduction="none") * (flat[sl] != -1)
+        return out.view(targets.shape)
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -40,7 +40,9 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.95)
     adam_eps: float = 1e-8
     trainable: tuple[str, ...] = GROUPS  # frozen groups are shared across models, never stacked
-    loss_cap: float | None = None  # a loss above this counts as diverged; None = 2 ln(vocab) (twice uniform)
+    # diverged (and frozen) once a model's loss exceeds this many times the base model's loss on the same
+    # tokens; relative, since a small model's loss on a few supervised tokens can be high for any model
+    divergence_ratio: float = 10.0
     eval_every_model: bool = True
     # nanochat runs Newton-Schulz in bf16; float32 makes runs comparable to the ulp (bf16 rounding
     # amplifies float32 rounding differences between any two implementations).
@@ -65,11 +67,14 @@ class TrainConfig:
 @dataclass
 class CellRecord:
     """What one fine-tune produced. losses[s] is the training loss of step s's batch before its update,
-    and, for a model that finished, one more value: the loss of its last batch after its last update."""
+    and, for a model that finished, one more value: the loss of its last batch after its last update.
+    base_losses[s] is the base model's loss on the very tokens of losses[s]: minibatches differ in how hard
+    they are, and this reference removes that noise from the ratio losses / base_losses."""
 
     initial_loss: float
     steps: int
     losses: list[float] = field(default_factory=list)
+    base_losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
     steps_done: int = 0
@@ -149,7 +154,6 @@ class StackedTrainer:
         self.warmup_ratio = per_model("warmup_ratio", 0.0)
         self.tokens = [int(c["tokens"]) for c in cells]
         self.total_steps = torch.tensor([steps_for(t, cfg.tokens_per_step) for t in self.tokens], dtype=torch.float64)
-        self.loss_cap = cfg.loss_cap if cfg.loss_cap is not None else 2 * math.log(model.config.vocab_size)
 
         if cfg.optimizer == "adamw":
             self.adamw_params = self.stacked
@@ -201,6 +205,12 @@ class StackedTrainer:
             total += losses.detach().float()
         return total
 
+    def _base_losses(self, inputs, targets, weights) -> torch.Tensor:
+        """(K,) the base model's loss under each model's weights: one unstacked forward shared by all."""
+        with self._autocast():
+            ce = self.model.token_losses(inputs, targets, self.cfg.ce_chunk)
+        return (weights * ce.unsqueeze(0)).flatten(1).sum(1)
+
     def _grad_norms(self) -> torch.Tensor:
         sq = torch.zeros(self.k, device=self.device)
         for p in self.stacked.values():
@@ -239,16 +249,18 @@ class StackedTrainer:
             has_tokens = (weights.flatten(1).sum(1) > 0).cpu()
             for p in self.stacked.values():
                 p.grad = None
+            base = self._base_losses(inputs, targets, weights).cpu()
             losses = self._forward_backward(inputs, targets, weights, with_grad=True).cpu()
             norms = self._grad_norms().cpu()
             mult = lr_multiplier(step, self.total_steps, self.warmup_ratio, cfg.schedule)
-            bad = ~torch.isfinite(losses) | (losses > self.loss_cap) | ~torch.isfinite(norms)
+            bad = ~torch.isfinite(losses) | (losses > cfg.divergence_ratio * base) | ~torch.isfinite(norms)
             stepping = active & has_tokens & ~bad
             self._optimizer_step(step, stepping)
             bad_weights = ~self._weights_finite().cpu() & stepping
             for i in torch.nonzero(active & has_tokens).flatten().tolist():
                 rec = records[i]
                 rec.losses.append(losses[i].item())
+                rec.base_losses.append(base[i].item())
                 rec.grad_norms.append(norms[i].item())
                 rec.lrs.append((self.base_lr[i] * mult[i]).item())
                 rec.steps_done = step + 1
@@ -277,6 +289,7 @@ class StackedTrainer:
             for i in finished:
                 if records[i].steps_done - 1 == last:
                     records[i].losses.append(losses[i].item())
+                    records[i].base_losses.append(records[i].base_losses[-1])
 
     @torch.no_grad()
     def evaluate(self, eval_batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

@@ -1,0 +1,344 @@
+"""The `vmap-sweep` command line: parses, calls, prints. Every user error is one line and exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vmap_sweep.errors import ConfigError, VmapSweepError
+
+app = typer.Typer(
+    help="Train many fine-tunes of one LLM at once and map where fine-tuning converges and where it diverges.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out_console = Console()
+
+
+def user_errors(fn):
+    """Turn the errors a user can cause into one line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except VmapSweepError as e:
+            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _fixed(settings: list[str] | None) -> dict:
+    """--set KEY=VALUE pairs -> fixed hyperparameters, validated against the axis registry."""
+    from vmap_sweep.sweep.axes import AXES
+
+    fixed = {}
+    for item in settings or []:
+        key, sep, value = item.partition("=")
+        if not sep or key not in AXES:
+            raise ConfigError(f"--set {item!r}: write KEY=VALUE with KEY one of {', '.join(AXES)}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"--set {item!r}: {value!r} is not a number") from None
+        fixed[key] = int(number) if AXES[key].kind == "int" else number
+    return fixed
+
+
+# ------------------------------------------------------------------------------------------------ run
+Preset = Annotated[str, typer.Option(help="Starting configuration: d20-docvqa (the flagship study) or tiny.")]
+
+
+def _study_config(preset, model, data, x, y, resolution, optimizer, schedule, batch_size, seq_len, seed, settings,
+                  trainable, eval_tokens):
+    from vmap_sweep.config import preset as get_preset
+
+    base = get_preset(preset)
+    fixed = {**base.fixed, **_fixed(settings)}
+    cfg = base.with_overrides(
+        model=model, data=data, x=x, y=y, resolution=resolution, optimizer=optimizer, schedule=schedule,
+        batch_size=batch_size, seq_len=seq_len, seed=seed, eval_tokens=eval_tokens,
+        trainable=tuple(trainable.split(",")) if trainable else None, fixed=fixed,
+    )
+    cfg.validate()
+    return cfg
+
+
+def _models_per_batch(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        k = int(text)
+    except ValueError:
+        raise ConfigError(f"--models-per-batch {text!r}: give a positive integer or 'auto'") from None
+    if k < 1:
+        raise ConfigError(f"--models-per-batch {k}: give a positive integer or 'auto'")
+    return k
+
+
+@app.command()
+@user_errors
+def run(
+    preset: Preset = "d20-docvqa",
+    out: Annotated[Path | None, typer.Option(help="Study folder (created, or resumed if it exists).")] = None,
+    model: Annotated[str | None, typer.Option(help="'tiny', a checkpoint folder or a Hub repo id.")] = None,
+    data: Annotated[str | None, typer.Option(help="'synthetic', a .jsonl/.parquet file or a Hub dataset.")] = None,
+    x: Annotated[str | None, typer.Option(help="AXIS:MIN:MAX[:log|lin] (see `vmap-sweep axes`).")] = None,
+    y: Annotated[str | None, typer.Option(help="AXIS:MIN:MAX[:log|lin].")] = None,
+    resolution: Annotated[str | None, typer.Option(help="N or NxM cells.")] = None,
+    models_per_batch: Annotated[str, typer.Option(help="Models trained at once, or 'auto' to probe memory.")] = "8",
+    optimizer: Annotated[str | None, typer.Option(help="adamw, or nanochat (Muon + AdamW).")] = None,
+    schedule: Annotated[str | None, typer.Option(help="constant, linear (to zero) or cosine.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Rows per optimizer step.")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Tokens per row.")] = None,
+    micro_batch_size: Annotated[int | None, typer.Option(help="Rows per forward/backward.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the data order.")] = None,
+    eval_tokens: Annotated[int | None, typer.Option(help="Held-out tokens for the eval loss.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Fix a hyperparameter: KEY=VALUE.")] = None,
+    trainable: Annotated[str | None, typer.Option(help="Groups to train, e.g. attn,mlp,unembedding.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    shard: Annotated[str | None, typer.Option(help="K/N: run only the K-th of N parts of the plan.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the plan and an estimate of its time; train nothing.")] = False,
+    quiet: Annotated[bool, typer.Option(help="Log lines instead of a progress bar.")] = False,
+    deterministic: Annotated[bool, typer.Option(help="Bitwise-reproducible kernels (slower on GPU).")] = False,
+    wandb: Annotated[bool, typer.Option(help="Log progress to Weights & Biases (WANDB_MODE=offline works).")] = False,
+):
+    """Run (or resume) a study: every cell of the grid fine-tuned, stored batch by batch."""
+    cfg = _study_config(preset, model, data, x, y, resolution, optimizer, schedule, batch_size, seq_len, seed,
+                        set_, trainable, eval_tokens)
+    k = _models_per_batch(models_per_batch)
+    out = out or Path("studies") / preset
+    shard_spec = None
+    if shard:
+        from vmap_sweep.sweep.plan import parse_shard
+
+        shard_spec = parse_shard(shard)
+        out = out / f"shard-{shard_spec[0]}-of-{shard_spec[1]}"
+    if dry_run:
+        _dry_run(cfg, 8 if k == "auto" else k, device)
+        return
+    _run(cfg, out, k, device, micro_batch_size, shard_spec, deterministic, quiet, wandb)
+
+
+def _run(cfg, out, k, device, micro_batch_size, shard_spec, deterministic, quiet, wandb):
+    from vmap_sweep.sweep.progress import RichProgress, WandbProgress, summary_table
+    from vmap_sweep.sweep.runner import run_study
+
+    progress = RichProgress(console, quiet=quiet)
+    if wandb:
+        progress = WandbProgress(progress, cfg)
+    store = run_study(cfg, out, k, device, micro_batch_size, shard_spec, deterministic, progress)
+    with store:
+        out_console.print(summary_table(store, progress))
+        out_console.print(f"study stored in {out}")
+
+
+def _dry_run(cfg, k, device):
+    import torch
+
+    from vmap_sweep.sweep.runner import describe_plan
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    if cfg.model == "tiny":
+        from vmap_sweep.model.tiny import TINY_CONFIG as model_config
+    else:
+        from vmap_sweep.model.checkpoint import load_model
+
+        model_config = load_model(cfg.model).config
+    s = describe_plan(cfg, k, model_config, dev)
+    table = Table(title="plan", show_header=False)
+    for key, value in [
+        ("model / data", f"{cfg.model} / {cfg.data}"),
+        ("grid", f"{cfg.x} × {cfg.y} at {cfg.resolution}"),
+        ("cells", s["cells"]), ("batches", f"{s['batches']} of up to {k} models"),
+        ("steps per cell", f"{s['steps_range'][0]} … {s['steps_range'][1]}"),
+        ("model-steps", f"{s['model_steps']:,} ({s['padded_model_steps']:,} masked)"),
+        ("FLOPs", f"{s['flops']:.3g}"),
+        ("estimate", f"{s['seconds_estimate'] / 3600:.2f} h on {s['device']} "
+                     f"(matmul {s['matmul_tflops']:.2f} TFLOP/s measured, 35% assumed in training)"),
+    ]:
+        table.add_row(str(key), str(value))
+    out_console.print(table)
+
+
+# ------------------------------------------------------------------------------------------------ demo
+@app.command()
+@user_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="Study folder.")] = Path("demo-study"),
+    resolution: Annotated[str, typer.Option(help="N or NxM cells.")] = "32",
+    quiet: Annotated[bool, typer.Option(help="Log lines instead of a progress bar.")] = False,
+):
+    """The tiny preset end to end, offline on a CPU: train, classify, plot, measure the boundary."""
+    from vmap_sweep.config import preset as get_preset
+
+    cfg = get_preset("tiny").with_overrides(resolution=resolution)
+    cfg.validate()
+    _run(cfg, out, 32, "cpu", None, None, False, quiet, False)
+    _plot(out, ["png"], None)
+    _print_fractal(out, json_out=False, plot_file=out / "plots" / "box_counting.png", save_json=out / "fractal.json")
+
+
+# ------------------------------------------------------------------------------------------------ status
+@app.command()
+@user_errors
+def status(study: Annotated[Path, typer.Argument(help="Study folder.")]):
+    """Progress and results so far of a running or stopped study."""
+    from vmap_sweep.sweep.progress import status_table
+    from vmap_sweep.sweep.store import StudyStore
+
+    with StudyStore.open(study) as store:
+        out_console.print(status_table(store))
+
+
+# ------------------------------------------------------------------------------------------------ classify
+@app.command()
+@user_errors
+def classify(
+    study: Annotated[Path, typer.Argument(help="Study folder.")],
+    criterion: Annotated[str, typer.Option(help="ratio (Sohl-Dickstein) or threshold.")] = "ratio",
+    converged_below: Annotated[float | None, typer.Option(help="threshold: converged if final loss < this.")] = None,
+    diverged_above: Annotated[float, typer.Option(help="threshold: diverged if final loss > this.")] = 10.0,
+):
+    """Recompute every cell's class and score from its stored trajectory (no re-training)."""
+    from vmap_sweep.sweep.store import StudyStore
+    from vmap_sweep.analysis.study import reclassify
+
+    if criterion == "threshold" and converged_below is None:
+        raise ConfigError("--criterion threshold needs --converged-below LOSS (e.g. the initial loss)")
+    with StudyStore.open(study) as store:
+        counts = reclassify(store, criterion, converged_below=converged_below, diverged_above=diverged_above)
+    out_console.print(f"{criterion}: " + ", ".join(f"{n} {label}" for label, n in sorted(counts.items())))
+
+
+# ------------------------------------------------------------------------------------------------ plot
+@app.command()
+@user_errors
+def plot(
+    study: Annotated[Path, typer.Argument(help="Study folder.")],
+    format: Annotated[str, typer.Option(help="Comma-separated: png, svg, pdf.")] = "png",
+    rows: Annotated[str | None, typer.Option(help="Rows (y indices) whose trajectories to draw, e.g. 0,15,31.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for the pictures (default STUDY/plots).")] = None,
+):
+    """Score heatmap with the boundary, final- and eval-loss heatmaps, loss trajectories."""
+    formats = [f.strip() for f in format.split(",") if f.strip()]
+    bad = [f for f in formats if f not in ("png", "svg", "pdf")]
+    if bad or not formats:
+        raise ConfigError(f"--format {format!r}: choose from png, svg, pdf")
+    try:
+        row_list = [int(r) for r in rows.split(",")] if rows else None
+    except ValueError:
+        raise ConfigError(f"--rows {rows!r}: give comma-separated row indices, e.g. 0,15,31") from None
+    for path in _plot(study, formats, row_list, out):
+        out_console.print(str(path))
+
+
+def _plot(study: Path, formats, rows, out: Path | None = None):
+    from vmap_sweep.analysis.plots import save_plots
+    from vmap_sweep.sweep.store import StudyStore
+    from vmap_sweep.analysis.study import grid_view
+
+    with StudyStore.open(study) as store:
+        view = grid_view(store)
+        ny = len(view.ys)
+        if rows is None:
+            rows = sorted({0, ny // 2, ny - 1})
+        bad = [r for r in rows if not 0 <= r < ny]
+        if bad:
+            raise ConfigError(f"--rows {bad}: rows run from 0 to {ny - 1}")
+        return save_plots(view, out or study / "plots", formats, store.trajectories(), rows)
+
+
+# ------------------------------------------------------------------------------------------------ export
+@app.command()
+@user_errors
+def export(
+    study: Annotated[Path, typer.Argument(help="Study folder.")],
+    format: Annotated[str, typer.Option(help="csv, parquet or npz.")] = "csv",
+    output: Annotated[Path, typer.Option("-o", "--output", help="File to write.")] = Path("study.csv"),
+    trajectories: Annotated[bool, typer.Option(help="Add each cell's per-step losses.")] = False,
+):
+    """One row per cell: i, j, x, y, status, label, initial_loss, final_loss, eval_loss, steps."""
+    from vmap_sweep.sweep.export import export_study
+    from vmap_sweep.sweep.store import StudyStore
+
+    with StudyStore.open(study) as store:
+        path = export_study(store, format, output, trajectories=trajectories)
+    out_console.print(str(path))
+
+
+# ------------------------------------------------------------------------------------------------ merge
+@app.command()
+@user_errors
+def merge(
+    shards: Annotated[list[Path], typer.Argument(help="Shard study folders (from --shard K/N).")],
+    out: Annotated[Path, typer.Option(help="Folder of the merged study.")],
+):
+    """Combine shards of one study (same config) into one study."""
+    from vmap_sweep.sweep.store import merge_studies
+
+    store = merge_studies(shards, out)
+    with store:
+        out_console.print(f"merged {len(shards)} shards: {store.done_count()}/{store.cell_count()} cells in {out}")
+
+
+# ------------------------------------------------------------------------------------------------ fractal
+@app.command()
+@user_errors
+def fractal(
+    source: Annotated[Path, typer.Argument(help="A study folder, or a 2-D .npy (bool: True = converged; "
+                                                "float: negative = converged).")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    plot_file: Annotated[Path | None, typer.Option("--plot", help="Draw log N against log s with the fit.")] = None,
+):
+    """Box-counting dimension of the convergence boundary, with its CI, fit range and box counts."""
+    _print_fractal(source, json_out, plot_file)
+
+
+def _print_fractal(source: Path, json_out: bool, plot_file: Path | None, save_json: Path | None = None):
+    from vmap_sweep.analysis.study import fractal_report
+
+    report = fractal_report(source, plot_file)
+    if save_json is not None:
+        save_json.write_text(json.dumps(report, indent=2))
+    if json_out:
+        out_console.print_json(json.dumps(report))
+        return
+    box = report
+    out_console.print(
+        f"box-counting dimension {box['dimension']:.3f} ± {box['stderr']:.3f} (stderr), "
+        f"95% CI [{box['ci_low']:.3f}, {box['ci_high']:.3f}], fit over box sizes "
+        f"{box['fit_range'][0]}–{box['fit_range'][1]} at {box['resolution'][0]}×{box['resolution'][1]}"
+    )
+    out_console.print("box sizes:  " + " ".join(f"{s:>7d}" for s in box["box_sizes"]))
+    out_console.print("box counts: " + " ".join(f"{c:>7.1f}" for c in box["box_counts"]))
+    if "uncertainty_dimension" in box:
+        out_console.print(f"uncertainty-exponent dimension {box['uncertainty_dimension']:.3f} "
+                          f"± {box['uncertainty_stderr']:.3f}")
+    if plot_file is not None:
+        out_console.print(f"plot: {plot_file}")
+
+
+# ------------------------------------------------------------------------------------------------ axes
+@app.command()
+def axes():
+    """The hyperparameters a study can sweep, and what each means."""
+    from vmap_sweep.sweep.axes import axes_help
+
+    out_console.print(axes_help(), highlight=False)
+
+
+def main() -> None:  # pragma: no cover - the console script calls app() directly
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(app())

@@ -1,0 +1,123 @@
+"""A study's configuration: presets, validation and the hash that guards resume.
+
+Only what changes a cell's result is part of the hash. How the work is scheduled (models per batch, device,
+shard, progress) is not: a cell's result does not depend on its batch companions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from vmap_sweep.errors import ConfigError
+from vmap_sweep.sweep.axes import parse_axis_spec, parse_resolution
+from vmap_sweep.train.stack import GROUPS
+from vmap_sweep.train.trainer import TrainConfig
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    model: str  # "tiny" (the embedded project-made model), a checkpoint folder, or a Hub repo id
+    data: str  # "synthetic", a .jsonl/.parquet file, or a Hub dataset id
+    x: str = "lr:1e-6:1e-3:log"
+    y: str = "tokens:1e3:1e6:log"
+    resolution: str = "128"
+    optimizer: str = "adamw"
+    schedule: str = "linear"
+    batch_size: int = 8
+    seq_len: int = 1024
+    seed: int = 42
+    eval_tokens: int = 32768
+    trainable: tuple[str, ...] = GROUPS
+    divergence_ratio: float = 10.0
+    # values of every hyperparameter that is not an axis (lr, tokens, weight_decay, warmup_ratio, ...)
+    fixed: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["trainable"] = list(self.trainable)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StudyConfig:
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        d["trainable"] = tuple(d.get("trainable", GROUPS))
+        return cls(**d)
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def with_overrides(self, **overrides) -> StudyConfig:
+        """A copy with every override that is not None applied (the CLI's options over a preset)."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def train_config(self, micro_batch_size: int | None = None) -> TrainConfig:
+        return TrainConfig(
+            optimizer=self.optimizer,
+            schedule=self.schedule,
+            batch_size=self.batch_size,
+            seq_len=self.seq_len,
+            micro_batch_size=micro_batch_size,
+            trainable=self.trainable,
+            divergence_ratio=self.divergence_ratio,
+        )
+
+    def validate(self) -> None:
+        """Every problem a user can cause, as one ConfigError naming the option and the fix."""
+        x, y = parse_axis_spec(self.x), parse_axis_spec(self.y)
+        if x.name == y.name:
+            raise ConfigError(f"--x and --y both sweep {x.name!r}; choose two different axes")
+        parse_resolution(self.resolution)
+        for name in ("batch_size", "seq_len", "eval_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        try:
+            self.train_config().validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        unknown = set(self.trainable) - set(GROUPS)
+        if unknown or not self.trainable:
+            raise ConfigError(f"--trainable {','.join(self.trainable)!r}: choose one or more of {', '.join(GROUPS)}")
+        swept = {x.name, y.name}
+        if "tokens" not in swept and "tokens" not in self.fixed:
+            raise ConfigError("no dataset size: sweep `tokens` on an axis or fix it with --set tokens=N")
+        if self.optimizer == "adamw" and "lr" not in swept and "lr" not in self.fixed:
+            groups = {"embedding_lr", "unembedding_lr", "attn_lr", "mlp_lr"}
+            if not (groups <= swept | set(self.fixed)):
+                raise ConfigError("no learning rate: sweep `lr` on an axis or fix it with --set lr=VALUE")
+
+
+PRESETS: dict[str, StudyConfig] = {
+    # The flagship study: nanochat-d20 fine-tuned on DocVQA, LR x dataset size, AdamW, 8 x 1024 tokens/step.
+    "d20-docvqa": StudyConfig(
+        model="nanochat-students/nanochat-d20",
+        data="morgan/docvqa-nanochat",
+        x="lr:1e-6:1e-3:log",
+        y="tokens:1e3:1e6:log",
+        resolution="128",
+        batch_size=8,
+        seq_len=1024,
+        seed=42,
+    ),
+    # The embedded project-made tiny model on synthetic document QA, where its boundary is visible.
+    "tiny": StudyConfig(
+        model="tiny",
+        data="synthetic",
+        x="lr:1e-4:1:log",
+        y="tokens:256:16384:log",
+        resolution="32",
+        batch_size=4,
+        seq_len=64,
+        seed=42,
+        eval_tokens=4096,
+    ),
+}
+
+
+def preset(name: str) -> StudyConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}") from None

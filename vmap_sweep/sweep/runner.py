@@ -1,0 +1,181 @@
+"""Run a study: plan the grid into batches, train each batch stacked, store it atomically, resume.
+
+A killed run restarts with the same command: the plan is recomputed over the whole grid (so shards and
+batch indices are stable), and only the cells the store does not have are trained.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vmap_sweep.analysis.classify import classify_ratio
+from vmap_sweep.config import StudyConfig
+from vmap_sweep.data.sources import load_conversations
+from vmap_sweep.data.stream import EvalSet, TokenStream
+from vmap_sweep.model.gpt import GPT
+from vmap_sweep.model.tokenizer import Tokenizer
+from vmap_sweep.sweep.axes import parse_axis_spec, parse_resolution
+from vmap_sweep.sweep.grid import Cell, Grid
+from vmap_sweep.sweep.plan import Batch, plan_batches, plan_summary, shard
+from vmap_sweep.sweep.store import StudyStore
+from vmap_sweep.train.memory import probe_models_per_batch, train_splitting_on_oom
+from vmap_sweep.train.trainer import CellRecord, StackedTrainer, set_determinism, steps_for
+
+
+def build_grid(cfg: StudyConfig, x: str | None = None, y: str | None = None) -> Grid:
+    nx, ny = parse_resolution(cfg.resolution)
+    return Grid(parse_axis_spec(x or cfg.x), parse_axis_spec(y or cfg.y), nx, ny, dict(cfg.fixed))
+
+
+def plan_study(cfg: StudyConfig, grid: Grid, models_per_batch: int) -> list[Batch]:
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    return plan_batches(grid.cells(), models_per_batch, lambda c: steps_for(int(c.hparams["tokens"]), tokens_per_step))
+
+
+def flops_per_model_step(model_config, tokens_per_step: int) -> float:
+    """nanochat's estimate: 6 per parameter per token outside the embedding, plus attention."""
+    c = model_config
+    per_layer = 4 * c.n_embd * c.n_embd + 2 * c.n_embd * c.n_kv_head * c.head_dim + 8 * c.n_embd * c.n_embd
+    matrices = c.n_layer * per_layer + c.vocab_size * c.n_embd  # blocks + lm_head
+    attention = 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
+    return float(6 * matrices + attention) * tokens_per_step
+
+
+def measured_flops_per_second(device: torch.device) -> float:
+    """A rough rate for --dry-run: one large matmul in the training dtype, timed here."""
+    n = 2048 if device.type == "cuda" else 512
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    (a @ a).sum().item()
+    start = time.perf_counter()
+    reps = 10
+    for _ in range(reps):
+        b = a @ a
+    b.sum().item()
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+@dataclass
+class StudyData:
+    model: GPT
+    tokenizer: Tokenizer
+    stream: TokenStream
+    eval_batches: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def load_study_data(cfg: StudyConfig, device: torch.device) -> StudyData:
+    """The base model, its tokenizer, the fixed training order and the held-out evaluation tokens."""
+    if cfg.model == "tiny":
+        from vmap_sweep.model.tiny import tiny_base_model
+
+        loaded = tiny_base_model()
+    else:
+        from vmap_sweep.model.checkpoint import load_model
+
+        loaded = load_model(cfg.model)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    max_len = model.config.sequence_len
+    stream = TokenStream.build(load_conversations(cfg.data, "train"), tokenizer, cfg.seed, max_len, source=cfg.data)
+    held_out = EvalSet.build(load_conversations(cfg.data, "validation"), tokenizer, cfg.eval_tokens,
+                             max_len=max_len, source=cfg.data)
+    if cfg.seq_len > model.config.sequence_len:
+        from vmap_sweep.errors import ConfigError
+
+        raise ConfigError(f"--seq-len {cfg.seq_len} is longer than the model's sequence_len "
+                          f"{model.config.sequence_len}; choose --seq-len <= {model.config.sequence_len}")
+    return StudyData(model, tokenizer, stream, held_out.batches(cfg.batch_size, cfg.seq_len))
+
+
+class Progress:
+    """What the runner reports; the CLI renders it with rich, or as log lines with --quiet."""
+
+    def start(self, total: int, done: int, batches: int) -> None: ...
+
+    def batch_started(self, batch: Batch, todo: int) -> None: ...
+
+    def batch_done(self, batch: Batch, records: list[CellRecord], elapsed: float) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+def run_study(
+    cfg: StudyConfig,
+    out: Path,
+    models_per_batch: int | str = 8,
+    device: str = "auto",
+    micro_batch_size: int | None = None,
+    shard_spec: tuple[int, int] | None = None,
+    deterministic: bool = False,
+    progress: Progress | None = None,
+    on_batch: Callable[[Batch, list[CellRecord]], None] | None = None,
+) -> StudyStore:
+    """Train every pending cell of the study in `out`, batch by batch; returns the (open) store."""
+    progress = progress or Progress()
+    cfg.validate()
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    set_determinism(cfg.seed, deterministic)
+    grid = build_grid(cfg)
+    # Opening the store first checks the folder and the config before any expensive loading.
+    store = StudyStore.create_or_open(out, cfg.to_dict(), grid.cells())
+    try:
+        data = load_study_data(cfg, dev)
+        train_cfg = cfg.train_config(micro_batch_size)
+        if models_per_batch == "auto":
+            models_per_batch = probe_models_per_batch(data.model, train_cfg, dev, limit=grid.nx * grid.ny)
+        batches = plan_study(cfg, grid, int(models_per_batch))
+        shard_name = None
+        if shard_spec is not None:
+            batches = shard(batches, *shard_spec)
+            shard_name = f"{shard_spec[0]}/{shard_spec[1]}"
+        pending = {c.key for c in store.pending()}
+        todo = [(b, [c for c in b.cells if c.key in pending]) for b in batches]
+        todo = [(b, cells) for b, cells in todo if cells]
+        total = sum(len(b.cells) for b in batches)
+        progress.start(total, total - sum(len(c) for _, c in todo), len(batches))
+        for batch, cells in todo:
+            progress.batch_started(batch, len(cells))
+            started = time.perf_counter()
+
+            def train(sub: list[Cell]) -> list[CellRecord]:
+                trainer = StackedTrainer(data.model, [c.hparams for c in sub], train_cfg, dev)
+                records = trainer.run(data.stream, data.eval_batches)
+                # Commit each trained sub-batch at once: an OOM split never retrains what is stored.
+                store.record_batch(_labelled(sub, records), batch_index=batch.index, shard=shard_name)
+                return records
+
+            records = train_splitting_on_oom(train, cells)
+            progress.batch_done(batch, records, time.perf_counter() - started)
+            if on_batch is not None:
+                on_batch(batch, records)
+        progress.finish()
+        return store
+    except BaseException:
+        store.close()
+        raise
+
+
+def _labelled(cells: list[Cell], records: list[CellRecord]):
+    for cell, rec in zip(cells, records, strict=True):
+        label, score = classify_ratio(rec.losses, rec.initial_loss, diverged=rec.diverged, reference=rec.base_losses)
+        rec.label, rec.score = label, score
+        yield cell, rec
+
+
+def describe_plan(cfg: StudyConfig, models_per_batch: int, model_config, device: torch.device) -> dict:
+    """--dry-run: cells, batches, model-steps, FLOPs and a rough time on this device."""
+    grid = build_grid(cfg)
+    batches = plan_study(cfg, grid, models_per_batch)
+    summary = plan_summary(batches, flops_per_model_step(model_config, cfg.batch_size * cfg.seq_len))
+    rate = measured_flops_per_second(device)
+    # Training reaches a fraction of a bare matmul's rate; 0.35 is what the GPU benchmarks show for d20.
+    summary["seconds_estimate"] = summary["flops"] / (0.35 * rate)
+    summary["device"] = str(device)
+    summary["matmul_tflops"] = rate / 1e12
+    summary["steps_range"] = (min(b.steps for b in batches), max(b.steps for b in batches))
+    return summary
