@@ -212,8 +212,8 @@ def classify(
     diverged_above: Annotated[float, typer.Option(help="threshold: diverged if final loss > this.")] = 10.0,
 ):
     """Recompute every cell's class and score from its stored trajectory (no re-training)."""
-    from vmap_sweep.sweep.store import StudyStore
     from vmap_sweep.analysis.study import reclassify
+    from vmap_sweep.sweep.store import StudyStore
 
     if criterion == "threshold" and converged_below is None:
         raise ConfigError("--criterion threshold needs --converged-below LOSS (e.g. the initial loss)")
@@ -246,8 +246,8 @@ def plot(
 
 def _plot(study: Path, formats, rows, out: Path | None = None):
     from vmap_sweep.analysis.plots import save_plots
-    from vmap_sweep.sweep.store import StudyStore
     from vmap_sweep.analysis.study import grid_view
+    from vmap_sweep.sweep.store import StudyStore
 
     with StudyStore.open(study) as store:
         view = grid_view(store)

@@ -60,7 +60,8 @@ class RichProgress(ProgressHooks):
             self.bar.update(self.task, completed=self.done, rate=self.cells_per_minute(), diverged=self.diverged)
         else:
             self._log(f"batch {batch.index + 1}/{self.batches}: {len(records)} cells in {elapsed:.1f}s, "
-                      f"{self.done}/{self.total} done, {self.diverged} diverged, {self.cells_per_minute():.1f} cells/min")
+                      f"{self.done}/{self.total} done, {self.diverged} diverged, "
+                      f"{self.cells_per_minute():.1f} cells/min")
 
     def finish(self) -> None:
         if self.bar is not None:

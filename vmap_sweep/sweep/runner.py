@@ -103,6 +103,52 @@ class Progress:
     def finish(self) -> None: ...
 
 
+class Worker:
+    """Trains batches of cells on one device. It holds the base model and the data, loaded once."""
+
+    def __init__(self, cfg: StudyConfig, device: str | torch.device, micro_batch_size: int | None = None):
+        self.device = torch.device(device)
+        self.data = load_study_data(cfg, self.device)
+        self.train_cfg = cfg.train_config(micro_batch_size)
+
+    def train(self, hparams: list[dict]) -> list[CellRecord]:
+        """One record per cell, in order; a batch that runs out of memory is split, no result changes."""
+
+        def stacked(sub: list[dict]) -> list[CellRecord]:
+            trainer = StackedTrainer(self.data.model, sub, self.train_cfg, self.device)
+            return trainer.run(self.data.stream, self.data.eval_batches)
+
+        return train_splitting_on_oom(stacked, hparams)
+
+
+Job = tuple[Batch, list[Cell]]
+
+
+class LocalBackend:
+    """Batches one after another in this process, on one device."""
+
+    def __init__(self, cfg: StudyConfig, device: torch.device, micro_batch_size: int | None = None):
+        self.worker = Worker(cfg, device, micro_batch_size)
+
+    def models_per_batch(self, limit: int) -> int:
+        return probe_models_per_batch(self.worker.data.model, self.worker.train_cfg, self.worker.device, limit)
+
+    def run(self, jobs: list[Job], started: Callable[[Job], None]):
+        """Yields (job, records) as each batch finishes."""
+        for job in jobs:
+            started(job)
+            yield job, self.worker.train([c.hparams for c in job[1]])
+
+    def close(self) -> None:
+        pass
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def run_study(
     cfg: StudyConfig,
     out: Path,
@@ -112,52 +158,52 @@ def run_study(
     shard_spec: tuple[int, int] | None = None,
     deterministic: bool = False,
     progress: Progress | None = None,
-    on_batch: Callable[[Batch, list[CellRecord]], None] | None = None,
+    backend_factory: Callable[..., LocalBackend] | None = None,
 ) -> StudyStore:
-    """Train every pending cell of the study in `out`, batch by batch; returns the (open) store."""
+    """Train every pending cell of the study in `out`, batch by batch; returns the (open) store.
+
+    Whatever the backend, this process is the only writer of the store: each finished batch is committed
+    in one transaction as its results arrive.
+    """
     progress = progress or Progress()
     cfg.validate()
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     set_determinism(cfg.seed, deterministic)
     grid = build_grid(cfg)
     # Opening the store first checks the folder and the config before any expensive loading.
     store = StudyStore.create_or_open(out, cfg.to_dict(), grid.cells())
+    backend = None
     try:
-        data = load_study_data(cfg, dev)
-        train_cfg = cfg.train_config(micro_batch_size)
+        backend = (backend_factory or LocalBackend)(cfg, dev, micro_batch_size)
         if models_per_batch == "auto":
-            models_per_batch = probe_models_per_batch(data.model, train_cfg, dev, limit=grid.nx * grid.ny)
+            models_per_batch = backend.models_per_batch(grid.nx * grid.ny)
         batches = plan_study(cfg, grid, int(models_per_batch))
         shard_name = None
         if shard_spec is not None:
             batches = shard(batches, *shard_spec)
             shard_name = f"{shard_spec[0]}/{shard_spec[1]}"
         pending = {c.key for c in store.pending()}
-        todo = [(b, [c for c in b.cells if c.key in pending]) for b in batches]
-        todo = [(b, cells) for b, cells in todo if cells]
+        jobs = [(b, [c for c in b.cells if c.key in pending]) for b in batches]
+        jobs = [(b, cells) for b, cells in jobs if cells]
         total = sum(len(b.cells) for b in batches)
-        progress.start(total, total - sum(len(c) for _, c in todo), len(batches))
-        for batch, cells in todo:
-            progress.batch_started(batch, len(cells))
-            started = time.perf_counter()
+        progress.start(total, total - sum(len(c) for _, c in jobs), len(batches))
+        started_at: dict[int, float] = {}
 
-            def train(sub: list[Cell]) -> list[CellRecord]:
-                trainer = StackedTrainer(data.model, [c.hparams for c in sub], train_cfg, dev)
-                records = trainer.run(data.stream, data.eval_batches)
-                # Commit each trained sub-batch at once: an OOM split never retrains what is stored.
-                store.record_batch(_labelled(sub, records), batch_index=batch.index, shard=shard_name)
-                return records
+        def started(job: Job) -> None:
+            started_at[job[0].index] = time.perf_counter()
+            progress.batch_started(job[0], len(job[1]))
 
-            records = train_splitting_on_oom(train, cells)
-            progress.batch_done(batch, records, time.perf_counter() - started)
-            if on_batch is not None:
-                on_batch(batch, records)
+        for (batch, cells), records in backend.run(jobs, started):
+            store.record_batch(_labelled(cells, records), batch_index=batch.index, shard=shard_name)
+            progress.batch_done(batch, records, time.perf_counter() - started_at.get(batch.index, time.perf_counter()))
         progress.finish()
         return store
     except BaseException:
         store.close()
         raise
+    finally:
+        if backend is not None:
+            backend.close()
 
 
 def _labelled(cells: list[Cell], records: list[CellRecord]):
