@@ -1,8 +1,8 @@
 """Optimizers on stacked tensors: every tensor has a leading model dimension K, every hyperparameter is (K,).
 
-Each update is written out of place and committed with torch.where(active, new, old), so a model that is
-frozen (finished, or diverged with NaN in its gradients) keeps its weights and optimizer state bit for bit:
-multiplying by a 0/1 mask would turn NaN * 0 into NaN.
+When some models are frozen (finished, or diverged with NaN in their gradients) the update runs on copies and
+is committed with torch.where(active, new, old), so a frozen model keeps its weights and optimizer state bit
+for bit: multiplying by a 0/1 mask would turn NaN * 0 into NaN.
 """
 
 from __future__ import annotations
@@ -44,18 +44,29 @@ class StackedAdamW:
         t = self.steps.clamp(min=1)
         bias1 = 1 - beta1**t
         bias2_sqrt = (1 - beta2**t).sqrt()
+        all_on = bool(active.all())
         for name, p in self.params.items():
-            g, m, v = p.grad, self.exp_avg[name], self.exp_avg_sq[name]
             lr = lrs[name]
-            on = _per_model(active, p)
-            decayed = p * _per_model((1 - lr * weight_decay).to(p.dtype), p)
-            m_new = m.lerp(g, 1 - beta1)
-            v_new = v * beta2 + g * g * (1 - beta2)
-            denom = v_new.sqrt() / _per_model(bias2_sqrt.to(p.dtype), p) + self.hp.eps
-            p_new = decayed - _per_model((lr / bias1).to(p.dtype), p) * (m_new / denom)
-            p.copy_(torch.where(on, p_new, p))
-            m.copy_(torch.where(on, m_new, m))
-            v.copy_(torch.where(on, v_new, v))
+            state = (p, self.exp_avg[name], self.exp_avg_sq[name])
+            # In place when every model steps (the common case: no copies of the stack); otherwise the very
+            # same ops on copies, then a select, so a model's numbers never depend on who else is active.
+            new = state if all_on else tuple(x.clone() for x in state)
+            decay = _per_model((1 - lr * weight_decay).to(p.dtype), p)
+            self._update(*new, p.grad, decay, _per_model(bias2_sqrt.to(p.dtype), p),
+                         _per_model((lr / bias1).to(p.dtype), p))
+            if not all_on:
+                on = _per_model(active, p)
+                for old, upd in zip(state, new, strict=True):
+                    old.copy_(torch.where(on, upd, old))
+
+    def _update(self, p, m, v, g, decay, bias2_sqrt, step_size) -> None:
+        beta1, beta2 = self.hp.betas
+        p.mul_(decay)
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        update = v.sqrt().div_(bias2_sqrt).add_(self.hp.eps)  # the one temporary of the tensor's size
+        torch.div(m, update, out=update)
+        p.sub_(update.mul_(step_size))
 
 
 def newton_schulz(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -94,12 +105,16 @@ class StackedMuon:
     @torch.no_grad()
     def step(self, lrs: dict[str, torch.Tensor], active: torch.Tensor) -> None:
         m = self.momentum
+        all_on = bool(active.all())
         for name, p in self.params.items():
-            on = _per_model(active, p)
-            buf_new = self.buf[name].lerp(p.grad, 1 - m)
-            g = p.grad.lerp(buf_new, m)
+            state = (p, self.buf[name])
+            new_p, new_buf = state if all_on else tuple(x.clone() for x in state)
+            new_buf.lerp_(p.grad, 1 - m)
+            g = p.grad.lerp(new_buf, m)
             update = newton_schulz(g, self.ns_steps, self.ns_dtype).to(p.dtype)
             scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
-            p_new = p - _per_model((lrs[name] * scale).to(p.dtype), p) * update
-            p.copy_(torch.where(on, p_new, p))
-            self.buf[name].copy_(torch.where(on, buf_new, self.buf[name]))
+            new_p.sub_(update.mul_(_per_model((lrs[name] * scale).to(p.dtype), p)))
+            if not all_on:
+                on = _per_model(active, p)
+                for old, upd in zip(state, (new_p, new_buf), strict=True):
+                    old.copy_(torch.where(on, upd, old))
