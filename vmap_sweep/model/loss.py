@@ -12,19 +12,21 @@ import torch
 
 
 def _chunk_loss_and_grads(h, w, targets, weights, softcap: float):
-    """Weighted CE sum of one chunk, and d(loss)/d(h), d(loss)/d(w). h (n, C), w (V, C), targets (n,)."""
-    z = (h @ w.t()).float()
-    t = torch.tanh(z / softcap)
-    logits = softcap * t
-    lse = torch.logsumexp(logits, dim=-1)
-    safe_targets = targets.clamp(min=0)
-    target_logit = logits.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
-    loss = ((lse - target_logit) * weights).sum()
+    """Weighted CE sum of one chunk, and d(loss)/d(h), d(loss)/d(w). h (n, C), w (V, C), targets (n,).
+
+    In place wherever it can be: two (n, V) float32 buffers live at once, whatever the vocabulary.
+    """
+    t = (h @ w.t()).float().div_(softcap).tanh_()
+    logits = t * softcap
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    safe_targets = targets.clamp(min=0).unsqueeze(-1)
+    target_logit = logits.gather(-1, safe_targets)
+    loss = ((lse - target_logit).squeeze(-1) * weights).sum()
     # d loss / d logits = (softmax - onehot) * weight; through the softcap: * (1 - tanh^2)
-    dlogits = torch.softmax(logits, dim=-1)
-    dlogits = dlogits.scatter_add(-1, safe_targets.unsqueeze(-1), -torch.ones_like(target_logit).unsqueeze(-1))
-    dz = dlogits * weights.unsqueeze(-1) * (1.0 - t * t)
-    dz = dz.to(h.dtype)
+    grad = logits.sub_(lse).exp_()
+    grad.scatter_add_(-1, safe_targets, -torch.ones_like(target_logit))
+    grad.mul_(weights.unsqueeze(-1)).mul_(t.square_().neg_().add_(1.0))
+    dz = grad.to(h.dtype)
     return loss, dz @ w, dz.t() @ h
 
 

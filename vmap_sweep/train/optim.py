@@ -24,6 +24,7 @@ def _per_model(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class AdamWHparams:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    state_dtype: torch.dtype = torch.float32
 
 
 class StackedAdamW:
@@ -31,8 +32,8 @@ class StackedAdamW:
 
     def __init__(self, params: dict[str, torch.Tensor], hp: AdamWHparams):
         self.params, self.hp = params, hp
-        self.exp_avg = {n: torch.zeros_like(p) for n, p in params.items()}
-        self.exp_avg_sq = {n: torch.zeros_like(p) for n, p in params.items()}
+        self.exp_avg = {n: torch.zeros_like(p, dtype=hp.state_dtype) for n, p in params.items()}
+        self.exp_avg_sq = {n: torch.zeros_like(p, dtype=hp.state_dtype) for n, p in params.items()}
         k = next(iter(params.values())).shape[0]
         self.steps = torch.zeros(k, dtype=torch.float64)
 
@@ -61,11 +62,13 @@ class StackedAdamW:
 
     def _update(self, p, m, v, g, decay, bias2_sqrt, step_size) -> None:
         beta1, beta2 = self.hp.betas
+        g = g.to(m.dtype)
         p.mul_(decay)
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        update = v.sqrt().div_(bias2_sqrt).add_(self.hp.eps)  # the one temporary of the tensor's size
-        torch.div(m, update, out=update)
+        # the one float32 temporary of the tensor's size (v.float() would alias v itself when v is float32)
+        update = (v.sqrt() if v.dtype == torch.float32 else v.float().sqrt_()).div_(bias2_sqrt).add_(self.hp.eps)
+        update = torch.div(m, update, out=update) if m.dtype == torch.float32 else m.float().div_(update)
         p.sub_(update.mul_(step_size))
 
 
@@ -98,9 +101,10 @@ class StackedMuon:
         momentum: float = 0.95,
         ns_steps: int = 5,
         ns_dtype: torch.dtype = torch.bfloat16,
+        state_dtype: torch.dtype = torch.float32,
     ):
         self.params, self.momentum, self.ns_steps, self.ns_dtype = params, momentum, ns_steps, ns_dtype
-        self.buf = {n: torch.zeros_like(p) for n, p in params.items()}
+        self.buf = {n: torch.zeros_like(p, dtype=state_dtype) for n, p in params.items()}
 
     @torch.no_grad()
     def step(self, lrs: dict[str, torch.Tensor], active: torch.Tensor) -> None:
@@ -109,8 +113,8 @@ class StackedMuon:
         for name, p in self.params.items():
             state = (p, self.buf[name])
             new_p, new_buf = state if all_on else tuple(x.clone() for x in state)
-            new_buf.lerp_(p.grad, 1 - m)
-            g = p.grad.lerp(new_buf, m)
+            new_buf.lerp_(p.grad.to(new_buf.dtype), 1 - m)
+            g = p.grad.lerp(new_buf.to(p.grad.dtype), m)
             update = newton_schulz(g, self.ns_steps, self.ns_dtype).to(p.dtype)
             scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
             new_p.sub_(update.mul_(_per_model((lrs[name] * scale).to(p.dtype), p)))

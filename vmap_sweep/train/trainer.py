@@ -47,8 +47,13 @@ class TrainConfig:
     # nanochat runs Newton-Schulz in bf16; float32 makes runs comparable to the ulp (bf16 rounding
     # amplifies float32 rounding differences between any two implementations).
     muon_ns_dtype: str = "bfloat16"
-    ce_chunk: int = 4096
+    # Rows of logits each model holds at once (K times this in all). Fixed, not shared out by K: the chunking
+    # sets the order of the sums, and a cell's numbers must not depend on how many companions it has.
+    ce_chunk: int = 512
     autocast: bool = True  # bf16 autocast on CUDA, fp32 master weights; ignored on CPU
+    # Adam moments (and Muon momentum) in bfloat16 halve the optimizer's memory: what lets 8 copies of d20
+    # fit on one 80 GB GPU. float32 is the exact reference.
+    optimizer_state_dtype: str = "float32"
 
     @property
     def tokens_per_step(self) -> int:
@@ -133,12 +138,12 @@ class StackedTrainer:
         cfg.validate()
         self.cfg, self.device = cfg, torch.device(device)
         self.model = model.to(self.device)
-        self.model.ce_chunk = cfg.ce_chunk
         self.k = len(cells)
         if self.k == 0:
             raise ValueError("a batch needs at least one cell")
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self.model.ce_chunk = cfg.ce_chunk
         self.stacked, self.frozen = split_params(self.model, self.k, cfg.trainable)
         self.stacked = {n: t.to(self.device).detach().requires_grad_(True) for n, t in self.stacked.items()}
         self.frozen = {n: t.to(self.device) for n, t in self.frozen.items()}
@@ -161,13 +166,17 @@ class StackedTrainer:
         else:
             self.adamw_params = {n: t for n, t in self.stacked.items() if group_of(n) in ("embedding", "unembedding")}
             matrices = {n: t for n, t in self.stacked.items() if group_of(n) in ("attn", "mlp")}
-            self.muon = StackedMuon(matrices, ns_dtype=getattr(torch, cfg.muon_ns_dtype)) if matrices else None
+            self.muon = StackedMuon(matrices, ns_dtype=getattr(torch, cfg.muon_ns_dtype),
+                                    state_dtype=getattr(torch, cfg.optimizer_state_dtype)) if matrices else None
         betas = cfg.adam_betas if cfg.optimizer == "adamw" else (0.8, 0.95)
         eps = cfg.adam_eps if cfg.optimizer == "adamw" else 1e-10
-        self.adamw = StackedAdamW(self.adamw_params, AdamWHparams(betas, eps)) if self.adamw_params else None
+        hp = AdamWHparams(betas, eps, getattr(torch, cfg.optimizer_state_dtype))
+        self.adamw = StackedAdamW(self.adamw_params, hp) if self.adamw_params else None
+
+        model, frozen = self.model, self.frozen  # not self: a closure over self would keep a cycle alive
 
         def model_loss(stacked, x, y, w):
-            return functional_call(self.model, (stacked, self.frozen), (x, y, w))
+            return functional_call(model, (stacked, frozen), (x, y, w))
 
         # Params carry the model dimension; tokens and targets are shared; loss weights are per model.
         self._vmapped_loss = vmap(model_loss, in_dims=(0, None, None, 0))
@@ -225,12 +234,12 @@ class StackedTrainer:
 
     def _optimizer_step(self, step: int, active: torch.Tensor) -> None:
         mult = lr_multiplier(step, self.total_steps, self.warmup_ratio, self.cfg.schedule)
-        lrs = {n: (self.group_lr[group_of(n)] * mult).to(self.device) for n in self.stacked}
-        active_dev = active.to(self.device)
+        # (K,) hyperparameters stay on the CPU; the optimizers move them next to each tensor.
+        lrs = {n: self.group_lr[group_of(n)] * mult for n in self.stacked}
         if self.adamw is not None:
-            self.adamw.step(lrs, self.weight_decay.to(self.device), active_dev)
+            self.adamw.step(lrs, self.weight_decay, active)
         if self.muon is not None:
-            self.muon.step(lrs, active_dev)
+            self.muon.step(lrs, active)
 
     # -- a whole run ------------------------------------------------------------------------------------
 

@@ -1,0 +1,165 @@
+"""Throughput of stacked training against the one-at-a-time loop, side by side in one process.
+
+The baseline is what a nanochat or Hugging Face user would run for each cell: one model, bf16 autocast,
+torch.optim.AdamW(fused=True), the plain cross-entropy over full logits. Both sides train the same
+random-init model of nanochat's shape on the same random tokens with the same tokens per step.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from vmap_sweep.model.gpt import GPT, GPTConfig
+from vmap_sweep.train.stack import GROUPS
+from vmap_sweep.train.trainer import StackedTrainer, TrainConfig
+
+
+@dataclass
+class BenchResult:
+    depth: int
+    n_embd: int
+    params: int
+    models: int
+    tokens_per_step: int
+    micro_batch_size: int | None
+    trainable: tuple[str, ...]
+    optimizer_state_dtype: str
+    baseline_step_s: float
+    stacked_step_s: float  # the whole batch's time over its steps: all K models, reference and final loss included
+    stacked_cell_s: float  # a whole cell of `steps` steps: its share of the batch
+    baseline_cell_s: float
+    speedup: float  # cells per hour, stacked over baseline
+    stacked_tflops: float
+    baseline_tflops: float
+    peak_memory_gb: float
+    steps: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RandomStream:
+    def __init__(self, vocab: int, device: torch.device):
+        self.vocab, self.device = vocab, device
+
+    def batch(self, step: int, batch_size: int, seq_len: int):
+        gen = torch.Generator().manual_seed(step)
+        x = torch.randint(0, self.vocab, (batch_size, seq_len + 1), generator=gen)
+        return x[:, :-1], x[:, 1:]
+
+
+def flops_per_token(cfg: GPTConfig) -> float:
+    """nanochat's estimate: 6 per matrix parameter (lm_head included, embedding lookup not) plus attention."""
+    c = cfg
+    per_layer = 2 * c.n_embd * c.n_embd + 2 * c.n_embd * c.n_kv_head * c.head_dim + 8 * c.n_embd * c.n_embd
+    matrices = c.n_layer * per_layer + c.vocab_size * c.n_embd
+    return 6 * matrices + 12 * c.n_layer * c.n_embd * c.sequence_len
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_baseline(model: GPT, stream, batch_size: int, seq_len: int, steps: int, device: torch.device,
+                  micro_batch_size: int | None = None) -> float:
+    """Seconds per optimizer step of the plain single-model loop (median of `steps` after a warm-up)."""
+    m = copy.deepcopy(model).to(device)
+    for p in m.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-5, betas=(0.9, 0.95), fused=device.type == "cuda")
+    mb = micro_batch_size or batch_size
+    times = []
+    for step in range(steps + 2):
+        x, y = (t.to(device) for t in stream.batch(step, batch_size, seq_len))
+        _sync(device)
+        start = time.perf_counter()
+        for r in range(0, batch_size, mb):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = m(x[r:r + mb], y[r:r + mb]) * (min(mb, batch_size - r) / batch_size)
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    del m, opt
+    return sorted(times[2:])[len(times[2:]) // 2]
+
+
+def time_stacked(model: GPT, k: int, cfg: TrainConfig, steps: int, device: torch.device) -> float:
+    """Seconds of a whole batch of K cells of `steps` steps (base-model reference and final loss included),
+    timed on a second run after a warm-up run of the same shapes."""
+    stream = RandomStream(model.config.vocab_size, device)
+    cells = [{"lr": 1e-5 * (i + 1), "tokens": steps * cfg.tokens_per_step} for i in range(k)]
+    elapsed = 0.0
+    for _ in range(2):
+        trainer = StackedTrainer(model, cells, cfg, device)
+        _sync(device)
+        start = time.perf_counter()
+        trainer.run(stream)
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        del trainer
+        _free(device)
+    return elapsed
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench(depth: int, models: int, tokens_per_step: int = 8192, seq_len: int = 1024, vocab: int = 65536,
+          micro_batch_size: int | None = None, steps: int = 5, device: str = "cuda",
+          trainable: tuple[str, ...] = GROUPS, n_embd: int | None = None,
+          optimizer_state_dtype: str = "float32") -> BenchResult:
+    dev = torch.device(device)
+    overrides = {"vocab_size": vocab, "sequence_len": seq_len}
+    if n_embd is not None:
+        overrides.update(n_embd=n_embd, n_head=max(1, n_embd // 128), n_kv_head=max(1, n_embd // 128))
+    gcfg = GPTConfig.from_depth(depth, **overrides)
+    model = GPT(gcfg).init_weights(0).to(dev)
+    batch_size = tokens_per_step // seq_len
+    tcfg = TrainConfig(batch_size=batch_size, seq_len=seq_len, micro_batch_size=micro_batch_size, trainable=trainable,
+                       optimizer_state_dtype=optimizer_state_dtype)
+    stream = RandomStream(vocab, dev)
+    _free(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    stacked_batch = time_stacked(model, models, tcfg, steps, dev)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
+    base_step = time_baseline(model, stream, batch_size, seq_len, steps, dev, micro_batch_size)
+    del model
+    _free(dev)
+    flops = flops_per_token(gcfg) * tokens_per_step
+    stacked_step = stacked_batch / steps
+    return BenchResult(
+        depth=depth, n_embd=gcfg.n_embd, params=sum(p.numel() for p in GPT(gcfg).to("meta").parameters()),
+        models=models, tokens_per_step=tokens_per_step, micro_batch_size=micro_batch_size,
+        trainable=tuple(trainable), optimizer_state_dtype=optimizer_state_dtype, baseline_step_s=base_step,
+        stacked_step_s=stacked_step, stacked_cell_s=stacked_batch / models, baseline_cell_s=base_step * steps,
+        speedup=base_step * steps / (stacked_batch / models), stacked_tflops=models * flops / stacked_step / 1e12,
+        baseline_tflops=flops / base_step / 1e12, peak_memory_gb=peak, steps=steps,
+    )
+
+
+def matmul_peak_tflops(device: str = "cuda", n: int = 8192) -> float:
+    """The measured bf16 matmul rate: the ceiling MFU is reported against."""
+    dev = torch.device(device)
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    _sync(dev)
+    reps = 20
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(dev)
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
