@@ -43,7 +43,6 @@ class TrainConfig:
     # diverged (and frozen) once a model's loss exceeds this many times the base model's loss on the same
     # tokens; relative, since a small model's loss on a few supervised tokens can be high for any model
     divergence_ratio: float = 10.0
-    eval_every_model: bool = True
     # nanochat runs Newton-Schulz in bf16; float32 makes runs comparable to the ulp (bf16 rounding
     # amplifies float32 rounding differences between any two implementations).
     muon_ns_dtype: str = "bfloat16"
