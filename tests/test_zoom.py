@@ -1,0 +1,363 @@
+"""Zooming into a study's boundary: window picking, child studies that resume, the dimension per level, the GIF.
+
+Most tests run the real zoom code (run_study, store, resume) with a formula backend that "trains" a cell by
+looking up whether it lies inside a disk in log-log space (fast, known boundary of dimension 1); one test
+zooms the embedded tiny model for real at 6x6.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.animation import PillowWriter
+from PIL import Image
+
+from vmap_sweep.analysis import animate as animate_mod
+from vmap_sweep.analysis.animate import animate
+from vmap_sweep.analysis.study import study_classes
+from vmap_sweep.config import StudyConfig, preset
+from vmap_sweep.errors import ConfigError, StoreError
+from vmap_sweep.sweep.axes import parse_axis_spec
+from vmap_sweep.sweep.runner import LocalBackend, run_study
+from vmap_sweep.sweep.store import DB_NAME, StudyStore
+from vmap_sweep.sweep.zoom import ZOOM_EXTRA, dimension_report, pick_window, zoom_levels, zoom_study
+from vmap_sweep.train.trainer import CellRecord
+
+# ----------------------------------------------------------------------------- helpers
+
+DISK = StudyConfig(model="tiny", data="synthetic", x="lr:1e-4:1:log", y="weight_decay:0.01:100:log",
+                   resolution="32", batch_size=4, seq_len=64, fixed={"tokens": 512})
+
+
+def inside_disk(lr: float, wd: float) -> tuple[bool, float]:
+    """Converged iff inside a disk of radius 0.3 centred in the (log lr, log wd) square."""
+    u, v = (math.log10(lr) + 4) / 4, (math.log10(wd) + 2) / 4
+    r2 = (u - 0.5) ** 2 + (v - 0.5) ** 2
+    return r2 < 0.09, r2
+
+
+class FormulaBackend:
+    """The runner's backend protocol without a model: each cell's record follows from inside_disk."""
+
+    def __init__(self, cfg, device, micro_batch_size=None, crash_after: int | None = None,
+                 trained: list[int] | None = None):
+        self.crash_after, self.trained = crash_after, trained if trained is not None else []
+
+    def models_per_batch(self, limit: int) -> int:
+        return limit
+
+    def run(self, jobs, started):
+        for n, job in enumerate(jobs):
+            if self.crash_after is not None and n >= self.crash_after:
+                raise RuntimeError("killed")  # like a SIGKILL between batches
+            started(job)
+            self.trained.append(len(job[1]))
+            records = []
+            for c in job[1]:
+                conv, r2 = inside_disk(c.hparams["lr"], c.hparams["weight_decay"])
+                ratio = 0.5 + r2 if conv else 2.0 + r2
+                records.append(CellRecord(initial_loss=1.0, steps=1, losses=[ratio, ratio], base_losses=[1.0, 1.0],
+                                          grad_norms=[1.0], lrs=[c.hparams["lr"]], steps_done=1, eval_loss=ratio))
+            yield job, records
+
+    def close(self) -> None:
+        pass
+
+
+def formula(trained: list[int] | None = None, crash_after: int | None = None):
+    return lambda cfg, dev, mbs=None: FormulaBackend(cfg, dev, mbs, crash_after, trained)
+
+
+def disk_parent(folder: Path) -> Path:
+    run_study(DISK, folder, 128, "cpu", backend_factory=formula()).close()
+    return folder
+
+
+def snapshot(folder: Path) -> tuple:
+    """Everything a zoom could change in a parent: its tables and its folder's entries."""
+    conn = sqlite3.connect(f"file:{folder / DB_NAME}?mode=ro", uri=True)
+    try:
+        tables = tuple(conn.execute(f"SELECT * FROM {t}").fetchall() for t in ("meta", "cells", "children", "extra"))
+    finally:
+        conn.close()
+    entries = sorted(p.name for p in folder.iterdir() if not p.name.endswith(("-wal", "-shm")))
+    return tables, entries
+
+
+def finished_at(folder: Path) -> list:
+    with StudyStore.open(folder) as s:
+        return [(r["i"], r["j"], r["finished_at"]) for r in s.rows()]
+
+
+def children_of(folder: Path) -> list:
+    with StudyStore.open(folder) as s:
+        return s.children()
+
+
+def log_width(a: float, b: float) -> float:
+    return math.log(b) - math.log(a)
+
+
+@pytest.fixture(scope="module")
+def disk_chain(tmp_path_factory):
+    """A 32x32 parent and a depth-2 auto zoom, all with the formula backend."""
+    parent = disk_parent(tmp_path_factory.mktemp("disk") / "parent")
+    trained: list[int] = []
+    dirs = zoom_study(parent, depth=2, models_per_batch=128, device="cpu", backend_factory=formula(trained))
+    return parent, dirs, trained
+
+
+# ----------------------------------------------------------------------------- pick_window
+
+
+XS = np.geomspace(1e-4, 1.0, 32)
+YS = np.linspace(0.0, 1.0, 32)
+
+
+def test_pick_window_chooses_the_densest_window_with_fraction_of_each_axis():
+    conv = np.zeros((32, 32), dtype=bool)
+    conv[:, :16] = True  # a straight edge: density ~ 1/4 of a window at best
+    rng = np.random.default_rng(0)
+    conv[20:28, 4:12] = rng.random((8, 8)) < 0.5  # a noisy patch: boundary nearly everywhere in it
+    x0, x1, y0, y1 = pick_window(conv, XS, YS, True, False)
+    # the window lies in the patch (cells 4..11 along x, 20..27 along y)
+    assert XS[4] <= x0 < x1 <= XS[11] and YS[20] <= y0 < y1 <= YS[27]
+    # 1/8 of each axis: in log space on the log x axis, linearly on the lin y axis
+    assert log_width(x0, x1) == pytest.approx(log_width(XS[0], XS[-1]) / 8, rel=1e-9)
+    assert y1 - y0 == pytest.approx(1 / 8, rel=1e-9)
+    # another fraction gives another width; same input, same answer
+    w = pick_window(conv, XS, YS, True, False, fraction=0.25)
+    assert log_width(w[0], w[1]) == pytest.approx(log_width(XS[0], XS[-1]) / 4, rel=1e-9)
+    assert pick_window(conv, XS, YS, True, False) == (x0, x1, y0, y1)
+
+
+def test_pick_window_stays_away_from_the_edge_cells():
+    conv = np.zeros((32, 32), dtype=bool)
+    conv[::2, 0] = True  # stripes in the edge column: the densest boundary, but made of edge cells
+    conv[-1, 1:] = True  # and along the edge row
+    conv[:, 1:20] = True  # and a straight edge between columns 19 and 20
+    x0, x1, y0, y1 = pick_window(conv, XS, YS, True, False)
+    # over the straight edge's pixel column (the window is 3.875 cells wide), far from the stripes
+    assert XS[2] < x0 <= XS[19] * (1 + 1e-12) and XS[20] * (1 - 1e-12) <= x1
+    assert YS[1] <= y0 and y1 <= YS[-2]
+    # windows never touch the outer cells even where the boundary runs into them
+    only_edge = np.ones((32, 32), dtype=bool)
+    only_edge[:, 0] = False
+    with pytest.raises(ConfigError, match="only the outer edge cells"):
+        pick_window(only_edge, XS, YS, True, False)
+
+
+def test_pick_window_ties_go_to_the_centre():
+    conv = np.zeros((32, 32), dtype=bool)
+    conv[:, :16] = True  # a vertical edge: every height along it has the same density
+    x0, x1, y0, y1 = pick_window(conv, XS, YS, True, False)
+    assert (y0 + y1) / 2 == pytest.approx(0.5, abs=1e-12)
+    assert math.sqrt(x0 * x1) == pytest.approx(math.sqrt(XS[15] * XS[16]), rel=1e-9)  # centred on the pixel
+
+
+def test_pick_window_refuses_no_boundary_and_bad_inputs():
+    with pytest.raises(ConfigError, match="no boundary"):
+        pick_window(np.ones((32, 32), dtype=bool), XS, YS, True, False)
+    conv = np.zeros((32, 32), dtype=bool)
+    conv[:, :16] = True
+    for bad in (0, 1, 1.5, float("nan")):
+        with pytest.raises(ConfigError, match="--fraction"):
+            pick_window(conv, XS, YS, True, False, fraction=bad)
+    with pytest.raises(ConfigError, match="shape"):
+        pick_window(conv[:, :10], XS, YS, True, False)
+    with pytest.raises(ConfigError, match="does not fit"):
+        pick_window(conv[:3, :3], XS[:3], YS[:3], True, False)
+
+
+# ----------------------------------------------------------------------------- zoom (formula backend)
+
+
+def test_zoom_makes_recorded_nested_children_over_the_picked_windows(disk_chain):
+    parent, dirs, trained = disk_chain
+    assert len(dirs) == 2 and dirs[0].parent == parent and dirs[1].parent == dirs[0]
+    assert sum(trained) == 2 * 32 * 32  # one full child per level, the parent untouched
+    with StudyStore.open(parent) as p:
+        parent_cfg = StudyConfig.from_dict(p.config)
+    prev = parent
+    for level, d in enumerate(dirs, start=1):
+        with StudyStore.open(prev) as p:
+            (child,) = p.children()
+            x, y = parse_axis_spec(p.config["x"]), parse_axis_spec(p.config["y"])
+            expected = pick_window(study_classes(p), np.geomspace(x.lo, x.hi, 32), np.geomspace(y.lo, y.hi, 32),
+                                   True, True)
+        assert child.level == level and prev / child.child_dir == d
+        assert child.window == pytest.approx(expected, rel=1e-12)
+        with StudyStore.open(d) as s:
+            cx, cy = parse_axis_spec(s.config["x"]), parse_axis_spec(s.config["y"])
+            assert (cx.lo, cx.hi, cy.lo, cy.hi) == child.window
+            assert log_width(cx.lo, cx.hi) == pytest.approx(log_width(x.lo, x.hi) / 8, rel=1e-9)
+            assert s.done_count() == s.cell_count() == 32 * 32
+            assert s.get_extra(ZOOM_EXTRA)["level"] == level
+            same = {k: v for k, v in s.config.items() if k not in ("x", "y")}
+            assert same == {k: v for k, v in parent_cfg.to_dict().items() if k not in ("x", "y")}
+        prev = d
+    assert [(lv, d) for lv, d, _ in zoom_levels(parent)] == [(0, parent), (1, dirs[0]), (2, dirs[1])]
+
+
+def test_dimension_report_per_level_and_pooled(disk_chain):
+    parent, dirs, _ = disk_chain
+    report = dimension_report(parent)
+    levels = report["levels"]
+    assert [lv["level"] for lv in levels] == [0, 1, 2]
+    assert [lv["scale"] for lv in levels] == pytest.approx([1, 1 / 8, 1 / 64], rel=1e-9)
+    for lv in levels:  # a disk's edge, and windows of it, have dimension 1
+        assert lv["error"] is None and abs(lv["dimension"] - 1) < 0.15, lv
+    pooled = report["pooled"]
+    assert pooled["levels"] == [0, 1, 2] and abs(pooled["dimension"] - 1) < 0.1
+    assert pooled["ci_low"] <= pooled["dimension"] <= pooled["ci_high"]
+    assert pooled["size_range"][0] == pytest.approx(2 / 64)  # smallest fitted box of level 2, in parent cells
+    json.dumps(report, allow_nan=False)  # --json ready: no NaN
+
+
+def test_rerun_resumes_an_interrupted_child_and_then_trains_nothing(tmp_path):
+    parent = disk_parent(tmp_path / "parent")
+    before = snapshot(parent)
+    with pytest.raises(RuntimeError, match="killed"):
+        zoom_study(parent, depth=2, models_per_batch=100, device="cpu", backend_factory=formula(crash_after=3))
+    assert snapshot(parent)[0] == before[0]  # the parent database: the child is recorded only once trained
+    (partial,) = [p for p in parent.iterdir() if p.is_dir()]
+    with StudyStore.open(partial) as s:
+        assert s.done_count() == 300
+    trained: list[int] = []
+    dirs = zoom_study(parent, depth=2, models_per_batch=100, device="cpu", backend_factory=formula(trained))
+    assert dirs[0] == partial and sum(trained) == (1024 - 300) + 1024  # the rest of level 1, then level 2
+    assert [p for p in parent.iterdir() if p.is_dir()] == [partial]
+    stamps = [finished_at(d) for d in dirs]
+    children = [children_of(d) for d in (parent, dirs[0])]
+    trained.clear()
+    assert zoom_study(parent, depth=2, models_per_batch=100, device="cpu", backend_factory=formula(trained)) == dirs
+    assert sum(trained) == 0 and [finished_at(d) for d in dirs] == stamps
+    assert [children_of(d) for d in (parent, dirs[0])] == children
+
+
+def test_a_given_window_is_used_for_the_first_level_only(tmp_path):
+    parent = disk_parent(tmp_path / "parent")
+    window = (1e-3, 1e-2, 0.1, 1.0)  # crosses the disk's edge
+    dirs = zoom_study(parent, window=window, depth=2, models_per_batch=256, device="cpu", backend_factory=formula())
+    chain = zoom_levels(parent)
+    assert chain[1][2] == pytest.approx(window, rel=1e-12)
+    with StudyStore.open(dirs[0]) as s:
+        assert (s.config["x"], s.config["y"]) == ("lr:0.001:0.01:log", "weight_decay:0.1:1.0:log")
+    assert log_width(chain[2][2][0], chain[2][2][1]) == pytest.approx(math.log(10) / 8, rel=1e-9)  # auto, 1/8
+    assert chain[2][0] == 2
+
+
+def test_bad_inputs_raise_and_change_nothing(tmp_path):
+    parent = disk_parent(tmp_path / "parent")
+    before = snapshot(parent)
+    cases = [
+        (dict(window=(1e-5, 1e-3, 0.1, 1.0)), ConfigError, "--window .*outside the parent range"),
+        (dict(window=(1e-2, 1e-3, 0.1, 1.0)), ConfigError, "--window .*not ordered"),
+        (dict(window=(1e-3, 1e-2, 0.1)), ConfigError, "--window"),
+        (dict(depth=0), ConfigError, "--depth"),
+        (dict(fraction=1.5), ConfigError, "--fraction"),
+    ]
+    for kwargs, err, msg in cases:
+        with pytest.raises(err, match=msg):
+            zoom_study(parent, device="cpu", backend_factory=formula(), **kwargs)
+        assert snapshot(parent) == before
+    # an unfinished parent: refused for an auto and for a given window
+    unfinished = tmp_path / "unfinished"
+    with pytest.raises(RuntimeError):
+        run_study(DISK, unfinished, 100, "cpu", backend_factory=formula(crash_after=2))
+    before = snapshot(unfinished)
+    for window in (None, (1e-3, 1e-2, 0.1, 1.0)):
+        with pytest.raises(ConfigError, match="200 of 1024 cells are done"):
+            zoom_study(unfinished, window=window, device="cpu", backend_factory=formula())
+        assert snapshot(unfinished) == before
+    with pytest.raises(StoreError, match="no study.db"):
+        zoom_study(tmp_path / "nowhere", device="cpu", backend_factory=formula())
+
+
+def test_animate_writes_one_gif_frame_per_level(disk_chain, tmp_path, monkeypatch):
+    parent, dirs, _ = disk_chain
+    monkeypatch.setattr(animate_mod.shutil, "which", lambda name: None)  # no ffmpeg: GIF only
+    gif = animate(parent, tmp_path / "anim" / "zoom.gif", fps=4)
+    assert gif == tmp_path / "anim" / "zoom.gif" and os.listdir(gif.parent) == ["zoom.gif"]
+    with Image.open(gif) as im:
+        assert im.n_frames == 3 and im.info["duration"] == 250
+        sizes = set()
+        for k in range(im.n_frames):
+            im.seek(k)
+            sizes.add(im.size)
+        assert sizes == {(640, 520)}
+    # animating from the middle of the chain: its two levels
+    with Image.open(animate(dirs[0], tmp_path / "mid")) as im:
+        assert im.n_frames == 2 and im.format == "GIF"
+    with pytest.raises(ConfigError, match="no zoom children"):
+        animate(dirs[1], tmp_path / "leaf.gif")
+
+    class FakeFFMpeg(PillowWriter):
+        """Stands in for FFMpegWriter (no ffmpeg here): writes how many frames it got."""
+
+        def finish(self):
+            Path(self.outfile).write_text(str(len(self._frames)))
+
+    monkeypatch.setattr(animate_mod.shutil, "which", lambda name: "/usr/bin/ffmpeg")
+    monkeypatch.setattr(animate_mod, "FFMpegWriter", FakeFFMpeg)
+    gif = animate(parent, tmp_path / "with-mp4" / "zoom")
+    assert gif.name == "zoom.gif" and (gif.parent / "zoom.mp4").read_text() == "3"
+    with pytest.raises(ConfigError, match=".gif"):
+        animate(parent, tmp_path / "zoom.png")
+
+
+# ----------------------------------------------------------------------------- the tiny model, for real
+
+
+@pytest.fixture(scope="module")
+def model_cache(tmp_path_factory):
+    """The pretrained tiny model: from $VMAP_SWEEP_CACHE when set (shared between runs), else pretrained
+    once into a temporary folder (~11 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models run fastest on one thread
+    with pytest.MonkeyPatch.context() as mp:
+        if not os.environ.get("VMAP_SWEEP_CACHE"):
+            mp.setenv("VMAP_SWEEP_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+    torch.set_num_threads(threads)
+
+
+class Counting(LocalBackend):
+    cells = 0
+
+    def run(self, jobs, started):
+        Counting.cells += sum(len(cells) for _, cells in jobs)
+        return super().run(jobs, started)
+
+
+def test_zoom_end_to_end_on_the_tiny_model(model_cache, tmp_path):
+    cfg = preset("tiny").with_overrides(resolution="6", y="tokens:256:2048:log")
+    parent = tmp_path / "parent"
+    run_study(cfg, parent, 8, "cpu").close()
+    dirs = zoom_study(parent, depth=2, models_per_batch=8, device="cpu")
+    chain = zoom_levels(parent)
+    assert [(lv, d) for lv, d, _ in chain] == [(0, parent), (1, dirs[0]), (2, dirs[1])]
+    for (_, d, window), prev in zip(chain[1:], (parent, dirs[0]), strict=True):
+        with StudyStore.open(d) as s:
+            x, y = parse_axis_spec(s.config["x"]), parse_axis_spec(s.config["y"])
+            assert (x.lo, x.hi, y.lo, y.hi) == window and s.config["resolution"] == "6"
+            assert s.done_count() == s.cell_count() == 36 and (s.labels_array() != "").all()
+        assert [c.window for c in children_of(prev)] == [window]
+    stamps = [finished_at(d) for d in (parent, *dirs)]
+    Counting.cells = 0
+    assert zoom_study(parent, depth=2, device="cpu", backend_factory=Counting) == dirs
+    assert Counting.cells == 0 and [finished_at(d) for d in (parent, *dirs)] == stamps
+    report = dimension_report(parent)
+    assert len(report["levels"]) == 3
+    for lv in report["levels"]:  # 6x6: box sizes 1..4, or a documented refusal
+        assert (lv["dimension"] is not None and math.isfinite(lv["dimension"])) or lv["error"]
+    assert report["pooled"]["dimension"] is None or math.isfinite(report["pooled"]["dimension"])
+    with Image.open(animate(parent, tmp_path / "zoom.gif")) as im:
+        assert im.n_frames == 3
