@@ -1,0 +1,299 @@
+"""Rules of thumb: on synthetic finished studies whose edge follows a known power law (no training)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from vmap_sweep.analysis.rules import (
+    fit_power_law,
+    plot_rules,
+    rules_of_thumb,
+    rules_table,
+    t_quantile,
+)
+from vmap_sweep.analysis.study import reclassify
+from vmap_sweep.config import StudyConfig
+from vmap_sweep.errors import ConfigError
+from vmap_sweep.sweep.axes import parse_axis_spec
+from vmap_sweep.sweep.grid import Grid
+from vmap_sweep.sweep.store import StudyStore
+
+LR_AXIS = "lr:1e-6:1e-1:log"
+SIZE_AXIS = "tokens:1e3:1e6:log"
+
+
+@dataclass
+class Rec:
+    """Duck-typed CellRecord: a converging (loss halves) or diverging (loss grows) trajectory."""
+
+    initial_loss: float = 3.0
+    steps: int = 4
+    losses: list[float] = field(default_factory=list)
+    base_losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=lambda: [1.0] * 5)
+    lrs: list[float] = field(default_factory=lambda: [1e-4] * 5)
+    steps_done: int = 4
+    diverged: bool = False
+    diverged_step: int | None = None
+    eval_loss: float | None = None
+    wall_time: float = 0.0
+
+
+def law(a: float, b: float, d0: float = 1e3) -> Callable[[float], float]:
+    """LR(D) = a * (D / d0)^b."""
+    return lambda d: a * (d / d0) ** b
+
+
+def converging(ok: bool, eval_loss: float) -> Rec:
+    if ok:
+        losses = [3.0, 2.2, 1.8, 1.5, 1.4]
+    else:
+        losses = [3.0, 6.0, 12.0, float("nan"), float("nan")]
+    return Rec(losses=losses, base_losses=[3.0] * 5, eval_loss=eval_loss if ok else 50.0)
+
+
+def build_study(
+    directory: Path,
+    crit: Callable[[float], float],
+    opt: Callable[[float], float] | None = None,
+    nx: int = 48,
+    ny: int = 8,
+    x: str = LR_AXIS,
+    y: str = SIZE_AXIS,
+    override: Callable[[int, int], bool | None] | None = None,
+    finish: bool = True,
+) -> StudyStore:
+    """A finished, classified study: converged iff lr < crit(D) (unless ``override(k_lr, k_size)`` says
+    otherwise); eval loss = 2 + log10(lr / opt(D))^2, lowest at opt(D). Works with LR on x or on y."""
+    opt = opt or (lambda d: crit(d) / 4)
+    cfg = StudyConfig(model="tiny", data="synthetic", x=x, y=y, resolution=f"{nx}x{ny}")
+    grid = Grid(parse_axis_spec(x), parse_axis_spec(y), nx, ny)
+    store = StudyStore.create_or_open(directory, cfg.to_dict(), grid.cells())
+    lr_on_x = grid.x.name != "tokens"
+    results = []
+    for c in grid.cells():
+        lr, d = (c.x, c.y) if lr_on_x else (c.y, c.x)
+        k_lr, k_size = (c.i, c.j) if lr_on_x else (c.j, c.i)
+        ok = lr < crit(d)
+        if override is not None and override(k_lr, k_size) is not None:
+            ok = bool(override(k_lr, k_size))
+        results.append((c, converging(ok, 2.0 + math.log10(lr / opt(d)) ** 2)))
+    if not finish:
+        results = results[: len(results) // 2]
+    store.record_batch(results, batch_index=0)
+    reclassify(store)
+    return store
+
+
+def lr_grid(nx: int = 48) -> np.ndarray:
+    return parse_axis_spec(LR_AXIS).values(nx)
+
+
+def sizes(ny: int = 8) -> np.ndarray:
+    return parse_axis_spec(SIZE_AXIS).values(ny)
+
+
+# ----------------------------------------------------------------------------- Student t
+
+
+@pytest.mark.parametrize("dof, t", [(1, 12.7062), (2, 4.3027), (5, 2.5706), (10, 2.2281), (30, 2.0423),
+                                    (1000, 1.9623)])
+def test_t_quantile_matches_tables(dof, t):
+    assert t_quantile(0.975, dof) == pytest.approx(t, abs=1e-4)
+
+
+def test_exact_power_law_fit_and_two_point_fit_has_no_ci():
+    d = np.array([1e3, 1e4, 1e5, 1e6])
+    fit = fit_power_law(d, 2e-5 * (d / 1e3) ** 0.4)
+    assert fit.exponent == pytest.approx(0.4) and fit.predict(1e3) == pytest.approx(2e-5)
+    assert fit.ci_low == pytest.approx(0.4) and fit.ci_high == pytest.approx(0.4) and fit.r2 == pytest.approx(1)
+    two = fit_power_law(d[:2], np.array([1e-4, 3e-4]))
+    assert two.n == 2 and math.isnan(two.ci_low) and math.isnan(two.stderr)
+    assert fit_power_law(d[:1], np.array([1e-4])) is None
+    assert fit_power_law(np.array([1e3, 1e3]), np.array([1e-4, 2e-4])) is None
+
+
+# ----------------------------------------------------------------------------- a clean law
+
+
+@pytest.fixture
+def clean(tmp_path):
+    store = build_study(tmp_path / "clean", law(3e-5, 0.5))
+    yield store
+    store.close()
+
+
+def test_recovers_the_exponent_and_edges_of_a_clean_law(clean):
+    r = rules_of_thumb(clean)
+    crit, lrs = law(3e-5, 0.5), lr_grid()
+    assert (r.lr_axis, r.lr_on, r.resolution) == ("lr", "x", (48, 8))
+    assert len(r.sizes) == 8 and not r.censored_sizes
+    for row, d in zip(r.sizes, sizes(), strict=True):
+        above = lrs[lrs >= crit(d)]
+        below = lrs[lrs < crit(d)]
+        assert row.size == d
+        assert row.lr_first_diverging == above[0]  # smallest LR not converged
+        assert row.lr_last_converging == below[-1]  # largest LR converged: the neighbour, no islands
+        assert row.lr_safe == 0.5 * above[0] and not row.islands and row.low_lr_failures == 0
+        assert row.lr_opt == lrs[np.argmin(np.abs(np.log(lrs / (crit(d) / 4))))]
+    for fit in (r.crit_fit, r.crit_last_fit, r.opt_fit):
+        # grid quantisation biases a fit by a few hundredths at most; the CI may not cover it (it is not noise)
+        assert fit.n == 8 and abs(fit.exponent - 0.5) < 0.05 and fit.ci_low <= fit.exponent <= fit.ci_high
+        assert fit.ci_high - fit.ci_low < 0.1
+    assert r.crit_fit.predict(1e4) == pytest.approx(crit(1e4), rel=0.3)
+    assert r.safe_fit.exponent == r.crit_fit.exponent
+    assert r.safe_fit.coefficient == pytest.approx(0.5 * r.crit_fit.coefficient)
+    assert r.leave_out_fraction == 1.0 and len(r.leave_out) == 8
+    # 10^0.5 = 3.2x: 10x more data clearly allows 2x more LR
+    assert r.ten_x.verdict == "yes" and r.ten_x.ratio == pytest.approx(10**r.crit_fit.exponent)
+    assert 2.0 <= r.ten_x.ci_low < r.ten_x.ratio < r.ten_x.ci_high
+
+
+def test_ten_x_verdict_no_and_inconclusive(tmp_path):
+    with build_study(tmp_path / "flat", law(1e-3, 0.1)) as store:
+        r = rules_of_thumb(store)
+    assert abs(r.crit_fit.exponent - 0.1) < 0.05 and r.ten_x.verdict == "no" and r.ten_x.ci_high < 2
+    # few sizes and a noisy edge around b = 0.3 (10^0.3 = 2x): the CI straddles 2
+    noise = [1.0, 3.0, 0.35, 2.5]
+    idx = {float(d): k for k, d in enumerate(parse_axis_spec(SIZE_AXIS).values(4))}
+    with build_study(tmp_path / "noisy", lambda d: 1e-4 * (d / 1e3) ** 0.3 * noise[idx[d]], ny=4) as store:
+        r = rules_of_thumb(store)
+    assert r.crit_fit.n == 4 and r.ten_x.verdict == "inconclusive" and r.ten_x.ci_low < 2 < r.ten_x.ci_high
+    with build_study(tmp_path / "two", law(1e-4, 0.5), ny=2) as store:
+        r = rules_of_thumb(store)
+    assert r.crit_fit.n == 2 and r.ten_x.verdict == "inconclusive" and r.ten_x.ci_low is None
+
+
+def test_island_hole_and_low_lr_failure(tmp_path):
+    crit, lrs = law(3e-5, 0.5), lr_grid()
+    edge = [int(np.searchsorted(lrs, crit(d))) for d in sizes()]  # first non-converged index per size
+
+    def override(k_lr: int, k_size: int) -> bool | None:
+        if k_size == 2 and k_lr == edge[2] + 3:
+            return True  # island of convergence above the edge
+        if k_size == 5 and k_lr == edge[5] - 4:
+            return False  # a hole below the edge
+        if k_size == 6 and k_lr == 0:
+            return False  # too small an LR to learn: not the divergence edge
+        return None
+
+    with build_study(tmp_path / "islands", crit, override=override) as store:
+        r = rules_of_thumb(store)
+    island, hole, low = r.sizes[2], r.sizes[5], r.sizes[6]
+    assert island.lr_first_diverging == lrs[edge[2]] and island.lr_last_converging == lrs[edge[2] + 3]
+    assert island.islands and island.lr_last_converging > island.lr_first_diverging
+    assert hole.lr_first_diverging == lrs[edge[5] - 4] and hole.lr_last_converging == lrs[edge[5] - 1]
+    assert hole.islands
+    assert low.lr_first_diverging == lrs[edge[6]] and low.low_lr_failures == 1 and not low.islands
+    assert sum(row.islands for row in r.sizes) == 2
+    assert any("islands" in n for n in r.notes) and any("lowest converged" in n for n in r.notes)
+
+
+def test_censored_sizes_are_reported_and_left_out_of_the_fits(tmp_path):
+    # LR_crit(1e3) = 3e-7 < grid min 1e-6; LR_crit(1e6) = 0.3 > grid max 0.1
+    with build_study(tmp_path / "cens", law(3e-7, 2.0), opt=law(1e-6, 0.5)) as store:
+        r = rules_of_thumb(store)
+    first, last = r.sizes[0], r.sizes[-1]
+    assert first.censored == "below grid" and first.n_converged == 0
+    assert first.lr_first_diverging is None and first.lr_opt is None and first.lr_safe is None
+    assert last.censored == "above grid" and last.lr_first_diverging is None
+    assert last.lr_last_converging == lr_grid()[-1] and last.lr_opt is not None
+    assert r.censored_sizes == [first.size, last.size]
+    assert r.crit_fit.n == 6 and first.size not in r.crit_fit.sizes and last.size not in r.crit_fit.sizes
+    assert r.crit_last_fit.n == 6 and abs(r.crit_fit.exponent - 2.0) < 0.05
+    assert r.opt_fit.n == 7 and last.size in r.opt_fit.sizes  # an all-converged size still has an optimum
+    assert any("censored" in n and "excluded" in n for n in r.notes)
+    header, rows = r.table_rows()
+    assert "censored (below grid)" in rows[0][-1] and "censored (above grid)" in rows[-1][-1]
+
+
+def test_optimum_at_the_grid_edge_is_flagged_and_left_out_of_the_opt_fit(tmp_path):
+    # LR_opt(D) = 1e-7 * D/1e3 lies at or below the grid's lowest LR (1e-6) for the three smallest sizes
+    with build_study(tmp_path / "edge", law(1e-3, 0.2), opt=law(1e-7, 1.0)) as store:
+        r = rules_of_thumb(store)
+    assert [row.opt_at_edge for row in r.sizes] == ["lowest LR"] * 3 + [None] * 5
+    assert all(row.lr_opt == lr_grid()[0] for row in r.sizes[:3])
+    assert r.opt_fit.n == 5 and r.sizes[0].size not in r.opt_fit.sizes and abs(r.opt_fit.exponent - 1) < 0.05
+    assert len(r.leave_out) == 5 and r.leave_out_fraction == 1.0
+    assert any("edge of the LR grid" in n for n in r.notes)
+    assert "optimum at lowest LR" in r.table_rows()[1][0][-1]
+
+
+def test_leave_one_size_out_fails_where_the_optimum_is_off_the_law(tmp_path):
+    opt, shifted = law(1e-5, 0.5), {1: 10.0, 5: 0.1}
+    idx = {float(d): k for k, d in enumerate(sizes())}
+    with build_study(tmp_path / "noisy", law(3e-3, 0.2),
+                     opt=lambda d: opt(d) * shifted.get(idx[d], 1.0)) as store:
+        r = rules_of_thumb(store)
+    assert len(r.leave_out) == 8
+    within = {lo.size: lo.within for lo in r.leave_out}
+    assert not within[sizes()[1]] and not within[sizes()[5]]
+    assert r.leave_out_fraction == pytest.approx(sum(within.values()) / 8) and r.leave_out_fraction <= 0.75
+
+
+def test_lr_on_y_and_a_group_lr_axis_give_the_same_rules(tmp_path, clean):
+    ref = rules_of_thumb(clean)
+    with build_study(tmp_path / "t", law(3e-5, 0.5), x=SIZE_AXIS, y="matrix_lr:1e-6:1e-1:log", nx=8, ny=48) as s:
+        r = rules_of_thumb(s)
+    assert (r.lr_axis, r.lr_on, r.resolution) == ("matrix_lr", "y", (8, 48))
+    strip = ("index",)
+    for a, b in zip(ref.sizes, r.sizes, strict=True):
+        assert {k: v for k, v in vars(a).items() if k not in strip} == {k: v for k, v in vars(b).items()
+                                                                     if k not in strip}
+    assert r.crit_fit.exponent == pytest.approx(ref.crit_fit.exponent)
+    assert r.opt_fit.coefficient == pytest.approx(ref.opt_fit.coefficient)
+
+
+@pytest.mark.parametrize("x, y", [("weight_decay:0:0.1:lin", SIZE_AXIS), (LR_AXIS, "warmup_ratio:0:0.5:lin"),
+                                  (LR_AXIS, "matrix_lr:1e-6:1e-1:log")])
+def test_other_axis_pairs_are_refused_naming_the_axes(tmp_path, x, y):
+    cfg = StudyConfig(model="tiny", data="synthetic", x=x, y=y, resolution="3", fixed={"tokens": 1000})
+    grid = Grid(parse_axis_spec(x), parse_axis_spec(y), 3, 3)
+    with StudyStore.create_or_open(tmp_path / "s", cfg.to_dict(), grid.cells()) as store:
+        with pytest.raises(ConfigError) as e:
+            rules_of_thumb(store)
+    msg = str(e.value)
+    assert parse_axis_spec(x).name in msg and parse_axis_spec(y).name in msg and "\n" not in msg
+
+
+def test_unfinished_study_is_refused(tmp_path):
+    with build_study(tmp_path / "half", law(3e-5, 0.5), nx=6, ny=4, finish=False) as store:
+        with pytest.raises(ConfigError, match="pending"):
+            rules_of_thumb(store)
+
+
+def test_to_dict_is_strict_json_and_table_prints(clean, tmp_path):
+    r = rules_of_thumb(clean)
+    d = json.loads(json.dumps(r.to_dict(), allow_nan=False))
+    assert "view" not in d and d["crit_fit"]["exponent"] == pytest.approx(r.crit_fit.exponent)
+    assert d["safe_fit"]["coefficient"] == pytest.approx(0.5 * r.crit_fit.coefficient)
+    assert d["ten_x"]["verdict"] == "yes" and len(d["sizes"]) == 8 and d["leave_out_fraction"] == 1.0
+    console = Console(record=True, width=200)
+    console.print(rules_table(r))
+    text = console.export_text()
+    assert f"{r.sizes[3].lr_first_diverging:.3g}" in text and f"{r.sizes[3].size:,.0f}" in text
+    _, fit_rows = r.fit_rows()
+    assert fit_rows[0][1] == r.crit_fit.formula() and len(fit_rows) == 4
+    # a path opens and closes the store itself
+    assert rules_of_thumb(clean.directory).crit_fit == r.crit_fit
+
+
+def test_plot_writes_png_and_svg(clean, tmp_path):
+    r = rules_of_thumb(clean)
+    png = plot_rules(r, tmp_path / "p" / "rules.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    svg = plot_rules(r, tmp_path / "rules.svg")
+    text = svg.read_text()
+    assert "<svg" in text
+    r.view = None  # without the study's view: points and lines only
+    assert plot_rules(r, tmp_path / "bare.png").stat().st_size > 5_000
+    with pytest.raises(ConfigError, match="format"):
+        plot_rules(r, tmp_path / "rules.gif")

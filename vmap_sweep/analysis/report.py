@@ -1,0 +1,511 @@
+"""One self-contained report of a finished study, in Markdown or HTML, to paste into a paper draft.
+
+Sections: the study's configuration, the convergence map (score with boundary, final and eval loss,
+trajectories), the boundary's box-counting dimension (and zoom levels when the study has children), the
+rules of thumb (when the axes are an LR and ``tokens``) and the out-of-distribution correlation (when the
+store holds an ``ood`` extra). Every figure has a short caption saying what it shows.
+
+Pictures: HTML embeds them as base64 ``data:image/png`` URIs, so the report is one file. Markdown writes
+them as PNG files into ``<report stem>_files/`` next to the report and links them relatively: most
+Markdown renderers (GitHub among them) drop data URIs, and a paper's LaTeX needs files anyway.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import importlib
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vmap_sweep.errors import ConfigError, VmapSweepError
+from vmap_sweep.sweep.store import StudyStore
+
+FORMATS = ("md", "html")
+MAX_TABLE_ROWS = 16  # per-size rules rows shown in the report (a 128-row table does not belong in a draft)
+
+
+# ----------------------------------------------------------------------------- a tiny document model
+
+
+@dataclass
+class _Figure:
+    name: str
+    png: bytes
+    caption: str
+    number: int = 0
+
+
+@dataclass
+class _Doc:
+    """Headings, paragraphs, tables and figures, rendered to Markdown or HTML at the end."""
+
+    title: str
+    blocks: list[tuple[str, Any]] = field(default_factory=list)
+    figures: int = 0
+
+    def h(self, text: str, level: int = 2) -> None:
+        self.blocks.append(("h", (level, text)))
+
+    def p(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def bullets(self, items: Sequence[str]) -> None:
+        if items:
+            self.blocks.append(("ul", list(items)))
+
+    def table(self, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        self.blocks.append(("table", ([str(h) for h in header], [[_cell(v) for v in r] for r in rows])))
+
+    def figure(self, name: str, path: Path, caption: str) -> None:
+        self.figures += 1
+        self.blocks.append(("fig", _Figure(name, Path(path).read_bytes(), caption, self.figures)))
+
+    # ---------------------------------------------------------------- Markdown
+    def markdown(self, out_file: Path) -> str:
+        assets = out_file.parent / f"{out_file.stem}_files"
+        lines = [f"# {self.title}", ""]
+        for kind, value in self.blocks:
+            if kind == "h":
+                level, text = value
+                lines += [f"{'#' * level} {text}", ""]
+            elif kind == "p":
+                lines += [value, ""]
+            elif kind == "ul":
+                lines += [f"- {item}" for item in value] + [""]
+            elif kind == "table":
+                header, rows = value
+                lines.append("| " + " | ".join(_md_escape(h) for h in header) + " |")
+                lines.append("|" + "|".join("---" for _ in header) + "|")
+                lines += ["| " + " | ".join(_md_escape(c) for c in r) + " |" for r in rows]
+                lines.append("")
+            elif kind == "fig":
+                assets.mkdir(parents=True, exist_ok=True)
+                (assets / f"{value.name}.png").write_bytes(value.png)
+                lines += [f"![Figure {value.number}: {value.name}]({assets.name}/{value.name}.png)", "",
+                          f"*Figure {value.number}.* {value.caption}", ""]
+        return "\n".join(lines)
+
+    # ---------------------------------------------------------------- HTML
+    def html(self) -> str:
+        e = html.escape
+        body = [f"<h1>{e(self.title)}</h1>"]
+        for kind, value in self.blocks:
+            if kind == "h":
+                level, text = value
+                body.append(f"<h{level}>{e(text)}</h{level}>")
+            elif kind == "p":
+                body.append(f"<p>{e(value)}</p>")
+            elif kind == "ul":
+                body.append("<ul>" + "".join(f"<li>{e(item)}</li>" for item in value) + "</ul>")
+            elif kind == "table":
+                header, rows = value
+                head = "".join(f"<th>{e(h)}</th>" for h in header)
+                rows_html = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
+                body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows_html}</tbody></table>")
+            elif kind == "fig":
+                data = base64.b64encode(value.png).decode("ascii")
+                body.append(f'<figure><img alt="{e(value.name)}" src="data:image/png;base64,{data}">'
+                            f"<figcaption><b>Figure {value.number}.</b> {e(value.caption)}</figcaption></figure>")
+        return (
+            "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{e(self.title)}</title><style>{_CSS}</style></head><body>\n"
+            + "\n".join(body) + "\n</body></html>\n"
+        )
+
+
+_CSS = (
+    "body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;line-height:1.45}"
+    "table{border-collapse:collapse;margin:0.8rem 0;font-size:0.9rem}"
+    "th,td{border:1px solid #bbb;padding:0.2rem 0.5rem;text-align:right}th{background:#eee}"
+    "td:first-child,th:first-child{text-align:left}"
+    "figure{margin:1.2rem 0}img{max-width:100%}figcaption{font-size:0.9rem;color:#333}"
+)
+
+
+def _md_escape(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float | np.floating):
+        return "—" if not math.isfinite(v) else f"{v:.4g}"
+    if isinstance(v, list | tuple):
+        return ", ".join(_cell(x) for x in v)
+    return str(v)
+
+
+def _fmt(v: float | None, spec: str = ".3f") -> str:
+    return "n/a" if v is None or not math.isfinite(v) else format(v, spec)
+
+
+def _num(v: float) -> str:
+    return f"{v:,.0f}" if float(v).is_integer() and abs(v) < 1e15 else f"{v:.4g}"
+
+
+def _ci(lo: float | None, hi: float | None, fmt: str = ".3f") -> str:
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return "n/a"
+    return f"[{lo:{fmt}}, {hi:{fmt}}]"
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def _config_section(doc: _Doc, store: StudyStore) -> None:
+    cfg = store.config
+    doc.h("Study")
+    counts = store.label_counts()
+    tokens_step = None
+    if isinstance(cfg.get("batch_size"), int) and isinstance(cfg.get("seq_len"), int):
+        tokens_step = cfg["batch_size"] * cfg["seq_len"]
+    crit = store.get_extra("criterion") or {"criterion": "ratio"}
+    options = ", ".join(f"{k}={v}" for k, v in crit.items() if k != "criterion")
+    rows = [
+        ("model", cfg.get("model")),
+        ("data", cfg.get("data")),
+        ("x axis", cfg.get("x")),
+        ("y axis", cfg.get("y")),
+        ("resolution", f"{store.nx} × {store.ny} = {store.cell_count()} fine-tunes"),
+        ("optimizer / schedule", f"{cfg.get('optimizer')} / {cfg.get('schedule')}"),
+        ("batch", f"{cfg.get('batch_size')} rows × {cfg.get('seq_len')} tokens"
+                  + (f" = {tokens_step} tokens per step" if tokens_step else "")),
+        ("trainable groups", ", ".join(cfg.get("trainable") or []) or "—"),
+        ("fixed hyperparameters", ", ".join(f"{k}={v}" for k, v in sorted((cfg.get("fixed") or {}).items())) or "—"),
+        ("seed", cfg.get("seed")),
+        ("held-out eval tokens", cfg.get("eval_tokens")),
+        ("convergence criterion", str(crit.get("criterion")) + (f" ({options})" if options else "")),
+        ("cells done", f"{store.done_count()} of {store.cell_count()}"),
+        ("classes", ", ".join(f"{n} {label}" for label, n in counts.items())),
+        ("created", store.created),
+    ]
+    doc.table(["setting", "value"], rows)
+    doc.p(
+        "Every cell is one fine-tune of the same base model; cells with the same dataset size see the same "
+        "batches in the same order. A run is converged when the mean of its last min(20, steps) loss ratios "
+        "(training loss over the base model's loss on the same batch) is below 1 (the \"ratio\" criterion); "
+        "classes are recomputed from stored trajectories, never by re-training."
+        if crit.get("criterion", "ratio") == "ratio" else
+        "Every cell is one fine-tune of the same base model; a run is converged when its final training loss "
+        "is below the threshold above and diverged when non-finite or above the upper threshold."
+    )
+
+
+def _maps_section(doc: _Doc, store: StudyStore, tmp: Path) -> None:
+    from vmap_sweep.analysis.plots import save_plots
+    from vmap_sweep.analysis.study import grid_view
+
+    view = grid_view(store)
+    ny = len(view.ys)
+    rows = sorted({0, ny // 2, ny - 1})
+    paths = {p.stem: p for p in save_plots(view, tmp / "maps", ("png",), store.trajectories(), rows)}
+    n_conv, n = int(view.converged.sum()), view.converged.size
+    cfg = store.config
+    doc.h("Convergence map")
+    doc.p(f"{n_conv} of {n} fine-tunes converged ({n_conv / n:.0%}).")
+    axes = f"{view.x_name} (x) and {view.y_name} (y)"
+    doc.figure("score", paths["score"],
+               f"Convergence map of {store.nx}×{store.ny} fine-tunes over {axes}. Blue: converged, red: diverged; "
+               "colour is the score (−Σ loss ratio when converged, Σ 1/ratio otherwise) as sign·log(1+|s|). "
+               "The black line is the boundary between the two classes.")
+    doc.figure("final_loss", paths["final_loss"],
+               f"Final training loss of each fine-tune over {axes} (its last batch, after its last update); "
+               "black line: the convergence boundary.")
+    doc.figure("eval_loss", paths["eval_loss"],
+               f"Held-out eval loss after fine-tuning ({cfg.get('eval_tokens')} tokens) over {axes}; "
+               "black line: the convergence boundary.")
+    if "trajectories" in paths:
+        which = ", ".join(_num(view.ys[j]) for j in rows)
+        doc.figure("trajectories", paths["trajectories"],
+                   f"Training loss per step for {view.y_name} = {which} (one panel each), a sample of "
+                   f"{view.x_name} values coloured from low (dark) to high (yellow).")
+
+
+def _fractal_section(doc: _Doc, study_dir: Path, tmp: Path) -> dict | None:
+    from vmap_sweep.analysis.study import fractal_report
+
+    doc.h("Fractal dimension of the boundary")
+    plot = tmp / "box_counting.png"
+    try:
+        box = fractal_report(study_dir, plot)
+    except VmapSweepError as e:
+        doc.p(f"Not measurable on this study: {e}")
+        return None
+    res = f"{box['resolution'][0]}×{box['resolution'][1]}"
+    doc.p(f"Box-counting dimension D = {box['dimension']:.3f} ± {_fmt(box['stderr'])} (OLS stderr), 95% CI "
+          f"{_ci(box['ci_low'], box['ci_high'])}, fit over box sizes {box['fit_range'][0]}–{box['fit_range'][1]} "
+          f"at {res}. A smooth edge has D = 1 and noise D = 2; at this resolution the estimate is biased low "
+          "and zoom levels add decades of scale.")
+    rows = [("dimension", f"{box['dimension']:.3f}"), ("stderr", _fmt(box["stderr"])),
+            ("95% CI", _ci(box["ci_low"], box["ci_high"])),
+            ("fit range (box sizes)", f"{box['fit_range'][0]}–{box['fit_range'][1]}"), ("resolution", res),
+            ("box sizes", " ".join(str(s) for s in box["box_sizes"])),
+            ("box counts", " ".join(f"{c:.1f}" for c in box["box_counts"]))]
+    if "uncertainty_dimension" in box:
+        rows.append(("uncertainty-exponent dimension",
+                     f"{box['uncertainty_dimension']:.3f} ± {_fmt(box['uncertainty_stderr'])}"))
+    doc.table(["quantity", "value"], rows)
+    doc.p(f"Method: {box['method']}.")
+    if plot.is_file():
+        doc.figure("box_counting", plot,
+                   f"Box counting: number of boxes N(s) holding boundary against box size s (log-log) at {res}; "
+                   f"the slope of the fitted line over sizes {box['fit_range'][0]}–{box['fit_range'][1]} gives "
+                   f"D = {box['dimension']:.3f} {_ci(box['ci_low'], box['ci_high'])}.")
+    return box
+
+
+def _zoom_section(doc: _Doc, store: StudyStore, study_dir: Path, tmp: Path) -> None:
+    """Per-level and pooled dimensions from vmap_sweep.sweep.zoom, when it exists and the study has zooms."""
+    children = store.children()
+    if not children:
+        return
+    doc.h("Zoom levels")
+    try:  # optional: written separately; imported only when needed
+        zoom = importlib.import_module("vmap_sweep.sweep.zoom")
+    except ImportError:
+        zoom = None
+    if zoom is None or not hasattr(zoom, "dimension_report"):
+        doc.p(f"The study has {len(children)} zoom windows, but this vmap-sweep has no zoom analysis "
+              "(vmap_sweep.sweep.zoom.dimension_report); their dimensions are not reported here.")
+        return
+    try:
+        rep = zoom.dimension_report(study_dir)
+    except VmapSweepError as e:
+        doc.p(f"Zoom levels not measurable: {e}")
+        return
+    rep = _plain(rep)
+    n = len(children)
+    doc.p(f"The study has {n} zoom window{'s' if n != 1 else ''}: each zoom re-sweeps a window of its parent's "
+          "boundary at the same resolution. The box-counting dimension per level, and pooled over the levels "
+          "(one shared slope, one intercept per level), is:")
+    if isinstance(rep, Mapping) and isinstance(rep.get("levels"), list) and isinstance(rep.get("pooled"), Mapping):
+        _zoom_tables(doc, rep, tmp)
+    else:  # a shape this report does not know: show it plainly rather than not at all
+        _render_any(doc, rep, depth=0)
+
+
+def _zoom_tables(doc: _Doc, rep: Mapping[str, Any], tmp: Path) -> None:
+    """vmap_sweep.sweep.zoom.dimension_report's {"levels": [...], "pooled": {...}}: a table, a sentence, a plot."""
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for lv in rep["levels"]:
+        win = lv.get("window") or []
+        where = (f"{_num(win[0])}–{_num(win[1])} × {_num(win[2])}–{_num(win[3])}" if len(win) == 4 else "—")
+        fr = lv.get("fit_range")
+        rows.append([lv.get("level"), where, _fmt(lv.get("scale"), ".3g"), _fmt(lv.get("dimension")),
+                     _fmt(lv.get("stderr")), _ci(_f(lv.get("ci_low")), _f(lv.get("ci_high"))),
+                     f"{fr[0]}–{fr[1]}" if fr else "—", lv.get("error") or ""])
+    doc.table(["level", "window (x × y)", "cell scale", "D", "stderr", "95% CI", "fit range", "note"], rows)
+    pooled = rep["pooled"]
+    if pooled.get("dimension") is None:
+        doc.p(f"Pooled dimension: not measurable ({pooled.get('error')}).")
+    else:
+        sr = pooled.get("size_range") or [math.nan, math.nan]
+        doc.p(f"Pooled over levels {', '.join(str(v) for v in pooled.get('levels') or [])}: "
+              f"D = {_fmt(pooled['dimension'])} ± {_fmt(pooled.get('stderr'))}, 95% CI "
+              f"{_ci(_f(pooled.get('ci_low')), _f(pooled.get('ci_high')))}, {pooled.get('n_points')} box counts "
+              f"spanning box sizes {_fmt(_f(sr[0]), '.3g')}–{_fmt(_f(sr[1]), '.3g')} top-level cells.")
+    curves = [lv for lv in rep["levels"] if lv.get("box_sizes") and lv.get("box_counts") and lv.get("scale")]
+    if curves:
+        fig, ax = plt.subplots(figsize=(5.8, 4.2), constrained_layout=True)
+        for lv in curves:
+            size = np.asarray(lv["box_sizes"], dtype=float) * float(lv["scale"])
+            ax.loglog(size, np.asarray(lv["box_counts"], dtype=float), "o-", ms=4,
+                      label=f"level {lv.get('level')}: D = {_fmt(lv.get('dimension'))}")
+        ax.set_xlabel("box size (top-level cells)")
+        ax.set_ylabel("boxes N(s) holding boundary")
+        ax.legend(fontsize=7)
+        path = tmp / "zoom_box_counting.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        doc.figure("zoom_box_counting", path,
+                   "Box counts of the boundary at each zoom level against box size in top-level cells (log-log): "
+                   "deeper levels extend the curve to smaller scales; a common slope means one dimension "
+                   f"across scales (pooled D = {_fmt(_f(pooled.get('dimension')))}).")
+
+
+def _rules_section(doc: _Doc, store: StudyStore, tmp: Path):
+    from vmap_sweep.analysis.rules import SAFE_FACTOR, plot_rules, rules_of_thumb
+
+    doc.h("Rules of thumb")
+    try:
+        r = rules_of_thumb(store)
+    except ConfigError as e:
+        doc.p(f"Not applicable to this study: {e}")
+        return None
+    doc.bullets(r.summary())
+    header, rows = r.fit_rows()
+    doc.table(header, rows)
+    header, rows = r.table_rows()
+    if len(rows) > MAX_TABLE_ROWS:
+        keep = np.unique(np.linspace(0, len(rows) - 1, MAX_TABLE_ROWS).round().astype(int))
+        doc.p(f"Per-size values at {len(keep)} of {len(rows)} dataset sizes, evenly spaced "
+              "(all sizes: `vmap-sweep rules STUDY --json`):")
+        rows = [rows[k] for k in keep]
+    doc.table(header, rows)
+    doc.p(f"Per dataset size D: the first diverging LR is the smallest non-converged LR above the lowest "
+          f"converged one; the last converging LR is the largest converged LR (they differ where islands of "
+          f"convergence lie beyond the first failure); the optimal LR has the lowest held-out eval loss among "
+          f"converged cells (one at the edge of the LR grid is left out of the LR_opt fit); safe LR = "
+          f"{SAFE_FACTOR} × first diverging LR. Fits are least squares in log-log; "
+          f"exponent CIs use Student's t with n − 2 degrees of freedom. Sizes whose edge lies outside the LR "
+          f"grid are censored and left out of the critical-LR fits.")
+    path = plot_rules(r, tmp / "rules.png")
+    fits = []
+    if r.crit_fit is not None:
+        fits.append(f"LR_crit ≈ {r.crit_fit.coefficient:.3g}·D^{r.crit_fit.exponent:.3f}")
+    if r.opt_fit is not None:
+        fits.append(f"LR_opt ≈ {r.opt_fit.coefficient:.3g}·D^{r.opt_fit.exponent:.3f}")
+    doc.figure("rules", path,
+               "Learning rate against dataset size (log-log) over the score map: first diverging (▽) and last "
+               "converging (△) LR and the optimal LR (★) per size, with power-law fits"
+               + (f" ({'; '.join(fits)})" if fits else "")
+               + f"; dash-dot: the safe rule {SAFE_FACTOR}·LR_crit. Censored sizes are marked ×.")
+    return r
+
+
+def _ood_section(doc: _Doc, ood: Any, tmp: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    doc.h("Out-of-distribution skill")
+    try:
+        spearman = dict(ood.get("spearman") or {})
+        cells = list(ood.get("cells") or [])
+        rows = [(task, _fmt(_f(s["rho"])), _ci(_f(s.get("ci_low")), _f(s.get("ci_high"))), s.get("n"))
+                for task, s in sorted(spearman.items())]
+        points: dict[str, tuple[list[float], list[float]]] = {}
+        no_distance = 0
+        for c in cells:
+            if c["distance"] is None:  # a study of one class has no boundary to be near
+                no_distance += 1
+                continue
+            for task, acc in (c.get("accuracy") or {}).items():
+                xs, ys = points.setdefault(str(task), ([], []))
+                xs.append(float(c["distance"]))
+                ys.append(float(acc))
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        doc.p(f"The study's \"ood\" result could not be read ({type(e).__name__}: {e}); expected "
+              '{"cells": [{"i", "j", "distance", "accuracy": {task: acc}}], "spearman": {task: {"rho", '
+              '"ci_low", "ci_high", "n"}}}.')
+        return
+    limit = ood.get("limit")
+    doc.p(f"Does distance to the convergence boundary predict out-of-distribution skill? {len(cells)} fine-tunes "
+          f"were evaluated on {len(spearman) or len(points)} tasks"
+          + (f" (up to {limit} examples each)" if limit else "")
+          + "; Spearman's rank correlation between distance and accuracy per task, with its 95% CI:")
+    if no_distance:
+        doc.p(f"{no_distance} evaluated cells have no distance (the study has one class only) and are left out.")
+    doc.table(["task", "Spearman ρ", "95% CI", "n"], rows)
+    if points:
+        fig, ax = plt.subplots(figsize=(6.4, 4.4), constrained_layout=True)
+        for task, (xs, ys) in sorted(points.items()):
+            rho = spearman.get(task, {}).get("rho")
+            ax.plot(xs, ys, "o", ms=4, alpha=0.75, label=task + (f" (ρ = {float(rho):.2f})" if rho is not None else ""))
+        ax.set_xlabel("distance to the convergence boundary (grid cells)")
+        ax.set_ylabel("accuracy")
+        ax.legend(fontsize=7)
+        path = tmp / "ood.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        doc.figure("ood", path,
+                   "Accuracy on each out-of-distribution task against the fine-tune's distance to the convergence "
+                   "boundary; one point per evaluated cell and task, ρ = Spearman's rank correlation.")
+
+
+def _f(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+def _plain(obj: Any) -> Any:
+    if hasattr(obj, "to_dict") and callable(obj.to_dict):
+        return obj.to_dict()
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return asdict(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return obj
+
+
+def _render_any(doc: _Doc, obj: Any, depth: int) -> None:
+    """A result of unknown shape (the zoom report): scalars as a table, lists of records as tables,
+    nested mappings as sub-sections."""
+    obj = _plain(obj)
+    if not isinstance(obj, Mapping):
+        doc.p(_cell(obj))
+        return
+    scalars, records, nested = [], [], []
+    for k, v in obj.items():
+        v = _plain(v)
+        if isinstance(v, Mapping):
+            nested.append((k, v))
+        elif isinstance(v, list | tuple) and v and all(isinstance(_plain(x), Mapping) for x in v):
+            records.append((k, [_plain(x) for x in v]))
+        elif isinstance(v, list | tuple) and len(v) > 24:
+            scalars.append((k, f"{len(v)} values"))
+        else:
+            scalars.append((k, v))
+    if scalars:
+        doc.table(["quantity", "value"], scalars)
+    for k, recs in records:
+        cols: list[str] = []
+        for rec in recs:
+            cols += [c for c, v in rec.items() if c not in cols and not isinstance(_plain(v), Mapping)
+                     and not (isinstance(v, list | tuple) and len(v) > 24)]
+        doc.p(f"{k}:")
+        doc.table(cols, [[rec.get(c) for c in cols] for rec in recs])
+    for k, v in nested:
+        if depth >= 2:
+            doc.table(["quantity", "value"], [(f"{k}.{kk}", vv) for kk, vv in v.items()])
+        else:
+            doc.h(str(k), level=min(4, 3 + depth))
+            _render_any(doc, v, depth + 1)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def write_report(study_dir: str | os.PathLike, out_file: str | os.PathLike, fmt: str = "md") -> Path:
+    """Write the report of the finished study in ``study_dir`` to ``out_file`` ("md" or "html")."""
+    from vmap_sweep.analysis.study import study_classes
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"report format {fmt!r}: choose md or html")
+    study_dir, out_file = Path(study_dir), Path(out_file)
+    if out_file.exists() and out_file.is_dir():
+        raise ConfigError(f"{out_file} is a folder; give a file name for the report, e.g. report.{fmt}")
+    with StudyStore.open(study_dir) as store:
+        study_classes(store)  # every cell done and classified, else one clear error
+        cfg = store.config
+        doc = _Doc(title=f"Where fine-tuning converges: {cfg.get('model')} on {cfg.get('data')}")
+        doc.p(f"Report of the vmap-sweep study in {study_dir} "
+              f"(generated {_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}).")
+        with tempfile.TemporaryDirectory(prefix="vmap-sweep-report-") as tmp_name:
+            tmp = Path(tmp_name)
+            _config_section(doc, store)
+            _maps_section(doc, store, tmp)
+            _fractal_section(doc, study_dir, tmp)
+            _zoom_section(doc, store, study_dir, tmp)
+            _rules_section(doc, store, tmp)
+            ood = store.get_extra("ood")
+            if ood is not None:
+                _ood_section(doc, ood, tmp)
+            text = doc.markdown(out_file) if fmt == "md" else doc.html()
+    try:
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        out_file.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{out_file}: can't write the report ({e.strerror or e}); choose a writable path") from None
+    return out_file

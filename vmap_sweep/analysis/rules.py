@@ -1,0 +1,567 @@
+"""Rules of thumb from a finished learning-rate x dataset-size study: critical, safe and optimal LR vs D.
+
+Per dataset size D (one row or column of the ``tokens`` axis), on the LR grid in ascending order:
+
+* first diverging LR: the smallest LR that is not converged, *above the smallest converged LR*. Cells
+  below the lowest converged LR that did not converge (too small a step to lower the loss under the
+  ratio criterion) are not the divergence edge; they are counted in ``low_lr_failures``.
+* last converging LR: the largest converged LR. Near a fractal edge islands of convergence lie above
+  the first failure, so the two differ; both are reported (``islands`` says when they are not neighbours).
+* optimal LR: the lowest held-out eval loss among converged cells; one at the lowest or highest grid LR is
+  flagged ``opt_at_edge`` (the optimum may lie beyond the grid) and left out of the LR_opt fit.
+* censored: a size whose LR_crit lies outside the grid, "below grid" (no cell converged) or "above grid"
+  (nothing diverged above the lowest converged LR). Censored sizes are excluded from the critical-LR fits;
+  the optimal-LR fit uses every size with an optimum inside the grid, censored or not.
+
+Fits: LR = a * D^b by ordinary least squares of log10 LR on log10 D; the 95% CI of the exponent is
+b +- t(0.975, n-2) * stderr (Student t, n = number of sizes fitted; n = 2 fits exactly and has no CI).
+The primary critical-LR fit uses the first diverging LR (the conservative edge); the last converging LR
+is fitted too. Safe LR = 0.5 * LR_crit (first diverging). Leave-one-size-out: for each size, LR_opt is
+refitted without it and its prediction checked to lie within 2x of that size's optimal LR.
+"Does 10x more data allow 2x more LR": ratio LR_crit(10D) / LR_crit(D) = 10^b with CI 10^[b_lo, b_hi];
+yes if the whole CI is >= 2, no if it is all < 2, inconclusive otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vmap_sweep.analysis.plots import GridView
+from vmap_sweep.errors import ConfigError
+from vmap_sweep.sweep.axes import parse_axis_spec
+from vmap_sweep.sweep.store import StudyStore
+
+SIZE_AXIS = "tokens"
+SAFE_FACTOR = 0.5
+WITHIN = 2.0  # leave-one-size-out success: prediction within this factor of the measured optimum
+TARGET_RATIO = 2.0  # "does 10x more data allow 2x more LR"
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+# ----------------------------------------------------------------------------- Student t without scipy
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularized incomplete beta function (modified Lentz)."""
+    tiny, eps = 1e-300, 1e-15
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < eps:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    ln = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(ln) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(ln) * _betacf(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, dof: int) -> float:
+    """P(T <= t) for Student's t with ``dof`` degrees of freedom."""
+    tail = 0.5 * _betainc(dof / 2.0, 0.5, dof / (dof + t * t))
+    return 1.0 - tail if t >= 0 else tail
+
+
+def t_quantile(p: float, dof: int) -> float:
+    """Student t quantile (p in (0.5, 1)) by bisection on the CDF; numpy/scipy-free and exact to 1e-10."""
+    if dof < 1:
+        return math.nan
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, dof) < p:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if t_cdf(mid, dof) < p:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-12 * max(1.0, hi):
+            break
+    return 0.5 * (lo + hi)
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class PowerLaw:
+    """LR = coefficient * D^exponent, fitted in log10-log10 by OLS over ``n`` sizes."""
+
+    coefficient: float
+    exponent: float
+    stderr: float  # OLS standard error of the exponent (nan for n = 2)
+    ci_low: float  # 95% CI of the exponent, Student t with n - 2 dof (nan for n = 2)
+    ci_high: float
+    n: int
+    r2: float
+    sizes: tuple[float, ...]
+    method: str = "OLS of log10 LR on log10 D; exponent CI = b +- t(0.975, n-2) * stderr"
+
+    def predict(self, size: float | np.ndarray) -> float | np.ndarray:
+        return self.coefficient * np.asarray(size, dtype=float) ** self.exponent
+
+    def formula(self, name: str = "LR") -> str:
+        return f"{name} = {self.coefficient:.3g} * D^{self.exponent:.3f}"
+
+
+@dataclass(frozen=True)
+class SizeRow:
+    """Per dataset size: the edge both ways, the optimum and the safe LR. None where undefined."""
+
+    size: float
+    index: int  # row (lr on x) or column (lr on y) of the study grid
+    lr_first_diverging: float | None
+    lr_last_converging: float | None
+    lr_opt: float | None
+    eval_loss_opt: float | None
+    lr_safe: float | None
+    censored: str | None  # None, "below grid" (nothing converged) or "above grid" (nothing diverged)
+    opt_at_edge: str | None  # None, "lowest LR" or "highest LR": the optimum may lie beyond the grid
+    islands: bool  # converged cells above the first diverging LR
+    n_converged: int
+    low_lr_failures: int  # non-converged cells below the lowest converged LR (not the edge)
+
+
+@dataclass(frozen=True)
+class LeaveOut:
+    size: float
+    lr_opt: float
+    predicted: float
+    within: bool
+
+
+@dataclass(frozen=True)
+class TenX:
+    """LR_crit(10 D) / LR_crit(D) = 10^b with its CI, and whether it reaches 2."""
+
+    ratio: float | None
+    ci_low: float | None
+    ci_high: float | None
+    verdict: str  # "yes", "no" or "inconclusive"
+    reason: str
+
+
+@dataclass
+class RulesResult:
+    study: str
+    lr_axis: str
+    lr_on: str  # "x" or "y": where the LR axis lies in the study grid
+    lr_range: tuple[float, float]
+    size_range: tuple[float, float]
+    resolution: tuple[int, int]  # (nx, ny) of the study
+    criterion: str
+    sizes: list[SizeRow]
+    crit_fit: PowerLaw | None  # first diverging LR (primary)
+    crit_last_fit: PowerLaw | None  # last converging LR
+    opt_fit: PowerLaw | None
+    leave_out: list[LeaveOut]
+    leave_out_fraction: float | None
+    ten_x: TenX
+    notes: list[str] = field(default_factory=list)
+    view: GridView | None = field(default=None, repr=False, compare=False)  # for plot_rules; not serialised
+
+    @property
+    def safe_fit(self) -> PowerLaw | None:
+        """LR_safe = 0.5 * LR_crit as a fitted rule: same exponent, half the coefficient."""
+        if self.crit_fit is None:
+            return None
+        return replace(self.crit_fit, coefficient=SAFE_FACTOR * self.crit_fit.coefficient,
+                       method=f"{SAFE_FACTOR} x the first-diverging fit")
+
+    @property
+    def censored_sizes(self) -> list[float]:
+        return [r.size for r in self.sizes if r.censored]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: non-finite floats become None."""
+        d = {k: v for k, v in asdict(self).items() if k != "view"}
+        d["safe_fit"] = None if self.safe_fit is None else asdict(self.safe_fit)
+        d["censored_sizes"] = self.censored_sizes
+        return _clean(d)
+
+    def table_rows(self) -> tuple[list[str], list[list[str]]]:
+        """(header, rows) of the per-size table, as strings, for rich, Markdown or HTML."""
+        header = ["D (tokens)", "first diverging LR", "last converging LR", "safe LR", "optimal LR",
+                  "eval loss at opt", "note"]
+        rows = []
+        for r in self.sizes:
+            notes = []
+            if r.censored:
+                notes.append(f"censored ({r.censored})")
+            if r.islands:
+                notes.append("islands")
+            if r.opt_at_edge:
+                notes.append(f"optimum at {r.opt_at_edge}")
+            if r.low_lr_failures:
+                notes.append(f"{r.low_lr_failures} low-LR failures")
+            rows.append([_size(r.size), _g(r.lr_first_diverging), _g(r.lr_last_converging), _g(r.lr_safe),
+                         _g(r.lr_opt), _g(r.eval_loss_opt, ".4f"), ", ".join(notes)])
+        return header, rows
+
+    def fit_rows(self) -> tuple[list[str], list[list[str]]]:
+        """(header, rows) of the fitted rules."""
+        header = ["rule", "fit", "exponent 95% CI", "sizes", "R²"]
+        rows = []
+        for name, fit in (("LR_crit (first diverging)", self.crit_fit),
+                          ("LR_crit (last converging)", self.crit_last_fit),
+                          ("LR_safe = 0.5 LR_crit", self.safe_fit), ("LR_opt", self.opt_fit)):
+            if fit is None:
+                rows.append([name, "not enough sizes", "", "", ""])
+            else:
+                rows.append([name, fit.formula(), _ci(fit.ci_low, fit.ci_high, ".3f"), str(fit.n), _g(fit.r2, ".3f")])
+        return header, rows
+
+    def summary(self) -> list[str]:
+        """The findings in sentences (for the CLI and the report)."""
+        lines = []
+        if self.crit_fit is not None:
+            f = self.crit_fit
+            lines.append(f"Critical LR (first diverging) ≈ {f.coefficient:.3g}·D^{f.exponent:.3f} "
+                         f"(exponent 95% CI {_ci(f.ci_low, f.ci_high, '.3f')}, {f.n} sizes); "
+                         f"safe LR ≈ {SAFE_FACTOR * f.coefficient:.3g}·D^{f.exponent:.3f}.")
+        if self.opt_fit is not None:
+            f = self.opt_fit
+            lines.append(f"Optimal LR ≈ {f.coefficient:.3g}·D^{f.exponent:.3f} "
+                         f"(exponent 95% CI {_ci(f.ci_low, f.ci_high, '.3f')}, {f.n} sizes).")
+        if self.leave_out_fraction is not None:
+            hits = sum(lo.within for lo in self.leave_out)
+            lines.append(f"Leave-one-size-out: the refitted LR_opt rule predicts {hits} of {len(self.leave_out)} "
+                         f"sizes within {WITHIN:g}x ({self.leave_out_fraction:.0%}).")
+        t = self.ten_x
+        if t.ratio is not None:
+            lines.append(f"10x more data → {t.ratio:.2f}x the critical LR (95% CI {_ci(t.ci_low, t.ci_high, '.2f')}); "
+                         f"allows 2x more LR: {t.verdict}.")
+        else:
+            lines.append(f"10x more data → 2x more LR: {t.verdict} ({t.reason}).")
+        return lines + self.notes
+
+
+def _size(d: float) -> str:
+    """Token counts as integers with thousands separators (they are rounded on the axis)."""
+    return f"{d:,.0f}" if float(d).is_integer() and abs(d) < 1e15 else f"{d:.4g}"
+
+
+def _g(v: float | None, fmt: str = ".3g") -> str:
+    return "—" if v is None or not math.isfinite(v) else format(v, fmt)
+
+
+def _ci(lo: float | None, hi: float | None, fmt: str) -> str:
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return "n/a"
+    return f"[{lo:{fmt}}, {hi:{fmt}}]"
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_clean(x) for x in v]
+    if isinstance(v, float | np.floating):
+        return float(v) if math.isfinite(v) else None
+    if isinstance(v, np.integer):
+        return int(v)
+    return v
+
+
+# ----------------------------------------------------------------------------- fitting
+
+
+def fit_power_law(sizes: np.ndarray, lrs: np.ndarray) -> PowerLaw | None:
+    """LR = a * D^b by OLS in log10-log10; None with fewer than 2 distinct sizes."""
+    x = np.log10(np.asarray(sizes, dtype=float))
+    y = np.log10(np.asarray(lrs, dtype=float))
+    n = x.size
+    if n < 2 or np.unique(x).size < 2:
+        return None
+    xm, ym = x.mean(), y.mean()
+    sxx = float(((x - xm) ** 2).sum())
+    b = float(((x - xm) * (y - ym)).sum() / sxx)
+    a = float(ym - b * xm)
+    resid = y - (a + b * x)
+    ssr, sst = float((resid**2).sum()), float(((y - ym) ** 2).sum())
+    r2 = 1.0 - ssr / sst if sst > 0 else 1.0
+    if n > 2:
+        se = math.sqrt(ssr / (n - 2) / sxx)
+        half = t_quantile(0.975, n - 2) * se
+        lo, hi = b - half, b + half
+    else:
+        se = lo = hi = math.nan
+    return PowerLaw(coefficient=10.0**a, exponent=b, stderr=se, ci_low=lo, ci_high=hi, n=int(n), r2=r2,
+                    sizes=tuple(float(v) for v in np.asarray(sizes, dtype=float)))
+
+
+def ten_x_verdict(fit: PowerLaw | None) -> TenX:
+    if fit is None:
+        return TenX(None, None, None, "inconclusive", "fewer than 2 uncensored sizes to fit LR_crit")
+    ratio = 10.0**fit.exponent
+    if not (math.isfinite(fit.ci_low) and math.isfinite(fit.ci_high)):
+        return TenX(ratio, None, None, "inconclusive", f"no CI from {fit.n} sizes; need at least 3")
+    lo, hi = 10.0**fit.ci_low, 10.0**fit.ci_high
+    if lo >= TARGET_RATIO:
+        return TenX(ratio, lo, hi, "yes", f"the 95% CI lies above {TARGET_RATIO:g}x")
+    if hi < TARGET_RATIO:
+        return TenX(ratio, lo, hi, "no", f"the 95% CI lies below {TARGET_RATIO:g}x")
+    return TenX(ratio, lo, hi, "inconclusive", f"the 95% CI contains {TARGET_RATIO:g}x")
+
+
+def leave_one_size_out(rows: list[SizeRow]) -> tuple[list[LeaveOut], float | None]:
+    """Refit LR_opt without each size (all rows of that size) and check the prediction is within 2x."""
+    usable = [r for r in rows if r.lr_opt is not None and r.opt_at_edge is None]
+    out = []
+    for size in sorted({r.size for r in usable}):
+        rest = [r for r in usable if r.size != size]
+        fit = fit_power_law(np.array([r.size for r in rest]), np.array([r.lr_opt for r in rest]))
+        if fit is None:
+            continue
+        predicted = float(fit.predict(size))
+        for lr_opt in (float(r.lr_opt) for r in usable if r.size == size and r.lr_opt is not None):
+            ok = abs(math.log(predicted / lr_opt)) <= math.log(WITHIN) + 1e-12
+            out.append(LeaveOut(size=size, lr_opt=lr_opt, predicted=predicted, within=ok))
+    return out, (sum(lo.within for lo in out) / len(out) if out else None)
+
+
+# ----------------------------------------------------------------------------- the study
+
+
+def _is_lr_axis(name: str) -> bool:
+    return name == "lr" or name.endswith("_lr")
+
+
+def _size_row(index: int, size: float, lrs: np.ndarray, conv: np.ndarray, evals: np.ndarray) -> SizeRow:
+    conv_idx = np.flatnonzero(conv)
+    n_conv = int(conv_idx.size)
+    if n_conv == 0:
+        return SizeRow(size, index, None, None, None, None, None, "below grid", None, False, 0, 0)
+    first_conv, last_conv = int(conv_idx[0]), int(conv_idx[-1])
+    low_failures = first_conv  # every cell below the lowest converged LR failed
+    fail_above = np.flatnonzero(~conv[first_conv:]) + first_conv
+    first_div = int(fail_above[0]) if fail_above.size else None
+    ev = np.where(conv & np.isfinite(evals), evals, np.inf)
+    opt = int(np.argmin(ev)) if np.isfinite(ev).any() else None
+    lr_div = None if first_div is None else float(lrs[first_div])
+    return SizeRow(
+        size=size,
+        index=index,
+        lr_first_diverging=lr_div,
+        lr_last_converging=float(lrs[last_conv]),
+        lr_opt=None if opt is None else float(lrs[opt]),
+        eval_loss_opt=None if opt is None else float(evals[opt]),
+        lr_safe=None if lr_div is None else SAFE_FACTOR * lr_div,
+        censored="above grid" if first_div is None else None,
+        opt_at_edge=None if opt is None or 0 < opt < len(lrs) - 1 else ("lowest LR" if opt == 0 else "highest LR"),
+        islands=first_div is not None and last_conv > first_div,
+        n_converged=n_conv,
+        low_lr_failures=low_failures,
+    )
+
+
+def rules_of_thumb(store: StudyStore | str | os.PathLike) -> RulesResult:
+    """Critical, safe and optimal LR per dataset size and their power laws, from a finished, classified study."""
+    if not isinstance(store, StudyStore):
+        with StudyStore.open(store) as opened:
+            return rules_of_thumb(opened)
+    from vmap_sweep.analysis.study import grid_view, study_classes
+
+    cfg = store.config
+    x, y = parse_axis_spec(cfg["x"]), parse_axis_spec(cfg["y"])
+    if _is_lr_axis(x.name) and y.name == SIZE_AXIS:
+        lr_on = "x"
+    elif _is_lr_axis(y.name) and x.name == SIZE_AXIS:
+        lr_on = "y"
+    else:
+        raise ConfigError(f"{store.directory}: rules of thumb need a learning-rate axis (lr or *_lr) and "
+                          f"`tokens`, this study sweeps {x.name} (x) and {y.name} (y); run a study with "
+                          "--x lr:MIN:MAX --y tokens:MIN:MAX")
+    conv = study_classes(store)  # (ny, nx); refuses pending or unclassified cells
+    view = grid_view(store)
+    evals = store.grid_arrays("eval_loss")
+    xs, ys = x.values(store.nx), y.values(store.ny)
+    if lr_on == "y":  # make rows = sizes, columns = LRs
+        conv, evals = conv.T, evals.T
+        lrs, sizes, lr_spec = ys, xs, y
+    else:
+        lrs, sizes, lr_spec = xs, ys, x
+    rows = [_size_row(k, float(sizes[k]), lrs, conv[k], evals[k]) for k in range(len(sizes))]
+
+    edge = [r for r in rows if r.censored is None]
+    crit = fit_power_law(np.array([r.size for r in edge]), np.array([r.lr_first_diverging for r in edge]))
+    crit_last = fit_power_law(np.array([r.size for r in edge]), np.array([r.lr_last_converging for r in edge]))
+    with_opt = [r for r in rows if r.lr_opt is not None and r.opt_at_edge is None]
+    opt = fit_power_law(np.array([r.size for r in with_opt]), np.array([r.lr_opt for r in with_opt]))
+    leave, fraction = leave_one_size_out(rows)
+
+    notes = []
+    cens = [r for r in rows if r.censored]
+    if cens:
+        notes.append(f"{len(cens)} of {len(rows)} sizes are censored (critical LR outside the grid "
+                     f"[{lr_spec.lo:.3g}, {lr_spec.hi:.3g}]: "
+                     + ", ".join(f"D={_size(r.size)} {r.censored}" for r in cens)
+                     + ") and excluded from the critical-LR fits.")
+    isl = [r for r in rows if r.islands]
+    if isl:
+        notes.append(f"{len(isl)} sizes have islands of convergence above the first diverging LR "
+                     "(first diverging < last converging), as expected near a fractal edge.")
+    low = sum(r.low_lr_failures for r in rows)
+    if low:
+        notes.append(f"{low} cells below a size's lowest converged LR did not converge; they are not "
+                     "the divergence edge and are ignored for LR_crit.")
+    edge_opt = [r for r in rows if r.opt_at_edge]
+    if edge_opt:
+        notes.append(f"{len(edge_opt)} sizes have their optimal LR at the edge of the LR grid (the optimum may "
+                     "lie beyond it); they are left out of the LR_opt fit and the leave-one-size-out check.")
+    no_opt = sum(r.lr_opt is None for r in rows)
+    if no_opt:
+        notes.append(f"{no_opt} sizes have no converged cell with a finite eval loss and no optimal LR.")
+    crit_info = store.get_extra("criterion") or {"criterion": "ratio"}
+    return RulesResult(
+        study=str(store.directory),
+        lr_axis=lr_spec.name,
+        lr_on=lr_on,
+        lr_range=(lr_spec.lo, lr_spec.hi),
+        size_range=(float(sizes.min()), float(sizes.max())),
+        resolution=(store.nx, store.ny),
+        criterion=str(crit_info.get("criterion", "ratio")),
+        sizes=rows,
+        crit_fit=crit,
+        crit_last_fit=crit_last,
+        opt_fit=opt,
+        leave_out=leave,
+        leave_out_fraction=fraction,
+        ten_x=ten_x_verdict(crit),
+        notes=notes,
+        view=view,
+    )
+
+
+# ----------------------------------------------------------------------------- table and plot
+
+
+def rules_table(result: RulesResult):
+    """A rich Table of the per-size values (the CLI prints it, then ``fit_table``)."""
+    from rich.table import Table
+
+    header, rows = result.table_rows()
+    table = Table(title=f"rules of thumb: {result.lr_axis} vs dataset size ({result.criterion} criterion)")
+    for h in header:
+        table.add_column(h, justify="left" if h == "note" else "right")
+    for r in rows:
+        table.add_row(*r)
+    return table
+
+
+def fit_table(result: RulesResult):
+    from rich.table import Table
+
+    header, rows = result.fit_rows()
+    table = Table(title="fitted rules (D in tokens)")
+    for h in header:
+        table.add_column(h)
+    for r in rows:
+        table.add_row(*r)
+    return table
+
+
+def _size_major_view(result: RulesResult) -> GridView | None:
+    """The study's view with dataset size on x and LR on y (transposed when the study has LR on x)."""
+    v = result.view
+    if v is None or result.lr_on == "y":
+        return v
+    return GridView(xs=v.ys, ys=v.xs, x_name=v.y_name, y_name=v.x_name, x_log=v.y_log, y_log=v.x_log,
+                    scores=v.scores.T, converged=v.converged.T, final_loss=v.final_loss.T,
+                    eval_loss=v.eval_loss.T, title=v.title)
+
+
+def plot_rules(result: RulesResult, path: str | os.PathLike) -> Path:
+    """LR vs dataset size (log-log): per-size edges and optima, fitted lines and the safe line, over the
+    score heatmap with its boundary when the result carries the study's view. Format from the suffix."""
+    import matplotlib.pyplot as plt
+
+    from vmap_sweep.analysis.plots import _heatmap, score_norm, signed_log
+
+    path = Path(path)
+    if path.suffix.lower() not in PLOT_SUFFIXES:
+        raise ConfigError(f"{path}: unknown picture format {path.suffix!r}; use a file ending in "
+                          f"{', '.join(PLOT_SUFFIXES)}")
+    view = _size_major_view(result)
+    if view is not None:
+        s = signed_log(view.scores)
+        fig = _heatmap(view, s, "score (sign·log1p|s|; < 0 converged)", "coolwarm", score_norm(s))
+        ax = fig.axes[0]
+    else:
+        fig, ax = plt.subplots(figsize=(6.4, 5.2), constrained_layout=True)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    ax.set_xlabel(f"dataset size D ({SIZE_AXIS})")
+    ax.set_ylabel(result.lr_axis)
+    rows = result.sizes
+
+    def pts(attr: str) -> tuple[list[float], list[float]]:
+        sel = [r for r in rows if getattr(r, attr) is not None]
+        return [r.size for r in sel], [getattr(r, attr) for r in sel]
+
+    ax.plot(*pts("lr_first_diverging"), "v", color="crimson", mec="white", ms=7, label="first diverging LR")
+    ax.plot(*pts("lr_last_converging"), "^", color="navy", mec="white", ms=7, label="last converging LR")
+    ax.plot(*pts("lr_opt"), "*", color="gold", mec="black", ms=11, label="optimal LR (lowest eval loss)")
+    cens = [r for r in rows if r.censored]
+    if cens:
+        lo, hi = result.lr_range
+        ax.plot([r.size for r in cens], [hi if r.censored == "above grid" else lo for r in cens], "x",
+                color="grey", ms=8, label="censored (edge outside grid)")
+    d = np.geomspace(*result.size_range, 100)
+    for fit, style, color, name in ((result.crit_fit, "-", "crimson", "LR_crit fit"),
+                                    (result.crit_last_fit, "--", "navy", "last-converging fit"),
+                                    (result.safe_fit, "-.", "green", "safe = 0.5 LR_crit"),
+                                    (result.opt_fit, ":", "black", "LR_opt fit")):
+        if fit is not None:
+            ax.plot(d, fit.predict(d), style, color=color, lw=1.6,
+                    label=f"{name}: {fit.coefficient:.2g}·D^{fit.exponent:.2f}")
+    ax.set_xlim(*_span(result.size_range, None if view is None else view.xs, view is None or view.x_log))
+    ax.set_ylim(*_span(result.lr_range, None if view is None else view.ys, view is None or view.y_log))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_title((f"{view.title}\n" if view is not None and view.title else "") + "LR rules of thumb")
+    ax.legend(fontsize=7, loc="best", framealpha=0.85)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _span(rng: tuple[float, float], values: np.ndarray | None, log: bool) -> tuple[float, float]:
+    """Plot limits: the heatmap's cell edges if drawn (positive: the axes are log), else the range +-10%."""
+    lo, hi = rng[0] / 1.1, rng[1] * 1.1
+    if values is not None and len(values) > 1:
+        from vmap_sweep.analysis.plots import _edges
+
+        e = _edges(np.asarray(values, dtype=float), log)
+        lo, hi = (float(e[0]) if e[0] > 0 else lo), float(e[-1])
+    return lo, hi
