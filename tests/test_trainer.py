@@ -201,3 +201,17 @@ def test_bf16_optimizer_state_stays_close_to_float32():
     for a, b in zip(exact, half, strict=True):
         assert a.losses != b.losses  # really a different state precision
         assert rel_close(torch.tensor(b.losses), torch.tensor(a.losses), 2e-2)
+
+
+def test_active_slices_cover_exactly_the_active_models():
+    from vmap_sweep.train import optim
+
+    active = torch.tensor([True, True, False, True, True, True])
+    assert optim.active_slices(active, 10) == [slice(0, 2), slice(3, 6)]
+    old = optim.MAX_SLICE_ELEMENTS
+    try:
+        optim.MAX_SLICE_ELEMENTS = 20  # two models per slice at most
+        assert optim.active_slices(active, 10) == [slice(0, 2), slice(3, 5), slice(5, 6)]
+    finally:
+        optim.MAX_SLICE_ELEMENTS = old
+    assert optim.active_slices(torch.tensor([False, False]), 10) == []

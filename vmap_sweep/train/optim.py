@@ -1,8 +1,9 @@
 """Optimizers on stacked tensors: every tensor has a leading model dimension K, every hyperparameter is (K,).
 
-When some models are frozen (finished, or diverged with NaN in their gradients) the update runs on copies and
-is committed with torch.where(active, new, old), so a frozen model keeps its weights and optimizer state bit
-for bit: multiplying by a 0/1 mask would turn NaN * 0 into NaN.
+Updates run in place on slices of the stack that hold only active models, so a frozen model (finished, or
+diverged with NaN in its gradients) keeps its weights and optimizer state bit for bit, and no copy of the
+stack is ever made. Slices are also capped in size, which bounds the one float32 temporary of an update:
+the stacked lm_head of 8 d20 models has 671M elements.
 """
 
 from __future__ import annotations
@@ -13,11 +14,26 @@ import torch
 
 # nanochat's Newton-Schulz quintic coefficients
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
+MAX_SLICE_ELEMENTS = 2**27
 
 
 def _per_model(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(K,) -> (K, 1, 1, ...) broadcastable against a stacked tensor."""
-    return x.reshape(-1, *([1] * (like.ndim - 1))).to(like.device)
+    """(K,) -> (K, 1, 1, ...) broadcastable against a stacked tensor, on its device and in its dtype."""
+    return x.reshape(-1, *([1] * (like.ndim - 1))).to(device=like.device, dtype=like.dtype)
+
+
+def active_slices(active: torch.Tensor, per_model: int) -> list[slice]:
+    """Runs of consecutive active models along dim 0, each run cut to at most MAX_SLICE_ELEMENTS elements."""
+    width = max(1, MAX_SLICE_ELEMENTS // max(1, per_model))
+    slices, run = [], []
+    for k, on in enumerate(active.tolist() + [False]):
+        if on and len(run) < width:
+            run.append(k)
+            continue
+        if run:
+            slices.append(slice(run[0], run[-1] + 1))
+        run = [k] if on else []
+    return slices
 
 
 @dataclass
@@ -45,20 +61,14 @@ class StackedAdamW:
         t = self.steps.clamp(min=1)
         bias1 = 1 - beta1**t
         bias2_sqrt = (1 - beta2**t).sqrt()
-        all_on = bool(active.all())
         for name, p in self.params.items():
             lr = lrs[name]
-            state = (p, self.exp_avg[name], self.exp_avg_sq[name])
-            # In place when every model steps (the common case: no copies of the stack); otherwise the very
-            # same ops on copies, then a select, so a model's numbers never depend on who else is active.
-            new = state if all_on else tuple(x.clone() for x in state)
-            decay = _per_model((1 - lr * weight_decay).to(p.dtype), p)
-            self._update(*new, p.grad, decay, _per_model(bias2_sqrt.to(p.dtype), p),
-                         _per_model((lr / bias1).to(p.dtype), p))
-            if not all_on:
-                on = _per_model(active, p)
-                for old, upd in zip(state, new, strict=True):
-                    old.copy_(torch.where(on, upd, old))
+            m, v = self.exp_avg[name], self.exp_avg_sq[name]
+            decay = _per_model(1 - lr * weight_decay, p)
+            bias2 = _per_model(bias2_sqrt, p)
+            step_size = _per_model(lr / bias1, p)
+            for sl in active_slices(active, p[0].numel()):
+                self._update(p[sl], m[sl], v[sl], p.grad[sl], decay[sl], bias2[sl], step_size[sl])
 
     def _update(self, p, m, v, g, decay, bias2_sqrt, step_size) -> None:
         beta1, beta2 = self.hp.betas
@@ -66,7 +76,7 @@ class StackedAdamW:
         p.mul_(decay)
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        # the one float32 temporary of the tensor's size (v.float() would alias v itself when v is float32)
+        # the one float32 temporary (v.float() would alias v itself when v is float32)
         update = (v.sqrt() if v.dtype == torch.float32 else v.float().sqrt_()).div_(bias2_sqrt).add_(self.hp.eps)
         update = torch.div(m, update, out=update) if m.dtype == torch.float32 else m.float().div_(update)
         p.sub_(update.mul_(step_size))
@@ -109,16 +119,14 @@ class StackedMuon:
     @torch.no_grad()
     def step(self, lrs: dict[str, torch.Tensor], active: torch.Tensor) -> None:
         m = self.momentum
-        all_on = bool(active.all())
         for name, p in self.params.items():
-            state = (p, self.buf[name])
-            new_p, new_buf = state if all_on else tuple(x.clone() for x in state)
-            new_buf.lerp_(p.grad.to(new_buf.dtype), 1 - m)
-            g = p.grad.lerp(new_buf.to(p.grad.dtype), m)
-            update = newton_schulz(g, self.ns_steps, self.ns_dtype).to(p.dtype)
+            buf, grad = self.buf[name], p.grad
+            slices = active_slices(active, p[0].numel())
+            for sl in slices:
+                buf[sl].lerp_(grad[sl].to(buf.dtype), 1 - m)
+            # Newton-Schulz runs on the whole stack (each matrix on its own); only active models take it.
+            update = newton_schulz(grad.lerp(buf.to(grad.dtype), m), self.ns_steps, self.ns_dtype).to(p.dtype)
             scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
-            new_p.sub_(update.mul_(_per_model((lrs[name] * scale).to(p.dtype), p)))
-            if not all_on:
-                on = _per_model(active, p)
-                for old, upd in zip(state, (new_p, new_buf), strict=True):
-                    old.copy_(torch.where(on, upd, old))
+            lr = _per_model(lrs[name] * scale, p)
+            for sl in slices:
+                p[sl].sub_(update[sl].mul_(lr[sl]))
