@@ -47,7 +47,8 @@ def test_stacked_adamw_equals_separate_runs():
     records = trainer.run(stream)
     assert records[3].diverged and not any(r.diverged for r in records[:3])
     for i, cell in enumerate(cells):
-        ref_losses, ref_model, ref_diverged = reference_adamw(base, stream, cell, B, T, divergence_ratio=CFG.divergence_ratio)
+        ratio = CFG.divergence_ratio
+        ref_losses, ref_model, ref_diverged = reference_adamw(base, stream, cell, B, T, divergence_ratio=ratio)
         assert records[i].diverged == ref_diverged
         got = torch.tensor(records[i].losses)
         want = torch.tensor(ref_losses)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from vmap_sweep.errors import ConfigError, VmapSweepError
@@ -32,10 +34,15 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except VmapSweepError as e:
-            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _say(text: str) -> None:
+    """Text with paths in it: never wrapped (scripts read it) and never parsed as rich markup."""
+    out_console.print(text, soft_wrap=True, markup=False, highlight=False)
 
 
 def _fixed(settings: list[str] | None) -> dict:
@@ -140,7 +147,7 @@ def _run(cfg, out, k, device, micro_batch_size, shard_spec, deterministic, quiet
     store = run_study(cfg, out, k, device, micro_batch_size, shard_spec, deterministic, progress)
     with store:
         out_console.print(summary_table(store, progress))
-        out_console.print(f"study stored in {out}")
+        _say(f"study stored in {out}")
 
 
 def _dry_run(cfg, k, device):
@@ -165,11 +172,20 @@ def _dry_run(cfg, k, device):
         ("steps per cell", f"{s['steps_range'][0]} … {s['steps_range'][1]}"),
         ("model-steps", f"{s['model_steps']:,} ({s['padded_model_steps']:,} masked)"),
         ("FLOPs", f"{s['flops']:.3g}"),
-        ("estimate", f"{s['seconds_estimate'] / 3600:.2f} h on {s['device']} "
+        ("estimate", f"{_duration(s['seconds_estimate'])} on {s['device']} "
                      f"(matmul {s['matmul_tflops']:.2f} TFLOP/s measured, 35% assumed in training)"),
     ]:
-        table.add_row(str(key), str(value))
+        table.add_row(str(key), escape(str(value)))
     out_console.print(table)
+
+
+def _duration(seconds: float) -> str:
+    """Seconds, minutes or hours, so a small plan's estimate is not printed as 0.00 h."""
+    if seconds < 90:
+        return f"{seconds:.2g} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
 
 
 # ------------------------------------------------------------------------------------------------ demo
@@ -182,9 +198,13 @@ def demo(
 ):
     """The tiny preset end to end, offline on a CPU: train, classify, plot, measure the boundary."""
     from vmap_sweep.config import preset as get_preset
+    from vmap_sweep.sweep.axes import parse_resolution
 
     cfg = get_preset("tiny").with_overrides(resolution=resolution)
     cfg.validate()
+    if min(parse_resolution(resolution)) < 4:  # found out before training, not after it
+        raise ConfigError(f"--resolution {resolution!r}: the demo measures the boundary's dimension, which needs "
+                          "at least 4x4 cells; use e.g. 32")
     _run(cfg, out, 32, "cpu", None, None, False, quiet, False)
     _plot(out, ["png"], None)
     _print_fractal(out, json_out=False, plot_file=out / "plots" / "box_counting.png", save_json=out / "fractal.json")
@@ -241,7 +261,7 @@ def plot(
     except ValueError:
         raise ConfigError(f"--rows {rows!r}: give comma-separated row indices, e.g. 0,15,31") from None
     for path in _plot(study, formats, row_list, out):
-        out_console.print(str(path))
+        _say(str(path))
 
 
 def _plot(study: Path, formats, rows, out: Path | None = None):
@@ -275,7 +295,7 @@ def export(
 
     with StudyStore.open(study) as store:
         path = export_study(store, format, output, trajectories=trajectories)
-    out_console.print(str(path))
+    _say(str(path))
 
 
 # ------------------------------------------------------------------------------------------------ merge
@@ -290,7 +310,7 @@ def merge(
 
     store = merge_studies(shards, out)
     with store:
-        out_console.print(f"merged {len(shards)} shards: {store.done_count()}/{store.cell_count()} cells in {out}")
+        _say(f"merged {len(shards)} shards: {store.done_count()}/{store.cell_count()} cells in {out}")
 
 
 # ------------------------------------------------------------------------------------------------ fractal
@@ -311,9 +331,9 @@ def _print_fractal(source: Path, json_out: bool, plot_file: Path | None, save_js
 
     report = fractal_report(source, plot_file)
     if save_json is not None:
-        save_json.write_text(json.dumps(report, indent=2))
+        save_json.write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False))
     if json_out:
-        out_console.print_json(json.dumps(report))
+        out_console.print_json(json.dumps(_json_safe(report), allow_nan=False))
         return
     box = report
     out_console.print(
@@ -327,7 +347,18 @@ def _print_fractal(source: Path, json_out: bool, plot_file: Path | None, save_js
         out_console.print(f"uncertainty-exponent dimension {box['uncertainty_dimension']:.3f} "
                           f"± {box['uncertainty_stderr']:.3f}")
     if plot_file is not None:
-        out_console.print(f"plot: {plot_file}")
+        _say(f"plot: {plot_file}")
+
+
+def _json_safe(value):
+    """NaN and infinities as null: JSON has no NaN (a fit over two box sizes has no stderr), jq would choke."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 # ------------------------------------------------------------------------------------------------ axes

@@ -90,7 +90,10 @@ def load_class_grid(source: Path) -> np.ndarray:
 def fractal_report(source: Path, plot_file: Path | None = None) -> dict:
     """Box-counting dimension with CI, fit range and counts, and the uncertainty-exponent estimate."""
     grid = load_class_grid(Path(source))
-    box = fractal_dimension(grid)
+    try:
+        box = fractal_dimension(grid)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None  # name the file: a script may measure many
     report = box.to_dict()
     mask = grid if grid.dtype == bool else np.asarray(grid) < 0
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -55,7 +56,7 @@ class RichProgress(ProgressHooks):
     def batch_done(self, batch: Batch, records: list[CellRecord], elapsed: float) -> None:
         self.done += len(records)
         self.trained += len(records)
-        self.diverged += sum(r.diverged for r in records)
+        self.diverged += sum(_diverged(r) for r in records)
         if self.bar is not None:
             self.bar.update(self.task, completed=self.done, rate=self.cells_per_minute(), diverged=self.diverged)
         else:
@@ -69,6 +70,12 @@ class RichProgress(ProgressHooks):
 
     def _log(self, text: str) -> None:
         self.console.print(text, highlight=False)
+
+
+def _diverged(rec: CellRecord) -> bool:
+    """The class stored with the record (what the summary table counts), else the trainer's own verdict."""
+    label = getattr(rec, "label", None)
+    return label == "diverged" if label is not None else bool(rec.diverged)
 
 
 class WandbProgress(ProgressHooks):
@@ -113,7 +120,7 @@ def _counts_rows(store: StudyStore) -> list[tuple[str, str]]:
 
 
 def summary_table(store: StudyStore, progress=None) -> Table:
-    table = Table(title=f"study {store.directory}", show_header=False)
+    table = Table(title=f"study {escape(str(store.directory))}", show_header=False)
     for key, value in _counts_rows(store):
         table.add_row(key, value)
     if progress is not None and getattr(progress, "trained", 0):
@@ -123,9 +130,9 @@ def summary_table(store: StudyStore, progress=None) -> Table:
 
 def status_table(store: StudyStore) -> Table:
     cfg = store.config
-    table = Table(title=f"study {store.directory}", show_header=False)
-    table.add_row("model / data", f"{cfg.get('model')} / {cfg.get('data')}")
-    table.add_row("grid", f"{cfg.get('x')} × {cfg.get('y')} at {store.nx}×{store.ny}")
+    table = Table(title=f"study {escape(str(store.directory))}", show_header=False)
+    table.add_row("model / data", escape(f"{cfg.get('model')} / {cfg.get('data')}"))
+    table.add_row("grid", escape(f"{cfg.get('x')} × {cfg.get('y')} at {store.nx}×{store.ny}"))
     table.add_row("config hash", store.config_hash[:16])
     for key, value in _counts_rows(store):
         table.add_row(key, value)
@@ -136,5 +143,5 @@ def status_table(store: StudyStore) -> Table:
         table.add_row("training time so far", f"{sum(r['wall_time'] or 0 for r in rows) / 60:.1f} min")
     children = store.children()
     if children:
-        table.add_row("zoom children", ", ".join(c.child_dir for c in children))
+        table.add_row("zoom children", escape(", ".join(c.child_dir for c in children)))
     return table

@@ -6,6 +6,8 @@ batch indices are stable), and only the cells the store does not have are traine
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,12 +19,13 @@ from vmap_sweep.analysis.classify import classify_ratio
 from vmap_sweep.config import StudyConfig
 from vmap_sweep.data.sources import load_conversations
 from vmap_sweep.data.stream import EvalSet, TokenStream
+from vmap_sweep.errors import VmapSweepError
 from vmap_sweep.model.gpt import GPT
 from vmap_sweep.model.tokenizer import Tokenizer
 from vmap_sweep.sweep.axes import parse_axis_spec, parse_resolution
 from vmap_sweep.sweep.grid import Cell, Grid
 from vmap_sweep.sweep.plan import Batch, plan_batches, plan_summary, shard
-from vmap_sweep.sweep.store import StudyStore
+from vmap_sweep.sweep.store import DB_NAME, StudyStore
 from vmap_sweep.train.memory import probe_models_per_batch, train_splitting_on_oom
 from vmap_sweep.train.trainer import CellRecord, StackedTrainer, set_determinism, steps_for
 
@@ -170,6 +173,8 @@ def run_study(
     dev = resolve_device(device)
     set_determinism(cfg.seed, deterministic)
     grid = build_grid(cfg)
+    out = Path(out)
+    new_dir, new_db = not out.exists(), not (out / DB_NAME).exists()
     # Opening the store first checks the folder and the config before any expensive loading.
     store = StudyStore.create_or_open(out, cfg.to_dict(), grid.cells())
     backend = None
@@ -198,12 +203,33 @@ def run_study(
             progress.batch_done(batch, records, time.perf_counter() - started_at.get(batch.index, time.perf_counter()))
         progress.finish()
         return store
-    except BaseException:
+    except BaseException as e:
+        # A study this run created and a user error (bad data, model) stopped before any result: remove it,
+        # so the fixed command is not refused as "a different config" by a study that holds nothing.
+        discard = new_db and isinstance(e, VmapSweepError) and _holds_nothing(store)
         store.close()
+        if discard:
+            _remove_empty_study(out, new_dir)
         raise
     finally:
         if backend is not None:
             backend.close()
+
+
+def _holds_nothing(store: StudyStore) -> bool:
+    try:
+        return store.done_count() == 0
+    except sqlite3.Error:
+        return False  # can't tell: keep it
+
+
+def _remove_empty_study(out: Path, remove_dir: bool) -> None:
+    for name in (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", f"{DB_NAME}-journal"):
+        with contextlib.suppress(OSError):
+            (out / name).unlink()
+    if remove_dir:
+        with contextlib.suppress(OSError):
+            out.rmdir()  # only if empty
 
 
 def _labelled(cells: list[Cell], records: list[CellRecord]):

@@ -1,0 +1,490 @@
+"""The `vmap-sweep` CLI end to end on the tiny preset: grid, presets, plan, progress, status, classify, plot,
+export, shards and merge, demo, fractal, and the rule for bad input (one line, exit code 2, study untouched).
+
+Studies are tiny (4x4 cells, 1-4 steps, 512 eval tokens) and shared between tests where they are only read.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from vmap_sweep.cli import app
+from vmap_sweep.config import preset
+from vmap_sweep.sweep.axes import parse_axis_spec
+from vmap_sweep.sweep.plan import shard
+from vmap_sweep.sweep.runner import build_grid, flops_per_model_step, plan_study
+from vmap_sweep.sweep.store import StudyStore
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["run", "--preset", "tiny", "--resolution", "4", "--y", "tokens:256:1024:log", "--eval-tokens", "512",
+        "--models-per-batch", "4", "--device", "cpu"]
+RESULT_FIELDS = ("steps", "steps_done", "initial_loss", "final_loss", "eval_loss", "diverged", "diverged_step")
+ARRAY_FIELDS = ("trajectory", "base_losses", "grad_norms", "lrs")
+PLOTS = ("score", "final_loss", "eval_loss", "trajectories")
+MAGIC = {"png": b"\x89PNG", "pdf": b"%PDF", "svg": b"<?xml"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache_env(tmp_path_factory):
+    """One model cache for the whole session (the tiny model is pretrained once), seen by subprocesses too."""
+    cache = os.environ.get("VMAP_SWEEP_CACHE") or str(tmp_path_factory.getbasetemp() / "vmap-sweep-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VMAP_SWEEP_CACHE", cache)
+        mp.setenv("TOKENIZERS_PARALLELISM", "false")
+        yield cache
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def ok(*args):
+    result = cli(*args)
+    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
+    return result
+
+
+def one_line_error(result, *needles: str) -> str:
+    """Exit code 2 (not 1: no exception escaped), exactly one line on stderr, no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file of a study folder by name, to prove a refused command changed nothing."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def bits(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.float64).reshape(-1).view(np.uint64)
+
+
+def assert_same_results(a: StudyStore, b: StudyStore) -> None:
+    """Every cell's results bit for bit: per-step arrays and scalar losses."""
+    ra, rb = a.rows(arrays=True), b.rows(arrays=True)
+    assert [(r["i"], r["j"], r["status"]) for r in ra] == [(r["i"], r["j"], r["status"]) for r in rb]
+    for x, y in zip(ra, rb, strict=True):
+        for f in ARRAY_FIELDS:
+            assert len(x[f]) > 0 and np.array_equal(bits(x[f]), bits(y[f])), (x["i"], x["j"], f)
+        for f in RESULT_FIELDS:
+            if f in ("initial_loss", "final_loss", "eval_loss"):
+                assert np.array_equal(bits(x[f]), bits(y[f])), (x["i"], x["j"], f)
+            else:
+                assert x[f] == y[f], (x["i"], x["j"], f)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A finished 4x4 study (LR x tokens, 4 batches of one row each), run once with --quiet; read-only."""
+    out = tmp_path_factory.mktemp("base") / "study"
+    result = ok(*TINY, "--quiet", "--out", out)
+    return out, result
+
+
+# ------------------------------------------------------------------------------------------------ 1, 2 grid and presets
+def test_grid_spec_and_preset_overrides_are_stored(tmp_path):
+    out = tmp_path / "s"
+    ok("run", "--preset", "tiny", "--x", "lr:1e-3:1e-1:lin", "--y", "tokens:256:512", "--resolution", "3x2",
+       "--eval-tokens", "256", "--seed", "5", "--models-per-batch", "8", "--device", "cpu", "--quiet", "--out", out)
+    tiny = preset("tiny")
+    with StudyStore.open(out) as store:
+        cfg = store.config
+        assert (store.nx, store.ny) == (3, 2)  # NxM: N along x, M along y
+        assert cfg["resolution"] == "3x2" and cfg["seed"] == 5 and cfg["eval_tokens"] == 256
+        assert parse_axis_spec(cfg["x"]) == parse_axis_spec("lr:1e-3:1e-1:lin")
+        assert parse_axis_spec(cfg["y"]).scale == "log"  # the tokens axis' default scale
+        for key in ("model", "data", "batch_size", "seq_len", "optimizer", "schedule"):
+            assert cfg[key] == getattr(tiny, key), key  # what no option overrode comes from the preset
+        xs = store.grid_arrays("x")[0]
+        ys = store.grid_arrays("y")[:, 0]
+    np.testing.assert_array_equal(xs, np.linspace(1e-3, 1e-1, 3))
+    np.testing.assert_array_equal(ys, [256.0, 512.0])
+
+
+def test_base_study_has_the_preset_and_a_square_resolution(base):
+    with StudyStore.open(base[0]) as store:
+        assert (store.nx, store.ny) == (4, 4)
+        assert store.config["x"] == preset("tiny").x and store.config["resolution"] == "4"
+        np.testing.assert_allclose(store.grid_arrays("x")[0], np.geomspace(1e-4, 1, 4))
+
+
+# ------------------------------------------------------------------------------------------------ 10 bad input
+BAD_OPTIONS = [
+    (["--x", "lr:1e-1:1e-3"], "min"),
+    (["--x", "lr:0:1e-3:log"], "log axis needs bounds > 0"),
+    (["--x", "weight_decay:0:1e-1:log"], "log axis needs bounds > 0"),
+    (["--resolution", "1"], ">= 2"),
+    (["--resolution", "4x1"], ">= 2"),
+    (["--resolution", "four"], "malformed"),
+    (["--x", "depth:1:2"], "unknown axis 'depth'"),
+    (["--x", "lr:1:2:cubic"], "unknown scale"),
+    (["--y", "lr:1e-3:1e-1"], "both sweep 'lr'"),
+    (["--preset", "nope"], "unknown preset 'nope'"),
+    (["--set", "nope=1"], "--set"),
+    (["--models-per-batch", "0"], "--models-per-batch"),
+    (["--shard", "3/2"], "shard 3/2"),
+    # resuming with a different config is refused, naming what differs
+    (["--seed", "7"], "seed: 42 -> 7"),
+    (["--resolution", "5"], 'resolution: "4" -> "5"'),
+    (["--x", "lr:1e-4:1e-1"], "x: "),
+]
+
+
+@pytest.mark.parametrize("extra,needle", BAD_OPTIONS, ids=[" ".join(a) for a, _ in BAD_OPTIONS])
+def test_bad_options_on_an_existing_study_change_nothing(base, extra, needle):
+    before = snapshot(base[0])
+    one_line_error(cli(*TINY, "--quiet", "--out", base[0], *extra), needle)
+    assert snapshot(base[0]) == before
+
+
+def _foreign_db(path: Path, kind: str) -> None:
+    if kind == "random":
+        path.write_bytes(np.random.default_rng(0).bytes(8192))
+        return
+    conn = sqlite3.connect(path)
+    if kind == "other-app":
+        conn.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+        conn.execute("INSERT INTO notes (body) VALUES ('hello')")
+    else:  # a meta table, but another app's
+        conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+        conn.execute("INSERT INTO meta VALUES ('app', 'something-else')")
+    conn.commit()
+    conn.close()
+
+
+@pytest.mark.parametrize("kind", ["random", "other-app", "other-meta"])
+def test_corrupt_or_foreign_database_is_refused_untouched(tmp_path, kind):
+    folder = tmp_path / "s"
+    folder.mkdir()
+    _foreign_db(folder / "study.db", kind)
+    before = snapshot(folder)
+    one_line_error(cli(*TINY, "--quiet", "--out", folder), "not a vmap-sweep study database")
+    for args in (["status", folder], ["classify", folder], ["plot", folder], ["fractal", folder],
+                 ["export", folder, "-o", tmp_path / "x.csv"], ["merge", folder, "--out", tmp_path / "m"]):
+        one_line_error(cli(*args), "not a vmap-sweep study database")
+    assert snapshot(folder) == before
+    assert not (tmp_path / "x.csv").exists() and not (tmp_path / "m" / "study.db").exists()
+
+
+def test_unwritable_out_is_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    one_line_error(cli(*TINY, "--out", blocker / "study"), "can't create the study folder")
+    (tmp_path / "s" / "study.db").mkdir(parents=True)
+    one_line_error(cli(*TINY, "--out", tmp_path / "s"), "is not a file")
+    assert blocker.read_text() == "not a folder"
+
+
+BAD_DATA = {"not-json": "this is not json\n", "no-messages": json.dumps({"text": "hello"}) + "\n"}
+
+
+@pytest.mark.parametrize("kind", list(BAD_DATA))
+def test_malformed_data_file_on_a_new_folder_leaves_nothing(tmp_path, kind):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(BAD_DATA[kind])
+    out = tmp_path / "new"
+    one_line_error(cli(*TINY, "--data", bad, "--out", out), str(bad))
+    # no half-made study whose config would refuse the corrected command as "a different config"
+    assert not out.exists()
+
+
+def test_malformed_data_file_on_an_existing_study_leaves_it_as_it_was(tmp_path):
+    bad = tmp_path / "data.jsonl"
+    bad.write_text(BAD_DATA["not-json"])
+    cfg = preset("tiny").with_overrides(resolution="4", y="tokens:256:1024:log", eval_tokens=512, data=str(bad))
+    out = tmp_path / "s"
+    StudyStore.create_or_open(out, cfg.to_dict(), build_grid(cfg).cells()).close()
+    before = snapshot(out)
+    one_line_error(cli(*TINY, "--data", bad, "--out", out), f"{bad}:1: invalid JSON")
+    assert snapshot(out) == before
+
+
+def test_brackets_in_paths_are_printed_as_they_are(base, tmp_path):
+    """rich would read `[old]` as markup (and `[/x]` as a closing tag: a crash), so names must be escaped."""
+    bad = tmp_path / "[old]" / "[" / "x]" / "bad.jsonl"
+    bad.parent.mkdir(parents=True)
+    bad.write_text(BAD_DATA["not-json"])
+    one_line_error(cli(*TINY, "--data", bad, "--out", tmp_path / "new"), f"{bad}:1:")
+    study = tmp_path / "[run]"
+    shutil.copytree(base[0], study)
+    assert "[run]" in ok("status", study).stdout
+    assert ok("plot", study, "--format", "svg").stdout.split() == [str(study / "plots" / f"{n}.svg") for n in PLOTS]
+
+
+def test_bad_input_in_a_real_process_is_one_line_and_exit_2(tmp_path):
+    """Outside CliRunner too: nothing but the error line reaches stderr (no warning, no traceback)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", "from vmap_sweep.cli import app; app()", *TINY,
+                           "--x", "lr:1:0.1", "--out", str(tmp_path / "s")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("error: ")
+    assert not (tmp_path / "s").exists()
+
+
+# ------------------------------------------------------------------------------------------------ 3 plan
+def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path):
+    from vmap_sweep.model.tiny import TINY_CONFIG
+
+    out = tmp_path / "never"
+    result = ok(*TINY, "--dry-run", "--out", out)
+    text = re.sub(r"[│┃|]", " ", result.stdout)
+    assert re.search(r"cells\s+16\s", text) and re.search(r"batches\s+4 of up to 4 models", text)
+    # tokens 256, 406, 645, 1024 at 256 tokens per step -> 1, 2, 3, 4 steps per row of 4 cells
+    assert re.search(r"model-steps\s+40 \(0 masked\)", text)
+    flops = flops_per_model_step(TINY_CONFIG, 4 * 64) * 40
+    assert re.search(rf"FLOPs\s+{re.escape(f'{flops:.3g}')}\s", text)
+    m = re.search(r"estimate\s+([\d.e+-]+) (s|min|h) on cpu", text)
+    assert m and float(m.group(1)) > 0, text
+    assert not out.exists()
+    # --data overrides the preset's (a dry run reads no data, so any name shows up)
+    assert "tiny / mine.jsonl" in ok(*TINY, "--dry-run", "--data", "mine.jsonl").stdout
+
+
+def test_batches_are_rows_of_learning_rates(base):
+    with StudyStore.open(base[0]) as store:
+        rows = store.rows()
+    batches: dict[int, list[dict]] = {}
+    for r in rows:
+        batches.setdefault(r["batch_index"], []).append(r)
+    assert sorted(batches) == [0, 1, 2, 3]
+    for cells in batches.values():
+        assert len({c["y"] for c in cells}) == 1  # one tokens value (and step count) per batch
+        assert sorted(c["i"] for c in cells) == [0, 1, 2, 3]  # the whole row of LRs
+
+
+# ------------------------------------------------------------------------------------------------ 5 progress, status
+def test_quiet_logs_one_line_per_batch_and_a_summary(base):
+    out, result = base
+    logs = re.findall(r"batch (\d+)/4: (\d+) cells in [\d.]+s, (\d+)/16 done, (\d+) diverged", result.stderr)
+    assert [(b, n, d) for b, n, d, _ in logs] == [("1", "4", "4"), ("2", "4", "8"), ("3", "4", "12"),
+                                                  ("4", "4", "16")], result.stderr
+    with StudyStore.open(out) as store:
+        counts = store.label_counts()
+    # the log's divergence count is the class stored with the results, as in the summary table
+    assert int(logs[-1][3]) == counts.get("diverged", 0) > 0
+    assert re.search(r"cells done\s*│\s*16/16", result.stdout)
+    for label, n in counts.items():
+        assert re.search(rf"{label}\s*│\s*{n}\s", result.stdout)
+    assert re.search(r"trained this run\s*│\s*16 cells", result.stdout)
+
+
+def test_status_of_a_finished_study(base):
+    before = snapshot(base[0])
+    text = ok("status", base[0]).stdout
+    assert re.search(r"cells done\s*│\s*16/16", text) and "tiny / synthetic" in text
+    assert "last batch stored" in text
+    one_line_error(cli("status", base[0].parent / "nowhere"), "no study.db")
+    assert snapshot(base[0]) == before
+
+
+# ------------------------------------------------------------------------------------------------ 6 classify
+def test_classify_recomputes_labels_from_trajectories(base, tmp_path):
+    study = tmp_path / "copy"
+    shutil.copytree(base[0], study)
+    with StudyStore.open(study) as store:
+        original = store.rows(arrays=True)
+    before = snapshot(study)
+    one_line_error(cli("classify", study, "--criterion", "threshold"), "--converged-below")
+    one_line_error(cli("classify", study, "--criterion", "nope"), "nope")
+    assert snapshot(study) == before
+
+    finals = np.array([r["final_loss"] for r in original])
+    below = float(np.median(finals))
+    above = float(np.sort(finals)[-3])
+    text = ok("classify", study, "--criterion", "threshold", "--converged-below", below,
+              "--diverged-above", above).stdout
+    with StudyStore.open(study) as store:
+        after = store.rows(arrays=True)
+        counts = store.label_counts()
+    for r, a in zip(original, after, strict=True):
+        expect = "diverged" if r["diverged"] or r["final_loss"] > above else (
+            "converged" if r["final_loss"] < below else "marginal")
+        assert a["label"] == expect, (r["i"], r["j"], r["final_loss"])
+        for f in ARRAY_FIELDS:  # no re-training: the results are untouched
+            assert np.array_equal(bits(a[f]), bits(r[f]))
+        assert a["finished_at"] == r["finished_at"] and a["wall_time"] == r["wall_time"]
+    assert [r["label"] for r in after] != [r["label"] for r in original]
+    assert text.strip() == "threshold: " + ", ".join(f"{n} {lab}" for lab, n in sorted(counts.items()))
+
+    ok("classify", study, "--criterion", "ratio")
+    with StudyStore.open(study) as store:
+        again = store.rows()
+    assert [r["label"] for r in again] == [r["label"] for r in original]
+    assert np.array_equal(bits([r["score"] for r in again]), bits([r["score"] for r in original]))
+
+    ok("plot", study)  # default place: STUDY/plots
+    assert all((study / "plots" / f"{name}.png").stat().st_size > 0 for name in PLOTS)
+
+
+# ------------------------------------------------------------------------------------------------ 7 plot
+def test_plot_writes_every_picture_in_every_format(base, tmp_path):
+    before = snapshot(base[0])
+    out = tmp_path / "pics"
+    printed = ok("plot", base[0], "--format", "svg,pdf", "--rows", "0,3", "--out", out).stdout.split()
+    assert sorted(printed) == sorted(str(out / f"{n}.{f}") for n in PLOTS for f in ("svg", "pdf"))
+    for name in PLOTS:
+        for fmt in ("svg", "pdf"):
+            assert (out / f"{name}.{fmt}").read_bytes().startswith(MAGIC[fmt]), (name, fmt)
+        assert not (out / f"{name}.png").exists()
+    ok("plot", base[0], "--out", tmp_path / "png")
+    assert all((tmp_path / "png" / f"{n}.png").read_bytes().startswith(MAGIC["png"]) for n in PLOTS)
+    for rows, needle in (("9", "rows run from 0 to 3"), ("-1", "rows run from 0 to 3"), ("a,b", "--rows")):
+        one_line_error(cli("plot", base[0], "--rows", rows, "--out", tmp_path / "bad"), needle)
+    one_line_error(cli("plot", base[0], "--format", "gif", "--out", tmp_path / "bad"), "--format")
+    assert not (tmp_path / "bad").exists()
+    assert snapshot(base[0]) == before
+
+
+# ------------------------------------------------------------------------------------------------ 8 export
+def test_export_reads_back_exactly(base, tmp_path):
+    with StudyStore.open(base[0]) as store:
+        rows = store.rows(arrays=True)
+    floats = ("x", "y", "initial_loss", "final_loss", "eval_loss", "score")
+
+    def check(got: dict, trajectories: list) -> None:
+        assert list(got["i"]) == [r["i"] for r in rows] and list(got["j"]) == [r["j"] for r in rows]
+        for f in floats:
+            assert np.array_equal(bits(got[f]), bits([r[f] for r in rows])), f
+        assert list(got["label"]) == [r["label"] for r in rows]
+        for r, t in zip(rows, trajectories, strict=True):
+            assert np.array_equal(bits(t), bits(r["trajectory"]))
+
+    path = tmp_path / "s.csv"
+    assert ok("export", base[0], "--format", "csv", "-o", path, "--trajectories").stdout.strip() == str(path)
+    with open(path, newline="") as f:
+        table = list(csv.DictReader(f))
+    got = {c: [r[c] for r in table] for c in table[0]}
+    got["i"], got["j"] = [int(v) for v in got["i"]], [int(v) for v in got["j"]]
+    check({**got, **{f: [float(v) for v in got[f]] for f in floats}},
+          [[float(t) for t in v.split()] for v in got["trajectory"]])
+
+    path = tmp_path / "s.parquet"
+    ok("export", base[0], "--format", "parquet", "-o", path, "--trajectories")
+    got = pq.read_table(path).to_pydict()
+    check(got, got["trajectory"])
+
+    path = tmp_path / "s.npz"
+    ok("export", base[0], "--format", "npz", "-o", path, "--trajectories")
+    with np.load(path, allow_pickle=False) as z:
+        got = {k: z[k] for k in z.files}
+    check(got, [t[:n] for t, n in zip(got["trajectory"], got["trajectory_lengths"], strict=True)])
+
+    ok("export", base[0], "--format", "csv", "-o", tmp_path / "short.csv")
+    assert "trajectory" not in (tmp_path / "short.csv").read_text().splitlines()[0]
+    one_line_error(cli("export", base[0], "--format", "xls", "-o", tmp_path / "s.xls"), "xls")
+
+
+# ------------------------------------------------------------------------------------------------ 9 shard and merge
+def test_shards_run_their_own_part_and_merge_into_the_whole(base, tmp_path):
+    root = tmp_path / "sharded"
+    ok(*TINY, "--quiet", "--shard", "1/2", "--out", root)
+    ok(*TINY, "--shard", "2/2", "--out", root)  # with the progress bar this time
+    cfg = preset("tiny").with_overrides(resolution="4", y="tokens:256:1024:log", eval_tokens=512)
+    batches = plan_study(cfg, build_grid(cfg), 4)
+    seen: set[tuple[int, int]] = set()
+    for k in (1, 2):
+        expected = {c.key for b in shard(batches, k, 2) for c in b.cells}
+        with StudyStore.open(root / f"shard-{k}-of-2") as store:
+            done = {(r["i"], r["j"]) for r in store.rows() if r["status"] == "done"}
+            assert {r["shard"] for r in store.rows() if r["status"] == "done"} == {f"{k}/2"}
+            assert store.cell_count() == 16
+        assert done == expected and 0 < len(done) < 16 and not done & seen
+        seen |= done
+    assert len(seen) == 16
+
+    merged = tmp_path / "merged"
+    text = ok("merge", root / "shard-1-of-2", root / "shard-2-of-2", "--out", merged).stdout
+    assert "16/16" in text
+    with StudyStore.open(merged) as m, StudyStore.open(base[0]) as b:
+        assert m.done_count() == 16 and m.config_hash == b.config_hash
+        assert_same_results(m, b)
+    one_line_error(cli("merge", root / "shard-1-of-2", base[0].parent / "nowhere", "--out", tmp_path / "m2"),
+                   "no study.db")
+
+
+# ------------------------------------------------------------------------------------------------ 10 demo
+def test_demo_ends_with_heatmaps_fractal_json_and_the_dimension(tmp_path):
+    out = tmp_path / "demo"
+    text = ok("demo", "--out", out, "--resolution", "4", "--quiet").stdout
+    for name in (*PLOTS, "box_counting"):
+        assert (out / "plots" / f"{name}.png").read_bytes().startswith(MAGIC["png"]), name
+    report = json.loads((out / "fractal.json").read_text(), parse_constant=_no_nan)
+    m = re.search(r"box-counting dimension (\d\.\d{3})", text)
+    assert m and float(m.group(1)) == round(report["dimension"], 3)
+    with StudyStore.open(out) as store:
+        assert store.done_count() == 16 and store.config["model"] == "tiny"
+    # too small to measure a boundary: refused before any training, not after it
+    one_line_error(cli("demo", "--out", tmp_path / "small", "--resolution", "3x8"), "at least 4x4")
+    assert not (tmp_path / "small").exists()
+
+
+# ------------------------------------------------------------------------------------------------ 11 fractal
+def _no_nan(name: str):
+    raise AssertionError(f"{name} in JSON output: not valid JSON")
+
+
+FRACTAL_KEYS = ("dimension", "stderr", "ci_low", "ci_high", "box_sizes", "box_counts")
+
+
+def test_fractal_of_a_study(base, tmp_path):
+    from vmap_sweep.analysis.study import fractal_report
+
+    report = json.loads(ok("fractal", base[0], "--json").stdout, parse_constant=_no_nan)
+    assert set(FRACTAL_KEYS) <= set(report)
+    assert report["dimension"] == fractal_report(base[0])["dimension"]
+    assert report["resolution"] == [4, 4]
+
+
+def _mask() -> np.ndarray:
+    """A wavy boundary on 32x32: left of it converged."""
+    jj, ii = np.mgrid[0:32, 0:32]
+    return ii < 12 + 6 * np.sin(jj / 3.0)
+
+
+def test_fractal_of_arrays(tmp_path):
+    np.save(tmp_path / "mask.npy", _mask())
+    np.save(tmp_path / "score.npy", np.where(_mask(), -0.5, 2.0))
+    plot = tmp_path / "fit" / "box.png"
+    a = json.loads(ok("fractal", tmp_path / "mask.npy", "--json", "--plot", plot).stdout, parse_constant=_no_nan)
+    b = json.loads(ok("fractal", tmp_path / "score.npy", "--json").stdout, parse_constant=_no_nan)
+    assert set(FRACTAL_KEYS) <= set(a)
+    assert a == b  # a signed score and its mask are the same classes
+    assert a["ci_low"] <= a["dimension"] <= a["ci_high"] and 0.8 < a["dimension"] < 1.5
+    assert len(a["box_sizes"]) == len(a["box_counts"]) >= 3
+    assert plot.read_bytes().startswith(MAGIC["png"])
+    text = ok("fractal", tmp_path / "mask.npy").stdout
+    assert f"box-counting dimension {a['dimension']:.3f}" in text
+
+
+@pytest.mark.parametrize("kind", ["3d", "empty", "one-class", "garbage.npy", "text.txt", "missing.npy"])
+def test_fractal_refuses_bad_arrays(tmp_path, kind):
+    path = tmp_path / (kind if "." in kind else f"{kind}.npy")
+    if kind == "3d":
+        np.save(path, np.zeros((4, 4, 4), dtype=bool))
+    elif kind == "empty":
+        np.save(path, np.zeros((0, 0), dtype=bool))
+    elif kind == "one-class":
+        np.save(path, np.ones((16, 16), dtype=bool))
+    elif kind != "missing.npy":
+        path.write_bytes(b"hello, not an array")
+    one_line_error(cli("fractal", path, "--plot", tmp_path / "p.png"), path.name)
+    assert not (tmp_path / "p.png").exists()
