@@ -1,0 +1,377 @@
+"""Does distance to the boundary predict out-of-distribution skill?
+
+An evenly spaced subset of a study's converged cells is re-trained (the same stacked trainer, data order and
+seeds; each re-trained loss trajectory is checked against the stored one, so the models evaluated are the
+models the study measured), each model is evaluated with lm-evaluation-harness, and the Spearman correlation
+between accuracy and the cell's distance to the boundary (grid units) is stored with a bootstrap CI in the
+study under the extra key "ood".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vmap_sweep.analysis.study import study_classes
+from vmap_sweep.config import StudyConfig
+from vmap_sweep.errors import ConfigError
+from vmap_sweep.model.gpt import GPT
+from vmap_sweep.model.tokenizer import Tokenizer
+from vmap_sweep.sweep.grid import Cell
+from vmap_sweep.sweep.runner import Worker, resolve_device
+from vmap_sweep.sweep.store import StudyStore
+from vmap_sweep.train.trainer import StackedTrainer, set_determinism
+
+DEFAULT_TASKS = ("hellaswag", "arc_challenge", "piqa", "winogrande")
+EXTRA_KEY = "ood"
+RTOL = 1e-6  # largest relative difference between a re-trained and a stored trajectory that is accepted
+
+
+# ------------------------------------------------------------------------------------------ cell selection
+
+
+def parse_cells(spec: str) -> tuple[int, int]:
+    """--cells as (n_x, n_y), how many cells to take along x and y: "10x10" -> (10, 10), "8" -> (8, 8)."""
+    parts = str(spec).lower().split("x")
+    try:
+        sizes = tuple(int(p) for p in parts)
+    except ValueError:
+        sizes = ()
+    if len(sizes) == 1:
+        sizes = sizes * 2
+    if len(sizes) != 2 or min(sizes) < 1:
+        raise ConfigError(f"--cells {spec!r}: expected NXxNY with positive integers, e.g. 10x10")
+    return sizes  # type: ignore[return-value]
+
+
+def lattice(n: int, size: int) -> list[int]:
+    """At most ``n`` evenly spaced indices in [0, size), ends included."""
+    if n >= size:
+        return list(range(size))
+    if n == 1:
+        return [(size - 1) // 2]
+    return sorted({int(round(v)) for v in np.linspace(0, size - 1, n)})
+
+
+def select_cells(store: StudyStore, n_x: int, n_y: int) -> list[Cell]:
+    """The converged cells of an evenly spaced n_x x n_y sub-lattice of the grid, row-major (j, i).
+
+    A lattice (not "n converged cells") keeps the sample evenly spread over both axes; diverged models are
+    not worth evaluating, so those lattice points are dropped.
+    """
+    converged = study_classes(store)
+    keep = {(i, j) for j in lattice(n_y, store.ny) for i in lattice(n_x, store.nx) if converged[j, i]}
+    cells = [c for c in store.cells() if c.key in keep]
+    if not cells:
+        raise ConfigError(f"{store.directory}: no converged cell on the {n_x}x{n_y} lattice; "
+                          "choose a denser --cells or a study with converged cells")
+    return cells
+
+
+# ------------------------------------------------------------------------------------------ distance
+
+
+def _squared_distance_to(feature: np.ndarray) -> np.ndarray:
+    """Exact squared Euclidean distance of every cell to the nearest True cell (inf if none). Separable:
+    first along y within each column, then along x; (n^3) work, nothing at 128x128."""
+    ny, nx = feature.shape
+    jj = np.arange(ny, dtype=np.float64)
+    ii = np.arange(nx, dtype=np.float64)
+    # g[j, i] = min over j' with feature[j', i] of (j - j')^2
+    dy2 = (jj[:, None] - jj[None, :]) ** 2  # (j, j')
+    g = np.where(feature[None, :, :], dy2[:, :, None], np.inf).min(axis=1)
+    dx2 = (ii[:, None] - ii[None, :]) ** 2  # (i, k)
+    return (g[:, None, :] + dx2[None, :, :]).min(axis=2)
+
+
+def distance_to_boundary(converged: np.ndarray) -> np.ndarray:
+    """(ny, nx) Euclidean distance in grid units from each cell to the nearest cell of the other class
+    (1 for a cell beside the boundary); inf everywhere when the grid holds one class only."""
+    mask = np.asarray(converged, dtype=bool)
+    if mask.ndim != 2:
+        raise ConfigError(f"distance_to_boundary: expected a 2-D class grid, got shape {mask.shape}")
+    to_diverged = _squared_distance_to(~mask)
+    to_converged = _squared_distance_to(mask)
+    return np.sqrt(np.where(mask, to_diverged, to_converged))
+
+
+# ------------------------------------------------------------------------------------------ statistics
+
+
+def rankdata(a: np.ndarray) -> np.ndarray:
+    """Ranks from 1, ties sharing their average rank (accuracies over `limit` examples tie often)."""
+    a = np.asarray(a, dtype=np.float64)
+    order = np.argsort(a, kind="mergesort")
+    inv = np.empty_like(order)
+    inv[order] = np.arange(a.size)
+    s = a[order]
+    first = np.r_[True, s[1:] != s[:-1]]
+    dense = first.cumsum()[inv]
+    bounds = np.r_[np.nonzero(first)[0], a.size]
+    return 0.5 * (bounds[dense] + bounds[dense - 1] + 1)
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    den = math.sqrt(float((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / den) if den > 0 else math.nan
+
+
+@dataclass(frozen=True)
+class SpearmanResult:
+    rho: float | None  # None where undefined: fewer than 3 points or a constant variable
+    ci_low: float | None
+    ci_high: float | None
+    n: int
+
+    def to_dict(self) -> dict:
+        return {"rho": self.rho, "ci_low": self.ci_low, "ci_high": self.ci_high, "n": self.n}
+
+
+def spearman(x: Sequence[float], y: Sequence[float], n_boot: int = 2000, confidence: float = 0.95,
+             seed: int = 0) -> SpearmanResult:
+    """Spearman's rho with a percentile bootstrap CI over resampled (x, y) pairs (seeded, so reruns agree).
+    Resamples where a variable is constant have no rho and are skipped."""
+    xa, ya = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if xa.shape != ya.shape or xa.ndim != 1:
+        raise ValueError(f"spearman: x and y must be 1-D of one length, got {xa.shape} and {ya.shape}")
+    ok = np.isfinite(xa) & np.isfinite(ya)
+    xa, ya = xa[ok], ya[ok]
+    n = int(xa.size)
+    rho = _pearson(rankdata(xa), rankdata(ya)) if n >= 3 else math.nan
+    if not math.isfinite(rho):
+        return SpearmanResult(None, None, None, n)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        r = _pearson(rankdata(xa[idx]), rankdata(ya[idx]))
+        if math.isfinite(r):
+            boots.append(r)
+    if not boots:
+        return SpearmanResult(rho, None, None, n)
+    alpha = (1.0 - confidence) / 2
+    low, high = np.quantile(boots, [alpha, 1 - alpha])
+    # A percentile interval of a skewed bootstrap can miss its own point estimate; widen it to hold rho.
+    return SpearmanResult(rho, float(min(low, rho)), float(max(high, rho)), n)
+
+
+# ------------------------------------------------------------------------------------------ re-training
+
+
+@dataclass
+class RetrainedCell:
+    cell: Cell
+    model: GPT
+    tokenizer: Tokenizer
+    max_rel_diff: float  # between the re-trained and the stored loss trajectory; 0.0 = bitwise equal
+
+
+def trajectory_difference(new: Sequence[float], stored: np.ndarray) -> float:
+    """Max relative difference of two loss trajectories (inf for different lengths or NaN patterns)."""
+    a, b = np.asarray(new, dtype=np.float64), np.asarray(stored, dtype=np.float64)
+    if a.shape != b.shape or not np.array_equal(np.isnan(a), np.isnan(b)):
+        return math.inf
+    if np.array_equal(a, b, equal_nan=True):
+        return 0.0
+    fin = np.isfinite(a) & np.isfinite(b)
+    if not np.array_equal(a[~fin], b[~fin], equal_nan=True):
+        return math.inf
+    return float(np.max(np.abs(a[fin] - b[fin]) / np.maximum(np.abs(b[fin]), 1e-30)))
+
+
+def plan_retraining(cells: Sequence[Cell], solo: set[tuple[int, int]], models_per_batch: int) -> list[list[Cell]]:
+    """Stacks to re-train, each a list of cells in order; a cell may appear twice in one stack.
+
+    On a GPU a stack of one model runs other kernels than a stack of several (it reproduced a stored
+    trajectory only to ~2e-3 where stacks of 2, 3, 8 and 16 were bitwise equal, H100, tiny model). So a cell
+    that was trained alone (``solo``: its original batch held one cell) is re-trained alone, and any other
+    stack of one gets a copy of its cell as companion (companions change no result).
+    """
+    alone = [c for c in cells if c.key in solo]
+    rest = [c for c in cells if c.key not in solo]
+    stacks = [rest[k : k + models_per_batch] for k in range(0, len(rest), models_per_batch)]
+    stacks = [s * 2 if len(s) == 1 else s for s in stacks]
+    return [[c] for c in alone] + stacks
+
+
+def solo_cells(store: StudyStore) -> set[tuple[int, int]]:
+    """Done cells whose batch (by stored batch_index) held only them."""
+    by_batch: dict[int, list[tuple[int, int]]] = {}
+    for r in store.rows():
+        if r["status"] == "done" and r["batch_index"] is not None:
+            by_batch.setdefault(int(r["batch_index"]), []).append((r["i"], r["j"]))
+    return {keys[0] for keys in by_batch.values() if len(keys) == 1}
+
+
+def retrain_cells(
+    study_dir: str | Path,
+    cells: Sequence[Cell],
+    device: str = "auto",
+    models_per_batch: int = 8,
+    rtol: float = RTOL,
+    deterministic: bool = False,
+) -> Iterator[RetrainedCell]:
+    """Re-train ``cells`` of a study, up to ``models_per_batch`` stacked at a time, and yield each fine-tuned
+    model (in the order of `plan_retraining`: cells trained alone first, then ``cells``' order).
+
+    A generator: only one stack of models is alive at once (a hundred d20 copies do not fit anywhere).
+    A cell's result does not depend on its batch companions, so the re-trained trajectory must equal the
+    stored one: bitwise on a CPU, and on an H100 too (tiny model) once a stack holds 2 or more models;
+    ``rtol`` admits rounding. A larger difference raises a ConfigError before that stack's models are yielded.
+    """
+    if models_per_batch < 1:
+        raise ConfigError(f"--models-per-batch must be at least 1, got {models_per_batch}")
+    with StudyStore.open(study_dir) as store:
+        cfg = StudyConfig.from_dict(store.config)
+        stored = store.trajectories()
+        solo = solo_cells(store)
+    missing = [c.key for c in cells if c.key not in stored]
+    if missing:
+        raise ConfigError(f"{study_dir}: cells {missing[:3]} are not done; finish the study before evaluating it")
+    dev = resolve_device(device)
+    set_determinism(cfg.seed, deterministic)
+    worker = Worker(cfg, dev)
+    data = worker.data
+    for stack in plan_retraining(cells, solo, models_per_batch):
+        trainer = StackedTrainer(data.model, [c.hparams for c in stack], worker.train_cfg, dev)
+        records = trainer.run(data.stream)
+        diffs = [trajectory_difference(r.losses, stored[c.key]) for c, r in zip(stack, records, strict=True)]
+        worst = int(np.argmax(diffs))
+        if diffs[worst] > rtol:
+            c = stack[worst]
+            raise ConfigError(
+                f"{study_dir}: re-training cell ({c.i}, {c.j}) on {dev} does not reproduce its stored trajectory "
+                f"(max relative difference {diffs[worst]:.3g} > {rtol:g}); evaluate on the device type the "
+                "study was trained on, or raise --rtol if the difference is float rounding")
+        seen = set()
+        for index, (cell, diff) in enumerate(zip(stack, diffs, strict=True)):
+            if cell.key in seen:  # the companion copy of a stack of one
+                continue
+            seen.add(cell.key)
+            model = GPT(data.model.config)
+            model.load_state_dict(trainer.state_dict_of(index))
+            yield RetrainedCell(cell, model.to(dev).eval(), data.tokenizer, diff)
+        del trainer
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def task_manager(tasks: Sequence[str], include_path: str | Path | None = None):
+    """lm-eval's TaskManager knowing ``tasks``; custom task YAMLs come from ``include_path``. Indexing the
+    ~10k built-in task files takes seconds, so a manager over ``include_path`` alone is tried first."""
+    from vmap_sweep.eval.adapter import require_lm_eval
+
+    require_lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None:
+        if not Path(include_path).is_dir():
+            raise ConfigError(f"--include-path {include_path}: no such folder; pass a folder of task YAML files")
+        try:
+            local = TaskManager(include_path=str(include_path), include_defaults=False)
+            if set(tasks) <= set(local.all_tasks):
+                return local
+        except TypeError:  # lm-eval versions without include_defaults
+            pass
+    manager = TaskManager(include_path=None if include_path is None else str(include_path))
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ConfigError(f"unknown lm-eval task(s) {', '.join(unknown)}; see `lm-eval ls tasks`, or put a task "
+                          "YAML in a folder and pass it with --include-path")
+    return manager
+
+
+def evaluate_model(model: GPT, tokenizer: Tokenizer, tasks: Sequence[str], limit: int | float | None, manager,
+                   device: str | torch.device = "cpu", batch_size: int = 16) -> dict[str, float]:
+    """Accuracy ("acc") of one model on each task, over the first ``limit`` examples."""
+    import lm_eval
+
+    from vmap_sweep.eval.adapter import VmapSweepLM
+
+    lm = VmapSweepLM(model, tokenizer, device=device, batch_size=batch_size)
+    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                  bootstrap_iters=0, log_samples=False)
+    results = out["results"]
+    acc = {}
+    for task in tasks:
+        metrics = results.get(task, {})
+        if "acc,none" not in metrics:
+            raise ConfigError(f"lm-eval task {task!r} reports no accuracy (metrics: {', '.join(metrics) or 'none'}); "
+                              "choose multiple-choice tasks with an `acc` metric")
+        acc[task] = float(metrics["acc,none"])
+    return acc
+
+
+def evaluate_cells(retrained: Iterator[RetrainedCell], distance: np.ndarray, tasks: Sequence[str],
+                   limit: int | float | None, manager, device: str | torch.device = "cpu", batch_size: int = 16,
+                   progress: Callable[[RetrainedCell, dict[str, float]], None] | None = None) -> list[dict]:
+    """One row per re-trained cell: where it is, its distance to the boundary and its accuracy per task."""
+    rows = []
+    for r in retrained:
+        acc = evaluate_model(r.model, r.tokenizer, tasks, limit, manager, device, batch_size)
+        d = float(distance[r.cell.j, r.cell.i])
+        rows.append({"i": r.cell.i, "j": r.cell.j, "x": r.cell.x, "y": r.cell.y,
+                     # None (JSON has no inf) when the study has one class only: no boundary to be near
+                     "distance": d if math.isfinite(d) else None, "accuracy": acc,
+                     "max_rel_diff": r.max_rel_diff})
+        if progress is not None:
+            progress(r, acc)
+    return rows
+
+
+def run_ood_eval(
+    study_dir: str | Path,
+    cells: str = "10x10",
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    limit: int | None = 100,
+    device: str = "auto",
+    include_path: str | Path | None = None,
+    models_per_batch: int = 8,
+    batch_size: int = 64,
+    rtol: float = RTOL,
+    deterministic: bool = False,
+    seed: int = 0,
+    progress: Callable[[RetrainedCell, dict[str, float]], None] | None = None,
+) -> dict:
+    """Select, re-train, evaluate and correlate; stores and returns the "ood" extra of the study.
+
+    ``deterministic`` should match the study's own run (--deterministic) for GPU re-training to reproduce it;
+    ``seed`` seeds the bootstrap of the Spearman CI.
+    """
+    from vmap_sweep.eval.adapter import require_lm_eval
+
+    require_lm_eval()  # before any training: a missing extra should cost nothing
+    tasks = list(dict.fromkeys(tasks))
+    if not tasks:
+        raise ConfigError("--tasks is empty; name one or more lm-eval tasks, e.g. hellaswag,arc_challenge")
+    if limit is not None and limit <= 0:
+        raise ConfigError(f"--limit must be positive, got {limit}")
+    n_x, n_y = parse_cells(cells)
+    with StudyStore.open(study_dir) as store:
+        distance = distance_to_boundary(study_classes(store))
+        selected = select_cells(store, n_x, n_y)
+    manager = task_manager(tasks, include_path)
+    dev = resolve_device(device)
+    retrained = retrain_cells(study_dir, selected, str(dev), models_per_batch, rtol, deterministic)
+    rows = evaluate_cells(retrained, distance, tasks, limit, manager, dev, batch_size, progress)
+    rows.sort(key=lambda r: (r["j"], r["i"]))
+    result = {
+        "tasks": tasks,
+        "limit": limit,
+        "cells": [{k: v for k, v in r.items() if k != "max_rel_diff"} for r in rows],
+        "spearman": {t: spearman([math.nan if r["distance"] is None else r["distance"] for r in rows],
+                                 [r["accuracy"][t] for r in rows],
+                                 seed=seed).to_dict() for t in tasks},
+        "retrain_max_rel_diff": max((r["max_rel_diff"] for r in rows), default=0.0),
+        "device": str(dev),
+    }
+    with StudyStore.open(study_dir) as store:
+        store.put_extra(EXTRA_KEY, result)
+    return result
