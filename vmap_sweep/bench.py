@@ -123,9 +123,13 @@ def time_stacked(model: GPT, k: int, cfg: TrainConfig, steps: int, device: torch
         trainer = StackedTrainer(model, cells, cfg, device)
         _sync(device)
         start = time.perf_counter()
-        trainer.run(stream)
+        records = trainer.run(stream)
         _sync(device)
         elapsed = time.perf_counter() - start
+        # A model that diverges stops early and would make the stack look faster than it is.
+        bad = [i for i, r in enumerate(records) if r.diverged or r.steps_done != steps]
+        if bad:
+            raise RuntimeError(f"models {bad} did not train all {steps} steps (diverged); the timing would be wrong")
         del trainer
         _free(device)
     return elapsed

@@ -10,11 +10,13 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch.func import functional_call, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vmap_sweep.model.gpt import GPT
 from vmap_sweep.train.optim import AdamWHparams, StackedAdamW, StackedMuon
@@ -22,6 +24,11 @@ from vmap_sweep.train.schedule import SCHEDULES, lr_multiplier
 from vmap_sweep.train.stack import GROUPS, group_of, split_params, unstack
 
 OPTIMIZERS = ("adamw", "nanochat")
+# Attention kernels that are right under vmap. cuDNN's gives NaN gradients there and the memory-efficient one
+# refuses the batched layout (torch 2.11, H100); flash (bf16 on CUDA, and on CPU) and math are exact.
+VMAP_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+# On CPU, SDPA has no vmap batching rule and runs once per model; correct, only slower, so don't warn each step.
+warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
 # nanochat's SFT recipe (chat_sft.py, Oct 2025): Muon lr 0.02 on block matrices, AdamW 0.2*s on the
 # embedding and 0.004*s on lm_head (s = (n_embd/768)^-0.5), all times init_lr_frac 0.02.
 NANOCHAT_INIT_LR_FRAC = 0.02
@@ -204,7 +211,7 @@ class StackedTrainer:
         total = torch.zeros(self.k, device=self.device)
         for start in range(0, inputs.shape[0], mb):
             sl = slice(start, start + mb)
-            with torch.set_grad_enabled(with_grad), self._autocast():
+            with torch.set_grad_enabled(with_grad), self._autocast(), sdpa_kernel(VMAP_SDPA_BACKENDS):
                 losses = self._vmapped_loss(self.stacked, inputs[sl], targets[sl], weights[:, sl])
             if with_grad:
                 # Each model's loss depends only on its own slice of the stack: the gradient of the sum is
