@@ -23,7 +23,9 @@ NO_EMB = ("unembedding", "attn", "mlp")
 CASES = [
     ("small 4x256, 32 stacked", 4, 256, 32, 8192, None, ALL, "float32"),
     ("small 4x256, 64 stacked", 4, 256, 64, 8192, None, ALL, "float32"),
+    ("d20, 1 stacked", 20, None, 1, 8192, None, ALL, "float32"),
     ("d20, 4 stacked", 20, None, 4, 8192, 2, ALL, "float32"),
+    ("d20, 4 stacked, whole batch", 20, None, 4, 8192, None, ALL, "float32"),
     ("d20, 4 stacked, 1024 tok/step", 20, None, 4, 1024, None, ALL, "float32"),
     ("d20, 8 stacked, bf16 state", 20, None, 8, 8192, 1, ALL, "bfloat16"),
     ("d20, 8 stacked, frozen wte, bf16 state", 20, None, 8, 8192, 1, NO_EMB, "bfloat16"),
