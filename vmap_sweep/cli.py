@@ -17,6 +17,8 @@ from rich.table import Table
 
 from vmap_sweep.errors import ConfigError, VmapSweepError
 
+DEFAULT_TASKS = ("hellaswag", "arc_challenge", "piqa", "winogrande")
+
 app = typer.Typer(
     help="Train many fine-tunes of one LLM at once and map where fine-tuning converges and where it diverges.",
     no_args_is_help=True,
@@ -119,6 +121,9 @@ def run(
     quiet: Annotated[bool, typer.Option(help="Log lines instead of a progress bar.")] = False,
     deterministic: Annotated[bool, typer.Option(help="Bitwise-reproducible kernels (slower on GPU).")] = False,
     wandb: Annotated[bool, typer.Option(help="Log progress to Weights & Biases (WANDB_MODE=offline works).")] = False,
+    backend: Annotated[str, typer.Option(help="local (this process) or ray (one worker per GPU).")] = "local",
+    address: Annotated[str | None, typer.Option(help="Ray cluster to join ('auto': `ray start`'s).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Ray workers (default: one per GPU, or per CPU without).")] = None,
 ):
     """Run (or resume) a study: every cell of the grid fine-tuned, stored batch by batch."""
     cfg = _study_config(preset, model, data, x, y, resolution, optimizer, schedule, batch_size, seq_len, seed,
@@ -131,20 +136,38 @@ def run(
 
         shard_spec = parse_shard(shard)
         out = out / f"shard-{shard_spec[0]}-of-{shard_spec[1]}"
+    backend_factory = _backend(backend, address, workers, device)
     if dry_run:
         _dry_run(cfg, 8 if k == "auto" else k, device)
         return
-    _run(cfg, out, k, device, micro_batch_size, shard_spec, deterministic, quiet, wandb)
+    _run(cfg, out, k, device, micro_batch_size, shard_spec, deterministic, quiet, wandb, backend_factory)
 
 
-def _run(cfg, out, k, device, micro_batch_size, shard_spec, deterministic, quiet, wandb):
+def _backend(backend: str, address: str | None, workers: int | None, device: str):
+    """None for this process; a RayBackend factory for --backend ray (Ray is an optional extra)."""
+    if backend == "local":
+        if address or workers:
+            raise ConfigError("--address/--workers work with --backend ray; add --backend ray")
+        return None
+    if backend != "ray":
+        raise ConfigError(f"--backend {backend!r}: choose local or ray")
+    from functools import partial
+
+    from vmap_sweep.sweep.ray_backend import RayBackend, import_ray
+
+    import_ray()  # the install hint before any work
+    return partial(RayBackend, address=address, num_workers=workers, gpus_per_worker=0 if device == "cpu" else None)
+
+
+def _run(cfg, out, k, device, micro_batch_size, shard_spec, deterministic, quiet, wandb, backend_factory=None):
     from vmap_sweep.sweep.progress import RichProgress, WandbProgress, summary_table
     from vmap_sweep.sweep.runner import run_study
 
     progress = RichProgress(console, quiet=quiet)
     if wandb:
         progress = WandbProgress(progress, cfg)
-    store = run_study(cfg, out, k, device, micro_batch_size, shard_spec, deterministic, progress)
+    store = run_study(cfg, out, k, device, micro_batch_size, shard_spec, deterministic, progress,
+                      backend_factory=backend_factory)
     with store:
         out_console.print(summary_table(store, progress))
         _say(f"study stored in {out}")
@@ -359,6 +382,179 @@ def _json_safe(value):
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     return value
+
+
+# ------------------------------------------------------------------------------------------------ zoom
+@app.command()
+@user_errors
+def zoom(
+    study: Annotated[Path, typer.Argument(help="A finished, classified study folder.")],
+    auto: Annotated[bool, typer.Option("--auto", help="Pick the window of highest boundary density.")] = False,
+    window: Annotated[tuple[float, float, float, float] | None,
+                      typer.Option(help="X0 X1 Y0 Y1 in real units (first level).")] = None,
+    depth: Annotated[int, typer.Option(help="Levels to zoom down, each inside the last.")] = 1,
+    fraction: Annotated[float, typer.Option(help="Window per axis, a fraction (log space on log axes).")] = 1 / 8,
+    models_per_batch: Annotated[str, typer.Option(help="Models trained at once, or 'auto'.")] = "8",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    micro_batch_size: Annotated[int | None, typer.Option(help="Rows per forward/backward.")] = None,
+    deterministic: Annotated[bool, typer.Option(help="Bitwise-reproducible kernels.")] = False,
+    quiet: Annotated[bool, typer.Option(help="Log lines instead of a progress bar.")] = False,
+):
+    """Run child studies over a window of the boundary, same resolution, DEPTH levels down (resumable)."""
+    from vmap_sweep.sweep.progress import RichProgress
+    from vmap_sweep.sweep.zoom import zoom_study
+
+    if auto == (window is not None):
+        raise ConfigError("zoom: give --auto or --window X0 X1 Y0 Y1")
+    children = zoom_study(study, window, depth, fraction, _models_per_batch(models_per_batch), device,
+                          RichProgress(console, quiet=quiet), micro_batch_size=micro_batch_size,
+                          deterministic=deterministic)
+    for child in children:
+        _say(str(child))
+
+
+@app.command("zoom-dimension")
+@user_errors
+def zoom_dimension(
+    study: Annotated[Path, typer.Argument(help="The top study of a zoom sequence.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+):
+    """Box-counting dimension per zoom level, and pooled over all levels (more decades of scale)."""
+    from vmap_sweep.sweep.zoom import dimension_report
+
+    report = dimension_report(study)
+    if json_out:
+        out_console.print_json(json.dumps(_json_safe(report), allow_nan=False))
+        return
+    def num(value) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    for level in report["levels"]:
+        if level.get("dimension") is None:
+            _say(f"level {level['level']}: not measurable ({level.get('error')})")
+        else:
+            _say(f"level {level['level']}: D = {num(level['dimension'])} [{num(level['ci_low'])}, "
+                 f"{num(level['ci_high'])}], cell scale {level['scale']:.3g}")
+    pooled = report["pooled"]
+    if pooled.get("dimension") is None:
+        _say(f"pooled: not measurable ({pooled.get('error')})")
+    else:
+        _say(f"pooled over levels: D = {num(pooled['dimension'])} ± {num(pooled['stderr'])} "
+             f"[{num(pooled['ci_low'])}, {num(pooled['ci_high'])}]")
+
+
+@app.command()
+@user_errors
+def animate(
+    study: Annotated[Path, typer.Argument(help="The top study of a zoom sequence.")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="GIF file (default STUDY/zoom.gif).")] = None,
+    fps: Annotated[float, typer.Option(help="Frames per second.")] = 2.0,
+):
+    """The zoom sequence, parent to deepest child, as a GIF (and MP4 where ffmpeg exists)."""
+    from vmap_sweep.analysis.animate import animate as render
+
+    _say(str(render(study, output or study / "zoom.gif", fps)))
+
+
+# ------------------------------------------------------------------------------------------------ rules, report
+@app.command()
+@user_errors
+def rules(
+    study: Annotated[Path, typer.Argument(help="Study folder (an LR axis x tokens, finished and classified).")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    plot_file: Annotated[Path | None, typer.Option("--plot", help="Draw LR vs dataset size (.png/.svg/.pdf).")] = None,
+):
+    """Rules of thumb: critical, safe and optimal LR per dataset size and their power laws."""
+    from vmap_sweep.analysis.rules import fit_table, plot_rules, rules_of_thumb, rules_table
+
+    result = rules_of_thumb(study)
+    if plot_file is not None:
+        plot_rules(result, plot_file)
+    if json_out:
+        out_console.print_json(json.dumps(result.to_dict(), allow_nan=False))
+        return
+    out_console.print(rules_table(result))
+    out_console.print(fit_table(result))
+    for line in result.summary():
+        _say(line)
+    if plot_file is not None:
+        _say(f"plot: {plot_file}")
+
+
+@app.command()
+@user_errors
+def report(
+    study: Annotated[Path, typer.Argument(help="Study folder (finished and classified).")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Default STUDY/report.FORMAT.")] = None,
+    format: Annotated[str, typer.Option(help="md (pictures in a folder beside it) or html (one file).")] = "md",
+):
+    """One report: config, maps, fractal dimension, zoom levels, rules of thumb, OOD correlation."""
+    from vmap_sweep.analysis.report import write_report
+
+    _say(str(write_report(study, output or study / f"report.{format}", format)))
+
+
+# ------------------------------------------------------------------------------------------------ eval
+@app.command("eval")
+@user_errors
+def eval_(
+    study: Annotated[Path, typer.Argument(help="A finished, classified study folder.")],
+    cells: Annotated[str, typer.Option(help="An evenly spaced NxM subset; only converged cells are used.")] = "10x10",
+    tasks: Annotated[str, typer.Option(help="Comma-separated lm-eval tasks.")] = ",".join(DEFAULT_TASKS),
+    limit: Annotated[int | None, typer.Option(help="Examples per task.")] = 100,
+    include_path: Annotated[Path | None, typer.Option(help="Folder of custom lm-eval task YAMLs.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    models_per_batch: Annotated[int, typer.Option(help="Models re-trained at once.")] = 8,
+    deterministic: Annotated[bool, typer.Option(help="Bitwise-reproducible kernels.")] = False,
+):
+    """Re-train a subset of converged cells, score them with lm-evaluation-harness, correlate with the
+    distance to the boundary (Spearman, bootstrap CI); results stored in the study."""
+    from vmap_sweep.eval.ood import run_ood_eval
+
+    def progress(cell, accuracy):
+        _say(f"cell ({cell.i}, {cell.j}): " + ", ".join(f"{t} {a:.3f}" for t, a in accuracy.items()))
+
+    result = run_ood_eval(study, cells, [t.strip() for t in tasks.split(",") if t.strip()], limit, device,
+                          include_path, models_per_batch, deterministic=deterministic, progress=progress)
+    for task, s in result["spearman"].items():
+        if s["rho"] is None:
+            _say(f"{task}: Spearman undefined (n = {s['n']})")
+        else:
+            _say(f"{task}: Spearman rho {s['rho']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}], n = {s['n']}")
+
+
+# ------------------------------------------------------------------------------------------------ bench
+@app.command()
+@user_errors
+def bench(
+    depth: Annotated[int, typer.Option(help="Model depth (nanochat's from_depth; 20 = d20).")] = 20,
+    models_per_batch: Annotated[int, typer.Option(help="Models stacked.")] = 4,
+    tokens_per_step: Annotated[int, typer.Option(help="Tokens per optimizer step.")] = 8192,
+    seq_len: Annotated[int, typer.Option(help="Tokens per row.")] = 1024,
+    micro_batch_size: Annotated[int | None, typer.Option(help="Rows per forward/backward.")] = None,
+    steps: Annotated[int, typer.Option(help="Steps timed per cell.")] = 5,
+    device: Annotated[str, typer.Option(help="cuda (cpu works, slowly).")] = "cuda",
+):
+    """Stacked training against the best one-at-a-time loop, side by side, on random-init weights."""
+    import torch
+
+    from vmap_sweep.bench import bench as run_bench
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("bench: no CUDA device here; run it on a GPU machine or pass --device cpu")
+    if tokens_per_step % seq_len:
+        raise ConfigError(f"--tokens-per-step {tokens_per_step} must be a multiple of --seq-len {seq_len}")
+    r = run_bench(depth, models_per_batch, tokens_per_step, seq_len, micro_batch_size=micro_batch_size,
+                  steps=steps, device=device)
+    table = Table(title=f"depth {depth}, {models_per_batch} stacked, {tokens_per_step} tokens/step")
+    for col in ("", "s/step", "s/cell", "TFLOP/s"):
+        table.add_column(col)
+    table.add_row("one at a time (best)", f"{r.baseline_step_s:.4f}", f"{r.baseline_cell_s:.3f}",
+                  f"{r.baseline_tflops:.1f}")
+    table.add_row(f"{models_per_batch} stacked", f"{r.stacked_step_s:.4f}", f"{r.stacked_cell_s:.3f}",
+                  f"{r.stacked_tflops:.1f}")
+    out_console.print(table)
+    _say(f"cells per hour, stacked / one at a time: {r.speedup:.2f}x; peak memory {r.peak_memory_gb:.1f} GB")
 
 
 # ------------------------------------------------------------------------------------------------ axes

@@ -1,0 +1,79 @@
+"""The analysis commands end to end on one real tiny study: zoom, zoom-dimension, animate, rules, report,
+and the options that need an optional extra or a GPU (clear error, exit 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from vmap_sweep.cli import app
+from vmap_sweep.sweep.store import StudyStore
+
+TINY = ["run", "--preset", "tiny", "--resolution", "6", "--y", "tokens:256:2048:log", "--eval-tokens", "512",
+        "--models-per-batch", "6", "--device", "cpu", "--quiet"]
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def ok(*args):
+    result = cli(*args)
+    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
+    return result
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    cache = os.environ.get("VMAP_SWEEP_CACHE") or str(tmp_path_factory.getbasetemp() / "vmap-sweep-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VMAP_SWEEP_CACHE", cache)
+        out = tmp_path_factory.mktemp("analysis") / "study"
+        ok(*TINY, "--out", out)
+        yield out
+
+
+def test_zoom_then_dimension_then_animation(study):
+    result = ok("zoom", study, "--auto", "--depth", "1", "--models-per-batch", "6", "--device", "cpu", "--quiet")
+    child = study / result.stdout.strip().splitlines()[-1].split(study.name + "/")[-1]
+    assert (child / "study.db").exists()
+    with StudyStore.open(study) as store:
+        assert [c.level for c in store.children()] == [1]
+    report = json.loads(ok("zoom-dimension", study, "--json").stdout)
+    assert [lv["level"] for lv in report["levels"]] == [0, 1]
+    assert "pooled" in report
+    assert "level 0" in ok("zoom-dimension", study).stdout
+    gif = study / "zoom.gif"
+    assert ok("animate", study).stdout.strip().endswith("zoom.gif")
+    assert Image.open(gif).n_frames == 2
+
+
+def test_zoom_needs_exactly_one_of_auto_and_window(study):
+    result = cli("zoom", study)
+    assert result.exit_code == 2 and "give --auto or --window" in result.stderr
+
+
+def test_rules_and_report(study, tmp_path):
+    rules = json.loads(ok("rules", study, "--json", "--plot", tmp_path / "rules.png").stdout)
+    assert (tmp_path / "rules.png").stat().st_size > 0
+    assert len(rules["sizes"]) == 6  # one row per dataset size of the 6x6 grid
+    html = tmp_path / "r.html"
+    ok("report", study, "-o", html, "--format", "html")
+    text = html.read_text()
+    assert "data:image/png;base64" in text and "dimension" in text.lower()
+
+
+def test_backend_and_bench_errors_are_one_line(study, tmp_path):
+    result = cli(*TINY, "--out", tmp_path / "s", "--backend", "carrier-pigeon")
+    assert result.exit_code == 2 and "--backend" in result.stderr
+    result = cli(*TINY, "--out", tmp_path / "s", "--workers", "2")
+    assert result.exit_code == 2 and "--backend ray" in result.stderr
+    import torch
+
+    if not torch.cuda.is_available():
+        result = cli("bench", "--depth", "1")
+        assert result.exit_code == 2 and "no CUDA device" in result.stderr
