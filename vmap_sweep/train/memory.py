@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Sequence
 
 import torch
@@ -27,12 +28,13 @@ def _fits(model: GPT, k: int, cfg: TrainConfig, device: torch.device) -> bool:
     cells = [{"lr": 1e-6, "tokens": cfg.tokens_per_step}] * k
     try:
         StackedTrainer(model, cells, cfg, device).run(_OneStepStream(model.config.vocab_size))
-        return True
+        fits = True
     except torch.OutOfMemoryError:
-        return False
-    finally:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        fits = False
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return fits
 
 
 def probe_models_per_batch(model: GPT, cfg: TrainConfig, device: str | torch.device, limit: int = 256) -> int:
@@ -68,11 +70,13 @@ def train_splitting_on_oom(
     try:
         return train(cells)
     except torch.OutOfMemoryError:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if len(cells) == 1:
-            raise OutOfMemoryForOneModel(
-                "one model does not fit in GPU memory; lower --micro-batch-size or --seq-len, or use a smaller model"
-            ) from None
-        half = len(cells) // 2
-        return train_splitting_on_oom(train, cells[:half]) + train_splitting_on_oom(train, cells[half:])
+        pass  # split outside the except block: its traceback still holds the failed batch's tensors
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if len(cells) == 1:
+        raise OutOfMemoryForOneModel(
+            "one model does not fit in GPU memory; lower --micro-batch-size or --seq-len, or use a smaller model"
+        )
+    half = len(cells) // 2
+    return train_splitting_on_oom(train, cells[:half]) + train_splitting_on_oom(train, cells[half:])
