@@ -25,7 +25,7 @@ def _chunk_loss_and_grads(h, w, targets, weights, softcap: float):
     # d loss / d logits = (softmax - onehot) * weight; through the softcap: * (1 - tanh^2)
     grad = logits.sub_(lse).exp_()
     grad.scatter_add_(-1, safe_targets, -torch.ones_like(target_logit))
-    grad.mul_(weights.unsqueeze(-1)).mul_(t.square_().neg_().add_(1.0))
+    grad.mul_(weights.unsqueeze(-1)).mul_(t.mul_(t).neg_().add_(1.0))  # square_ has no vmap rule: mul_
     dz = grad.to(h.dtype)
     return loss, dz @ w, dz.t() @ h
 
