@@ -17,18 +17,19 @@ import torch
 from vmap_sweep.bench import bench, matmul_peak_tflops
 from vmap_sweep.train.trainer import StackedTrainer, TrainConfig
 
-# (label, depth, n_embd, models, tokens/step, micro-batch rows, trainable groups, optimizer state dtype)
+# (label, depth, n_embd, models, tokens/step, micro-batch rows, trainable groups, optimizer state dtype, compile)
 ALL = ("embedding", "unembedding", "attn", "mlp")
 NO_EMB = ("unembedding", "attn", "mlp")
 CASES = [
-    ("small 4x256, 32 stacked", 4, 256, 32, 8192, None, ALL, "float32"),
-    ("small 4x256, 64 stacked", 4, 256, 64, 8192, None, ALL, "float32"),
-    ("d20, 1 stacked", 20, None, 1, 8192, None, ALL, "float32"),
-    ("d20, 4 stacked", 20, None, 4, 8192, 2, ALL, "float32"),
-    ("d20, 4 stacked, whole batch", 20, None, 4, 8192, None, ALL, "float32"),
-    ("d20, 4 stacked, 1024 tok/step", 20, None, 4, 1024, None, ALL, "float32"),
-    ("d20, 8 stacked, bf16 state", 20, None, 8, 8192, 1, ALL, "bfloat16"),
-    ("d20, 8 stacked, frozen wte, bf16 state", 20, None, 8, 8192, 1, NO_EMB, "bfloat16"),
+    ("small 4x256, 32 stacked", 4, 256, 32, 8192, None, ALL, "float32", False),
+    ("small 4x256, 32 stacked, compiled", 4, 256, 32, 8192, 1, ALL, "float32", True),
+    ("d20, 1 stacked", 20, None, 1, 8192, None, ALL, "float32", False),
+    ("d20, 4 stacked", 20, None, 4, 8192, 2, ALL, "float32", False),
+    ("d20, 4 stacked, compiled", 20, None, 4, 8192, 2, ALL, "float32", True),
+    ("d20, 4 stacked, 1024 tok/step", 20, None, 4, 1024, None, ALL, "float32", False),
+    ("d20, 4 stacked, 1024 tok/step, compiled", 20, None, 4, 1024, None, ALL, "float32", True),
+    ("d20, 8 stacked, frozen wte, bf16 state", 20, None, 8, 8192, 1, NO_EMB, "bfloat16", False),
+    ("d20, 8 stacked, frozen wte, bf16 state, compiled", 20, None, 8, 8192, 1, NO_EMB, "bfloat16", True),
 ]
 
 
@@ -61,15 +62,16 @@ def main() -> None:
     if device == "cuda":
         results["matmul_peak_tflops"] = matmul_peak_tflops()
         print(f"measured bf16 matmul peak: {results['matmul_peak_tflops']:.0f} TFLOP/s", flush=True)
-    cases = CASES if not args.quick else [("quick", 1, 64, 4, 256, None, ALL, "float32")]
+    cases = CASES if not args.quick else [("quick", 1, 64, 4, 256, None, ALL, "float32", False)]
     cases = [c for c in cases if args.only is None or args.only in c[0]]
-    for label, depth, n_embd, k, tokens, mb, trainable, state in cases:
+    for label, depth, n_embd, k, tokens, mb, trainable, state, compiled in cases:
         start = time.time()
         try:
             vocab = 65536 if not args.quick else 512
             seq = 1024 if not args.quick else 64
             r = bench(depth, k, tokens_per_step=tokens, seq_len=seq, vocab=vocab, micro_batch_size=mb,
-                      device=device, trainable=trainable, n_embd=n_embd, optimizer_state_dtype=state).to_dict()
+                      device=device, trainable=trainable, n_embd=n_embd, optimizer_state_dtype=state,
+                      compile=compiled).to_dict()
             r["label"] = label
             results["cases"].append(r)
             print(f"{label}: {json.dumps(r)} ({time.time() - start:.0f}s)", flush=True)

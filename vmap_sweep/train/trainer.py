@@ -60,6 +60,9 @@ class TrainConfig:
     # Adam moments (and Muon momentum) in bfloat16 halve the optimizer's memory: what lets 8 copies of d20
     # fit on one 80 GB GPU. float32 is the exact reference.
     optimizer_state_dtype: str = "float32"
+    # torch.compile the vmapped forward (GPU); the loss then uses full logits per micro-batch, which the
+    # compiler fuses, so keep micro-batches small enough for K x rows x vocab float32 logits.
+    compile: bool = False
 
     @property
     def tokens_per_step(self) -> int:
@@ -150,6 +153,7 @@ class StackedTrainer:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.model.ce_chunk = cfg.ce_chunk
+        self.model.fused_ce = not cfg.compile
         self.stacked, self.frozen = split_params(self.model, self.k, cfg.trainable)
         self.stacked = {n: t.to(self.device).detach().requires_grad_(True) for n, t in self.stacked.items()}
         self.frozen = {n: t.to(self.device) for n, t in self.frozen.items()}
@@ -186,6 +190,8 @@ class StackedTrainer:
 
         # Params carry the model dimension; tokens and targets are shared; loss weights are per model.
         self._vmapped_loss = vmap(model_loss, in_dims=(0, None, None, 0))
+        if cfg.compile:
+            self._vmapped_loss = torch.compile(self._vmapped_loss)
 
     # -- one step ---------------------------------------------------------------------------------------
 
