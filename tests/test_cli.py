@@ -19,9 +19,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from typer.testing import CliRunner
+from cli_helpers import cli, ok
 
-from vmap_sweep.cli import app
 from vmap_sweep.config import preset
 from vmap_sweep.sweep.axes import parse_axis_spec
 from vmap_sweep.sweep.plan import shard
@@ -35,26 +34,6 @@ RESULT_FIELDS = ("steps", "steps_done", "initial_loss", "final_loss", "eval_loss
 ARRAY_FIELDS = ("trajectory", "base_losses", "grad_norms", "lrs")
 PLOTS = ("score", "final_loss", "eval_loss", "trajectories")
 MAGIC = {"png": b"\x89PNG", "pdf": b"%PDF", "svg": b"<?xml"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cache_env(tmp_path_factory):
-    """One model cache for the whole session (the tiny model is pretrained once), seen by subprocesses too."""
-    cache = os.environ.get("VMAP_SWEEP_CACHE") or str(tmp_path_factory.getbasetemp() / "vmap-sweep-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VMAP_SWEEP_CACHE", cache)
-        mp.setenv("TOKENIZERS_PARALLELISM", "false")
-        yield cache
-
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def ok(*args):
-    result = cli(*args)
-    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
-    return result
 
 
 def one_line_error(result, *needles: str) -> str:

@@ -4,37 +4,22 @@ and the options that need an optional extra or a GPU (clear error, exit 2)."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
+from cli_helpers import cli, ok
 from PIL import Image
-from typer.testing import CliRunner
 
-from vmap_sweep.cli import app
 from vmap_sweep.sweep.store import StudyStore
 
 TINY = ["run", "--preset", "tiny", "--resolution", "6", "--y", "tokens:256:2048:log", "--eval-tokens", "512",
         "--models-per-batch", "6", "--device", "cpu", "--quiet"]
 
 
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def ok(*args):
-    result = cli(*args)
-    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
-    return result
-
-
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    cache = os.environ.get("VMAP_SWEEP_CACHE") or str(tmp_path_factory.getbasetemp() / "vmap-sweep-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VMAP_SWEEP_CACHE", cache)
-        out = tmp_path_factory.mktemp("analysis") / "study"
-        ok(*TINY, "--out", out)
-        yield out
+    out = tmp_path_factory.mktemp("analysis") / "study"
+    ok(*TINY, "--out", out)
+    return out
 
 
 def test_zoom_then_dimension_then_animation(study):

@@ -34,16 +34,12 @@ ARRAYS = ("trajectory", "base_losses", "grad_norms", "lrs")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def cache_env(tmp_path_factory):
-    """One model cache for the session, pretrained here once so the subprocesses don't race to build it."""
-    cache = os.environ.get("VMAP_SWEEP_CACHE") or str(tmp_path_factory.getbasetemp() / "vmap-sweep-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VMAP_SWEEP_CACHE", cache)
-        mp.setenv("TOKENIZERS_PARALLELISM", "false")
-        from vmap_sweep.model.tiny import tiny_base_model
+def pretrained(shared_model_cache):
+    """Pretrain the tiny model here once, so the two subprocesses don't race to build it."""
+    from vmap_sweep.model.tiny import tiny_base_model
 
-        tiny_base_model()
-        yield cache
+    tiny_base_model()
+    return shared_model_cache
 
 
 def start(out: Path) -> subprocess.Popen:

@@ -1,0 +1,17 @@
+"""One tiny-model cache for the whole test session, so the model is pretrained once (~11 s), not per module.
+
+A VMAP_SWEEP_CACHE already set (as .ci/run does) is kept; tests of the cache itself point it elsewhere.
+"""
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_model_cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        if not os.environ.get("VMAP_SWEEP_CACHE"):
+            mp.setenv("VMAP_SWEEP_CACHE", str(tmp_path_factory.getbasetemp() / "vmap-sweep-cache"))
+        mp.setenv("TOKENIZERS_PARALLELISM", "false")
+        yield os.environ["VMAP_SWEEP_CACHE"]
