@@ -196,7 +196,7 @@ def _dry_run(cfg, k, device):
         ("model-steps", f"{s['model_steps']:,} ({s['padded_model_steps']:,} masked)"),
         ("FLOPs", f"{s['flops']:.3g}"),
         ("estimate", f"{_duration(s['seconds_estimate'])} on {s['device']} "
-                     f"(matmul {s['matmul_tflops']:.2f} TFLOP/s measured, 35% assumed in training)"),
+                     f"(matmul {s['matmul_tflops']:.2f} TFLOP/s measured, {s['efficiency']:.0%} of it assumed)"),
     ]:
         table.add_row(str(key), escape(str(value)))
     out_console.print(table)

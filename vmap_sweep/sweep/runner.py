@@ -239,14 +239,18 @@ def _labelled(cells: list[Cell], records: list[CellRecord]):
         yield cell, rec
 
 
+TRAINING_EFFICIENCY = 0.13
+
+
 def describe_plan(cfg: StudyConfig, models_per_batch: int, model_config, device: torch.device) -> dict:
     """--dry-run: cells, batches, model-steps, FLOPs and a rough time on this device."""
     grid = build_grid(cfg)
     batches = plan_study(cfg, grid, models_per_batch)
     summary = plan_summary(batches, flops_per_model_step(model_config, cfg.batch_size * cfg.seq_len))
     rate = measured_flops_per_second(device)
-    # Training reaches a fraction of a bare matmul's rate; 0.35 is what the GPU benchmarks show for d20.
-    summary["seconds_estimate"] = summary["flops"] / (0.35 * rate)
+    # Training reaches a fraction of a bare matmul's rate: 13% for stacked d20 on an H100 (benchmarks/RESULTS.md).
+    summary["seconds_estimate"] = summary["flops"] / (TRAINING_EFFICIENCY * rate)
+    summary["efficiency"] = TRAINING_EFFICIENCY
     summary["device"] = str(device)
     summary["matmul_tflops"] = rate / 1e12
     summary["steps_range"] = (min(b.steps for b in batches), max(b.steps for b in batches))
