@@ -62,3 +62,24 @@ def test_backend_and_bench_errors_are_one_line(study, tmp_path):
     if not torch.cuda.is_available():
         result = cli("bench", "--depth", "1")
         assert result.exit_code == 2 and "no CUDA device" in result.stderr
+
+
+def test_resume_with_other_run_settings_is_refused_and_changes_nothing(study):
+    before = (study / "study.db").read_bytes()
+    result = cli(*TINY, "--out", study, "--micro-batch-size", "2")
+    assert result.exit_code == 2 and "micro_batch_size: None -> 2" in result.stderr
+    assert (study / "study.db").read_bytes() == before
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--set", "warmup_ratio=5"], "--set warmup_ratio"),
+    (["--x", "lr:1e-3:1e-2", "--set", "weight_decay=-1"], "--set weight_decay"),
+    (["--device", "tpu"], "--device 'tpu'"),
+    (["--y", "tokens:10:100:log"], "hold no supervised"),
+])
+def test_bad_values_are_one_line_and_leave_no_study(tmp_path, args, needle):
+    out = tmp_path / "s"
+    result = cli(*TINY, "--out", out, *args)
+    assert result.exit_code == 2 and needle in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()

@@ -54,14 +54,6 @@ class RandomStream:
         return x[:, :-1], x[:, 1:]
 
 
-def flops_per_token(cfg: GPTConfig) -> float:
-    """nanochat's estimate: 6 per matrix parameter (lm_head included, embedding lookup not) plus attention."""
-    c = cfg
-    per_layer = 2 * c.n_embd * c.n_embd + 2 * c.n_embd * c.n_kv_head * c.head_dim + 8 * c.n_embd * c.n_embd
-    matrices = c.n_layer * per_layer + c.vocab_size * c.n_embd
-    return 6 * matrices + 12 * c.n_layer * c.n_embd * c.sequence_len
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -163,7 +155,7 @@ def bench(depth: int, models: int, tokens_per_step: int = 8192, seq_len: int = 1
     base_step, variants = best_baseline(model, stream, batch_size, seq_len, steps, dev, micro_batch_size)
     del model
     _free(dev)
-    flops = flops_per_token(gcfg) * tokens_per_step
+    flops = gcfg.flops_per_token(seq_len) * tokens_per_step
     stacked_step = stacked_batch / steps
     return BenchResult(
         depth=depth, n_embd=gcfg.n_embd, params=sum(p.numel() for p in GPT(gcfg).to("meta").parameters()),

@@ -69,7 +69,7 @@ Preset = Annotated[str, typer.Option(help="Starting configuration: d20-docvqa (t
 
 
 def _study_config(preset, model, data, x, y, resolution, optimizer, schedule, batch_size, seq_len, seed, settings,
-                  trainable, eval_tokens):
+                  trainable, eval_tokens, optimizer_state=None):
     from vmap_sweep.config import preset as get_preset
 
     base = get_preset(preset)
@@ -77,7 +77,7 @@ def _study_config(preset, model, data, x, y, resolution, optimizer, schedule, ba
     cfg = base.with_overrides(
         model=model, data=data, x=x, y=y, resolution=resolution, optimizer=optimizer, schedule=schedule,
         batch_size=batch_size, seq_len=seq_len, seed=seed, eval_tokens=eval_tokens,
-        trainable=tuple(trainable.split(",")) if trainable else None, fixed=fixed,
+        trainable=tuple(trainable.split(",")) if trainable else None, fixed=fixed, optimizer_state=optimizer_state,
     )
     cfg.validate()
     return cfg
@@ -115,6 +115,7 @@ def run(
     eval_tokens: Annotated[int | None, typer.Option(help="Held-out tokens for the eval loss.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Fix a hyperparameter: KEY=VALUE.")] = None,
     trainable: Annotated[str | None, typer.Option(help="Groups to train, e.g. attn,mlp,unembedding.")] = None,
+    optimizer_state: Annotated[str | None, typer.Option(help="float32, or bfloat16 (half the memory).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     shard: Annotated[str | None, typer.Option(help="K/N: run only the K-th of N parts of the plan.")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the plan and an estimate of its time; train nothing.")] = False,
@@ -127,7 +128,7 @@ def run(
 ):
     """Run (or resume) a study: every cell of the grid fine-tuned, stored batch by batch."""
     cfg = _study_config(preset, model, data, x, y, resolution, optimizer, schedule, batch_size, seq_len, seed,
-                        set_, trainable, eval_tokens)
+                        set_, trainable, eval_tokens, optimizer_state)
     k = _models_per_batch(models_per_batch)
     out = out or Path("studies") / preset
     shard_spec = None
@@ -174,12 +175,10 @@ def _run(cfg, out, k, device, micro_batch_size, shard_spec, deterministic, quiet
 
 
 def _dry_run(cfg, k, device):
-    import torch
 
-    from vmap_sweep.sweep.runner import describe_plan
+    from vmap_sweep.sweep.runner import describe_plan, resolve_device
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     if cfg.model == "tiny":
         from vmap_sweep.model.tiny import TINY_CONFIG as model_config
     else:
@@ -506,6 +505,7 @@ def eval_(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     models_per_batch: Annotated[int, typer.Option(help="Models re-trained at once.")] = 8,
     deterministic: Annotated[bool, typer.Option(help="Bitwise-reproducible kernels.")] = False,
+    rtol: Annotated[float, typer.Option(help="Largest relative difference a re-trained trajectory may have.")] = 1e-6,
 ):
     """Re-train a subset of converged cells, score them with lm-evaluation-harness, correlate with the
     distance to the boundary (Spearman, bootstrap CI); results stored in the study."""
@@ -515,7 +515,7 @@ def eval_(
         _say(f"cell ({cell.i}, {cell.j}): " + ", ".join(f"{t} {a:.3f}" for t, a in accuracy.items()))
 
     result = run_ood_eval(study, cells, [t.strip() for t in tasks.split(",") if t.strip()], limit, device,
-                          include_path, models_per_batch, deterministic=deterministic, progress=progress)
+                          include_path, models_per_batch, rtol=rtol, deterministic=deterministic, progress=progress)
     for task, s in result["spearman"].items():
         if s["rho"] is None:
             _say(f"{task}: Spearman undefined (n = {s['n']})")

@@ -6,12 +6,11 @@ shard, progress) is not: a cell's result does not depend on its batch companions
 
 from __future__ import annotations
 
-import hashlib
-import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from vmap_sweep.errors import ConfigError
-from vmap_sweep.sweep.axes import parse_axis_spec, parse_resolution
+from vmap_sweep.sweep.axes import AXES, parse_axis_spec, parse_resolution
 from vmap_sweep.train.stack import GROUPS
 from vmap_sweep.train.trainer import TrainConfig
 
@@ -31,6 +30,7 @@ class StudyConfig:
     eval_tokens: int = 32768
     trainable: tuple[str, ...] = GROUPS
     divergence_ratio: float = 10.0
+    optimizer_state: str = "float32"  # or bfloat16: half the optimizer memory (8 d20 copies on one 80 GB GPU)
     # values of every hyperparameter that is not an axis (lr, tokens, weight_decay, warmup_ratio, ...)
     fixed: dict = field(default_factory=dict)
 
@@ -46,9 +46,6 @@ class StudyConfig:
         d["trainable"] = tuple(d.get("trainable", GROUPS))
         return cls(**d)
 
-    def hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
-
     def with_overrides(self, **overrides) -> StudyConfig:
         """A copy with every override that is not None applied (the CLI's options over a preset)."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
@@ -62,6 +59,7 @@ class StudyConfig:
             micro_batch_size=micro_batch_size,
             trainable=self.trainable,
             divergence_ratio=self.divergence_ratio,
+            optimizer_state_dtype=self.optimizer_state,
         )
 
     def validate(self) -> None:
@@ -80,6 +78,15 @@ class StudyConfig:
         unknown = set(self.trainable) - set(GROUPS)
         if unknown or not self.trainable:
             raise ConfigError(f"--trainable {','.join(self.trainable)!r}: choose one or more of {', '.join(GROUPS)}")
+        if self.optimizer_state not in ("float32", "bfloat16"):
+            raise ConfigError(f"--optimizer-state {self.optimizer_state!r}: choose float32 or bfloat16")
+        for key, value in self.fixed.items():
+            axis = AXES[key]
+            if not math.isfinite(value) or (axis.positive and value <= 0) or value < 0 or (
+                    axis.hi_max is not None and value > axis.hi_max):
+                bound = f"in [0, {axis.hi_max:g}]" if axis.hi_max is not None else (
+                    "> 0" if axis.positive else ">= 0")
+                raise ConfigError(f"--set {key}={value!r}: {key} must be {bound}")
         swept = {x.name, y.name}
         if "tokens" not in swept and "tokens" not in self.fixed:
             raise ConfigError("no dataset size: sweep `tokens` on an axis or fix it with --set tokens=N")

@@ -53,6 +53,14 @@ class GPTConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """nanochat's estimate of a training step's FLOPs per token: 6 per matrix parameter (lm_head included,
+        the embedding lookup not) plus 12 * layers * width * sequence for attention."""
+        per_layer = 2 * self.n_embd * self.n_embd + 2 * self.n_embd * self.n_kv_head * self.head_dim
+        per_layer += 8 * self.n_embd * self.n_embd  # MLP
+        matrices = self.n_layer * per_layer + self.vocab_size * self.n_embd
+        return 6 * matrices + 12 * self.n_layer * self.n_embd * (seq_len or self.sequence_len)
+
     def validate(self) -> None:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
@@ -218,7 +226,9 @@ class GPT(nn.Module):
         out = torch.zeros(flat.shape, dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk):
             sl = slice(start, start + chunk)
-            logits = self.logits(h[sl]).float()
+            # float32 after the matmul, as the fused loss computes it: the two are compared step by step
+            cap = self.config.softcap
+            logits = cap * torch.tanh((h[sl] @ self.lm_head.weight.t()).float() / cap)
             out[sl] = F.cross_entropy(logits, flat[sl].clamp(min=0), reduction="none") * (flat[sl] != -1)
         return out.view(targets.shape)
 

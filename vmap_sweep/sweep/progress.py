@@ -27,7 +27,9 @@ class RichProgress(ProgressHooks):
         self.bar: Progress | None = None
 
     def start(self, total: int, done: int, batches: int) -> None:
+        # one progress may serve several studies in a row (zoom levels): counts are per study
         self.total, self.done, self.batches = total, done, batches
+        self.diverged = self.trained = 0
         self.started = time.perf_counter()
         if done:
             self._log(f"resuming: {done}/{total} cells already stored")

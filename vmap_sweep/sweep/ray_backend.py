@@ -129,7 +129,11 @@ class RayBackend:
         self.slots: list[_Slot] = []
         self.started_ray = False
         if not ray.is_initialized():
-            ray.init(address=address, log_to_driver=True)
+            try:
+                ray.init(address=address, log_to_driver=True)
+            except (ConnectionError, RuntimeError) as e:
+                raise ConfigError(f"--address {address}: can't reach a Ray cluster ({str(e).splitlines()[0]}); "
+                                  "start one with `ray start --head` or leave --address out") from None
             self.started_ray = True
         try:
             self._start(cfg, torch.device(device), micro_batch_size, num_workers, gpus_per_worker, worker_factory)

@@ -19,7 +19,7 @@ from vmap_sweep.analysis.classify import classify_ratio
 from vmap_sweep.config import StudyConfig
 from vmap_sweep.data.sources import load_conversations
 from vmap_sweep.data.stream import EvalSet, TokenStream
-from vmap_sweep.errors import VmapSweepError
+from vmap_sweep.errors import ConfigError, StoreError, VmapSweepError
 from vmap_sweep.model.gpt import GPT
 from vmap_sweep.model.tokenizer import Tokenizer
 from vmap_sweep.sweep.axes import parse_axis_spec, parse_resolution
@@ -35,18 +35,24 @@ def build_grid(cfg: StudyConfig, x: str | None = None, y: str | None = None) -> 
     return Grid(parse_axis_spec(x or cfg.x), parse_axis_spec(y or cfg.y), nx, ny, dict(cfg.fixed))
 
 
-def plan_study(cfg: StudyConfig, grid: Grid, models_per_batch: int) -> list[Batch]:
+def _steps_of(cfg: StudyConfig) -> Callable[[Cell], int]:
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    return plan_batches(grid.cells(), models_per_batch, lambda c: steps_for(int(c.hparams["tokens"]), tokens_per_step))
+    return lambda c: steps_for(int(c.hparams["tokens"]), tokens_per_step)
 
 
-def flops_per_model_step(model_config, tokens_per_step: int) -> float:
-    """nanochat's estimate: 6 per parameter per token outside the embedding, plus attention."""
-    c = model_config
-    per_layer = 4 * c.n_embd * c.n_embd + 2 * c.n_embd * c.n_kv_head * c.head_dim + 8 * c.n_embd * c.n_embd
-    matrices = c.n_layer * per_layer + c.vocab_size * c.n_embd  # blocks + lm_head
-    attention = 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
-    return float(6 * matrices + attention) * tokens_per_step
+def plan_study(cfg: StudyConfig, grid: Grid, models_per_batch: int) -> list[Batch]:
+    return plan_batches(grid.cells(), models_per_batch, _steps_of(cfg))
+
+
+def shard_cells(cfg: StudyConfig, grid: Grid, k: int, n: int) -> list[Cell]:
+    """The cells of shard k of n, whatever each shard's --models-per-batch: shards are dealt whole groups of
+    equal step count and at most one grid row each, so the parts never depend on how a shard batches them."""
+    units = plan_batches(grid.cells(), grid.nx, _steps_of(cfg))
+    return [c for unit in shard(units, k, n) for c in unit.cells]
+
+
+def flops_per_model_step(model_config, seq_len: int, tokens_per_step: int) -> float:
+    return model_config.flops_per_token(seq_len) * tokens_per_step
 
 
 def measured_flops_per_second(device: torch.device) -> float:
@@ -87,8 +93,6 @@ def load_study_data(cfg: StudyConfig, device: torch.device) -> StudyData:
     held_out = EvalSet.build(load_conversations(cfg.data, "validation"), tokenizer, cfg.eval_tokens,
                              max_len=max_len, source=cfg.data)
     if cfg.seq_len > model.config.sequence_len:
-        from vmap_sweep.errors import ConfigError
-
         raise ConfigError(f"--seq-len {cfg.seq_len} is longer than the model's sequence_len "
                           f"{model.config.sequence_len}; choose --seq-len <= {model.config.sequence_len}")
     return StudyData(model, tokenizer, stream, held_out.batches(cfg.batch_size, cfg.seq_len))
@@ -147,9 +151,18 @@ class LocalBackend:
 
 
 def resolve_device(device: str) -> torch.device:
+    """--device auto|cpu|cuda[:N] -> a torch device that exists here, or a ConfigError."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device!r}: choose auto, cpu or cuda") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device!r}: choose auto, cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: this machine has no CUDA device; use --device cpu or auto")
+    return dev
 
 
 def run_study(
@@ -179,14 +192,20 @@ def run_study(
     store = StudyStore.create_or_open(out, cfg.to_dict(), grid.cells())
     backend = None
     try:
+        runtime = {"device": dev.type, "micro_batch_size": micro_batch_size, "deterministic": deterministic}
+        _check_runtime(store, runtime)
         backend = (backend_factory or LocalBackend)(cfg, dev, micro_batch_size)
+        if isinstance(backend, LocalBackend):
+            _check_smallest_budget(cfg, grid, backend.worker.data.stream)
+        if store.get_extra("runtime") is None:  # written once the model and data have loaded
+            store.put_extra("runtime", runtime)
         if models_per_batch == "auto":
             models_per_batch = backend.models_per_batch(grid.nx * grid.ny)
-        batches = plan_study(cfg, grid, int(models_per_batch))
-        shard_name = None
+        cells, shard_name = grid.cells(), None
         if shard_spec is not None:
-            batches = shard(batches, *shard_spec)
+            cells = shard_cells(cfg, grid, *shard_spec)
             shard_name = f"{shard_spec[0]}/{shard_spec[1]}"
+        batches = plan_batches(cells, int(models_per_batch), _steps_of(cfg))
         pending = {c.key for c in store.pending()}
         jobs = [(b, [c for c in b.cells if c.key in pending]) for b in batches]
         jobs = [(b, cells) for b, cells in jobs if cells]
@@ -201,7 +220,6 @@ def run_study(
         for (batch, cells), records in backend.run(jobs, started):
             store.record_batch(_labelled(cells, records), batch_index=batch.index, shard=shard_name)
             progress.batch_done(batch, records, time.perf_counter() - started_at.get(batch.index, time.perf_counter()))
-        progress.finish()
         return store
     except BaseException as e:
         # A study this run created and a user error (bad data, model) stopped before any result: remove it,
@@ -212,8 +230,28 @@ def run_study(
             _remove_empty_study(out, new_dir)
         raise
     finally:
+        progress.finish()  # also on error: a live progress display would hide the cursor
         if backend is not None:
             backend.close()
+
+
+def _check_runtime(store: StudyStore, runtime: dict) -> None:
+    """The device type, micro-batching and determinism change a cell's last bits: one study, one regime."""
+    stored = store.get_extra("runtime")
+    if stored is not None and stored != runtime:
+        diff = ", ".join(f"{k}: {stored.get(k)!r} -> {v!r}" for k, v in runtime.items() if stored.get(k) != v)
+        raise StoreError(f"{store.path} was trained with other run settings ({diff}); resume with the same "
+                         "--device, --micro-batch-size and --deterministic, or use a new --out")
+
+
+def _check_smallest_budget(cfg: StudyConfig, grid: Grid, stream: TokenStream) -> None:
+    """A cell whose budget holds no supervised token would have nothing to learn from: refuse the grid."""
+    smallest = min(int(c.hparams["tokens"]) for c in grid.cells())
+    _, targets = stream.window(0, smallest)
+    if not bool((targets != -1).any()):
+        first = int((stream.window(0, stream.num_tokens)[1] != -1).nonzero()[0]) + 1
+        raise ConfigError(f"tokens={smallest}: the first {smallest} tokens of {cfg.data} hold no supervised "
+                          f"(assistant) token; start the tokens range at {first} or more")
 
 
 def _holds_nothing(store: StudyStore) -> bool:
@@ -246,7 +284,7 @@ def describe_plan(cfg: StudyConfig, models_per_batch: int, model_config, device:
     """--dry-run: cells, batches, model-steps, FLOPs and a rough time on this device."""
     grid = build_grid(cfg)
     batches = plan_study(cfg, grid, models_per_batch)
-    summary = plan_summary(batches, flops_per_model_step(model_config, cfg.batch_size * cfg.seq_len))
+    summary = plan_summary(batches, flops_per_model_step(model_config, cfg.seq_len, cfg.batch_size * cfg.seq_len))
     rate = measured_flops_per_second(device)
     # Training reaches a fraction of a bare matmul's rate: 13% for stacked d20 on an H100 (benchmarks/RESULTS.md).
     summary["seconds_estimate"] = summary["flops"] / (TRAINING_EFFICIENCY * rate)

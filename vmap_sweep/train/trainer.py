@@ -285,7 +285,7 @@ class StackedTrainer:
                 rec.grad_norms.append(norms[i].item())
                 rec.lrs.append((self.base_lr[i] * mult[i]).item())
                 rec.steps_done = step + 1
-                if step == 0:
+                if len(rec.losses) == 1:  # the loss before any update, even if step 0 had no token to learn from
                     rec.initial_loss = rec.losses[0]
                 if bad[i] or bad_weights[i]:
                     rec.diverged, rec.diverged_step = True, step
