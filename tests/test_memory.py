@@ -43,3 +43,28 @@ def test_probe_on_cpu_is_bounded_by_the_limit():
 def test_probe_finds_a_fitting_k_on_gpu():
     k = probe_models_per_batch(tiny_model(), CFG, "cuda", limit=16)
     assert 1 <= k <= 16
+
+
+def test_after_a_split_later_batches_are_cut_to_what_fitted(monkeypatch):
+    from vmap_sweep.config import preset
+    from vmap_sweep.sweep import runner
+
+    base, stream = tiny_model(), RandomStream()
+    data = runner.StudyData(base, None, stream, [])
+    monkeypatch.setattr(runner, "load_study_data", lambda cfg, device: data)
+    worker = runner.Worker(preset("tiny").with_overrides(batch_size=2, seq_len=16), "cpu")
+    sizes = []
+    real = runner.StackedTrainer
+
+    class SmallMemory(real):
+        def __init__(self, model, cells, cfg, device):
+            sizes.append(len(cells))
+            if len(cells) > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            super().__init__(model, cells, cfg, device)
+
+    monkeypatch.setattr(runner, "StackedTrainer", SmallMemory)
+    cells = [{"lr": lr, "tokens": 64} for lr in (1e-4, 3e-4, 1e-3, 3e-3)]
+    first, second = worker.train(cells), worker.train(cells)
+    assert sizes == [4, 2, 2, 2, 2]  # the second batch goes straight to the size that fitted
+    assert [r.losses for r in first] == [r.losses for r in second]

@@ -117,6 +117,7 @@ class Worker:
         self.device = torch.device(device)
         self.data = load_study_data(cfg, self.device)
         self.train_cfg = cfg.train_config(micro_batch_size)
+        self.fits: int | None = None  # models that last fitted at once; later batches are cut to it
 
     def train(self, hparams: list[dict]) -> list[CellRecord]:
         """One record per cell, in order; a batch that runs out of memory is split, no result changes."""
@@ -125,7 +126,14 @@ class Worker:
             trainer = StackedTrainer(self.data.model, sub, self.train_cfg, self.device)
             return trainer.run(self.data.stream, self.data.eval_batches)
 
-        return train_splitting_on_oom(stacked, hparams)
+        def fitted(n: int) -> None:
+            self.fits = n
+
+        size = min(self.fits or len(hparams), len(hparams))
+        records: list[CellRecord] = []
+        for start in range(0, len(hparams), size):
+            records += train_splitting_on_oom(stacked, hparams[start:start + size], fitted)
+        return records
 
 
 Job = tuple[Batch, list[Cell]]

@@ -60,7 +60,9 @@ def probe_models_per_batch(model: GPT, cfg: TrainConfig, device: str | torch.dev
 
 
 def train_splitting_on_oom(
-    train: Callable[[Sequence[dict]], list[CellRecord]], cells: Sequence[dict]
+    train: Callable[[Sequence[dict]], list[CellRecord]],
+    cells: Sequence[dict],
+    fitted: Callable[[int], None] | None = None,
 ) -> list[CellRecord]:
     """train(cells), and on out-of-memory the two halves one after the other, recursively.
 
@@ -68,7 +70,10 @@ def train_splitting_on_oom(
     trained exactly once in the end and the records come back in the order of `cells`.
     """
     try:
-        return train(cells)
+        records = train(cells)
+        if fitted is not None:
+            fitted(len(cells))  # this many models fit: callers can cut later batches to it
+        return records
     except torch.OutOfMemoryError:
         pass  # split outside the except block: its traceback still holds the failed batch's tensors
     gc.collect()
@@ -79,4 +84,4 @@ def train_splitting_on_oom(
             "one model does not fit in GPU memory; lower --micro-batch-size or --seq-len, or use a smaller model"
         )
     half = len(cells) // 2
-    return train_splitting_on_oom(train, cells[:half]) + train_splitting_on_oom(train, cells[half:])
+    return train_splitting_on_oom(train, cells[:half], fitted) + train_splitting_on_oom(train, cells[half:], fitted)
