@@ -14,7 +14,7 @@ import pytest
 from test_store import CONFIG, grid, new_store, rec_for
 
 from vmap_sweep.errors import ConfigError
-from vmap_sweep.sweep.export import COLUMNS, export_study
+from vmap_sweep.sweep.export import ARRAY_COLUMNS, COLUMNS, export_study
 from vmap_sweep.sweep.store import StudyStore
 
 FLOATS = ("x", "y", "score", "initial_loss", "final_loss", "eval_loss", "wall_time")
@@ -66,7 +66,7 @@ def test_csv_roundtrip(store, tmp_path, traj):
     path = export_study(store, "csv", tmp_path / "out.csv", trajectories=traj)
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == list(COLUMNS) + (["trajectory"] if traj else [])
+    assert list(rows[0]) == list(COLUMNS) + (list(ARRAY_COLUMNS) if traj else [])
     got = {c: [r[c] for r in rows] for c in rows[0]}
     got["i"] = [int(v) for v in got["i"]]
     got["j"] = [int(v) for v in got["j"]]
@@ -76,13 +76,18 @@ def test_csv_roundtrip(store, tmp_path, traj):
     assert steps == [r["steps"] for r in expected(store)]
     trajs = [np.array([float(t) for t in v.split()]) if v else None for v in got["trajectory"]] if traj else None
     check_rows(store, got, trajs)
+    if traj:  # the base model's per-step losses come along, so the ratio criterion can be recomputed
+        stored = store.trajectories("base_losses")
+        for i, j, v in zip(got["i"], got["j"], got["base_losses"], strict=True):
+            want = stored.get((i, j), np.array([]))
+            np.testing.assert_array_equal(np.array([float(t) for t in v.split()]), want)
 
 
 @pytest.mark.parametrize("traj", [False, True])
 def test_parquet_roundtrip(store, tmp_path, traj):
     path = export_study(store, "parquet", tmp_path / "out.parquet", trajectories=traj)
     table = pq.read_table(path)
-    assert table.column_names == list(COLUMNS) + (["trajectory"] if traj else [])
+    assert table.column_names == list(COLUMNS) + (list(ARRAY_COLUMNS) if traj else [])
     assert table.schema.field("final_loss").type == "double"
     assert json.loads(table.schema.metadata[b"vmap_sweep_config"]) == CONFIG
     got = table.to_pydict()

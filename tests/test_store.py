@@ -31,6 +31,7 @@ class Rec:
 
     initial_loss: float = 5.0
     losses: list[float] = field(default_factory=lambda: [4.0, 3.0, 2.5])
+    base_losses: list[float] = field(default_factory=lambda: [4.0, 4.1, 3.9])
     grad_norms: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25])
     lrs: list[float] = field(default_factory=lambda: [1e-4, 1e-4, 1e-4])
     steps: int = 3
@@ -53,7 +54,8 @@ def rec_for(i: int, j: int) -> Rec:
         losses[-1] = float("nan")
     if (i + j) % 3 == 1:
         losses[1] = float("inf")
-    return Rec(initial_loss=base, losses=losses, grad_norms=[0.1 * i, -0.0, 1e300], lrs=[1e-4 / (j + 1)] * 3,
+    return Rec(initial_loss=base, losses=losses, base_losses=[base, base * 1.1, base / 7],
+               grad_norms=[0.1 * i, -0.0, 1e300], lrs=[1e-4 / (j + 1)] * 3,
                diverged=(i + j) % 3 == 0, diverged_step=2 if (i + j) % 3 == 0 else None,
                eval_loss=None if i == 0 else base / 4, wall_time=0.1 * (i + 1))
 

@@ -26,6 +26,9 @@ FORMATS = ("csv", "parquet", "npz")
 INT_COLUMNS = ("i", "j", "steps", "steps_done", "diverged", "diverged_step")
 FLOAT_COLUMNS = ("x", "y", "score", "initial_loss", "final_loss", "eval_loss", "wall_time")
 STR_COLUMNS = ("status", "label", "hparams")
+# per-step arrays added by --trajectories: the training losses and the base model's losses on the same tokens,
+# so the ratio criterion can be recomputed from an export
+ARRAY_COLUMNS = ("trajectory", "base_losses")
 COLUMNS = ("i", "j", "x", "y", "status", "label", "score", "initial_loss", "final_loss", "eval_loss",
            "steps", "steps_done", "diverged", "diverged_step", "wall_time", "hparams")
 
@@ -36,7 +39,8 @@ def _records(store: StudyStore, trajectories: bool) -> list[dict[str, Any]]:
         r["hparams"] = json.dumps(r["hparams"], sort_keys=True)
         r["diverged"] = None if r["diverged"] is None else int(r["diverged"])
         if trajectories and r["status"] != "done":
-            r["trajectory"] = None
+            for c in ARRAY_COLUMNS:
+                r[c] = None
     return rows
 
 
@@ -47,7 +51,7 @@ def _write_csv(rows: list[dict[str, Any]], cols: list[str], f: IO[str], config: 
         out = []
         for c in cols:
             v = r[c]
-            if c == "trajectory":
+            if c in ARRAY_COLUMNS:
                 out.append("" if v is None else " ".join(repr(float(t)) for t in v))
             elif v is None:
                 out.append("")
@@ -63,11 +67,11 @@ def _write_parquet(rows: list[dict[str, Any]], cols: list[str], f: IO[bytes], co
     import pyarrow.parquet as pq
 
     types = {**{c: pa.int64() for c in INT_COLUMNS}, **{c: pa.float64() for c in FLOAT_COLUMNS},
-             **{c: pa.string() for c in STR_COLUMNS}, "trajectory": pa.list_(pa.float64())}
+             **{c: pa.string() for c in STR_COLUMNS}, **{c: pa.list_(pa.float64()) for c in ARRAY_COLUMNS}}
     arrays = []
     for c in cols:
         vals = [r[c] for r in rows]
-        if c == "trajectory":
+        if c in ARRAY_COLUMNS:
             vals = [None if v is None else np.asarray(v, dtype=np.float64) for v in vals]
         arrays.append(pa.array(vals, type=types[c]))
     table = pa.table(arrays, names=cols).replace_schema_metadata({"vmap_sweep_config": config})
@@ -78,13 +82,13 @@ def _write_npz(rows: list[dict[str, Any]], cols: list[str], f: IO[bytes], config
     data: dict[str, np.ndarray] = {}
     for c in cols:
         vals = [r[c] for r in rows]
-        if c == "trajectory":
+        if c in ARRAY_COLUMNS:
             lengths = np.array([0 if v is None else len(v) for v in vals], dtype=np.int64)
             mat = np.full((len(vals), int(lengths.max(initial=0))), np.nan)
             for k, v in enumerate(vals):
                 if v is not None:
                     mat[k, :len(v)] = v
-            data["trajectory"], data["trajectory_lengths"] = mat, lengths
+            data[c], data[f"{c}_lengths"] = mat, lengths
         elif c in INT_COLUMNS:
             data[c] = np.array([-1 if v is None else v for v in vals], dtype=np.int64)
         elif c in FLOAT_COLUMNS:
@@ -107,7 +111,7 @@ def export_study(store: StudyStore, fmt: str, path: str | os.PathLike, trajector
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"export path {path} is a folder; give a file name like results.{fmt}")
-    cols = list(COLUMNS) + (["trajectory"] if trajectories else [])
+    cols = list(COLUMNS) + (list(ARRAY_COLUMNS) if trajectories else [])
     rows = _records(store, trajectories)
     mode, writer = _WRITERS[fmt]
     tmp: str | None = None
