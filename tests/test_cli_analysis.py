@@ -4,6 +4,7 @@ and the options that need an optional extra or a GPU (clear error, exit 2)."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from cli_helpers import cli, ok
@@ -83,3 +84,19 @@ def test_bad_values_are_one_line_and_leave_no_study(tmp_path, args, needle):
     assert result.exit_code == 2 and needle in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_progress_shows_every_batch_in_flight():
+    from rich.console import Console
+
+    from vmap_sweep.sweep.plan import Batch
+    from vmap_sweep.sweep.progress import RichProgress
+
+    progress = RichProgress(Console(file=open(os.devnull, "w")))  # noqa: SIM115
+    progress.start(total=12, done=0, batches=3)
+    for index in (0, 2):
+        progress.batch_started(Batch(index, (), 5), 4)
+    assert progress.bar.tasks[0].description == "2 batches running (1, 3)"
+    progress.batch_done(Batch(0, (), 5), [], 1.0)
+    assert progress.bar.tasks[0].description.startswith("batch 3/3")
+    progress.finish()

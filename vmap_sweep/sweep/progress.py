@@ -25,6 +25,7 @@ class RichProgress(ProgressHooks):
         self.total = self.batches = 0
         self.started = time.perf_counter()
         self.bar: Progress | None = None
+        self.running: dict[int, str] = {}  # batches in flight: several at once with one Ray worker per GPU
 
     def start(self, total: int, done: int, batches: int) -> None:
         # one progress may serve several studies in a row (zoom levels): counts are per study
@@ -51,11 +52,21 @@ class RichProgress(ProgressHooks):
         return 60 * self.trained / max(time.perf_counter() - self.started, 1e-9)
 
     def batch_started(self, batch: Batch, todo: int) -> None:
-        text = f"batch {batch.index + 1}/{self.batches} ({todo} models × {batch.steps} steps)"
-        if self.bar is not None:
-            self.bar.update(self.task, description=text)
+        self.running[batch.index] = f"batch {batch.index + 1}/{self.batches} ({todo} models × {batch.steps} steps)"
+        self._describe()
+
+    def _describe(self) -> None:
+        if self.bar is None or not self.running:
+            return
+        if len(self.running) == 1:
+            text = next(iter(self.running.values()))
+        else:
+            text = f"{len(self.running)} batches running ({', '.join(str(i + 1) for i in sorted(self.running))})"
+        self.bar.update(self.task, description=text)
 
     def batch_done(self, batch: Batch, records: list[CellRecord], elapsed: float) -> None:
+        self.running.pop(batch.index, None)
+        self._describe()
         self.done += len(records)
         self.trained += len(records)
         self.diverged += sum(_diverged(r) for r in records)
