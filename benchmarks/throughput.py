@@ -17,7 +17,8 @@ import torch
 from vmap_sweep.bench import bench, matmul_peak_tflops
 from vmap_sweep.train.trainer import StackedTrainer, TrainConfig
 
-# (label, depth, n_embd, models, tokens/step, micro-batch rows, trainable groups, optimizer state dtype, compile)
+# (label, depth, n_embd, models, tokens/step, micro-batch rows, trainable groups, optimizer state dtype,
+#  True to torch.compile the stacked forward or "checkpoint" to recompute activations)
 ALL = ("embedding", "unembedding", "attn", "mlp")
 NO_EMB = ("unembedding", "attn", "mlp")
 CASES = [
@@ -30,6 +31,8 @@ CASES = [
     ("d20, 4 stacked, 1024 tok/step, compiled", 20, None, 4, 1024, None, ALL, "float32", True),
     ("d20, 8 stacked, frozen wte, bf16 state", 20, None, 8, 8192, 1, NO_EMB, "bfloat16", False),
     ("d20, 8 stacked, frozen wte, bf16 state, compiled", 20, None, 8, 8192, 1, NO_EMB, "bfloat16", True),
+    ("d20, 4 stacked, whole batch, checkpointed", 20, None, 4, 8192, None, ALL, "float32", "checkpoint"),
+    ("d20, 8 stacked, bf16 state, checkpointed", 20, None, 8, 8192, 2, ALL, "bfloat16", "checkpoint"),
 ]
 
 
@@ -71,7 +74,7 @@ def main() -> None:
             seq = 1024 if not args.quick else 64
             r = bench(depth, k, tokens_per_step=tokens, seq_len=seq, vocab=vocab, micro_batch_size=mb,
                       device=device, trainable=trainable, n_embd=n_embd, optimizer_state_dtype=state,
-                      compile=compiled).to_dict()
+                      compile=compiled is True, checkpoint_activations=compiled == "checkpoint").to_dict()
             r["label"] = label
             results["cases"].append(r)
             print(f"{label}: {json.dumps(r)} ({time.time() - start:.0f}s)", flush=True)

@@ -17,6 +17,7 @@ from stacking_helpers import (
 
 from vmap_sweep.train.optim import newton_schulz
 from vmap_sweep.train.schedule import lr_multiplier
+from vmap_sweep.train.stack import GROUPS
 from vmap_sweep.train.trainer import StackedTrainer, TrainConfig, group_lrs, train_batch
 
 B, T = 2, 16
@@ -217,3 +218,13 @@ def test_active_slices_cover_exactly_the_active_models():
     finally:
         optim.MAX_SLICE_ELEMENTS = old
     assert optim.active_slices(torch.tensor([False, False]), 10) == []
+
+
+@pytest.mark.parametrize("trainable", [GROUPS, ("attn", "mlp"), ("unembedding",)])
+def test_activation_checkpointing_gives_the_same_trajectory_bitwise(trainable):
+    base, stream = tiny_model(), RandomStream()
+    cells = [{"lr": 1e-3, "tokens": 160}, {"lr": 1e-2, "tokens": 96}, {"lr": 30.0, "tokens": 160}]
+    plain = TrainConfig(batch_size=B, seq_len=T, trainable=trainable, divergence_ratio=2.0)
+    ckpt = TrainConfig(**{**plain.__dict__, "checkpoint_activations": True})
+    for a, b in zip(train_batch(base, stream, cells, plain), train_batch(base, stream, cells, ckpt), strict=True):
+        assert a.losses == b.losses and a.grad_norms == b.grad_norms and a.diverged == b.diverged

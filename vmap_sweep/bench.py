@@ -136,7 +136,8 @@ def _free(device: torch.device) -> None:
 def bench(depth: int, models: int, tokens_per_step: int = 8192, seq_len: int = 1024, vocab: int = 65536,
           micro_batch_size: int | None = None, steps: int = 5, device: str = "cuda",
           trainable: tuple[str, ...] = GROUPS, n_embd: int | None = None,
-          optimizer_state_dtype: str = "float32", compile: bool = False) -> BenchResult:
+          optimizer_state_dtype: str = "float32", compile: bool = False,
+          checkpoint_activations: bool = False) -> BenchResult:
     dev = torch.device(device)
     overrides = {"vocab_size": vocab, "sequence_len": seq_len}
     if n_embd is not None:
@@ -145,7 +146,8 @@ def bench(depth: int, models: int, tokens_per_step: int = 8192, seq_len: int = 1
     model = GPT(gcfg).init_weights(0).to(dev)
     batch_size = tokens_per_step // seq_len
     tcfg = TrainConfig(batch_size=batch_size, seq_len=seq_len, micro_batch_size=micro_batch_size, trainable=trainable,
-                       optimizer_state_dtype=optimizer_state_dtype, compile=compile)
+                       optimizer_state_dtype=optimizer_state_dtype, compile=compile,
+                       checkpoint_activations=checkpoint_activations)
     stream = RandomStream(vocab, dev)
     _free(dev)
     if dev.type == "cuda":

@@ -69,7 +69,7 @@ Preset = Annotated[str, typer.Option(help="Starting configuration: d20-docvqa (t
 
 
 def _study_config(preset, model, data, x, y, resolution, optimizer, schedule, batch_size, seq_len, seed, settings,
-                  trainable, eval_tokens, optimizer_state=None):
+                  trainable, eval_tokens, optimizer_state=None, checkpoint_activations=None):
     from vmap_sweep.config import preset as get_preset
 
     base = get_preset(preset)
@@ -78,6 +78,7 @@ def _study_config(preset, model, data, x, y, resolution, optimizer, schedule, ba
         model=model, data=data, x=x, y=y, resolution=resolution, optimizer=optimizer, schedule=schedule,
         batch_size=batch_size, seq_len=seq_len, seed=seed, eval_tokens=eval_tokens,
         trainable=tuple(trainable.split(",")) if trainable else None, fixed=fixed, optimizer_state=optimizer_state,
+        checkpoint_activations=checkpoint_activations or None,
     )
     cfg.validate()
     return cfg
@@ -116,6 +117,7 @@ def run(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Fix a hyperparameter: KEY=VALUE.")] = None,
     trainable: Annotated[str | None, typer.Option(help="Groups to train, e.g. attn,mlp,unembedding.")] = None,
     optimizer_state: Annotated[str | None, typer.Option(help="float32, or bfloat16 (half the memory).")] = None,
+    checkpoint_activations: Annotated[bool, typer.Option(help="Recompute activations: less memory.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     shard: Annotated[str | None, typer.Option(help="K/N: run only the K-th of N parts of the plan.")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the plan and an estimate of its time; train nothing.")] = False,
@@ -128,7 +130,7 @@ def run(
 ):
     """Run (or resume) a study: every cell of the grid fine-tuned, stored batch by batch."""
     cfg = _study_config(preset, model, data, x, y, resolution, optimizer, schedule, batch_size, seq_len, seed,
-                        set_, trainable, eval_tokens, optimizer_state)
+                        set_, trainable, eval_tokens, optimizer_state, checkpoint_activations)
     k = _models_per_batch(models_per_batch)
     out = out or Path("studies") / preset
     shard_spec = None

@@ -31,6 +31,7 @@ class StudyConfig:
     trainable: tuple[str, ...] = GROUPS
     divergence_ratio: float = 10.0
     optimizer_state: str = "float32"  # or bfloat16: half the optimizer memory (8 d20 copies on one 80 GB GPU)
+    checkpoint_activations: bool = False  # recompute block activations in the backward: less memory
     # values of every hyperparameter that is not an axis (lr, tokens, weight_decay, warmup_ratio, ...)
     fixed: dict = field(default_factory=dict)
 
@@ -60,6 +61,7 @@ class StudyConfig:
             trainable=self.trainable,
             divergence_ratio=self.divergence_ratio,
             optimizer_state_dtype=self.optimizer_state,
+            checkpoint_activations=self.checkpoint_activations,
         )
 
     def validate(self) -> None:

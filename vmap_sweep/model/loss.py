@@ -37,15 +37,15 @@ class _FusedLinearSoftcapCE(torch.autograd.Function):
     def forward(h, w, targets, weights, softcap, chunk):
         n = h.shape[0]
         loss = h.new_zeros((), dtype=torch.float32)
-        grad_h = torch.zeros_like(h)
+        grad_h = []  # concatenated, not written into a buffer: h may be shared while the weights are per model
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         for start in range(0, n, chunk):
             sl = slice(start, min(start + chunk, n))
             l, gh, gw = _chunk_loss_and_grads(h[sl], w, targets[sl], weights[sl], softcap)
             loss = loss + l
-            grad_h[sl] = gh
+            grad_h.append(gh)
             grad_w = grad_w + gw.float()
-        return loss, grad_h, grad_w.to(w.dtype)
+        return loss, torch.cat(grad_h), grad_w.to(w.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 import torch
 from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 
-from vmap_sweep.model.gpt import GPT
+from vmap_sweep.model.gpt import GPT, norm
+from vmap_sweep.model.loss import fused_linear_cross_entropy
 from vmap_sweep.train.optim import AdamWHparams, StackedAdamW, StackedMuon
 from vmap_sweep.train.schedule import SCHEDULES, lr_multiplier
 from vmap_sweep.train.stack import GROUPS, group_of, split_params, unstack
@@ -63,6 +65,8 @@ class TrainConfig:
     # torch.compile the vmapped forward (GPU); the loss then uses full logits per micro-batch, which the
     # compiler fuses, so keep micro-batches small enough for K x rows x vocab float32 logits.
     compile: bool = False
+    # recompute each block's activations in the backward instead of keeping them: less memory, ~1/3 more compute
+    checkpoint_activations: bool = False
 
     @property
     def tokens_per_step(self) -> int:
@@ -192,6 +196,42 @@ class StackedTrainer:
         self._vmapped_loss = vmap(model_loss, in_dims=(0, None, None, 0))
         if cfg.compile:
             self._vmapped_loss = torch.compile(self._vmapped_loss)
+        if cfg.checkpoint_activations:
+            self._vmapped_loss = self._staged_losses
+
+    def _staged_losses(self, stacked, x, y, w) -> torch.Tensor:
+        """The (K,) losses of the vmapped model, computed stage by stage so that each block's vmapped call can be
+        checkpointed from outside: torch.utils.checkpoint cannot run inside vmap, but vmap runs inside it."""
+        model, eps = self.model, self.model.config.norm_eps
+        cos, sin = model.cos[: x.size(-1)], model.sin[: x.size(-1)]
+
+        def params(prefix: str) -> tuple[dict, dict]:
+            """(stacked, shared) parameters of one submodule, named relative to it."""
+            return ({n[len(prefix):]: t for n, t in stacked.items() if n.startswith(prefix)},
+                    {n[len(prefix):]: t for n, t in self.frozen.items() if n.startswith(prefix)})
+
+        s, f = params("transformer.wte.")
+
+        def embed(p, idx, f=f):
+            return norm(functional_call(model.transformer.wte, (p, f), (idx,)), eps)
+
+        # a frozen embedding is shared: computed once, then seen by every model
+        h = vmap(embed, in_dims=(0, None))(s, x) if s else embed({}, x).expand(self.k, *x.shape, -1)
+        for i, block in enumerate(model.transformer.h):
+            s, f = params(f"transformer.h.{i}.")
+
+            def run(p, hh, f=f, block=block):
+                return functional_call(block, (p, f), (hh, cos, sin))
+
+            h = checkpoint(vmap(run, in_dims=(0 if s else None, 0)), s, h, use_reentrant=False)
+        s, f = params("lm_head.")
+        cap, chunk = model.config.softcap, model.ce_chunk
+
+        def loss(p, hh, ww, f=f):
+            weight = {**f, **p}["weight"]
+            return fused_linear_cross_entropy(norm(hh, eps), weight, y, ww, cap, chunk)
+
+        return vmap(loss, in_dims=(0 if s else None, 0, 0))(s, h, w)
 
     # -- one step ---------------------------------------------------------------------------------------
 
