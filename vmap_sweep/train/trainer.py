@@ -223,7 +223,12 @@ class StackedTrainer:
             def run(p, hh, f=f, block=block):
                 return functional_call(block, (p, f), (hh, cos, sin))
 
-            h = checkpoint(vmap(run, in_dims=(0 if s else None, 0)), s, h, use_reentrant=False)
+            def stage(p, hh, run=run, in_dims=(0 if s else None, 0)):
+                # the recomputation in the backward must pick the same attention kernel as the forward
+                with sdpa_kernel(VMAP_SDPA_BACKENDS):
+                    return vmap(run, in_dims=in_dims)(p, hh)
+
+            h = checkpoint(stage, s, h, use_reentrant=False)
         s, f = params("lm_head.")
         cap, chunk = model.config.softcap, model.ce_chunk
 
