@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -15,9 +14,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from vmap_sweep.analysis.jsonsafe import json_safe
 from vmap_sweep.errors import ConfigError, VmapSweepError
-
-DEFAULT_TASKS = ("hellaswag", "arc_challenge", "piqa", "winogrande")
+from vmap_sweep.eval import DEFAULT_TASKS
 
 app = typer.Typer(
     help="Train many fine-tunes of one LLM at once and map where fine-tuning converges and where it diverges.",
@@ -355,9 +354,9 @@ def _print_fractal(source: Path, json_out: bool, plot_file: Path | None, save_js
 
     report = fractal_report(source, plot_file)
     if save_json is not None:
-        save_json.write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False))
+        save_json.write_text(json.dumps(json_safe(report), indent=2, allow_nan=False))
     if json_out:
-        out_console.print_json(json.dumps(_json_safe(report), allow_nan=False))
+        out_console.print_json(json.dumps(json_safe(report), allow_nan=False))
         return
     box = report
     out_console.print(
@@ -374,15 +373,6 @@ def _print_fractal(source: Path, json_out: bool, plot_file: Path | None, save_js
         _say(f"plot: {plot_file}")
 
 
-def _json_safe(value):
-    """NaN and infinities as null: JSON has no NaN (a fit over two box sizes has no stderr), jq would choke."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 # ------------------------------------------------------------------------------------------------ zoom
@@ -425,7 +415,7 @@ def zoom_dimension(
 
     report = dimension_report(study)
     if json_out:
-        out_console.print_json(json.dumps(_json_safe(report), allow_nan=False))
+        out_console.print_json(json.dumps(json_safe(report), allow_nan=False))
         return
     def num(value) -> str:
         return "n/a" if value is None else f"{value:.3f}"

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from vmap_sweep.analysis.jsonsafe import json_safe
 from vmap_sweep.analysis.plots import GridView
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.sweep.axes import parse_axis_spec
@@ -206,7 +207,7 @@ class RulesResult:
         d = {k: v for k, v in asdict(self).items() if k != "view"}
         d["safe_fit"] = None if self.safe_fit is None else asdict(self.safe_fit)
         d["censored_sizes"] = self.censored_sizes
-        return _clean(d)
+        return json_safe(d)
 
     def table_rows(self) -> tuple[list[str], list[list[str]]]:
         """(header, rows) of the per-size table, as strings, for rich, Markdown or HTML."""
@@ -280,16 +281,6 @@ def _ci(lo: float | None, hi: float | None, fmt: str) -> str:
     return f"[{lo:{fmt}}, {hi:{fmt}}]"
 
 
-def _clean(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_clean(x) for x in v]
-    if isinstance(v, float | np.floating):
-        return float(v) if math.isfinite(v) else None
-    if isinstance(v, np.integer):
-        return int(v)
-    return v
 
 
 # ----------------------------------------------------------------------------- fitting

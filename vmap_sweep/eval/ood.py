@@ -20,6 +20,7 @@ import torch
 from vmap_sweep.analysis.study import study_classes
 from vmap_sweep.config import StudyConfig
 from vmap_sweep.errors import ConfigError
+from vmap_sweep.eval import DEFAULT_TASKS
 from vmap_sweep.model.gpt import GPT
 from vmap_sweep.model.tokenizer import Tokenizer
 from vmap_sweep.sweep.grid import Cell
@@ -27,7 +28,6 @@ from vmap_sweep.sweep.runner import Worker, resolve_device
 from vmap_sweep.sweep.store import StudyStore
 from vmap_sweep.train.trainer import StackedTrainer, set_determinism
 
-DEFAULT_TASKS = ("hellaswag", "arc_challenge", "piqa", "winogrande")
 EXTRA_KEY = "ood"
 RTOL = 1e-6  # largest relative difference between a re-trained and a stored trajectory that is accepted
 

@@ -18,7 +18,7 @@ import torch
 from vmap_sweep.analysis.classify import classify_ratio
 from vmap_sweep.config import StudyConfig
 from vmap_sweep.data.sources import load_conversations
-from vmap_sweep.data.stream import EvalSet, TokenStream
+from vmap_sweep.data.stream import EvalSet, TokenStream, steps_for
 from vmap_sweep.errors import ConfigError, StoreError, VmapSweepError
 from vmap_sweep.model.gpt import GPT
 from vmap_sweep.model.tokenizer import Tokenizer
@@ -27,7 +27,7 @@ from vmap_sweep.sweep.grid import Cell, Grid
 from vmap_sweep.sweep.plan import Batch, plan_batches, plan_summary, shard
 from vmap_sweep.sweep.store import DB_NAME, StudyStore
 from vmap_sweep.train.memory import probe_models_per_batch, train_splitting_on_oom
-from vmap_sweep.train.trainer import CellRecord, StackedTrainer, set_determinism, steps_for
+from vmap_sweep.train.trainer import CellRecord, StackedTrainer, set_determinism
 
 
 def build_grid(cfg: StudyConfig, x: str | None = None, y: str | None = None) -> Grid:

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from vmap_sweep.analysis.fractal import boundary_mask, fractal_dimension, pooled_dimension
+from vmap_sweep.analysis.jsonsafe import json_safe
 from vmap_sweep.analysis.study import study_classes
 from vmap_sweep.config import StudyConfig
 from vmap_sweep.errors import ConfigError, StoreError, VmapSweepError
@@ -337,17 +338,6 @@ def _axis_span(cfg: dict, n: int, axis: str) -> float:
     return (spec.hi - spec.lo) / (n - 1)
 
 
-def _finite(value: Any) -> Any:
-    """JSON-safe: non-finite floats -> None (the report says so), arrays -> lists."""
-    if isinstance(value, np.ndarray):
-        value = value.tolist()
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
 
 
 def dimension_report(parent_dir: str | os.PathLike) -> dict:
@@ -381,7 +371,7 @@ def dimension_report(parent_dir: str | os.PathLike) -> dict:
                              fit_range=list(box.fit_range), box_sizes=box.box_sizes, box_counts=box.box_counts,
                              error=None)
                 pool.append((box, entry["scale"], level))
-        levels.append({k: _finite(v) for k, v in entry.items()})
+        levels.append({k: json_safe(v) for k, v in entry.items()})
     pooled: dict[str, Any]
     if pool:
         try:
@@ -394,4 +384,4 @@ def dimension_report(parent_dir: str | os.PathLike) -> dict:
                       "levels": [lv for _, _, lv in pool], "method": p.method, "error": None}
     else:
         pooled = {"dimension": None, "error": "no level could be measured; see each level's error"}
-    return {"levels": levels, "pooled": {k: _finite(v) for k, v in pooled.items()}}
+    return {"levels": levels, "pooled": {k: json_safe(v) for k, v in pooled.items()}}

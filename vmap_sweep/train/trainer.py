@@ -7,7 +7,6 @@ model's trajectory does not depend on its companions, and one model's divergence
 
 from __future__ import annotations
 
-import math
 import os
 import time
 import warnings
@@ -19,6 +18,7 @@ from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
+from vmap_sweep.data.stream import steps_for
 from vmap_sweep.model.gpt import GPT, norm
 from vmap_sweep.model.loss import fused_linear_cross_entropy
 from vmap_sweep.train.optim import AdamWHparams, StackedAdamW, StackedMuon
@@ -106,8 +106,6 @@ class CellRecord:
         return self.losses[-1] if self.losses else float("nan")
 
 
-def steps_for(tokens: int, tokens_per_step: int) -> int:
-    return max(1, math.ceil(tokens / tokens_per_step))
 
 
 def group_lrs(hp: dict, optimizer: str, n_embd: int) -> dict[str, float]:
