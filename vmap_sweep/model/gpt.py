@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vmap_sweep.model.loss import fused_linear_cross_entropy, reference_linear_cross_entropy
+from vmap_sweep.model.loss import fused_linear_cross_entropy
 
 
 @dataclass(frozen=True)
@@ -155,8 +155,6 @@ class GPT(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.ce_chunk = 4096  # rows of logits held at once by the fused cross-entropy
-        # False: weighted loss over full logits in plain ops, which torch.compile can trace and fuse itself
-        self.fused_ce = True
 
     def _rotary_tables(self, seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         hd = self.config.head_dim
@@ -212,9 +210,7 @@ class GPT(nn.Module):
             return self.logits(h)
         if loss_weights is not None:
             w = self.lm_head.weight
-            if self.fused_ce:
-                return fused_linear_cross_entropy(h, w, targets, loss_weights, self.config.softcap, self.ce_chunk)
-            return reference_linear_cross_entropy(h, w, targets, loss_weights, self.config.softcap)
+            return fused_linear_cross_entropy(h, w, targets, loss_weights, self.config.softcap, self.ce_chunk)
         logits = self.logits(h)
         return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=-1)
 
