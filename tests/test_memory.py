@@ -57,11 +57,11 @@ def test_after_a_split_later_batches_are_cut_to_what_fitted(monkeypatch):
     real = runner.StackedTrainer
 
     class SmallMemory(real):
-        def __init__(self, model, cells, cfg, device):
+        def __init__(self, model, cells, cfg, device, base_cache=None):
             sizes.append(len(cells))
             if len(cells) > 2:
                 raise torch.OutOfMemoryError("CUDA out of memory")
-            super().__init__(model, cells, cfg, device)
+            super().__init__(model, cells, cfg, device, base_cache)
 
     monkeypatch.setattr(runner, "StackedTrainer", SmallMemory)
     cells = [{"lr": lr, "tokens": 64} for lr in (1e-4, 3e-4, 1e-3, 3e-3)]

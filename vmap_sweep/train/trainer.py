@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vmap_sweep.data.stream import steps_for
 from vmap_sweep.model.gpt import GPT, norm
-from vmap_sweep.model.loss import fused_linear_cross_entropy
+from vmap_sweep.model.loss import stacked_linear_cross_entropy
 from vmap_sweep.train.optim import AdamWHparams, StackedAdamW, StackedMuon
 from vmap_sweep.train.schedule import SCHEDULES, lr_multiplier
 from vmap_sweep.train.stack import GROUPS, group_of, split_params, unstack
@@ -62,8 +62,8 @@ class TrainConfig:
     # Adam moments (and Muon momentum) in bfloat16 halve the optimizer's memory: what lets 8 copies of d20
     # fit on one 80 GB GPU. float32 is the exact reference.
     optimizer_state_dtype: str = "float32"
-    # torch.compile the vmapped forward (GPU); the loss then uses full logits per micro-batch, which the
-    # compiler fuses, so keep micro-batches small enough for K x rows x vocab float32 logits.
+    # torch.compile the blocks' vmapped forward and backward, the loss's chunks and the optimizer's update: fuses
+    # the element-wise work that bounds an eager stacked step (GPU; also runs on CPU, where it gains little)
     compile: bool = False
     # recompute each block's activations in the backward instead of keeping them: less memory, ~1/3 more compute
     checkpoint_activations: bool = False
@@ -134,6 +134,36 @@ def group_lrs(hp: dict, optimizer: str, n_embd: int) -> dict[str, float]:
     return lrs
 
 
+def _block_stage(block: torch.nn.Module, stacked: dict, shared: dict, h, cos, sin) -> torch.Tensor:
+    """One transformer block for every model: `block`'s structure with the given parameters, h (K, B, T, C)."""
+
+    def run(p, hh):
+        return functional_call(block, (p, shared), (hh, cos, sin))
+
+    # inside the stage, so a checkpoint's recomputation in the backward picks the same attention kernel
+    with sdpa_kernel(VMAP_SDPA_BACKENDS):
+        return vmap(run, in_dims=(0 if stacked else None, 0))(stacked, h)
+
+
+def _loss_stage(stacked: dict, shared: dict, h, targets, weights, eps, softcap: float, chunk: int, compiled: bool):
+    """(K,) weighted cross-entropy sums of the final norm + lm_head + softcap, on the stacked tensors directly."""
+    weight = stacked["weight"] if stacked else shared["weight"]
+    return stacked_linear_cross_entropy(norm(h, eps), weight, targets, weights, softcap, chunk, compiled)
+
+
+@torch.no_grad()
+def _grad_norms(grads: list[torch.Tensor]) -> torch.Tensor:
+    """(K,) norms of each model's whole gradient over stacked tensors, one pass over each."""
+    return sum(torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=torch.float32).square() for g in grads).sqrt()
+
+
+@torch.no_grad()
+def _all_finite(params: list[torch.Tensor]) -> torch.Tensor:
+    """(K,) whether every weight of each model is finite: its largest magnitude is NaN or inf iff one is."""
+    return torch.stack([torch.isfinite(torch.linalg.vector_norm(p.flatten(1), ord=float("inf"), dim=1))
+                        for p in params]).all(0)
+
+
 def set_determinism(seed: int, deterministic: bool) -> None:
     """Seeds everything; with deterministic, also asks torch for bitwise-reproducible kernels."""
     if deterministic:
@@ -145,7 +175,10 @@ def set_determinism(seed: int, deterministic: bool) -> None:
 class StackedTrainer:
     """K copies of `model` trained at once, one cell's hyperparameters (a dict over the axes) each."""
 
-    def __init__(self, model: GPT, cells: Sequence[dict], cfg: TrainConfig, device: str | torch.device = "cpu"):
+    def __init__(self, model: GPT, cells: Sequence[dict], cfg: TrainConfig, device: str | torch.device = "cpu",
+                 base_cache: dict | None = None):
+        """base_cache: the base model's per-token losses by step, shared by the trainers of one model and one
+        token stream (a sweep's batches all see the same steps), so that each step's reference is computed once."""
         cfg.validate()
         self.cfg, self.device = cfg, torch.device(device)
         self.model = model.to(self.device)
@@ -154,8 +187,6 @@ class StackedTrainer:
             raise ValueError("a batch needs at least one cell")
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.model.ce_chunk = cfg.ce_chunk
-        self.model.fused_ce = not cfg.compile
         self.stacked, self.frozen = split_params(self.model, self.k, cfg.trainable)
         self.stacked = {n: t.to(self.device).detach().requires_grad_(True) for n, t in self.stacked.items()}
         self.frozen = {n: t.to(self.device) for n, t in self.frozen.items()}
@@ -183,23 +214,23 @@ class StackedTrainer:
         betas = cfg.adam_betas if cfg.optimizer == "adamw" else (0.8, 0.95)
         eps = cfg.adam_eps if cfg.optimizer == "adamw" else 1e-10
         hp = AdamWHparams(betas, eps, getattr(torch, cfg.optimizer_state_dtype))
-        self.adamw = StackedAdamW(self.adamw_params, hp) if self.adamw_params else None
+        self.adamw = StackedAdamW(self.adamw_params, hp, compile=cfg.compile) if self.adamw_params else None
 
-        model, frozen = self.model, self.frozen  # not self: a closure over self would keep a cycle alive
-
-        def model_loss(stacked, x, y, w):
-            return functional_call(model, (stacked, frozen), (x, y, w))
-
-        # Params carry the model dimension; tokens and targets are shared; loss weights are per model.
-        self._vmapped_loss = vmap(model_loss, in_dims=(0, None, None, 0))
+        # Each stage is one function for every block (same structure, parameters passed in): torch.compile traces
+        # it once for all blocks and all batches, and torch.utils.checkpoint can wrap it from outside vmap.
+        # Static shapes: dynamo can't trace vmap's batched matmuls with symbolic sizes (torch 2.11), so each new
+        # (models, rows) recompiles once; a study has a few.
+        self._block_stage = torch.compile(_block_stage, dynamic=False) if cfg.compile else _block_stage
         if cfg.compile:
-            self._vmapped_loss = torch.compile(self._vmapped_loss)
-        if cfg.checkpoint_activations:
-            self._vmapped_loss = self._staged_losses
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self.base_cache = {} if base_cache is None else base_cache
+        # per-step statistics over every stacked tensor: one compiled call each, not one kernel launch per tensor
+        self._norms = torch.compile(_grad_norms, dynamic=False) if cfg.compile else _grad_norms
+        self._finite = torch.compile(_all_finite, dynamic=False) if cfg.compile else _all_finite
 
-    def _staged_losses(self, stacked, x, y, w) -> torch.Tensor:
-        """The (K,) losses of the vmapped model, computed stage by stage so that each block's vmapped call can be
-        checkpointed from outside: torch.utils.checkpoint cannot run inside vmap, but vmap runs inside it."""
+    def _stacked_losses(self, stacked, x, y, w) -> torch.Tensor:
+        """(K,) losses of the stacked models on shared tokens x, targets y and per-model loss weights w (K, B, T),
+        computed stage by stage: embedding, each block (checkpointed if asked), the loss."""
         model, eps = self.model, self.model.config.norm_eps
         cos, sin = model.cos[: x.size(-1)], model.sin[: x.size(-1)]
 
@@ -215,26 +246,15 @@ class StackedTrainer:
 
         # a frozen embedding is shared: computed once, then seen by every model
         h = vmap(embed, in_dims=(0, None))(s, x) if s else embed({}, x).expand(self.k, *x.shape, -1)
-        for i, block in enumerate(model.transformer.h):
+        template = model.transformer.h[0]
+        for i in range(len(model.transformer.h)):
             s, f = params(f"transformer.h.{i}.")
-
-            def run(p, hh, f=f, block=block):
-                return functional_call(block, (p, f), (hh, cos, sin))
-
-            def stage(p, hh, run=run, in_dims=(0 if s else None, 0)):
-                # the recomputation in the backward must pick the same attention kernel as the forward
-                with sdpa_kernel(VMAP_SDPA_BACKENDS):
-                    return vmap(run, in_dims=in_dims)(p, hh)
-
-            h = checkpoint(stage, s, h, use_reentrant=False)
+            if self.cfg.checkpoint_activations:
+                h = checkpoint(self._block_stage, template, s, f, h, cos, sin, use_reentrant=False)
+            else:
+                h = self._block_stage(template, s, f, h, cos, sin)
         s, f = params("lm_head.")
-        cap, chunk = model.config.softcap, model.ce_chunk
-
-        def loss(p, hh, ww, f=f):
-            weight = {**f, **p}["weight"]
-            return fused_linear_cross_entropy(norm(hh, eps), weight, y, ww, cap, chunk)
-
-        return vmap(loss, in_dims=(0 if s else None, 0, 0))(s, h, w)
+        return _loss_stage(s, f, h, y, w, eps, model.config.softcap, self.cfg.ce_chunk, self.cfg.compile)
 
     # -- one step ---------------------------------------------------------------------------------------
 
@@ -261,7 +281,7 @@ class StackedTrainer:
         for start in range(0, inputs.shape[0], mb):
             sl = slice(start, start + mb)
             with torch.set_grad_enabled(with_grad), self._autocast(), sdpa_kernel(VMAP_SDPA_BACKENDS):
-                losses = self._vmapped_loss(self.stacked, inputs[sl], targets[sl], weights[:, sl])
+                losses = self._stacked_losses(self.stacked, inputs[sl], targets[sl], weights[:, sl])
             if with_grad:
                 # Each model's loss depends only on its own slice of the stack: the gradient of the sum is
                 # every model's own gradient.
@@ -269,23 +289,20 @@ class StackedTrainer:
             total += losses.detach().float()
         return total
 
-    def _base_losses(self, inputs, targets, weights) -> torch.Tensor:
-        """(K,) the base model's loss under each model's weights: one unstacked forward shared by all."""
-        with self._autocast():
-            ce = self.model.token_losses(inputs, targets, self.cfg.ce_chunk)
-        return (weights * ce.unsqueeze(0)).flatten(1).sum(1)
+    def _base_losses(self, step: int, inputs, targets, weights) -> torch.Tensor:
+        """(K,) the base model's loss under each model's weights: one unstacked forward shared by all, once per
+        step of the stream (the base model and the tokens of a step are the same for every batch)."""
+        key = (step, *inputs.shape)
+        if key not in self.base_cache:
+            with self._autocast():
+                self.base_cache[key] = self.model.token_losses(inputs, targets, self.cfg.ce_chunk)
+        return (weights * self.base_cache[key].unsqueeze(0)).flatten(1).sum(1)
 
     def _grad_norms(self) -> torch.Tensor:
-        sq = torch.zeros(self.k, device=self.device)
-        for p in self.stacked.values():
-            sq += p.grad.float().pow(2).flatten(1).sum(1)
-        return sq.sqrt()
+        return self._norms([p.grad for p in self.stacked.values()])
 
     def _weights_finite(self) -> torch.Tensor:
-        ok = torch.ones(self.k, dtype=torch.bool, device=self.device)
-        for p in self.stacked.values():
-            ok &= torch.isfinite(p.detach()).flatten(1).all(1)
-        return ok
+        return self._finite([p.detach() for p in self.stacked.values()])
 
     def _optimizer_step(self, step: int, active: torch.Tensor) -> None:
         mult = lr_multiplier(step, self.total_steps, self.warmup_ratio, self.cfg.schedule)
@@ -313,7 +330,7 @@ class StackedTrainer:
             has_tokens = (weights.flatten(1).sum(1) > 0).cpu()
             for p in self.stacked.values():
                 p.grad = None
-            base = self._base_losses(inputs, targets, weights).cpu()
+            base = self._base_losses(step, inputs, targets, weights).cpu()
             losses = self._forward_backward(inputs, targets, weights, with_grad=True).cpu()
             norms = self._grad_norms().cpu()
             mult = lr_multiplier(step, self.total_steps, self.warmup_ratio, cfg.schedule)
