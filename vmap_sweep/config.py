@@ -51,8 +51,9 @@ class StudyConfig:
         """A copy with every override that is not None applied (the CLI's options over a preset)."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
-    def train_config(self, micro_batch_size: int | None = None) -> TrainConfig:
+    def train_config(self, micro_batch_size: int | None = None, compile: bool = False) -> TrainConfig:
         return TrainConfig(
+            compile=compile,
             optimizer=self.optimizer,
             schedule=self.schedule,
             batch_size=self.batch_size,

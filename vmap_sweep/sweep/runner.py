@@ -7,6 +7,7 @@ batch indices are stable), and only the cells the store does not have are traine
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -116,14 +117,15 @@ class Worker:
     def __init__(self, cfg: StudyConfig, device: str | torch.device, micro_batch_size: int | None = None):
         self.device = torch.device(device)
         self.data = load_study_data(cfg, self.device)
-        self.train_cfg = cfg.train_config(micro_batch_size)
+        self.train_cfg = cfg.train_config(micro_batch_size, compile=compile_on(self.device))
         self.fits: int | None = None  # models that last fitted at once; later batches are cut to it
+        self.base_cache: dict = {}  # the base model's per-token losses by step: every batch sees the same steps
 
     def train(self, hparams: list[dict]) -> list[CellRecord]:
         """One record per cell, in order; a batch that runs out of memory is split, no result changes."""
 
         def stacked(sub: list[dict]) -> list[CellRecord]:
-            trainer = StackedTrainer(self.data.model, sub, self.train_cfg, self.device)
+            trainer = StackedTrainer(self.data.model, sub, self.train_cfg, self.device, self.base_cache)
             return trainer.run(self.data.stream, self.data.eval_batches)
 
         def fitted(n: int) -> None:
@@ -156,6 +158,11 @@ class LocalBackend:
 
     def close(self) -> None:
         pass
+
+
+def compile_on(device: torch.device) -> bool:
+    """torch.compile on GPUs (several times faster there), unless VMAP_SWEEP_COMPILE=0 asks for eager."""
+    return device.type == "cuda" and os.environ.get("VMAP_SWEEP_COMPILE", "1") != "0"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -200,7 +207,8 @@ def run_study(
     store = StudyStore.create_or_open(out, cfg.to_dict(), grid.cells())
     backend = None
     try:
-        runtime = {"device": dev.type, "micro_batch_size": micro_batch_size, "deterministic": deterministic}
+        runtime = {"device": dev.type, "micro_batch_size": micro_batch_size, "deterministic": deterministic,
+                   "compile": compile_on(dev)}
         _check_runtime(store, runtime)
         backend = (backend_factory or LocalBackend)(cfg, dev, micro_batch_size)
         if isinstance(backend, LocalBackend):
@@ -249,7 +257,7 @@ def _check_runtime(store: StudyStore, runtime: dict) -> None:
     if stored is not None and stored != runtime:
         diff = ", ".join(f"{k}: {stored.get(k)!r} -> {v!r}" for k, v in runtime.items() if stored.get(k) != v)
         raise StoreError(f"{store.path} was trained with other run settings ({diff}); resume with the same "
-                         "--device, --micro-batch-size and --deterministic, or use a new --out")
+                         "--device, --micro-batch-size, --deterministic and VMAP_SWEEP_COMPILE, or use a new --out")
 
 
 def _check_smallest_budget(cfg: StudyConfig, grid: Grid, stream: TokenStream) -> None:
