@@ -17,22 +17,28 @@ import torch
 from vmap_sweep.bench import bench, matmul_peak_tflops
 from vmap_sweep.train.trainer import StackedTrainer, TrainConfig
 
-# (label, depth, n_embd, models, tokens/step, micro-batch rows, trainable groups, optimizer state dtype,
-#  True to torch.compile the stacked forward or "checkpoint" to recompute activations)
+# Every case: the stacked trainer against the best one-at-a-time loop on the same model, tokens and cells.
+# Defaults: d20 (n_embd None), 8 x 1024 tokens per step, cells of 5 steps, everything trainable, float32 Adam
+# state, the whole batch at once, compiled (the CLI's default on a GPU).
 ALL = ("embedding", "unembedding", "attn", "mlp")
 NO_EMB = ("unembedding", "attn", "mlp")
+DEFAULTS = dict(depth=20, n_embd=None, models=4, tokens=8192, steps=5, mb=None, trainable=ALL, state="float32",
+                compile=True, checkpoint=False)
 CASES = [
-    ("small 4x256, 32 stacked", 4, 256, 32, 8192, None, ALL, "float32", False),
-    ("small 4x256, 32 stacked, compiled", 4, 256, 32, 8192, 1, ALL, "float32", True),
-    ("d20, 1 stacked", 20, None, 1, 8192, None, ALL, "float32", False),
-    ("d20, 4 stacked", 20, None, 4, 8192, 2, ALL, "float32", False),
-    ("d20, 4 stacked, compiled", 20, None, 4, 8192, 2, ALL, "float32", True),
-    ("d20, 4 stacked, 1024 tok/step", 20, None, 4, 1024, None, ALL, "float32", False),
-    ("d20, 4 stacked, 1024 tok/step, compiled", 20, None, 4, 1024, None, ALL, "float32", True),
-    ("d20, 8 stacked, frozen wte, bf16 state", 20, None, 8, 8192, 1, NO_EMB, "bfloat16", False),
-    ("d20, 8 stacked, frozen wte, bf16 state, compiled", 20, None, 8, 8192, 1, NO_EMB, "bfloat16", True),
-    ("d20, 4 stacked, whole batch, checkpointed", 20, None, 4, 8192, None, ALL, "float32", "checkpoint"),
-    ("d20, 8 stacked, bf16 state, checkpointed", 20, None, 8, 8192, 2, ALL, "bfloat16", "checkpoint"),
+    ("d20, K=1", dict(models=1)),
+    ("d20, K=4, micro-batches of 2, eager", dict(mb=2, compile=False)),
+    ("d20, K=4, micro-batches of 2", dict(mb=2)),
+    ("d20, K=4, whole batch", dict()),
+    ("d20, K=4, checkpointed", dict(checkpoint=True)),
+    ("d20, K=8, checkpointed, bf16 state", dict(models=8, state="bfloat16", checkpoint=True)),
+    ("d20, K=8, checkpointed, bf16 state, micro-batches of 4", dict(models=8, mb=4, state="bfloat16",
+                                                                    checkpoint=True)),
+    ("d20, K=8, checkpointed, bf16 state, 4-step cells", dict(models=8, state="bfloat16", checkpoint=True, steps=4)),
+    ("d20, K=8, checkpointed, bf16 state, 1-step cells", dict(models=8, state="bfloat16", checkpoint=True, steps=1)),
+    ("d20, K=8, checkpointed, bf16 state, 1024 tokens/step", dict(models=8, tokens=1024, state="bfloat16",
+                                                                  checkpoint=True)),
+    ("small 4x256, K=32", dict(depth=4, n_embd=256, models=32)),
+    ("small 4x256, K=32, eager", dict(depth=4, n_embd=256, models=32, compile=False)),
 ]
 
 
@@ -56,7 +62,7 @@ def main() -> None:
     ap.add_argument("--out", default="throughput.json")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, for a CPU smoke test")
     ap.add_argument("--no-packing", action="store_true", help="skip the GPU packing-invariance measurement")
-    ap.add_argument("--only", default=None, help="run only the cases whose label contains this text")
+    ap.add_argument("--only", default=None, help="run only the cases whose label contains one of A|B|...")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor()
@@ -65,16 +71,18 @@ def main() -> None:
     if device == "cuda":
         results["matmul_peak_tflops"] = matmul_peak_tflops()
         print(f"measured bf16 matmul peak: {results['matmul_peak_tflops']:.0f} TFLOP/s", flush=True)
-    cases = CASES if not args.quick else [("quick", 1, 64, 4, 256, None, ALL, "float32", False)]
-    cases = [c for c in cases if args.only is None or args.only in c[0]]
-    for label, depth, n_embd, k, tokens, mb, trainable, state, compiled in cases:
+    cases = CASES if not args.quick else [("quick", dict(depth=1, n_embd=64, tokens=256, compile=False))]
+    cases = [c for c in cases if args.only is None or any(o in c[0] for o in args.only.split("|"))]
+    for label, overrides in cases:
+        c = {**DEFAULTS, **overrides}
         start = time.time()
         try:
             vocab = 65536 if not args.quick else 512
             seq = 1024 if not args.quick else 64
-            r = bench(depth, k, tokens_per_step=tokens, seq_len=seq, vocab=vocab, micro_batch_size=mb,
-                      device=device, trainable=trainable, n_embd=n_embd, optimizer_state_dtype=state,
-                      compile=compiled is True, checkpoint_activations=compiled == "checkpoint").to_dict()
+            r = bench(c["depth"], c["models"], tokens_per_step=c["tokens"], seq_len=seq, vocab=vocab,
+                      micro_batch_size=c["mb"], steps=c["steps"], device=device, trainable=c["trainable"],
+                      n_embd=c["n_embd"], optimizer_state_dtype=c["state"], compile=c["compile"],
+                      checkpoint_activations=c["checkpoint"]).to_dict()
             r["label"] = label
             results["cases"].append(r)
             print(f"{label}: {json.dumps(r)} ({time.time() - start:.0f}s)", flush=True)
@@ -92,14 +100,14 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
     peak = results.get("matmul_peak_tflops")
-    print(f"\n{'case':40s} {'base s/step':>11s} {'stack s/step':>12s} {'speedup':>8s} {'TFLOP/s':>8s} "
+    print(f"\n{'case':50s} {'base s/cell':>11s} {'stack s/cell':>12s} {'speedup':>8s} {'TFLOP/s':>8s} "
           f"{'MFU':>5s} {'mem GB':>7s}")
     for r in results["cases"]:
         if "error" in r:
-            print(f"{r['label']:40s} {r['error'][:80]}")
+            print(f"{r['label']:50s} {r['error'][:80]}")
             continue
         mfu = f"{r['stacked_tflops'] / peak:.0%}" if peak else "-"
-        print(f"{r['label']:40s} {r['baseline_step_s']:11.4f} {r['stacked_step_s']:12.4f} {r['speedup']:7.2f}x "
+        print(f"{r['label']:50s} {r['baseline_cell_s']:11.4f} {r['stacked_cell_s']:12.4f} {r['speedup']:7.2f}x "
               f"{r['stacked_tflops']:8.1f} {mfu:>5s} {r['peak_memory_gb']:7.1f}")
     if "gpu_packing_max_rel_diff" in results:
         print(f"GPU packing invariance: max relative loss difference {results['gpu_packing_max_rel_diff']:.2e}")

@@ -524,7 +524,10 @@ def bench(
     tokens_per_step: Annotated[int, typer.Option(help="Tokens per optimizer step.")] = 8192,
     seq_len: Annotated[int, typer.Option(help="Tokens per row.")] = 1024,
     micro_batch_size: Annotated[int | None, typer.Option(help="Rows per forward/backward.")] = None,
-    steps: Annotated[int, typer.Option(help="Steps timed per cell.")] = 5,
+    steps: Annotated[int, typer.Option(help="Steps per cell.")] = 5,
+    compile: Annotated[bool | None, typer.Option(help="torch.compile the stacked step (default: on CUDA).")] = None,
+    checkpoint_activations: Annotated[bool, typer.Option(help="Recompute activations: less memory.")] = False,
+    optimizer_state: Annotated[str, typer.Option(help="float32, or bfloat16 (half the memory).")] = "float32",
     device: Annotated[str, typer.Option(help="cuda (cpu works, slowly).")] = "cuda",
 ):
     """Stacked training against the best one-at-a-time loop, side by side, on random-init weights."""
@@ -536,14 +539,19 @@ def bench(
         raise ConfigError("bench: no CUDA device here; run it on a GPU machine or pass --device cpu")
     if tokens_per_step % seq_len:
         raise ConfigError(f"--tokens-per-step {tokens_per_step} must be a multiple of --seq-len {seq_len}")
+    if optimizer_state not in ("float32", "bfloat16"):
+        raise ConfigError(f"--optimizer-state {optimizer_state!r}: choose float32 or bfloat16")
     r = run_bench(depth, models_per_batch, tokens_per_step, seq_len, micro_batch_size=micro_batch_size,
-                  steps=steps, device=device)
-    table = Table(title=f"depth {depth}, {models_per_batch} stacked, {tokens_per_step} tokens/step")
-    for col in ("", "s/step", "s/cell", "TFLOP/s"):
+                  steps=steps, device=device, optimizer_state_dtype=optimizer_state,
+                  compile=device == "cuda" if compile is None else compile,
+                  checkpoint_activations=checkpoint_activations)
+    table = Table(title=f"depth {depth}, {models_per_batch} stacked, {tokens_per_step} tokens/step, "
+                        f"cells of {steps} steps")
+    for col in ("", "s/cell", "s/step", "TFLOP/s"):
         table.add_column(col)
-    table.add_row("one at a time (best)", f"{r.baseline_step_s:.4f}", f"{r.baseline_cell_s:.3f}",
+    table.add_row("one at a time (best)", f"{r.baseline_cell_s:.3f}", f"{r.baseline_step_s:.4f}",
                   f"{r.baseline_tflops:.1f}")
-    table.add_row(f"{models_per_batch} stacked", f"{r.stacked_step_s:.4f}", f"{r.stacked_cell_s:.3f}",
+    table.add_row(f"{models_per_batch} stacked", f"{r.stacked_cell_s:.3f}", f"{r.stacked_step_s:.4f}",
                   f"{r.stacked_tflops:.1f}")
     out_console.print(table)
     _say(f"cells per hour, stacked / one at a time: {r.speedup:.2f}x; peak memory {r.peak_memory_gb:.1f} GB")
