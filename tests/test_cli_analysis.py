@@ -72,6 +72,33 @@ def test_resume_with_other_run_settings_is_refused_and_changes_nothing(study):
     assert (study / "study.db").read_bytes() == before
 
 
+def test_compile_setting_is_a_run_setting(study, tmp_path, monkeypatch):
+    before = (study / "study.db").read_bytes()
+    monkeypatch.setenv("VMAP_SWEEP_COMPILE", "1")
+    result = cli(*TINY, "--out", study)
+    assert result.exit_code == 2 and "compile: 'auto' -> '1'" in result.stderr
+    monkeypatch.setenv("VMAP_SWEEP_COMPILE", "yes")
+    result = cli(*TINY, "--out", tmp_path / "new")
+    assert result.exit_code == 2 and "VMAP_SWEEP_COMPILE='yes'" in result.stderr and not (tmp_path / "new").exists()
+    assert (study / "study.db").read_bytes() == before
+
+
+def test_compile_is_automatic_for_large_models_on_gpus_only(monkeypatch):
+    import torch
+
+    from vmap_sweep.model.gpt import GPT, GPTConfig
+    from vmap_sweep.sweep.runner import compile_on
+
+    small = GPT(GPTConfig.from_depth(2, vocab_size=256)).to("meta")
+    large = GPT(GPTConfig.from_depth(12)).to("meta")  # 135M parameters
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert [compile_on(d, m) for d in (cpu, gpu) for m in (small, large)] == [False, False, False, True]
+    monkeypatch.setenv("VMAP_SWEEP_COMPILE", "0")
+    assert not compile_on(gpu, large)
+    monkeypatch.setenv("VMAP_SWEEP_COMPILE", "1")
+    assert compile_on(cpu, small)
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--set", "warmup_ratio=5"], "--set warmup_ratio"),
     (["--x", "lr:1e-3:1e-2", "--set", "weight_decay=-1"], "--set weight_decay"),

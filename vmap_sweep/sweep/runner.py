@@ -117,7 +117,7 @@ class Worker:
     def __init__(self, cfg: StudyConfig, device: str | torch.device, micro_batch_size: int | None = None):
         self.device = torch.device(device)
         self.data = load_study_data(cfg, self.device)
-        self.train_cfg = cfg.train_config(micro_batch_size, compile=compile_on(self.device))
+        self.train_cfg = cfg.train_config(micro_batch_size, compile=compile_on(self.device, self.data.model))
         self.fits: int | None = None  # models that last fitted at once; later batches are cut to it
         self.base_cache: dict = {}  # the base model's per-token losses by step: every batch sees the same steps
 
@@ -160,9 +160,25 @@ class LocalBackend:
         pass
 
 
-def compile_on(device: torch.device) -> bool:
-    """torch.compile on GPUs (several times faster there), unless VMAP_SWEEP_COMPILE=0 asks for eager."""
-    return device.type == "cuda" and os.environ.get("VMAP_SWEEP_COMPILE", "1") != "0"
+# Compiling takes a minute or two and pays for itself only where steps are long: d20 runs 2.6x faster compiled,
+# the tiny preset's whole 16 x 16 study takes 15 s eager and 73 s compiled (benchmarks/RESULTS.md).
+COMPILE_MIN_PARAMS = 100_000_000
+
+
+def compile_setting() -> str:
+    """VMAP_SWEEP_COMPILE: 1 (always torch.compile), 0 (never) or unset: auto."""
+    setting = os.environ.get("VMAP_SWEEP_COMPILE", "auto")
+    if setting not in ("0", "1", "auto"):
+        raise ConfigError(f"VMAP_SWEEP_COMPILE={setting!r}: set 1 (compile), 0 (eager) or unset it (auto)")
+    return setting
+
+
+def compile_on(device: torch.device, model: GPT) -> bool:
+    """auto: compile on a GPU, for models of COMPILE_MIN_PARAMS parameters or more."""
+    setting = compile_setting()
+    if setting == "auto":
+        return device.type == "cuda" and model.num_params() >= COMPILE_MIN_PARAMS
+    return setting == "1"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -198,6 +214,7 @@ def run_study(
     """
     progress = progress or Progress()
     cfg.validate()
+    compile_setting()  # a bad VMAP_SWEEP_COMPILE is refused before the study folder is touched
     dev = resolve_device(device)
     set_determinism(cfg.seed, deterministic)
     grid = build_grid(cfg)
@@ -208,7 +225,7 @@ def run_study(
     backend = None
     try:
         runtime = {"device": dev.type, "micro_batch_size": micro_batch_size, "deterministic": deterministic,
-                   "compile": compile_on(dev)}
+                   "compile": compile_setting()}
         _check_runtime(store, runtime)
         backend = (backend_factory or LocalBackend)(cfg, dev, micro_batch_size)
         if isinstance(backend, LocalBackend):
