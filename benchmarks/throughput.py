@@ -30,7 +30,7 @@ CASES = [
     ("d20, K=4, micro-batches of 2", dict(mb=2)),
     ("d20, K=4, whole batch", dict()),
     ("d20, K=4, checkpointed", dict(checkpoint=True)),
-    ("d20, K=8, checkpointed, bf16 state", dict(models=8, state="bfloat16", checkpoint=True)),
+    ("d20, K=8, checkpointed, bf16 state, 5-step cells", dict(models=8, state="bfloat16", checkpoint=True)),
     ("d20, K=8, checkpointed, bf16 state, micro-batches of 4", dict(models=8, mb=4, state="bfloat16",
                                                                     checkpoint=True)),
     ("d20, K=8, checkpointed, bf16 state, 4-step cells", dict(models=8, state="bfloat16", checkpoint=True, steps=4)),
