@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 
@@ -40,11 +41,14 @@ def _fits(model: GPT, k: int, cfg: TrainConfig, device: torch.device) -> bool:
 def probe_models_per_batch(model: GPT, cfg: TrainConfig, device: str | torch.device, limit: int = 256) -> int:
     """The largest K (<= limit) whose training step fits in free device memory: doubling, then bisection.
 
-    On CPU there is no memory wall worth probing for; it returns min(limit, 8).
+    On CPU there is no memory wall worth probing for; it returns min(limit, 8). The probe runs eager even for a
+    compiled study: each K would compile anew, and the compiled step needs less memory than the eager one
+    (benchmarks/RESULTS.md), so what fits eager fits compiled.
     """
     device = torch.device(device)
     if device.type != "cuda":
         return min(limit, 8)
+    cfg = replace(cfg, compile=False)
     if not _fits(model, 1, cfg, device):
         raise OutOfMemoryForOneModel(
             "not even one model fits in GPU memory at this batch size; lower --micro-batch-size or --seq-len"
