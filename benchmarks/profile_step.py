@@ -73,8 +73,15 @@ def main() -> None:
     print(f"a whole run of {args.models} cells: {time.perf_counter() - start:.3f} s wall")
     trainer = StackedTrainer(model, cells, cfg, "cuda")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
         trainer.run(stream)
         torch.cuda.synchronize()
+        profiled_wall = time.perf_counter() - start
+    # host time by operation: where the CPU waits (synchronizations) or launches slowly
+    cpu = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
+    print(f"profiled run {profiled_wall:.3f} s wall; host time by operation:")
+    for e in cpu:
+        print(f"  {e.self_cpu_time_total / 1e3:9.1f} ms n={e.count:6d}  {e.key[:90]}")
     # kernels only: an aten op's device time is the sum of its kernels, listing both would count twice
     events = [e for e in prof.key_averages() if e.self_device_time_total > 0 and not e.key.startswith("aten::")]
     total = sum(e.self_device_time_total for e in events)
