@@ -89,6 +89,7 @@ def test_compile_is_automatic_for_large_models_on_gpus_only(monkeypatch):
     from vmap_sweep.model.gpt import GPT, GPTConfig
     from vmap_sweep.sweep.runner import compile_on
 
+    monkeypatch.delenv("VMAP_SWEEP_COMPILE", raising=False)
     small = GPT(GPTConfig.from_depth(2, vocab_size=256)).to("meta")
     large = GPT(GPTConfig.from_depth(12)).to("meta")  # 135M parameters
     cpu, gpu = torch.device("cpu"), torch.device("cuda")

@@ -242,6 +242,24 @@ def test_compiled_step_follows_the_eager_trajectory(checkpointed):
         assert rel_close(torch.tensor(b.losses), torch.tensor(a.losses), 1e-5), (a.losses, b.losses)
 
 
+def test_compiled_step_keeps_packing_and_isolation_bitwise():
+    """Compiled, a cell's numbers still do not depend on its companions, diverging ones included."""
+    base, stream = tiny_model(), RandomStream()
+    cfg = TrainConfig(**{**CFG.__dict__, "compile": True})
+    cell = {"lr": 2e-3, "tokens": 160, "warmup_ratio": 0.2}
+    companions = [{"lr": 1e4, "tokens": 200}, {"lr": 1e39, "tokens": 200}, {"lr": 1e-3, "tokens": 96}]
+    evals = [stream.batch(1000 + i, B, T) for i in range(2)]
+    alone_trainer = StackedTrainer(base, [cell], cfg)
+    alone = alone_trainer.run(stream, evals)[0]
+    packed_trainer = StackedTrainer(base, [*companions, cell], cfg)
+    packed = packed_trainer.run(stream, evals)
+    assert packed[0].diverged and packed[1].diverged and not packed[3].diverged
+    assert packed[3].losses == alone.losses and packed[3].grad_norms == alone.grad_norms
+    assert packed[3].eval_loss == alone.eval_loss
+    sa, sb = alone_trainer.state_dict_of(0), packed_trainer.state_dict_of(3)
+    assert all(torch.equal(sa[n], sb[n]) for n in sa)
+
+
 @pytest.mark.parametrize("state", ["float32", "bfloat16"])
 def test_fused_adamw_update_equals_the_eager_one(state):
     from vmap_sweep.train.optim import AdamWHparams, StackedAdamW
@@ -258,8 +276,15 @@ def test_fused_adamw_update_equals_the_eager_one(state):
             for p in ps.values():
                 p.grad = torch.randn(p.shape, generator=g)
             active = torch.tensor([True, step != 1, True])  # a model that sits a step out keeps its state
+            if step == 1:
+                before = {n: (p[1].clone(), opt.exp_avg[n][1].clone()) for n, p in ps.items()}
+                for p in ps.values():
+                    p.grad[1] = float("nan")  # ... even when its gradients are NaN
             opt.step({n: torch.tensor([1e-3, 1e-2, 1e-1], dtype=torch.float64) for n in ps},
                      torch.tensor([0.0, 0.1, 0.0], dtype=torch.float64), active)
+            if step == 1:
+                assert all(torch.equal(p[1], before[n][0]) and torch.equal(opt.exp_avg[n][1], before[n][1])
+                           for n, p in ps.items())
         runs[compiled] = (ps, opt)
     (eager, e_opt), (fused, f_opt) = runs[False], runs[True]
     assert torch.equal(e_opt.steps, f_opt.steps)

@@ -13,7 +13,10 @@ import torch
 
 
 def _chunk_loss_and_grads(h, w, targets, weights, softcap: float, need_h: bool, need_w: bool):
-    """Weighted CE sums (K,) of one chunk, and d(loss)/d(h), d(loss)/d(w) where needed (else None).
+    """Weighted CE (K, n) of one chunk's tokens, and d(loss)/d(h), d(loss)/d(w) where needed (else None).
+
+    Per token, not summed: the caller sums outside any compiled code, since a compiled sum over a chunk's rows
+    may round differently for another K, and a cell's numbers must not depend on its companions.
 
     h (K, n, C), w (K or 1, V, C), targets (n,), weights (K, n). In place wherever it can be: two (K, n, V)
     float32 buffers live at once, whatever the vocabulary.
@@ -23,7 +26,7 @@ def _chunk_loss_and_grads(h, w, targets, weights, softcap: float, need_h: bool, 
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)
     safe_targets = targets.clamp(min=0).view(1, -1, 1).expand(h.shape[0], -1, 1)
     target_logit = logits.gather(-1, safe_targets)
-    loss = ((lse - target_logit).squeeze(-1) * weights).sum(-1)
+    loss = (lse - target_logit).squeeze(-1) * weights
     if not (need_h or need_w):
         return loss, None, None
     # d loss / d logits = (softmax - onehot) * weight; through the softcap: * (1 - tanh^2)
@@ -65,7 +68,7 @@ class _FusedLinearSoftcapCE(torch.autograd.Function):
         for start in range(0, n, chunk):
             sl = slice(start, min(start + chunk, n))
             l, gh, gw = step(h[:, sl], w, targets[sl], weights[:, sl], softcap, need_h, need_w)
-            loss = loss + l
+            loss = loss + l.sum(-1)
             if need_h:
                 grad_h.append(gh)
             if need_w:
