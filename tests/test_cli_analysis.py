@@ -76,11 +76,23 @@ def test_compile_setting_is_a_run_setting(study, tmp_path, monkeypatch):
     before = (study / "study.db").read_bytes()
     monkeypatch.setenv("VMAP_SWEEP_COMPILE", "1")
     result = cli(*TINY, "--out", study)
-    assert result.exit_code == 2 and "compile: 'auto' -> '1'" in result.stderr
+    assert result.exit_code == 2 and "compile: '0' -> '1'" in result.stderr
     monkeypatch.setenv("VMAP_SWEEP_COMPILE", "yes")
     result = cli(*TINY, "--out", tmp_path / "new")
     assert result.exit_code == 2 and "VMAP_SWEEP_COMPILE='yes'" in result.stderr and not (tmp_path / "new").exists()
     assert (study / "study.db").read_bytes() == before
+
+
+def test_a_study_from_before_the_compile_setting_resumes_as_eager(study, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(study, old)
+    with StudyStore.open(old) as store:
+        runtime = store.get_extra("runtime")
+        del runtime["compile"]  # what studies stored before the setting existed
+        store.put_extra("runtime", runtime)
+    ok(*TINY, "--out", old)
 
 
 def test_compile_is_automatic_for_large_models_on_gpus_only(monkeypatch):
@@ -98,6 +110,7 @@ def test_compile_is_automatic_for_large_models_on_gpus_only(monkeypatch):
     assert not compile_on(gpu, large)
     monkeypatch.setenv("VMAP_SWEEP_COMPILE", "1")
     assert compile_on(cpu, small)
+    assert not compile_on(gpu, large, "0") and compile_on(cpu, small, "1")  # a study's stored setting wins
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -231,14 +231,16 @@ def retrain_cells(
         cfg = StudyConfig.from_dict(store.config)
         stored = store.trajectories()
         solo = solo_cells(store)
-        # re-train as the study was trained: micro-batching sets the order of the gradient sums
-        micro_batch_size = (store.get_extra("runtime") or {}).get("micro_batch_size")
+        # re-train as the study was trained: micro-batching sets the order of the gradient sums, compiled
+        # kernels round differently from eager ones
+        runtime = store.get_extra("runtime") or {}
+        micro_batch_size, compile = runtime.get("micro_batch_size"), runtime.get("compile", "0")
     missing = [c.key for c in cells if c.key not in stored]
     if missing:
         raise ConfigError(f"{study_dir}: cells {missing[:3]} are not done; finish the study before evaluating it")
     dev = resolve_device(device)
     set_determinism(cfg.seed, deterministic)
-    worker = Worker(cfg, dev, micro_batch_size)
+    worker = Worker(cfg, dev, micro_batch_size, compile)
     data = worker.data
     for stack in plan_retraining(cells, solo, models_per_batch):
         trainer = StackedTrainer(data.model, [c.hparams for c in stack], worker.train_cfg, dev)

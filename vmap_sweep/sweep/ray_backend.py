@@ -24,7 +24,7 @@ import torch
 
 from vmap_sweep.config import StudyConfig
 from vmap_sweep.errors import ConfigError, VmapSweepError
-from vmap_sweep.sweep.runner import Job, Worker
+from vmap_sweep.sweep.runner import Job, Worker, compile_setting
 from vmap_sweep.train.memory import probe_models_per_batch
 from vmap_sweep.train.trainer import CellRecord, set_determinism
 
@@ -170,7 +170,9 @@ class RayBackend:
         threads = None if self.use_gpu else 1
         remote = self.ray.remote(RayWorker)
         opts: dict[str, Any] = {"num_cpus": 1, "num_gpus": gpus_per_worker, "max_restarts": 0,
-                                "max_task_retries": 0}
+                                "max_task_retries": 0,
+                                # the driver's compile setting is the study's: workers on other nodes see it too
+                                "runtime_env": {"env_vars": {"VMAP_SWEEP_COMPILE": compile_setting()}}}
         self._spawn_args = (cfg, self.use_gpu, micro_batch_size, deterministic, threads, worker_factory)
         self._remote = remote.options(**opts)
         self.slots = [self._spawn() for _ in range(num_workers)]

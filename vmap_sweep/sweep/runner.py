@@ -114,10 +114,13 @@ class Progress:
 class Worker:
     """Trains batches of cells on one device. It holds the base model and the data, loaded once."""
 
-    def __init__(self, cfg: StudyConfig, device: str | torch.device, micro_batch_size: int | None = None):
+    def __init__(self, cfg: StudyConfig, device: str | torch.device, micro_batch_size: int | None = None,
+                 compile: str | None = None):
+        """compile: a VMAP_SWEEP_COMPILE value (1, 0, auto); None reads the environment."""
         self.device = torch.device(device)
         self.data = load_study_data(cfg, self.device)
-        self.train_cfg = cfg.train_config(micro_batch_size, compile=compile_on(self.device, self.data.model))
+        self.train_cfg = cfg.train_config(micro_batch_size,
+                                          compile=compile_on(self.device, self.data.model, compile))
         self.fits: int | None = None  # models that last fitted at once; later batches are cut to it
         self.base_cache: dict = {}  # the base model's per-token losses by step: every batch sees the same steps
 
@@ -160,22 +163,23 @@ class LocalBackend:
         pass
 
 
-# Compiling takes a minute or two and pays for itself only where steps are long: d20 runs 2.6x faster compiled,
+# Compiling takes a minute or two and pays for itself only where steps are long: d20 runs 2-3x faster compiled,
 # the tiny preset's whole 16 x 16 study takes 15 s eager and 73 s compiled (benchmarks/RESULTS.md).
 COMPILE_MIN_PARAMS = 100_000_000
 
 
-def compile_setting() -> str:
-    """VMAP_SWEEP_COMPILE: 1 (always torch.compile), 0 (never) or unset: auto."""
+def compile_setting(device: torch.device | None = None) -> str:
+    """VMAP_SWEEP_COMPILE: 1 (always torch.compile), 0 (never) or unset: auto. With a device, auto on a CPU is
+    reported as 0, what it means there: the setting a study records, and a resume must match."""
     setting = os.environ.get("VMAP_SWEEP_COMPILE", "auto")
     if setting not in ("0", "1", "auto"):
         raise ConfigError(f"VMAP_SWEEP_COMPILE={setting!r}: set 1 (compile), 0 (eager) or unset it (auto)")
-    return setting
+    return "0" if setting == "auto" and device is not None and device.type != "cuda" else setting
 
 
-def compile_on(device: torch.device, model: GPT) -> bool:
-    """auto: compile on a GPU, for models of COMPILE_MIN_PARAMS parameters or more."""
-    setting = compile_setting()
+def compile_on(device: torch.device, model: GPT, setting: str | None = None) -> bool:
+    """Whether to compile; auto: on a GPU, for models of COMPILE_MIN_PARAMS parameters or more."""
+    setting = compile_setting() if setting is None else setting
     if setting == "auto":
         return device.type == "cuda" and model.num_params() >= COMPILE_MIN_PARAMS
     return setting == "1"
@@ -225,7 +229,7 @@ def run_study(
     backend = None
     try:
         runtime = {"device": dev.type, "micro_batch_size": micro_batch_size, "deterministic": deterministic,
-                   "compile": compile_setting()}
+                   "compile": compile_setting(dev)}
         _check_runtime(store, runtime)
         backend = (backend_factory or LocalBackend)(cfg, dev, micro_batch_size)
         if isinstance(backend, LocalBackend):
@@ -271,6 +275,8 @@ def run_study(
 def _check_runtime(store: StudyStore, runtime: dict) -> None:
     """The device type, micro-batching and determinism change a cell's last bits: one study, one regime."""
     stored = store.get_extra("runtime")
+    if stored is not None:
+        stored = {"compile": "0", **stored}  # studies from before the setting existed were trained eager
     if stored is not None and stored != runtime:
         diff = ", ".join(f"{k}: {stored.get(k)!r} -> {v!r}" for k, v in runtime.items() if stored.get(k) != v)
         raise StoreError(f"{store.path} was trained with other run settings ({diff}); resume with the same "
