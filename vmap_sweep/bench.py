@@ -106,7 +106,7 @@ def best_baseline(model: GPT, stream, batch_size: int, seq_len: int, steps: int,
                   micro_batch_size: int | None) -> tuple[float, dict]:
     """The fastest plain loop we can find (whole batch or micro-batches, eager or torch.compile'd), measured
     once per model shape and cell in this process."""
-    key = (model.config, batch_size, seq_len, steps, device.type)
+    key = (model.config, batch_size, seq_len, steps, device.type, micro_batch_size)
     if key in _BASELINES:
         return _BASELINES[key]
     tried = {}

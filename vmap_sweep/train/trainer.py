@@ -222,7 +222,9 @@ class StackedTrainer:
         # (models, rows) recompiles once; a study has a few.
         self._block_stage = torch.compile(_block_stage, dynamic=False) if cfg.compile else _block_stage
         if cfg.compile:
+            # a study records that it ran compiled: fail rather than fall back to eager kernels without a word
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            torch._dynamo.config.fail_on_recompile_limit_hit = True
         self.base_cache = {} if base_cache is None else base_cache
         # per-step statistics over every stacked tensor: one compiled call each, not one kernel launch per tensor
         self._norms = torch.compile(_grad_norms, dynamic=False) if cfg.compile else _grad_norms
