@@ -335,6 +335,7 @@ def test_merge_union_of_shards(tmp_path):
     with StudyStore.open(dirs[0]) as s0:
         s0.put_extra("eval", {"a": 1})
         s0.add_child((1e-4, 1e-3, 2000, 4000), "zoom/1", 1)
+    StudyStore.create_or_open(dirs[0] / "zoom/1", CONFIG, grid().cells()).close()  # the child's own study
     with merge_studies(dirs, tmp_path / "merged") as m:
         assert m.done_count() == 12 and m.pending() == [] and m.config == CONFIG
         assert m.get_extra("eval") == {"a": 1} and [c.child_dir for c in m.children()] == ["zoom/1"]
@@ -342,6 +343,8 @@ def test_merge_union_of_shards(tmp_path):
         for c in grid().cells():
             np.testing.assert_array_equal(bits(traj[(c.i, c.j)]), bits(rec_for(c.i, c.j).losses))
         assert {r["shard"] for r in m.rows()} == {"1/3", "2/3", "3/3"}
+    with StudyStore.open(tmp_path / "merged" / "zoom/1") as child:  # the child came along with its row
+        assert child.config == CONFIG
     # merging again into the same folder (e.g. after more shards finished) is a no-op, not an error
     with merge_studies(dirs, tmp_path / "merged") as m:
         assert m.done_count() == 12

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -590,6 +591,7 @@ def merge_studies(shard_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
                     for c in s.children():
                         conn.execute("INSERT OR IGNORE INTO children VALUES (?, ?, ?, ?, ?, ?, ?)",
                                      (c.child_dir, c.x0, c.x1, c.y0, c.y1, c.level, c.created))
+            _copy_child_folders(stores, out_dir)  # once the merge is committed: a refused one copies nothing
         except BaseException:
             out.close()
             raise
@@ -597,6 +599,20 @@ def merge_studies(shard_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
     finally:
         for s in stores:
             s.close()
+
+
+def _copy_child_folders(stores: Sequence[StudyStore], out_dir: Path) -> None:
+    """Each shard's zoom-child folders into the merged study, so that the children it records exist there.
+    A folder the output already has is kept (an earlier merge); each copy lands whole or not at all."""
+    for s in stores:
+        for c in s.children():
+            src, dst = s.directory / c.child_dir, out_dir / c.child_dir
+            if not src.is_dir() or dst.exists():
+                continue
+            tmp = dst.with_name(dst.name + ".merging")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp)
+            tmp.rename(dst)
 
 
 def _same_result(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
