@@ -316,7 +316,9 @@ def _labelled(cells: list[Cell], records: list[CellRecord]):
         yield cell, rec
 
 
-TRAINING_EFFICIENCY = 0.13
+# The fraction of a bare matmul's rate that training reaches, compiled or eager: stacked d20 on an H100
+# (benchmarks/RESULTS.md), 37% compiled (8 models, checkpointed), 15% eager.
+TRAINING_EFFICIENCY = {True: 0.37, False: 0.15}
 
 
 def describe_plan(cfg: StudyConfig, models_per_batch: int, model_config, device: torch.device) -> dict:
@@ -325,9 +327,10 @@ def describe_plan(cfg: StudyConfig, models_per_batch: int, model_config, device:
     batches = plan_study(cfg, grid, models_per_batch)
     summary = plan_summary(batches, flops_per_model_step(model_config, cfg.seq_len, cfg.batch_size * cfg.seq_len))
     rate = measured_flops_per_second(device)
-    # Training reaches a fraction of a bare matmul's rate: 13% for stacked d20 on an H100 (benchmarks/RESULTS.md).
-    summary["seconds_estimate"] = summary["flops"] / (TRAINING_EFFICIENCY * rate)
-    summary["efficiency"] = TRAINING_EFFICIENCY
+    with torch.device("meta"):  # the model's size decides compilation; no memory for its weights
+        compiled = compile_on(device, GPT(model_config))
+    summary["seconds_estimate"] = summary["flops"] / (TRAINING_EFFICIENCY[compiled] * rate)
+    summary["efficiency"] = TRAINING_EFFICIENCY[compiled]
     summary["device"] = str(device)
     summary["matmul_tflops"] = rate / 1e12
     summary["steps_range"] = (min(b.steps for b in batches), max(b.steps for b in batches))
