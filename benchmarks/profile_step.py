@@ -55,7 +55,8 @@ def main() -> None:
 
     parts = {"forward+backward": forward_backward}
     forward_backward()
-    parts["optimizer"] = lambda: trainer._optimizer_step(0, torch.ones(args.models, dtype=torch.bool))
+    ones = torch.ones(args.models, dtype=torch.float64)
+    parts["optimizer"] = lambda: trainer._optimizer_step(ones, ones.bool())
     parts["grad norms + finite check"] = lambda: (trainer._grad_norms().cpu(), trainer._weights_finite().cpu())
     parts["forward only (final loss)"] = lambda: trainer._forward_backward(x, y, w, with_grad=False)
     parts["base-model reference"] = lambda: trainer.model.token_losses(x, y, cfg.ce_chunk)

@@ -216,6 +216,10 @@ class StackedTrainer:
         hp = AdamWHparams(betas, eps, getattr(torch, cfg.optimizer_state_dtype))
         self.adamw = StackedAdamW(self.adamw_params, hp, compile=cfg.compile) if self.adamw_params else None
 
+        # (stacked, shared) parameters of each stage, the same tensors every step: embedding, blocks, lm_head
+        n_layer = len(self.model.transformer.h)
+        self._stages = [self._stage_params(p) for p in
+                        ["transformer.wte.", *(f"transformer.h.{i}." for i in range(n_layer)), "lm_head."]]
         # Each stage is one function for every block (same structure, parameters passed in): torch.compile traces
         # it once for all blocks and all batches, and torch.utils.checkpoint can wrap it from outside vmap.
         # Static shapes: dynamo can't trace vmap's batched matmuls with symbolic sizes (torch 2.11), so each new
@@ -230,32 +234,30 @@ class StackedTrainer:
         self._norms = torch.compile(_grad_norms, dynamic=False) if cfg.compile else _grad_norms
         self._finite = torch.compile(_all_finite, dynamic=False) if cfg.compile else _all_finite
 
-    def _stacked_losses(self, stacked, x, y, w) -> torch.Tensor:
+    def _stage_params(self, prefix: str) -> tuple[dict, dict]:
+        """(stacked, shared) parameters of one submodule, named relative to it."""
+        return ({n[len(prefix):]: t for n, t in self.stacked.items() if n.startswith(prefix)},
+                {n[len(prefix):]: t for n, t in self.frozen.items() if n.startswith(prefix)})
+
+    def _stacked_losses(self, x, y, w) -> torch.Tensor:
         """(K,) losses of the stacked models on shared tokens x, targets y and per-model loss weights w (K, B, T),
         computed stage by stage: embedding, each block (checkpointed if asked), the loss."""
         model, eps = self.model, self.model.config.norm_eps
         cos, sin = model.cos[: x.size(-1)], model.sin[: x.size(-1)]
+        s, f = self._stages[0]
 
-        def params(prefix: str) -> tuple[dict, dict]:
-            """(stacked, shared) parameters of one submodule, named relative to it."""
-            return ({n[len(prefix):]: t for n, t in stacked.items() if n.startswith(prefix)},
-                    {n[len(prefix):]: t for n, t in self.frozen.items() if n.startswith(prefix)})
-
-        s, f = params("transformer.wte.")
-
-        def embed(p, idx, f=f):
+        def embed(p, idx):
             return norm(functional_call(model.transformer.wte, (p, f), (idx,)), eps)
 
         # a frozen embedding is shared: computed once, then seen by every model
         h = vmap(embed, in_dims=(0, None))(s, x) if s else embed({}, x).expand(self.k, *x.shape, -1)
         template = model.transformer.h[0]
-        for i in range(len(model.transformer.h)):
-            s, f = params(f"transformer.h.{i}.")
+        for s, f in self._stages[1:-1]:
             if self.cfg.checkpoint_activations:
                 h = checkpoint(self._block_stage, template, s, f, h, cos, sin, use_reentrant=False)
             else:
                 h = self._block_stage(template, s, f, h, cos, sin)
-        s, f = params("lm_head.")
+        s, f = self._stages[-1]
         return _loss_stage(s, f, h, y, w, eps, model.config.softcap, self.cfg.ce_chunk, self.cfg.compile)
 
     # -- one step ---------------------------------------------------------------------------------------
@@ -283,7 +285,7 @@ class StackedTrainer:
         for start in range(0, inputs.shape[0], mb):
             sl = slice(start, start + mb)
             with torch.set_grad_enabled(with_grad), self._autocast(), sdpa_kernel(VMAP_SDPA_BACKENDS):
-                losses = self._stacked_losses(self.stacked, inputs[sl], targets[sl], weights[:, sl])
+                losses = self._stacked_losses(inputs[sl], targets[sl], weights[:, sl])
             if with_grad:
                 # Each model's loss depends only on its own slice of the stack: the gradient of the sum is
                 # every model's own gradient.
@@ -306,10 +308,11 @@ class StackedTrainer:
     def _weights_finite(self) -> torch.Tensor:
         return self._finite([p.detach() for p in self.stacked.values()])
 
-    def _optimizer_step(self, step: int, active: torch.Tensor) -> None:
-        mult = lr_multiplier(step, self.total_steps, self.warmup_ratio, self.cfg.schedule)
-        # (K,) hyperparameters stay on the CPU; the optimizers move them next to each tensor.
-        lrs = {n: self.group_lr[group_of(n)] * mult for n in self.stacked}
+    def _optimizer_step(self, mult: torch.Tensor, active: torch.Tensor) -> None:
+        """One update of the active models; mult: (K,) this step's schedule multiplier of each model."""
+        # (K,) hyperparameters stay on the CPU; the optimizers move them next to each tensor, once per group.
+        group_lrs = {g: lr * mult for g, lr in self.group_lr.items()}
+        lrs = {n: group_lrs[group_of(n)] for n in self.stacked}
         if self.adamw is not None:
             self.adamw.step(lrs, self.weight_decay, active)
         if self.muon is not None:
@@ -338,7 +341,7 @@ class StackedTrainer:
             mult = lr_multiplier(step, self.total_steps, self.warmup_ratio, cfg.schedule)
             bad = ~torch.isfinite(losses) | (losses > cfg.divergence_ratio * base) | ~torch.isfinite(norms)
             stepping = active & has_tokens & ~bad
-            self._optimizer_step(step, stepping)
+            self._optimizer_step(mult, stepping)
             bad_weights = ~self._weights_finite().cpu() & stepping
             for i in torch.nonzero(active & has_tokens).flatten().tolist():
                 rec = records[i]
