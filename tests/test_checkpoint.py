@@ -8,32 +8,20 @@ import random
 
 import pytest
 import torch
+from helpers_model import (
+    TIKTOKEN_VOCAB,
+    random_model,
+    tiny_config,
+    with_bf16_wte,
+    write_native_checkpoint,
+    write_tokenizer_json,
+    write_tokenizer_pkl,
+)
 
 from vmap_sweep.errors import CheckpointError, TokenizerError
 from vmap_sweep.model.checkpoint import _pick_hub_files, load_model, save_model
 from vmap_sweep.model.gpt import GPT
 from vmap_sweep.model.tokenizer import ByteTokenizer, HFTokenizer, TiktokenTokenizer, load_tokenizer
-
-try:
-    from tests.helpers_model import (
-        TIKTOKEN_VOCAB,
-        random_model,
-        tiny_config,
-        with_bf16_wte,
-        write_native_checkpoint,
-        write_tokenizer_json,
-        write_tokenizer_pkl,
-    )
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from helpers_model import (
-        TIKTOKEN_VOCAB,
-        random_model,
-        tiny_config,
-        with_bf16_wte,
-        write_native_checkpoint,
-        write_tokenizer_json,
-        write_tokenizer_pkl,
-    )
 
 
 def _ids(vocab: int, T: int = 16, B: int = 2, seed: int = 0) -> torch.Tensor:

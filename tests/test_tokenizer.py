@@ -8,6 +8,14 @@ import pickle
 import shutil
 
 import pytest
+from helpers_model import (
+    HF_TOKENIZER_VOCAB,
+    TIKTOKEN_VOCAB,
+    tiktoken_encoding,
+    tiktoken_state,
+    write_tokenizer_json,
+    write_tokenizer_pkl,
+)
 
 from vmap_sweep.errors import TokenizerError
 from vmap_sweep.model.tokenizer import (
@@ -17,25 +25,6 @@ from vmap_sweep.model.tokenizer import (
     TiktokenTokenizer,
     load_tokenizer,
 )
-
-try:
-    from tests.helpers_model import (
-        HF_TOKENIZER_VOCAB,
-        TIKTOKEN_VOCAB,
-        tiktoken_encoding,
-        tiktoken_state,
-        write_tokenizer_json,
-        write_tokenizer_pkl,
-    )
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from helpers_model import (
-        HF_TOKENIZER_VOCAB,
-        TIKTOKEN_VOCAB,
-        tiktoken_encoding,
-        tiktoken_state,
-        write_tokenizer_json,
-        write_tokenizer_pkl,
-    )
 
 TEXTS = [
     "hello the thing",

@@ -373,8 +373,6 @@ def _print_fractal(source: Path, json_out: bool, plot_file: Path | None, save_js
         _say(f"plot: {plot_file}")
 
 
-
-
 # ------------------------------------------------------------------------------------------------ zoom
 @app.command()
 @user_errors
