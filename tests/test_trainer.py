@@ -310,3 +310,33 @@ def test_base_model_reference_is_computed_once_per_step_across_trainers(monkeypa
     for a, b in zip(alone, first, strict=True):
         assert a.base_losses == b.base_losses and a.losses == b.losses
     assert [r.base_losses for r in second] == [r.base_losses for r in first[::-1]]
+
+
+def test_first_step_runs_one_model_per_distinct_budget_and_equals_the_whole_stack():
+    """Every model starts from the base weights on the same tokens: step 0 runs a stack of one per distinct
+    loss-weights row (here two: a 20-token budget ends inside the 32-token step) and gives each model the
+    losses and gradients the whole stack's pass would."""
+    base, stream = tiny_model(), RandomStream()
+    cells = [{"lr": 1e-3, "tokens": 200}, {"lr": 1e-2, "tokens": 20}, {"lr": 3e-3, "tokens": 200},
+             {"lr": 1e-4, "tokens": 20}]
+    trainer = StackedTrainer(base, cells, CFG)
+    x, y = stream.batch(0, B, T)
+    w = trainer._loss_weights(0, y)
+    whole = trainer._forward_backward(x, y, w, with_grad=True)
+    whole_grads = {n: p.grad.clone() for n, p in trainer.stacked.items()}
+    seen = []
+    real_stage = trainer._block_stage
+    trainer._block_stage = lambda template, s, f, h, *rest: seen.append(h.shape[0]) or real_stage(template, s, f, h,
+                                                                                                   *rest)
+    shared = trainer._first_forward_backward(x, y, w)
+    n_layer = base.config.n_layer
+    assert seen == [1] * (2 * n_layer)
+    assert torch.allclose(shared, whole, rtol=1e-6, atol=0) and shared[0] != shared[1]
+    assert shared[0] == shared[2] and shared[1] == shared[3]
+    for n, p in trainer.stacked.items():
+        assert torch.allclose(p.grad, whole_grads[n], rtol=1e-5, atol=1e-7), n
+        assert torch.equal(p.grad[0], p.grad[2]) and not torch.equal(p.grad[0], p.grad[1])
+    # in a run, only step 0 is shared; later steps (and the final losses) run the whole stack
+    seen.clear()
+    trainer.run(stream)
+    assert seen[: 2 * n_layer] == [1] * (2 * n_layer) and set(seen[2 * n_layer:]) == {4}

@@ -217,9 +217,7 @@ class StackedTrainer:
         self.adamw = StackedAdamW(self.adamw_params, hp, compile=cfg.compile) if self.adamw_params else None
 
         # (stacked, shared) parameters of each stage, the same tensors every step: embedding, blocks, lm_head
-        n_layer = len(self.model.transformer.h)
-        self._stages = [self._stage_params(p) for p in
-                        ["transformer.wte.", *(f"transformer.h.{i}." for i in range(n_layer)), "lm_head."]]
+        self._stages = self._stages_of(self.stacked)
         # Each stage is one function for every block (same structure, parameters passed in): torch.compile traces
         # it once for all blocks and all batches, and torch.utils.checkpoint can wrap it from outside vmap.
         # Static shapes: dynamo can't trace vmap's batched matmuls with symbolic sizes (torch 2.11), so each new
@@ -230,34 +228,37 @@ class StackedTrainer:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             torch._dynamo.config.fail_on_recompile_limit_hit = True
         self.base_cache = {} if base_cache is None else base_cache
+        self.at_base = True  # every model still holds the base weights (until the first update)
         # per-step statistics over every stacked tensor: one compiled call each, not one kernel launch per tensor
         self._norms = torch.compile(_grad_norms, dynamic=False) if cfg.compile else _grad_norms
         self._finite = torch.compile(_all_finite, dynamic=False) if cfg.compile else _all_finite
 
-    def _stage_params(self, prefix: str) -> tuple[dict, dict]:
-        """(stacked, shared) parameters of one submodule, named relative to it."""
-        return ({n[len(prefix):]: t for n, t in self.stacked.items() if n.startswith(prefix)},
-                {n[len(prefix):]: t for n, t in self.frozen.items() if n.startswith(prefix)})
+    def _stages_of(self, stacked: dict) -> list[tuple[dict, dict]]:
+        """(stacked, shared) parameters of each stage, named relative to its submodule: embedding, blocks, lm_head."""
+        prefixes = ["transformer.wte.", *(f"transformer.h.{i}." for i in range(len(self.model.transformer.h))),
+                    "lm_head."]
+        return [({n[len(p):]: t for n, t in stacked.items() if n.startswith(p)},
+                 {n[len(p):]: t for n, t in self.frozen.items() if n.startswith(p)}) for p in prefixes]
 
-    def _stacked_losses(self, x, y, w) -> torch.Tensor:
+    def _stacked_losses(self, stages, x, y, w) -> torch.Tensor:
         """(K,) losses of the stacked models on shared tokens x, targets y and per-model loss weights w (K, B, T),
         computed stage by stage: embedding, each block (checkpointed if asked), the loss."""
-        model, eps = self.model, self.model.config.norm_eps
+        model, eps, k = self.model, self.model.config.norm_eps, w.shape[0]
         cos, sin = model.cos[: x.size(-1)], model.sin[: x.size(-1)]
-        s, f = self._stages[0]
+        s, f = stages[0]
 
         def embed(p, idx):
             return norm(functional_call(model.transformer.wte, (p, f), (idx,)), eps)
 
         # a frozen embedding is shared: computed once, then seen by every model
-        h = vmap(embed, in_dims=(0, None))(s, x) if s else embed({}, x).expand(self.k, *x.shape, -1)
+        h = vmap(embed, in_dims=(0, None))(s, x) if s else embed({}, x).expand(k, *x.shape, -1)
         template = model.transformer.h[0]
-        for s, f in self._stages[1:-1]:
+        for s, f in stages[1:-1]:
             if self.cfg.checkpoint_activations:
                 h = checkpoint(self._block_stage, template, s, f, h, cos, sin, use_reentrant=False)
             else:
                 h = self._block_stage(template, s, f, h, cos, sin)
-        s, f = self._stages[-1]
+        s, f = stages[-1]
         return _loss_stage(s, f, h, y, w, eps, model.config.softcap, self.cfg.ce_chunk, self.cfg.compile)
 
     # -- one step ---------------------------------------------------------------------------------------
@@ -278,20 +279,42 @@ class StackedTrainer:
         count = valid.sum(dim=(1, 2), keepdim=True)
         return valid.float() / count.clamp(min=1).float()
 
-    def _forward_backward(self, inputs, targets, weights, with_grad: bool) -> torch.Tensor:
-        """(K,) summed weighted losses over micro-batches; gradients accumulated in .grad when asked."""
+    def _forward_backward(self, inputs, targets, weights, with_grad: bool, stages=None) -> torch.Tensor:
+        """(K,) summed weighted losses over micro-batches; gradients accumulated in .grad when asked.
+        stages: the parameters to run (default: the whole stack), K = weights.shape[0] models of them."""
+        stages = self._stages if stages is None else stages
         mb = self.cfg.micro_batch_size or inputs.shape[0]
-        total = torch.zeros(self.k, device=self.device)
+        total = torch.zeros(weights.shape[0], device=self.device)
         for start in range(0, inputs.shape[0], mb):
             sl = slice(start, start + mb)
             with torch.set_grad_enabled(with_grad), self._autocast(), sdpa_kernel(VMAP_SDPA_BACKENDS):
-                losses = self._stacked_losses(inputs[sl], targets[sl], weights[:, sl])
+                losses = self._stacked_losses(stages, inputs[sl], targets[sl], weights[:, sl])
             if with_grad:
                 # Each model's loss depends only on its own slice of the stack: the gradient of the sum is
                 # every model's own gradient.
                 losses.sum().backward()
             total += losses.detach().float()
         return total
+
+    def _first_forward_backward(self, inputs, targets, weights) -> torch.Tensor:
+        """Step 0's (K,) losses and gradients. Every model still holds the base weights and sees the same tokens,
+        so models with the same loss weights have the same loss and gradient: computed once per distinct weights
+        row as a stack of one model, and copied to each. A stack of one whatever the companions, so the result
+        does not depend on them, for a fraction of the work (cells of a few steps are mostly this step)."""
+        rows, row_of = torch.unique(weights.flatten(1), dim=0, return_inverse=True)
+        losses = torch.empty(self.k, device=self.device)
+        grads = {n: torch.empty_like(p) for n, p in self.stacked.items()}
+        for r in range(rows.shape[0]):
+            members = torch.nonzero(row_of == r).flatten()
+            first = int(members[0])
+            one = {n: p[first:first + 1].detach().requires_grad_(True) for n, p in self.stacked.items()}
+            loss = self._forward_backward(inputs, targets, weights[first:first + 1], True, self._stages_of(one))
+            losses[members] = loss
+            for n, p in one.items():
+                grads[n][members] = p.grad
+        for n, p in self.stacked.items():
+            p.grad = grads[n]
+        return losses
 
     def _base_losses(self, step: int, inputs, targets, weights) -> torch.Tensor:
         """(K,) the base model's loss under each model's weights: one unstacked forward shared by all, once per
@@ -336,12 +359,16 @@ class StackedTrainer:
             for p in self.stacked.values():
                 p.grad = None
             base = self._base_losses(step, inputs, targets, weights).cpu()
-            losses = self._forward_backward(inputs, targets, weights, with_grad=True).cpu()
+            if self.at_base and self.k > 1:
+                losses = self._first_forward_backward(inputs, targets, weights).cpu()
+            else:
+                losses = self._forward_backward(inputs, targets, weights, with_grad=True).cpu()
             norms = self._grad_norms().cpu()
             mult = lr_multiplier(step, self.total_steps, self.warmup_ratio, cfg.schedule)
             bad = ~torch.isfinite(losses) | (losses > cfg.divergence_ratio * base) | ~torch.isfinite(norms)
             stepping = active & has_tokens & ~bad
             self._optimizer_step(mult, stepping)
+            self.at_base = False
             bad_weights = ~self._weights_finite().cpu() & stepping
             for i in torch.nonzero(active & has_tokens).flatten().tolist():
                 rec = records[i]
