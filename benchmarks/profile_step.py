@@ -59,7 +59,7 @@ def main() -> None:
     parts["optimizer"] = lambda: trainer._optimizer_step(ones, ones.bool())
     parts["grad norms + finite check"] = lambda: (trainer._grad_norms().cpu(), trainer._weights_finite().cpu())
     parts["forward only (final loss)"] = lambda: trainer._forward_backward(x, y, w, with_grad=False)
-    parts["base-model reference"] = lambda: trainer.model.token_losses(x, y, cfg.ce_chunk)
+    parts["base-model reference"] = lambda: trainer.model.token_losses(x, y, trainer.ce_chunk)
     print(f"{args.models} models, {'compiled' if args.compile else 'eager'}, checkpoint {args.checkpoint}")
     for name, fn in parts.items():
         print(f"  {name:28s} {timed(fn) * 1e3:8.1f} ms", flush=True)

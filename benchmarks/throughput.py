@@ -23,7 +23,7 @@ from vmap_sweep.train.trainer import StackedTrainer, TrainConfig
 ALL = ("embedding", "unembedding", "attn", "mlp")
 NO_EMB = ("unembedding", "attn", "mlp")
 DEFAULTS = dict(depth=20, n_embd=None, models=4, tokens=8192, steps=5, mb=None, trainable=ALL, state="float32",
-                compile=True, checkpoint=False)
+                compile=True, checkpoint=False, ckpt_blocks=None)
 CASES = [
     ("d20, K=1", dict(models=1)),
     ("d20, K=4, micro-batches of 2, eager", dict(mb=2, compile=False)),
@@ -31,6 +31,8 @@ CASES = [
     ("d20, K=4, whole batch", dict()),
     ("d20, K=4, checkpointed", dict(checkpoint=True)),
     ("d20, K=8, checkpointed, bf16 state, 5-step cells", dict(models=8, state="bfloat16", checkpoint=True)),
+    ("d20, K=8, 16 of 20 blocks checkpointed, bf16 state", dict(models=8, state="bfloat16", checkpoint=True,
+                                                               ckpt_blocks=16)),
     ("d20, K=8, checkpointed, bf16 state, micro-batches of 4", dict(models=8, mb=4, state="bfloat16",
                                                                     checkpoint=True)),
     ("d20, K=8, checkpointed, bf16 state, 4-step cells", dict(models=8, state="bfloat16", checkpoint=True, steps=4)),
@@ -82,7 +84,7 @@ def main() -> None:
             r = bench(c["depth"], c["models"], tokens_per_step=c["tokens"], seq_len=seq, vocab=vocab,
                       micro_batch_size=c["mb"], steps=c["steps"], device=device, trainable=c["trainable"],
                       n_embd=c["n_embd"], optimizer_state_dtype=c["state"], compile=c["compile"],
-                      checkpoint_activations=c["checkpoint"]).to_dict()
+                      checkpoint_activations=c["checkpoint"], checkpoint_blocks=c["ckpt_blocks"]).to_dict()
             r["label"] = label
             results["cases"].append(r)
             print(f"{label}: {json.dumps(r)} ({time.time() - start:.0f}s)", flush=True)

@@ -18,7 +18,7 @@ from stacking_helpers import (
 from vmap_sweep.train.optim import newton_schulz
 from vmap_sweep.train.schedule import lr_multiplier
 from vmap_sweep.train.stack import GROUPS
-from vmap_sweep.train.trainer import StackedTrainer, TrainConfig, group_lrs, train_batch
+from vmap_sweep.train.trainer import StackedTrainer, TrainConfig, ce_chunk_rows, group_lrs, train_batch
 
 B, T = 2, 16
 # A tight divergence cap (2x the base loss), so that the large-LR cells below pass it.
@@ -225,9 +225,39 @@ def test_activation_checkpointing_gives_the_same_trajectory_bitwise(trainable):
     base, stream = tiny_model(), RandomStream()
     cells = [{"lr": 1e-3, "tokens": 160}, {"lr": 1e-2, "tokens": 96}, {"lr": 30.0, "tokens": 160}]
     plain = TrainConfig(batch_size=B, seq_len=T, trainable=trainable, divergence_ratio=2.0)
-    ckpt = TrainConfig(**{**plain.__dict__, "checkpoint_activations": True})
-    for a, b in zip(train_batch(base, stream, cells, plain), train_batch(base, stream, cells, ckpt), strict=True):
-        assert a.losses == b.losses and a.grad_norms == b.grad_norms and a.diverged == b.diverged
+    want = train_batch(base, stream, cells, plain)
+    for blocks in (None, 1):  # every block recomputed, or only the first
+        ckpt = TrainConfig(**{**plain.__dict__, "checkpoint_activations": True, "checkpoint_blocks": blocks})
+        for a, b in zip(want, train_batch(base, stream, cells, ckpt), strict=True):
+            assert a.losses == b.losses and a.grad_norms == b.grad_norms and a.diverged == b.diverged
+
+
+@pytest.mark.parametrize(("blocks", "recomputed"), [(None, 2), (1, 1), (0, 0), (5, 2)])
+def test_checkpoint_blocks_says_how_many_blocks_recompute(monkeypatch, blocks, recomputed):
+    from vmap_sweep.train import trainer as trainer_module
+
+    calls = []
+    real = trainer_module.checkpoint
+    monkeypatch.setattr(trainer_module, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = TrainConfig(batch_size=B, seq_len=T, checkpoint_activations=True, checkpoint_blocks=blocks)
+    trainer = StackedTrainer(tiny_model(), [{"lr": 1e-3, "tokens": 32}] * 2, cfg)
+    x, y = RandomStream().batch(0, B, T)
+    trainer._forward_backward(x, y, trainer._loss_weights(0, y), with_grad=True)
+    assert len(calls) == recomputed  # of the tiny model's 2 blocks
+    with pytest.raises(ValueError, match="checkpoint_blocks"):
+        TrainConfig(checkpoint_blocks=-1).validate()
+
+
+def test_loss_chunk_follows_the_model_width_unless_set():
+    assert [ce_chunk_rows(c) for c in (32, 256, 768, 1280, 2048)] == [512, 512, 1024, 2048, 4096]
+    base, stream = tiny_model(), RandomStream()
+    cells = [{"lr": 1e-3, "tokens": 96}]
+    assert StackedTrainer(base, cells, CFG).ce_chunk == 512
+    chunked = TrainConfig(**{**CFG.__dict__, "ce_chunk": 8})  # 4 chunks of the 32-row batch
+    trainer = StackedTrainer(base, cells, chunked)
+    assert trainer.ce_chunk == 8
+    a, b = trainer.run(stream)[0], train_batch(base, stream, cells, CFG)[0]
+    assert rel_close(torch.tensor(a.losses), torch.tensor(b.losses), 1e-6)
 
 
 @pytest.mark.parametrize("checkpointed", [False, True])

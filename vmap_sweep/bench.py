@@ -33,6 +33,7 @@ class BenchResult:
     optimizer_state_dtype: str
     compile: bool
     checkpoint_activations: bool
+    checkpoint_blocks: int | None
     steps: int  # steps per cell
     baseline_cell_s: float  # one whole cell one at a time: weights reset, optimizer, steps, final loss
     stacked_cell_s: float  # a whole batch of K such cells over K
@@ -160,7 +161,7 @@ def bench(depth: int, models: int, tokens_per_step: int = 8192, seq_len: int = 1
           micro_batch_size: int | None = None, steps: int = 5, device: str = "cuda",
           trainable: tuple[str, ...] = GROUPS, n_embd: int | None = None,
           optimizer_state_dtype: str = "float32", compile: bool = False,
-          checkpoint_activations: bool = False) -> BenchResult:
+          checkpoint_activations: bool = False, checkpoint_blocks: int | None = None) -> BenchResult:
     dev = torch.device(device)
     overrides = {"vocab_size": vocab, "sequence_len": seq_len}
     if n_embd is not None:
@@ -170,7 +171,7 @@ def bench(depth: int, models: int, tokens_per_step: int = 8192, seq_len: int = 1
     batch_size = tokens_per_step // seq_len
     tcfg = TrainConfig(batch_size=batch_size, seq_len=seq_len, micro_batch_size=micro_batch_size, trainable=trainable,
                        optimizer_state_dtype=optimizer_state_dtype, compile=compile,
-                       checkpoint_activations=checkpoint_activations)
+                       checkpoint_activations=checkpoint_activations, checkpoint_blocks=checkpoint_blocks)
     stream = RandomStream(vocab, dev)
     _free(dev)
     if dev.type == "cuda":
@@ -186,7 +187,8 @@ def bench(depth: int, models: int, tokens_per_step: int = 8192, seq_len: int = 1
         depth=depth, n_embd=gcfg.n_embd, params=sum(p.numel() for p in GPT(gcfg).to("meta").parameters()),
         models=models, tokens_per_step=tokens_per_step, micro_batch_size=micro_batch_size,
         trainable=tuple(trainable), optimizer_state_dtype=optimizer_state_dtype, compile=compile,
-        checkpoint_activations=checkpoint_activations, steps=steps, baseline_cell_s=base_cell,
+        checkpoint_activations=checkpoint_activations, checkpoint_blocks=checkpoint_blocks, steps=steps,
+        baseline_cell_s=base_cell,
         stacked_cell_s=stacked_batch / models, speedup=base_cell / (stacked_batch / models),
         baseline_step_s=base_cell / steps, stacked_step_s=stacked_step,
         stacked_tflops=models * flops / stacked_step / 1e12, baseline_tflops=flops * steps / base_cell / 1e12,
