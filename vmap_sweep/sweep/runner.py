@@ -316,9 +316,10 @@ def _labelled(cells: list[Cell], records: list[CellRecord]):
         yield cell, rec
 
 
-# The fraction of a bare matmul's rate that training reaches, compiled or eager: stacked d20 on an H100
-# (benchmarks/RESULTS.md), 37% compiled (8 models, checkpointed), 15% eager.
-TRAINING_EFFICIENCY = {True: 0.37, False: 0.15}
+# The fraction of a bare matmul's rate that training reaches, compiled or eager, counting every model's every
+# step: the default d20 study projected from measured batches on an H100 (benchmarks/RESULTS.md), 41% compiled
+# (8 models, checkpointed; 47% with 4 whole), 15% eager.
+TRAINING_EFFICIENCY = {True: 0.41, False: 0.15}
 
 
 def describe_plan(cfg: StudyConfig, models_per_batch: int, model_config, device: torch.device) -> dict:
