@@ -117,7 +117,9 @@ def test_non_finite_weights_freeze_the_model():
     assert not records[0].diverged and records[0].steps_done == records[0].steps
 
 
-@pytest.mark.parametrize("companions", [[{"lr": 1e-2, "tokens": 64}], [{"lr": 1e-5, "tokens": 300}] * 4])
+# companions with the cell's step 0 (shared), and one whose budget ends inside step 0 (the whole stack runs it)
+@pytest.mark.parametrize("companions", [[{"lr": 1e-2, "tokens": 64}], [{"lr": 1e-5, "tokens": 300}] * 4,
+                                        [{"lr": 1e-2, "tokens": 20}]])
 def test_packing_invariance_bitwise(companions):
     base, stream = tiny_model(), RandomStream()
     cell = {"lr": 2e-3, "tokens": 160, "warmup_ratio": 0.2}
@@ -355,9 +357,13 @@ def test_first_step_runs_one_model_per_distinct_budget_and_equals_the_whole_stac
     whole = trainer._forward_backward(x, y, w, with_grad=True)
     whole_grads = {n: p.grad.clone() for n, p in trainer.stacked.items()}
     seen = []
-    real_stage = trainer._block_stage
-    trainer._block_stage = lambda template, s, f, h, *rest: seen.append(h.shape[0]) or real_stage(template, s, f, h,
-                                                                                                   *rest)
+
+    def record_stack_sizes(trainer):
+        stage = trainer._block_stage
+        trainer._block_stage = lambda template, s, f, h, *rest: seen.append(h.shape[0]) or stage(template, s, f, h,
+                                                                                                  *rest)
+
+    record_stack_sizes(trainer)
     shared = trainer._first_forward_backward(x, y, w)
     n_layer = base.config.n_layer
     assert seen == [1] * (2 * n_layer)
@@ -370,3 +376,9 @@ def test_first_step_runs_one_model_per_distinct_budget_and_equals_the_whole_stac
     seen.clear()
     trainer.run(stream)
     assert seen[: 2 * n_layer] == [1] * (2 * n_layer) and set(seen[2 * n_layer:]) == {4}
+    # more distinct budgets than half the stack: one pass of the whole stack is cheaper than one per budget
+    trainer = StackedTrainer(base, cells[:2], CFG)
+    seen.clear()
+    record_stack_sizes(trainer)
+    losses = trainer._first_forward_backward(x, y, w[:2])
+    assert seen == [2] * n_layer and torch.equal(losses, whole[:2])

@@ -318,8 +318,12 @@ class StackedTrainer:
         """Step 0's (K,) losses and gradients. Every model still holds the base weights and sees the same tokens,
         so models with the same loss weights have the same loss and gradient: computed once per distinct weights
         row as a stack of one model, and copied to each. A stack of one whatever the companions, so the result
-        does not depend on them, for a fraction of the work (cells of a few steps are mostly this step)."""
+        does not depend on them, for a fraction of the work (cells of a few steps are mostly this step).
+        A batch of many token budgets that end inside step 0 would pay a pass for each: it runs the whole stack.
+        (Both ways give the same numbers on the CPU; on a GPU they round apart, as stacks of 1 and K models do.)"""
         rows, row_of = torch.unique(weights.flatten(1), dim=0, return_inverse=True)
+        if rows.shape[0] > self.k // 2:
+            return self._forward_backward(inputs, targets, weights, with_grad=True)
         losses = torch.empty(self.k, device=self.device)
         grads = {n: torch.empty_like(p) for n, p in self.stacked.items()}
         for r in range(rows.shape[0]):
