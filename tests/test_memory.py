@@ -68,3 +68,15 @@ def test_after_a_split_later_batches_are_cut_to_what_fitted(monkeypatch):
     first, second = worker.train(cells), worker.train(cells)
     assert sizes == [4, 2, 2, 2, 2]  # the second batch goes straight to the size that fitted
     assert [r.losses for r in first] == [r.losses for r in second]
+
+
+def test_the_probe_measures_a_training_step_of_the_whole_stack(monkeypatch):
+    """Step 0 runs one model per token budget; the memory that decides K is that of a later, K-wide step."""
+    from vmap_sweep.train import memory, trainer
+
+    passes = []
+    real = trainer._block_stage
+    monkeypatch.setattr(trainer, "_block_stage", lambda template, s, f, h, *rest: passes.append(
+        (h.shape[0], torch.is_grad_enabled())) or real(template, s, f, h, *rest))
+    assert memory._fits(tiny_model(), 3, TrainConfig(batch_size=2, seq_len=16), torch.device("cpu"))
+    assert (3, True) in passes and (1, True) not in passes
