@@ -274,21 +274,24 @@ def test_compiled_step_follows_the_eager_trajectory(checkpointed):
         assert rel_close(torch.tensor(b.losses), torch.tensor(a.losses), 1e-5), (a.losses, b.losses)
 
 
-def test_compiled_step_keeps_packing_and_isolation_bitwise():
+@pytest.mark.parametrize("micro_batch_size", [None, 1])
+def test_compiled_step_keeps_packing_and_isolation_bitwise(micro_batch_size):
     """Compiled, a cell's numbers still do not depend on its companions, diverging ones included."""
     base, stream = tiny_model(), RandomStream()
-    cfg = TrainConfig(**{**CFG.__dict__, "compile": True})
+    cfg = TrainConfig(**{**CFG.__dict__, "compile": True, "micro_batch_size": micro_batch_size})
     cell = {"lr": 2e-3, "tokens": 160, "warmup_ratio": 0.2}
-    companions = [{"lr": 1e4, "tokens": 200}, {"lr": 1e39, "tokens": 200}, {"lr": 1e-3, "tokens": 96}]
+    # (a budget ending inside step 0 too: companions' budgets decide how step 0 runs)
+    companions = [{"lr": 1e4, "tokens": 200}, {"lr": 1e39, "tokens": 20}, {"lr": 1e-3, "tokens": 96},
+                  {"lr": 1e-2, "tokens": 24}]
     evals = [stream.batch(1000 + i, B, T) for i in range(2)]
     alone_trainer = StackedTrainer(base, [cell], cfg)
     alone = alone_trainer.run(stream, evals)[0]
     packed_trainer = StackedTrainer(base, [*companions, cell], cfg)
     packed = packed_trainer.run(stream, evals)
-    assert packed[0].diverged and packed[1].diverged and not packed[3].diverged
-    assert packed[3].losses == alone.losses and packed[3].grad_norms == alone.grad_norms
-    assert packed[3].eval_loss == alone.eval_loss
-    sa, sb = alone_trainer.state_dict_of(0), packed_trainer.state_dict_of(3)
+    assert packed[0].diverged and packed[1].diverged and not packed[4].diverged
+    assert packed[4].losses == alone.losses and packed[4].grad_norms == alone.grad_norms
+    assert packed[4].eval_loss == alone.eval_loss
+    sa, sb = alone_trainer.state_dict_of(0), packed_trainer.state_dict_of(4)
     assert all(torch.equal(sa[n], sb[n]) for n in sa)
 
 

@@ -243,11 +243,12 @@ class StackedTrainer:
             # a study records that it ran compiled: fail rather than fall back to eager kernels without a word
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             torch._dynamo.config.fail_on_recompile_limit_hit = True
-        self.ce_chunk = cfg.ce_chunk or ce_chunk_rows(model.config.n_embd)
+        self.ce_chunk = ce_chunk_rows(model.config.n_embd) if cfg.ce_chunk is None else cfg.ce_chunk
         self.base_cache = {} if base_cache is None else base_cache
         self.at_base = True  # every model still holds the base weights (until the first update)
-        # per-step statistics over every stacked tensor: one compiled call each, not one kernel launch per tensor
-        self._norms = torch.compile(_grad_norms, dynamic=False) if cfg.compile else _grad_norms
+        # Finite weights: one compiled call over every stacked tensor (a maximum is exact in any order). Gradient
+        # norms stay eager: compiled, a (K, n) sum is split differently for each K, and a stored norm would then
+        # depend on the companions in its last bit.
         self._finite = torch.compile(_all_finite, dynamic=False) if cfg.compile else _all_finite
 
     def _stages_of(self, stacked: dict) -> list[tuple[dict, dict]]:
@@ -348,7 +349,7 @@ class StackedTrainer:
         return (weights * self.base_cache[key].unsqueeze(0)).flatten(1).sum(1)
 
     def _grad_norms(self) -> torch.Tensor:
-        return self._norms([p.grad for p in self.stacked.values()])
+        return _grad_norms([p.grad for p in self.stacked.values()])
 
     def _weights_finite(self) -> torch.Tensor:
         return self._finite([p.detach() for p in self.stacked.values()])
