@@ -95,6 +95,35 @@ def test_a_study_from_before_the_compile_setting_resumes_as_eager(study, tmp_pat
     ok(*TINY, "--out", old)
 
 
+def test_a_study_keeps_the_numerics_it_started_with(study, tmp_path):
+    """Resumed, or zoomed into, a study computes as it began; one from before versions were recorded, as the
+    first version did (512-row loss chunks, step 0 run by the whole stack)."""
+    from vmap_sweep.config import LATEST_NUMERICS, StudyConfig
+    from vmap_sweep.sweep.runner import LocalBackend, run_study
+    from vmap_sweep.sweep.zoom import zoom_study
+
+    old = tmp_path / "old"  # its own study: the shared one may have zoom children already
+    ok(*TINY, "--out", old)
+    with StudyStore.open(old) as store:
+        cfg = StudyConfig.from_dict(store.config)
+        runtime = store.get_extra("runtime")
+        assert runtime["numerics"] == LATEST_NUMERICS
+        del runtime["numerics"]  # what studies stored before the setting existed
+        store.put_extra("runtime", runtime)
+    trained_with = []
+
+    def backend(cfg, device, micro_batch_size=None):
+        trained_with.append(cfg.train_config(micro_batch_size))
+        return LocalBackend(cfg, device, micro_batch_size)
+
+    run_study(cfg, study, device="cpu", backend_factory=backend).close()
+    run_study(cfg, old, device="cpu", backend_factory=backend).close()
+    zoom_study(old, depth=1, models_per_batch=6, device="cpu", backend_factory=backend)
+    new, legacy, child = trained_with
+    assert new.share_first_step and new.ce_chunk is None
+    assert not legacy.share_first_step and legacy.ce_chunk == 512 and child == legacy
+
+
 def test_compile_is_automatic_for_large_models_on_gpus_only(monkeypatch):
     import torch
 

@@ -14,6 +14,17 @@ from vmap_sweep.sweep.axes import AXES, parse_axis_spec, parse_resolution
 from vmap_sweep.train.stack import GROUPS
 from vmap_sweep.train.trainer import TrainConfig
 
+# Versions of the trainer's arithmetic, which set a cell's last bits: a study keeps the version it started with
+# (stored in its run settings; studies from before versions were recorded are 1).
+# 1: 512-row loss chunks, step 0 run by the whole stack. 2: loss chunks by the model's width, step 0 once per budget.
+NUMERICS = {1: {"ce_chunk": 512, "share_first_step": False}, 2: {}}
+LATEST_NUMERICS = max(NUMERICS)
+
+
+def study_numerics(runtime: dict | None) -> int:
+    """The numerics version of a study from its stored run settings (None: a new study, the latest)."""
+    return LATEST_NUMERICS if runtime is None else int(runtime.get("numerics", 1))
+
 
 @dataclass(frozen=True)
 class StudyConfig:
@@ -34,10 +45,13 @@ class StudyConfig:
     checkpoint_activations: bool = False  # recompute block activations in the backward: less memory
     # values of every hyperparameter that is not an axis (lr, tokens, weight_decay, warmup_ratio, ...)
     fixed: dict = field(default_factory=dict)
+    # how the trainer computes (NUMERICS): a run setting taken from the study's store, not part of the config
+    numerics: int = LATEST_NUMERICS
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["trainable"] = list(self.trainable)
+        del d["numerics"]
         return d
 
     @classmethod
@@ -63,6 +77,7 @@ class StudyConfig:
             divergence_ratio=self.divergence_ratio,
             optimizer_state_dtype=self.optimizer_state,
             checkpoint_activations=self.checkpoint_activations,
+            **NUMERICS[self.numerics],
         )
 
     def validate(self) -> None:

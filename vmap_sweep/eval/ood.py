@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from vmap_sweep.analysis.study import study_classes
-from vmap_sweep.config import StudyConfig
+from vmap_sweep.config import StudyConfig, study_numerics
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.eval import DEFAULT_TASKS
 from vmap_sweep.model.gpt import GPT
@@ -235,6 +235,7 @@ def retrain_cells(
         # kernels round differently from eager ones
         runtime = store.get_extra("runtime") or {}
         micro_batch_size, compile = runtime.get("micro_batch_size"), runtime.get("compile", "0")
+        cfg = replace(cfg, numerics=study_numerics(runtime))
     missing = [c.key for c in cells if c.key not in stored]
     if missing:
         raise ConfigError(f"{study_dir}: cells {missing[:3]} are not done; finish the study before evaluating it")

@@ -11,13 +11,13 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from vmap_sweep.analysis.classify import classify_ratio
-from vmap_sweep.config import StudyConfig
+from vmap_sweep.config import StudyConfig, study_numerics
 from vmap_sweep.data.sources import load_conversations
 from vmap_sweep.data.stream import EvalSet, TokenStream, steps_for
 from vmap_sweep.errors import ConfigError, StoreError, VmapSweepError
@@ -228,8 +228,12 @@ def run_study(
     store = StudyStore.create_or_open(out, cfg.to_dict(), grid.cells())
     backend = None
     try:
+        # a study keeps the arithmetic it started with, whatever version of the trainer resumes it
+        stored_runtime = store.get_extra("runtime")
+        numerics = cfg.numerics if stored_runtime is None else study_numerics(stored_runtime)
+        cfg = replace(cfg, numerics=numerics)
         runtime = {"device": dev.type, "micro_batch_size": micro_batch_size, "deterministic": deterministic,
-                   "compile": compile_setting(dev)}
+                   "compile": compile_setting(dev), "numerics": numerics}
         _check_runtime(store, runtime)
         backend = (backend_factory or LocalBackend)(cfg, dev, micro_batch_size)
         if isinstance(backend, LocalBackend):
@@ -276,7 +280,8 @@ def _check_runtime(store: StudyStore, runtime: dict) -> None:
     """The device type, micro-batching and determinism change a cell's last bits: one study, one regime."""
     stored = store.get_extra("runtime")
     if stored is not None:
-        stored = {"compile": "0", **stored}  # studies from before the setting existed were trained eager
+        # studies from before these settings were recorded were trained eager, with the first numerics
+        stored = {"compile": "0", "numerics": study_numerics(stored), **stored}
     if stored is not None and stored != runtime:
         diff = ", ".join(f"{k}: {stored.get(k)!r} -> {v!r}" for k, v in runtime.items() if stored.get(k) != v)
         raise StoreError(f"{store.path} was trained with other run settings ({diff}); resume with the same "

@@ -35,6 +35,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ import numpy as np
 from vmap_sweep.analysis.fractal import boundary_mask, fractal_dimension, pooled_dimension
 from vmap_sweep.analysis.jsonsafe import json_safe
 from vmap_sweep.analysis.study import study_classes
-from vmap_sweep.config import StudyConfig
+from vmap_sweep.config import StudyConfig, study_numerics
 from vmap_sweep.errors import ConfigError, StoreError, VmapSweepError
 from vmap_sweep.sweep.axes import AxisSpec, parse_axis_spec
 from vmap_sweep.sweep.runner import LocalBackend, Progress, build_grid, run_study
@@ -276,7 +277,9 @@ def zoom_study(
     try:
         for k in range(depth):
             with StudyStore.open(current) as parent:
-                cfg = StudyConfig.from_dict(parent.config)
+                # a child computes as its parent did (NUMERICS), so that its cells compare with the parent's
+                numerics = study_numerics(parent.get_extra("runtime"))
+                cfg = replace(StudyConfig.from_dict(parent.config), numerics=numerics)
                 level = study_level(parent) + 1
                 if k == 0 and given is not None:
                     _finished_classes(parent)

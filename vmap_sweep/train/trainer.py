@@ -69,8 +69,10 @@ class TrainConfig:
     # recompute each block's activations in the backward instead of keeping them: less memory, ~1/3 more compute
     checkpoint_activations: bool = False
     # with checkpoint_activations, only the first this many blocks recompute (None: all): spends spare memory on
-    # speed. Like micro-batching, it changes how the work is done, not its numbers.
+    # speed; recomputation gives the same numbers (tested bitwise)
     checkpoint_blocks: int | None = None
+    # step 0 computed once per distinct token budget (all models still hold the base weights), not per model
+    share_first_step: bool = True
 
     @property
     def tokens_per_step(self) -> int:
@@ -84,8 +86,11 @@ class TrainConfig:
         mb = self.micro_batch_size
         if mb is not None and (mb < 1 or self.batch_size % mb):
             raise ValueError(f"micro_batch_size {mb} must divide batch_size {self.batch_size}")
-        if self.checkpoint_blocks is not None and self.checkpoint_blocks < 0:
-            raise ValueError(f"checkpoint_blocks {self.checkpoint_blocks} must be at least 0")
+        if self.checkpoint_blocks is not None and (self.checkpoint_blocks < 0 or not self.checkpoint_activations):
+            raise ValueError(f"checkpoint_blocks {self.checkpoint_blocks}: give a number >= 0, with "
+                             "checkpoint_activations")
+        if self.ce_chunk is not None and self.ce_chunk < 1:
+            raise ValueError(f"ce_chunk {self.ce_chunk} must be at least 1 (or None: from the model's width)")
 
 
 def ce_chunk_rows(n_embd: int) -> int:
@@ -382,7 +387,7 @@ class StackedTrainer:
             for p in self.stacked.values():
                 p.grad = None
             base = self._base_losses(step, inputs, targets, weights).cpu()
-            if self.at_base and self.k > 1:
+            if self.at_base and self.k > 1 and cfg.share_first_step:
                 losses = self._first_forward_backward(inputs, targets, weights).cpu()
             else:
                 losses = self._forward_backward(inputs, targets, weights, with_grad=True).cpu()
