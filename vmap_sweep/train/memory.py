@@ -25,16 +25,12 @@ class _OneStepStream:
         return x[:, :-1], x[:, 1:]
 
 
-def _train_one_step(model: GPT, k: int, cfg: TrainConfig, device: torch.device) -> None:
-    trainer = StackedTrainer(model, [{"lr": 1e-6, "tokens": cfg.tokens_per_step}] * k, cfg, device)
-    # a step of the whole stack, as every step after the first: step 0 alone is one model's pass
-    trainer.at_base = False
-    trainer.run(_OneStepStream(model.config.vocab_size))
-
-
 def _fits(model: GPT, k: int, cfg: TrainConfig, device: torch.device) -> bool:
+    cells = [{"lr": 1e-6, "tokens": cfg.tokens_per_step}] * k
+    # a step of the whole stack, as every step after the first (a shared step 0 is one model's pass)
+    cfg = replace(cfg, share_first_step=False)
     try:
-        _train_one_step(model, k, cfg, device)
+        StackedTrainer(model, cells, cfg, device).run(_OneStepStream(model.config.vocab_size))
         fits = True
     except torch.OutOfMemoryError:
         fits = False

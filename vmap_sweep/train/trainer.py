@@ -387,7 +387,7 @@ class StackedTrainer:
             for p in self.stacked.values():
                 p.grad = None
             base = self._base_losses(step, inputs, targets, weights).cpu()
-            if self.at_base and self.k > 1 and cfg.share_first_step:
+            if self.at_base and cfg.share_first_step:
                 losses = self._first_forward_backward(inputs, targets, weights).cpu()
             else:
                 losses = self._forward_backward(inputs, targets, weights, with_grad=True).cpu()
