@@ -265,6 +265,78 @@ def test_quiet_logs_one_line_per_batch_and_a_summary(base):
     assert re.search(r"trained this run\s*│\s*16 cells", result.stdout)
 
 
+def read_offline_wandb_run(folder: Path) -> tuple[list[dict], dict, dict]:
+    """History rows, summary and config of the one offline run under `folder`, from the file wandb writes:
+    a LevelDB-style log (32 KiB blocks of records with a 7-byte header) of wandb's protobuf Records."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = folder.glob("wandb/offline-run-*/run-*.wandb")
+    data, pos, block, chunks, records = path.read_bytes(), 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:
+            break
+        chunks += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            records.append(pb.Record.FromString(chunks))
+            chunks = b""
+
+    def items(entries) -> dict:
+        return {e.key or "/".join(e.nested_key): json.loads(e.value_json) for e in entries}
+
+    history, summary, config = [], {}, {}
+    for r in records:
+        kind = r.WhichOneof("record_type")
+        if kind == "history":
+            history.append(items(r.history.item))
+        elif kind == "summary":
+            summary.update(items(r.summary.update))
+        elif kind in ("config", "run"):  # the config given to wandb.init comes with the run record
+            config.update(items((r.config if kind == "config" else r.run.config).update))
+    return history, summary, config
+
+
+def test_wandb_logs_every_batch_and_the_totals(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")  # in the test extra; optional for users
+    for key, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true",
+                       "WANDB_CONSOLE": "off"}.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "study"
+    ok(*TINY, "--quiet", "--wandb", "--out", out)
+    history, summary, config = read_offline_wandb_run(tmp_path)
+    assert [h["cells_done"] for h in history] == [4, 8, 12, 16]
+    assert [h["batch_models"] for h in history] == [4, 4, 4, 4]
+    with StudyStore.open(out) as store:
+        counts = store.label_counts()
+    assert {k: v for k, v in history[-1].items() if k.startswith("class/")} == {
+        f"class/{label}": n for label, n in counts.items()}
+    assert history[-1]["diverged"] == counts.get("diverged", 0) > 0
+    assert summary["cells"] == summary["cells_done"] == summary["cells_trained"] == 16
+    assert all(summary[f"class/{label}"] == n for label, n in counts.items())
+    assert config["model"] == "tiny" and config["resolution"] == "4" and config["y"] == "tokens:256:1024:log"
+
+
+def test_wandb_that_cannot_start_is_one_line_and_creates_nothing(tmp_path):
+    """Online without an API key. In a process of its own: wandb keeps its first settings for the process."""
+    pytest.importorskip("wandb")
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+    env.update(PYTHONPATH=str(REPO), WANDB_MODE="online", WANDB_DIR=str(tmp_path), HOME=str(tmp_path))
+    out = tmp_path / "study"
+    proc = subprocess.run([sys.executable, "-c", "from vmap_sweep.cli import app; app()", *TINY, "--quiet", "--wandb",
+                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=120,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("error: --wandb")
+    assert "wandb login" in proc.stderr and "WANDB_MODE=offline" in proc.stderr
+    assert not out.exists()
+
+
 def test_status_of_a_finished_study(base):
     before = snapshot(base[0])
     text = ok("status", base[0]).stdout

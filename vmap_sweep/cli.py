@@ -167,7 +167,7 @@ def _run(cfg, out, k, device, micro_batch_size, shard_spec, deterministic, quiet
 
     progress = RichProgress(console, quiet=quiet)
     if wandb:
-        progress = WandbProgress(progress, cfg)
+        progress = WandbProgress(progress, cfg, name=Path(out).name)
     store = run_study(cfg, out, k, device, micro_batch_size, shard_spec, deterministic, progress,
                       backend_factory=backend_factory)
     with store:

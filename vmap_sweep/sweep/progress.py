@@ -92,29 +92,45 @@ def _diverged(rec: CellRecord) -> bool:
 
 
 class WandbProgress(ProgressHooks):
-    """Forwards to another progress and logs every batch to Weights & Biases (WANDB_MODE=offline works)."""
+    """Forwards to another progress and logs every batch to Weights & Biases (WANDB_MODE=offline works): cells
+    done, the classes of the cells trained so far (class/...), cells per minute; the run's totals as its summary."""
 
-    def __init__(self, inner: RichProgress, cfg):
+    def __init__(self, inner: RichProgress, cfg, name: str | None = None):
         try:
             import wandb
         except ImportError:
             raise ConfigError("--wandb needs Weights & Biases: pip install 'vmap-sweep[wandb]'") from None
+        try:
+            self.run = wandb.init(project="vmap-sweep", name=name, config=cfg.to_dict())
+        except Exception as e:  # not logged in, a bad WANDB_* setting: before any work, one line
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"--wandb: Weights & Biases did not start ({reason}); run `wandb login`, "
+                              "or set WANDB_MODE=offline") from None
         self.inner = inner
-        self.run = wandb.init(project="vmap-sweep", config=cfg.to_dict())
+        self.labels: dict[str, int] = {}
 
     def start(self, total, done, batches):
         self.inner.start(total, done, batches)
+        self.run.summary.update({"cells": total, "cells_stored_before": done})
 
     def batch_started(self, batch, todo):
         self.inner.batch_started(batch, todo)
 
     def batch_done(self, batch, records, elapsed):
         self.inner.batch_done(batch, records, elapsed)
+        for rec in records:
+            label = getattr(rec, "label", None) or "unclassified"
+            self.labels[label] = self.labels.get(label, 0) + 1
         self.run.log({"cells_done": self.inner.done, "diverged": self.inner.diverged,
-                      "cells_per_minute": self.inner.cells_per_minute(), "batch_seconds": elapsed})
+                      "cells_per_minute": self.inner.cells_per_minute(), "batch_seconds": elapsed,
+                      "batch_models": len(records), "batch_steps": batch.steps,
+                      **{f"class/{label}": n for label, n in self.labels.items()}})
 
     def finish(self):
         self.inner.finish()
+        self.run.summary.update({"cells_done": self.inner.done, "cells_trained": self.inner.trained,
+                                 "cells_per_minute": self.inner.cells_per_minute(),
+                                 **{f"class/{label}": n for label, n in self.labels.items()}})
         self.run.finish()
 
     @property
