@@ -278,6 +278,22 @@ def test_compiled_step_follows_the_eager_trajectory(checkpointed):
         assert rel_close(torch.tensor(b.losses), torch.tensor(a.losses), 1e-5), (a.losses, b.losses)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_block_weights_receive_gradients_in_their_own_layout(compiled):
+    """Under vmap a linear weight's gradient comes out of the batched matmul transposed; the blocks hand it over
+    contiguous, so that autograd does not copy it into .grad with a strided copy (slow on a GPU)."""
+    base, stream = tiny_model(), RandomStream()
+    cfg = TrainConfig(**{**CFG.__dict__, "compile": compiled})
+    trainer = StackedTrainer(base, [{"lr": 1e-3, "tokens": 64}] * 3, cfg)
+    arriving = {}
+    for name, p in trainer.stacked.items():
+        if ".h." in name:  # the blocks' weights; a hook on a leaf sees the gradient before it is accumulated
+            p.register_hook(lambda g, name=name: arriving.__setitem__(name, g.is_contiguous()))
+    x, y = stream.batch(0, B, T)
+    trainer._forward_backward(x, y, trainer._loss_weights(0, y), with_grad=True)
+    assert len(arriving) == sum(".h." in n for n in trainer.stacked) >= 6 and all(arriving.values()), arriving
+
+
 @pytest.mark.parametrize("micro_batch_size", [None, 1])
 def test_compiled_step_keeps_packing_and_isolation_bitwise(micro_batch_size):
     """Compiled, a cell's numbers still do not depend on its companions, diverging ones included."""
