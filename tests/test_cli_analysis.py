@@ -97,7 +97,8 @@ def test_a_study_from_before_the_compile_setting_resumes_as_eager(study, tmp_pat
 
 def test_a_study_keeps_the_numerics_it_started_with(study, tmp_path):
     """Resumed, or zoomed into, a study computes as it began; one from before versions were recorded, as the
-    first version did (512-row loss chunks, step 0 run by the whole stack)."""
+    first version did (512-row loss chunks, step 0 run by the whole stack, in-place loss chunks); one of the
+    second version with its shared step 0 but in-place loss chunks."""
     from vmap_sweep.config import LATEST_NUMERICS, StudyConfig
     from vmap_sweep.sweep.runner import LocalBackend, run_study
     from vmap_sweep.sweep.zoom import zoom_study
@@ -119,9 +120,13 @@ def test_a_study_keeps_the_numerics_it_started_with(study, tmp_path):
     run_study(cfg, study, device="cpu", backend_factory=backend).close()
     run_study(cfg, old, device="cpu", backend_factory=backend).close()
     zoom_study(old, depth=1, models_per_batch=6, device="cpu", backend_factory=backend)
-    new, legacy, child = trained_with
-    assert new.share_first_step and new.ce_chunk is None
-    assert not legacy.share_first_step and legacy.ce_chunk == 512 and child == legacy
+    with StudyStore.open(old) as store:
+        store.put_extra("runtime", {**runtime, "numerics": 2})
+    run_study(cfg, old, device="cpu", backend_factory=backend).close()
+    new, legacy, child, second = trained_with
+    assert new.share_first_step and new.ce_chunk is None and new.ce_two_pass
+    assert not legacy.share_first_step and legacy.ce_chunk == 512 and not legacy.ce_two_pass and child == legacy
+    assert second.share_first_step and second.ce_chunk is None and not second.ce_two_pass
 
 
 def test_compile_is_automatic_for_large_models_on_gpus_only(monkeypatch):

@@ -5,6 +5,8 @@ import torch
 from torch.func import vmap
 
 from vmap_sweep.model.loss import (
+    _chunk_loss_and_grads,
+    _chunk_loss_and_grads_two_pass,
     fused_linear_cross_entropy,
     reference_linear_cross_entropy,
     stacked_linear_cross_entropy,
@@ -53,17 +55,30 @@ def _reference(h, w, targets, weights):
                         for k in range(h.shape[0])])
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_stacked_cross_entropy_matches_reference_per_model(compiled):
+@pytest.mark.parametrize(("compiled", "two_pass"), [(False, False), (True, True), (True, False)])
+def test_stacked_cross_entropy_matches_reference_per_model(compiled, two_pass):
     h, w, targets, weights = _problem()
     h.requires_grad_(True), w.requires_grad_(True)
-    got = stacked_linear_cross_entropy(h, w, targets, weights, 15.0, chunk=7, compiled=compiled)
+    got = stacked_linear_cross_entropy(h, w, targets, weights, 15.0, chunk=7, compiled=compiled, two_pass=two_pass)
     grads = torch.autograd.grad(got.sum(), (h, w))
     ref = _reference(h, w, targets, weights)
     ref_grads = torch.autograd.grad(ref.sum(), (h, w))
     assert torch.allclose(got, ref, rtol=1e-6, atol=1e-6)
     for g, r in zip(grads, ref_grads, strict=True):
         assert torch.allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_pass_chunk_is_the_in_place_arithmetic_bitwise(dtype):
+    """The compiled path's form of a chunk (no in-place op, no scatter) computes the very same numbers."""
+    h, w, targets, weights = _problem(seed=3)
+    h, w = h.to(dtype), w.to(dtype)
+    weights[1, :5] = 0  # a budget that ends inside the chunk
+    for need in [(True, True), (True, False), (False, False)]:
+        a = _chunk_loss_and_grads(h, w, targets, weights, 15.0, *need)
+        b = _chunk_loss_and_grads_two_pass(h, w, targets, weights, 15.0, *need)
+        for x, y in zip(a, b, strict=True):
+            assert (x is None and y is None) or torch.equal(x, y)
 
 
 def test_shared_frozen_weight_and_evaluation_skip_gradients_but_not_the_value():
