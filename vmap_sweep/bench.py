@@ -65,10 +65,12 @@ def _sync(device: torch.device) -> None:
 
 
 def time_baseline(model: GPT, stream, batch_size: int, seq_len: int, steps: int, device: torch.device,
-                  micro_batch_size: int | None = None, compile: bool = False, cells: int = 3) -> float:
+                  micro_batch_size: int | None = None, compile: bool = False, cells: int = 3,
+                  eval_batches: int = 0) -> float:
     """Seconds per cell of the plain single-model loop, as a user fine-tunes one cell after another: reset the
-    weights to the base model's, a fresh fused AdamW, `steps` steps, the loss after the last update.
-    Median of `cells` cells after a warm-up cell (which compiles)."""
+    weights to the base model's, a fresh fused AdamW, `steps` steps, the loss after the last update, and the
+    loss on `eval_batches` held-out batches (a study's eval loss). Median of `cells` cells after a warm-up
+    cell (which compiles)."""
     m = copy.deepcopy(model).to(device)
     base_state = {n: t.clone() for n, t in m.state_dict().items()}
     for p in m.parameters():
@@ -92,6 +94,8 @@ def time_baseline(model: GPT, stream, batch_size: int, seq_len: int, steps: int,
             opt.zero_grad(set_to_none=True)
         with torch.no_grad(), autocast:
             forward(x, y).item()
+            for b in range(eval_batches):  # steps past any cell's, standing in for held-out tokens
+                forward(*(t.to(device) for t in stream.batch(10**6 + b, batch_size, seq_len))).item()
         _sync(device)
         times.append(time.perf_counter() - start)
         del opt
