@@ -3,7 +3,7 @@ batches, beside the one-at-a-time loop's cells timed in the same process.
 
     PYTHONPATH=. python benchmarks/study_slice.py --shards 128/128 70/128 50/128 --out study_slice.json
     PYTHONPATH=. python benchmarks/study_slice.py --device cpu --depth 1 --vocab 512 --models-per-batch 32 \
-        --shards 128/128 70/128   # a smoke test of this script (about 2 minutes on 2 cores)
+        --shards 128/128 70/128   # a smoke test of this script (2.5 minutes on 2 cores)
 
 The default preset's grid and settings (LR 1e-6…1e-3 × 1K…1M tokens at 128², 8 × 1024 tokens per step, AdamW,
 linear decay, 32,768 eval tokens) with a random-init d20 in the project's own format and the byte tokenizer on
