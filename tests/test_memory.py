@@ -76,7 +76,7 @@ def test_the_probe_measures_a_training_step_of_the_whole_stack(monkeypatch):
 
     passes = []
     real = trainer._block_stage
-    monkeypatch.setattr(trainer, "_block_stage", lambda template, s, f, h, *rest: passes.append(
-        (h.shape[0], torch.is_grad_enabled())) or real(template, s, f, h, *rest))
+    monkeypatch.setattr(trainer, "_block_stage", lambda halves, s, f, h, *rest: passes.append(
+        (h.shape[0], torch.is_grad_enabled())) or real(halves, s, f, h, *rest))
     assert memory._fits(tiny_model(), 3, TrainConfig(batch_size=2, seq_len=16), torch.device("cpu"))
     assert (3, True) in passes and (1, True) not in passes

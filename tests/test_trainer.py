@@ -14,6 +14,7 @@ from stacking_helpers import (
     reference_nanochat,
     tiny_model,
 )
+from torch.nn.attention import SDPBackend
 
 from vmap_sweep.train.optim import newton_schulz
 from vmap_sweep.train.schedule import lr_multiplier
@@ -294,6 +295,26 @@ def test_block_weights_receive_gradients_in_their_own_layout(compiled):
     assert len(arriving) == sum(".h." in n for n in trainer.stacked) >= 6 and all(arriving.values()), arriving
 
 
+def test_attention_runs_once_per_block_for_the_whole_stack(monkeypatch):
+    """Outside vmap, on every model's heads at once (the models folded into the batch), with the kernels the
+    numerics version allows: any (cuDNN's on a GPU), or flash and math as studies before version 4 ran."""
+    from vmap_sweep.train import trainer as trainer_module
+
+    calls = []
+    real = trainer_module.causal_attention
+    monkeypatch.setattr(trainer_module, "causal_attention", lambda q, k, v: calls.append(q.shape) or real(q, k, v))
+    base, stream = tiny_model(), RandomStream()
+    cells = [{"lr": 1e-3, "tokens": 64}, {"lr": 1e-2, "tokens": 64}, {"lr": 1e-4, "tokens": 32}]
+    trainer = StackedTrainer(base, cells, CFG)
+    x, y = stream.batch(0, B, T)
+    trainer._forward_backward(x, y, trainer._loss_weights(0, y), with_grad=True)
+    cfg = base.config
+    assert calls == [(3 * B, cfg.n_head, T, cfg.head_dim)] * cfg.n_layer
+    assert SDPBackend.CUDNN_ATTENTION in trainer._attention_kernels
+    older = StackedTrainer(base, cells, TrainConfig(**{**CFG.__dict__, "any_attention_kernel": False}))
+    assert older._attention_kernels == [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+
+
 @pytest.mark.parametrize("micro_batch_size", [None, 1])
 def test_compiled_step_keeps_packing_and_isolation_bitwise(micro_batch_size):
     """Compiled, a cell's numbers still do not depend on its companions, diverging ones included."""
@@ -383,7 +404,7 @@ def test_first_step_runs_one_model_per_distinct_budget_and_equals_the_whole_stac
 
     def record_stack_sizes(trainer):
         stage = trainer._block_stage
-        trainer._block_stage = lambda template, s, f, h, *rest: seen.append(h.shape[0]) or stage(template, s, f, h,
+        trainer._block_stage = lambda halves, s, f, h, *rest: seen.append(h.shape[0]) or stage(halves, s, f, h,
                                                                                                   *rest)
 
     record_stack_sizes(trainer)

@@ -17,8 +17,9 @@ from vmap_sweep.train.trainer import TrainConfig
 # Versions of the trainer's arithmetic, which set a cell's last bits: a study keeps the version it started with
 # (stored in its run settings; studies from before versions were recorded are 1).
 # 1: 512-row loss chunks, step 0 run by the whole stack. 2: loss chunks by the model's width, step 0 once per budget.
-# 3: compiled loss chunks in the two-pass form.
-NUMERICS = {1: {"ce_chunk": 512, "share_first_step": False, "ce_two_pass": False}, 2: {"ce_two_pass": False}, 3: {}}
+# 3: compiled loss chunks in the two-pass form. 4: attention outside vmap, on any SDPA kernel (cuDNN's on a GPU).
+NUMERICS = {1: {"ce_chunk": 512, "share_first_step": False, "ce_two_pass": False, "any_attention_kernel": False},
+            2: {"ce_two_pass": False, "any_attention_kernel": False}, 3: {"any_attention_kernel": False}, 4: {}}
 LATEST_NUMERICS = max(NUMERICS)
 
 

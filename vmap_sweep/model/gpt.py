@@ -86,7 +86,14 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return torch.cat([y1, y2], dim=-1)
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of (B, H, T, D) queries, keys and values."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
 class CausalSelfAttention(nn.Module):
+    """The attention layer's weights; Block runs it in two halves around `causal_attention`."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
@@ -96,7 +103,8 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Queries, keys and values (B, H, T, D) of x (B, T, C), keys and values expanded to every query head."""
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -109,9 +117,12 @@ class CausalSelfAttention(nn.Module):
             group = self.n_head // self.n_kv_head
             k = k.repeat_interleave(group, dim=1)
             v = v.repeat_interleave(group, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return self.c_proj(y)
+        return q, k, v
+
+    def project(self, y: torch.Tensor) -> torch.Tensor:
+        """The output projection of the heads' outputs y (B, H, T, D) -> (B, T, C)."""
+        B, H, T, D = y.shape
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, H * D))
 
 
 class MLP(nn.Module):
@@ -132,9 +143,16 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(norm(x, self.eps), cos, sin)
-        x = x + self.mlp(norm(x, self.eps))
-        return x
+        return self.after_attention(x, causal_attention(*self.before_attention(x, cos, sin)))
+
+    # The two halves around attention: a stack of models runs each half under vmap and attention in between
+    # for all models at once (vmap_sweep/train/trainer.py).
+    def before_attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        return self.attn.qkv(norm(x, self.eps), cos, sin)
+
+    def after_attention(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn.project(y)
+        return x + self.mlp(norm(x, self.eps))
 
 
 class GPT(nn.Module):

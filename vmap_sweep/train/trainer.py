@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -19,18 +18,20 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from vmap_sweep.data.stream import steps_for
-from vmap_sweep.model.gpt import GPT, norm
+from vmap_sweep.model.gpt import GPT, Block, causal_attention, norm
 from vmap_sweep.model.loss import stacked_linear_cross_entropy
 from vmap_sweep.train.optim import AdamWHparams, StackedAdamW, StackedMuon
 from vmap_sweep.train.schedule import SCHEDULES, lr_multiplier
 from vmap_sweep.train.stack import GROUPS, group_of, split_params, unstack
 
 OPTIMIZERS = ("adamw", "nanochat")
-# Attention kernels that are right under vmap. cuDNN's gives NaN gradients there and the memory-efficient one
-# refuses the batched layout (torch 2.11, H100); flash (bf16 on CUDA, and on CPU) and math are exact.
-VMAP_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
-# On CPU, SDPA has no vmap batching rule and runs once per model; correct, only slower, so don't warn each step.
-warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
+# Attention runs outside vmap, on every model's heads at once, where any SDPA kernel is right (cuDNN's on an H100,
+# as for a single model). Numerics versions 1-3 ran it under vmap, where cuDNN's kernel gave NaN gradients and the
+# memory-efficient one refused the batched layout (torch 2.11): those studies keep flash (bf16 on CUDA, and on
+# CPU) or math, the kernels they were trained with.
+ANY_SDPA_BACKEND = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                    SDPBackend.MATH]
+FLASH_OR_MATH = [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 # nanochat's SFT recipe (chat_sft.py, Oct 2025): Muon lr 0.02 on block matrices, AdamW 0.2*s on the
 # embedding and 0.004*s on lm_head (s = (n_embd/768)^-0.5), all times init_lr_frac 0.02.
 NANOCHAT_INIT_LR_FRAC = 0.02
@@ -75,6 +76,8 @@ class TrainConfig:
     share_first_step: bool = True
     # compiled, each loss chunk in the two-pass form (model/loss.py): faster, rounds apart from the in-place one
     ce_two_pass: bool = True
+    # attention may take any SDPA kernel (cuDNN's on an H100: faster than flash), not only flash or math
+    any_attention_kernel: bool = True
 
     @property
     def tokens_per_step(self) -> int:
@@ -178,16 +181,30 @@ class _GradInOwnLayout(torch.autograd.Function):
         return grad.contiguous()
 
 
-def _block_stage(block: torch.nn.Module, stacked: dict, shared: dict, h, cos, sin) -> torch.Tensor:
-    """One transformer block for every model: `block`'s structure with the given parameters, h (K, B, T, C)."""
+class _HalfBlock(torch.nn.Module):
+    """One half of a block around attention (`Block.before_attention` or `Block.after_attention`), holding the
+    block's layers under their own names, so that functional_call takes the block's parameters as they are."""
 
-    def run(p, hh):
-        return functional_call(block, (p, shared), (hh, cos, sin))
+    def __init__(self, block: Block, half: str):
+        super().__init__()
+        self.attn, self.mlp, self.eps, self.half = block.attn, block.mlp, block.eps, getattr(Block, half)
 
+    def forward(self, *args):
+        return self.half(self, *args)
+
+
+def _block_stage(halves: tuple[_HalfBlock, _HalfBlock], stacked: dict, shared: dict, h, cos, sin,
+                 attention_kernels: list) -> torch.Tensor:
+    """One transformer block for every model, h (K, B, T, C): each half under vmap with the given parameters, and
+    attention between them outside vmap, on all models' heads at once (the models folded into the batch)."""
+    before, after = halves
     stacked = {n: _GradInOwnLayout.apply(t) if t.requires_grad else t for n, t in stacked.items()}
+    dims = 0 if stacked else None
+    q, k, v = vmap(lambda p, x: functional_call(before, (p, shared), (x, cos, sin)), in_dims=(dims, 0))(stacked, h)
     # inside the stage, so a checkpoint's recomputation in the backward picks the same attention kernel
-    with sdpa_kernel(VMAP_SDPA_BACKENDS):
-        return vmap(run, in_dims=(0 if stacked else None, 0))(stacked, h)
+    with sdpa_kernel(attention_kernels):
+        y = causal_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)).unflatten(0, h.shape[:2])
+    return vmap(lambda p, x, yy: functional_call(after, (p, shared), (x, yy)), in_dims=(dims, 0, 0))(stacked, h, y)
 
 
 def _loss_stage(stacked: dict, shared: dict, h, targets, weights, eps, softcap: float, chunk: int, compiled: bool,
@@ -274,6 +291,10 @@ class StackedTrainer:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             torch._dynamo.config.fail_on_recompile_limit_hit = True
         self.ce_chunk = ce_chunk_rows(model.config.n_embd) if cfg.ce_chunk is None else cfg.ce_chunk
+        # every block has the same structure: the first one's halves run each block's parameters
+        template = model.transformer.h[0]
+        self._halves = (_HalfBlock(template, "before_attention"), _HalfBlock(template, "after_attention"))
+        self._attention_kernels = ANY_SDPA_BACKEND if cfg.any_attention_kernel else FLASH_OR_MATH
         self.base_cache = {} if base_cache is None else base_cache
         self.at_base = True  # every model still holds the base weights (until the first update)
         # Finite weights: one compiled call over every stacked tensor (a maximum is exact in any order). Gradient
@@ -300,13 +321,13 @@ class StackedTrainer:
 
         # a frozen embedding is shared: computed once, then seen by every model
         h = vmap(embed, in_dims=(0, None))(s, x) if s else embed({}, x).expand(k, *x.shape, -1)
-        template = model.transformer.h[0]
         recomputed = self.cfg.checkpoint_blocks if self.cfg.checkpoint_activations else 0
+        kernels = self._attention_kernels
         for i, (s, f) in enumerate(stages[1:-1]):
             if recomputed is None or i < recomputed:
-                h = checkpoint(self._block_stage, template, s, f, h, cos, sin, use_reentrant=False)
+                h = checkpoint(self._block_stage, self._halves, s, f, h, cos, sin, kernels, use_reentrant=False)
             else:
-                h = self._block_stage(template, s, f, h, cos, sin)
+                h = self._block_stage(self._halves, s, f, h, cos, sin, kernels)
         s, f = stages[-1]
         return _loss_stage(s, f, h, y, w, eps, model.config.softcap, self.ce_chunk, self.cfg.compile,
                            self.cfg.ce_two_pass)
@@ -337,7 +358,7 @@ class StackedTrainer:
         total = torch.zeros(weights.shape[0], device=self.device)
         for start in range(0, inputs.shape[0], mb):
             sl = slice(start, start + mb)
-            with torch.set_grad_enabled(with_grad), self._autocast(), sdpa_kernel(VMAP_SDPA_BACKENDS):
+            with torch.set_grad_enabled(with_grad), self._autocast():
                 losses = self._stacked_losses(stages, inputs[sl], targets[sl], weights[:, sl])
             if with_grad:
                 # Each model's loss depends only on its own slice of the stack: the gradient of the sum is
