@@ -98,7 +98,8 @@ def test_a_study_from_before_the_compile_setting_resumes_as_eager(study, tmp_pat
 def test_a_study_keeps_the_numerics_it_started_with(study, tmp_path):
     """Resumed, or zoomed into, a study computes as it began; one from before versions were recorded, as the
     first version did (512-row loss chunks, step 0 run by the whole stack, in-place loss chunks, flash or math
-    attention); one of the second version with its shared step 0 but the older loss chunks and attention."""
+    attention); one of the second version with its shared step 0 but the older loss chunks and attention; one of
+    the third with the two-pass loss chunks but flash or math attention."""
     from vmap_sweep.config import LATEST_NUMERICS, StudyConfig
     from vmap_sweep.sweep.runner import LocalBackend, run_study
     from vmap_sweep.sweep.zoom import zoom_study
@@ -123,12 +124,16 @@ def test_a_study_keeps_the_numerics_it_started_with(study, tmp_path):
     with StudyStore.open(old) as store:
         store.put_extra("runtime", {**runtime, "numerics": 2})
     run_study(cfg, old, device="cpu", backend_factory=backend).close()
-    new, legacy, child, second = trained_with
+    with StudyStore.open(old) as store:
+        store.put_extra("runtime", {**runtime, "numerics": 3})
+    run_study(cfg, old, device="cpu", backend_factory=backend).close()
+    new, legacy, child, second, third = trained_with
     assert new.share_first_step and new.ce_chunk is None and new.ce_two_pass and new.any_attention_kernel
     assert not legacy.share_first_step and legacy.ce_chunk == 512 and not legacy.ce_two_pass and child == legacy
     assert not legacy.any_attention_kernel
     assert second.share_first_step and second.ce_chunk is None and not second.ce_two_pass
     assert not second.any_attention_kernel
+    assert third.share_first_step and third.ce_two_pass and not third.any_attention_kernel
 
 
 def test_compile_is_automatic_for_large_models_on_gpus_only(monkeypatch):

@@ -315,6 +315,39 @@ def test_attention_runs_once_per_block_for_the_whole_stack(monkeypatch):
     assert older._attention_kernels == [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
 
+# attention under vmap on the CPU (the old path) has no batching rule and runs once per model, with a warning
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_flash_or_math_outside_vmap_equals_attention_under_vmap_bitwise(monkeypatch, compiled):
+    """Studies of numerics 1-3 ran each whole block under vmap; moving attention out of vmap must not change their
+    numbers when it keeps their kernels (on the GPU too: benchmarks/gpu_checks.py --only attention)."""
+    from torch.func import functional_call, vmap
+    from torch.nn.attention import sdpa_kernel
+
+    from vmap_sweep.train import trainer as trainer_module
+
+    base, stream = tiny_model(), RandomStream()
+    cells = [{"lr": 1e-3, "tokens": 96}, {"lr": 3e-2, "tokens": 64, "weight_decay": 0.1}, {"lr": 1e-4, "tokens": 40}]
+    cfg = TrainConfig(**{**CFG.__dict__, "compile": compiled, "any_attention_kernel": False})
+    evals = [stream.batch(1000, B, T)]
+
+    def whole_block_under_vmap(halves, stacked, shared, h, cos, sin, kernels):  # numerics 1-3 as written then
+        stacked = {n: trainer_module._GradInOwnLayout.apply(t) for n, t in stacked.items()}
+        with sdpa_kernel(trainer_module.FLASH_OR_MATH):
+            return vmap(lambda p, x: functional_call(base.transformer.h[0], (p, shared), (x, cos, sin)))(stacked, h)
+
+    def run():
+        torch._dynamo.reset()
+        trainer = StackedTrainer(base, cells, cfg)
+        records = trainer.run(stream, evals)
+        return [(r.losses, r.grad_norms, r.eval_loss) for r in records], trainer.state_dict_of(1)
+
+    now, now_weights = run()
+    monkeypatch.setattr(trainer_module, "_block_stage", whole_block_under_vmap)
+    before, before_weights = run()
+    assert now == before and all(torch.equal(now_weights[n], before_weights[n]) for n in now_weights)
+
+
 @pytest.mark.parametrize("micro_batch_size", [None, 1])
 def test_compiled_step_keeps_packing_and_isolation_bitwise(micro_batch_size):
     """Compiled, a cell's numbers still do not depend on its companions, diverging ones included."""

@@ -235,7 +235,7 @@ def retrain_cells(
         # kernels round differently from eager ones
         runtime = store.get_extra("runtime") or {}
         micro_batch_size, compile = runtime.get("micro_batch_size"), runtime.get("compile", "0")
-        cfg = replace(cfg, numerics=study_numerics(runtime))
+        cfg = replace(cfg, numerics=study_numerics(store.get_extra("runtime")))
     missing = [c.key for c in cells if c.key not in stored]
     if missing:
         raise ConfigError(f"{study_dir}: cells {missing[:3]} are not done; finish the study before evaluating it")
