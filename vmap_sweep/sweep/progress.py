@@ -93,7 +93,8 @@ def _diverged(rec: CellRecord) -> bool:
 
 class WandbProgress(ProgressHooks):
     """Forwards to another progress and logs every batch to Weights & Biases (WANDB_MODE=offline works): cells
-    done, the classes of the cells trained so far (class/...), cells per minute; the run's totals as its summary."""
+    done in the study, the class of each cell this run trained (class/...), cells per minute; the run's totals
+    as its summary (a resumed study's earlier cells count in cells_done, not in the classes)."""
 
     def __init__(self, inner: RichProgress, cfg, name: str | None = None):
         try:
