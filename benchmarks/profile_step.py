@@ -85,14 +85,9 @@ def main() -> None:
     print(f"profiled run {profiled_wall:.3f} s wall; host time by operation:")
     for e in cpu:
         print(f"  {e.self_cpu_time_total / 1e3:9.1f} ms n={e.count:6d}  {e.key[:90]}")
-    # kernels only: an aten op's device time is the sum of its kernels, listing both would count twice
-    events = [e for e in prof.key_averages() if e.self_device_time_total > 0 and not e.key.startswith("aten::")]
-    total = sum(e.self_device_time_total for e in events)
     steps = cells[0]["tokens"] // cfg.tokens_per_step
-    print(f"GPU kernel time {total / 1e3:.1f} ms for {steps} steps of {args.models} models")
-    for e in sorted(events, key=lambda e: -e.self_device_time_total)[: args.rows]:
-        print(f"{e.self_device_time_total / total:6.1%} {e.self_device_time_total / 1e3:9.1f} ms "
-              f"n={e.count:5d}  {e.key[:100]}")
+    print(f"{steps} steps of {args.models} models, top kernels:")
+    print(f"GPU kernel time {_top(_kernels(prof), args.rows) / 1e3:.1f} ms")
     if args.baseline:
         del trainer, prof
         torch.cuda.empty_cache()
@@ -124,7 +119,13 @@ def by_kind(events) -> dict[str, float]:
     return out
 
 
+def _kernels(prof) -> list:
+    """Kernel events only: an aten op's device time is the sum of its kernels, listing both would count twice."""
+    return [e for e in prof.key_averages() if e.self_device_time_total > 0 and not e.key.startswith("aten::")]
+
+
 def _top(events, rows: int) -> float:
+    """Prints the `rows` longest kernels; returns the total kernel time (us)."""
     total = sum(e.self_device_time_total for e in events)
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:rows]:
         print(f"{e.self_device_time_total / total:6.1%} {e.self_device_time_total / 1e3:9.1f} ms "
@@ -139,7 +140,7 @@ def _profiled(run, steps: int, rows: int, what: str) -> dict[str, float]:
         start = time.perf_counter()
         run(steps)
         wall = time.perf_counter() - start
-    events = [e for e in prof.key_averages() if e.self_device_time_total > 0 and not e.key.startswith("aten::")]
+    events = _kernels(prof)
     print(f"{what} in {wall:.3f} s wall")
     print(f"GPU kernel time {_top(events, rows) / 1e3:.1f} ms")
     return by_kind(events)

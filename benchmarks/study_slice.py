@@ -31,11 +31,12 @@ import torch
 from vmap_sweep.bench import RandomStream, time_baseline
 from vmap_sweep.cli import app
 from vmap_sweep.config import preset
+from vmap_sweep.data.stream import steps_for
 from vmap_sweep.model.checkpoint import save_model
 from vmap_sweep.model.gpt import GPT, GPTConfig
 from vmap_sweep.model.tokenizer import ByteTokenizer
 from vmap_sweep.sweep.plan import parse_shard
-from vmap_sweep.sweep.runner import _steps_of, build_grid, plan_study, shard_cells
+from vmap_sweep.sweep.runner import build_grid, plan_study, shard_cells
 from vmap_sweep.sweep.store import StudyStore
 
 
@@ -53,7 +54,10 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="study-slice-"))
     cfg = preset("d20-docvqa")
     grid = build_grid(cfg)
-    steps_of = _steps_of(cfg)
+
+    def steps_of(cell) -> int:
+        return steps_for(int(cell.hparams["tokens"]), cfg.batch_size * cfg.seq_len)
+
     device = torch.device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
     result = {"env": {"torch": torch.__version__, "device": name, "python": platform.python_version()},

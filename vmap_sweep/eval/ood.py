@@ -233,9 +233,10 @@ def retrain_cells(
         solo = solo_cells(store)
         # re-train as the study was trained: micro-batching sets the order of the gradient sums, compiled
         # kernels round differently from eager ones
-        runtime = store.get_extra("runtime") or {}
+        stored_runtime = store.get_extra("runtime")
+        runtime = stored_runtime or {}
         micro_batch_size, compile = runtime.get("micro_batch_size"), runtime.get("compile", "0")
-        cfg = replace(cfg, numerics=study_numerics(store.get_extra("runtime")))
+        cfg = replace(cfg, numerics=study_numerics(stored_runtime))
     missing = [c.key for c in cells if c.key not in stored]
     if missing:
         raise ConfigError(f"{study_dir}: cells {missing[:3]} are not done; finish the study before evaluating it")

@@ -234,7 +234,7 @@ def run_study(
         cfg = replace(cfg, numerics=numerics)
         runtime = {"device": dev.type, "micro_batch_size": micro_batch_size, "deterministic": deterministic,
                    "compile": compile_setting(dev), "numerics": numerics}
-        _check_runtime(store, runtime)
+        _check_runtime(store, stored_runtime, runtime)
         backend = (backend_factory or LocalBackend)(cfg, dev, micro_batch_size)
         if isinstance(backend, LocalBackend):
             _check_smallest_budget(cfg, grid, backend.worker.data.stream)
@@ -276,9 +276,8 @@ def run_study(
             backend.close()
 
 
-def _check_runtime(store: StudyStore, runtime: dict) -> None:
+def _check_runtime(store: StudyStore, stored: dict | None, runtime: dict) -> None:
     """The device type, micro-batching and determinism change a cell's last bits: one study, one regime."""
-    stored = store.get_extra("runtime")
     if stored is not None:
         # studies from before these settings were recorded were trained eager, with the first numerics
         stored = {"compile": "0", "numerics": study_numerics(stored), **stored}
@@ -323,7 +322,7 @@ def _labelled(cells: list[Cell], records: list[CellRecord]):
 
 # The fraction of a bare matmul's rate that training reaches, compiled or eager, counting every model's every
 # step: the default d20 study projected from measured batches on an H100 (benchmarks/RESULTS.md), 41% compiled
-# (8 models, checkpointed; 47% with 4 whole), 15% eager.
+# (8 models, checkpointed, an earlier version; 49% with 4 whole, through the CLI), 15% eager.
 TRAINING_EFFICIENCY = {True: 0.41, False: 0.15}
 
 
