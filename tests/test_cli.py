@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from cli_helpers import cli, ok
+from cli_helpers import boundary_pixels, cli, ok
 
 from vmap_sweep.config import preset
 from vmap_sweep.sweep.axes import parse_axis_spec
@@ -502,6 +502,8 @@ def test_fractal_of_a_study(base, tmp_path):
     assert set(FRACTAL_KEYS) <= set(report)
     assert report["dimension"] == fractal_report(base[0])["dimension"]
     assert report["resolution"] == [4, 4]
+    # the study's own boundary was counted: at box size 1 the count is its boundary pixels
+    assert report["box_sizes"][0] == 1 and report["box_counts"][0] == pytest.approx(boundary_pixels(base[0]))
 
 
 def _mask() -> np.ndarray:

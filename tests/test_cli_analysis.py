@@ -7,7 +7,7 @@ import json
 import os
 
 import pytest
-from cli_helpers import cli, ok
+from cli_helpers import boundary_pixels, cli, ok
 from PIL import Image
 
 from vmap_sweep.sweep.store import StudyStore
@@ -31,7 +31,18 @@ def test_zoom_then_dimension_then_animation(study):
         assert [c.level for c in store.children()] == [1]
     report = json.loads(ok("zoom-dimension", study, "--json").stdout)
     assert [lv["level"] for lv in report["levels"]] == [0, 1]
-    assert "pooled" in report
+    top = json.loads(ok("fractal", study, "--json").stdout)
+    assert report["levels"][0]["dimension"] == top["dimension"]  # level 0 is the study itself
+    for lv in report["levels"]:  # each level counted its own folder's boundary
+        if lv["dimension"] is not None:
+            assert lv["box_counts"][0] == pytest.approx(boundary_pixels(lv["dir"]))
+    measured = [lv["level"] for lv in report["levels"] if lv["dimension"] is not None]
+    pooled = report["pooled"]
+    assert measured[:1] == [0]  # the study itself has both classes
+    if pooled["dimension"] is None:
+        assert pooled["error"]
+    else:  # pooled over exactly the measured levels
+        assert pooled["levels"] == measured
     assert "level 0" in ok("zoom-dimension", study).stdout
     gif = study / "zoom.gif"
     assert ok("animate", study).stdout.strip().endswith("zoom.gif")
@@ -50,7 +61,8 @@ def test_rules_and_report(study, tmp_path):
     html = tmp_path / "r.html"
     ok("report", study, "-o", html, "--format", "html")
     text = html.read_text()
-    assert "data:image/png;base64" in text and "dimension" in text.lower()
+    dimension = json.loads(ok("fractal", study, "--json").stdout)["dimension"]
+    assert "data:image/png;base64" in text and f"D = {dimension:.3f}" in text
 
 
 def test_backend_and_bench_errors_are_one_line(study, tmp_path):

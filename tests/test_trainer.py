@@ -116,6 +116,13 @@ def test_non_finite_weights_freeze_the_model():
     records = trainer.run(stream)
     assert records[1].diverged and records[1].diverged_step == 0
     assert not records[0].diverged and records[0].steps_done == records[0].steps
+    # frozen: its weights stay those of its one update, bit for bit (NaNs included), while its companion trains
+    one_step = StackedTrainer(base, [{"lr": 1e39, "tokens": B * T}], TrainConfig(batch_size=B, seq_len=T,
+                                                                                 divergence_ratio=1e9))
+    one_step.run(stream)
+    frozen, after_one = trainer.state_dict_of(1), one_step.state_dict_of(0)
+    assert any(not t.isfinite().all() for t in frozen.values())
+    assert all(torch.equal(frozen[n].view(torch.int32), after_one[n].view(torch.int32)) for n in frozen)
 
 
 # companions with the cell's step 0 (shared), and one whose budget ends inside step 0 (the whole stack runs it)
@@ -129,6 +136,21 @@ def test_packing_invariance_bitwise(companions):
     packed = train_batch(base, stream, [*companions, cell], CFG, evals)[-1]
     assert packed.losses == alone.losses
     assert packed.grad_norms == alone.grad_norms
+    assert packed.eval_loss == alone.eval_loss
+
+
+def test_packing_invariance_bitwise_over_several_loss_chunks():
+    """640 rows per model: the loss runs in chunks of 512 rows and 128, which must not depend on the companions."""
+    base, stream = tiny_model(), RandomStream()
+    cfg = TrainConfig(optimizer="adamw", schedule="linear", batch_size=40, seq_len=T, divergence_ratio=2.0)
+    assert cfg.ce_chunk is None and ce_chunk_rows(base.config.n_embd) < 40 * T
+    cell = {"lr": 2e-3, "tokens": 1600}
+    evals = [stream.batch(100, 40, T)]
+    alone = train_batch(base, stream, [cell], cfg, evals)[0]
+    packed = train_batch(base, stream, [{"lr": 1e-2, "tokens": 1600}, {"lr": 1e-4, "tokens": 900}, cell], cfg,
+                         evals)[-1]
+    assert len(alone.losses) > 2
+    assert packed.losses == alone.losses and packed.grad_norms == alone.grad_norms
     assert packed.eval_loss == alone.eval_loss
 
 

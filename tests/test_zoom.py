@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import boundary_pixels
 from matplotlib.animation import PillowWriter
 from PIL import Image
 
@@ -356,8 +357,19 @@ def test_zoom_end_to_end_on_the_tiny_model(model_cache, tmp_path):
     assert Counting.cells == 0 and [finished_at(d) for d in (parent, *dirs)] == stamps
     report = dimension_report(parent)
     assert len(report["levels"]) == 3
-    for lv in report["levels"]:  # 6x6: box sizes 1..4, or a documented refusal
-        assert (lv["dimension"] is not None and math.isfinite(lv["dimension"])) or lv["error"]
-    assert report["pooled"]["dimension"] is None or math.isfinite(report["pooled"]["dimension"])
+    for lv, d in zip(report["levels"], (parent, *dirs), strict=True):  # 6x6: box sizes 1..4, or a refusal
+        assert lv["dir"] == str(d)
+        if lv["dimension"] is None:
+            assert lv["error"]
+        else:  # each level counted its own folder's boundary
+            assert math.isfinite(lv["dimension"]) and lv["box_sizes"][0] == 1
+            assert lv["box_counts"][0] == pytest.approx(boundary_pixels(d))
+    measured = [lv["level"] for lv in report["levels"] if lv["dimension"] is not None]
+    assert measured[:1] == [0]  # the parent has both classes
+    pooled = report["pooled"]
+    if pooled["dimension"] is None:
+        assert pooled["error"]
+    else:  # pooled over exactly the measured levels
+        assert math.isfinite(pooled["dimension"]) and pooled["levels"] == measured
     with Image.open(animate(parent, tmp_path / "zoom.gif")) as im:
         assert im.n_frames == 3
