@@ -119,6 +119,11 @@ BAD_OPTIONS = [
     (["--set", "nope=1"], "--set"),
     (["--models-per-batch", "0"], "--models-per-batch"),
     (["--shard", "3/2"], "shard 3/2"),
+    (["--shard", "5/5"], "--shard 5/5: that part holds no cells"),  # 4 rows dealt into 5 parts
+    (["--micro-batch-size", "3"], "--micro-batch-size 3: give a divisor of the batch size"),
+    (["--micro-batch-size", "3", "--dry-run"], "--micro-batch-size 3"),
+    (["--resolution", "100000"], "at most 2048 per side"),
+    (["--x", "lr:x:y"], "'lr:x:y'"),  # printed as typed, not as rich's :x: emoji
     # resuming with a different config is refused, naming what differs
     (["--seed", "7"], "seed: 42 -> 7"),
     (["--resolution", "5"], 'resolution: "4" -> "5"'),
@@ -171,13 +176,14 @@ def test_unwritable_out_is_one_line(tmp_path):
     assert blocker.read_text() == "not a folder"
 
 
-BAD_DATA = {"not-json": "this is not json\n", "no-messages": json.dumps({"text": "hello"}) + "\n"}
+BAD_DATA = {"not-json": b"this is not json\n", "no-messages": json.dumps({"text": "hello"}).encode() + b"\n",
+            "not-utf8": b"\xff\xfe\x00bin\n"}
 
 
 @pytest.mark.parametrize("kind", list(BAD_DATA))
 def test_malformed_data_file_on_a_new_folder_leaves_nothing(tmp_path, kind):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(BAD_DATA[kind])
+    bad.write_bytes(BAD_DATA[kind])
     out = tmp_path / "new"
     one_line_error(cli(*TINY, "--data", bad, "--out", out), str(bad))
     # no half-made study whose config would refuse the corrected command as "a different config"
@@ -186,7 +192,7 @@ def test_malformed_data_file_on_a_new_folder_leaves_nothing(tmp_path, kind):
 
 def test_malformed_data_file_on_an_existing_study_leaves_it_as_it_was(tmp_path):
     bad = tmp_path / "data.jsonl"
-    bad.write_text(BAD_DATA["not-json"])
+    bad.write_bytes(BAD_DATA["not-json"])
     cfg = preset("tiny").with_overrides(resolution="4", y="tokens:256:1024:log", eval_tokens=512, data=str(bad))
     out = tmp_path / "s"
     StudyStore.create_or_open(out, cfg.to_dict(), build_grid(cfg).cells()).close()
@@ -195,11 +201,36 @@ def test_malformed_data_file_on_an_existing_study_leaves_it_as_it_was(tmp_path):
     assert snapshot(out) == before
 
 
+def test_a_data_file_that_changed_is_refused_on_resume(tmp_path):
+    from vmap_sweep.data.synthetic import synthetic_docqa
+
+    data = tmp_path / "docs.jsonl"
+    lines = [json.dumps(c) + "\n" for c in synthetic_docqa(61, seed=0)]
+    data.write_text("".join(lines[:60]))
+    args = [*TINY[:3], "--resolution", "2", "--y", "tokens:256:512", "--eval-tokens", "512", "--device", "cpu",
+            "--quiet", "--data", data, "--out", tmp_path / "s"]
+    ok(*args)
+    original, before = data.read_bytes(), snapshot(tmp_path / "s")
+    data.write_bytes(original + lines[60].encode())  # same name, one more conversation
+    one_line_error(cli(*args), f"{data}: its contents changed", "restore that file")
+    assert snapshot(tmp_path / "s") == before
+    data.write_bytes(original)
+    ok(*args)  # the contents it started with resume it
+    # shards trained on different contents under one name do not merge
+    shard_args = [*args[:-1], tmp_path / "sharded"]
+    ok(*shard_args, "--shard", "1/2")
+    data.write_bytes(original + lines[60].encode())
+    ok(*shard_args, "--shard", "2/2")
+    one_line_error(cli("merge", tmp_path / "sharded" / "shard-1-of-2", tmp_path / "sharded" / "shard-2-of-2",
+                       "--out", tmp_path / "merged"), "'data_sha256' differs")
+    assert not (tmp_path / "merged").exists()
+
+
 def test_brackets_in_paths_are_printed_as_they_are(base, tmp_path):
     """rich would read `[old]` as markup (and `[/x]` as a closing tag: a crash), so names must be escaped."""
     bad = tmp_path / "[old]" / "[" / "x]" / "bad.jsonl"
     bad.parent.mkdir(parents=True)
-    bad.write_text(BAD_DATA["not-json"])
+    bad.write_bytes(BAD_DATA["not-json"])
     one_line_error(cli(*TINY, "--data", bad, "--out", tmp_path / "new"), f"{bad}:1:")
     study = tmp_path / "[run]"
     shutil.copytree(base[0], study)
@@ -401,7 +432,33 @@ def test_plot_writes_every_picture_in_every_format(base, tmp_path):
         one_line_error(cli("plot", base[0], "--rows", rows, "--out", tmp_path / "bad"), needle)
     one_line_error(cli("plot", base[0], "--format", "gif", "--out", tmp_path / "bad"), "--format")
     assert not (tmp_path / "bad").exists()
+    (tmp_path / "a-file").write_text("x")  # an --out that can't be a folder: a path error, not a traceback
+    one_line_error(cli("plot", base[0], "--out", tmp_path / "a-file"), str(tmp_path / "a-file"),
+                   "choose another path")
     assert snapshot(base[0]) == before
+
+
+def test_refused_output_paths_and_options_leave_the_study_as_it_was(base, tmp_path):
+    before = snapshot(base[0])
+    one_line_error(cli("export", base[0], "-o", base[0] / "study.db"), "would replace the study's database")
+    one_line_error(cli("fractal", base[0], "--plot", tmp_path / "x.jpg2"), "unknown picture format '.jpg2'")
+    one_line_error(cli("rules", base[0], "--plot", tmp_path / "x.jpg2"), "unknown picture format '.jpg2'")
+    one_line_error(cli("classify", base[0], "--converged-below", "5"), "--criterion threshold")
+    (tmp_path / "a.txt").write_text("x")
+    one_line_error(cli("status", tmp_path / "a.txt"), "a file, not a study folder")
+    assert snapshot(base[0]) == before
+    assert not (tmp_path / "x.jpg2").exists()
+
+
+BAD_BENCH = [(["--depth", "0"], "--depth 0"), (["--steps", "0"], "--steps 0"), (["--seq-len", "0"], "--seq-len 0"),
+             (["--models-per-batch", "0"], "--models-per-batch 0"), (["--device", "tpu"], "--device 'tpu'"),
+             (["--micro-batch-size", "3"], "--micro-batch-size 3: give a divisor of the 2 rows")]
+
+
+@pytest.mark.parametrize("extra,needle", BAD_BENCH, ids=[" ".join(a) for a, _ in BAD_BENCH])
+def test_bad_bench_options_are_one_line(extra, needle):
+    small = ["bench", "--device", "cpu", "--depth", "1", "--tokens-per-step", "64", "--seq-len", "32", "--steps", "1"]
+    one_line_error(cli(*small, *extra), needle)
 
 
 # ------------------------------------------------------------------------------------------------ 8 export
@@ -461,6 +518,9 @@ def test_shards_run_their_own_part_and_merge_into_the_whole(base, tmp_path):
         seen |= done
     assert len(seen) == 16
 
+    # a shard is a study with pending cells: its pictures leave those blank
+    assert ok("plot", root / "shard-1-of-2").stdout.split() == [str(root / "shard-1-of-2" / "plots" / f"{n}.png")
+                                                               for n in PLOTS]
     merged = tmp_path / "merged"
     text = ok("merge", root / "shard-1-of-2", root / "shard-2-of-2", "--out", merged).stdout
     assert "16/16" in text

@@ -401,3 +401,12 @@ def test_without_lm_eval_a_config_error_names_the_extra(study_copy, monkeypatch)
         import vmap_sweep.eval.adapter  # noqa: F401
     with StudyStore.open(study_copy) as store:
         assert store.get_extra("ood") is None
+
+
+@pytest.mark.parametrize("option,needle", [({"rtol": -1.0}, "--rtol -1"), ({"models_per_batch": 0}, "--models-per")])
+def test_bad_options_are_refused_before_any_retraining(study_copy, monkeypatch, option, needle):
+    from vmap_sweep.eval import ood
+
+    monkeypatch.setattr(ood, "retrain_cells", lambda *a, **k: pytest.fail("re-trained before checking options"))
+    with pytest.raises(ConfigError, match=needle):
+        run_ood_eval(study_copy, cells="2x2", tasks=["hellaswag"], limit=2, device="cpu", **option)

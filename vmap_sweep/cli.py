@@ -23,7 +23,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
+console = Console(stderr=True, emoji=False)  # ':x:' in a user's spec is not an emoji
 out_console = Console()
 
 
@@ -35,10 +35,19 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except VmapSweepError as e:
-            console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            _error(str(e))
+        except OSError as e:
+            if e.filename is None:  # not about a path the user gave
+                raise
+            where = f"{e.filename} -> {e.filename2}" if e.filename2 else str(e.filename)
+            _error(f"{where}: {e.strerror or e}; choose another path")
 
     return wrapper
+
+
+def _error(message: str):
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2) from None
 
 
 def _say(text: str) -> None:
@@ -139,6 +148,9 @@ def run(
         shard_spec = parse_shard(shard)
         out = out / f"shard-{shard_spec[0]}-of-{shard_spec[1]}"
     backend_factory = _backend(backend, address, workers, device)
+    from vmap_sweep.sweep.runner import check_micro_batch_size
+
+    check_micro_batch_size(cfg, micro_batch_size)
     if dry_run:
         _dry_run(cfg, 8 if k == "auto" else k, device)
         return
@@ -260,6 +272,8 @@ def classify(
 
     if criterion == "threshold" and converged_below is None:
         raise ConfigError("--criterion threshold needs --converged-below LOSS (e.g. the initial loss)")
+    if criterion != "threshold" and converged_below is not None:
+        raise ConfigError("--converged-below works with --criterion threshold; add it, or drop the option")
     with StudyStore.open(study) as store:
         counts = reclassify(store, criterion, converged_below=converged_below, diverged_above=diverged_above)
     out_console.print(f"{criterion}: " + ", ".join(f"{n} {label}" for label, n in sorted(counts.items())))
@@ -533,10 +547,19 @@ def bench(
 
     from vmap_sweep.bench import bench as run_bench
 
+    for name, value in (("--depth", depth), ("--models-per-batch", models_per_batch),
+                        ("--tokens-per-step", tokens_per_step), ("--seq-len", seq_len), ("--steps", steps)):
+        if value < 1:
+            raise ConfigError(f"{name} {value}: give a positive integer")
+    if device not in ("cuda", "cpu"):
+        raise ConfigError(f"--device {device!r}: choose cuda or cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("bench: no CUDA device here; run it on a GPU machine or pass --device cpu")
     if tokens_per_step % seq_len:
         raise ConfigError(f"--tokens-per-step {tokens_per_step} must be a multiple of --seq-len {seq_len}")
+    rows = tokens_per_step // seq_len
+    if micro_batch_size is not None and (micro_batch_size < 1 or rows % micro_batch_size):
+        raise ConfigError(f"--micro-batch-size {micro_batch_size}: give a divisor of the {rows} rows per step")
     if optimizer_state not in ("float32", "bfloat16"):
         raise ConfigError(f"--optimizer-state {optimizer_state!r}: choose float32 or bfloat16")
     r = run_bench(depth, models_per_batch, tokens_per_step, seq_len, micro_batch_size=micro_batch_size,

@@ -13,6 +13,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 
+from vmap_sweep.errors import ConfigError  # noqa: E402
+
+PICTURE_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def picture_file(path) -> Path:
+    """A picture's path, its format from the suffix: any other suffix is a one-line error, before any work."""
+    path = Path(path)
+    if path.suffix.lower() not in PICTURE_SUFFIXES:
+        raise ConfigError(f"{path}: unknown picture format {path.suffix!r}; use a file ending in "
+                          f"{', '.join(PICTURE_SUFFIXES)}")
+    return path
+
 
 @dataclass
 class GridView:
@@ -52,8 +65,9 @@ def _axes(ax, view: GridView) -> None:
 
 
 def _boundary(ax, view: GridView) -> None:
-    mask = view.converged.astype(float)
-    if mask.min() == mask.max() or min(mask.shape) < 2:
+    # pending cells (no score yet) are left out: a boundary only runs between classified cells
+    mask = np.ma.masked_where(np.isnan(view.scores), view.converged.astype(float))
+    if mask.count() == 0 or mask.min() == mask.max() or min(mask.shape) < 2:
         return
     ax.contour(view.xs, view.ys, mask, levels=[0.5], colors="black", linewidths=0.8)
 
@@ -101,8 +115,11 @@ def plot_trajectories(
                     label=f"{view.x_name}={view.xs[i]:.3g}")
         ax.set_yscale("log")
         ax.set_ylabel("training loss")
-        ax.set_title(f"{view.y_name} = {view.ys[j]:.4g}")
-        ax.legend(fontsize=6, ncol=2)
+        if ax.lines:
+            ax.set_title(f"{view.y_name} = {view.ys[j]:.4g}")
+            ax.legend(fontsize=6, ncol=2)
+        else:  # a row of a study still running
+            ax.set_title(f"{view.y_name} = {view.ys[j]:.4g}: no cell trained yet")
     axes[-1, 0].set_xlabel("step")
     return fig
 

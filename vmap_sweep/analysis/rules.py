@@ -42,7 +42,6 @@ SIZE_AXIS = "tokens"
 SAFE_FACTOR = 0.5
 WITHIN = 2.0  # leave-one-size-out success: prediction within this factor of the measured optimum
 TARGET_RATIO = 2.0  # "does 10x more data allow 2x more LR"
-PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 
 
 # ----------------------------------------------------------------------------- Student t without scipy
@@ -496,12 +495,9 @@ def plot_rules(result: RulesResult, path: str | os.PathLike) -> Path:
     score heatmap with its boundary when the result carries the study's view. Format from the suffix."""
     import matplotlib.pyplot as plt
 
-    from vmap_sweep.analysis.plots import _heatmap, score_norm, signed_log
+    from vmap_sweep.analysis.plots import _heatmap, picture_file, score_norm, signed_log
 
-    path = Path(path)
-    if path.suffix.lower() not in PLOT_SUFFIXES:
-        raise ConfigError(f"{path}: unknown picture format {path.suffix!r}; use a file ending in "
-                          f"{', '.join(PLOT_SUFFIXES)}")
+    path = picture_file(path)
     view = _size_major_view(result)
     if view is not None:
         s = signed_log(view.scores)

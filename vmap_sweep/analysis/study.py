@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vmap_sweep.analysis.classify import classify_grid, converged_mask
+from vmap_sweep.analysis.classify import DIVERGED, classify_grid, converged_mask
 from vmap_sweep.analysis.fractal import fractal_dimension, uncertainty_exponent
 from vmap_sweep.analysis.plots import GridView
 from vmap_sweep.errors import ConfigError
@@ -55,7 +55,7 @@ def grid_view(store: StudyStore) -> GridView:
         x_log=x.scale == "log",
         y_log=y.scale == "log",
         scores=store.grid_arrays("score"),
-        converged=converged_mask(labels),
+        converged=converged_mask(np.where(labels == "", DIVERGED, labels)),  # a pending cell: not converged
         final_loss=store.grid_arrays("final_loss"),
         eval_loss=store.grid_arrays("eval_loss"),
         title=f"{cfg.get('model')} on {cfg.get('data')}",
@@ -89,6 +89,10 @@ def load_class_grid(source: Path) -> np.ndarray:
 
 def fractal_report(source: Path, plot_file: Path | None = None) -> dict:
     """Box-counting dimension with CI, fit range and counts, and the uncertainty-exponent estimate."""
+    if plot_file is not None:
+        from vmap_sweep.analysis.plots import picture_file
+
+        plot_file = picture_file(plot_file)
     grid = load_class_grid(Path(source))
     try:
         box = fractal_dimension(grid)

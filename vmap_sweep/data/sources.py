@@ -14,6 +14,7 @@ Every row is validated on load, so a malformed row fails here, naming its file:l
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -95,10 +96,27 @@ def _read_file(path: Path) -> list[dict]:
     return _read_jsonl(path) if path.suffix == ".jsonl" else _read_parquet(path)
 
 
+def data_fingerprint(data: str) -> str | None:
+    """sha256 of a local data file (None for other sources): a study's cells must all see the same data,
+    and a file's name says nothing of what it holds now."""
+    path = Path(data)
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM is no error
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text; save the file as UTF-8 JSON lines") from None
             if not line.strip():
                 continue
             try:

@@ -359,6 +359,10 @@ def run_ood_eval(
         raise ConfigError("--tasks is empty; name one or more lm-eval tasks, e.g. hellaswag,arc_challenge")
     if limit is not None and limit <= 0:
         raise ConfigError(f"--limit must be positive, got {limit}")
+    if not rtol >= 0:
+        raise ConfigError(f"--rtol {rtol}: give a relative difference >= 0, e.g. 1e-6")
+    if models_per_batch < 1:
+        raise ConfigError(f"--models-per-batch {models_per_batch}: give a positive integer")
     n_x, n_y = parse_cells(cells)
     with StudyStore.open(study_dir) as store:
         distance = distance_to_boundary(study_classes(store))

@@ -155,6 +155,8 @@ def check_axis_pair(x: AxisSpec, y: AxisSpec) -> None:
                           "sweep two different axes")
 
 
+# 2048^2 = 4.2M cells, far beyond what one GPU trains (128^2 d20 cells: ~6 h); planning more takes minutes
+MAX_RESOLUTION = 2048
 _RES = re.compile(r"^\s*(\d+)\s*(?:[x×X]\s*(\d+))?\s*$")
 
 
@@ -167,4 +169,7 @@ def parse_resolution(text: str | int) -> tuple[int, int]:
     ny = int(m.group(2)) if m.group(2) is not None else nx
     if nx < 2 or ny < 2:
         raise ConfigError(f"resolution {text!r}: each side must be >= 2; use e.g. 128 or 128x64")
+    if max(nx, ny) > MAX_RESOLUTION:
+        raise ConfigError(f"resolution {text!r}: at most {MAX_RESOLUTION} per side; zoom in (`vmap-sweep zoom`) "
+                          "for finer detail")
     return nx, ny

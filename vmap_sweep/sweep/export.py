@@ -20,7 +20,7 @@ from typing import IO, Any
 import numpy as np
 
 from vmap_sweep.errors import ConfigError
-from vmap_sweep.sweep.store import StudyStore
+from vmap_sweep.sweep.store import DB_NAME, StudyStore
 
 FORMATS = ("csv", "parquet", "npz")
 INT_COLUMNS = ("i", "j", "steps", "steps_done", "diverged", "diverged_step")
@@ -111,6 +111,8 @@ def export_study(store: StudyStore, fmt: str, path: str | os.PathLike, trajector
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"export path {path} is a folder; give a file name like results.{fmt}")
+    if path.resolve().parent == Path(store.directory).resolve() and path.name.startswith(DB_NAME):
+        raise ConfigError(f"export path {path} would replace the study's database; give another file name")
     cols = list(COLUMNS) + (list(ARRAY_COLUMNS) if trajectories else [])
     rows = _records(store, trajectories)
     mode, writer = _WRITERS[fmt]

@@ -18,9 +18,9 @@ import torch
 
 from vmap_sweep.analysis.classify import classify_ratio
 from vmap_sweep.config import StudyConfig, study_numerics
-from vmap_sweep.data.sources import load_conversations
+from vmap_sweep.data.sources import data_fingerprint, load_conversations
 from vmap_sweep.data.stream import EvalSet, TokenStream, steps_for
-from vmap_sweep.errors import ConfigError, StoreError, VmapSweepError
+from vmap_sweep.errors import ConfigError, StoreError
 from vmap_sweep.model.gpt import GPT
 from vmap_sweep.model.tokenizer import Tokenizer
 from vmap_sweep.sweep.axes import parse_axis_spec, parse_resolution
@@ -43,6 +43,12 @@ def _steps_of(cfg: StudyConfig) -> Callable[[Cell], int]:
 
 def plan_study(cfg: StudyConfig, grid: Grid, models_per_batch: int) -> list[Batch]:
     return plan_batches(grid.cells(), models_per_batch, _steps_of(cfg))
+
+
+def check_micro_batch_size(cfg: StudyConfig, micro_batch_size: int | None) -> None:
+    if micro_batch_size is not None and (micro_batch_size < 1 or cfg.batch_size % micro_batch_size):
+        raise ConfigError(f"--micro-batch-size {micro_batch_size}: give a divisor of the batch size "
+                          f"({cfg.batch_size} rows per step)")
 
 
 def shard_cells(cfg: StudyConfig, grid: Grid, k: int, n: int) -> list[Cell]:
@@ -163,6 +169,8 @@ class LocalBackend:
         pass
 
 
+DATA_EXTRA = "data_sha256"  # the study's local data file, as it was when the study started
+
 # Compiling takes a minute or two and pays for itself only where steps are long: d20 runs 2-3x faster compiled,
 # the tiny preset's whole 16 x 16 study takes 15 s eager and 73 s compiled (benchmarks/RESULTS.md).
 COMPILE_MIN_PARAMS = 100_000_000
@@ -218,10 +226,18 @@ def run_study(
     """
     progress = progress or Progress()
     cfg.validate()
+    check_micro_batch_size(cfg, micro_batch_size)
     compile_setting()  # a bad VMAP_SWEEP_COMPILE is refused before the study folder is touched
     dev = resolve_device(device)
     set_determinism(cfg.seed, deterministic)
     grid = build_grid(cfg)
+    cells, shard_name = grid.cells(), None
+    if shard_spec is not None:
+        cells = shard_cells(cfg, grid, *shard_spec)
+        shard_name = f"{shard_spec[0]}/{shard_spec[1]}"
+        if not cells:
+            raise ConfigError(f"--shard {shard_name}: that part holds no cells (the grid has {len(grid.cells())}, "
+                              "dealt in whole rows); split it into fewer parts")
     out = Path(out)
     new_dir, new_db = not out.exists(), not (out / DB_NAME).exists()
     # Opening the store first checks the folder and the config before any expensive loading.
@@ -235,17 +251,16 @@ def run_study(
         runtime = {"device": dev.type, "micro_batch_size": micro_batch_size, "deterministic": deterministic,
                    "compile": compile_setting(dev), "numerics": numerics}
         _check_runtime(store, stored_runtime, runtime)
+        data_digest = _check_data_unchanged(store, cfg.data)
         backend = (backend_factory or LocalBackend)(cfg, dev, micro_batch_size)
         if isinstance(backend, LocalBackend):
             _check_smallest_budget(cfg, grid, backend.worker.data.stream)
         if store.get_extra("runtime") is None:  # written once the model and data have loaded
             store.put_extra("runtime", runtime)
+        if data_digest is not None and store.get_extra(DATA_EXTRA) is None:
+            store.put_extra(DATA_EXTRA, data_digest)
         if models_per_batch == "auto":
             models_per_batch = backend.models_per_batch(grid.nx * grid.ny)
-        cells, shard_name = grid.cells(), None
-        if shard_spec is not None:
-            cells = shard_cells(cfg, grid, *shard_spec)
-            shard_name = f"{shard_spec[0]}/{shard_spec[1]}"
         batches = plan_batches(cells, int(models_per_batch), _steps_of(cfg))
         pending = {c.key for c in store.pending()}
         jobs = [(b, [c for c in b.cells if c.key in pending]) for b in batches]
@@ -263,9 +278,9 @@ def run_study(
             progress.batch_done(batch, records, time.perf_counter() - started_at.get(batch.index, time.perf_counter()))
         return store
     except BaseException as e:
-        # A study this run created and a user error (bad data, model) stopped before any result: remove it,
-        # so the fixed command is not refused as "a different config" by a study that holds nothing.
-        discard = new_db and isinstance(e, VmapSweepError) and _holds_nothing(store)
+        # A study this run created and an error (bad data, model) stopped before any result: remove it, so
+        # the fixed command is not refused as "a different config" by a study that holds nothing.
+        discard = new_db and isinstance(e, Exception) and _holds_nothing(store)
         store.close()
         if discard:
             _remove_empty_study(out, new_dir)
@@ -285,6 +300,16 @@ def _check_runtime(store: StudyStore, stored: dict | None, runtime: dict) -> Non
         diff = ", ".join(f"{k}: {stored.get(k)!r} -> {v!r}" for k, v in runtime.items() if stored.get(k) != v)
         raise StoreError(f"{store.path} was trained with other run settings ({diff}); resume with the same "
                          "--device, --micro-batch-size, --deterministic and VMAP_SWEEP_COMPILE, or use a new --out")
+
+
+def _check_data_unchanged(store: StudyStore, data: str) -> str | None:
+    """A local data file keeps the contents the study started with (shards too: merge compares them).
+    Returns the file's digest, for the store once the data has loaded."""
+    digest, stored = data_fingerprint(data), store.get_extra(DATA_EXTRA)
+    if digest is not None and stored is not None and stored != digest:
+        raise StoreError(f"{data}: its contents changed since {store.path} was started (sha256 {stored[:12]} -> "
+                         f"{digest[:12]}); restore that file, or use a new --out for the new data")
+    return digest
 
 
 def _check_smallest_budget(cfg: StudyConfig, grid: Grid, stream: TokenStream) -> None:

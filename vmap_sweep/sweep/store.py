@@ -242,10 +242,13 @@ class StudyStore:
         path = directory / DB_NAME if directory.is_dir() or not directory.exists() else directory
         if not path.is_file():
             raise StoreError(f"{directory}: no {DB_NAME} here; is this a study folder (the --out of a run)?")
+        if path.name != DB_NAME:
+            raise StoreError(f"{directory}: a file, not a study folder; pass the folder a run wrote (its --out)")
         conn = _connect(path)
         try:
             if _is_empty(conn, path):
-                raise StoreError(f"{path} is not a vmap-sweep study database (it is empty)")
+                raise StoreError(f"{path} is not a vmap-sweep study database (it is empty); pass the folder a "
+                                 "run wrote (its --out)")
             _check_ours(conn, path)
             _pragmas(conn, path)
             return cls(path, conn)
