@@ -410,3 +410,28 @@ def test_bad_options_are_refused_before_any_retraining(study_copy, monkeypatch, 
     monkeypatch.setattr(ood, "retrain_cells", lambda *a, **k: pytest.fail("re-trained before checking options"))
     with pytest.raises(ConfigError, match=needle):
         run_ood_eval(study_copy, cells="2x2", tasks=["hellaswag"], limit=2, device="cpu", **option)
+
+
+def test_eval_command_prints_each_cell_and_stores_the_result(study_copy, include_path):
+    from cli_helpers import ok
+
+    result = ok("eval", study_copy, "--cells", "2x2", "--tasks", TASK, "--limit", "4", "--include-path",
+                include_path, "--device", "cpu", "--models-per-batch", "4")
+    with StudyStore.open(study_copy) as store:
+        ood = store.get_extra("ood")
+    lines = result.stdout.strip().splitlines()
+    cells = [f"cell ({c['i']}, {c['j']}): {TASK} {c['accuracy'][TASK]:.3f}" for c in ood["cells"]]
+    assert len(cells) >= 2 and lines == [*cells, lines[-1]]  # one line per converged cell of the 2x2 subset
+    assert lines[-1].startswith(f"{TASK}: Spearman")
+
+
+def test_a_task_whose_data_cannot_load_is_refused_before_any_retraining(study_copy, include_path, monkeypatch):
+    from vmap_sweep.eval import ood
+
+    yaml = include_path / "toy.yaml"
+    yaml.write_text(yaml.read_text().replace("toy.jsonl", "missing.jsonl"))
+    monkeypatch.setattr(ood, "retrain_cells", lambda *a, **k: pytest.fail("re-trained before loading the tasks"))
+    with pytest.raises(ConfigError, match=f"lm-eval task\\(s\\) {TASK}: can't load their data"):
+        run_ood_eval(study_copy, cells="2x2", tasks=[TASK], limit=2, device="cpu", include_path=include_path)
+    with StudyStore.open(study_copy) as store:
+        assert store.get_extra("ood") is None

@@ -515,7 +515,8 @@ def eval_(
     distance to the boundary (Spearman, bootstrap CI); results stored in the study."""
     from vmap_sweep.eval.ood import run_ood_eval
 
-    def progress(cell, accuracy):
+    def progress(retrained, accuracy):
+        cell = retrained.cell
         _say(f"cell ({cell.i}, {cell.j}): " + ", ".join(f"{t} {a:.3f}" for t, a in accuracy.items()))
 
     result = run_ood_eval(study, cells, [t.strip() for t in tasks.split(",") if t.strip()], limit, device,

@@ -294,6 +294,21 @@ def task_manager(tasks: Sequence[str], include_path: str | Path | None = None):
     return manager
 
 
+def check_tasks_load(tasks: Sequence[str], manager) -> None:
+    """Build the tasks once, which loads their data (from the Hub or its cache, or local files): a task that
+    can't load fails here, before any model is re-trained, not after the first one."""
+    from lm_eval.tasks import get_task_dict
+
+    load = getattr(manager, "load", None) or (lambda names: get_task_dict(names, manager))  # older lm-eval
+    try:
+        load(list(tasks))
+    except Exception as e:  # datasets and the Hub raise many types (connection, offline mode, missing files)
+        reason = " ".join(str(e).split())[:200]
+        raise ConfigError(f"lm-eval task(s) {', '.join(tasks)}: can't load their data ({type(e).__name__}: "
+                          f"{reason}); connect to the Hub once to cache them, or pass local tasks with "
+                          "--include-path") from None
+
+
 def evaluate_model(model: GPT, tokenizer: Tokenizer, tasks: Sequence[str], limit: int | float | None, manager,
                    device: str | torch.device = "cpu", batch_size: int = 16) -> dict[str, float]:
     """Accuracy ("acc") of one model on each task, over the first ``limit`` examples."""
@@ -368,6 +383,7 @@ def run_ood_eval(
         distance = distance_to_boundary(study_classes(store))
         selected = select_cells(store, n_x, n_y)
     manager = task_manager(tasks, include_path)
+    check_tasks_load(tasks, manager)
     dev = resolve_device(device)
     retrained = retrain_cells(study_dir, selected, str(dev), models_per_batch, rtol, deterministic)
     rows = evaluate_cells(retrained, distance, tasks, limit, manager, dev, batch_size, progress)
