@@ -331,3 +331,16 @@ def test_train_stream_and_eval_set_share_no_conversation(tmp_path, kind):
     in_train = {train[i]["messages"][0]["content"] for i in stream.order}
     in_eval = {val[i]["messages"][0]["content"] for i in ev.stream.order}
     assert in_train and in_eval and not in_train & in_eval
+
+
+def test_data_fingerprint_follows_the_files_a_source_reads(tmp_path):
+    from vmap_sweep.data.sources import data_fingerprint
+
+    write_jsonl(tmp_path / "train.jsonl", rows(4))
+    folder = data_fingerprint(str(tmp_path))
+    assert folder is not None and data_fingerprint(str(tmp_path / "train.jsonl")) == folder  # the same one file
+    (tmp_path / "notes.jsonl").write_text("not read by the loader\n")
+    assert data_fingerprint(str(tmp_path)) == folder
+    write_jsonl(tmp_path / "validation.jsonl", rows(2))
+    assert data_fingerprint(str(tmp_path)) != folder
+    assert data_fingerprint("synthetic") is None and data_fingerprint("some-org/some-dataset") is None

@@ -80,11 +80,16 @@ def _holdout_split(rows: list[dict], split: str) -> list[dict]:
     return [row for i, row in enumerate(rows) if keep(i)]
 
 
-def _load_directory(path: Path, split: str) -> list[dict]:
+def _directory_files(path: Path) -> tuple[Path | None, Path | None]:
+    """A data folder's (train, validation) files, each None where absent."""
     def find(name: str) -> Path | None:
         return next((path / f"{name}{s}" for s in LOCAL_SUFFIXES if (path / f"{name}{s}").is_file()), None)
 
-    train, validation = find("train"), find("validation")
+    return find("train"), find("validation")
+
+
+def _load_directory(path: Path, split: str) -> list[dict]:
+    train, validation = _directory_files(path)
     if train is None:
         raise DataError(f"{path}: no train.jsonl or train.parquet in this directory")
     if validation is not None:
@@ -96,16 +101,25 @@ def _read_file(path: Path) -> list[dict]:
     return _read_jsonl(path) if path.suffix == ".jsonl" else _read_parquet(path)
 
 
-def data_fingerprint(data: str) -> str | None:
-    """sha256 of a local data file (None for other sources): a study's cells must all see the same data,
-    and a file's name says nothing of what it holds now."""
-    path = Path(data)
-    if not path.is_file():
+def data_fingerprint(source: str) -> str | None:
+    """sha256 of the local files `source` reads (a file, or a folder's train and validation files); None for
+    synthetic and Hub data. A study's cells must all see the same data, and a name says nothing of what a
+    file holds now."""
+    path = Path(source).expanduser()
+    if source == "synthetic":
+        return None
+    if path.is_dir():
+        files = [f for f in _directory_files(path) if f is not None]
+    else:
+        files = [path] if path.is_file() else []
+    if not files:
         return None
     digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    for file in files:
+        digest.update(file.name.encode() + b"\0")
+        with file.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()
 
 
