@@ -529,6 +529,11 @@ def test_shards_run_their_own_part_and_merge_into_the_whole(base, tmp_path):
         assert_same_results(m, b)
     one_line_error(cli("merge", root / "shard-1-of-2", base[0].parent / "nowhere", "--out", tmp_path / "m2"),
                    "no study.db")
+    # shards classified differently would mix two criteria's classes in one study
+    ok("classify", root / "shard-1-of-2", "--criterion", "threshold", "--converged-below", "3")
+    one_line_error(cli("merge", root / "shard-1-of-2", root / "shard-2-of-2", "--out", tmp_path / "m3"),
+                   "is classified by", "same criterion")
+    assert not (tmp_path / "m3").exists()
 
 
 # ------------------------------------------------------------------------------------------------ 10 demo
@@ -600,3 +605,24 @@ def test_fractal_refuses_bad_arrays(tmp_path, kind):
         path.write_bytes(b"hello, not an array")
     one_line_error(cli("fractal", path, "--plot", tmp_path / "p.png"), path.name)
     assert not (tmp_path / "p.png").exists()
+
+
+def test_export_names_its_file_after_the_format(base, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for fmt, magic in (("npz", b"PK"), ("parquet", b"PAR1"), ("csv", b"i,j,")):
+        assert ok("export", base[0], "--format", fmt).stdout.strip() == f"study.{fmt}"
+        assert (tmp_path / f"study.{fmt}").read_bytes().startswith(magic)
+
+
+def test_an_uncertainty_dimension_outside_the_plane_is_flagged(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from vmap_sweep.analysis import study as study_module
+    from vmap_sweep.analysis.fractal import disk_mask
+
+    np.save(tmp_path / "mask.npy", disk_mask(32))
+    assert "outside [0, 2]" not in ok("fractal", tmp_path / "mask.npy").stdout
+    # a 6x6 study measured 2.178 (2 - phi from three distances): a number no boundary in the plane can have
+    monkeypatch.setattr(study_module, "uncertainty_exponent", lambda mask: SimpleNamespace(dimension=2.178,
+                                                                                            stderr=0.432))
+    assert "2.178 ± 0.432 (outside [0, 2]" in ok("fractal", tmp_path / "mask.npy").stdout

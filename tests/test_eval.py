@@ -367,7 +367,7 @@ def test_run_ood_eval_end_to_end_with_a_local_task(study, study_copy, include_pa
     with StudyStore.open(study_copy) as store:
         assert store.get_extra("ood") == json.loads(json.dumps(result))
         distance = distance_to_boundary(study_classes(store))
-    assert result["tasks"] == [TASK] and result["limit"] == 4
+    assert result["tasks"] == [TASK] and result["limit"] == 4 and result["criterion"] == {"criterion": "ratio"}
     assert [(c["i"], c["j"]) for c in result["cells"]] == [(i, j) for j in range(4) for i in range(2)]
     for c in result["cells"]:
         assert set(c) == {"i", "j", "x", "y", "distance", "accuracy"}

@@ -216,3 +216,20 @@ def test_zoom_section_with_the_real_zoom_module(tmp_path):
     for level in rep["levels"]:
         assert f"{level['dimension']:.3f}" in text
     assert f"D = {rep['pooled']['dimension']:.3f}" in text
+
+
+def test_the_report_follows_the_studys_own_criterion(study, tmp_path):
+    from vmap_sweep.analysis.study import reclassify
+    from vmap_sweep.sweep.store import StudyStore
+
+    with StudyStore.open(study) as store:
+        store.put_extra("ood", {**OOD, "criterion": {"criterion": "ratio"}})
+    ratio = write_report(study, tmp_path / "ratio.md").read_text()
+    assert "Σ 1/ratio otherwise" in ratio and "lower threshold" not in ratio
+    assert "## Out-of-distribution skill" in ratio and "computed when the study was classified by" not in ratio
+    with StudyStore.open(study) as store:
+        reclassify(store, "threshold", converged_below=1.0)
+    threshold = write_report(study, tmp_path / "threshold.md").read_text()
+    assert "log(final loss / lower threshold)" in threshold and "Σ 1/ratio" not in threshold
+    # the OOD result measured distances to the ratio boundary: the report says it is stale
+    assert "computed when the study was classified by {'criterion': 'ratio'}" in threshold

@@ -22,7 +22,7 @@ from PIL import Image
 
 from vmap_sweep.analysis import animate as animate_mod
 from vmap_sweep.analysis.animate import animate
-from vmap_sweep.analysis.study import study_classes
+from vmap_sweep.analysis.study import reclassify, study_classes
 from vmap_sweep.config import StudyConfig, preset
 from vmap_sweep.errors import ConfigError, StoreError
 from vmap_sweep.sweep.axes import parse_axis_spec
@@ -373,3 +373,55 @@ def test_zoom_end_to_end_on_the_tiny_model(model_cache, tmp_path):
         assert math.isfinite(pooled["dimension"]) and pooled["levels"] == measured
     with Image.open(animate(parent, tmp_path / "zoom.gif")) as im:
         assert im.n_frames == 3
+
+
+class StopsAfterOneBatch(LocalBackend):
+    """A run that dies after its first batch is stored (as a killed process would)."""
+
+    def run(self, jobs, started):
+        for n, item in enumerate(super().run(jobs, started)):
+            if n == 1:
+                raise KeyboardInterrupt
+            yield item
+
+
+def _labels_follow_the_criterion(folder) -> dict:
+    """Every stored class equals what the study's criterion recomputes from its trajectory."""
+    from vmap_sweep.analysis.classify import study_criterion
+    from vmap_sweep.analysis.study import classify_cells
+
+    with StudyStore.open(folder) as store:
+        criterion = study_criterion(store)
+        options = {k: v for k, v in criterion.items() if k != "criterion"}
+        again = classify_cells(store, criterion["criterion"], **options)
+        stored = {(r["i"], r["j"]): r["label"] for r in store.rows() if r["status"] == "done"}
+    assert stored and stored == {key: label for key, (label, _) in again.items()}
+    return criterion
+
+
+THRESHOLD = {"criterion": "threshold", "converged_below": 3.0}
+
+
+def test_cells_trained_after_a_classify_follow_its_criterion(model_cache, tmp_path):
+    from vmap_sweep.analysis.study import reclassify_with_zooms
+
+    cfg = preset("tiny").with_overrides(resolution="6", y="tokens:256:2048:log")
+    parent = tmp_path / "parent"
+    with pytest.raises(KeyboardInterrupt):
+        run_study(cfg, parent, 6, "cpu", backend_factory=StopsAfterOneBatch)
+    reclassify_with_zooms(parent, "threshold", converged_below=3.0)
+    run_study(cfg, parent, 6, "cpu").close()  # resumed: the rest is labelled by threshold, not ratio
+    assert _labels_follow_the_criterion(parent) == THRESHOLD
+    with StudyStore.open(parent) as store:
+        assert "marginal" in set(store.labels_array().ravel())  # a class only threshold gives
+
+    (child,) = zoom_study(parent, depth=1, models_per_batch=8, device="cpu")
+    assert _labels_follow_the_criterion(child) == THRESHOLD  # a zoom study takes its parent's criterion
+    counts, followed = reclassify_with_zooms(parent, "ratio")
+    assert followed == 1 and sum(counts.values()) == 36
+    assert _labels_follow_the_criterion(child) == {"criterion": "ratio"}  # and follows it on a new classify
+
+    with StudyStore.open(child) as store:  # a level classified on its own is not pooled with the others
+        reclassify(store, "threshold", converged_below=3.0)
+    level = dimension_report(parent)["levels"][1]
+    assert level["dimension"] is None and "classified by" in level["error"]

@@ -266,17 +266,18 @@ def classify(
     converged_below: Annotated[float | None, typer.Option(help="threshold: converged if final loss < this.")] = None,
     diverged_above: Annotated[float, typer.Option(help="threshold: diverged if final loss > this.")] = 10.0,
 ):
-    """Recompute every cell's class and score from its stored trajectory (no re-training)."""
-    from vmap_sweep.analysis.study import reclassify
-    from vmap_sweep.sweep.store import StudyStore
+    """Recompute every cell's class and score from its stored trajectory (no re-training); zoom studies below
+    it follow, and cells trained later (resume, zoom) are labelled by the same criterion."""
+    from vmap_sweep.analysis.study import reclassify_with_zooms
 
     if criterion == "threshold" and converged_below is None:
         raise ConfigError("--criterion threshold needs --converged-below LOSS (e.g. the initial loss)")
     if criterion != "threshold" and converged_below is not None:
         raise ConfigError("--converged-below works with --criterion threshold; add it, or drop the option")
-    with StudyStore.open(study) as store:
-        counts = reclassify(store, criterion, converged_below=converged_below, diverged_above=diverged_above)
-    out_console.print(f"{criterion}: " + ", ".join(f"{n} {label}" for label, n in sorted(counts.items())))
+    counts, zooms = reclassify_with_zooms(study, criterion, converged_below=converged_below,
+                                          diverged_above=diverged_above)
+    _say(f"{criterion}: " + ", ".join(f"{n} {label}" for label, n in sorted(counts.items()))
+         + (f"; its {zooms} zoom studies too" if zooms else ""))
 
 
 # ------------------------------------------------------------------------------------------------ plot
@@ -323,7 +324,7 @@ def _plot(study: Path, formats, rows, out: Path | None = None):
 def export(
     study: Annotated[Path, typer.Argument(help="Study folder.")],
     format: Annotated[str, typer.Option(help="csv, parquet or npz.")] = "csv",
-    output: Annotated[Path, typer.Option("-o", "--output", help="File to write.")] = Path("study.csv"),
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="File to write (default study.FORMAT).")] = None,
     trajectories: Annotated[bool, typer.Option(help="Add each cell's per-step losses.")] = False,
 ):
     """One row per cell: i, j, x, y, status, label, initial_loss, final_loss, eval_loss, steps."""
@@ -331,7 +332,7 @@ def export(
     from vmap_sweep.sweep.store import StudyStore
 
     with StudyStore.open(study) as store:
-        path = export_study(store, format, output, trajectories=trajectories)
+        path = export_study(store, format, output or Path(f"study.{format.lower()}"), trajectories=trajectories)
     _say(str(path))
 
 
@@ -381,8 +382,9 @@ def _print_fractal(source: Path, json_out: bool, plot_file: Path | None, save_js
     out_console.print("box sizes:  " + " ".join(f"{s:>7d}" for s in box["box_sizes"]))
     out_console.print("box counts: " + " ".join(f"{c:>7.1f}" for c in box["box_counts"]))
     if "uncertainty_dimension" in box:
+        note = f" ({box['uncertainty_note']})" if "uncertainty_note" in box else ""
         out_console.print(f"uncertainty-exponent dimension {box['uncertainty_dimension']:.3f} "
-                          f"± {box['uncertainty_stderr']:.3f}")
+                          f"± {box['uncertainty_stderr']:.3f}{note}")
     if plot_file is not None:
         _say(f"plot: {plot_file}")
 

@@ -233,3 +233,22 @@ def converged_mask(labels: ArrayLike) -> np.ndarray:
         bad = sorted({str(x) for x in arr.reshape(-1) if str(x) not in LABELS})[:3]
         raise ConfigError(f"labels: unknown values {bad}; expected {', '.join(LABELS)}")
     return arr == CONVERGED
+
+
+CRITERION_EXTRA = "criterion"  # a study's extra: {"criterion": name, **options} of its last `classify`
+
+
+def study_criterion(store) -> dict:
+    """The criterion a study's classes follow: its last `classify`, else the ratio one every run starts with."""
+    return dict(store.get_extra(CRITERION_EXTRA) or {"criterion": "ratio"})
+
+
+def classify_record(losses: ArrayLike, initial_loss: float, diverged: bool, reference: ArrayLike | None,
+                    criterion: dict) -> tuple[str, float]:
+    """One trained cell's (label, score) by a study's criterion, as `classify` would recompute it."""
+    options = {k: v for k, v in criterion.items() if k != "criterion"}
+    if criterion["criterion"] == "ratio":
+        return classify_ratio(losses, initial_loss, diverged=diverged, reference=reference)
+    init = initial_loss if np.isfinite(initial_loss) else 1.0
+    labels, scores = classify_grid([losses], [init], criterion=criterion["criterion"], diverged=[diverged], **options)
+    return str(labels[0]), float(scores[0])

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from vmap_sweep.analysis.classify import study_criterion
 from vmap_sweep.errors import ConfigError, VmapSweepError
 from vmap_sweep.sweep.store import StudyStore
 
@@ -171,7 +172,7 @@ def _config_section(doc: _Doc, store: StudyStore) -> None:
     tokens_step = None
     if isinstance(cfg.get("batch_size"), int) and isinstance(cfg.get("seq_len"), int):
         tokens_step = cfg["batch_size"] * cfg["seq_len"]
-    crit = store.get_extra("criterion") or {"criterion": "ratio"}
+    crit = study_criterion(store)
     options = ", ".join(f"{k}={v}" for k, v in crit.items() if k != "criterion")
     rows = [
         ("model", cfg.get("model")),
@@ -216,10 +217,15 @@ def _maps_section(doc: _Doc, store: StudyStore, tmp: Path) -> None:
     doc.h("Convergence map")
     doc.p(f"{n_conv} of {n} fine-tunes converged ({n_conv / n:.0%}).")
     axes = f"{view.x_name} (x) and {view.y_name} (y)"
+    if study_criterion(store)["criterion"] == "ratio":
+        score = "the score (−Σ loss ratio when converged, Σ 1/ratio otherwise) as sign·log(1+|s|)"
+    else:  # threshold: marginal cells lie between the two thresholds, with scores between 0 and 1
+        score = ("the score log(final loss / lower threshold) / log(upper / lower threshold), negative when "
+                 "converged, between 0 and 1 when marginal, as sign·log(1+|s|)")
     doc.figure("score", paths["score"],
-               f"Convergence map of {store.nx}×{store.ny} fine-tunes over {axes}. Blue: converged, red: diverged; "
-               "colour is the score (−Σ loss ratio when converged, Σ 1/ratio otherwise) as sign·log(1+|s|). "
-               "The black line is the boundary between the two classes.")
+               f"Convergence map of {store.nx}×{store.ny} fine-tunes over {axes}. Blue: converged, red: diverged "
+               f"or marginal; colour is {score}. The black line is the boundary between converged cells and "
+               "the rest.")
     doc.figure("final_loss", paths["final_loss"],
                f"Final training loss of each fine-tune over {axes} (its last batch, after its last update); "
                "black line: the convergence boundary.")
@@ -254,8 +260,9 @@ def _fractal_section(doc: _Doc, study_dir: Path, tmp: Path) -> dict | None:
             ("box sizes", " ".join(str(s) for s in box["box_sizes"])),
             ("box counts", " ".join(f"{c:.1f}" for c in box["box_counts"]))]
     if "uncertainty_dimension" in box:
+        note = f" ({box['uncertainty_note']})" if "uncertainty_note" in box else ""
         rows.append(("uncertainty-exponent dimension",
-                     f"{box['uncertainty_dimension']:.3f} ± {_fmt(box['uncertainty_stderr'])}"))
+                     f"{box['uncertainty_dimension']:.3f} ± {_fmt(box['uncertainty_stderr'])}{note}"))
     doc.table(["quantity", "value"], rows)
     doc.p(f"Method: {box['method']}.")
     if plot.is_file():
@@ -377,10 +384,15 @@ def _rules_section(doc: _Doc, store: StudyStore, tmp: Path):
     return r
 
 
-def _ood_section(doc: _Doc, ood: Any, tmp: Path) -> None:
+def _ood_section(doc: _Doc, ood: Any, tmp: Path, criterion: dict | None = None) -> None:
     import matplotlib.pyplot as plt
 
     doc.h("Out-of-distribution skill")
+    measured_by = ood.get("criterion", {"criterion": "ratio"}) if isinstance(ood, dict) else None
+    if criterion is not None and measured_by is not None and measured_by != criterion:
+        doc.p(f"These results were computed when the study was classified by {measured_by}; it is now classified "
+              f"by {criterion}, so their cells and distances are to another boundary. Run `vmap-sweep eval` "
+              "again for the current classes.")
     try:
         spearman = dict(ood.get("spearman") or {})
         cells = list(ood.get("cells") or [])
@@ -501,7 +513,7 @@ def write_report(study_dir: str | os.PathLike, out_file: str | os.PathLike, fmt:
             _rules_section(doc, store, tmp)
             ood = store.get_extra("ood")
             if ood is not None:
-                _ood_section(doc, ood, tmp)
+                _ood_section(doc, ood, tmp, study_criterion(store))
             text = doc.markdown(out_file) if fmt == "md" else doc.html()
     try:
         out_file.parent.mkdir(parents=True, exist_ok=True)

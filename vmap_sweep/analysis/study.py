@@ -42,6 +42,22 @@ def reclassify(store: StudyStore, criterion: str = "ratio", **kw) -> dict[str, i
     return counts
 
 
+def reclassify_with_zooms(study: Path, criterion: str = "ratio", **kw) -> tuple[dict[str, int], int]:
+    """reclassify a study and every zoom study below it, so that a chain's levels share one criterion (their
+    dimensions are pooled); returns the study's count per class and how many zoom studies followed."""
+    with StudyStore.open(study) as store:
+        counts = reclassify(store, criterion, **kw)
+        below = [Path(study) / c.child_dir for c in store.children()]
+    followed = 0
+    while below:
+        folder = below.pop()
+        with StudyStore.open(folder) as child:
+            reclassify(child, criterion, **kw)
+            below += [folder / c.child_dir for c in child.children()]
+        followed += 1
+    return counts, followed
+
+
 def grid_view(store: StudyStore) -> GridView:
     """Axis values and per-cell arrays of a study, for the plots."""
     cfg = store.config
@@ -104,6 +120,8 @@ def fractal_report(source: Path, plot_file: Path | None = None) -> dict:
         unc = uncertainty_exponent(mask)
         report["uncertainty_dimension"] = float(unc.dimension)
         report["uncertainty_stderr"] = float(unc.stderr)
+        if not 0.0 <= unc.dimension <= 2.0:  # 2 - phi: on a small grid phi can fall outside [0, 2]
+            report["uncertainty_note"] = "outside [0, 2], no dimension of a boundary in the plane: too few scales"
     except ConfigError:
         pass  # too small a grid for a second estimate; the box count stands alone
     if plot_file is not None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vmap_sweep.analysis.classify import study_criterion
 from vmap_sweep.analysis.study import study_classes
 from vmap_sweep.config import StudyConfig, study_numerics
 from vmap_sweep.errors import ConfigError
@@ -382,6 +383,7 @@ def run_ood_eval(
     with StudyStore.open(study_dir) as store:
         distance = distance_to_boundary(study_classes(store))
         selected = select_cells(store, n_x, n_y)
+        criterion = study_criterion(store)  # the classes the distances are measured to
     manager = task_manager(tasks, include_path)
     check_tasks_load(tasks, manager)
     dev = resolve_device(device)
@@ -397,6 +399,7 @@ def run_ood_eval(
                                  seed=seed).to_dict() for t in tasks},
         "retrain_max_rel_diff": max((r["max_rel_diff"] for r in rows), default=0.0),
         "device": str(dev),
+        "criterion": criterion,
     }
     with StudyStore.open(study_dir) as store:
         store.put_extra(EXTRA_KEY, result)

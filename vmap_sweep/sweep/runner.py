@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from vmap_sweep.analysis.classify import classify_ratio
+from vmap_sweep.analysis.classify import CRITERION_EXTRA, classify_record, study_criterion
 from vmap_sweep.config import StudyConfig, study_numerics
 from vmap_sweep.data.sources import data_fingerprint, load_conversations
 from vmap_sweep.data.stream import EvalSet, TokenStream, steps_for
@@ -218,8 +218,11 @@ def run_study(
     deterministic: bool = False,
     progress: Progress | None = None,
     backend_factory: Callable[..., LocalBackend] | None = None,
+    criterion: dict | None = None,
 ) -> StudyStore:
     """Train every pending cell of the study in `out`, batch by batch; returns the (open) store.
+
+    criterion: what a new study's classes follow (a zoom child takes its parent's); default ratio.
 
     Whatever the backend, this process is the only writer of the store: each finished batch is committed
     in one transaction as its results arrive.
@@ -259,6 +262,9 @@ def run_study(
             store.put_extra("runtime", runtime)
         if data_digest is not None and store.get_extra(DATA_EXTRA) is None:
             store.put_extra(DATA_EXTRA, data_digest)
+        if criterion is not None and store.get_extra(CRITERION_EXTRA) is None:
+            store.put_extra(CRITERION_EXTRA, criterion)
+        criterion = study_criterion(store)
         if models_per_batch == "auto":
             models_per_batch = backend.models_per_batch(grid.nx * grid.ny)
         batches = plan_batches(cells, int(models_per_batch), _steps_of(cfg))
@@ -274,7 +280,7 @@ def run_study(
             progress.batch_started(job[0], len(job[1]))
 
         for (batch, cells), records in backend.run(jobs, started):
-            store.record_batch(_labelled(cells, records), batch_index=batch.index, shard=shard_name)
+            store.record_batch(_labelled(cells, records, criterion), batch_index=batch.index, shard=shard_name)
             progress.batch_done(batch, records, time.perf_counter() - started_at.get(batch.index, time.perf_counter()))
         return store
     except BaseException as e:
@@ -338,10 +344,10 @@ def _remove_empty_study(out: Path, remove_dir: bool) -> None:
             out.rmdir()  # only if empty
 
 
-def _labelled(cells: list[Cell], records: list[CellRecord]):
+def _labelled(cells: list[Cell], records: list[CellRecord], criterion: dict):
+    """Each new result labelled by the study's criterion, so that its classes stay those of one `classify`."""
     for cell, rec in zip(cells, records, strict=True):
-        label, score = classify_ratio(rec.losses, rec.initial_loss, diverged=rec.diverged, reference=rec.base_losses)
-        rec.label, rec.score = label, score
+        rec.label, rec.score = classify_record(rec.losses, rec.initial_loss, rec.diverged, rec.base_losses, criterion)
         yield cell, rec
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from vmap_sweep.analysis.classify import study_criterion
 from vmap_sweep.errors import ConfigError, StoreError
 from vmap_sweep.sweep.grid import Cell
 
@@ -558,6 +559,10 @@ def merge_studies(shard_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
             if s.cells() != cells:
                 raise StoreError(f"merge: {s.directory} has different cells than {first.directory}; "
                                  "merge only shards of one study")
+            if study_criterion(s) != study_criterion(first):  # one study's classes follow one criterion
+                raise StoreError(f"merge: {s.directory} is classified by {study_criterion(s)}, {first.directory} "
+                                 f"by {study_criterion(first)}; run `vmap-sweep classify` on each with the same "
+                                 "criterion")
         done: dict[tuple[int, int], tuple[dict[str, Any], Path]] = {}
         extras: dict[str, tuple[Any, Path]] = {}
         for s in stores:

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from vmap_sweep.analysis.classify import study_criterion
 from vmap_sweep.analysis.fractal import boundary_mask, fractal_dimension, pooled_dimension
 from vmap_sweep.analysis.jsonsafe import json_safe
 from vmap_sweep.analysis.study import study_classes
@@ -290,8 +291,9 @@ def zoom_study(
                 win = axis_window(child_cfg)
                 name = child_name(level, win)
                 child_dir = current / name
+                # the child's classes follow the parent's criterion: levels of one chain compare
                 child = run_study(child_cfg, child_dir, models_per_batch, device, micro_batch_size, None,
-                                  deterministic, progress, shared)
+                                  deterministic, progress, shared, criterion=study_criterion(parent))
                 with child:
                     child.put_extra(ZOOM_EXTRA, {"level": level, "window": list(win), "parent": "..",
                                                  "fraction": fraction if k or given is None else None})
@@ -353,6 +355,7 @@ def dimension_report(parent_dir: str | os.PathLike) -> dict:
     """
     chain = zoom_levels(parent_dir)
     top_cfg: dict | None = None
+    top_criterion: dict | None = None
     top_n: tuple[int, int] = (0, 0)
     levels: list[dict] = []
     pool = []
@@ -365,7 +368,13 @@ def dimension_report(parent_dir: str | os.PathLike) -> dict:
             sx = _axis_span(cfg, store.nx, "x") / _axis_span(top_cfg, top_n[0], "x")
             sy = _axis_span(cfg, store.ny, "y") / _axis_span(top_cfg, top_n[1], "y")
             entry.update(scale=math.sqrt(sx * sy), scale_x=sx, scale_y=sy, resolution=[store.ny, store.nx])
+            if top_criterion is None:
+                top_criterion = study_criterion(store)
             try:
+                if study_criterion(store) != top_criterion:  # other classes draw another boundary
+                    raise ConfigError(f"classified by {study_criterion(store)}, level {chain[0][0]} by "
+                                      f"{top_criterion}; run `vmap-sweep classify` on the top study (its zoom "
+                                      "studies follow)")
                 box = fractal_dimension(study_classes(store))
             except VmapSweepError as e:
                 entry.update(dimension=None, error=str(e))
