@@ -216,6 +216,13 @@ def test_a_data_file_that_changed_is_refused_on_resume(tmp_path):
     assert snapshot(tmp_path / "s") == before
     data.write_bytes(original)
     ok(*args)  # the contents it started with resume it
+    with StudyStore.open(tmp_path / "s") as store:
+        x, y = parse_axis_spec(store.config["x"]), parse_axis_spec(store.config["y"])
+    window = [x.lo * 1.5, x.hi / 1.5, y.lo * 1.1, y.hi / 1.1]
+    data.write_bytes(original + lines[60].encode())
+    one_line_error(cli("zoom", tmp_path / "s", "--window", *window, "--device", "cpu"), "its contents changed")
+    assert snapshot(tmp_path / "s") == before
+    data.write_bytes(original)
     # shards trained on different contents under one name do not merge
     shard_args = [*args[:-1], tmp_path / "sharded"]
     ok(*shard_args, "--shard", "1/2")
@@ -444,6 +451,9 @@ def test_refused_output_paths_and_options_leave_the_study_as_it_was(base, tmp_pa
     one_line_error(cli("fractal", base[0], "--plot", tmp_path / "x.jpg2"), "unknown picture format '.jpg2'")
     one_line_error(cli("rules", base[0], "--plot", tmp_path / "x.jpg2"), "unknown picture format '.jpg2'")
     one_line_error(cli("classify", base[0], "--converged-below", "5"), "--criterion threshold")
+    one_line_error(cli("classify", base[0], "--criterion", "nope"), "criterion='nope': unknown")
+    one_line_error(cli("classify", base[0], "--criterion", "threshold", "--converged-below", "-1"),
+                   "converged_below=-1.0")
     (tmp_path / "a.txt").write_text("x")
     one_line_error(cli("status", tmp_path / "a.txt"), "a file, not a study folder")
     assert snapshot(base[0]) == before
@@ -534,6 +544,10 @@ def test_shards_run_their_own_part_and_merge_into_the_whole(base, tmp_path):
     one_line_error(cli("merge", root / "shard-1-of-2", root / "shard-2-of-2", "--out", tmp_path / "m3"),
                    "is classified by", "same criterion")
     assert not (tmp_path / "m3").exists()
+    ok("classify", root / "shard-2-of-2", "--criterion", "threshold", "--converged-below", "3")
+    before = snapshot(merged)  # classified by ratio: shards of another criterion don't merge into it
+    one_line_error(cli("merge", root / "shard-1-of-2", root / "shard-2-of-2", "--out", merged), "is classified by")
+    assert snapshot(merged) == before
 
 
 # ------------------------------------------------------------------------------------------------ 10 demo

@@ -105,7 +105,7 @@ def test_ood_and_zoom_sections_appear_only_with_their_data(study, tmp_path, monk
     monkeypatch.delattr(vmap_sweep.sweep, "zoom", raising=False)
     monkeypatch.setitem(sys.modules, "vmap_sweep.sweep.zoom", fake_zoom(seen))
     text = write_report(study, tmp_path / "r.md").read_text()
-    assert "## Out-of-distribution skill" in text
+    assert "## Out-of-distribution skill" in text and "computed when the study was classified" not in text
     assert "| arc_easy | 0.873 | [0.610, 0.950] | 12 |" in text and "| hellaswag | -0.052 |" in text
     assert "12 fine-tunes were evaluated on 2 tasks" in text and (tmp_path / "r_files" / "ood.png").is_file()
     assert seen == [study] and "## Zoom levels" in text and "no zoom analysis" not in text

@@ -399,7 +399,7 @@ def _labels_follow_the_criterion(folder) -> dict:
     return criterion
 
 
-THRESHOLD = {"criterion": "threshold", "converged_below": 3.0}
+THRESHOLD = {"criterion": "threshold", "converged_below": 3.0, "diverged_above": 10.0}
 
 
 def test_cells_trained_after_a_classify_follow_its_criterion(model_cache, tmp_path):
@@ -425,3 +425,27 @@ def test_cells_trained_after_a_classify_follow_its_criterion(model_cache, tmp_pa
         reclassify(store, "threshold", converged_below=3.0)
     level = dimension_report(parent)["levels"][1]
     assert level["dimension"] is None and "classified by" in level["error"]
+
+
+def test_a_study_with_results_keeps_its_criterion_and_a_failed_classify_changes_nothing(model_cache, tmp_path):
+    from vmap_sweep.analysis.classify import study_criterion
+    from vmap_sweep.analysis.study import reclassify_with_zooms
+
+    cfg = preset("tiny").with_overrides(resolution="6", y="tokens:256:2048:log")
+    study = tmp_path / "study"
+    with pytest.raises(KeyboardInterrupt):
+        run_study(cfg, study, 6, "cpu", backend_factory=StopsAfterOneBatch)
+    # resumed with a criterion (as a zoom passes its parent's): its stored ratio classes stay the rule
+    run_study(cfg, study, 6, "cpu", criterion=THRESHOLD).close()
+    assert _labels_follow_the_criterion(study) == {"criterion": "ratio"}
+
+    with StudyStore.open(study) as store:
+        store.add_child((1e-3, 1e-2, 300.0, 600.0), "zoom-gone", 1)
+    before = (study / DB_NAME).read_bytes()
+    with pytest.raises(StoreError, match="no study.db"):
+        reclassify_with_zooms(study, "threshold", converged_below=3.0)
+    assert (study / DB_NAME).read_bytes() == before
+    with pytest.raises(ConfigError, match="unknown"):
+        reclassify_with_zooms(study, "nope")
+    with StudyStore.open(study) as store:
+        assert study_criterion(store) == {"criterion": "ratio"}

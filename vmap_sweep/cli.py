@@ -554,9 +554,13 @@ def bench(
                         ("--tokens-per-step", tokens_per_step), ("--seq-len", seq_len), ("--steps", steps)):
         if value < 1:
             raise ConfigError(f"{name} {value}: give a positive integer")
-    if device not in ("cuda", "cpu"):
-        raise ConfigError(f"--device {device!r}: choose cuda or cpu")
-    if device == "cuda" and not torch.cuda.is_available():
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cuda", "cpu"):
+        raise ConfigError(f"--device {device!r}: choose cuda (or cuda:N) or cpu")
+    if kind == "cuda" and not torch.cuda.is_available():
         raise ConfigError("bench: no CUDA device here; run it on a GPU machine or pass --device cpu")
     if tokens_per_step % seq_len:
         raise ConfigError(f"--tokens-per-step {tokens_per_step} must be a multiple of --seq-len {seq_len}")
@@ -567,7 +571,7 @@ def bench(
         raise ConfigError(f"--optimizer-state {optimizer_state!r}: choose float32 or bfloat16")
     r = run_bench(depth, models_per_batch, tokens_per_step, seq_len, micro_batch_size=micro_batch_size,
                   steps=steps, device=device, optimizer_state_dtype=optimizer_state,
-                  compile=device == "cuda" if compile is None else compile,
+                  compile=kind == "cuda" if compile is None else compile,
                   checkpoint_activations=checkpoint_activations)
     table = Table(title=f"depth {depth}, {models_per_batch} stacked, {tokens_per_step} tokens/step, "
                         f"cells of {steps} steps")

@@ -238,6 +238,19 @@ def converged_mask(labels: ArrayLike) -> np.ndarray:
 CRITERION_EXTRA = "criterion"  # a study's extra: {"criterion": name, **options} of its last `classify`
 
 
+def checked_criterion(criterion: str, **options: float | None) -> dict:
+    """{"criterion": name, **options} with its defaults filled in, checked before anything is classified."""
+    if criterion not in CRITERIA:
+        raise ConfigError(f"criterion={criterion!r}: unknown; use one of {', '.join(CRITERIA)}")
+    if criterion == "ratio":
+        return {"criterion": "ratio"}
+    if options.get("converged_below") is None:
+        raise ConfigError("criterion='threshold' needs converged_below=<loss> (and optionally diverged_above=<loss>)")
+    above = options.get("diverged_above")
+    c, d = _check_thresholds(options["converged_below"], 10.0 if above is None else above)
+    return {"criterion": "threshold", "converged_below": c, "diverged_above": d}
+
+
 def study_criterion(store) -> dict:
     """The criterion a study's classes follow: its last `classify`, else the ratio one every run starts with."""
     return dict(store.get_extra(CRITERION_EXTRA) or {"criterion": "ratio"})

@@ -388,7 +388,7 @@ def _ood_section(doc: _Doc, ood: Any, tmp: Path, criterion: dict | None = None) 
     import matplotlib.pyplot as plt
 
     doc.h("Out-of-distribution skill")
-    measured_by = ood.get("criterion", {"criterion": "ratio"}) if isinstance(ood, dict) else None
+    measured_by = ood.get("criterion") if isinstance(ood, dict) else None  # older results don't say
     if criterion is not None and measured_by is not None and measured_by != criterion:
         doc.p(f"These results were computed when the study was classified by {measured_by}; it is now classified "
               f"by {criterion}, so their cells and distances are to another boundary. Run `vmap-sweep eval` "

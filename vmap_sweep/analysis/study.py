@@ -6,7 +6,13 @@ from pathlib import Path
 
 import numpy as np
 
-from vmap_sweep.analysis.classify import DIVERGED, classify_grid, converged_mask
+from vmap_sweep.analysis.classify import (
+    CRITERION_EXTRA,
+    DIVERGED,
+    checked_criterion,
+    classify_grid,
+    converged_mask,
+)
 from vmap_sweep.analysis.fractal import fractal_dimension, uncertainty_exponent
 from vmap_sweep.analysis.plots import GridView
 from vmap_sweep.errors import ConfigError
@@ -32,10 +38,11 @@ def classify_cells(store: StudyStore, criterion: str = "ratio", **kw) -> dict[tu
 
 def reclassify(store: StudyStore, criterion: str = "ratio", **kw) -> dict[str, int]:
     """Store new classes for every done cell (no re-training); returns the count per class."""
-    kw = {k: v for k, v in kw.items() if v is not None} if criterion == "threshold" else {}
+    checked = checked_criterion(criterion, **kw)
+    kw = {k: v for k, v in checked.items() if k != "criterion"}
     labels = classify_cells(store, criterion, **kw)
     store.set_labels(labels)
-    store.put_extra("criterion", {"criterion": criterion, **kw})
+    store.put_extra(CRITERION_EXTRA, checked)
     counts: dict[str, int] = {}
     for label, _ in labels.values():
         counts[label] = counts.get(label, 0) + 1
@@ -44,18 +51,23 @@ def reclassify(store: StudyStore, criterion: str = "ratio", **kw) -> dict[str, i
 
 def reclassify_with_zooms(study: Path, criterion: str = "ratio", **kw) -> tuple[dict[str, int], int]:
     """reclassify a study and every zoom study below it, so that a chain's levels share one criterion (their
-    dimensions are pooled); returns the study's count per class and how many zoom studies followed."""
-    with StudyStore.open(study) as store:
-        counts = reclassify(store, criterion, **kw)
-        below = [Path(study) / c.child_dir for c in store.children()]
-    followed = 0
-    while below:
-        folder = below.pop()
-        with StudyStore.open(folder) as child:
-            reclassify(child, criterion, **kw)
-            below += [folder / c.child_dir for c in child.children()]
-        followed += 1
-    return counts, followed
+    dimensions are pooled); returns the study's count per class and how many zoom studies followed. Every
+    folder is found and opened before any is written: a missing one changes nothing."""
+    checked_criterion(criterion, **kw)
+    folders, seen = [Path(study)], {Path(study).resolve()}
+    for folder in folders:  # grows as children are found
+        with StudyStore.open(folder) as store:
+            for c in store.children():
+                child = folder / c.child_dir
+                if child.resolve() in seen:
+                    raise ConfigError(f"{folder}: zoom child {c.child_dir!r} leads back up the tree; remove it")
+                seen.add(child.resolve())
+                folders.append(child)
+    counts = []
+    for folder in folders:
+        with StudyStore.open(folder) as store:
+            counts.append(reclassify(store, criterion, **kw))
+    return counts[0], len(folders) - 1
 
 
 def grid_view(store: StudyStore) -> GridView:

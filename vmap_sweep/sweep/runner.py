@@ -254,7 +254,7 @@ def run_study(
         runtime = {"device": dev.type, "micro_batch_size": micro_batch_size, "deterministic": deterministic,
                    "compile": compile_setting(dev), "numerics": numerics}
         _check_runtime(store, stored_runtime, runtime)
-        data_digest = _check_data_unchanged(store, cfg.data)
+        data_digest = check_data_unchanged(store, cfg.data)
         backend = (backend_factory or LocalBackend)(cfg, dev, micro_batch_size)
         if isinstance(backend, LocalBackend):
             _check_smallest_budget(cfg, grid, backend.worker.data.stream)
@@ -262,7 +262,8 @@ def run_study(
             store.put_extra("runtime", runtime)
         if data_digest is not None and store.get_extra(DATA_EXTRA) is None:
             store.put_extra(DATA_EXTRA, data_digest)
-        if criterion is not None and store.get_extra(CRITERION_EXTRA) is None:
+        # a given criterion is taken only by a study with no result yet: one study, one criterion
+        if criterion is not None and store.get_extra(CRITERION_EXTRA) is None and store.done_count() == 0:
             store.put_extra(CRITERION_EXTRA, criterion)
         criterion = study_criterion(store)
         if models_per_batch == "auto":
@@ -308,7 +309,7 @@ def _check_runtime(store: StudyStore, stored: dict | None, runtime: dict) -> Non
                          "--device, --micro-batch-size, --deterministic and VMAP_SWEEP_COMPILE, or use a new --out")
 
 
-def _check_data_unchanged(store: StudyStore, data: str) -> str | None:
+def check_data_unchanged(store: StudyStore, data: str) -> str | None:
     """A local data file keeps the contents the study started with (shards too: merge compares them).
     Returns the file's digest, for the store once the data has loaded."""
     digest, stored = data_fingerprint(data), store.get_extra(DATA_EXTRA)

@@ -577,6 +577,11 @@ def merge_studies(shard_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
                                      f"{s.directory}; remove it from one shard")
                 extras.setdefault(k, (v, s.directory))
         out = StudyStore.create_or_open(out_dir, first.config, cells)
+        if out.done_count() and study_criterion(out) != study_criterion(first):
+            message = (f"merge: {out_dir} is classified by {study_criterion(out)}, the shards by "
+                       f"{study_criterion(first)}; run `vmap-sweep classify` on them with the same criterion")
+            out.close()
+            raise StoreError(message)
         try:
             existing = out._raw_done()
             cols = [*RESULT_COLUMNS, *_RUN_COLUMNS]

@@ -48,7 +48,7 @@ from vmap_sweep.analysis.study import study_classes
 from vmap_sweep.config import StudyConfig, study_numerics
 from vmap_sweep.errors import ConfigError, StoreError, VmapSweepError
 from vmap_sweep.sweep.axes import AxisSpec, parse_axis_spec
-from vmap_sweep.sweep.runner import LocalBackend, Progress, build_grid, run_study
+from vmap_sweep.sweep.runner import LocalBackend, Progress, build_grid, check_data_unchanged, run_study
 from vmap_sweep.sweep.store import StudyStore
 
 Window = tuple[float, float, float, float]
@@ -281,6 +281,7 @@ def zoom_study(
                 # a child computes as its parent did (NUMERICS), so that its cells compare with the parent's
                 numerics = study_numerics(parent.get_extra("runtime"))
                 cfg = replace(StudyConfig.from_dict(parent.config), numerics=numerics)
+                check_data_unchanged(parent, cfg.data)  # a child compares with its parent: the same data
                 level = study_level(parent) + 1
                 if k == 0 and given is not None:
                     _finished_classes(parent)
