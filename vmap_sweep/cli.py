@@ -148,9 +148,9 @@ def run(
         shard_spec = parse_shard(shard)
         out = out / f"shard-{shard_spec[0]}-of-{shard_spec[1]}"
     backend_factory = _backend(backend, address, workers, device)
-    from vmap_sweep.sweep.runner import check_micro_batch_size
+    from vmap_sweep.train.trainer import check_micro_batch_size
 
-    check_micro_batch_size(cfg, micro_batch_size)
+    check_micro_batch_size(micro_batch_size, cfg.batch_size)
     if dry_run:
         _dry_run(cfg, 8 if k == "auto" else k, device)
         return
@@ -564,9 +564,9 @@ def bench(
         raise ConfigError("bench: no CUDA device here; run it on a GPU machine or pass --device cpu")
     if tokens_per_step % seq_len:
         raise ConfigError(f"--tokens-per-step {tokens_per_step} must be a multiple of --seq-len {seq_len}")
-    rows = tokens_per_step // seq_len
-    if micro_batch_size is not None and (micro_batch_size < 1 or rows % micro_batch_size):
-        raise ConfigError(f"--micro-batch-size {micro_batch_size}: give a divisor of the {rows} rows per step")
+    from vmap_sweep.train.trainer import check_micro_batch_size
+
+    check_micro_batch_size(micro_batch_size, tokens_per_step // seq_len, "{rows} rows per step")
     if optimizer_state not in ("float32", "bfloat16"):
         raise ConfigError(f"--optimizer-state {optimizer_state!r}: choose float32 or bfloat16")
     r = run_bench(depth, models_per_batch, tokens_per_step, seq_len, micro_batch_size=micro_batch_size,

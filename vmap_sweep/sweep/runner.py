@@ -28,7 +28,7 @@ from vmap_sweep.sweep.grid import Cell, Grid
 from vmap_sweep.sweep.plan import Batch, plan_batches, plan_summary, shard
 from vmap_sweep.sweep.store import DB_NAME, StudyStore
 from vmap_sweep.train.memory import probe_models_per_batch, train_splitting_on_oom
-from vmap_sweep.train.trainer import CellRecord, StackedTrainer, set_determinism
+from vmap_sweep.train.trainer import CellRecord, StackedTrainer, check_micro_batch_size, set_determinism
 
 
 def build_grid(cfg: StudyConfig, x: str | None = None, y: str | None = None) -> Grid:
@@ -43,12 +43,6 @@ def _steps_of(cfg: StudyConfig) -> Callable[[Cell], int]:
 
 def plan_study(cfg: StudyConfig, grid: Grid, models_per_batch: int) -> list[Batch]:
     return plan_batches(grid.cells(), models_per_batch, _steps_of(cfg))
-
-
-def check_micro_batch_size(cfg: StudyConfig, micro_batch_size: int | None) -> None:
-    if micro_batch_size is not None and (micro_batch_size < 1 or cfg.batch_size % micro_batch_size):
-        raise ConfigError(f"--micro-batch-size {micro_batch_size}: give a divisor of the batch size "
-                          f"({cfg.batch_size} rows per step)")
 
 
 def shard_cells(cfg: StudyConfig, grid: Grid, k: int, n: int) -> list[Cell]:
@@ -229,7 +223,7 @@ def run_study(
     """
     progress = progress or Progress()
     cfg.validate()
-    check_micro_batch_size(cfg, micro_batch_size)
+    check_micro_batch_size(micro_batch_size, cfg.batch_size)
     compile_setting()  # a bad VMAP_SWEEP_COMPILE is refused before the study folder is touched
     dev = resolve_device(device)
     set_determinism(cfg.seed, deterministic)

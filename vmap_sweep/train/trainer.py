@@ -18,6 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from vmap_sweep.data.stream import steps_for
+from vmap_sweep.errors import ConfigError
 from vmap_sweep.model.gpt import GPT, Block, causal_attention, norm
 from vmap_sweep.model.loss import stacked_linear_cross_entropy
 from vmap_sweep.train.optim import AdamWHparams, StackedAdamW, StackedMuon
@@ -88,14 +89,19 @@ class TrainConfig:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {OPTIMIZERS}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose from {SCHEDULES}")
-        mb = self.micro_batch_size
-        if mb is not None and (mb < 1 or self.batch_size % mb):
-            raise ValueError(f"micro_batch_size {mb} must divide batch_size {self.batch_size}")
+        check_micro_batch_size(self.micro_batch_size, self.batch_size)
         if self.checkpoint_blocks is not None and (self.checkpoint_blocks < 0 or not self.checkpoint_activations):
             raise ValueError(f"checkpoint_blocks {self.checkpoint_blocks}: give a number >= 0, with "
                              "checkpoint_activations")
         if self.ce_chunk is not None and self.ce_chunk < 1:
             raise ValueError(f"ce_chunk {self.ce_chunk} must be at least 1 (or None: from the model's width)")
+
+
+def check_micro_batch_size(micro_batch_size: int | None, rows: int,
+                           what: str = "batch size ({rows} rows per step)") -> None:
+    """Micro-batches must split a step's rows evenly (one rule for the trainer, `run` and `bench`)."""
+    if micro_batch_size is not None and (micro_batch_size < 1 or rows % micro_batch_size):
+        raise ConfigError(f"--micro-batch-size {micro_batch_size}: give a divisor of the {what.format(rows=rows)}")
 
 
 def ce_chunk_rows(n_embd: int) -> int:
