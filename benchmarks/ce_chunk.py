@@ -11,8 +11,8 @@ import gc
 
 import torch
 
-from vmap_sweep.bench import time_stacked
 from vmap_sweep.model.gpt import GPT, GPTConfig
+from vmap_sweep.run.bench import time_stacked
 from vmap_sweep.train.trainer import TrainConfig
 
 

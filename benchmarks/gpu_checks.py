@@ -15,8 +15,8 @@ from torch.func import functional_call, vmap
 from torch.nn.attention import sdpa_kernel
 
 import vmap_sweep.train.trainer as trainer_module
-from vmap_sweep.bench import RandomStream
 from vmap_sweep.model.gpt import GPT, GPTConfig
+from vmap_sweep.run.bench import RandomStream
 from vmap_sweep.train.memory import probe_models_per_batch, train_splitting_on_oom
 from vmap_sweep.train.trainer import StackedTrainer, TrainConfig, set_determinism
 

@@ -12,8 +12,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from vmap_sweep.bench import RandomStream
 from vmap_sweep.model.gpt import GPT, GPTConfig
+from vmap_sweep.run.bench import RandomStream
 from vmap_sweep.train.trainer import StackedTrainer, TrainConfig
 
 

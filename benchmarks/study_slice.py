@@ -28,16 +28,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vmap_sweep.bench import RandomStream, time_baseline
 from vmap_sweep.cli import app
-from vmap_sweep.config import preset
 from vmap_sweep.data.stream import steps_for
 from vmap_sweep.model.checkpoint import save_model
 from vmap_sweep.model.gpt import GPT, GPTConfig
 from vmap_sweep.model.tokenizer import ByteTokenizer
-from vmap_sweep.sweep.plan import parse_shard
-from vmap_sweep.sweep.runner import build_grid, plan_study, shard_cells
-from vmap_sweep.sweep.store import StudyStore
+from vmap_sweep.run.bench import RandomStream, time_baseline
+from vmap_sweep.run.pipeline import build_grid, plan_study, shard_cells
+from vmap_sweep.store.db import StudyStore
+from vmap_sweep.study.config import preset
+from vmap_sweep.study.plan import parse_shard
 
 
 def main() -> None:

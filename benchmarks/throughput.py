@@ -14,7 +14,7 @@ import traceback
 
 import torch
 
-from vmap_sweep.bench import bench, matmul_peak_tflops
+from vmap_sweep.run.bench import bench, matmul_peak_tflops
 from vmap_sweep.train.trainer import StackedTrainer, TrainConfig
 
 # Every case: the stacked trainer against the best one-at-a-time loop on the same model, tokens and cells.
@@ -50,8 +50,8 @@ CASES = [
 
 def gpu_packing_difference(device: str = "cuda") -> float:
     """Max relative difference of one cell's losses alone vs with 3 companions (small model, GPU)."""
-    from vmap_sweep.bench import RandomStream
     from vmap_sweep.model.gpt import GPT, GPTConfig
+    from vmap_sweep.run.bench import RandomStream
 
     model = GPT(GPTConfig.from_depth(4, vocab_size=65536, sequence_len=1024)).init_weights(0).to(device)
     stream = RandomStream(65536, torch.device(device))

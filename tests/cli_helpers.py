@@ -20,7 +20,7 @@ def boundary_pixels(study_dir) -> int:
     both classes), independent of vmap_sweep.analysis: the box count at size 1 must equal it."""
     import numpy as np
 
-    from vmap_sweep.sweep.store import StudyStore
+    from vmap_sweep.store.db import StudyStore
 
     with StudyStore.open(study_dir) as store:
         converged = store.labels_array() == "converged"

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from vmap_sweep.errors import ConfigError
-from vmap_sweep.sweep.axes import AXES, AxisSpec, axes_help, check_axis_pair, parse_axis_spec, parse_resolution
-from vmap_sweep.sweep.grid import Grid
-from vmap_sweep.sweep.plan import Batch, parse_shard, plan_batches, plan_summary, shard
+from vmap_sweep.study.axes import AXES, AxisSpec, axes_help, check_axis_pair, parse_axis_spec, parse_resolution
+from vmap_sweep.study.grid import Grid
+from vmap_sweep.study.plan import Batch, parse_shard, plan_batches, plan_summary, shard
 
 EXPECTED_AXES = {"lr", "matrix_lr", "embedding_lr", "unembedding_lr", "attn_lr", "mlp_lr", "tokens",
                  "warmup_ratio", "weight_decay"}

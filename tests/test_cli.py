@@ -21,10 +21,10 @@ import pyarrow.parquet as pq
 import pytest
 from cli_helpers import boundary_pixels, cli, ok
 
-from vmap_sweep.config import preset
-from vmap_sweep.sweep.axes import parse_axis_spec
-from vmap_sweep.sweep.runner import build_grid, flops_per_model_step, shard_cells
-from vmap_sweep.sweep.store import StudyStore
+from vmap_sweep.run.pipeline import build_grid, flops_per_model_step, shard_cells
+from vmap_sweep.store.db import StudyStore
+from vmap_sweep.study.axes import parse_axis_spec
+from vmap_sweep.study.config import preset
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["run", "--preset", "tiny", "--resolution", "4", "--y", "tokens:256:1024:log", "--eval-tokens", "512",
@@ -258,7 +258,7 @@ def test_bad_input_in_a_real_process_is_one_line_and_exit_2(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ 3 plan
 def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path):
-    from vmap_sweep.model.tiny import TINY_CONFIG
+    from vmap_sweep.train.tiny import TINY_CONFIG
 
     out = tmp_path / "never"
     result = ok(*TINY, "--dry-run", "--out", out)

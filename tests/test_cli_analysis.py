@@ -10,7 +10,7 @@ import pytest
 from cli_helpers import boundary_pixels, cli, ok
 from PIL import Image
 
-from vmap_sweep.sweep.store import StudyStore
+from vmap_sweep.store.db import StudyStore
 
 TINY = ["run", "--preset", "tiny", "--resolution", "6", "--y", "tokens:256:2048:log", "--eval-tokens", "512",
         "--models-per-batch", "6", "--device", "cpu", "--quiet"]
@@ -112,9 +112,9 @@ def test_a_study_keeps_the_numerics_it_started_with(study, tmp_path):
     first version did (512-row loss chunks, step 0 run by the whole stack, in-place loss chunks, flash or math
     attention); one of the second version with its shared step 0 but the older loss chunks and attention; one of
     the third with the two-pass loss chunks but flash or math attention."""
-    from vmap_sweep.config import LATEST_NUMERICS, StudyConfig
-    from vmap_sweep.sweep.runner import LocalBackend, run_study
-    from vmap_sweep.sweep.zoom import zoom_study
+    from vmap_sweep.run.pipeline import LocalBackend, run_study
+    from vmap_sweep.run.zoom import zoom_study
+    from vmap_sweep.study.config import LATEST_NUMERICS, StudyConfig
 
     old = tmp_path / "old"  # its own study: the shared one may have zoom children already
     ok(*TINY, "--out", old)
@@ -152,7 +152,7 @@ def test_compile_is_automatic_for_large_models_on_gpus_only(monkeypatch):
     import torch
 
     from vmap_sweep.model.gpt import GPT, GPTConfig
-    from vmap_sweep.sweep.runner import compile_on
+    from vmap_sweep.run.pipeline import compile_on
 
     monkeypatch.delenv("VMAP_SWEEP_COMPILE", raising=False)
     small = GPT(GPTConfig.from_depth(2, vocab_size=256)).to("meta")
@@ -183,8 +183,8 @@ def test_bad_values_are_one_line_and_leave_no_study(tmp_path, args, needle):
 def test_progress_shows_every_batch_in_flight():
     from rich.console import Console
 
-    from vmap_sweep.sweep.plan import Batch
-    from vmap_sweep.sweep.progress import RichProgress
+    from vmap_sweep.cli.render import RichProgress
+    from vmap_sweep.study.plan import Batch
 
     progress = RichProgress(Console(file=open(os.devnull, "w")))  # noqa: SIM115
     progress.start(total=12, done=0, batches=3)

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from vmap_sweep.analysis.study import study_classes
-from vmap_sweep.config import StudyConfig, preset
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.eval.ood import (
     distance_to_boundary,
@@ -34,8 +33,9 @@ from vmap_sweep.eval.ood import (
     spearman,
     task_manager,
 )
-from vmap_sweep.sweep.runner import Worker, run_study
-from vmap_sweep.sweep.store import StudyStore
+from vmap_sweep.run.pipeline import Worker, run_study
+from vmap_sweep.store.db import StudyStore
+from vmap_sweep.study.config import StudyConfig, preset
 
 # The adapter needs the optional extra; everything else here (and the missing-extra error) runs without it.
 needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
@@ -69,7 +69,7 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny(cache):
-    from vmap_sweep.model.tiny import tiny_base_model
+    from vmap_sweep.train.tiny import tiny_base_model
 
     return tiny_base_model()
 

@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from test_store import CONFIG, grid, new_store, rec_for
 
+from vmap_sweep.analysis.export import ARRAY_COLUMNS, COLUMNS, export_study
 from vmap_sweep.errors import ConfigError
-from vmap_sweep.sweep.export import ARRAY_COLUMNS, COLUMNS, export_study
-from vmap_sweep.sweep.store import StudyStore
+from vmap_sweep.store.db import StudyStore
 
 FLOATS = ("x", "y", "score", "initial_loss", "final_loss", "eval_loss", "wall_time")
 

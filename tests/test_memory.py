@@ -46,8 +46,8 @@ def test_probe_finds_a_fitting_k_on_gpu():
 
 
 def test_after_a_split_later_batches_are_cut_to_what_fitted(monkeypatch):
-    from vmap_sweep.config import preset
-    from vmap_sweep.sweep import runner
+    from vmap_sweep.run import pipeline as runner
+    from vmap_sweep.study.config import preset
 
     base, stream = tiny_model(), RandomStream()
     data = runner.StudyData(base, None, stream, [])

@@ -16,11 +16,11 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from vmap_sweep.config import preset  # noqa: E402
 from vmap_sweep.errors import ConfigError, DataError  # noqa: E402
-from vmap_sweep.sweep.plan import Batch  # noqa: E402
-from vmap_sweep.sweep.ray_backend import INSTALL_HINT, RayBackend  # noqa: E402
-from vmap_sweep.sweep.runner import Progress, Worker, run_study  # noqa: E402
+from vmap_sweep.run.pipeline import Progress, Worker, run_study  # noqa: E402
+from vmap_sweep.run.ray_backend import INSTALL_HINT, RayBackend  # noqa: E402
+from vmap_sweep.study.config import preset  # noqa: E402
+from vmap_sweep.study.plan import Batch  # noqa: E402
 from vmap_sweep.train.trainer import CellRecord  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def ray_cluster(tmp_path_factory):
     The tiny base model is pretrained here first, so the workers only read it from the cache; the workers
     inherit this environment (cache folder, import path) when Ray starts.
     """
-    from vmap_sweep.model.tiny import tiny_base_model
+    from vmap_sweep.train.tiny import tiny_base_model
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VMAP_SWEEP_CACHE", str(tmp_path_factory.mktemp("cache")))

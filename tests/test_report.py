@@ -15,7 +15,7 @@ import pytest
 import torch
 from test_rules import LR_AXIS, build_study, law
 
-import vmap_sweep.sweep
+import vmap_sweep.run
 from vmap_sweep.analysis.report import write_report
 from vmap_sweep.analysis.rules import rules_of_thumb
 from vmap_sweep.analysis.study import fractal_report
@@ -76,8 +76,8 @@ def test_html_is_one_file_with_embedded_pictures(study, tmp_path):
 
 
 def fake_zoom(seen: list[Path]) -> types.ModuleType:
-    """Stands in for vmap_sweep.sweep.zoom: the shape of its dimension_report, one level unmeasurable."""
-    fake = types.ModuleType("vmap_sweep.sweep.zoom")
+    """Stands in for vmap_sweep.run.zoom: the shape of its dimension_report, one level unmeasurable."""
+    fake = types.ModuleType("vmap_sweep.run.zoom")
 
     def dimension_report(parent_dir):
         seen.append(Path(parent_dir))
@@ -96,14 +96,14 @@ def fake_zoom(seen: list[Path]) -> types.ModuleType:
 
 def test_ood_and_zoom_sections_appear_only_with_their_data(study, tmp_path, monkeypatch):
     """(Absent without them: see the Markdown test.)"""
-    from vmap_sweep.sweep.store import StudyStore
+    from vmap_sweep.store.db import StudyStore
 
     with StudyStore.open(study) as store:
         store.put_extra("ood", OOD)
         store.add_child((1e-5, 1e-4, 1e4, 1e5), "zoom-1", 1)
     seen: list[Path] = []
-    monkeypatch.delattr(vmap_sweep.sweep, "zoom", raising=False)
-    monkeypatch.setitem(sys.modules, "vmap_sweep.sweep.zoom", fake_zoom(seen))
+    monkeypatch.delattr(vmap_sweep.run, "zoom", raising=False)
+    monkeypatch.setitem(sys.modules, "vmap_sweep.run.zoom", fake_zoom(seen))
     text = write_report(study, tmp_path / "r.md").read_text()
     assert "## Out-of-distribution skill" in text and "computed when the study was classified" not in text
     assert "| arc_easy | 0.873 | [0.610, 0.950] | 12 |" in text and "| hellaswag | -0.052 |" in text
@@ -117,7 +117,7 @@ def test_ood_and_zoom_sections_appear_only_with_their_data(study, tmp_path, monk
     # a malformed OOD result and no zoom module: both sections say so, the rest of the report stands
     with StudyStore.open(study) as store:
         store.put_extra("ood", {"cells": [{"i": 0}], "spearman": {"arc": {"n": 3}}})
-    monkeypatch.setitem(sys.modules, "vmap_sweep.sweep.zoom", None)  # import fails
+    monkeypatch.setitem(sys.modules, "vmap_sweep.run.zoom", None)  # import fails
     text = write_report(study, tmp_path / "bad.md").read_text()
     assert "## Out-of-distribution skill" in text and "could not be read" in text
     assert "## Zoom levels" in text and "no zoom analysis" in text and "## Rules of thumb" in text
@@ -154,8 +154,8 @@ def test_refusals(study, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory):
     """The tiny preset really trained at 4x4 over a range where its edge lies (~6 s with a cached base model)."""
-    from vmap_sweep.config import preset
-    from vmap_sweep.sweep.runner import run_study
+    from vmap_sweep.run.pipeline import run_study
+    from vmap_sweep.study.config import preset
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -170,7 +170,7 @@ def tiny_study(tmp_path_factory):
 
 
 def test_rules_and_report_on_a_real_tiny_study(tiny_study, tmp_path):
-    from vmap_sweep.sweep.store import StudyStore
+    from vmap_sweep.store.db import StudyStore
 
     with StudyStore.open(tiny_study) as store:
         labels = store.labels_array()
@@ -198,8 +198,8 @@ def test_rules_and_report_on_a_real_tiny_study(tiny_study, tmp_path):
 
 def test_zoom_section_with_the_real_zoom_module(tmp_path):
     """A synthetic child study registered like `vmap-sweep zoom` does; the real dimension_report reads it."""
-    zoom = pytest.importorskip("vmap_sweep.sweep.zoom")
-    from vmap_sweep.sweep.store import StudyStore
+    zoom = pytest.importorskip("vmap_sweep.run.zoom")
+    from vmap_sweep.store.db import StudyStore
 
     parent = tmp_path / "study"
     build_study(parent, law(3e-5, 0.5), nx=16, ny=16).close()
@@ -220,7 +220,7 @@ def test_zoom_section_with_the_real_zoom_module(tmp_path):
 
 def test_the_report_follows_the_studys_own_criterion(study, tmp_path):
     from vmap_sweep.analysis.study import reclassify
-    from vmap_sweep.sweep.store import StudyStore
+    from vmap_sweep.store.db import StudyStore
 
     with StudyStore.open(study) as store:
         store.put_extra("ood", {**OOD, "criterion": {"criterion": "ratio"}})

@@ -21,7 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 from vmap_sweep.cli import app
-from vmap_sweep.sweep.store import StudyStore
+from vmap_sweep.store.db import StudyStore
 
 REPO = Path(__file__).resolve().parents[1]
 # 8 batches of 2 models, 8 to 32 steps: long enough to kill between the first commit and the last.
@@ -36,7 +36,7 @@ ARRAYS = ("trajectory", "base_losses", "grad_norms", "lrs")
 @pytest.fixture(scope="module", autouse=True)
 def pretrained(shared_model_cache):
     """Pretrain the tiny model here once, so the two subprocesses don't race to build it."""
-    from vmap_sweep.model.tiny import tiny_base_model
+    from vmap_sweep.train.tiny import tiny_base_model
 
     tiny_base_model()
     return shared_model_cache

@@ -20,11 +20,11 @@ from vmap_sweep.analysis.rules import (
     t_quantile,
 )
 from vmap_sweep.analysis.study import reclassify
-from vmap_sweep.config import StudyConfig
 from vmap_sweep.errors import ConfigError
-from vmap_sweep.sweep.axes import parse_axis_spec
-from vmap_sweep.sweep.grid import Grid
-from vmap_sweep.sweep.store import StudyStore
+from vmap_sweep.store.db import StudyStore
+from vmap_sweep.study.axes import parse_axis_spec
+from vmap_sweep.study.config import StudyConfig
+from vmap_sweep.study.grid import Grid
 
 LR_AXIS = "lr:1e-6:1e-1:log"
 SIZE_AXIS = "tokens:1e3:1e6:log"

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from vmap_sweep.errors import ConfigError, StoreError
-from vmap_sweep.sweep.axes import parse_axis_spec
-from vmap_sweep.sweep.grid import Grid
-from vmap_sweep.sweep.plan import plan_batches, shard
-from vmap_sweep.sweep.store import DB_NAME, StudyStore, config_hash, merge_studies
+from vmap_sweep.store.db import DB_NAME, StudyStore, config_hash, merge_studies
+from vmap_sweep.study.axes import parse_axis_spec
+from vmap_sweep.study.grid import Grid
+from vmap_sweep.study.plan import plan_batches, shard
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {"grid": {"x": "lr:1e-5:1e-2:log", "y": "tokens:1000:8000:log", "res": [4, 3]}, "seed": 0,
@@ -271,10 +271,10 @@ def test_children_and_extras(tmp_path):
 # ------------------------------------------------------------------ crash safety
 CHILD = textwrap.dedent("""
     import os, signal, sys
-    from vmap_sweep.sweep.axes import parse_axis_spec
-    from vmap_sweep.sweep.grid import Grid
-    from vmap_sweep.sweep.plan import plan_batches
-    from vmap_sweep.sweep.store import StudyStore
+    from vmap_sweep.study.axes import parse_axis_spec
+    from vmap_sweep.study.grid import Grid
+    from vmap_sweep.study.plan import plan_batches
+    from vmap_sweep.store.db import StudyStore
     sys.path.insert(0, {tests!r})
     from test_store import CONFIG, grid, rec_for
     mode = sys.argv[1]

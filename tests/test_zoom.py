@@ -23,12 +23,12 @@ from PIL import Image
 from vmap_sweep.analysis import animate as animate_mod
 from vmap_sweep.analysis.animate import animate
 from vmap_sweep.analysis.study import reclassify, study_classes
-from vmap_sweep.config import StudyConfig, preset
 from vmap_sweep.errors import ConfigError, StoreError
-from vmap_sweep.sweep.axes import parse_axis_spec
-from vmap_sweep.sweep.runner import LocalBackend, run_study
-from vmap_sweep.sweep.store import DB_NAME, StudyStore
-from vmap_sweep.sweep.zoom import ZOOM_EXTRA, dimension_report, pick_window, zoom_levels, zoom_study
+from vmap_sweep.run.pipeline import LocalBackend, run_study
+from vmap_sweep.run.zoom import ZOOM_EXTRA, dimension_report, pick_window, zoom_levels, zoom_study
+from vmap_sweep.store.db import DB_NAME, StudyStore
+from vmap_sweep.study.axes import parse_axis_spec
+from vmap_sweep.study.config import StudyConfig, preset
 from vmap_sweep.train.trainer import CellRecord
 
 # ----------------------------------------------------------------------------- helpers

@@ -22,8 +22,8 @@ from matplotlib.patches import Rectangle
 from vmap_sweep.analysis.plots import _heatmap, score_norm, signed_log
 from vmap_sweep.analysis.study import grid_view
 from vmap_sweep.errors import ConfigError
-from vmap_sweep.sweep.store import StudyStore
-from vmap_sweep.sweep.zoom import Window, zoom_levels
+from vmap_sweep.run.zoom import Window, zoom_levels
+from vmap_sweep.store.db import StudyStore
 
 DPI = 100  # frame pixels = the heatmap's figsize x DPI; every frame has the same size
 

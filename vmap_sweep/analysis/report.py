@@ -28,7 +28,7 @@ import numpy as np
 
 from vmap_sweep.analysis.classify import study_criterion
 from vmap_sweep.errors import ConfigError, VmapSweepError
-from vmap_sweep.sweep.store import StudyStore
+from vmap_sweep.store.db import StudyStore
 
 FORMATS = ("md", "html")
 MAX_TABLE_ROWS = 16  # per-size rules rows shown in the report (a 128-row table does not belong in a draft)
@@ -274,18 +274,18 @@ def _fractal_section(doc: _Doc, study_dir: Path, tmp: Path) -> dict | None:
 
 
 def _zoom_section(doc: _Doc, store: StudyStore, study_dir: Path, tmp: Path) -> None:
-    """Per-level and pooled dimensions from vmap_sweep.sweep.zoom, when it exists and the study has zooms."""
+    """Per-level and pooled dimensions from vmap_sweep.run.zoom, when it exists and the study has zooms."""
     children = store.children()
     if not children:
         return
     doc.h("Zoom levels")
     try:  # optional: written separately; imported only when needed
-        zoom = importlib.import_module("vmap_sweep.sweep.zoom")
+        zoom = importlib.import_module("vmap_sweep.run.zoom")
     except ImportError:
         zoom = None
     if zoom is None or not hasattr(zoom, "dimension_report"):
         doc.p(f"The study has {len(children)} zoom windows, but this vmap-sweep has no zoom analysis "
-              "(vmap_sweep.sweep.zoom.dimension_report); their dimensions are not reported here.")
+              "(vmap_sweep.run.zoom.dimension_report); their dimensions are not reported here.")
         return
     try:
         rep = zoom.dimension_report(study_dir)
@@ -304,7 +304,7 @@ def _zoom_section(doc: _Doc, store: StudyStore, study_dir: Path, tmp: Path) -> N
 
 
 def _zoom_tables(doc: _Doc, rep: Mapping[str, Any], tmp: Path) -> None:
-    """vmap_sweep.sweep.zoom.dimension_report's {"levels": [...], "pooled": {...}}: a table, a sentence, a plot."""
+    """vmap_sweep.run.zoom.dimension_report's {"levels": [...], "pooled": {...}}: a table, a sentence, a plot."""
     import matplotlib.pyplot as plt
 
     rows = []

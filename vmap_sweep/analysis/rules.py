@@ -35,8 +35,8 @@ import numpy as np
 from vmap_sweep.analysis.jsonsafe import json_safe
 from vmap_sweep.analysis.plots import GridView
 from vmap_sweep.errors import ConfigError
-from vmap_sweep.sweep.axes import parse_axis_spec
-from vmap_sweep.sweep.store import StudyStore
+from vmap_sweep.store.db import StudyStore
+from vmap_sweep.study.axes import parse_axis_spec
 
 SIZE_AXIS = "tokens"
 SAFE_FACTOR = 0.5

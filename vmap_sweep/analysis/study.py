@@ -16,8 +16,8 @@ from vmap_sweep.analysis.classify import (
 from vmap_sweep.analysis.fractal import fractal_dimension, uncertainty_exponent
 from vmap_sweep.analysis.plots import GridView
 from vmap_sweep.errors import ConfigError
-from vmap_sweep.sweep.axes import parse_axis_spec
-from vmap_sweep.sweep.store import StudyStore
+from vmap_sweep.store.db import StudyStore
+from vmap_sweep.study.axes import parse_axis_spec
 
 
 def classify_cells(store: StudyStore, criterion: str = "ratio", **kw) -> dict[tuple[int, int], tuple[str, float]]:

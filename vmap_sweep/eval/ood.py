@@ -19,14 +19,14 @@ import torch
 
 from vmap_sweep.analysis.classify import study_criterion
 from vmap_sweep.analysis.study import study_classes
-from vmap_sweep.config import StudyConfig, study_numerics
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.eval import DEFAULT_TASKS
 from vmap_sweep.model.gpt import GPT
 from vmap_sweep.model.tokenizer import Tokenizer
-from vmap_sweep.sweep.grid import Cell
-from vmap_sweep.sweep.runner import Worker, resolve_device
-from vmap_sweep.sweep.store import StudyStore
+from vmap_sweep.run.pipeline import Worker, resolve_device
+from vmap_sweep.store.db import StudyStore
+from vmap_sweep.study.config import StudyConfig, study_numerics
+from vmap_sweep.study.grid import Cell
 from vmap_sweep.train.trainer import StackedTrainer, set_determinism
 
 EXTRA_KEY = "ood"

@@ -10,9 +10,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from vmap_sweep.errors import ConfigError
-from vmap_sweep.sweep.plan import Batch
-from vmap_sweep.sweep.runner import Progress as ProgressHooks
-from vmap_sweep.sweep.store import StudyStore
+from vmap_sweep.run.pipeline import Progress as ProgressHooks
+from vmap_sweep.store.db import StudyStore
+from vmap_sweep.study.plan import Batch
 from vmap_sweep.train.trainer import CellRecord
 
 

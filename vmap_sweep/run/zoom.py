@@ -45,11 +45,11 @@ from vmap_sweep.analysis.classify import study_criterion
 from vmap_sweep.analysis.fractal import boundary_mask, fractal_dimension, pooled_dimension
 from vmap_sweep.analysis.jsonsafe import json_safe
 from vmap_sweep.analysis.study import study_classes
-from vmap_sweep.config import StudyConfig, study_numerics
 from vmap_sweep.errors import ConfigError, StoreError, VmapSweepError
-from vmap_sweep.sweep.axes import AxisSpec, parse_axis_spec
-from vmap_sweep.sweep.runner import LocalBackend, Progress, build_grid, check_data_unchanged, run_study
-from vmap_sweep.sweep.store import StudyStore
+from vmap_sweep.run.pipeline import LocalBackend, Progress, build_grid, check_data_unchanged, run_study
+from vmap_sweep.store.db import StudyStore
+from vmap_sweep.study.axes import AxisSpec, parse_axis_spec
+from vmap_sweep.study.config import StudyConfig, study_numerics
 
 Window = tuple[float, float, float, float]
 ZOOM_EXTRA = "zoom_of"  # a child's own {"level", "window", "parent"} in its extra table

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from vmap_sweep.errors import ConfigError
-from vmap_sweep.sweep.axes import AXES, AxisSpec, check_axis_pair
+from vmap_sweep.study.axes import AXES, AxisSpec, check_axis_pair
 
 # Window bounds computed from stored float coordinates may be off by rounding; accept this much.
 _REL_TOL = 1e-9

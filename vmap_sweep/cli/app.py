@@ -57,7 +57,7 @@ def _say(text: str) -> None:
 
 def _fixed(settings: list[str] | None) -> dict:
     """--set KEY=VALUE pairs -> fixed hyperparameters, validated against the axis registry."""
-    from vmap_sweep.sweep.axes import AXES
+    from vmap_sweep.study.axes import AXES
 
     fixed = {}
     for item in settings or []:
@@ -78,7 +78,7 @@ Preset = Annotated[str, typer.Option(help="Starting configuration: d20-docvqa (t
 
 def _study_config(preset, model, data, x, y, resolution, optimizer, schedule, batch_size, seq_len, seed, settings,
                   trainable, eval_tokens, optimizer_state=None, checkpoint_activations=None):
-    from vmap_sweep.config import preset as get_preset
+    from vmap_sweep.study.config import preset as get_preset
 
     base = get_preset(preset)
     fixed = {**base.fixed, **_fixed(settings)}
@@ -143,7 +143,7 @@ def run(
     out = out or Path("studies") / preset
     shard_spec = None
     if shard:
-        from vmap_sweep.sweep.plan import parse_shard
+        from vmap_sweep.study.plan import parse_shard
 
         shard_spec = parse_shard(shard)
         out = out / f"shard-{shard_spec[0]}-of-{shard_spec[1]}"
@@ -167,15 +167,15 @@ def _backend(backend: str, address: str | None, workers: int | None, device: str
         raise ConfigError(f"--backend {backend!r}: choose local or ray")
     from functools import partial
 
-    from vmap_sweep.sweep.ray_backend import RayBackend, import_ray
+    from vmap_sweep.run.ray_backend import RayBackend, import_ray
 
     import_ray()  # the install hint before any work
     return partial(RayBackend, address=address, num_workers=workers, gpus_per_worker=0 if device == "cpu" else None)
 
 
 def _run(cfg, out, k, device, micro_batch_size, shard_spec, deterministic, quiet, wandb, backend_factory=None):
-    from vmap_sweep.sweep.progress import RichProgress, WandbProgress, summary_table
-    from vmap_sweep.sweep.runner import run_study
+    from vmap_sweep.cli.render import RichProgress, WandbProgress, summary_table
+    from vmap_sweep.run.pipeline import run_study
 
     progress = RichProgress(console, quiet=quiet)
     if wandb:
@@ -189,11 +189,11 @@ def _run(cfg, out, k, device, micro_batch_size, shard_spec, deterministic, quiet
 
 def _dry_run(cfg, k, device):
 
-    from vmap_sweep.sweep.runner import describe_plan, resolve_device
+    from vmap_sweep.run.pipeline import describe_plan, resolve_device
 
     dev = resolve_device(device)
     if cfg.model == "tiny":
-        from vmap_sweep.model.tiny import TINY_CONFIG as model_config
+        from vmap_sweep.train.tiny import TINY_CONFIG as model_config
     else:
         from vmap_sweep.model.checkpoint import load_model
 
@@ -232,8 +232,8 @@ def demo(
     quiet: Annotated[bool, typer.Option(help="Log lines instead of a progress bar.")] = False,
 ):
     """The tiny preset end to end, offline on a CPU: train, classify, plot, measure the boundary."""
-    from vmap_sweep.config import preset as get_preset
-    from vmap_sweep.sweep.axes import parse_resolution
+    from vmap_sweep.study.axes import parse_resolution
+    from vmap_sweep.study.config import preset as get_preset
 
     cfg = get_preset("tiny").with_overrides(resolution=resolution)
     cfg.validate()
@@ -250,8 +250,8 @@ def demo(
 @user_errors
 def status(study: Annotated[Path, typer.Argument(help="Study folder.")]):
     """Progress and results so far of a running or stopped study."""
-    from vmap_sweep.sweep.progress import status_table
-    from vmap_sweep.sweep.store import StudyStore
+    from vmap_sweep.cli.render import status_table
+    from vmap_sweep.store.db import StudyStore
 
     with StudyStore.open(study) as store:
         out_console.print(status_table(store))
@@ -305,7 +305,7 @@ def plot(
 def _plot(study: Path, formats, rows, out: Path | None = None):
     from vmap_sweep.analysis.plots import save_plots
     from vmap_sweep.analysis.study import grid_view
-    from vmap_sweep.sweep.store import StudyStore
+    from vmap_sweep.store.db import StudyStore
 
     with StudyStore.open(study) as store:
         view = grid_view(store)
@@ -328,8 +328,8 @@ def export(
     trajectories: Annotated[bool, typer.Option(help="Add each cell's per-step losses.")] = False,
 ):
     """One row per cell: i, j, x, y, status, label, initial_loss, final_loss, eval_loss, steps."""
-    from vmap_sweep.sweep.export import export_study
-    from vmap_sweep.sweep.store import StudyStore
+    from vmap_sweep.analysis.export import export_study
+    from vmap_sweep.store.db import StudyStore
 
     with StudyStore.open(study) as store:
         path = export_study(store, format, output or Path(f"study.{format.lower()}"), trajectories=trajectories)
@@ -344,7 +344,7 @@ def merge(
     out: Annotated[Path, typer.Option(help="Folder of the merged study.")],
 ):
     """Combine shards of one study (same config) into one study."""
-    from vmap_sweep.sweep.store import merge_studies
+    from vmap_sweep.store.db import merge_studies
 
     store = merge_studies(shards, out)
     with store:
@@ -406,8 +406,8 @@ def zoom(
     quiet: Annotated[bool, typer.Option(help="Log lines instead of a progress bar.")] = False,
 ):
     """Run child studies over a window of the boundary, same resolution, DEPTH levels down (resumable)."""
-    from vmap_sweep.sweep.progress import RichProgress
-    from vmap_sweep.sweep.zoom import zoom_study
+    from vmap_sweep.cli.render import RichProgress
+    from vmap_sweep.run.zoom import zoom_study
 
     if auto == (window is not None):
         raise ConfigError("zoom: give --auto or --window X0 X1 Y0 Y1")
@@ -425,7 +425,7 @@ def zoom_dimension(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ):
     """Box-counting dimension per zoom level, and pooled over all levels (more decades of scale)."""
-    from vmap_sweep.sweep.zoom import dimension_report
+    from vmap_sweep.run.zoom import dimension_report
 
     report = dimension_report(study)
     if json_out:
@@ -548,7 +548,7 @@ def bench(
     """Stacked training against the best one-at-a-time loop, side by side, on random-init weights."""
     import torch
 
-    from vmap_sweep.bench import bench as run_bench
+    from vmap_sweep.run.bench import bench as run_bench
 
     for name, value in (("--depth", depth), ("--models-per-batch", models_per_batch),
                         ("--tokens-per-step", tokens_per_step), ("--seq-len", seq_len), ("--steps", steps)):
@@ -589,7 +589,7 @@ def bench(
 @app.command()
 def axes():
     """The hyperparameters a study can sweep, and what each means."""
-    from vmap_sweep.sweep.axes import axes_help
+    from vmap_sweep.study.axes import axes_help
 
     out_console.print(axes_help(), highlight=False)
 

@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from vmap_sweep.errors import ConfigError
-from vmap_sweep.sweep.axes import AXES, parse_axis_spec, parse_resolution
+from vmap_sweep.study.axes import AXES, parse_axis_spec, parse_resolution
 from vmap_sweep.train.stack import GROUPS
 from vmap_sweep.train.trainer import TrainConfig
 

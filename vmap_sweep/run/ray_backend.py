@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from vmap_sweep.config import StudyConfig
 from vmap_sweep.errors import ConfigError, VmapSweepError
-from vmap_sweep.sweep.runner import Job, Worker, compile_setting
+from vmap_sweep.run.pipeline import Job, Worker, compile_setting
+from vmap_sweep.study.config import StudyConfig
 from vmap_sweep.train.memory import probe_models_per_batch
 from vmap_sweep.train.trainer import CellRecord, set_determinism
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from vmap_sweep.errors import ConfigError
-from vmap_sweep.sweep.grid import Cell
+from vmap_sweep.study.grid import Cell
 
 
 @dataclass(frozen=True)

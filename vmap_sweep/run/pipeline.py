@@ -17,16 +17,16 @@ from pathlib import Path
 import torch
 
 from vmap_sweep.analysis.classify import CRITERION_EXTRA, classify_record, study_criterion
-from vmap_sweep.config import StudyConfig, study_numerics
 from vmap_sweep.data.sources import data_fingerprint, load_conversations
 from vmap_sweep.data.stream import EvalSet, TokenStream, steps_for
 from vmap_sweep.errors import ConfigError, StoreError
 from vmap_sweep.model.gpt import GPT
 from vmap_sweep.model.tokenizer import Tokenizer
-from vmap_sweep.sweep.axes import parse_axis_spec, parse_resolution
-from vmap_sweep.sweep.grid import Cell, Grid
-from vmap_sweep.sweep.plan import Batch, plan_batches, plan_summary, shard
-from vmap_sweep.sweep.store import DB_NAME, StudyStore
+from vmap_sweep.store.db import DB_NAME, StudyStore
+from vmap_sweep.study.axes import parse_axis_spec, parse_resolution
+from vmap_sweep.study.config import StudyConfig, study_numerics
+from vmap_sweep.study.grid import Cell, Grid
+from vmap_sweep.study.plan import Batch, plan_batches, plan_summary, shard
 from vmap_sweep.train.memory import probe_models_per_batch, train_splitting_on_oom
 from vmap_sweep.train.trainer import CellRecord, StackedTrainer, check_micro_batch_size, set_determinism
 
@@ -81,7 +81,7 @@ class StudyData:
 def load_study_data(cfg: StudyConfig, device: torch.device) -> StudyData:
     """The base model, its tokenizer, the fixed training order and the held-out evaluation tokens."""
     if cfg.model == "tiny":
-        from vmap_sweep.model.tiny import tiny_base_model
+        from vmap_sweep.train.tiny import tiny_base_model
 
         loaded = tiny_base_model()
     else:

@@ -20,7 +20,7 @@ from typing import IO, Any
 import numpy as np
 
 from vmap_sweep.errors import ConfigError
-from vmap_sweep.sweep.store import DB_NAME, StudyStore
+from vmap_sweep.store.db import DB_NAME, StudyStore
 
 FORMATS = ("csv", "parquet", "npz")
 INT_COLUMNS = ("i", "j", "steps", "steps_done", "diverged", "diverged_step")

@@ -29,7 +29,7 @@ import numpy as np
 
 from vmap_sweep.analysis.classify import study_criterion
 from vmap_sweep.errors import ConfigError, StoreError
-from vmap_sweep.sweep.grid import Cell
+from vmap_sweep.study.grid import Cell
 
 DB_NAME = "study.db"
 APP = "vmap-sweep"
