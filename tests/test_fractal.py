@@ -6,21 +6,15 @@ import re
 import numpy as np
 import pytest
 from matplotlib.path import Path as MplPath
+from shapes import calibrate, disk_mask, koch_mask, koch_snowflake, noise_mask, polygon_mask, sierpinski_mask
 
 from vmap_sweep.analysis import fractal
 from vmap_sweep.analysis.fractal import (
     FractalResult,
     boundary_mask,
     box_counting,
-    calibrate,
-    disk_mask,
     fractal_dimension,
-    koch_mask,
-    koch_snowflake,
-    noise_mask,
-    polygon_mask,
     pooled_dimension,
-    sierpinski_mask,
     uncertainty_exponent,
 )
 from vmap_sweep.errors import ConfigError

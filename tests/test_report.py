@@ -15,11 +15,12 @@ import pytest
 import torch
 from test_rules import LR_AXIS, build_study, law
 
-import vmap_sweep.run
+import vmap_sweep.analysis
 from vmap_sweep.analysis.report import write_report
 from vmap_sweep.analysis.rules import rules_of_thumb
 from vmap_sweep.analysis.study import fractal_report
 from vmap_sweep.errors import ConfigError, StoreError
+from vmap_sweep.store.extras import ZOOM_OF
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SECTIONS = ("## Study", "## Convergence map", "## Fractal dimension of the boundary", "## Rules of thumb")
@@ -76,8 +77,8 @@ def test_html_is_one_file_with_embedded_pictures(study, tmp_path):
 
 
 def fake_zoom(seen: list[Path]) -> types.ModuleType:
-    """Stands in for vmap_sweep.run.zoom: the shape of its dimension_report, one level unmeasurable."""
-    fake = types.ModuleType("vmap_sweep.run.zoom")
+    """Stands in for vmap_sweep.analysis.chain: the shape of its dimension_report, one level unmeasurable."""
+    fake = types.ModuleType("vmap_sweep.analysis.chain")
 
     def dimension_report(parent_dir):
         seen.append(Path(parent_dir))
@@ -102,8 +103,8 @@ def test_ood_and_zoom_sections_appear_only_with_their_data(study, tmp_path, monk
         store.put_extra("ood", OOD)
         store.add_child((1e-5, 1e-4, 1e4, 1e5), "zoom-1", 1)
     seen: list[Path] = []
-    monkeypatch.delattr(vmap_sweep.run, "zoom", raising=False)
-    monkeypatch.setitem(sys.modules, "vmap_sweep.run.zoom", fake_zoom(seen))
+    monkeypatch.delattr(vmap_sweep.analysis, "chain", raising=False)
+    monkeypatch.setitem(sys.modules, "vmap_sweep.analysis.chain", fake_zoom(seen))
     text = write_report(study, tmp_path / "r.md").read_text()
     assert "## Out-of-distribution skill" in text and "computed when the study was classified" not in text
     assert "| arc_easy | 0.873 | [0.610, 0.950] | 12 |" in text and "| hellaswag | -0.052 |" in text
@@ -117,7 +118,7 @@ def test_ood_and_zoom_sections_appear_only_with_their_data(study, tmp_path, monk
     # a malformed OOD result and no zoom module: both sections say so, the rest of the report stands
     with StudyStore.open(study) as store:
         store.put_extra("ood", {"cells": [{"i": 0}], "spearman": {"arc": {"n": 3}}})
-    monkeypatch.setitem(sys.modules, "vmap_sweep.run.zoom", None)  # import fails
+    monkeypatch.setitem(sys.modules, "vmap_sweep.analysis.chain", None)  # import fails
     text = write_report(study, tmp_path / "bad.md").read_text()
     assert "## Out-of-distribution skill" in text and "could not be read" in text
     assert "## Zoom levels" in text and "no zoom analysis" in text and "## Rules of thumb" in text
@@ -154,7 +155,8 @@ def test_refusals(study, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory):
     """The tiny preset really trained at 4x4 over a range where its edge lies (~6 s with a cached base model)."""
-    from vmap_sweep.run.pipeline import run_study
+    from helpers import run_local
+
     from vmap_sweep.study.config import preset
 
     threads = torch.get_num_threads()
@@ -164,7 +166,7 @@ def tiny_study(tmp_path_factory):
             mp.setenv("VMAP_SWEEP_CACHE", str(tmp_path_factory.mktemp("cache")))
         cfg = preset("tiny").with_overrides(resolution="4", x="lr:1e-3:3:log", y="tokens:256:1024:log")
         directory = tmp_path_factory.mktemp("tiny") / "study"
-        run_study(cfg, directory, 16, "cpu").close()
+        run_local(cfg, directory, 16).close()
     torch.set_num_threads(threads)
     return directory
 
@@ -198,7 +200,7 @@ def test_rules_and_report_on_a_real_tiny_study(tiny_study, tmp_path):
 
 def test_zoom_section_with_the_real_zoom_module(tmp_path):
     """A synthetic child study registered like `vmap-sweep zoom` does; the real dimension_report reads it."""
-    zoom = pytest.importorskip("vmap_sweep.run.zoom")
+    zoom = pytest.importorskip("vmap_sweep.analysis.chain")
     from vmap_sweep.store.db import StudyStore
 
     parent = tmp_path / "study"
@@ -207,7 +209,7 @@ def test_zoom_section_with_the_real_zoom_module(tmp_path):
     child = build_study(parent / "zoom-1", law(3e-5, 0.5), nx=16, ny=16, x="lr:1e-5:1e-3:log",
                         y="tokens:1e4:1e6:log")
     with child:
-        child.put_extra(zoom.ZOOM_EXTRA, {"level": 1, "window": list(window), "parent": ".."})
+        child.put_extra(ZOOM_OF, {"level": 1, "window": list(window), "parent": ".."})
     with StudyStore.open(parent) as store:
         store.add_child(window, "zoom-1", 1)
     rep = zoom.dimension_report(parent)

@@ -19,10 +19,11 @@ import numpy as np
 from matplotlib.animation import AbstractMovieWriter, FFMpegWriter, PillowWriter
 from matplotlib.patches import Rectangle
 
+from vmap_sweep.analysis.chain import zoom_levels
 from vmap_sweep.analysis.plots import _heatmap, score_norm, signed_log
-from vmap_sweep.analysis.study import grid_view
+from vmap_sweep.analysis.view import grid_view
+from vmap_sweep.analysis.window import Window
 from vmap_sweep.errors import ConfigError
-from vmap_sweep.run.zoom import Window, zoom_levels
 from vmap_sweep.store.db import StudyStore
 
 DPI = 100  # frame pixels = the heatmap's figsize x DPI; every frame has the same size

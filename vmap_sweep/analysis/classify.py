@@ -235,7 +235,14 @@ def converged_mask(labels: ArrayLike) -> np.ndarray:
     return arr == CONVERGED
 
 
-CRITERION_EXTRA = "criterion"  # a study's extra: {"criterion": name, **options} of its last `classify`
+def study_classes(store) -> np.ndarray:
+    """Boolean (ny, nx) grid of a stored study, True = converged; every cell must be done and classified."""
+    labels = store.labels_array()
+    missing = int((labels == "").sum())
+    if missing:
+        raise ConfigError(f"{store.directory}: {missing} cells are pending or unclassified; finish the run "
+                          f"(same command resumes it) or run `vmap-sweep classify {store.directory}`")
+    return converged_mask(labels)
 
 
 def checked_criterion(criterion: str, **options: float | None) -> dict:
@@ -251,11 +258,6 @@ def checked_criterion(criterion: str, **options: float | None) -> dict:
     return {"criterion": "threshold", "converged_below": c, "diverged_above": d}
 
 
-def study_criterion(store) -> dict:
-    """The criterion a study's classes follow: its last `classify`, else the ratio one every run starts with."""
-    return dict(store.get_extra(CRITERION_EXTRA) or {"criterion": "ratio"})
-
-
 def classify_record(losses: ArrayLike, initial_loss: float, diverged: bool, reference: ArrayLike | None,
                     criterion: dict) -> tuple[str, float]:
     """One trained cell's (label, score) by a study's criterion, as `classify` would recompute it."""
@@ -265,3 +267,8 @@ def classify_record(losses: ArrayLike, initial_loss: float, diverged: bool, refe
     init = initial_loss if np.isfinite(initial_loss) else 1.0
     labels, scores = classify_grid([losses], [init], criterion=criterion["criterion"], diverged=[diverged], **options)
     return str(labels[0]), float(scores[0])
+
+
+def label_record(criterion: dict, record) -> tuple[str, float]:
+    """The labeller a run stores classes with: a trained record's (label, score) by the study's criterion."""
+    return classify_record(record.losses, record.initial_loss, record.diverged, record.base_losses, criterion)

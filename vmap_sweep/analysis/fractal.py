@@ -27,8 +27,9 @@ Automatic fit range: sizes s with at least 4 boxes per side along the shorter si
 staircase of a rasterised edge) as long as >= 3 sizes remain, else size 1 is kept; with fewer than
 2 sizes (>= 2 boxes per side) the grid is too small. Override with ``fit_range=(smallest, largest)``.
 
-Calibration (``calibrate()`` reproduces it): dimension with defaults (32 lattices; in brackets the
-aligned lattice alone, ``n_offsets=1``); fit range 2..32 at 128^2 and 2..256 at 1024^2.
+Calibration (``PYTHONPATH=. python benchmarks/fractal_calibration.py`` reproduces it; the shapes are in
+tests/shapes.py): dimension with defaults (32 lattices; in brackets the aligned lattice alone,
+``n_offsets=1``); fit range 2..32 at 128^2 and 2..256 at 1024^2.
 
 ====================  =====  ===============  ================
 shape                 true   measured at 128  measured at 1024
@@ -61,6 +62,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from numpy.typing import ArrayLike
 
+from vmap_sweep.analysis.stats import ols
 from vmap_sweep.errors import ConfigError
 
 MIN_BOXES_PER_SIDE = 4
@@ -229,18 +231,6 @@ def _count(integral: np.ndarray, size: int, oy: int = 0, ox: int = 0) -> int:
     return int(np.count_nonzero(total))
 
 
-def _ols(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
-    """y = a + b x -> (b, a, stderr of b); stderr is nan with 2 points."""
-    xm, ym = x.mean(), y.mean()
-    sxx = float(((x - xm) ** 2).sum())
-    b = float(((x - xm) * (y - ym)).sum() / sxx)
-    a = float(ym - b * xm)
-    if x.size <= 2:
-        return b, a, float("nan")
-    resid = y - (a + b * x)
-    return b, a, math.sqrt(float((resid**2).sum()) / (x.size - 2) / sxx)
-
-
 def _auto_fit_range(sizes: np.ndarray, shape: tuple[int, int]) -> tuple[int, int]:
     short = min(shape)
     ok = sizes[-(-short // sizes) >= MIN_BOXES_PER_SIDE]
@@ -254,6 +244,35 @@ def _auto_fit_range(sizes: np.ndarray, shape: tuple[int, int]) -> tuple[int, int
     if ok.size >= 4 and ok[0] == 1:
         ok = ok[1:]
     return int(ok[0]), int(ok[-1])
+
+
+def _lattice_counts(integral: np.ndarray, sizes: np.ndarray, n_offsets: int, seed: int) -> np.ndarray:
+    """(n_offsets, len(sizes)) occupied-box counts: row 0 the aligned lattice, the rest at random offsets."""
+    rng = np.random.default_rng(seed)
+    per_lattice = np.empty((n_offsets, sizes.size), dtype=np.int64)
+    for j, size in enumerate(int(v) for v in sizes):
+        per_lattice[0, j] = _count(integral, size)
+        for r in range(1, n_offsets):
+            oy, ox = (int(v) for v in rng.integers(0, size, size=2))
+            per_lattice[r, j] = per_lattice[0, j] if size == 1 else _count(integral, size, oy, ox)
+    return per_lattice
+
+
+def _lattice_ci(
+    dim: float, stderr: float, x: np.ndarray, log_counts: np.ndarray, seed: int
+) -> tuple[float, float, str]:
+    """95% CI of the dimension and how it was found: the spread of the single-lattice fits when there are
+    several lattices (``log_counts`` one row per lattice, fit sizes only), else +-1.96 OLS stderr."""
+    n_offsets = log_counts.shape[0]
+    if n_offsets > 1:
+        dims = np.array([-ols(x, row).slope for row in log_counts])
+        ci_low, ci_high = (float(v) for v in np.percentile(dims, [2.5, 97.5]))
+        return ci_low, ci_high, (
+            f"CI: 2.5-97.5 percentiles of single-lattice fits over {n_offsets} lattices "
+            f"(aligned + random periodic offsets, seed {seed})"
+        )
+    half = _Z95 * stderr if np.isfinite(stderr) else float("nan")
+    return dim - half, dim + half, "CI: +-1.96 OLS stderr (aligned lattice only)"
 
 
 def box_counting(
@@ -287,33 +306,16 @@ def box_counting(
                 f"fit_range={fit_range!r}: needs two box sizes from {sizes.tolist()} with smallest < largest"
             )
 
-    rng = np.random.default_rng(seed)
-    per_lattice = np.empty((n_offsets, sizes.size), dtype=np.int64)
-    for j, size in enumerate(int(v) for v in sizes):
-        per_lattice[0, j] = _count(integral, size)
-        for r in range(1, n_offsets):
-            oy, ox = (int(v) for v in rng.integers(0, size, size=2))
-            per_lattice[r, j] = per_lattice[0, j] if size == 1 else _count(integral, size, oy, ox)
+    per_lattice = _lattice_counts(integral, sizes, n_offsets, seed)
     log_counts = np.log2(per_lattice.astype(np.float64))
     mean_log = log_counts.mean(axis=0)
 
     keep = (sizes >= lo) & (sizes <= hi)
     x = np.log2(sizes[keep].astype(np.float64))
-    slope, intercept, stderr = _ols(x, mean_log[keep])
-    dim = -slope
+    fit = ols(x, mean_log[keep])
+    dim = -fit.slope
     local = -(mean_log[1:] - mean_log[:-1])  # sizes double each step, so dlog2 s = 1
-
-    if n_offsets > 1:
-        dims = np.array([-_ols(x, row[keep])[0] for row in log_counts])
-        ci_low, ci_high = (float(v) for v in np.percentile(dims, [2.5, 97.5]))
-        ci_method = (
-            f"CI: 2.5-97.5 percentiles of single-lattice fits over {n_offsets} lattices "
-            f"(aligned + random periodic offsets, seed {seed})"
-        )
-    else:
-        half = _Z95 * stderr if np.isfinite(stderr) else float("nan")
-        ci_low, ci_high = dim - half, dim + half
-        ci_method = "CI: +-1.96 OLS stderr (aligned lattice only)"
+    ci_low, ci_high, ci_method = _lattice_ci(dim, fit.stderr, x, log_counts[:, keep], seed)
     res = resolution if resolution is not None else (shape[0] + 1, shape[1] + 1)
     method = (
         "box counting: 2x2-rule boundary, power-of-two boxes, partial edge boxes counted, "
@@ -321,7 +323,7 @@ def box_counting(
     )
     return FractalResult(
         dimension=float(dim),
-        stderr=float(stderr),
+        stderr=float(fit.stderr),
         ci_low=ci_low,
         ci_high=ci_high,
         box_sizes=sizes.astype(np.int64),
@@ -332,7 +334,7 @@ def box_counting(
         method=method,
         aligned_counts=per_lattice[0].copy(),
         n_offsets=int(n_offsets),
-        intercept=float(intercept),
+        intercept=float(fit.intercept),
     )
 
 
@@ -394,11 +396,11 @@ def uncertainty_exponent(converged: ArrayLike, eps_list: Sequence[int] | None = 
     ok = fractions > 0
     if ok.sum() < 2:
         raise ConfigError(f"grid of shape {grid.shape}: fewer than 2 distances with class changes; pass other eps_list")
-    phi, _, stderr = _ols(np.log(eps[ok].astype(np.float64)), np.log(fractions[ok]))
+    fit = ols(np.log(eps[ok].astype(np.float64)), np.log(fractions[ok]))
     return UncertaintyResult(
-        phi=float(phi),
-        dimension=float(2.0 - phi),
-        stderr=float(stderr),
+        phi=float(fit.slope),
+        dimension=float(2.0 - fit.slope),
+        stderr=float(fit.stderr),
         eps=eps,
         fractions=fractions,
         resolution=(int(h), int(w)),
@@ -409,6 +411,22 @@ def uncertainty_exponent(converged: ArrayLike, eps_list: Sequence[int] | None = 
 
 
 LevelCounts = FractalResult | tuple[ArrayLike, ArrayLike]
+
+
+def _level_curve(k: int, item: tuple[LevelCounts, float]) -> tuple[np.ndarray, np.ndarray]:
+    """(log2 box size in level-0 pixels, log2 count) of ``levels[k]`` = ``(counts, scale)``."""
+    if not (isinstance(item, tuple | list) and len(item) == 2):
+        raise ConfigError(f"levels[{k}]: expected (counts, scale) with scale = zoom ** -level")
+    counts, scale = item
+    if isinstance(counts, FractalResult):
+        s, n = counts.fit_sizes()
+    else:
+        s, n = (np.asarray(v, dtype=np.float64).reshape(-1) for v in counts)
+    s, n = np.asarray(s, dtype=np.float64), np.asarray(n, dtype=np.float64)
+    scale = float(scale)
+    if s.size != n.size or s.size == 0 or not (np.all(s > 0) and np.all(n > 0)) or not scale > 0:
+        raise ConfigError(f"levels[{k}]: needs equally long positive box sizes and counts and a scale > 0")
+    return np.log2(s * scale), np.log2(n)
 
 
 def pooled_dimension(levels: Sequence[tuple[LevelCounts, float]]) -> PooledResult:
@@ -425,25 +443,9 @@ def pooled_dimension(levels: Sequence[tuple[LevelCounts, float]]) -> PooledResul
     intercept. The pooling gains points and checks the same slope across scales (the per-level
     slopes are reported); ``size_range`` gives the span of scales covered in parent pixels.
     """
-    xs: list[np.ndarray] = []
-    ys: list[np.ndarray] = []
-    level_slopes = []
-    for k, item in enumerate(levels):
-        if not (isinstance(item, tuple | list) and len(item) == 2):
-            raise ConfigError(f"levels[{k}]: expected (counts, scale) with scale = zoom ** -level")
-        counts, scale = item
-        if isinstance(counts, FractalResult):
-            s, n = counts.fit_sizes()
-        else:
-            s, n = (np.asarray(v, dtype=np.float64).reshape(-1) for v in counts)
-        s, n = np.asarray(s, dtype=np.float64), np.asarray(n, dtype=np.float64)
-        scale = float(scale)
-        if s.size != n.size or s.size == 0 or not (np.all(s > 0) and np.all(n > 0)) or not scale > 0:
-            raise ConfigError(f"levels[{k}]: needs equally long positive box sizes and counts and a scale > 0")
-        x = np.log2(s * scale)
-        xs.append(x)
-        ys.append(np.log2(n))
-        level_slopes.append(-_ols(x, ys[-1])[0] if np.unique(x).size >= 2 else float("nan"))
+    curves = [_level_curve(k, item) for k, item in enumerate(levels)]
+    xs, ys = [x for x, _ in curves], [y for _, y in curves]
+    level_slopes = [-ols(x, y).slope if np.unique(x).size >= 2 else float("nan") for x, y in curves]
     if not xs:
         raise ConfigError("levels: empty; pass at least one (counts, scale) pair")
     n_levels = len(xs)
@@ -472,125 +474,3 @@ def pooled_dimension(levels: Sequence[tuple[LevelCounts, float]]) -> PooledResul
         n_points=n_points,
         size_range=(float(2 ** allx.min()), float(2 ** allx.max())),
     )
-
-
-# ----------------------------------------------------------------------------- calibration shapes
-
-
-def disk_mask(shape: int | tuple[int, int], radius: float = 0.4) -> np.ndarray:
-    """Filled disk (True inside), radius as a fraction of the shorter side; edge dimension 1."""
-    h, w = (shape, shape) if isinstance(shape, int) else shape
-    y, x = np.ogrid[:h, :w]
-    r = radius * min(h, w)
-    return (y + 0.5 - h / 2) ** 2 + (x + 0.5 - w / 2) ** 2 < r**2
-
-
-def noise_mask(shape: int | tuple[int, int], seed: int = 0, p: float = 0.5) -> np.ndarray:
-    """I.i.d. coin flips; its 2x2-rule boundary fills the plane (dimension 2)."""
-    h, w = (shape, shape) if isinstance(shape, int) else shape
-    return np.random.default_rng(seed).random((h, w)) < p
-
-
-def sierpinski_mask(shape: int | tuple[int, int]) -> np.ndarray:
-    """Sierpinski triangle (Pascal's triangle mod 2: i & j == 0); set and boundary dim log2(3).
-
-    The set has no interior, so every set pixel with a non-set neighbour in its 2x2 block is
-    boundary: the boundary is the set itself at every scale. Exact for power-of-two sizes.
-    """
-    h, w = (shape, shape) if isinstance(shape, int) else shape
-    i, j = np.ogrid[:h, :w]
-    return (i & j) == 0
-
-
-def polygon_mask(vertices: np.ndarray, shape: tuple[int, int], window: tuple[float, float, float, float]) -> np.ndarray:
-    """Even-odd scanline fill of a closed polygon, sampled at pixel centres.
-
-    ``vertices`` (n, 2) as (x, y); ``window`` = (x0, x1, y0, y1) maps onto columns and rows.
-    Every edge crossing a row's centre line toggles the parity of all pixels to its right;
-    a cumulative sum of toggles per row gives inside/outside. O(edges + crossings).
-    """
-    h, w = shape
-    x0, x1, y0, y1 = window
-    px = (vertices[:, 0] - x0) / (x1 - x0) * w
-    py = (vertices[:, 1] - y0) / (y1 - y0) * h
-    qx, qy = np.roll(px, -1), np.roll(py, -1)
-    ylo, yhi = np.minimum(py, qy), np.maximum(py, qy)
-    # rows r whose centre r + 0.5 lies in [ylo, yhi)
-    r_lo = np.clip(np.ceil(ylo - 0.5), 0, h).astype(np.int64)
-    r_hi = np.clip(np.ceil(yhi - 0.5), 0, h).astype(np.int64)
-    keep = (r_hi > r_lo) & (np.minimum(px, qx) < w)
-    px, py, qx, qy, r_lo, r_hi = (a[keep] for a in (px, py, qx, qy, r_lo, r_hi))
-    n_cross = r_hi - r_lo
-    edge = np.repeat(np.arange(n_cross.size), n_cross)
-    first = np.cumsum(n_cross) - n_cross
-    rows = r_lo[edge] + (np.arange(edge.size) - first[edge])
-    yc = rows + 0.5
-    t = (yc - py[edge]) / (qy[edge] - py[edge])
-    xc = px[edge] + t * (qx[edge] - px[edge])
-    cols = np.clip(np.ceil(xc - 0.5), 0, w).astype(np.int64)
-    toggles = np.bincount(rows * (w + 1) + cols, minlength=h * (w + 1)).reshape(h, w + 1)
-    return (np.cumsum(toggles, axis=1)[:, :w] % 2) == 1
-
-
-def koch_snowflake(iterations: int) -> np.ndarray:
-    """Vertices (x, y) of the Koch snowflake, scaled into [0.05, 0.95]^2 (same for every depth)."""
-    if not 0 <= iterations <= 10:
-        raise ConfigError(f"iterations={iterations}: use 0..10 (3 * 4**10 vertices at most)")
-    ang = np.pi / 2 + np.array([0.0, -2.0, -4.0]) * np.pi / 3  # clockwise, tip up
-    pts = np.stack([np.cos(ang), np.sin(ang)], axis=1)
-    rot = np.array([[0.5, -math.sqrt(3) / 2], [math.sqrt(3) / 2, 0.5]])  # +60 deg: bumps outward
-
-    def refine(p: np.ndarray) -> np.ndarray:
-        d = (np.roll(p, -1, axis=0) - p) / 3
-        a = p + d
-        return np.stack([p, a, a + d @ rot.T, p + 2 * d], axis=1).reshape(-1, 2)
-
-    # The convex hull (hence bounding box) is the hexagram's tips, reached at depth 1.
-    hull = refine(pts)
-    lo, hi = hull.min(axis=0), hull.max(axis=0)
-    for _ in range(iterations):
-        pts = refine(pts)
-    scale = 0.9 / float((hi - lo).max())
-    centre = (lo + hi) / 2
-    return (pts - centre) * scale + 0.5
-
-
-def koch_mask(
-    shape: int | tuple[int, int],
-    window: tuple[float, float, float, float] = (0.0, 1.0, 0.0, 1.0),
-    iterations: int | None = None,
-) -> np.ndarray:
-    """Filled Koch snowflake rasterised in ``window`` of the unit square; edge dim log4/log3.
-
-    ``iterations`` default: deep enough that the finest segment is under half a pixel.
-    """
-    h, w = (shape, shape) if isinstance(shape, int) else shape
-    if iterations is None:
-        px_per_unit = max(w / (window[1] - window[0]), h / (window[3] - window[2]))
-        side = 0.9 * math.sqrt(3) / 2 * px_per_unit  # side of the base triangle in pixels (approx.)
-        iterations = min(10, max(1, math.ceil(math.log(side / 0.5, 3))))
-    return polygon_mask(koch_snowflake(iterations), (h, w), window)
-
-
-def calibrate(resolutions: Sequence[int] = (128, 1024), n_offsets: int = DEFAULT_OFFSETS) -> dict:
-    """Measured dimension per calibration shape and resolution (the docstring table)."""
-    shapes = {
-        "disk": (1.0, disk_mask),
-        "koch": (math.log(4) / math.log(3), koch_mask),
-        "sierpinski": (math.log(3) / math.log(2), sierpinski_mask),
-        "noise": (2.0, noise_mask),
-    }
-    out: dict = {}
-    for name, (true, make) in shapes.items():
-        out[name] = {"true": true}
-        for n in resolutions:
-            mask = make(n)
-            r = fractal_dimension(mask, n_offsets=n_offsets)
-            aligned = fractal_dimension(mask, n_offsets=1).dimension
-            out[name][n] = {
-                "dimension": r.dimension,
-                "ci": (r.ci_low, r.ci_high),
-                "aligned": aligned,
-                "fit_range": r.fit_range,
-            }
-    return out

@@ -1,10 +1,14 @@
-"""Pictures of a study: heatmaps over the two axes in real units, the boundary, loss trajectories."""
+"""Pictures of a study: heatmaps over the two axes in real units with the boundary, loss trajectories, the
+box-counting fits, the LR rules of thumb, and the report's zoom and out-of-distribution figures. Every drawing
+of the analysis layer is here (the zoom animation replays these heatmaps); the modules that compute what is
+drawn import no matplotlib."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -13,7 +17,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 
+from vmap_sweep.analysis.fractal import FractalResult  # noqa: E402
+from vmap_sweep.analysis.rules import SIZE_AXIS  # noqa: E402
+from vmap_sweep.analysis.view import GridView  # noqa: E402
 from vmap_sweep.errors import ConfigError  # noqa: E402
+
+if TYPE_CHECKING:
+    from vmap_sweep.analysis.rules import RulesResult
 
 PICTURE_SUFFIXES = (".png", ".svg", ".pdf")
 
@@ -25,23 +35,6 @@ def picture_file(path) -> Path:
         raise ConfigError(f"{path}: unknown picture format {path.suffix!r}; use a file ending in "
                           f"{', '.join(PICTURE_SUFFIXES)}")
     return path
-
-
-@dataclass
-class GridView:
-    """What the plots need of a study: axis values and per-cell arrays of shape (ny, nx)."""
-
-    xs: np.ndarray
-    ys: np.ndarray
-    x_name: str
-    y_name: str
-    x_log: bool
-    y_log: bool
-    scores: np.ndarray
-    converged: np.ndarray  # bool; False also where pending
-    final_loss: np.ndarray
-    eval_loss: np.ndarray
-    title: str = ""
 
 
 def _edges(values: np.ndarray, log: bool) -> np.ndarray:
@@ -149,3 +142,129 @@ def save_plots(
             written.append(path)
         plt.close(fig)
     return written
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- box counting
+
+
+def plot_box_counts(box: FractalResult, path: Path) -> Path:
+    """Box counts against box size (log-log) with the fitted line over the fit range."""
+    sizes, counts = np.asarray(box.box_sizes, float), np.asarray(box.box_counts, float)
+    fig, ax = plt.subplots(figsize=(5.5, 4.2), constrained_layout=True)
+    ax.loglog(sizes, counts, "o", label="box counts")
+    fit_s, _ = box.fit_sizes()
+    ax.loglog(fit_s, 2.0 ** (box.intercept - box.dimension * np.log2(fit_s)), "-",
+              label=f"fit: D = {box.dimension:.3f} [{box.ci_low:.3f}, {box.ci_high:.3f}]")
+    ax.set_xlabel("box size s (cells)")
+    ax.set_ylabel("boxes N(s) holding boundary")
+    ax.set_title(f"box counting at {box.resolution[0]}×{box.resolution[1]}")
+    ax.legend()
+    return _save(fig, Path(path))
+
+
+def plot_zoom_box_counts(curves: Sequence[tuple[str, np.ndarray, np.ndarray]], path: Path) -> Path:
+    """Box counts of several zoom levels against box size in top-level cells (log-log): one
+    ``(label, sizes, counts)`` curve per level."""
+    fig, ax = plt.subplots(figsize=(5.8, 4.2), constrained_layout=True)
+    for label, sizes, counts in curves:
+        ax.loglog(np.asarray(sizes, dtype=float), np.asarray(counts, dtype=float), "o-", ms=4, label=label)
+    ax.set_xlabel("box size (top-level cells)")
+    ax.set_ylabel("boxes N(s) holding boundary")
+    ax.legend(fontsize=7)
+    return _save(fig, Path(path))
+
+
+# ----------------------------------------------------------------------------- out-of-distribution skill
+
+
+def plot_ood(series: Sequence[tuple[str, Sequence[float], Sequence[float]]], path: Path) -> Path:
+    """Accuracy against distance to the boundary: one ``(label, distances, accuracies)`` series per task."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), constrained_layout=True)
+    for label, xs, ys in series:
+        ax.plot(xs, ys, "o", ms=4, alpha=0.75, label=label)
+    ax.set_xlabel("distance to the convergence boundary (grid cells)")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=7)
+    return _save(fig, Path(path))
+
+
+# ----------------------------------------------------------------------------- rules of thumb
+
+
+def _size_major_view(result: RulesResult) -> GridView | None:
+    """The study's view with dataset size on x and LR on y (transposed when the study has LR on x)."""
+    v = result.view
+    if v is None or result.lr_on == "y":
+        return v
+    return v.transposed()
+
+
+def _span(rng: tuple[float, float], values: np.ndarray | None, log: bool) -> tuple[float, float]:
+    """Plot limits: the heatmap's cell edges if drawn (positive: the axes are log), else the range +-10%."""
+    lo, hi = rng[0] / 1.1, rng[1] * 1.1
+    if values is not None and len(values) > 1:
+        e = _edges(np.asarray(values, dtype=float), log)
+        lo, hi = (float(e[0]) if e[0] > 0 else lo), float(e[-1])
+    return lo, hi
+
+
+def _rules_points(ax, result: RulesResult) -> None:
+    """Per-size edges and optima, and the censored sizes at the grid's edge."""
+    rows = result.sizes
+
+    def pts(attr: str) -> tuple[list[float], list[float]]:
+        sel = [r for r in rows if getattr(r, attr) is not None]
+        return [r.size for r in sel], [getattr(r, attr) for r in sel]
+
+    ax.plot(*pts("lr_first_diverging"), "v", color="crimson", mec="white", ms=7, label="first diverging LR")
+    ax.plot(*pts("lr_last_converging"), "^", color="navy", mec="white", ms=7, label="last converging LR")
+    ax.plot(*pts("lr_opt"), "*", color="gold", mec="black", ms=11, label="optimal LR (lowest eval loss)")
+    cens = [r for r in rows if r.censored]
+    if cens:
+        lo, hi = result.lr_range
+        ax.plot([r.size for r in cens], [hi if r.censored == "above grid" else lo for r in cens], "x",
+                color="grey", ms=8, label="censored (edge outside grid)")
+
+
+def _rules_fits(ax, result: RulesResult) -> None:
+    d = np.geomspace(*result.size_range, 100)
+    for fit, style, color, name in ((result.crit_fit, "-", "crimson", "LR_crit fit"),
+                                    (result.crit_last_fit, "--", "navy", "last-converging fit"),
+                                    (result.safe_fit, "-.", "green", "safe = 0.5 LR_crit"),
+                                    (result.opt_fit, ":", "black", "LR_opt fit")):
+        if fit is not None:
+            ax.plot(d, fit.predict(d), style, color=color, lw=1.6,
+                    label=f"{name}: {fit.coefficient:.2g}·D^{fit.exponent:.2f}")
+
+
+def plot_rules(result: RulesResult, path: str | os.PathLike) -> Path:
+    """LR vs dataset size (log-log): per-size edges and optima, fitted lines and the safe line, over the
+    score heatmap with its boundary when the result carries the study's view. Format from the suffix."""
+    path = picture_file(path)
+    view = _size_major_view(result)
+    if view is not None:
+        s = signed_log(view.scores)
+        fig = _heatmap(view, s, "score (sign·log1p|s|; < 0 converged)", "coolwarm", score_norm(s))
+        ax = fig.axes[0]
+    else:
+        fig, ax = plt.subplots(figsize=(6.4, 5.2), constrained_layout=True)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    ax.set_xlabel(f"dataset size D ({SIZE_AXIS})")
+    ax.set_ylabel(result.lr_axis)
+    _rules_points(ax, result)
+    _rules_fits(ax, result)
+    ax.set_xlim(*_span(result.size_range, None if view is None else view.xs, view is None or view.x_log))
+    ax.set_ylim(*_span(result.lr_range, None if view is None else view.ys, view is None or view.y_log))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_title((f"{view.title}\n" if view is not None and view.title else "") + "LR rules of thumb")
+    ax.legend(fontsize=7, loc="best", framealpha=0.85)
+    return _save(fig, path)

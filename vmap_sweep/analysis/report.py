@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
-import importlib
 import math
 import os
 import tempfile
@@ -26,8 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from vmap_sweep.analysis.classify import study_criterion
+from vmap_sweep.analysis.classify import study_classes
+from vmap_sweep.analysis.fmt import format_ci, format_count
+from vmap_sweep.analysis.rules import SAFE_FACTOR, rules_of_thumb
+from vmap_sweep.analysis.study import fractal_report
+from vmap_sweep.analysis.view import grid_view
 from vmap_sweep.errors import ConfigError, VmapSweepError
+from vmap_sweep.store import extras
 from vmap_sweep.store.db import StudyStore
 
 FORMATS = ("md", "html")
@@ -152,16 +156,6 @@ def _fmt(v: float | None, spec: str = ".3f") -> str:
     return "n/a" if v is None or not math.isfinite(v) else format(v, spec)
 
 
-def _num(v: float) -> str:
-    return f"{v:,.0f}" if float(v).is_integer() and abs(v) < 1e15 else f"{v:.4g}"
-
-
-def _ci(lo: float | None, hi: float | None, fmt: str = ".3f") -> str:
-    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
-        return "n/a"
-    return f"[{lo:{fmt}}, {hi:{fmt}}]"
-
-
 # ----------------------------------------------------------------------------- sections
 
 
@@ -172,7 +166,7 @@ def _config_section(doc: _Doc, store: StudyStore) -> None:
     tokens_step = None
     if isinstance(cfg.get("batch_size"), int) and isinstance(cfg.get("seq_len"), int):
         tokens_step = cfg["batch_size"] * cfg["seq_len"]
-    crit = study_criterion(store)
+    crit = extras.criterion(store)
     options = ", ".join(f"{k}={v}" for k, v in crit.items() if k != "criterion")
     rows = [
         ("model", cfg.get("model")),
@@ -206,7 +200,6 @@ def _config_section(doc: _Doc, store: StudyStore) -> None:
 
 def _maps_section(doc: _Doc, store: StudyStore, tmp: Path) -> None:
     from vmap_sweep.analysis.plots import save_plots
-    from vmap_sweep.analysis.study import grid_view
 
     view = grid_view(store)
     ny = len(view.ys)
@@ -217,7 +210,7 @@ def _maps_section(doc: _Doc, store: StudyStore, tmp: Path) -> None:
     doc.h("Convergence map")
     doc.p(f"{n_conv} of {n} fine-tunes converged ({n_conv / n:.0%}).")
     axes = f"{view.x_name} (x) and {view.y_name} (y)"
-    if study_criterion(store)["criterion"] == "ratio":
+    if extras.criterion(store)["criterion"] == "ratio":
         score = "the score (−Σ loss ratio when converged, Σ 1/ratio otherwise) as sign·log(1+|s|)"
     else:  # threshold: marginal cells lie between the two thresholds, with scores between 0 and 1
         score = ("the score log(final loss / lower threshold) / log(upper / lower threshold), negative when "
@@ -233,15 +226,13 @@ def _maps_section(doc: _Doc, store: StudyStore, tmp: Path) -> None:
                f"Held-out eval loss after fine-tuning ({cfg.get('eval_tokens')} tokens) over {axes}; "
                "black line: the convergence boundary.")
     if "trajectories" in paths:
-        which = ", ".join(_num(view.ys[j]) for j in rows)
+        which = ", ".join(format_count(view.ys[j]) for j in rows)
         doc.figure("trajectories", paths["trajectories"],
                    f"Training loss per step for {view.y_name} = {which} (one panel each), a sample of "
                    f"{view.x_name} values coloured from low (dark) to high (yellow).")
 
 
 def _fractal_section(doc: _Doc, study_dir: Path, tmp: Path) -> dict | None:
-    from vmap_sweep.analysis.study import fractal_report
-
     doc.h("Fractal dimension of the boundary")
     plot = tmp / "box_counting.png"
     try:
@@ -251,11 +242,11 @@ def _fractal_section(doc: _Doc, study_dir: Path, tmp: Path) -> dict | None:
         return None
     res = f"{box['resolution'][0]}×{box['resolution'][1]}"
     doc.p(f"Box-counting dimension D = {box['dimension']:.3f} ± {_fmt(box['stderr'])} (OLS stderr), 95% CI "
-          f"{_ci(box['ci_low'], box['ci_high'])}, fit over box sizes {box['fit_range'][0]}–{box['fit_range'][1]} "
+          f"{format_ci(box['ci_low'], box['ci_high'])}, fit over box sizes {box['fit_range'][0]}–{box['fit_range'][1]} "
           f"at {res}. A smooth edge has D = 1 and noise D = 2; at this resolution the estimate is biased low "
           "and zoom levels add decades of scale.")
     rows = [("dimension", f"{box['dimension']:.3f}"), ("stderr", _fmt(box["stderr"])),
-            ("95% CI", _ci(box["ci_low"], box["ci_high"])),
+            ("95% CI", format_ci(box["ci_low"], box["ci_high"])),
             ("fit range (box sizes)", f"{box['fit_range'][0]}–{box['fit_range'][1]}"), ("resolution", res),
             ("box sizes", " ".join(str(s) for s in box["box_sizes"])),
             ("box counts", " ".join(f"{c:.1f}" for c in box["box_counts"]))]
@@ -269,26 +260,24 @@ def _fractal_section(doc: _Doc, study_dir: Path, tmp: Path) -> dict | None:
         doc.figure("box_counting", plot,
                    f"Box counting: number of boxes N(s) holding boundary against box size s (log-log) at {res}; "
                    f"the slope of the fitted line over sizes {box['fit_range'][0]}–{box['fit_range'][1]} gives "
-                   f"D = {box['dimension']:.3f} {_ci(box['ci_low'], box['ci_high'])}.")
+                   f"D = {box['dimension']:.3f} {format_ci(box['ci_low'], box['ci_high'])}.")
     return box
 
 
 def _zoom_section(doc: _Doc, store: StudyStore, study_dir: Path, tmp: Path) -> None:
-    """Per-level and pooled dimensions from vmap_sweep.run.zoom, when it exists and the study has zooms."""
+    """Per-level and pooled dimensions (analysis.chain.dimension_report), when the study has zooms."""
     children = store.children()
     if not children:
         return
     doc.h("Zoom levels")
-    try:  # optional: written separately; imported only when needed
-        zoom = importlib.import_module("vmap_sweep.run.zoom")
+    try:  # imported only for a study with zooms; without the zoom analysis the rest of the report stands
+        from vmap_sweep.analysis.chain import dimension_report
     except ImportError:
-        zoom = None
-    if zoom is None or not hasattr(zoom, "dimension_report"):
         doc.p(f"The study has {len(children)} zoom windows, but this vmap-sweep has no zoom analysis "
-              "(vmap_sweep.run.zoom.dimension_report); their dimensions are not reported here.")
+              "(vmap_sweep.analysis.chain.dimension_report); their dimensions are not reported here.")
         return
     try:
-        rep = zoom.dimension_report(study_dir)
+        rep = dimension_report(study_dir)
     except VmapSweepError as e:
         doc.p(f"Zoom levels not measurable: {e}")
         return
@@ -304,16 +293,18 @@ def _zoom_section(doc: _Doc, store: StudyStore, study_dir: Path, tmp: Path) -> N
 
 
 def _zoom_tables(doc: _Doc, rep: Mapping[str, Any], tmp: Path) -> None:
-    """vmap_sweep.run.zoom.dimension_report's {"levels": [...], "pooled": {...}}: a table, a sentence, a plot."""
-    import matplotlib.pyplot as plt
+    """dimension_report's {"levels": [...], "pooled": {...}}: a table, a sentence, a plot."""
+    from vmap_sweep.analysis.plots import plot_zoom_box_counts
 
     rows = []
     for lv in rep["levels"]:
         win = lv.get("window") or []
-        where = (f"{_num(win[0])}–{_num(win[1])} × {_num(win[2])}–{_num(win[3])}" if len(win) == 4 else "—")
+        where = "—"
+        if len(win) == 4:
+            where = f"{format_count(win[0])}–{format_count(win[1])} × {format_count(win[2])}–{format_count(win[3])}"
         fr = lv.get("fit_range")
         rows.append([lv.get("level"), where, _fmt(lv.get("scale"), ".3g"), _fmt(lv.get("dimension")),
-                     _fmt(lv.get("stderr")), _ci(_f(lv.get("ci_low")), _f(lv.get("ci_high"))),
+                     _fmt(lv.get("stderr")), format_ci(_f(lv.get("ci_low")), _f(lv.get("ci_high"))),
                      f"{fr[0]}–{fr[1]}" if fr else "—", lv.get("error") or ""])
     doc.table(["level", "window (x × y)", "cell scale", "D", "stderr", "95% CI", "fit range", "note"], rows)
     pooled = rep["pooled"]
@@ -323,21 +314,14 @@ def _zoom_tables(doc: _Doc, rep: Mapping[str, Any], tmp: Path) -> None:
         sr = pooled.get("size_range") or [math.nan, math.nan]
         doc.p(f"Pooled over levels {', '.join(str(v) for v in pooled.get('levels') or [])}: "
               f"D = {_fmt(pooled['dimension'])} ± {_fmt(pooled.get('stderr'))}, 95% CI "
-              f"{_ci(_f(pooled.get('ci_low')), _f(pooled.get('ci_high')))}, {pooled.get('n_points')} box counts "
+              f"{format_ci(_f(pooled.get('ci_low')), _f(pooled.get('ci_high')))}, {pooled.get('n_points')} box counts "
               f"spanning box sizes {_fmt(_f(sr[0]), '.3g')}–{_fmt(_f(sr[1]), '.3g')} top-level cells.")
     curves = [lv for lv in rep["levels"] if lv.get("box_sizes") and lv.get("box_counts") and lv.get("scale")]
     if curves:
-        fig, ax = plt.subplots(figsize=(5.8, 4.2), constrained_layout=True)
-        for lv in curves:
-            size = np.asarray(lv["box_sizes"], dtype=float) * float(lv["scale"])
-            ax.loglog(size, np.asarray(lv["box_counts"], dtype=float), "o-", ms=4,
-                      label=f"level {lv.get('level')}: D = {_fmt(lv.get('dimension'))}")
-        ax.set_xlabel("box size (top-level cells)")
-        ax.set_ylabel("boxes N(s) holding boundary")
-        ax.legend(fontsize=7)
-        path = tmp / "zoom_box_counting.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        path = plot_zoom_box_counts(
+            [(f"level {lv.get('level')}: D = {_fmt(lv.get('dimension'))}",
+              np.asarray(lv["box_sizes"], dtype=float) * float(lv["scale"]), lv["box_counts"]) for lv in curves],
+            tmp / "zoom_box_counting.png")
         doc.figure("zoom_box_counting", path,
                    "Box counts of the boundary at each zoom level against box size in top-level cells (log-log): "
                    "deeper levels extend the curve to smaller scales; a common slope means one dimension "
@@ -345,7 +329,7 @@ def _zoom_tables(doc: _Doc, rep: Mapping[str, Any], tmp: Path) -> None:
 
 
 def _rules_section(doc: _Doc, store: StudyStore, tmp: Path):
-    from vmap_sweep.analysis.rules import SAFE_FACTOR, plot_rules, rules_of_thumb
+    from vmap_sweep.analysis.plots import plot_rules
 
     doc.h("Rules of thumb")
     try:
@@ -385,10 +369,10 @@ def _rules_section(doc: _Doc, store: StudyStore, tmp: Path):
 
 
 def _ood_section(doc: _Doc, ood: Any, tmp: Path, criterion: dict | None = None) -> None:
-    import matplotlib.pyplot as plt
+    from vmap_sweep.analysis.plots import plot_ood
 
     doc.h("Out-of-distribution skill")
-    measured_by = ood.get("criterion") if isinstance(ood, dict) else None  # older results don't say
+    measured_by = ood.get("criterion") if isinstance(ood, dict) else None  # results stored without it don't say
     if criterion is not None and measured_by is not None and measured_by != criterion:
         doc.p(f"These results were computed when the study was classified by {measured_by}; it is now classified "
               f"by {criterion}, so their cells and distances are to another boundary. Run `vmap-sweep eval` "
@@ -396,7 +380,7 @@ def _ood_section(doc: _Doc, ood: Any, tmp: Path, criterion: dict | None = None) 
     try:
         spearman = dict(ood.get("spearman") or {})
         cells = list(ood.get("cells") or [])
-        rows = [(task, _fmt(_f(s["rho"])), _ci(_f(s.get("ci_low")), _f(s.get("ci_high"))), s.get("n"))
+        rows = [(task, _fmt(_f(s["rho"])), format_ci(_f(s.get("ci_low")), _f(s.get("ci_high"))), s.get("n"))
                 for task, s in sorted(spearman.items())]
         points: dict[str, tuple[list[float], list[float]]] = {}
         no_distance = 0
@@ -422,16 +406,11 @@ def _ood_section(doc: _Doc, ood: Any, tmp: Path, criterion: dict | None = None) 
         doc.p(f"{no_distance} evaluated cells have no distance (the study has one class only) and are left out.")
     doc.table(["task", "Spearman ρ", "95% CI", "n"], rows)
     if points:
-        fig, ax = plt.subplots(figsize=(6.4, 4.4), constrained_layout=True)
+        series = []
         for task, (xs, ys) in sorted(points.items()):
             rho = spearman.get(task, {}).get("rho")
-            ax.plot(xs, ys, "o", ms=4, alpha=0.75, label=task + (f" (ρ = {float(rho):.2f})" if rho is not None else ""))
-        ax.set_xlabel("distance to the convergence boundary (grid cells)")
-        ax.set_ylabel("accuracy")
-        ax.legend(fontsize=7)
-        path = tmp / "ood.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+            series.append((task + (f" (ρ = {float(rho):.2f})" if rho is not None else ""), xs, ys))
+        path = plot_ood(series, tmp / "ood.png")
         doc.figure("ood", path,
                    "Accuracy on each out-of-distribution task against the fine-tune's distance to the convergence "
                    "boundary; one point per evaluated cell and task, ρ = Spearman's rank correlation.")
@@ -491,8 +470,6 @@ def _render_any(doc: _Doc, obj: Any, depth: int) -> None:
 
 def write_report(study_dir: str | os.PathLike, out_file: str | os.PathLike, fmt: str = "md") -> Path:
     """Write the report of the finished study in ``study_dir`` to ``out_file`` ("md" or "html")."""
-    from vmap_sweep.analysis.study import study_classes
-
     if fmt not in FORMATS:
         raise ConfigError(f"report format {fmt!r}: choose md or html")
     study_dir, out_file = Path(study_dir), Path(out_file)
@@ -511,9 +488,9 @@ def write_report(study_dir: str | os.PathLike, out_file: str | os.PathLike, fmt:
             _fractal_section(doc, study_dir, tmp)
             _zoom_section(doc, store, study_dir, tmp)
             _rules_section(doc, store, tmp)
-            ood = store.get_extra("ood")
+            ood = extras.ood(store)
             if ood is not None:
-                _ood_section(doc, ood, tmp, study_criterion(store))
+                _ood_section(doc, ood, tmp, extras.criterion(store))
             text = doc.markdown(out_file) if fmt == "md" else doc.html()
     try:
         out_file.parent.mkdir(parents=True, exist_ok=True)

@@ -27,86 +27,24 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vmap_sweep.analysis.classify import study_classes
+from vmap_sweep.analysis.fmt import format_ci, format_count
 from vmap_sweep.analysis.jsonsafe import json_safe
-from vmap_sweep.analysis.plots import GridView
+from vmap_sweep.analysis.stats import ols, t_quantile
+from vmap_sweep.analysis.view import GridView, grid_view
 from vmap_sweep.errors import ConfigError
+from vmap_sweep.store import extras
 from vmap_sweep.store.db import StudyStore
-from vmap_sweep.study.axes import parse_axis_spec
+from vmap_sweep.study.axes import AxisSpec, parse_axis_spec
 
 SIZE_AXIS = "tokens"
 SAFE_FACTOR = 0.5
 WITHIN = 2.0  # leave-one-size-out success: prediction within this factor of the measured optimum
 TARGET_RATIO = 2.0  # "does 10x more data allow 2x more LR"
-
-
-# ----------------------------------------------------------------------------- Student t without scipy
-
-
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the regularized incomplete beta function (modified Lentz)."""
-    tiny, eps = 1e-300, 1e-15
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 500):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < eps:
-            break
-    return h
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    ln = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(ln) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(ln) * _betacf(b, a, 1.0 - x) / b
-
-
-def t_cdf(t: float, dof: int) -> float:
-    """P(T <= t) for Student's t with ``dof`` degrees of freedom."""
-    tail = 0.5 * _betainc(dof / 2.0, 0.5, dof / (dof + t * t))
-    return 1.0 - tail if t >= 0 else tail
-
-
-def t_quantile(p: float, dof: int) -> float:
-    """Student t quantile (p in (0.5, 1)) by bisection on the CDF; numpy/scipy-free and exact to 1e-10."""
-    if dof < 1:
-        return math.nan
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, dof) < p:
-        hi *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if t_cdf(mid, dof) < p:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-12 * max(1.0, hi):
-            break
-    return 0.5 * (lo + hi)
 
 
 # ----------------------------------------------------------------------------- results
@@ -223,7 +161,7 @@ class RulesResult:
                 notes.append(f"optimum at {r.opt_at_edge}")
             if r.low_lr_failures:
                 notes.append(f"{r.low_lr_failures} low-LR failures")
-            rows.append([_size(r.size), _g(r.lr_first_diverging), _g(r.lr_last_converging), _g(r.lr_safe),
+            rows.append([format_count(r.size), _g(r.lr_first_diverging), _g(r.lr_last_converging), _g(r.lr_safe),
                          _g(r.lr_opt), _g(r.eval_loss_opt, ".4f"), ", ".join(notes)])
         return header, rows
 
@@ -237,7 +175,8 @@ class RulesResult:
             if fit is None:
                 rows.append([name, "not enough sizes", "", "", ""])
             else:
-                rows.append([name, fit.formula(), _ci(fit.ci_low, fit.ci_high, ".3f"), str(fit.n), _g(fit.r2, ".3f")])
+                rows.append([name, fit.formula(), format_ci(fit.ci_low, fit.ci_high, ".3f"), str(fit.n),
+                             _g(fit.r2, ".3f")])
         return header, rows
 
     def summary(self) -> list[str]:
@@ -246,40 +185,27 @@ class RulesResult:
         if self.crit_fit is not None:
             f = self.crit_fit
             lines.append(f"Critical LR (first diverging) ≈ {f.coefficient:.3g}·D^{f.exponent:.3f} "
-                         f"(exponent 95% CI {_ci(f.ci_low, f.ci_high, '.3f')}, {f.n} sizes); "
+                         f"(exponent 95% CI {format_ci(f.ci_low, f.ci_high, '.3f')}, {f.n} sizes); "
                          f"safe LR ≈ {SAFE_FACTOR * f.coefficient:.3g}·D^{f.exponent:.3f}.")
         if self.opt_fit is not None:
             f = self.opt_fit
             lines.append(f"Optimal LR ≈ {f.coefficient:.3g}·D^{f.exponent:.3f} "
-                         f"(exponent 95% CI {_ci(f.ci_low, f.ci_high, '.3f')}, {f.n} sizes).")
+                         f"(exponent 95% CI {format_ci(f.ci_low, f.ci_high, '.3f')}, {f.n} sizes).")
         if self.leave_out_fraction is not None:
             hits = sum(lo.within for lo in self.leave_out)
             lines.append(f"Leave-one-size-out: the refitted LR_opt rule predicts {hits} of {len(self.leave_out)} "
                          f"sizes within {WITHIN:g}x ({self.leave_out_fraction:.0%}).")
         t = self.ten_x
         if t.ratio is not None:
-            lines.append(f"10x more data → {t.ratio:.2f}x the critical LR (95% CI {_ci(t.ci_low, t.ci_high, '.2f')}); "
-                         f"allows 2x more LR: {t.verdict}.")
+            lines.append(f"10x more data → {t.ratio:.2f}x the critical LR "
+                         f"(95% CI {format_ci(t.ci_low, t.ci_high, '.2f')}); allows 2x more LR: {t.verdict}.")
         else:
             lines.append(f"10x more data → 2x more LR: {t.verdict} ({t.reason}).")
         return lines + self.notes
 
 
-def _size(d: float) -> str:
-    """Token counts as integers with thousands separators (they are rounded on the axis)."""
-    return f"{d:,.0f}" if float(d).is_integer() and abs(d) < 1e15 else f"{d:.4g}"
-
-
 def _g(v: float | None, fmt: str = ".3g") -> str:
     return "—" if v is None or not math.isfinite(v) else format(v, fmt)
-
-
-def _ci(lo: float | None, hi: float | None, fmt: str) -> str:
-    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
-        return "n/a"
-    return f"[{lo:{fmt}}, {hi:{fmt}}]"
-
-
 
 
 # ----------------------------------------------------------------------------- fitting
@@ -292,21 +218,14 @@ def fit_power_law(sizes: np.ndarray, lrs: np.ndarray) -> PowerLaw | None:
     n = x.size
     if n < 2 or np.unique(x).size < 2:
         return None
-    xm, ym = x.mean(), y.mean()
-    sxx = float(((x - xm) ** 2).sum())
-    b = float(((x - xm) * (y - ym)).sum() / sxx)
-    a = float(ym - b * xm)
-    resid = y - (a + b * x)
-    ssr, sst = float((resid**2).sum()), float(((y - ym) ** 2).sum())
-    r2 = 1.0 - ssr / sst if sst > 0 else 1.0
+    fit = ols(x, y)
     if n > 2:
-        se = math.sqrt(ssr / (n - 2) / sxx)
-        half = t_quantile(0.975, n - 2) * se
-        lo, hi = b - half, b + half
+        half = t_quantile(0.975, n - 2) * fit.stderr
+        lo, hi = fit.slope - half, fit.slope + half
     else:
-        se = lo = hi = math.nan
-    return PowerLaw(coefficient=10.0**a, exponent=b, stderr=se, ci_low=lo, ci_high=hi, n=int(n), r2=r2,
-                    sizes=tuple(float(v) for v in np.asarray(sizes, dtype=float)))
+        lo = hi = math.nan
+    return PowerLaw(coefficient=10.0**fit.intercept, exponent=fit.slope, stderr=fit.stderr, ci_low=lo, ci_high=hi,
+                    n=int(n), r2=fit.r2, sizes=tuple(float(v) for v in np.asarray(sizes, dtype=float)))
 
 
 def ten_x_verdict(fit: PowerLaw | None) -> TenX:
@@ -374,47 +293,26 @@ def _size_row(index: int, size: float, lrs: np.ndarray, conv: np.ndarray, evals:
     )
 
 
-def rules_of_thumb(store: StudyStore | str | os.PathLike) -> RulesResult:
-    """Critical, safe and optimal LR per dataset size and their power laws, from a finished, classified study."""
-    if not isinstance(store, StudyStore):
-        with StudyStore.open(store) as opened:
-            return rules_of_thumb(opened)
-    from vmap_sweep.analysis.study import grid_view, study_classes
-
-    cfg = store.config
-    x, y = parse_axis_spec(cfg["x"]), parse_axis_spec(cfg["y"])
+def _lr_on(store: StudyStore) -> str:
+    """"x" or "y": which axis of the study is the learning rate (the other must be ``tokens``)."""
+    x, y = parse_axis_spec(store.config["x"]), parse_axis_spec(store.config["y"])
     if _is_lr_axis(x.name) and y.name == SIZE_AXIS:
-        lr_on = "x"
-    elif _is_lr_axis(y.name) and x.name == SIZE_AXIS:
-        lr_on = "y"
-    else:
-        raise ConfigError(f"{store.directory}: rules of thumb need a learning-rate axis (lr or *_lr) and "
-                          f"`tokens`, this study sweeps {x.name} (x) and {y.name} (y); run a study with "
-                          "--x lr:MIN:MAX --y tokens:MIN:MAX")
-    conv = study_classes(store)  # (ny, nx); refuses pending or unclassified cells
-    view = grid_view(store)
-    evals = store.grid_arrays("eval_loss")
-    xs, ys = x.values(store.nx), y.values(store.ny)
-    if lr_on == "y":  # make rows = sizes, columns = LRs
-        conv, evals = conv.T, evals.T
-        lrs, sizes, lr_spec = ys, xs, y
-    else:
-        lrs, sizes, lr_spec = xs, ys, x
-    rows = [_size_row(k, float(sizes[k]), lrs, conv[k], evals[k]) for k in range(len(sizes))]
+        return "x"
+    if _is_lr_axis(y.name) and x.name == SIZE_AXIS:
+        return "y"
+    raise ConfigError(f"{store.directory}: rules of thumb need a learning-rate axis (lr or *_lr) and "
+                      f"`tokens`, this study sweeps {x.name} (x) and {y.name} (y); run a study with "
+                      "--x lr:MIN:MAX --y tokens:MIN:MAX")
 
-    edge = [r for r in rows if r.censored is None]
-    crit = fit_power_law(np.array([r.size for r in edge]), np.array([r.lr_first_diverging for r in edge]))
-    crit_last = fit_power_law(np.array([r.size for r in edge]), np.array([r.lr_last_converging for r in edge]))
-    with_opt = [r for r in rows if r.lr_opt is not None and r.opt_at_edge is None]
-    opt = fit_power_law(np.array([r.size for r in with_opt]), np.array([r.lr_opt for r in with_opt]))
-    leave, fraction = leave_one_size_out(rows)
 
+def _notes(rows: list[SizeRow], lr_spec: AxisSpec) -> list[str]:
+    """Sentences on what the fits leave out: censored sizes, islands, low-LR failures, optima at the edge."""
     notes = []
     cens = [r for r in rows if r.censored]
     if cens:
         notes.append(f"{len(cens)} of {len(rows)} sizes are censored (critical LR outside the grid "
                      f"[{lr_spec.lo:.3g}, {lr_spec.hi:.3g}]: "
-                     + ", ".join(f"D={_size(r.size)} {r.censored}" for r in cens)
+                     + ", ".join(f"D={format_count(r.size)} {r.censored}" for r in cens)
                      + ") and excluded from the critical-LR fits.")
     isl = [r for r in rows if r.islands]
     if isl:
@@ -431,7 +329,32 @@ def rules_of_thumb(store: StudyStore | str | os.PathLike) -> RulesResult:
     no_opt = sum(r.lr_opt is None for r in rows)
     if no_opt:
         notes.append(f"{no_opt} sizes have no converged cell with a finite eval loss and no optimal LR.")
-    crit_info = store.get_extra("criterion") or {"criterion": "ratio"}
+    return notes
+
+
+def rules_of_thumb(store: StudyStore | str | os.PathLike) -> RulesResult:
+    """Critical, safe and optimal LR per dataset size and their power laws, from a finished, classified study."""
+    if not isinstance(store, StudyStore):
+        with StudyStore.open(store) as opened:
+            return rules_of_thumb(opened)
+    lr_on = _lr_on(store)
+    x, y = parse_axis_spec(store.config["x"]), parse_axis_spec(store.config["y"])
+    conv = study_classes(store)  # (ny, nx); refuses pending or unclassified cells
+    evals = store.grid_arrays("eval_loss")
+    xs, ys = x.values(store.nx), y.values(store.ny)
+    if lr_on == "y":  # make rows = sizes, columns = LRs
+        conv, evals = conv.T, evals.T
+        lrs, sizes, lr_spec = ys, xs, y
+    else:
+        lrs, sizes, lr_spec = xs, ys, x
+    rows = [_size_row(k, float(sizes[k]), lrs, conv[k], evals[k]) for k in range(len(sizes))]
+
+    edge = [r for r in rows if r.censored is None]
+    crit = fit_power_law(np.array([r.size for r in edge]), np.array([r.lr_first_diverging for r in edge]))
+    crit_last = fit_power_law(np.array([r.size for r in edge]), np.array([r.lr_last_converging for r in edge]))
+    with_opt = [r for r in rows if r.lr_opt is not None and r.opt_at_edge is None]
+    opt = fit_power_law(np.array([r.size for r in with_opt]), np.array([r.lr_opt for r in with_opt]))
+    leave, fraction = leave_one_size_out(rows)
     return RulesResult(
         study=str(store.directory),
         lr_axis=lr_spec.name,
@@ -439,7 +362,7 @@ def rules_of_thumb(store: StudyStore | str | os.PathLike) -> RulesResult:
         lr_range=(lr_spec.lo, lr_spec.hi),
         size_range=(float(sizes.min()), float(sizes.max())),
         resolution=(store.nx, store.ny),
-        criterion=str(crit_info.get("criterion", "ratio")),
+        criterion=str(extras.criterion(store)["criterion"]),
         sizes=rows,
         crit_fit=crit,
         crit_last_fit=crit_last,
@@ -447,108 +370,7 @@ def rules_of_thumb(store: StudyStore | str | os.PathLike) -> RulesResult:
         leave_out=leave,
         leave_out_fraction=fraction,
         ten_x=ten_x_verdict(crit),
-        notes=notes,
-        view=view,
+        notes=_notes(rows, lr_spec),
+        view=grid_view(store),
     )
 
-
-# ----------------------------------------------------------------------------- table and plot
-
-
-def rules_table(result: RulesResult):
-    """A rich Table of the per-size values (the CLI prints it, then ``fit_table``)."""
-    from rich.table import Table
-
-    header, rows = result.table_rows()
-    table = Table(title=f"rules of thumb: {result.lr_axis} vs dataset size ({result.criterion} criterion)")
-    for h in header:
-        table.add_column(h, justify="left" if h == "note" else "right")
-    for r in rows:
-        table.add_row(*r)
-    return table
-
-
-def fit_table(result: RulesResult):
-    from rich.table import Table
-
-    header, rows = result.fit_rows()
-    table = Table(title="fitted rules (D in tokens)")
-    for h in header:
-        table.add_column(h)
-    for r in rows:
-        table.add_row(*r)
-    return table
-
-
-def _size_major_view(result: RulesResult) -> GridView | None:
-    """The study's view with dataset size on x and LR on y (transposed when the study has LR on x)."""
-    v = result.view
-    if v is None or result.lr_on == "y":
-        return v
-    return GridView(xs=v.ys, ys=v.xs, x_name=v.y_name, y_name=v.x_name, x_log=v.y_log, y_log=v.x_log,
-                    scores=v.scores.T, converged=v.converged.T, final_loss=v.final_loss.T,
-                    eval_loss=v.eval_loss.T, title=v.title)
-
-
-def plot_rules(result: RulesResult, path: str | os.PathLike) -> Path:
-    """LR vs dataset size (log-log): per-size edges and optima, fitted lines and the safe line, over the
-    score heatmap with its boundary when the result carries the study's view. Format from the suffix."""
-    import matplotlib.pyplot as plt
-
-    from vmap_sweep.analysis.plots import _heatmap, picture_file, score_norm, signed_log
-
-    path = picture_file(path)
-    view = _size_major_view(result)
-    if view is not None:
-        s = signed_log(view.scores)
-        fig = _heatmap(view, s, "score (sign·log1p|s|; < 0 converged)", "coolwarm", score_norm(s))
-        ax = fig.axes[0]
-    else:
-        fig, ax = plt.subplots(figsize=(6.4, 5.2), constrained_layout=True)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-    ax.set_xlabel(f"dataset size D ({SIZE_AXIS})")
-    ax.set_ylabel(result.lr_axis)
-    rows = result.sizes
-
-    def pts(attr: str) -> tuple[list[float], list[float]]:
-        sel = [r for r in rows if getattr(r, attr) is not None]
-        return [r.size for r in sel], [getattr(r, attr) for r in sel]
-
-    ax.plot(*pts("lr_first_diverging"), "v", color="crimson", mec="white", ms=7, label="first diverging LR")
-    ax.plot(*pts("lr_last_converging"), "^", color="navy", mec="white", ms=7, label="last converging LR")
-    ax.plot(*pts("lr_opt"), "*", color="gold", mec="black", ms=11, label="optimal LR (lowest eval loss)")
-    cens = [r for r in rows if r.censored]
-    if cens:
-        lo, hi = result.lr_range
-        ax.plot([r.size for r in cens], [hi if r.censored == "above grid" else lo for r in cens], "x",
-                color="grey", ms=8, label="censored (edge outside grid)")
-    d = np.geomspace(*result.size_range, 100)
-    for fit, style, color, name in ((result.crit_fit, "-", "crimson", "LR_crit fit"),
-                                    (result.crit_last_fit, "--", "navy", "last-converging fit"),
-                                    (result.safe_fit, "-.", "green", "safe = 0.5 LR_crit"),
-                                    (result.opt_fit, ":", "black", "LR_opt fit")):
-        if fit is not None:
-            ax.plot(d, fit.predict(d), style, color=color, lw=1.6,
-                    label=f"{name}: {fit.coefficient:.2g}·D^{fit.exponent:.2f}")
-    ax.set_xlim(*_span(result.size_range, None if view is None else view.xs, view is None or view.x_log))
-    ax.set_ylim(*_span(result.lr_range, None if view is None else view.ys, view is None or view.y_log))
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_title((f"{view.title}\n" if view is not None and view.title else "") + "LR rules of thumb")
-    ax.legend(fontsize=7, loc="best", framealpha=0.85)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def _span(rng: tuple[float, float], values: np.ndarray | None, log: bool) -> tuple[float, float]:
-    """Plot limits: the heatmap's cell edges if drawn (positive: the axes are log), else the range +-10%."""
-    lo, hi = rng[0] / 1.1, rng[1] * 1.1
-    if values is not None and len(values) > 1:
-        from vmap_sweep.analysis.plots import _edges
-
-        e = _edges(np.asarray(values, dtype=float), log)
-        lo, hi = (float(e[0]) if e[0] > 0 else lo), float(e[-1])
-    return lo, hi

@@ -1,4 +1,4 @@
-"""Analysis of a stored study: classes from trajectories, arrays for plots, the boundary's dimension."""
+"""Analysis of a stored study: classes recomputed from its trajectories, the class grid, the boundary's dimension."""
 
 from __future__ import annotations
 
@@ -6,18 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
-from vmap_sweep.analysis.classify import (
-    CRITERION_EXTRA,
-    DIVERGED,
-    checked_criterion,
-    classify_grid,
-    converged_mask,
-)
+from vmap_sweep.analysis.chain import zoom_tree
+from vmap_sweep.analysis.classify import checked_criterion, classify_grid, study_classes
 from vmap_sweep.analysis.fractal import fractal_dimension, uncertainty_exponent
-from vmap_sweep.analysis.plots import GridView
 from vmap_sweep.errors import ConfigError
+from vmap_sweep.store import extras
 from vmap_sweep.store.db import StudyStore
-from vmap_sweep.study.axes import parse_axis_spec
 
 
 def classify_cells(store: StudyStore, criterion: str = "ratio", **kw) -> dict[tuple[int, int], tuple[str, float]]:
@@ -42,7 +36,7 @@ def reclassify(store: StudyStore, criterion: str = "ratio", **kw) -> dict[str, i
     kw = {k: v for k, v in checked.items() if k != "criterion"}
     labels = classify_cells(store, criterion, **kw)
     store.set_labels(labels)
-    store.put_extra(CRITERION_EXTRA, checked)
+    extras.put_criterion(store, checked)
     counts: dict[str, int] = {}
     for label, _ in labels.values():
         counts[label] = counts.get(label, 0) + 1
@@ -54,50 +48,12 @@ def reclassify_with_zooms(study: Path, criterion: str = "ratio", **kw) -> tuple[
     dimensions are pooled); returns the study's count per class and how many zoom studies followed. Every
     folder is found and opened before any is written: a missing one changes nothing."""
     checked_criterion(criterion, **kw)
-    folders, seen = [Path(study)], {Path(study).resolve()}
-    for folder in folders:  # grows as children are found
-        with StudyStore.open(folder) as store:
-            for c in store.children():
-                child = folder / c.child_dir
-                if child.resolve() in seen:
-                    raise ConfigError(f"{folder}: zoom child {c.child_dir!r} leads back up the tree; remove it")
-                seen.add(child.resolve())
-                folders.append(child)
+    folders = zoom_tree(study)
     counts = []
     for folder in folders:
         with StudyStore.open(folder) as store:
             counts.append(reclassify(store, criterion, **kw))
     return counts[0], len(folders) - 1
-
-
-def grid_view(store: StudyStore) -> GridView:
-    """Axis values and per-cell arrays of a study, for the plots."""
-    cfg = store.config
-    x, y = parse_axis_spec(cfg["x"]), parse_axis_spec(cfg["y"])
-    labels = store.labels_array()
-    return GridView(
-        xs=x.values(store.nx),
-        ys=y.values(store.ny),
-        x_name=x.name,
-        y_name=y.name,
-        x_log=x.scale == "log",
-        y_log=y.scale == "log",
-        scores=store.grid_arrays("score"),
-        converged=converged_mask(np.where(labels == "", DIVERGED, labels)),  # a pending cell: not converged
-        final_loss=store.grid_arrays("final_loss"),
-        eval_loss=store.grid_arrays("eval_loss"),
-        title=f"{cfg.get('model')} on {cfg.get('data')}",
-    )
-
-
-def study_classes(store: StudyStore) -> np.ndarray:
-    """Boolean (ny, nx) grid, True = converged; every cell must be done and classified."""
-    labels = store.labels_array()
-    missing = int((labels == "").sum())
-    if missing:
-        raise ConfigError(f"{store.directory}: {missing} cells are pending or unclassified; finish the run "
-                          f"(same command resumes it) or run `vmap-sweep classify {store.directory}`")
-    return converged_mask(labels)
 
 
 def load_class_grid(source: Path) -> np.ndarray:
@@ -137,24 +93,8 @@ def fractal_report(source: Path, plot_file: Path | None = None) -> dict:
     except ConfigError:
         pass  # too small a grid for a second estimate; the box count stands alone
     if plot_file is not None:
+        from vmap_sweep.analysis.plots import plot_box_counts
+
         plot_box_counts(box, Path(plot_file))
     return report
 
-
-def plot_box_counts(box, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    sizes, counts = np.asarray(box.box_sizes, float), np.asarray(box.box_counts, float)
-    fig, ax = plt.subplots(figsize=(5.5, 4.2), constrained_layout=True)
-    ax.loglog(sizes, counts, "o", label="box counts")
-    fit_s, _ = box.fit_sizes()
-    ax.loglog(fit_s, 2.0 ** (box.intercept - box.dimension * np.log2(fit_s)), "-",
-              label=f"fit: D = {box.dimension:.3f} [{box.ci_low:.3f}, {box.ci_high:.3f}]")
-    ax.set_xlabel("box size s (cells)")
-    ax.set_ylabel("boxes N(s) holding boundary")
-    ax.set_title(f"box counting at {box.resolution[0]}×{box.resolution[1]}")
-    ax.legend()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

@@ -1,0 +1,177 @@
+"""Reading a zoom tree: a study, the zoom studies made from its windows, theirs, and so on.
+
+Each zoom child is registered in its parent (``store.add_child``: window, folder relative to the parent,
+level) and records its own level and window in its extra ``zoom_of`` (store/extras.py); levels are
+absolute (zooming from a level-1 study makes level-2 children).
+
+``zoom_tree`` walks every registered child below a study; ``zoom_levels`` follows one chain down it (the
+newest child at each level). Both walk the tree the same way: every recorded child must hold a study, no
+child leads back to a folder already visited, and no chain is deeper than ``_MAX_LEVELS`` (a loop in a
+hand-edited database, never a zoom). ``dimension_report`` measures the boundary's box-counting dimension
+at each level of a chain and pooled over the levels.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from vmap_sweep.analysis.classify import study_classes
+from vmap_sweep.analysis.fractal import fractal_dimension, pooled_dimension
+from vmap_sweep.analysis.jsonsafe import json_safe
+from vmap_sweep.analysis.window import Window, axis_window, cell_coords, pick_window
+from vmap_sweep.errors import ConfigError, StoreError, VmapSweepError
+from vmap_sweep.store import extras
+from vmap_sweep.store.db import DB_NAME, StudyStore
+from vmap_sweep.study.axes import AxisSpec, parse_axis_spec
+
+if TYPE_CHECKING:
+    from vmap_sweep.store.db import Child
+
+_MAX_LEVELS = 64  # a chain deeper than this is a cycle in hand-edited databases, not a zoom
+
+
+# ----------------------------------------------------------------------------- a study's place in the tree
+
+
+def finished_classes(store: StudyStore) -> np.ndarray:
+    """The class grid of a study to zoom into: every cell done (else "finish the study first") and classified."""
+    done, total = store.done_count(), store.cell_count()
+    if done < total:
+        raise ConfigError(f"{store.directory}: {done} of {total} cells are done; finish the study first (the same "
+                          "`vmap-sweep run` command resumes it), then zoom")
+    return study_classes(store)
+
+
+def auto_window(store: StudyStore, fraction: float) -> Window:
+    """The window ``pick_window`` chooses in a finished study."""
+    cfg = store.config
+    x, y = parse_axis_spec(cfg["x"]), parse_axis_spec(cfg["y"])
+    converged = finished_classes(store)
+    try:
+        return pick_window(converged, cell_coords(x, store.nx), cell_coords(y, store.ny), x.scale == "log",
+                           y.scale == "log", fraction)
+    except ConfigError as e:
+        raise ConfigError(f"{store.directory}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- walking the tree
+
+
+def _walk(top: str | os.PathLike, follow: Callable[[list[Child]], list[Child]]) -> list[tuple[Path, Child | None]]:
+    """(folder, its record in its parent; None for ``top``), breadth first from ``top`` through the children
+    ``follow`` picks from each study's records. Every folder is checked and opened before this returns, so a
+    caller that writes only afterwards changes nothing when the tree is broken."""
+    top = Path(top)
+    found: list[tuple[Path, Child | None]] = [(top, None)]
+    depth = {top: 0}
+    seen = {top.resolve()}
+    for folder, _ in found:  # grows as children are found
+        with StudyStore.open(folder) as store:
+            children = store.children()
+        for c in follow(children):
+            child = folder / c.child_dir
+            if child.resolve() in seen or depth[folder] >= _MAX_LEVELS:
+                raise StoreError(f"{folder}: zoom child {c.child_dir!r} leads back up the tree; remove that entry")
+            if not (child / DB_NAME).is_file():
+                raise StoreError(f"{folder}: zoom child {c.child_dir!r} is recorded but its folder has no "
+                                 f"{DB_NAME}; run the zoom again to recreate it")
+            seen.add(child.resolve())
+            depth[child] = depth[folder] + 1
+            found.append((child, c))
+    return found
+
+
+def zoom_tree(folder: str | os.PathLike) -> list[Path]:
+    """``folder`` and every zoom study below it, parents before their children."""
+    return [path for path, _ in _walk(folder, lambda children: children)]
+
+
+def _newest(children: list[Child]) -> list[Child]:
+    """The most recently created child (ties: the folder name), or none."""
+    return [max(children, key=lambda ch: (ch.created, ch.child_dir))] if children else []
+
+
+def zoom_levels(parent_dir: str | os.PathLike) -> list[tuple[int, Path, Window]]:
+    """(level, folder, window) from ``parent_dir`` (its own level and range first) down its zoom chain.
+
+    Where a study has several zoom children the chain follows the most recently created one (ties: the
+    folder name); each window is that study's own range in real units.
+    """
+    (top, _), *rest = _walk(parent_dir, _newest)
+    with StudyStore.open(top) as store:
+        chain = [(extras.level(store), top, axis_window(store.config))]
+    return chain + [(int(c.level), folder, c.window) for folder, c in rest]
+
+
+# ----------------------------------------------------------------------------- dimension per level
+
+
+def _axis_span(cfg: dict, n: int, axis: str) -> float:
+    """One cell's size along an axis, in log units on a log axis."""
+    spec: AxisSpec = parse_axis_spec(cfg[axis])
+    if spec.scale == "log":
+        return (math.log(spec.hi) - math.log(spec.lo)) / (n - 1)
+    return (spec.hi - spec.lo) / (n - 1)
+
+
+def _measure_level(store: StudyStore, entry: dict[str, Any], top_criterion: dict, top_level: int):
+    """Box-count one level into ``entry`` (dimension, CI, counts; or dimension None and the error).
+    Returns the FractalResult, or None where the level can't be measured."""
+    try:
+        if extras.criterion(store) != top_criterion:  # other classes draw another boundary
+            raise ConfigError(f"classified by {extras.criterion(store)}, level {top_level} by {top_criterion}; "
+                              "run `vmap-sweep classify` on the top study (its zoom studies follow)")
+        box = fractal_dimension(study_classes(store))
+    except VmapSweepError as e:
+        entry.update(dimension=None, error=str(e))
+        return None
+    entry.update(dimension=box.dimension, stderr=box.stderr, ci_low=box.ci_low, ci_high=box.ci_high,
+                 fit_range=list(box.fit_range), box_sizes=box.box_sizes, box_counts=box.box_counts, error=None)
+    return box
+
+
+def _pooled(pool: list[tuple[Any, float, int]]) -> dict[str, Any]:
+    """The fixed-effects dimension over the measured levels ``(box, scale, level)``, JSON-ready."""
+    if not pool:
+        return {"dimension": None, "error": "no level could be measured; see each level's error"}
+    try:
+        p = pooled_dimension([(box, scale) for box, scale, _ in pool])
+    except VmapSweepError as e:
+        return {"dimension": None, "error": str(e)}
+    pooled = {"dimension": p.dimension, "stderr": p.stderr, "ci_low": p.ci_low, "ci_high": p.ci_high,
+              "n_points": p.n_points, "size_range": list(p.size_range), "level_slopes": p.level_slopes,
+              "levels": [lv for _, _, lv in pool], "method": p.method, "error": None}
+    return {k: json_safe(v) for k, v in pooled.items()}
+
+
+def dimension_report(parent_dir: str | os.PathLike) -> dict:
+    """Box-counting dimension of each zoom level and pooled over the levels, as a JSON-ready dict.
+
+    ``scale`` of a level: one of its cells in cells of the top level (geometric mean of the x and y
+    ratios, in log units on log axes); auto windows give ``fraction ** level``. A level that can't be
+    measured (one class only, unfinished, too small, classified by another criterion than the top) has
+    ``dimension: null`` and an ``error``; it is left out of the pooled fit. Non-finite numbers (e.g. a
+    stderr from two box sizes) are written as null.
+    """
+    chain = zoom_levels(parent_dir)
+    with StudyStore.open(chain[0][1]) as top:
+        top_cfg, top_n, top_criterion = top.config, (top.nx, top.ny), extras.criterion(top)
+    levels: list[dict] = []
+    pool = []
+    for level, folder, win in chain:
+        entry: dict[str, Any] = {"level": level, "dir": str(folder), "window": list(win)}
+        with StudyStore.open(folder) as store:
+            sx = _axis_span(store.config, store.nx, "x") / _axis_span(top_cfg, top_n[0], "x")
+            sy = _axis_span(store.config, store.ny, "y") / _axis_span(top_cfg, top_n[1], "y")
+            entry.update(scale=math.sqrt(sx * sy), scale_x=sx, scale_y=sy, resolution=[store.ny, store.nx])
+            box = _measure_level(store, entry, top_criterion, chain[0][0])
+        if box is not None:
+            pool.append((box, entry["scale"], level))
+        levels.append({k: json_safe(v) for k, v in entry.items()})
+    return {"levels": levels, "pooled": _pooled(pool)}
