@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from helpers_model import (
+from helpers import (
     TIKTOKEN_VOCAB,
     random_model,
     tiny_config,

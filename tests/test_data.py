@@ -12,10 +12,11 @@ import torch
 from vmap_sweep.data import sources
 from vmap_sweep.data.render import render_conversation
 from vmap_sweep.data.sources import holdout_indices, load_conversations
-from vmap_sweep.data.stream import EvalSet, TokenStream, budget_mask, steps_for
+from vmap_sweep.data.stream import EvalSet, TokenStream, budget_mask
 from vmap_sweep.data.synthetic import synthetic_docqa
 from vmap_sweep.errors import ConfigError, DataError
 from vmap_sweep.model.tokenizer import ByteTokenizer
+from vmap_sweep.study.plan import steps_for
 
 TOK = ByteTokenizer()
 BOS, US, UE, AS, AE = 256, 257, 258, 259, 260

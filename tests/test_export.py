@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_store import CONFIG, grid, new_store, rec_for
+from helpers import STORE_CONFIG, bits, new_store, rec_for, store_grid
 
 from vmap_sweep.analysis.export import ARRAY_COLUMNS, COLUMNS, export_study
 from vmap_sweep.errors import ConfigError
@@ -23,16 +23,12 @@ FLOATS = ("x", "y", "score", "initial_loss", "final_loss", "eval_loss", "wall_ti
 @pytest.fixture
 def store(tmp_path) -> StudyStore:
     s = new_store(tmp_path)
-    cells = grid().cells()
+    cells = store_grid().cells()
     s.record_batch([(c, rec_for(c.i, c.j)) for c in cells[:7]], batch_index=0)
     s.record_batch([((3, 1), rec_for(3, 1).__class__(losses=[1e-310, -0.0, float("-inf")]))], batch_index=1)
     s.set_labels({(0, 0): ("diverged", float("inf")), (1, 0): ("converged", -1.0 / 3)})
     yield s
     s.close()
-
-
-def bits(v) -> np.ndarray:
-    return np.asarray(v, dtype=np.float64).view(np.uint64)
 
 
 def expected(store: StudyStore) -> list[dict]:
@@ -89,7 +85,7 @@ def test_parquet_roundtrip(store, tmp_path, traj):
     table = pq.read_table(path)
     assert table.column_names == list(COLUMNS) + (list(ARRAY_COLUMNS) if traj else [])
     assert table.schema.field("final_loss").type == "double"
-    assert json.loads(table.schema.metadata[b"vmap_sweep_config"]) == CONFIG
+    assert json.loads(table.schema.metadata[b"vmap_sweep_config"]) == STORE_CONFIG
     got = table.to_pydict()
     got = {c: [math.nan if v is None and c in FLOATS else v for v in vs] for c, vs in got.items()}
     assert got["steps"] == [r["steps"] for r in expected(store)]
@@ -103,7 +99,7 @@ def test_npz_roundtrip(store, tmp_path, traj):
     path = export_study(store, "npz", tmp_path / "out.npz", trajectories=traj)
     with np.load(path, allow_pickle=False) as z:
         got = {k: z[k] for k in z.files}
-    assert json.loads(str(got["config"])) == CONFIG
+    assert json.loads(str(got["config"])) == STORE_CONFIG
     assert got["steps"].dtype == np.int64
     assert list(got["steps"]) == [-1 if r["steps"] is None else r["steps"] for r in expected(store)]
     trajs = None

@@ -1,10 +1,10 @@
 import pytest
 import torch
-from stacking_helpers import RandomStream, tiny_model
+from helpers import RandomStream, tiny_model, train_batch
 
 from vmap_sweep.errors import OutOfMemoryForOneModel
 from vmap_sweep.train.memory import probe_models_per_batch, train_splitting_on_oom
-from vmap_sweep.train.trainer import TrainConfig, train_batch
+from vmap_sweep.train.trainer import TrainConfig
 
 CFG = TrainConfig(batch_size=2, seq_len=16)
 
@@ -46,13 +46,14 @@ def test_probe_finds_a_fitting_k_on_gpu():
 
 
 def test_after_a_split_later_batches_are_cut_to_what_fitted(monkeypatch):
-    from vmap_sweep.run import pipeline as runner
+    from vmap_sweep.run import worker as runner
     from vmap_sweep.study.config import preset
+    from vmap_sweep.study.settings import RunSettings
 
     base, stream = tiny_model(), RandomStream()
     data = runner.StudyData(base, None, stream, [])
     monkeypatch.setattr(runner, "load_study_data", lambda cfg, device: data)
-    worker = runner.Worker(preset("tiny").with_overrides(batch_size=2, seq_len=16), "cpu")
+    worker = runner.Worker(preset("tiny").with_overrides(batch_size=2, seq_len=16), "cpu", RunSettings())
     sizes = []
     real = runner.StackedTrainer
 
@@ -65,7 +66,8 @@ def test_after_a_split_later_batches_are_cut_to_what_fitted(monkeypatch):
 
     monkeypatch.setattr(runner, "StackedTrainer", SmallMemory)
     cells = [{"lr": lr, "tokens": 64} for lr in (1e-4, 3e-4, 1e-3, 3e-3)]
-    first, second = worker.train(cells), worker.train(cells)
+    lanes = [[c] for c in cells]  # each cell its own stacked model
+    first, second = worker.train(lanes), worker.train(lanes)
     assert sizes == [4, 2, 2, 2, 2]  # the second batch goes straight to the size that fitted
     whole = real(base, cells, worker.train_cfg, "cpu", {}).run(stream, [])  # the 4 cells at once, never split
     for split in (first, second):

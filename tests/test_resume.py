@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from cli_helpers import cli
+from helpers import bits
 
-from vmap_sweep.cli import app
 from vmap_sweep.store.db import StudyStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,10 +66,6 @@ def done_cells(db: Path) -> int:
         return 0
 
 
-def bits(values) -> np.ndarray:
-    return np.asarray(values, dtype=np.float64).reshape(-1).view(np.uint64)
-
-
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     reference = start(tmp_path / "reference")
     victim = start(tmp_path / "killed")
@@ -86,7 +82,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert re.search(rf"trained this run\s*│\s*{CELLS} cells", ref_out)
 
     # the stopped study: status reads it (and the committed batches survived the kill)
-    status = CliRunner().invoke(app, ["status", str(tmp_path / "killed")])
+    status = cli("status", tmp_path / "killed")
     assert status.exit_code == 0, status.stderr
     m = re.search(r"cells done\s*│\s*(\d+)/16", status.stdout)
     assert m, status.stdout
@@ -95,7 +91,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
 
     # a different config is refused, naming what differs, and leaves the study as it was
     before = db.read_bytes()
-    refused = CliRunner().invoke(app, [*ARGS, "--seed", "7", "--out", str(tmp_path / "killed")])
+    refused = cli(*ARGS, "--seed", "7", "--out", tmp_path / "killed")
     assert refused.exit_code == 2 and len(refused.stderr.strip().splitlines()) == 1
     assert "seed: 42 -> 7" in refused.stderr
     assert db.read_bytes() == before
@@ -123,11 +119,11 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
 def test_rerunning_a_finished_study_trains_nothing(tmp_path):
     out = tmp_path / "s"
     args = [*ARGS[:3], "--resolution", "2", *ARGS[5:], "--out", str(out)]
-    first = CliRunner().invoke(app, args)
+    first = cli(*args)
     assert first.exit_code == 0, first.stderr
     with StudyStore.open(out) as store:
         rows = store.rows(arrays=True)
-    again = CliRunner().invoke(app, args)
+    again = cli(*args)
     assert again.exit_code == 0, again.stderr
     assert "resuming: 4/4 cells already stored" in again.stderr and "trained this run" not in again.stdout
     assert "batch " not in again.stderr  # no batch ran

@@ -8,77 +8,26 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import STORE_CONFIG, Rec, bits, new_store, rec_for, snapshot, store_grid
 
 from vmap_sweep.errors import ConfigError, StoreError
-from vmap_sweep.store.db import DB_NAME, StudyStore, config_hash, merge_studies
-from vmap_sweep.study.axes import parse_axis_spec
-from vmap_sweep.study.grid import Grid
+from vmap_sweep.store.db import DB_NAME, StudyStore, config_hash
+from vmap_sweep.store.merge import merge_studies
 from vmap_sweep.study.plan import plan_batches, shard
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = {"grid": {"x": "lr:1e-5:1e-2:log", "y": "tokens:1000:8000:log", "res": [4, 3]}, "seed": 0,
-          "model": {"depth": 1}}
-
-
-@dataclass
-class Rec:
-    """Duck-typed CellRecord (see CONTRACTS.md)."""
-
-    initial_loss: float = 5.0
-    losses: list[float] = field(default_factory=lambda: [4.0, 3.0, 2.5])
-    base_losses: list[float] = field(default_factory=lambda: [4.0, 4.1, 3.9])
-    grad_norms: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25])
-    lrs: list[float] = field(default_factory=lambda: [1e-4, 1e-4, 1e-4])
-    steps: int = 3
-    steps_done: int = 3
-    diverged: bool = False
-    diverged_step: int | None = None
-    eval_loss: float | None = 2.75
-    wall_time: float = 1.5
-
-
-def grid() -> Grid:
-    return Grid(parse_axis_spec("lr:1e-5:1e-2"), parse_axis_spec("tokens:1000:8000"), 4, 3)
-
-
-def rec_for(i: int, j: int) -> Rec:
-    """Distinct, exactly representable-or-not values per cell, incl. nan/inf in some trajectories."""
-    base = 5.0 + i / 7 + j / 3
-    losses = [base * 0.9, base * 0.7 + 1e-17, base / 3]
-    if (i + j) % 3 == 0:
-        losses[-1] = float("nan")
-    if (i + j) % 3 == 1:
-        losses[1] = float("inf")
-    return Rec(initial_loss=base, losses=losses, base_losses=[base, base * 1.1, base / 7],
-               grad_norms=[0.1 * i, -0.0, 1e300], lrs=[1e-4 / (j + 1)] * 3,
-               diverged=(i + j) % 3 == 0, diverged_step=2 if (i + j) % 3 == 0 else None,
-               eval_loss=None if i == 0 else base / 4, wall_time=0.1 * (i + 1))
-
-
-def new_store(tmp_path: Path, name: str = "study") -> StudyStore:
-    return StudyStore.create_or_open(tmp_path / name, CONFIG, grid().cells())
-
-
-def snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
-    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(directory.iterdir())}
-
-
-def bits(a) -> np.ndarray:
-    return np.asarray(a, dtype=np.float64).view(np.uint64)
-
-
 # ------------------------------------------------------------------ create / open
 def test_create_writes_meta_and_pending_cells(tmp_path):
-    cells = grid().cells()
+    cells = store_grid().cells()
     with new_store(tmp_path) as s:
         assert s.pending() == cells and s.cells() == cells
         assert s.done_count() == 0 and s.cell_count() == 12 and (s.nx, s.ny) == (4, 3)
-        assert s.config == CONFIG and s.config_hash == config_hash(CONFIG)
+        assert s.config == STORE_CONFIG and s.config_hash == config_hash(STORE_CONFIG)
     con = sqlite3.connect(tmp_path / "study" / DB_NAME)
     meta = dict(con.execute("SELECT key, value FROM meta"))
     assert meta["schema_version"] == "1" and meta["app"] == "vmap-sweep" and meta["created"]
@@ -92,38 +41,38 @@ def test_create_writes_meta_and_pending_cells(tmp_path):
 
 def test_reopen_same_config_resumes(tmp_path):
     with new_store(tmp_path) as s:
-        s.record_batch([(c, rec_for(c.i, c.j)) for c in grid().cells()[:4]], batch_index=0)
+        s.record_batch([(c, rec_for(c.i, c.j)) for c in store_grid().cells()[:4]], batch_index=0)
     # key order of the config does not matter (canonical JSON)
-    reordered = {"model": {"depth": 1}, "seed": 0, "grid": dict(reversed(list(CONFIG["grid"].items())))}
-    with StudyStore.create_or_open(tmp_path / "study", reordered, grid().cells()) as s:
-        assert s.done_count() == 4 and s.pending() == grid().cells()[4:]
+    reordered = {"model": {"depth": 1}, "seed": 0, "grid": dict(reversed(list(STORE_CONFIG["grid"].items())))}
+    with StudyStore.create_or_open(tmp_path / "study", reordered, store_grid().cells()) as s:
+        assert s.done_count() == 4 and s.pending() == store_grid().cells()[4:]
 
 
 def test_different_config_refused_and_nothing_changes(tmp_path):
     with new_store(tmp_path) as s:
         s.record_batch([((0, 0), rec_for(0, 0))])
-    before = snapshot(tmp_path / "study")
-    other = {**CONFIG, "seed": 1, "grid": {**CONFIG["grid"], "x": "lr:1e-5:1e-1:log"}}
+    before = snapshot(tmp_path / "study", mtimes=True)
+    other = {**STORE_CONFIG, "seed": 1, "grid": {**STORE_CONFIG["grid"], "x": "lr:1e-5:1e-1:log"}}
     with pytest.raises(StoreError) as e:
-        StudyStore.create_or_open(tmp_path / "study", other, grid().cells())
+        StudyStore.create_or_open(tmp_path / "study", other, store_grid().cells())
     msg = str(e.value)
     assert "seed: 0 -> 1" in msg and 'grid.x: "lr:1e-5:1e-2:log" -> "lr:1e-5:1e-1:log"' in msg
     assert "--out" in msg and "\n" not in msg
-    assert snapshot(tmp_path / "study") == before
+    assert snapshot(tmp_path / "study", mtimes=True) == before
     with StudyStore.open(tmp_path / "study") as s:
-        assert s.done_count() == 1 and s.config == CONFIG
+        assert s.done_count() == 1 and s.config == STORE_CONFIG
 
 
 def test_non_sqlite_file_refused_unchanged(tmp_path):
     d = tmp_path / "study"
     d.mkdir()
     (d / DB_NAME).write_bytes(b"hello, this is not a database" * 10)
-    before = snapshot(d)
+    before = snapshot(d, mtimes=True)
     with pytest.raises(StoreError, match="is not a vmap-sweep study database"):
-        StudyStore.create_or_open(d, CONFIG, grid().cells())
+        StudyStore.create_or_open(d, STORE_CONFIG, store_grid().cells())
     with pytest.raises(StoreError, match="is not a vmap-sweep study database"):
         StudyStore.open(d)
-    assert snapshot(d) == before
+    assert snapshot(d, mtimes=True) == before
 
 
 def test_foreign_sqlite_refused_unchanged(tmp_path):
@@ -134,10 +83,10 @@ def test_foreign_sqlite_refused_unchanged(tmp_path):
     con.execute("INSERT INTO meta VALUES ('owner', 'someone else')")
     con.commit()
     con.close()
-    before = snapshot(d)
+    before = snapshot(d, mtimes=True)
     with pytest.raises(StoreError, match="is not a vmap-sweep study database"):
-        StudyStore.create_or_open(d, CONFIG, grid().cells())
-    assert snapshot(d) == before
+        StudyStore.create_or_open(d, STORE_CONFIG, store_grid().cells())
+    assert snapshot(d, mtimes=True) == before
 
 
 def test_other_schema_version_refused(tmp_path):
@@ -154,11 +103,11 @@ def test_unwritable_directory(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(StoreError, match="can't create the study folder"):
-        StudyStore.create_or_open(blocker / "study", CONFIG, grid().cells())
+        StudyStore.create_or_open(blocker / "study", STORE_CONFIG, store_grid().cells())
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / DB_NAME).mkdir()
     with pytest.raises(StoreError, match="is not a file"):
-        StudyStore.create_or_open(tmp_path / "d", CONFIG, grid().cells())
+        StudyStore.create_or_open(tmp_path / "d", STORE_CONFIG, store_grid().cells())
     with pytest.raises(StoreError, match="no study.db"):
         StudyStore.open(tmp_path / "nowhere")
 
@@ -166,16 +115,16 @@ def test_unwritable_directory(tmp_path):
 def test_changed_cells_with_same_config_refused(tmp_path):
     new_store(tmp_path).close()
     with pytest.raises(StoreError, match="cells differ"):
-        StudyStore.create_or_open(tmp_path / "study", CONFIG, grid().cells()[:5])
+        StudyStore.create_or_open(tmp_path / "study", STORE_CONFIG, store_grid().cells()[:5])
     with pytest.raises(ConfigError, match="repeats"):
-        StudyStore.create_or_open(tmp_path / "x", CONFIG, grid().cells()[:2] * 2)
+        StudyStore.create_or_open(tmp_path / "x", STORE_CONFIG, store_grid().cells()[:2] * 2)
     with pytest.raises(ConfigError, match="JSON"):
-        StudyStore.create_or_open(tmp_path / "y", {"a": object()}, grid().cells())
+        StudyStore.create_or_open(tmp_path / "y", {"a": object()}, store_grid().cells())
 
 
 # ------------------------------------------------------------------ records
 def test_record_roundtrip_exact(tmp_path):
-    cells = grid().cells()
+    cells = store_grid().cells()
     with new_store(tmp_path) as s:
         s.record_batch([(c, rec_for(c.i, c.j)) for c in cells[:6]], batch_index=0, shard="1/2")
         s.record_batch([((c.i, c.j), rec_for(c.i, c.j)) for c in cells[6:10]], batch_index=1)
@@ -200,7 +149,7 @@ def test_record_roundtrip_exact(tmp_path):
                 assert s.grid_arrays("diverged")[c.j, c.i] == float(r.diverged)
             else:
                 assert np.isnan(final[c.j, c.i])  # pending
-        np.testing.assert_array_equal(s.grid_arrays("x")[0], grid().xs)  # x known even when pending
+        np.testing.assert_array_equal(s.grid_arrays("x")[0], store_grid().xs)  # x known even when pending
         rows = {(r["i"], r["j"]): r for r in s.rows()}
         assert rows[(0, 0)]["shard"] == "1/2" and rows[(0, 0)]["batch_index"] == 0
         assert rows[(2, 1)]["batch_index"] == 1 and rows[(2, 1)]["status"] == "done"
@@ -219,7 +168,7 @@ def test_nan_payloads_canonicalised(tmp_path):
 
 
 def test_record_batch_atomic(tmp_path):
-    cells = grid().cells()
+    cells = store_grid().cells()
     with new_store(tmp_path) as s:
         s.record_batch([(cells[0], Rec())])
         before = s.rows(arrays=True)
@@ -238,7 +187,7 @@ def test_record_batch_atomic(tmp_path):
 
 
 def test_labels_counts_and_arrays(tmp_path):
-    cells = grid().cells()
+    cells = store_grid().cells()
     with new_store(tmp_path) as s:
         s.record_batch([(c, rec_for(c.i, c.j)) for c in cells[:5]])
         s.set_labels({(0, 0): ("diverged", 3.0), (1, 0): ("converged", -2.5), (2, 0): ("converged", -1.0)})
@@ -276,10 +225,10 @@ CHILD = textwrap.dedent("""
     from vmap_sweep.study.plan import plan_batches
     from vmap_sweep.store.db import StudyStore
     sys.path.insert(0, {tests!r})
-    from test_store import CONFIG, grid, rec_for
+    from helpers import STORE_CONFIG, rec_for, store_grid
     mode = sys.argv[1]
-    batches = plan_batches(grid().cells(), 3, lambda c: 3)
-    store = StudyStore.create_or_open(sys.argv[2], CONFIG, grid().cells())
+    batches = plan_batches(store_grid().cells(), 3, lambda c: 3)
+    store = StudyStore.create_or_open(sys.argv[2], STORE_CONFIG, store_grid().cells())
     if mode == "mid":
         calls = []
         orig = StudyStore._require
@@ -303,14 +252,14 @@ def test_sigkill_keeps_committed_batches(tmp_path, mode):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     p = subprocess.run([sys.executable, "-c", script, mode, str(d)], env=env, capture_output=True, timeout=60)
     assert p.returncode == -9, p.stderr.decode()
-    batches = plan_batches(grid().cells(), 3, lambda c: 3)
+    batches = plan_batches(store_grid().cells(), 3, lambda c: 3)
     committed = [c for b in batches[:2] for c in b.cells]
-    with StudyStore.create_or_open(d, CONFIG, grid().cells()) as s:
+    with StudyStore.create_or_open(d, STORE_CONFIG, store_grid().cells()) as s:
         assert s.integrity_check() == "ok"
         assert s.done_count() == 6
         done = {k for k in s.trajectories()}
         assert done == {(c.i, c.j) for c in committed}
-        assert s.pending() == [c for c in grid().cells() if (c.i, c.j) not in done]
+        assert s.pending() == [c for c in store_grid().cells() if (c.i, c.j) not in done]
         rows = {(r["i"], r["j"]): r for r in s.rows()}
         assert {rows[(c.i, c.j)]["batch_index"] for c in committed} == {0, 1}
         # resume: the rest can be recorded
@@ -320,10 +269,10 @@ def test_sigkill_keeps_committed_batches(tmp_path, mode):
 
 
 # ------------------------------------------------------------------ merge
-def run_shard(tmp_path: Path, k: int, n: int, config=CONFIG, tweak=None) -> Path:
-    batches = plan_batches(grid().cells(), 2, lambda c: 3)
+def run_shard(tmp_path: Path, k: int, n: int, config=STORE_CONFIG, tweak=None) -> Path:
+    batches = plan_batches(store_grid().cells(), 2, lambda c: 3)
     d = tmp_path / f"shard{k}of{n}"
-    with StudyStore.create_or_open(d, config, grid().cells()) as s:
+    with StudyStore.create_or_open(d, config, store_grid().cells()) as s:
         for b in shard(batches, k, n):
             recs = [(c, rec_for(c.i, c.j) if tweak is None else tweak(c)) for c in b.cells]
             s.record_batch(recs, batch_index=b.index, shard=f"{k}/{n}")
@@ -335,16 +284,16 @@ def test_merge_union_of_shards(tmp_path):
     with StudyStore.open(dirs[0]) as s0:
         s0.put_extra("eval", {"a": 1})
         s0.add_child((1e-4, 1e-3, 2000, 4000), "zoom/1", 1)
-    StudyStore.create_or_open(dirs[0] / "zoom/1", CONFIG, grid().cells()).close()  # the child's own study
+    StudyStore.create_or_open(dirs[0] / "zoom/1", STORE_CONFIG, store_grid().cells()).close()  # the child's own study
     with merge_studies(dirs, tmp_path / "merged") as m:
-        assert m.done_count() == 12 and m.pending() == [] and m.config == CONFIG
+        assert m.done_count() == 12 and m.pending() == [] and m.config == STORE_CONFIG
         assert m.get_extra("eval") == {"a": 1} and [c.child_dir for c in m.children()] == ["zoom/1"]
         traj = m.trajectories()
-        for c in grid().cells():
+        for c in store_grid().cells():
             np.testing.assert_array_equal(bits(traj[(c.i, c.j)]), bits(rec_for(c.i, c.j).losses))
         assert {r["shard"] for r in m.rows()} == {"1/3", "2/3", "3/3"}
     with StudyStore.open(tmp_path / "merged" / "zoom/1") as child:  # the child came along with its row
-        assert child.config == CONFIG
+        assert child.config == STORE_CONFIG
     # merging again into the same folder (e.g. after more shards finished) is a no-op, not an error
     with merge_studies(dirs, tmp_path / "merged") as m:
         assert m.done_count() == 12
@@ -356,7 +305,7 @@ def test_merge_union_of_shards(tmp_path):
 
 def test_merge_refuses_other_config_and_conflicts(tmp_path):
     a = run_shard(tmp_path, 1, 2)
-    other = run_shard(tmp_path / "o", 2, 2, config={**CONFIG, "seed": 5})
+    other = run_shard(tmp_path / "o", 2, 2, config={**STORE_CONFIG, "seed": 5})
     with pytest.raises(StoreError) as e:
         merge_studies([a, other], tmp_path / "m1")
     assert str(other) in str(e.value) and "seed: 0 -> 5" in str(e.value)

@@ -10,9 +10,9 @@ import torch
 
 from vmap_sweep.data.stream import EvalSet, TokenStream
 from vmap_sweep.data.synthetic import synthetic_docqa, synthetic_documents
-from vmap_sweep.model import tiny
 from vmap_sweep.model.gpt import GPT
 from vmap_sweep.model.tokenizer import ByteTokenizer
+from vmap_sweep.train import tiny
 
 QUICK = tiny.TinyRecipe(steps=5, n_docs=50)  # for cache mechanics: the recipe, not the quality
 

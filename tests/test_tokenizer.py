@@ -8,7 +8,7 @@ import pickle
 import shutil
 
 import pytest
-from helpers_model import (
+from helpers import (
     HF_TOKENIZER_VOCAB,
     TIKTOKEN_VOCAB,
     tiktoken_encoding,

@@ -20,17 +20,10 @@ from dataclasses import dataclass
 import torch
 
 from vmap_sweep.data.render import render_conversation
-from vmap_sweep.errors import ConfigError, DataError
+from vmap_sweep.errors import DataError
 from vmap_sweep.model.tokenizer import Tokenizer
 
 EVAL_SEED = 7
-
-
-def steps_for(tokens: int, tokens_per_step: int) -> int:
-    """Optimizer steps of a budget of `tokens` tokens: ceil(tokens / tokens_per_step)."""
-    if tokens < 1 or tokens_per_step < 1:
-        raise ConfigError(f"token budget {tokens} and tokens per step {tokens_per_step} must both be >= 1")
-    return -(-tokens // tokens_per_step)
 
 
 def budget_mask(step: int, tokens: int, batch_size: int, seq_len: int) -> torch.Tensor:

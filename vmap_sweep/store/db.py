@@ -18,20 +18,24 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sqlite3
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from vmap_sweep.analysis.classify import study_criterion
 from vmap_sweep.errors import ConfigError, StoreError
 from vmap_sweep.study.grid import Cell
 
 DB_NAME = "study.db"
+# The extra key holding the criterion a study's classes follow, and the one every study starts with: the store
+# reads it inside each commit (record_batch); store/extras.py reads and writes it for everyone else.
+CRITERION = "criterion"
+DEFAULT_CRITERION = {"criterion": "ratio"}
+# labeller(criterion, record) -> (label, score)
+Labeller = Callable[[dict, Any], tuple[str, float]]
 APP = "vmap-sweep"
 SCHEMA_VERSION = 1
 
@@ -293,10 +297,15 @@ class StudyStore:
 
     # ---------------------------------------------------------------- writing
     def record_batch(self, results: Iterable[tuple[Any, Any]], batch_index: int | None = None,
-                     shard: str | None = None) -> None:
+                     shard: str | None = None, labeller: Labeller | None = None) -> list[str | None]:
         """Store the results of one batch atomically. ``results``: (Cell or (i, j), CellRecord-like).
-        Refuses (and writes nothing) if any cell is unknown or already done."""
+
+        ``labeller(criterion, record) -> (label, score)`` classifies each record by the criterion the study
+        holds at the moment of this commit (read inside its transaction), so that results and classes commit
+        together and a `classify` that lands between two batches is followed by the next one.
+        Refuses (and writes nothing) if any cell is unknown or already done. Returns the stored labels."""
         now = _now()
+        results = list(results)
         rows = []
         for key, rec in results:
             i, j = _cell_key(key)
@@ -309,13 +318,16 @@ class StudyStore:
                 "eval_loss": _opt_float(rec.eval_loss),
                 "diverged": int(bool(rec.diverged)), "diverged_step": None if ds is None else int(ds),
                 "trajectory": _to_blob(losses), "grad_norms": _to_blob(rec.grad_norms),
-                "base_losses": _to_blob(getattr(rec, "base_losses", [])),
-                "lrs": _to_blob(rec.lrs), "wall_time": _opt_float(rec.wall_time),
-                "batch_index": batch_index, "shard": shard, "finished_at": now,
-                # a record may carry its class already, so result and class commit together
-                "label": getattr(rec, "label", None), "score": _opt_float(getattr(rec, "score", None)),
+                "base_losses": _to_blob(rec.base_losses), "lrs": _to_blob(rec.lrs),
+                "wall_time": _opt_float(rec.wall_time), "batch_index": batch_index, "shard": shard,
+                "finished_at": now, "label": None, "score": None,
             })
         with self._tx() as conn:
+            if labeller is not None:
+                criterion = self._criterion(conn)
+                for r, (_, rec) in zip(rows, results, strict=True):
+                    label, score = labeller(criterion, rec)
+                    r["label"], r["score"] = label, _opt_float(score)
             for r in rows:
                 self._require(conn, r["i"], r["j"], want="pending")
                 conn.execute(
@@ -325,6 +337,12 @@ class StudyStore:
                     "base_losses=:base_losses, "
                     "grad_norms=:grad_norms, lrs=:lrs, wall_time=:wall_time, batch_index=:batch_index, "
                     "shard=:shard, finished_at=:finished_at, label=:label, score=:score WHERE i=:i AND j=:j", r)
+        return [r["label"] for r in rows]
+
+    @staticmethod
+    def _criterion(conn: sqlite3.Connection) -> dict:
+        row = conn.execute("SELECT value FROM extra WHERE key=?", (CRITERION,)).fetchone()
+        return dict(DEFAULT_CRITERION if row is None else json.loads(row[0])["v"])
 
     def _require(self, conn: sqlite3.Connection, i: int, j: int, want: str) -> None:
         row = conn.execute("SELECT status FROM cells WHERE i=? AND j=?", (i, j)).fetchone()
@@ -532,101 +550,3 @@ def _create(conn: sqlite3.Connection, path: Path, text: str, digest: str, cells:
         with contextlib.suppress(sqlite3.Error):
             conn.execute("ROLLBACK")
         raise
-
-
-# -------------------------------------------------------------------- merge
-def merge_studies(shard_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> StudyStore:
-    """Union of the done cells of shard studies (one config) into ``out_dir`` (new, or an earlier
-    merge of the same study). A cell done in two places must hold identical results."""
-    if not shard_dirs:
-        raise ConfigError("merge: no shard folders given; pass the --out folders of the shard runs")
-    out_dir = Path(out_dir)
-    resolved = [Path(d).resolve() for d in shard_dirs]
-    if out_dir.resolve() in resolved:
-        raise ConfigError(f"merge: output {out_dir} is one of the shards; choose a new folder")
-    stores: list[StudyStore] = []
-    try:
-        for d in shard_dirs:
-            stores.append(StudyStore.open(d))
-        first = stores[0]
-        for s in stores[1:]:
-            if s.config_hash != first.config_hash:
-                raise StoreError(f"merge: {s.directory} was made with a different config than "
-                                 f"{first.directory} ({config_diff(first.config, s.config)}); "
-                                 "merge only shards of one study")
-        cells = first.cells()
-        for s in stores[1:]:
-            if s.cells() != cells:
-                raise StoreError(f"merge: {s.directory} has different cells than {first.directory}; "
-                                 "merge only shards of one study")
-            if study_criterion(s) != study_criterion(first):  # one study's classes follow one criterion
-                raise StoreError(f"merge: {s.directory} is classified by {study_criterion(s)}, {first.directory} "
-                                 f"by {study_criterion(first)}; run `vmap-sweep classify` on each with the same "
-                                 "criterion")
-        done: dict[tuple[int, int], tuple[dict[str, Any], Path]] = {}
-        extras: dict[str, tuple[Any, Path]] = {}
-        for s in stores:
-            for key, row in s._raw_done().items():
-                if key in done and not _same_result(done[key][0], row):
-                    raise StoreError(f"merge: cell {key} is done in {done[key][1]} and {s.directory} with "
-                                     "different results; keep only one of those shards")
-                done.setdefault(key, (row, s.directory))
-            for k, v in s.extras().items():
-                if k in extras and extras[k][0] != v:
-                    raise StoreError(f"merge: extra result {k!r} differs between {extras[k][1]} and "
-                                     f"{s.directory}; remove it from one shard")
-                extras.setdefault(k, (v, s.directory))
-        out = StudyStore.create_or_open(out_dir, first.config, cells)
-        if out.done_count() and study_criterion(out) != study_criterion(first):
-            message = (f"merge: {out_dir} is classified by {study_criterion(out)}, the shards by "
-                       f"{study_criterion(first)}; run `vmap-sweep classify` on them with the same criterion")
-            out.close()
-            raise StoreError(message)
-        try:
-            existing = out._raw_done()
-            cols = [*RESULT_COLUMNS, *_RUN_COLUMNS]
-            with out._tx() as conn:
-                for key, (row, src) in sorted(done.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-                    if key in existing:
-                        if not _same_result(existing[key], row):
-                            raise StoreError(f"merge: cell {key} in {out_dir} differs from {src}; "
-                                             "merge into a new folder")
-                        continue
-                    conn.execute(f"UPDATE cells SET status='done', {', '.join(f'{c}=?' for c in cols)} "
-                                 "WHERE i=? AND j=?", [row[c] for c in cols] + [key[0], key[1]])
-                for k, (v, _) in extras.items():
-                    old = out.get_extra(k, _MISSING)
-                    if old != _MISSING and old != v:
-                        raise StoreError(f"merge: extra result {k!r} in {out_dir} differs; "
-                                         "merge into a new folder")
-                    conn.execute("INSERT OR REPLACE INTO extra VALUES (?, ?)", (k, canonical_json({"v": v})))
-                for s in stores:
-                    for c in s.children():
-                        conn.execute("INSERT OR IGNORE INTO children VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                     (c.child_dir, c.x0, c.x1, c.y0, c.y1, c.level, c.created))
-            _copy_child_folders(stores, out_dir)  # once the merge is committed: a refused one copies nothing
-        except BaseException:
-            out.close()
-            raise
-        return out
-    finally:
-        for s in stores:
-            s.close()
-
-
-def _copy_child_folders(stores: Sequence[StudyStore], out_dir: Path) -> None:
-    """Each shard's zoom-child folders into the merged study, so that the children it records exist there.
-    A folder the output already has is kept (an earlier merge); each copy lands whole or not at all."""
-    for s in stores:
-        for c in s.children():
-            src, dst = s.directory / c.child_dir, out_dir / c.child_dir
-            if not src.is_dir() or dst.exists():
-                continue
-            tmp = dst.with_name(dst.name + ".merging")
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(src, tmp)
-            tmp.rename(dst)
-
-
-def _same_result(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    return all(a[c] == b[c] for c in RESULT_COLUMNS)

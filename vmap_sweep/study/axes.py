@@ -151,8 +151,8 @@ def parse_axis_spec(spec: str) -> AxisSpec:
 def check_axis_pair(x: AxisSpec, y: AxisSpec) -> None:
     """The two axes of a study must differ."""
     if x.name == y.name:
-        raise ConfigError(f"axes {x} and {y}: the same axis {x.name!r} is on x and y; "
-                          "sweep two different axes")
+        raise ConfigError(f"--x {x} and --y {y} both sweep {x.name!r}: the same axis on x and y; "
+                          "choose two different axes")
 
 
 # 2048^2 = 4.2M cells, far beyond what one GPU trains (128^2 d20 cells: ~6 h); planning more takes minutes

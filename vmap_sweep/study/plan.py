@@ -1,4 +1,4 @@
-"""Cells -> batches of stacked models, a cost summary, and deterministic shards.
+"""A study's config -> its grid -> cells -> batches of stacked models, a cost summary, and deterministic shards.
 
 Models of one batch step together, so a batch runs as many steps as its longest cell; shorter cells
 are masked (wasted compute). Batches are therefore built from cells with equal step counts first.
@@ -6,58 +6,148 @@ are masked (wasted compute). Batches are therefore built from cells with equal s
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from vmap_sweep.errors import ConfigError
-from vmap_sweep.study.grid import Cell
+from vmap_sweep.study.axes import parse_axis_spec, parse_resolution
+from vmap_sweep.study.config import StudyConfig
+from vmap_sweep.study.grid import Cell, Grid
+from vmap_sweep.study.schedule import lr_multiplier
+
+
+def steps_for(tokens: int, tokens_per_step: int) -> int:
+    """Optimizer steps of a budget of `tokens` tokens: ceil(tokens / tokens_per_step)."""
+    if tokens < 1 or tokens_per_step < 1:
+        raise ConfigError(f"token budget {tokens} and tokens per step {tokens_per_step} must both be >= 1")
+    return -(-tokens // tokens_per_step)
+
+
+def build_grid(cfg: StudyConfig) -> Grid:
+    nx, ny = parse_resolution(cfg.resolution)
+    return Grid(parse_axis_spec(cfg.x), parse_axis_spec(cfg.y), nx, ny, dict(cfg.fixed))
+
+
+def cell_steps(cfg: StudyConfig) -> Callable[[Cell], int]:
+    """A cell's optimizer steps under the study's tokens per step."""
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    return lambda c: steps_for(int(c.hparams["tokens"]), tokens_per_step)
 
 
 @dataclass(frozen=True)
 class Batch:
-    """Cells trained together. ``index`` is global (stable across shards); ``steps`` = max of its cells."""
+    """Cells trained together. ``index`` is global (stable across shards); ``steps`` = max of its cells.
+
+    ``lanes``: the cells grouped by the stacked model that trains them. A lane of one cell is that cell's own
+    fine-tune; a lane of several is a trunk (see `trunks`): one trajectory read out at each member's budget.
+    Empty: one lane per cell."""
 
     index: int
     cells: tuple[Cell, ...]
     steps: int
     cell_steps: tuple[int, ...] = field(default=())
+    lanes: tuple[tuple[Cell, ...], ...] = field(default=())
+
+    @property
+    def stacked(self) -> tuple[tuple[Cell, ...], ...]:
+        """The lanes, one per stacked model."""
+        return self.lanes or tuple((c,) for c in self.cells)
 
     @property
     def model_steps(self) -> int:
         """Model-steps this batch runs (every model runs ``steps``, finished ones masked)."""
-        return self.steps * len(self.cells)
+        return self.steps * len(self.stacked)
 
     @property
     def padded_model_steps(self) -> int:
-        return self.model_steps - sum(self.cell_steps) if self.cell_steps else 0
+        if not self.cell_steps:
+            return 0
+        if not self.lanes:
+            return self.model_steps - sum(self.cell_steps)
+        steps = {c.key: n for c, n in zip(self.cells, self.cell_steps, strict=True)}
+        return self.model_steps - sum(max(steps[c.key] for c in lane) for lane in self.lanes)
 
 
 def plan_batches(cells: Sequence[Cell], models_per_batch: int,
                  steps_of: Callable[[Cell], int]) -> list[Batch]:
     """Group cells by step count (first-appearance order), chunk each group into full batches, then
     pack the leftovers (sorted by steps, so neighbours waste least) into the last batches."""
+    return plan_lanes([(c,) for c in cells], models_per_batch, steps_of)
+
+
+def plan_lanes(lanes: Sequence[tuple[Cell, ...]], models_per_batch: int,
+               steps_of: Callable[[Cell], int]) -> list[Batch]:
+    """plan_batches for lanes of cells (trunks): a lane's steps are its longest cell's."""
     if isinstance(models_per_batch, bool) or not isinstance(models_per_batch, int) or models_per_batch < 1:
         raise ConfigError(f"models per batch {models_per_batch!r}: use an integer >= 1")
-    groups: dict[int, list[tuple[Cell, int]]] = {}
-    for c in cells:
-        s = steps_of(c)
-        if isinstance(s, bool) or int(s) != s or s < 0:
-            raise ConfigError(f"cell ({c.i}, {c.j}): step count {s!r} is not an integer >= 0")
-        groups.setdefault(int(s), []).append((c, int(s)))
+    groups: dict[int, list[tuple[tuple[Cell, ...], int]]] = {}
+    for lane in lanes:
+        for c in lane:
+            s = steps_of(c)
+            if isinstance(s, bool) or int(s) != s or s < 0:
+                raise ConfigError(f"cell ({c.i}, {c.j}): step count {s!r} is not an integer >= 0")
+        steps = max(int(steps_of(c)) for c in lane)
+        groups.setdefault(steps, []).append((lane, steps))
 
-    chunks: list[list[tuple[Cell, int]]] = []
-    leftovers: list[tuple[Cell, int]] = []
+    chunks: list[list[tuple[tuple[Cell, ...], int]]] = []
+    leftovers: list[tuple[tuple[Cell, ...], int]] = []
     for members in groups.values():
         full = len(members) - len(members) % models_per_batch
         chunks += [members[k:k + models_per_batch] for k in range(0, full, models_per_batch)]
         leftovers += members[full:]
-    # Stable sort: cells of one step count stay in grid order; descending so the biggest leftovers lead.
-    leftovers.sort(key=lambda cs: -cs[1])
+    # Stable sort: lanes of one step count stay in grid order; descending so the biggest leftovers lead.
+    leftovers.sort(key=lambda ls: -ls[1])
     chunks += [leftovers[k:k + models_per_batch] for k in range(0, len(leftovers), models_per_batch)]
 
-    return [Batch(n, tuple(c for c, _ in ch), max(s for _, s in ch), tuple(s for _, s in ch))
-            for n, ch in enumerate(chunks)]
+    batches = []
+    for n, chunk in enumerate(chunks):
+        cells = tuple(c for lane, _ in chunk for c in lane)
+        shared = any(len(lane) > 1 for lane, _ in chunk)
+        batches.append(Batch(n, cells, max(s for _, s in chunk), tuple(int(steps_of(c)) for c in cells),
+                             tuple(lane for lane, _ in chunk) if shared else ()))
+    return batches
+
+
+def trunks(cells: Sequence[Cell], schedule: str, tokens_per_step: int) -> list[tuple[Cell, ...]]:
+    """Cells grouped into trunks: a trunk's cells differ only in `tokens`, and each one's learning-rate
+    multipliers agree, step for step, with the longest one's. A dataset of N tokens is the first N tokens of
+    one order, so such a cell's training is the trunk's up to its own budget (its last step may be partial):
+    the trunk trains once and is read out at each budget. Under a constant LR a whole column of the grid is
+    one trunk; under a decay the multipliers part after the first step and every cell is its own trunk.
+    Trunks come in grid order of their first cell; a trunk's cells in grid order."""
+    groups: dict[str, list[Cell]] = {}
+    for c in cells:
+        groups.setdefault(json.dumps({k: v for k, v in c.hparams.items() if k != "tokens"}, sort_keys=True),
+                          []).append(c)
+    steps = {c.key: steps_for(int(c.hparams["tokens"]), tokens_per_step) for c in cells}
+    mult = _multipliers(cells, steps, schedule)
+    out: list[tuple[Cell, ...]] = []
+    for members in groups.values():
+        lanes: list[list[Cell]] = []
+        for c in sorted(members, key=lambda c: -steps[c.key]):  # stable: longest first, then grid order
+            n = steps[c.key]
+            lane = next((lane for lane in lanes if mult[c.key][:n] == mult[lane[0].key][:n]), None)
+            if lane is None:
+                lanes.append([c])
+            else:
+                lane.append(c)
+        out += [tuple(sorted(lane, key=lambda c: (c.j, c.i))) for lane in lanes]
+    first = {c.key: n for n, c in enumerate(cells)}
+    return sorted(out, key=lambda lane: min(first[c.key] for c in lane))
+
+
+def _multipliers(cells: Sequence[Cell], steps: dict, schedule: str) -> dict[tuple[int, int], list[float]]:
+    """Each cell's learning-rate multiplier at each of its steps, as the trainer computes them."""
+    if not cells:
+        return {}
+    totals = torch.tensor([steps[c.key] for c in cells], dtype=torch.float64)
+    warmup = torch.tensor([float(c.hparams.get("warmup_ratio", 0.0)) for c in cells], dtype=torch.float64)
+    per_step = [lr_multiplier(s, totals, warmup, schedule).tolist() for s in range(int(totals.max()))]
+    return {c.key: [per_step[s][n] for s in range(steps[c.key])] for n, c in enumerate(cells)}
 
 
 def plan_summary(batches: Sequence[Batch], flops_per_model_step: float) -> dict[str, float | int]:
@@ -101,3 +191,32 @@ def shard(batches: Sequence[Batch], k: int, n: int) -> list[Batch]:
         owner[b.index] = p
         loads[p] += b.model_steps
     return sorted((b for b in batches if owner[b.index] == k - 1), key=lambda b: b.index)
+
+
+def plan_study(cfg: StudyConfig, cells: Sequence[Cell], models_per_batch: int, share: bool = True) -> list[Batch]:
+    """The batches that train `cells`: trunks of shared trajectories (`trunks`) stacked `models_per_batch` at
+    a time, or with share False every cell alone (the same results, for more work)."""
+    if not share:
+        return plan_batches(cells, models_per_batch, cell_steps(cfg))
+    return plan_lanes(trunks(cells, cfg.schedule, cfg.batch_size * cfg.seq_len), models_per_batch, cell_steps(cfg))
+
+
+def sharing_summary(batches: Sequence[Batch]) -> dict[str, float]:
+    """What sharing saves: trunks (stacked models), read-outs (cells), the model-steps of training every cell
+    alone against those of the trunks, and the model-steps the read-outs add: a cell that branches off its
+    trunk takes its own last step and a final-loss forward (a third of a step)."""
+    branches = sum(len(lane) - 1 for b in batches for lane in b.stacked)
+    return {"trunks": sum(len(b.stacked) for b in batches), "read_outs": sum(len(b.cells) for b in batches),
+            "cell_model_steps": sum(sum(b.cell_steps) for b in batches),
+            "trunk_model_steps": sum(b.model_steps - b.padded_model_steps for b in batches),
+            "read_out_model_steps": branches * 4 / 3}
+
+
+def shard_cells(cfg: StudyConfig, grid: Grid, k: int, n: int) -> list[Cell]:
+    """The cells of shard k of n, whatever each shard's --models-per-batch: shards are dealt whole trunks
+    (`trunks`) of equal step count, about a grid row's worth of cells at a time, balanced by their steps, so the
+    parts never depend on how a shard batches them and no trunk's steps are taken in two shards."""
+    lanes = trunks(grid.cells(), cfg.schedule, cfg.batch_size * cfg.seq_len)
+    per_unit = max(1, grid.nx // max(len(lane) for lane in lanes))
+    units = plan_lanes(lanes, per_unit, cell_steps(cfg))
+    return [c for unit in shard(units, k, n) for c in unit.cells]

@@ -26,9 +26,9 @@ class _OneStepStream:
 
 
 def _fits(model: GPT, k: int, cfg: TrainConfig, device: torch.device) -> bool:
-    cells = [{"lr": 1e-6, "tokens": cfg.tokens_per_step}] * k
-    # a step of the whole stack, as every step after the first (a shared step 0 is one model's pass)
-    cfg = replace(cfg, share_first_step=False)
+    # Budgets that each end at another token of step 0: its loss weights differ for every model, so step 0 is a pass
+    # of the whole stack, as every later step is (models with one budget would share a single model's pass).
+    cells = [{"lr": 1e-6, "tokens": cfg.tokens_per_step - i % cfg.tokens_per_step} for i in range(k)]
     try:
         StackedTrainer(model, cells, cfg, device).run(_OneStepStream(model.config.vocab_size))
         fits = True

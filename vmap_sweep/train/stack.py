@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-GROUPS = ("embedding", "unembedding", "attn", "mlp")
+from vmap_sweep.study.config import GROUPS
 
 
 def group_of(name: str) -> str:

@@ -1,0 +1,70 @@
+"""What a study keeps beside its cells, in its `extra` table: each key read and written here, with its type.
+
+The store itself stores any JSON under any key; this module is the one place that knows which keys a study
+has and what each holds, so no other module spells a key or guesses a default.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vmap_sweep.store.db import CRITERION, DEFAULT_CRITERION, StudyStore
+from vmap_sweep.study.settings import RunSettings
+
+RUN_SETTINGS = "runtime"  # RunSettings the study was trained with, written once its model and data loaded
+DATA_DIGEST = "data_sha256"  # sha256 of a local data file as it was when the study started
+ZOOM_OF = "zoom_of"  # a zoom child's own {"level", "window", "parent", "fraction"}
+OOD = "ood"  # the out-of-distribution evaluation's result
+
+
+def run_settings(store: StudyStore) -> RunSettings | None:
+    stored = store.get_extra(RUN_SETTINGS)
+    return None if stored is None else RunSettings.from_stored(stored)
+
+
+def put_run_settings(store: StudyStore, settings: RunSettings) -> None:
+    store.put_extra(RUN_SETTINGS, settings.to_dict())
+
+
+def criterion(store: StudyStore) -> dict:
+    """The criterion a study's classes follow: its last `classify`, else the ratio one every study starts with."""
+    return dict(store.get_extra(CRITERION) or DEFAULT_CRITERION)
+
+
+def has_criterion(store: StudyStore) -> bool:
+    return store.get_extra(CRITERION) is not None
+
+
+def put_criterion(store: StudyStore, value: dict) -> None:
+    store.put_extra(CRITERION, dict(value))
+
+
+def data_digest(store: StudyStore) -> str | None:
+    return store.get_extra(DATA_DIGEST)
+
+
+def put_data_digest(store: StudyStore, digest: str) -> None:
+    store.put_extra(DATA_DIGEST, digest)
+
+
+def zoom_of(store: StudyStore) -> dict | None:
+    info = store.get_extra(ZOOM_OF)
+    return info if isinstance(info, dict) else None
+
+
+def put_zoom_of(store: StudyStore, info: dict[str, Any]) -> None:
+    store.put_extra(ZOOM_OF, info)
+
+
+def level(store: StudyStore) -> int:
+    """0 for a study made by `run`, else the zoom level it was made at."""
+    info = zoom_of(store)
+    return int(info["level"]) if info is not None and "level" in info else 0
+
+
+def ood(store: StudyStore) -> Any:
+    return store.get_extra(OOD)
+
+
+def put_ood(store: StudyStore, result: Any) -> None:
+    store.put_extra(OOD, result)

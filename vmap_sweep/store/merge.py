@@ -1,0 +1,114 @@
+"""Merge the shards of one study (`run --shard K/N`) into one study folder.
+
+Shards hold disjoint (or identical) cells of one config; the merged study holds their union, their extras and
+their zoom children. A merge that would change a result already in the output is refused, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from vmap_sweep.errors import ConfigError, StoreError
+from vmap_sweep.store.db import _MISSING, _RUN_COLUMNS, RESULT_COLUMNS, StudyStore, canonical_json, config_diff
+from vmap_sweep.store.extras import criterion
+
+
+def merge_studies(shard_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> StudyStore:
+    """Union of the done cells of shard studies (one config) into ``out_dir`` (new, or an earlier
+    merge of the same study). A cell done in two places must hold identical results."""
+    if not shard_dirs:
+        raise ConfigError("merge: no shard folders given; pass the --out folders of the shard runs")
+    out_dir = Path(out_dir)
+    resolved = [Path(d).resolve() for d in shard_dirs]
+    if out_dir.resolve() in resolved:
+        raise ConfigError(f"merge: output {out_dir} is one of the shards; choose a new folder")
+    stores: list[StudyStore] = []
+    try:
+        for d in shard_dirs:
+            stores.append(StudyStore.open(d))
+        first = stores[0]
+        for s in stores[1:]:
+            if s.config_hash != first.config_hash:
+                raise StoreError(f"merge: {s.directory} was made with a different config than "
+                                 f"{first.directory} ({config_diff(first.config, s.config)}); "
+                                 "merge only shards of one study")
+        cells = first.cells()
+        for s in stores[1:]:
+            if s.cells() != cells:
+                raise StoreError(f"merge: {s.directory} has different cells than {first.directory}; "
+                                 "merge only shards of one study")
+            if criterion(s) != criterion(first):  # one study's classes follow one criterion
+                raise StoreError(f"merge: {s.directory} is classified by {criterion(s)}, {first.directory} "
+                                 f"by {criterion(first)}; run `vmap-sweep classify` on each with the same "
+                                 "criterion")
+        done: dict[tuple[int, int], tuple[dict[str, Any], Path]] = {}
+        extras: dict[str, tuple[Any, Path]] = {}
+        for s in stores:
+            for key, row in s._raw_done().items():
+                if key in done and not _same_result(done[key][0], row):
+                    raise StoreError(f"merge: cell {key} is done in {done[key][1]} and {s.directory} with "
+                                     "different results; keep only one of those shards")
+                done.setdefault(key, (row, s.directory))
+            for k, v in s.extras().items():
+                if k in extras and extras[k][0] != v:
+                    raise StoreError(f"merge: extra result {k!r} differs between {extras[k][1]} and "
+                                     f"{s.directory}; remove it from one shard")
+                extras.setdefault(k, (v, s.directory))
+        out = StudyStore.create_or_open(out_dir, first.config, cells)
+        if out.done_count() and criterion(out) != criterion(first):
+            message = (f"merge: {out_dir} is classified by {criterion(out)}, the shards by "
+                       f"{criterion(first)}; run `vmap-sweep classify` on them with the same criterion")
+            out.close()
+            raise StoreError(message)
+        try:
+            existing = out._raw_done()
+            cols = [*RESULT_COLUMNS, *_RUN_COLUMNS]
+            with out._tx() as conn:
+                for key, (row, src) in sorted(done.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+                    if key in existing:
+                        if not _same_result(existing[key], row):
+                            raise StoreError(f"merge: cell {key} in {out_dir} differs from {src}; "
+                                             "merge into a new folder")
+                        continue
+                    conn.execute(f"UPDATE cells SET status='done', {', '.join(f'{c}=?' for c in cols)} "
+                                 "WHERE i=? AND j=?", [row[c] for c in cols] + [key[0], key[1]])
+                for k, (v, _) in extras.items():
+                    old = out.get_extra(k, _MISSING)
+                    if old != _MISSING and old != v:
+                        raise StoreError(f"merge: extra result {k!r} in {out_dir} differs; "
+                                         "merge into a new folder")
+                    conn.execute("INSERT OR REPLACE INTO extra VALUES (?, ?)", (k, canonical_json({"v": v})))
+                for s in stores:
+                    for c in s.children():
+                        conn.execute("INSERT OR IGNORE INTO children VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                     (c.child_dir, c.x0, c.x1, c.y0, c.y1, c.level, c.created))
+            _copy_child_folders(stores, out_dir)  # once the merge is committed: a refused one copies nothing
+        except BaseException:
+            out.close()
+            raise
+        return out
+    finally:
+        for s in stores:
+            s.close()
+
+
+def _copy_child_folders(stores: Sequence[StudyStore], out_dir: Path) -> None:
+    """Each shard's zoom-child folders into the merged study, so that the children it records exist there.
+    A folder the output already has is kept (an earlier merge); each copy lands whole or not at all."""
+    for s in stores:
+        for c in s.children():
+            src, dst = s.directory / c.child_dir, out_dir / c.child_dir
+            if not src.is_dir() or dst.exists():
+                continue
+            tmp = dst.with_name(dst.name + ".merging")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp)
+            tmp.rename(dst)
+
+
+def _same_result(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return all(a[c] == b[c] for c in RESULT_COLUMNS)

@@ -1,0 +1,56 @@
+"""How a study's cells are computed, beside what they are (the config): device type, micro-batching,
+determinism, compilation and the trainer's arithmetic version.
+
+None of these change what a cell means, but each changes its last bits: a study is trained under one set of
+them, stored once, and a resume or a zoom must match it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from vmap_sweep.errors import StoreError
+
+# The version of the trainer's arithmetic (loss chunking, the shared first step, attention kernels): it sets
+# a cell's last bits. Code of one version reads, analyses and exports a study of another, but does not train
+# more cells into it, so that one study never mixes two arithmetics.
+NUMERICS = 4
+# The release that trains each older version, for the message that refuses it.
+NUMERICS_RELEASE = {1: "vmap-sweep<0.2", 2: "vmap-sweep<0.2", 3: "vmap-sweep<0.2"}
+COMPILE_SETTINGS = ("0", "1", "auto")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    device: str = "cpu"  # the device type, "cpu" or "cuda": kernels round differently on each
+    micro_batch_size: int | None = None  # rows per forward/backward; None: a whole step at once
+    deterministic: bool = False  # bitwise-reproducible kernels
+    compile: str = "0"  # VMAP_SWEEP_COMPILE as it applies on this device: "1", "0" or "auto"
+    numerics: int = NUMERICS
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_stored(cls, stored: dict) -> RunSettings:
+        """Settings as a study stored them; studies from before compile and numerics were recorded ran
+        eager, with the first arithmetic."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{"compile": "0", "numerics": 1, **{k: v for k, v in stored.items() if k in known}})
+
+    def check_trainable_here(self, where: object) -> None:
+        """This code trains only studies of its own arithmetic; it names the release that trains another."""
+        if self.numerics != NUMERICS:
+            release = NUMERICS_RELEASE.get(self.numerics, f"the vmap-sweep release with numerics {self.numerics}")
+            raise StoreError(f"{where} was trained with numerics version {self.numerics}, this vmap-sweep computes "
+                             f"version {NUMERICS}; to add cells to it install {release!r} (analysis, plots and "
+                             "export work here), or start a new --out")
+
+    def check_same(self, stored: RunSettings, where: object) -> None:
+        """A resume (or a zoom child) keeps the settings its study was trained with."""
+        stored.check_trainable_here(where)
+        mine, theirs = self.to_dict(), stored.to_dict()
+        if mine != theirs:
+            diff = ", ".join(f"{k}: {theirs[k]!r} -> {v!r}" for k, v in mine.items() if theirs[k] != v)
+            raise StoreError(f"{where} was trained with other run settings ({diff}); resume with the same "
+                             "--device, --micro-batch-size, --deterministic and VMAP_SWEEP_COMPILE, or use a new --out")
