@@ -29,15 +29,13 @@ import numpy as np
 import torch
 
 from vmap_sweep.cli import app
-from vmap_sweep.data.stream import steps_for
 from vmap_sweep.model.checkpoint import save_model
 from vmap_sweep.model.gpt import GPT, GPTConfig
 from vmap_sweep.model.tokenizer import ByteTokenizer
 from vmap_sweep.run.bench import RandomStream, time_baseline
-from vmap_sweep.run.pipeline import build_grid, plan_study, shard_cells
 from vmap_sweep.store.db import StudyStore
 from vmap_sweep.study.config import preset
-from vmap_sweep.study.plan import parse_shard
+from vmap_sweep.study.plan import build_grid, parse_shard, plan_study, shard_cells, steps_for
 
 
 def main() -> None:
@@ -115,7 +113,7 @@ def main() -> None:
     result["baseline_cell"] = {**{f"{n}-step": t for n, t in base.items()}, "a": base_a, "b": base_b,
                                "eval_batches": eval_batches}
 
-    study = plan_study(cfg, grid, k)
+    study = plan_study(cfg, grid.cells(), k)
     stacked_s = sum(a + b * (batch.steps - 1) for batch in study)
     baseline_s = sum(base_a + base_b * (steps_of(c) - 1) for c in grid.cells())
     result["study"] = {"cells": len(grid.cells()), "batches": len(study), "stacked_hours": stacked_s / 3600,

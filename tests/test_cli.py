@@ -20,15 +20,18 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from cli_helpers import boundary_pixels, cli, ok
+from helpers import bits, snapshot
 
-from vmap_sweep.run.pipeline import build_grid, flops_per_model_step, shard_cells
+from vmap_sweep.run.estimate import flops_per_model_step
 from vmap_sweep.store.db import StudyStore
 from vmap_sweep.study.axes import parse_axis_spec
 from vmap_sweep.study.config import preset
+from vmap_sweep.study.plan import build_grid, shard_cells
 
 REPO = Path(__file__).resolve().parents[1]
+# --no-share: every cell its own model, so that batches are rows of learning rates (sharing has tests of its own)
 TINY = ["run", "--preset", "tiny", "--resolution", "4", "--y", "tokens:256:1024:log", "--eval-tokens", "512",
-        "--models-per-batch", "4", "--device", "cpu"]
+        "--models-per-batch", "4", "--device", "cpu", "--no-share"]
 RESULT_FIELDS = ("steps", "steps_done", "initial_loss", "final_loss", "eval_loss", "diverged", "diverged_step")
 ARRAY_FIELDS = ("trajectory", "base_losses", "grad_norms", "lrs")
 PLOTS = ("score", "final_loss", "eval_loss", "trajectories")
@@ -44,15 +47,6 @@ def one_line_error(result, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file of a study folder by name, to prove a refused command changed nothing."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def bits(values) -> np.ndarray:
-    return np.asarray(values, dtype=np.float64).reshape(-1).view(np.uint64)
 
 
 def assert_same_results(a: StudyStore, b: StudyStore) -> None:
@@ -265,8 +259,9 @@ def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path):
     text = re.sub(r"[│┃|]", " ", result.stdout)
     assert re.search(r"cells\s+16\s", text) and re.search(r"batches\s+4 of up to 4 models", text)
     # tokens 256, 406, 645, 1024 at 256 tokens per step -> 1, 2, 3, 4 steps per row of 4 cells
-    assert re.search(r"model-steps\s+40 \(0 masked\)", text)
-    flops = flops_per_model_step(TINY_CONFIG, 64, 4 * 64) * 40
+    assert re.search(r"model-steps\s+40 \(0 masked\); every cell alone: 40", text)
+    # the model-steps, and each cell's eval pass: 512 held-out tokens, a forward (a third of a step) per 256
+    flops = flops_per_model_step(TINY_CONFIG, 64, 4 * 64) * (40 + 16 * 512 / 256 / 3)
     assert re.search(rf"FLOPs\s+{re.escape(f'{flops:.3g}')}\s", text)
     m = re.search(r"estimate\s+([\d.e+-]+) (s|min|h) on cpu", text)
     assert m and float(m.group(1)) > 0, text
@@ -631,8 +626,9 @@ def test_export_names_its_file_after_the_format(base, tmp_path, monkeypatch):
 def test_an_uncertainty_dimension_outside_the_plane_is_flagged(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
+    from shapes import disk_mask
+
     from vmap_sweep.analysis import study as study_module
-    from vmap_sweep.analysis.fractal import disk_mask
 
     np.save(tmp_path / "mask.npy", disk_mask(32))
     assert "outside [0, 2]" not in ok("fractal", tmp_path / "mask.npy").stdout
@@ -640,3 +636,49 @@ def test_an_uncertainty_dimension_outside_the_plane_is_flagged(tmp_path, monkeyp
     monkeypatch.setattr(study_module, "uncertainty_exponent", lambda mask: SimpleNamespace(dimension=2.178,
                                                                                             stderr=0.432))
     assert "2.178 ± 0.432 (outside [0, 2]" in ok("fractal", tmp_path / "mask.npy").stdout
+
+
+# ------------------------------------------------------------------------------------------------ 12 axes, --version
+def test_axes_shows_each_axis_type_and_default_scale():
+    text = ok("axes").stdout
+    assert "[float, log]" in text and "lr" in text  # printed as text, not eaten as rich markup
+
+
+def test_version_prints_the_installed_version():
+    from importlib.metadata import version
+
+    assert ok("--version").stdout.strip() == f"vmap-sweep {version('vmap-sweep')}"
+
+
+def test_shared_trajectories_store_what_every_cell_alone_stores(tmp_path):
+    """At a constant LR each learning rate's dataset sizes are read out of one trajectory (budgets below one step,
+    ending inside a step and on one); killed after its first batch and resumed from its folder alone, the study
+    holds what training every cell alone gives, bit for bit. --dry-run shows the saving."""
+    from helpers import StopsAfterOneBatch, bits, run_local
+
+    from vmap_sweep.study.config import preset
+    from vmap_sweep.study.settings import RunSettings
+
+    args = ["run", "--preset", "tiny", "--resolution", "4", "--y", "tokens:170:1024:log", "--eval-tokens", "512",
+            "--models-per-batch", "2", "--device", "cpu", "--quiet"]
+    text = re.sub(r"[│┃|]", " ", ok(*args, "--dry-run").stdout)
+    assert re.search(r"trunks\s+4 trained, read out at 16 cells", text), text
+    assert re.search(r"model-steps\s+16 \(0 masked\); every cell alone: 40", text), text
+    alone = tmp_path / "alone"
+    ok(*args, "--no-share", "--out", alone)
+
+    cfg = preset("tiny").with_overrides(resolution="4", y="tokens:170:1024:log", eval_tokens=512)
+    shared = tmp_path / "shared"
+    with pytest.raises(KeyboardInterrupt):
+        run_local(cfg, shared, 2, StopsAfterOneBatch(cfg, RunSettings()))
+    with StudyStore.open(shared) as store:
+        assert store.done_count() == 8  # one batch: two trunks, four cells each
+    ok("run", "--out", shared, "--device", "cpu", "--quiet")
+    with StudyStore.open(alone) as a, StudyStore.open(shared) as b:
+        want, got = a.rows(arrays=True), b.rows(arrays=True)
+    assert len(got) == 16 and all(r["status"] == "done" for r in got)
+    for w, g in zip(want, got, strict=True):
+        for key in (*RESULT_FIELDS, "trajectory", "base_losses", "grad_norms", "lrs", "label", "score"):
+            exact = w[key] is None or isinstance(w[key], str | int)
+            same = w[key] == g[key] if exact else np.array_equal(bits(w[key]), bits(g[key]))
+            assert same, (w["i"], w["j"], key, w[key], g[key])

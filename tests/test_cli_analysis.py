@@ -107,52 +107,41 @@ def test_a_study_from_before_the_compile_setting_resumes_as_eager(study, tmp_pat
     ok(*TINY, "--out", old)
 
 
-def test_a_study_keeps_the_numerics_it_started_with(study, tmp_path):
-    """Resumed, or zoomed into, a study computes as it began; one from before versions were recorded, as the
-    first version did (512-row loss chunks, step 0 run by the whole stack, in-place loss chunks, flash or math
-    attention); one of the second version with its shared step 0 but the older loss chunks and attention; one of
-    the third with the two-pass loss chunks but flash or math attention."""
-    from vmap_sweep.run.pipeline import LocalBackend, run_study
-    from vmap_sweep.run.zoom import zoom_study
-    from vmap_sweep.study.config import LATEST_NUMERICS, StudyConfig
+def test_a_study_of_another_arithmetic_is_read_but_never_trained_into(study, tmp_path):
+    """Code of one numerics version reads, analyses and exports a study of another, but adds no cell to it (no
+    resume, no zoom child): it names the release that trains it, exits 2 and changes nothing."""
+    import shutil
 
-    old = tmp_path / "old"  # its own study: the shared one may have zoom children already
-    ok(*TINY, "--out", old)
-    with StudyStore.open(old) as store:
-        cfg = StudyConfig.from_dict(store.config)
-        runtime = store.get_extra("runtime")
-        assert runtime["numerics"] == LATEST_NUMERICS
-        del runtime["numerics"]  # what studies stored before the setting existed
-        store.put_extra("runtime", runtime)
-    trained_with = []
+    from vmap_sweep.study.settings import NUMERICS
 
-    def backend(cfg, device, micro_batch_size=None):
-        trained_with.append(cfg.train_config(micro_batch_size))
-        return LocalBackend(cfg, device, micro_batch_size)
-
-    run_study(cfg, study, device="cpu", backend_factory=backend).close()
-    run_study(cfg, old, device="cpu", backend_factory=backend).close()
-    zoom_study(old, depth=1, models_per_batch=6, device="cpu", backend_factory=backend)
-    with StudyStore.open(old) as store:
-        store.put_extra("runtime", {**runtime, "numerics": 2})
-    run_study(cfg, old, device="cpu", backend_factory=backend).close()
-    with StudyStore.open(old) as store:
-        store.put_extra("runtime", {**runtime, "numerics": 3})
-    run_study(cfg, old, device="cpu", backend_factory=backend).close()
-    new, legacy, child, second, third = trained_with
-    assert new.share_first_step and new.ce_chunk is None and new.ce_two_pass and new.any_attention_kernel
-    assert not legacy.share_first_step and legacy.ce_chunk == 512 and not legacy.ce_two_pass and child == legacy
-    assert not legacy.any_attention_kernel
-    assert second.share_first_step and second.ce_chunk is None and not second.ce_two_pass
-    assert not second.any_attention_kernel
-    assert third.share_first_step and third.ce_two_pass and not third.any_attention_kernel
+    newer = (NUMERICS + 1, f"numerics {NUMERICS + 1}")
+    for stored, release in ((3, "vmap-sweep<0.2"), (None, "vmap-sweep<0.2"), newer):
+        old = tmp_path / f"old-{stored}"
+        shutil.copytree(study, old)
+        with StudyStore.open(old) as store:
+            runtime = store.get_extra("runtime")
+            if stored is None:
+                del runtime["numerics"]  # what studies stored before the version was recorded: the first one
+            else:
+                runtime["numerics"] = stored
+            store.put_extra("runtime", runtime)
+        before, zooms = (old / "study.db").read_bytes(), sorted(old.glob("zoom-*"))
+        for args in ((*TINY, "--out", old), ("run", "--out", old, "--device", "cpu", "--quiet"),
+                     ("zoom", old, "--auto", "--device", "cpu", "--quiet")):
+            result = cli(*args)
+            assert result.exit_code == 2, (args, result.stdout, result.stderr)
+            assert f"numerics version {stored or 1}" in result.stderr and release in result.stderr, result.stderr
+            assert (old / "study.db").read_bytes() == before and sorted(old.glob("zoom-*")) == zooms
+        assert "converged" in ok("status", old).stdout
+        ok("export", old, "-o", tmp_path / f"old-{stored}.csv")
+        ok("fractal", old, "--json")
 
 
 def test_compile_is_automatic_for_large_models_on_gpus_only(monkeypatch):
     import torch
 
     from vmap_sweep.model.gpt import GPT, GPTConfig
-    from vmap_sweep.run.pipeline import compile_on
+    from vmap_sweep.run.policy import compile_on
 
     monkeypatch.delenv("VMAP_SWEEP_COMPILE", raising=False)
     small = GPT(GPTConfig.from_depth(2, vocab_size=256)).to("meta")

@@ -17,25 +17,26 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import run_local
 
-from vmap_sweep.analysis.study import study_classes
+from vmap_sweep.analysis.classify import study_classes
+from vmap_sweep.analysis.stats import rankdata, spearman
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.eval.ood import (
     distance_to_boundary,
     lattice,
     parse_cells,
     plan_retraining,
-    rankdata,
     retrain_cells,
     run_ood_eval,
     select_cells,
     solo_cells,
-    spearman,
     task_manager,
 )
-from vmap_sweep.run.pipeline import Worker, run_study
+from vmap_sweep.run.worker import Worker
 from vmap_sweep.store.db import StudyStore
 from vmap_sweep.study.config import StudyConfig, preset
+from vmap_sweep.study.settings import RunSettings
 
 # The adapter needs the optional extra; everything else here (and the missing-extra error) runs without it.
 needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
@@ -77,7 +78,7 @@ def tiny(cache):
 @pytest.fixture(scope="module")
 def study(cache, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("study")
-    with run_study(CFG, out, models_per_batch=16, device="cpu") as store:
+    with run_local(CFG, out, 16) as store:
         assert store.done_count() == 16
     return out
 
@@ -321,7 +322,7 @@ def test_retraining_reproduces_the_stored_trajectories(study, study_copy):
     got = list(retrain_cells(study, cells, device="cpu", models_per_batch=3))  # other companions than the run
     assert [r.cell.key for r in got] == [c.key for c in cells]
     assert all(r.max_rel_diff == 0.0 for r in got)  # bitwise on a CPU
-    stream = Worker(CFG, "cpu").data.stream
+    stream = Worker(CFG, "cpu", RunSettings()).data.stream
     for r in got:  # each yielded model is that cell's fine-tune: it gives the stored final loss
         row = rows[r.cell.key]
         loss = _final_loss(r.model, stream, CFG, int(r.cell.hparams["tokens"]), row["steps_done"])

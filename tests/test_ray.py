@@ -13,20 +13,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import run_local
 
 ray = pytest.importorskip("ray")
 
 from vmap_sweep.errors import ConfigError, DataError  # noqa: E402
-from vmap_sweep.run.pipeline import Progress, Worker, run_study  # noqa: E402
+from vmap_sweep.run.pipeline import Progress  # noqa: E402
 from vmap_sweep.run.ray_backend import INSTALL_HINT, RayBackend  # noqa: E402
+from vmap_sweep.run.worker import Worker  # noqa: E402
 from vmap_sweep.study.config import preset  # noqa: E402
 from vmap_sweep.study.plan import Batch  # noqa: E402
+from vmap_sweep.study.settings import RunSettings  # noqa: E402
 from vmap_sweep.train.trainer import CellRecord  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-# 4 x 4 cells: 4 learning rates x 1, 2, 4, 8 steps; 4 models per batch gives 4 batches of 4.
-CFG = preset("tiny").with_overrides(resolution="4x4", y="tokens:256:2048:log")
-K = 4
+# 4 x 4 cells: 4 learning rates x 1, 2, 4, 8 steps at a constant LR: each learning rate's 4 dataset sizes are read
+# out of one trajectory; one trunk per batch gives 4 batches of 4 cells.
+CFG = preset("tiny").with_overrides(resolution="4x4", y="tokens:256:2048:log", schedule="constant")
+K = 1
 RUN_ONLY = ("wall_time", "finished_at")  # the only columns allowed to differ between two runs
 
 
@@ -62,19 +66,13 @@ def ray_cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(ray_cluster, tmp_path_factory) -> list[dict]:
     """The study run by the single-process backend: what every Ray run must reproduce bit for bit."""
-    with run_study(CFG, tmp_path_factory.mktemp("local"), K, device="cpu") as store:
+    with run_local(CFG, tmp_path_factory.mktemp("local"), K) as store:
         return store.rows(arrays=True)
 
 
-class Recorder:
-    """A backend factory that keeps the backend it built, to see which worker trained what."""
-
-    def __init__(self, **kwargs):
-        self.kwargs, self.backend = kwargs, None
-
-    def __call__(self, cfg, device, micro_batch_size):
-        self.backend = RayBackend(cfg, device, micro_batch_size, **self.kwargs)
-        return self.backend
+def ray_backend(**kwargs) -> RayBackend:
+    """CPU workers with the settings a CPU run records."""
+    return RayBackend(CFG, RunSettings(), **kwargs)
 
 
 class Counting(Progress):
@@ -84,7 +82,7 @@ class Counting(Progress):
         self.done: list[int] = []
         self.stop_after = stop_after
 
-    def batch_done(self, batch: Batch, records: list[CellRecord], elapsed: float) -> None:
+    def batch_done(self, batch: Batch, labels: list[str | None], elapsed: float) -> None:
         self.done.append(batch.index)
         if self.stop_after is not None and len(self.done) >= self.stop_after:
             raise KeyboardInterrupt
@@ -94,12 +92,12 @@ class DiesOnce(Worker):
     """Trains the batch, then kills its process before the records go back, once per flag file: the worst
     moment to die, the work is done and lost. The replacement worker finds the flag and lives."""
 
-    def __init__(self, cfg, device, micro_batch_size=None, flag: str = ""):
-        super().__init__(cfg, device, micro_batch_size)
+    def __init__(self, cfg, device, settings, flag: str = ""):
+        super().__init__(cfg, device, settings)
         self.flag = flag
 
-    def train(self, hparams: list[dict]) -> list[CellRecord]:
-        records = super().train(hparams)
+    def train(self, lanes: list[list[dict]]) -> list[CellRecord]:
+        records = super().train(lanes)
         try:
             fd = os.open(self.flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # exactly one worker wins
         except FileExistsError:
@@ -111,7 +109,7 @@ class DiesOnce(Worker):
 class CannotLoad(Worker):
     message = "data.jsonl line 3: no `messages`; give each line a list of messages"
 
-    def __init__(self, cfg, device, micro_batch_size=None):
+    def __init__(self, cfg, device, settings):
         raise DataError(self.message)
 
 
@@ -132,15 +130,16 @@ def assert_same_rows(got: list[dict], want: list[dict]) -> None:
 
 
 def test_two_workers_store_what_one_process_stores(reference, tmp_path):
-    factory, progress = Recorder(num_workers=2), Counting()
+    progress = Counting()
     t = time.perf_counter()
-    with run_study(CFG, tmp_path / "ray", K, device="cpu", progress=progress, backend_factory=factory) as store:
+    with ray_backend(num_workers=2) as backend, \
+            run_local(CFG, tmp_path / "ray", K, backend, progress=progress) as store:
         rows = store.rows(arrays=True)
     print(f"\nray run, 2 workers: {time.perf_counter() - t:.1f}s")
     assert_same_rows(rows, reference)
     assert sorted(progress.done) == [0, 1, 2, 3]  # each batch committed exactly once
-    assert len(set(factory.backend.assigned.values())) == 2, factory.backend.assigned  # both workers trained
-    assert factory.backend.slots == [] and ray.is_initialized()  # close() left running the Ray it did not start
+    assert len(set(backend.assigned.values())) == 2, backend.assigned  # both workers trained
+    assert backend.slots == [] and ray.is_initialized()  # close() left running the Ray it did not start
     deadline = time.monotonic() + 30
     while ray.available_resources().get("CPU", 0) < 2:  # ... and stopped its actors, which free their CPUs
         assert time.monotonic() < deadline, ray.available_resources()
@@ -149,8 +148,9 @@ def test_two_workers_store_what_one_process_stores(reference, tmp_path):
 
 def test_worker_killed_mid_batch_loses_nothing(reference, tmp_path):
     flag = tmp_path / "died"
-    factory, progress = Recorder(num_workers=2, worker_factory=partial(DiesOnce, flag=str(flag))), Counting()
-    with run_study(CFG, tmp_path / "ray", K, device="cpu", progress=progress, backend_factory=factory) as store:
+    progress = Counting()
+    with ray_backend(num_workers=2, worker_factory=partial(DiesOnce, flag=str(flag))) as backend, \
+            run_local(CFG, tmp_path / "ray", K, backend, progress=progress) as store:
         rows = store.rows(arrays=True)
     assert flag.exists()  # a worker did die
     assert_same_rows(rows, reference)
@@ -160,18 +160,17 @@ def test_worker_killed_mid_batch_loses_nothing(reference, tmp_path):
 def test_study_started_locally_is_finished_by_ray(reference, tmp_path):
     out = tmp_path / "study"
     with pytest.raises(KeyboardInterrupt):
-        run_study(CFG, out, K, device="cpu", progress=Counting(stop_after=2))
-    factory, progress = Recorder(num_workers=2), Counting()
-    with run_study(CFG, out, K, device="cpu", progress=progress, backend_factory=factory) as store:
+        run_local(CFG, out, K, progress=Counting(stop_after=2))
+    progress = Counting()
+    with ray_backend(num_workers=2) as backend, run_local(CFG, out, K, backend, progress=progress) as store:
         rows = store.rows(arrays=True)
-    assert len(progress.done) == 2 and sorted(factory.backend.assigned) == sorted(progress.done)  # only the rest
+    assert len(progress.done) == 2 and sorted(backend.assigned) == sorted(progress.done)  # only the rest
     assert_same_rows(rows, reference)
 
 
 def test_an_error_inside_a_worker_comes_back_as_itself(ray_cluster, tmp_path):
-    factory = Recorder(num_workers=1, worker_factory=CannotLoad)
-    with pytest.raises(DataError) as e:
-        run_study(CFG, tmp_path / "s", K, device="cpu", backend_factory=factory)
+    with pytest.raises(DataError) as e, ray_backend(num_workers=1, worker_factory=CannotLoad) as backend:
+        run_local(CFG, tmp_path / "s", K, backend)
     # the user's one-line message, not Ray's wrapper with a remote traceback (the CLI prints it as is)
     assert type(e.value) is DataError and str(e.value) == CannotLoad.message
 
@@ -179,12 +178,12 @@ def test_an_error_inside_a_worker_comes_back_as_itself(ray_cluster, tmp_path):
 def test_without_ray_the_option_says_how_to_install_it(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
     with pytest.raises(ConfigError) as e:
-        run_study(CFG, tmp_path / "s", K, device="cpu", backend_factory=RayBackend)
+        ray_backend()
     assert str(e.value) == INSTALL_HINT == "--backend ray needs Ray: pip install 'vmap-sweep[ray]'"
 
 
 def test_memory_probe_runs_on_a_worker(ray_cluster):
-    backend = RayBackend(CFG, torch.device("cpu"), num_workers=1)
+    backend = ray_backend(num_workers=1)
     try:
         assert backend.models_per_batch(16) == 8 and backend.models_per_batch(3) == 3  # CPU: min(limit, 8)
         assert " CPU pid " in backend.worker_names()[0]

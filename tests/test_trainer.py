@@ -6,20 +6,21 @@ import math
 
 import pytest
 import torch
-from stacking_helpers import (
+from helpers import (
     RandomStream,
     budget_weights,
     newton_schulz_single,
     reference_adamw,
     reference_nanochat,
     tiny_model,
+    train_batch,
 )
 from torch.nn.attention import SDPBackend
 
+from vmap_sweep.study.schedule import lr_multiplier
 from vmap_sweep.train.optim import newton_schulz
-from vmap_sweep.train.schedule import lr_multiplier
 from vmap_sweep.train.stack import GROUPS
-from vmap_sweep.train.trainer import StackedTrainer, TrainConfig, ce_chunk_rows, group_lrs, train_batch
+from vmap_sweep.train.trainer import StackedTrainer, TrainConfig, ce_chunk_rows, group_lrs
 
 B, T = 2, 16
 # A tight divergence cap (2x the base loss), so that the large-LR cells below pass it.
@@ -318,8 +319,7 @@ def test_block_weights_receive_gradients_in_their_own_layout(compiled):
 
 
 def test_attention_runs_once_per_block_for_the_whole_stack(monkeypatch):
-    """Outside vmap, on every model's heads at once (the models folded into the batch), with the kernels the
-    numerics version allows: any (cuDNN's on a GPU), or flash and math as studies before version 4 ran."""
+    """Outside vmap, on every model's heads at once (the models folded into the batch), with any SDPA kernel."""
     from vmap_sweep.train import trainer as trainer_module
 
     calls = []
@@ -332,42 +332,7 @@ def test_attention_runs_once_per_block_for_the_whole_stack(monkeypatch):
     trainer._forward_backward(x, y, trainer._loss_weights(0, y), with_grad=True)
     cfg = base.config
     assert calls == [(3 * B, cfg.n_head, T, cfg.head_dim)] * cfg.n_layer
-    assert SDPBackend.CUDNN_ATTENTION in trainer._attention_kernels
-    older = StackedTrainer(base, cells, TrainConfig(**{**CFG.__dict__, "any_attention_kernel": False}))
-    assert older._attention_kernels == [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
-
-
-# attention under vmap on the CPU (the old path) has no batching rule and runs once per model, with a warning
-@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
-@pytest.mark.parametrize("compiled", [False, True])
-def test_flash_or_math_outside_vmap_equals_attention_under_vmap_bitwise(monkeypatch, compiled):
-    """Studies of numerics 1-3 ran each whole block under vmap; moving attention out of vmap must not change their
-    numbers when it keeps their kernels (on the GPU too: benchmarks/gpu_checks.py --only attention)."""
-    from torch.func import functional_call, vmap
-    from torch.nn.attention import sdpa_kernel
-
-    from vmap_sweep.train import trainer as trainer_module
-
-    base, stream = tiny_model(), RandomStream()
-    cells = [{"lr": 1e-3, "tokens": 96}, {"lr": 3e-2, "tokens": 64, "weight_decay": 0.1}, {"lr": 1e-4, "tokens": 40}]
-    cfg = TrainConfig(**{**CFG.__dict__, "compile": compiled, "any_attention_kernel": False})
-    evals = [stream.batch(1000, B, T)]
-
-    def whole_block_under_vmap(halves, stacked, shared, h, cos, sin, kernels):  # numerics 1-3 as written then
-        stacked = {n: trainer_module._GradInOwnLayout.apply(t) for n, t in stacked.items()}
-        with sdpa_kernel(trainer_module.FLASH_OR_MATH):
-            return vmap(lambda p, x: functional_call(base.transformer.h[0], (p, shared), (x, cos, sin)))(stacked, h)
-
-    def run():
-        torch._dynamo.reset()
-        trainer = StackedTrainer(base, cells, cfg)
-        records = trainer.run(stream, evals)
-        return [(r.losses, r.grad_norms, r.eval_loss) for r in records], trainer.state_dict_of(1)
-
-    now, now_weights = run()
-    monkeypatch.setattr(trainer_module, "_block_stage", whole_block_under_vmap)
-    before, before_weights = run()
-    assert now == before and all(torch.equal(now_weights[n], before_weights[n]) for n in now_weights)
+    assert SDPBackend.CUDNN_ATTENTION in trainer_module.SDPA_BACKENDS
 
 
 @pytest.mark.parametrize("micro_batch_size", [None, 1])

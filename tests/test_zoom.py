@@ -17,18 +17,23 @@ import numpy as np
 import pytest
 import torch
 from cli_helpers import boundary_pixels
+from helpers import StopsAfterOneBatch, run_local, zoom_local
 from matplotlib.animation import PillowWriter
 from PIL import Image
 
 from vmap_sweep.analysis import animate as animate_mod
 from vmap_sweep.analysis.animate import animate
-from vmap_sweep.analysis.study import reclassify, study_classes
+from vmap_sweep.analysis.chain import dimension_report, zoom_levels
+from vmap_sweep.analysis.classify import study_classes
+from vmap_sweep.analysis.study import reclassify
+from vmap_sweep.analysis.window import pick_window
 from vmap_sweep.errors import ConfigError, StoreError
-from vmap_sweep.run.pipeline import LocalBackend, run_study
-from vmap_sweep.run.zoom import ZOOM_EXTRA, dimension_report, pick_window, zoom_levels, zoom_study
+from vmap_sweep.run.worker import LocalBackend
 from vmap_sweep.store.db import DB_NAME, StudyStore
+from vmap_sweep.store.extras import ZOOM_OF
 from vmap_sweep.study.axes import parse_axis_spec
 from vmap_sweep.study.config import StudyConfig, preset
+from vmap_sweep.study.settings import RunSettings
 from vmap_sweep.train.trainer import CellRecord
 
 # ----------------------------------------------------------------------------- helpers
@@ -47,9 +52,13 @@ def inside_disk(lr: float, wd: float) -> tuple[bool, float]:
 class FormulaBackend:
     """The runner's backend protocol without a model: each cell's record follows from inside_disk."""
 
-    def __init__(self, cfg, device, micro_batch_size=None, crash_after: int | None = None,
-                 trained: list[int] | None = None):
+    settings = RunSettings()
+
+    def __init__(self, crash_after: int | None = None, trained: list[int] | None = None):
         self.crash_after, self.trained = crash_after, trained if trained is not None else []
+
+    def first_supervised_position(self) -> int:
+        return 1
 
     def models_per_batch(self, limit: int) -> int:
         return limit
@@ -72,12 +81,12 @@ class FormulaBackend:
         pass
 
 
-def formula(trained: list[int] | None = None, crash_after: int | None = None):
-    return lambda cfg, dev, mbs=None: FormulaBackend(cfg, dev, mbs, crash_after, trained)
+def formula(trained: list[int] | None = None, crash_after: int | None = None) -> FormulaBackend:
+    return FormulaBackend(crash_after, trained)
 
 
 def disk_parent(folder: Path) -> Path:
-    run_study(DISK, folder, 128, "cpu", backend_factory=formula()).close()
+    run_local(DISK, folder, 128, formula()).close()
     return folder
 
 
@@ -111,7 +120,7 @@ def disk_chain(tmp_path_factory):
     """A 32x32 parent and a depth-2 auto zoom, all with the formula backend."""
     parent = disk_parent(tmp_path_factory.mktemp("disk") / "parent")
     trained: list[int] = []
-    dirs = zoom_study(parent, depth=2, models_per_batch=128, device="cpu", backend_factory=formula(trained))
+    dirs = zoom_local(parent, formula(trained), depth=2, models_per_batch=128)
     return parent, dirs, trained
 
 
@@ -200,7 +209,7 @@ def test_zoom_makes_recorded_nested_children_over_the_picked_windows(disk_chain)
             assert (cx.lo, cx.hi, cy.lo, cy.hi) == child.window
             assert log_width(cx.lo, cx.hi) == pytest.approx(log_width(x.lo, x.hi) / 8, rel=1e-9)
             assert s.done_count() == s.cell_count() == 32 * 32
-            assert s.get_extra(ZOOM_EXTRA)["level"] == level
+            assert s.get_extra(ZOOM_OF)["level"] == level
             same = {k: v for k, v in s.config.items() if k not in ("x", "y")}
             assert same == {k: v for k, v in parent_cfg.to_dict().items() if k not in ("x", "y")}
         prev = d
@@ -226,19 +235,19 @@ def test_rerun_resumes_an_interrupted_child_and_then_trains_nothing(tmp_path):
     parent = disk_parent(tmp_path / "parent")
     before = snapshot(parent)
     with pytest.raises(RuntimeError, match="killed"):
-        zoom_study(parent, depth=2, models_per_batch=100, device="cpu", backend_factory=formula(crash_after=3))
+        zoom_local(parent, formula(crash_after=3), depth=2, models_per_batch=100)
     assert snapshot(parent)[0] == before[0]  # the parent database: the child is recorded only once trained
     (partial,) = [p for p in parent.iterdir() if p.is_dir()]
     with StudyStore.open(partial) as s:
         assert s.done_count() == 300
     trained: list[int] = []
-    dirs = zoom_study(parent, depth=2, models_per_batch=100, device="cpu", backend_factory=formula(trained))
+    dirs = zoom_local(parent, formula(trained), depth=2, models_per_batch=100)
     assert dirs[0] == partial and sum(trained) == (1024 - 300) + 1024  # the rest of level 1, then level 2
     assert [p for p in parent.iterdir() if p.is_dir()] == [partial]
     stamps = [finished_at(d) for d in dirs]
     children = [children_of(d) for d in (parent, dirs[0])]
     trained.clear()
-    assert zoom_study(parent, depth=2, models_per_batch=100, device="cpu", backend_factory=formula(trained)) == dirs
+    assert zoom_local(parent, formula(trained), depth=2, models_per_batch=100) == dirs
     assert sum(trained) == 0 and [finished_at(d) for d in dirs] == stamps
     assert [children_of(d) for d in (parent, dirs[0])] == children
 
@@ -246,7 +255,7 @@ def test_rerun_resumes_an_interrupted_child_and_then_trains_nothing(tmp_path):
 def test_a_given_window_is_used_for_the_first_level_only(tmp_path):
     parent = disk_parent(tmp_path / "parent")
     window = (1e-3, 1e-2, 0.1, 1.0)  # crosses the disk's edge
-    dirs = zoom_study(parent, window=window, depth=2, models_per_batch=256, device="cpu", backend_factory=formula())
+    dirs = zoom_local(parent, formula(), window=window, depth=2, models_per_batch=256)
     chain = zoom_levels(parent)
     assert chain[1][2] == pytest.approx(window, rel=1e-12)
     with StudyStore.open(dirs[0]) as s:
@@ -267,19 +276,19 @@ def test_bad_inputs_raise_and_change_nothing(tmp_path):
     ]
     for kwargs, err, msg in cases:
         with pytest.raises(err, match=msg):
-            zoom_study(parent, device="cpu", backend_factory=formula(), **kwargs)
+            zoom_local(parent, formula(), **kwargs)
         assert snapshot(parent) == before
     # an unfinished parent: refused for an auto and for a given window
     unfinished = tmp_path / "unfinished"
     with pytest.raises(RuntimeError):
-        run_study(DISK, unfinished, 100, "cpu", backend_factory=formula(crash_after=2))
+        run_local(DISK, unfinished, 100, formula(crash_after=2))
     before = snapshot(unfinished)
     for window in (None, (1e-3, 1e-2, 0.1, 1.0)):
         with pytest.raises(ConfigError, match="200 of 1024 cells are done"):
-            zoom_study(unfinished, window=window, device="cpu", backend_factory=formula())
+            zoom_local(unfinished, formula(), window=window)
         assert snapshot(unfinished) == before
     with pytest.raises(StoreError, match="no study.db"):
-        zoom_study(tmp_path / "nowhere", device="cpu", backend_factory=formula())
+        zoom_local(tmp_path / "nowhere", formula())
 
 
 def test_animate_writes_one_gif_frame_per_level(disk_chain, tmp_path, monkeypatch):
@@ -341,8 +350,8 @@ class Counting(LocalBackend):
 def test_zoom_end_to_end_on_the_tiny_model(model_cache, tmp_path):
     cfg = preset("tiny").with_overrides(resolution="6", y="tokens:256:2048:log")
     parent = tmp_path / "parent"
-    run_study(cfg, parent, 8, "cpu").close()
-    dirs = zoom_study(parent, depth=2, models_per_batch=8, device="cpu")
+    run_local(cfg, parent, 8).close()
+    dirs = zoom_local(parent, depth=2, models_per_batch=8)
     chain = zoom_levels(parent)
     assert [(lv, d) for lv, d, _ in chain] == [(0, parent), (1, dirs[0]), (2, dirs[1])]
     for (_, d, window), prev in zip(chain[1:], (parent, dirs[0]), strict=True):
@@ -353,7 +362,7 @@ def test_zoom_end_to_end_on_the_tiny_model(model_cache, tmp_path):
         assert [c.window for c in children_of(prev)] == [window]
     stamps = [finished_at(d) for d in (parent, *dirs)]
     Counting.cells = 0
-    assert zoom_study(parent, depth=2, device="cpu", backend_factory=Counting) == dirs
+    assert zoom_local(parent, Counting(cfg, RunSettings()), depth=2) == dirs
     assert Counting.cells == 0 and [finished_at(d) for d in (parent, *dirs)] == stamps
     report = dimension_report(parent)
     assert len(report["levels"]) == 3
@@ -375,20 +384,10 @@ def test_zoom_end_to_end_on_the_tiny_model(model_cache, tmp_path):
         assert im.n_frames == 3
 
 
-class StopsAfterOneBatch(LocalBackend):
-    """A run that dies after its first batch is stored (as a killed process would)."""
-
-    def run(self, jobs, started):
-        for n, item in enumerate(super().run(jobs, started)):
-            if n == 1:
-                raise KeyboardInterrupt
-            yield item
-
-
 def _labels_follow_the_criterion(folder) -> dict:
     """Every stored class equals what the study's criterion recomputes from its trajectory."""
-    from vmap_sweep.analysis.classify import study_criterion
     from vmap_sweep.analysis.study import classify_cells
+    from vmap_sweep.store.extras import criterion as study_criterion
 
     with StudyStore.open(folder) as store:
         criterion = study_criterion(store)
@@ -408,14 +407,14 @@ def test_cells_trained_after_a_classify_follow_its_criterion(model_cache, tmp_pa
     cfg = preset("tiny").with_overrides(resolution="6", y="tokens:256:2048:log")
     parent = tmp_path / "parent"
     with pytest.raises(KeyboardInterrupt):
-        run_study(cfg, parent, 6, "cpu", backend_factory=StopsAfterOneBatch)
+        run_local(cfg, parent, 2, StopsAfterOneBatch(cfg, RunSettings()))
     reclassify_with_zooms(parent, "threshold", converged_below=3.0)
-    run_study(cfg, parent, 6, "cpu").close()  # resumed: the rest is labelled by threshold, not ratio
+    run_local(cfg, parent, 6).close()  # resumed: the rest is labelled by threshold, not ratio
     assert _labels_follow_the_criterion(parent) == THRESHOLD
     with StudyStore.open(parent) as store:
         assert "marginal" in set(store.labels_array().ravel())  # a class only threshold gives
 
-    (child,) = zoom_study(parent, depth=1, models_per_batch=8, device="cpu")
+    (child,) = zoom_local(parent, depth=1, models_per_batch=8)
     assert _labels_follow_the_criterion(child) == THRESHOLD  # a zoom study takes its parent's criterion
     counts, followed = reclassify_with_zooms(parent, "ratio")
     assert followed == 1 and sum(counts.values()) == 36
@@ -428,15 +427,15 @@ def test_cells_trained_after_a_classify_follow_its_criterion(model_cache, tmp_pa
 
 
 def test_a_study_with_results_keeps_its_criterion_and_a_failed_classify_changes_nothing(model_cache, tmp_path):
-    from vmap_sweep.analysis.classify import study_criterion
     from vmap_sweep.analysis.study import reclassify_with_zooms
+    from vmap_sweep.store.extras import criterion as study_criterion
 
     cfg = preset("tiny").with_overrides(resolution="6", y="tokens:256:2048:log")
     study = tmp_path / "study"
     with pytest.raises(KeyboardInterrupt):
-        run_study(cfg, study, 6, "cpu", backend_factory=StopsAfterOneBatch)
+        run_local(cfg, study, 2, StopsAfterOneBatch(cfg, RunSettings()))
     # resumed with a criterion (as a zoom passes its parent's): its stored ratio classes stay the rule
-    run_study(cfg, study, 6, "cpu", criterion=THRESHOLD).close()
+    run_local(cfg, study, 6, criterion=THRESHOLD).close()
     assert _labels_follow_the_criterion(study) == {"criterion": "ratio"}
 
     with StudyStore.open(study) as store:

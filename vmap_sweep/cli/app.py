@@ -1,20 +1,19 @@
-"""The `vmap-sweep` command line: parses, calls, prints. Every user error is one line and exit code 2."""
+"""The `vmap-sweep` command line: parses, validates, calls the library; what it prints is drawn by
+render.py. Every user error is one line and exit code 2."""
 
 from __future__ import annotations
 
 import functools
 import json
-import os
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from vmap_sweep.analysis.jsonsafe import json_safe
+from vmap_sweep.cli import render
+from vmap_sweep.cli.render import console  # stderr: errors and the progress of a running study
+from vmap_sweep.cli.render import say as _say
 from vmap_sweep.errors import ConfigError, VmapSweepError
 from vmap_sweep.eval import DEFAULT_TASKS
 
@@ -23,8 +22,23 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True, emoji=False)  # ':x:' in a user's spec is not an emoji
-out_console = Console()
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        _say(f"vmap-sweep {version('vmap-sweep')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+):
+    # Options of vmap-sweep itself, before any command. No docstring: the help text is the Typer's above.
+    pass
 
 
 def user_errors(fn):
@@ -46,13 +60,8 @@ def user_errors(fn):
 
 
 def _error(message: str):
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    render.error(message)
     raise typer.Exit(2) from None
-
-
-def _say(text: str) -> None:
-    """Text with paths in it: never wrapped (scripts read it) and never parsed as rich markup."""
-    out_console.print(text, soft_wrap=True, markup=False, highlight=False)
 
 
 def _fixed(settings: list[str] | None) -> dict:
@@ -73,23 +82,32 @@ def _fixed(settings: list[str] | None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ run
-Preset = Annotated[str, typer.Option(help="Starting configuration: d20-docvqa (the flagship study) or tiny.")]
+Preset = Annotated[str | None, typer.Option(help="Starting configuration: d20-docvqa (the flagship study, the default "
+                                                 "for a new study) or tiny. Resuming, the study's own.")]
 
 
-def _study_config(preset, model, data, x, y, resolution, optimizer, schedule, batch_size, seq_len, seed, settings,
-                  trainable, eval_tokens, optimizer_state=None, checkpoint_activations=None):
+def _study_config(preset: str | None, settings: list[str] | None, stored=None, **options):
+    """The preset (or, resuming without one, the stored study's config) with every option the user gave (None: not
+    given) and --set values applied, validated."""
     from vmap_sweep.study.config import preset as get_preset
 
-    base = get_preset(preset)
-    fixed = {**base.fixed, **_fixed(settings)}
-    cfg = base.with_overrides(
-        model=model, data=data, x=x, y=y, resolution=resolution, optimizer=optimizer, schedule=schedule,
-        batch_size=batch_size, seq_len=seq_len, seed=seed, eval_tokens=eval_tokens,
-        trainable=tuple(trainable.split(",")) if trainable else None, fixed=fixed, optimizer_state=optimizer_state,
-        checkpoint_activations=checkpoint_activations or None,
-    )
+    base = stored if preset is None and stored is not None else get_preset(preset or "d20-docvqa")
+    trainable = options.pop("trainable", None)
+    cfg = base.with_overrides(**options, fixed={**base.fixed, **_fixed(settings)},
+                              trainable=tuple(trainable.split(",")) if trainable else None)
     cfg.validate()
     return cfg
+
+
+def _stored_config(out: Path):
+    """The config of the study in `out`, or None where there is none yet."""
+    from vmap_sweep.store.db import DB_NAME
+    from vmap_sweep.store.study import Study
+
+    if not (out / DB_NAME).is_file():
+        return None
+    with Study.open(out) as study:
+        return study.config
 
 
 def _models_per_batch(text: str) -> int | str:
@@ -107,7 +125,7 @@ def _models_per_batch(text: str) -> int | str:
 @app.command()
 @user_errors
 def run(
-    preset: Preset = "d20-docvqa",
+    preset: Preset = None,
     out: Annotated[Path | None, typer.Option(help="Study folder (created, or resumed if it exists).")] = None,
     model: Annotated[str | None, typer.Option(help="'tiny', a checkpoint folder or a Hub repo id.")] = None,
     data: Annotated[str | None, typer.Option(help="'synthetic', a .jsonl/.parquet file or a Hub dataset.")] = None,
@@ -129,6 +147,8 @@ def run(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     shard: Annotated[str | None, typer.Option(help="K/N: run only the K-th of N parts of the plan.")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the plan and an estimate of its time; train nothing.")] = False,
+    share: Annotated[bool, typer.Option(help="Read a learning rate's dataset sizes out of one shared trajectory "
+                                             "(same results); --no-share trains every cell alone.")] = True,
     quiet: Annotated[bool, typer.Option(help="Log lines instead of a progress bar.")] = False,
     deterministic: Annotated[bool, typer.Option(help="Bitwise-reproducible kernels (slower on GPU).")] = False,
     wandb: Annotated[bool, typer.Option(help="Log progress to Weights & Biases (WANDB_MODE=offline works).")] = False,
@@ -136,91 +156,77 @@ def run(
     address: Annotated[str | None, typer.Option(help="Ray cluster to join ('auto': `ray start`'s).")] = None,
     workers: Annotated[int | None, typer.Option(help="Ray workers (default: one per GPU, or per CPU without).")] = None,
 ):
-    """Run (or resume) a study: every cell of the grid fine-tuned, stored batch by batch."""
-    cfg = _study_config(preset, model, data, x, y, resolution, optimizer, schedule, batch_size, seq_len, seed,
-                        set_, trainable, eval_tokens, optimizer_state, checkpoint_activations)
+    """Run (or resume) a study: every cell of the grid fine-tuned, stored batch by batch. A study resumes from its
+    folder alone (`run --out DIR`): options left out are the study's own; options given must match them."""
     k = _models_per_batch(models_per_batch)
-    out = out or Path("studies") / preset
+    out = out or Path("studies") / (preset or "d20-docvqa")
     shard_spec = None
     if shard:
         from vmap_sweep.study.plan import parse_shard
 
         shard_spec = parse_shard(shard)
         out = out / f"shard-{shard_spec[0]}-of-{shard_spec[1]}"
-    backend_factory = _backend(backend, address, workers, device)
-    from vmap_sweep.train.trainer import check_micro_batch_size
-
-    check_micro_batch_size(micro_batch_size, cfg.batch_size)
-    if dry_run:
-        _dry_run(cfg, 8 if k == "auto" else k, device)
-        return
-    _run(cfg, out, k, device, micro_batch_size, shard_spec, deterministic, quiet, wandb, backend_factory)
-
-
-def _backend(backend: str, address: str | None, workers: int | None, device: str):
-    """None for this process; a RayBackend factory for --backend ray (Ray is an optional extra)."""
-    if backend == "local":
-        if address or workers:
-            raise ConfigError("--address/--workers work with --backend ray; add --backend ray")
-        return None
-    if backend != "ray":
+    cfg = _study_config(preset, set_, _stored_config(out), model=model, data=data, x=x, y=y, resolution=resolution,
+                        optimizer=optimizer, schedule=schedule, batch_size=batch_size, seq_len=seq_len, seed=seed,
+                        eval_tokens=eval_tokens, trainable=trainable, optimizer_state=optimizer_state,
+                        checkpoint_activations=checkpoint_activations or None)
+    if (address or workers) and backend != "ray":
+        raise ConfigError("--address/--workers work with --backend ray; add --backend ray")
+    if backend not in ("local", "ray"):
         raise ConfigError(f"--backend {backend!r}: choose local or ray")
-    from functools import partial
+    if backend == "ray":
+        from vmap_sweep.run.ray_backend import import_ray
 
-    from vmap_sweep.run.ray_backend import RayBackend, import_ray
+        import_ray()  # the install hint before any work
+    settings = _run_settings(cfg, device, micro_batch_size, deterministic)
+    if dry_run:
+        _dry_run(cfg, 8 if k == "auto" else k, device, share)
+        return
+    _run(cfg, out, k, settings, shard_spec, quiet, wandb, backend, address, workers, share)
 
-    import_ray()  # the install hint before any work
-    return partial(RayBackend, address=address, num_workers=workers, gpus_per_worker=0 if device == "cpu" else None)
+
+def _run_settings(cfg, device: str, micro_batch_size: int | None = None, deterministic: bool = False):
+    from vmap_sweep.run.policy import resolve_device, run_settings
+
+    return run_settings(resolve_device(device), cfg.batch_size, micro_batch_size, deterministic)
 
 
-def _run(cfg, out, k, device, micro_batch_size, shard_spec, deterministic, quiet, wandb, backend_factory=None):
-    from vmap_sweep.cli.render import RichProgress, WandbProgress, summary_table
+def _open_backend(cfg, settings, backend: str = "local", address: str | None = None, workers: int | None = None):
+    """This process, or Ray workers (an optional extra); the caller closes it."""
+    if backend == "ray":
+        from vmap_sweep.run.ray_backend import RayBackend
+
+        return RayBackend(cfg, settings, address=address, num_workers=workers,
+                          gpus_per_worker=0 if settings.device == "cpu" else None)
+    from vmap_sweep.run.worker import LocalBackend
+
+    return LocalBackend(cfg, settings)
+
+
+def _run(cfg, out, k, settings, shard_spec=None, quiet=False, wandb=False, backend="local", address=None,
+         workers=None, share=True):
+    from vmap_sweep.analysis.classify import label_record
     from vmap_sweep.run.pipeline import run_study
 
-    progress = RichProgress(console, quiet=quiet)
+    progress = render.RichProgress(console, quiet=quiet)
     if wandb:
-        progress = WandbProgress(progress, cfg, name=Path(out).name)
-    store = run_study(cfg, out, k, device, micro_batch_size, shard_spec, deterministic, progress,
-                      backend_factory=backend_factory)
+        progress = render.WandbProgress(progress, cfg, name=Path(out).name)
+    with _open_backend(cfg, settings, backend, address, workers) as b:
+        store = run_study(cfg, out, b, models_per_batch=k, shard=shard_spec, progress=progress, labeller=label_record,
+                          share=share)
     with store:
-        out_console.print(summary_table(store, progress))
+        render.show([render.summary_table(store, progress)])
         _say(f"study stored in {out}")
 
 
-def _dry_run(cfg, k, device):
-
-    from vmap_sweep.run.pipeline import describe_plan, resolve_device
+def _dry_run(cfg, k, device, share=True):
+    from vmap_sweep.run.estimate import base_model_config, describe_plan
+    from vmap_sweep.run.policy import resolve_device
+    from vmap_sweep.study.plan import build_grid, plan_study
 
     dev = resolve_device(device)
-    if cfg.model == "tiny":
-        from vmap_sweep.train.tiny import TINY_CONFIG as model_config
-    else:
-        from vmap_sweep.model.checkpoint import load_model
-
-        model_config = load_model(cfg.model).config
-    s = describe_plan(cfg, k, model_config, dev)
-    table = Table(title="plan", show_header=False)
-    for key, value in [
-        ("model / data", f"{cfg.model} / {cfg.data}"),
-        ("grid", f"{cfg.x} × {cfg.y} at {cfg.resolution}"),
-        ("cells", s["cells"]), ("batches", f"{s['batches']} of up to {k} models"),
-        ("steps per cell", f"{s['steps_range'][0]} … {s['steps_range'][1]}"),
-        ("model-steps", f"{s['model_steps']:,} ({s['padded_model_steps']:,} masked)"),
-        ("FLOPs", f"{s['flops']:.3g}"),
-        ("estimate", f"{_duration(s['seconds_estimate'])} on {s['device']} "
-                     f"(matmul {s['matmul_tflops']:.2f} TFLOP/s measured, {s['efficiency']:.0%} of it assumed)"),
-    ]:
-        table.add_row(str(key), escape(str(value)))
-    out_console.print(table)
-
-
-def _duration(seconds: float) -> str:
-    """Seconds, minutes or hours, so a small plan's estimate is not printed as 0.00 h."""
-    if seconds < 90:
-        return f"{seconds:.2g} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.2f} h"
+    s = describe_plan(cfg, plan_study(cfg, build_grid(cfg).cells(), k, share), base_model_config(cfg.model), dev)
+    render.show([render.plan_table(cfg, k, s)])
 
 
 # ------------------------------------------------------------------------------------------------ demo
@@ -240,7 +246,7 @@ def demo(
     if min(parse_resolution(resolution)) < 4:  # found out before training, not after it
         raise ConfigError(f"--resolution {resolution!r}: the demo measures the boundary's dimension, which needs "
                           "at least 4x4 cells; use e.g. 32")
-    _run(cfg, out, 32, "cpu", None, None, False, quiet, False)
+    _run(cfg, out, 32, _run_settings(cfg, "cpu"), quiet=quiet)
     _plot(out, ["png"], None)
     _print_fractal(out, json_out=False, plot_file=out / "plots" / "box_counting.png", save_json=out / "fractal.json")
 
@@ -250,11 +256,10 @@ def demo(
 @user_errors
 def status(study: Annotated[Path, typer.Argument(help="Study folder.")]):
     """Progress and results so far of a running or stopped study."""
-    from vmap_sweep.cli.render import status_table
     from vmap_sweep.store.db import StudyStore
 
     with StudyStore.open(study) as store:
-        out_console.print(status_table(store))
+        render.show([render.status_table(store)])
 
 
 # ------------------------------------------------------------------------------------------------ classify
@@ -276,8 +281,7 @@ def classify(
         raise ConfigError("--converged-below works with --criterion threshold; add it, or drop the option")
     counts, zooms = reclassify_with_zooms(study, criterion, converged_below=converged_below,
                                           diverged_above=diverged_above)
-    _say(f"{criterion}: " + ", ".join(f"{n} {label}" for label, n in sorted(counts.items()))
-         + (f"; its {zooms} zoom studies too" if zooms else ""))
+    _say(render.classify_line(criterion, counts, zooms))
 
 
 # ------------------------------------------------------------------------------------------------ plot
@@ -304,7 +308,7 @@ def plot(
 
 def _plot(study: Path, formats, rows, out: Path | None = None):
     from vmap_sweep.analysis.plots import save_plots
-    from vmap_sweep.analysis.study import grid_view
+    from vmap_sweep.analysis.view import grid_view
     from vmap_sweep.store.db import StudyStore
 
     with StudyStore.open(study) as store:
@@ -344,11 +348,10 @@ def merge(
     out: Annotated[Path, typer.Option(help="Folder of the merged study.")],
 ):
     """Combine shards of one study (same config) into one study."""
-    from vmap_sweep.store.db import merge_studies
+    from vmap_sweep.store.merge import merge_studies
 
-    store = merge_studies(shards, out)
-    with store:
-        _say(f"merged {len(shards)} shards: {store.done_count()}/{store.cell_count()} cells in {out}")
+    with merge_studies(shards, out) as store:
+        _say(render.merge_line(len(shards), store, out))
 
 
 # ------------------------------------------------------------------------------------------------ fractal
@@ -370,23 +373,7 @@ def _print_fractal(source: Path, json_out: bool, plot_file: Path | None, save_js
     report = fractal_report(source, plot_file)
     if save_json is not None:
         save_json.write_text(json.dumps(json_safe(report), indent=2, allow_nan=False))
-    if json_out:
-        out_console.print_json(json.dumps(json_safe(report), allow_nan=False))
-        return
-    box = report
-    out_console.print(
-        f"box-counting dimension {box['dimension']:.3f} ± {box['stderr']:.3f} (stderr), "
-        f"95% CI [{box['ci_low']:.3f}, {box['ci_high']:.3f}], fit over box sizes "
-        f"{box['fit_range'][0]}–{box['fit_range'][1]} at {box['resolution'][0]}×{box['resolution'][1]}"
-    )
-    out_console.print("box sizes:  " + " ".join(f"{s:>7d}" for s in box["box_sizes"]))
-    out_console.print("box counts: " + " ".join(f"{c:>7.1f}" for c in box["box_counts"]))
-    if "uncertainty_dimension" in box:
-        note = f" ({box['uncertainty_note']})" if "uncertainty_note" in box else ""
-        out_console.print(f"uncertainty-exponent dimension {box['uncertainty_dimension']:.3f} "
-                          f"± {box['uncertainty_stderr']:.3f}{note}")
-    if plot_file is not None:
-        _say(f"plot: {plot_file}")
+    render.emit(report, json_out, render.fractal_lines, plot_file)
 
 
 # ------------------------------------------------------------------------------------------------ zoom
@@ -406,14 +393,19 @@ def zoom(
     quiet: Annotated[bool, typer.Option(help="Log lines instead of a progress bar.")] = False,
 ):
     """Run child studies over a window of the boundary, same resolution, DEPTH levels down (resumable)."""
-    from vmap_sweep.cli.render import RichProgress
+    from vmap_sweep.analysis.classify import label_record
     from vmap_sweep.run.zoom import zoom_study
+    from vmap_sweep.store.study import Study
 
     if auto == (window is not None):
         raise ConfigError("zoom: give --auto or --window X0 X1 Y0 Y1")
-    children = zoom_study(study, window, depth, fraction, _models_per_batch(models_per_batch), device,
-                          RichProgress(console, quiet=quiet), micro_batch_size=micro_batch_size,
-                          deterministic=deterministic)
+    k = _models_per_batch(models_per_batch)
+    with Study.open(study) as parent:
+        cfg = parent.config  # the model and data every level trains
+    settings = _run_settings(cfg, device, micro_batch_size, deterministic)
+    with _open_backend(cfg, settings) as backend:
+        children = zoom_study(study, backend, window, depth, fraction, models_per_batch=k,
+                              progress=render.RichProgress(console, quiet=quiet), labeller=label_record)
     for child in children:
         _say(str(child))
 
@@ -425,27 +417,9 @@ def zoom_dimension(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ):
     """Box-counting dimension per zoom level, and pooled over all levels (more decades of scale)."""
-    from vmap_sweep.run.zoom import dimension_report
+    from vmap_sweep.analysis.chain import dimension_report
 
-    report = dimension_report(study)
-    if json_out:
-        out_console.print_json(json.dumps(json_safe(report), allow_nan=False))
-        return
-    def num(value) -> str:
-        return "n/a" if value is None else f"{value:.3f}"
-
-    for level in report["levels"]:
-        if level.get("dimension") is None:
-            _say(f"level {level['level']}: not measurable ({level.get('error')})")
-        else:
-            _say(f"level {level['level']}: D = {num(level['dimension'])} [{num(level['ci_low'])}, "
-                 f"{num(level['ci_high'])}], cell scale {level['scale']:.3g}")
-    pooled = report["pooled"]
-    if pooled.get("dimension") is None:
-        _say(f"pooled: not measurable ({pooled.get('error')})")
-    else:
-        _say(f"pooled over levels: D = {num(pooled['dimension'])} ± {num(pooled['stderr'])} "
-             f"[{num(pooled['ci_low'])}, {num(pooled['ci_high'])}]")
+    render.emit(dimension_report(study), json_out, render.zoom_dimension_lines)
 
 
 @app.command()
@@ -456,9 +430,9 @@ def animate(
     fps: Annotated[float, typer.Option(help="Frames per second.")] = 2.0,
 ):
     """The zoom sequence, parent to deepest child, as a GIF (and MP4 where ffmpeg exists)."""
-    from vmap_sweep.analysis.animate import animate as render
+    from vmap_sweep.analysis.animate import animate as animate_zoom
 
-    _say(str(render(study, output or study / "zoom.gif", fps)))
+    _say(str(animate_zoom(study, output or study / "zoom.gif", fps)))
 
 
 # ------------------------------------------------------------------------------------------------ rules, report
@@ -470,20 +444,13 @@ def rules(
     plot_file: Annotated[Path | None, typer.Option("--plot", help="Draw LR vs dataset size (.png/.svg/.pdf).")] = None,
 ):
     """Rules of thumb: critical, safe and optimal LR per dataset size and their power laws."""
-    from vmap_sweep.analysis.rules import fit_table, plot_rules, rules_of_thumb, rules_table
+    from vmap_sweep.analysis.plots import plot_rules
+    from vmap_sweep.analysis.rules import rules_of_thumb
 
     result = rules_of_thumb(study)
     if plot_file is not None:
         plot_rules(result, plot_file)
-    if json_out:
-        out_console.print_json(json.dumps(result.to_dict(), allow_nan=False))
-        return
-    out_console.print(rules_table(result))
-    out_console.print(fit_table(result))
-    for line in result.summary():
-        _say(line)
-    if plot_file is not None:
-        _say(f"plot: {plot_file}")
+    render.emit(result, json_out, render.rules_lines, plot_file)
 
 
 @app.command()
@@ -564,7 +531,7 @@ def bench(
         raise ConfigError("bench: no CUDA device here; run it on a GPU machine or pass --device cpu")
     if tokens_per_step % seq_len:
         raise ConfigError(f"--tokens-per-step {tokens_per_step} must be a multiple of --seq-len {seq_len}")
-    from vmap_sweep.train.trainer import check_micro_batch_size
+    from vmap_sweep.study.config import check_micro_batch_size
 
     check_micro_batch_size(micro_batch_size, tokens_per_step // seq_len, "{rows} rows per step")
     if optimizer_state not in ("float32", "bfloat16"):
@@ -573,16 +540,7 @@ def bench(
                   steps=steps, device=device, optimizer_state_dtype=optimizer_state,
                   compile=kind == "cuda" if compile is None else compile,
                   checkpoint_activations=checkpoint_activations)
-    table = Table(title=f"depth {depth}, {models_per_batch} stacked, {tokens_per_step} tokens/step, "
-                        f"cells of {steps} steps")
-    for col in ("", "s/cell", "s/step", "TFLOP/s"):
-        table.add_column(col)
-    table.add_row("one at a time (best)", f"{r.baseline_cell_s:.3f}", f"{r.baseline_step_s:.4f}",
-                  f"{r.baseline_tflops:.1f}")
-    table.add_row(f"{models_per_batch} stacked", f"{r.stacked_cell_s:.3f}", f"{r.stacked_step_s:.4f}",
-                  f"{r.stacked_tflops:.1f}")
-    out_console.print(table)
-    _say(f"cells per hour, stacked / one at a time: {r.speedup:.2f}x; peak memory {r.peak_memory_gb:.1f} GB")
+    render.show(render.bench_lines(r))
 
 
 # ------------------------------------------------------------------------------------------------ axes
@@ -591,9 +549,4 @@ def axes():
     """The hyperparameters a study can sweep, and what each means."""
     from vmap_sweep.study.axes import axes_help
 
-    out_console.print(axes_help(), highlight=False)
-
-
-def main() -> None:  # pragma: no cover - the console script calls app() directly
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(app())
+    render.show(render.axes_lines(axes_help()))

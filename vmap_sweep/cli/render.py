@@ -1,19 +1,84 @@
-"""Progress of a running study: a rich bar (or log lines), optional Weights & Biases, summary tables."""
+"""Everything the CLI shows: the two consoles, plain lines, JSON, tables, the progress of a running study
+(a rich bar or log lines, optionally Weights & Biases). Commands in app.py parse and call; this draws."""
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
+from vmap_sweep.analysis.jsonsafe import json_safe
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.run.pipeline import Progress as ProgressHooks
-from vmap_sweep.store.db import StudyStore
-from vmap_sweep.study.plan import Batch
-from vmap_sweep.train.trainer import CellRecord
+
+if TYPE_CHECKING:
+    from vmap_sweep.analysis.rules import RulesResult
+    from vmap_sweep.run.bench import BenchResult
+    from vmap_sweep.store.db import StudyStore
+    from vmap_sweep.study.plan import Batch
+
+console = Console(stderr=True, emoji=False)  # ':x:' in a user's spec is not an emoji
+out_console = Console()
+
+
+# ------------------------------------------------------------------------------------------------ lines
+def say(text: str) -> None:
+    """Text with paths in it: never wrapped (scripts read it) and never parsed as rich markup."""
+    out_console.print(text, soft_wrap=True, markup=False, highlight=False)
+
+
+def error(message: str) -> None:
+    """A user error as one line on stderr (the caller exits with code 2)."""
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def show(items: Iterable[RenderableType]) -> None:
+    """Strings as plain lines (``say``); tables and other rich renderables as rich draws them."""
+    for item in items:
+        if isinstance(item, str):
+            say(item)
+        else:
+            out_console.print(item)
+
+
+def emit(result: Any, json_out: bool, lines: Callable[[Any], Iterable[RenderableType]],
+         plot: Path | None = None) -> None:
+    """The tail of a command with --json (and maybe --plot): one strict JSON object (a result with
+    ``to_dict()`` as that dict), or ``lines(result)`` shown then where the plot was saved. The lines are
+    only built without --json."""
+    if json_out:
+        data = result.to_dict() if hasattr(result, "to_dict") else result
+        out_console.print_json(json.dumps(json_safe(data), allow_nan=False))
+        return
+    show(lines(result))
+    if plot is not None:
+        say(f"plot: {plot}")
+
+
+def _prose(text: str) -> Text:
+    """A sentence of numbers, not a path: wrapped to the terminal and highlighted, as rich prints a string."""
+    return out_console.render_str(text)
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def duration(seconds: float) -> str:
+    """Seconds, minutes or hours, so a small plan's estimate is not printed as 0.00 h."""
+    if seconds < 90:
+        return f"{seconds:.2g} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
 
 
 class RichProgress(ProgressHooks):
@@ -64,16 +129,16 @@ class RichProgress(ProgressHooks):
             text = f"{len(self.running)} batches running ({', '.join(str(i + 1) for i in sorted(self.running))})"
         self.bar.update(self.task, description=text)
 
-    def batch_done(self, batch: Batch, records: list[CellRecord], elapsed: float) -> None:
+    def batch_done(self, batch: Batch, labels: list[str | None], elapsed: float) -> None:
         self.running.pop(batch.index, None)
         self._describe()
-        self.done += len(records)
-        self.trained += len(records)
-        self.diverged += sum(_diverged(r) for r in records)
+        self.done += len(labels)
+        self.trained += len(labels)
+        self.diverged += labels.count("diverged")
         if self.bar is not None:
             self.bar.update(self.task, completed=self.done, rate=self.cells_per_minute(), diverged=self.diverged)
         else:
-            self._log(f"batch {batch.index + 1}/{self.batches}: {len(records)} cells in {elapsed:.1f}s, "
+            self._log(f"batch {batch.index + 1}/{self.batches}: {len(labels)} cells in {elapsed:.1f}s, "
                       f"{self.done}/{self.total} done, {self.diverged} diverged, "
                       f"{self.cells_per_minute():.1f} cells/min")
 
@@ -83,12 +148,6 @@ class RichProgress(ProgressHooks):
 
     def _log(self, text: str) -> None:
         self.console.print(text, highlight=False)
-
-
-def _diverged(rec: CellRecord) -> bool:
-    """The class stored with the record (what the summary table counts), else the trainer's own verdict."""
-    label = getattr(rec, "label", None)
-    return label == "diverged" if label is not None else bool(rec.diverged)
 
 
 class WandbProgress(ProgressHooks):
@@ -117,14 +176,14 @@ class WandbProgress(ProgressHooks):
     def batch_started(self, batch, todo):
         self.inner.batch_started(batch, todo)
 
-    def batch_done(self, batch, records, elapsed):
-        self.inner.batch_done(batch, records, elapsed)
-        for rec in records:
-            label = getattr(rec, "label", None) or "unclassified"
+    def batch_done(self, batch, labels, elapsed):
+        self.inner.batch_done(batch, labels, elapsed)
+        for label in labels:
+            label = label or "unclassified"
             self.labels[label] = self.labels.get(label, 0) + 1
         self.run.log({"cells_done": self.inner.done, "diverged": self.inner.diverged,
                       "cells_per_minute": self.inner.cells_per_minute(), "batch_seconds": elapsed,
-                      "batch_models": len(records), "batch_steps": batch.steps,
+                      "batch_models": len(labels), "batch_steps": batch.steps,
                       **{f"class/{label}": n for label, n in self.labels.items()}})
 
     def finish(self):
@@ -174,4 +233,119 @@ def status_table(store: StudyStore) -> Table:
     children = store.children()
     if children:
         table.add_row("zoom children", escape(", ".join(c.child_dir for c in children)))
+    return table
+
+
+# ------------------------------------------------------------------------------------------------ commands
+def classify_line(criterion: str, counts: dict[str, int], zooms: int) -> str:
+    return (f"{criterion}: " + ", ".join(f"{n} {label}" for label, n in sorted(counts.items()))
+            + (f"; its {zooms} zoom studies too" if zooms else ""))
+
+
+def merge_line(shards: int, store: StudyStore, out: Path) -> str:
+    return f"merged {shards} shards: {store.done_count()}/{store.cell_count()} cells in {out}"
+
+
+def fractal_lines(report: dict) -> list[Text]:
+    """The box-counting dimension with its CI and fit range, the box sizes and counts, and the
+    uncertainty-exponent dimension where the source had one."""
+    box = report
+    lines = [
+        f"box-counting dimension {box['dimension']:.3f} ± {box['stderr']:.3f} (stderr), "
+        f"95% CI [{box['ci_low']:.3f}, {box['ci_high']:.3f}], fit over box sizes "
+        f"{box['fit_range'][0]}–{box['fit_range'][1]} at {box['resolution'][0]}×{box['resolution'][1]}",
+        "box sizes:  " + " ".join(f"{s:>7d}" for s in box["box_sizes"]),
+        "box counts: " + " ".join(f"{c:>7.1f}" for c in box["box_counts"]),
+    ]
+    if "uncertainty_dimension" in box:
+        note = f" ({box['uncertainty_note']})" if "uncertainty_note" in box else ""
+        lines.append(f"uncertainty-exponent dimension {box['uncertainty_dimension']:.3f} "
+                     f"± {box['uncertainty_stderr']:.3f}{note}")
+    return [_prose(line) for line in lines]
+
+
+def zoom_dimension_lines(report: dict) -> list[str]:
+    """One line per zoom level, then the dimension pooled over all levels."""
+    lines = []
+    for level in report["levels"]:
+        if level.get("dimension") is None:
+            lines.append(f"level {level['level']}: not measurable ({level.get('error')})")
+        else:
+            lines.append(f"level {level['level']}: D = {_num(level['dimension'])} [{_num(level['ci_low'])}, "
+                         f"{_num(level['ci_high'])}], cell scale {level['scale']:.3g}")
+    pooled = report["pooled"]
+    if pooled.get("dimension") is None:
+        lines.append(f"pooled: not measurable ({pooled.get('error')})")
+    else:
+        lines.append(f"pooled over levels: D = {_num(pooled['dimension'])} ± {_num(pooled['stderr'])} "
+                     f"[{_num(pooled['ci_low'])}, {_num(pooled['ci_high'])}]")
+    return lines
+
+
+def rules_table(result: RulesResult) -> Table:
+    """The per-size values (the CLI prints it, then ``fit_table``)."""
+    header, rows = result.table_rows()
+    table = Table(title=f"rules of thumb: {result.lr_axis} vs dataset size ({result.criterion} criterion)")
+    for h in header:
+        table.add_column(h, justify="left" if h == "note" else "right")
+    for r in rows:
+        table.add_row(*r)
+    return table
+
+
+def fit_table(result: RulesResult) -> Table:
+    """The fitted power laws, one row per rule."""
+    header, rows = result.fit_rows()
+    table = Table(title="fitted rules (D in tokens)")
+    for h in header:
+        table.add_column(h)
+    for r in rows:
+        table.add_row(*r)
+    return table
+
+
+def rules_lines(result: RulesResult) -> list[RenderableType]:
+    """Both tables, then the findings in sentences."""
+    return [rules_table(result), fit_table(result), *result.summary()]
+
+
+def bench_table(r: BenchResult) -> Table:
+    """Stacked against one at a time: seconds per cell and per step, achieved TFLOP/s."""
+    table = Table(title=f"depth {r.depth}, {r.models} stacked, {r.tokens_per_step} tokens/step, "
+                        f"cells of {r.steps} steps")
+    for col in ("", "s/cell", "s/step", "TFLOP/s"):
+        table.add_column(col)
+    table.add_row("one at a time (best)", f"{r.baseline_cell_s:.3f}", f"{r.baseline_step_s:.4f}",
+                  f"{r.baseline_tflops:.1f}")
+    table.add_row(f"{r.models} stacked", f"{r.stacked_cell_s:.3f}", f"{r.stacked_step_s:.4f}",
+                  f"{r.stacked_tflops:.1f}")
+    return table
+
+
+def bench_lines(r: BenchResult) -> list[RenderableType]:
+    return [bench_table(r), f"cells per hour, stacked / one at a time: {r.speedup:.2f}x; "
+                            f"peak memory {r.peak_memory_gb:.1f} GB"]
+
+
+def axes_lines(help_text: str) -> list[Text]:
+    """The axes help, wrapped but never parsed as markup: '[float, log]' is each axis's type and scale."""
+    return [Text(help_text)]
+
+
+def plan_table(cfg, k: int, s: dict) -> Table:
+    """--dry-run's plan: what will be trained and a rough time for it."""
+    table = Table(title="plan", show_header=False)
+    for key, value in [
+        ("model / data", f"{cfg.model} / {cfg.data}"),
+        ("grid", f"{cfg.x} × {cfg.y} at {cfg.resolution}"),
+        ("cells", s["cells"]), ("batches", f"{s['batches']} of up to {k} models"),
+        ("steps per cell", f"{s['steps_range'][0]} … {s['steps_range'][1]}"),
+        ("trunks", f"{s['trunks']:,} trained, read out at {s['read_outs']:,} cells"),
+        ("model-steps", f"{s['model_steps']:,} ({s['padded_model_steps']:,} masked); every cell alone: "
+                        f"{s['cell_model_steps']:,}"),
+        ("FLOPs", f"{s['flops']:.3g}"),
+        ("estimate", f"{duration(s['seconds_estimate'])} on {s['device']} "
+                     f"(matmul {s['matmul_tflops']:.2f} TFLOP/s measured, {s['efficiency']:.0%} of it assumed)"),
+    ]:
+        table.add_row(str(key), escape(str(value)))
     return table

@@ -17,19 +17,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vmap_sweep.analysis.classify import study_criterion
-from vmap_sweep.analysis.study import study_classes
+from vmap_sweep.analysis.classify import study_classes
+from vmap_sweep.analysis.stats import spearman
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.eval import DEFAULT_TASKS
 from vmap_sweep.model.gpt import GPT
 from vmap_sweep.model.tokenizer import Tokenizer
-from vmap_sweep.run.pipeline import Worker, resolve_device
+from vmap_sweep.run.policy import resolve_device
+from vmap_sweep.run.worker import Worker
+from vmap_sweep.store import extras
 from vmap_sweep.store.db import StudyStore
-from vmap_sweep.study.config import StudyConfig, study_numerics
+from vmap_sweep.store.study import Study
 from vmap_sweep.study.grid import Cell
-from vmap_sweep.train.trainer import StackedTrainer, set_determinism
+from vmap_sweep.study.settings import RunSettings
+from vmap_sweep.train.trainer import StackedTrainer
 
-EXTRA_KEY = "ood"
 RTOL = 1e-6  # largest relative difference between a re-trained and a stored trajectory that is accepted
 
 
@@ -101,67 +103,6 @@ def distance_to_boundary(converged: np.ndarray) -> np.ndarray:
     return np.sqrt(np.where(mask, to_diverged, to_converged))
 
 
-# ------------------------------------------------------------------------------------------ statistics
-
-
-def rankdata(a: np.ndarray) -> np.ndarray:
-    """Ranks from 1, ties sharing their average rank (accuracies over `limit` examples tie often)."""
-    a = np.asarray(a, dtype=np.float64)
-    order = np.argsort(a, kind="mergesort")
-    inv = np.empty_like(order)
-    inv[order] = np.arange(a.size)
-    s = a[order]
-    first = np.r_[True, s[1:] != s[:-1]]
-    dense = first.cumsum()[inv]
-    bounds = np.r_[np.nonzero(first)[0], a.size]
-    return 0.5 * (bounds[dense] + bounds[dense - 1] + 1)
-
-
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a - a.mean(), b - b.mean()
-    den = math.sqrt(float((a * a).sum() * (b * b).sum()))
-    return float((a * b).sum() / den) if den > 0 else math.nan
-
-
-@dataclass(frozen=True)
-class SpearmanResult:
-    rho: float | None  # None where undefined: fewer than 3 points or a constant variable
-    ci_low: float | None
-    ci_high: float | None
-    n: int
-
-    def to_dict(self) -> dict:
-        return {"rho": self.rho, "ci_low": self.ci_low, "ci_high": self.ci_high, "n": self.n}
-
-
-def spearman(x: Sequence[float], y: Sequence[float], n_boot: int = 2000, confidence: float = 0.95,
-             seed: int = 0) -> SpearmanResult:
-    """Spearman's rho with a percentile bootstrap CI over resampled (x, y) pairs (seeded, so reruns agree).
-    Resamples where a variable is constant have no rho and are skipped."""
-    xa, ya = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if xa.shape != ya.shape or xa.ndim != 1:
-        raise ValueError(f"spearman: x and y must be 1-D of one length, got {xa.shape} and {ya.shape}")
-    ok = np.isfinite(xa) & np.isfinite(ya)
-    xa, ya = xa[ok], ya[ok]
-    n = int(xa.size)
-    rho = _pearson(rankdata(xa), rankdata(ya)) if n >= 3 else math.nan
-    if not math.isfinite(rho):
-        return SpearmanResult(None, None, None, n)
-    rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, n, n)
-        r = _pearson(rankdata(xa[idx]), rankdata(ya[idx]))
-        if math.isfinite(r):
-            boots.append(r)
-    if not boots:
-        return SpearmanResult(rho, None, None, n)
-    alpha = (1.0 - confidence) / 2
-    low, high = np.quantile(boots, [alpha, 1 - alpha])
-    # A percentile interval of a skewed bootstrap can miss its own point estimate; widen it to hold rho.
-    return SpearmanResult(rho, float(min(low, rho)), float(max(high, rho)), n)
-
-
 # ------------------------------------------------------------------------------------------ re-training
 
 
@@ -228,22 +169,17 @@ def retrain_cells(
     """
     if models_per_batch < 1:
         raise ConfigError(f"--models-per-batch must be at least 1, got {models_per_batch}")
-    with StudyStore.open(study_dir) as store:
-        cfg = StudyConfig.from_dict(store.config)
-        stored = store.trajectories()
-        solo = solo_cells(store)
+    with Study.open(study_dir) as study:
+        cfg, stored, solo = study.config, study.store.trajectories(), solo_cells(study.store)
         # re-train as the study was trained: micro-batching sets the order of the gradient sums, compiled
-        # kernels round differently from eager ones
-        stored_runtime = store.get_extra("runtime")
-        runtime = stored_runtime or {}
-        micro_batch_size, compile = runtime.get("micro_batch_size"), runtime.get("compile", "0")
-        cfg = replace(cfg, numerics=study_numerics(stored_runtime))
+        # kernels round differently from eager ones, and only this version's arithmetic is at hand
+        trained = study.settings or RunSettings()
+    trained.check_trainable_here(study_dir)
     missing = [c.key for c in cells if c.key not in stored]
     if missing:
         raise ConfigError(f"{study_dir}: cells {missing[:3]} are not done; finish the study before evaluating it")
     dev = resolve_device(device)
-    set_determinism(cfg.seed, deterministic)
-    worker = Worker(cfg, dev, micro_batch_size, compile)
+    worker = Worker(cfg, dev, replace(trained, device=dev.type, deterministic=deterministic))
     data = worker.data
     for stack in plan_retraining(cells, solo, models_per_batch):
         trainer = StackedTrainer(data.model, [c.hparams for c in stack], worker.train_cfg, dev)
@@ -383,7 +319,7 @@ def run_ood_eval(
     with StudyStore.open(study_dir) as store:
         distance = distance_to_boundary(study_classes(store))
         selected = select_cells(store, n_x, n_y)
-        criterion = study_criterion(store)  # the classes the distances are measured to
+        criterion = extras.criterion(store)  # the classes the distances are measured to
     manager = task_manager(tasks, include_path)
     check_tasks_load(tasks, manager)
     dev = resolve_device(device)
@@ -402,5 +338,5 @@ def run_ood_eval(
         "criterion": criterion,
     }
     with StudyStore.open(study_dir) as store:
-        store.put_extra(EXTRA_KEY, result)
+        extras.put_ood(store, result)
     return result

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from vmap_sweep.model.gpt import GPT, GPTConfig
-from vmap_sweep.train.stack import GROUPS
+from vmap_sweep.study.config import GROUPS
 from vmap_sweep.train.trainer import StackedTrainer, TrainConfig
 
 

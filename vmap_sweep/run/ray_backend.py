@@ -23,16 +23,16 @@ from typing import Any
 import torch
 
 from vmap_sweep.errors import ConfigError, VmapSweepError
-from vmap_sweep.run.pipeline import Job, Worker, compile_setting
+from vmap_sweep.run.worker import Job, Worker, job_lanes
 from vmap_sweep.study.config import StudyConfig
-from vmap_sweep.train.memory import probe_models_per_batch
-from vmap_sweep.train.trainer import CellRecord, set_determinism
+from vmap_sweep.study.settings import RunSettings
+from vmap_sweep.train.trainer import CellRecord
 
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "--backend ray needs Ray: pip install 'vmap-sweep[ray]'"
 
-WorkerFactory = Callable[[StudyConfig, torch.device, "int | None"], Worker]
+WorkerFactory = Callable[[StudyConfig, torch.device, RunSettings], Worker]
 
 
 class WorkersLostError(VmapSweepError):
@@ -56,25 +56,24 @@ def _lost_errors(ray: Any) -> tuple[type[BaseException], ...]:
 
 
 class RayWorker:
-    """The body of one Ray actor: a runner.Worker (model and data loaded once) on the actor's device.
+    """The body of one Ray actor: a run.worker.Worker (model and data loaded once) on the actor's device.
 
     Loading happens in load(), not __init__, so that an error there (a bad checkpoint, a missing file)
     comes back to the driver as itself instead of as an actor that died while starting.
     """
 
-    def __init__(self, cfg: StudyConfig, use_gpu: bool, micro_batch_size: int | None, deterministic: bool,
-                 threads: int | None, worker_factory: WorkerFactory):
-        self.cfg, self.use_gpu, self.micro_batch_size = cfg, use_gpu, micro_batch_size
-        self.deterministic, self.threads, self.worker_factory = deterministic, threads, worker_factory
+    def __init__(self, cfg: StudyConfig, settings: RunSettings, use_gpu: bool, threads: int | None,
+                 worker_factory: WorkerFactory):
+        self.cfg, self.settings, self.use_gpu = cfg, settings, use_gpu
+        self.threads, self.worker_factory = threads, worker_factory
         self.worker: Worker | None = None
 
     def load(self) -> str:
-        """Builds the Worker with the driver's determinism settings; returns a name for progress and logs."""
-        set_determinism(self.cfg.seed, self.deterministic)
+        """Builds the Worker with the driver's run settings; returns a name for progress and logs."""
         if self.threads:
             torch.set_num_threads(self.threads)
         device = torch.device("cuda" if self.use_gpu else "cpu")
-        self.worker = self.worker_factory(self.cfg, device, self.micro_batch_size)
+        self.worker = self.worker_factory(self.cfg, device, self.settings)
         if self.use_gpu:
             import ray
 
@@ -84,14 +83,17 @@ class RayWorker:
             what = "CPU"
         return f"{socket.gethostname()} {what} pid {os.getpid()}"  # the pid tells apart workers sharing a GPU
 
-    def train(self, hparams: list[dict]) -> list[CellRecord]:
+    def train(self, lanes: list[list[dict]]) -> list[CellRecord]:
         assert self.worker is not None, "load() first"
-        return self.worker.train(hparams)
+        return self.worker.train(lanes)
 
     def models_per_batch(self, limit: int) -> int:
         assert self.worker is not None, "load() first"
-        w = self.worker
-        return probe_models_per_batch(w.data.model, w.train_cfg, w.device, limit)
+        return self.worker.models_per_batch(limit)
+
+    def first_supervised_position(self) -> int | None:
+        assert self.worker is not None, "load() first"
+        return self.worker.data.first_supervised_position()
 
 
 @dataclass(eq=False)
@@ -107,23 +109,23 @@ class _Slot:
 class RayBackend:
     """Batches as Ray actor calls, one GPU per actor (or one CPU per actor where the cluster has no GPU).
 
-    Same protocol as runner.LocalBackend. Pass extras with functools.partial, e.g.
-    `run_study(..., backend_factory=partial(RayBackend, address="auto", num_workers=4))`.
+    Same protocol as run.worker.LocalBackend, and owned by its caller likewise (close it, or use `with`).
 
     - address: a Ray cluster ("auto", "ray://head:10001"); None starts a local Ray instance unless this
       process is connected already (then that one is used and left running).
     - num_workers: actors to start; default one per GPU (gpus_per_worker each), or one per CPU.
     - gpus_per_worker: None picks 1 where the cluster has GPUs and 0 (CPU workers) where it has none;
-      0 asks for CPU workers, e.g. for --device cpu. `device` from run_study is only checked: on a cluster
+      0 asks for CPU workers, e.g. for --device cpu. The settings' device is only checked: on a cluster
       the driver may run on a head node without the GPUs its workers have.
     - worker_factory: builds the Worker inside each actor (tests use it to kill an actor mid-batch).
     - max_attempts: a batch that loses its worker this many times stops the study (WorkersLostError).
     - start_timeout_s: how long to wait, with no worker alive, for one to start before giving up.
     """
 
-    def __init__(self, cfg: StudyConfig, device: torch.device, micro_batch_size: int | None = None,
-                 address: str | None = None, num_workers: int | None = None, gpus_per_worker: float | None = None,
+    def __init__(self, cfg: StudyConfig, settings: RunSettings, address: str | None = None,
+                 num_workers: int | None = None, gpus_per_worker: float | None = None,
                  worker_factory: WorkerFactory = Worker, max_attempts: int = 3, start_timeout_s: float = 600.0):
+        self.settings = settings
         ray = self.ray = import_ray()
         self.lost = _lost_errors(ray)
         self.slots: list[_Slot] = []
@@ -136,22 +138,22 @@ class RayBackend:
                                   "start one with `ray start --head` or leave --address out") from None
             self.started_ray = True
         try:
-            self._start(cfg, torch.device(device), micro_batch_size, num_workers, gpus_per_worker, worker_factory)
+            self._start(cfg, num_workers, gpus_per_worker, worker_factory)
         except BaseException:
             self.close()
             raise
         self.max_attempts, self.start_timeout_s = max_attempts, start_timeout_s
         self.assigned: dict[int, str] = {}  # batch index -> name of the worker that trained it (progress, tests)
 
-    def _start(self, cfg: StudyConfig, device: torch.device, micro_batch_size: int | None,
-               num_workers: int | None, gpus_per_worker: float | None, worker_factory: WorkerFactory) -> None:
+    def _start(self, cfg: StudyConfig, num_workers: int | None, gpus_per_worker: float | None,
+               worker_factory: WorkerFactory) -> None:
         resources = self.ray.cluster_resources()
         gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 0))
         if gpus_per_worker is None:
             gpus_per_worker = 1.0 if gpus > 0 else 0.0
         if gpus_per_worker < 0:
             raise ConfigError(f"gpus_per_worker {gpus_per_worker}: give 0 (CPU workers) or a positive number")
-        if device.type == "cuda" and gpus_per_worker == 0:
+        if self.settings.device == "cuda" and gpus_per_worker == 0:
             raise ConfigError("--device cuda with --backend ray: the Ray cluster has no GPU; "
                               "start Ray on GPU machines or use --device cpu")
         self.use_gpu = gpus_per_worker > 0
@@ -164,16 +166,12 @@ class RayBackend:
             log.warning("%d workers asked for, the Ray cluster has room for %d now; the rest start when it grows",
                         num_workers, capacity)
         self.gpus_per_worker = gpus_per_worker
-        # The driver ran set_determinism before building the backend; the actors copy its choice.
-        deterministic = torch.are_deterministic_algorithms_enabled()
         # CPU workers: one thread each, so that N workers share N cores instead of fighting over them.
         threads = None if self.use_gpu else 1
         remote = self.ray.remote(RayWorker)
-        opts: dict[str, Any] = {"num_cpus": 1, "num_gpus": gpus_per_worker, "max_restarts": 0,
-                                "max_task_retries": 0,
-                                # the driver's compile setting is the study's: workers on other nodes see it too
-                                "runtime_env": {"env_vars": {"VMAP_SWEEP_COMPILE": compile_setting()}}}
-        self._spawn_args = (cfg, self.use_gpu, micro_batch_size, deterministic, threads, worker_factory)
+        # the compile setting travels in the run settings: workers on other nodes follow the driver's
+        opts: dict[str, Any] = {"num_cpus": 1, "num_gpus": gpus_per_worker, "max_restarts": 0, "max_task_retries": 0}
+        self._spawn_args = (cfg, self.settings, self.use_gpu, threads, worker_factory)
         self._remote = remote.options(**opts)
         self.slots = [self._spawn() for _ in range(num_workers)]
 
@@ -236,6 +234,17 @@ class RayBackend:
         raise WorkersLostError(f"the memory probe lost its Ray worker {self.max_attempts} times; "
                                "see the Ray logs (/tmp/ray/session_latest/logs), or give --models-per-batch N")
 
+    def first_supervised_position(self) -> int | None:
+        """From one worker's data: every worker loads the same."""
+        for _ in range(self.max_attempts):
+            slot = self._wait_ready()
+            try:
+                return self._get(slot.actor.first_supervised_position.remote())
+            except self.lost:
+                self._replace(slot)
+        raise WorkersLostError(f"reading the data lost its Ray worker {self.max_attempts} times; "
+                               "see the Ray logs (/tmp/ray/session_latest/logs)")
+
     def run(self, jobs: list[Job], started: Callable[[Job], None]) -> Iterator[tuple[Job, list[CellRecord]]]:
         """Yields (job, records) in completion order; every job exactly once, whatever workers die."""
         # Longest batches first, so that the last batches to finish are short ones and no GPU waits long.
@@ -250,7 +259,7 @@ class RayBackend:
         def dispatch() -> None:
             while queue and idle:
                 slot, job = idle.pop(0), queue.popleft()
-                ref = slot.actor.train.remote([c.hparams for c in job[1]])
+                ref = slot.actor.train.remote(job_lanes(job))
                 running[ref] = (slot, job)
                 self.assigned[job[0].index] = slot.name
                 started(job)
@@ -308,6 +317,12 @@ class RayBackend:
     def _died_starting_error(self) -> WorkersLostError:
         return WorkersLostError("Ray workers keep dying while loading the model and data; see the Ray logs "
                                 "(/tmp/ray/session_latest/logs)")
+
+    def __enter__(self) -> RayBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         """Stops the actors; shuts Ray down only if this backend started it."""

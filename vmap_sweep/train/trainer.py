@@ -17,22 +17,19 @@ from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from vmap_sweep.data.stream import steps_for
-from vmap_sweep.errors import ConfigError
 from vmap_sweep.model.gpt import GPT, Block, causal_attention, norm
 from vmap_sweep.model.loss import stacked_linear_cross_entropy
+from vmap_sweep.study.config import GROUPS, OPTIMIZERS, SCHEDULES, check_micro_batch_size
+from vmap_sweep.study.plan import steps_for
+from vmap_sweep.study.schedule import lr_multiplier
 from vmap_sweep.train.optim import AdamWHparams, StackedAdamW, StackedMuon
-from vmap_sweep.train.schedule import SCHEDULES, lr_multiplier
-from vmap_sweep.train.stack import GROUPS, group_of, split_params, unstack
+from vmap_sweep.train.stack import group_of, split_params, unstack
 
-OPTIMIZERS = ("adamw", "nanochat")
-# Attention runs outside vmap, on every model's heads at once, where any SDPA kernel is right (cuDNN's on an H100,
-# as for a single model). Numerics versions 1-3 ran it under vmap, where cuDNN's kernel gave NaN gradients and the
-# memory-efficient one refused the batched layout (torch 2.11): those studies keep flash (bf16 on CUDA, and on
-# CPU) or math, the kernels they were trained with.
-ANY_SDPA_BACKEND = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                    SDPBackend.MATH]
-FLASH_OR_MATH = [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+# Attention runs outside vmap, on every model's heads at once (the models folded into the batch), where any
+# SDPA kernel applies: cuDNN's on an H100, as for a single model. Under vmap, cuDNN's kernel gives NaN gradients
+# and the memory-efficient one refuses the batched layout (torch 2.11).
+SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                 SDPBackend.MATH]
 # nanochat's SFT recipe (chat_sft.py, Oct 2025): Muon lr 0.02 on block matrices, AdamW 0.2*s on the
 # embedding and 0.004*s on lm_head (s = (n_embd/768)^-0.5), all times init_lr_frac 0.02.
 NANOCHAT_INIT_LR_FRAC = 0.02
@@ -73,18 +70,13 @@ class TrainConfig:
     # with checkpoint_activations, only the first this many blocks recompute (None: all): spends spare memory on
     # speed; recomputation gives the same numbers (tested bitwise)
     checkpoint_blocks: int | None = None
-    # step 0 computed once per distinct token budget (all models still hold the base weights), not per model
-    share_first_step: bool = True
-    # compiled, each loss chunk in the two-pass form (model/loss.py): faster, rounds apart from the in-place one
-    ce_two_pass: bool = True
-    # attention may take any SDPA kernel (cuDNN's on an H100: faster than flash), not only flash or math
-    any_attention_kernel: bool = True
 
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len
 
     def validate(self) -> None:
+        """Programming errors only: a study's options were checked as a StudyConfig already."""
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {OPTIMIZERS}")
         if self.schedule not in SCHEDULES:
@@ -95,13 +87,6 @@ class TrainConfig:
                              "checkpoint_activations")
         if self.ce_chunk is not None and self.ce_chunk < 1:
             raise ValueError(f"ce_chunk {self.ce_chunk} must be at least 1 (or None: from the model's width)")
-
-
-def check_micro_batch_size(micro_batch_size: int | None, rows: int,
-                           what: str = "batch size ({rows} rows per step)") -> None:
-    """Micro-batches must split a step's rows evenly (one rule for the trainer, `run` and `bench`)."""
-    if micro_batch_size is not None and (micro_batch_size < 1 or rows % micro_batch_size):
-        raise ConfigError(f"--micro-batch-size {micro_batch_size}: give a divisor of the {what.format(rows=rows)}")
 
 
 def ce_chunk_rows(n_embd: int) -> int:
@@ -138,6 +123,32 @@ class CellRecord:
         return self.losses[-1] if self.losses else float("nan")
 
 
+
+
+@dataclass
+class Step:
+    """One step of a stack, (K,) each: what a record keeps of it, and which models diverged there."""
+
+    losses: torch.Tensor
+    base: torch.Tensor
+    norms: torch.Tensor
+    lrs: torch.Tensor
+    has_tokens: torch.Tensor  # a model with no supervised token in its share of the step records nothing
+    bad: torch.Tensor  # diverged: a non-finite or runaway loss or gradient norm, or non-finite weights
+
+    def record(self, records: Sequence[CellRecord], step: int, active: torch.Tensor) -> None:
+        """Each active model's values appended to its record (records[i] for model i)."""
+        for i in torch.nonzero(active & self.has_tokens).flatten().tolist():
+            rec = records[i]
+            rec.losses.append(self.losses[i].item())
+            rec.base_losses.append(self.base[i].item())
+            rec.grad_norms.append(self.norms[i].item())
+            rec.lrs.append(self.lrs[i].item())
+            rec.steps_done = step + 1
+            if len(rec.losses) == 1:  # the loss before any update, even if step 0 had no token to learn from
+                rec.initial_loss = rec.losses[0]
+            if self.bad[i]:
+                rec.diverged, rec.diverged_step = True, step
 
 
 def group_lrs(hp: dict, optimizer: str, n_embd: int) -> dict[str, float]:
@@ -213,11 +224,10 @@ def _block_stage(halves: tuple[_HalfBlock, _HalfBlock], stacked: dict, shared: d
     return vmap(lambda p, x, yy: functional_call(after, (p, shared), (x, yy)), in_dims=(dims, 0, 0))(stacked, h, y)
 
 
-def _loss_stage(stacked: dict, shared: dict, h, targets, weights, eps, softcap: float, chunk: int, compiled: bool,
-                two_pass: bool):
+def _loss_stage(stacked: dict, shared: dict, h, targets, weights, eps, softcap: float, chunk: int, compiled: bool):
     """(K,) weighted cross-entropy sums of the final norm + lm_head + softcap, on the stacked tensors directly."""
     weight = stacked["weight"] if stacked else shared["weight"]
-    return stacked_linear_cross_entropy(norm(h, eps), weight, targets, weights, softcap, chunk, compiled, two_pass)
+    return stacked_linear_cross_entropy(norm(h, eps), weight, targets, weights, softcap, chunk, compiled)
 
 
 @torch.no_grad()
@@ -272,18 +282,7 @@ class StackedTrainer:
         self.tokens = [int(c["tokens"]) for c in cells]
         self.total_steps = torch.tensor([steps_for(t, cfg.tokens_per_step) for t in self.tokens], dtype=torch.float64)
 
-        if cfg.optimizer == "adamw":
-            self.adamw_params = self.stacked
-            self.muon = None
-        else:
-            self.adamw_params = {n: t for n, t in self.stacked.items() if group_of(n) in ("embedding", "unembedding")}
-            matrices = {n: t for n, t in self.stacked.items() if group_of(n) in ("attn", "mlp")}
-            self.muon = StackedMuon(matrices, ns_dtype=getattr(torch, cfg.muon_ns_dtype),
-                                    state_dtype=getattr(torch, cfg.optimizer_state_dtype)) if matrices else None
-        betas = cfg.adam_betas if cfg.optimizer == "adamw" else (0.8, 0.95)
-        eps = cfg.adam_eps if cfg.optimizer == "adamw" else 1e-10
-        hp = AdamWHparams(betas, eps, getattr(torch, cfg.optimizer_state_dtype))
-        self.adamw = StackedAdamW(self.adamw_params, hp, compile=cfg.compile) if self.adamw_params else None
+        self.adamw, self.muon = self._optimizers(self.stacked)
 
         # (stacked, shared) parameters of each stage, the same tensors every step: embedding, blocks, lm_head
         self._stages = self._stages_of(self.stacked)
@@ -300,13 +299,27 @@ class StackedTrainer:
         # every block has the same structure: the first one's halves run each block's parameters
         template = model.transformer.h[0]
         self._halves = (_HalfBlock(template, "before_attention"), _HalfBlock(template, "after_attention"))
-        self._attention_kernels = ANY_SDPA_BACKEND if cfg.any_attention_kernel else FLASH_OR_MATH
         self.base_cache = {} if base_cache is None else base_cache
         self.at_base = True  # every model still holds the base weights (until the first update)
         # Finite weights: one compiled call over every stacked tensor (a maximum is exact in any order). Gradient
         # norms stay eager: compiled, a (K, n) sum is split differently for each K, and a stored norm would then
         # depend on the companions in its last bit.
         self._finite = torch.compile(_all_finite, dynamic=False) if cfg.compile else _all_finite
+
+    def _optimizers(self, stacked: dict) -> tuple[StackedAdamW | None, StackedMuon | None]:
+        """The optimizers of a stack: AdamW on everything, or (nanochat) Muon on the block matrices and AdamW on
+        the (un)embedding."""
+        cfg = self.cfg
+        adamw_params, muon = stacked, None
+        if cfg.optimizer != "adamw":
+            adamw_params = {n: t for n, t in stacked.items() if group_of(n) in ("embedding", "unembedding")}
+            matrices = {n: t for n, t in stacked.items() if group_of(n) in ("attn", "mlp")}
+            muon = StackedMuon(matrices, ns_dtype=getattr(torch, cfg.muon_ns_dtype),
+                               state_dtype=getattr(torch, cfg.optimizer_state_dtype)) if matrices else None
+        betas = cfg.adam_betas if cfg.optimizer == "adamw" else (0.8, 0.95)
+        eps = cfg.adam_eps if cfg.optimizer == "adamw" else 1e-10
+        hp = AdamWHparams(betas, eps, getattr(torch, cfg.optimizer_state_dtype))
+        return (StackedAdamW(adamw_params, hp, compile=cfg.compile) if adamw_params else None), muon
 
     def _stages_of(self, stacked: dict) -> list[tuple[dict, dict]]:
         """(stacked, shared) parameters of each stage, named relative to its submodule: embedding, blocks, lm_head."""
@@ -328,15 +341,14 @@ class StackedTrainer:
         # a frozen embedding is shared: computed once, then seen by every model
         h = vmap(embed, in_dims=(0, None))(s, x) if s else embed({}, x).expand(k, *x.shape, -1)
         recomputed = self.cfg.checkpoint_blocks if self.cfg.checkpoint_activations else 0
-        kernels = self._attention_kernels
+        kernels = SDPA_BACKENDS
         for i, (s, f) in enumerate(stages[1:-1]):
             if recomputed is None or i < recomputed:
                 h = checkpoint(self._block_stage, self._halves, s, f, h, cos, sin, kernels, use_reentrant=False)
             else:
                 h = self._block_stage(self._halves, s, f, h, cos, sin, kernels)
         s, f = stages[-1]
-        return _loss_stage(s, f, h, y, w, eps, model.config.softcap, self.ce_chunk, self.cfg.compile,
-                           self.cfg.ce_two_pass)
+        return _loss_stage(s, f, h, y, w, eps, model.config.softcap, self.ce_chunk, self.cfg.compile)
 
     # -- one step ---------------------------------------------------------------------------------------
 
@@ -344,14 +356,15 @@ class StackedTrainer:
         enabled = self.cfg.autocast and self.device.type == "cuda"
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
-    def _loss_weights(self, step: int, targets: torch.Tensor) -> torch.Tensor:
+    def _loss_weights(self, step: int, targets: torch.Tensor, budgets: Sequence[int] | None = None) -> torch.Tensor:
         """(K, B, T): 1/count on each model's supervised positions inside its token budget, else 0.
 
         A budget of N tokens is the first N positions of the stream: the last step of a model is partial.
+        budgets: one per row of the result (default: the stacked models' own).
         """
         B, T = targets.shape
         position = step * B * T + torch.arange(B * T, device=targets.device).view(B, T)
-        budget = torch.tensor(self.tokens, device=targets.device).view(-1, 1, 1)
+        budget = torch.tensor(self.tokens if budgets is None else list(budgets), device=targets.device).view(-1, 1, 1)
         valid = (position.unsqueeze(0) < budget) & (targets != -1).unsqueeze(0)
         count = valid.sum(dim=(1, 2), keepdim=True)
         return valid.float() / count.clamp(min=1).float()
@@ -422,6 +435,26 @@ class StackedTrainer:
         if self.muon is not None:
             self.muon.step(lrs, active)
 
+    def _step(self, step: int, inputs, targets, weights, mult: torch.Tensor, active: torch.Tensor) -> Step:
+        """One step of the active models: losses before the update (and the base model's on the same tokens),
+        gradient norms, the update of those that did not diverge, and which diverged."""
+        cfg = self.cfg
+        has_tokens = (weights.flatten(1).sum(1) > 0).cpu()
+        for p in self.stacked.values():
+            p.grad = None
+        base = self._base_losses(step, inputs, targets, weights).cpu()
+        if self.at_base:
+            losses = self._first_forward_backward(inputs, targets, weights).cpu()
+        else:
+            losses = self._forward_backward(inputs, targets, weights, with_grad=True).cpu()
+        norms = self._grad_norms().cpu()
+        bad = ~torch.isfinite(losses) | (losses > cfg.divergence_ratio * base) | ~torch.isfinite(norms)
+        stepping = active & has_tokens & ~bad
+        self._optimizer_step(mult, stepping)
+        self.at_base = False
+        bad_weights = ~self._weights_finite().cpu() & stepping
+        return Step(losses, base, norms, self.base_lr * mult, has_tokens, bad | bad_weights)
+
     # -- a whole run ------------------------------------------------------------------------------------
 
     def run(self, stream, eval_batches: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[CellRecord]:
@@ -435,34 +468,10 @@ class StackedTrainer:
             if not active.any():
                 break
             inputs, targets = (t.to(self.device) for t in stream.batch(step, cfg.batch_size, cfg.seq_len))
-            weights = self._loss_weights(step, targets)
-            has_tokens = (weights.flatten(1).sum(1) > 0).cpu()
-            for p in self.stacked.values():
-                p.grad = None
-            base = self._base_losses(step, inputs, targets, weights).cpu()
-            if self.at_base and cfg.share_first_step:
-                losses = self._first_forward_backward(inputs, targets, weights).cpu()
-            else:
-                losses = self._forward_backward(inputs, targets, weights, with_grad=True).cpu()
-            norms = self._grad_norms().cpu()
             mult = lr_multiplier(step, self.total_steps, self.warmup_ratio, cfg.schedule)
-            bad = ~torch.isfinite(losses) | (losses > cfg.divergence_ratio * base) | ~torch.isfinite(norms)
-            stepping = active & has_tokens & ~bad
-            self._optimizer_step(mult, stepping)
-            self.at_base = False
-            bad_weights = ~self._weights_finite().cpu() & stepping
-            for i in torch.nonzero(active & has_tokens).flatten().tolist():
-                rec = records[i]
-                rec.losses.append(losses[i].item())
-                rec.base_losses.append(base[i].item())
-                rec.grad_norms.append(norms[i].item())
-                rec.lrs.append((self.base_lr[i] * mult[i]).item())
-                rec.steps_done = step + 1
-                if len(rec.losses) == 1:  # the loss before any update, even if step 0 had no token to learn from
-                    rec.initial_loss = rec.losses[0]
-                if bad[i] or bad_weights[i]:
-                    rec.diverged, rec.diverged_step = True, step
-            active &= ~bad & ~bad_weights
+            taken = self._step(step, inputs, targets, self._loss_weights(step, targets), mult, active)
+            taken.record(records, step, active)
+            active &= ~taken.bad
         self._final_losses(stream, records)
         if eval_batches:
             for rec, loss in zip(records, self.evaluate(eval_batches).tolist(), strict=True):
@@ -486,29 +495,21 @@ class StackedTrainer:
                     records[i].base_losses.append(records[i].base_losses[-1])
 
     @torch.no_grad()
-    def evaluate(self, eval_batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """(K,) mean loss of every model over the same held-out tokens, all models in one batched pass."""
+    def evaluate(self, eval_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], stages=None,
+                 k: int | None = None) -> torch.Tensor:
+        """(K,) mean loss of every model over the same held-out tokens, all models in one batched pass.
+        stages, k: other parameters to evaluate, k models of them (default: the whole stack)."""
+        k = self.k if k is None else k
         total_tokens = sum(int((t != -1).sum()) for _, t in eval_batches)
         if total_tokens == 0:
             raise ValueError("the evaluation set has no supervised tokens")
-        loss = torch.zeros(self.k, device=self.device)
+        loss = torch.zeros(k, device=self.device)
         for inputs, targets in eval_batches:
             inputs, targets = inputs.to(self.device), targets.to(self.device)
-            w = ((targets != -1).float() / total_tokens).unsqueeze(0).expand(self.k, -1, -1)
-            loss += self._forward_backward(inputs, targets, w, with_grad=False)
+            w = ((targets != -1).float() / total_tokens).unsqueeze(0).expand(k, -1, -1)
+            loss += self._forward_backward(inputs, targets, w, with_grad=False, stages=stages)
         return loss.cpu()
 
     def state_dict_of(self, index: int) -> dict[str, torch.Tensor]:
         return unstack(self.stacked, self.frozen, index)
 
-
-def train_batch(
-    model: GPT,
-    stream,
-    cells: Sequence[dict],
-    cfg: TrainConfig,
-    eval_batches: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
-    device: str | torch.device = "cpu",
-) -> list[CellRecord]:
-    """Fine-tune one copy of `model` per cell, all at once; one record per cell, in order."""
-    return StackedTrainer(model, cells, cfg, device).run(stream, eval_batches)

@@ -1,0 +1,118 @@
+"""Shared trajectories: every cell read out of a trunk is bitwise the cell trained alone (CPU, float32)."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+from helpers import RandomStream, bits, tiny_model
+
+from vmap_sweep.study.grid import Cell
+from vmap_sweep.study.plan import trunks
+from vmap_sweep.train.trainer import StackedTrainer, TrainConfig
+from vmap_sweep.train.trunk import TrunkTrainer
+
+B, T = 4, 16  # 64 tokens per step
+# below one step, partial, whole steps, the longest partial: every kind of read-out
+BUDGETS = [10, 40, 64, 100, 128, 200, 300]
+LRS = [3e-3, 3e-2, 30.0]  # the last one diverges at step 1
+
+
+def _cells(lrs, budgets, **fixed) -> list[Cell]:
+    return [Cell(i, j, lr, n, {"lr": lr, "tokens": n, **fixed}) for j, n in enumerate(budgets)
+            for i, lr in enumerate(lrs)]
+
+
+def _alone(base, cell: Cell, cfg, stream, eval_batches):
+    return StackedTrainer(base, [cell.hparams], cfg, "cpu").run(stream, eval_batches)[0]
+
+
+def _same(got, want) -> None:
+    for field in ("losses", "base_losses", "grad_norms", "lrs", "initial_loss", "eval_loss"):
+        a, b = getattr(got, field), getattr(want, field)
+        assert np.array_equal(bits(a), bits(b)), (field, a, b)
+    for field in ("steps", "steps_done", "diverged", "diverged_step"):
+        assert getattr(got, field) == getattr(want, field), field
+
+
+def _read_out(base, lanes: list[tuple[Cell, ...]], cfg, stream, eval_batches, k: int) -> dict:
+    """Every cell of `lanes`, trained as trunks `k` lanes at a time."""
+    got = {}
+    for start in range(0, len(lanes), k):
+        chunk = lanes[start:start + k]
+        records = TrunkTrainer(base, [[c.hparams for c in lane] for lane in chunk], cfg).run(stream, eval_batches)
+        for cell, rec in zip([c for lane in chunk for c in lane], records, strict=True):
+            got[cell.key] = rec
+    return got
+
+
+def _constant(optimizer: str) -> TrainConfig:
+    return TrainConfig(optimizer=optimizer, schedule="constant", batch_size=B, seq_len=T, divergence_ratio=3.0,
+                       muon_ns_dtype="float32")
+
+
+@functools.cache
+def _trained_alone(optimizer: str) -> dict:
+    base, stream = tiny_model(), RandomStream()
+    return {c.key: _alone(base, c, _constant(optimizer), stream, [stream.batch(1000, B, T)])
+            for c in _cells(LRS, BUDGETS)}
+
+
+@pytest.mark.parametrize(("optimizer", "k"), [("adamw", 1), ("adamw", 3), ("nanochat", 3)])
+def test_every_read_out_equals_the_cell_trained_alone(optimizer, k):
+    base, stream = tiny_model(), RandomStream()
+    cells = _cells(LRS, BUDGETS)
+    lanes = trunks(cells, "constant", B * T)
+    assert len(lanes) == len(LRS)  # a constant LR: each learning rate's column is one trunk
+    got = _read_out(base, lanes, _constant(optimizer), stream, [stream.batch(1000, B, T)], k)
+    want = _trained_alone(optimizer)
+    for cell in cells:
+        _same(got[cell.key], want[cell.key])
+    diverged = [c.hparams["tokens"] for c in cells if want[c.key].diverged]
+    # the diverging trunk decided the cells past its divergence, a branch ending there diverged on its own
+    assert diverged == [100, 128, 200, 300], diverged
+
+
+def test_a_decaying_schedule_shares_only_what_its_multipliers_allow():
+    """Linear decay: cells of one step count share all but their partial last steps; the rest stand alone."""
+    base, stream = tiny_model(), RandomStream()
+    cfg = TrainConfig(schedule="linear", batch_size=B, seq_len=T)
+    cells = _cells([1e-2], [70, 100, 128, 150, 200])
+    lanes = trunks(cells, "linear", B * T)
+    assert sorted(len(lane) for lane in lanes) == [1, 1, 3]  # 70, 100 and 128 tokens all take 2 steps
+    got = _read_out(base, lanes, cfg, stream, None, 2)
+    for cell in cells:
+        _same(got[cell.key], _alone(base, cell, cfg, stream, None))
+
+
+def test_a_last_step_without_supervised_tokens_ends_where_the_trunk_is():
+    base, stream = tiny_model(), RandomStream()
+    cfg = TrainConfig(schedule="constant", batch_size=B, seq_len=T)
+    # a budget whose last step's only position has no supervised target
+    tokens = next(s * B * T + 1 for s in range(1, 50) if stream.batch(s, B, T)[1][0, 0] == -1)
+    cells = _cells([1e-2], [tokens, tokens + 3 * B * T])
+    got = _read_out(base, trunks(cells, "constant", B * T), cfg, stream, [stream.batch(999, B, T)], 1)
+    want = _alone(base, cells[0], cfg, stream, [stream.batch(999, B, T)])
+    assert want.steps_done == want.steps - 1  # the case at hand: its last step took no update
+    _same(got[cells[0].key], want)
+
+
+def test_cells_that_do_not_share_their_schedule_are_refused():
+    base = tiny_model()
+    cfg = TrainConfig(schedule="linear", batch_size=B, seq_len=T)
+    with pytest.raises(ValueError, match="does not share its trunk's learning rates"):
+        TrunkTrainer(base, [[{"lr": 1e-2, "tokens": 128}, {"lr": 1e-2, "tokens": 640}]], cfg)
+    with pytest.raises(ValueError, match="differ in more than"):
+        TrunkTrainer(base, [[{"lr": 1e-2, "tokens": 64}, {"lr": 2e-2, "tokens": 640}]],
+                     TrainConfig(batch_size=B, seq_len=T))
+
+
+def test_a_trunk_leaves_its_base_model_untouched_and_reads_out_in_lane_order():
+    base, stream = tiny_model(), RandomStream()
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    lanes = [[{"lr": 1e-2, "tokens": n} for n in (300, 10, 150)]]
+    records = TrunkTrainer(base, lanes, TrainConfig(batch_size=B, seq_len=T)).run(stream)
+    assert [r.steps for r in records] == [5, 1, 3]
+    assert all(torch.equal(p, before[n]) for n, p in base.named_parameters())

@@ -1,0 +1,66 @@
+"""What a study will cost before it runs (--dry-run): cells, batches, model-steps, FLOPs and a rough time."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from vmap_sweep.model.gpt import GPT, GPTConfig
+from vmap_sweep.run.policy import compile_on
+from vmap_sweep.study.config import StudyConfig
+from vmap_sweep.study.plan import plan_summary, sharing_summary
+
+# The fraction of a bare matmul's rate that training reaches, compiled or eager, counting every model's every
+# step: the default d20 study projected from measured batches on an H100 (benchmarks/RESULTS.md), 41% compiled
+# (8 models, checkpointed; 49% with 4 whole models, through the CLI), 15% eager.
+TRAINING_EFFICIENCY = {True: 0.41, False: 0.15}
+
+
+def base_model_config(name: str) -> GPTConfig:
+    """The base model's shape, without pretraining the embedded tiny model or holding any weight."""
+    if name == "tiny":
+        from vmap_sweep.train.tiny import TINY_CONFIG
+
+        return TINY_CONFIG
+    from vmap_sweep.model.checkpoint import load_model
+
+    return load_model(name).config
+
+
+def flops_per_model_step(model_config: GPTConfig, seq_len: int, tokens_per_step: int) -> float:
+    return model_config.flops_per_token(seq_len) * tokens_per_step
+
+
+def measured_flops_per_second(device: torch.device) -> float:
+    """A rough rate for --dry-run: one large matmul in the training dtype, timed here."""
+    n = 2048 if device.type == "cuda" else 512
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    (a @ a).sum().item()
+    start = time.perf_counter()
+    reps = 10
+    for _ in range(reps):
+        b = a @ a
+    b.sum().item()
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def describe_plan(cfg: StudyConfig, batches: list, model_config: GPTConfig, device: torch.device) -> dict:
+    """--dry-run: cells, batches, model-steps, FLOPs and a rough time on this device."""
+    per_step = flops_per_model_step(model_config, cfg.seq_len, cfg.batch_size * cfg.seq_len)
+    summary = plan_summary(batches, per_step)
+    summary.update(sharing_summary(batches))
+    # what the model-steps leave out: read-outs off trunks, and each cell's eval pass (a forward, a third of a step
+    # per step's worth of held-out tokens)
+    summary["eval_model_steps"] = summary["cells"] * cfg.eval_tokens / (cfg.batch_size * cfg.seq_len) / 3
+    summary["flops"] += (summary["read_out_model_steps"] + summary["eval_model_steps"]) * per_step
+    rate = measured_flops_per_second(device)
+    with torch.device("meta"):  # the model's size decides compilation; no memory for its weights
+        compiled = compile_on(device, GPT(model_config))
+    summary["seconds_estimate"] = summary["flops"] / (TRAINING_EFFICIENCY[compiled] * rate)
+    summary["efficiency"] = TRAINING_EFFICIENCY[compiled]
+    summary["device"] = str(device)
+    summary["matmul_tflops"] = rate / 1e12
+    summary["steps_range"] = (min(b.steps for b in batches), max(b.steps for b in batches))
+    return summary

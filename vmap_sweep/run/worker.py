@@ -1,0 +1,162 @@
+"""Training a study's batches on one device: the base model and data loaded once, batches split on OOM.
+
+`LocalBackend` runs batches one after another in this process; run/ray_backend.py spreads them over Ray
+workers. Both load lazily, so that a study folder and its config are checked before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from vmap_sweep.data.sources import load_conversations
+from vmap_sweep.data.stream import EvalSet, TokenStream
+from vmap_sweep.errors import ConfigError
+from vmap_sweep.model.gpt import GPT
+from vmap_sweep.model.tokenizer import Tokenizer
+from vmap_sweep.run.policy import compile_on
+from vmap_sweep.study.config import StudyConfig
+from vmap_sweep.study.grid import Cell
+from vmap_sweep.study.plan import Batch
+from vmap_sweep.study.settings import RunSettings
+from vmap_sweep.train.memory import probe_models_per_batch, train_splitting_on_oom
+from vmap_sweep.train.trainer import CellRecord, StackedTrainer, TrainConfig, set_determinism
+from vmap_sweep.train.trunk import TrunkTrainer
+
+Job = tuple[Batch, list[Cell]]  # a batch and those of its cells still to train, lane by lane
+
+
+def job_lanes(job: Job) -> list[list[dict]]:
+    """The hyperparameters of a job's cells, grouped by the stacked model (lane) that trains them."""
+    todo = {c.key for c in job[1]}
+    lanes = [[c.hparams for c in lane if c.key in todo] for lane in job[0].stacked]
+    return [lane for lane in lanes if lane]
+
+
+def train_config(cfg: StudyConfig, settings: RunSettings, compile: bool) -> TrainConfig:
+    """The trainer's settings for a study's cells."""
+    return TrainConfig(
+        compile=compile,
+        optimizer=cfg.optimizer,
+        schedule=cfg.schedule,
+        batch_size=cfg.batch_size,
+        seq_len=cfg.seq_len,
+        micro_batch_size=settings.micro_batch_size,
+        trainable=cfg.trainable,
+        divergence_ratio=cfg.divergence_ratio,
+        optimizer_state_dtype=cfg.optimizer_state,
+        checkpoint_activations=cfg.checkpoint_activations,
+    )
+
+
+def load_base_model(name: str):
+    """A LoadedModel (model and tokenizer) by the name a config gives: the embedded tiny model, or any source
+    model/checkpoint.py reads."""
+    if name == "tiny":
+        from vmap_sweep.train.tiny import tiny_base_model
+
+        return tiny_base_model()
+    from vmap_sweep.model.checkpoint import load_model
+
+    return load_model(name)
+
+
+@dataclass
+class StudyData:
+    model: GPT
+    tokenizer: Tokenizer
+    stream: TokenStream
+    eval_batches: list[tuple[torch.Tensor, torch.Tensor]]
+
+    def first_supervised_position(self) -> int | None:
+        """1 + the position of the first supervised token of the training order (None if it has none)."""
+        targets = self.stream.window(0, self.stream.num_tokens)[1]
+        found = (targets != -1).nonzero()
+        return int(found[0]) + 1 if len(found) else None
+
+
+def load_study_data(cfg: StudyConfig, device: torch.device) -> StudyData:
+    """The base model, its tokenizer, the fixed training order and the held-out evaluation tokens."""
+    loaded = load_base_model(cfg.model)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    max_len = model.config.sequence_len
+    if cfg.seq_len > max_len:
+        raise ConfigError(f"--seq-len {cfg.seq_len} is longer than the model's sequence_len {max_len}; "
+                          f"choose --seq-len <= {max_len}")
+    stream = TokenStream.build(load_conversations(cfg.data, "train"), tokenizer, cfg.seed, max_len, source=cfg.data)
+    held_out = EvalSet.build(load_conversations(cfg.data, "validation"), tokenizer, cfg.eval_tokens,
+                             max_len=max_len, source=cfg.data)
+    return StudyData(model, tokenizer, stream, held_out.batches(cfg.batch_size, cfg.seq_len))
+
+
+class Worker:
+    """Trains batches of cells on one device. It holds the base model and the data, loaded once."""
+
+    def __init__(self, cfg: StudyConfig, device: str | torch.device, settings: RunSettings):
+        set_determinism(cfg.seed, settings.deterministic)
+        self.device = torch.device(device)
+        self.data = load_study_data(cfg, self.device)
+        self.train_cfg = train_config(cfg, settings, compile_on(self.device, self.data.model, settings.compile))
+        self.fits: int | None = None  # models that last fitted at once; later batches are cut to it
+        self.base_cache: dict = {}  # the base model's per-token losses by step: every batch sees the same steps
+
+    def train(self, lanes: list[list[dict]]) -> list[CellRecord]:
+        """One record per cell of `lanes`, in order. A lane of several cells is a trunk, read out at each cell's
+        budget (train/trunk.py). A batch that runs out of memory is split by lanes; no result changes."""
+
+        def stacked(sub: list[list[dict]]) -> list[CellRecord]:
+            if all(len(lane) == 1 for lane in sub):
+                trainer = StackedTrainer(self.data.model, [lane[0] for lane in sub], self.train_cfg, self.device,
+                                         self.base_cache)
+            else:
+                trainer = TrunkTrainer(self.data.model, sub, self.train_cfg, self.device, self.base_cache)
+            return trainer.run(self.data.stream, self.data.eval_batches)
+
+        def fitted(n: int) -> None:
+            self.fits = n
+
+        size = min(self.fits or len(lanes), len(lanes))
+        records: list[CellRecord] = []
+        for start in range(0, len(lanes), size):
+            records += train_splitting_on_oom(stacked, lanes[start:start + size], fitted)
+        return records
+
+    def models_per_batch(self, limit: int) -> int:
+        return probe_models_per_batch(self.data.model, self.train_cfg, self.device, limit)
+
+
+class LocalBackend:
+    """Batches one after another in this process, on one device. The caller owns it (close it, or use `with`):
+    one backend serves every study of one model and data, such as the levels of a zoom."""
+
+    def __init__(self, cfg: StudyConfig, settings: RunSettings, device: str | torch.device | None = None):
+        self.cfg, self.settings = cfg, settings
+        self.device = torch.device(settings.device if device is None else device)
+
+    @functools.cached_property
+    def worker(self) -> Worker:
+        return Worker(self.cfg, self.device, self.settings)
+
+    def first_supervised_position(self) -> int | None:
+        return self.worker.data.first_supervised_position()
+
+    def models_per_batch(self, limit: int) -> int:
+        return self.worker.models_per_batch(limit)
+
+    def run(self, jobs: list[Job], started: Callable[[Job], None]) -> Iterator[tuple[Job, list[CellRecord]]]:
+        """Yields (job, records) as each batch finishes."""
+        for job in jobs:
+            started(job)
+            yield job, self.worker.train(job_lanes(job))
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> LocalBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
