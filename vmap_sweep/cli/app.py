@@ -513,32 +513,23 @@ def bench(
     device: Annotated[str, typer.Option(help="cuda (cpu works, slowly).")] = "cuda",
 ):
     """Stacked training against the best one-at-a-time loop, side by side, on random-init weights."""
-    import torch
-
     from vmap_sweep.run.bench import bench as run_bench
+    from vmap_sweep.run.policy import resolve_device
+    from vmap_sweep.study.config import OPTIMIZER_STATES, check_micro_batch_size
 
     for name, value in (("--depth", depth), ("--models-per-batch", models_per_batch),
                         ("--tokens-per-step", tokens_per_step), ("--seq-len", seq_len), ("--steps", steps)):
         if value < 1:
             raise ConfigError(f"{name} {value}: give a positive integer")
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        kind = None
-    if kind not in ("cuda", "cpu"):
-        raise ConfigError(f"--device {device!r}: choose cuda (or cuda:N) or cpu")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("bench: no CUDA device here; run it on a GPU machine or pass --device cpu")
+    dev = resolve_device(device)
     if tokens_per_step % seq_len:
         raise ConfigError(f"--tokens-per-step {tokens_per_step} must be a multiple of --seq-len {seq_len}")
-    from vmap_sweep.study.config import check_micro_batch_size
-
     check_micro_batch_size(micro_batch_size, tokens_per_step // seq_len, "{rows} rows per step")
-    if optimizer_state not in ("float32", "bfloat16"):
-        raise ConfigError(f"--optimizer-state {optimizer_state!r}: choose float32 or bfloat16")
+    if optimizer_state not in OPTIMIZER_STATES:
+        raise ConfigError(f"--optimizer-state {optimizer_state!r}: choose {' or '.join(OPTIMIZER_STATES)}")
     r = run_bench(depth, models_per_batch, tokens_per_step, seq_len, micro_batch_size=micro_batch_size,
-                  steps=steps, device=device, optimizer_state_dtype=optimizer_state,
-                  compile=kind == "cuda" if compile is None else compile,
+                  steps=steps, device=str(dev), optimizer_state_dtype=optimizer_state,
+                  compile=dev.type == "cuda" if compile is None else compile,
                   checkpoint_activations=checkpoint_activations)
     render.show(render.bench_lines(r))
 

@@ -26,10 +26,15 @@ from vmap_sweep.model.tokenizer import Tokenizer
 EVAL_SEED = 7
 
 
-def budget_mask(step: int, tokens: int, batch_size: int, seq_len: int) -> torch.Tensor:
-    """Bool (B, T): True where the position of step `step` is inside a budget of the first `tokens` tokens."""
+def budget_mask(step: int, tokens: int | Sequence[int], batch_size: int, seq_len: int,
+                device: torch.device | str | None = None) -> torch.Tensor:
+    """Bool (B, T): True where the position of step `step` is inside a budget of the first `tokens` tokens;
+    (K, B, T) for K budgets."""
     n = batch_size * seq_len
-    return (step * n + torch.arange(n) < tokens).view(batch_size, seq_len)
+    position = (step * n + torch.arange(n, device=device)).view(batch_size, seq_len)
+    if isinstance(tokens, int):
+        return position < tokens
+    return position.unsqueeze(0) < torch.tensor(list(tokens), device=device).view(-1, 1, 1)
 
 
 @dataclass(frozen=True)

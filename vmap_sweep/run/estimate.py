@@ -62,5 +62,5 @@ def describe_plan(cfg: StudyConfig, batches: list, model_config: GPTConfig, devi
     summary["efficiency"] = TRAINING_EFFICIENCY[compiled]
     summary["device"] = str(device)
     summary["matmul_tflops"] = rate / 1e12
-    summary["steps_range"] = (min(b.steps for b in batches), max(b.steps for b in batches))
+    summary["steps_range"] = (min(min(b.cell_steps) for b in batches), max(max(b.cell_steps) for b in batches))
     return summary

@@ -30,62 +30,15 @@ def merge_studies(shard_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
     try:
         for d in shard_dirs:
             stores.append(StudyStore.open(d))
+        _check_one_study(stores)
+        done, shared = _gather(stores)
         first = stores[0]
-        for s in stores[1:]:
-            if s.config_hash != first.config_hash:
-                raise StoreError(f"merge: {s.directory} was made with a different config than "
-                                 f"{first.directory} ({config_diff(first.config, s.config)}); "
-                                 "merge only shards of one study")
-        cells = first.cells()
-        for s in stores[1:]:
-            if s.cells() != cells:
-                raise StoreError(f"merge: {s.directory} has different cells than {first.directory}; "
-                                 "merge only shards of one study")
-            if criterion(s) != criterion(first):  # one study's classes follow one criterion
-                raise StoreError(f"merge: {s.directory} is classified by {criterion(s)}, {first.directory} "
-                                 f"by {criterion(first)}; run `vmap-sweep classify` on each with the same "
-                                 "criterion")
-        done: dict[tuple[int, int], tuple[dict[str, Any], Path]] = {}
-        extras: dict[str, tuple[Any, Path]] = {}
-        for s in stores:
-            for key, row in s._raw_done().items():
-                if key in done and not _same_result(done[key][0], row):
-                    raise StoreError(f"merge: cell {key} is done in {done[key][1]} and {s.directory} with "
-                                     "different results; keep only one of those shards")
-                done.setdefault(key, (row, s.directory))
-            for k, v in s.extras().items():
-                if k in extras and extras[k][0] != v:
-                    raise StoreError(f"merge: extra result {k!r} differs between {extras[k][1]} and "
-                                     f"{s.directory}; remove it from one shard")
-                extras.setdefault(k, (v, s.directory))
-        out = StudyStore.create_or_open(out_dir, first.config, cells)
-        if out.done_count() and criterion(out) != criterion(first):
-            message = (f"merge: {out_dir} is classified by {criterion(out)}, the shards by "
-                       f"{criterion(first)}; run `vmap-sweep classify` on them with the same criterion")
-            out.close()
-            raise StoreError(message)
+        out = StudyStore.create_or_open(out_dir, first.config, first.cells())
         try:
-            existing = out._raw_done()
-            cols = [*RESULT_COLUMNS, *_RUN_COLUMNS]
-            with out._tx() as conn:
-                for key, (row, src) in sorted(done.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-                    if key in existing:
-                        if not _same_result(existing[key], row):
-                            raise StoreError(f"merge: cell {key} in {out_dir} differs from {src}; "
-                                             "merge into a new folder")
-                        continue
-                    conn.execute(f"UPDATE cells SET status='done', {', '.join(f'{c}=?' for c in cols)} "
-                                 "WHERE i=? AND j=?", [row[c] for c in cols] + [key[0], key[1]])
-                for k, (v, _) in extras.items():
-                    old = out.get_extra(k, _MISSING)
-                    if old != _MISSING and old != v:
-                        raise StoreError(f"merge: extra result {k!r} in {out_dir} differs; "
-                                         "merge into a new folder")
-                    conn.execute("INSERT OR REPLACE INTO extra VALUES (?, ?)", (k, canonical_json({"v": v})))
-                for s in stores:
-                    for c in s.children():
-                        conn.execute("INSERT OR IGNORE INTO children VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                     (c.child_dir, c.x0, c.x1, c.y0, c.y1, c.level, c.created))
+            if out.done_count() and criterion(out) != criterion(first):
+                raise StoreError(f"merge: {out_dir} is classified by {criterion(out)}, the shards by "
+                                 f"{criterion(first)}; run `vmap-sweep classify` on them with the same criterion")
+            _write(out, done, shared, stores)
             _copy_child_folders(stores, out_dir)  # once the merge is committed: a refused one copies nothing
         except BaseException:
             out.close()
@@ -94,6 +47,68 @@ def merge_studies(shard_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
     finally:
         for s in stores:
             s.close()
+
+
+def _check_one_study(stores: Sequence[StudyStore]) -> None:
+    """Shards of one study: one config, one grid, one criterion."""
+    first = stores[0]
+    for s in stores[1:]:
+        if s.config_hash != first.config_hash:
+            raise StoreError(f"merge: {s.directory} was made with a different config than "
+                             f"{first.directory} ({config_diff(first.config, s.config)}); "
+                             "merge only shards of one study")
+    cells = first.cells()
+    for s in stores[1:]:
+        if s.cells() != cells:
+            raise StoreError(f"merge: {s.directory} has different cells than {first.directory}; "
+                             "merge only shards of one study")
+        if criterion(s) != criterion(first):  # one study's classes follow one criterion
+            raise StoreError(f"merge: {s.directory} is classified by {criterion(s)}, {first.directory} "
+                             f"by {criterion(first)}; run `vmap-sweep classify` on each with the same "
+                             "criterion")
+
+
+def _gather(stores: Sequence[StudyStore]) -> tuple[dict, dict]:
+    """The shards' done cells and extras, each with where it came from; a cell or extra two shards hold
+    differently is refused."""
+    done: dict[tuple[int, int], tuple[dict[str, Any], Path]] = {}
+    shared: dict[str, tuple[Any, Path]] = {}
+    for s in stores:
+        for key, row in s._raw_done().items():
+            if key in done and not _same_result(done[key][0], row):
+                raise StoreError(f"merge: cell {key} is done in {done[key][1]} and {s.directory} with "
+                                 "different results; keep only one of those shards")
+            done.setdefault(key, (row, s.directory))
+        for k, v in s.extras().items():
+            if k in shared and shared[k][0] != v:
+                raise StoreError(f"merge: extra result {k!r} differs between {shared[k][1]} and "
+                                 f"{s.directory}; remove it from one shard")
+            shared.setdefault(k, (v, s.directory))
+    return done, shared
+
+
+def _write(out: StudyStore, done: dict, shared: dict, stores: Sequence[StudyStore]) -> None:
+    """Cells, extras and zoom children into the output, in one transaction."""
+    existing = out._raw_done()
+    cols = [*RESULT_COLUMNS, *_RUN_COLUMNS]
+    with out._tx() as conn:
+        for key, (row, src) in sorted(done.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            if key in existing:
+                if not _same_result(existing[key], row):
+                    raise StoreError(f"merge: cell {key} in {out.directory} differs from {src}; "
+                                     "merge into a new folder")
+                continue
+            conn.execute(f"UPDATE cells SET status='done', {', '.join(f'{c}=?' for c in cols)} "
+                         "WHERE i=? AND j=?", [row[c] for c in cols] + [key[0], key[1]])
+        for k, (v, _) in shared.items():
+            old = out.get_extra(k, _MISSING)
+            if old != _MISSING and old != v:
+                raise StoreError(f"merge: extra result {k!r} in {out.directory} differs; merge into a new folder")
+            conn.execute("INSERT OR REPLACE INTO extra VALUES (?, ?)", (k, canonical_json({"v": v})))
+        for s in stores:
+            for c in s.children():
+                conn.execute("INSERT OR IGNORE INTO children VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (c.child_dir, c.x0, c.x1, c.y0, c.y1, c.level, c.created))
 
 
 def _copy_child_folders(stores: Sequence[StudyStore], out_dir: Path) -> None:

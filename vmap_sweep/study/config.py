@@ -89,7 +89,7 @@ class StudyConfig:
         if unknown or not self.trainable:
             raise ConfigError(f"--trainable {','.join(self.trainable)!r}: choose one or more of {', '.join(GROUPS)}")
         if self.optimizer_state not in OPTIMIZER_STATES:
-            raise ConfigError(f"--optimizer-state {self.optimizer_state!r}: choose float32 or bfloat16")
+            raise ConfigError(f"--optimizer-state {self.optimizer_state!r}: choose {' or '.join(OPTIMIZER_STATES)}")
         for key, value in self.fixed.items():
             check_fixed(key, value)
         swept = {x.name, y.name}

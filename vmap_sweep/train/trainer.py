@@ -17,6 +17,7 @@ from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
+from vmap_sweep.data.stream import budget_mask
 from vmap_sweep.model.gpt import GPT, Block, causal_attention, norm
 from vmap_sweep.model.loss import stacked_linear_cross_entropy
 from vmap_sweep.study.config import GROUPS, OPTIMIZERS, SCHEDULES, check_micro_batch_size
@@ -362,10 +363,8 @@ class StackedTrainer:
         A budget of N tokens is the first N positions of the stream: the last step of a model is partial.
         budgets: one per row of the result (default: the stacked models' own).
         """
-        B, T = targets.shape
-        position = step * B * T + torch.arange(B * T, device=targets.device).view(B, T)
-        budget = torch.tensor(self.tokens if budgets is None else list(budgets), device=targets.device).view(-1, 1, 1)
-        valid = (position.unsqueeze(0) < budget) & (targets != -1).unsqueeze(0)
+        inside = budget_mask(step, self.tokens if budgets is None else list(budgets), *targets.shape, targets.device)
+        valid = inside & (targets != -1).unsqueeze(0)
         count = valid.sum(dim=(1, 2), keepdim=True)
         return valid.float() / count.clamp(min=1).float()
 
