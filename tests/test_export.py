@@ -134,3 +134,60 @@ def test_pending_study_exports(tmp_path: Path):
             export_study(s, fmt, tmp_path / f"e.{fmt}", trajectories=True)
         with np.load(tmp_path / "e.npz", allow_pickle=False) as z:
             assert z["trajectory"].shape == (12, 0) and (z["status"] == "pending").all()
+
+
+# ------------------------------------------------------------------ the file's name says its format
+MAGIC = {"csv": b"i,j,", "parquet": b"PAR1", "npz": b"PK"}
+
+
+def test_the_format_follows_the_suffix_and_a_contradiction_is_refused(store, tmp_path):
+    for fmt in ("csv", "parquet", "npz"):
+        for name in (f"a.{fmt}", f"B.{fmt.upper()}"):
+            path = export_study(store, None, tmp_path / name)
+            assert path == tmp_path / name and path.read_bytes().startswith(MAGIC[fmt]), name
+    refused = [("csv", "x.parquet", "--format csv contradicts"), ("parquet", "x.csv", "--format parquet contradicts"),
+               ("npz", "x.csv", "name it x.npz or leave out --format"), (None, "x.txt", "can't tell the format"),
+               (None, "x", "end it in .csv, .parquet or .npz (e.g. x.csv)"), ("csv", "x.txt", "name it x.csv")]
+    for fmt, name, needle in refused:
+        with pytest.raises(ConfigError) as e:
+            export_study(store, fmt, tmp_path / "new" / name)
+        assert needle in str(e.value) and "\n" not in str(e.value), (fmt, name)
+    assert not (tmp_path / "new").exists()  # refused before anything is written
+
+
+def test_default_export_is_inside_the_study_folder(store, tmp_path):
+    assert export_study(store, None, None) == store.directory / "cells.csv"
+    assert export_study(store, "parquet", None) == store.directory / "cells.parquet"
+    assert (store.directory / "cells.parquet").read_bytes().startswith(b"PAR1")
+    # two studies never share a default file
+    with new_store(tmp_path, "second") as other:
+        assert export_study(other, None, None) == tmp_path / "second" / "cells.csv"
+    assert (store.directory / "cells.csv").read_text() != (tmp_path / "second" / "cells.csv").read_text()
+
+
+def test_only_an_earlier_export_of_the_same_format_is_replaced(store, tmp_path):
+    theirs = {"notes.csv": b"name,age\nann,3\n", "real.parquet": None, "cells.npz": b"PK\x03\x04 not ours",
+              "old.parquet": None}
+    pq.write_table(pa.table({"a": [1, 2]}), tmp_path / "real.parquet")  # someone's parquet file
+    export_study(store, "csv", tmp_path / "csv-in.csv")
+    (tmp_path / "old.parquet").write_bytes((tmp_path / "csv-in.csv").read_bytes())  # csv under a .parquet name
+    for name, data in theirs.items():
+        if data is not None:
+            (tmp_path / name).write_bytes(data)
+        before = (tmp_path / name).read_bytes()
+        for traj in (False, True):
+            with pytest.raises(ConfigError, match="exists and is not an earlier .* export; choose a new file name"):
+                export_study(store, None, tmp_path / name, trajectories=traj)
+        assert (tmp_path / name).read_bytes() == before, name
+    (tmp_path / "folder.csv").mkdir()
+    with pytest.raises(ConfigError, match="is a folder"):
+        export_study(store, None, tmp_path / "folder.csv")
+    # an earlier export (with or without trajectories) is replaced, in each format
+    made = []
+    for fmt in ("csv", "parquet", "npz"):
+        path = tmp_path / "mine" / f"e.{fmt}"
+        export_study(store, fmt, path)
+        export_study(store, None, path, trajectories=True)
+        export_study(store, fmt, path)
+        made.append(path.name)
+        assert sorted(p.name for p in path.parent.iterdir()) == sorted(made)  # no temporary files left

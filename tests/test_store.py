@@ -297,8 +297,8 @@ def test_merge_union_of_shards(tmp_path):
     # merging again into the same folder (e.g. after more shards finished) is a no-op, not an error
     with merge_studies(dirs, tmp_path / "merged") as m:
         assert m.done_count() == 12
-    # partial merge: only the cells of the given shards
-    with merge_studies(dirs[:1], tmp_path / "partial") as m:
+    # partial merge (asked for): only the cells of the given shards
+    with merge_studies(dirs[:1], tmp_path / "partial", partial=True) as m:
         with StudyStore.open(dirs[0]) as s0:
             assert m.done_count() == s0.done_count() > 0
 
@@ -310,14 +310,74 @@ def test_merge_refuses_other_config_and_conflicts(tmp_path):
         merge_studies([a, other], tmp_path / "m1")
     assert str(other) in str(e.value) and "seed: 0 -> 5" in str(e.value)
     assert not (tmp_path / "m1").exists()
-    # the same cells done twice with equal results merge fine; different results are refused
+    # the same cells done twice with equal results merge fine (a repeated shard: --partial); different results
+    # are refused
     same = run_shard(tmp_path / "s", 1, 2)
-    with merge_studies([a, same], tmp_path / "m2") as m:
+    with merge_studies([a, same], tmp_path / "m2", partial=True) as m:
         assert m.done_count() == 6
     diff = run_shard(tmp_path / "d", 1, 2, tweak=lambda c: replace(rec_for(c.i, c.j), initial_loss=1.0))
     with pytest.raises(StoreError, match="different results"):
-        merge_studies([a, diff], tmp_path / "m3")
+        merge_studies([a, diff], tmp_path / "m3", partial=True)
     with pytest.raises(ConfigError, match="one of the shards"):
         merge_studies([a], a)
     with pytest.raises(ConfigError):
         merge_studies([], tmp_path / "m4")
+
+
+def test_merge_refuses_an_incomplete_or_repeated_set_of_shards(tmp_path):
+    dirs = [run_shard(tmp_path, k, 4) for k in (1, 2, 3, 4)]
+    refused = [([dirs[0]], "shards 2/4, 3/4, 4/4 are missing"),
+               (dirs[:3], "shard 4/4 is missing (the study was split into 4 parts)"),
+               ([*dirs, dirs[1]], f"{dirs[1]} is given twice"),
+               ([*dirs, tmp_path / "." / dirs[1].name], "is given twice")]
+    for given, needle in refused:
+        with pytest.raises(StoreError, match="--partial") as e:
+            merge_studies(given, tmp_path / "m")
+        assert needle in str(e.value) and "\n" not in str(e.value)
+        assert not (tmp_path / "m").exists()  # refused before anything is written
+    # two folders of one part (a copy of shard 2, say): refused, naming both
+    twin = run_shard(tmp_path / "copy", 2, 4)
+    with pytest.raises(StoreError, match="shard 2/4 is in both") as e:
+        merge_studies([*dirs, twin], tmp_path / "m")
+    assert str(dirs[1]) in str(e.value) and str(twin) in str(e.value)
+    # shards of two different splits
+    with pytest.raises(StoreError, match="splits into 3 and 4 parts"):
+        merge_studies([*dirs, run_shard(tmp_path, 1, 3)], tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    # the folder name alone counts too: a shard-K-of-N folder that finished nothing yet is still that part
+    empty = tmp_path / "named" / "shard-4-of-4"
+    StudyStore.create_or_open(empty, STORE_CONFIG, store_grid().cells()).close()
+    with merge_studies([*dirs[:3], empty], tmp_path / "m") as m:
+        assert 0 < m.done_count() < 12
+    # --partial merges what there is; a later merge into the same folder counts the parts it already holds
+    with merge_studies(dirs[:2], tmp_path / "p", partial=True) as m:
+        assert m.done_count() < 12
+    with merge_studies(dirs[2:], tmp_path / "p") as m:
+        assert m.done_count() == 12
+    # studies not made by --shard have no parts to count: merged as before
+    whole = new_store(tmp_path, "whole")
+    whole.close()
+    with merge_studies([whole.directory], tmp_path / "w") as m:
+        assert m.done_count() == 0
+
+
+# ------------------------------------------------------------------ a study's folder
+def test_a_folder_of_other_files_is_refused_before_anything_is_written(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("my notes")
+    before = snapshot(folder)
+    with pytest.raises(StoreError) as e:
+        new_store(tmp_path, "mine")
+    assert str(e.value) == f"{folder} is not empty and holds no study; choose an empty or new folder"
+    assert snapshot(folder) == before and not (folder / DB_NAME).exists()
+    # an empty existing folder, a new folder and a study folder (resume) are fine
+    (tmp_path / "empty").mkdir()
+    for name in ("empty", "new", "empty", "new"):
+        with new_store(tmp_path, name) as s:
+            assert s.cell_count() == 12
+    # a zoom child's folder inside a study folder is new (then a study): the study's own files don't matter
+    child = tmp_path / "new" / "zoom-1"
+    for _ in range(2):
+        StudyStore.create_or_open(child, STORE_CONFIG, store_grid().cells()).close()
+    assert (child / DB_NAME).is_file()

@@ -4,6 +4,11 @@ csv writes floats with ``repr`` (shortest round-tripping text; ``nan``/``inf``/`
 ``float``); missing ints and labels are empty. parquet keeps float64 and nulls natively. npz holds only
 plain arrays (loads with ``allow_pickle=False``): missing ints are -1, missing strings ''.
 The file is written to a temporary name beside ``path`` and renamed, so a crash leaves no half file.
+
+The format is the file's suffix (.csv, .parquet, .npz); a format given as well must agree with it. Without a path
+the export is ``STUDY/cells.FORMAT``, inside the study folder, so two studies never share one export file. An
+existing file is replaced only if it is a previous export of the same format (a csv with the export's header, a
+parquet or npz holding the export's config); anything else there is refused.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import csv
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -23,6 +29,7 @@ from vmap_sweep.errors import ConfigError
 from vmap_sweep.store.db import DB_NAME, StudyStore
 
 FORMATS = ("csv", "parquet", "npz")
+DEFAULT_NAME = "cells"  # the export of STUDY without a path: STUDY/cells.FORMAT
 INT_COLUMNS = ("i", "j", "steps", "steps_done", "diverged", "diverged_step")
 FLOAT_COLUMNS = ("x", "y", "score", "initial_loss", "final_loss", "eval_loss", "wall_time")
 STR_COLUMNS = ("status", "label", "hparams")
@@ -103,16 +110,65 @@ _WRITERS: dict[str, tuple[str, Callable[..., None]]] = {
     "csv": ("w", _write_csv), "parquet": ("wb", _write_parquet), "npz": ("wb", _write_npz)}
 
 
-def export_study(store: StudyStore, fmt: str, path: str | os.PathLike, trajectories: bool = False) -> Path:
-    """Write every cell of ``store`` to ``path`` as ``fmt``; with ``trajectories`` add per-step losses."""
-    fmt = str(fmt).lower()
-    if fmt not in FORMATS:
-        raise ConfigError(f"export format {fmt!r} is unknown; use one of {', '.join(FORMATS)}")
-    path = Path(path)
+def default_path(store: StudyStore, fmt: str | None = None) -> Path:
+    """Where an export goes when no path is given: ``STUDY/cells.FORMAT`` (csv unless told)."""
+    return Path(store.directory) / f"{DEFAULT_NAME}.{(fmt or 'csv').lower()}"
+
+
+def export_format(fmt: str | None, path: Path) -> str:
+    """The format of an export to ``path``: its suffix; ``fmt`` (e.g. --format) if given must agree with it."""
+    if fmt is not None:
+        fmt = str(fmt).lower()
+        if fmt not in FORMATS:
+            raise ConfigError(f"export format {fmt!r} is unknown; use one of {', '.join(FORMATS)}")
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix not in FORMATS:
+        if fmt is None:
+            raise ConfigError(f"export path {path}: can't tell the format from its name; end it in .csv, .parquet "
+                              f"or .npz (e.g. {path.stem}.csv)")
+        raise ConfigError(f"export path {path}: a {fmt} export's name ends in .{fmt}; name it {path.stem}.{fmt}")
+    if fmt is not None and fmt != suffix:
+        raise ConfigError(f"export: --format {fmt} contradicts {path} (a .{suffix} name); "
+                          f"name it {path.stem}.{fmt} or leave out --format")
+    return suffix
+
+
+def _is_export(path: Path, fmt: str) -> bool:
+    """Whether the file at ``path`` is an earlier export in ``fmt`` (so replacing it loses nothing of the user's)."""
+    try:
+        if fmt == "csv":
+            with open(path, encoding="utf-8", newline="") as f:
+                header = f.readline().rstrip("\r\n")
+            return header in (",".join(COLUMNS), ",".join((*COLUMNS, *ARRAY_COLUMNS)))
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            meta = pq.read_schema(path).metadata or {}
+            return b"vmap_sweep_config" in meta
+        with zipfile.ZipFile(path) as z:
+            names = set(z.namelist())
+        return {"config.npy", "i.npy", "j.npy"} <= names
+    except Exception:  # unreadable, not text, not parquet, not a zip: not an export
+        return False
+
+
+def export_study(store: StudyStore, fmt: str | None, path: str | os.PathLike | None,
+                 trajectories: bool = False) -> Path:
+    """Write every cell of ``store`` to ``path`` (default ``STUDY/cells.FORMAT``) in the format its suffix names
+    (``fmt``, if given, must agree); with ``trajectories`` add per-step losses. Only a file that is an earlier
+    export in the same format is replaced."""
+    if fmt is not None and str(fmt).lower() not in FORMATS:
+        raise ConfigError(f"export format {str(fmt).lower()!r} is unknown; use one of {', '.join(FORMATS)}")
+    path = default_path(store, fmt) if path is None else Path(path)
     if path.is_dir():
-        raise ConfigError(f"export path {path} is a folder; give a file name like results.{fmt}")
+        raise ConfigError(f"export path {path} is a folder; give a file name like {path / DEFAULT_NAME}."
+                          f"{(fmt or 'csv').lower()}")
     if path.resolve().parent == Path(store.directory).resolve() and path.name.startswith(DB_NAME):
         raise ConfigError(f"export path {path} would replace the study's database; give another file name")
+    fmt = export_format(fmt, path)
+    if (path.exists() or path.is_symlink()) and not (path.is_file() and _is_export(path, fmt)):
+        raise ConfigError(f"export path {path} exists and is not an earlier {fmt} export; choose a new file name "
+                          "or remove that file")
     cols = list(COLUMNS) + (list(ARRAY_COLUMNS) if trajectories else [])
     rows = _records(store, trajectories)
     mode, writer = _WRITERS[fmt]

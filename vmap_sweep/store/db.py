@@ -210,6 +210,8 @@ class StudyStore:
         keys = [(int(c.i), int(c.j)) for c in cells]
         if len(set(keys)) != len(keys):
             raise ConfigError(f"{directory}: the cell list repeats a cell (i, j); build it with Grid.cells()")
+        if _foreign_folder(directory):  # a study goes into a new or empty folder, never among the user's files
+            raise StoreError(f"{directory} is not empty and holds no study; choose an empty or new folder")
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -483,6 +485,17 @@ def _connect(path: Path) -> sqlite3.Connection:
         return sqlite3.connect(str(path), isolation_level=None, timeout=30.0)
     except sqlite3.Error as e:
         raise StoreError(f"{path}: can't open ({e}); choose a writable --out") from None
+
+
+def _foreign_folder(directory: Path) -> bool:
+    """An existing folder with entries but no study.db: the user's files, not a study (new or empty folders are
+    fine, and a study folder resumes)."""
+    if not directory.is_dir() or (directory / DB_NAME).exists():
+        return False
+    try:
+        return any(True for _ in directory.iterdir())
+    except OSError:  # unreadable: the writability checks below say what is wrong
+        return False
 
 
 def _is_empty(conn: sqlite3.Connection, path: Path) -> bool:

@@ -2,24 +2,41 @@
 
 Shards hold disjoint (or identical) cells of one config; the merged study holds their union, their extras and
 their zoom children. A merge that would change a result already in the output is refused, and nothing is written.
+The shards of a split into N parts (folders ``shard-K-of-N``, rows recording ``shard`` = "K/N") are merged whole:
+a set that misses a part (counting the parts an earlier merge put into the output) or gives one twice is refused
+unless ``partial``.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from vmap_sweep.errors import ConfigError, StoreError
-from vmap_sweep.store.db import _MISSING, _RUN_COLUMNS, RESULT_COLUMNS, StudyStore, canonical_json, config_diff
+from vmap_sweep.store.db import (
+    _MISSING,
+    _RUN_COLUMNS,
+    DB_NAME,
+    RESULT_COLUMNS,
+    StudyStore,
+    canonical_json,
+    config_diff,
+)
 from vmap_sweep.store.extras import criterion
 
+_SHARD_DIR = re.compile(r"shard-(\d+)-of-(\d+)")
+_SHARD_LABEL = re.compile(r"(\d+)/(\d+)")
 
-def merge_studies(shard_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> StudyStore:
+
+def merge_studies(shard_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+                  partial: bool = False) -> StudyStore:
     """Union of the done cells of shard studies (one config) into ``out_dir`` (new, or an earlier
-    merge of the same study). A cell done in two places must hold identical results."""
+    merge of the same study). A cell done in two places must hold identical results. Unless ``partial``,
+    every part K/N of the split must be there (given, or in ``out_dir`` already) and none given twice."""
     if not shard_dirs:
         raise ConfigError("merge: no shard folders given; pass the --out folders of the shard runs")
     out_dir = Path(out_dir)
@@ -31,6 +48,8 @@ def merge_studies(shard_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
         for d in shard_dirs:
             stores.append(StudyStore.open(d))
         _check_one_study(stores)
+        if not partial:
+            _check_whole_split(shard_dirs, stores, out_dir)
         done, shared = _gather(stores)
         first = stores[0]
         out = StudyStore.create_or_open(out_dir, first.config, first.cells())
@@ -66,6 +85,52 @@ def _check_one_study(stores: Sequence[StudyStore]) -> None:
             raise StoreError(f"merge: {s.directory} is classified by {criterion(s)}, {first.directory} "
                              f"by {criterion(first)}; run `vmap-sweep classify` on each with the same "
                              "criterion")
+
+
+def _shards_of(store: StudyStore) -> set[tuple[int, int]]:
+    """The parts K/N a study holds: its folder's name (``shard-K-of-N``) and the ``shard`` its done rows record."""
+    found = set()
+    m = _SHARD_DIR.fullmatch(Path(store.directory).name)
+    if m:
+        found.add((int(m.group(1)), int(m.group(2))))
+    for row in store._raw_done().values():
+        m = _SHARD_LABEL.fullmatch(str(row["shard"] or ""))
+        if m:
+            found.add((int(m.group(1)), int(m.group(2))))
+    return found
+
+
+def _check_whole_split(shard_dirs: Sequence[str | os.PathLike], stores: Sequence[StudyStore], out_dir: Path) -> None:
+    """Each shard once, and every part K of N: a merge of part of a split looks finished but is not."""
+    given: dict[Path, str | os.PathLike] = {}
+    for d in shard_dirs:
+        r = Path(d).resolve()
+        if r in given:
+            raise StoreError(f"merge: {d} is given twice; give each shard folder once (or add --partial)")
+        given[r] = d
+    owner: dict[tuple[int, int], Path] = {}
+    for s in stores:
+        for kn in sorted(_shards_of(s)):
+            if kn in owner:
+                raise StoreError(f"merge: shard {kn[0]}/{kn[1]} is in both {owner[kn]} and {s.directory}; give "
+                                 "each shard once (or add --partial)")
+            owner[kn] = s.directory
+    if not owner:  # studies not made by --shard: no parts to count
+        return
+    present = set(owner)
+    if (out_dir / DB_NAME).is_file():  # an earlier merge brought its parts along
+        with StudyStore.open(out_dir) as earlier:
+            present |= _shards_of(earlier)
+    splits = sorted({n for _, n in present})
+    if len(splits) > 1:
+        raise StoreError(f"merge: the shards come from splits into {' and '.join(map(str, splits))} parts; merge "
+                         "the shards of one split (or add --partial)")
+    n = splits[0]
+    missing = [f"{k}/{n}" for k in range(1, n + 1) if (k, n) not in present]
+    if missing:
+        are = "shard " + missing[0] + " is" if len(missing) == 1 else "shards " + ", ".join(missing) + " are"
+        raise StoreError(f"merge: {are} missing (the study was split into {n} parts); give every "
+                         f"shard-K-of-{n} folder, or add --partial to merge only these")
 
 
 def _gather(stores: Sequence[StudyStore]) -> tuple[dict, dict]:
