@@ -616,11 +616,12 @@ def test_fractal_refuses_bad_arrays(tmp_path, kind):
     assert not (tmp_path / "p.png").exists()
 
 
-def test_export_names_its_file_after_the_format(base, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_export_names_its_file_after_the_format(base, tmp_path):
+    study = tmp_path / "study"  # a copy: the default output is inside the study folder
+    shutil.copytree(base[0], study)
     for fmt, magic in (("npz", b"PK"), ("parquet", b"PAR1"), ("csv", b"i,j,")):
-        assert ok("export", base[0], "--format", fmt).stdout.strip() == f"study.{fmt}"
-        assert (tmp_path / f"study.{fmt}").read_bytes().startswith(magic)
+        assert ok("export", study, "--format", fmt).stdout.strip() == str(study / f"cells.{fmt}")
+        assert (study / f"cells.{fmt}").read_bytes().startswith(magic)
 
 
 def test_an_uncertainty_dimension_outside_the_plane_is_flagged(tmp_path, monkeypatch):
@@ -682,3 +683,72 @@ def test_shared_trajectories_store_what_every_cell_alone_stores(tmp_path):
             exact = w[key] is None or isinstance(w[key], str | int)
             same = w[key] == g[key] if exact else np.array_equal(bits(w[key]), bits(g[key]))
             assert same, (w["i"], w["j"], key, w[key], g[key])
+
+
+# ------------------------------------------------------------------------------------------------ no silent surprises
+def test_export_format_follows_the_file_name_and_the_default_is_in_the_study(base, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    study = tmp_path / "study"
+    shutil.copytree(base[0], study)
+    # the format is the suffix; without -o the file is STUDY/cells.FORMAT, never ./study.csv shared by all studies
+    for fmt, magic in (("npz", b"PK"), ("parquet", b"PAR1"), ("csv", b"i,j,")):
+        assert ok("export", study, "-o", tmp_path / f"c.{fmt}").stdout.strip() == str(tmp_path / f"c.{fmt}")
+        assert (tmp_path / f"c.{fmt}").read_bytes().startswith(magic)
+        assert ok("export", study, "--format", fmt).stdout.strip() == str(study / f"cells.{fmt}")
+        assert (study / f"cells.{fmt}").read_bytes().startswith(magic)
+    assert ok("export", study).stdout.strip() == str(study / "cells.csv")
+    assert not list(tmp_path.glob("study.*"))
+    # a --format that contradicts the name, a name without a format, and someone else's file are refused untouched
+    (tmp_path / "theirs.csv").write_text("name,age\nann,3\n")
+    before = snapshot(tmp_path)
+    one_line_error(cli("export", study, "-o", tmp_path / "c.parquet", "--format", "csv"),
+                   "--format csv contradicts", "name it c.csv or leave out --format")
+    one_line_error(cli("export", study, "-o", tmp_path / "x.csv", "--format", "parquet"), "--format parquet")
+    one_line_error(cli("export", study, "-o", tmp_path / "x.txt"), "can't tell the format", ".csv, .parquet or .npz")
+    one_line_error(cli("export", study, "-o", tmp_path / "theirs.csv"),
+                   "exists and is not an earlier csv export", "choose a new file name")
+    assert snapshot(tmp_path) == before and not (tmp_path / "x.csv").exists()
+
+
+def test_merge_refuses_a_missing_or_repeated_shard_unless_partial(base, tmp_path):
+    # a finished study copied under a shard's name is that part of a split into 2
+    one = tmp_path / "a" / "shard-1-of-2"
+    shutil.copytree(base[0], one)
+    twin = tmp_path / "b" / "shard-1-of-2"
+    shutil.copytree(base[0], twin)
+    out = tmp_path / "merged"
+    assert one_line_error(cli("merge", one, "--out", out)) == (
+        "error: merge: shard 2/2 is missing (the study was split into 2 parts); give every shard-K-of-2 folder, "
+        "or add --partial to merge only these")
+    one_line_error(cli("merge", one, one, "--out", out), f"{one} is given twice", "--partial")
+    one_line_error(cli("merge", one, twin, "--out", out), "shard 1/2 is in both", str(one), str(twin))
+    assert not out.exists()
+    assert "16/16" in ok("merge", one, "--out", out, "--partial").stdout
+    assert "16/16" in ok("merge", one, twin, "--out", tmp_path / "m2", "--partial").stdout
+
+
+def test_run_refuses_a_folder_of_other_files_but_resumes_starts_and_zooms(base, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("my work")
+    before = snapshot(mine)
+    assert one_line_error(cli(*TINY, "--quiet", "--out", mine)) == (
+        f"error: {mine} is not empty and holds no study; choose an empty or new folder")
+    assert snapshot(mine) == before and sorted(p.name for p in mine.iterdir()) == ["thesis.tex"]
+    # an empty existing folder starts a study; a study folder resumes (nothing left to train)
+    (tmp_path / "empty").mkdir()
+    ok(*TINY, "--quiet", "--out", tmp_path / "empty")
+    study = tmp_path / "study"
+    shutil.copytree(base[0], study)
+    ok(*TINY, "--quiet", "--out", study)
+    ok("run", "--out", study, "--device", "cpu", "--quiet")
+    # a zoom child goes into a new folder inside the study folder, beside the study's own files
+    ok("export", study)
+    with StudyStore.open(study) as store:
+        x, y = parse_axis_spec(store.config["x"]), parse_axis_spec(store.config["y"])
+    window = [x.lo * 1.5, x.hi / 1.5, y.lo * 1.1, y.hi / 1.1]
+    ok("zoom", study, "--window", *window, "--device", "cpu", "--quiet", "--models-per-batch", "4")
+    with StudyStore.open(study) as store:
+        (child,) = store.children()
+    with StudyStore.open(study / child.child_dir) as c:
+        assert c.done_count() == c.cell_count()

@@ -175,7 +175,7 @@ def test_progress_shows_every_batch_in_flight():
     from vmap_sweep.cli.render import RichProgress
     from vmap_sweep.study.plan import Batch
 
-    progress = RichProgress(Console(file=open(os.devnull, "w")))  # noqa: SIM115
+    progress = RichProgress(Console(file=open(os.devnull, "w"), force_terminal=True))  # noqa: SIM115
     progress.start(total=12, done=0, batches=3)
     for index in (0, 2):
         progress.batch_started(Batch(index, (), 5), 4)
@@ -183,3 +183,111 @@ def test_progress_shows_every_batch_in_flight():
     progress.batch_done(Batch(0, (), 5), [], 1.0)
     assert progress.bar.tasks[0].description.startswith("batch 3/3")
     progress.finish()
+
+
+# ------------------------------------------------------------------------------------------------ messages a
+# researcher reads without the source: each number or verdict checked against what it claims
+
+
+def test_zoom_dimension_without_a_zoom_says_so_and_how_to_make_one(study, tmp_path):
+    import shutil
+    import sqlite3
+
+    solo = tmp_path / "solo"  # the study as it is before any zoom (another test may have zoomed the fixture)
+    shutil.copytree(study, solo, ignore=shutil.ignore_patterns("zoom-*", "*.gif"))
+    with sqlite3.connect(solo / "study.db") as conn:
+        conn.execute("DELETE FROM children")
+    conn.close()
+    report = json.loads(ok("zoom-dimension", solo, "--json").stdout)
+    assert [lv["level"] for lv in report["levels"]] == [0]
+    text = ok("zoom-dimension", solo).stdout
+    level = report["levels"][0]
+    assert f"level 0: D = {level['dimension']:.3f}, 95% CI [{level['ci_low']:.3f}, {level['ci_high']:.3f}]" in text
+    assert "no zoom level below this study" in text and f"vmap-sweep zoom {solo} --auto" in " ".join(text.split())
+    assert "pooled over" not in text and "n/a" not in text
+
+
+def test_zoom_dimension_lines_pool_only_two_or_more_levels():
+    from vmap_sweep.cli.render import zoom_dimension_lines
+
+    level = {"level": 0, "dir": "s", "dimension": 1.14, "ci_low": 0.96, "ci_high": 1.37, "scale": 1.0}
+    pooled = {"dimension": 1.23, "stderr": 0.04, "ci_low": 1.1516, "ci_high": 1.3084, "levels": [0, 1]}
+    lines = zoom_dimension_lines({"levels": [level, {**level, "level": 1, "scale": 0.125}], "pooled": pooled})
+    assert lines == ["level 0: D = 1.140, 95% CI [0.960, 1.370], cell scale 1",
+                     "level 1: D = 1.140, 95% CI [0.960, 1.370], cell scale 0.125",
+                     "pooled over levels 0, 1: D = 1.230, 95% CI [1.152, 1.308] (± 1.96 × the shared slope's "
+                     "standard error 0.040)"]
+    assert 1.23 + 1.96 * 0.04 == pytest.approx(1.3084)  # the CI the line says it is
+    no_se = zoom_dimension_lines({"levels": [level, level], "pooled": {**pooled, "stderr": None, "ci_low": None,
+                                                                       "ci_high": None}})
+    assert no_se[-1] == "pooled over levels 0, 1: D = 1.230, no CI (too few box counts for a standard error)"
+    one = zoom_dimension_lines({"levels": [level], "pooled": {**pooled, "stderr": None, "levels": [0]}})
+    assert len(one) == 2 and "nothing to pool" in one[1] and "`vmap-sweep zoom s --auto`" in one[1]
+
+
+def test_fractal_names_the_ci_and_the_stderr_for_what_they_are(study):
+    box = json.loads(ok("fractal", study, "--json").stdout)
+    text = " ".join(ok("fractal", study).stdout.split())
+    assert box["n_offsets"] > 1  # so the CI is the spread over lattice placements, not ± 1.96 stderr
+    assert (f"box-counting dimension {box['dimension']:.3f}, 95% CI [{box['ci_low']:.3f}, {box['ci_high']:.3f}] "
+            "(the middle 95% of the "
+            f"slopes fitted on {box['n_offsets']} box-lattice placements; the fitted slope's own standard error is "
+            f"{box['stderr']:.3f})") in text
+    assert "(stderr)" not in text and f"± {box['stderr']:.3f}" not in text
+
+
+def test_fractal_lines_with_one_lattice_or_two_box_sizes():
+    from vmap_sweep.cli.render import fractal_lines
+
+    box = {"dimension": 1.128, "stderr": 0.02, "ci_low": 1.128 - 1.96 * 0.02, "ci_high": 1.128 + 1.96 * 0.02,
+           "fit_range": [2, 8], "resolution": [32, 32], "box_sizes": [1, 2], "box_counts": [3.0, 1.0], "n_offsets": 1}
+    first = fractal_lines(box)[0].plain
+    assert first.startswith("box-counting dimension 1.128, 95% CI [1.089, 1.167] (± 1.96 standard errors of the "
+                            "slope, aligned lattice only; the fitted slope's own standard error is 0.020)")
+    first = fractal_lines({**box, "stderr": float("nan"), "n_offsets": 32})[0].plain
+    assert "nan" not in first and "no standard error from 2 box sizes" in first
+
+
+def _bench_result(tflops: float, peak: float):
+    from vmap_sweep.run.bench import BenchResult
+
+    return BenchResult(depth=1, n_embd=64, params=1000, models=2, tokens_per_step=64, micro_batch_size=None,
+                       trainable=("all",), optimizer_state_dtype="float32", compile=False,
+                       checkpoint_activations=False, checkpoint_blocks=None, steps=1, baseline_cell_s=1.0,
+                       stacked_cell_s=0.5, speedup=2.0, baseline_step_s=1.0, stacked_step_s=1.0,
+                       stacked_tflops=2 * tflops, baseline_tflops=tflops, peak_memory_gb=peak, baseline_variants={})
+
+
+def test_bench_on_a_cpu_prints_no_memory_number_and_a_nonzero_rate(monkeypatch):
+    import vmap_sweep.run.bench as bench_module
+
+    monkeypatch.setattr(bench_module, "bench", lambda *a, **k: _bench_result(1.23e-3, float("nan")))
+    text = ok("bench", "--device", "cpu", "--depth", "1").stdout
+    assert "GFLOP/s" in text and "1.23" in text and "2.46" in text and "0.0 " not in text
+    assert "peak memory not measured (only a CUDA device reports it)" in " ".join(text.split())
+    assert "nan" not in text
+    from rich.console import Console
+
+    from vmap_sweep.cli.render import bench_lines
+
+    console = Console(record=True, width=200)
+    for item in bench_lines(_bench_result(212.34, 37.26)):
+        console.print(item)
+    text = console.export_text()
+    assert "TFLOP/s" in text and "212.3" in text and "424.7" in text
+    assert "peak GPU memory of the stacked run 37.3 GB" in text
+
+
+def test_bench_measures_peak_memory_on_cuda_only_and_the_rate_from_the_time(monkeypatch):
+    import math
+
+    import vmap_sweep.run.bench as bench_module
+    from vmap_sweep.model.gpt import GPTConfig
+
+    monkeypatch.setattr(bench_module, "time_stacked", lambda model, k, cfg, steps, dev: 2.0 * steps)
+    monkeypatch.setattr(bench_module, "best_baseline", lambda *a, **k: (4.0, {"eager": 4.0}))
+    r = bench_module.bench(1, 2, tokens_per_step=64, seq_len=32, vocab=256, steps=2, device="cpu")
+    flops = GPTConfig.from_depth(1, vocab_size=256, sequence_len=32).flops_per_token(32) * 64
+    assert math.isnan(r.peak_memory_gb)  # no allocator to ask on a CPU: not a measured zero
+    assert r.stacked_tflops == pytest.approx(2 * flops / 2.0 / 1e12) and r.stacked_tflops > 0
+    assert r.baseline_tflops == pytest.approx(flops * 2 / 4.0 / 1e12)

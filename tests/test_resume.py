@@ -125,7 +125,7 @@ def test_rerunning_a_finished_study_trains_nothing(tmp_path):
         rows = store.rows(arrays=True)
     again = cli(*args)
     assert again.exit_code == 0, again.stderr
-    assert "resuming: 4/4 cells already stored" in again.stderr and "trained this run" not in again.stdout
+    assert "all 4 cells are already stored" in again.stderr and "trained this run" not in again.stdout
     assert "batch " not in again.stderr  # no batch ran
     with StudyStore.open(out) as store:
         assert [(r["finished_at"], bits(r["trajectory"]).tolist()) for r in store.rows(arrays=True)] == \

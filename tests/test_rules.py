@@ -294,3 +294,43 @@ def test_plot_writes_png_and_svg(clean, tmp_path):
     assert plot_rules(r, tmp_path / "bare.png").stat().st_size > 5_000
     with pytest.raises(ConfigError, match="format"):
         plot_rules(r, tmp_path / "rules.gif")
+
+
+def test_ten_x_answer_follows_the_exponent_interval_and_shows_it():
+    """Yes or no only when the exponent's whole 95% CI lies on one side of log10 2 (10x data, 2x LR); otherwise
+    "can't tell", with the interval and the fit's R² printed, however close the point estimate is to 2x."""
+    import math
+
+    from vmap_sweep.analysis.rules import PowerLaw, ten_x_verdict
+
+    def fit(b, lo, hi, r2, n=6):
+        return PowerLaw(coefficient=1e-6, exponent=b, stderr=0.1, ci_low=lo, ci_high=hi, n=n, r2=r2,
+                        sizes=tuple(range(1, n + 1)))
+
+    tested = math.log10(2)
+    loose = ten_x_verdict(fit(0.5, 0.05, 0.95, 0.44))  # 3.2x by the point estimate, but R² 0.44 and wide
+    assert loose.verdict == "inconclusive" and loose.answer == "can't tell"
+    assert loose.sentence() == ("10x more data allows 2x more LR: can't tell (LR_crit(10D) / LR_crit(D) = 3.16x, "
+                                "95% CI [1.12, 8.91]x contains 2x; exponent 0.500, 95% CI [0.050, 0.950] "
+                                "vs log10 2 = 0.301; R² 0.44, 6 sizes).")
+    yes = ten_x_verdict(fit(0.5, tested + 1e-6, 0.7, 0.44))
+    assert yes.verdict == yes.answer == "yes" and "lies entirely above 2x" in yes.sentence()
+    assert "R² 0.44, 6 sizes" in yes.sentence()
+    assert ten_x_verdict(fit(0.5, tested, 0.7, 0.9)).answer == "can't tell"  # touching 2x is not above it
+    no = ten_x_verdict(fit(0.1, -0.1, tested - 1e-6, 0.8))
+    assert no.verdict == no.answer == "no" and "lies entirely below 2x" in no.sentence()
+    two = ten_x_verdict(fit(0.5, math.nan, math.nan, 1.0, n=2))
+    assert two.answer == "can't tell" and "no CI from 2 sizes" in two.sentence()
+    assert ten_x_verdict(None).sentence() == ("10x more data allows 2x more LR: can't tell "
+                                              "(fewer than 2 uncensored sizes to fit LR_crit).")
+
+
+def test_summary_prints_the_ten_x_answer_with_its_interval(clean):
+    r = rules_of_thumb(clean)
+    line = r.summary()[-1 - len(r.notes)]
+    assert line == r.ten_x.sentence()
+    assert line.startswith("10x more data allows 2x more LR: yes (LR_crit(10D) / LR_crit(D) = ")
+    assert f"R² {r.crit_fit.r2:.2f}, 8 sizes" in line
+    d = r.to_dict()["ten_x"]
+    assert d["verdict"] == "yes" and d["answer"] == "yes" and d["r2"] == pytest.approx(r.crit_fit.r2)
+    assert d["exponent_ci_low"] == pytest.approx(r.crit_fit.ci_low) and d["n"] == 8

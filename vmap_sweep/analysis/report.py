@@ -241,12 +241,24 @@ def _fractal_section(doc: _Doc, study_dir: Path, tmp: Path) -> dict | None:
         doc.p(f"Not measurable on this study: {e}")
         return None
     res = f"{box['resolution'][0]}×{box['resolution'][1]}"
-    doc.p(f"Box-counting dimension D = {box['dimension']:.3f} ± {_fmt(box['stderr'])} (OLS stderr), 95% CI "
-          f"{format_ci(box['ci_low'], box['ci_high'])}, fit over box sizes {box['fit_range'][0]}–{box['fit_range'][1]} "
+    lattices = box.get("n_offsets", 1)
+    if lattices > 1:  # analysis.fractal._lattice_ci: percentiles of single-lattice fits, not ± 1.96 stderr
+        basis = (f"the middle 95% of the slopes fitted on {lattices} box-lattice placements, i.e. how much D depends "
+                 "on where the boxes sit")
+    else:
+        basis = "± 1.96 standard errors of the slope, aligned lattice only"
+    slope_se = _f(box.get("stderr"))
+    se_text = ("the fitted slope's own standard error is " + _fmt(slope_se)
+               if slope_se is not None and math.isfinite(slope_se)
+               else "the fitted slope has no standard error from 2 box sizes")
+    doc.p(f"Box-counting dimension D = {box['dimension']:.3f}, 95% CI {format_ci(box['ci_low'], box['ci_high'])} "
+          f"({basis}; {se_text}), fit over box sizes {box['fit_range'][0]}–{box['fit_range'][1]} "
           f"at {res}. A smooth edge has D = 1 and noise D = 2; at this resolution the estimate is biased low "
           "and zoom levels add decades of scale.")
-    rows = [("dimension", f"{box['dimension']:.3f}"), ("stderr", _fmt(box["stderr"])),
-            ("95% CI", format_ci(box["ci_low"], box["ci_high"])),
+    rows = [("dimension", f"{box['dimension']:.3f}"),
+            ("95% CI" + (f" ({lattices} lattice placements)" if lattices > 1 else " (± 1.96 stderr)"),
+             format_ci(box["ci_low"], box["ci_high"])),
+            ("standard error of the fitted slope", _fmt(box["stderr"])),
             ("fit range (box sizes)", f"{box['fit_range'][0]}–{box['fit_range'][1]}"), ("resolution", res),
             ("box sizes", " ".join(str(s) for s in box["box_sizes"])),
             ("box counts", " ".join(f"{c:.1f}" for c in box["box_counts"]))]

@@ -19,7 +19,9 @@ The primary critical-LR fit uses the first diverging LR (the conservative edge);
 is fitted too. Safe LR = 0.5 * LR_crit (first diverging). Leave-one-size-out: for each size, LR_opt is
 refitted without it and its prediction checked to lie within 2x of that size's optimal LR.
 "Does 10x more data allow 2x more LR": ratio LR_crit(10D) / LR_crit(D) = 10^b with CI 10^[b_lo, b_hi];
-yes if the whole CI is >= 2, no if it is all < 2, inconclusive otherwise.
+yes only if the whole CI lies above 2 (b_lo > log10 2), no only if it lies below (b_hi < log10 2), and
+"inconclusive" (printed "can't tell", with the interval and the fit's R²) otherwise, including a fit of two
+sizes, which has no CI.
 """
 
 from __future__ import annotations
@@ -99,13 +101,43 @@ class LeaveOut:
 
 @dataclass(frozen=True)
 class TenX:
-    """LR_crit(10 D) / LR_crit(D) = 10^b with its CI, and whether it reaches 2."""
+    """LR_crit(10 D) / LR_crit(D) = 10^b with its CI, and whether it reaches 2.
+
+    The verdict follows the 95% CI of the exponent b alone: "yes" when all of it lies above log10 2 (the
+    ratio's CI above 2x), "no" when all of it lies below, "inconclusive" otherwise (``answer`` "can't tell").
+    The fit's R², exponent and number of sizes are kept so that every printed answer shows what it rests on.
+    """
 
     ratio: float | None
-    ci_low: float | None
+    ci_low: float | None  # 95% CI of the ratio, 10^[b_lo, b_hi]
     ci_high: float | None
     verdict: str  # "yes", "no" or "inconclusive"
     reason: str
+    exponent: float | None = None  # b of the first-diverging LR_crit fit
+    exponent_ci_low: float | None = None
+    exponent_ci_high: float | None = None
+    tested_exponent: float = math.log10(TARGET_RATIO)  # b at which 10x data gives exactly 2x LR
+    r2: float | None = None
+    n: int | None = None  # sizes fitted
+    answer: str = "can't tell"  # "yes", "no" or "can't tell": the verdict as printed
+
+    def sentence(self) -> str:
+        """The answer with the interval and fit it rests on, for the CLI and the report."""
+        head = f"10x more data allows {TARGET_RATIO:g}x more LR: {self.answer}"
+        if self.ratio is None:
+            return f"{head} ({self.reason})."
+        fit = f"R² {_g(self.r2, '.2f')}, {self.n} sizes"
+        if self.ci_low is None:
+            return f"{head} (LR_crit(10D) / LR_crit(D) = {self.ratio:.2f}x, but {self.reason}; {fit})."
+        interval = f"95% CI [{self.ci_low:.2f}, {self.ci_high:.2f}]x"
+        b_ci = format_ci(self.exponent_ci_low, self.exponent_ci_high, ".3f")
+        exponent = f"exponent {self.exponent:.3f}, 95% CI {b_ci} vs log10 {TARGET_RATIO:g} = {self.tested_exponent:.3f}"
+        if self.verdict == "inconclusive":
+            return (f"{head} (LR_crit(10D) / LR_crit(D) = {self.ratio:.2f}x, {interval} contains "
+                    f"{TARGET_RATIO:g}x; {exponent}; {fit}).")
+        side = "above" if self.verdict == "yes" else "below"
+        return (f"{head} (LR_crit(10D) / LR_crit(D) = {self.ratio:.2f}x, {interval} lies entirely {side} "
+                f"{TARGET_RATIO:g}x; {exponent}; {fit}).")
 
 
 @dataclass
@@ -195,12 +227,7 @@ class RulesResult:
             hits = sum(lo.within for lo in self.leave_out)
             lines.append(f"Leave-one-size-out: the refitted LR_opt rule predicts {hits} of {len(self.leave_out)} "
                          f"sizes within {WITHIN:g}x ({self.leave_out_fraction:.0%}).")
-        t = self.ten_x
-        if t.ratio is not None:
-            lines.append(f"10x more data → {t.ratio:.2f}x the critical LR "
-                         f"(95% CI {format_ci(t.ci_low, t.ci_high, '.2f')}); allows 2x more LR: {t.verdict}.")
-        else:
-            lines.append(f"10x more data → 2x more LR: {t.verdict} ({t.reason}).")
+        lines.append(self.ten_x.sentence())
         return lines + self.notes
 
 
@@ -229,17 +256,21 @@ def fit_power_law(sizes: np.ndarray, lrs: np.ndarray) -> PowerLaw | None:
 
 
 def ten_x_verdict(fit: PowerLaw | None) -> TenX:
+    """Does 10x more data allow 2x more LR? Yes or no only when the exponent's 95% CI lies entirely on one side
+    of log10 2; "inconclusive" (can't tell) when it contains log10 2 or there is no CI."""
     if fit is None:
         return TenX(None, None, None, "inconclusive", "fewer than 2 uncensored sizes to fit LR_crit")
     ratio = 10.0**fit.exponent
+    known = dict(exponent=fit.exponent, r2=fit.r2 if math.isfinite(fit.r2) else None, n=fit.n)
     if not (math.isfinite(fit.ci_low) and math.isfinite(fit.ci_high)):
-        return TenX(ratio, None, None, "inconclusive", f"no CI from {fit.n} sizes; need at least 3")
+        return TenX(ratio, None, None, "inconclusive", f"no CI from {fit.n} sizes; need at least 3", **known)
     lo, hi = 10.0**fit.ci_low, 10.0**fit.ci_high
-    if lo >= TARGET_RATIO:
-        return TenX(ratio, lo, hi, "yes", f"the 95% CI lies above {TARGET_RATIO:g}x")
-    if hi < TARGET_RATIO:
-        return TenX(ratio, lo, hi, "no", f"the 95% CI lies below {TARGET_RATIO:g}x")
-    return TenX(ratio, lo, hi, "inconclusive", f"the 95% CI contains {TARGET_RATIO:g}x")
+    known.update(exponent_ci_low=fit.ci_low, exponent_ci_high=fit.ci_high)
+    if fit.ci_low > math.log10(TARGET_RATIO):
+        return TenX(ratio, lo, hi, "yes", f"the 95% CI lies above {TARGET_RATIO:g}x", answer="yes", **known)
+    if fit.ci_high < math.log10(TARGET_RATIO):
+        return TenX(ratio, lo, hi, "no", f"the 95% CI lies below {TARGET_RATIO:g}x", answer="no", **known)
+    return TenX(ratio, lo, hi, "inconclusive", f"the 95% CI contains {TARGET_RATIO:g}x", **known)
 
 
 def leave_one_size_out(rows: list[SizeRow]) -> tuple[list[LeaveOut], float | None]:

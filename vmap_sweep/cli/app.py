@@ -207,13 +207,24 @@ def _run(cfg, out, k, settings, shard_spec=None, quiet=False, wandb=False, backe
          workers=None, share=True):
     from vmap_sweep.analysis.classify import label_record
     from vmap_sweep.run.pipeline import run_study
+    from vmap_sweep.store.db import DB_NAME, StudyStore
 
-    progress = render.RichProgress(console, quiet=quiet)
+    # on a terminal a live bar; with --quiet or output to a file (nohup, Slurm) one log line per batch
+    progress = shown = render.RichProgress(console, quiet=quiet, where=out)
     if wandb:
         progress = render.WandbProgress(progress, cfg, name=Path(out).name)
-    with _open_backend(cfg, settings, backend, address, workers) as b:
-        store = run_study(cfg, out, b, models_per_batch=k, shard=shard_spec, progress=progress, labeller=label_record,
-                          share=share)
+    try:
+        with _open_backend(cfg, settings, backend, address, workers) as b:
+            store = run_study(cfg, out, b, models_per_batch=k, shard=shard_spec, progress=progress,
+                              labeller=label_record, share=share)
+    except KeyboardInterrupt:  # Ctrl-C: every stored batch stays; one line on how to resume, no traceback
+        done = total = None
+        if (Path(out) / DB_NAME).is_file():
+            with StudyStore.open(out) as stopped:
+                done, total = stopped.done_count(), shown.total or stopped.cell_count()
+        console.print(render.interrupted_line(Path(out), done, total, shard_spec, settings), highlight=False,
+                      markup=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     with store:
         render.show([render.summary_table(store, progress)])
         _say(f"study stored in {out}")
@@ -327,16 +338,20 @@ def _plot(study: Path, formats, rows, out: Path | None = None):
 @user_errors
 def export(
     study: Annotated[Path, typer.Argument(help="Study folder.")],
-    format: Annotated[str, typer.Option(help="csv, parquet or npz.")] = "csv",
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="File to write (default study.FORMAT).")] = None,
+    format: Annotated[str | None, typer.Option(help="csv, parquet or npz (default: the output's suffix; csv "
+                                                    "without -o). Must agree with the output's suffix.")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="File to write, ending in .csv, .parquet or "
+                                                ".npz (default STUDY/cells.FORMAT, inside the study folder). "
+                                                "Replaces only an earlier export of the same format.")] = None,
     trajectories: Annotated[bool, typer.Option(help="Add each cell's per-step losses.")] = False,
 ):
-    """One row per cell: i, j, x, y, status, label, initial_loss, final_loss, eval_loss, steps."""
+    """One row per cell: i, j, x, y, status, label, initial_loss, final_loss, eval_loss, steps. The format is the
+    output's suffix; without -o the file is STUDY/cells.csv (or cells.parquet, cells.npz with --format)."""
     from vmap_sweep.analysis.export import export_study
     from vmap_sweep.store.db import StudyStore
 
     with StudyStore.open(study) as store:
-        path = export_study(store, format, output or Path(f"study.{format.lower()}"), trajectories=trajectories)
+        path = export_study(store, format, output, trajectories=trajectories)
     _say(str(path))
 
 
@@ -346,11 +361,14 @@ def export(
 def merge(
     shards: Annotated[list[Path], typer.Argument(help="Shard study folders (from --shard K/N).")],
     out: Annotated[Path, typer.Option(help="Folder of the merged study.")],
+    partial: Annotated[bool, typer.Option(help="Merge an incomplete set of shards (not every K of N), or one "
+                                               "that repeats a shard.")] = False,
 ):
-    """Combine shards of one study (same config) into one study."""
+    """Combine shards of one study (same config) into one study. Every shard K/N of the split must be given (or be
+    in --out from an earlier merge), each once; --partial merges fewer."""
     from vmap_sweep.store.merge import merge_studies
 
-    with merge_studies(shards, out) as store:
+    with merge_studies(shards, out, partial=partial) as store:
         _say(render.merge_line(len(shards), store, out))
 
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, RenderableType
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -81,24 +82,68 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.2f} h"
 
 
-class RichProgress(ProgressHooks):
-    """Cells done/total, cells per minute, ETA, the current batch and how many diverged so far."""
+def interrupted_line(out: Path, done: int | None, total: int | None, shard: tuple[int, int] | None = None,
+                     settings=None) -> str:
+    """What a Ctrl-C'ed run prints: how far it got and the command that resumes it (with the options a resume
+    must repeat: the shard, and the run settings that differ from the defaults)."""
+    folder, extra = (out.parent, f" --shard {shard[0]}/{shard[1]}") if shard else (out, "")
+    if settings is not None:
+        extra += " --device cpu" if settings.device == "cpu" else ""
+        extra += f" --micro-batch-size {settings.micro_batch_size}" if settings.micro_batch_size else ""
+        extra += " --deterministic" if settings.deterministic else ""
+    if done is None:
+        return f"interrupted before {out} held a study; run the same command again to start it"
+    return (f"interrupted: {done} of {total} cells are stored in {out}; `vmap-sweep run --out {folder}{extra}` "
+            "resumes it")
 
-    def __init__(self, console: Console, quiet: bool = False):
-        self.console, self.quiet = console, quiet
+
+class _EtaColumn(ProgressColumn):
+    """The bar's ETA, weighted by model-steps as the log lines' (rich's own counts cells)."""
+
+    def __init__(self, progress: RichProgress):
+        super().__init__()
+        self.progress = progress
+
+    def render(self, task) -> Text:
+        return Text(f"ETA {self.progress.eta()}", style="progress.remaining")
+
+
+class RichProgress(ProgressHooks):
+    """Cells done/total, cells per minute, ETA, the current batch and how many diverged so far: a live bar on a
+    terminal; else (--quiet, or output to a file, nohup, Slurm) one timestamped log line per batch.
+
+    The ETA is weighted by work, not by cells: remaining model-steps / (model-steps this run trained / time)."""
+
+    def __init__(self, console: Console, quiet: bool = False, where: str | Path | None = None):
+        self.console, self.where = console, where  # where: the study folder, for the line of a finished one
+        # a bar written to a file shows nothing for minutes, then garbage: log lines there
+        self.quiet = quiet or not (console.is_terminal or console.is_jupyter) or console.is_dumb_terminal
         self.diverged = self.done = self.trained = 0
         self.total = self.batches = 0
-        self.started = time.perf_counter()
+        self.steps_total = self.steps_done = 0  # model-steps of this run's batches: to train, trained
+        self.started = self.updated = time.perf_counter()
+        self.remaining: float | None = None  # seconds left, estimated at `updated`
         self.bar: Progress | None = None
         self.running: dict[int, str] = {}  # batches in flight: several at once with one Ray worker per GPU
 
-    def start(self, total: int, done: int, batches: int) -> None:
+    def start(self, total: int, done: int, batches: int, *, model_steps: int = 0,
+              labels: dict[str, int] | None = None) -> None:
         # one progress may serve several studies in a row (zoom levels): counts are per study
         self.total, self.done, self.batches = total, done, batches
-        self.diverged = self.trained = 0
-        self.started = time.perf_counter()
+        self.diverged = (labels or {}).get("diverged", 0)  # a resumed study's count goes on from what is stored
+        self.trained = self.steps_done = 0
+        self.steps_total, self.remaining = model_steps, None
+        self.started = self.updated = time.perf_counter()
+        self.running = {}
+        todo = total - done
+        if not todo:
+            self._log(f"all {total} cells are already stored" + (f" in {self.where}" if self.where else ""), eta=False)
+            return
+        plan = f"training {_count(todo, 'cell')} ({_count(model_steps, 'model-step')})"
         if done:
-            self._log(f"resuming: {done}/{total} cells already stored")
+            self._log(f"resuming: {done}/{total} cells already stored, {self.diverged} diverged; {plan}")
+        elif self.quiet:
+            self._log(f"{plan} in {_count(batches, 'batch')}")
         if not self.quiet:
             self.bar = Progress(
                 TextColumn("{task.description}"),
@@ -106,15 +151,24 @@ class RichProgress(ProgressHooks):
                 MofNCompleteColumn(),
                 TextColumn("cells · {task.fields[rate]:.1f}/min · {task.fields[diverged]} diverged"),
                 TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
+                _EtaColumn(self),
                 console=self.console,
             )
             self.bar.start()
-            self.task = self.bar.add_task("starting", total=total, completed=done, rate=0.0, diverged=0)
+            self.task = self.bar.add_task("starting", total=total, completed=done, rate=0.0, diverged=self.diverged)
 
     def cells_per_minute(self) -> float:
         return 60 * self.trained / max(time.perf_counter() - self.started, 1e-9)
+
+    def eta_seconds(self) -> float | None:
+        """Seconds left, or None before the first batch is stored: counts down between batches."""
+        if self.remaining is None:
+            return None
+        return max(self.remaining - (time.perf_counter() - self.updated), 0.0)
+
+    def eta(self) -> str:
+        left = self.eta_seconds()
+        return "after the first batch" if left is None else duration(left)
 
     def batch_started(self, batch: Batch, todo: int) -> None:
         self.running[batch.index] = f"batch {batch.index + 1}/{self.batches} ({todo} models × {batch.steps} steps)"
@@ -135,6 +189,7 @@ class RichProgress(ProgressHooks):
         self.done += len(labels)
         self.trained += len(labels)
         self.diverged += labels.count("diverged")
+        self._estimate(batch.model_steps)
         if self.bar is not None:
             self.bar.update(self.task, completed=self.done, rate=self.cells_per_minute(), diverged=self.diverged)
         else:
@@ -142,12 +197,29 @@ class RichProgress(ProgressHooks):
                       f"{self.done}/{self.total} done, {self.diverged} diverged, "
                       f"{self.cells_per_minute():.1f} cells/min")
 
+    def _estimate(self, model_steps: int) -> None:
+        """rate = model-steps trained by this run / its time; ETA = the model-steps left / rate."""
+        now = time.perf_counter()
+        self.steps_done += model_steps
+        left = max(self.steps_total - self.steps_done, 0)
+        rate = self.steps_done / max(now - self.started, 1e-9)
+        self.remaining = left / rate if rate > 0 else None
+        self.updated = now
+
     def finish(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+            self.bar = None
 
-    def _log(self, text: str) -> None:
-        self.console.print(text, highlight=False)
+    def _log(self, text: str, eta: bool = True) -> None:
+        """One line, never wrapped: a timestamp (ISO, seconds), the text, the ETA."""
+        stamp = datetime.now().isoformat(timespec="seconds")
+        line = f"{stamp} {text}" + (f", ETA {self.eta()}" if eta else "")
+        self.console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 'es' if noun.endswith('ch') else 's'}"
 
 
 class WandbProgress(ProgressHooks):
@@ -169,8 +241,8 @@ class WandbProgress(ProgressHooks):
         self.inner = inner
         self.labels: dict[str, int] = {}
 
-    def start(self, total, done, batches):
-        self.inner.start(total, done, batches)
+    def start(self, total, done, batches, *, model_steps=0, labels=None):
+        self.inner.start(total, done, batches, model_steps=model_steps, labels=labels)
         self.run.summary.update({"cells": total, "cells_stored_before": done})
 
     def batch_started(self, batch, todo):
@@ -250,10 +322,17 @@ def fractal_lines(report: dict) -> list[Text]:
     """The box-counting dimension with its CI and fit range, the box sizes and counts, and the
     uncertainty-exponent dimension where the source had one."""
     box = report
+    stderr, lattices = box.get("stderr"), box.get("n_offsets", 1)
+    slope_se = (f"the fitted slope's own standard error is {stderr:.3f}" if stderr is not None and stderr == stderr
+                else "the fitted slope has no standard error from 2 box sizes")
+    if lattices > 1:  # the CI is the spread of single-lattice fits (analysis.fractal._lattice_ci), not ± 1.96 stderr
+        basis = f"the middle 95% of the slopes fitted on {lattices} box-lattice placements; {slope_se}"
+    else:
+        basis = f"± 1.96 standard errors of the slope, aligned lattice only; {slope_se}"
     lines = [
-        f"box-counting dimension {box['dimension']:.3f} ± {box['stderr']:.3f} (stderr), "
-        f"95% CI [{box['ci_low']:.3f}, {box['ci_high']:.3f}], fit over box sizes "
-        f"{box['fit_range'][0]}–{box['fit_range'][1]} at {box['resolution'][0]}×{box['resolution'][1]}",
+        f"box-counting dimension {box['dimension']:.3f}, 95% CI [{box['ci_low']:.3f}, {box['ci_high']:.3f}] "
+        f"({basis}), fit over box sizes {box['fit_range'][0]}–{box['fit_range'][1]} "
+        f"at {box['resolution'][0]}×{box['resolution'][1]}",
         "box sizes:  " + " ".join(f"{s:>7d}" for s in box["box_sizes"]),
         "box counts: " + " ".join(f"{c:>7.1f}" for c in box["box_counts"]),
     ]
@@ -265,20 +344,31 @@ def fractal_lines(report: dict) -> list[Text]:
 
 
 def zoom_dimension_lines(report: dict) -> list[str]:
-    """One line per zoom level, then the dimension pooled over all levels."""
+    """One line per zoom level, then the dimension pooled over all levels; a study with no zoom below it says
+    so and how to make one, rather than 'pooling' its one level."""
     lines = []
     for level in report["levels"]:
         if level.get("dimension") is None:
             lines.append(f"level {level['level']}: not measurable ({level.get('error')})")
         else:
-            lines.append(f"level {level['level']}: D = {_num(level['dimension'])} [{_num(level['ci_low'])}, "
+            lines.append(f"level {level['level']}: D = {_num(level['dimension'])}, 95% CI [{_num(level['ci_low'])}, "
                          f"{_num(level['ci_high'])}], cell scale {level['scale']:.3g}")
+    if len(report["levels"]) < 2:
+        top = report["levels"][0]["dir"] if report["levels"] else "DIR"
+        lines.append(f"no zoom level below this study, so there is nothing to pool over: `vmap-sweep zoom {top} "
+                     "--auto` re-sweeps a window of the boundary at the same resolution, then zoom-dimension "
+                     "measures each level and their pooled dimension")
+        return lines
     pooled = report["pooled"]
     if pooled.get("dimension") is None:
         lines.append(f"pooled: not measurable ({pooled.get('error')})")
-    else:
-        lines.append(f"pooled over levels: D = {_num(pooled['dimension'])} ± {_num(pooled['stderr'])} "
-                     f"[{_num(pooled['ci_low'])}, {_num(pooled['ci_high'])}]")
+    elif pooled.get("stderr") is None or pooled.get("ci_low") is None:
+        lines.append(f"pooled over levels {', '.join(str(v) for v in pooled.get('levels') or [])}: "
+                     f"D = {_num(pooled['dimension'])}, no CI (too few box counts for a standard error)")
+    else:  # analysis.fractal.pooled_dimension: CI = ± 1.96 standard errors of the one shared slope
+        lines.append(f"pooled over levels {', '.join(str(v) for v in pooled.get('levels') or [])}: "
+                     f"D = {_num(pooled['dimension'])}, 95% CI [{_num(pooled['ci_low'])}, {_num(pooled['ci_high'])}] "
+                     f"(± 1.96 × the shared slope's standard error {_num(pooled['stderr'])})")
     return lines
 
 
@@ -310,21 +400,30 @@ def rules_lines(result: RulesResult) -> list[RenderableType]:
 
 
 def bench_table(r: BenchResult) -> Table:
-    """Stacked against one at a time: seconds per cell and per step, achieved TFLOP/s."""
+    """Stacked against one at a time: seconds per cell and per step, achieved TFLOP/s (GFLOP/s to 3 significant
+    digits where both sides reach less than 1 TFLOP/s, as on a CPU, so that no rate prints as 0.0)."""
     table = Table(title=f"depth {r.depth}, {r.models} stacked, {r.tokens_per_step} tokens/step, "
                         f"cells of {r.steps} steps")
-    for col in ("", "s/cell", "s/step", "TFLOP/s"):
+    giga = max(r.baseline_tflops, r.stacked_tflops) < 1.0
+    for col in ("", "s/cell", "s/step", "GFLOP/s" if giga else "TFLOP/s"):
         table.add_column(col)
+
+    def rate(tflops: float) -> str:
+        return f"{tflops * 1e3:.3g}" if giga else f"{tflops:.1f}"
+
     table.add_row("one at a time (best)", f"{r.baseline_cell_s:.3f}", f"{r.baseline_step_s:.4f}",
-                  f"{r.baseline_tflops:.1f}")
+                  rate(r.baseline_tflops))
     table.add_row(f"{r.models} stacked", f"{r.stacked_cell_s:.3f}", f"{r.stacked_step_s:.4f}",
-                  f"{r.stacked_tflops:.1f}")
+                  rate(r.stacked_tflops))
     return table
 
 
 def bench_lines(r: BenchResult) -> list[RenderableType]:
-    return [bench_table(r), f"cells per hour, stacked / one at a time: {r.speedup:.2f}x; "
-                            f"peak memory {r.peak_memory_gb:.1f} GB"]
+    """The table, then the speedup and the peak memory (measured by CUDA's allocator only: on a CPU, no number)."""
+    peak = r.peak_memory_gb
+    memory = (f"peak GPU memory of the stacked run {peak:.1f} GB" if peak is not None and peak == peak
+              else "peak memory not measured (only a CUDA device reports it)")
+    return [bench_table(r), f"cells per hour, stacked / one at a time: {r.speedup:.2f}x; {memory}"]
 
 
 def axes_lines(help_text: str) -> list[Text]:

@@ -42,7 +42,7 @@ class BenchResult:
     stacked_step_s: float  # the stacked batch's time over its steps (all K models)
     stacked_tflops: float
     baseline_tflops: float
-    peak_memory_gb: float
+    peak_memory_gb: float  # CUDA's peak allocated memory of the stacked run; nan where not measured (a CPU)
     baseline_variants: dict  # seconds per cell (or why it failed) of each plain-loop variant tried
 
     def to_dict(self) -> dict:

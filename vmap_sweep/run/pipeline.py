@@ -30,7 +30,10 @@ from vmap_sweep.train.trainer import CellRecord
 class Progress:
     """What the run reports; the CLI renders it (cli/render.py)."""
 
-    def start(self, total: int, done: int, batches: int) -> None: ...
+    def start(self, total: int, done: int, batches: int, *, model_steps: int = 0,
+              labels: dict[str, int] | None = None) -> None:
+        """total cells of the plan, done of them already stored, in `batches` batches. model_steps: the work
+        of the batches still to train (Batch.model_steps), for an ETA; labels: the stored cells per class."""
 
     def batch_started(self, batch: Batch, todo: int) -> None: ...
 
@@ -148,7 +151,8 @@ def _train_and_store(store: StudyStore, backend: Backend, batches: list[Batch], 
     jobs = [(b, [c for c in b.cells if c.key in pending]) for b in batches]
     jobs = [(b, cells) for b, cells in jobs if cells]
     total = sum(len(b.cells) for b in batches)
-    progress.start(total, total - sum(len(c) for _, c in jobs), len(batches))
+    progress.start(total, total - sum(len(c) for _, c in jobs), len(batches),
+                   model_steps=sum(b.model_steps for b, _ in jobs), labels=store.label_counts())
     started_at: dict[int, float] = {}
 
     def started(job: Job) -> None:
