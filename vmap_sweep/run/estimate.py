@@ -32,18 +32,21 @@ def flops_per_model_step(model_config: GPTConfig, seq_len: int, tokens_per_step:
     return model_config.flops_per_token(seq_len) * tokens_per_step
 
 
-def measured_flops_per_second(device: torch.device) -> float:
-    """A rough rate for --dry-run: one large matmul in the training dtype, timed here."""
+def measured_flops_per_second(device: torch.device, rounds: int = 5) -> float:
+    """A rough rate for --dry-run: one large matmul in the training dtype, timed here. The best of several rounds:
+    a single round swings with whatever else the machine is doing, and so would the estimate."""
     n = 2048 if device.type == "cuda" else 512
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     (a @ a).sum().item()
-    start = time.perf_counter()
-    reps = 10
-    for _ in range(reps):
-        b = a @ a
-    b.sum().item()
-    return 2 * n**3 * reps / (time.perf_counter() - start)
+    reps, best = 10, 0.0
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(reps):
+            b = a @ a
+        b.sum().item()
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
+    return best
 
 
 def describe_plan(cfg: StudyConfig, batches: list, model_config: GPTConfig, device: torch.device) -> dict:
