@@ -266,8 +266,11 @@ def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path):
     m = re.search(r"estimate\s+([\d.e+-]+) (s|min|h) on cpu", text)
     assert m and float(m.group(1)) > 0, text
     assert not out.exists()
-    # --data overrides the preset's (a dry run reads no data, so any name shows up)
-    assert "tiny / mine.jsonl" in ok(*TINY, "--dry-run", "--data", "mine.jsonl").stdout
+    # the dry run checks the data as the run does: a missing file, and budgets with nothing to learn from
+    missing = cli(*TINY, "--dry-run", "--data", tmp_path / "mine.jsonl")
+    assert missing.exit_code == 2 and "mine.jsonl" in missing.stderr
+    small = cli(*TINY, "--dry-run", "--y", "tokens:20:1024:log")
+    assert small.exit_code == 2 and "hold no supervised (assistant) token; start the tokens range at" in small.stderr
 
 
 def test_batches_are_rows_of_learning_rates(base):

@@ -231,12 +231,19 @@ def _run(cfg, out, k, settings, shard_spec=None, quiet=False, wandb=False, backe
 
 
 def _dry_run(cfg, k, device, share=True):
-    from vmap_sweep.run.estimate import base_model_config, describe_plan
+    """The plan, checked against the model and the data as the run would check them; nothing trains."""
+    from vmap_sweep.run.estimate import base_model_shape, describe_plan
+    from vmap_sweep.run.pipeline import check_smallest_budget
     from vmap_sweep.run.policy import resolve_device
+    from vmap_sweep.run.worker import training_stream
     from vmap_sweep.study.plan import build_grid, plan_study
 
     dev = resolve_device(device)
-    s = describe_plan(cfg, plan_study(cfg, build_grid(cfg).cells(), k, share), base_model_config(cfg.model), dev)
+    model_config, tokenizer = base_model_shape(cfg.model)
+    grid = build_grid(cfg)
+    check_smallest_budget(cfg, grid, training_stream(cfg, model_config.sequence_len, tokenizer)
+                          .first_supervised_position())
+    s = describe_plan(cfg, plan_study(cfg, grid.cells(), k, share), model_config, dev)
     render.show([render.plan_table(cfg, k, s)])
 
 

@@ -78,6 +78,11 @@ class TokenStream:
         targets = torch.where(self.mask[nxt], self.ids[nxt], torch.full_like(nxt, -1))
         return self.ids[pos], targets
 
+    def first_supervised_position(self) -> int | None:
+        """The smallest budget that holds a supervised token (1 + its position), None if the stream has none."""
+        found = (self.window(0, self.num_tokens)[1] != -1).nonzero()
+        return int(found[0]) + 1 if len(found) else None
+
     def batch(self, step: int, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each LongTensor (B, T), of positions [step*B*T, (step+1)*B*T)."""
         inputs, targets = self.window(step * batch_size * seq_len, batch_size * seq_len)

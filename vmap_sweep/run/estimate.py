@@ -7,6 +7,7 @@ import time
 import torch
 
 from vmap_sweep.model.gpt import GPT, GPTConfig
+from vmap_sweep.model.tokenizer import ByteTokenizer, Tokenizer
 from vmap_sweep.run.policy import compile_on
 from vmap_sweep.study.config import StudyConfig
 from vmap_sweep.study.plan import plan_summary, sharing_summary
@@ -17,15 +18,16 @@ from vmap_sweep.study.plan import plan_summary, sharing_summary
 TRAINING_EFFICIENCY = {True: 0.41, False: 0.15}
 
 
-def base_model_config(name: str) -> GPTConfig:
-    """The base model's shape, without pretraining the embedded tiny model or holding any weight."""
+def base_model_shape(name: str) -> tuple[GPTConfig, Tokenizer]:
+    """The base model's shape and tokenizer, without pretraining the embedded tiny model."""
     if name == "tiny":
         from vmap_sweep.train.tiny import TINY_CONFIG
 
-        return TINY_CONFIG
+        return TINY_CONFIG, ByteTokenizer()
     from vmap_sweep.model.checkpoint import load_model
 
-    return load_model(name).config
+    loaded = load_model(name)
+    return loaded.config, loaded.tokenizer
 
 
 def flops_per_model_step(model_config: GPTConfig, seq_len: int, tokens_per_step: int) -> float:

@@ -77,7 +77,7 @@ def run_study(cfg: StudyConfig, out: str | Path, backend: Backend, *, models_per
     study = Study.create(out, cfg, grid.cells())
     try:
         digest = _check_resumable(study, backend.settings)
-        _check_smallest_budget(cfg, grid, backend)
+        check_smallest_budget(cfg, grid, backend.first_supervised_position())
         _record_start(study, backend.settings, digest, criterion)
         k = backend.models_per_batch(grid.nx * grid.ny) if models_per_batch == "auto" else int(models_per_batch)
         batches = plan_study(cfg, cells, k, share)
@@ -123,10 +123,10 @@ def check_data_unchanged(store: StudyStore, data: str) -> str | None:
     return digest
 
 
-def _check_smallest_budget(cfg: StudyConfig, grid: Grid, backend: Backend) -> None:
-    """A cell whose budget holds no supervised token would have nothing to learn from: refuse the grid."""
+def check_smallest_budget(cfg: StudyConfig, grid: Grid, first: int | None) -> None:
+    """A cell whose budget holds no supervised token would have nothing to learn from: refuse the grid.
+    first: the smallest budget that holds one (None: the data holds none)."""
     smallest = min(int(c.hparams["tokens"]) for c in grid.cells())
-    first = backend.first_supervised_position()
     if first is None or smallest < first:
         where = f"start the tokens range at {first} or more" if first else "it holds no assistant turn"
         raise ConfigError(f"tokens={smallest}: the first {smallest} tokens of {cfg.data} hold no supervised "

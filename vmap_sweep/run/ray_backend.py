@@ -93,7 +93,7 @@ class RayWorker:
 
     def first_supervised_position(self) -> int | None:
         assert self.worker is not None, "load() first"
-        return self.worker.data.first_supervised_position()
+        return self.worker.data.stream.first_supervised_position()
 
 
 @dataclass(eq=False)

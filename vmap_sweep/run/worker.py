@@ -71,11 +71,13 @@ class StudyData:
     stream: TokenStream
     eval_batches: list[tuple[torch.Tensor, torch.Tensor]]
 
-    def first_supervised_position(self) -> int | None:
-        """1 + the position of the first supervised token of the training order (None if it has none)."""
-        targets = self.stream.window(0, self.stream.num_tokens)[1]
-        found = (targets != -1).nonzero()
-        return int(found[0]) + 1 if len(found) else None
+
+def training_stream(cfg: StudyConfig, sequence_len: int, tokenizer: Tokenizer) -> TokenStream:
+    """The study's fixed training order, for a model of `sequence_len` positions."""
+    if cfg.seq_len > sequence_len:
+        raise ConfigError(f"--seq-len {cfg.seq_len} is longer than the model's sequence_len {sequence_len}; "
+                          f"choose --seq-len <= {sequence_len}")
+    return TokenStream.build(load_conversations(cfg.data, "train"), tokenizer, cfg.seed, sequence_len, source=cfg.data)
 
 
 def load_study_data(cfg: StudyConfig, device: torch.device) -> StudyData:
@@ -83,10 +85,7 @@ def load_study_data(cfg: StudyConfig, device: torch.device) -> StudyData:
     loaded = load_base_model(cfg.model)
     model, tokenizer = loaded.model, loaded.tokenizer
     max_len = model.config.sequence_len
-    if cfg.seq_len > max_len:
-        raise ConfigError(f"--seq-len {cfg.seq_len} is longer than the model's sequence_len {max_len}; "
-                          f"choose --seq-len <= {max_len}")
-    stream = TokenStream.build(load_conversations(cfg.data, "train"), tokenizer, cfg.seed, max_len, source=cfg.data)
+    stream = training_stream(cfg, model.config.sequence_len, tokenizer)
     held_out = EvalSet.build(load_conversations(cfg.data, "validation"), tokenizer, cfg.eval_tokens,
                              max_len=max_len, source=cfg.data)
     return StudyData(model, tokenizer, stream, held_out.batches(cfg.batch_size, cfg.seq_len))
@@ -141,7 +140,7 @@ class LocalBackend:
         return Worker(self.cfg, self.device, self.settings)
 
     def first_supervised_position(self) -> int | None:
-        return self.worker.data.first_supervised_position()
+        return self.worker.data.stream.first_supervised_position()
 
     def models_per_batch(self, limit: int) -> int:
         return self.worker.models_per_batch(limit)
