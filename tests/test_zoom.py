@@ -291,13 +291,15 @@ def test_bad_inputs_raise_and_change_nothing(tmp_path):
         zoom_local(tmp_path / "nowhere", formula())
 
 
-def test_animate_writes_one_gif_frame_per_level(disk_chain, tmp_path, monkeypatch):
+def test_animate_writes_each_level_and_in_between_frames(disk_chain, tmp_path, monkeypatch):
     parent, dirs, _ = disk_chain
     monkeypatch.setattr(animate_mod.shutil, "which", lambda name: None)  # no ffmpeg: GIF only
     gif = animate(parent, tmp_path / "anim" / "zoom.gif", fps=4)
     assert gif == tmp_path / "anim" / "zoom.gif" and os.listdir(gif.parent) == ["zoom.gif"]
     with Image.open(gif) as im:
-        assert im.n_frames == 3 and im.info["duration"] == 250
+        # 3 levels: each level, its next window, STEPS in-between frames; the deepest level once
+        assert im.n_frames == animate_mod.frame_count(3) == 3 + 2 * (1 + animate_mod.STEPS)
+        assert im.info["duration"] == 250
         sizes = set()
         for k in range(im.n_frames):
             im.seek(k)
@@ -305,7 +307,7 @@ def test_animate_writes_one_gif_frame_per_level(disk_chain, tmp_path, monkeypatc
         assert sizes == {(640, 520)}
     # animating from the middle of the chain: its two levels
     with Image.open(animate(dirs[0], tmp_path / "mid")) as im:
-        assert im.n_frames == 2 and im.format == "GIF"
+        assert im.n_frames == animate_mod.frame_count(2) and im.format == "GIF"
     with pytest.raises(ConfigError, match="no zoom children"):
         animate(dirs[1], tmp_path / "leaf.gif")
 
@@ -318,7 +320,7 @@ def test_animate_writes_one_gif_frame_per_level(disk_chain, tmp_path, monkeypatc
     monkeypatch.setattr(animate_mod.shutil, "which", lambda name: "/usr/bin/ffmpeg")
     monkeypatch.setattr(animate_mod, "FFMpegWriter", FakeFFMpeg)
     gif = animate(parent, tmp_path / "with-mp4" / "zoom")
-    assert gif.name == "zoom.gif" and (gif.parent / "zoom.mp4").read_text() == "3"
+    assert gif.name == "zoom.gif" and (gif.parent / "zoom.mp4").read_text() == str(animate_mod.frame_count(3))
     with pytest.raises(ConfigError, match=".gif"):
         animate(parent, tmp_path / "zoom.png")
 
@@ -381,7 +383,7 @@ def test_zoom_end_to_end_on_the_tiny_model(model_cache, tmp_path):
     else:  # pooled over exactly the measured levels
         assert math.isfinite(pooled["dimension"]) and pooled["levels"] == measured
     with Image.open(animate(parent, tmp_path / "zoom.gif")) as im:
-        assert im.n_frames == 3
+        assert im.n_frames == animate_mod.frame_count(3)
 
 
 def _labels_follow_the_criterion(folder) -> dict:

@@ -1,8 +1,10 @@
-"""An animation of a zoom: one frame per level, parent to deepest child, each the score heatmap in real
-units with the next level's window drawn on it.
+"""An animation of a zoom, parent to deepest child: each level's score heatmap in real units, then the
+same map with the next level's window drawn on it, then ``STEPS`` in-between frames that narrow the view
+from the level's whole map to that window (geometrically on a log axis), so the move reads as a zoom;
+the deepest level ends it. ``frame_count(levels)`` frames in all.
 
-Frames are drawn by the plots module's own heatmap (``plots._heatmap``, ``score_norm``, ``signed_log``,
-so a frame looks exactly like ``vmap-sweep plot``'s score.png) and rendered to pixels; a full-figure image
+Frames are drawn by the plots module's own convergence map (``plots.score_figure``, so a frame looks
+exactly like ``vmap-sweep plot``'s score.png) and rendered to pixels; a full-figure image
 replays them through matplotlib.animation's PillowWriter (GIF) and, when ``ffmpeg`` is on PATH,
 FFMpegWriter (MP4, same name with .mp4). Files are written under a temporary name and renamed, so an
 interrupted run never leaves a half-written animation.
@@ -20,7 +22,7 @@ from matplotlib.animation import AbstractMovieWriter, FFMpegWriter, PillowWriter
 from matplotlib.patches import Rectangle
 
 from vmap_sweep.analysis.chain import zoom_levels
-from vmap_sweep.analysis.plots import _heatmap, score_norm, signed_log
+from vmap_sweep.analysis.plots import score_figure
 from vmap_sweep.analysis.view import grid_view
 from vmap_sweep.analysis.window import Window
 from vmap_sweep.errors import ConfigError
@@ -29,23 +31,59 @@ from vmap_sweep.store.db import StudyStore
 DPI = 100  # frame pixels = the heatmap's figsize x DPI; every frame has the same size
 
 
-def _frame(folder: Path, level: int, deepest: int, window: Window, next_window: Window | None) -> np.ndarray:
-    """RGBA pixels of one level's score heatmap, with the next level's window as a dashed rectangle."""
+STEPS = 4  # in-between frames from a level's whole map to the next level's window
+
+
+def frame_count(levels: int) -> int:
+    """Frames of a zoom of ``levels`` levels: each level but the deepest shows its map, its map with the
+    next window, and ``STEPS`` in-between frames; the deepest level one frame."""
+    return 1 + (levels - 1) * (2 + STEPS)
+
+
+def _pixels(fig) -> np.ndarray:
+    fig.set_dpi(DPI)
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba()).copy()
+
+
+def _between(a: tuple[float, float], b: tuple[float, float], t: float, log: bool) -> tuple[float, float]:
+    """Limits a fraction t of the way from a to b (geometric on a log axis)."""
+    if log and min(a + b) > 0:
+        return tuple(float(np.exp((1 - t) * np.log(p) + t * np.log(q))) for p, q in zip(a, b, strict=True))
+    return tuple((1 - t) * p + t * q for p, q in zip(a, b, strict=True))
+
+
+def _frames(folder: Path, level: int, deepest: int, window: Window, next_window: Window | None) -> list[np.ndarray]:
+    """RGBA pixels of one level: its score heatmap; with a next level also the map with that level's window
+    as a dashed rectangle and the in-between frames zooming into it."""
     with StudyStore.open(folder) as store:
         view = grid_view(store)
     x0, x1, y0, y1 = window
     view.title = (f"zoom level {level}/{deepest}: {view.x_name} {x0:.4g}–{x1:.4g}, "
                   f"{view.y_name} {y0:.4g}–{y1:.4g}")
-    s = signed_log(view.scores)
-    fig = _heatmap(view, s, "score (sign·log1p|s|; < 0 converged)", "coolwarm", score_norm(s))
+    fig = score_figure(view)
     try:
-        if next_window is not None:
-            a0, a1, b0, b1 = next_window
-            fig.axes[0].add_patch(Rectangle((a0, b0), a1 - a0, b1 - b0, fill=False, edgecolor="black",
-                                            linewidth=1.8, linestyle="--", zorder=5))
-        fig.set_dpi(DPI)
-        fig.canvas.draw()
-        return np.asarray(fig.canvas.buffer_rgba()).copy()
+        frames = [_pixels(fig)]
+        if next_window is None:
+            return frames
+        ax = fig.axes[0]
+        a0, a1, b0, b1 = next_window
+        ax.add_patch(Rectangle((a0, b0), a1 - a0, b1 - b0, fill=False, edgecolor="black",
+                               linewidth=1.8, linestyle="--", zorder=5, label=f"zoom level {level + 1} window"))
+        ax.legend(loc="upper left", fontsize=7, framealpha=0.85)  # a fixed place: it must not jump while zooming
+        frames.append(_pixels(fig))
+        xlim, ylim = ax.get_xlim(), ax.get_ylim()
+        x_log, y_log = ax.get_xscale() == "log", ax.get_yscale() == "log"
+        title = ax.get_title()
+        for k in range(1, STEPS + 1):
+            t = k / (STEPS + 1)
+            ax.set_xlim(*_between(xlim, (a0, a1), t, x_log))
+            ax.set_ylim(*_between(ylim, (b0, b1), t, y_log))
+            ax.set_title(title.replace(f"zoom level {level}/{deepest}:",
+                                       f"zooming from level {level} into level {level + 1}/{deepest}:", 1),
+                         fontsize=9)
+            frames.append(_pixels(fig))
+        return frames
     finally:
         plt.close(fig)
 
@@ -70,7 +108,8 @@ def _write(frames: list[np.ndarray], path: Path, writer: AbstractMovieWriter) ->
 
 
 def animate(parent_dir: str | os.PathLike, out_file: str | os.PathLike, fps: float = 2) -> Path:
-    """GIF of the zoom from ``parent_dir`` to its deepest child (one frame per level); returns its path.
+    """GIF of the zoom from ``parent_dir`` to its deepest child (``frame_count(levels)`` frames: each level,
+    its next window, and in-between frames zooming into it); returns its path.
 
     ``out_file`` ends in .gif (or has no suffix: .gif is added). With ffmpeg on PATH an MP4 of the same
     frames is written next to it (same name, .mp4).
@@ -87,8 +126,8 @@ def animate(parent_dir: str | os.PathLike, out_file: str | os.PathLike, fps: flo
                           "give a file name ending in .gif")
     out = out.with_suffix(".gif")
     deepest = levels[-1][0]
-    frames = [_frame(folder, level, deepest, window, levels[k + 1][2] if k + 1 < len(levels) else None)
-              for k, (level, folder, window) in enumerate(levels)]
+    frames = [frame for k, (level, folder, window) in enumerate(levels)
+              for frame in _frames(folder, level, deepest, window, levels[k + 1][2] if k + 1 < len(levels) else None)]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

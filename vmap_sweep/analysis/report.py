@@ -216,12 +216,13 @@ def _maps_section(doc: _Doc, store: StudyStore, tmp: Path) -> None:
         score = ("the score log(final loss / lower threshold) / log(upper / lower threshold), negative when "
                  "converged, between 0 and 1 when marginal, as sign·log(1+|s|)")
     doc.figure("score", paths["score"],
-               f"Convergence map of {store.nx}×{store.ny} fine-tunes over {axes}. Blue: converged, red: diverged "
-               f"or marginal; colour is {score}. The black line is the boundary between converged cells and "
-               "the rest.")
+               f"Convergence map of {store.nx}×{store.ny} fine-tunes over {axes}. Blue: converged, red: diverged"
+               f"{'' if extras.criterion(store)['criterion'] == 'ratio' else ', pale yellow: marginal'}; colour "
+               f"is {score}. The black line is the boundary between converged cells and the rest.")
     doc.figure("final_loss", paths["final_loss"],
-               f"Final training loss of each fine-tune over {axes} (its last batch, after its last update); "
-               "black line: the convergence boundary.")
+               f"Final loss ÷ the base model's loss on the same batch, for each fine-tune over {axes} (its last "
+               "batch, after its last update; < 1: better than the base model on those tokens); black line: the "
+               "convergence boundary.")
     doc.figure("eval_loss", paths["eval_loss"],
                f"Held-out eval loss after fine-tuning ({cfg.get('eval_tokens')} tokens) over {axes}; "
                "black line: the convergence boundary.")
@@ -229,7 +230,9 @@ def _maps_section(doc: _Doc, store: StudyStore, tmp: Path) -> None:
         which = ", ".join(format_count(view.ys[j]) for j in rows)
         doc.figure("trajectories", paths["trajectories"],
                    f"Training loss per step for {view.y_name} = {which} (one panel each), a sample of "
-                   f"{view.x_name} values coloured from low (dark) to high (yellow).")
+                   f"{view.x_name} values coloured by class (blue converged, red diverged); under the ratio "
+                   "criterion as loss ÷ the base model's loss on the same batch, with the line at 1 it is judged "
+                   "against.")
 
 
 def _fractal_section(doc: _Doc, study_dir: Path, tmp: Path) -> dict | None:
