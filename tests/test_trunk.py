@@ -116,3 +116,22 @@ def test_a_trunk_leaves_its_base_model_untouched_and_reads_out_in_lane_order():
     records = TrunkTrainer(base, lanes, TrainConfig(batch_size=B, seq_len=T)).run(stream)
     assert [r.steps for r in records] == [5, 1, 3]
     assert all(torch.equal(p, before[n]) for n, p in base.named_parameters())
+
+
+def test_budgets_that_learn_from_the_same_tokens_share_one_branch(monkeypatch):
+    """Two budgets ending in one step, the tokens between them all unsupervised: the same experiment, computed
+    once, and each equal to its cell trained alone."""
+    base, stream = tiny_model(), RandomStream()
+    cfg = TrainConfig(schedule="constant", batch_size=B, seq_len=T)
+    step = 2
+    targets = stream.batch(step, B, T)[1].flatten()
+    offset = next(k for k in range(1, B * T - 1) if targets[k] == -1 and targets[:k].ne(-1).any())
+    tokens = [step * B * T + offset, step * B * T + offset + 1, 5 * B * T]  # the 2nd adds one unsupervised target
+    cells = _cells([1e-2], tokens)
+    calls = []
+    real = TrunkTrainer._branch_gradient
+    monkeypatch.setattr(TrunkTrainer, "_branch_gradient", lambda self, *a: calls.append(a[-1]) or real(self, *a))
+    got = _read_out(base, trunks(cells, "constant", B * T), cfg, stream, [stream.batch(999, B, T)], 1)
+    assert len(calls) == 1  # one branch for the two budgets
+    for cell in cells:
+        _same(got[cell.key], _alone(base, cell, cfg, stream, [stream.batch(999, B, T)]))

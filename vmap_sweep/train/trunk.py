@@ -12,7 +12,8 @@ of its lane; every other cell of the lane is read out of it:
   that step: its gradient on the first N tokens, the optimizer's update applied to a one-model copy of the
   lane (weights and optimizer state), its final loss and eval loss on that copy. The trunk is not touched.
   At step 0 every lane still holds the base weights, so such a gradient is computed once per budget and
-  serves every learning rate.
+  serves every learning rate; and budgets of one step whose extra tokens are all unsupervised learn from the
+  same tokens, so one branch serves them all.
 
 A trunk that diverges decides every cell it still carries and stops. Every record is the one training that
 cell alone gives: bitwise on a CPU (tests/test_trunk.py), since a model's numbers never depend on its
@@ -88,7 +89,8 @@ class TrunkTrainer(StackedTrainer):
         undecided = set(range(len(self.members)))
         total_steps = self.total_steps.long()
         active = torch.ones(k, dtype=torch.bool)
-        step_zero_grads: dict[int, tuple] = {}  # budget -> step 0's loss, gradient and norm (base weights)
+        step_zero_grads: dict[int, tuple] = {}  # step 0's loss, gradient and norm (base weights) by its tokens
+        self._same_data: dict[tuple, CellRecord] = {}  # a branch's record by (lane, step, tokens it learns from)
         for step in range(int(total_steps.max())):
             active &= step < total_steps
             if not active.any():
@@ -162,12 +164,20 @@ class TrunkTrainer(StackedTrainer):
         cfg = self.cfg
         self._copy_history(m.lane, rec)
         w = self._loss_weights(step, targets, [m.tokens])
-        if not bool(w.sum() > 0):  # no supervised token in its last step: it ends where the trunk is now
+        # A budget holds the first supervised tokens of its last step: budgets of one step with as many of them
+        # learn from the very same tokens (the ones between are unsupervised), so one branch serves them all.
+        supervised = int((w > 0).sum())
+        if supervised == 0:  # no supervised token in its last step: it ends where the trunk is now
             self._read_out_unstepped(m, rec)
             return
+        same = self._same_data.get((m.lane, step, supervised))
+        if same is not None:
+            _copy_record(same, rec)
+            return
+        self._same_data[(m.lane, step, supervised)] = rec
         branch = self._load_branch(m.lane)
         base = self._base_losses(step, inputs, targets, w).cpu()
-        loss, norm = self._branch_gradient(branch, batch, w, step_zero_grads if self.at_base else None, m.tokens)
+        loss, norm = self._branch_gradient(branch, batch, w, step_zero_grads if self.at_base else None, supervised)
         bad = bool(~torch.isfinite(loss) | (loss > cfg.divergence_ratio * base) | ~torch.isfinite(norm))
         if not bad:
             self._branch_update(branch, m.lane, mult)
@@ -223,7 +233,7 @@ class TrunkTrainer(StackedTrainer):
 
     def _branch_gradient(self, branch: dict, batch, w, step_zero: dict | None, tokens: int):
         """(1,) loss and gradient norm of the branch on its partial batch; the gradient lands in its .grad.
-        At step 0 (base weights) one pass per budget serves every lane."""
+        At step 0 (base weights) one pass per set of tokens (`tokens` supervised ones) serves every lane."""
         step, inputs, targets = batch
         params = branch["params"]
         if step_zero is not None and tokens in step_zero:
@@ -265,3 +275,10 @@ class TrunkTrainer(StackedTrainer):
             return None
         return self.evaluate(self._eval_batches, stages, k)[0].item()
 
+
+def _copy_record(src: CellRecord, dst: CellRecord) -> None:
+    """dst becomes what src holds (a cell that learnt from the same tokens); each keeps its own lists."""
+    dst.losses, dst.base_losses = list(src.losses), list(src.base_losses)
+    dst.grad_norms, dst.lrs = list(src.grad_norms), list(src.lrs)
+    dst.steps_done, dst.initial_loss, dst.eval_loss = src.steps_done, src.initial_loss, src.eval_loss
+    dst.diverged, dst.diverged_step = src.diverged, src.diverged_step
