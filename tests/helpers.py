@@ -39,8 +39,9 @@ def bits(values) -> np.ndarray:
 
 def snapshot(folder: Path, *, mtimes: bool = False) -> dict[str, bytes] | dict[str, tuple[bytes, int]]:
     """Every file under `folder` by relative path: its bytes (with mtimes=True, also its st_mtime_ns), to prove
-    that something left the folder untouched."""
-    files = (p for p in sorted(folder.rglob("*")) if p.is_file())
+    that something left the folder untouched. A study's lock file is left out: it names whoever last tried to
+    train the study (a refused run too), and holds no result."""
+    files = (p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "study.lock")
     if mtimes:
         return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
     return {str(p.relative_to(folder)): p.read_bytes() for p in files}

@@ -130,3 +130,32 @@ def test_rerunning_a_finished_study_trains_nothing(tmp_path):
     with StudyStore.open(out) as store:
         assert [(r["finished_at"], bits(r["trajectory"]).tolist()) for r in store.rows(arrays=True)] == \
             [(r["finished_at"], bits(r["trajectory"]).tolist()) for r in rows]
+
+
+def test_a_second_run_on_a_study_in_use_is_refused_at_once(tmp_path):
+    """Two trainers of one study: the second is refused before it trains anything, naming the first, whose run
+    finishes untouched; a process killed while training leaves no lock behind."""
+    out = tmp_path / "study"
+    first = start(out)
+    deadline = time.monotonic() + 240
+    while not (out / "study.lock").exists() or not (out / "study.lock").read_text():
+        assert first.poll() is None, first.communicate()[1]
+        assert time.monotonic() < deadline, "the first run never started training"
+        time.sleep(0.02)
+    t = time.monotonic()
+    second = cli(*ARGS, "--out", out)
+    assert second.exit_code == 2 and time.monotonic() - t < 30, second.stderr
+    assert f"is being trained by pid {first.pid}" in second.stderr and len(second.stderr.strip().splitlines()) == 1
+    also = cli("run", "--out", out, "--device", "cpu", "--quiet")  # resuming from the folder alone: refused too
+    assert also.exit_code == 2 and "is being trained by" in also.stderr
+    out_text, _ = finish(first)
+    assert re.search(rf"trained this run\s*│\s*{CELLS} cells", out_text)  # nothing was lost to the refusals
+
+    victim = start(tmp_path / "killed")
+    while done_cells(tmp_path / "killed" / "study.db") < 1:
+        assert victim.poll() is None and time.monotonic() < deadline + 240
+        time.sleep(0.02)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.communicate()
+    resumed = cli(*ARGS, "--out", tmp_path / "killed")
+    assert resumed.exit_code == 0, resumed.stderr  # the OS released the dead process's lock

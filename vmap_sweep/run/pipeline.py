@@ -18,7 +18,7 @@ from vmap_sweep.data.sources import data_fingerprint
 from vmap_sweep.errors import ConfigError, StoreError
 from vmap_sweep.run.worker import Job
 from vmap_sweep.store import extras
-from vmap_sweep.store.db import DB_NAME, Labeller, StudyStore
+from vmap_sweep.store.db import DB_NAME, LOCK_NAME, Labeller, StudyStore
 from vmap_sweep.store.study import Study
 from vmap_sweep.study.config import StudyConfig
 from vmap_sweep.study.grid import Cell, Grid
@@ -75,7 +75,10 @@ def run_study(cfg: StudyConfig, out: str | Path, backend: Backend, *, models_per
     new_dir, new_db = not out.exists(), not (out / DB_NAME).exists()
     # The folder and the config are checked before the backend loads anything.
     study = Study.create(out, cfg, grid.cells())
+    claimed = False
     try:
+        study.store.claim_writer()
+        claimed = True
         digest = _check_resumable(study, backend.settings)
         check_smallest_budget(cfg, grid, backend.first_supervised_position())
         _record_start(study, backend.settings, digest, criterion)
@@ -86,7 +89,8 @@ def run_study(cfg: StudyConfig, out: str | Path, backend: Backend, *, models_per
     except BaseException as e:
         # A study this run created and an error (bad data, model) stopped before any result: remove it, so
         # the fixed command is not refused as "a different config" by a study that holds nothing.
-        discard = new_db and isinstance(e, Exception) and _holds_nothing(study.store)
+        # (Only by the process that holds the study: another one's refusal never touches it.)
+        discard = claimed and new_db and isinstance(e, Exception) and _holds_nothing(study.store)
         study.close()
         if discard:
             _remove_empty_study(out, new_dir)
@@ -173,7 +177,7 @@ def _holds_nothing(store: StudyStore) -> bool:
 
 
 def _remove_empty_study(out: Path, remove_dir: bool) -> None:
-    for name in (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", f"{DB_NAME}-journal"):
+    for name in (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", f"{DB_NAME}-journal", LOCK_NAME):
         with contextlib.suppress(OSError):
             (out / name).unlink()
     if remove_dir:

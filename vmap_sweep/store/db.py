@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import fcntl
 import hashlib
 import json
 import math
 import os
+import socket
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +32,8 @@ from vmap_sweep.errors import ConfigError, StoreError
 from vmap_sweep.study.grid import Cell
 
 DB_NAME = "study.db"
+# Held (an OS lock, released when the process ends, however it ends) by the one process that trains a study.
+LOCK_NAME = "study.lock"
 # The extra key holding the criterion a study's classes follow, and the one every study starts with: the store
 # reads it inside each commit (record_batch); store/extras.py reads and writes it for everyone else.
 CRITERION = "criterion"
@@ -188,6 +192,7 @@ class StudyStore:
         self.path = path
         self.directory = path.parent
         self._conn = conn
+        self._writer: int | None = None  # the lock file's descriptor while this process trains the study
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         self.config_json: str = meta["config"]
         self.config: dict[str, Any] = json.loads(meta["config"])
@@ -265,6 +270,25 @@ class StudyStore:
 
     def close(self) -> None:
         self._conn.close()
+        if self._writer is not None:
+            os.close(self._writer)  # releases the lock
+            self._writer = None
+
+    def claim_writer(self) -> None:
+        """Make this process the study's only trainer until close(). Another process that trains it (a second
+        `run` or `zoom`) is refused at once, naming the holder; readers are never blocked. The lock is the OS's,
+        so a killed process leaves none behind."""
+        fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 300).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise StoreError(f"{self.directory} is being trained by {holder}; wait for it to finish (or stop it), "
+                             "then run again: `vmap-sweep status` shows its progress") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {_now()}".encode())
+        self._writer = fd
 
     def __enter__(self) -> StudyStore:
         return self
