@@ -159,3 +159,21 @@ def test_a_second_run_on_a_study_in_use_is_refused_at_once(tmp_path):
     victim.communicate()
     resumed = cli(*ARGS, "--out", tmp_path / "killed")
     assert resumed.exit_code == 0, resumed.stderr  # the OS released the dead process's lock
+
+
+def test_a_run_whose_database_vanishes_stops_with_an_error(tmp_path):
+    """study.db deleted while run trains: the run stops at its next commit, exit 2, saying what happened, instead
+    of training on into an unlinked file and reporting success."""
+    out = tmp_path / "study"
+    proc = start(out)
+    deadline = time.monotonic() + 240
+    while done_cells(out / "study.db") < 1:
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "no batch committed in time"
+        time.sleep(0.02)
+    for name in ("study.db", "study.db-wal", "study.db-shm"):
+        (out / name).unlink(missing_ok=True)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 2, stderr
+    assert "was deleted or replaced while this process had it open" in stderr
+    assert "study stored in" not in stdout

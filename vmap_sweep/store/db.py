@@ -193,6 +193,7 @@ class StudyStore:
         self.directory = path.parent
         self._conn = conn
         self._writer: int | None = None  # the lock file's descriptor while this process trains the study
+        self._file = _identity(path)  # the database file this connection opened
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         self.config_json: str = meta["config"]
         self.config: dict[str, Any] = json.loads(meta["config"])
@@ -298,7 +299,12 @@ class StudyStore:
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction: all of it commits or none of it does."""
+        """One write transaction: all of it commits or none of it does; refused if the database file was
+        deleted or replaced since it was opened (SQLite would go on writing into the unlinked file, and the
+        results would be lost without a word)."""
+        if _identity(self.path) != self._file:
+            raise StoreError(f"{self.path} was deleted or replaced while this process had it open; nothing more is "
+                             "written to it. Restore the folder from a backup or start again with a new --out")
         try:
             self._conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as e:
@@ -509,6 +515,15 @@ def _connect(path: Path) -> sqlite3.Connection:
         return sqlite3.connect(str(path), isolation_level=None, timeout=30.0)
     except sqlite3.Error as e:
         raise StoreError(f"{path}: can't open ({e}); choose a writable --out") from None
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at path now, None if there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _foreign_folder(directory: Path) -> bool:
