@@ -10,13 +10,17 @@ from vmap_sweep.analysis.chain import zoom_tree
 from vmap_sweep.analysis.classify import checked_criterion, classify_grid, study_classes
 from vmap_sweep.analysis.fractal import fractal_dimension, uncertainty_exponent
 from vmap_sweep.errors import ConfigError
-from vmap_sweep.store import extras
 from vmap_sweep.store.db import StudyStore
 
 
 def classify_cells(store: StudyStore, criterion: str = "ratio", **kw) -> dict[tuple[int, int], tuple[str, float]]:
     """(label, score) of every done cell, recomputed from its stored trajectory."""
-    done = [r for r in store.rows(arrays=True) if r["status"] == "done"]
+    return classify_rows(store.rows(arrays=True), criterion, **kw)
+
+
+def classify_rows(rows: list[dict], criterion: str = "ratio", **kw) -> dict[tuple[int, int], tuple[str, float]]:
+    """(label, score) of every done cell of `rows` (StudyStore.rows(arrays=True))."""
+    done = [r for r in rows if r["status"] == "done"]
     if not done:
         return {}
     labels, scores = classify_grid(
@@ -34,9 +38,9 @@ def reclassify(store: StudyStore, criterion: str = "ratio", **kw) -> dict[str, i
     """Store new classes for every done cell (no re-training); returns the count per class."""
     checked = checked_criterion(criterion, **kw)
     kw = {k: v for k, v in checked.items() if k != "criterion"}
-    labels = classify_cells(store, criterion, **kw)
-    store.set_labels(labels)
-    extras.put_criterion(store, checked)
+    # read, classified and written in one transaction: a run that commits meanwhile waits, and its later
+    # batches are labelled by the new criterion
+    labels = store.relabel(lambda rows: classify_rows(rows, criterion, **kw), checked)
     counts: dict[str, int] = {}
     for label, _ in labels.values():
         counts[label] = counts.get(label, 0) + 1

@@ -395,6 +395,19 @@ class StudyStore:
                 conn.execute("UPDATE cells SET label=?, score=? WHERE i=? AND j=?",
                              (str(label), _opt_float(score), i, j))
 
+    def relabel(self, classify: Callable[[list[dict[str, Any]]], Mapping[Any, tuple[str, float]]],
+                criterion: dict) -> Mapping[Any, tuple[str, float]]:
+        """Every done cell's (label, score) as `classify` computes it from `rows(arrays=True)`, and the criterion
+        they follow, in one transaction: read and written with no commit between, all or nothing."""
+        with self._tx() as conn:
+            labels = classify(self.rows(arrays=True))
+            for key, (label, score) in labels.items():
+                i, j = _cell_key(key)
+                conn.execute("UPDATE cells SET label=?, score=? WHERE i=? AND j=? AND status='done'",
+                             (str(label), _opt_float(score), i, j))
+            conn.execute("INSERT OR REPLACE INTO extra VALUES (?, ?)", (CRITERION, canonical_json({"v": criterion})))
+        return labels
+
     def add_child(self, window: tuple[float, float, float, float], child_dir: str, level: int) -> Child:
         """Register a zoom child (``child_dir`` relative to this study's folder). Idempotent for the
         same window; a different window for the same folder is refused."""
