@@ -66,15 +66,20 @@ def done_cells(db: Path) -> int:
         return 0
 
 
+def wait_for_a_commit(proc: subprocess.Popen, out: Path) -> None:
+    """Until the running study in `out` has stored its first batch."""
+    deadline = time.monotonic() + 240
+    while done_cells(out / "study.db") < 1:
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "no batch committed in time"
+        time.sleep(0.02)
+
+
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     reference = start(tmp_path / "reference")
     victim = start(tmp_path / "killed")
     db = tmp_path / "killed" / "study.db"
-    deadline = time.monotonic() + 240
-    while done_cells(db) < 1:
-        assert victim.poll() is None, victim.communicate()[1]
-        assert time.monotonic() < deadline, "no batch committed in time"
-        time.sleep(0.02)
+    wait_for_a_commit(victim, tmp_path / "killed")
     os.kill(victim.pid, signal.SIGKILL)
     victim.communicate()
     assert victim.returncode == -signal.SIGKILL
@@ -152,9 +157,7 @@ def test_a_second_run_on_a_study_in_use_is_refused_at_once(tmp_path):
     assert re.search(rf"trained this run\s*│\s*{CELLS} cells", out_text)  # nothing was lost to the refusals
 
     victim = start(tmp_path / "killed")
-    while done_cells(tmp_path / "killed" / "study.db") < 1:
-        assert victim.poll() is None and time.monotonic() < deadline + 240
-        time.sleep(0.02)
+    wait_for_a_commit(victim, tmp_path / "killed")
     os.kill(victim.pid, signal.SIGKILL)
     victim.communicate()
     resumed = cli(*ARGS, "--out", tmp_path / "killed")
@@ -166,11 +169,7 @@ def test_a_run_whose_database_vanishes_stops_with_an_error(tmp_path):
     of training on into an unlinked file and reporting success."""
     out = tmp_path / "study"
     proc = start(out)
-    deadline = time.monotonic() + 240
-    while done_cells(out / "study.db") < 1:
-        assert proc.poll() is None, proc.communicate()[1]
-        assert time.monotonic() < deadline, "no batch committed in time"
-        time.sleep(0.02)
+    wait_for_a_commit(proc, out)
     for name in ("study.db", "study.db-wal", "study.db-shm"):
         (out / name).unlink(missing_ok=True)
     stdout, stderr = proc.communicate(timeout=300)
@@ -187,11 +186,7 @@ def test_classify_during_a_run_is_followed_by_every_cell_after_it(tmp_path):
 
     out = tmp_path / "study"
     proc = start(out)
-    deadline = time.monotonic() + 240
-    while done_cells(out / "study.db") < 1:
-        assert proc.poll() is None, proc.communicate()[1]
-        assert time.monotonic() < deadline, "no batch committed in time"
-        time.sleep(0.02)
+    wait_for_a_commit(proc, out)
     result = cli("classify", out, "--criterion", "threshold", "--converged-below", "3")
     assert result.exit_code == 0, result.stderr
     finish(proc)
