@@ -9,6 +9,7 @@ import torch
 from vmap_sweep.model.gpt import GPT, GPTConfig
 from vmap_sweep.model.tokenizer import ByteTokenizer, Tokenizer
 from vmap_sweep.run.policy import compile_on
+from vmap_sweep.run.worker import load_base_model
 from vmap_sweep.study.config import StudyConfig
 from vmap_sweep.study.plan import plan_summary, sharing_summary
 
@@ -24,9 +25,7 @@ def base_model_shape(name: str) -> tuple[GPTConfig, Tokenizer]:
         from vmap_sweep.train.tiny import TINY_CONFIG
 
         return TINY_CONFIG, ByteTokenizer()
-    from vmap_sweep.model.checkpoint import load_model
-
-    loaded = load_model(name)
+    loaded = load_base_model(name)
     return loaded.config, loaded.tokenizer
 
 
