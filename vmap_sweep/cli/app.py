@@ -241,9 +241,10 @@ def _dry_run(cfg, k, device, share=True):
     dev = resolve_device(device)
     model_config, tokenizer = base_model_shape(cfg.model)
     grid = build_grid(cfg)
-    check_smallest_budget(cfg, grid, training_stream(cfg, model_config.sequence_len, tokenizer)
-                          .first_supervised_position())
-    s = describe_plan(cfg, plan_study(cfg, grid.cells(), k, share), model_config, dev)
+    budgets = training_stream(cfg, model_config.sequence_len, tokenizer).budgets(
+        sorted({int(c.hparams["tokens"]) for c in grid.cells()}))
+    check_smallest_budget(cfg, grid, budgets.first_supervised)
+    s = describe_plan(cfg, plan_study(cfg, grid.cells(), k, share), model_config, dev, budgets)
     render.show([render.plan_table(cfg, k, s)])
 
 
@@ -467,12 +468,15 @@ def rules(
     study: Annotated[Path, typer.Argument(help="Study folder (an LR axis x tokens, finished and classified).")],
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     plot_file: Annotated[Path | None, typer.Option("--plot", help="Draw LR vs dataset size (.png/.svg/.pdf).")] = None,
+    size_unit: Annotated[str, typer.Option(
+        "--size-unit", help="What a dataset size D counts: tokens (the budget), supervised (the assistant tokens "
+                            "it holds, what the model learns from) or conversations.")] = "tokens",
 ):
     """Rules of thumb: critical, safe and optimal LR per dataset size and their power laws."""
     from vmap_sweep.analysis.plots import plot_rules
     from vmap_sweep.analysis.rules import rules_of_thumb
 
-    result = rules_of_thumb(study)
+    result = rules_of_thumb(study, size_unit)
     if plot_file is not None:
         plot_rules(result, plot_file)
     render.emit(result, json_out, render.rules_lines, plot_file)

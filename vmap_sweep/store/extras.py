@@ -10,11 +10,13 @@ from typing import Any
 
 from vmap_sweep.store.db import CRITERION, DEFAULT_CRITERION, StudyStore
 from vmap_sweep.study.settings import RunSettings
+from vmap_sweep.study.sizes import DatasetSize
 
 RUN_SETTINGS = "runtime"  # RunSettings the study was trained with, written once its model and data loaded
 DATA_DIGEST = "data_sha256"  # sha256 of a local data file as it was when the study started
 ZOOM_OF = "zoom_of"  # a zoom child's own {"level", "window", "parent", "fraction"}
 OOD = "ood"  # the out-of-distribution evaluation's result
+DATASET_SIZES = "dataset_sizes"  # {budget: [supervised targets, conversations]}, as the data fills each budget
 
 
 def run_settings(store: StudyStore) -> RunSettings | None:
@@ -68,3 +70,16 @@ def ood(store: StudyStore) -> Any:
 
 def put_ood(store: StudyStore, result: Any) -> None:
     store.put_extra(OOD, result)
+
+
+def dataset_sizes(store: StudyStore) -> dict[int, DatasetSize] | None:
+    """Each budget of the grid counted in supervised targets and conversations; None for a study made before
+    they were recorded (its sizes are known in tokens only)."""
+    stored = store.get_extra(DATASET_SIZES)
+    if not isinstance(stored, dict):
+        return None
+    return {int(n): DatasetSize(int(n), int(sup), int(conv)) for n, (sup, conv) in stored.items()}
+
+
+def put_dataset_sizes(store: StudyStore, sizes: dict[int, DatasetSize]) -> None:
+    store.put_extra(DATASET_SIZES, {str(n): [s.supervised, s.conversations] for n, s in sorted(sizes.items())})
