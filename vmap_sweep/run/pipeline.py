@@ -81,7 +81,7 @@ def run_study(cfg: StudyConfig, out: str | Path, backend: Backend, *, models_per
         claimed = True
         digest = _check_resumable(study, backend.settings)
         check_smallest_budget(cfg, grid, backend.first_supervised_position())
-        _record_start(study, backend.settings, digest, criterion)
+        _record_start(study, backend.settings, digest, criterion, models_per_batch, share)
         k = backend.models_per_batch(grid.nx * grid.ny) if models_per_batch == "auto" else int(models_per_batch)
         batches = plan_study(cfg, cells, k, share)
         _train_and_store(study.store, backend, batches, progress, labeller, shard_name)
@@ -137,11 +137,14 @@ def check_smallest_budget(cfg: StudyConfig, grid: Grid, first: int | None) -> No
                           f"(assistant) token; {where}")
 
 
-def _record_start(study: Study, settings: RunSettings, digest: str | None, criterion: dict | None) -> None:
+def _record_start(study: Study, settings: RunSettings, digest: str | None, criterion: dict | None,
+                  models_per_batch: int | str, share: bool) -> None:
     """What the study was started with, written once its model and data have loaded."""
     store = study.store
     if study.settings is None:
         extras.put_run_settings(store, settings)
+    if not extras.run_options(store):
+        extras.put_run_options(store, models_per_batch, share)
     if digest is not None and study.data_digest is None:
         extras.put_data_digest(store, digest)
     # a given criterion is taken only by a study with no result yet: one study, one criterion

@@ -15,6 +15,9 @@ RUN_SETTINGS = "runtime"  # RunSettings the study was trained with, written once
 DATA_DIGEST = "data_sha256"  # sha256 of a local data file as it was when the study started
 ZOOM_OF = "zoom_of"  # a zoom child's own {"level", "window", "parent", "fraction"}
 OOD = "ood"  # the out-of-distribution evaluation's result
+# how the study was started to be trained ({"models_per_batch", "share"}): a cell's result does not depend on
+# them, but `run --out DIR` alone resumes with them
+RUN_OPTIONS = "run_options"
 
 
 def run_settings(store: StudyStore) -> RunSettings | None:
@@ -24,6 +27,16 @@ def run_settings(store: StudyStore) -> RunSettings | None:
 
 def put_run_settings(store: StudyStore, settings: RunSettings) -> None:
     store.put_extra(RUN_SETTINGS, settings.to_dict())
+
+
+def run_options(store: StudyStore) -> dict:
+    """{"models_per_batch": int or "auto", "share": bool} as the study was started, or {} (older studies)."""
+    stored = store.get_extra(RUN_OPTIONS)
+    return dict(stored) if isinstance(stored, dict) else {}
+
+
+def put_run_options(store: StudyStore, models_per_batch: int | str, share: bool) -> None:
+    store.put_extra(RUN_OPTIONS, {"models_per_batch": models_per_batch, "share": bool(share)})
 
 
 def criterion(store: StudyStore) -> dict:
