@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import socket
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -174,7 +175,8 @@ def _cell_key(key: Any) -> tuple[int, int]:
 
 # -------------------------------------------------------------------- storage errors, named as what they are
 SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
-_RESTORE = "restore study.db from a backup (`sqlite3 study.db .recover` saves what is still readable)"
+_NEARLY_FULL = 1 << 20  # bytes free below which an I/O error is the disk being full
+_RESTORE = "restore study.db from a backup (`sqlite3 study.db .recover | sqlite3 recovered.db` saves what is readable)"
 
 
 def read_only_error(path: Path, why: str) -> StoreError:
@@ -187,7 +189,8 @@ def storage_error(path: Path, e: sqlite3.Error) -> StoreError:
     """An SQLite error as the one line that says what happened to the study and what to do about it."""
     code = getattr(e, "sqlite_errorcode", None)
     primary = code & 0xFF if isinstance(code, int) else None
-    if primary == sqlite3.SQLITE_FULL:
+    # a full disk reaches SQLite as SQLITE_FULL, or as an I/O error where its shared memory or log can't grow
+    if primary == sqlite3.SQLITE_FULL or (primary == sqlite3.SQLITE_IOERR and _disk_nearly_full(path)):
         return StoreError(f"{path}: the disk is full ({e}); nothing of this write was stored: free space on that "
                           "disk (or move the study folder) and run the same command again, it resumes")
     if primary == sqlite3.SQLITE_READONLY:
@@ -204,6 +207,13 @@ def storage_error(path: Path, e: sqlite3.Error) -> StoreError:
     if "no such table" in str(e) or "no such column" in str(e):
         return StoreError(f"{path}: its tables are not the ones vmap-sweep writes ({e}); it was edited: {_RESTORE}")
     return StoreError(f"{path}: the database can't be read ({e}); {_RESTORE}")
+
+
+def _disk_nearly_full(path: Path) -> bool:
+    try:
+        return shutil.disk_usage(path.parent).free < _NEARLY_FULL
+    except OSError:
+        return False
 
 
 def _reads(method):
