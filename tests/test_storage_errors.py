@@ -201,6 +201,18 @@ def test_a_full_disk_is_named_and_the_write_is_all_or_nothing(tmp_path, monkeypa
         assert store.done_count() == 8 and store.integrity_check() == "ok"
 
 
+def test_an_io_error_on_a_full_disk_is_named_a_full_disk(tmp_path, monkeypatch):
+    """Where the write-ahead log or its shared memory can't grow, SQLite says "disk I/O error": with no space left
+    that is the full disk it is; with space, an I/O error."""
+    error = sqlite3.OperationalError("disk I/O error")
+    error.sqlite_errorcode = 4874  # SQLITE_IOERR_SHMSIZE
+    free = {"bytes": 10 << 30}
+    monkeypatch.setattr(db.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 40, 0, free["bytes"]))
+    assert "the disk reported an I/O error" in str(db.storage_error(tmp_path / "study.db", error))
+    free["bytes"] = 4096
+    assert "the disk is full (disk I/O error)" in str(db.storage_error(tmp_path / "study.db", error))
+
+
 # ------------------------------------------------------------------------------------------------ read-only
 def test_a_read_only_study_is_read_and_only_writers_refuse(study, tmp_path, monkeypatch):
     """As on read-only media (or a folder the user may not write): readers work, writers say it is read-only.
