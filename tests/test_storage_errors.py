@@ -118,6 +118,7 @@ BAD_CONFIG = '{"seed": 4'
 DAMAGE = {
     "dropped column": (["ALTER TABLE cells DROP COLUMN lrs"], "its table 'cells' lacks column lrs"),
     "dropped table": (["DROP TABLE children"], "its table 'children' is missing"),
+    "dropped meta": (["DROP TABLE meta"], "its meta table is missing or not vmap-sweep's"),
     # with its hash made to match, so that the JSON itself is what is wrong
     "config not JSON": ([f"UPDATE meta SET value='{BAD_CONFIG}' WHERE key='config'",
                          f"UPDATE meta SET value='{hashlib.sha256(BAD_CONFIG.encode()).hexdigest()}' "
@@ -134,7 +135,7 @@ DAMAGE = {
 
 
 # damage found when a study is opened: every command refuses it; in a row: every command that reads that row
-WHOLE_STUDY = {"dropped column", "dropped table", "config not JSON", "edited nx"}
+WHOLE_STUDY = {"dropped column", "dropped table", "dropped meta", "config not JSON", "edited nx"}
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
@@ -244,7 +245,8 @@ def test_a_read_only_folder_really_is_read_and_refused_for_writing(made):
         os.chmod(top, 0o755)
         folder = Path(shutil.copytree(made, top / "study"))
         before = snapshot(folder)
-        for p in (folder / "study.db", folder):
+        logged = _with_a_commit_only_in_its_log(made, top / "logged")
+        for p in (folder / "study.db", folder, *logged.iterdir(), logged):
             os.chmod(p, 0o555 if p.is_dir() else 0o444)
         env = {**os.environ, "PYTHONPATH": str(REPO), "HOME": str(top)}
         cmd = [*as_user, sys.executable, "-c", "from vmap_sweep.cli import app; app()"]
@@ -255,11 +257,28 @@ def test_a_read_only_folder_really_is_read_and_refused_for_writing(made):
         assert classify.returncode == 2 and "read-only" in classify.stderr, classify.stderr
         assert len(classify.stderr.strip().splitlines()) == 1 and "not SQLite" not in classify.stderr
         assert snapshot(folder) == before
+        # a log SQLite can't read without writing: refused, rather than read as if it held nothing
+        status = subprocess.run([*cmd, "status", str(logged)], capture_output=True, text=True, env=env, timeout=120)
+        assert status.returncode == 2 and "study.db-wal beside it holds commits not yet in study.db" in status.stderr
     finally:
-        for p in (top / "study", top / "study" / "study.db"):
-            if p.exists():
-                os.chmod(p, 0o755)
+        for p in top.rglob("*"):
+            os.chmod(p, 0o755)
         shutil.rmtree(top, ignore_errors=True)
+
+
+def _with_a_commit_only_in_its_log(study: Path, folder: Path) -> Path:
+    """A copy of `study` as a crash leaves it: a commit in study.db-wal not yet folded into study.db, no -shm."""
+    work = Path(shutil.copytree(study, folder.with_name(folder.name + "-work")))
+    conn = sqlite3.connect(work / "study.db")
+    conn.execute("PRAGMA wal_autocheckpoint=0")
+    conn.execute("UPDATE cells SET label='diverged' WHERE i=0 AND j=0")
+    conn.commit()
+    folder.mkdir()
+    for name in ("study.db", "study.db-wal"):
+        shutil.copy(work / name, folder / name)
+    conn.close()
+    assert (folder / "study.db-wal").stat().st_size > 0
+    return folder
 
 
 # ------------------------------------------------------------------------------------------------ paths from the db

@@ -687,6 +687,11 @@ def _connect(path: Path, read_only: bool = False) -> sqlite3.Connection:
             if e.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN):
                 return conn  # not about writing: the checks that follow name it
             conn.close()
+            wal = path.with_name(path.name + "-wal")
+            if wal.is_file() and wal.stat().st_size:  # immutable would read past the commits the log holds
+                raise StoreError(f"{path}: the study is read-only and {wal.name} beside it holds commits not yet in "
+                                 "study.db, which SQLite can't read without writing; make the folder writable once, or "
+                                 "copy it somewhere writable") from None
             conn = sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, isolation_level=None)
         return conn
     except sqlite3.Error as e:
@@ -746,6 +751,8 @@ def _check_ours(conn: sqlite3.Connection, path: Path) -> None:
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall()) if "meta" in tables else {}
     except sqlite3.Error as e:
         raise storage_error(path, e) from None
+    if (meta.get("app") != APP or "schema_version" not in meta) and {"cells", "children", "extra"} <= tables:
+        raise _damaged(path, "its meta table is missing or not vmap-sweep's, beside a study's tables")
     if meta.get("app") != APP or "schema_version" not in meta:
         raise StoreError(f"{path} is not a vmap-sweep study database (no vmap-sweep meta table); "
                          "remove it or choose another --out")
