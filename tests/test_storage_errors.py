@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -208,7 +209,7 @@ def test_an_io_error_on_a_full_disk_is_named_a_full_disk(tmp_path, monkeypatch):
     error = sqlite3.OperationalError("disk I/O error")
     error.sqlite_errorcode = 4874  # SQLITE_IOERR_SHMSIZE
     free = {"bytes": 10 << 30}
-    monkeypatch.setattr(db.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 40, 0, free["bytes"]))
+    monkeypatch.setattr(db.shutil, "disk_usage", lambda path: SimpleNamespace(free=free["bytes"]))
     assert "the disk reported an I/O error" in str(db.storage_error(tmp_path / "study.db", error))
     free["bytes"] = 4096
     assert "the disk is full (disk I/O error)" in str(db.storage_error(tmp_path / "study.db", error))
