@@ -99,15 +99,17 @@ def _study_config(preset: str | None, settings: list[str] | None, stored=None, *
     return cfg
 
 
-def _stored_config(out: Path):
-    """The config of the study in `out`, or None where there is none yet."""
+def _stored_study(out: Path):
+    """(config, run settings or None, run options) of the study in `out`: what `run --out DIR` alone resumes with;
+    (None, None, {}) where there is no study yet."""
+    from vmap_sweep.store import extras
     from vmap_sweep.store.db import DB_NAME
     from vmap_sweep.store.study import Study
 
     if not (out / DB_NAME).is_file():
-        return None
+        return None, None, {}
     with Study.open(out) as study:
-        return study.config
+        return study.config, study.settings, extras.run_options(study.store)
 
 
 def _models_per_batch(text: str) -> int | str:
@@ -132,7 +134,8 @@ def run(
     x: Annotated[str | None, typer.Option(help="AXIS:MIN:MAX[:log|lin] (see `vmap-sweep axes`).")] = None,
     y: Annotated[str | None, typer.Option(help="AXIS:MIN:MAX[:log|lin].")] = None,
     resolution: Annotated[str | None, typer.Option(help="N or NxM cells.")] = None,
-    models_per_batch: Annotated[str, typer.Option(help="Models trained at once, or 'auto' to probe memory.")] = "8",
+    models_per_batch: Annotated[str | None, typer.Option(
+        help="Models trained at once, or 'auto' to probe memory (default 8; resuming, the study's).")] = None,
     optimizer: Annotated[str | None, typer.Option(help="adamw, or nanochat (Muon + AdamW).")] = None,
     schedule: Annotated[str | None, typer.Option(help="constant, linear (to zero) or cosine.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Rows per optimizer step.")] = None,
@@ -144,11 +147,11 @@ def run(
     trainable: Annotated[str | None, typer.Option(help="Groups to train, e.g. attn,mlp,unembedding.")] = None,
     optimizer_state: Annotated[str | None, typer.Option(help="float32, or bfloat16 (half the memory).")] = None,
     checkpoint_activations: Annotated[bool, typer.Option(help="Recompute activations: less memory.")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default auto; resuming, the study's).")] = None,
     shard: Annotated[str | None, typer.Option(help="K/N: run only the K-th of N parts of the plan.")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the plan and an estimate of its time; train nothing.")] = False,
-    share: Annotated[bool, typer.Option(help="Read a learning rate's dataset sizes out of one shared trajectory "
-                                             "(same results); --no-share trains every cell alone.")] = True,
+    share: Annotated[bool | None, typer.Option(help="Read a learning rate's dataset sizes out of one shared trajectory "
+                                                    "(same results); --no-share trains every cell alone.")] = None,
     quiet: Annotated[bool, typer.Option(help="Log lines instead of a progress bar.")] = False,
     deterministic: Annotated[bool, typer.Option(help="Bitwise-reproducible kernels (slower on GPU).")] = False,
     wandb: Annotated[bool, typer.Option(help="Log progress to Weights & Biases (WANDB_MODE=offline works).")] = False,
@@ -158,7 +161,6 @@ def run(
 ):
     """Run (or resume) a study: every cell of the grid fine-tuned, stored batch by batch. A study resumes from its
     folder alone (`run --out DIR`): options left out are the study's own; options given must match them."""
-    k = _models_per_batch(models_per_batch)
     out = out or Path("studies") / (preset or "d20-docvqa")
     shard_spec = None
     if shard:
@@ -166,7 +168,17 @@ def run(
 
         shard_spec = parse_shard(shard)
         out = out / f"shard-{shard_spec[0]}-of-{shard_spec[1]}"
-    cfg = _study_config(preset, set_, _stored_config(out), model=model, data=data, x=x, y=y, resolution=resolution,
+    # Resuming, what is left out is the study's own: its config below, its run settings (a differing one given is
+    # refused by the pipeline, naming it), and how it was batched (which no result depends on).
+    stored, stored_settings, stored_options = _stored_study(out)
+    k = _models_per_batch(models_per_batch or str(stored_options.get("models_per_batch", "8")))
+    share = stored_options.get("share", True) if share is None else share
+    if stored_settings is not None:
+        device = device or stored_settings.device
+        micro_batch_size = micro_batch_size if micro_batch_size is not None else stored_settings.micro_batch_size
+        deterministic = deterministic or stored_settings.deterministic
+    device = device or "auto"
+    cfg = _study_config(preset, set_, stored, model=model, data=data, x=x, y=y, resolution=resolution,
                         optimizer=optimizer, schedule=schedule, batch_size=batch_size, seq_len=seq_len, seed=seed,
                         eval_tokens=eval_tokens, trainable=trainable, optimizer_state=optimizer_state,
                         checkpoint_activations=checkpoint_activations or None)

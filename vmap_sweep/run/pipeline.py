@@ -84,7 +84,7 @@ def run_study(cfg: StudyConfig, out: str | Path, backend: Backend, *, models_per
         digest = _check_resumable(study, backend.settings)
         budgets = backend.budgets(sorted({int(c.hparams["tokens"]) for c in grid.cells()}))
         check_smallest_budget(cfg, grid, budgets.first_supervised)
-        _record_start(study, backend.settings, digest, criterion, budgets)
+        _record_start(study, backend.settings, digest, criterion, budgets, models_per_batch, share)
         k = backend.models_per_batch(grid.nx * grid.ny) if models_per_batch == "auto" else int(models_per_batch)
         batches = plan_study(cfg, cells, k, share)
         _train_and_store(study.store, backend, batches, progress, labeller, shard_name)
@@ -141,13 +141,15 @@ def check_smallest_budget(cfg: StudyConfig, grid: Grid, first: int | None) -> No
 
 
 def _record_start(study: Study, settings: RunSettings, digest: str | None, criterion: dict | None,
-                  budgets: Budgets) -> None:
+                  budgets: Budgets, models_per_batch: int | str, share: bool) -> None:
     """What the study was started with, written once its model and data have loaded."""
     store = study.store
     if study.settings is None:
         extras.put_run_settings(store, settings)
     if extras.dataset_sizes(store) is None:  # also for a study started before sizes were recorded
         extras.put_dataset_sizes(store, budgets.sizes)
+    if not extras.run_options(store):
+        extras.put_run_options(store, models_per_batch, share)
     if digest is not None and study.data_digest is None:
         extras.put_data_digest(store, digest)
     # a given criterion is taken only by a study with no result yet: one study, one criterion
