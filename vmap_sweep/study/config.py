@@ -53,13 +53,14 @@ def fixed_value(key: str, value: float) -> float | int:
 def check_steps(cfg: StudyConfig, x, y) -> None:
     """The largest dataset size within MAX_STEPS_PER_CELL optimizer steps (x, y: the parsed axes)."""
     per_step = cfg.batch_size * cfg.seq_len
-    swept = [a for a in (x, y) if a.name == "tokens"]
-    tokens = swept[0].hi if swept else cfg.fixed.get("tokens")
-    if tokens is not None and tokens / per_step > MAX_STEPS_PER_CELL:
-        option = f"--{'x' if swept[0] is x else 'y'} {swept[0]}" if swept else f"--set tokens={tokens:g}"
-        raise ConfigError(f"{option}: {tokens:.3g} tokens are {tokens / per_step:.3g} optimizer steps of {per_step} "
-                          f"tokens, more than the {MAX_STEPS_PER_CELL:,} a cell may take; use fewer tokens or a "
-                          "larger --batch-size x --seq-len")
+    budgets = [(f"--{name} {axis}", axis.hi) for name, axis in (("x", x), ("y", y)) if axis.name == "tokens"]
+    if "tokens" in cfg.fixed:
+        budgets.append((f"--set tokens={cfg.fixed['tokens']:g}", cfg.fixed["tokens"]))
+    for option, tokens in budgets:
+        if tokens / per_step > MAX_STEPS_PER_CELL:
+            raise ConfigError(f"{option}: {tokens:.3g} tokens are {tokens / per_step:.3g} optimizer steps of {per_step} "
+                              f"tokens, more than the {MAX_STEPS_PER_CELL:,} a cell may take; use fewer tokens or a "
+                              "larger --batch-size x --seq-len")
 
 
 @dataclass(frozen=True)
