@@ -10,6 +10,7 @@ child process, by its peak RSS), and the study byte-for-byte as it was.
 from __future__ import annotations
 
 import copyreg
+import importlib
 import json
 import os
 import pickle
@@ -25,8 +26,15 @@ from pathlib import Path
 import pytest
 import torch
 from cli_helpers import cli
-from helpers import random_model, snapshot, tiktoken_state, tiny_config, write_native_checkpoint
-from helpers import write_tokenizer_json, write_tokenizer_pkl
+from helpers import (
+    random_model,
+    snapshot,
+    tiktoken_state,
+    tiny_config,
+    write_native_checkpoint,
+    write_tokenizer_json,
+    write_tokenizer_pkl,
+)
 
 from vmap_sweep.data.synthetic import synthetic_docqa
 from vmap_sweep.model.checkpoint import load_model, save_model
@@ -59,7 +67,8 @@ def made(tmp_path_factory):
         os.chdir(cwd)
     assert result.exit_code == 0, (result.stderr, result.exception)
     # what the refusals import lazily, imported once here so their import isn't counted as a case's memory
-    import regex, safetensors.torch, tiktoken, tokenizers  # noqa: E401, F401
+    for module in ("regex", "safetensors.torch", "tiktoken", "tokenizers"):
+        importlib.import_module(module)
     return root
 
 
@@ -105,7 +114,8 @@ def own_config(**fields):
     return lambda root: edit_json(root / "model" / "vmap_sweep.json", lambda m: m["model_config"].update(fields))
 
 
-_TO_HF = [(r"transformer\.wte\.", "model.embed_tokens."), (r"transformer\.h\.(\d+)\.attn\.c_q\.", r"model.layers.\1.self_attn.q_proj."),
+_TO_HF = [(r"transformer\.wte\.", "model.embed_tokens."),
+          (r"transformer\.h\.(\d+)\.attn\.c_q\.", r"model.layers.\1.self_attn.q_proj."),
           (r"transformer\.h\.(\d+)\.attn\.c_k\.", r"model.layers.\1.self_attn.k_proj."),
           (r"transformer\.h\.(\d+)\.attn\.c_v\.", r"model.layers.\1.self_attn.v_proj."),
           (r"transformer\.h\.(\d+)\.attn\.c_proj\.", r"model.layers.\1.self_attn.o_proj."),
@@ -302,6 +312,10 @@ FILE_CASES = [
     ("hf-rope-parameters-string", hf(rope_parameters="yes"), ["config.json", "rope_parameters"]),
     ("hf-config-bomb", lambda root: (hf_folder(root / "model"), write("model/config.json", BOMB)(root)),
      ["config.json", "nested too deeply"]),
+    ("hf-tokenizer-bomb", lambda root: (hf_folder(root / "model"), write("model/tokenizer.json", BOMB)(root)),
+     ["tokenizer.json", "can't read it"]),
+    ("hf-rope-theta-string", hf(rope_parameters={"rope_type": "default", "rope_theta": "1e4"}),
+     ["config.json", "rope_theta", "'1e4'"]),
     ("hf-shard-outside-folder", shard_outside, ["model.safetensors.index.json", "outside its folder"]),
     # a native nanochat folder
     ("native-heads-zero", native(n_head=0), ["meta_000001.json", "n_head"]),
@@ -385,10 +399,13 @@ open(report, "w").write(json.dumps({"code": code, "added_kib": after - before}))
 
 
 @pytest.mark.parametrize("make", [own_config(vocab_size=10**12), own_config(n_layer=10**6),
-                                  hf(num_hidden_layers=10**7), native(sequence_len=10**12)],
-                         ids=["own-vocab-1e12", "own-layers-1e6", "hf-layers-1e7", "native-sequence-1e12"])
-def test_a_huge_config_costs_a_process_no_memory(root, make):
-    """In a real process: the refusal adds less than RSS_LIMIT to the peak resident memory, and takes seconds."""
+                                  hf(num_hidden_layers=10**7), native(sequence_len=10**12),
+                                  tokenizer_pkl({"pat_str": ""})],
+                         ids=["own-vocab-1e12", "own-layers-1e6", "hf-layers-1e7", "native-sequence-1e12",
+                              "pat-str-empty"])
+def test_a_refusal_in_a_real_process_is_one_line_and_costs_no_memory(root, make):
+    """In a real process: nothing but the error line reaches stderr (no Rust panic message either), and the
+    refusal adds less than RSS_LIMIT to the peak resident memory."""
     make(root)
     out = root / "rss.json"
     env = {**os.environ, "PYTHONPATH": str(REPO)}

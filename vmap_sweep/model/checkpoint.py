@@ -264,7 +264,8 @@ def _hf_config(cfg: dict, path: Path) -> GPTConfig:
         raise CheckpointError(f"{path}: lacks {', '.join(missing)}; the config is incomplete")
     rope = cfg.get("rope_parameters") or {}
     if not isinstance(rope, dict):
-        raise CheckpointError(f"{path}: rope_parameters is a {type(rope).__name__}, not an object; the config is corrupt")
+        raise CheckpointError(f"{path}: rope_parameters is a {type(rope).__name__}, not an object; "
+                              "the config is corrupt")
     if rope.get("rope_type", "default") != "default":
         raise CheckpointError(f"{path}: rope_type {rope['rope_type']!r} is not supported; nanochat uses 'default'")
     softcap = cfg.get("final_logit_softcapping", 15.0)
@@ -279,7 +280,7 @@ def _hf_config(cfg: dict, path: Path) -> GPTConfig:
         n_kv_head=cfg["num_attention_heads"] if kv_heads is None else kv_heads,
         n_embd=cfg["hidden_size"],
         norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        rope_base=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+        rope_base=next((t for t in (rope.get("rope_theta"), cfg.get("rope_theta")) if t is not None), 10000.0),
         softcap=softcap,
     ), path, _HF_NAMES)
     intermediate = cfg["intermediate_size"]
@@ -313,7 +314,8 @@ def _safetensors_files(folder: Path) -> tuple[list[Path], Path]:
         names = set(weight_map.values())
         outside = sorted(repr(n) for n in names if not _plain_name(n))
         if outside:
-            raise CheckpointError(f"{index}: names shards {', '.join(outside)} outside its folder; the index is corrupt")
+            raise CheckpointError(f"{index}: names shards {', '.join(outside)} outside its folder; "
+                                  "the index is corrupt")
         files = [folder / name for name in sorted(names)]
         absent = [f.name for f in files if not f.is_file()]
         if absent:

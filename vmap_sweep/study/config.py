@@ -58,9 +58,9 @@ def check_steps(cfg: StudyConfig, x, y) -> None:
         budgets.append((f"--set tokens={cfg.fixed['tokens']:g}", cfg.fixed["tokens"]))
     for option, tokens in budgets:
         if tokens / per_step > MAX_STEPS_PER_CELL:
-            raise ConfigError(f"{option}: {tokens:.3g} tokens are {tokens / per_step:.3g} optimizer steps of {per_step} "
-                              f"tokens, more than the {MAX_STEPS_PER_CELL:,} a cell may take; use fewer tokens or a "
-                              "larger --batch-size x --seq-len")
+            raise ConfigError(f"{option}: {tokens:.3g} tokens are {tokens / per_step:.3g} optimizer steps of "
+                              f"{per_step} tokens, more than the {MAX_STEPS_PER_CELL:,} a cell may take; "
+                              "use fewer tokens or a larger --batch-size x --seq-len")
 
 
 @dataclass(frozen=True)
