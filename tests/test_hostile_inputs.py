@@ -250,6 +250,13 @@ def shard_outside(root: Path) -> None:
     (root / "model" / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
+def tensor_in_two_shards(root: Path) -> None:
+    from safetensors.torch import save_file
+
+    hf_folder(root / "model")
+    save_file({"lm_head.weight": torch.zeros(288, 32)}, str(root / "model" / "extra.safetensors"))
+
+
 def data_row(row: str):
     def make(root: Path) -> None:
         lines = (root / "data.jsonl").read_text().splitlines()
@@ -316,6 +323,7 @@ FILE_CASES = [
      ["tokenizer.json", "can't read it"]),
     ("hf-rope-theta-string", hf(rope_parameters={"rope_type": "default", "rope_theta": "1e4"}),
      ["config.json", "rope_theta", "'1e4'"]),
+    ("hf-tensor-in-two-shards", tensor_in_two_shards, ["model.safetensors", "lm_head.weight", "another shard"]),
     ("hf-shard-outside-folder", shard_outside, ["model.safetensors.index.json", "outside its folder"]),
     # a native nanochat folder
     ("native-heads-zero", native(n_head=0), ["meta_000001.json", "n_head"]),
@@ -378,6 +386,22 @@ def test_the_unedited_files_load(root):
         make(root)
         loaded = load_model(root / "model")
         assert loaded.config == tiny_config(**MODEL, norm_eps=loaded.config.norm_eps)
+
+
+def test_a_folder_of_links_like_the_hub_cache_still_loads(tmp_path):
+    """Confining the tokenizer to the model's folder still lets a Hugging Face cache snapshot load: there every
+    file is a link into the repo's blobs/ folder."""
+    from vmap_sweep.model.tokenizer import load_tokenizer
+
+    saved = save_model(tmp_path / "saved", random_model(tiny_config(**MODEL), seed=7),
+                       load_tokenizer(write_tokenizer_pkl(tmp_path / "tokenizer.pkl")))
+    blobs, snapshot_dir = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    blobs.mkdir()
+    snapshot_dir.mkdir(parents=True)
+    for n, file in enumerate(sorted(saved.iterdir())):
+        shutil.move(file, blobs / f"blob{n}")
+        os.symlink(Path("../../blobs") / f"blob{n}", snapshot_dir / file.name)
+    assert load_model(snapshot_dir).tokenizer.source == snapshot_dir / "tokenizer.pkl"
 
 
 # ---------------------------------------------------------------------------------------------- memory of a process
