@@ -15,22 +15,24 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from vmap_sweep.errors import CheckpointError, VmapSweepError
+from vmap_sweep.errors import CheckpointError
 from vmap_sweep.model.gpt import GPTConfig
 
 SIZES = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
 _LAYER_KEY = re.compile(r"transformer\.h\.(\d+)\.")
 
 
-def parse_json(text: str, where: str | Path, error: type[VmapSweepError] = CheckpointError) -> object:
-    """json.loads for a file we don't control: invalid or absurdly nested JSON is one `error` line, never a
-    JSONDecodeError or RecursionError traceback."""
+def parse_json(text: str, where: str | Path) -> object:
+    """json.loads for a model file we don't control: invalid or absurdly nested JSON is one CheckpointError line,
+    never a JSONDecodeError or RecursionError traceback."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise error(f"{where}: not valid JSON ({e}); is the file complete?") from None
+        raise CheckpointError(f"{where}: not valid JSON ({e}); is the file complete?") from None
     except RecursionError:
-        raise error(f"{where}: JSON nested too deeply to be a real file of this kind; the file is corrupt") from None
+        raise CheckpointError(
+            f"{where}: JSON nested too deeply to be a real file of this kind; the file is corrupt"
+        ) from None
 
 
 def _is_int(value: object) -> bool:
