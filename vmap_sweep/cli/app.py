@@ -67,6 +67,7 @@ def _error(message: str):
 def _fixed(settings: list[str] | None) -> dict:
     """--set KEY=VALUE pairs -> fixed hyperparameters, validated against the axis registry."""
     from vmap_sweep.study.axes import AXES
+    from vmap_sweep.study.config import fixed_value
 
     fixed = {}
     for item in settings or []:
@@ -77,7 +78,7 @@ def _fixed(settings: list[str] | None) -> dict:
             number = float(value)
         except ValueError:
             raise ConfigError(f"--set {item!r}: {value!r} is not a number") from None
-        fixed[key] = int(number) if AXES[key].kind == "int" else number
+        fixed[key] = fixed_value(key, number)
     return fixed
 
 
