@@ -26,6 +26,7 @@ from vmap_sweep.errors import ConfigError  # noqa: E402
 from vmap_sweep.study.axes import AXES  # noqa: E402
 
 if TYPE_CHECKING:
+    from vmap_sweep.analysis.compare import CompareResult
     from vmap_sweep.analysis.rules import RulesResult
 
 PICTURE_SUFFIXES = (".png", ".svg", ".pdf")
@@ -453,6 +454,10 @@ def _rules_points(ax, result: RulesResult) -> None:
     ax.plot(*pts("lr_first_diverging"), "v", color="crimson", mec="white", ms=7, label="first diverging LR")
     ax.plot(*pts("lr_last_converging"), "^", color="navy", mec="white", ms=7, label="last converging LR")
     ax.plot(*pts("lr_opt"), "*", color="gold", mec="black", ms=11, label="optimal LR (lowest eval loss)")
+    tmin = [r for r in result.lrs if r.censored is None]
+    if tmin:
+        ax.plot([r.tokens_min for r in tmin], [r.lr for r in tmin], ">", color="darkorange", mec="white", ms=6,
+                label="tokens_min (smallest converging D per LR)")
     cens = [r for r in rows if r.censored]
     if cens:
         lo, hi = result.lr_range
@@ -469,6 +474,11 @@ def _rules_fits(ax, result: RulesResult) -> None:
         if fit is not None:
             ax.plot(d, fit.predict(d), style, color=color, lw=1.6,
                     label=f"{name}: {fit.coefficient:.2g}·D^{fit.exponent:.2f}")
+    fit = result.tokens_min_fit
+    if fit is not None:  # D = a LR^c, drawn over the LRs it was fitted on
+        lr = np.geomspace(min(fit.sizes), max(fit.sizes), 100)
+        ax.plot(fit.predict(lr), lr, linestyle=(0, (5, 1, 1, 1)), color="darkorange", lw=1.6,
+                label=f"tokens_min fit: {fit.coefficient:.2g}·LR^{fit.exponent:.2f}")
 
 
 def plot_rules(result: RulesResult, path: str | os.PathLike) -> Path:
@@ -494,3 +504,57 @@ def plot_rules(result: RulesResult, path: str | os.PathLike) -> Path:
     ax.set_title((f"{view.title}\n" if view is not None and view.title else "") + "LR rules of thumb")
     ax.legend(fontsize=7, loc="best", framealpha=0.85)
     return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- two studies compared
+
+_COMPARE_CLASSES = ("diverged in both", "converged in both", "converged in A only", "converged in B only")
+_COMPARE_COLOURS = ("#d9d9d9", "#9ecae1", "#d7301f", "#1a9850")
+
+
+def compare_figure(result: CompareResult):
+    """Left: the difference map (cells by class in A and B) with both boundaries; right, when the axes are an LR
+    and tokens: LR_crit of both against dataset size."""
+    va, vb = result.views
+    codes = va.converged.astype(int) + 2 * vb.converged.astype(int)  # 0 none, 1 A, 2 B, 3 both
+    category = np.choose(codes, [0, 2, 3, 1])
+    right = bool(result.crit)
+    fig, axes = plt.subplots(1, 2 if right else 1, figsize=(11.5 if right else 6.4, 5.0), constrained_layout=True,
+                             squeeze=False)
+    ax = axes[0, 0]
+    ax.pcolormesh(_edges(va.xs, va.x_log), _edges(va.ys, va.y_log), category,
+                  cmap=ListedColormap(_COMPARE_COLOURS), vmin=-0.5, vmax=3.5)
+    for view, style, name in ((va, "-", "A"), (vb, "--", "B")):
+        if view.converged.any() and not view.converged.all():
+            ax.contour(va.xs, va.ys, view.converged.astype(float), levels=[0.5], colors="black",
+                       linewidths=1.0, linestyles=style)
+            ax.plot([], [], "k" + style, lw=1.0, label=f"boundary of {name}")
+    for colour, name in zip(_COMPARE_COLOURS, _COMPARE_CLASSES, strict=True):
+        ax.plot([], [], "s", color=colour, ms=9, label=name)
+    _axes(ax, va)
+    ax.legend(fontsize=7, loc="best", framealpha=0.9)
+    ax.set_title(f"{result.changed} of {codes.size} cells changed class; converged: A "
+                 f"{result.converged_share_a:.0%}, B {result.converged_share_b:.0%}", fontsize=9)
+    if right:
+        ax = axes[0, 1]
+        for attr, marker, colour, name in (("lr_crit_a", "o-", "#d7301f", "A"), ("lr_crit_b", "s--", "#1a9850", "B")):
+            pts = [(r.size, getattr(r, attr)) for r in result.crit if getattr(r, attr) is not None]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker, color=colour, ms=5, label=f"LR_crit of {name}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(axis_label(SIZE_AXIS))
+        ax.set_ylabel(f"first diverging {axis_label('lr', va.optimizer)}")
+        ax.legend(fontsize=8)
+        ax.grid(True, which="major", alpha=0.3)
+        ax.set_title("critical LR per dataset size", fontsize=9)
+    delta = "" if result.delta_d is None else (f"; ΔD = D_B − D_A = {result.delta_d:+.3f} "
+                                               f"[{result.delta_d_ci[0]:+.3f}, {result.delta_d_ci[1]:+.3f}]")
+    fig.suptitle(f"A: {result.a}   B: {result.b}{delta}", fontsize=9)
+    return fig
+
+
+def plot_compare(result: CompareResult, path: str | os.PathLike) -> Path:
+    """The comparison figure; format from the suffix."""
+    path = picture_file(path)
+    return _save(compare_figure(result), path)
