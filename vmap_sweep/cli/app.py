@@ -480,6 +480,26 @@ def rules(
 
 @app.command()
 @user_errors
+def compare(
+    a: Annotated[Path, typer.Argument(help="Reference study folder (finished and classified).")],
+    b: Annotated[Path, typer.Argument(help="Study folder over the same grid (finished and classified).")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    plot_file: Annotated[Path | None, typer.Option("--plot", help="Draw the difference map (.png/.svg/.pdf).")] = None,
+):
+    """Two studies over one grid: cells that changed class, converged shares, ΔD with its CI, LR_crit ratios."""
+    from vmap_sweep.analysis.compare import compare_studies
+    from vmap_sweep.analysis.plots import picture_file, plot_compare
+
+    if plot_file is not None:
+        picture_file(plot_file)  # a bad suffix is refused before any work
+    result = compare_studies(a, b)
+    if plot_file is not None:
+        plot_compare(result, plot_file)
+    render.emit(result, json_out, render.compare_lines, plot_file)
+
+
+@app.command()
+@user_errors
 def report(
     study: Annotated[Path, typer.Argument(help="Study folder (finished and classified).")],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Default STUDY/report.FORMAT.")] = None,
