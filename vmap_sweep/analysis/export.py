@@ -34,8 +34,10 @@ INT_COLUMNS = ("i", "j", "steps", "steps_done", "diverged", "diverged_step")
 FLOAT_COLUMNS = ("x", "y", "score", "initial_loss", "final_loss", "eval_loss", "wall_time")
 STR_COLUMNS = ("status", "label", "hparams")
 # per-step arrays added by --trajectories: the training losses and the base model's losses on the same tokens,
-# so the ratio criterion can be recomputed from an export
-ARRAY_COLUMNS = ("trajectory", "base_losses")
+# so the ratio criterion can be recomputed from an export, and the gradient norms and learning rates of each step,
+# so the early-warning features can
+ARRAY_COLUMNS = ("trajectory", "base_losses", "grad_norms", "lrs")
+_EARLIER_ARRAY_COLUMNS = ("trajectory", "base_losses")  # what --trajectories wrote before the per-step gradients
 COLUMNS = ("i", "j", "x", "y", "status", "label", "score", "initial_loss", "final_loss", "eval_loss",
            "steps", "steps_done", "diverged", "diverged_step", "wall_time", "hparams")
 
@@ -139,7 +141,8 @@ def _is_export(path: Path, fmt: str) -> bool:
         if fmt == "csv":
             with open(path, encoding="utf-8", newline="") as f:
                 header = f.readline().rstrip("\r\n")
-            return header in (",".join(COLUMNS), ",".join((*COLUMNS, *ARRAY_COLUMNS)))
+            return header in (",".join(COLUMNS), ",".join((*COLUMNS, *ARRAY_COLUMNS)),
+                              ",".join((*COLUMNS, *_EARLIER_ARRAY_COLUMNS)))
         if fmt == "parquet":
             import pyarrow.parquet as pq
 
@@ -155,7 +158,7 @@ def _is_export(path: Path, fmt: str) -> bool:
 def export_study(store: StudyStore, fmt: str | None, path: str | os.PathLike | None,
                  trajectories: bool = False) -> Path:
     """Write every cell of ``store`` to ``path`` (default ``STUDY/cells.FORMAT``) in the format its suffix names
-    (``fmt``, if given, must agree); with ``trajectories`` add per-step losses. Only a file that is an earlier
+    (``fmt``, if given, must agree); with ``trajectories`` add per-step losses, base losses, gradient norms and learning rates. Only a file that is an earlier
     export in the same format is replaced."""
     if fmt is not None and str(fmt).lower() not in FORMATS:
         raise ConfigError(f"export format {str(fmt).lower()!r} is unknown; use one of {', '.join(FORMATS)}")
