@@ -158,8 +158,8 @@ def _is_export(path: Path, fmt: str) -> bool:
 def export_study(store: StudyStore, fmt: str | None, path: str | os.PathLike | None,
                  trajectories: bool = False) -> Path:
     """Write every cell of ``store`` to ``path`` (default ``STUDY/cells.FORMAT``) in the format its suffix names
-    (``fmt``, if given, must agree); with ``trajectories`` add per-step losses, base losses, gradient norms and learning rates. Only a file that is an earlier
-    export in the same format is replaced."""
+    (``fmt``, if given, must agree); with ``trajectories`` add per-step losses, base losses, gradient norms and
+    learning rates. Only a file that is an earlier export in the same format is replaced."""
     if fmt is not None and str(fmt).lower() not in FORMATS:
         raise ConfigError(f"export format {str(fmt).lower()!r} is unknown; use one of {', '.join(FORMATS)}")
     path = default_path(store, fmt) if path is None else Path(path)

@@ -19,6 +19,7 @@ from matplotlib.colors import FuncNorm, ListedColormap, Normalize, TwoSlopeNorm 
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from vmap_sweep.analysis.classify import CONVERGED, DIVERGED, MARGINAL  # noqa: E402
+from vmap_sweep.analysis.early_warning import FEATURES  # noqa: E402
 from vmap_sweep.analysis.fractal import FractalResult  # noqa: E402
 from vmap_sweep.analysis.rules import SIZE_AXIS  # noqa: E402
 from vmap_sweep.analysis.view import GridView  # noqa: E402
@@ -27,6 +28,7 @@ from vmap_sweep.study.axes import AXES  # noqa: E402
 
 if TYPE_CHECKING:
     from vmap_sweep.analysis.compare import CompareResult
+    from vmap_sweep.analysis.early_warning import WarningResult
     from vmap_sweep.analysis.rules import RulesResult
 
 PICTURE_SUFFIXES = (".png", ".svg", ".pdf")
@@ -558,3 +560,86 @@ def plot_compare(result: CompareResult, path: str | os.PathLike) -> Path:
     """The comparison figure; format from the suffix."""
     path = picture_file(path)
     return _save(compare_figure(result), path)
+
+
+# ----------------------------------------------------------------------------- early warning signs
+
+DISTANCE_BINS = (-np.inf, -4.0, -2.0, 0.0, 2.0, 4.0, np.inf)  # grid cells to the boundary; negative = converged
+
+
+def _median_curve(arrays: Sequence[np.ndarray], min_cells: int = 3) -> np.ndarray:
+    """Median over cells at each step, over the cells that reached it (NaN/inf count as the worst value); NaN
+    where fewer than ``min_cells`` reached the step."""
+    width = max((len(a) for a in arrays), default=0)
+    mat = np.full((len(arrays), width), np.nan)
+    for r, a in enumerate(arrays):
+        mat[r, :len(a)] = np.where(np.isfinite(a), a, np.inf)
+    out = np.full(width, np.nan)
+    for s in range(width):
+        col = mat[:, s][~np.isnan(mat[:, s])]
+        if len(col) >= min_cells:
+            out[s] = np.median(col)
+    return out
+
+
+def early_warning_figure(result: WarningResult):
+    """Median loss ratio and gradient norm per step, one line per band of signed distance to the boundary, and
+    each feature's ROC AUC against k with its 95% interval."""
+    from matplotlib import colormaps
+
+    curves = result.curves
+    dist = np.asarray(curves["distance"], dtype=float)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), constrained_layout=True)
+    colours = colormaps["coolwarm"](np.linspace(0, 1, len(DISTANCE_BINS) - 1))
+    for b, (lo, hi) in enumerate(zip(DISTANCE_BINS[:-1], DISTANCE_BINS[1:], strict=True)):
+        members = np.flatnonzero((dist > lo) & (dist <= hi))
+        if not len(members):
+            continue
+        name = (f"d ≤ {hi:g}" if not np.isfinite(lo) else f"d > {lo:g}" if not np.isfinite(hi)
+                else f"{lo:g} < d ≤ {hi:g}") + f" ({len(members)} cells)"
+        for ax, key in ((axes[0], "ratio"), (axes[1], "grad_norm")):
+            med = _median_curve([curves[key][m] for m in members])
+            steps = np.arange(1, len(med) + 1)
+            ax.plot(steps, np.where(np.isfinite(med), med, np.nan), color=colours[b], lw=1.8, label=name)
+    for ax, ylabel in ((axes[0], "training loss / base model's loss (median)"),
+                       (axes[1], "gradient norm (median)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0].axhline(1.0, color="black", lw=0.8, ls=":")
+    axes[0].legend(fontsize=7, title="signed distance d to the boundary\n(grid cells; < 0 converged)",
+                   title_fontsize=7)
+    axes[0].set_title("loss ratio by distance to the boundary", fontsize=9)
+    axes[1].set_title("gradient norm by distance to the boundary", fontsize=9)
+    ax = axes[2]
+    for n, feature in enumerate(FEATURES):
+        pts = [a for a in result.aucs if a.feature == feature and a.auc is not None]
+        if not pts:
+            continue
+        ks = np.array([a.k for a in pts], dtype=float) * (1 + 0.04 * (n - 2))  # side by side, not on top
+        auc = np.array([a.auc for a in pts])
+        err = np.array([[a.auc - (a.ci_low if a.ci_low is not None else a.auc) for a in pts],
+                        [(a.ci_high if a.ci_high is not None else a.auc) - a.auc for a in pts]])
+        ax.errorbar(ks, auc, yerr=err, marker="o", ms=4, capsize=2, lw=1.2, label=feature)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    if result.earliest is not None:
+        ax.axvline(result.earliest.k, color="black", lw=0.8, ls="--",
+                   label=f"earliest {result.precision:.0%}-precision rule (k = {result.earliest.k})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("steps seen k")
+    ax.set_ylabel("ROC AUC for 'will not converge' (95% CI)")
+    ax.set_ylim(0.0, 1.02)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.set_title("how early the first k steps tell", fontsize=9)
+    fig.suptitle(f"early warning signs: {result.study} ({result.n_cells} cells, {result.n_failed} not converged)",
+                 fontsize=10)
+    return fig
+
+
+def plot_early_warning(result: WarningResult, path: str | os.PathLike) -> Path:
+    """The early-warning figure; format from the suffix."""
+    path = picture_file(path)
+    return _save(early_warning_figure(result), path)

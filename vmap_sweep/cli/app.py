@@ -350,7 +350,8 @@ def export(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="File to write, ending in .csv, .parquet or "
                                                 ".npz (default STUDY/cells.FORMAT, inside the study folder). "
                                                 "Replaces only an earlier export of the same format.")] = None,
-    trajectories: Annotated[bool, typer.Option(help="Add each cell's per-step losses.")] = False,
+    trajectories: Annotated[bool, typer.Option(help="Add each cell's per-step losses, base-model losses, "
+                                                          "gradient norms and learning rates.")] = False,
 ):
     """One row per cell: i, j, x, y, status, label, initial_loss, final_loss, eval_loss, steps. The format is the
     output's suffix; without -o the file is STUDY/cells.csv (or cells.parquet, cells.npz with --format)."""
@@ -476,6 +477,34 @@ def rules(
     if plot_file is not None:
         plot_rules(result, plot_file)
     render.emit(result, json_out, render.rules_lines, plot_file)
+
+
+@app.command("early-warning")
+@user_errors
+def early_warning(
+    study: Annotated[Path, typer.Argument(help="Study folder (finished and classified).")],
+    steps: Annotated[str | None, typer.Option("--k", help="Steps seen, comma-separated (default 1,2,4,8,...).")] = None,
+    precision: Annotated[float, typer.Option(help="Precision the threshold rule must reach.")] = 0.95,
+    min_recall: Annotated[float, typer.Option(help="Share of failing cells the rule must catch.")] = 0.5,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    plot_file: Annotated[Path | None, typer.Option("--plot", help="Draw trajectories, AUCs (.png/.svg/.pdf).")] = None,
+):
+    """Early warning signs: how well the first k steps (loss ratio, its slope, gradient-norm growth and spikes,
+    LR x gradient norm) predict that a cell will not converge: ROC AUC by k, and the earliest k at which a
+    threshold rule reaches the precision."""
+    from vmap_sweep.analysis.early_warning import early_warning as measure
+    from vmap_sweep.analysis.plots import picture_file, plot_early_warning
+
+    if plot_file is not None:
+        picture_file(plot_file)
+    try:
+        ks = None if steps is None else [int(k) for k in steps.split(",") if k.strip()]
+    except ValueError:
+        raise ConfigError(f"--k {steps!r}: give comma-separated step counts, e.g. 1,2,4,8") from None
+    result = measure(study, ks, precision=precision, min_recall=min_recall)
+    if plot_file is not None:
+        plot_early_warning(result, plot_file)
+    render.emit(result, json_out, render.early_warning_lines, plot_file)
 
 
 @app.command()

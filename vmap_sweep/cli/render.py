@@ -22,6 +22,7 @@ from vmap_sweep.run.pipeline import Progress as ProgressHooks
 
 if TYPE_CHECKING:
     from vmap_sweep.analysis.compare import CompareResult
+    from vmap_sweep.analysis.early_warning import WarningResult
     from vmap_sweep.analysis.rules import RulesResult
     from vmap_sweep.run.bench import BenchResult
     from vmap_sweep.store.db import StudyStore
@@ -423,6 +424,17 @@ def compare_lines(result: CompareResult) -> list[RenderableType]:
             table.add_row(*r)
         lines.append(table)
     return lines
+
+
+def early_warning_lines(result: WarningResult) -> list[RenderableType]:
+    """AUC per feature and k, then the findings in sentences."""
+    header, rows = result.auc_rows()
+    table = Table(title="ROC AUC for 'will not converge' after k steps [95% bootstrap CI]")
+    for h in header:
+        table.add_column(h, justify="left" if h == "feature" else "right")
+    for r in rows:
+        table.add_row(*r)
+    return [table, *[_prose(line) for line in result.summary()]]
 
 
 def bench_table(r: BenchResult) -> Table:
