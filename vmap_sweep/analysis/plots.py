@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from vmap_sweep.analysis.compare import CompareResult
     from vmap_sweep.analysis.early_warning import WarningResult
     from vmap_sweep.analysis.rules import RulesResult
+    from vmap_sweep.analysis.rules_joint import JointResult
 
 PICTURE_SUFFIXES = (".png", ".svg", ".pdf")
 
@@ -643,3 +644,44 @@ def plot_early_warning(result: WarningResult, path: str | os.PathLike) -> Path:
     """The early-warning figure; format from the suffix."""
     path = picture_file(path)
     return _save(early_warning_figure(result), path)
+
+
+# ----------------------------------------------------------------------------- LR_crit across model sizes
+
+
+def plot_joint_rules(result: JointResult, path: str | os.PathLike) -> Path:
+    """LR_crit against dataset size, one colour per model size, with the joint fit drawn at each model's size;
+    right: the same points with the dataset-size dependence divided out, against model size."""
+    from matplotlib import colormaps
+
+    path = picture_file(path)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11.5, 4.8), constrained_layout=True)
+    order = sorted(result.studies, key=lambda s: s.params)
+    colours = colormaps["viridis"](np.linspace(0.05, 0.85, len(order)))
+    f = result.fit
+    for s, colour in zip(order, colours, strict=True):
+        if not s.sizes:
+            continue
+        ax.plot(s.sizes, s.lr_crit, "o", color=colour, mec="white", label=f"P = {s.params:.3g} ({s.study})")
+        if f is not None:
+            d = np.geomspace(min(s.sizes), max(s.sizes), 50)
+            ax.plot(d, f.predict(d, s.params), "-", color=colour, lw=1.4)
+            scaled = np.asarray(s.lr_crit) / np.asarray(s.sizes) ** f.size_exponent.value
+            ax2.plot([s.params] * len(s.sizes), scaled, "o", color=colour, mec="white")
+    for a in (ax, ax2):
+        a.set_xscale("log")
+        a.set_yscale("log")
+        a.grid(True, which="major", alpha=0.3)
+    ax.set_xlabel(axis_label(SIZE_AXIS))
+    ax.set_ylabel(f"critical {result.lr_axis} (first diverging)")
+    ax.legend(fontsize=7)
+    if f is not None:
+        p = np.geomspace(min(s.params for s in order) / 1.5, max(s.params for s in order) * 1.5, 50)
+        ax2.plot(p, f.predict(1.0, 1.0) * p ** f.params_exponent.value, "k-", lw=1.2,
+                 label=f"P^{f.params_exponent.value:.2f}")
+        ax2.legend(fontsize=8)
+        ax.set_title(f"joint fit: {f.formula()} (R² {f.r2:.2f})", fontsize=9)
+        ax2.set_ylabel(f"LR_crit / D^{f.size_exponent.value:.2f}")
+    ax2.set_xlabel("model size P (parameters)")
+    ax2.set_title("dataset-size dependence divided out", fontsize=9)
+    return _save(fig, path)

@@ -465,18 +465,58 @@ def animate(
 @app.command()
 @user_errors
 def rules(
-    study: Annotated[Path, typer.Argument(help="Study folder (an LR axis x tokens, finished and classified).")],
+    study: Annotated[list[Path], typer.Argument(help="Study folder (an LR axis x tokens, finished and classified); "
+                                                     "several: one joint fit over dataset and model size.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     plot_file: Annotated[Path | None, typer.Option("--plot", help="Draw LR vs dataset size (.png/.svg/.pdf).")] = None,
+    params: Annotated[str | None, typer.Option(help="Several studies: their models' parameter counts, comma-"
+                                                    "separated in the folders' order (default: counted).")] = None,
 ):
-    """Rules of thumb: critical, safe and optimal LR per dataset size and their power laws."""
-    from vmap_sweep.analysis.plots import plot_rules
+    """Rules of thumb: critical, safe and optimal LR per dataset size and their power laws, and the smallest
+    dataset each LR converges on. With several studies of different models: LR_crit = a D^b P^c."""
+    from vmap_sweep.analysis.plots import picture_file, plot_joint_rules, plot_rules
     from vmap_sweep.analysis.rules import rules_of_thumb
 
-    result = rules_of_thumb(study)
     if plot_file is not None:
-        plot_rules(result, plot_file)
-    render.emit(result, json_out, render.rules_lines, plot_file)
+        picture_file(plot_file)
+    if len(study) == 1:
+        result = rules_of_thumb(study[0])
+        if plot_file is not None:
+            plot_rules(result, plot_file)
+        render.emit(result, json_out, render.rules_lines, plot_file)
+        return
+    from vmap_sweep.analysis.rules_joint import joint_rules
+
+    results = [rules_of_thumb(s) for s in study]
+    joint = joint_rules(results, _parameter_counts(study, params))
+    if plot_file is not None:
+        plot_joint_rules(joint, plot_file)
+    render.emit(joint, json_out, render.joint_rules_lines, plot_file)
+
+
+def _parameter_counts(studies: list[Path], given: str | None) -> list[float]:
+    """--params as numbers, or each study's base model counted (built on the meta device: no weights in memory)."""
+    if given is not None:
+        try:
+            counts = [float(v) for v in given.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"--params {given!r}: give parameter counts, e.g. 1.2e6,4.5e7") from None
+        if len(counts) != len(studies) or min(counts) <= 0:
+            raise ConfigError(f"--params {given!r}: give {len(studies)} positive counts, one per study")
+        return counts
+    import torch
+
+    from vmap_sweep.model.gpt import GPT
+    from vmap_sweep.run.estimate import base_model_shape
+    from vmap_sweep.store.study import Study
+
+    counts = []
+    for folder in studies:
+        with Study.open(folder) as s:
+            config, _ = base_model_shape(s.config.model)
+        with torch.device("meta"):
+            counts.append(float(GPT(config).num_params()))
+    return counts
 
 
 @app.command("early-warning")

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from vmap_sweep.analysis.compare import CompareResult
     from vmap_sweep.analysis.early_warning import WarningResult
     from vmap_sweep.analysis.rules import RulesResult
+    from vmap_sweep.analysis.rules_joint import JointResult
     from vmap_sweep.run.bench import BenchResult
     from vmap_sweep.store.db import StudyStore
     from vmap_sweep.study.plan import Batch
@@ -432,6 +433,17 @@ def early_warning_lines(result: WarningResult) -> list[RenderableType]:
     table = Table(title="ROC AUC for 'will not converge' after k steps [95% bootstrap CI]")
     for h in header:
         table.add_column(h, justify="left" if h == "feature" else "right")
+    for r in rows:
+        table.add_row(*r)
+    return [table, *[_prose(line) for line in result.summary()]]
+
+
+def joint_rules_lines(result: JointResult) -> list[RenderableType]:
+    """Each study's points and own fit, then the joint fit in sentences."""
+    header, rows = result.study_rows()
+    table = Table(title=f"critical {result.lr_axis} (first diverging) per study")
+    for h in header:
+        table.add_column(h)
     for r in rows:
         table.add_row(*r)
     return [table, *[_prose(line) for line in result.summary()]]
