@@ -100,3 +100,15 @@ def test_cli_prints_the_findings_and_draws_the_figure(pair, tmp_path):
     assert d["lost"] == 0 and d["gained"] > 0
     assert cli("compare", a, b, "--plot", tmp_path / "cmp.gif").exit_code == 2
     assert plot_compare(compare_studies(a, b), tmp_path / "cmp.svg").read_text().startswith("<?xml")
+
+
+def test_report_compare_section(tmp_path):
+    from vmap_sweep.analysis.report import write_report
+
+    crit = law(3e-5, 0.5)  # a small pair: the report draws every section of A
+    build_study(tmp_path / "a", crit, nx=12, ny=8, x=X, y=Y).close()
+    build_study(tmp_path / "b", lambda d: 4 * crit(d), nx=12, ny=8, x=X, y=Y).close()
+    r = compare_studies(tmp_path / "a", tmp_path / "b")
+    text = write_report(tmp_path / "a", tmp_path / "r.md", "md", compare=tmp_path / "b").read_text()
+    assert "## Compared with another study" in text and r.summary()[1] in text
+    assert (tmp_path / "r_files" / "compare.png").read_bytes()[:4] == b"\x89PNG"

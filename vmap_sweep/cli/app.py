@@ -573,11 +573,13 @@ def report(
     study: Annotated[Path, typer.Argument(help="Study folder (finished and classified).")],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Default STUDY/report.FORMAT.")] = None,
     format: Annotated[str, typer.Option(help="md (pictures in a folder beside it) or html (one file).")] = "md",
+    compare: Annotated[Path | None, typer.Option(help="A study over the same grid to compare this one with.")] = None,
 ):
-    """One report: config, maps, fractal dimension, zoom levels, rules of thumb, OOD correlation."""
+    """One report: config, maps, fractal dimension, zoom levels, rules of thumb, OOD correlation (and a comparison
+    with --compare)."""
     from vmap_sweep.analysis.report import write_report
 
-    _say(str(write_report(study, output or study / f"report.{format}", format)))
+    _say(str(write_report(study, output or study / f"report.{format}", format, compare)))
 
 
 # ------------------------------------------------------------------------------------------------ eval
