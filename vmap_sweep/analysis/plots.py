@@ -535,7 +535,8 @@ def compare_figure(result: CompareResult):
     for colour, name in zip(_COMPARE_COLOURS, _COMPARE_CLASSES, strict=True):
         ax.plot([], [], "s", color=colour, ms=9, label=name)
     _axes(ax, va)
-    ax.legend(fontsize=7, loc="best", framealpha=0.9)
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="outside lower center", ncol=len(labels), frameon=False)
     ax.set_title(f"{result.changed} of {codes.size} cells changed class; converged: A "
                  f"{result.converged_share_a:.0%}, B {result.converged_share_b:.0%}", fontsize=9)
     if right:
@@ -632,7 +633,7 @@ def early_warning_figure(result: WarningResult):
     ax.set_xlabel("steps seen k")
     ax.set_ylabel("ROC AUC for 'will not converge' (95% CI)")
     ax.set_ylim(0.0, 1.02)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="best", framealpha=0.9)
     ax.grid(True, which="major", alpha=0.3)
     ax.set_title("how early the first k steps tell", fontsize=9)
     fig.suptitle(f"early warning signs: {result.study} ({result.n_cells} cells, {result.n_failed} not converged)",

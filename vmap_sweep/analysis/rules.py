@@ -272,6 +272,10 @@ class RulesResult:
             f = self.tokens_min_fit
             lines.append(f"Minimum viable dataset tokens_min ≈ {f.coefficient:.3g}·LR^{f.exponent:.3f} "
                          f"(exponent 95% CI {format_ci(f.ci_low, f.ci_high, '.3f')}, {f.n} LRs).")
+            distinct = len({r.tokens_min for r in self.lrs if r.censored is None})
+            if distinct < 3:  # a flat fit through one or two grid sizes is the grid speaking, not a law
+                lines.append(f"tokens_min takes only {distinct} distinct grid size(s) over the {f.n} LRs it is "
+                             "fitted on: the fit and its interval say little; a finer tokens axis would.")
         lines.append(self.ten_x.sentence())
         return lines + self.notes
 
