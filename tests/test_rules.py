@@ -394,3 +394,12 @@ def test_tokens_min_with_an_island_below_the_last_failure(tmp_path):
     assert r.tokens_min_fit.exponent != r.tokens_all_fit.exponent
     header, rows = r.tokens_rows()
     assert any(cells[-1] == "islands" for cells in rows) and "censored" in rows[-1][-1]
+
+
+def test_tokens_min_on_two_grid_sizes_says_the_fit_says_little(tmp_path):
+    x, y = "lr:1e-6:1e-3:log", "tokens:1e3:1e6:log"
+    with build_study(tmp_path / "coarse", law(1e-5, 0.5), nx=16, ny=3, x=x, y=y) as store:
+        r = rules_of_thumb(store)
+    assert {row.tokens_min for row in r.lrs if row.censored is None} == {parse_axis_spec(y).values(3)[1],
+                                                                        parse_axis_spec(y).values(3)[2]}
+    assert any("only 2 distinct grid size(s)" in line for line in r.summary())
