@@ -72,11 +72,12 @@ def test_csv_roundtrip(store, tmp_path, traj):
     assert steps == [r["steps"] for r in expected(store)]
     trajs = [np.array([float(t) for t in v.split()]) if v else None for v in got["trajectory"]] if traj else None
     check_rows(store, got, trajs)
-    if traj:  # the base model's per-step losses come along, so the ratio criterion can be recomputed
-        stored = store.trajectories("base_losses")
-        for i, j, v in zip(got["i"], got["j"], got["base_losses"], strict=True):
-            want = stored.get((i, j), np.array([]))
-            np.testing.assert_array_equal(np.array([float(t) for t in v.split()]), want)
+    if traj:  # the base model's per-step losses, gradient norms and LRs come along, bit for bit
+        for field in ("base_losses", "grad_norms", "lrs"):
+            stored = store.trajectories(field)
+            for i, j, v in zip(got["i"], got["j"], got[field], strict=True):
+                want = stored.get((i, j), np.array([]))
+                np.testing.assert_array_equal(bits([float(t) for t in v.split()]), bits(want))
 
 
 @pytest.mark.parametrize("traj", [False, True])
@@ -91,6 +92,10 @@ def test_parquet_roundtrip(store, tmp_path, traj):
     assert got["steps"] == [r["steps"] for r in expected(store)]
     if traj:
         assert table.schema.field("trajectory").type.value_type == pa.float64()
+        for field in ("grad_norms", "lrs"):
+            stored = store.trajectories(field)
+            for i, j, v in zip(got["i"], got["j"], got[field], strict=True):
+                np.testing.assert_array_equal(bits([] if v is None else v), bits(stored.get((i, j), [])))
     check_rows(store, got, got["trajectory"] if traj else None)
 
 
@@ -108,6 +113,10 @@ def test_npz_roundtrip(store, tmp_path, traj):
         assert mat.dtype == np.float64 and mat.ndim == 2 and mat.shape[0] == len(lengths)
         assert np.isnan(mat[lengths == 0]).all() if mat.shape[1] else True
         trajs = [mat[k, :n] for k, n in enumerate(lengths)]
+        stored = store.trajectories("grad_norms")
+        for k, (i, j) in enumerate(zip(got["i"], got["j"], strict=True)):
+            n = got["grad_norms_lengths"][k]
+            np.testing.assert_array_equal(bits(got["grad_norms"][k, :n]), bits(stored.get((i, j), [])))
     check_rows(store, {k: list(v) for k, v in got.items() if v.ndim}, trajs)
 
 
@@ -191,3 +200,10 @@ def test_only_an_earlier_export_of_the_same_format_is_replaced(store, tmp_path):
         export_study(store, fmt, path)
         made.append(path.name)
         assert sorted(p.name for p in path.parent.iterdir()) == sorted(made)  # no temporary files left
+
+
+def test_a_csv_export_written_before_gradient_columns_is_still_replaced(store, tmp_path):
+    old = tmp_path / "old.csv"
+    old.write_text(",".join((*COLUMNS, "trajectory", "base_losses")) + "\n")
+    export_study(store, "csv", old, trajectories=True)
+    assert old.read_text().splitlines()[0].endswith("trajectory,base_losses,grad_norms,lrs")

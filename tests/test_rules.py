@@ -278,7 +278,8 @@ def test_to_dict_is_strict_json_and_table_prints(clean, tmp_path):
     text = console.export_text()
     assert f"{r.sizes[3].lr_first_diverging:.3g}" in text and f"{r.sizes[3].size:,.0f}" in text
     _, fit_rows = r.fit_rows()
-    assert fit_rows[0][1] == r.crit_fit.formula() and len(fit_rows) == 4
+    assert fit_rows[0][1] == r.crit_fit.formula() and len(fit_rows) == 6
+    assert fit_rows[4][:2] == ["tokens_min(LR)", r.tokens_min_fit.formula("D")]
     # a path opens and closes the store itself
     assert rules_of_thumb(clean.directory).crit_fit == r.crit_fit
 
@@ -377,3 +378,71 @@ def test_a_study_without_recorded_sizes_is_counted_in_tokens_only(clean):
     assert "repeat" not in " ".join(rules_of_thumb(clean).notes)
     with pytest.raises(ConfigError, match="recorded its dataset sizes in tokens only; use --size-unit tokens"):
         rules_of_thumb(clean, "supervised")
+
+
+# ----------------------------------------------------------------------------- tokens_min(LR), the converse
+
+
+def expected_tokens_min(lrs: np.ndarray, ds: np.ndarray, crit) -> list[float | None]:
+    """The smallest grid size with lr < crit(D), straight from the law; None where no size converges."""
+    return [next((float(d) for d in ds if lr < crit(d)), None) for lr in lrs]
+
+
+def test_tokens_min_per_lr_and_its_fit_invert_a_known_law(tmp_path):
+    # LR_crit = 1e-5 (D/1e3)^0.5, so D_min = 1e3 (LR/1e-5)^2: exponent 2 = 1 / 0.5
+    crit, x, y = law(1e-5, 0.5), "lr:1e-6:1e-3:log", "tokens:1e3:1e6:log"
+    with build_study(tmp_path / "inv", crit, nx=16, ny=64, x=x, y=y) as store:
+        r = rules_of_thumb(store)
+    lrs, ds = parse_axis_spec(x).values(16), parse_axis_spec(y).values(64)
+    want = expected_tokens_min(lrs, ds, crit)
+    assert [row.lr for row in r.lrs] == list(lrs)
+    for row, w in zip(r.lrs, want, strict=True):
+        if w is None:
+            assert row.censored == "above grid" and row.tokens_min is None
+        elif w == ds[0]:
+            assert row.censored == "below grid" and row.tokens_min == ds[0]
+        else:
+            assert row.censored is None and row.tokens_min == w and row.tokens_all == w and not row.islands
+    inside = [(row.lr, row.tokens_min) for row in r.lrs if row.censored is None]
+    assert len(inside) == 7 and r.tokens_min_fit.n == 7
+    assert r.tokens_min_fit == r.tokens_all_fit  # no islands: both answers agree
+    ref = fit_power_law(np.array([a for a, _ in inside]), np.array([b for _, b in inside]))
+    assert r.tokens_min_fit.exponent == pytest.approx(ref.exponent) and r.tokens_min_fit.variable == "LR"
+    assert abs(r.tokens_min_fit.exponent - 2.0) < 0.1 and r.tokens_min_fit.ci_low < 2.0 < r.tokens_min_fit.ci_high
+    assert r.tokens_min_fit.predict(1e-4) == pytest.approx(1e3 * (1e-4 / 1e-5) ** 2, rel=0.3)
+    assert r.tokens_min_fit.formula("D").startswith("D = ") and "* LR^" in r.tokens_min_fit.formula("D")
+    assert any(line.startswith("Minimum viable dataset tokens_min ≈") for line in r.summary())
+    d = json.loads(json.dumps(r.to_dict(), allow_nan=False))
+    assert d["tokens_min_fit"]["exponent"] == pytest.approx(r.tokens_min_fit.exponent) and len(d["lrs"]) == 16
+
+
+def test_tokens_min_with_an_island_below_the_last_failure(tmp_path):
+    crit, x, y = law(1e-5, 0.5), "lr:1e-6:1e-3:log", "tokens:1e3:1e6:log"
+    lrs, ds = parse_axis_spec(x).values(16), parse_axis_spec(y).values(64)
+    want = expected_tokens_min(lrs, ds, crit)
+    k = next(k for k, w in enumerate(want) if w is not None and w != ds[0])
+    first = list(ds).index(want[k])
+
+    def override(k_lr: int, k_size: int) -> bool | None:
+        if k_lr == k and k_size == first - 3:
+            return True  # converges on a smaller dataset, then fails on the next two
+        if k_lr == k and k_size == first + 2:
+            return False  # a hole above: all-converge starts after it
+        return None
+
+    with build_study(tmp_path / "isl", crit, nx=16, ny=64, x=x, y=y, override=override) as store:
+        r = rules_of_thumb(store)
+    row = r.lrs[k]
+    assert row.tokens_min == ds[first - 3] and row.tokens_all == ds[first + 3] and row.islands
+    assert r.tokens_min_fit.exponent != r.tokens_all_fit.exponent
+    header, rows = r.tokens_rows()
+    assert any(cells[-1] == "islands" for cells in rows) and "censored" in rows[-1][-1]
+
+
+def test_tokens_min_on_two_grid_sizes_says_the_fit_says_little(tmp_path):
+    x, y = "lr:1e-6:1e-3:log", "tokens:1e3:1e6:log"
+    with build_study(tmp_path / "coarse", law(1e-5, 0.5), nx=16, ny=3, x=x, y=y) as store:
+        r = rules_of_thumb(store)
+    assert {row.tokens_min for row in r.lrs if row.censored is None} == {parse_axis_spec(y).values(3)[1],
+                                                                        parse_axis_spec(y).values(3)[2]}
+    assert any("only 2 distinct grid size(s)" in line for line in r.summary())

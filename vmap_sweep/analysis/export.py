@@ -35,8 +35,9 @@ INT_COLUMNS = ("i", "j", "steps", "steps_done", "diverged", "diverged_step", "su
 FLOAT_COLUMNS = ("x", "y", "score", "initial_loss", "final_loss", "eval_loss", "wall_time")
 STR_COLUMNS = ("status", "label", "hparams", "same_data_as")
 # per-step arrays added by --trajectories: the training losses and the base model's losses on the same tokens,
-# so the ratio criterion can be recomputed from an export
-ARRAY_COLUMNS = ("trajectory", "base_losses")
+# so the ratio criterion can be recomputed from an export, and the gradient norms and learning rates of each step,
+# so the early-warning features can
+ARRAY_COLUMNS = ("trajectory", "base_losses", "grad_norms", "lrs")
 COLUMNS = ("i", "j", "x", "y", "status", "label", "score", "initial_loss", "final_loss", "eval_loss",
            "steps", "steps_done", "diverged", "diverged_step", "wall_time", "hparams",
            # the cell's dataset counted in supervised tokens and conversations (empty for a study that recorded its
@@ -168,8 +169,8 @@ def _is_export(path: Path, fmt: str) -> bool:
 def export_study(store: StudyStore, fmt: str | None, path: str | os.PathLike | None,
                  trajectories: bool = False) -> Path:
     """Write every cell of ``store`` to ``path`` (default ``STUDY/cells.FORMAT``) in the format its suffix names
-    (``fmt``, if given, must agree); with ``trajectories`` add per-step losses. Only a file that is an earlier
-    export in the same format is replaced."""
+    (``fmt``, if given, must agree); with ``trajectories`` add per-step losses, base losses, gradient norms and
+    learning rates. Only a file that is an earlier export in the same format is replaced."""
     if fmt is not None and str(fmt).lower() not in FORMATS:
         raise ConfigError(f"export format {str(fmt).lower()!r} is unknown; use one of {', '.join(FORMATS)}")
     path = default_path(store, fmt) if path is None else Path(path)

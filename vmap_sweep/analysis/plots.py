@@ -20,6 +20,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from vmap_sweep.analysis.classify import CONVERGED, DIVERGED, MARGINAL  # noqa: E402
+from vmap_sweep.analysis.early_warning import FEATURES  # noqa: E402
 from vmap_sweep.analysis.fractal import FractalResult  # noqa: E402
 from vmap_sweep.analysis.rules import SIZE_AXIS  # noqa: E402
 from vmap_sweep.analysis.view import GridView  # noqa: E402
@@ -27,7 +28,10 @@ from vmap_sweep.errors import ConfigError  # noqa: E402
 from vmap_sweep.study.axes import AXES  # noqa: E402
 
 if TYPE_CHECKING:
+    from vmap_sweep.analysis.compare import CompareResult
+    from vmap_sweep.analysis.early_warning import WarningResult
     from vmap_sweep.analysis.rules import RulesResult
+    from vmap_sweep.analysis.rules_joint import JointResult
 
 PICTURE_SUFFIXES = (".png", ".svg", ".pdf")
 
@@ -469,6 +473,10 @@ def _rules_points(ax, result: RulesResult) -> None:
     ax.plot(*pts("lr_first_diverging"), "v", color="crimson", mec="white", ms=7, label="first diverging LR")
     ax.plot(*pts("lr_last_converging"), "^", color="navy", mec="white", ms=7, label="last converging LR")
     ax.plot(*pts("lr_opt"), "*", color="gold", mec="black", ms=11, label="optimal LR (lowest eval loss)")
+    tmin = [r for r in result.lrs if r.censored is None]
+    if tmin:
+        ax.plot([r.tokens_min for r in tmin], [r.lr for r in tmin], ">", color="darkorange", mec="white", ms=6,
+                label="tokens_min (smallest converging D per LR)")
     cens = [r for r in rows if r.censored]
     if cens:
         lo, hi = result.lr_range
@@ -485,6 +493,11 @@ def _rules_fits(ax, result: RulesResult) -> None:
         if fit is not None:
             ax.plot(d, fit.predict(d), style, color=color, lw=1.6,
                     label=f"{name}: {fit.coefficient:.2g}·D^{fit.exponent:.2f}")
+    fit = result.tokens_min_fit
+    if fit is not None:  # D = a LR^c, drawn over the LRs it was fitted on
+        lr = np.geomspace(min(fit.sizes), max(fit.sizes), 100)
+        ax.plot(fit.predict(lr), lr, linestyle=(0, (5, 1, 1, 1)), color="darkorange", lw=1.6,
+                label=f"tokens_min fit: {fit.coefficient:.2g}·LR^{fit.exponent:.2f}")
 
 
 SIZE_UNIT_NAMES = {"tokens": "tokens", "supervised": "supervised tokens", "conversations": "conversations"}
@@ -513,4 +526,183 @@ def plot_rules(result: RulesResult, path: str | os.PathLike) -> Path:
     ax.set_yscale("log")
     ax.set_title((f"{view.title}\n" if view is not None and view.title else "") + "LR rules of thumb")
     ax.legend(fontsize=7, loc="best", framealpha=0.85)
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- two studies compared
+
+_COMPARE_CLASSES = ("diverged in both", "converged in both", "converged in A only", "converged in B only")
+_COMPARE_COLOURS = ("#d9d9d9", "#9ecae1", "#d7301f", "#1a9850")
+
+
+def compare_figure(result: CompareResult):
+    """Left: the difference map (cells by class in A and B) with both boundaries; right, when the axes are an LR
+    and tokens: LR_crit of both against dataset size."""
+    va, vb = result.views
+    codes = va.converged.astype(int) + 2 * vb.converged.astype(int)  # 0 none, 1 A, 2 B, 3 both
+    category = np.choose(codes, [0, 2, 3, 1])
+    right = bool(result.crit)
+    fig, axes = plt.subplots(1, 2 if right else 1, figsize=(11.5 if right else 6.4, 5.0), constrained_layout=True,
+                             squeeze=False)
+    ax = axes[0, 0]
+    ax.pcolormesh(_edges(va.xs, va.x_log), _edges(va.ys, va.y_log), category,
+                  cmap=ListedColormap(_COMPARE_COLOURS), vmin=-0.5, vmax=3.5)
+    for view, style, name in ((va, "-", "A"), (vb, "--", "B")):
+        if view.converged.any() and not view.converged.all():
+            ax.contour(va.xs, va.ys, view.converged.astype(float), levels=[0.5], colors="black",
+                       linewidths=1.0, linestyles=style)
+            ax.plot([], [], "k" + style, lw=1.0, label=f"boundary of {name}")
+    for colour, name in zip(_COMPARE_COLOURS, _COMPARE_CLASSES, strict=True):
+        ax.plot([], [], "s", color=colour, ms=9, label=name)
+    _axes(ax, va)
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="outside lower center", ncol=len(labels), frameon=False)
+    ax.set_title(f"{result.changed} of {codes.size} cells changed class; converged: A "
+                 f"{result.converged_share_a:.0%}, B {result.converged_share_b:.0%}", fontsize=9)
+    if right:
+        ax = axes[0, 1]
+        for attr, marker, colour, name in (("lr_crit_a", "o-", "#d7301f", "A"), ("lr_crit_b", "s--", "#1a9850", "B")):
+            pts = [(r.size, getattr(r, attr)) for r in result.crit if getattr(r, attr) is not None]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker, color=colour, ms=5, label=f"LR_crit of {name}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(axis_label(SIZE_AXIS))
+        ax.set_ylabel(f"first diverging {axis_label('lr', va.optimizer)}")
+        ax.legend(fontsize=8)
+        ax.grid(True, which="major", alpha=0.3)
+        ax.set_title("critical LR per dataset size", fontsize=9)
+    delta = "" if result.delta_d is None else (f"; ΔD = D_B − D_A = {result.delta_d:+.3f} "
+                                               f"[{result.delta_d_ci[0]:+.3f}, {result.delta_d_ci[1]:+.3f}]")
+    fig.suptitle(f"A: {result.a}   B: {result.b}{delta}", fontsize=9)
+    return fig
+
+
+def plot_compare(result: CompareResult, path: str | os.PathLike) -> Path:
+    """The comparison figure; format from the suffix."""
+    path = picture_file(path)
+    return _save(compare_figure(result), path)
+
+
+# ----------------------------------------------------------------------------- early warning signs
+
+DISTANCE_BINS = (-np.inf, -4.0, -2.0, 0.0, 2.0, 4.0, np.inf)  # grid cells to the boundary; negative = converged
+
+
+def _median_curve(arrays: Sequence[np.ndarray], min_cells: int = 3) -> np.ndarray:
+    """Median over cells at each step, over the cells that reached it (NaN/inf count as the worst value); NaN
+    where fewer than ``min_cells`` reached the step."""
+    width = max((len(a) for a in arrays), default=0)
+    mat = np.full((len(arrays), width), np.nan)
+    for r, a in enumerate(arrays):
+        mat[r, :len(a)] = np.where(np.isfinite(a), a, np.inf)
+    out = np.full(width, np.nan)
+    for s in range(width):
+        col = mat[:, s][~np.isnan(mat[:, s])]
+        if len(col) >= min_cells:
+            out[s] = np.median(col)
+    return out
+
+
+def early_warning_figure(result: WarningResult):
+    """Median loss ratio and gradient norm per step, one line per band of signed distance to the boundary, and
+    each feature's ROC AUC against k with its 95% interval."""
+    from matplotlib import colormaps
+
+    curves = result.curves
+    dist = np.asarray(curves["distance"], dtype=float)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), constrained_layout=True)
+    colours = colormaps["coolwarm"](np.linspace(0, 1, len(DISTANCE_BINS) - 1))
+    for b, (lo, hi) in enumerate(zip(DISTANCE_BINS[:-1], DISTANCE_BINS[1:], strict=True)):
+        members = np.flatnonzero((dist > lo) & (dist <= hi))
+        if not len(members):
+            continue
+        name = (f"d ≤ {hi:g}" if not np.isfinite(lo) else f"d > {lo:g}" if not np.isfinite(hi)
+                else f"{lo:g} < d ≤ {hi:g}") + f" ({len(members)} cells)"
+        for ax, key in ((axes[0], "ratio"), (axes[1], "grad_norm")):
+            med = _median_curve([curves[key][m] for m in members])
+            steps = np.arange(1, len(med) + 1)
+            ax.plot(steps, np.where(np.isfinite(med), med, np.nan), color=colours[b], lw=1.8, label=name)
+    for ax, ylabel in ((axes[0], "training loss / base model's loss (median)"),
+                       (axes[1], "gradient norm (median)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0].axhline(1.0, color="black", lw=0.8, ls=":")
+    axes[0].legend(fontsize=7, title="signed distance d to the boundary\n(grid cells; < 0 converged)",
+                   title_fontsize=7)
+    axes[0].set_title("loss ratio by distance to the boundary", fontsize=9)
+    axes[1].set_title("gradient norm by distance to the boundary", fontsize=9)
+    ax = axes[2]
+    for n, feature in enumerate(FEATURES):
+        pts = [a for a in result.aucs if a.feature == feature and a.auc is not None]
+        if not pts:
+            continue
+        ks = np.array([a.k for a in pts], dtype=float) * (1 + 0.04 * (n - 2))  # side by side, not on top
+        auc = np.array([a.auc for a in pts])
+        err = np.array([[a.auc - (a.ci_low if a.ci_low is not None else a.auc) for a in pts],
+                        [(a.ci_high if a.ci_high is not None else a.auc) - a.auc for a in pts]])
+        ax.errorbar(ks, auc, yerr=err, marker="o", ms=4, capsize=2, lw=1.2, label=feature)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    if result.earliest is not None:
+        ax.axvline(result.earliest.k, color="black", lw=0.8, ls="--",
+                   label=f"earliest {result.precision:.0%}-precision rule (k = {result.earliest.k})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("steps seen k")
+    ax.set_ylabel("ROC AUC for 'will not converge' (95% CI)")
+    ax.set_ylim(0.0, 1.02)
+    ax.legend(fontsize=7, loc="best", framealpha=0.9)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.set_title("how early the first k steps tell", fontsize=9)
+    fig.suptitle(f"early warning signs: {result.study} ({result.n_cells} cells, {result.n_failed} not converged)",
+                 fontsize=10)
+    return fig
+
+
+def plot_early_warning(result: WarningResult, path: str | os.PathLike) -> Path:
+    """The early-warning figure; format from the suffix."""
+    path = picture_file(path)
+    return _save(early_warning_figure(result), path)
+
+
+# ----------------------------------------------------------------------------- LR_crit across model sizes
+
+
+def plot_joint_rules(result: JointResult, path: str | os.PathLike) -> Path:
+    """LR_crit against dataset size, one colour per model size, with the joint fit drawn at each model's size;
+    right: the same points with the dataset-size dependence divided out, against model size."""
+    from matplotlib import colormaps
+
+    path = picture_file(path)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11.5, 4.8), constrained_layout=True)
+    order = sorted(result.studies, key=lambda s: s.params)
+    colours = colormaps["viridis"](np.linspace(0.05, 0.85, len(order)))
+    f = result.fit
+    for s, colour in zip(order, colours, strict=True):
+        if not s.sizes:
+            continue
+        ax.plot(s.sizes, s.lr_crit, "o", color=colour, mec="white", label=f"P = {s.params:.3g} ({s.study})")
+        if f is not None:
+            d = np.geomspace(min(s.sizes), max(s.sizes), 50)
+            ax.plot(d, f.predict(d, s.params), "-", color=colour, lw=1.4)
+            scaled = np.asarray(s.lr_crit) / np.asarray(s.sizes) ** f.size_exponent.value
+            ax2.plot([s.params] * len(s.sizes), scaled, "o", color=colour, mec="white")
+    for a in (ax, ax2):
+        a.set_xscale("log")
+        a.set_yscale("log")
+        a.grid(True, which="major", alpha=0.3)
+    ax.set_xlabel(axis_label(SIZE_AXIS))
+    ax.set_ylabel(f"critical {result.lr_axis} (first diverging)")
+    ax.legend(fontsize=7)
+    if f is not None:
+        p = np.geomspace(min(s.params for s in order) / 1.5, max(s.params for s in order) * 1.5, 50)
+        ax2.plot(p, f.predict(1.0, 1.0) * p ** f.params_exponent.value, "k-", lw=1.2,
+                 label=f"P^{f.params_exponent.value:.2f}")
+        ax2.legend(fontsize=8)
+        ax.set_title(f"joint fit: {f.formula()} (R² {f.r2:.2f})", fontsize=9)
+        ax2.set_ylabel(f"LR_crit / D^{f.size_exponent.value:.2f}")
+    ax2.set_xlabel("model size P (parameters)")
+    ax2.set_title("dataset-size dependence divided out", fontsize=9)
     return _save(fig, path)

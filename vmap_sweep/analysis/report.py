@@ -383,6 +383,26 @@ def _rules_section(doc: _Doc, store: StudyStore, tmp: Path):
     return r
 
 
+def _compare_section(doc: _Doc, store: StudyStore, other: Path, tmp: Path) -> None:
+    from vmap_sweep.analysis.compare import compare_studies
+    from vmap_sweep.analysis.plots import plot_compare
+
+    doc.h("Compared with another study")
+    with StudyStore.open(other) as b:
+        r = compare_studies(store, b)  # grids that can't be compared: one clear error, no report
+    doc.p(f"A is this study, B is {other}.")
+    doc.bullets(r.summary())
+    if r.crit:
+        header, rows = r.crit_rows()
+        doc.table(header, rows)
+    path = plot_compare(r, tmp / "compare.png")
+    doc.figure("compare", path,
+               "Left: each cell by its class in A and in B (red: converges in A only, green: in B only), with the "
+               "boundary of A (solid) and of B (dashed). Right, where the axes are an LR and tokens: the first "
+               "diverging LR per dataset size in both. ΔD's interval adds the two dimensions' CI half-widths in "
+               "quadrature.")
+
+
 def _ood_section(doc: _Doc, ood: Any, tmp: Path, criterion: dict | None = None) -> None:
     from vmap_sweep.analysis.plots import plot_ood
 
@@ -483,8 +503,10 @@ def _render_any(doc: _Doc, obj: Any, depth: int) -> None:
 # ----------------------------------------------------------------------------- entry point
 
 
-def write_report(study_dir: str | os.PathLike, out_file: str | os.PathLike, fmt: str = "md") -> Path:
-    """Write the report of the finished study in ``study_dir`` to ``out_file`` ("md" or "html")."""
+def write_report(study_dir: str | os.PathLike, out_file: str | os.PathLike, fmt: str = "md",
+                 compare: str | os.PathLike | None = None) -> Path:
+    """Write the report of the finished study in ``study_dir`` to ``out_file`` ("md" or "html"); with ``compare``
+    (a study over the same grid) a section comparing the two."""
     if fmt not in FORMATS:
         raise ConfigError(f"report format {fmt!r}: choose md or html")
     study_dir, out_file = Path(study_dir), Path(out_file)
@@ -503,6 +525,8 @@ def write_report(study_dir: str | os.PathLike, out_file: str | os.PathLike, fmt:
             _fractal_section(doc, study_dir, tmp)
             _zoom_section(doc, store, study_dir, tmp)
             _rules_section(doc, store, tmp)
+            if compare is not None:
+                _compare_section(doc, store, Path(compare), tmp)
             ood = extras.ood(store)
             if ood is not None:
                 _ood_section(doc, ood, tmp, extras.criterion(store))

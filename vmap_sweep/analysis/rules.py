@@ -22,6 +22,17 @@ refitted without it and its prediction checked to lie within 2x of that size's o
 yes only if the whole CI lies above 2 (b_lo > log10 2), no only if it lies below (b_hi < log10 2), and
 "inconclusive" (printed "can't tell", with the interval and the fit's R²) otherwise, including a fit of two
 sizes, which has no CI.
+
+The converse, per LR (one column of the LR axis), on the size grid in ascending order:
+
+* tokens_min: the smallest dataset size on which this LR converges (the minimum viable dataset).
+* tokens_all: the smallest size from which every larger size converges; above tokens_min only where islands
+  of convergence lie below the last failing size (the conservative answer).
+* censored: "above grid" (no size converges at this LR) or "below grid" (the smallest size already converges,
+  so tokens_min is at most the grid's smallest size). Censored LRs are excluded from the fits.
+
+Fits: D_min = a * LR^c by the same OLS in log10-log10 (of log10 D on log10 LR) with the same Student-t CI of
+the exponent. Where LR_crit = a * D^b holds exactly, c = 1 / b.
 """
 
 from __future__ import annotations
@@ -64,14 +75,15 @@ class PowerLaw:
     ci_high: float
     n: int
     r2: float
-    sizes: tuple[float, ...]
+    sizes: tuple[float, ...]  # the abscissae fitted (dataset sizes; LRs for a tokens_min fit)
     method: str = "OLS of log10 LR on log10 D; exponent CI = b +- t(0.975, n-2) * stderr"
+    variable: str = "D"  # what the power is taken of: D, or LR for tokens_min(LR)
 
     def predict(self, size: float | np.ndarray) -> float | np.ndarray:
         return self.coefficient * np.asarray(size, dtype=float) ** self.exponent
 
     def formula(self, name: str = "LR") -> str:
-        return f"{name} = {self.coefficient:.3g} * D^{self.exponent:.3f}"
+        return f"{name} = {self.coefficient:.3g} * {self.variable}^{self.exponent:.3f}"
 
 
 @dataclass(frozen=True)
@@ -90,6 +102,18 @@ class SizeRow:
     islands: bool  # converged cells above the first diverging LR
     n_converged: int
     low_lr_failures: int  # non-converged cells below the lowest converged LR (not the edge)
+
+
+@dataclass(frozen=True)
+class LrRow:
+    """Per LR: the smallest dataset on which it converges, both ways. None where undefined (censored)."""
+
+    lr: float
+    index: int  # column (lr on x) or row (lr on y) of the study grid
+    tokens_min: float | None  # smallest converged size
+    tokens_all: float | None  # smallest size from which every larger size converges
+    censored: str | None  # None, "above grid" (no size converges) or "below grid" (the smallest one does)
+    islands: bool  # a failing size above tokens_min
 
 
 @dataclass(frozen=True)
@@ -159,6 +183,9 @@ class RulesResult:
     ten_x: TenX
     notes: list[str] = field(default_factory=list)
     size_unit: str = "tokens"  # what D counts: tokens, supervised (targets) or conversations
+    lrs: list[LrRow] = field(default_factory=list)
+    tokens_min_fit: PowerLaw | None = None  # smallest converged size per LR (primary)
+    tokens_all_fit: PowerLaw | None = None  # smallest size from which all larger ones converge
     view: GridView | None = field(default=None, repr=False, compare=False)  # for plot_rules; not serialised
 
     @property
@@ -205,12 +232,27 @@ class RulesResult:
         rows = []
         for name, fit in (("LR_crit (first diverging)", self.crit_fit),
                           ("LR_crit (last converging)", self.crit_last_fit),
-                          ("LR_safe = 0.5 LR_crit", self.safe_fit), ("LR_opt", self.opt_fit)):
+                          ("LR_safe = 0.5 LR_crit", self.safe_fit), ("LR_opt", self.opt_fit),
+                          ("tokens_min(LR)", self.tokens_min_fit), ("tokens_all(LR)", self.tokens_all_fit)):
             if fit is None:
-                rows.append([name, "not enough sizes", "", "", ""])
+                rows.append([name, "not enough LRs" if name.startswith("tokens") else "not enough sizes", "", "", ""])
             else:
-                rows.append([name, fit.formula(), format_ci(fit.ci_low, fit.ci_high, ".3f"), str(fit.n),
+                formula = fit.formula("D") if fit.variable == "LR" else fit.formula()
+                rows.append([name, formula, format_ci(fit.ci_low, fit.ci_high, ".3f"), str(fit.n),
                              _g(fit.r2, ".3f")])
+        return header, rows
+
+    def tokens_rows(self) -> tuple[list[str], list[list[str]]]:
+        """(header, rows) of the per-LR minimum-dataset table; only LRs whose tokens_min lies inside the grid,
+        plus a count of the censored ones in the last row."""
+        header = [f"{self.lr_axis}", f"tokens_min (smallest converging D, in {self.size_unit})",
+                  "all D above converge from", "note"]
+        rows = [[_g(r.lr), _count(r.tokens_min), _count(r.tokens_all), "islands" if r.islands else ""]
+                for r in self.lrs if r.censored is None]
+        below = sum(r.censored == "below grid" for r in self.lrs)
+        above = sum(r.censored == "above grid" for r in self.lrs)
+        if below or above:
+            rows.append(["…", "", "", f"{below} LRs converge at every size, {above} at none (censored)"])
         return header, rows
 
     def summary(self) -> list[str]:
@@ -229,8 +271,20 @@ class RulesResult:
             hits = sum(lo.within for lo in self.leave_out)
             lines.append(f"Leave-one-size-out: the refitted LR_opt rule predicts {hits} of {len(self.leave_out)} "
                          f"sizes within {WITHIN:g}x ({self.leave_out_fraction:.0%}).")
+        if self.tokens_min_fit is not None:
+            f = self.tokens_min_fit
+            lines.append(f"Minimum viable dataset tokens_min ≈ {f.coefficient:.3g}·LR^{f.exponent:.3f} "
+                         f"(exponent 95% CI {format_ci(f.ci_low, f.ci_high, '.3f')}, {f.n} LRs).")
+            distinct = len({r.tokens_min for r in self.lrs if r.censored is None})
+            if distinct < 3:  # a flat fit through one or two grid sizes is the grid speaking, not a law
+                lines.append(f"tokens_min takes only {distinct} distinct grid size(s) over the {f.n} LRs it is "
+                             "fitted on: the fit and its interval say little; a finer tokens axis would.")
         lines.append(self.ten_x.sentence())
         return lines + self.notes
+
+
+def _count(v: float | None) -> str:
+    return "—" if v is None else format_count(v)
 
 
 def _g(v: float | None, fmt: str = ".3g") -> str:
@@ -326,6 +380,28 @@ def _size_row(index: int, size: float, lrs: np.ndarray, conv: np.ndarray, evals:
     )
 
 
+def _lr_row(index: int, lr: float, sizes: np.ndarray, conv: np.ndarray) -> LrRow:
+    """One LR's column (sizes ascending): where convergence starts, and where it starts for good."""
+    conv_idx = np.flatnonzero(conv)
+    if conv_idx.size == 0:
+        return LrRow(lr, index, None, None, "above grid", False)
+    failing = np.flatnonzero(~conv)
+    first = int(conv_idx[0])
+    last_fail = int(failing[-1]) if failing.size else -1
+    tokens_all = float(sizes[last_fail + 1]) if last_fail + 1 < len(sizes) else None
+    return LrRow(lr=lr, index=index, tokens_min=float(sizes[first]), tokens_all=tokens_all,
+                 censored="below grid" if first == 0 else None, islands=last_fail > first)
+
+
+def _tokens_fit(rows: list[LrRow], attr: str) -> PowerLaw | None:
+    """D = a * LR^c over the uncensored LRs that have ``attr``."""
+    use = [r for r in rows if r.censored is None and getattr(r, attr) is not None]
+    fit = fit_power_law(np.array([r.lr for r in use]), np.array([getattr(r, attr) for r in use]))
+    if fit is None:
+        return None
+    return replace(fit, variable="LR", method="OLS of log10 D on log10 LR; exponent CI = c +- t(0.975, n-2) * stderr")
+
+
 def _lr_on(store: StudyStore) -> str:
     """"x" or "y": which axis of the study is the learning rate (the other must be ``tokens``)."""
     x, y = parse_axis_spec(store.config["x"]), parse_axis_spec(store.config["y"])
@@ -397,6 +473,7 @@ def rules_of_thumb(store: StudyStore | str | os.PathLike, size_unit: str = "toke
     with_opt = [r for r in rows if r.lr_opt is not None and r.opt_at_edge is None]
     opt = fit_power_law(np.array([r.size for r in with_opt]), np.array([r.lr_opt for r in with_opt]))
     leave, fraction = leave_one_size_out(rows)
+    lr_rows = [_lr_row(k, float(lrs[k]), sizes, conv[:, k]) for k in range(len(lrs))]
     return RulesResult(
         study=str(store.directory),
         lr_axis=lr_spec.name,
@@ -414,6 +491,9 @@ def rules_of_thumb(store: StudyStore | str | os.PathLike, size_unit: str = "toke
         ten_x=ten_x_verdict(crit),
         notes=_repeat_note(budgets, sized, kept, lr_on, store) + _notes(rows, lr_spec),
         size_unit=size_unit,
+        lrs=lr_rows,
+        tokens_min_fit=_tokens_fit(lr_rows, "tokens_min"),
+        tokens_all_fit=_tokens_fit(lr_rows, "tokens_all"),
         view=view,
     )
 

@@ -364,7 +364,8 @@ def export(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="File to write, ending in .csv, .parquet or "
                                                 ".npz (default STUDY/cells.FORMAT, inside the study folder). "
                                                 "Replaces only an earlier export of the same format.")] = None,
-    trajectories: Annotated[bool, typer.Option(help="Add each cell's per-step losses.")] = False,
+    trajectories: Annotated[bool, typer.Option(help="Add each cell's per-step losses, base-model losses, "
+                                                          "gradient norms and learning rates.")] = False,
 ):
     """One row per cell: i, j, x, y, status, label, initial_loss, final_loss, eval_loss, steps. The format is the
     output's suffix; without -o the file is STUDY/cells.csv (or cells.parquet, cells.npz with --format)."""
@@ -478,21 +479,109 @@ def animate(
 @app.command()
 @user_errors
 def rules(
-    study: Annotated[Path, typer.Argument(help="Study folder (an LR axis x tokens, finished and classified).")],
+    study: Annotated[list[Path], typer.Argument(help="Study folder (an LR axis x tokens, finished and classified); "
+                                                     "several: one joint fit over dataset and model size.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     plot_file: Annotated[Path | None, typer.Option("--plot", help="Draw LR vs dataset size (.png/.svg/.pdf).")] = None,
     size_unit: Annotated[str, typer.Option(
         "--size-unit", help="What a dataset size D counts: tokens (the budget), supervised (the assistant tokens "
                             "it holds, what the model learns from) or conversations.")] = "tokens",
+    params: Annotated[str | None, typer.Option(help="Several studies: their models' parameter counts, comma-"
+                                                    "separated in the folders' order (default: counted).")] = None,
 ):
-    """Rules of thumb: critical, safe and optimal LR per dataset size and their power laws."""
-    from vmap_sweep.analysis.plots import plot_rules
+    """Rules of thumb: critical, safe and optimal LR per dataset size and their power laws, and the smallest
+    dataset each LR converges on. With several studies of different models: LR_crit = a D^b P^c."""
+    from vmap_sweep.analysis.plots import picture_file, plot_joint_rules, plot_rules
     from vmap_sweep.analysis.rules import rules_of_thumb
 
-    result = rules_of_thumb(study, size_unit)
     if plot_file is not None:
-        plot_rules(result, plot_file)
-    render.emit(result, json_out, render.rules_lines, plot_file)
+        picture_file(plot_file)
+    if len(study) == 1:
+        result = rules_of_thumb(study[0], size_unit)
+        if plot_file is not None:
+            plot_rules(result, plot_file)
+        render.emit(result, json_out, render.rules_lines, plot_file)
+        return
+    from vmap_sweep.analysis.rules_joint import joint_rules
+
+    results = [rules_of_thumb(s, size_unit) for s in study]
+    joint = joint_rules(results, _parameter_counts(study, params))
+    if plot_file is not None:
+        plot_joint_rules(joint, plot_file)
+    render.emit(joint, json_out, render.joint_rules_lines, plot_file)
+
+
+def _parameter_counts(studies: list[Path], given: str | None) -> list[float]:
+    """--params as numbers, or each study's base model counted (built on the meta device: no weights in memory)."""
+    if given is not None:
+        try:
+            counts = [float(v) for v in given.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"--params {given!r}: give parameter counts, e.g. 1.2e6,4.5e7") from None
+        if len(counts) != len(studies) or min(counts) <= 0:
+            raise ConfigError(f"--params {given!r}: give {len(studies)} positive counts, one per study")
+        return counts
+    import torch
+
+    from vmap_sweep.model.gpt import GPT
+    from vmap_sweep.run.estimate import base_model_shape
+    from vmap_sweep.store.study import Study
+
+    counts = []
+    for folder in studies:
+        with Study.open(folder) as s:
+            config, _ = base_model_shape(s.config.model)
+        with torch.device("meta"):
+            counts.append(float(GPT(config).num_params()))
+    return counts
+
+
+@app.command("early-warning")
+@user_errors
+def early_warning(
+    study: Annotated[Path, typer.Argument(help="Study folder (finished and classified).")],
+    steps: Annotated[str | None, typer.Option("--k", help="Steps seen, comma-separated (default 1,2,4,8,...).")] = None,
+    precision: Annotated[float, typer.Option(help="Precision the threshold rule must reach.")] = 0.95,
+    min_recall: Annotated[float, typer.Option(help="Share of failing cells the rule must catch.")] = 0.5,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    plot_file: Annotated[Path | None, typer.Option("--plot", help="Draw trajectories, AUCs (.png/.svg/.pdf).")] = None,
+):
+    """Early warning signs: how well the first k steps (loss ratio, its slope, gradient-norm growth and spikes,
+    LR x gradient norm) predict that a cell will not converge: ROC AUC by k, and the earliest k at which a
+    threshold rule reaches the precision."""
+    from vmap_sweep.analysis.early_warning import early_warning as measure
+    from vmap_sweep.analysis.plots import picture_file, plot_early_warning
+
+    if plot_file is not None:
+        picture_file(plot_file)
+    try:
+        ks = None if steps is None else [int(k) for k in steps.split(",") if k.strip()]
+    except ValueError:
+        raise ConfigError(f"--k {steps!r}: give comma-separated step counts, e.g. 1,2,4,8") from None
+    result = measure(study, ks, precision=precision, min_recall=min_recall)
+    if plot_file is not None:
+        plot_early_warning(result, plot_file)
+    render.emit(result, json_out, render.early_warning_lines, plot_file)
+
+
+@app.command()
+@user_errors
+def compare(
+    a: Annotated[Path, typer.Argument(help="Reference study folder (finished and classified).")],
+    b: Annotated[Path, typer.Argument(help="Study folder over the same grid (finished and classified).")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    plot_file: Annotated[Path | None, typer.Option("--plot", help="Draw the difference map (.png/.svg/.pdf).")] = None,
+):
+    """Two studies over one grid: cells that changed class, converged shares, ΔD with its CI, LR_crit ratios."""
+    from vmap_sweep.analysis.compare import compare_studies
+    from vmap_sweep.analysis.plots import picture_file, plot_compare
+
+    if plot_file is not None:
+        picture_file(plot_file)  # a bad suffix is refused before any work
+    result = compare_studies(a, b)
+    if plot_file is not None:
+        plot_compare(result, plot_file)
+    render.emit(result, json_out, render.compare_lines, plot_file)
 
 
 @app.command()
@@ -501,11 +590,13 @@ def report(
     study: Annotated[Path, typer.Argument(help="Study folder (finished and classified).")],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Default STUDY/report.FORMAT.")] = None,
     format: Annotated[str, typer.Option(help="md (pictures in a folder beside it) or html (one file).")] = "md",
+    compare: Annotated[Path | None, typer.Option(help="A study over the same grid to compare this one with.")] = None,
 ):
-    """One report: config, maps, fractal dimension, zoom levels, rules of thumb, OOD correlation."""
+    """One report: config, maps, fractal dimension, zoom levels, rules of thumb, OOD correlation (and a comparison
+    with --compare)."""
     from vmap_sweep.analysis.report import write_report
 
-    _say(str(write_report(study, output or study / f"report.{format}", format)))
+    _say(str(write_report(study, output or study / f"report.{format}", format, compare)))
 
 
 # ------------------------------------------------------------------------------------------------ eval

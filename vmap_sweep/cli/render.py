@@ -21,7 +21,10 @@ from vmap_sweep.errors import ConfigError
 from vmap_sweep.run.pipeline import Progress as ProgressHooks
 
 if TYPE_CHECKING:
+    from vmap_sweep.analysis.compare import CompareResult
+    from vmap_sweep.analysis.early_warning import WarningResult
     from vmap_sweep.analysis.rules import RulesResult
+    from vmap_sweep.analysis.rules_joint import JointResult
     from vmap_sweep.run.bench import BenchResult
     from vmap_sweep.store.db import StudyStore
     from vmap_sweep.study.plan import Batch
@@ -394,9 +397,56 @@ def fit_table(result: RulesResult) -> Table:
     return table
 
 
+def tokens_table(result: RulesResult) -> Table:
+    """The converse per LR: the smallest dataset on which it converges."""
+    header, rows = result.tokens_rows()
+    table = Table(title=f"minimum viable dataset per {result.lr_axis} (tokens)")
+    for h in header:
+        table.add_column(h, justify="left" if h == "note" else "right")
+    for r in rows:
+        table.add_row(*r)
+    return table
+
+
 def rules_lines(result: RulesResult) -> list[RenderableType]:
-    """Both tables, then the findings in sentences."""
-    return [rules_table(result), fit_table(result), *result.summary()]
+    """The per-size and per-LR tables and the fits, then the findings in sentences."""
+    return [rules_table(result), tokens_table(result), fit_table(result), *result.summary()]
+
+
+def compare_lines(result: CompareResult) -> list[RenderableType]:
+    """The findings in sentences, then LR_crit of both per dataset size where the axes have one."""
+    lines: list[RenderableType] = [_prose(line) for line in result.summary()]
+    if result.crit:
+        header, rows = result.crit_rows()
+        table = Table(title="critical LR (first diverging) per dataset size")
+        for h in header:
+            table.add_column(h, justify="right")
+        for r in rows:
+            table.add_row(*r)
+        lines.append(table)
+    return lines
+
+
+def early_warning_lines(result: WarningResult) -> list[RenderableType]:
+    """AUC per feature and k, then the findings in sentences."""
+    header, rows = result.auc_rows()
+    table = Table(title="ROC AUC for 'will not converge' after k steps [95% bootstrap CI]")
+    for h in header:
+        table.add_column(h, justify="left" if h == "feature" else "right")
+    for r in rows:
+        table.add_row(*r)
+    return [table, *[_prose(line) for line in result.summary()]]
+
+
+def joint_rules_lines(result: JointResult) -> list[RenderableType]:
+    """Each study's points and own fit, then the joint fit in sentences."""
+    header, rows = result.study_rows()
+    table = Table(title=f"critical {result.lr_axis} (first diverging) per study")
+    for h in header:
+        table.add_column(h)
+    for r in rows:
+        table.add_row(*r)
+    return [table, *[_prose(line) for line in result.summary()]]
 
 
 def bench_table(r: BenchResult) -> Table:

@@ -1,0 +1,114 @@
+"""compare A B: on synthetic finished studies whose boundaries are known (no training)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from cli_helpers import cli, ok
+from test_rules import build_study, law
+
+from vmap_sweep.analysis.compare import Dimension, compare_studies, delta_dimension
+from vmap_sweep.analysis.plots import plot_compare
+from vmap_sweep.errors import ConfigError
+from vmap_sweep.study.axes import parse_axis_spec
+
+X, Y = "lr:1e-6:1e-1:log", "tokens:1e3:1e6:log"
+
+
+def grid(n: int = 32):
+    lrs, ds = parse_axis_spec(X).values(n), parse_axis_spec(Y).values(n)
+    return np.meshgrid(lrs, ds)  # (ny, nx): lr varies along x
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A: converged iff lr < 3e-5 (D/1e3)^0.5; B: the edge 4x higher, so cells between the two converge in B only."""
+    root = tmp_path_factory.mktemp("cmp")
+    crit = law(3e-5, 0.5)
+    build_study(root / "a", crit, nx=32, ny=32, x=X, y=Y).close()
+    build_study(root / "b", lambda d: 4 * crit(d), nx=32, ny=32, x=X, y=Y).close()
+    return root / "a", root / "b", crit
+
+
+def test_difference_shares_and_crit_ratio_follow_the_two_laws(pair):
+    a, b, crit = pair
+    r = compare_studies(a, b)
+    lr, d = grid()
+    conv_a, conv_b = lr < crit(d), lr < 4 * crit(d)
+    assert r.gained == int((conv_b & ~conv_a).sum()) > 0 and r.lost == 0 and r.changed == r.gained
+    assert r.converged_share_a == pytest.approx(conv_a.mean()) and r.converged_share_b == pytest.approx(conv_b.mean())
+    lrs = parse_axis_spec(X).values(32)
+    for row, size in zip(r.crit, parse_axis_spec(Y).values(32), strict=True):
+        want_a, want_b = lrs[lrs >= crit(size)][0], lrs[lrs >= 4 * crit(size)][0]
+        assert (row.size, row.lr_crit_a, row.lr_crit_b) == (size, want_a, want_b)
+        assert row.ratio == pytest.approx(want_b / want_a) and 4 / 1.5 < row.ratio < 4 * 1.5  # one LR step
+    # both boundaries are straight lines in log-log: D ~ 1 each, no shift
+    assert r.dimension_a.dimension == pytest.approx(1.0, abs=0.15)
+    assert r.delta_d == pytest.approx(r.dimension_b.dimension - r.dimension_a.dimension)
+    assert r.delta_d_ci[0] < r.delta_d < r.delta_d_ci[1]
+    assert "converge only in B" in r.summary()[1] and "geometric mean" in r.summary()[-1]
+    d = json.loads(json.dumps(r.to_dict(), allow_nan=False))
+    assert d["changed"] == r.gained and "views" not in d and len(d["crit"]) == 32
+
+
+def test_delta_d_interval_adds_half_widths_in_quadrature():
+    delta, ci = delta_dimension(Dimension(1.2, 1.1, 1.3), Dimension(1.5, 1.45, 1.65))
+    half = math.hypot(0.1, 0.1)
+    assert delta == pytest.approx(0.3) and ci == pytest.approx((0.3 - half, 0.3 + half))
+    assert delta_dimension(Dimension(None, None, None, "one class"), Dimension(1.5, 1.4, 1.6)) == (None, None)
+
+
+def test_a_noisy_boundary_has_a_larger_dimension(pair, tmp_path):
+    a, _, crit = pair
+    rng = np.random.default_rng(0)
+    coin = rng.random((32, 32)) < 0.5  # coin-flip classes: the boundary fills the plane, D ~ 2
+    build_study(tmp_path / "noise", crit, nx=32, ny=32, x=X, y=Y,
+                override=lambda k_lr, k_size: bool(coin[k_size, k_lr])).close()
+    r = compare_studies(a, tmp_path / "noise")
+    assert r.dimension_b.dimension > 1.7 and 0.6 < r.delta_d < 1.1 and r.delta_d_ci[0] > 0
+    assert "contains 0" not in r.summary()[2]
+
+
+def test_same_study_changes_nothing(pair):
+    a, _, _ = pair
+    r = compare_studies(a, a)
+    assert r.changed == 0 and r.delta_d == 0.0 and all(row.ratio == 1.0 for row in r.crit if row.ratio)
+    assert r.delta_d_ci[0] < 0 < r.delta_d_ci[1] and "contains 0" in r.summary()[2]
+
+
+@pytest.mark.parametrize("x, y, nx, needle", [("lr:1e-6:1e-2:log", Y, 32, "same axes and ranges"),
+                                              (X, Y, 16, "same resolution")])
+def test_grids_that_differ_are_refused_in_one_line(pair, tmp_path, x, y, nx, needle):
+    a, _, crit = pair
+    build_study(tmp_path / "other", crit, nx=nx, ny=32, x=x, y=y).close()
+    with pytest.raises(ConfigError, match=needle) as e:
+        compare_studies(a, tmp_path / "other")
+    assert "\n" not in str(e.value)
+    result = cli("compare", a, tmp_path / "other")
+    assert result.exit_code == 2 and needle in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_prints_the_findings_and_draws_the_figure(pair, tmp_path):
+    a, b, _ = pair
+    out = ok("compare", a, b, "--plot", tmp_path / "cmp.png").stdout
+    assert "Converged share: A" in out and "LR_crit A" in out and f"plot: {tmp_path / 'cmp.png'}" in out
+    assert (tmp_path / "cmp.png").read_bytes()[:4] == b"\x89PNG"
+    d = json.loads(ok("compare", a, b, "--json").stdout)
+    assert d["lost"] == 0 and d["gained"] > 0
+    assert cli("compare", a, b, "--plot", tmp_path / "cmp.gif").exit_code == 2
+    assert plot_compare(compare_studies(a, b), tmp_path / "cmp.svg").read_text().startswith("<?xml")
+
+
+def test_report_compare_section(tmp_path):
+    from vmap_sweep.analysis.report import write_report
+
+    crit = law(3e-5, 0.5)  # a small pair: the report draws every section of A
+    build_study(tmp_path / "a", crit, nx=12, ny=8, x=X, y=Y).close()
+    build_study(tmp_path / "b", lambda d: 4 * crit(d), nx=12, ny=8, x=X, y=Y).close()
+    r = compare_studies(tmp_path / "a", tmp_path / "b")
+    text = write_report(tmp_path / "a", tmp_path / "r.md", "md", compare=tmp_path / "b").read_text()
+    assert "## Compared with another study" in text and r.summary()[1] in text
+    assert (tmp_path / "r_files" / "compare.png").read_bytes()[:4] == b"\x89PNG"
