@@ -121,24 +121,23 @@ def cells_table(store) -> Any:
     return wandb.Table(columns=columns, data=data)
 
 
-def trajectory_plots(store, rows: Sequence[int], max_lines: int = 12) -> dict[str, Any]:
+def trajectory_plots(view, trajectories: dict, rows: Sequence[int], max_lines: int = 12) -> dict[str, Any]:
     """Per row (y index) of `rows`, the training loss per step of up to `max_lines` evenly spaced cells as one
     W&B line plot, each line named by its x value and class; non-finite losses (a divergence) end a line."""
     from vmap_sweep.analysis.plots import value_text
-    from vmap_sweep.analysis.view import grid_view
 
     wandb = _wandb()
-    view, trajectories = grid_view(store), store.trajectories()
     plots = {}
     for j in rows:
         xs, ys, keys = [], [], []
         for i in np.unique(np.linspace(0, len(view.xs) - 1, min(max_lines, len(view.xs))).astype(int)):
             loss = np.asarray(trajectories.get((int(i), int(j)), []), dtype=float)
-            finite = int(np.argmin(np.isfinite(loss))) if not np.isfinite(loss).all() else len(loss)
-            if finite == 0:
+            not_finite = np.flatnonzero(~np.isfinite(loss))
+            end = int(not_finite[0]) if not_finite.size else len(loss)
+            if end == 0:
                 continue
-            xs.append(list(range(finite)))
-            ys.append(loss[:finite].tolist())
+            xs.append(list(range(end)))
+            ys.append(loss[:end].tolist())
             keys.append(f"{value_text(view.x_name, view.xs[i])}: {view.labels[j, i] or 'unclassified'}")
         if keys:
             title = f"training loss per step at {value_text(view.y_name, view.ys[j])}"
@@ -158,13 +157,14 @@ def log_maps(run, store, rows: Sequence[int] | None = None) -> None:
     wandb = _wandb()
     if rows is None:
         rows = sorted({0, store.ny // 2, store.ny - 1})
-    figures = plot_figures(grid_view(store), store.trajectories(), rows)
+    view, trajectories = grid_view(store), store.trajectories()
+    figures = plot_figures(view, trajectories, rows)
     try:
         images = {f"maps/{name}": wandb.Image(fig) for name, fig in figures.items()}
     finally:
         for fig in figures.values():
             plt.close(fig)
-    run.log({**images, "cells_table": cells_table(store), **trajectory_plots(store, rows)})
+    run.log({**images, "cells_table": cells_table(store), **trajectory_plots(view, trajectories, rows)})
 
 
 def log_dimension(run, report: dict, picture: Path | None = None) -> None:
