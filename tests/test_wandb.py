@@ -221,3 +221,15 @@ def test_wandb_that_cannot_start_is_one_line_and_creates_nothing(tmp_path):
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("error: --wandb")
     assert "wandb login" in proc.stderr and "WANDB_MODE=offline" in proc.stderr
     assert not out.exists()
+
+
+def test_without_wandb_installed_a_command_given_wandb_names_the_extra(logged, monkeypatch):
+    from cli_helpers import cli
+
+    out = logged[0]
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError
+    result = cli("plot", out, "--wandb", "--out", out.parent / "plots-without-wandb")
+    assert result.exit_code == 2 and result.stderr.strip() == (
+        "error: --wandb needs Weights & Biases: pip install 'vmap-sweep[wandb]'")
+    assert not (out.parent / "plots-without-wandb").exists()  # refused before any work
+    assert ok("plot", out, "--out", out.parent / "plots-without-wandb").exit_code == 0  # without --wandb: no W&B needed
