@@ -22,14 +22,19 @@ from helpers import run_local
 from vmap_sweep.analysis.classify import study_classes
 from vmap_sweep.analysis.stats import rankdata, spearman
 from vmap_sweep.errors import ConfigError
+from vmap_sweep.eval import DEFAULT_LIMITS, DEFAULT_TASKS
 from vmap_sweep.eval.ood import (
     distance_to_boundary,
     lattice,
     parse_cells,
+    parse_count,
+    parse_limits,
+    pick_by_distance,
     plan_retraining,
     retrain_cells,
     run_ood_eval,
     select_cells,
+    signed_distance,
     solo_cells,
     task_manager,
 )
@@ -109,6 +114,14 @@ def include_path(tmp_path) -> Path:
         "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
         "metadata:\n  version: 1.0\n")
     return tasks
+
+
+@pytest.fixture
+def two_tasks(include_path) -> tuple[Path, str]:
+    """The toy task and a second one over the same six rows, under another name."""
+    other = f"{TASK}_b"
+    (include_path / "toy_b.yaml").write_text((include_path / "toy.yaml").read_text().replace(TASK, other))
+    return include_path, other
 
 
 @pytest.fixture(autouse=True)
@@ -280,6 +293,54 @@ def test_distance_to_boundary_on_hand_made_grids():
     assert np.isinf(distance_to_boundary(np.ones((4, 4), bool))).all()
 
 
+def test_signed_distance_is_positive_inside_the_converged_region_and_negative_outside():
+    rng = np.random.default_rng(5)
+    mask = rng.random((9, 11)) < 0.5
+    d = signed_distance(mask)
+    np.testing.assert_allclose(np.abs(d), brute_distance(mask))
+    assert (d[mask] >= 1).all() and (d[~mask] <= -1).all()
+    assert (signed_distance(np.zeros((3, 3), bool)) == -np.inf).all()
+
+
+def test_boundary_quantiles_spread_the_picks_over_the_distance_distribution():
+    """A converged disc in a diverged square: distances 1 to 7 grid steps, most cells near the edge."""
+    jj, ii = np.mgrid[:21, :21]
+    converged = (jj - 10) ** 2 + (ii - 10) ** 2 <= 8**2
+    d = signed_distance(converged)
+    inside = np.sort(d[converged])
+    for n in (2, 5, 12):
+        picks = pick_by_distance(converged, n)
+        assert len(picks) == n and len(set(picks)) == n and all(converged[j, i] for i, j in picks)
+        got = sorted(float(d[j, i]) for i, j in picks)
+        # each pick is the quantile k/(n-1) of all converged cells' distances: nearest and farthest included
+        assert got == [inside[round(k * (len(inside) - 1) / (n - 1))] for k in range(n)]
+        assert got[0] == 1.0 and got[-1] == inside[-1] >= 7
+    # the median pick sits at the median distance, not at the middle of the range: quantiles, not a ruler
+    median = sorted(float(d[j, i]) for i, j in pick_by_distance(converged, 5))[2]
+    assert median == np.median(inside) < (inside[0] + inside[-1]) / 2
+    # asking for more cells than there are converged ones takes all of them, once
+    assert sorted(pick_by_distance(converged, 10_000)) == sorted(zip(*np.nonzero(converged.T), strict=True))
+    assert pick_by_distance(np.zeros((4, 4), bool), 3) == []
+
+
+def test_limits_per_task_default_to_the_plan():
+    tasks = list(DEFAULT_TASKS)
+    assert parse_limits(None, tasks) == DEFAULT_LIMITS == {
+        "hellaswag": 1000, "arc_challenge": 1172, "piqa": 1838, "winogrande": 1267}
+    assert parse_limits("50", tasks) == parse_limits(50, tasks) == dict.fromkeys(tasks, 50)
+    assert parse_limits("hellaswag=200, piqa=100", tasks) == {**DEFAULT_LIMITS, "hellaswag": 200, "piqa": 100}
+    assert parse_limits("100,piqa=50", tasks) == {**dict.fromkeys(tasks, 100), "piqa": 50}
+    assert parse_limits("all", tasks) == dict.fromkeys(tasks)
+    assert parse_limits(None, ["my_task", "piqa"]) == {"my_task": None, "piqa": 1838}  # a task of one's own: all
+    for bad, needle in (("mmlu=5", "'mmlu' is not one of the tasks"), ("0", "'0' is not a positive"),
+                        ("piqa=x", "'x' is not a positive")):
+        with pytest.raises(ConfigError, match=needle):
+            parse_limits(bad, tasks)
+    assert parse_count("12") == 12 and parse_count("3x4") == 12
+    with pytest.raises(ConfigError, match="--cells"):
+        parse_count("0")
+
+
 # ---------------------------------------------------------------------------------------------- spearman
 
 
@@ -368,7 +429,8 @@ def test_run_ood_eval_end_to_end_with_a_local_task(study, study_copy, include_pa
     with StudyStore.open(study_copy) as store:
         assert store.get_extra("ood") == json.loads(json.dumps(result))
         distance = distance_to_boundary(study_classes(store))
-    assert result["tasks"] == [TASK] and result["limit"] == 4 and result["criterion"] == {"criterion": "ratio"}
+    assert result["tasks"] == [TASK] and result["criterion"] == {"criterion": "ratio"}
+    assert result["limits"] == result["samples"] == {TASK: 4} and result["pick"] == "lattice"
     assert [(c["i"], c["j"]) for c in result["cells"]] == [(i, j) for j in range(4) for i in range(2)]
     for c in result["cells"]:
         assert set(c) == {"i", "j", "x", "y", "distance", "accuracy"}
@@ -404,13 +466,15 @@ def test_without_lm_eval_a_config_error_names_the_extra(study_copy, monkeypatch)
         assert store.get_extra("ood") is None
 
 
-@pytest.mark.parametrize("option,needle", [({"rtol": -1.0}, "--rtol -1"), ({"models_per_batch": 0}, "--models-per")])
+@pytest.mark.parametrize("option,needle", [({"rtol": -1.0}, "--rtol -1"), ({"models_per_batch": 0}, "--models-per"),
+                                           ({"pick": "nearest"}, "--pick 'nearest'"),
+                                           ({"limit": "piqa=3"}, "'piqa' is not one of the tasks")])
 def test_bad_options_are_refused_before_any_retraining(study_copy, monkeypatch, option, needle):
     from vmap_sweep.eval import ood
 
     monkeypatch.setattr(ood, "retrain_cells", lambda *a, **k: pytest.fail("re-trained before checking options"))
     with pytest.raises(ConfigError, match=needle):
-        run_ood_eval(study_copy, cells="2x2", tasks=["hellaswag"], limit=2, device="cpu", **option)
+        run_ood_eval(study_copy, cells="2x2", tasks=["hellaswag"], device="cpu", **{"limit": 2, **option})
 
 
 def test_eval_command_prints_each_cell_and_stores_the_result(study_copy, include_path):
@@ -422,8 +486,34 @@ def test_eval_command_prints_each_cell_and_stores_the_result(study_copy, include
         ood = store.get_extra("ood")
     lines = result.stdout.strip().splitlines()
     cells = [f"cell ({c['i']}, {c['j']}): {TASK} {c['accuracy'][TASK]:.3f}" for c in ood["cells"]]
-    assert len(cells) >= 2 and lines == [*cells, lines[-1]]  # one line per converged cell of the 2x2 subset
+    # the choice first, then one line per converged cell of the 2x2 subset, the examples scored, the correlation
+    assert len(cells) >= 2 and lines == [lines[0], *cells, f"examples per task: {TASK} 4", lines[-1]]
+    assert lines[0].startswith(f"evaluating {len(cells)} converged cells (lattice)")
     assert lines[-1].startswith(f"{TASK}: Spearman")
+
+
+def test_eval_picks_cells_by_distance_and_gives_each_task_its_own_limit(study_copy, two_tasks):
+    """--pick boundary-quantiles over the fixture's converged cells (four at 1 grid step from the boundary, four
+    at 2), and per-task --limit counts that reach lm-eval: it scores 2 examples of one task, 5 of the other."""
+    from cli_helpers import ok
+
+    include, other = two_tasks
+    result = ok("eval", study_copy, "--pick", "boundary-quantiles", "--cells", "4", "--tasks", f"{TASK},{other}",
+                "--limit", f"{TASK}=2,{other}=5", "--include-path", include, "--device", "cpu",
+                "--models-per-batch", "4")
+    with StudyStore.open(study_copy) as store:
+        ood = store.get_extra("ood")
+        d = signed_distance(study_classes(store))
+    assert ood["pick"] == "boundary-quantiles" and ood["limits"] == {TASK: 2, other: 5}
+    assert ood["samples"] == {TASK: 2, other: 5}  # what lm-eval reports it scored
+    assert len(ood["cells"]) == 4 and sorted(c["distance"] for c in ood["cells"]) == [1.0, 1.0, 2.0, 2.0]
+    assert all(c["distance"] == d[c["j"], c["i"]] for c in ood["cells"])
+    for c in ood["cells"]:  # accuracies over 2 and 5 examples
+        assert c["accuracy"][TASK] * 2 in (0, 1, 2) and round(c["accuracy"][other] * 5, 9) in (0, 1, 2, 3, 4, 5)
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == ("evaluating 4 converged cells (boundary-quantiles); distance to the boundary in grid steps: "
+                        "min 1.00, quartiles 1.00 1.50 2.00, max 2.00")
+    assert f"examples per task: {TASK} 2, {other} 5" in lines
 
 
 def test_a_task_whose_data_cannot_load_is_refused_before_any_retraining(study_copy, include_path, monkeypatch):

@@ -100,7 +100,7 @@ def test_ood_and_zoom_sections_appear_only_with_their_data(study, tmp_path, monk
     from vmap_sweep.store.db import StudyStore
 
     with StudyStore.open(study) as store:
-        store.put_extra("ood", OOD)
+        store.put_extra("ood", {**OOD, "samples": {"arc_easy": 500, "hellaswag": 1000}})
         store.add_child((1e-5, 1e-4, 1e4, 1e5), "zoom-1", 1)
     seen: list[Path] = []
     monkeypatch.delattr(vmap_sweep.analysis, "chain", raising=False)
@@ -108,7 +108,8 @@ def test_ood_and_zoom_sections_appear_only_with_their_data(study, tmp_path, monk
     text = write_report(study, tmp_path / "r.md").read_text()
     assert "## Out-of-distribution skill" in text and "computed when the study was classified" not in text
     assert "| arc_easy | 0.873 | [0.610, 0.950] | 12 |" in text and "| hellaswag | -0.052 |" in text
-    assert "12 fine-tunes were evaluated on 2 tasks" in text and (tmp_path / "r_files" / "ood.png").is_file()
+    assert "12 fine-tunes were evaluated on 2 tasks (arc_easy 500 examples, hellaswag 1000 examples)" in text
+    assert (tmp_path / "r_files" / "ood.png").is_file()
     assert seen == [study] and "## Zoom levels" in text and "no zoom analysis" not in text
     assert "| 0 | 1e-06–0.1 × 1,000–1,000,000 | 1 | 1.234 | 0.032 | [1.100, 1.300] | 2–4 |  |" in text
     assert "| 1 | 1e-05–0.0001 × 10,000–100,000 | 0.25 | n/a |" in text and "one class only |" in text

@@ -432,10 +432,11 @@ def _ood_section(doc: _Doc, ood: Any, tmp: Path, criterion: dict | None = None) 
               '{"cells": [{"i", "j", "distance", "accuracy": {task: acc}}], "spearman": {task: {"rho", '
               '"ci_low", "ci_high", "n"}}}.')
         return
-    limit = ood.get("limit")
+    limit, samples = ood.get("limit"), ood.get("samples")  # results stored before per-task counts had one limit
+    counts = (f" ({', '.join(f'{task} {n} examples' for task, n in samples.items())})" if samples
+              else f" (up to {limit} examples each)" if limit else "")
     doc.p(f"Does distance to the convergence boundary predict out-of-distribution skill? {len(cells)} fine-tunes "
-          f"were evaluated on {len(spearman) or len(points)} tasks"
-          + (f" (up to {limit} examples each)" if limit else "")
+          f"were evaluated on {len(spearman) or len(points)} tasks" + counts
           + "; Spearman's rank correlation between distance and accuracy per task, with its 95% CI:")
     if no_distance:
         doc.p(f"{no_distance} evaluated cells have no distance (the study has one class only) and are left out.")

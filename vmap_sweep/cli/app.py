@@ -3,6 +3,7 @@ render.py. Every user error is one line and exit code 2."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from pathlib import Path
@@ -15,7 +16,7 @@ from vmap_sweep.cli import render
 from vmap_sweep.cli.render import console  # stderr: errors and the progress of a running study
 from vmap_sweep.cli.render import say as _say
 from vmap_sweep.errors import ConfigError, VmapSweepError
-from vmap_sweep.eval import DEFAULT_TASKS
+from vmap_sweep.eval import DEFAULT_LIMITS, DEFAULT_TASKS
 
 app = typer.Typer(
     help="Train many fine-tunes of one LLM at once and map where fine-tuning converges and where it diverges.",
@@ -87,6 +88,27 @@ Preset = Annotated[str | None, typer.Option(help="Starting configuration: d20-do
                                                  "for a new study) or tiny. Resuming, the study's own.")]
 
 
+WandbProject = Annotated[str | None, typer.Option(help="Weights & Biases project (implies --wandb; default "
+                                                      "$WANDB_PROJECT, else vmap-sweep; the entity is $WANDB_ENTITY).")]
+WandbResults = Annotated[bool, typer.Option("--wandb", help="Log the results to Weights & Biases (WANDB_MODE=offline "
+                                                              "works).")]
+
+
+def _wandb_run(enabled: bool, project: str | None, source: Path, job_type: str, config: dict | None = None):
+    """A Weights & Biases run around a command given --wandb or --wandb-project (config: the study's, unless
+    given), else nothing (None). wandb is imported only here: it stays optional."""
+    if not (enabled or project):
+        return contextlib.nullcontext()
+    from vmap_sweep.cli.wandb_log import wandb_run
+
+    if config is None and Path(source).is_dir():
+        from vmap_sweep.store.db import StudyStore
+
+        with StudyStore.open(source) as store:
+            config = {**store.config, "study": str(source)}
+    return wandb_run(Path(source).name, config or {"source": str(source)}, project, job_type)
+
+
 def _study_config(preset: str | None, settings: list[str] | None, stored=None, **options):
     """The preset (or, resuming without one, the stored study's config) with every option the user gave (None: not
     given) and --set values applied, validated."""
@@ -155,7 +177,9 @@ def run(
                                                     "(same results); --no-share trains every cell alone.")] = None,
     quiet: Annotated[bool, typer.Option(help="Log lines instead of a progress bar.")] = False,
     deterministic: Annotated[bool, typer.Option(help="Bitwise-reproducible kernels (slower on GPU).")] = False,
-    wandb: Annotated[bool, typer.Option(help="Log progress to Weights & Biases (WANDB_MODE=offline works).")] = False,
+    wandb: Annotated[bool, typer.Option(help="Log to Weights & Biases: the config, every batch, at the end the maps, "
+                                             "dimension, rules and cells (WANDB_MODE=offline works).")] = False,
+    wandb_project: WandbProject = None,
     backend: Annotated[str, typer.Option(help="local (this process) or ray (one worker per GPU).")] = "local",
     address: Annotated[str | None, typer.Option(help="Ray cluster to join ('auto': `ray start`'s).")] = None,
     workers: Annotated[int | None, typer.Option(help="Ray workers (default: one per GPU, or per CPU without).")] = None,
@@ -195,7 +219,7 @@ def run(
     if dry_run:
         _dry_run(cfg, 8 if k == "auto" else k, device, share)
         return
-    _run(cfg, out, k, settings, shard_spec, quiet, wandb, backend, address, workers, share)
+    _run(cfg, out, k, settings, shard_spec, quiet, wandb, backend, address, workers, share, wandb_project)
 
 
 def _run_settings(cfg, device: str, micro_batch_size: int | None = None, deterministic: bool = False):
@@ -217,30 +241,37 @@ def _open_backend(cfg, settings, backend: str = "local", address: str | None = N
 
 
 def _run(cfg, out, k, settings, shard_spec=None, quiet=False, wandb=False, backend="local", address=None,
-         workers=None, share=True):
+         workers=None, share=True, wandb_project=None):
     from vmap_sweep.analysis.classify import label_record
     from vmap_sweep.run.pipeline import run_study
     from vmap_sweep.store.db import DB_NAME, StudyStore
 
     # on a terminal a live bar; with --quiet or output to a file (nohup, Slurm) one log line per batch
     progress = shown = render.RichProgress(console, quiet=quiet, where=out)
-    if wandb:
-        progress = render.WandbProgress(progress, cfg, name=Path(out).name)
-    try:
-        with _open_backend(cfg, settings, backend, address, workers) as b:
-            store = run_study(cfg, out, b, models_per_batch=k, shard=shard_spec, progress=progress,
-                              labeller=label_record, share=share)
-    except KeyboardInterrupt:  # Ctrl-C: every stored batch stays; one line on how to resume, no traceback
-        done = total = None
-        if (Path(out) / DB_NAME).is_file():
-            with StudyStore.open(out) as stopped:
-                done, total = stopped.done_count(), shown.total or stopped.cell_count()
-        console.print(render.interrupted_line(Path(out), done, total, shard_spec, settings), highlight=False,
-                      markup=False, soft_wrap=True)
-        raise typer.Exit(130) from None
-    with store:
-        render.show([render.summary_table(store, progress)])
-        _say(f"study stored in {out}")
+    run_config = {**cfg.to_dict(), "run": {"out": str(out), "models_per_batch": k, "backend": backend,
+                                           "share": share, "shard": shard_spec, **settings.to_dict()}}
+    with _wandb_run(wandb, wandb_project, out, "run", run_config) as wb:
+        if wb is not None:
+            from vmap_sweep.cli.wandb_log import WandbProgress, log_study
+
+            progress = WandbProgress(progress, wb)
+        try:
+            with _open_backend(cfg, settings, backend, address, workers) as b:
+                store = run_study(cfg, out, b, models_per_batch=k, shard=shard_spec, progress=progress,
+                                  labeller=label_record, share=share)
+        except KeyboardInterrupt:  # Ctrl-C: every stored batch stays; one line on how to resume, no traceback
+            done = total = None
+            if (Path(out) / DB_NAME).is_file():
+                with StudyStore.open(out) as stopped:
+                    done, total = stopped.done_count(), shown.total or stopped.cell_count()
+            console.print(render.interrupted_line(Path(out), done, total, shard_spec, settings), highlight=False,
+                          markup=False, soft_wrap=True)
+            raise typer.Exit(130) from None
+        with store:
+            render.show([render.summary_table(store, progress)])
+            if wb is not None:
+                log_study(wb, store)
+            _say(f"study stored in {out}")
 
 
 def _dry_run(cfg, k, device, share=True):
@@ -324,8 +355,11 @@ def plot(
     format: Annotated[str, typer.Option(help="Comma-separated: png, svg, pdf.")] = "png",
     rows: Annotated[str | None, typer.Option(help="Rows (y indices) whose trajectories to draw, e.g. 0,15,31.")] = None,
     out: Annotated[Path | None, typer.Option(help="Folder for the pictures (default STUDY/plots).")] = None,
+    wandb: WandbResults = False,
+    wandb_project: WandbProject = None,
 ):
-    """Score heatmap with the boundary, final- and eval-loss heatmaps, loss trajectories."""
+    """Score heatmap with the boundary, final- and eval-loss heatmaps, loss trajectories (with --wandb also the
+    table of cells and the trajectories as line plots)."""
     formats = [f.strip() for f in format.split(",") if f.strip()]
     bad = [f for f in formats if f not in ("png", "svg", "pdf")]
     if bad or not formats:
@@ -334,11 +368,12 @@ def plot(
         row_list = [int(r) for r in rows.split(",")] if rows else None
     except ValueError:
         raise ConfigError(f"--rows {rows!r}: give comma-separated row indices, e.g. 0,15,31") from None
-    for path in _plot(study, formats, row_list, out):
-        _say(str(path))
+    with _wandb_run(wandb, wandb_project, study, "plot") as wb:
+        for path in _plot(study, formats, row_list, out, wb):
+            _say(str(path))
 
 
-def _plot(study: Path, formats, rows, out: Path | None = None):
+def _plot(study: Path, formats, rows, out: Path | None = None, wb=None):
     from vmap_sweep.analysis.plots import save_plots
     from vmap_sweep.analysis.view import grid_view
     from vmap_sweep.store.db import StudyStore
@@ -351,7 +386,12 @@ def _plot(study: Path, formats, rows, out: Path | None = None):
         bad = [r for r in rows if not 0 <= r < ny]
         if bad:
             raise ConfigError(f"--rows {bad}: rows run from 0 to {ny - 1}")
-        return save_plots(view, out or study / "plots", formats, store.trajectories(), rows)
+        written = save_plots(view, out or study / "plots", formats, store.trajectories(), rows)
+        if wb is not None:
+            from vmap_sweep.cli.wandb_log import log_maps
+
+            log_maps(wb, store, rows)
+        return written
 
 
 # ------------------------------------------------------------------------------------------------ export
@@ -402,18 +442,26 @@ def fractal(
                                                 "float: negative = converged).")],
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     plot_file: Annotated[Path | None, typer.Option("--plot", help="Draw log N against log s with the fit.")] = None,
+    wandb: WandbResults = False,
+    wandb_project: WandbProject = None,
 ):
     """Box-counting dimension of the convergence boundary, with its CI, fit range and box counts."""
-    _print_fractal(source, json_out, plot_file)
+    report = _print_fractal(source, json_out, plot_file)
+    with _wandb_run(wandb, wandb_project, source, "fractal") as wb:
+        if wb is not None:
+            from vmap_sweep.cli.wandb_log import log_dimension
+
+            log_dimension(wb, report, plot_file)
 
 
-def _print_fractal(source: Path, json_out: bool, plot_file: Path | None, save_json: Path | None = None):
+def _print_fractal(source: Path, json_out: bool, plot_file: Path | None, save_json: Path | None = None) -> dict:
     from vmap_sweep.analysis.study import fractal_report
 
     report = fractal_report(source, plot_file)
     if save_json is not None:
         save_json.write_text(json.dumps(json_safe(report), indent=2, allow_nan=False))
     render.emit(report, json_out, render.fractal_lines, plot_file)
+    return report
 
 
 # ------------------------------------------------------------------------------------------------ zoom
@@ -488,6 +536,8 @@ def rules(
                             "it holds, what the model learns from) or conversations.")] = "tokens",
     params: Annotated[str | None, typer.Option(help="Several studies: their models' parameter counts, comma-"
                                                     "separated in the folders' order (default: counted).")] = None,
+    wandb: WandbResults = False,
+    wandb_project: WandbProject = None,
 ):
     """Rules of thumb: critical, safe and optimal LR per dataset size and their power laws, and the smallest
     dataset each LR converges on. With several studies of different models: LR_crit = a D^b P^c."""
@@ -501,9 +551,16 @@ def rules(
         if plot_file is not None:
             plot_rules(result, plot_file)
         render.emit(result, json_out, render.rules_lines, plot_file)
+        with _wandb_run(wandb, wandb_project, study[0], "rules") as wb:
+            if wb is not None:
+                from vmap_sweep.cli.wandb_log import log_rules
+
+                log_rules(wb, result, plot_file)
         return
     from vmap_sweep.analysis.rules_joint import joint_rules
 
+    if wandb or wandb_project:
+        raise ConfigError("--wandb logs one study's rules; run `vmap-sweep rules STUDY --wandb` for each study")
     results = [rules_of_thumb(s, size_unit) for s in study]
     joint = joint_rules(results, _parameter_counts(study, params))
     if plot_file is not None:
@@ -604,9 +661,19 @@ def report(
 @user_errors
 def eval_(
     study: Annotated[Path, typer.Argument(help="A finished, classified study folder.")],
-    cells: Annotated[str, typer.Option(help="An evenly spaced NxM subset; only converged cells are used.")] = "10x10",
+    cells: Annotated[str, typer.Option(help="lattice: an evenly spaced NxM sub-lattice (N: NxN); boundary-quantiles: "
+                                            "how many cells (N, or NxM for N·M). Only converged cells are used.")
+                     ] = "10x10",
+    pick: Annotated[str, typer.Option(help="lattice (even over the grid), or boundary-quantiles: converged cells "
+                                           "at evenly spaced quantiles of their distance to the boundary, in grid "
+                                           "steps to the nearest diverged cell (Euclidean; "
+                                           "scipy.ndimage.distance_transform_edt of the converged mask), nearest "
+                                           "and farthest included.")] = "lattice",
     tasks: Annotated[str, typer.Option(help="Comma-separated lm-eval tasks.")] = ",".join(DEFAULT_TASKS),
-    limit: Annotated[int | None, typer.Option(help="Examples per task.")] = 100,
+    limit: Annotated[str | None, typer.Option(help="Examples per task: N (or all) for every task, TASK=N for one, "
+                                                   "e.g. hellaswag=200,piqa=100 or 100,piqa=50. Default the plan's: "
+                                                   + ", ".join(f"{t} {n}" for t, n in DEFAULT_LIMITS.items())
+                                                   + "; all of any other task.")] = None,
     include_path: Annotated[Path | None, typer.Option(help="Folder of custom lm-eval task YAMLs.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     models_per_batch: Annotated[int, typer.Option(help="Models re-trained at once.")] = 8,
@@ -621,8 +688,13 @@ def eval_(
         cell = retrained.cell
         _say(f"cell ({cell.i}, {cell.j}): " + ", ".join(f"{t} {a:.3f}" for t, a in accuracy.items()))
 
+    def chosen(picked):
+        _say(render.ood_choice_line(pick, picked))
+
     result = run_ood_eval(study, cells, [t.strip() for t in tasks.split(",") if t.strip()], limit, device,
-                          include_path, models_per_batch, rtol=rtol, deterministic=deterministic, progress=progress)
+                          include_path, models_per_batch, rtol=rtol, deterministic=deterministic, progress=progress,
+                          pick=pick, chosen=chosen)
+    _say("examples per task: " + ", ".join(f"{t} {n}" for t, n in result["samples"].items()))
     for task, s in result["spearman"].items():
         if s["rho"] is None:
             _say(f"{task}: Spearman undefined (n = {s['n']})")

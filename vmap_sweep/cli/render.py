@@ -1,5 +1,5 @@
 """Everything the CLI shows: the two consoles, plain lines, JSON, tables, the progress of a running study
-(a rich bar or log lines, optionally Weights & Biases). Commands in app.py parse and call; this draws."""
+(a rich bar or log lines; Weights & Biases is wandb_log.py). Commands in app.py parse and call; this draws."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from rich.table import Table
 from rich.text import Text
 
 from vmap_sweep.analysis.jsonsafe import json_safe
-from vmap_sweep.errors import ConfigError
 from vmap_sweep.run.pipeline import Progress as ProgressHooks
 
 if TYPE_CHECKING:
@@ -225,57 +224,6 @@ def _count(n: int, noun: str) -> str:
     return f"{n:,} {noun}{'' if n == 1 else 'es' if noun.endswith('ch') else 's'}"
 
 
-class WandbProgress(ProgressHooks):
-    """Forwards to another progress and logs every batch to Weights & Biases (WANDB_MODE=offline works): cells
-    done in the study, the class of each cell this run trained (class/...), cells per minute; the run's totals
-    as its summary (a resumed study's earlier cells count in cells_done, not in the classes)."""
-
-    def __init__(self, inner: RichProgress, cfg, name: str | None = None):
-        try:
-            import wandb
-        except ImportError:
-            raise ConfigError("--wandb needs Weights & Biases: pip install 'vmap-sweep[wandb]'") from None
-        try:
-            self.run = wandb.init(project="vmap-sweep", name=name, config=cfg.to_dict())
-        except Exception as e:  # not logged in, a bad WANDB_* setting: before any work, one line
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"--wandb: Weights & Biases did not start ({reason}); run `wandb login`, "
-                              "or set WANDB_MODE=offline") from None
-        self.inner = inner
-        self.labels: dict[str, int] = {}
-
-    def start(self, total, done, batches, *, model_steps=0, labels=None):
-        self.inner.start(total, done, batches, model_steps=model_steps, labels=labels)
-        self.run.summary.update({"cells": total, "cells_stored_before": done})
-
-    def batch_started(self, batch, todo):
-        self.inner.batch_started(batch, todo)
-
-    def batch_done(self, batch, labels, elapsed):
-        self.inner.batch_done(batch, labels, elapsed)
-        for label in labels:
-            label = label or "unclassified"
-            self.labels[label] = self.labels.get(label, 0) + 1
-        self.run.log({"cells_done": self.inner.done, "diverged": self.inner.diverged,
-                      "cells_per_minute": self.inner.cells_per_minute(), "batch_seconds": elapsed,
-                      "batch_models": len(labels), "batch_steps": batch.steps,
-                      **{f"class/{label}": n for label, n in self.labels.items()}})
-
-    def finish(self):
-        self.inner.finish()
-        self.run.summary.update({"cells_done": self.inner.done, "cells_trained": self.inner.trained,
-                                 "cells_per_minute": self.inner.cells_per_minute(),
-                                 **{f"class/{label}": n for label, n in self.labels.items()}})
-        self.run.finish()
-
-    @property
-    def trained(self):
-        return self.inner.trained
-
-    def cells_per_minute(self):
-        return self.inner.cells_per_minute()
-
-
 def _counts_rows(store: StudyStore) -> list[tuple[str, str]]:
     rows = [("cells done", f"{store.done_count()}/{store.cell_count()}")]
     for label, n in sorted(store.label_counts().items()):
@@ -319,6 +267,15 @@ def classify_line(criterion: str, counts: dict[str, int], zooms: int) -> str:
 
 def merge_line(shards: int, store: StudyStore, out: Path) -> str:
     return f"merged {shards} shards: {store.done_count()}/{store.cell_count()} cells in {out}"
+
+
+def ood_choice_line(pick: str, cells: list[dict]) -> str:
+    """`eval`'s chosen cells before any re-training: how many, how, and their distances to the boundary."""
+    import numpy as np
+
+    q = np.quantile([c["distance"] for c in cells], [0, 0.25, 0.5, 0.75, 1])
+    return (f"evaluating {_count(len(cells), 'converged cell')} ({pick}); distance to the boundary in grid steps: "
+            f"min {q[0]:.2f}, quartiles {q[1]:.2f} {q[2]:.2f} {q[3]:.2f}, max {q[4]:.2f}")
 
 
 def fractal_lines(report: dict) -> list[Text]:

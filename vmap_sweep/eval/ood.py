@@ -1,26 +1,28 @@
 """Does distance to the boundary predict out-of-distribution skill?
 
-An evenly spaced subset of a study's converged cells is re-trained (the same stacked trainer, data order and
-seeds; each re-trained loss trajectory is checked against the stored one, so the models evaluated are the
-models the study measured), each model is evaluated with lm-evaluation-harness, and the Spearman correlation
-between accuracy and the cell's distance to the boundary (grid units) is stored with a bootstrap CI in the
-study under the extra key "ood".
+A subset of a study's converged cells (an even lattice over the grid, or evenly spread quantiles of their
+distance to the boundary) is re-trained (the same stacked trainer, data order and seeds; each re-trained loss
+trajectory is checked against the stored one, so the models evaluated are the models the study measured), each
+model is evaluated with lm-evaluation-harness (examples per task: the plan's, or the user's), and the Spearman
+correlation between accuracy and the cell's distance to the boundary (grid steps) is stored with a bootstrap CI
+in the study under the extra key "ood".
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.ndimage import distance_transform_edt
 
 from vmap_sweep.analysis.classify import study_classes
 from vmap_sweep.analysis.stats import spearman
 from vmap_sweep.errors import ConfigError
-from vmap_sweep.eval import DEFAULT_TASKS
+from vmap_sweep.eval import DEFAULT_LIMITS, DEFAULT_TASKS
 from vmap_sweep.model.gpt import GPT
 from vmap_sweep.model.tokenizer import Tokenizer
 from vmap_sweep.run.policy import resolve_device
@@ -33,6 +35,7 @@ from vmap_sweep.study.settings import RunSettings
 from vmap_sweep.train.trainer import StackedTrainer
 
 RTOL = 1e-6  # largest relative difference between a re-trained and a stored trajectory that is accepted
+PICKS = ("lattice", "boundary-quantiles")  # how the evaluated cells are chosen (--pick)
 
 
 # ------------------------------------------------------------------------------------------ cell selection
@@ -79,28 +82,58 @@ def select_cells(store: StudyStore, n_x: int, n_y: int) -> list[Cell]:
 # ------------------------------------------------------------------------------------------ distance
 
 
-def _squared_distance_to(feature: np.ndarray) -> np.ndarray:
-    """Exact squared Euclidean distance of every cell to the nearest True cell (inf if none). Separable:
-    first along y within each column, then along x; (n^3) work, nothing at 128x128."""
-    ny, nx = feature.shape
-    jj = np.arange(ny, dtype=np.float64)
-    ii = np.arange(nx, dtype=np.float64)
-    # g[j, i] = min over j' with feature[j', i] of (j - j')^2
-    dy2 = (jj[:, None] - jj[None, :]) ** 2  # (j, j')
-    g = np.where(feature[None, :, :], dy2[:, :, None], np.inf).min(axis=1)
-    dx2 = (ii[:, None] - ii[None, :]) ** 2  # (i, k)
-    return (g[:, None, :] + dx2[None, :, :]).min(axis=2)
-
-
-def distance_to_boundary(converged: np.ndarray) -> np.ndarray:
-    """(ny, nx) Euclidean distance in grid units from each cell to the nearest cell of the other class
-    (1 for a cell beside the boundary); inf everywhere when the grid holds one class only."""
+def signed_distance(converged: np.ndarray) -> np.ndarray:
+    """(ny, nx) signed Euclidean distance in grid steps to the boundary: for a converged cell the distance to the
+    nearest diverged (not converged) cell, positive; for any other cell minus the distance to the nearest
+    converged cell (scipy.ndimage.distance_transform_edt of the mask and of its complement). A cell beside the
+    boundary is at 1 or -1; a grid of one class has no boundary: +-inf everywhere."""
     mask = np.asarray(converged, dtype=bool)
     if mask.ndim != 2:
         raise ConfigError(f"distance_to_boundary: expected a 2-D class grid, got shape {mask.shape}")
-    to_diverged = _squared_distance_to(~mask)
-    to_converged = _squared_distance_to(mask)
-    return np.sqrt(np.where(mask, to_diverged, to_converged))
+    if mask.all() or not mask.any():
+        return np.where(mask, np.inf, -np.inf)
+    return distance_transform_edt(mask) - distance_transform_edt(~mask)
+
+
+def distance_to_boundary(converged: np.ndarray) -> np.ndarray:
+    """(ny, nx) Euclidean distance in grid steps from each cell to the nearest cell of the other class
+    (1 for a cell beside the boundary); inf everywhere when the grid holds one class only."""
+    return np.abs(signed_distance(converged))
+
+
+def pick_by_distance(converged: np.ndarray, n: int) -> list[tuple[int, int]]:
+    """At most ``n`` converged cells (i, j) at evenly spaced quantiles of their distance to the boundary: the
+    converged cells sorted by distance (ties row-major), the ones at ranks round(k (m - 1) / (n - 1)), k = 0..n-1,
+    of m; so the nearest and the farthest are always taken, and the picks' distances follow the distribution of
+    all converged cells' (each picked distance is the quantile k / (n - 1) of it). Returned row-major."""
+    d = signed_distance(converged)
+    cells = sorted(((float(d[j, i]), j, i) for j, i in zip(*np.nonzero(converged), strict=True)))
+    if not cells:
+        return []
+    ranks = sorted({int(round(r)) for r in np.linspace(0, len(cells) - 1, min(n, len(cells)))})
+    return sorted(((cells[r][2], cells[r][1]) for r in ranks), key=lambda c: (c[1], c[0]))
+
+
+def boundary_quantile_cells(store: StudyStore, n: int) -> list[Cell]:
+    """`pick_by_distance` of a study's converged cells, as its cells (row-major)."""
+    keep = set(pick_by_distance(study_classes(store), n))
+    if not keep:
+        raise ConfigError(f"{store.directory}: no converged cell to evaluate; choose a study with converged cells")
+    return [c for c in store.cells() if c.key in keep]
+
+
+def parse_count(spec: str) -> int:
+    """--cells for --pick boundary-quantiles: "N" cells, or "NxM" = N·M cells."""
+    if "x" in str(spec).lower():
+        n_x, n_y = parse_cells(spec)
+        return n_x * n_y
+    try:
+        n = int(spec)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(f"--cells {spec!r}: give how many cells, e.g. 100 (or NxM for N·M)")
+    return n
 
 
 # ------------------------------------------------------------------------------------------ re-training
@@ -206,6 +239,47 @@ def retrain_cells(
 # ------------------------------------------------------------------------------------------ evaluation
 
 
+Limits = dict[str, int | None]  # examples per task; None: all of them
+
+
+def parse_limits(spec: str | int | Mapping[str, int | None] | None, tasks: Sequence[str]) -> Limits:
+    """Examples per task. None: the plan's (DEFAULT_LIMITS; all examples of a task it does not name). A number
+    (or "all"): every task. "hellaswag=200,piqa=100": those tasks, the others the plan's; "100,piqa=50": every
+    task 100 but piqa. A mapping: its tasks, the others the plan's."""
+    limits: Limits = {t: DEFAULT_LIMITS.get(t) for t in tasks}
+    if spec is None:
+        return limits
+    if isinstance(spec, Mapping):
+        items = list(spec.items())
+    elif isinstance(spec, int):
+        items = [(None, spec)]
+    else:  # "N", "TASK=N" or both, comma-separated; a task without "=" is none: the number is for all
+        items = []
+        for part in filter(None, (p.strip() for p in str(spec).split(","))):
+            task, sep, value = part.partition("=")
+            items.append((task.strip(), value) if sep else (None, part))
+    for task, value in items:
+        if task is not None and task not in limits:
+            raise ConfigError(f"--limit {spec!r}: {task!r} is not one of the tasks ({', '.join(tasks)}); "
+                              "write TASK=N for a task in --tasks")
+        n = _limit_value(value, spec)
+        limits.update({task: n} if task is not None else dict.fromkeys(limits, n))
+    return limits
+
+
+def _limit_value(value, spec) -> int | None:
+    if value is None or str(value).strip().lower() == "all":
+        return None
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(f"--limit {spec!r}: {value!r} is not a positive number of examples; write N, all, or "
+                          "TASK=N,TASK=N")
+    return n
+
+
 def task_manager(tasks: Sequence[str], include_path: str | Path | None = None):
     """lm-eval's TaskManager knowing ``tasks``; custom task YAMLs come from ``include_path``. Indexing the
     ~10k built-in task files takes seconds, so a manager over ``include_path`` alone is tried first."""
@@ -246,17 +320,21 @@ def check_tasks_load(tasks: Sequence[str], manager) -> None:
                           "--include-path") from None
 
 
-def evaluate_model(model: GPT, tokenizer: Tokenizer, tasks: Sequence[str], limit: int | float | None, manager,
-                   device: str | torch.device = "cpu", batch_size: int = 16) -> dict[str, float]:
-    """Accuracy ("acc") of one model on each task, over the first ``limit`` examples."""
+def evaluate_model(model: GPT, tokenizer: Tokenizer, tasks: Sequence[str], limits: Limits, manager,
+                   device: str | torch.device = "cpu", batch_size: int = 16) -> tuple[dict[str, float], dict[str, int]]:
+    """Accuracy ("acc") of one model on each task over its first ``limits[task]`` examples, and how many examples
+    lm-eval scored per task. lm-eval takes one limit per call: one call per distinct limit."""
     import lm_eval
 
     from vmap_sweep.eval.adapter import VmapSweepLM
 
     lm = VmapSweepLM(model, tokenizer, device=device, batch_size=batch_size)
-    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                                  bootstrap_iters=0, log_samples=False)
-    results = out["results"]
+    results, samples = {}, {}
+    for limit in dict.fromkeys(limits[t] for t in tasks):
+        out = lm_eval.simple_evaluate(model=lm, tasks=[t for t in tasks if limits[t] == limit], task_manager=manager,
+                                      limit=limit, bootstrap_iters=0, log_samples=False)
+        results.update(out["results"])
+        samples.update({t: int(n["effective"]) for t, n in (out.get("n-samples") or {}).items()})
     acc = {}
     for task in tasks:
         metrics = results.get(task, {})
@@ -264,21 +342,22 @@ def evaluate_model(model: GPT, tokenizer: Tokenizer, tasks: Sequence[str], limit
             raise ConfigError(f"lm-eval task {task!r} reports no accuracy (metrics: {', '.join(metrics) or 'none'}); "
                               "choose multiple-choice tasks with an `acc` metric")
         acc[task] = float(metrics["acc,none"])
-    return acc
+    return acc, samples
 
 
 def evaluate_cells(retrained: Iterator[RetrainedCell], distance: np.ndarray, tasks: Sequence[str],
-                   limit: int | float | None, manager, device: str | torch.device = "cpu", batch_size: int = 16,
+                   limits: Limits, manager, device: str | torch.device = "cpu", batch_size: int = 16,
                    progress: Callable[[RetrainedCell, dict[str, float]], None] | None = None) -> list[dict]:
-    """One row per re-trained cell: where it is, its distance to the boundary and its accuracy per task."""
+    """One row per re-trained cell: where it is, its distance to the boundary, its accuracy per task and how many
+    examples of each task were scored."""
     rows = []
     for r in retrained:
-        acc = evaluate_model(r.model, r.tokenizer, tasks, limit, manager, device, batch_size)
+        acc, samples = evaluate_model(r.model, r.tokenizer, tasks, limits, manager, device, batch_size)
         d = float(distance[r.cell.j, r.cell.i])
         rows.append({"i": r.cell.i, "j": r.cell.j, "x": r.cell.x, "y": r.cell.y,
                      # None (JSON has no inf) when the study has one class only: no boundary to be near
                      "distance": d if math.isfinite(d) else None, "accuracy": acc,
-                     "max_rel_diff": r.max_rel_diff})
+                     "max_rel_diff": r.max_rel_diff, "samples": samples})
         if progress is not None:
             progress(r, acc)
     return rows
@@ -288,7 +367,7 @@ def run_ood_eval(
     study_dir: str | Path,
     cells: str = "10x10",
     tasks: Sequence[str] = DEFAULT_TASKS,
-    limit: int | None = 100,
+    limit: str | int | Mapping[str, int | None] | None = None,
     device: str = "auto",
     include_path: str | Path | None = None,
     models_per_batch: int = 8,
@@ -297,11 +376,15 @@ def run_ood_eval(
     deterministic: bool = False,
     seed: int = 0,
     progress: Callable[[RetrainedCell, dict[str, float]], None] | None = None,
+    pick: str = "lattice",
+    chosen: Callable[[list[dict]], None] | None = None,
 ) -> dict:
     """Select, re-train, evaluate and correlate; stores and returns the "ood" extra of the study.
 
-    ``deterministic`` should match the study's own run (--deterministic) for GPU re-training to reproduce it;
-    ``seed`` seeds the bootstrap of the Spearman CI.
+    ``cells``: an NxM lattice (``pick`` "lattice"), or how many cells ("boundary-quantiles", `pick_by_distance`).
+    ``limit``: examples per task, as `parse_limits` reads it (None: the plan's). ``deterministic`` should match
+    the study's own run (--deterministic) for GPU re-training to reproduce it; ``seed`` seeds the bootstrap of
+    the Spearman CI. ``chosen`` hears the chosen cells (i, j, x, y, distance) before any re-training.
     """
     from vmap_sweep.eval.adapter import require_lm_eval
 
@@ -309,27 +392,32 @@ def run_ood_eval(
     tasks = list(dict.fromkeys(tasks))
     if not tasks:
         raise ConfigError("--tasks is empty; name one or more lm-eval tasks, e.g. hellaswag,arc_challenge")
-    if limit is not None and limit <= 0:
-        raise ConfigError(f"--limit must be positive, got {limit}")
+    limits = parse_limits(limit, tasks)
+    if pick not in PICKS:
+        raise ConfigError(f"--pick {pick!r}: choose {' or '.join(PICKS)}")
     if not rtol >= 0:
         raise ConfigError(f"--rtol {rtol}: give a relative difference >= 0, e.g. 1e-6")
     if models_per_batch < 1:
         raise ConfigError(f"--models-per-batch {models_per_batch}: give a positive integer")
-    n_x, n_y = parse_cells(cells)
     with StudyStore.open(study_dir) as store:
         distance = distance_to_boundary(study_classes(store))
-        selected = select_cells(store, n_x, n_y)
+        selected = (boundary_quantile_cells(store, parse_count(cells)) if pick == "boundary-quantiles"
+                    else select_cells(store, *parse_cells(cells)))
         criterion = extras.criterion(store)  # the classes the distances are measured to
     manager = task_manager(tasks, include_path)
     check_tasks_load(tasks, manager)
+    if chosen is not None:
+        chosen([{"i": c.i, "j": c.j, "x": c.x, "y": c.y, "distance": float(distance[c.j, c.i])} for c in selected])
     dev = resolve_device(device)
     retrained = retrain_cells(study_dir, selected, str(dev), models_per_batch, rtol, deterministic)
-    rows = evaluate_cells(retrained, distance, tasks, limit, manager, dev, batch_size, progress)
+    rows = evaluate_cells(retrained, distance, tasks, limits, manager, dev, batch_size, progress)
     rows.sort(key=lambda r: (r["j"], r["i"]))
     result = {
         "tasks": tasks,
-        "limit": limit,
-        "cells": [{k: v for k, v in r.items() if k != "max_rel_diff"} for r in rows],
+        "limits": limits,
+        "samples": rows[0]["samples"] if rows else {},  # the same tasks and limits for every cell
+        "pick": pick,
+        "cells": [{k: v for k, v in r.items() if k not in ("max_rel_diff", "samples")} for r in rows],
         "spearman": {t: spearman([math.nan if r["distance"] is None else r["distance"] for r in rows],
                                  [r["accuracy"][t] for r in rows],
                                  seed=seed).to_dict() for t in tasks},
