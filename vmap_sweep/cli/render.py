@@ -363,7 +363,8 @@ def zoom_dimension_lines(report: dict) -> list[str]:
             lines.append(f"level {level['level']}: not measurable ({level.get('error')})")
         else:
             lines.append(f"level {level['level']}: D = {_num(level['dimension'])}, 95% CI [{_num(level['ci_low'])}, "
-                         f"{_num(level['ci_high'])}], cell scale {level['scale']:.3g}")
+                         f"{_num(level['ci_high'])}], cell scale {level['scale']:.3g}"
+                         + "".join(f"; warning: {w}" for w in level.get("warnings") or []))
     if len(report["levels"]) < 2:
         top = report["levels"][0]["dir"] if report["levels"] else "DIR"
         lines.append(f"no zoom level below this study, so there is nothing to pool over: `vmap-sweep zoom {top} "
