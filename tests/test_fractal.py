@@ -181,8 +181,11 @@ def test_coarse_grids_warn_and_tiny_ones_refuse():
     assert 0.8 < r.dimension < 1.2 and r.ci_low <= 1.0 <= r.ci_high
     grid = np.zeros((8, 8), dtype=bool)
     grid[:, :3] = True
-    line = fractal_dimension(grid)  # a 7-pixel edge: the fallback window 1..3, with the warning
-    assert line.fit_range == (1, 3) and line.dimension == pytest.approx(1.0) and line.warnings
+    line = fractal_dimension(grid)  # a 7-pixel edge: the fallback window from size 1 up to 6
+    assert line.fit_range == (1, 6) and line.dimension == pytest.approx(1.0, abs=1e-4)
+    corner = np.zeros((4, 4), dtype=bool)  # a 3-pixel edge, as on a 4x4 study: sizes 1 and 2
+    corner[:, :2] = True
+    assert fractal_dimension(corner).fit_range == (1, 2)
     with pytest.raises(ConfigError, match="too small"):
         fractal_dimension(np.array([[True, False, False], [True, False, False], [True, True, False]]))
 

@@ -262,18 +262,19 @@ def _lattice_counts(occupied: np.ndarray, sizes: np.ndarray, n_offsets: int, see
 
 def _fit_windows(sizes: np.ndarray, extent: int) -> np.ndarray:
     """(k, 2) windows (lo, hi) of box sizes: lo in LOWER_ENDS, hi in UPPER_ENDS x extent, hi >= 2^MIN_OCTAVES lo.
-    Where none spans two octaves: the widest window from SMALLEST_BOX up to extent/4 (or 1..extent/2)."""
+    Where none spans two octaves: the widest window from SMALLEST_BOX up to extent/4, else from 1 up to the
+    largest size that still needs two boxes to span the extent."""
     lows = sizes[(sizes >= LOWER_ENDS[0]) & (sizes <= LOWER_ENDS[1])]
     highs = sizes[(sizes >= UPPER_ENDS[0] * extent) & (sizes <= UPPER_ENDS[1] * extent)]
     rows = [(a, b) for a in lows for b in highs if b >= a * 2**MIN_OCTAVES]
     if rows:
         return np.array(rows, dtype=np.int64)
-    for lo, top in ((SMALLEST_BOX, extent / 4), (1, extent / 2)):
+    for lo, top in ((SMALLEST_BOX, extent / 4), (1, extent - 1)):
         inside = sizes[(sizes >= lo) & (sizes <= top)]
         if inside.size >= 3 or (lo == 1 and inside.size >= 2):
             return np.array([(inside[0], inside[-1])], dtype=np.int64)
     raise ConfigError(
-        f"boundary of extent {extent} pixels: too small for box counting (fewer than 2 box sizes up to half its "
+        f"boundary of extent {extent} pixels: too small for box counting (fewer than 2 box sizes below its "
         "extent); use a grid of at least 4x4 (32x32 or more for a meaningful fit)"
     )
 
