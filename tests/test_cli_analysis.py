@@ -216,8 +216,11 @@ def test_zoom_dimension_lines_pool_only_two_or_more_levels():
     lines = zoom_dimension_lines({"levels": [level, {**level, "level": 1, "scale": 0.125}], "pooled": pooled})
     assert lines == ["level 0: D = 1.140, 95% CI [0.960, 1.370], cell scale 1",
                      "level 1: D = 1.140, 95% CI [0.960, 1.370], cell scale 0.125",
-                     "pooled over levels 0, 1: D = 1.230, 95% CI [1.152, 1.308] (± 1.96 × the shared slope's "
-                     "standard error 0.040)"]
+                     "pooled over levels 0, 1: D = 1.230, 95% CI [1.152, 1.308] (± 1.96 × the pooled standard "
+                     "uncertainty 0.040: levels weighted by their own, never below the best level's)"]
+    coarse = {**level, "warnings": ["the fit spans 1.6 octaves"]}
+    assert zoom_dimension_lines({"levels": [coarse, level], "pooled": pooled})[0].endswith(
+        "cell scale 1; warning: the fit spans 1.6 octaves")
     assert 1.23 + 1.96 * 0.04 == pytest.approx(1.3084)  # the CI the line says it is
     no_se = zoom_dimension_lines({"levels": [level, level], "pooled": {**pooled, "stderr": None, "ci_low": None,
                                                                        "ci_high": None}})
@@ -226,27 +229,33 @@ def test_zoom_dimension_lines_pool_only_two_or_more_levels():
     assert len(one) == 2 and "nothing to pool" in one[1] and "`vmap-sweep zoom s --auto`" in one[1]
 
 
-def test_fractal_names_the_ci_and_the_stderr_for_what_they_are(study):
+def test_fractal_names_the_ci_and_its_terms_and_what_the_grid_resolves(study):
     box = json.loads(ok("fractal", study, "--json").stdout)
     text = " ".join(ok("fractal", study).stdout.split())
-    assert box["n_offsets"] > 1  # so the CI is the spread over lattice placements, not ± 1.96 stderr
     assert (f"box-counting dimension {box['dimension']:.3f}, 95% CI [{box['ci_low']:.3f}, {box['ci_high']:.3f}] "
-            "(the middle 95% of the "
-            f"slopes fitted on {box['n_offsets']} box-lattice placements; the fitted slope's own standard error is "
-            f"{box['stderr']:.3f})") in text
-    assert "(stderr)" not in text and f"± {box['stderr']:.3f}" not in text
+            f"(± 1.96 × standard uncertainty {box['stderr']:.3f}: fit-window spread {box['window_sd']:.3f}, "
+            f"lattice placement {box['lattice_sd']:.3f}, small-box correction {box['model_sd']:.3f}, "
+            "end effects)") in text
+    lo, hi = box["fit_range"]
+    assert f"fit over box sizes {lo}–{hi} ({box['octaves']:.1f} octaves" in text
+    for warning in box["warnings"]:
+        assert f"warning: {' '.join(warning.split())}" in text
 
 
-def test_fractal_lines_with_one_lattice_or_two_box_sizes():
+def test_fractal_lines_warn_and_handle_two_box_sizes():
     from vmap_sweep.cli.render import fractal_lines
 
     box = {"dimension": 1.128, "stderr": 0.02, "ci_low": 1.128 - 1.96 * 0.02, "ci_high": 1.128 + 1.96 * 0.02,
-           "fit_range": [2, 8], "resolution": [32, 32], "box_sizes": [1, 2], "box_counts": [3.0, 1.0], "n_offsets": 1}
-    first = fractal_lines(box)[0].plain
-    assert first.startswith("box-counting dimension 1.128, 95% CI [1.089, 1.167] (± 1.96 standard errors of the "
-                            "slope, aligned lattice only; the fitted slope's own standard error is 0.020)")
-    first = fractal_lines({**box, "stderr": float("nan"), "n_offsets": 32})[0].plain
-    assert "nan" not in first and "no standard error from 2 box sizes" in first
+           "fit_range": [2, 6], "resolution": [32, 32], "box_sizes": [1, 2], "box_counts": [3.0, 1.0],
+           "octaves": 1.58, "windows": [[2, 6]], "local_slope_range": [0.9, 1.3],
+           "warnings": ["the fit spans 1.6 octaves of box size (under 2)"]}
+    lines = [line.plain for line in fractal_lines(box)]
+    assert lines[0] == "box-counting dimension 1.128, 95% CI [1.089, 1.167] (± 1.96 × standard uncertainty 0.020)"
+    assert lines[1] == ("fit over box sizes 2–6 (1.6 octaves, 1 fit window) at 32×32; local slopes 0.90–1.30 "
+                        "inside the fit")
+    assert lines[2] == "warning: the fit spans 1.6 octaves of box size (under 2)"
+    first = fractal_lines({**box, "stderr": float("nan")})[0].plain
+    assert "nan" not in first and "no standard uncertainty from 2 box sizes" in first
 
 
 def _bench_result(tflops: float, peak: float):

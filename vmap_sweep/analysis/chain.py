@@ -131,7 +131,8 @@ def _measure_level(store: StudyStore, entry: dict[str, Any], top_criterion: dict
         entry.update(dimension=None, error=str(e))
         return None
     entry.update(dimension=box.dimension, stderr=box.stderr, ci_low=box.ci_low, ci_high=box.ci_high,
-                 fit_range=list(box.fit_range), box_sizes=box.box_sizes, box_counts=box.box_counts, error=None)
+                 fit_range=list(box.fit_range), octaves=box.octaves, warnings=list(box.warnings),
+                 box_sizes=box.box_sizes, box_counts=box.box_counts, error=None)
     return box
 
 
@@ -145,6 +146,7 @@ def _pooled(pool: list[tuple[Any, float, int]]) -> dict[str, Any]:
         return {"dimension": None, "error": str(e)}
     pooled = {"dimension": p.dimension, "stderr": p.stderr, "ci_low": p.ci_low, "ci_high": p.ci_high,
               "n_points": p.n_points, "size_range": list(p.size_range), "level_slopes": p.level_slopes,
+              "level_stderrs": p.level_stderrs, "birge_ratio": p.birge_ratio,
               "levels": [lv for _, _, lv in pool], "method": p.method, "error": None}
     return {k: json_safe(v) for k, v in pooled.items()}
 

@@ -1,56 +1,45 @@
 """Fractal analysis of the convergence boundary: box counting, uncertainty exponent, zoom pooling.
 
-Boundary (Sohl-Dickstein's rule): for a class grid of shape (H, W) the boundary is an
-(H-1, W-1) array; pixel (i, j) is boundary iff the 2x2 block ``grid[i:i+2, j:j+2]`` holds both
-classes. (Not dilation-xor-erosion, which marks pixels on both sides of an edge.)
+Boundary (Sohl-Dickstein's rule, as in "The boundary of neural network trainability is fractal"): for a
+class grid of shape (H, W) the boundary is an (H-1, W-1) array; pixel (i, j) is boundary iff the 2x2
+block ``grid[i:i+2, j:j+2]`` holds both classes. Each boundary pixel is the unit square between four cell
+centres, so a box of s x s boundary pixels is occupied exactly when the class edge crosses that square.
 
-Box counting: box sizes are powers of two; a box is occupied if any boundary pixel lies inside.
-Grids of any shape (non-square, non-power-of-two) are covered completely: for box size s the
-array is padded with False (never boundary) at the bottom and right up to a multiple of s, so the
-last row/column of boxes may be partial and no row or column is ever dropped. Counts come from an
-integral image, so any lattice costs only O(number of boxes).
+Box counting (``box_counting``), chosen after measuring the shapes in tests/shapes.py:
+- Sizes: every integer round(2^(k/4)), four per octave, from 1 to the boundary's extent (its bounding box).
+- Lattices: the aligned one plus ``n_offsets - 1`` at random offsets in [0, s)^2; N(s) is the geometric
+  mean over lattices. No wrap-around. A box cut by the frame counts by the share of its area inside the
+  frame, but only on the sides where the boundary reaches the frame (a window onto a larger boundary:
+  exact for noise and straight lines); where it does not (an island) the frame does not cut boxes.
+- Fit windows tied to the boundary's extent L = max(bounding-box height, width): every window [a, b] of
+  box sizes with a in 2..8, b in L/16..L/6 and b >= 4a (two octaves). Below 2 the pixel staircase
+  dominates; above L/6 an island is covered by a handful of boxes and the slope drifts.
+- Small-box correction: rasterising loses sub-pixel detail, so a fractal's count falls short at small
+  boxes (Koch: local slope 1.13 at s = 2 against 1.26). The finite-size model N(s) = A (s + delta)^-D
+  (delta >= 0, one offset fitted on the union of the windows with scipy's bounded scalar minimiser) takes
+  it out; a smooth edge gets delta ~ 0. (A shifted power law is the usual finite-size correction to a
+  scaling law; Sohl-Dickstein fitted plain box counts of 2-D masks, which reads low on rasterised fractals.)
+- Point estimate: the median over the windows of the slope of log N against log(s + delta).
+- Uncertainty (``stderr``; CI = +-1.96 of it), the root sum of squares of four terms: the spread of the
+  windows' slopes (fit-range sensitivity, incl. the log-periodic wobble of self-similar sets); the spread
+  of single-lattice slopes (where the boxes sit; the OLS slope error with one lattice); half the size of
+  the small-box correction (its model uncertainty); 0.003 for finite-window end effects.
+- Resolution honesty: ``octaves`` spanned by the widest window, ``local_slopes`` (slope over one octave
+  around each size) and ``warnings`` (fit under two octaves; local slopes spread over more than 0.2).
 
-Lattice offsets: besides the aligned lattice (boxes from the top-left corner) each size is counted
-on ``n_offsets - 1`` lattices shifted by a random (dy, dx) in [0, s)^2, periodically in the padded
-domain (the box that runs off the bottom/right wraps to the top/left, so every lattice has the
-same number of boxes and no sliver boxes appear at the edges). The fitted count N(s) is the
-geometric mean over the lattices. Why: the aligned lattice alone is biased whenever the shape
-has structure locked to the pixel grid: the Sierpinski triangle reads 1.68 and the centred Koch
-snowflake 1.21 at 1024 with it (table below).
-Point estimate: least-squares slope of log2 N(s) on log2 s over the fit range; ``stderr`` is the
-OLS slope standard error. Confidence interval: 2.5 / 97.5 percentiles of the slopes fitted to each
-single lattice (resampling of lattice offsets; no bootstrap over box sizes). It says how much one
-lattice's answer depends on where the boxes sit; it does not include the discretisation bias.
+Calibration: ``PYTHONPATH=. python benchmarks/fractal_calibration.py`` prints coverage and bias per shape
+family (Koch islands at many sizes, positions and rotations, Koch windows, quadratic Koch islands, Julia
+sets, Sierpinski gasket and carpet, disks, half-planes, noise, Brownian frontiers; 256-2048 px); the table
+and the families out of reach are in benchmarks/RESULTS.md. The constants were chosen on Koch islands,
+disks, half-planes and noise only; the other families are held out.
 
-Automatic fit range: sizes s with at least 4 boxes per side along the shorter side
-(``ceil(min(h, w) / s) >= 4``, h, w = boundary shape) and s >= 2 (size 1 only sees the pixel
-staircase of a rasterised edge) as long as >= 3 sizes remain, else size 1 is kept; with fewer than
-2 sizes (>= 2 boxes per side) the grid is too small. Override with ``fit_range=(smallest, largest)``.
+Uncertainty exponent: f(eps) = fraction of grid cell pairs eps apart (horizontal and vertical pairs pooled)
+whose classes differ; f ~ eps^phi and dimension = 2 - phi (smooth edge: phi = 1; noise: phi = 0). It needs
+two classes of positive area: for the Sierpinski triangle (a set of zero area) it reads ~2.03, not 1.585.
 
-Calibration (``PYTHONPATH=. python benchmarks/fractal_calibration.py`` reproduces it; the shapes are in
-tests/shapes.py): dimension with defaults (32 lattices; in brackets the aligned lattice alone,
-``n_offsets=1``); fit range 2..32 at 128^2 and 2..256 at 1024^2.
-
-====================  =====  ===============  ================
-shape                 true   measured at 128  measured at 1024
-====================  =====  ===============  ================
-filled disk edge      1.000  1.014 (1.001)    1.009 (1.000)
-Koch snowflake edge   1.262  1.248 (1.181)    1.258 (1.213)
-Sierpinski triangle   1.585  1.608 (1.729)    1.602 (1.677)
-coin-flip noise       2.000  1.999 (1.998)    2.000 (2.000)
-====================  =====  ===============  ================
-
-So with offset averaging the bias at 128^2 is within about +-0.025 for these shapes (Koch -0.014,
-Sierpinski +0.023); the aligned lattice alone is biased low by 0.08 for the Koch edge at 128^2.
-Zoom windows of the Koch curve read lower than the whole snowflake (1.19-1.24 at 512^2 per
-window, depending on where the window sits) since a window holds a short piece of curve that looks
-straight at its largest scales; ``pooled_dimension`` combines zoom levels.
-
-Uncertainty exponent: f(eps) = fraction of grid cell pairs eps apart (horizontal and vertical
-pairs pooled) whose classes differ; f ~ eps^phi and dimension = 2 - phi (smooth edge: phi = 1;
-noise: phi = 0). Measured phi-based dimension: disk 0.973 (128^2) / 0.987 (1024^2), Koch 1.243 /
-1.251, noise 2.009 / 2.000. It needs two classes of positive area: for the Sierpinski triangle (a
-set of zero area) it reads ~2.03 rather than 1.585.
+Zoom pooling (``pooled_dimension``): the levels' dimensions combined by inverse-variance weights, the
+interval widened when the levels disagree beyond their intervals and never narrower than the best level's
+(the levels share the estimator's systematic error, so pooling does not average it away).
 """
 
 from __future__ import annotations
@@ -61,12 +50,20 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from numpy.typing import ArrayLike
+from scipy.optimize import minimize_scalar
 
 from vmap_sweep.analysis.stats import ols
 from vmap_sweep.errors import ConfigError
 
-MIN_BOXES_PER_SIDE = 4
-DEFAULT_OFFSETS = 32
+MIN_OCTAVES = 2.0  # a fit window spans at least this many octaves of box size when the boundary allows it
+SIZES_PER_OCTAVE = 4
+DEFAULT_OFFSETS = 16
+SMALLEST_BOX = 2  # size 1 sees only the pixel staircase of the 2x2 rule
+LOWER_ENDS = (2, 8)  # window lower ends: box sizes in this range
+UPPER_ENDS = (1 / 16, 1 / 6)  # window upper ends: box sizes in this range of the boundary's extent
+OFFSET_BOUNDS = (0.0, 3.0)  # the small-box offset delta of N ~ (s + delta)^-D, in pixels
+MODEL_SHARE = 0.5  # the small-box correction is trusted to half its size: its uncertainty term
+END_EFFECT_SD = 0.003  # finite-window end effects (half-planes: +0.002..+0.007), not seen by the other terms
 _Z95 = 1.959963984540054
 
 
@@ -78,31 +75,46 @@ class FractalResult:
     """Box-counting estimate. Sizes in pixels of the analysed grid; fit_range inclusive."""
 
     dimension: float
-    stderr: float
+    stderr: float  # combined standard uncertainty (see the module docstring); CI = +-1.96 stderr
     ci_low: float
     ci_high: float
     box_sizes: np.ndarray
     box_counts: np.ndarray  # geometric mean over the lattices, the values fitted
-    fit_range: tuple[int, int]
-    local_slopes: np.ndarray  # -dlogN/dlogs between consecutive sizes (len(box_sizes) - 1)
+    fit_range: tuple[int, int]  # smallest and largest box size of any fit window
+    local_slopes: np.ndarray  # -dlogN/dlogs over one octave around each size (nan where it runs off the sizes)
     resolution: tuple[int, int]  # shape of the class grid (boundary is one smaller per axis)
     method: str
-    aligned_counts: np.ndarray  # integer counts of the offset-0 lattice (boxes from the top-left)
+    aligned_counts: np.ndarray  # area-weighted counts of the offset-0 lattice (boxes from the top-left)
     n_offsets: int = 1
-    intercept: float = 0.0  # log2 N at s = 1 of the fitted line
+    intercept: float = 0.0  # log2 N at s + delta = 1 of the widest window's fitted line
+    small_box_offset: float = 0.0  # delta of N ~ (s + delta)^-D
+    extent: tuple[int, int] = (0, 0)  # the boundary's bounding box (height, width) in pixels
+    windows: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))  # (lo, hi) rows
+    window_dimensions: np.ndarray = field(default_factory=lambda: np.zeros(0))  # the slope of each window
+    window_sd: float = 0.0
+    lattice_sd: float = 0.0
+    model_sd: float = 0.0
+    octaves: float = 0.0  # log2(largest / smallest box) of the widest window
+    local_slope_range: tuple[float, float] = (math.nan, math.nan)  # min and max local slope inside fit_range
+    warnings: tuple[str, ...] = ()
 
     def fit_sizes(self) -> tuple[np.ndarray, np.ndarray]:
         """(sizes, counts) inside the fit range."""
         keep = (self.box_sizes >= self.fit_range[0]) & (self.box_sizes <= self.fit_range[1])
         return self.box_sizes[keep], self.box_counts[keep]
 
+    def fitted_counts(self, sizes: ArrayLike) -> np.ndarray:
+        """N of the fitted model A (s + delta)^-D at ``sizes`` (the line of the widest window)."""
+        s = np.asarray(sizes, dtype=np.float64)
+        return 2.0 ** (self.intercept - self.dimension * np.log2(s + self.small_box_offset))
+
     def to_dict(self) -> dict:
         out = asdict(self)
         for key, value in out.items():
             if isinstance(value, np.ndarray):
                 out[key] = value.tolist()
-        out["fit_range"] = list(self.fit_range)
-        out["resolution"] = list(self.resolution)
+            elif isinstance(value, tuple):
+                out[key] = list(value)
         return out
 
 
@@ -121,17 +133,20 @@ class UncertaintyResult:
 
 @dataclass(frozen=True)
 class PooledResult:
-    """Fixed-effects fit over zoom levels: one slope, one intercept per level."""
+    """The levels' dimensions combined (see ``pooled_dimension``)."""
 
     dimension: float
     stderr: float
-    ci_low: float  # dimension -/+ 1.96 stderr (normal approximation)
+    ci_low: float  # dimension -/+ 1.96 stderr
     ci_high: float
-    intercepts: np.ndarray  # per level, log2 N at parent-unit size 1
-    level_slopes: np.ndarray  # each level's own OLS dimension (nan with < 2 sizes)
-    n_points: int
+    level_slopes: np.ndarray  # each level's own dimension
+    level_stderrs: np.ndarray  # and its standard uncertainty
+    n_points: int  # box sizes fitted over all levels
     size_range: tuple[float, float]  # smallest and largest box used, in parent (level-0) pixels
-    method: str = field(default="box counting pooled over zoom levels: shared slope, per-level intercepts (OLS)")
+    birge_ratio: float  # sqrt(chi^2 / (levels - 1)): > 1 when the levels disagree beyond their errors
+    method: str = field(default=(
+        "inverse-variance mean of the levels' dimensions; stderr widened by the Birge ratio when it exceeds 1 "
+        "and never below the best level's stderr"))
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -204,75 +219,103 @@ def _integral(occupied: np.ndarray) -> np.ndarray:
     return out
 
 
-def _intervals(n: int, size: int, offset: int) -> tuple[np.ndarray, ...]:
-    """Boxes along one axis of the periodic padded domain P = ceil(n / size) * size.
+def box_sizes(longest: int) -> np.ndarray:
+    """Integer box sizes round(2^(k / SIZES_PER_OCTAVE)) from 1 to ``longest`` (duplicates dropped)."""
+    k = np.arange(0, int(SIZES_PER_OCTAVE * math.log2(max(longest, 1))) + 1)
+    return np.unique(np.round(2.0 ** (k / SIZES_PER_OCTAVE)).astype(np.int64))
 
-    Box k covers [offset + k*size, offset + (k+1)*size) modulo P; the last box wraps round to
-    [0, offset). Returned as two half-open parts (a1, b1), (a2, b2) per box (empty when unused),
-    clamped to n for lookups in the integral image of the unpadded array (padding is all False).
-    """
-    period = -(-n // size) * size
-    start = offset + size * np.arange(period // size)
+
+def _edges(n: int, size: int, offset: int, cut: tuple[bool, bool]) -> tuple[np.ndarray, ...]:
+    """Boxes along one axis: [offset-shifted start, stop) clamped to the array for the integral image, and the
+    box's length that counts (cut by the frame only at an end where ``cut`` says the boundary reaches it)."""
+    start = np.arange(-offset, n, size)
     stop = start + size
-    a1, b1 = np.minimum(start, period), np.minimum(stop, period)
-    a2, b2 = np.maximum(start, period) - period, np.maximum(stop, period) - period
-    return tuple(np.minimum(v, n) for v in (a1, b1, a2, b2))
+    lo, hi = np.clip(start, 0, n), np.clip(stop, 0, n)
+    length = np.where(cut[1], hi, stop) - np.where(cut[0], lo, start)
+    return lo, hi, length
 
 
-def _count(integral: np.ndarray, size: int, oy: int = 0, ox: int = 0) -> int:
-    """Occupied boxes of one lattice (box size, offset), by integral-image block sums."""
+def _lattice_count(integral: np.ndarray, size: int, oy: int, ox: int, cut: tuple[bool, ...]) -> float:
+    """Occupied boxes of one lattice, each weighted by the share of its area that counts (see ``_edges``)."""
     h, w = integral.shape[0] - 1, integral.shape[1] - 1
-    ry, rx = _intervals(h, size, oy), _intervals(w, size, ox)
-    total = np.zeros((ry[0].size, rx[0].size), dtype=np.int64)
-    for ya, yb in ((ry[0], ry[1]), (ry[2], ry[3])):
-        for xa, xb in ((rx[0], rx[1]), (rx[2], rx[3])):
-            total += integral[np.ix_(yb, xb)] - integral[np.ix_(ya, xb)]
-            total -= integral[np.ix_(yb, xa)] - integral[np.ix_(ya, xa)]
-    return int(np.count_nonzero(total))
+    ya, yb, ylen = _edges(h, size, oy, cut[0:2])
+    xa, xb, xlen = _edges(w, size, ox, cut[2:4])
+    inside = integral[np.ix_(yb, xb)] - integral[np.ix_(ya, xb)] - integral[np.ix_(yb, xa)] + integral[np.ix_(ya, xa)]
+    weight = np.outer(ylen, xlen) / float(size * size)
+    return float(weight[inside > 0].sum())
 
 
-def _auto_fit_range(sizes: np.ndarray, shape: tuple[int, int]) -> tuple[int, int]:
-    short = min(shape)
-    ok = sizes[-(-short // sizes) >= MIN_BOXES_PER_SIDE]
-    if ok.size < 2:
-        ok = sizes[-(-short // sizes) >= 2]
-    if ok.size < 2:
-        raise ConfigError(
-            f"boundary of shape {shape}: too small for box counting (fewer than 2 box sizes with "
-            "2+ boxes per side); use a grid of at least 4x4 (16x16 or more for a meaningful fit)"
-        )
-    if ok.size >= 4 and ok[0] == 1:
-        ok = ok[1:]
-    return int(ok[0]), int(ok[-1])
-
-
-def _lattice_counts(integral: np.ndarray, sizes: np.ndarray, n_offsets: int, seed: int) -> np.ndarray:
-    """(n_offsets, len(sizes)) occupied-box counts: row 0 the aligned lattice, the rest at random offsets."""
+def _lattice_counts(occupied: np.ndarray, sizes: np.ndarray, n_offsets: int, seed: int) -> np.ndarray:
+    """(n_offsets, len(sizes)) counts: row 0 the aligned lattice, the rest at random offsets in [0, s)^2."""
+    integral = _integral(occupied)
+    # the frame cuts boxes only where the boundary reaches it (top, bottom, left, right)
+    cut = (bool(occupied[0].any()), bool(occupied[-1].any()), bool(occupied[:, 0].any()), bool(occupied[:, -1].any()))
     rng = np.random.default_rng(seed)
-    per_lattice = np.empty((n_offsets, sizes.size), dtype=np.int64)
+    out = np.empty((n_offsets, sizes.size))
     for j, size in enumerate(int(v) for v in sizes):
-        per_lattice[0, j] = _count(integral, size)
+        out[0, j] = _lattice_count(integral, size, 0, 0, cut)
         for r in range(1, n_offsets):
             oy, ox = (int(v) for v in rng.integers(0, size, size=2))
-            per_lattice[r, j] = per_lattice[0, j] if size == 1 else _count(integral, size, oy, ox)
-    return per_lattice
+            out[r, j] = out[0, j] if size == 1 else _lattice_count(integral, size, oy, ox, cut)
+    return out
 
 
-def _lattice_ci(
-    dim: float, stderr: float, x: np.ndarray, log_counts: np.ndarray, seed: int
-) -> tuple[float, float, str]:
-    """95% CI of the dimension and how it was found: the spread of the single-lattice fits when there are
-    several lattices (``log_counts`` one row per lattice, fit sizes only), else +-1.96 OLS stderr."""
-    n_offsets = log_counts.shape[0]
-    if n_offsets > 1:
-        dims = np.array([-ols(x, row).slope for row in log_counts])
-        ci_low, ci_high = (float(v) for v in np.percentile(dims, [2.5, 97.5]))
-        return ci_low, ci_high, (
-            f"CI: 2.5-97.5 percentiles of single-lattice fits over {n_offsets} lattices "
-            f"(aligned + random periodic offsets, seed {seed})"
+def _fit_windows(sizes: np.ndarray, extent: int) -> np.ndarray:
+    """(k, 2) windows (lo, hi) of box sizes: lo in LOWER_ENDS, hi in UPPER_ENDS x extent, hi >= 2^MIN_OCTAVES lo.
+    Where none spans two octaves: the widest window from SMALLEST_BOX up to extent/4, else from 1 up to the
+    largest size that still needs two boxes to span the extent."""
+    lows = sizes[(sizes >= LOWER_ENDS[0]) & (sizes <= LOWER_ENDS[1])]
+    highs = sizes[(sizes >= UPPER_ENDS[0] * extent) & (sizes <= UPPER_ENDS[1] * extent)]
+    rows = [(a, b) for a in lows for b in highs if b >= a * 2**MIN_OCTAVES]
+    if rows:
+        return np.array(rows, dtype=np.int64)
+    for lo, top in ((SMALLEST_BOX, extent / 4), (1, extent - 1)):
+        inside = sizes[(sizes >= lo) & (sizes <= top)]
+        if inside.size >= 3 or (lo == 1 and inside.size >= 2):
+            return np.array([(inside[0], inside[-1])], dtype=np.int64)
+    raise ConfigError(
+        f"boundary of extent {extent} pixels: too small for box counting (fewer than 2 box sizes below its "
+        "extent); use a grid of at least 4x4 (32x32 or more for a meaningful fit)"
+    )
+
+
+def _slopes(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least-squares slope of each row of ``y`` (or of ``y``) on ``x``."""
+    xc = x - x.mean()
+    return (xc * (y - y.mean(axis=-1, keepdims=True))).sum(axis=-1) / float((xc**2).sum())
+
+
+def _small_box_offset(sizes: np.ndarray, log_counts: np.ndarray) -> float:
+    """delta >= 0 of log2 N = c - D log2(s + delta) by least squares (0 with fewer than 4 sizes)."""
+    if sizes.size < 4:
+        return 0.0
+
+    def ssr(delta: float) -> float:
+        x = np.log2(sizes + delta)
+        resid = log_counts - log_counts.mean() - _slopes(x, log_counts) * (x - x.mean())
+        return float((resid**2).sum())
+
+    return float(minimize_scalar(ssr, bounds=OFFSET_BOUNDS, method="bounded").x)
+
+
+def _local_slopes(sizes: np.ndarray, log_counts: np.ndarray) -> np.ndarray:
+    """-dlog2 N / dlog2 s over about one octave (SIZES_PER_OCTAVE // 2 sizes each side) around each size."""
+    out = np.full(sizes.size, np.nan)
+    half = SIZES_PER_OCTAVE // 2
+    ls = np.log2(sizes.astype(np.float64))
+    for i in range(half, sizes.size - half):
+        out[i] = -(log_counts[i + half] - log_counts[i - half]) / (ls[i + half] - ls[i - half])
+    return out
+
+
+def _checked_fit_range(fit_range: tuple[int, int], sizes: np.ndarray) -> np.ndarray:
+    lo, hi = (int(v) for v in fit_range)
+    if hi <= lo or ((sizes >= lo) & (sizes <= hi)).sum() < 2:
+        raise ConfigError(
+            f"fit_range={tuple(fit_range)!r}: needs smallest < largest and 2+ box sizes from {sizes.tolist()} "
+            "between them"
         )
-    half = _Z95 * stderr if np.isfinite(stderr) else float("nan")
-    return dim - half, dim + half, "CI: +-1.96 OLS stderr (aligned lattice only)"
+    return np.array([(lo, hi)], dtype=np.int64)
 
 
 def box_counting(
@@ -283,50 +326,73 @@ def box_counting(
     seed: int = 0,
     resolution: tuple[int, int] | None = None,
 ) -> FractalResult:
-    """Box-counting dimension of a 2-D boolean array of occupied (boundary) pixels.
+    """Box-counting dimension of a 2-D boolean array of occupied (boundary) pixels (module docstring: method).
 
-    ``fit_range=(smallest, largest)`` box sizes (powers of two, inclusive) overrides the automatic
-    range. ``n_offsets`` lattices per box size: the aligned one plus ``n_offsets - 1`` at random
-    offsets (``seed``); 1 gives the aligned lattice alone and CI = estimate +- 1.96 stderr.
-    ``resolution`` is only recorded (default: the class grid shape, boundary shape + 1).
+    ``fit_range=(smallest, largest)`` box sizes (inclusive) replaces the family of fit windows by that one
+    window. ``n_offsets`` lattices per box size: the aligned one plus ``n_offsets - 1`` at random offsets
+    (``seed``). ``resolution`` is only recorded (default: the class grid shape, boundary shape + 1).
     """
     occ = _as_occupied(boundary)
-    shape = (int(occ.shape[0]), int(occ.shape[1]))
     if n_offsets < 1:
         raise ConfigError(f"n_offsets={n_offsets}: needs at least 1 (the aligned lattice)")
-    integral = _integral(occ)
-    sizes = 2 ** np.arange(0, max(1, math.ceil(math.log2(max(shape)))) + 1)
+    rows, cols = np.nonzero(occ.any(axis=1))[0], np.nonzero(occ.any(axis=0))[0]
+    extent = (int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1))
+    sizes = box_sizes(max(extent))
+    windows = _fit_windows(sizes, max(extent)) if fit_range is None else _checked_fit_range(fit_range, sizes)
 
-    if fit_range is None:
-        lo, hi = _auto_fit_range(sizes, shape)
-    else:
-        lo, hi = (int(v) for v in fit_range)
-        if lo not in sizes or hi not in sizes or hi <= lo:
-            raise ConfigError(
-                f"fit_range={fit_range!r}: needs two box sizes from {sizes.tolist()} with smallest < largest"
-            )
-
-    per_lattice = _lattice_counts(integral, sizes, n_offsets, seed)
-    log_counts = np.log2(per_lattice.astype(np.float64))
+    per_lattice = _lattice_counts(occ, sizes, n_offsets, seed)
+    log_counts = np.log2(per_lattice)
     mean_log = log_counts.mean(axis=0)
+    s = sizes.astype(np.float64)
+    lo, hi = int(windows[:, 0].min()), int(windows[:, 1].max())
+    union = (sizes >= lo) & (sizes <= hi)
+    delta = _small_box_offset(s[union], mean_log[union])
 
-    keep = (sizes >= lo) & (sizes <= hi)
-    x = np.log2(sizes[keep].astype(np.float64))
-    fit = ols(x, mean_log[keep])
-    dim = -fit.slope
-    local = -(mean_log[1:] - mean_log[:-1])  # sizes double each step, so dlog2 s = 1
-    ci_low, ci_high, ci_method = _lattice_ci(dim, fit.stderr, x, log_counts[:, keep], seed)
-    res = resolution if resolution is not None else (shape[0] + 1, shape[1] + 1)
+    dims, lattice_sds, plain = [], [], []
+    for a, b in windows:
+        keep = (sizes >= a) & (sizes <= b)
+        x = np.log2(s[keep] + delta)
+        dims.append(-float(_slopes(x, mean_log[keep])))
+        plain.append(-float(_slopes(np.log2(s[keep]), mean_log[keep])))
+        if n_offsets > 1:
+            lattice_sds.append(float(np.std(_slopes(x, log_counts[:, keep]))))
+        else:
+            lattice_sds.append(ols(x, mean_log[keep]).stderr if keep.sum() > 2 else math.nan)
+    dims_arr = np.array(dims)
+    dim = float(np.median(dims_arr))
+    window_sd = float(dims_arr.std())
+    lattice_sd = float(np.mean(lattice_sds))
+    model_sd = MODEL_SHARE * abs(dim - float(np.median(plain)))
+    stderr = math.sqrt(window_sd**2 + lattice_sd**2 + model_sd**2 + END_EFFECT_SD**2)
+    x_union = np.log2(s[union] + delta)
+    intercept = float(mean_log[union].mean() + dim * x_union.mean())
+
+    local = _local_slopes(sizes, mean_log)
+    inside = local[union & np.isfinite(local)]
+    local_range = (float(inside.min()), float(inside.max())) if inside.size else (math.nan, math.nan)
+    octaves = float(math.log2(hi / lo))
+    warnings = []
+    if octaves < MIN_OCTAVES:
+        warnings.append(f"the fit spans {octaves:.1f} octaves of box size (under {MIN_OCTAVES:.0f}): the grid is too "
+                        "coarse for this boundary to show a scaling range; zoom in or sweep more cells")
+    if inside.size and local_range[1] - local_range[0] > 0.2:
+        warnings.append(f"local slopes range over {local_range[0]:.2f}..{local_range[1]:.2f} inside the fit: no "
+                        "single power law at this resolution")
+    res = resolution if resolution is not None else (occ.shape[0] + 1, occ.shape[1] + 1)
     method = (
-        "box counting: 2x2-rule boundary, power-of-two boxes, partial edge boxes counted, "
-        f"geometric mean count over {n_offsets} lattice offsets, log-log OLS over sizes {lo}..{hi}; " + ci_method
+        f"box counting: 2x2-rule boundary, {SIZES_PER_OCTAVE} box sizes per octave, {n_offsets} lattices "
+        f"(seed {seed}), frame-cut boxes weighted by area only where the boundary meets the frame; median slope "
+        f"of log N on log(s + {delta:.2f}) over {len(windows)} fit windows within box sizes {lo}..{hi} "
+        f"(boundary extent {extent[0]}x{extent[1]}); stderr = root sum of squares of window spread "
+        f"{window_sd:.3f}, lattice spread {lattice_sd:.3f}, half the small-box correction {model_sd:.3f} and "
+        f"end effects {END_EFFECT_SD}; CI = +-1.96 stderr"
     )
     return FractalResult(
-        dimension=float(dim),
-        stderr=float(fit.stderr),
-        ci_low=ci_low,
-        ci_high=ci_high,
-        box_sizes=sizes.astype(np.int64),
+        dimension=dim,
+        stderr=float(stderr) if math.isfinite(stderr) else math.nan,
+        ci_low=dim - _Z95 * stderr,
+        ci_high=dim + _Z95 * stderr,
+        box_sizes=sizes,
         box_counts=2.0**mean_log,
         fit_range=(lo, hi),
         local_slopes=local,
@@ -334,7 +400,17 @@ def box_counting(
         method=method,
         aligned_counts=per_lattice[0].copy(),
         n_offsets=int(n_offsets),
-        intercept=float(fit.intercept),
+        intercept=intercept,
+        small_box_offset=delta,
+        extent=extent,
+        windows=windows,
+        window_dimensions=dims_arr,
+        window_sd=window_sd,
+        lattice_sd=lattice_sd,
+        model_sd=model_sd,
+        octaves=octaves,
+        local_slope_range=local_range,
+        warnings=tuple(warnings),
     )
 
 
@@ -413,64 +489,61 @@ def uncertainty_exponent(converged: ArrayLike, eps_list: Sequence[int] | None = 
 LevelCounts = FractalResult | tuple[ArrayLike, ArrayLike]
 
 
-def _level_curve(k: int, item: tuple[LevelCounts, float]) -> tuple[np.ndarray, np.ndarray]:
-    """(log2 box size in level-0 pixels, log2 count) of ``levels[k]`` = ``(counts, scale)``."""
+def _level_estimate(k: int, item: tuple[LevelCounts, float]) -> tuple[float, float, int, float, float]:
+    """(dimension, stderr, sizes fitted, smallest and largest box in level-0 pixels) of ``levels[k]``.
+
+    A FractalResult brings its own estimate; bare ``(box_sizes, box_counts)`` get a log-log OLS slope and its
+    standard error (sizes above 1 where 3+ remain)."""
     if not (isinstance(item, tuple | list) and len(item) == 2):
         raise ConfigError(f"levels[{k}]: expected (counts, scale) with scale = zoom ** -level")
     counts, scale = item
-    if isinstance(counts, FractalResult):
-        s, n = counts.fit_sizes()
-    else:
-        s, n = (np.asarray(v, dtype=np.float64).reshape(-1) for v in counts)
-    s, n = np.asarray(s, dtype=np.float64), np.asarray(n, dtype=np.float64)
     scale = float(scale)
-    if s.size != n.size or s.size == 0 or not (np.all(s > 0) and np.all(n > 0)) or not scale > 0:
-        raise ConfigError(f"levels[{k}]: needs equally long positive box sizes and counts and a scale > 0")
-    return np.log2(s * scale), np.log2(n)
+    if isinstance(counts, FractalResult):
+        if not scale > 0:
+            raise ConfigError(f"levels[{k}]: needs a scale > 0")
+        n_sizes = int(np.count_nonzero((counts.box_sizes >= counts.fit_range[0])
+                                       & (counts.box_sizes <= counts.fit_range[1])))
+        return counts.dimension, counts.stderr, n_sizes, counts.fit_range[0] * scale, counts.fit_range[1] * scale
+    s, n = (np.asarray(v, dtype=np.float64).reshape(-1) for v in counts)
+    if s.size != n.size or s.size < 3 or not (np.all(s > 0) and np.all(n > 0)) or not scale > 0:
+        raise ConfigError(f"levels[{k}]: needs 3+ equally long positive box sizes and counts and a scale > 0")
+    if (s > 1).sum() >= 3:
+        s, n = s[s > 1], n[s > 1]
+    fit = ols(np.log2(s), np.log2(n))
+    return -fit.slope, fit.stderr, int(s.size), float(s.min() * scale), float(s.max() * scale)
 
 
 def pooled_dimension(levels: Sequence[tuple[LevelCounts, float]]) -> PooledResult:
-    """One dimension from the box-count curves of several zoom levels.
+    """One dimension from several zoom levels.
 
-    Each level is ``(counts, scale)``: ``counts`` a FractalResult (its fit range is used) or
-    ``(box_sizes, box_counts)``; ``scale`` the size of one of its pixels in level-0 pixels
-    (``zoom ** -level`` for windows 1/zoom per axis at the same resolution).
+    Each level is ``(counts, scale)``: ``counts`` a FractalResult or ``(box_sizes, box_counts)``; ``scale`` the
+    size of one of its pixels in level-0 pixels (``zoom ** -level`` for windows 1/zoom per axis at the same
+    resolution), used only for ``size_range``.
 
-    Model: ``log2 N[l, i] = a_l - D * log2(size_i * scale_l)`` with one intercept per level. A
-    child window holds an unknown share of the whole boundary, so its counts are not comparable
-    to its parent's in absolute terms; the intercepts absorb that. Consequently the slope is the
-    pooled *within-level* slope: shifting a level's sizes into parent units changes only its
-    intercept. The pooling gains points and checks the same slope across scales (the per-level
-    slopes are reported); ``size_range`` gives the span of scales covered in parent pixels.
+    The levels' dimensions are averaged with weights 1/stderr^2. The pooled stderr is sqrt(1 / sum of weights)
+    times the Birge ratio sqrt(chi^2 / (levels - 1)) when that exceeds 1 (levels disagreeing beyond their
+    intervals), and never below the smallest level stderr: every level carries the same estimator's
+    systematic error (small-box correction, fit range), which pooling cannot average away.
     """
-    curves = [_level_curve(k, item) for k, item in enumerate(levels)]
-    xs, ys = [x for x, _ in curves], [y for _, y in curves]
-    level_slopes = [-ols(x, y).slope if np.unique(x).size >= 2 else float("nan") for x, y in curves]
-    if not xs:
+    if not levels:
         raise ConfigError("levels: empty; pass at least one (counts, scale) pair")
-    n_levels = len(xs)
-    n_points = int(sum(x.size for x in xs))
-    # Fixed effects: demean within each level, then one slope through the origin.
-    xd = np.concatenate([x - x.mean() for x in xs])
-    yd = np.concatenate([y - y.mean() for y in ys])
-    sxx = float((xd**2).sum())
-    dof = n_points - n_levels - 1
-    if sxx == 0 or dof < 0:
-        raise ConfigError("levels: fewer than 2 box sizes per level; pass more sizes per zoom level")
-    slope = float((xd * yd).sum() / sxx)
-    intercepts = np.array([float(y.mean() - slope * x.mean()) for x, y in zip(xs, ys, strict=True)])
-    resid = yd - slope * xd
-    stderr = math.sqrt(float((resid**2).sum()) / dof / sxx) if dof > 0 else float("nan")
-    dim = -slope
-    allx = np.concatenate(xs)
-    half = _Z95 * stderr
+    est = [_level_estimate(k, item) for k, item in enumerate(levels)]
+    d = np.array([e[0] for e in est])
+    se = np.array([e[1] for e in est])
+    if not np.all(np.isfinite(se) & (se > 0)):
+        raise ConfigError("levels: every level needs a positive, finite stderr; pass 3+ box sizes per level")
+    w = 1.0 / se**2
+    dim = float((w * d).sum() / w.sum())
+    birge = math.sqrt(float((w * (d - dim) ** 2).sum()) / (d.size - 1)) if d.size > 1 else 1.0
+    stderr = max(math.sqrt(1.0 / float(w.sum())) * max(1.0, birge), float(se.min()))
     return PooledResult(
         dimension=dim,
         stderr=stderr,
-        ci_low=dim - half,
-        ci_high=dim + half,
-        intercepts=intercepts,
-        level_slopes=np.array(level_slopes),
-        n_points=n_points,
-        size_range=(float(2 ** allx.min()), float(2 ** allx.max())),
+        ci_low=dim - _Z95 * stderr,
+        ci_high=dim + _Z95 * stderr,
+        level_slopes=d,
+        level_stderrs=se,
+        n_points=int(sum(e[2] for e in est)),
+        size_range=(min(e[3] for e in est), max(e[4] for e in est)),
+        birge_ratio=birge,
     )

@@ -391,10 +391,12 @@ def _save(fig, path: Path) -> Path:
 
 
 def box_counts_figure(box: FractalResult):
-    """Box counts against box size (log-log): the points in the fit range filled, those left out hollow grey,
-    and the fitted line over the fit range."""
+    """Left: box counts against box size (log-log), the points in the fit range filled, those left out hollow
+    grey, and the fitted model A (s + delta)^-D over the fit range. Right: the local slope (over one octave)
+    against box size with the estimate and its interval: a flat stretch is a scaling range, a drift says the
+    resolution does not settle the dimension."""
     sizes, counts = np.asarray(box.box_sizes, float), np.asarray(box.box_counts, float)
-    fig, ax = plt.subplots(figsize=(5.5, 4.2), constrained_layout=True)
+    fig, (ax, ax_slope) = plt.subplots(1, 2, figsize=(10.5, 4.2), constrained_layout=True)
     lo, hi = box.fit_range
     inside = (sizes >= lo) & (sizes <= hi)
     ax.loglog(sizes[inside], counts[inside], "o", color="C0", label=f"box counts (fitted: s = {lo}…{hi})")
@@ -402,12 +404,23 @@ def box_counts_figure(box: FractalResult):
         ax.loglog(sizes[~inside], counts[~inside], "o", mfc="none", mec="grey", color="grey",
                   label="box counts left out of the fit")
     fit_s, _ = box.fit_sizes()
-    ax.loglog(fit_s, 2.0 ** (box.intercept - box.dimension * np.log2(fit_s)), "-", color="C1",
+    ax.loglog(fit_s, box.fitted_counts(fit_s), "-", color="C1",
               label=f"fit: D = {box.dimension:.3f} [{box.ci_low:.3f}, {box.ci_high:.3f}]")
     ax.set_xlabel("box size s (cells)")
     ax.set_ylabel("boxes N(s) holding boundary")
     ax.set_title(f"box counting at {box.resolution[0]}×{box.resolution[1]}")
     ax.legend(fontsize=8)
+
+    local = np.asarray(box.local_slopes, dtype=float)
+    known = np.isfinite(local)
+    ax_slope.semilogx(sizes[known], local[known], "o-", ms=3, color="C0", label="local slope (one octave)")
+    ax_slope.axvspan(lo, hi, color="C0", alpha=0.08, label=f"fit range {lo}…{hi}")
+    ax_slope.axhspan(box.ci_low, box.ci_high, color="C1", alpha=0.2, label="95% CI")
+    ax_slope.axhline(box.dimension, color="C1", lw=1, label=f"D = {box.dimension:.3f}")
+    ax_slope.set_xlabel("box size s (cells)")
+    ax_slope.set_ylabel("local slope −dlog N / dlog s")
+    ax_slope.set_title("local slope: flat where the boundary scales")
+    ax_slope.legend(fontsize=8)
     return fig
 
 

@@ -244,24 +244,21 @@ def _fractal_section(doc: _Doc, study_dir: Path, tmp: Path) -> dict | None:
         doc.p(f"Not measurable on this study: {e}")
         return None
     res = f"{box['resolution'][0]}×{box['resolution'][1]}"
-    lattices = box.get("n_offsets", 1)
-    if lattices > 1:  # analysis.fractal._lattice_ci: percentiles of single-lattice fits, not ± 1.96 stderr
-        basis = (f"the middle 95% of the slopes fitted on {lattices} box-lattice placements, i.e. how much D depends "
-                 "on where the boxes sit")
-    else:
-        basis = "± 1.96 standard errors of the slope, aligned lattice only"
+    # analysis.fractal.box_counting: CI = ± 1.96 × the standard uncertainty, a root sum of squares of its terms
+    basis = ("± 1.96 standard uncertainties: the spread of the slope over the admissible fit windows, over "
+             "box-lattice placements, half the small-box correction and an end-effect term")
     slope_se = _f(box.get("stderr"))
-    se_text = ("the fitted slope's own standard error is " + _fmt(slope_se)
-               if slope_se is not None and math.isfinite(slope_se)
-               else "the fitted slope has no standard error from 2 box sizes")
+    se_text = ("standard uncertainty " + _fmt(slope_se) if slope_se is not None and math.isfinite(slope_se)
+               else "no standard uncertainty from 2 box sizes")
     doc.p(f"Box-counting dimension D = {box['dimension']:.3f}, 95% CI {format_ci(box['ci_low'], box['ci_high'])} "
           f"({basis}; {se_text}), fit over box sizes {box['fit_range'][0]}–{box['fit_range'][1]} "
-          f"at {res}. A smooth edge has D = 1 and noise D = 2; at this resolution the estimate is biased low "
-          "and zoom levels add decades of scale.")
+          f"at {res}. A smooth edge has D = 1 and noise D = 2; a fit spanning under two octaves of box size "
+          "cannot separate a fractal from a wiggly smooth edge, and zoom levels add octaves of scale.")
+    for warning in box.get("warnings") or []:
+        doc.p(f"Warning: {warning}.")
     rows = [("dimension", f"{box['dimension']:.3f}"),
-            ("95% CI" + (f" ({lattices} lattice placements)" if lattices > 1 else " (± 1.96 stderr)"),
-             format_ci(box["ci_low"], box["ci_high"])),
-            ("standard error of the fitted slope", _fmt(box["stderr"])),
+            ("95% CI (± 1.96 standard uncertainties)", format_ci(box["ci_low"], box["ci_high"])),
+            ("standard uncertainty", _fmt(box["stderr"])),
             ("fit range (box sizes)", f"{box['fit_range'][0]}–{box['fit_range'][1]}"), ("resolution", res),
             ("box sizes", " ".join(str(s) for s in box["box_sizes"])),
             ("box counts", " ".join(f"{c:.1f}" for c in box["box_counts"]))]
@@ -300,7 +297,7 @@ def _zoom_section(doc: _Doc, store: StudyStore, study_dir: Path, tmp: Path) -> N
     n = len(children)
     doc.p(f"The study has {n} zoom window{'s' if n != 1 else ''}: each zoom re-sweeps a window of its parent's "
           "boundary at the same resolution. The box-counting dimension per level, and pooled over the levels "
-          "(one shared slope, one intercept per level), is:")
+          "(levels weighted by their uncertainties), is:")
     if isinstance(rep, Mapping) and isinstance(rep.get("levels"), list) and isinstance(rep.get("pooled"), Mapping):
         _zoom_tables(doc, rep, tmp)
     else:  # a shape this report does not know: show it plainly rather than not at all

@@ -441,7 +441,8 @@ def fractal(
     source: Annotated[Path, typer.Argument(help="A study folder, or a 2-D .npy (bool: True = converged; "
                                                 "float: negative = converged).")],
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    plot_file: Annotated[Path | None, typer.Option("--plot", help="Draw log N against log s with the fit.")] = None,
+    plot_file: Annotated[Path | None, typer.Option("--plot", help="Draw log N against log s with the fit, "
+                                                                  "beside the local slope against s.")] = None,
     wandb: WandbResults = False,
     wandb_project: WandbProject = None,
 ):

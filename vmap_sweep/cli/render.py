@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
@@ -279,20 +280,30 @@ def ood_choice_line(pick: str, cells: list[dict]) -> str:
 
 
 def fractal_lines(report: dict) -> list[Text]:
-    """The box-counting dimension with its CI and fit range, the box sizes and counts, and the
-    uncertainty-exponent dimension where the source had one."""
+    """The box-counting dimension with its CI and what the interval is made of, what the grid can resolve (fit
+    windows, octaves, local slopes, warnings), the box sizes and counts, and the uncertainty-exponent dimension
+    where the source had one."""
     box = report
-    stderr, lattices = box.get("stderr"), box.get("n_offsets", 1)
-    slope_se = (f"the fitted slope's own standard error is {stderr:.3f}" if stderr is not None and stderr == stderr
-                else "the fitted slope has no standard error from 2 box sizes")
-    if lattices > 1:  # the CI is the spread of single-lattice fits (analysis.fractal._lattice_ci), not ± 1.96 stderr
-        basis = f"the middle 95% of the slopes fitted on {lattices} box-lattice placements; {slope_se}"
+    stderr = box.get("stderr")
+    if stderr is not None and stderr == stderr:  # analysis.fractal.box_counting: CI = ± 1.96 stderr
+        parts = [(box.get("window_sd"), "fit-window spread"), (box.get("lattice_sd"), "lattice placement"),
+                 (box.get("model_sd"), "small-box correction")]
+        terms = ", ".join(f"{name} {value:.3f}" for value, name in parts if value is not None and value == value)
+        basis = f"± 1.96 × standard uncertainty {stderr:.3f}" + (f": {terms}, end effects" if terms else "")
     else:
-        basis = f"± 1.96 standard errors of the slope, aligned lattice only; {slope_se}"
+        basis = "no standard uncertainty from 2 box sizes"
+    lo, hi = box["fit_range"]
+    windows = len(box.get("windows") or []) or 1
+    resolve = (f"fit over box sizes {lo}–{hi} ({box.get('octaves', math.log2(hi / lo)):.1f} octaves, "
+               f"{windows} fit window{'s' if windows > 1 else ''}) at {box['resolution'][0]}×{box['resolution'][1]}")
+    slope_range = box.get("local_slope_range")
+    if slope_range and all(v is not None and v == v for v in slope_range):
+        resolve += f"; local slopes {slope_range[0]:.2f}–{slope_range[1]:.2f} inside the fit"
     lines = [
         f"box-counting dimension {box['dimension']:.3f}, 95% CI [{box['ci_low']:.3f}, {box['ci_high']:.3f}] "
-        f"({basis}), fit over box sizes {box['fit_range'][0]}–{box['fit_range'][1]} "
-        f"at {box['resolution'][0]}×{box['resolution'][1]}",
+        f"({basis})",
+        resolve,
+        *(f"warning: {w}" for w in box.get("warnings") or []),
         "box sizes:  " + " ".join(f"{s:>7d}" for s in box["box_sizes"]),
         "box counts: " + " ".join(f"{c:>7.1f}" for c in box["box_counts"]),
     ]
@@ -312,7 +323,8 @@ def zoom_dimension_lines(report: dict) -> list[str]:
             lines.append(f"level {level['level']}: not measurable ({level.get('error')})")
         else:
             lines.append(f"level {level['level']}: D = {_num(level['dimension'])}, 95% CI [{_num(level['ci_low'])}, "
-                         f"{_num(level['ci_high'])}], cell scale {level['scale']:.3g}")
+                         f"{_num(level['ci_high'])}], cell scale {level['scale']:.3g}"
+                         + "".join(f"; warning: {w}" for w in level.get("warnings") or []))
     if len(report["levels"]) < 2:
         top = report["levels"][0]["dir"] if report["levels"] else "DIR"
         lines.append(f"no zoom level below this study, so there is nothing to pool over: `vmap-sweep zoom {top} "
@@ -325,10 +337,11 @@ def zoom_dimension_lines(report: dict) -> list[str]:
     elif pooled.get("stderr") is None or pooled.get("ci_low") is None:
         lines.append(f"pooled over levels {', '.join(str(v) for v in pooled.get('levels') or [])}: "
                      f"D = {_num(pooled['dimension'])}, no CI (too few box counts for a standard error)")
-    else:  # analysis.fractal.pooled_dimension: CI = ± 1.96 standard errors of the one shared slope
+    else:  # analysis.fractal.pooled_dimension: inverse-variance mean of the levels, CI = ± 1.96 pooled stderr
         lines.append(f"pooled over levels {', '.join(str(v) for v in pooled.get('levels') or [])}: "
                      f"D = {_num(pooled['dimension'])}, 95% CI [{_num(pooled['ci_low'])}, {_num(pooled['ci_high'])}] "
-                     f"(± 1.96 × the shared slope's standard error {_num(pooled['stderr'])})")
+                     f"(± 1.96 × the pooled standard uncertainty {_num(pooled['stderr'])}: levels weighted by "
+                     "their own, never below the best level's)")
     return lines
 
 
