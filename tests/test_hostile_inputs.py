@@ -85,9 +85,9 @@ def refused(root: Path, *names: str, args=RESUME, marker: Path | None = None) ->
     """Run the CLI on the case; check everything a refusal promises and return the error line."""
     before = snapshot(root / "study", mtimes=True)
     tracemalloc.start()
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: a busy machine's wall clock says nothing about the refusal
     result = cli(*args)
-    elapsed = time.perf_counter() - start
+    cpu = time.process_time() - start
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     line = result.stderr.strip()
@@ -96,7 +96,7 @@ def refused(root: Path, *names: str, args=RESUME, marker: Path | None = None) ->
     for name in names:
         assert name in line, (name, line)
     assert peak < HEAP_LIMIT, f"Python heap peaked at {peak >> 20} MiB"
-    assert elapsed < 20, f"took {elapsed:.1f} s"
+    assert cpu < 5, f"took {cpu:.1f} s of CPU"
     assert snapshot(root / "study", mtimes=True) == before
     if marker is not None:
         assert not marker.exists(), "code from the file ran"
@@ -434,7 +434,7 @@ def test_a_refusal_in_a_real_process_is_one_line_and_costs_no_memory(root, make)
     out = root / "rss.json"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(out), *RESUME], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=300)
     report = json.loads(out.read_text())
     assert report["code"] == 2, proc.stderr
     assert proc.stderr.startswith("error: ") and proc.stderr.strip().count("\n") == 0, proc.stderr
