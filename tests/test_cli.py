@@ -265,12 +265,31 @@ def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path):
     assert re.search(rf"FLOPs\s+{re.escape(f'{flops:.3g}')}\s", text)
     m = re.search(r"estimate\s+([\d.e+-]+) (s|min|h) on cpu", text)
     assert m and float(m.group(1)) > 0, text
+    assert re.search(r"repeated data\s+none: every budget adds supervised tokens", text)
     assert not out.exists()
+    # 280, 306 and 335 tokens hold no answer token past the first 256's: 4 LRs x 3 sizes repeat it
+    repeats = re.sub(r"[\s│┃|]+", " ", ok(*TINY, "--dry-run", "--y", "tokens:256:335:log").stdout)
+    assert "12 cells repeat a smaller budget's experiment" in repeats and "budgets 280, 306, 335 = 256;" in repeats
     # the dry run checks the data as the run does: a missing file, and budgets with nothing to learn from
     missing = cli(*TINY, "--dry-run", "--data", tmp_path / "mine.jsonl")
     assert missing.exit_code == 2 and "mine.jsonl" in missing.stderr
     small = cli(*TINY, "--dry-run", "--y", "tokens:20:1024:log")
     assert small.exit_code == 2 and "hold no supervised (assistant) token; start the tokens range at" in small.stderr
+
+
+def test_a_run_records_each_budget_counted_in_supervised_tokens_and_conversations(base):
+    from vmap_sweep.model.tokenizer import ByteTokenizer
+    from vmap_sweep.run.worker import training_stream
+    from vmap_sweep.store import extras
+    from vmap_sweep.train.tiny import TINY_CONFIG
+
+    with StudyStore.open(base[0]) as store:
+        recorded = extras.dataset_sizes(store)
+        budgets = sorted({int(c.hparams["tokens"]) for c in store.cells()})
+    stream = training_stream(preset("tiny"), TINY_CONFIG.sequence_len, ByteTokenizer())
+    assert sorted(recorded) == budgets
+    assert recorded == stream.budgets(budgets).sizes
+    assert all(0 < recorded[n].supervised < n for n in budgets)
 
 
 def test_batches_are_rows_of_learning_rates(base):

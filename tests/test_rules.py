@@ -337,6 +337,49 @@ def test_summary_prints_the_ten_x_answer_with_its_interval(clean):
     assert d["exponent_ci_low"] == pytest.approx(r.crit_fit.ci_low) and d["n"] == 8
 
 
+# ----------------------------------------------------------------------------- repeated experiments
+def _with_sizes(store: StudyStore, supervised: Callable[[int], int]) -> list[int]:
+    """Record each budget's supervised targets (conversations: one per 10 of them); returns the budgets."""
+    from vmap_sweep.store import extras
+    from vmap_sweep.study.sizes import DatasetSize
+
+    budgets = sorted({int(c.hparams["tokens"]) for c in store.cells()})
+    extras.put_dataset_sizes(store, {n: DatasetSize(n, supervised(n), supervised(n) // 10) for n in budgets})
+    return budgets
+
+
+def test_sizes_that_repeat_a_smaller_one_are_fitted_once_and_named(tmp_path):
+    store = build_study(tmp_path / "rep", law(3e-5, 0.5))
+    budgets = _with_sizes(store, lambda n: 1000 if n < 10_000 else n)  # the three smallest: one experiment
+    r = rules_of_thumb(store)
+    assert [row.size for row in r.sizes] == [float(n) for n in budgets[:1] + budgets[3:]]
+    assert r.crit_fit.n == len(budgets) - 2
+    assert f"tokens {budgets[1]} = {budgets[0]}, {budgets[2]} = {budgets[0]}" in " ".join(r.notes)
+    # the rows kept are the study's own: the same fit as a study without those two rows would give
+    kept = np.array([row.size for row in r.sizes])
+    edge = np.array([row.lr_first_diverging for row in r.sizes])
+    assert r.crit_fit.exponent == pytest.approx(fit_power_law(kept, edge).exponent)
+
+
+def test_size_unit_counts_d_in_supervised_tokens_or_conversations(tmp_path):
+    store = build_study(tmp_path / "unit", law(3e-5, 0.5))
+    budgets = _with_sizes(store, lambda n: n // 4 + 10)
+    by_tokens, by_supervised = rules_of_thumb(store), rules_of_thumb(store, "supervised")
+    assert [row.size for row in by_supervised.sizes] == [float(n // 4 + 10) for n in budgets]
+    edges = [row.lr_first_diverging for row in by_tokens.sizes]
+    assert [row.lr_first_diverging for row in by_supervised.sizes] == edges
+    assert rules_of_thumb(store, "conversations").sizes[-1].size == float((budgets[-1] // 4 + 10) // 10)
+    assert by_supervised.table_rows()[0][0] == "D (supervised)"
+    with pytest.raises(ConfigError, match="size unit 'rows': use one of tokens, supervised, conversations"):
+        rules_of_thumb(store, "rows")
+
+
+def test_a_study_without_recorded_sizes_is_counted_in_tokens_only(clean):
+    assert "repeat" not in " ".join(rules_of_thumb(clean).notes)
+    with pytest.raises(ConfigError, match="recorded its dataset sizes in tokens only; use --size-unit tokens"):
+        rules_of_thumb(clean, "supervised")
+
+
 # ----------------------------------------------------------------------------- tokens_min(LR), the converse
 
 

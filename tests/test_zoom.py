@@ -34,6 +34,7 @@ from vmap_sweep.store.extras import ZOOM_OF
 from vmap_sweep.study.axes import parse_axis_spec
 from vmap_sweep.study.config import StudyConfig, preset
 from vmap_sweep.study.settings import RunSettings
+from vmap_sweep.study.sizes import Budgets, DatasetSize
 from vmap_sweep.train.trainer import CellRecord
 
 # ----------------------------------------------------------------------------- helpers
@@ -57,8 +58,8 @@ class FormulaBackend:
     def __init__(self, crash_after: int | None = None, trained: list[int] | None = None):
         self.crash_after, self.trained = crash_after, trained if trained is not None else []
 
-    def first_supervised_position(self) -> int:
-        return 1
+    def budgets(self, budgets: list[int]) -> Budgets:
+        return Budgets(1, {n: DatasetSize(n, n, n) for n in budgets})  # every token supervised
 
     def models_per_batch(self, limit: int) -> int:
         return limit

@@ -73,9 +73,8 @@ def _walk(top: str | os.PathLike, follow: Callable[[list[Child]], list[Child]]) 
     seen = {top.resolve()}
     for folder, _ in found:  # grows as children are found
         with StudyStore.open(folder) as store:
-            children = store.children()
-        for c in follow(children):
-            child = folder / c.child_dir
+            children = [(store.child_folder(c), c) for c in follow(store.children())]
+        for child, c in children:
             if child.resolve() in seen or depth[folder] >= _MAX_LEVELS:
                 raise StoreError(f"{folder}: zoom child {c.child_dir!r} leads back up the tree; remove that entry")
             if not (child / DB_NAME).is_file():

@@ -25,26 +25,38 @@ from typing import IO, Any
 
 import numpy as np
 
+from vmap_sweep.analysis.repeats import sized_cells
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.store.db import DB_NAME, StudyStore
 
 FORMATS = ("csv", "parquet", "npz")
 DEFAULT_NAME = "cells"  # the export of STUDY without a path: STUDY/cells.FORMAT
-INT_COLUMNS = ("i", "j", "steps", "steps_done", "diverged", "diverged_step")
+INT_COLUMNS = ("i", "j", "steps", "steps_done", "diverged", "diverged_step", "supervised_tokens", "conversations")
 FLOAT_COLUMNS = ("x", "y", "score", "initial_loss", "final_loss", "eval_loss", "wall_time")
-STR_COLUMNS = ("status", "label", "hparams")
+STR_COLUMNS = ("status", "label", "hparams", "same_data_as")
 # per-step arrays added by --trajectories: the training losses and the base model's losses on the same tokens,
 # so the ratio criterion can be recomputed from an export, and the gradient norms and learning rates of each step,
 # so the early-warning features can
 ARRAY_COLUMNS = ("trajectory", "base_losses", "grad_norms", "lrs")
-_EARLIER_ARRAY_COLUMNS = ("trajectory", "base_losses")  # what --trajectories wrote before the per-step gradients
 COLUMNS = ("i", "j", "x", "y", "status", "label", "score", "initial_loss", "final_loss", "eval_loss",
-           "steps", "steps_done", "diverged", "diverged_step", "wall_time", "hparams")
+           "steps", "steps_done", "diverged", "diverged_step", "wall_time", "hparams",
+           # the cell's dataset counted in supervised tokens and conversations (empty for a study that recorded its
+           # sizes in tokens only), and "i,j" of the cell whose experiment it repeats (analysis/repeats.py)
+           "supervised_tokens", "conversations", "same_data_as")
+
+
+EXPORT_HEADER = "i,j,x,y,status,label,score,"  # how every version's csv export begins
 
 
 def _records(store: StudyStore, trajectories: bool) -> list[dict[str, Any]]:
     rows = store.rows(arrays=trajectories)
+    sized = sized_cells(store)
     for r in rows:
+        size = None if sized.sizes is None else sized.sizes[int(r["hparams"]["tokens"])]
+        r["supervised_tokens"] = None if size is None else size.supervised
+        r["conversations"] = None if size is None else size.conversations
+        same = sized.same_as.get((r["i"], r["j"]))
+        r["same_data_as"] = None if same is None else f"{same[0]},{same[1]}"
         r["hparams"] = json.dumps(r["hparams"], sort_keys=True)
         r["diverged"] = None if r["diverged"] is None else int(r["diverged"])
         if trajectories and r["status"] != "done":
@@ -141,8 +153,7 @@ def _is_export(path: Path, fmt: str) -> bool:
         if fmt == "csv":
             with open(path, encoding="utf-8", newline="") as f:
                 header = f.readline().rstrip("\r\n")
-            return header in (",".join(COLUMNS), ",".join((*COLUMNS, *ARRAY_COLUMNS)),
-                              ",".join((*COLUMNS, *_EARLIER_ARRAY_COLUMNS)))
+            return header.startswith(EXPORT_HEADER)
         if fmt == "parquet":
             import pyarrow.parquet as pq
 

@@ -16,6 +16,7 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import FuncNorm, ListedColormap, Normalize, TwoSlopeNorm  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from vmap_sweep.analysis.classify import CONVERGED, DIVERGED, MARGINAL  # noqa: E402
@@ -119,6 +120,20 @@ def _boundary(ax, view: GridView) -> bool:
     return True
 
 
+REPEATS_LABEL = "same data as a smaller size (no supervised token between)"
+
+
+def _repeats(ax, view: GridView) -> bool:
+    """Hatch the cells that repeat a smaller budget's experiment: one experiment drawn at several sizes."""
+    if view.repeats is None or not view.repeats.any():
+        return False
+    ax.pcolor(_edges(view.xs, view.x_log), _edges(view.ys, view.y_log),
+              np.ma.masked_array(np.ones(view.repeats.shape), mask=~view.repeats),
+              facecolor="none", edgecolor="none", hatch="////", linewidth=0)
+    ax.add_patch(Rectangle((0, 0), 0, 0, facecolor="none", edgecolor="0.3", hatch="////", label=REPEATS_LABEL))
+    return True
+
+
 def _heatmap(view: GridView, values: np.ndarray, label: str, cmap, norm=None, boundary: bool = True,
              title: str | None = None):
     """One per-cell array over the two axes; ``label`` names the colourbar, ``title`` (default: the label)
@@ -128,8 +143,9 @@ def _heatmap(view: GridView, values: np.ndarray, label: str, cmap, norm=None, bo
         _edges(view.xs, view.x_log), _edges(view.ys, view.y_log), np.ma.masked_invalid(values), cmap=cmap, norm=norm
     )
     fig.colorbar(mesh, ax=ax, label=label)
-    if boundary:
-        _boundary(ax, view)
+    marked = _repeats(ax, view)
+    if not (boundary and _boundary(ax, view)) and marked:
+        ax.legend(loc="best", fontsize=7, framealpha=0.85)
     _axes(ax, view)
     what = label if title is None else title
     ax.set_title(f"{view.title}\n{what}" if view.title else what, fontsize=9)
@@ -484,11 +500,15 @@ def _rules_fits(ax, result: RulesResult) -> None:
                 label=f"tokens_min fit: {fit.coefficient:.2g}·LR^{fit.exponent:.2f}")
 
 
+SIZE_UNIT_NAMES = {"tokens": "tokens", "supervised": "supervised tokens", "conversations": "conversations"}
+
+
 def plot_rules(result: RulesResult, path: str | os.PathLike) -> Path:
     """LR vs dataset size (log-log): per-size edges and optima, fitted lines and the safe line, over the
     score heatmap with its boundary when the result carries the study's view. Format from the suffix."""
     path = picture_file(path)
-    view = _size_major_view(result)
+    # the map's columns are token budgets: under another unit the points stand alone
+    view = _size_major_view(result) if result.size_unit == SIZE_AXIS else None
     if view is not None:
         fig = score_figure(view)
         ax = fig.axes[0]
@@ -496,7 +516,7 @@ def plot_rules(result: RulesResult, path: str | os.PathLike) -> Path:
         fig, ax = plt.subplots(figsize=(6.4, 5.2), constrained_layout=True)
         ax.set_xscale("log")
         ax.set_yscale("log")
-    ax.set_xlabel(f"dataset size D ({SIZE_AXIS})")
+    ax.set_xlabel(f"dataset size D ({SIZE_UNIT_NAMES[result.size_unit]})")
     ax.set_ylabel(axis_label(result.lr_axis, "" if view is None else view.optimizer))
     _rules_points(ax, result)
     _rules_fits(ax, result)

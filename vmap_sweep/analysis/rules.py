@@ -48,6 +48,7 @@ import numpy as np
 from vmap_sweep.analysis.classify import study_classes
 from vmap_sweep.analysis.fmt import format_ci, format_count
 from vmap_sweep.analysis.jsonsafe import json_safe
+from vmap_sweep.analysis.repeats import check_unit, sized_cells
 from vmap_sweep.analysis.stats import ols, t_quantile
 from vmap_sweep.analysis.view import GridView, grid_view
 from vmap_sweep.errors import ConfigError
@@ -182,6 +183,7 @@ class RulesResult:
     leave_out_fraction: float | None
     ten_x: TenX
     notes: list[str] = field(default_factory=list)
+    size_unit: str = "tokens"  # what D counts: tokens, supervised (targets) or conversations
     lrs: list[LrRow] = field(default_factory=list)
     tokens_min_fit: PowerLaw | None = None  # smallest converged size per LR (primary)
     tokens_all_fit: PowerLaw | None = None  # smallest size from which all larger ones converge
@@ -208,7 +210,7 @@ class RulesResult:
 
     def table_rows(self) -> tuple[list[str], list[list[str]]]:
         """(header, rows) of the per-size table, as strings, for rich, Markdown or HTML."""
-        header = ["D (tokens)", "first diverging LR", "last converging LR", "safe LR", "optimal LR",
+        header = [f"D ({self.size_unit})", "first diverging LR", "last converging LR", "safe LR", "optimal LR",
                   "eval loss at opt", "note"]
         rows = []
         for r in self.sizes:
@@ -244,7 +246,8 @@ class RulesResult:
     def tokens_rows(self) -> tuple[list[str], list[list[str]]]:
         """(header, rows) of the per-LR minimum-dataset table; only LRs whose tokens_min lies inside the grid,
         plus a count of the censored ones in the last row."""
-        header = [f"{self.lr_axis}", "tokens_min (smallest converging D)", "all D above converge from", "note"]
+        header = [f"{self.lr_axis}", f"tokens_min (smallest converging D, in {self.size_unit})",
+                  "all D above converge from", "note"]
         smallest = self.size_range[0]
         inside = [r for r in self.lrs if r.censored is None or (r.tokens_all or 0) > smallest]
         rows = [[_g(r.lr), "below grid" if r.censored == "below grid" else _count(r.tokens_min),
@@ -446,22 +449,31 @@ def _notes(rows: list[SizeRow], lr_spec: AxisSpec) -> list[str]:
     return notes
 
 
-def rules_of_thumb(store: StudyStore | str | os.PathLike) -> RulesResult:
-    """Critical, safe and optimal LR per dataset size and their power laws, from a finished, classified study."""
+def rules_of_thumb(store: StudyStore | str | os.PathLike, size_unit: str = "tokens") -> RulesResult:
+    """Critical, safe and optimal LR per dataset size and their power laws, from a finished, classified study.
+    D counts `size_unit` (tokens, supervised targets or conversations); a size whose every cell repeats a smaller
+    one's experiment (analysis/repeats.py) is that size again, and counted once."""
+    check_unit(size_unit)
     if not isinstance(store, StudyStore):
         with StudyStore.open(store) as opened:
-            return rules_of_thumb(opened)
+            return rules_of_thumb(opened, size_unit)
     lr_on = _lr_on(store)
     x, y = parse_axis_spec(store.config["x"]), parse_axis_spec(store.config["y"])
     conv = study_classes(store)  # (ny, nx); refuses pending or unclassified cells
     evals = store.grid_arrays("eval_loss")
     xs, ys = x.values(store.nx), y.values(store.ny)
+    view = grid_view(store)
+    repeats = view.repeats
     if lr_on == "y":  # make rows = sizes, columns = LRs
-        conv, evals = conv.T, evals.T
+        conv, evals, repeats = conv.T, evals.T, repeats.T
         lrs, sizes, lr_spec = ys, xs, y
     else:
         lrs, sizes, lr_spec = xs, ys, x
-    rows = [_size_row(k, float(sizes[k]), lrs, conv[k], evals[k]) for k in range(len(sizes))]
+    sized = sized_cells(store)
+    kept = [k for k in range(len(sizes)) if not repeats[k].all()]
+    budgets = _budgets(store, lr_on)
+    sizes = np.array([float(sized.size(budgets[k], size_unit)) for k in range(len(sizes))])
+    rows = [_size_row(k, float(sizes[k]), lrs, conv[k], evals[k]) for k in kept]
 
     edge = [r for r in rows if r.censored is None]
     crit = fit_power_law(np.array([r.size for r in edge]), np.array([r.lr_first_diverging for r in edge]))
@@ -475,7 +487,7 @@ def rules_of_thumb(store: StudyStore | str | os.PathLike) -> RulesResult:
         lr_axis=lr_spec.name,
         lr_on=lr_on,
         lr_range=(lr_spec.lo, lr_spec.hi),
-        size_range=(float(sizes.min()), float(sizes.max())),
+        size_range=(float(sizes[kept].min()), float(sizes[kept].max())),
         resolution=(store.nx, store.ny),
         criterion=str(extras.criterion(store)["criterion"]),
         sizes=rows,
@@ -485,10 +497,30 @@ def rules_of_thumb(store: StudyStore | str | os.PathLike) -> RulesResult:
         leave_out=leave,
         leave_out_fraction=fraction,
         ten_x=ten_x_verdict(crit),
-        notes=_notes(rows, lr_spec),
+        notes=_repeat_note(budgets, sized, kept, lr_on, store) + _notes(rows, lr_spec),
+        size_unit=size_unit,
         lrs=lr_rows,
         tokens_min_fit=_tokens_fit(lr_rows, "tokens_min", float(sizes.min())),
         tokens_all_fit=_tokens_fit(lr_rows, "tokens_all", float(sizes.min())),
-        view=grid_view(store),
+        view=view,
     )
 
+
+def _budgets(store: StudyStore, lr_on: str) -> list[int]:
+    """Each size row's budget in tokens (the tokens axis's values, as the cells hold them)."""
+    along = "j" if lr_on == "x" else "i"
+    by_index: dict[int, int] = {}
+    for c in store.cells():
+        by_index.setdefault(getattr(c, along), int(c.hparams["tokens"]))
+    return [by_index[k] for k in range(len(by_index))]
+
+
+def _repeat_note(budgets: list[int], sized, kept: list[int], lr_on: str, store: StudyStore) -> list[str]:
+    dropped = [k for k in range(len(budgets)) if k not in kept]
+    if not dropped:
+        return []
+    along = "j" if lr_on == "x" else "i"
+    repeated = {getattr(c, along): sized.same_as[c.key] for c in store.cells() if c.key in sized.same_as}
+    same = [f"{budgets[k]} = {budgets[repeated[k][1] if along == 'j' else repeated[k][0]]}" for k in dropped]
+    return [f"{len(dropped)} sizes repeat a smaller size's experiment (the tokens between hold no supervised "
+            f"token) and are counted once: tokens {', '.join(same)}."]

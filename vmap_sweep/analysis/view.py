@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vmap_sweep.analysis.classify import DIVERGED, converged_mask
+from vmap_sweep.analysis.repeats import sized_cells
 from vmap_sweep.store import extras
 from vmap_sweep.store.db import StudyStore
 from vmap_sweep.study.axes import parse_axis_spec
@@ -46,6 +47,7 @@ class GridView:
     initial_loss: np.ndarray | None = None  # the base model's loss before any update (the scalar fallback)
     base_trajectories: dict[tuple[int, int], np.ndarray] | None = None  # per-step base losses, keyed (i, j)
     optimizer: str = ""
+    repeats: np.ndarray | None = None  # bool: the cell repeats a smaller budget's experiment (analysis/repeats.py)
 
     def transposed(self) -> GridView:
         """The same study with x and y swapped."""
@@ -54,7 +56,7 @@ class GridView:
                         final_loss=self.final_loss.T, eval_loss=self.eval_loss.T, title=self.title,
                         labels=_t(self.labels), criterion=dict(self.criterion), base_loss=_t(self.base_loss),
                         initial_loss=_t(self.initial_loss), base_trajectories=_swap(self.base_trajectories),
-                        optimizer=self.optimizer)
+                        optimizer=self.optimizer, repeats=_t(self.repeats))
 
     def relative_final_loss(self) -> np.ndarray | None:
         """final loss / the base model's loss on the same (last) batch; None when no base loss is stored."""
@@ -78,6 +80,9 @@ def grid_view(store: StudyStore) -> GridView:
     x, y = parse_axis_spec(cfg["x"]), parse_axis_spec(cfg["y"])
     labels = store.labels_array()
     base = store.trajectories("base_losses")
+    repeats = np.zeros((store.ny, store.nx), dtype=bool)
+    for i, j in sized_cells(store).same_as:
+        repeats[j, i] = True
     return GridView(
         xs=x.values(store.nx),
         ys=y.values(store.ny),
@@ -96,4 +101,5 @@ def grid_view(store: StudyStore) -> GridView:
         initial_loss=store.grid_arrays("initial_loss"),
         base_trajectories=base,
         optimizer=str(cfg.get("optimizer") or ""),
+        repeats=repeats,
     )

@@ -67,6 +67,7 @@ def _error(message: str):
 def _fixed(settings: list[str] | None) -> dict:
     """--set KEY=VALUE pairs -> fixed hyperparameters, validated against the axis registry."""
     from vmap_sweep.study.axes import AXES
+    from vmap_sweep.study.config import fixed_value
 
     fixed = {}
     for item in settings or []:
@@ -77,7 +78,7 @@ def _fixed(settings: list[str] | None) -> dict:
             number = float(value)
         except ValueError:
             raise ConfigError(f"--set {item!r}: {value!r} is not a number") from None
-        fixed[key] = int(number) if AXES[key].kind == "int" else number
+        fixed[key] = fixed_value(key, number)
     return fixed
 
 
@@ -99,15 +100,17 @@ def _study_config(preset: str | None, settings: list[str] | None, stored=None, *
     return cfg
 
 
-def _stored_config(out: Path):
-    """The config of the study in `out`, or None where there is none yet."""
+def _stored_study(out: Path):
+    """(config, run settings or None, run options) of the study in `out`: what `run --out DIR` alone resumes with;
+    (None, None, {}) where there is no study yet."""
+    from vmap_sweep.store import extras
     from vmap_sweep.store.db import DB_NAME
     from vmap_sweep.store.study import Study
 
     if not (out / DB_NAME).is_file():
-        return None
+        return None, None, {}
     with Study.open(out) as study:
-        return study.config
+        return study.config, study.settings, extras.run_options(study.store)
 
 
 def _models_per_batch(text: str) -> int | str:
@@ -132,7 +135,8 @@ def run(
     x: Annotated[str | None, typer.Option(help="AXIS:MIN:MAX[:log|lin] (see `vmap-sweep axes`).")] = None,
     y: Annotated[str | None, typer.Option(help="AXIS:MIN:MAX[:log|lin].")] = None,
     resolution: Annotated[str | None, typer.Option(help="N or NxM cells.")] = None,
-    models_per_batch: Annotated[str, typer.Option(help="Models trained at once, or 'auto' to probe memory.")] = "8",
+    models_per_batch: Annotated[str | None, typer.Option(
+        help="Models trained at once, or 'auto' to probe memory (default 8; resuming, the study's).")] = None,
     optimizer: Annotated[str | None, typer.Option(help="adamw, or nanochat (Muon + AdamW).")] = None,
     schedule: Annotated[str | None, typer.Option(help="constant, linear (to zero) or cosine.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Rows per optimizer step.")] = None,
@@ -144,11 +148,11 @@ def run(
     trainable: Annotated[str | None, typer.Option(help="Groups to train, e.g. attn,mlp,unembedding.")] = None,
     optimizer_state: Annotated[str | None, typer.Option(help="float32, or bfloat16 (half the memory).")] = None,
     checkpoint_activations: Annotated[bool, typer.Option(help="Recompute activations: less memory.")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default auto; resuming, the study's).")] = None,
     shard: Annotated[str | None, typer.Option(help="K/N: run only the K-th of N parts of the plan.")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the plan and an estimate of its time; train nothing.")] = False,
-    share: Annotated[bool, typer.Option(help="Read a learning rate's dataset sizes out of one shared trajectory "
-                                             "(same results); --no-share trains every cell alone.")] = True,
+    share: Annotated[bool | None, typer.Option(help="Read a learning rate's dataset sizes out of one shared trajectory "
+                                                    "(same results); --no-share trains every cell alone.")] = None,
     quiet: Annotated[bool, typer.Option(help="Log lines instead of a progress bar.")] = False,
     deterministic: Annotated[bool, typer.Option(help="Bitwise-reproducible kernels (slower on GPU).")] = False,
     wandb: Annotated[bool, typer.Option(help="Log progress to Weights & Biases (WANDB_MODE=offline works).")] = False,
@@ -158,7 +162,6 @@ def run(
 ):
     """Run (or resume) a study: every cell of the grid fine-tuned, stored batch by batch. A study resumes from its
     folder alone (`run --out DIR`): options left out are the study's own; options given must match them."""
-    k = _models_per_batch(models_per_batch)
     out = out or Path("studies") / (preset or "d20-docvqa")
     shard_spec = None
     if shard:
@@ -166,7 +169,17 @@ def run(
 
         shard_spec = parse_shard(shard)
         out = out / f"shard-{shard_spec[0]}-of-{shard_spec[1]}"
-    cfg = _study_config(preset, set_, _stored_config(out), model=model, data=data, x=x, y=y, resolution=resolution,
+    # Resuming, what is left out is the study's own: its config below, its run settings (a differing one given is
+    # refused by the pipeline, naming it), and how it was batched (which no result depends on).
+    stored, stored_settings, stored_options = _stored_study(out)
+    k = _models_per_batch(models_per_batch or str(stored_options.get("models_per_batch", "8")))
+    share = stored_options.get("share", True) if share is None else share
+    if stored_settings is not None:
+        device = device or stored_settings.device
+        micro_batch_size = micro_batch_size if micro_batch_size is not None else stored_settings.micro_batch_size
+        deterministic = deterministic or stored_settings.deterministic
+    device = device or "auto"
+    cfg = _study_config(preset, set_, stored, model=model, data=data, x=x, y=y, resolution=resolution,
                         optimizer=optimizer, schedule=schedule, batch_size=batch_size, seq_len=seq_len, seed=seed,
                         eval_tokens=eval_tokens, trainable=trainable, optimizer_state=optimizer_state,
                         checkpoint_activations=checkpoint_activations or None)
@@ -241,9 +254,10 @@ def _dry_run(cfg, k, device, share=True):
     dev = resolve_device(device)
     model_config, tokenizer = base_model_shape(cfg.model)
     grid = build_grid(cfg)
-    check_smallest_budget(cfg, grid, training_stream(cfg, model_config.sequence_len, tokenizer)
-                          .first_supervised_position())
-    s = describe_plan(cfg, plan_study(cfg, grid.cells(), k, share), model_config, dev)
+    budgets = training_stream(cfg, model_config.sequence_len, tokenizer).budgets(
+        sorted({int(c.hparams["tokens"]) for c in grid.cells()}))
+    check_smallest_budget(cfg, grid, budgets.first_supervised)
+    s = describe_plan(cfg, plan_study(cfg, grid.cells(), k, share), model_config, dev, budgets)
     render.show([render.plan_table(cfg, k, s)])
 
 
@@ -469,6 +483,9 @@ def rules(
                                                      "several: one joint fit over dataset and model size.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     plot_file: Annotated[Path | None, typer.Option("--plot", help="Draw LR vs dataset size (.png/.svg/.pdf).")] = None,
+    size_unit: Annotated[str, typer.Option(
+        "--size-unit", help="What a dataset size D counts: tokens (the budget), supervised (the assistant tokens "
+                            "it holds, what the model learns from) or conversations.")] = "tokens",
     params: Annotated[str | None, typer.Option(help="Several studies: their models' parameter counts, comma-"
                                                     "separated in the folders' order (default: counted).")] = None,
 ):
@@ -480,14 +497,14 @@ def rules(
     if plot_file is not None:
         picture_file(plot_file)
     if len(study) == 1:
-        result = rules_of_thumb(study[0])
+        result = rules_of_thumb(study[0], size_unit)
         if plot_file is not None:
             plot_rules(result, plot_file)
         render.emit(result, json_out, render.rules_lines, plot_file)
         return
     from vmap_sweep.analysis.rules_joint import joint_rules
 
-    results = [rules_of_thumb(s) for s in study]
+    results = [rules_of_thumb(s, size_unit) for s in study]
     joint = joint_rules(results, _parameter_counts(study, params))
     if plot_file is not None:
         plot_joint_rules(joint, plot_file)

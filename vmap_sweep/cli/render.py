@@ -389,7 +389,7 @@ def rules_table(result: RulesResult) -> Table:
 def fit_table(result: RulesResult) -> Table:
     """The fitted power laws, one row per rule."""
     header, rows = result.fit_rows()
-    table = Table(title="fitted rules (D in tokens)")
+    table = Table(title=f"fitted rules (D in {result.size_unit})")
     for h in header:
         table.add_column(h)
     for r in rows:
@@ -481,6 +481,20 @@ def axes_lines(help_text: str) -> list[Text]:
     return [Text(help_text)]
 
 
+def repeats_line(s: dict, shown: int = 4) -> str:
+    """The cells whose budget adds no supervised token to a smaller one's, by the budgets they repeat."""
+    if not s["repeated_cells"]:
+        return "none: every budget adds supervised tokens to the smaller ones"
+    by_budget: dict[int, list[int]] = {}
+    for budget, repeated in sorted(s["repeats"].items()):
+        by_budget.setdefault(repeated, []).append(budget)
+    pairs = [f"{', '.join(map(str, dup))} = {rep}" for rep, dup in sorted(by_budget.items())]
+    more = f", … ({len(pairs) - shown} more)" if len(pairs) > shown else ""
+    return (f"{s['repeated_cells']:,} cells repeat a smaller budget's experiment (the tokens between hold no "
+            f"supervised token); budgets {'; '.join(pairs[:shown])}{more}; stored as their own cells, "
+            "counted as one size by rules and the maps")
+
+
 def plan_table(cfg, k: int, s: dict) -> Table:
     """--dry-run's plan: what will be trained and a rough time for it."""
     table = Table(title="plan", show_header=False)
@@ -492,6 +506,7 @@ def plan_table(cfg, k: int, s: dict) -> Table:
         ("trunks", f"{s['trunks']:,} trained, read out at {s['read_outs']:,} cells"),
         ("model-steps", f"{s['model_steps']:,} ({s['padded_model_steps']:,} masked); every cell alone: "
                         f"{s['cell_model_steps']:,}"),
+        ("repeated data", repeats_line(s)),
         ("FLOPs", f"{s['flops']:.3g}"),
         ("estimate", f"{duration(s['seconds_estimate'])} on {s['device']} "
                      f"(matmul {s['matmul_tflops']:.2f} TFLOP/s measured, {s['efficiency']:.0%} of it assumed)"),

@@ -30,8 +30,14 @@ def validate_conversation(conversation: object, index: int | None = None, source
     for k, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise DataError(f"{where}: message {k} lacks `role` or `content`; each message needs both")
-        if not isinstance(m["content"], str):
-            raise DataError(f"{where}: message {k} content is a {type(m['content']).__name__}, not a string")
+        for field in ("role", "content"):
+            if not isinstance(m[field], str):
+                raise DataError(f"{where}: message {k} {field} is a {type(m[field]).__name__}, not a string")
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate ("\ud800" in JSON) is no character of any text
+            raise DataError(f"{where}: message {k} content holds {m['content'][e.start:e.end]!r}, a lone UTF-16 "
+                            "surrogate that is not text; fix the escape in the file") from None
     messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     if messages and messages[0]["role"] == "system":
         if len(messages) < 2 or messages[1]["role"] != "user":

@@ -139,6 +139,9 @@ def _read_jsonl(path: Path) -> list[dict]:
                 raise DataError(
                     f"{path}:{lineno}: invalid JSON ({e.msg}); expected one {{\"messages\": [...]}} per line"
                 ) from e
+            except RecursionError:
+                raise DataError(f"{path}:{lineno}: JSON nested too deeply to be a conversation; "
+                                "expected one {\"messages\": [...]} per line") from None
             validate_conversation(row, None, f"{path}:{lineno}")
             rows.append({"messages": row["messages"]})
     return rows

@@ -22,6 +22,7 @@ import torch
 from vmap_sweep.data.render import render_conversation
 from vmap_sweep.errors import DataError
 from vmap_sweep.model.tokenizer import Tokenizer
+from vmap_sweep.study.sizes import Budgets, DatasetSize
 
 EVAL_SEED = 7
 
@@ -43,6 +44,7 @@ class TokenStream:
     mask: torch.Tensor  # (N,) bool: supervised tokens
     order: tuple[int, ...]  # indices into the conversations, in stream order
     seed: int
+    lengths: tuple[int, ...] = ()  # each conversation's tokens, in stream order; () counts the stream as one
 
     @classmethod
     def build(
@@ -59,13 +61,16 @@ class TokenStream:
         random.Random(seed).shuffle(order)
         ids: list[int] = []
         mask: list[int] = []
+        lengths: list[int] = []
         for i in order:
             c_ids, c_mask = render_conversation(tokenizer, conversations[i], max_len, index=i, source=source)
             ids += c_ids
             mask += c_mask
+            lengths.append(len(c_ids))
         if not any(mask):
             raise DataError(f"{source or 'conversations'}: no supervised (assistant) tokens after rendering")
-        return cls(torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool), tuple(order), seed)
+        return cls(torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool), tuple(order), seed,
+                   tuple(lengths))
 
     @property
     def num_tokens(self) -> int:
@@ -78,10 +83,29 @@ class TokenStream:
         targets = torch.where(self.mask[nxt], self.ids[nxt], torch.full_like(nxt, -1))
         return self.ids[pos], targets
 
-    def first_supervised_position(self) -> int | None:
-        """The smallest budget that holds a supervised token (1 + its position), None if the stream has none."""
-        found = (self.window(0, self.num_tokens)[1] != -1).nonzero()
-        return int(found[0]) + 1 if len(found) else None
+    def budgets(self, budgets: Sequence[int]) -> Budgets:
+        """What the first N positions hold, for each budget N: its supervised targets and conversations. The
+        target of position k is token k+1, so it belongs to token k+1's conversation; past the end the stream
+        starts again (a second epoch), and the counts go on."""
+        n = self.num_tokens
+        supervised = self.mask.roll(-1)  # target k is supervised where token k+1 is
+        before = torch.cat([torch.zeros(1, dtype=torch.long), supervised.long().cumsum(0)])  # before[k]: in [0, k)
+        # conversation of each target position, then the first supervised target of each conversation
+        ends = torch.tensor(self.lengths or (n,)).cumsum(0)
+        owner = torch.bucketize(torch.arange(1, n + 1) % n, ends, right=True)
+        first = torch.full((len(ends),), n, dtype=torch.long)
+        hits = supervised.nonzero().flatten()
+        first.scatter_reduce_(0, owner[hits], hits, reduce="amin")
+        first = first[first < n].sort().values  # only conversations with a supervised target count
+        sizes = {}
+        for budget in budgets:
+            epochs, rest = divmod(int(budget), n)
+            sizes[int(budget)] = DatasetSize(
+                tokens=int(budget),
+                supervised=epochs * int(before[n]) + int(before[rest]),
+                conversations=epochs * len(first) + int(torch.searchsorted(first, rest)),
+            )
+        return Budgets(int(hits[0]) + 1 if len(hits) else None, sizes)
 
     def batch(self, step: int, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each LongTensor (B, T), of positions [step*B*T, (step+1)*B*T)."""

@@ -14,6 +14,7 @@ import json
 import os
 import posixpath
 import re
+import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,6 +23,7 @@ import torch
 from vmap_sweep.errors import CheckpointError, TokenizerError
 from vmap_sweep.model.gpt import GPT, GPTConfig
 from vmap_sweep.model.tokenizer import BYTES, ByteTokenizer, Tokenizer, load_tokenizer
+from vmap_sweep.model.validate import check_config, check_weights, parse_json
 
 OWN_FORMAT = "vmap-sweep"
 OWN_META = "vmap_sweep.json"
@@ -29,6 +31,10 @@ OWN_WEIGHTS = "model.safetensors"
 
 _NATIVE_MODEL = re.compile(r"model_(\d+)\.pt")
 _NATIVE_CONFIG_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
+# GPTConfig's fields as a transformers config.json spells them, to name the file's own field in an error.
+_HF_NAMES = {"sequence_len": "max_position_embeddings", "vocab_size": "vocab_size", "n_layer": "num_hidden_layers",
+             "n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads", "n_embd": "hidden_size",
+             "norm_eps": "rms_norm_eps", "rope_base": "rope_theta", "softcap": "final_logit_softcapping"}
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 # transformers' NanoChat parameter names -> ours. Unmatched keys pass through unchanged, so the strict
@@ -172,10 +178,8 @@ def _native_config(meta: dict, meta_path: Path) -> GPTConfig:
             f"{meta_path}: model_config has {', '.join(extra)}, from a later nanochat architecture "
             "(Jan 2026+); only the Oct-Dec 2025 architecture (e.g. nanochat-d20) is supported"
         )
-    if not all(type(mc[k]) is int and mc[k] > 0 for k in _NATIVE_CONFIG_KEYS):
-        raise CheckpointError(f"{meta_path}: model_config values must be positive integers; the file is corrupt")
     # Native nanochat normalizes with F.rms_norm(eps=None): the dtype's machine epsilon.
-    return _make_config(meta_path, **{k: mc[k] for k in _NATIVE_CONFIG_KEYS}, norm_eps=None)
+    return check_config({**{k: mc[k] for k in _NATIVE_CONFIG_KEYS}, "norm_eps": None}, meta_path)
 
 
 def _find_native_tokenizer(folder: Path) -> Path:
@@ -197,7 +201,9 @@ def _find_native_tokenizer(folder: Path) -> Path:
 
 def _torch_load(file: Path) -> dict[str, torch.Tensor]:
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        # Mapped, not read: the tensors' sizes are bounded by the file's, and their shapes are checked against
+        # the config before any memory is spent on them.
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(
@@ -207,6 +213,8 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"{file}: holds a {type(state).__name__}, not a state dict; is this a nanochat model file?"
         )
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f"{file}: holds entries that are not named tensors; is this a nanochat model file?")
     return state
 
 
@@ -222,11 +230,20 @@ def _load_hf(folder: Path) -> LoadedModel:
         raise TokenizerError(f"{folder}: no tokenizer.json beside config.json; copy the model's tokenizer.json here")
     tokenizer = load_tokenizer(tok_path)
     _check_tokenizer(tokenizer, config, cfg_path)
-    state, weights = _read_safetensors(folder)
-    state = {_map_hf_key(k): v for k, v in state.items()}
-    if cfg.get("tie_word_embeddings") and "lm_head.weight" not in state and "transformer.wte.weight" in state:
-        state["lm_head.weight"] = state["transformer.wte.weight"].clone()  # nanochat unties; accept a tied port
-    return LoadedModel(_build(config, state, weights), tokenizer, config)
+    files, weights = _safetensors_files(folder)
+    tied = bool(cfg.get("tie_word_embeddings"))
+    check_weights(config, _tie(tied, {_map_hf_key(k): s for k, s in _safetensors_shapes(files).items()}), weights,
+                  _HF_NAMES)
+    state = _tie(tied, {_map_hf_key(k): v for k, v in _read_safetensors(files).items()})
+    return LoadedModel(_build(config, state, weights, _HF_NAMES), tokenizer, config)
+
+
+def _tie(tied: bool, entries: dict) -> dict:
+    """nanochat unties lm_head from wte; a tied port stores wte only, which stands for both."""
+    if tied and "lm_head.weight" not in entries and "transformer.wte.weight" in entries:
+        wte = entries["transformer.wte.weight"]
+        entries["lm_head.weight"] = wte.clone() if isinstance(wte, torch.Tensor) else wte
+    return entries
 
 
 def _hf_config(cfg: dict, path: Path) -> GPTConfig:
@@ -245,34 +262,39 @@ def _hf_config(cfg: dict, path: Path) -> GPTConfig:
     missing = [k for k in required if k not in cfg]
     if missing:
         raise CheckpointError(f"{path}: lacks {', '.join(missing)}; the config is incomplete")
-    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    if cfg["intermediate_size"] != 4 * hidden:
-        raise CheckpointError(
-            f"{path}: intermediate_size {cfg['intermediate_size']} is not 4 x hidden_size {hidden}, "
-            "which nanochat's MLP requires; not a nanochat-shaped model"
-        )
-    if cfg.get("head_dim") not in (None, hidden // heads):
-        raise CheckpointError(f"{path}: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads; unsupported")
-    if cfg.get("hidden_act", "relu2") != "relu2" or cfg.get("attention_bias", False):
-        raise CheckpointError(f"{path}: hidden_act must be relu2 and attention_bias false, as in nanochat; unsupported")
     rope = cfg.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise CheckpointError(f"{path}: rope_parameters is a {type(rope).__name__}, not an object; "
+                              "the config is corrupt")
     if rope.get("rope_type", "default") != "default":
         raise CheckpointError(f"{path}: rope_type {rope['rope_type']!r} is not supported; nanochat uses 'default'")
     softcap = cfg.get("final_logit_softcapping", 15.0)
     if softcap is None:
         raise CheckpointError(f"{path}: final_logit_softcapping is null; nanochat models always cap logits")
-    return _make_config(
-        path,
+    kv_heads = cfg.get("num_key_value_heads")
+    config = check_config(dict(
         sequence_len=cfg["max_position_embeddings"],
         vocab_size=cfg["vocab_size"],
         n_layer=cfg["num_hidden_layers"],
-        n_head=heads,
-        n_kv_head=cfg.get("num_key_value_heads") or heads,
-        n_embd=hidden,
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_base=float(rope.get("rope_theta") or cfg.get("rope_theta") or 10000.0),
-        softcap=float(softcap),
-    )
+        n_head=cfg["num_attention_heads"],
+        n_kv_head=cfg["num_attention_heads"] if kv_heads is None else kv_heads,
+        n_embd=cfg["hidden_size"],
+        norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_base=next((t for t in (rope.get("rope_theta"), cfg.get("rope_theta")) if t is not None), 10000.0),
+        softcap=softcap,
+    ), path, _HF_NAMES)
+    intermediate = cfg["intermediate_size"]
+    if type(intermediate) is not int or intermediate != 4 * config.n_embd:
+        raise CheckpointError(
+            f"{path}: intermediate_size {intermediate!r} is not 4 x hidden_size {config.n_embd}, "
+            "which nanochat's MLP requires; not a nanochat-shaped model"
+        )
+    if cfg.get("head_dim") not in (None, config.head_dim):
+        raise CheckpointError(f"{path}: head_dim {cfg['head_dim']!r} != hidden_size / num_attention_heads; "
+                              "unsupported")
+    if cfg.get("hidden_act", "relu2") != "relu2" or cfg.get("attention_bias", False):
+        raise CheckpointError(f"{path}: hidden_act must be relu2 and attention_bias false, as in nanochat; unsupported")
+    return config
 
 
 def _map_hf_key(key: str) -> str:
@@ -282,14 +304,19 @@ def _map_hf_key(key: str) -> str:
     return key
 
 
-def _read_safetensors(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
-    """All tensors of a (possibly sharded) safetensors checkpoint, and the file to name in errors."""
+def _safetensors_files(folder: Path) -> tuple[list[Path], Path]:
+    """The files of a (possibly sharded) safetensors checkpoint, and the file to name in errors."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map = _read_json(index, "").get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: no weight_map; the index is corrupt")
-        files = [folder / name for name in sorted(set(weight_map.values()))]
+        names = set(weight_map.values())
+        outside = sorted(repr(n) for n in names if not _plain_name(n))
+        if outside:
+            raise CheckpointError(f"{index}: names shards {', '.join(outside)} outside its folder; "
+                                  "the index is corrupt")
+        files = [folder / name for name in sorted(names)]
         absent = [f.name for f in files if not f.is_file()]
         if absent:
             raise CheckpointError(f"{index}: names shards {', '.join(absent)} that are missing; finish the download")
@@ -301,13 +328,35 @@ def _read_safetensors(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
                 f"{folder}: config.json but no *.safetensors; save the model with safe_serialization=True"
             )
         where = files[0] if len(files) == 1 else folder
-    state: dict[str, torch.Tensor] = {}
+    return files, where
+
+
+def _plain_name(name: object) -> bool:
+    """A file name inside its folder: no separator, not '.' or '..'."""
+    return isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name and "\\" not in name
+
+
+def _safetensors_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape, from the files' headers alone (safetensors checks a header against the file's size)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
     for f in files:
-        for k, v in _load_safetensors_file(f).items():
-            if k in state:
-                raise CheckpointError(f"{f}: tensor {k} also appears in another shard; the checkpoint is corrupt")
-            state[k] = v
-    return state, where
+        try:
+            with safe_open(str(f), framework="pt") as opened:
+                found = {k: tuple(opened.get_slice(k).get_shape()) for k in opened.keys()}  # noqa: SIM118
+        except Exception as e:
+            raise CheckpointError(f"{f}: can't be read as safetensors ({e}); is the download complete?") from None
+        twice = sorted(set(found) & set(shapes))
+        if twice:
+            raise CheckpointError(f"{f}: tensor {twice[0]} also appears in another shard; the checkpoint is corrupt")
+        shapes |= found
+    return shapes
+
+
+def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    """All tensors of the files (whose headers _safetensors_shapes has checked: no tensor in two shards)."""
+    return {k: v for f in files for k, v in _load_safetensors_file(f).items()}
 
 
 def _load_safetensors_file(file: Path) -> dict[str, torch.Tensor]:
@@ -435,19 +484,32 @@ def _load_own(folder: Path) -> LoadedModel:
     mc = meta.get("model_config")
     if not isinstance(mc, dict):
         raise CheckpointError(f"{meta_path}: no model_config object; the file is corrupt")
-    config = _make_config(meta_path, **mc)
-    name = meta.get("tokenizer")
-    if name == BYTES:
-        tokenizer: Tokenizer = ByteTokenizer()
-    elif isinstance(name, str) and name and Path(name).name == name:
-        tokenizer = load_tokenizer(folder / name)
-    else:
-        raise TokenizerError(f"{meta_path}: tokenizer must be 'bytes' or a file name in this folder, not {name!r}")
+    missing = [k for k in GPTConfig.__dataclass_fields__ if k not in mc]
+    if missing:
+        raise CheckpointError(f"{meta_path}: model_config lacks {', '.join(missing)}; the file is corrupt")
+    config = check_config(mc, meta_path)
+    tokenizer = _own_tokenizer(folder, meta.get("tokenizer"), meta_path)
     _check_tokenizer(tokenizer, config, meta_path)
     weights = folder / OWN_WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{weights}: missing beside {OWN_META}; save the model again")
+    check_weights(config, _safetensors_shapes([weights]), weights)
     return LoadedModel(_build(config, _load_safetensors_file(weights), weights), tokenizer, config)
+
+
+def _own_tokenizer(folder: Path, name: object, meta_path: Path) -> Tokenizer:
+    """The tokenizer vmap_sweep.json names: 'bytes', or a file of this folder. A link may point only where the
+    folder's own files are (a Hugging Face cache links every file of a snapshot to its blobs/ folder)."""
+    if name == BYTES:
+        return ByteTokenizer()
+    if not _plain_name(name):
+        raise TokenizerError(f"{meta_path}: tokenizer must be 'bytes' or a file name in this folder, not {name!r}")
+    path = folder / name
+    homes = {folder.resolve(), meta_path.resolve().parent}
+    if path.exists() and not (path.is_file() and path.resolve().parent in homes):
+        raise TokenizerError(f"{path}: the tokenizer {OWN_META} names is not a file of this folder (it leads to "
+                             f"{path.resolve()}); copy the tokenizer file into {folder}")
+    return load_tokenizer(path)
 
 
 # ---------------------------------------------------------------------------------------------- shared
@@ -455,23 +517,14 @@ def _load_own(folder: Path) -> LoadedModel:
 
 def _read_json(path: Path, hint: str) -> dict:
     try:
-        data = json.loads(path.read_text())
+        data = parse_json(path.read_text(encoding="utf-8"), path)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing; {hint}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e}); is the file complete?") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: holds a JSON {type(data).__name__}, not an object; is this the right file?")
     return data
-
-
-def _make_config(source_file: Path, **fields) -> GPTConfig:
-    try:
-        config = GPTConfig(**fields)
-        config.validate()
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{source_file}: invalid model config ({e}); the file is corrupt") from None
-    return config
 
 
 def _check_tokenizer(tokenizer: Tokenizer, config: GPTConfig, source_file: Path) -> None:
@@ -488,38 +541,15 @@ def _check_tokenizer(tokenizer: Tokenizer, config: GPTConfig, source_file: Path)
         )
 
 
-def _build(config: GPTConfig, state: dict, source_file: Path) -> GPT:
-    model = GPT(config)
-    _load_state(model, state, source_file)
-    return model
-
-
-def _names(keys: list[str], limit: int = 4) -> str:
-    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
-def _load_state(model: GPT, state: dict, source_file: Path) -> None:
-    """Fill `model` from `state` exactly: same keys, same shapes, floating tensors (stored as float32)."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    extra = [k for k in state if k not in expected]
-    if missing or extra:
-        parts = ([f"missing keys {_names(missing)}"] if missing else []) + (
-            [f"unexpected keys {_names(extra)}"] if extra else []
-        )
-        raise CheckpointError(
-            f"{source_file}: {'; '.join(parts)}; the weights don't match a nanochat model of this config"
-        )
+def _build(config: GPTConfig, state: dict, source_file: Path, names: dict | None = None) -> GPT:
+    """GPT(config) filled from `state` exactly: same keys, same shapes (checked before the model is allocated),
+    floating tensors (stored as float32)."""
+    check_weights(config, {k: tuple(v.shape) for k, v in state.items()}, source_file, names)
     converted = {}
-    for key, ref in expected.items():
-        t = state[key]
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+    for key, t in state.items():
+        if not t.is_floating_point():
             raise CheckpointError(f"{source_file}: {key} is not a floating-point tensor; the file is corrupt")
-        if t.shape != ref.shape:
-            raise CheckpointError(
-                f"{source_file}: {key} has shape {tuple(t.shape)} but the config implies {tuple(ref.shape)}; "
-                "weights and config disagree"
-            )
         converted[key] = t.to(torch.float32)  # wte is bf16 in native checkpoints, everything is bf16 on the Hub
+    model = GPT(config)
     model.load_state_dict(converted, strict=True)
+    return model

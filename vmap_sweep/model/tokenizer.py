@@ -41,6 +41,11 @@ SPLIT_PATTERN = (
 
 BYTES = "bytes"  # how the byte tokenizer is named where a tokenizer file name would go
 
+# Text a split pattern must cut into non-empty pieces that cover it: letters, digits, punctuation, runs of
+# whitespace and newlines, other scripts. tiktoken's Rust core panics on an empty piece (a pattern such as
+# "" matches the empty string), and a pattern that skips characters silently drops them from every text.
+_PATTERN_PROBE = "Hello, World! it's 12345 apples;\n\n  tabs\tand  spaces\r\n\u00e9t\u00e9 \u65e5\u672c \U0001f642 ?! "
+
 
 class Tokenizer(ABC):
     """What the rest of the package needs from a tokenizer."""
@@ -214,7 +219,26 @@ def _validate_state(state: object, where: str) -> dict:
     extra = set(state) - {*types, "explicit_n_vocab"}
     if extra:
         raise TokenizerError(f"{where}: unexpected fields {sorted(extra)} in the pickled Encoding; the file is corrupt")
+    _check_split_pattern(state["pat_str"], where)
     return {k: state[k] for k in types}
+
+
+def _check_split_pattern(pat_str: str, where: str) -> None:
+    """Refuse a pat_str that tiktoken would panic on or that loses text, before tiktoken ever sees it."""
+    import regex  # the engine tiktoken's own Python code uses for these patterns
+
+    try:
+        pieces = [m.group() for m in regex.compile(pat_str).finditer(_PATTERN_PROBE)]
+    except regex.error as e:
+        raise TokenizerError(f"{where}: pat_str is not a valid split pattern ({e}); the file is corrupt") from None
+    if "" in pieces or "".join(pieces) != _PATTERN_PROBE:
+        raise TokenizerError(f"{where}: pat_str {pat_str[:60]!r} does not split text into non-empty pieces that "
+                             "cover it; the file is corrupt, use nanochat's tokenizer.pkl")
+
+
+def _panicked(e: BaseException) -> bool:
+    # pyo3 turns a Rust panic into PanicException, a BaseException (not an Exception) by design.
+    return type(e).__name__ == "PanicException"
 
 
 class TiktokenTokenizer(Tokenizer):
@@ -241,8 +265,10 @@ class TiktokenTokenizer(Tokenizer):
             enc = tiktoken.Encoding(
                 name, pat_str=pat_str, mergeable_ranks=mergeable_ranks, special_tokens=special_tokens
             )
-        except Exception as e:  # tiktoken's Rust core raises ValueError or panics on a bad pattern
-            raise TokenizerError(f"{where}: tiktoken can't build the encoding ({e}); the file is corrupt") from e
+        except BaseException as e:  # tiktoken's Rust core raises ValueError or panics on a bad pattern
+            if not (isinstance(e, Exception) or _panicked(e)):
+                raise
+            raise TokenizerError(f"{where}: tiktoken can't build the encoding ({e}); the file is corrupt") from None
         return cls(enc, source)
 
     @classmethod
@@ -270,7 +296,13 @@ class TiktokenTokenizer(Tokenizer):
         return cls.from_state(**state, source=path)
 
     def encode(self, text: str) -> list[int]:
-        return self.enc.encode_ordinary(text)
+        try:
+            return self.enc.encode_ordinary(text)
+        except BaseException as e:
+            if not _panicked(e):
+                raise
+            where = self.source or "tiktoken state"
+            raise TokenizerError(f"{where}: tiktoken failed on a text ({e}); its pat_str is broken") from None
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.enc.decode([int(i) for i in ids])

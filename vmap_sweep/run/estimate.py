@@ -11,7 +11,8 @@ from vmap_sweep.model.tokenizer import ByteTokenizer, Tokenizer
 from vmap_sweep.run.policy import compile_on
 from vmap_sweep.run.worker import load_base_model
 from vmap_sweep.study.config import StudyConfig
-from vmap_sweep.study.plan import plan_summary, sharing_summary
+from vmap_sweep.study.plan import plan_summary, same_experiments, sharing_summary
+from vmap_sweep.study.sizes import Budgets
 
 # The fraction of a bare matmul's rate that training reaches, compiled or eager, counting every model's every
 # step: the default d20 study projected from measured batches on an H100 (benchmarks/RESULTS.md), 41% compiled
@@ -50,8 +51,10 @@ def measured_flops_per_second(device: torch.device, rounds: int = 5) -> float:
     return best
 
 
-def describe_plan(cfg: StudyConfig, batches: list, model_config: GPTConfig, device: torch.device) -> dict:
-    """--dry-run: cells, batches, model-steps, FLOPs and a rough time on this device."""
+def describe_plan(cfg: StudyConfig, batches: list, model_config: GPTConfig, device: torch.device,
+                  budgets: Budgets) -> dict:
+    """--dry-run: cells, batches, model-steps, FLOPs and a rough time on this device, and the cells whose
+    budgets repeat a smaller one's experiment (`repeats`: {repeated budget: the budget it repeats})."""
     per_step = flops_per_model_step(model_config, cfg.seq_len, cfg.batch_size * cfg.seq_len)
     summary = plan_summary(batches, per_step)
     summary.update(sharing_summary(batches))
@@ -67,4 +70,10 @@ def describe_plan(cfg: StudyConfig, batches: list, model_config: GPTConfig, devi
     summary["device"] = str(device)
     summary["matmul_tflops"] = rate / 1e12
     summary["steps_range"] = (min(min(b.cell_steps) for b in batches), max(max(b.cell_steps) for b in batches))
+    cells = [c for b in batches for c in b.cells]
+    same = same_experiments(cells, {n: size.supervised for n, size in budgets.sizes.items()}, cfg.schedule,
+                            cfg.batch_size * cfg.seq_len)
+    summary["repeated_cells"] = len(same)
+    summary["repeats"] = {int(c.hparams["tokens"]): int(same[c.key].hparams["tokens"])
+                          for c in cells if c.key in same}
     return summary

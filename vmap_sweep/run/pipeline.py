@@ -24,6 +24,7 @@ from vmap_sweep.study.config import StudyConfig
 from vmap_sweep.study.grid import Cell, Grid
 from vmap_sweep.study.plan import Batch, build_grid, plan_study, shard_cells
 from vmap_sweep.study.settings import RunSettings
+from vmap_sweep.study.sizes import Budgets
 from vmap_sweep.train.trainer import CellRecord
 
 
@@ -48,7 +49,8 @@ class Backend(Protocol):
 
     settings: RunSettings
 
-    def first_supervised_position(self) -> int | None: ...
+    def budgets(self, budgets: list[int]) -> Budgets:
+        """What the study's data holds in each budget (the first N tokens)."""
 
     def models_per_batch(self, limit: int) -> int: ...
 
@@ -80,8 +82,9 @@ def run_study(cfg: StudyConfig, out: str | Path, backend: Backend, *, models_per
         study.store.claim_writer()
         claimed = True
         digest = _check_resumable(study, backend.settings)
-        check_smallest_budget(cfg, grid, backend.first_supervised_position())
-        _record_start(study, backend.settings, digest, criterion)
+        budgets = backend.budgets(sorted({int(c.hparams["tokens"]) for c in grid.cells()}))
+        check_smallest_budget(cfg, grid, budgets.first_supervised)
+        _record_start(study, backend.settings, digest, criterion, budgets, models_per_batch, share)
         k = backend.models_per_batch(grid.nx * grid.ny) if models_per_batch == "auto" else int(models_per_batch)
         batches = plan_study(cfg, cells, k, share)
         _train_and_store(study.store, backend, batches, progress, labeller, shard_name)
@@ -137,11 +140,16 @@ def check_smallest_budget(cfg: StudyConfig, grid: Grid, first: int | None) -> No
                           f"(assistant) token; {where}")
 
 
-def _record_start(study: Study, settings: RunSettings, digest: str | None, criterion: dict | None) -> None:
+def _record_start(study: Study, settings: RunSettings, digest: str | None, criterion: dict | None,
+                  budgets: Budgets, models_per_batch: int | str, share: bool) -> None:
     """What the study was started with, written once its model and data have loaded."""
     store = study.store
     if study.settings is None:
         extras.put_run_settings(store, settings)
+    if extras.dataset_sizes(store) is None:  # also for a study started before sizes were recorded
+        extras.put_dataset_sizes(store, budgets.sizes)
+    if not extras.run_options(store):
+        extras.put_run_options(store, models_per_batch, share)
     if digest is not None and study.data_digest is None:
         extras.put_data_digest(store, digest)
     # a given criterion is taken only by a study with no result yet: one study, one criterion

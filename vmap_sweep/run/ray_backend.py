@@ -26,6 +26,7 @@ from vmap_sweep.errors import ConfigError, VmapSweepError
 from vmap_sweep.run.worker import Job, Worker, job_lanes
 from vmap_sweep.study.config import StudyConfig
 from vmap_sweep.study.settings import RunSettings
+from vmap_sweep.study.sizes import Budgets
 from vmap_sweep.train.trainer import CellRecord
 
 log = logging.getLogger(__name__)
@@ -91,9 +92,9 @@ class RayWorker:
         assert self.worker is not None, "load() first"
         return self.worker.models_per_batch(limit)
 
-    def first_supervised_position(self) -> int | None:
+    def budgets(self, budgets: list[int]) -> Budgets:
         assert self.worker is not None, "load() first"
-        return self.worker.data.stream.first_supervised_position()
+        return self.worker.data.stream.budgets(budgets)
 
 
 @dataclass(eq=False)
@@ -234,12 +235,12 @@ class RayBackend:
         raise WorkersLostError(f"the memory probe lost its Ray worker {self.max_attempts} times; "
                                "see the Ray logs (/tmp/ray/session_latest/logs), or give --models-per-batch N")
 
-    def first_supervised_position(self) -> int | None:
+    def budgets(self, budgets: list[int]) -> Budgets:
         """From one worker's data: every worker loads the same."""
         for _ in range(self.max_attempts):
             slot = self._wait_ready()
             try:
-                return self._get(slot.actor.first_supervised_position.remote())
+                return self._get(slot.actor.budgets.remote(budgets))
             except self.lost:
                 self._replace(slot)
         raise WorkersLostError(f"reading the data lost its Ray worker {self.max_attempts} times; "

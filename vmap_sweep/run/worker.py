@@ -22,6 +22,7 @@ from vmap_sweep.study.config import StudyConfig
 from vmap_sweep.study.grid import Cell
 from vmap_sweep.study.plan import Batch
 from vmap_sweep.study.settings import RunSettings
+from vmap_sweep.study.sizes import Budgets
 from vmap_sweep.train.memory import probe_models_per_batch, train_splitting_on_oom
 from vmap_sweep.train.trainer import CellRecord, StackedTrainer, TrainConfig, set_determinism
 from vmap_sweep.train.trunk import TrunkTrainer
@@ -139,8 +140,8 @@ class LocalBackend:
     def worker(self) -> Worker:
         return Worker(self.cfg, self.device, self.settings)
 
-    def first_supervised_position(self) -> int | None:
-        return self.worker.data.stream.first_supervised_position()
+    def budgets(self, budgets: list[int]) -> Budgets:
+        return self.worker.data.stream.budgets(budgets)
 
     def models_per_batch(self, limit: int) -> int:
         return self.worker.models_per_batch(limit)

@@ -15,10 +15,12 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import fcntl
+import functools
 import hashlib
 import json
 import math
 import os
+import shutil
 import socket
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -127,11 +129,14 @@ _MISSING = "<missing>"
 
 
 def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 6) -> str:
-    """``key: old -> new`` for every differing (dotted) key, at most ``limit`` of them."""
-    a = _flatten(json.loads(canonical_json(old)))
-    b = _flatten(json.loads(canonical_json(new)))
-    diffs = [f"{k}: {json.dumps(a.get(k, _MISSING))} -> {json.dumps(b.get(k, _MISSING))}"
-             for k in sorted(set(a) | set(b)) if a.get(k, _MISSING) != b.get(k, _MISSING)]
+    """``key: old -> new`` for every differing (dotted) key, at most ``limit`` of them; never empty for configs
+    whose stored texts differ (values are compared as stored: 1 and 1.0 differ)."""
+    a = {k: json.dumps(v) for k, v in _flatten(json.loads(canonical_json(old))).items()}
+    b = {k: json.dumps(v) for k, v in _flatten(json.loads(canonical_json(new))).items()}
+    diffs = [f"{k}: {a.get(k, json.dumps(_MISSING))} -> {b.get(k, json.dumps(_MISSING))}"
+             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if not diffs:
+        return f"the same settings, stored as other text: sha256 {config_hash(old)[:12]} -> {config_hash(new)[:12]}"
     more = f" (and {len(diffs) - limit} more)" if len(diffs) > limit else ""
     return "; ".join(diffs[:limit]) + more
 
@@ -168,6 +173,74 @@ def _cell_key(key: Any) -> tuple[int, int]:
     return int(i), int(j)
 
 
+# -------------------------------------------------------------------- storage errors, named as what they are
+SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+_NEARLY_FULL = 1 << 20  # bytes free below which an I/O error is the disk being full
+_RESTORE = "restore study.db from a backup (`sqlite3 study.db .recover | sqlite3 recovered.db` saves what is readable)"
+
+
+def read_only_error(path: Path, why: str) -> StoreError:
+    return StoreError(f"{path}: the study is read-only ({why}); status, plot, export, fractal and rules read it "
+                      "as it is, but to train or label it make the folder and study.db writable (chmod u+w) or "
+                      "copy the folder somewhere writable")
+
+
+def storage_error(path: Path, e: sqlite3.Error) -> StoreError:
+    """An SQLite error as the one line that says what happened to the study and what to do about it."""
+    code = getattr(e, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    # a full disk reaches SQLite as SQLITE_FULL, or as an I/O error where its shared memory or log can't grow
+    if primary == sqlite3.SQLITE_FULL or (primary == sqlite3.SQLITE_IOERR and _disk_nearly_full(path)):
+        return StoreError(f"{path}: the disk is full ({e}); nothing of this write was stored: free space on that "
+                          "disk (or move the study folder) and run the same command again, it resumes")
+    if primary == sqlite3.SQLITE_READONLY:
+        return read_only_error(path, str(e))
+    if primary in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        return StoreError(f"{path} is damaged ({e}); {_RESTORE}")
+    if primary == sqlite3.SQLITE_IOERR:
+        return StoreError(f"{path}: the disk reported an I/O error ({e}); check the disk (and that it is not full "
+                          "or unplugged), then run the same command again")
+    if primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return StoreError(f"{path}: another process holds the database ({e}); wait for it to finish, then run again")
+    if primary == sqlite3.SQLITE_CANTOPEN:
+        return StoreError(f"{path}: can't open the database ({e}); check that the folder exists and is readable")
+    if "no such table" in str(e) or "no such column" in str(e):
+        return StoreError(f"{path}: its tables are not the ones vmap-sweep writes ({e}); it was edited: {_RESTORE}")
+    return StoreError(f"{path}: the database can't be read ({e}); {_RESTORE}")
+
+
+def _disk_nearly_full(path: Path) -> bool:
+    try:
+        return shutil.disk_usage(path.parent).free < _NEARLY_FULL
+    except OSError:
+        return False
+
+
+def _reads(method):
+    """A StudyStore method whose SQLite errors (a damaged page, an edited table) become one named StoreError."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as e:
+            raise storage_error(self.path, e) from None
+
+    return wrapper
+
+
+def _damaged(path: Path, what: str) -> StoreError:
+    return StoreError(f"{path}: {what}; the database was edited or damaged: {_RESTORE}")
+
+
+def _json(path: Path, text: Any, what: str) -> Any:
+    """A JSON value the store wrote, read back; anything else is named as the damage it is."""
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError, RecursionError):
+        raise _damaged(path, f"{what} is not valid JSON") from None
+
+
 @dataclass(frozen=True)
 class Child:
     """A zoom: the window (in axis units) of this study that ``child_dir`` (relative) re-sweeps."""
@@ -188,13 +261,14 @@ class Child:
 class StudyStore:
     """One study's database. Open with ``create_or_open`` (runs) or ``open`` (analysis, merge)."""
 
-    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+    def __init__(self, path: Path, conn: sqlite3.Connection, read_only: bool = False) -> None:
         self.path = path
         self.directory = path.parent
         self._conn = conn
+        self.read_only = read_only  # opened read-only (the folder or file can't be written): writers refuse
         self._writer: int | None = None  # the lock file's descriptor while this process trains the study
         self._file = _identity(path)  # the database file this connection opened
-        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        meta = _verified_meta(conn, path)
         self.config_json: str = meta["config"]
         self.config: dict[str, Any] = json.loads(meta["config"])
         self.config_hash: str = meta["config_hash"]
@@ -228,22 +302,26 @@ class StudyStore:
             raise StoreError(f"{path} is not a file; remove it or choose another --out")
         if not path.exists() and not os.access(directory, os.W_OK):
             raise StoreError(f"{directory}: folder is not writable; choose a writable --out")
+        if path.exists() and not _writable(path):  # a study to resume, on read-only media or write-protected
+            cls.open(directory).close()  # ... but still a study? (else that is the error to show)
+            raise read_only_error(path, "its folder or study.db can't be written")
         conn = _connect(path)
         try:
             if _is_empty(conn, path):
                 _create(conn, path, text, digest, cells)
             else:
                 _check_ours(conn, path)
-                old = conn.execute("SELECT value FROM meta WHERE key='config_hash'").fetchone()[0]
-                if old != digest:
-                    row = conn.execute("SELECT value FROM meta WHERE key='config'").fetchone()
-                    old_cfg = json.loads(row[0])
+                meta = _verified_meta(conn, path)
+                if meta["config_hash"] != digest:
                     raise StoreError(
-                        f"{path} was made with a different config ({config_diff(old_cfg, config)}); "
+                        f"{path} was made with a different config ({config_diff(json.loads(meta['config']), config)}); "
                         "use a new --out folder for a new study, or the same options to resume this one")
                 _check_cells(conn, path, cells)
                 _pragmas(conn, path)
             return cls(path, conn)
+        except sqlite3.Error as e:
+            conn.close()
+            raise storage_error(path, e) from None
         except BaseException:
             conn.close()
             raise
@@ -257,14 +335,19 @@ class StudyStore:
             raise StoreError(f"{directory}: no {DB_NAME} here; is this a study folder (the --out of a run)?")
         if path.name != DB_NAME:
             raise StoreError(f"{directory}: a file, not a study folder; pass the folder a run wrote (its --out)")
-        conn = _connect(path)
+        read_only = not _writable(path)
+        conn = _connect(path, read_only)
         try:
             if _is_empty(conn, path):
                 raise StoreError(f"{path} is not a vmap-sweep study database (it is empty); pass the folder a "
                                  "run wrote (its --out)")
             _check_ours(conn, path)
-            _pragmas(conn, path)
-            return cls(path, conn)
+            if not read_only:
+                _pragmas(conn, path)
+            return cls(path, conn, read_only)
+        except sqlite3.Error as e:
+            conn.close()
+            raise storage_error(path, e) from None
         except BaseException:
             conn.close()
             raise
@@ -279,7 +362,13 @@ class StudyStore:
         """Make this process the study's only trainer until close(). Another process that trains it (a second
         `run` or `zoom`) is refused at once, naming the holder; readers are never blocked. The lock is the OS's,
         so a killed process leaves none behind."""
-        fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        if self.read_only:
+            raise read_only_error(self.path, "its folder or study.db can't be written")
+        try:
+            fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StoreError(f"{self.directory / LOCK_NAME}: can't take the study's lock ({e.strerror or e}); make "
+                             "the study folder writable") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -305,17 +394,18 @@ class StudyStore:
         if _identity(self.path) != self._file:
             raise StoreError(f"{self.path} was deleted or replaced while this process had it open; nothing more is "
                              "written to it. Restore the folder from a backup or start again with a new --out")
+        if self.read_only:
+            raise read_only_error(self.path, "its folder or study.db can't be written")
         try:
             self._conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as e:
-            raise StoreError(f"{self.path}: can't start a write ({e}); is another process writing, "
-                             "or is the folder read-only?") from None
+            raise storage_error(self.path, e) from None
         try:
             yield self._conn
         except sqlite3.Error as e:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("ROLLBACK")
-            raise StoreError(f"{self.path}: write failed ({e}); is the disk full or read-only?") from None
+            raise storage_error(self.path, e) from None
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("ROLLBACK")
@@ -325,7 +415,7 @@ class StudyStore:
         except sqlite3.Error as e:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("ROLLBACK")
-            raise StoreError(f"{self.path}: write failed ({e}); is the disk full or read-only?") from None
+            raise storage_error(self.path, e) from None
 
     # ---------------------------------------------------------------- writing
     def record_batch(self, results: Iterable[tuple[Any, Any]], batch_index: int | None = None,
@@ -371,10 +461,15 @@ class StudyStore:
                     "shard=:shard, finished_at=:finished_at, label=:label, score=:score WHERE i=:i AND j=:j", r)
         return [r["label"] for r in rows]
 
-    @staticmethod
-    def _criterion(conn: sqlite3.Connection) -> dict:
+    def _criterion(self, conn: sqlite3.Connection) -> dict:
         row = conn.execute("SELECT value FROM extra WHERE key=?", (CRITERION,)).fetchone()
-        return dict(DEFAULT_CRITERION if row is None else json.loads(row[0])["v"])
+        return dict(DEFAULT_CRITERION if row is None else self._extra_value(CRITERION, row[0]))
+
+    def _extra_value(self, key: str, text: Any) -> Any:
+        value = _json(self.path, text, f"extra {key!r}")
+        if not isinstance(value, dict) or "v" not in value:
+            raise _damaged(self.path, f"extra {key!r} is not what vmap-sweep stores")
+        return value["v"]
 
     def _require(self, conn: sqlite3.Connection, i: int, j: int, want: str) -> None:
         row = conn.execute("SELECT status FROM cells WHERE i=? AND j=?", (i, j)).fetchone()
@@ -412,6 +507,7 @@ class StudyStore:
         """Register a zoom child (``child_dir`` relative to this study's folder). Idempotent for the
         same window; a different window for the same folder is refused."""
         x0, x1, y0, y1 = (float(v) for v in window)
+        inside(self.directory, str(child_dir), f"{self.path}: zoom child {str(child_dir)!r}")
         with self._tx() as conn:
             old = conn.execute("SELECT x0, x1, y0, y1, level FROM children WHERE child_dir=?",
                                (str(child_dir),)).fetchone()
@@ -424,11 +520,20 @@ class StudyStore:
                                  f"{(x0, x1, y0, y1)}")
         return next(c for c in self.children() if c.child_dir == str(child_dir))
 
+    @_reads
     def children(self) -> list[Child]:
+        """The zoom children, each checked to lie inside this study's folder (see `inside`)."""
         rows = self._conn.execute(
             "SELECT x0, x1, y0, y1, child_dir, level, created FROM children "
             "ORDER BY level, created, child_dir")
-        return [Child(*r) for r in rows]
+        children = [Child(*r) for r in rows]
+        for c in children:
+            inside(self.directory, c.child_dir, f"{self.path}: zoom child {c.child_dir!r}")
+        return children
+
+    def child_folder(self, child: Child) -> Path:
+        """The folder of a zoom child: this study's folder joined with the relative path it records."""
+        return inside(self.directory, child.child_dir, f"{self.path}: zoom child {child.child_dir!r}")
 
     def put_extra(self, key: str, value: Any) -> None:
         """Store any JSON-serialisable value under ``key`` (overwrites)."""
@@ -436,18 +541,27 @@ class StudyStore:
         with self._tx() as conn:
             conn.execute("INSERT OR REPLACE INTO extra VALUES (?, ?)", (str(key), text))
 
+    @_reads
     def get_extra(self, key: str, default: Any = None) -> Any:
         row = self._conn.execute("SELECT value FROM extra WHERE key=?", (str(key),)).fetchone()
-        return default if row is None else json.loads(row[0])["v"]
+        return default if row is None else self._extra_value(str(key), row[0])
 
+    @_reads
     def extras(self) -> dict[str, Any]:
         rows = self._conn.execute("SELECT key, value FROM extra ORDER BY key")
-        return {k: json.loads(v)["v"] for k, v in rows}
+        return {k: self._extra_value(k, v) for k, v in rows}
 
     # ---------------------------------------------------------------- reading
+    @_reads
     def _cells(self, where: str = "") -> list[Cell]:
         rows = self._conn.execute(f"SELECT i, j, x, y, hparams FROM cells {where} ORDER BY j, i")
-        return [Cell(i, j, x, y, json.loads(hp)) for i, j, x, y, hp in rows]
+        return [Cell(i, j, x, y, self._hparams(i, j, hp)) for i, j, x, y, hp in rows]
+
+    def _hparams(self, i: int, j: int, text: Any) -> dict:
+        hparams = _json(self.path, text, f"cell ({i}, {j})'s hparams")
+        if not isinstance(hparams, dict):
+            raise _damaged(self.path, f"cell ({i}, {j})'s hparams are not a JSON object")
+        return hparams
 
     def cells(self) -> list[Cell]:
         """All cells, row-major (j, i)."""
@@ -457,12 +571,15 @@ class StudyStore:
         """Cells not done yet, row-major (j, i): what a resumed run still has to train."""
         return self._cells("WHERE status='pending'")
 
+    @_reads
     def done_count(self) -> int:
         return self._conn.execute("SELECT count(*) FROM cells WHERE status='done'").fetchone()[0]
 
+    @_reads
     def cell_count(self) -> int:
         return self._conn.execute("SELECT count(*) FROM cells").fetchone()[0]
 
+    @_reads
     def label_counts(self) -> dict[str, int]:
         """Done cells per label; done cells without a label count as 'unlabelled'."""
         rows = self._conn.execute(
@@ -470,6 +587,7 @@ class StudyStore:
             "GROUP BY 1 ORDER BY 1")
         return dict(rows.fetchall())
 
+    @_reads
     def grid_arrays(self, field: str) -> np.ndarray:
         """(ny, nx) float64 array of a numeric field; NaN where pending (x and y are always filled)."""
         if field not in NUMERIC_FIELDS:
@@ -477,9 +595,16 @@ class StudyStore:
         out = np.full((self.ny, self.nx), np.nan)
         where = "" if field in ("x", "y") else "WHERE status='done'"
         for i, j, v in self._conn.execute(f"SELECT i, j, {field} FROM cells {where}"):
-            out[j, i] = _nan(v)
+            out[j, i] = self._number(i, j, field, v)
         return out
 
+    def _number(self, i: int, j: int, field: str, value: Any) -> float:
+        """A stored number as a float (NULL: NaN); text or a blob where a number belongs is damage, named."""
+        if isinstance(value, bool) or not isinstance(value, int | float | None):
+            raise _damaged(self.path, f"cell ({i}, {j})'s {field} is {value!r:.40}, not a number")
+        return _nan(value)
+
+    @_reads
     def labels_array(self) -> np.ndarray:
         """(ny, nx) str array of labels; '' where pending or unlabelled."""
         out = [[""] * self.nx for _ in range(self.ny)]
@@ -487,14 +612,23 @@ class StudyStore:
             out[j][i] = lab
         return np.array(out, dtype=str)
 
+    @_reads
     def trajectories(self, field: str = "trajectory") -> dict[tuple[int, int], np.ndarray]:
         """Per-step arrays of done cells: training losses (default), ``base_losses`` (the base model's loss
         on the same batches), ``grad_norms`` or ``lrs``."""
         if field not in ARRAY_FIELDS:
             raise ConfigError(f"unknown per-step field {field!r}; use one of {', '.join(ARRAY_FIELDS)}")
         rows = self._conn.execute(f"SELECT i, j, {field} FROM cells WHERE status='done' ORDER BY j, i")
-        return {(i, j): _from_blob(b) for i, j, b in rows}
+        return {(i, j): self._array(i, j, field, b) for i, j, b in rows}
 
+    def _array(self, i: int, j: int, field: str, blob: Any) -> np.ndarray:
+        """A per-step array as stored: whole float64s, else the cell is named as damaged."""
+        if blob is not None and (not isinstance(blob, bytes) or len(blob) % 8):
+            size = f"{len(blob)} bytes" if isinstance(blob, bytes) else f"a {type(blob).__name__}"
+            raise _damaged(self.path, f"cell ({i}, {j})'s {field} is {size}, not whole float64 values")
+        return _from_blob(blob)
+
+    @_reads
     def rows(self, arrays: bool = False) -> list[dict[str, Any]]:
         """Every cell as a dict, row-major. Missing floats are NaN, missing ints None;
         with ``arrays`` also trajectory, base_losses, grad_norms and lrs (empty when pending)."""
@@ -504,30 +638,69 @@ class StudyStore:
         out = []
         for r in self._conn.execute(f"SELECT {', '.join(cols)} FROM cells ORDER BY j, i"):
             d = dict(zip(cols, r, strict=True))
-            d["hparams"] = json.loads(d["hparams"])
+            d["hparams"] = self._hparams(d["i"], d["j"], d["hparams"])
             for f in _FLOAT_FIELDS:
-                d[f] = _nan(d[f])
+                d[f] = self._number(d["i"], d["j"], f, d[f])
             d["diverged"] = None if d["diverged"] is None else bool(d["diverged"])
             for f in ARRAY_FIELDS if arrays else ():
-                d[f] = _from_blob(d[f])
+                d[f] = self._array(d["i"], d["j"], f, d[f])
             out.append(d)
         return out
 
+    @_reads
     def _raw_done(self) -> dict[tuple[int, int], dict[str, Any]]:
         cols = ["i", "j", *RESULT_COLUMNS, *_RUN_COLUMNS]
         rows = self._conn.execute(f"SELECT {', '.join(cols)} FROM cells WHERE status='done'")
         return {(r[0], r[1]): dict(zip(cols, r, strict=True)) for r in rows}
 
+    @_reads
     def integrity_check(self) -> str:
         return self._conn.execute("PRAGMA integrity_check").fetchone()[0]
 
 
 # -------------------------------------------------------------------- helpers
-def _connect(path: Path) -> sqlite3.Connection:
+def inside(folder: Path, relative: Any, what: str) -> Path:
+    """``folder / relative`` for a path read from a study's database, refused unless it is a relative path that
+    stays below ``folder`` (symbolic links followed): a hand-edited ``../..`` or absolute path would make merge
+    copy, classify relabel and zoom write another folder than the study's own."""
+    if not isinstance(relative, str) or not relative or "\x00" in relative:
+        raise StoreError(f"{what}: not a folder name; the database was edited: remove that row, or {_RESTORE}")
+    path = folder / relative
+    if Path(relative).is_absolute() or not path.resolve().is_relative_to(folder.resolve()) \
+            or path.resolve() == folder.resolve():
+        raise StoreError(f"{what} leads outside the study folder {folder}; the database was edited: remove that "
+                         f"row, or {_RESTORE}")
+    return path
+
+
+def _connect(path: Path, read_only: bool = False) -> sqlite3.Connection:
+    """A connection to write through, or (read_only) one that only reads: on read-only media SQLite can't make the
+    shared-memory file WAL readers use, so there the file is read as immutable (nobody can change it anyway)."""
     try:
-        return sqlite3.connect(str(path), isolation_level=None, timeout=30.0)
+        if not read_only:
+            return sqlite3.connect(str(path), isolation_level=None, timeout=30.0)
+        uri = path.resolve().as_uri()
+        conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, isolation_level=None, timeout=30.0)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.OperationalError as e:
+            if e.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN):
+                return conn  # not about writing: the checks that follow name it
+            conn.close()
+            wal = path.with_name(path.name + "-wal")
+            if wal.is_file() and wal.stat().st_size:  # immutable would read past the commits the log holds
+                raise StoreError(f"{path}: the study is read-only and {wal.name} beside it holds commits not yet in "
+                                 "study.db, which SQLite can't read without writing; make the folder writable once, or "
+                                 "copy it somewhere writable") from None
+            conn = sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, isolation_level=None)
+        return conn
     except sqlite3.Error as e:
         raise StoreError(f"{path}: can't open ({e}); choose a writable --out") from None
+
+
+def _writable(path: Path) -> bool:
+    """Whether this process may write the study database at `path` (and the journal files beside it)."""
+    return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -550,27 +723,85 @@ def _foreign_folder(directory: Path) -> bool:
         return False
 
 
+def _is_sqlite(path: Path) -> bool:
+    """Whether the file starts as every SQLite database does (an empty file is a new database)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_MAGIC))
+    except OSError:
+        return True  # can't tell: let SQLite's own error speak
+    return head in (b"", SQLITE_MAGIC)
+
+
 def _is_empty(conn: sqlite3.Connection, path: Path) -> bool:
     """True for a new (or zero-length) database with no schema at all."""
     try:
         return conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
-    except sqlite3.DatabaseError:
-        raise StoreError(f"{path} is not a vmap-sweep study database (not SQLite); "
-                         "remove it or choose another --out") from None
+    except sqlite3.Error as e:
+        if not _is_sqlite(path):
+            raise StoreError(f"{path} is not a vmap-sweep study database (not SQLite); "
+                             "remove it or choose another --out") from None
+        raise storage_error(path, e) from None
 
 
 def _check_ours(conn: sqlite3.Connection, path: Path) -> None:
+    """A vmap-sweep study of this schema version, every table with every column it writes."""
     try:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall()) if "meta" in tables else {}
-    except sqlite3.DatabaseError as e:
-        raise StoreError(f"{path} is not a vmap-sweep study database ({e})") from None
-    if meta.get("app") != APP or "schema_version" not in meta or not {"cells", "children", "extra"} <= tables:
+    except sqlite3.Error as e:
+        raise storage_error(path, e) from None
+    if (meta.get("app") != APP or "schema_version" not in meta) and {"cells", "children", "extra"} <= tables:
+        raise _damaged(path, "its meta table is missing or not vmap-sweep's, beside a study's tables")
+    if meta.get("app") != APP or "schema_version" not in meta:
         raise StoreError(f"{path} is not a vmap-sweep study database (no vmap-sweep meta table); "
                          "remove it or choose another --out")
     if meta["schema_version"] != str(SCHEMA_VERSION):
         raise StoreError(f"{path}: study schema version {meta['schema_version']}, this vmap-sweep reads "
                          f"{SCHEMA_VERSION}; use the vmap-sweep version that made it")
+    for table, columns in _schema_columns().items():
+        have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+        if not have:
+            raise _damaged(path, f"its table {table!r} is missing")
+        if missing := [c for c in columns if c not in have]:
+            raise _damaged(path, f"its table {table!r} lacks column {', '.join(missing)}")
+
+
+@functools.cache
+def _schema_columns() -> dict[str, tuple[str, ...]]:
+    """Each table of the schema with its columns, as SQLite reads _SCHEMA."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.executescript(_SCHEMA)
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        return {t: tuple(r[1] for r in conn.execute(f"PRAGMA table_info({t})")) for t in tables}
+    finally:
+        conn.close()
+
+
+def _verified_meta(conn: sqlite3.Connection, path: Path) -> dict[str, str]:
+    """The meta table, checked against what the store wrote: the config text hashes to its stored hash (an edited
+    config would be trusted by every command that reads it), and nx x ny are the cells' grid."""
+    meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    missing = [k for k in ("config", "config_hash", "created", "nx", "ny") if not isinstance(meta.get(k), str)]
+    if missing:
+        raise _damaged(path, f"its meta table lacks {', '.join(missing)}")
+    text, digest = meta["config"], hashlib.sha256(meta["config"].encode()).hexdigest()
+    if digest != meta["config_hash"]:
+        raise StoreError(f"{path}: its stored config does not match its stored hash (sha256 {digest[:12]}, stored "
+                         f"{meta['config_hash'][:12]!r}): it was edited after the study was made; {_RESTORE}, or "
+                         "start a new --out")
+    if not isinstance(_json(path, text, "its stored config"), dict):
+        raise _damaged(path, "its stored config is not a JSON object")
+    n, i0, i1, j0, j1 = conn.execute("SELECT count(*), min(i), max(i), min(j), max(j) FROM cells").fetchone()
+    try:
+        nx, ny = int(meta["nx"]), int(meta["ny"])
+    except ValueError:
+        raise _damaged(path, f"its grid size nx={meta['nx']!r}, ny={meta['ny']!r} is not two whole numbers") from None
+    if (nx, ny, n) != (i1 + 1 if n else 0, j1 + 1 if n else 0, nx * ny) or (n and (i0, j0) != (0, 0)):
+        raise _damaged(path, f"its grid size nx={nx}, ny={ny} does not match its {n} cells (i {i0}..{i1}, "
+                             f"j {j0}..{j1})")
+    return meta
 
 
 def _check_cells(conn: sqlite3.Connection, path: Path, cells: Sequence[Cell]) -> None:

@@ -8,13 +8,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from vmap_sweep.errors import StoreError
 from vmap_sweep.store.db import CRITERION, DEFAULT_CRITERION, StudyStore
 from vmap_sweep.study.settings import RunSettings
+from vmap_sweep.study.sizes import DatasetSize
 
 RUN_SETTINGS = "runtime"  # RunSettings the study was trained with, written once its model and data loaded
 DATA_DIGEST = "data_sha256"  # sha256 of a local data file as it was when the study started
 ZOOM_OF = "zoom_of"  # a zoom child's own {"level", "window", "parent", "fraction"}
 OOD = "ood"  # the out-of-distribution evaluation's result
+DATASET_SIZES = "dataset_sizes"  # {budget: [supervised targets, conversations]}, as the data fills each budget
+# how the study was started to be trained ({"models_per_batch", "share"}): a cell's result does not depend on
+# them, but `run --out DIR` alone resumes with them
+RUN_OPTIONS = "run_options"
 
 
 def run_settings(store: StudyStore) -> RunSettings | None:
@@ -24,6 +30,16 @@ def run_settings(store: StudyStore) -> RunSettings | None:
 
 def put_run_settings(store: StudyStore, settings: RunSettings) -> None:
     store.put_extra(RUN_SETTINGS, settings.to_dict())
+
+
+def run_options(store: StudyStore) -> dict:
+    """{"models_per_batch": int or "auto", "share": bool} as the study was started, or {} (older studies)."""
+    stored = store.get_extra(RUN_OPTIONS)
+    return dict(stored) if isinstance(stored, dict) else {}
+
+
+def put_run_options(store: StudyStore, models_per_batch: int | str, share: bool) -> None:
+    store.put_extra(RUN_OPTIONS, {"models_per_batch": models_per_batch, "share": bool(share)})
 
 
 def criterion(store: StudyStore) -> dict:
@@ -68,3 +84,21 @@ def ood(store: StudyStore) -> Any:
 
 def put_ood(store: StudyStore, result: Any) -> None:
     store.put_extra(OOD, result)
+
+
+def dataset_sizes(store: StudyStore) -> dict[int, DatasetSize] | None:
+    """Each budget of the grid counted in supervised targets and conversations; None for a study made before
+    they were recorded (its sizes are known in tokens only)."""
+    stored = store.get_extra(DATASET_SIZES)
+    if stored is None:
+        return None
+    try:
+        return {int(n): DatasetSize(int(n), int(sup), int(conv)) for n, (sup, conv) in stored.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise StoreError(f"{store.path}: extra {DATASET_SIZES!r} is not what vmap-sweep stores; the database was "
+                         f"edited: delete that row (sqlite3 study.db \"DELETE FROM extra WHERE "
+                         f"key='{DATASET_SIZES}'\") and resume the run once to record it again") from None
+
+
+def put_dataset_sizes(store: StudyStore, sizes: dict[int, DatasetSize]) -> None:
+    store.put_extra(DATASET_SIZES, {str(n): [s.supervised, s.conversations] for n, s in sorted(sizes.items())})

@@ -26,7 +26,7 @@ from vmap_sweep.store.db import (
     canonical_json,
     config_diff,
 )
-from vmap_sweep.store.extras import criterion
+from vmap_sweep.store.extras import RUN_OPTIONS, criterion
 
 _SHARD_DIR = re.compile(r"shard-(\d+)-of-(\d+)")
 _SHARD_LABEL = re.compile(r"(\d+)/(\d+)")
@@ -69,8 +69,11 @@ def merge_studies(shard_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
 
 
 def _check_one_study(stores: Sequence[StudyStore]) -> None:
-    """Shards of one study: one config, one grid, one criterion."""
+    """Shards of one study: one config, one grid, one criterion; zoom children inside each (read now, so that a
+    child recorded outside its study is refused before the output is made)."""
     first = stores[0]
+    for s in stores:
+        s.children()
     for s in stores[1:]:
         if s.config_hash != first.config_hash:
             raise StoreError(f"merge: {s.directory} was made with a different config than "
@@ -145,6 +148,9 @@ def _gather(stores: Sequence[StudyStore]) -> tuple[dict, dict]:
                                  "different results; keep only one of those shards")
             done.setdefault(key, (row, s.directory))
         for k, v in s.extras().items():
+            if k == RUN_OPTIONS:  # how a shard was batched, not what it holds: the first shard's stands
+                shared.setdefault(k, (v, s.directory))
+                continue
             if k in shared and shared[k][0] != v:
                 raise StoreError(f"merge: extra result {k!r} differs between {shared[k][1]} and "
                                  f"{s.directory}; remove it from one shard")
@@ -167,6 +173,8 @@ def _write(out: StudyStore, done: dict, shared: dict, stores: Sequence[StudyStor
                          "WHERE i=? AND j=?", [row[c] for c in cols] + [key[0], key[1]])
         for k, (v, _) in shared.items():
             old = out.get_extra(k, _MISSING)
+            if old != _MISSING and k == RUN_OPTIONS:
+                continue
             if old != _MISSING and old != v:
                 raise StoreError(f"merge: extra result {k!r} in {out.directory} differs; merge into a new folder")
             conn.execute("INSERT OR REPLACE INTO extra VALUES (?, ?)", (k, canonical_json({"v": v})))
@@ -181,7 +189,7 @@ def _copy_child_folders(stores: Sequence[StudyStore], out_dir: Path) -> None:
     A folder the output already has is kept (an earlier merge); each copy lands whole or not at all."""
     for s in stores:
         for c in s.children():
-            src, dst = s.directory / c.child_dir, out_dir / c.child_dir
+            src, dst = s.child_folder(c), out_dir / c.child_dir  # children() kept child_dir inside the study
             if not src.is_dir() or dst.exists():
                 continue
             tmp = dst.with_name(dst.name + ".merging")

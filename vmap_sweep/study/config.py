@@ -26,13 +26,41 @@ def check_micro_batch_size(micro_batch_size: int | None, rows: int,
         raise ConfigError(f"--micro-batch-size {micro_batch_size}: give a divisor of the {what.format(rows=rows)}")
 
 
-def check_fixed(key: str, value: float) -> None:
-    """A fixed hyperparameter (--set KEY=VALUE) inside its axis's bounds."""
+# A cell's optimizer steps at most. The planner and the trainer do per-step work for every cell, so a budget such
+# as --set tokens=1e12 would plan for hours before training anything; 1e5 steps is ~1000x the flagship study's.
+MAX_STEPS_PER_CELL = 100_000
+
+
+def check_fixed(key: str, value: object) -> None:
+    """A fixed hyperparameter (--set KEY=VALUE) inside its axis's bounds: a finite number, whole for int axes."""
     axis = AXES[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"--set {key}={value!r}: {key} must be a number")
     if not math.isfinite(value) or (axis.positive and value <= 0) or value < 0 or (
             axis.hi_max is not None and value > axis.hi_max):
         bound = f"in [0, {axis.hi_max:g}]" if axis.hi_max is not None else ("> 0" if axis.positive else ">= 0")
         raise ConfigError(f"--set {key}={value!r}: {key} must be {bound}")
+    if axis.kind == "int" and value != int(value):
+        raise ConfigError(f"--set {key}={value!r}: {key} counts whole units; give a whole number")
+
+
+def fixed_value(key: str, value: float) -> float | int:
+    """A --set value checked, as the trainer takes it: an int for int axes."""
+    check_fixed(key, value)
+    return int(value) if AXES[key].kind == "int" else float(value)
+
+
+def check_steps(cfg: StudyConfig, x, y) -> None:
+    """The largest dataset size within MAX_STEPS_PER_CELL optimizer steps (x, y: the parsed axes)."""
+    per_step = cfg.batch_size * cfg.seq_len
+    budgets = [(f"--{name} {axis}", axis.hi) for name, axis in (("x", x), ("y", y)) if axis.name == "tokens"]
+    if "tokens" in cfg.fixed:
+        budgets.append((f"--set tokens={cfg.fixed['tokens']:g}", cfg.fixed["tokens"]))
+    for option, tokens in budgets:
+        if tokens / per_step > MAX_STEPS_PER_CELL:
+            raise ConfigError(f"{option}: {tokens:.3g} tokens are {tokens / per_step:.3g} optimizer steps of "
+                              f"{per_step} tokens, more than the {MAX_STEPS_PER_CELL:,} a cell may take; "
+                              "use fewer tokens or a larger --batch-size x --seq-len")
 
 
 @dataclass(frozen=True)
@@ -92,6 +120,7 @@ class StudyConfig:
             raise ConfigError(f"--optimizer-state {self.optimizer_state!r}: choose {' or '.join(OPTIMIZER_STATES)}")
         for key, value in self.fixed.items():
             check_fixed(key, value)
+        check_steps(self, x, y)
         swept = {x.name, y.name}
         if "tokens" not in swept and "tokens" not in self.fixed:
             raise ConfigError("no dataset size: sweep `tokens` on an axis or fix it with --set tokens=N")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -138,6 +138,26 @@ def trunks(cells: Sequence[Cell], schedule: str, tokens_per_step: int) -> list[t
         out += [tuple(sorted(lane, key=lambda c: (c.j, c.i))) for lane in lanes]
     first = {c.key: n for n, c in enumerate(cells)}
     return sorted(out, key=lambda lane: min(first[c.key] for c in lane))
+
+
+def same_experiments(cells: Sequence[Cell], supervised: Mapping[int, int], schedule: str,
+                     tokens_per_step: int) -> dict[tuple[int, int], Cell]:
+    """Each cell that repeats another cell's experiment -> the cell it repeats (the smallest budget of its kind).
+
+    Two cells of one trunk (`trunks`: they differ only in their budget and their LR multipliers agree step for
+    step) whose budgets hold as many supervised targets (`supervised`, by budget) learn from the very same
+    tokens: the positions between the two budgets carry no loss, a step without a supervised token changes
+    nothing, so both end with the same weights, losses and eval loss. They are one experiment at two sizes."""
+    repeats: dict[tuple[int, int], Cell] = {}
+    for lane in trunks(cells, schedule, tokens_per_step):
+        first: dict[int, Cell] = {}
+        for c in sorted(lane, key=lambda c: int(c.hparams["tokens"])):
+            held = int(supervised[int(c.hparams["tokens"])])
+            if held in first:
+                repeats[c.key] = first[held]
+            else:
+                first[held] = c
+    return repeats
 
 
 def _multipliers(cells: Sequence[Cell], steps: dict, schedule: str) -> dict[tuple[int, int], list[float]]:

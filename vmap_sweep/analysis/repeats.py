@@ -1,0 +1,49 @@
+"""A stored study's dataset sizes in each unit, and the cells that repeat a smaller budget's experiment.
+
+A budget of N tokens is the first N positions of the study's token stream; what it teaches is its supervised
+(assistant) targets. Budgets that add no supervised target to a smaller one of the same trajectory are one
+experiment (study/plan.py, `same_experiments`): the rules of thumb count them as one size and the maps mark them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vmap_sweep.errors import ConfigError
+from vmap_sweep.store import extras
+from vmap_sweep.store.db import StudyStore
+from vmap_sweep.study.config import StudyConfig
+from vmap_sweep.study.plan import same_experiments
+from vmap_sweep.study.sizes import SIZE_UNITS, DatasetSize
+
+
+@dataclass(frozen=True)
+class SizedCells:
+    sizes: dict[int, DatasetSize] | None  # by budget; None: a study that recorded its sizes in tokens only
+    same_as: dict[tuple[int, int], tuple[int, int]]  # (i, j) -> the cell whose experiment it repeats
+
+    def size(self, budget: int, unit: str) -> int:
+        """A budget counted in `unit` (tokens, supervised or conversations)."""
+        if unit == "tokens":
+            return int(budget)
+        if self.sizes is None:
+            raise ConfigError(f"this study recorded its dataset sizes in tokens only; use --size-unit tokens, "
+                              f"or resume it once with this vmap-sweep to record the {unit} count")
+        return self.sizes[int(budget)].count(unit)
+
+
+def check_unit(unit: str) -> str:
+    if unit not in SIZE_UNITS:
+        raise ConfigError(f"size unit {unit!r}: use one of {', '.join(SIZE_UNITS)}")
+    return unit
+
+
+def sized_cells(store: StudyStore) -> SizedCells:
+    """The study's sizes as its data filled them, and its repeated experiments (none known without sizes)."""
+    sizes = extras.dataset_sizes(store)
+    if sizes is None:
+        return SizedCells(None, {})
+    cfg = StudyConfig.from_dict(store.config)
+    supervised = {n: s.supervised for n, s in sizes.items()}
+    same = same_experiments(store.cells(), supervised, cfg.schedule, cfg.batch_size * cfg.seq_len)
+    return SizedCells(sizes, {key: cell.key for key, cell in same.items()})
