@@ -446,3 +446,17 @@ def test_tokens_min_on_two_grid_sizes_says_the_fit_says_little(tmp_path):
     assert {row.tokens_min for row in r.lrs if row.censored is None} == {parse_axis_spec(y).values(3)[1],
                                                                         parse_axis_spec(y).values(3)[2]}
     assert any("only 2 distinct grid size(s)" in line for line in r.summary())
+
+
+def test_tokens_all_is_fitted_where_small_datasets_converge_at_every_lr(tmp_path):
+    # the two smallest sizes converge at every LR (too few steps to fail): tokens_min is censored below the grid
+    # everywhere, tokens_all still follows the law D = 1e3 (LR/1e-5)^2
+    crit, x, y = law(1e-5, 0.5), "lr:1e-6:1e-3:log", "tokens:1e3:1e6:log"
+    with build_study(tmp_path / "clean", crit, nx=16, ny=64, x=x, y=y) as store:
+        clean = rules_of_thumb(store)
+    with build_study(tmp_path / "small", crit, nx=16, ny=64, x=x, y=y,
+                     override=lambda k_lr, k_size: True if k_size < 2 else None) as store:
+        r = rules_of_thumb(store)
+    assert r.tokens_min_fit is None and all(row.tokens_min == r.size_range[0] for row in r.lrs)
+    assert r.tokens_all_fit.exponent == pytest.approx(clean.tokens_min_fit.exponent)
+    assert any(line.startswith("Every dataset from tokens_all ≈") for line in r.summary())

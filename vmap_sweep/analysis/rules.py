@@ -29,7 +29,8 @@ The converse, per LR (one column of the LR axis), on the size grid in ascending 
 * tokens_all: the smallest size from which every larger size converges; above tokens_min only where islands
   of convergence lie below the last failing size (the conservative answer).
 * censored: "above grid" (no size converges at this LR) or "below grid" (the smallest size already converges,
-  so tokens_min is at most the grid's smallest size). Censored LRs are excluded from the fits.
+  so tokens_min is at most the grid's smallest size). Each fit uses the LRs whose own value lies inside the
+  grid: tokens_all can be inside where tokens_min is censored below (small datasets converge, middle ones fail).
 
 Fits: D_min = a * LR^c by the same OLS in log10-log10 (of log10 D on log10 LR) with the same Student-t CI of
 the exponent. Where LR_crit = a * D^b holds exactly, c = 1 / b.
@@ -247,12 +248,14 @@ class RulesResult:
         plus a count of the censored ones in the last row."""
         header = [f"{self.lr_axis}", f"tokens_min (smallest converging D, in {self.size_unit})",
                   "all D above converge from", "note"]
-        rows = [[_g(r.lr), _count(r.tokens_min), _count(r.tokens_all), "islands" if r.islands else ""]
-                for r in self.lrs if r.censored is None]
-        below = sum(r.censored == "below grid" for r in self.lrs)
-        above = sum(r.censored == "above grid" for r in self.lrs)
-        if below or above:
-            rows.append(["…", "", "", f"{below} LRs converge at every size, {above} at none (censored)"])
+        smallest = self.size_range[0]
+        inside = [r for r in self.lrs if r.censored is None or (r.tokens_all or 0) > smallest]
+        rows = [[_g(r.lr), "below grid" if r.censored == "below grid" else _count(r.tokens_min),
+                 _count(r.tokens_all), "islands" if r.islands else ""] for r in inside]
+        every = sum(r.tokens_all == smallest for r in self.lrs)
+        none = sum(r.censored == "above grid" for r in self.lrs)
+        if every or none:
+            rows.append(["…", "", "", f"{every} LRs converge at every size, {none} at none (censored)"])
         return header, rows
 
     def summary(self) -> list[str]:
@@ -279,6 +282,10 @@ class RulesResult:
             if distinct < 3:  # a flat fit through one or two grid sizes is the grid speaking, not a law
                 lines.append(f"tokens_min takes only {distinct} distinct grid size(s) over the {f.n} LRs it is "
                              "fitted on: the fit and its interval say little; a finer tokens axis would.")
+        if self.tokens_all_fit is not None:
+            f = self.tokens_all_fit
+            lines.append(f"Every dataset from tokens_all ≈ {f.coefficient:.3g}·LR^{f.exponent:.3f} up converges "
+                         f"(exponent 95% CI {format_ci(f.ci_low, f.ci_high, '.3f')}, {f.n} LRs).")
         lines.append(self.ten_x.sentence())
         return lines + self.notes
 
@@ -393,9 +400,10 @@ def _lr_row(index: int, lr: float, sizes: np.ndarray, conv: np.ndarray) -> LrRow
                  censored="below grid" if first == 0 else None, islands=last_fail > first)
 
 
-def _tokens_fit(rows: list[LrRow], attr: str) -> PowerLaw | None:
-    """D = a * LR^c over the uncensored LRs that have ``attr``."""
-    use = [r for r in rows if r.censored is None and getattr(r, attr) is not None]
+def _tokens_fit(rows: list[LrRow], attr: str, smallest: float) -> PowerLaw | None:
+    """D = a * LR^c over the LRs whose ``attr`` lies inside the size grid (above its smallest size, where the true
+    value may lie anywhere below, and not missing, where no size is enough)."""
+    use = [r for r in rows if getattr(r, attr) is not None and getattr(r, attr) > smallest]
     fit = fit_power_law(np.array([r.lr for r in use]), np.array([getattr(r, attr) for r in use]))
     if fit is None:
         return None
@@ -492,8 +500,8 @@ def rules_of_thumb(store: StudyStore | str | os.PathLike, size_unit: str = "toke
         notes=_repeat_note(budgets, sized, kept, lr_on, store) + _notes(rows, lr_spec),
         size_unit=size_unit,
         lrs=lr_rows,
-        tokens_min_fit=_tokens_fit(lr_rows, "tokens_min"),
-        tokens_all_fit=_tokens_fit(lr_rows, "tokens_all"),
+        tokens_min_fit=_tokens_fit(lr_rows, "tokens_min", float(sizes.min())),
+        tokens_all_fit=_tokens_fit(lr_rows, "tokens_all", float(sizes.min())),
         view=view,
     )
 
