@@ -7,11 +7,13 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from cli_helpers import cli, ok
 from helpers import RandomStream, bits, tiny_model
 from test_trunk import _same
 
 from vmap_sweep.analysis.plots import axis_label, value_text
+from vmap_sweep.analysis.report import write_report
 from vmap_sweep.analysis.view import grid_view
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.store.db import StudyStore
@@ -160,3 +162,51 @@ def test_cli_runs_lr_by_batch_size_and_each_cell_equals_it_trained_alone(tmp_pat
     assert view.ys.tolist() == [128.0, 256.0, 512.0] and view.y_name == "batch_size"
     assert axis_label("batch_size") == "batch size (tokens per step)"
     assert value_text("batch_size", 256.0) == "batch size = 256 tokens per step"
+    report = write_report(stacked, tmp_path / "report.md").read_text()
+    assert "swept on the y axis (batch_size, tokens per step), rows of 64 tokens" in report
+
+
+def test_the_memory_probe_steps_the_largest_batch_size(monkeypatch):
+    """A K that fits a step of the largest batch fits every batch: the probe measures that one."""
+    from vmap_sweep.train import memory
+
+    seen = []
+
+    def fits(model, k, cfg, device):  # memory for 32 rows in all
+        seen.append(cfg.batch_size)
+        return k * cfg.batch_size <= 32
+
+    monkeypatch.setattr(memory, "_fits", fits)
+    cfg = TrainConfig(batch_size=2, seq_len=16)
+    assert memory.probe_models_per_batch(tiny_model(), cfg, "cuda", limit=64) == 16 and set(seen) == {2}
+    seen.clear()
+    assert memory.probe_models_per_batch(tiny_model(), cfg, "cuda", limit=64, rows_per_step=(2, 8)) == 4
+    assert set(seen) == {8}
+
+
+def test_what_fitted_cuts_later_batches_of_the_same_batch_size_only(monkeypatch):
+    from vmap_sweep.run import worker as runner
+    from vmap_sweep.study.settings import RunSettings
+
+    base, stream = tiny_model(), RandomStream()
+    monkeypatch.setattr(runner, "load_study_data", lambda cfg, device: runner.StudyData(base, None, stream, []))
+    worker = runner.Worker(preset("tiny").with_overrides(seq_len=16), "cpu", RunSettings())
+    sizes = []
+    real = runner.StackedTrainer
+
+    class SmallMemory(real):
+        def __init__(self, model, cells, cfg, device, base_cache=None):
+            sizes.append((cells[0]["batch_size"], len(cells)))
+            if len(cells) > 2 and cells[0]["batch_size"] == 64:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            super().__init__(model, cells, cfg, device, base_cache)
+
+    monkeypatch.setattr(runner, "StackedTrainer", SmallMemory)
+
+    def lanes(batch_size):
+        return [[{"lr": lr, "tokens": 64, "batch_size": batch_size}] for lr in (1e-4, 3e-4, 1e-3, 3e-3)]
+
+    worker.train(lanes(64))
+    worker.train(lanes(16))
+    worker.train(lanes(64))
+    assert sizes == [(64, 4), (64, 2), (64, 2), (16, 4), (64, 2), (64, 2)]
