@@ -215,3 +215,14 @@ def test_what_fitted_cuts_later_batches_of_the_same_batch_size_only(monkeypatch)
     worker.train(lanes(16))
     worker.train(lanes(64))
     assert sizes == [(64, 4), (64, 2), (64, 2), (16, 4), (64, 2), (64, 2)]
+
+
+def test_eval_retrains_each_batch_size_in_stacks_of_its_own():
+    from vmap_sweep.eval.ood import plan_retraining
+
+    cells = build_grid(_tiny()).cells()  # 3 LRs x 3 batch sizes
+    stacks = plan_retraining(cells, {cells[4].key}, 2)
+    assert [c.key for c in stacks[0]] == [cells[4].key]  # trained alone, re-trained alone
+    assert all(len({c.hparams["batch_size"] for c in stack}) == 1 for stack in stacks)
+    assert sorted(c.key for stack in stacks for c in stack) == sorted(
+        [c.key for c in cells] + [cells[2].key, cells[8].key])  # a stack of one gets its copy as companion
