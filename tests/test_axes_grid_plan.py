@@ -13,7 +13,7 @@ from vmap_sweep.study.grid import Grid
 from vmap_sweep.study.plan import Batch, parse_shard, plan_batches, plan_summary, shard
 
 EXPECTED_AXES = {"lr", "matrix_lr", "embedding_lr", "unembedding_lr", "attn_lr", "mlp_lr", "tokens",
-                 "warmup_ratio", "weight_decay"}
+                 "batch_size", "warmup_ratio", "weight_decay"}
 
 
 def steps_for(tokens_per_step: int):

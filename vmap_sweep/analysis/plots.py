@@ -58,6 +58,7 @@ def _edges(values: np.ndarray, log: bool) -> np.ndarray:
 
 _AXIS_LABELS = {
     "tokens": "dataset size (tokens)",
+    "batch_size": "batch size (tokens per step)",
     "warmup_ratio": "warmup (fraction of the run's steps)",
     "weight_decay": "weight decay (decoupled)",
 }
@@ -79,6 +80,8 @@ def value_text(name: str, value: float) -> str:
     """One axis value in words, e.g. ``dataset size = 2048 tokens`` or ``lr = 0.001``."""
     if name == "tokens":
         return f"dataset size = {value:.0f} tokens"
+    if name == "batch_size":
+        return f"batch size = {value:.0f} tokens per step"
     if name in _AXIS_LABELS:
         return f"{_AXIS_LABELS[name].split(' (')[0]} = {value:.4g}"
     return f"{name} = {value:.3g}"

@@ -159,6 +159,15 @@ def _fmt(v: float | None, spec: str = ".3f") -> str:
 # ----------------------------------------------------------------------------- sections
 
 
+def _batch_text(cfg: dict, tokens_step: int | None) -> str:
+    """Rows × tokens per row, or, where the study sweeps batch_size, the axis that sets each cell's tokens per step."""
+    swept = [side for side in ("x", "y") if str(cfg.get(side, "")).startswith("batch_size:")]
+    if swept:
+        return f"swept on the {swept[0]} axis (batch_size, tokens per step), rows of {cfg.get('seq_len')} tokens"
+    return (f"{cfg.get('batch_size')} rows × {cfg.get('seq_len')} tokens"
+            + (f" = {tokens_step} tokens per step" if tokens_step else ""))
+
+
 def _config_section(doc: _Doc, store: StudyStore) -> None:
     cfg = store.config
     doc.h("Study")
@@ -175,8 +184,7 @@ def _config_section(doc: _Doc, store: StudyStore) -> None:
         ("y axis", cfg.get("y")),
         ("resolution", f"{store.nx} × {store.ny} = {store.cell_count()} fine-tunes"),
         ("optimizer / schedule", f"{cfg.get('optimizer')} / {cfg.get('schedule')}"),
-        ("batch", f"{cfg.get('batch_size')} rows × {cfg.get('seq_len')} tokens"
-                  + (f" = {tokens_step} tokens per step" if tokens_step else "")),
+        ("batch", _batch_text(cfg, tokens_step)),
         ("trainable groups", ", ".join(cfg.get("trainable") or []) or "—"),
         ("fixed hyperparameters", ", ".join(f"{k}={v}" for k, v in sorted((cfg.get("fixed") or {}).items())) or "—"),
         ("seed", cfg.get("seed")),

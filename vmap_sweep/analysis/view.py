@@ -84,8 +84,8 @@ def grid_view(store: StudyStore) -> GridView:
     for i, j in sized_cells(store).same_as:
         repeats[j, i] = True
     return GridView(
-        xs=x.values(store.nx),
-        ys=y.values(store.ny),
+        xs=x.values(store.nx, int(cfg.get("seq_len", 1))),  # batch_size: whole rows
+        ys=y.values(store.ny, int(cfg.get("seq_len", 1))),
         x_name=x.name,
         y_name=y.name,
         x_log=x.scale == "log",

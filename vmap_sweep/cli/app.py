@@ -161,7 +161,8 @@ def run(
         help="Models trained at once, or 'auto' to probe memory (default 8; resuming, the study's).")] = None,
     optimizer: Annotated[str | None, typer.Option(help="adamw, or nanochat (Muon + AdamW).")] = None,
     schedule: Annotated[str | None, typer.Option(help="constant, linear (to zero) or cosine.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Rows per optimizer step.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Rows per optimizer step (sweep tokens per step with "
+                                                        "--x/--y batch_size:MIN:MAX).")] = None,
     seq_len: Annotated[int | None, typer.Option(help="Tokens per row.")] = None,
     micro_batch_size: Annotated[int | None, typer.Option(help="Rows per forward/backward.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the data order.")] = None,
@@ -225,7 +226,7 @@ def run(
 def _run_settings(cfg, device: str, micro_batch_size: int | None = None, deterministic: bool = False):
     from vmap_sweep.run.policy import resolve_device, run_settings
 
-    return run_settings(resolve_device(device), cfg.batch_size, micro_batch_size, deterministic)
+    return run_settings(resolve_device(device), cfg.rows_per_step(), micro_batch_size, deterministic)
 
 
 def _open_backend(cfg, settings, backend: str = "local", address: str | None = None, workers: int | None = None):

@@ -465,6 +465,12 @@ def repeats_line(s: dict, shown: int = 4) -> str:
             "counted as one size by rules and the maps")
 
 
+def _tokens_per_step(sizes: list[int]) -> str:
+    if len(sizes) == 1:
+        return f"{sizes[0]:,}"
+    return f"{sizes[0]:,} … {sizes[-1]:,}: {len(sizes)} batch sizes, each batch of one"
+
+
 def plan_table(cfg, k: int, s: dict) -> Table:
     """--dry-run's plan: what will be trained and a rough time for it."""
     table = Table(title="plan", show_header=False)
@@ -472,6 +478,7 @@ def plan_table(cfg, k: int, s: dict) -> Table:
         ("model / data", f"{cfg.model} / {cfg.data}"),
         ("grid", f"{cfg.x} × {cfg.y} at {cfg.resolution}"),
         ("cells", s["cells"]), ("batches", f"{s['batches']} of up to {k} models"),
+        ("tokens per step", _tokens_per_step(s["tokens_per_step"])),
         ("steps per cell", f"{s['steps_range'][0]} … {s['steps_range'][1]}"),
         ("trunks", f"{s['trunks']:,} trained, read out at {s['read_outs']:,} cells"),
         ("model-steps", f"{s['model_steps']:,} ({s['padded_model_steps']:,} masked); every cell alone: "

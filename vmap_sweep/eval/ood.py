@@ -169,8 +169,11 @@ def plan_retraining(cells: Sequence[Cell], solo: set[tuple[int, int]], models_pe
     stack of one gets a copy of its cell as companion (companions change no result).
     """
     alone = [c for c in cells if c.key in solo]
-    rest = [c for c in cells if c.key not in solo]
-    stacks = [rest[k : k + models_per_batch] for k in range(0, len(rest), models_per_batch)]
+    rest: dict[int | None, list[Cell]] = {}  # a stack holds one batch size: a study may sweep it
+    for c in cells:
+        if c.key not in solo:
+            rest.setdefault(c.hparams.get("batch_size"), []).append(c)
+    stacks = [same[k : k + models_per_batch] for same in rest.values() for k in range(0, len(same), models_per_batch)]
     stacks = [s * 2 if len(s) == 1 else s for s in stacks]
     return [[c] for c in alone] + stacks
 
@@ -193,7 +196,8 @@ def retrain_cells(
     deterministic: bool = False,
 ) -> Iterator[RetrainedCell]:
     """Re-train ``cells`` of a study, up to ``models_per_batch`` stacked at a time, and yield each fine-tuned
-    model (in the order of `plan_retraining`: cells trained alone first, then ``cells``' order).
+    model (in the order of `plan_retraining`: cells trained alone first, then ``cells``' order, batch size by
+    batch size).
 
     A generator: only one stack of models is alive at once (a hundred d20 copies do not fit anywhere).
     A cell's result does not depend on its batch companions, so the re-trained trajectory must equal the

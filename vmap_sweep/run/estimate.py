@@ -55,13 +55,21 @@ def describe_plan(cfg: StudyConfig, batches: list, model_config: GPTConfig, devi
                   budgets: Budgets) -> dict:
     """--dry-run: cells, batches, model-steps, FLOPs and a rough time on this device, and the cells whose
     budgets repeat a smaller one's experiment (`repeats`: {repeated budget: the budget it repeats})."""
-    per_step = flops_per_model_step(model_config, cfg.seq_len, cfg.batch_size * cfg.seq_len)
-    summary = plan_summary(batches, per_step)
+    summary = plan_summary(batches, 0.0)
     summary.update(sharing_summary(batches))
-    # what the model-steps leave out: read-outs off trunks, and each cell's eval pass (a forward, a third of a step
-    # per step's worth of held-out tokens)
-    summary["eval_model_steps"] = summary["cells"] * cfg.eval_tokens / (cfg.batch_size * cfg.seq_len) / 3
-    summary["flops"] += (summary["read_out_model_steps"] + summary["eval_model_steps"]) * per_step
+    # A batch's step holds its own tokens per step (a study may sweep batch_size; a batch holds one), and what its
+    # model-steps leave out: the read-outs off its trunks
+    batch_tokens = [cfg.tokens_per_step(b.cells[0].hparams) for b in batches]
+    for b, tokens in zip(batches, batch_tokens, strict=True):
+        per_step = flops_per_model_step(model_config, cfg.seq_len, tokens)
+        summary["flops"] += (plan_summary([b], per_step)["flops"]
+                             + sharing_summary([b])["read_out_model_steps"] * per_step)
+    # and each cell's eval pass: a forward (a third of a step's work) over the held-out tokens, in steps of the
+    # study's --batch-size rows, the eval batches' size
+    summary["eval_model_steps"] = summary["cells"] * cfg.eval_tokens / cfg.tokens_per_step() / 3
+    summary["flops"] += summary["eval_model_steps"] * flops_per_model_step(model_config, cfg.seq_len,
+                                                                           cfg.tokens_per_step())
+    summary["tokens_per_step"] = sorted(set(batch_tokens))
     rate = measured_flops_per_second(device)
     with torch.device("meta"):  # the model's size decides compilation; no memory for its weights
         compiled = compile_on(device, GPT(model_config))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -48,9 +49,11 @@ def compile_on(device: torch.device, model: GPT, setting: str | None = None) -> 
     return setting == "1"
 
 
-def run_settings(device: torch.device, batch_size: int, micro_batch_size: int | None = None,
+def run_settings(device: torch.device, rows_per_step: Sequence[int], micro_batch_size: int | None = None,
                  deterministic: bool = False) -> RunSettings:
-    """The settings a run on `device` records, each checked: a bad one is refused before any folder is touched."""
-    check_micro_batch_size(micro_batch_size, batch_size)
+    """The settings a run on `device` records, each checked: a bad one is refused before any folder is touched.
+    rows_per_step: every batch size of the study (StudyConfig.rows_per_step); micro-batches split each evenly."""
+    for rows in rows_per_step:
+        check_micro_batch_size(micro_batch_size, rows)
     return RunSettings(device=device.type, micro_batch_size=micro_batch_size, deterministic=deterministic,
                        compile=compile_setting(device))

@@ -24,7 +24,7 @@ from vmap_sweep.study.plan import Batch
 from vmap_sweep.study.settings import RunSettings
 from vmap_sweep.study.sizes import Budgets
 from vmap_sweep.train.memory import probe_models_per_batch, train_splitting_on_oom
-from vmap_sweep.train.trainer import CellRecord, StackedTrainer, TrainConfig, set_determinism
+from vmap_sweep.train.trainer import CellRecord, StackedTrainer, TrainConfig, set_determinism, with_batch_size_of
 from vmap_sweep.train.trunk import TrunkTrainer
 
 Job = tuple[Batch, list[Cell]]  # a batch and those of its cells still to train, lane by lane
@@ -100,7 +100,9 @@ class Worker:
         self.device = torch.device(device)
         self.data = load_study_data(cfg, self.device)
         self.train_cfg = train_config(cfg, settings, compile_on(self.device, self.data.model, settings.compile))
-        self.fits: int | None = None  # models that last fitted at once; later batches are cut to it
+        self.rows_per_step = cfg.rows_per_step()
+        # by rows per step: the models that last fitted at once; later batches of as many rows are cut to it
+        self.fits: dict[int, int] = {}
         self.base_cache: dict = {}  # the base model's per-token losses by step: every batch sees the same steps
 
     def train(self, lanes: list[list[dict]]) -> list[CellRecord]:
@@ -115,17 +117,19 @@ class Worker:
                 trainer = TrunkTrainer(self.data.model, sub, self.train_cfg, self.device, self.base_cache)
             return trainer.run(self.data.stream, self.data.eval_batches)
 
-        def fitted(n: int) -> None:
-            self.fits = n
+        rows = with_batch_size_of([lane[0] for lane in lanes], self.train_cfg).batch_size
 
-        size = min(self.fits or len(lanes), len(lanes))
+        def fitted(n: int) -> None:
+            self.fits[rows] = n
+
+        size = min(self.fits.get(rows, len(lanes)), len(lanes))
         records: list[CellRecord] = []
         for start in range(0, len(lanes), size):
             records += train_splitting_on_oom(stacked, lanes[start:start + size], fitted)
         return records
 
     def models_per_batch(self, limit: int) -> int:
-        return probe_models_per_batch(self.data.model, self.train_cfg, self.device, limit)
+        return probe_models_per_batch(self.data.model, self.train_cfg, self.device, limit, self.rows_per_step)
 
 
 class LocalBackend:

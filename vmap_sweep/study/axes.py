@@ -30,6 +30,7 @@ class Axis:
     default_scale: Scale = "log"
     positive: bool = True
     hi_max: float | None = None
+    per_row: bool = False  # counts tokens in whole rows of seq_len: values are rounded to a multiple of it
 
 
 def _axes(*axes: Axis) -> dict[str, Axis]:
@@ -46,6 +47,9 @@ AXES: dict[str, Axis] = _axes(
     Axis("mlp_lr", "learning rate of the MLP matrices (c_fc, c_proj); overrides matrix_lr"),
     Axis("tokens", "dataset size N in tokens: the first N tokens of the fixed, seeded training order; "
          "a run takes ceil(N / tokens_per_step) steps", kind="int"),
+    Axis("batch_size", "batch size in tokens per optimizer step, whole rows of seq_len tokens (each value is "
+         "rounded to a multiple of --seq-len); a cell's data is still its first N tokens, in ceil(N / batch_size) "
+         "steps", kind="int", per_row=True),
     Axis("warmup_ratio", "fraction of the run's steps spent in linear learning-rate warmup (0..1)",
          default_scale="lin", positive=False, hi_max=1.0),
     Axis("weight_decay", "decoupled weight decay coefficient (use a lin scale to include 0)",
@@ -110,13 +114,15 @@ class AxisSpec:
     def axis(self) -> Axis:
         return AXES[self.name]
 
-    def values(self, n: int) -> np.ndarray:
-        """n float64 coordinates from lo to hi; int axes are rounded (duplicates stay separate cells)."""
+    def values(self, n: int, seq_len: int = 1) -> np.ndarray:
+        """n float64 coordinates from lo to hi; int axes are rounded (duplicates stay separate cells), a per-row
+        axis (batch_size) to whole rows of `seq_len` tokens, at least one."""
         if n < 2:
             raise ConfigError(f"axis {self.name}: resolution {n} < 2; use at least 2 points per axis")
         v = np.geomspace(self.lo, self.hi, n) if self.scale == "log" else np.linspace(self.lo, self.hi, n)
         if self.axis.kind == "int":
-            v = np.maximum(np.rint(v), 1.0 if self.axis.positive else 0.0)
+            row = seq_len if self.axis.per_row else 1
+            v = np.maximum(np.rint(v / row), 1.0 if self.axis.positive else 0.0) * row
         return v.astype(np.float64)
 
     def convert(self, value: float) -> float | int:

@@ -122,12 +122,36 @@ class StudyConfig:
             check_fixed(key, value)
         check_steps(self, x, y)
         swept = {x.name, y.name}
+        self._check_batch_size(x if x.name == "batch_size" else y if y.name == "batch_size" else None)
         if "tokens" not in swept and "tokens" not in self.fixed:
             raise ConfigError("no dataset size: sweep `tokens` on an axis or fix it with --set tokens=N")
         if self.optimizer == "adamw" and "lr" not in swept and "lr" not in self.fixed:
             groups = {"embedding_lr", "unembedding_lr", "attn_lr", "mlp_lr"}
             if not (groups <= swept | set(self.fixed)):
                 raise ConfigError("no learning rate: sweep `lr` on an axis or fix it with --set lr=VALUE")
+
+    def _check_batch_size(self, spec) -> None:
+        """Tokens per step are swept on an axis (whole rows of seq_len) or set by --batch-size, never by --set."""
+        if "batch_size" in self.fixed:
+            raise ConfigError(f"--set batch_size={self.fixed['batch_size']}: a study that does not sweep the batch "
+                              "size sets its rows per step with --batch-size ROWS (tokens per step = rows × --seq-len)")
+        if spec is not None and spec.lo < self.seq_len:
+            raise ConfigError(f"axis spec {str(spec)!r}: batch_size counts tokens per step in whole rows of --seq-len "
+                              f"{self.seq_len} tokens; use a min >= {self.seq_len}")
+
+    def tokens_per_step(self, hparams: dict | None = None) -> int:
+        """A cell's tokens per optimizer step: its swept batch_size, else --batch-size rows of --seq-len."""
+        if hparams is not None and "batch_size" in hparams:
+            return int(hparams["batch_size"])
+        return self.batch_size * self.seq_len
+
+    def rows_per_step(self) -> tuple[int, ...]:
+        """The distinct rows per optimizer step of the study's cells, ascending (one unless batch_size is swept)."""
+        nx, ny = parse_resolution(self.resolution)
+        for spec, n in ((parse_axis_spec(self.x), nx), (parse_axis_spec(self.y), ny)):
+            if spec.name == "batch_size":
+                return tuple(sorted({int(v) // self.seq_len for v in spec.values(n, self.seq_len)}))
+        return (self.batch_size,)
 
 
 PRESETS: dict[str, StudyConfig] = {

@@ -39,6 +39,7 @@ class Grid:
     nx: int
     ny: int
     base: dict[str, Any] = field(default_factory=dict)
+    seq_len: int = 1  # tokens per row: a per-row axis (batch_size) takes values in whole rows
 
     def __post_init__(self) -> None:
         check_axis_pair(self.x, self.y)
@@ -59,11 +60,11 @@ class Grid:
 
     @property
     def xs(self) -> np.ndarray:
-        return self.x.values(self.nx)
+        return self.x.values(self.nx, self.seq_len)
 
     @property
     def ys(self) -> np.ndarray:
-        return self.y.values(self.ny)
+        return self.y.values(self.ny, self.seq_len)
 
     def cell(self, i: int, j: int) -> Cell:
         if not (0 <= i < self.nx and 0 <= j < self.ny):
@@ -86,7 +87,7 @@ class Grid:
         x0, x1 = _inside(self.x, x0, x1)
         y0, y1 = _inside(self.y, y0, y1)
         return Grid(AxisSpec(self.x.name, x0, x1, self.x.scale), AxisSpec(self.y.name, y0, y1, self.y.scale),
-                    self.nx, self.ny, dict(self.base))
+                    self.nx, self.ny, dict(self.base), self.seq_len)
 
     def to_dict(self) -> dict[str, Any]:
         return {"x": self.x.to_dict(), "y": self.y.to_dict(), "nx": self.nx, "ny": self.ny,

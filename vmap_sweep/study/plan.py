@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -29,13 +29,12 @@ def steps_for(tokens: int, tokens_per_step: int) -> int:
 
 def build_grid(cfg: StudyConfig) -> Grid:
     nx, ny = parse_resolution(cfg.resolution)
-    return Grid(parse_axis_spec(cfg.x), parse_axis_spec(cfg.y), nx, ny, dict(cfg.fixed))
+    return Grid(parse_axis_spec(cfg.x), parse_axis_spec(cfg.y), nx, ny, dict(cfg.fixed), cfg.seq_len)
 
 
 def cell_steps(cfg: StudyConfig) -> Callable[[Cell], int]:
-    """A cell's optimizer steps under the study's tokens per step."""
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    return lambda c: steps_for(int(c.hparams["tokens"]), tokens_per_step)
+    """A cell's optimizer steps under its tokens per step (its batch_size where that is swept)."""
+    return lambda c: steps_for(int(c.hparams["tokens"]), cfg.tokens_per_step(c.hparams))
 
 
 @dataclass(frozen=True)
@@ -81,9 +80,20 @@ def plan_batches(cells: Sequence[Cell], models_per_batch: int,
 
 def plan_lanes(lanes: Sequence[tuple[Cell, ...]], models_per_batch: int,
                steps_of: Callable[[Cell], int]) -> list[Batch]:
-    """plan_batches for lanes of cells (trunks): a lane's steps are its longest cell's."""
+    """plan_batches for lanes of cells (trunks): a lane's steps are its longest cell's. The models of a stack share
+    one input tensor, so a batch holds one batch size: the lanes of each swept batch_size are packed apart."""
     if isinstance(models_per_batch, bool) or not isinstance(models_per_batch, int) or models_per_batch < 1:
         raise ConfigError(f"models per batch {models_per_batch!r}: use an integer >= 1")
+    by_size: dict[int | None, list[tuple[Cell, ...]]] = {}
+    for lane in lanes:
+        by_size.setdefault(lane[0].hparams.get("batch_size"), []).append(lane)
+    batches = [b for same in by_size.values() for b in _pack_lanes(same, models_per_batch, steps_of)]
+    return [replace(b, index=n) for n, b in enumerate(batches)]
+
+
+def _pack_lanes(lanes: Sequence[tuple[Cell, ...]], models_per_batch: int,
+                steps_of: Callable[[Cell], int]) -> list[Batch]:
+    """Lanes of one batch size grouped by step count, each group chunked into full batches, the leftovers packed."""
     groups: dict[int, list[tuple[tuple[Cell, ...], int]]] = {}
     for lane in lanes:
         for c in lane:
@@ -118,12 +128,14 @@ def trunks(cells: Sequence[Cell], schedule: str, tokens_per_step: int) -> list[t
     one order, so such a cell's training is the trunk's up to its own budget (its last step may be partial):
     the trunk trains once and is read out at each budget. Under a constant LR a whole column of the grid is
     one trunk; under a decay the multipliers part after the first step and every cell is its own trunk.
-    Trunks come in grid order of their first cell; a trunk's cells in grid order."""
+    Trunks come in grid order of their first cell; a trunk's cells in grid order. tokens_per_step: the study's,
+    for cells that do not sweep their own batch_size (a trunk holds one: those differ in more than `tokens`)."""
     groups: dict[str, list[Cell]] = {}
     for c in cells:
         groups.setdefault(json.dumps({k: v for k, v in c.hparams.items() if k != "tokens"}, sort_keys=True),
                           []).append(c)
-    steps = {c.key: steps_for(int(c.hparams["tokens"]), tokens_per_step) for c in cells}
+    steps = {c.key: steps_for(int(c.hparams["tokens"]), int(c.hparams.get("batch_size", tokens_per_step)))
+             for c in cells}
     mult = _multipliers(cells, steps, schedule)
     out: list[tuple[Cell, ...]] = []
     for members in groups.values():

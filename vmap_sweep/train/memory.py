@@ -40,8 +40,12 @@ def _fits(model: GPT, k: int, cfg: TrainConfig, device: torch.device) -> bool:
     return fits
 
 
-def probe_models_per_batch(model: GPT, cfg: TrainConfig, device: str | torch.device, limit: int = 256) -> int:
+def probe_models_per_batch(model: GPT, cfg: TrainConfig, device: str | torch.device, limit: int = 256,
+                           rows_per_step: Sequence[int] = ()) -> int:
     """The largest K (<= limit) whose training step fits in free device memory: doubling, then bisection.
+
+    rows_per_step: those of a study that sweeps its batch size; the probe steps its largest batch (a step's
+    activations grow with its rows), so that K fits every batch of the study.
 
     On CPU there is no memory wall worth probing for; it returns min(limit, 8). The probe runs eager even for a
     compiled study: each K would compile anew, and the compiled step needs less memory than the eager one
@@ -50,10 +54,11 @@ def probe_models_per_batch(model: GPT, cfg: TrainConfig, device: str | torch.dev
     device = torch.device(device)
     if device.type != "cuda":
         return min(limit, 8)
-    cfg = replace(cfg, compile=False)
+    cfg = replace(cfg, compile=False, batch_size=max(rows_per_step, default=cfg.batch_size))
     if not _fits(model, 1, cfg, device):
         raise OutOfMemoryForOneModel(
-            "not even one model fits in GPU memory at this batch size; lower --micro-batch-size or --seq-len"
+            f"not even one model fits in GPU memory at {cfg.tokens_per_step} tokens per step; lower "
+            "--micro-batch-size, --seq-len or the batch size"
         )
     lo, hi = 1, 2
     while hi <= limit and _fits(model, hi, cfg, device):

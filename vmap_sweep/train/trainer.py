@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch.func import functional_call, vmap
@@ -244,6 +244,20 @@ def _all_finite(params: list[torch.Tensor]) -> torch.Tensor:
                         for p in params]).all(0)
 
 
+def with_batch_size_of(cells: Sequence[dict], cfg: TrainConfig) -> TrainConfig:
+    """cfg with the rows per step of cells that sweep their batch_size (tokens per step, whole rows of seq_len).
+    The models of a stack share one input tensor, so they share one batch size."""
+    sizes = {int(c["batch_size"]) for c in cells if "batch_size" in c}
+    if not sizes:
+        return cfg
+    if len(sizes) > 1 or not all("batch_size" in c for c in cells):
+        raise ValueError(f"a stack holds one batch size; these cells have {sorted(sizes)} tokens per step")
+    (tokens,) = sizes
+    if tokens % cfg.seq_len:
+        raise ValueError(f"batch_size {tokens} is not a whole number of rows of {cfg.seq_len} tokens")
+    return replace(cfg, batch_size=tokens // cfg.seq_len)
+
+
 def set_determinism(seed: int, deterministic: bool) -> None:
     """Seeds everything; with deterministic, also asks torch for bitwise-reproducible kernels."""
     if deterministic:
@@ -259,6 +273,7 @@ class StackedTrainer:
                  base_cache: dict | None = None):
         """base_cache: the base model's per-token losses by step, shared by the trainers of one model and one
         token stream (a sweep's batches all see the same steps), so that each step's reference is computed once."""
+        cfg = with_batch_size_of(cells, cfg)
         cfg.validate()
         self.cfg, self.device = cfg, torch.device(device)
         self.model = model.to(self.device)

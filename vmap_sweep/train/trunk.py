@@ -58,7 +58,7 @@ class TrunkTrainer(StackedTrainer):
                 if {n: v for n, v in hp.items() if n != "tokens"} != {n: v for n, v in longest[k].items()
                                                                        if n != "tokens"}:
                     raise ValueError(f"lane {k}: its cells differ in more than `tokens`")
-                self.members.append(_Member(k, len(self.members), tokens, steps_for(tokens, cfg.tokens_per_step)))
+                self.members.append(_Member(k, len(self.members), tokens, steps_for(tokens, self.cfg.tokens_per_step)))
         self._check_multipliers()
         self._branch: dict | None = None  # the one-model scratch copy a partial step branches into
 
