@@ -129,6 +129,12 @@ def run(
     out: Annotated[Path | None, typer.Option(help="Study folder (created, or resumed if it exists).")] = None,
     model: Annotated[str | None, typer.Option(help="'tiny', a checkpoint folder or a Hub repo id.")] = None,
     data: Annotated[str | None, typer.Option(help="'synthetic', a .jsonl/.parquet file or a Hub dataset.")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="Tokenizer file (tokenizer.json or tokenizer.pkl) for a "
+                                                       "model folder saved without one.")] = None,
+    model_revision: Annotated[str | None, typer.Option(help="Hub branch, tag or commit of --model (default: main, "
+                                                            "pinned to its commit when the study starts).")] = None,
+    data_revision: Annotated[str | None, typer.Option(help="Hub branch, tag or commit of --data (default: main, "
+                                                           "pinned likewise).")] = None,
     x: Annotated[str | None, typer.Option(help="AXIS:MIN:MAX[:log|lin] (see `vmap-sweep axes`).")] = None,
     y: Annotated[str | None, typer.Option(help="AXIS:MIN:MAX[:log|lin].")] = None,
     resolution: Annotated[str | None, typer.Option(help="N or NxM cells.")] = None,
@@ -166,10 +172,12 @@ def run(
 
         shard_spec = parse_shard(shard)
         out = out / f"shard-{shard_spec[0]}-of-{shard_spec[1]}"
-    cfg = _study_config(preset, set_, _stored_config(out), model=model, data=data, x=x, y=y, resolution=resolution,
+    stored = _stored_config(out)
+    cfg = _study_config(preset, set_, stored, model=model, data=data, x=x, y=y, resolution=resolution,
                         optimizer=optimizer, schedule=schedule, batch_size=batch_size, seq_len=seq_len, seed=seed,
                         eval_tokens=eval_tokens, trainable=trainable, optimizer_state=optimizer_state,
-                        checkpoint_activations=checkpoint_activations or None)
+                        checkpoint_activations=checkpoint_activations or None, tokenizer=tokenizer,
+                        model_revision=model_revision, data_revision=data_revision)
     if (address or workers) and backend != "ray":
         raise ConfigError("--address/--workers work with --backend ray; add --backend ray")
     if backend not in ("local", "ray"):
@@ -182,6 +190,9 @@ def run(
     if dry_run:
         _dry_run(cfg, 8 if k == "auto" else k, device, share)
         return
+    from vmap_sweep.run.provenance import pin_sources
+
+    cfg = pin_sources(cfg, stored)  # a Hub model or dataset as the commit it is now, for every resume to load
     _run(cfg, out, k, settings, shard_spec, quiet, wandb, backend, address, workers, share)
 
 
@@ -239,7 +250,7 @@ def _dry_run(cfg, k, device, share=True):
     from vmap_sweep.study.plan import build_grid, plan_study
 
     dev = resolve_device(device)
-    model_config, tokenizer = base_model_shape(cfg.model)
+    model_config, tokenizer = base_model_shape(cfg.model, cfg.tokenizer, cfg.model_revision)
     grid = build_grid(cfg)
     check_smallest_budget(cfg, grid, training_stream(cfg, model_config.sequence_len, tokenizer)
                           .first_supervised_position())

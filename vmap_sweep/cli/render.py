@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from vmap_sweep.analysis.jsonsafe import json_safe
+from vmap_sweep.analysis.provenance import provenance_rows
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.run.pipeline import Progress as ProgressHooks
 
@@ -170,6 +171,9 @@ class RichProgress(ProgressHooks):
         left = self.eta_seconds()
         return "after the first batch" if left is None else duration(left)
 
+    def note(self, text: str) -> None:
+        self.console.print(f"note: {text}", highlight=False, markup=False, soft_wrap=True)
+
     def batch_started(self, batch: Batch, todo: int) -> None:
         self.running[batch.index] = f"batch {batch.index + 1}/{self.batches} ({todo} models × {batch.steps} steps)"
         self._describe()
@@ -297,6 +301,8 @@ def status_table(store: StudyStore) -> Table:
     table.add_row("config hash", store.config_hash[:16])
     for key, value in _counts_rows(store):
         table.add_row(key, value)
+    for key, value in provenance_rows(store):
+        table.add_row(key, escape(value))
     rows = [r for r in store.rows() if r["status"] == "done"]
     if rows:
         last = max(r["finished_at"] for r in rows)

@@ -15,6 +15,7 @@ RUN_SETTINGS = "runtime"  # RunSettings the study was trained with, written once
 DATA_DIGEST = "data_sha256"  # sha256 of a local data file as it was when the study started
 ZOOM_OF = "zoom_of"  # a zoom child's own {"level", "window", "parent", "fraction"}
 OOD = "ood"  # the out-of-distribution evaluation's result
+PROVENANCE = "provenance"  # versions, Hub commits and the base weights' sha256 a study started with
 
 
 def run_settings(store: StudyStore) -> RunSettings | None:
@@ -60,6 +61,15 @@ def level(store: StudyStore) -> int:
     """0 for a study made by `run`, else the zoom level it was made at."""
     info = zoom_of(store)
     return int(info["level"]) if info is not None and "level" in info else 0
+
+
+def provenance(store: StudyStore) -> dict | None:
+    value = store.get_extra(PROVENANCE)
+    return value if isinstance(value, dict) else None
+
+
+def put_provenance(store: StudyStore, value: dict) -> None:
+    store.put_extra(PROVENANCE, value)
 
 
 def ood(store: StudyStore) -> Any:
