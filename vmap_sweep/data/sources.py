@@ -39,8 +39,7 @@ def load_conversations(source: str = DEFAULT_DATASET, split: str = "train", revi
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r} for {source}; use one of {', '.join(SPLITS)}")
     path = Path(source).expanduser()
-    if revision is not None and not is_hub_dataset(source):
-        raise DataError(f"{source}: local data has no Hub revision; drop --data-revision {revision}")
+    _check_revision(source, revision)
     if source == "synthetic":
         rows = _checked(synthetic_docqa(SYNTHETIC_SIZES[split], SYNTHETIC_SEEDS[split]), f"synthetic ({split})")
     elif path.is_dir():
@@ -68,18 +67,24 @@ def is_hub_dataset(source: str) -> bool:
                 or source.startswith((".", "~")))
 
 
+def _check_revision(source: str, revision: str | None) -> None:
+    if revision is not None and not is_hub_dataset(source):
+        raise DataError(f"{source}: local data has no Hub revision; drop --data-revision {revision}")
+
+
 def dataset_commit(source: str, revision: str | None = None) -> str | None:
     """The Hub commit `revision` (default: main) of a Hub dataset resolves to: asked of the Hub, else read from
     huggingface_hub's cache; None for local data. Unresolvable offline: the revision as given."""
+    _check_revision(source, revision)
     if not is_hub_dataset(source):
         return None
-    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
+    from vmap_sweep.model.checkpoint import hub_cache_dir, hub_offline
+
     pinned = {} if revision is None else {"revision": revision}
-    offline = constants.HF_HUB_OFFLINE or any(
-        os.environ.get(v, "").upper() in {"1", "ON", "YES", "TRUE"} for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    if not offline:
+    if not (hub_offline() or os.environ.get("HF_DATASETS_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}):
         try:
             return HfApi().dataset_info(source, **pinned).sha
         except (RepositoryNotFoundError, RevisionNotFoundError) as e:
@@ -88,7 +93,8 @@ def dataset_commit(source: str, revision: str | None = None) -> str | None:
         except Exception:  # no network: the cache knows which commit it holds
             pass
     try:
-        return Path(snapshot_download(source, repo_type="dataset", local_files_only=True, **pinned)).name
+        return Path(snapshot_download(source, repo_type="dataset", cache_dir=hub_cache_dir(), local_files_only=True,
+                                      **pinned)).name
     except Exception:
         return revision
 

@@ -385,6 +385,16 @@ def _hub_cache_dir() -> str | None:
     return os.path.expandvars(os.path.expanduser(cache)) if cache else None
 
 
+def hub_cache_dir() -> str | None:
+    """huggingface_hub's cache folder as the environment names it now (None: the library's default)."""
+    return _hub_cache_dir()
+
+
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set now."""
+    return _hub_offline()
+
+
 def _hub_offline() -> bool:
     from huggingface_hub import constants
 

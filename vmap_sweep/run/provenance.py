@@ -17,7 +17,7 @@ from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from vmap_sweep.data.sources import dataset_commit, is_hub_dataset
+from vmap_sweep.data.sources import dataset_commit
 from vmap_sweep.digest import sha256_of_files
 from vmap_sweep.errors import StoreError
 from vmap_sweep.model.checkpoint import hub_commit, is_hub_id, locate_model, weight_files
@@ -36,7 +36,7 @@ def pin_sources(cfg: StudyConfig, stored: StudyConfig | None = None) -> StudyCon
         model_rev = hub_commit(locate_model(cfg.model, revision=model_rev))
     if stored is not None and data_rev is None and stored.data == cfg.data:
         data_rev = stored.data_revision
-    elif is_hub_dataset(cfg.data):
+    else:  # refuses a revision for local data, before anything loads
         data_rev = dataset_commit(cfg.data, data_rev)
     return replace(cfg, model_revision=model_rev, data_revision=data_rev)
 
