@@ -533,6 +533,37 @@ def eval_(
             _say(f"{task}: Spearman rho {s['rho']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}], n = {s['n']}")
 
 
+# ------------------------------------------------------------------------------------------------ model
+@app.command("model")
+@user_errors
+def model_(
+    study: Annotated[Path, typer.Argument(help="A study folder.")],
+    cell: Annotated[str, typer.Option(help="I,J: the cell's column along x and row along y (see `export`).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the model: transformers/ (Hugging Face "
+                                                                "layout), vmap-sweep/ (own format), cell.json.")],
+    sample: Annotated[str | None, typer.Option(help="A question to ask the fine-tuned model (chat template).")] = None,
+    samples: Annotated[int, typer.Option(help="Sampled answers beside the greedy one.")] = 3,
+    max_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 64,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.8,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    deterministic: Annotated[bool, typer.Option(help="Bitwise-reproducible kernels.")] = False,
+    rtol: Annotated[float, typer.Option(help="Largest relative difference a re-trained trajectory may have.")] = 1e-6,
+):
+    """Re-train one cell exactly as the study did (refused unless it reproduces the stored trajectory) and write
+    its fine-tuned model; --sample prints its greedy and sampled answers to a question."""
+    from vmap_sweep.eval.cell_model import export_cell, parse_cell
+    from vmap_sweep.model.generate import chat_answers
+
+    if samples < 0 or max_tokens < 1 or not temperature > 0:
+        raise ConfigError("--samples must be >= 0, --max-tokens >= 1 and --temperature > 0")
+    i, j = parse_cell(cell)
+    exported = export_cell(study, i, j, output, device, rtol, deterministic)
+    render.show(render.cell_model_lines(exported))
+    if sample is not None:
+        r = exported.retrained
+        render.show(render.answer_lines(chat_answers(r.model, r.tokenizer, sample, samples, max_tokens, temperature)))
+
+
 # ------------------------------------------------------------------------------------------------ bench
 @app.command()
 @user_errors

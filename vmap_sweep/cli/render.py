@@ -432,6 +432,20 @@ def bench_lines(r: BenchResult) -> list[RenderableType]:
     return [bench_table(r), f"cells per hour, stacked / one at a time: {r.speedup:.2f}x; {memory}"]
 
 
+def cell_model_lines(exported) -> list[str]:
+    info, out = exported.info, exported.out
+    hparams = ", ".join(f"{k}={v:.4g}" for k, v in info["hparams"].items())
+    return [f"cell ({info['i']}, {info['j']}): {hparams}, {info['label'] or 'unclassified'}, final loss "
+            f"{_num(info['final_loss'])}; re-trained, max relative difference to the stored trajectory "
+            f"{info['retrain_max_rel_diff']:.3g}",
+            f"{out / 'transformers'}  (NanoChatForCausalLM.from_pretrained: {', '.join(exported.hf_files)})",
+            f"{out / 'vmap-sweep'}  (vmap_sweep.model.checkpoint.load_model)"]
+
+
+def answer_lines(answers: list[tuple[str, str]]) -> list[str]:
+    return [f"{kind}: {json.dumps(text, ensure_ascii=False)}" for kind, text in answers]
+
+
 def axes_lines(help_text: str) -> list[Text]:
     """The axes help, wrapped but never parsed as markup: '[float, log]' is each axis's type and scale."""
     return [Text(help_text)]
