@@ -302,7 +302,7 @@ def status_table(store: StudyStore) -> Table:
     for key, value in _counts_rows(store):
         table.add_row(key, value)
     for key, value in provenance_rows(store):
-        table.add_row(key, escape(value))
+        table.add_row(key, escape(value[:16] + "…" if key.endswith("sha256") else value))  # in full: the report
     rows = [r for r in store.rows() if r["status"] == "done"]
     if rows:
         last = max(r["finished_at"] for r in rows)
@@ -435,8 +435,8 @@ def bench_lines(r: BenchResult) -> list[RenderableType]:
 def cell_model_lines(exported) -> list[str]:
     info, out = exported.info, exported.out
     hparams = ", ".join(f"{k}={v:.4g}" for k, v in info["hparams"].items())
-    return [f"cell ({info['i']}, {info['j']}): {hparams}, {info['label'] or 'unclassified'}, final loss "
-            f"{_num(info['final_loss'])}; re-trained, max relative difference to the stored trajectory "
+    return [f"cell ({info['i']}, {info['j']}): {hparams}, {info['label'] or 'unclassified'}, eval loss "
+            f"{_num(info['eval_loss'])}; re-trained, max relative difference to the stored trajectory "
             f"{info['retrain_max_rel_diff']:.3g}",
             f"{out / 'transformers'}  (NanoChatForCausalLM.from_pretrained: {', '.join(exported.hf_files)})",
             f"{out / 'vmap-sweep'}  (vmap_sweep.model.checkpoint.load_model)"]
