@@ -90,6 +90,7 @@ def test_a_study_records_its_provenance_and_refuses_changed_weights(tmp_path, to
     save_hf_model(model, seed=1)  # the same folder, other weights
     before = snapshot(out)
     one_line(cli("run", "--out", out, *GRID), "its weights changed", origin["model"]["sha256"][:12])
+    one_line(cli("zoom", out, "--auto", "--device", "cpu"), "its weights changed")  # a zoom child likewise
     assert snapshot(out) == before
     report = ok("report", out).stdout.strip()
     assert origin["model"]["sha256"] in Path(report).read_text()

@@ -124,12 +124,17 @@ def _check_resumable(study: Study, settings: RunSettings) -> str | None:
 
 def _check_provenance(study: Study, cfg: StudyConfig, progress: Progress) -> dict:
     """Resume only on the weights and Hub commits a study started with; returns this run's provenance."""
-    current = provenance.collect(cfg)
-    stored = extras.provenance(study.store)
-    if stored is not None:
-        for line in provenance.check_same(stored, current, study.store.path):
-            progress.note(line)
+    current, notes = check_origin_unchanged(study.store, cfg)
+    for line in notes:
+        progress.note(line)
     return current
+
+
+def check_origin_unchanged(store: StudyStore, cfg: StudyConfig) -> tuple[dict, list[str]]:
+    """This run's provenance, refused where the study's weights or Hub commits differ from it (a zoom child
+    checks its parent's too); and the version differences that are only shown."""
+    current, stored = provenance.collect(cfg), extras.provenance(store)
+    return current, [] if stored is None else provenance.check_same(stored, current, store.path)
 
 
 def check_data_unchanged(store: StudyStore, data: str) -> str | None:
