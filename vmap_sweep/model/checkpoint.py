@@ -88,10 +88,7 @@ def locate_model(source: str | Path, step: int | None = None, revision: str | No
         return path
     if is_hub_id(source):
         return _resolve_hub(str(source), step, revision)
-    else:
-        raise CheckpointError(
-            f"{source}: no such file or folder, and not a Hub repo id like owner/name; check the path"
-        )
+    raise CheckpointError(f"{source}: no such file or folder, and not a Hub repo id like owner/name; check the path")
 
 
 def is_hub_id(source: str | Path) -> bool:
