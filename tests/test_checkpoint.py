@@ -19,7 +19,7 @@ from helpers import (
 )
 
 from vmap_sweep.errors import CheckpointError, TokenizerError
-from vmap_sweep.model.checkpoint import _pick_hub_files, load_model, save_model
+from vmap_sweep.model.checkpoint import MissingTokenizerWarning, _pick_hub_files, load_model, save_model
 from vmap_sweep.model.gpt import GPT
 from vmap_sweep.model.tokenizer import ByteTokenizer, HFTokenizer, TiktokenTokenizer, load_tokenizer
 
@@ -487,11 +487,17 @@ def test_hf_step_is_refused(hf_dir):
     _one_line_naming(err, "config.json")
 
 
-def test_hf_missing_tokenizer(hf_dir):
-    (hf_dir / "tokenizer.json").unlink()
-    with pytest.raises(TokenizerError, match="no tokenizer.json") as err:
-        load_model(hf_dir)
-    _one_line_naming(err, str(hf_dir))
+def test_hf_folder_saved_without_a_tokenizer_loads_its_weights_and_says_so(hf_dir):
+    with_tokenizer = load_model(hf_dir)
+    (hf_dir / "tokenizer.json").rename(hf_dir.parent / "elsewhere.json")
+    with pytest.warns(MissingTokenizerWarning, match="no tokenizer.json beside config.json") as caught:
+        model, tok, _ = load_model(hf_dir)
+    assert tok is None and caught[0].filename == __file__  # the warning points at the caller
+    assert _same_weights(model, with_tokenizer.model)
+    # a tokenizer from elsewhere, checked against the model as its own would be
+    assert isinstance(load_model(hf_dir, tokenizer=hf_dir.parent / "elsewhere.json").tokenizer, HFTokenizer)
+    with pytest.raises(TokenizerError, match="no such tokenizer file"):
+        load_model(hf_dir, tokenizer=hf_dir / "missing.json")
 
 
 def test_hf_tokenizer_without_nanochat_specials(hf_dir):

@@ -27,6 +27,7 @@ import numpy as np
 
 from vmap_sweep.analysis.classify import study_classes
 from vmap_sweep.analysis.fmt import format_ci, format_count
+from vmap_sweep.analysis.provenance import provenance_rows
 from vmap_sweep.analysis.rules import SAFE_FACTOR, rules_of_thumb
 from vmap_sweep.analysis.study import fractal_report
 from vmap_sweep.analysis.view import grid_view
@@ -193,6 +194,7 @@ def _config_section(doc: _Doc, store: StudyStore) -> None:
         ("cells done", f"{store.done_count()} of {store.cell_count()}"),
         ("classes", ", ".join(f"{n} {label}" for label, n in counts.items())),
         ("created", store.created),
+        *provenance_rows(store),
     ]
     doc.table(["setting", "value"], rows)
     doc.p(

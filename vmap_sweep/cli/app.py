@@ -154,6 +154,12 @@ def run(
     out: Annotated[Path | None, typer.Option(help="Study folder (created, or resumed if it exists).")] = None,
     model: Annotated[str | None, typer.Option(help="'tiny', a checkpoint folder or a Hub repo id.")] = None,
     data: Annotated[str | None, typer.Option(help="'synthetic', a .jsonl/.parquet file or a Hub dataset.")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="Tokenizer file (tokenizer.json or tokenizer.pkl) for a "
+                                                       "model folder saved without one.")] = None,
+    model_revision: Annotated[str | None, typer.Option(help="Hub branch, tag or commit of --model (default: main, "
+                                                            "pinned to its commit when the study starts).")] = None,
+    data_revision: Annotated[str | None, typer.Option(help="Hub branch, tag or commit of --data (default: main, "
+                                                           "pinned likewise).")] = None,
     x: Annotated[str | None, typer.Option(help="AXIS:MIN:MAX[:log|lin] (see `vmap-sweep axes`).")] = None,
     y: Annotated[str | None, typer.Option(help="AXIS:MIN:MAX[:log|lin].")] = None,
     resolution: Annotated[str | None, typer.Option(help="N or NxM cells.")] = None,
@@ -207,7 +213,8 @@ def run(
     cfg = _study_config(preset, set_, stored, model=model, data=data, x=x, y=y, resolution=resolution,
                         optimizer=optimizer, schedule=schedule, batch_size=batch_size, seq_len=seq_len, seed=seed,
                         eval_tokens=eval_tokens, trainable=trainable, optimizer_state=optimizer_state,
-                        checkpoint_activations=checkpoint_activations or None)
+                        checkpoint_activations=checkpoint_activations or None, tokenizer=tokenizer,
+                        model_revision=model_revision, data_revision=data_revision)
     if (address or workers) and backend != "ray":
         raise ConfigError("--address/--workers work with --backend ray; add --backend ray")
     if backend not in ("local", "ray"):
@@ -220,6 +227,9 @@ def run(
     if dry_run:
         _dry_run(cfg, 8 if k == "auto" else k, device, share)
         return
+    from vmap_sweep.run.provenance import pin_sources
+
+    cfg = pin_sources(cfg, stored)  # a Hub model or dataset as the commit it is now, for every resume to load
     _run(cfg, out, k, settings, shard_spec, quiet, wandb, backend, address, workers, share, wandb_project)
 
 
@@ -284,7 +294,7 @@ def _dry_run(cfg, k, device, share=True):
     from vmap_sweep.study.plan import build_grid, plan_study
 
     dev = resolve_device(device)
-    model_config, tokenizer = base_model_shape(cfg.model)
+    model_config, tokenizer = base_model_shape(cfg.model, cfg.tokenizer, cfg.model_revision)
     grid = build_grid(cfg)
     budgets = training_stream(cfg, model_config.sequence_len, tokenizer).budgets(
         sorted({int(c.hparams["tokens"]) for c in grid.cells()}))
@@ -702,6 +712,37 @@ def eval_(
             _say(f"{task}: Spearman undefined (n = {s['n']})")
         else:
             _say(f"{task}: Spearman rho {s['rho']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}], n = {s['n']}")
+
+
+# ------------------------------------------------------------------------------------------------ model
+@app.command("model")
+@user_errors
+def model_(
+    study: Annotated[Path, typer.Argument(help="A study folder.")],
+    cell: Annotated[str, typer.Option(help="I,J: the cell's column along x and row along y (see `export`).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the model: transformers/ (Hugging Face "
+                                                                "layout), vmap-sweep/ (own format), cell.json.")],
+    sample: Annotated[str | None, typer.Option(help="A question to ask the fine-tuned model (chat template).")] = None,
+    samples: Annotated[int, typer.Option(help="Sampled answers beside the greedy one.")] = 3,
+    max_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 64,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.8,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    deterministic: Annotated[bool, typer.Option(help="Bitwise-reproducible kernels.")] = False,
+    rtol: Annotated[float, typer.Option(help="Largest relative difference a re-trained trajectory may have.")] = 1e-6,
+):
+    """Re-train one cell exactly as the study did (refused unless it reproduces the stored trajectory) and write
+    its fine-tuned model; --sample prints its greedy and sampled answers to a question."""
+    from vmap_sweep.eval.cell_model import export_cell, parse_cell
+    from vmap_sweep.model.generate import chat_answers
+
+    if samples < 0 or max_tokens < 1 or not temperature > 0:
+        raise ConfigError("--samples must be >= 0, --max-tokens >= 1 and --temperature > 0")
+    i, j = parse_cell(cell)
+    exported = export_cell(study, i, j, output, device, rtol, deterministic)
+    render.show(render.cell_model_lines(exported))
+    if sample is not None:
+        r = exported.retrained
+        render.show(render.answer_lines(chat_answers(r.model, r.tokenizer, sample, samples, max_tokens, temperature)))
 
 
 # ------------------------------------------------------------------------------------------------ bench

@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from vmap_sweep.analysis.jsonsafe import json_safe
+from vmap_sweep.analysis.provenance import provenance_rows
 from vmap_sweep.run.pipeline import Progress as ProgressHooks
 
 if TYPE_CHECKING:
@@ -173,6 +174,9 @@ class RichProgress(ProgressHooks):
         left = self.eta_seconds()
         return "after the first batch" if left is None else duration(left)
 
+    def note(self, text: str) -> None:
+        self.console.print(f"note: {text}", highlight=False, markup=False, soft_wrap=True)
+
     def batch_started(self, batch: Batch, todo: int) -> None:
         self.running[batch.index] = f"batch {batch.index + 1}/{self.batches} ({todo} models × {batch.steps} steps)"
         self._describe()
@@ -249,6 +253,8 @@ def status_table(store: StudyStore) -> Table:
     table.add_row("config hash", store.config_hash[:16])
     for key, value in _counts_rows(store):
         table.add_row(key, value)
+    for key, value in provenance_rows(store):
+        table.add_row(key, escape(value[:16] + "…" if key.endswith("sha256") else value))  # in full: the report
     rows = [r for r in store.rows() if r["status"] == "done"]
     if rows:
         last = max(r["finished_at"] for r in rows)
@@ -444,6 +450,20 @@ def bench_lines(r: BenchResult) -> list[RenderableType]:
     memory = (f"peak GPU memory of the stacked run {peak:.1f} GB" if peak is not None and peak == peak
               else "peak memory not measured (only a CUDA device reports it)")
     return [bench_table(r), f"cells per hour, stacked / one at a time: {r.speedup:.2f}x; {memory}"]
+
+
+def cell_model_lines(exported) -> list[str]:
+    info, out = exported.info, exported.out
+    hparams = ", ".join(f"{k}={v:.4g}" for k, v in info["hparams"].items())
+    return [f"cell ({info['i']}, {info['j']}): {hparams}, {info['label'] or 'unclassified'}, eval loss "
+            f"{_num(info['eval_loss'])}; re-trained, max relative difference to the stored trajectory "
+            f"{info['retrain_max_rel_diff']:.3g}",
+            f"{out / 'transformers'}  (NanoChatForCausalLM.from_pretrained: {', '.join(exported.hf_files)})",
+            f"{out / 'vmap-sweep'}  (vmap_sweep.model.checkpoint.load_model)"]
+
+
+def answer_lines(answers: list[tuple[str, str]]) -> list[str]:
+    return [f"{kind}: {json.dumps(text, ensure_ascii=False)}" for kind, text in answers]
 
 
 def axes_lines(help_text: str) -> list[Text]:

@@ -14,13 +14,14 @@ Every row is validated on load, so a malformed row fails here, naming its file:l
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 import random
 from pathlib import Path
 
 from vmap_sweep.data.render import validate_conversation
 from vmap_sweep.data.synthetic import synthetic_docqa
+from vmap_sweep.digest import sha256_of_files
 from vmap_sweep.errors import DataError
 
 DEFAULT_DATASET = "morgan/docvqa-nanochat"
@@ -32,11 +33,13 @@ HOLDOUT_FRACTION = 0.05
 LOCAL_SUFFIXES = (".jsonl", ".parquet")
 
 
-def load_conversations(source: str = DEFAULT_DATASET, split: str = "train") -> list[dict]:
-    """Conversations {"messages": [...]} of one split of `source` (see the module doc for the sources)."""
+def load_conversations(source: str = DEFAULT_DATASET, split: str = "train", revision: str | None = None) -> list[dict]:
+    """Conversations {"messages": [...]} of one split of `source` (see the module doc for the sources);
+    `revision`: a Hub dataset's branch, tag or commit (default: its main branch)."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r} for {source}; use one of {', '.join(SPLITS)}")
     path = Path(source).expanduser()
+    _check_revision(source, revision)
     if source == "synthetic":
         rows = _checked(synthetic_docqa(SYNTHETIC_SIZES[split], SYNTHETIC_SEEDS[split]), f"synthetic ({split})")
     elif path.is_dir():
@@ -48,13 +51,52 @@ def load_conversations(source: str = DEFAULT_DATASET, split: str = "train") -> l
     elif path.is_absolute() or source.startswith((".", "~")):
         raise DataError(f"{path}: no such file or directory; expected a .jsonl/.parquet file or a directory")
     else:
-        rows = _checked(_load_hub(source, split), f"{source} ({split})")
+        rows = _checked(_load_hub(source, split, revision), f"{source} ({split})")
     if not rows:
         raise DataError(
             f"{source} split {split!r}: no conversations; the dataset is empty "
             "(or has a single row, too few to hold out a validation split)"
         )
     return rows
+
+
+def is_hub_dataset(source: str) -> bool:
+    """Whether `source` names a Hub dataset (what load_conversations reads with `datasets`)."""
+    path = Path(source).expanduser()
+    return not (source == "synthetic" or path.is_dir() or path.suffix in LOCAL_SUFFIXES or path.is_absolute()
+                or source.startswith((".", "~")))
+
+
+def _check_revision(source: str, revision: str | None) -> None:
+    if revision is not None and not is_hub_dataset(source):
+        raise DataError(f"{source}: local data has no Hub revision; drop --data-revision {revision}")
+
+
+def dataset_commit(source: str, revision: str | None = None) -> str | None:
+    """The Hub commit `revision` (default: main) of a Hub dataset resolves to: asked of the Hub, else read from
+    huggingface_hub's cache; None for local data. Unresolvable offline: the revision as given."""
+    _check_revision(source, revision)
+    if not is_hub_dataset(source):
+        return None
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    from vmap_sweep.model.checkpoint import hub_cache_dir, hub_offline
+
+    pinned = {} if revision is None else {"revision": revision}
+    if not (hub_offline() or os.environ.get("HF_DATASETS_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}):
+        try:
+            return HfApi().dataset_info(source, **pinned).sha
+        except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+            raise DataError(f"{source}: no Hub dataset of that name{f' at revision {revision!r}' if revision else ''} "
+                            f"({type(e).__name__}); check the name and --data-revision") from None
+        except Exception:  # no network: the cache knows which commit it holds
+            pass
+    try:
+        return Path(snapshot_download(source, repo_type="dataset", cache_dir=hub_cache_dir(), local_files_only=True,
+                                      **pinned)).name
+    except Exception:
+        return revision
 
 
 def _checked(rows: list[dict], source: str) -> list[dict]:
@@ -112,15 +154,7 @@ def data_fingerprint(source: str) -> str | None:
         files = [f for f in _directory_files(path) if f is not None]
     else:
         files = [path] if path.is_file() else []
-    if not files:
-        return None
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode() + b"\0")
-        with file.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_of_files(files) if files else None
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -160,12 +194,12 @@ def _read_parquet(path: Path) -> list[dict]:
     return _checked([{"messages": m} for m in messages], str(path))
 
 
-def _load_hub(source: str, split: str) -> list[dict]:
+def _load_hub(source: str, split: str, revision: str | None = None) -> list[dict]:
     """A Hub dataset through `datasets`, which honours HF_HUB_OFFLINE / HF_DATASETS_OFFLINE and its cache."""
     import datasets
 
     try:
-        ds = datasets.load_dataset(source, split=split)
+        ds = datasets.load_dataset(source, split=split, **({} if revision is None else {"revision": revision}))
     except Exception as e:  # network, missing repo, missing split, offline without a cache: all user-fixable
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DataError(

@@ -6,6 +6,9 @@ Sources `load_model` understands:
   (c) a Hub repo id "owner/name", resolved through huggingface_hub's cache into (a) or (b),
   (d) the project's own folder: model.safetensors + vmap_sweep.json (written by `save_model`).
 Every format ends in the one strict `_load_state`: the weights must fill the model exactly.
+
+A transformers folder saved without a tokenizer still loads: its tokenizer is None, and a MissingTokenizerWarning
+says so (pass `tokenizer=PATH` to load one from elsewhere).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 import os
 import posixpath
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import NamedTuple
@@ -21,6 +25,7 @@ from typing import NamedTuple
 import torch
 
 from vmap_sweep.errors import CheckpointError, TokenizerError
+from vmap_sweep.model import hf_names
 from vmap_sweep.model.gpt import GPT, GPTConfig
 from vmap_sweep.model.tokenizer import BYTES, ByteTokenizer, Tokenizer, load_tokenizer
 from vmap_sweep.model.validate import check_config, check_weights, parse_json
@@ -37,48 +42,74 @@ _HF_NAMES = {"sequence_len": "max_position_embeddings", "vocab_size": "vocab_siz
              "norm_eps": "rms_norm_eps", "rope_base": "rope_theta", "softcap": "final_logit_softcapping"}
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
-# transformers' NanoChat parameter names -> ours. Unmatched keys pass through unchanged, so the strict
-# check reports them under the name the file uses.
-_HF_KEY_MAP: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(p), r)
-    for p, r in [
-        (r"model\.embed_tokens\.weight", "transformer.wte.weight"),
-        (r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", r"transformer.h.\1.attn.c_q.weight"),
-        (r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", r"transformer.h.\1.attn.c_k.weight"),
-        (r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", r"transformer.h.\1.attn.c_v.weight"),
-        (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", r"transformer.h.\1.attn.c_proj.weight"),
-        (r"model\.layers\.(\d+)\.mlp\.fc1\.weight", r"transformer.h.\1.mlp.c_fc.weight"),
-        (r"model\.layers\.(\d+)\.mlp\.fc2\.weight", r"transformer.h.\1.mlp.c_proj.weight"),
-        (r"lm_head\.weight", "lm_head.weight"),
-    ]
-]
-
-
 class LoadedModel(NamedTuple):
     model: GPT
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None only for a transformers folder saved without one (a warning says so)
     config: GPTConfig
+
+
+class MissingTokenizerWarning(UserWarning):
+    """A model loaded without a tokenizer: fine for its weights, not for anything that reads text."""
 
 
 # ---------------------------------------------------------------------------------------------- public
 
 
-def load_model(source: str | Path, device: str | torch.device = "cpu", step: int | None = None) -> LoadedModel:
+def load_model(source: str | Path, device: str | torch.device = "cpu", step: int | None = None, *,
+               tokenizer: str | Path | None = None, revision: str | None = None) -> LoadedModel:
     """Model (float32, eval mode, on `device`), tokenizer and config from a folder, a file or a Hub id.
 
-    `step` picks a native checkpoint's model_{step:06d}.pt; by default the newest one.
+    `step` picks a native checkpoint's model_{step:06d}.pt; by default the newest one. `tokenizer`: a tokenizer
+    file (or folder) to use instead of the one stored with the weights. `revision`: a Hub id's branch, tag or
+    commit (default: its main branch).
     """
-    path = Path(source).expanduser()
-    if path.exists():
-        loaded = _load_local(path, step)
-    elif _REPO_ID.fullmatch(str(source)) and ".." not in str(source):
-        loaded = _load_local(_resolve_hub(str(source), step), step)
-    else:
-        raise CheckpointError(
-            f"{source}: no such file or folder, and not a Hub repo id like owner/name; check the path"
-        )
+    loaded = _load_local(locate_model(source, step, revision), step, tokenizer)
     loaded.model.to(device).eval()
     return loaded
+
+
+def locate_model(source: str | Path, step: int | None = None, revision: str | None = None) -> Path:
+    """The local file or folder `source` names: itself, or a Hub id's snapshot in huggingface_hub's cache
+    (downloaded as needed; its folder name is the commit it resolved to)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if revision is not None:
+            raise CheckpointError(f"{source}: a local path has no Hub revision; drop --model-revision {revision}")
+        return path
+    if is_hub_id(source):
+        return _resolve_hub(str(source), step, revision)
+    raise CheckpointError(f"{source}: no such file or folder, and not a Hub repo id like owner/name; check the path")
+
+
+def is_hub_id(source: str | Path) -> bool:
+    """Whether `source` names a Hub repo (owner/name) rather than a local file or folder."""
+    return not Path(source).expanduser().exists() and bool(_REPO_ID.fullmatch(str(source))) and ".." not in str(source)
+
+
+def hub_commit(path: Path) -> str | None:
+    """The commit a path inside huggingface_hub's cache (…/snapshots/<commit>/…) belongs to; None elsewhere."""
+    parts = Path(path).parts
+    return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
+
+
+def weight_files(path: Path, step: int | None = None) -> list[Path]:
+    """The files holding the weights of the checkpoint at `path` (as `locate_model` returns it), sorted."""
+    if path.is_file():
+        m = _NATIVE_MODEL.fullmatch(path.name)
+        step = int(m.group(1)) if m and step is None else step
+        path = path.parent
+    if (path / OWN_META).is_file():
+        return [path / OWN_WEIGHTS]
+    if (path / "config.json").is_file():
+        index = path / "model.safetensors.index.json"
+        return sorted([*path.glob("*.safetensors"), *([index] if index.is_file() else [])])
+    steps = _native_steps(path)
+    if not steps:
+        raise CheckpointError(f"{path}: not a checkpoint: no {OWN_META}, config.json or model_XXXXXX.pt here")
+    chosen = steps.get(max(steps) if step is None else step)
+    if chosen is None:
+        raise CheckpointError(f"{path}: no model file for step {step}; steps here: {sorted(steps)}")
+    return [chosen]
 
 
 def save_model(directory: str | Path, model: GPT, tokenizer: Tokenizer) -> Path:
@@ -104,7 +135,7 @@ def save_model(directory: str | Path, model: GPT, tokenizer: Tokenizer) -> Path:
 # ---------------------------------------------------------------------------------------------- dispatch
 
 
-def _load_local(path: Path, step: int | None) -> LoadedModel:
+def _load_local(path: Path, step: int | None, tokenizer: str | Path | None = None) -> LoadedModel:
     if path.is_file():
         # A file inside a checkpoint folder stands for the folder; model_XXXXXX.pt also names its step.
         m = _NATIVE_MODEL.fullmatch(path.name)
@@ -113,12 +144,12 @@ def _load_local(path: Path, step: int | None) -> LoadedModel:
         path = path.parent
     if (path / OWN_META).is_file():
         _no_step(step, path / OWN_META)
-        return _load_own(path)
+        return _load_own(path, tokenizer)
     if (path / "config.json").is_file():
         _no_step(step, path / "config.json")
-        return _load_hf(path)
+        return _load_hf(path, tokenizer)
     if _native_steps(path):
-        return _load_native(path, step)
+        return _load_native(path, step, tokenizer)
     raise CheckpointError(
         f"{path}: not a checkpoint: no {OWN_META}, config.json or model_XXXXXX.pt here; "
         "point at the folder that holds the weights"
@@ -142,7 +173,7 @@ def _native_steps(folder: Path) -> dict[int, Path]:
     return steps
 
 
-def _load_native(folder: Path, step: int | None) -> LoadedModel:
+def _load_native(folder: Path, step: int | None, tokenizer_file: str | Path | None = None) -> LoadedModel:
     steps = _native_steps(folder)
     if step is None:
         step = max(steps)
@@ -152,7 +183,7 @@ def _load_native(folder: Path, step: int | None) -> LoadedModel:
     meta_path = weights.with_name(_meta_name(weights.name))
     meta = _read_json(meta_path, f"every {weights.name} needs its {meta_path.name} beside it")
     config = _native_config(meta, meta_path)
-    tokenizer = load_tokenizer(_find_native_tokenizer(folder))
+    tokenizer = load_tokenizer(tokenizer_file or _find_native_tokenizer(folder))
     _check_tokenizer(tokenizer, config, meta_path)
     state = _torch_load(weights)
     # torch.compile'd models save their parameters under _orig_mod.
@@ -221,20 +252,24 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------- (b) HF
 
 
-def _load_hf(folder: Path) -> LoadedModel:
+def _load_hf(folder: Path, tokenizer_file: str | Path | None = None) -> LoadedModel:
     cfg_path = folder / "config.json"
     cfg = _read_json(cfg_path, "the folder looks like a transformers model")
     config = _hf_config(cfg, cfg_path)
-    tok_path = folder / "tokenizer.json"
-    if not tok_path.is_file():
-        raise TokenizerError(f"{folder}: no tokenizer.json beside config.json; copy the model's tokenizer.json here")
-    tokenizer = load_tokenizer(tok_path)
-    _check_tokenizer(tokenizer, config, cfg_path)
+    tok_path = Path(tokenizer_file) if tokenizer_file is not None else folder / "tokenizer.json"
+    tokenizer: Tokenizer | None = None
+    if tok_path.exists() or tokenizer_file is not None:
+        tokenizer = load_tokenizer(tok_path)
+        _check_tokenizer(tokenizer, config, cfg_path)
+    else:  # save_pretrained writes no tokenizer: the weights are all there, so load them
+        warnings.warn(f"{folder}: no tokenizer.json beside config.json; loaded the weights without a tokenizer "
+                      "(pass tokenizer=PATH, or --tokenizer PATH on the command line)", MissingTokenizerWarning,
+                      stacklevel=4)  # the caller of load_model
     files, weights = _safetensors_files(folder)
     tied = bool(cfg.get("tie_word_embeddings"))
-    check_weights(config, _tie(tied, {_map_hf_key(k): s for k, s in _safetensors_shapes(files).items()}), weights,
+    check_weights(config, _tie(tied, {hf_names.ours(k): s for k, s in _safetensors_shapes(files).items()}), weights,
                   _HF_NAMES)
-    state = _tie(tied, {_map_hf_key(k): v for k, v in _read_safetensors(files).items()})
+    state = _tie(tied, {hf_names.ours(k): v for k, v in _read_safetensors(files).items()})
     return LoadedModel(_build(config, state, weights, _HF_NAMES), tokenizer, config)
 
 
@@ -295,13 +330,6 @@ def _hf_config(cfg: dict, path: Path) -> GPTConfig:
     if cfg.get("hidden_act", "relu2") != "relu2" or cfg.get("attention_bias", False):
         raise CheckpointError(f"{path}: hidden_act must be relu2 and attention_bias false, as in nanochat; unsupported")
     return config
-
-
-def _map_hf_key(key: str) -> str:
-    for pattern, replacement in _HF_KEY_MAP:
-        if pattern.fullmatch(key):
-            return pattern.sub(replacement, key)
-    return key
 
 
 def _safetensors_files(folder: Path) -> tuple[list[Path], Path]:
@@ -380,6 +408,16 @@ def _hub_cache_dir() -> str | None:
     return os.path.expandvars(os.path.expanduser(cache)) if cache else None
 
 
+def hub_cache_dir() -> str | None:
+    """huggingface_hub's cache folder as the environment names it now (None: the library's default)."""
+    return _hub_cache_dir()
+
+
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set now."""
+    return _hub_offline()
+
+
 def _hub_offline() -> bool:
     from huggingface_hub import constants
 
@@ -390,17 +428,27 @@ def _hub_offline() -> bool:
     return true(env.get("HF_HUB_OFFLINE")) or true(env.get("TRANSFORMERS_OFFLINE")) or constants.HF_HUB_OFFLINE
 
 
-def _resolve_hub(repo_id: str, step: int | None) -> Path:
-    """The folder in huggingface_hub's cache holding repo_id's checkpoint, downloading what is needed."""
+def _resolve_hub(repo_id: str, step: int | None, revision: str | None = None) -> Path:
+    """The folder in huggingface_hub's cache holding repo_id's checkpoint (at `revision`, default the main
+    branch), downloading what is needed."""
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     cache_dir = _hub_cache_dir()
+    pinned = {} if revision is None else {"revision": revision}  # left out unset: the library's own default
     files: list[str] | None = None
     listing_error: Exception | None = None
     if not _hub_offline():
         try:
-            files = HfApi().list_repo_files(repo_id)
+            files = HfApi().list_repo_files(repo_id, **pinned)
+        except RevisionNotFoundError:
+            raise CheckpointError(f"{repo_id}: the Hub repo has no revision {revision!r}; give a branch, tag or "
+                                  "commit hash it holds") from None
         except (RepositoryNotFoundError, GatedRepoError) as e:
             raise CheckpointError(
                 f"{repo_id}: no such local folder, and no accessible Hub repo of that name ({type(e).__name__}); "
@@ -411,9 +459,9 @@ def _resolve_hub(repo_id: str, step: int | None) -> Path:
     try:
         if files is not None:
             subfolder, wanted = _pick_hub_files(repo_id, files, step)
-            snapshot = Path(snapshot_download(repo_id, cache_dir=cache_dir, allow_patterns=wanted))
+            snapshot = Path(snapshot_download(repo_id, cache_dir=cache_dir, allow_patterns=wanted, **pinned))
         else:
-            snapshot = Path(snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True))
+            snapshot = Path(snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True, **pinned))
             present = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
             subfolder, _ = _pick_hub_files(repo_id, present, step)
     except CheckpointError:
@@ -474,7 +522,7 @@ def _pick_hub_files(repo_id: str, files: list[str], step: int | None) -> tuple[s
 # ---------------------------------------------------------------------------------------------- (d) own
 
 
-def _load_own(folder: Path) -> LoadedModel:
+def _load_own(folder: Path, tokenizer_file: str | Path | None = None) -> LoadedModel:
     meta_path = folder / OWN_META
     meta = _read_json(meta_path, "it should be written by save_model")
     if meta.get("format") != OWN_FORMAT:
@@ -488,7 +536,10 @@ def _load_own(folder: Path) -> LoadedModel:
     if missing:
         raise CheckpointError(f"{meta_path}: model_config lacks {', '.join(missing)}; the file is corrupt")
     config = check_config(mc, meta_path)
-    tokenizer = _own_tokenizer(folder, meta.get("tokenizer"), meta_path)
+    if tokenizer_file is not None:
+        tokenizer = load_tokenizer(tokenizer_file)
+    else:
+        tokenizer = _own_tokenizer(folder, meta.get("tokenizer"), meta_path)
     _check_tokenizer(tokenizer, config, meta_path)
     weights = folder / OWN_WEIGHTS
     if not weights.is_file():

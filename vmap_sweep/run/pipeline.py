@@ -16,6 +16,7 @@ from typing import Protocol
 
 from vmap_sweep.data.sources import data_fingerprint
 from vmap_sweep.errors import ConfigError, StoreError
+from vmap_sweep.run import provenance
 from vmap_sweep.run.worker import Job
 from vmap_sweep.store import extras
 from vmap_sweep.store.db import DB_NAME, LOCK_NAME, Labeller, StudyStore
@@ -37,6 +38,9 @@ class Progress:
         of the batches still to train (Batch.model_steps), for an ETA; labels: the stored cells per class."""
 
     def batch_started(self, batch: Batch, todo: int) -> None: ...
+
+    def note(self, text: str) -> None:
+        """Something worth a line that stops nothing, e.g. a resume under another vmap-sweep version."""
 
     def batch_done(self, batch: Batch, labels: list[str | None], elapsed: float) -> None:
         """A batch is stored: the class of each of its cells as stored (None: unclassified)."""
@@ -82,9 +86,11 @@ def run_study(cfg: StudyConfig, out: str | Path, backend: Backend, *, models_per
         study.store.claim_writer()
         claimed = True
         digest = _check_resumable(study, backend.settings)
+        origin = _check_provenance(study, cfg, progress)
         budgets = backend.budgets(sorted({int(c.hparams["tokens"]) for c in grid.cells()}))
         check_smallest_budget(cfg, grid, budgets.first_supervised)
-        _record_start(study, backend.settings, digest, criterion, budgets, models_per_batch, share)
+        _record_start(study, backend.settings, digest, criterion, budgets=budgets, origin=origin,
+                      models_per_batch=models_per_batch, share=share)
         k = backend.models_per_batch(grid.nx * grid.ny) if models_per_batch == "auto" else int(models_per_batch)
         batches = plan_study(cfg, cells, k, share)
         _train_and_store(study.store, backend, batches, progress, labeller, shard_name)
@@ -120,6 +126,21 @@ def _check_resumable(study: Study, settings: RunSettings) -> str | None:
     return check_data_unchanged(study.store, study.config.data)
 
 
+def _check_provenance(study: Study, cfg: StudyConfig, progress: Progress) -> dict:
+    """Resume only on the weights and Hub commits a study started with; returns this run's provenance."""
+    current, notes = check_origin_unchanged(study.store, cfg)
+    for line in notes:
+        progress.note(line)
+    return current
+
+
+def check_origin_unchanged(store: StudyStore, cfg: StudyConfig) -> tuple[dict, list[str]]:
+    """This run's provenance, refused where the study's weights or Hub commits differ from it (a zoom child
+    checks its parent's too); and the version differences that are only shown."""
+    current, stored = provenance.collect(cfg), extras.provenance(store)
+    return current, [] if stored is None else provenance.check_same(stored, current, store.path)
+
+
 def check_data_unchanged(store: StudyStore, data: str) -> str | None:
     """A local data file keeps the contents the study started with (shards too: merge compares them).
     Returns the file's digest, for the store once the data has loaded."""
@@ -141,7 +162,7 @@ def check_smallest_budget(cfg: StudyConfig, grid: Grid, first: int | None) -> No
 
 
 def _record_start(study: Study, settings: RunSettings, digest: str | None, criterion: dict | None,
-                  budgets: Budgets, models_per_batch: int | str, share: bool) -> None:
+                  *, budgets: Budgets, origin: dict, models_per_batch: int | str, share: bool) -> None:
     """What the study was started with, written once its model and data have loaded."""
     store = study.store
     if study.settings is None:
@@ -150,6 +171,8 @@ def _record_start(study: Study, settings: RunSettings, digest: str | None, crite
         extras.put_dataset_sizes(store, budgets.sizes)
     if not extras.run_options(store):
         extras.put_run_options(store, models_per_batch, share)
+    if extras.provenance(store) is None:
+        extras.put_provenance(store, origin)
     if digest is not None and study.data_digest is None:
         extras.put_data_digest(store, digest)
     # a given criterion is taken only by a study with no result yet: one study, one criterion

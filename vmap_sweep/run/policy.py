@@ -56,4 +56,13 @@ def run_settings(device: torch.device, rows_per_step: Sequence[int], micro_batch
     for rows in rows_per_step:
         check_micro_batch_size(micro_batch_size, rows)
     return RunSettings(device=device.type, micro_batch_size=micro_batch_size, deterministic=deterministic,
-                       compile=compile_setting(device))
+                       compile=compile_setting(device), **environment(device))
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    """The torch release (without its build suffix), the CUDA it runs on a GPU ("none" on a CPU) and the
+    GPU's name ("cpu"): what RunSettings records of the machine."""
+    on_gpu = device.type == "cuda"
+    return {"torch": torch.__version__.split("+")[0],
+            "cuda": (torch.version.cuda or "none") if on_gpu else "none",
+            "gpu": torch.cuda.get_device_name(device) if on_gpu else "cpu"}

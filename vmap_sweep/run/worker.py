@@ -7,6 +7,7 @@ workers. Both load lazily, so that a study folder and its config are checked bef
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ import torch
 
 from vmap_sweep.data.sources import load_conversations
 from vmap_sweep.data.stream import EvalSet, TokenStream
-from vmap_sweep.errors import ConfigError
+from vmap_sweep.errors import ConfigError, TokenizerError
 from vmap_sweep.model.gpt import GPT
 from vmap_sweep.model.tokenizer import Tokenizer
 from vmap_sweep.run.policy import compile_on
@@ -53,16 +54,27 @@ def train_config(cfg: StudyConfig, settings: RunSettings, compile: bool) -> Trai
     )
 
 
-def load_base_model(name: str):
+def load_base_model(name: str, tokenizer: str | None = None, revision: str | None = None):
     """A LoadedModel (model and tokenizer) by the name a config gives: the embedded tiny model, or any source
-    model/checkpoint.py reads."""
+    model/checkpoint.py reads (`tokenizer`: a tokenizer file to use instead of its own; `revision`: a Hub id's).
+    Training reads text, so a model without a tokenizer is refused here, naming the option that gives one."""
     if name == "tiny":
         from vmap_sweep.train.tiny import tiny_base_model
 
-        return tiny_base_model()
-    from vmap_sweep.model.checkpoint import load_model
+        loaded = tiny_base_model()
+        if tokenizer is None and revision is None:
+            return loaded
+        raise ConfigError("--model tiny: the embedded model has its own byte tokenizer and no Hub revision; "
+                          "drop --tokenizer and --model-revision")
+    from vmap_sweep.model.checkpoint import MissingTokenizerWarning, load_model
 
-    return load_model(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MissingTokenizerWarning)  # refused below, in one line
+        loaded = load_model(name, tokenizer=tokenizer, revision=revision)
+    if loaded.tokenizer is None:
+        raise TokenizerError(f"{name}: the model was saved without a tokenizer (no tokenizer.json); give the "
+                             "base model's tokenizer with --tokenizer PATH (tokenizer.json or tokenizer.pkl)")
+    return loaded
 
 
 @dataclass
@@ -78,16 +90,17 @@ def training_stream(cfg: StudyConfig, sequence_len: int, tokenizer: Tokenizer) -
     if cfg.seq_len > sequence_len:
         raise ConfigError(f"--seq-len {cfg.seq_len} is longer than the model's sequence_len {sequence_len}; "
                           f"choose --seq-len <= {sequence_len}")
-    return TokenStream.build(load_conversations(cfg.data, "train"), tokenizer, cfg.seed, sequence_len, source=cfg.data)
+    return TokenStream.build(load_conversations(cfg.data, "train", cfg.data_revision), tokenizer, cfg.seed,
+                             sequence_len, source=cfg.data)
 
 
 def load_study_data(cfg: StudyConfig, device: torch.device) -> StudyData:
     """The base model, its tokenizer, the fixed training order and the held-out evaluation tokens."""
-    loaded = load_base_model(cfg.model)
+    loaded = load_base_model(cfg.model, cfg.tokenizer, cfg.model_revision)
     model, tokenizer = loaded.model, loaded.tokenizer
     max_len = model.config.sequence_len
     stream = training_stream(cfg, model.config.sequence_len, tokenizer)
-    held_out = EvalSet.build(load_conversations(cfg.data, "validation"), tokenizer, cfg.eval_tokens,
+    held_out = EvalSet.build(load_conversations(cfg.data, "validation", cfg.data_revision), tokenizer, cfg.eval_tokens,
                              max_len=max_len, source=cfg.data)
     return StudyData(model, tokenizer, stream, held_out.batches(cfg.batch_size, cfg.seq_len))
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from vmap_sweep.analysis.chain import auto_window, finished_classes
 from vmap_sweep.analysis.window import DEFAULT_FRACTION, axis_window, check_fraction, check_window, child_name
 from vmap_sweep.errors import ConfigError
-from vmap_sweep.run.pipeline import Backend, Progress, check_data_unchanged, run_study
+from vmap_sweep.run.pipeline import Backend, Progress, check_data_unchanged, check_origin_unchanged, run_study
 from vmap_sweep.store import extras
 from vmap_sweep.store.db import Labeller
 from vmap_sweep.store.study import Study
@@ -61,6 +61,7 @@ def zoom_study(parent_dir: str | os.PathLike, backend: Backend, window: Sequence
             if parent.settings is not None:  # a child's cells compare with its parent's: the same arithmetic
                 parent.settings.check_trainable_here(parent.store.path)
             check_data_unchanged(parent.store, parent.config.data)  # ... and the same data
+            check_origin_unchanged(parent.store, parent.config)  # ... and base model
             level = parent.level + 1
             if k == 0 and given is not None:
                 finished_classes(parent.store)

@@ -21,6 +21,7 @@ DATASET_SIZES = "dataset_sizes"  # {budget: [supervised targets, conversations]}
 # how the study was started to be trained ({"models_per_batch", "share"}): a cell's result does not depend on
 # them, but `run --out DIR` alone resumes with them
 RUN_OPTIONS = "run_options"
+PROVENANCE = "provenance"  # versions, Hub commits and the base weights' sha256 a study started with
 
 
 def run_settings(store: StudyStore) -> RunSettings | None:
@@ -76,6 +77,15 @@ def level(store: StudyStore) -> int:
     """0 for a study made by `run`, else the zoom level it was made at."""
     info = zoom_of(store)
     return int(info["level"]) if info is not None and "level" in info else 0
+
+
+def provenance(store: StudyStore) -> dict | None:
+    value = store.get_extra(PROVENANCE)
+    return value if isinstance(value, dict) else None
+
+
+def put_provenance(store: StudyStore, value: dict) -> None:
+    store.put_extra(PROVENANCE, value)
 
 
 def ood(store: StudyStore) -> Any:

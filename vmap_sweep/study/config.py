@@ -17,6 +17,9 @@ OPTIMIZERS = ("adamw", "nanochat")  # nanochat: Muon on the block matrices, Adam
 SCHEDULES = ("constant", "linear", "cosine")
 GROUPS = ("embedding", "unembedding", "attn", "mlp")  # parameter groups, each with its own learning rate
 OPTIMIZER_STATES = ("float32", "bfloat16")
+# Where the model and data come from beyond their names. Each is stored (and hashed) only when given, so a study
+# made before they existed keeps its hash and resumes.
+SOURCE_OPTIONS = ("tokenizer", "model_revision", "data_revision")
 
 
 def check_micro_batch_size(micro_batch_size: int | None, rows: int,
@@ -84,10 +87,17 @@ class StudyConfig:
     checkpoint_activations: bool = False  # recompute block activations in the backward: less memory
     # values of every hyperparameter that is not an axis (lr, tokens, weight_decay, warmup_ratio, ...)
     fixed: dict = field(default_factory=dict)
+    tokenizer: str | None = None  # a tokenizer file for a model folder saved without one
+    # the Hub revisions (branch, tag or commit) of a Hub model and dataset; `run` pins a new study's to commits
+    model_revision: str | None = None
+    data_revision: str | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["trainable"] = list(self.trainable)
+        for name in SOURCE_OPTIONS:
+            if d[name] is None:
+                del d[name]
         return d
 
     @classmethod

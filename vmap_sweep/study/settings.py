@@ -1,5 +1,5 @@
 """How a study's cells are computed, beside what they are (the config): device type, micro-batching,
-determinism, compilation and the trainer's arithmetic version.
+determinism, compilation, the trainer's arithmetic version, and the torch, CUDA and GPU that run its kernels.
 
 None of these change what a cell means, but each changes its last bits: a study is trained under one set of
 them, stored once, and a resume or a zoom must match it.
@@ -18,6 +18,7 @@ NUMERICS = 4
 # The release that trains each older version, for the message that refuses it.
 NUMERICS_RELEASE = {1: "vmap-sweep<0.2", 2: "vmap-sweep<0.2", 3: "vmap-sweep<0.2"}
 COMPILE_SETTINGS = ("0", "1", "auto")
+ENVIRONMENT = ("torch", "cuda", "gpu")  # the RunSettings that describe the machine, not an option
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,13 @@ class RunSettings:
     deterministic: bool = False  # bitwise-reproducible kernels
     compile: str = "0"  # VMAP_SWEEP_COMPILE as it applies on this device: "1", "0" or "auto"
     numerics: int = NUMERICS
+    # The software and hardware under the kernels: another torch, CUDA or GPU model picks other kernels (cuBLAS
+    # heuristics, SDPA backends, oneDNN), so they count like the device type. None: not recorded (studies from
+    # before these were, and settings made by hand); such a value is not compared. vmap-sweep's own version is
+    # not here: what it changes of the arithmetic is `numerics`.
+    torch: str | None = None
+    cuda: str | None = None  # the CUDA torch was built with, on a CUDA device; "none" on a CPU
+    gpu: str | None = None  # the GPU's name, or "cpu"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,7 +58,11 @@ class RunSettings:
         """A resume (or a zoom child) keeps the settings its study was trained with."""
         stored.check_trainable_here(where)
         mine, theirs = self.to_dict(), stored.to_dict()
+        for key in ENVIRONMENT:
+            if mine[key] is None or theirs[key] is None:  # not recorded on one side: nothing to compare
+                mine[key] = theirs[key]
         if mine != theirs:
             diff = ", ".join(f"{k}: {theirs[k]!r} -> {v!r}" for k, v in mine.items() if theirs[k] != v)
             raise StoreError(f"{where} was trained with other run settings ({diff}); resume with the same "
-                             "--device, --micro-batch-size, --deterministic and VMAP_SWEEP_COMPILE, or use a new --out")
+                             "--device, --micro-batch-size, --deterministic and VMAP_SWEEP_COMPILE, on the same "
+                             "torch, CUDA and GPU model, or use a new --out")

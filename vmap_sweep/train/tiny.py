@@ -107,11 +107,21 @@ def _pretrain(recipe: TinyRecipe, documents: list[str]) -> GPT:
     return model.eval()
 
 
+def tiny_base_dir(recipe: TinyRecipe | None = None) -> Path:
+    """The tiny base model's folder (the project's own format), pretrained into the cache on first use."""
+    tiny_base_model(recipe=recipe)
+    return _cache_dir(recipe or TinyRecipe())
+
+
+def _cache_dir(recipe: TinyRecipe, documents: list[str] | None = None) -> Path:
+    return cache_root() / "models" / f"tiny-base-v{TINY_VERSION}-{recipe.digest(documents)}"
+
+
 def tiny_base_model(device: str | torch.device = "cpu", recipe: TinyRecipe | None = None) -> LoadedModel:
     """The tiny byte-level base model (model, tokenizer, config), pretrained once and then read from cache."""
     recipe = recipe or TinyRecipe()
     documents = recipe.documents()
-    path = cache_root() / "models" / f"tiny-base-v{TINY_VERSION}-{recipe.digest(documents)}"
+    path = _cache_dir(recipe, documents)
     if path.is_dir():
         try:
             return load_model(path, device=device)
