@@ -9,6 +9,7 @@ import pytest
 
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.study.axes import AXES, AxisSpec, axes_help, check_axis_pair, parse_axis_spec, parse_resolution
+from vmap_sweep.study.config import preset
 from vmap_sweep.study.grid import Grid
 from vmap_sweep.study.plan import Batch, parse_shard, plan_batches, plan_summary, shard
 
@@ -236,3 +237,10 @@ def test_axis_spec_direct_construction_validates():
         AxisSpec("foo", 1.0, 2.0, "log")
     with pytest.raises(ConfigError, match="not a finite number"):
         AxisSpec("lr", "1e-3", 1.0, "log")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("rows, seq_len", [(10**12, 1024), (1 << 15, 1 << 10)])
+def test_a_step_of_more_tokens_than_any_study_uses_is_refused_before_allocation(rows, seq_len):
+    with pytest.raises(ConfigError, match=r"tokens per step, more than 16,777,216; use fewer rows or shorter ones"):
+        preset("tiny").with_overrides(batch_size=rows, seq_len=seq_len).validate()
+    preset("tiny").with_overrides(batch_size=1 << 14, seq_len=1 << 10).validate()  # exactly the bound

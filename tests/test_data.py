@@ -345,3 +345,13 @@ def test_data_fingerprint_follows_the_files_a_source_reads(tmp_path):
     write_jsonl(tmp_path / "validation.jsonl", rows(2))
     assert data_fingerprint(str(tmp_path)) != folder
     assert data_fingerprint("synthetic") is None and data_fingerprint("some-org/some-dataset") is None
+
+
+def test_an_eval_set_without_an_answer_token_is_refused_naming_the_smallest_that_has_one():
+    from vmap_sweep.data.stream import EvalSet
+
+    conversations = synthetic_docqa(10, seed=0)
+    first = TokenStream.build(conversations, TOK, seed=7).budgets([]).first_supervised
+    with pytest.raises(DataError, match=rf"the first 20 held-out tokens hold no supervised .*--eval-tokens {first} or"):
+        EvalSet.build(conversations, TOK, n_tokens=20, source="held-out")
+    assert EvalSet.build(conversations, TOK, n_tokens=first).num_tokens == first

@@ -132,7 +132,12 @@ class EvalSet:
     ) -> EvalSet:
         stream = TokenStream.build(conversations, tokenizer, seed, max_len, source)
         available = stream.num_tokens - 1  # the last token has no next token to predict
-        return cls(stream, available if n_tokens is None else min(n_tokens, available))
+        num_tokens = available if n_tokens is None else min(n_tokens, available)
+        first = stream.budgets([]).first_supervised
+        if first is not None and first > num_tokens:  # a mean loss over no token: every eval loss undefined
+            raise DataError(f"{source or 'held-out conversations'}: the first {num_tokens} held-out tokens hold no "
+                            f"supervised (assistant) token; use --eval-tokens {first} or more")
+        return cls(stream, num_tokens)
 
     def batches(self, batch_size: int, seq_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(inputs, targets) batches of up to batch_size rows of seq_len covering the eval tokens.

@@ -15,6 +15,7 @@ from vmap_sweep.study.axes import AXES, check_axis_pair, parse_axis_spec, parse_
 
 OPTIMIZERS = ("adamw", "nanochat")  # nanochat: Muon on the block matrices, AdamW on the (un)embedding
 SCHEDULES = ("constant", "linear", "cosine")
+MAX_TOKENS_PER_STEP = 1 << 24  # 128x the plan's largest batch (128K tokens); more is a typo, not a study
 GROUPS = ("embedding", "unembedding", "attn", "mlp")  # parameter groups, each with its own learning rate
 OPTIMIZER_STATES = ("float32", "bfloat16")
 # Where the model and data come from beyond their names. Each is stored (and hashed) only when given, so a study
@@ -119,6 +120,10 @@ class StudyConfig:
         for name in ("batch_size", "seq_len", "eval_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size * self.seq_len > MAX_TOKENS_PER_STEP:  # refused before a step's tensors are allocated
+            raise ConfigError(f"--batch-size {self.batch_size} x --seq-len {self.seq_len} = "
+                              f"{self.batch_size * self.seq_len:,} tokens per step, more than {MAX_TOKENS_PER_STEP:,};"
+                              " use fewer rows or shorter ones")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"--optimizer {self.optimizer!r}: choose {' or '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
