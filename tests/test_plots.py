@@ -204,5 +204,6 @@ def test_transposed_view_keeps_the_reference_per_cell():
 def test_save_plots_writes_every_picture(tmp_path):
     view = make_view()
     written = plots.save_plots(view, tmp_path, ("png",), view.test_trajectories, [0, 2])
-    assert sorted(p.name for p in written) == ["eval_loss.png", "final_loss.png", "score.png", "trajectories.png"]
+    assert sorted(p.name for p in written) == ["eval_loss.png", "final_loss.png", "score.png", "stability.png",
+                                               "trajectories.png"]
     assert all(p.stat().st_size > 0 for p in written)

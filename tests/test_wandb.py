@@ -149,7 +149,7 @@ def test_a_run_logs_its_config_and_every_batch_under_the_project_chosen(logged):
 def test_a_run_ends_with_maps_cells_trajectories_dimension_and_rules(logged):
     out, _, runs = logged
     run = runs["run"]
-    for name in ("score", "final_loss", "eval_loss", "trajectories"):
+    for name in ("score", "stability", "final_loss", "eval_loss", "trajectories"):
         assert run.media(f"maps/{name}").read_bytes()[:4] == b"\x89PNG"
     # the per-cell table: every cell with its hyperparameters and results as stored
     cells = run.table("cells_table")

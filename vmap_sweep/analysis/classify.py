@@ -245,6 +245,27 @@ def study_classes(store) -> np.ndarray:
     return converged_mask(labels)
 
 
+MAPS = ("trainability", "stability")  # what a boundary separates: converged from not, stable from unstable
+
+
+def stability_mask(store) -> np.ndarray:
+    """Boolean (ny, nx) grid of a stored study, True = stable: the trainer never stopped it for a non-finite or
+    runaway loss (> divergence_ratio x the base model's), gradient or weights. A stable cell may still be
+    untrained (at a low LR its loss never drops below the reference): that is the trainability map's business."""
+    diverged = store.grid_arrays("diverged")
+    missing = int(np.isnan(diverged).sum())
+    if missing:
+        raise ConfigError(f"{store.directory}: {missing} cells are pending; finish the run (same command resumes it)")
+    return diverged == 0
+
+
+def map_mask(store, kind: str) -> np.ndarray:
+    """The study's boolean grid for one map: trainability (converged) or stability (never stopped as unstable)."""
+    if kind not in MAPS:
+        raise ConfigError(f"--map {kind!r}: choose {' or '.join(MAPS)}")
+    return study_classes(store) if kind == "trainability" else stability_mask(store)
+
+
 def checked_criterion(criterion: str, **options: float | None) -> dict:
     """{"criterion": name, **options} with its defaults filled in, checked before anything is classified."""
     if criterion not in CRITERIA:

@@ -351,13 +351,41 @@ def plot_trajectories(
     return fig
 
 
+STABILITY_LABEL = "stability boundary (stopped as unstable beyond)"
+TRAINABILITY_LABEL = "trainability boundary (converged within)"
+
+
+def stability_figure(view: GridView):
+    """Stability and trainability apart: cells the trainer stopped as unstable (non-finite or runaway loss), cells
+    that stayed stable but did not converge (at a low LR, too small a step to beat the reference), and converged
+    cells; each boundary drawn on its own, so an untrained cell is not read as a diverged one."""
+    pending = np.isnan(view.scores)
+    unstable = view.unstable if view.unstable is not None else ~view.converged & ~pending
+    values = np.where(view.converged, 0.0, np.where(unstable, 2.0, 1.0))
+    values[pending] = np.nan
+    colours = ListedColormap(["#3b6fb6", "#d9d9d9", "#c0392b"])
+    fig = _heatmap(view, values, "", colours, Normalize(-0.5, 2.5), boundary=False,
+                   title="stability and trainability: converged, stable but untrained, stopped as unstable")
+    ax, bar = fig.axes[0], fig.axes[-1]
+    bar.set_yticks([0, 1, 2], ["converged", "stable,\nnot trained", "unstable"])
+    for mask, style, label in ((~unstable, "-", STABILITY_LABEL), (view.converged, "--", TRAINABILITY_LABEL)):
+        drawn = np.ma.masked_where(pending, mask.astype(float))
+        if drawn.count() and drawn.min() != drawn.max() and min(drawn.shape) >= 2:
+            ax.contour(view.xs, view.ys, drawn, levels=[0.5], colors="black", linewidths=0.9, linestyles=style)
+            ax.plot([], [], color="black", lw=0.9, linestyle=style, label=label)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize=7, framealpha=0.85)
+    return fig
+
+
 def plot_figures(
     view: GridView,
     trajectories: dict[tuple[int, int], np.ndarray] | None = None,
     rows: Sequence[int] = (),
 ) -> dict:
     """The pictures of `save_plots` as matplotlib figures, by file stem (the caller closes them)."""
-    figures = {"score": score_figure(view), "final_loss": final_loss_figure(view), "eval_loss": eval_loss_figure(view)}
+    figures = {"score": score_figure(view), "stability": stability_figure(view),
+               "final_loss": final_loss_figure(view), "eval_loss": eval_loss_figure(view)}
     if trajectories is not None and rows:
         figures["trajectories"] = plot_trajectories(view, trajectories, rows)
     return figures

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from vmap_sweep.analysis.chain import zoom_tree
-from vmap_sweep.analysis.classify import checked_criterion, classify_grid, study_classes
+from vmap_sweep.analysis.classify import checked_criterion, classify_grid, map_mask
 from vmap_sweep.analysis.fractal import fractal_dimension, uncertainty_exponent
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.store.db import StudyStore
@@ -60,11 +60,12 @@ def reclassify_with_zooms(study: Path, criterion: str = "ratio", **kw) -> tuple[
     return counts[0], len(folders) - 1
 
 
-def load_class_grid(source: Path) -> np.ndarray:
-    """A study folder, or a 2-D .npy (bool mask, True = converged; or a signed score, negative = converged)."""
+def load_class_grid(source: Path, kind: str = "trainability") -> np.ndarray:
+    """A study folder's map (`kind`: trainability, True = converged; stability, True = never stopped as unstable),
+    or a 2-D .npy (bool mask, True = converged; or a signed score, negative = converged)."""
     if source.is_dir():
         with StudyStore.open(source) as store:
-            return study_classes(store)
+            return map_mask(store, kind)
     if source.suffix != ".npy":
         raise ConfigError(f"{source}: not a study folder or a .npy file; pass one of those")
     if not source.is_file():
@@ -75,18 +76,22 @@ def load_class_grid(source: Path) -> np.ndarray:
         raise ConfigError(f"{source}: can't read it as a numpy array ({e})") from None
 
 
-def fractal_report(source: Path, plot_file: Path | None = None) -> dict:
-    """Box-counting dimension with CI, fit range and counts, and the uncertainty-exponent estimate."""
+def fractal_report(source: Path, plot_file: Path | None = None, kind: str = "trainability") -> dict:
+    """Box-counting dimension of one map's boundary (`kind`) with CI, fit range and counts, and the
+    uncertainty-exponent estimate."""
     if plot_file is not None:
         from vmap_sweep.analysis.plots import picture_file
 
         plot_file = picture_file(plot_file)
-    grid = load_class_grid(Path(source))
+    grid = load_class_grid(Path(source), kind)
     try:
         box = fractal_dimension(grid)
     except ConfigError as e:
+        if kind == "stability" and Path(source).is_dir():
+            e = str(e).replace("is converged", "is stable").replace("is diverged", "was stopped as unstable")
         raise ConfigError(f"{source}: {e}") from None  # name the file: a script may measure many
     report = box.to_dict()
+    report["map"] = kind
     mask = grid if grid.dtype == bool else np.asarray(grid) < 0
     try:
         unc = uncertainty_exponent(mask)

@@ -48,6 +48,7 @@ class GridView:
     base_trajectories: dict[tuple[int, int], np.ndarray] | None = None  # per-step base losses, keyed (i, j)
     optimizer: str = ""
     repeats: np.ndarray | None = None  # bool: the cell repeats a smaller budget's experiment (analysis/repeats.py)
+    unstable: np.ndarray | None = None  # bool: the trainer stopped the cell (non-finite or runaway loss); False pending
 
     def transposed(self) -> GridView:
         """The same study with x and y swapped."""
@@ -56,7 +57,8 @@ class GridView:
                         final_loss=self.final_loss.T, eval_loss=self.eval_loss.T, title=self.title,
                         labels=_t(self.labels), criterion=dict(self.criterion), base_loss=_t(self.base_loss),
                         initial_loss=_t(self.initial_loss), base_trajectories=_swap(self.base_trajectories),
-                        optimizer=self.optimizer, repeats=_t(self.repeats))
+                        optimizer=self.optimizer, repeats=_t(self.repeats),
+                        unstable=_t(self.unstable))
 
     def relative_final_loss(self) -> np.ndarray | None:
         """final loss / the base model's loss on the same (last) batch; None when no base loss is stored."""
@@ -102,4 +104,5 @@ def grid_view(store: StudyStore) -> GridView:
         base_trajectories=base,
         optimizer=str(cfg.get("optimizer") or ""),
         repeats=repeats,
+        unstable=store.grid_arrays("diverged") == 1,
     )

@@ -454,11 +454,14 @@ def fractal(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     plot_file: Annotated[Path | None, typer.Option("--plot", help="Draw log N against log s with the fit, "
                                                                   "beside the local slope against s.")] = None,
+    map_: Annotated[str, typer.Option(
+        "--map", help="Which boundary of a study: trainability (converged vs not) or stability (stopped as "
+                      "unstable vs not: at a low LR an untrained cell is stable).")] = "trainability",
     wandb: WandbResults = False,
     wandb_project: WandbProject = None,
 ):
     """Box-counting dimension of the convergence boundary, with its CI, fit range and box counts."""
-    report = _print_fractal(source, json_out, plot_file)
+    report = _print_fractal(source, json_out, plot_file, kind=map_)
     with _wandb_run(wandb, wandb_project, source, "fractal") as wb:
         if wb is not None:
             from vmap_sweep.cli.wandb_log import log_dimension
@@ -466,10 +469,11 @@ def fractal(
             log_dimension(wb, report, plot_file)
 
 
-def _print_fractal(source: Path, json_out: bool, plot_file: Path | None, save_json: Path | None = None) -> dict:
+def _print_fractal(source: Path, json_out: bool, plot_file: Path | None, save_json: Path | None = None,
+                   kind: str = "trainability") -> dict:
     from vmap_sweep.analysis.study import fractal_report
 
-    report = fractal_report(source, plot_file)
+    report = fractal_report(source, plot_file, kind)
     if save_json is not None:
         save_json.write_text(json.dumps(json_safe(report), indent=2, allow_nan=False))
     render.emit(report, json_out, render.fractal_lines, plot_file)

@@ -305,8 +305,9 @@ def fractal_lines(report: dict) -> list[Text]:
     slope_range = box.get("local_slope_range")
     if slope_range and all(v is not None and v == v for v in slope_range):
         resolve += f"; local slopes {slope_range[0]:.2f}–{slope_range[1]:.2f} inside the fit"
+    which = {"stability": " of the stability boundary (stopped as unstable vs not)"}.get(box.get("map"), "")
     lines = [
-        f"box-counting dimension {box['dimension']:.3f}, 95% CI [{box['ci_low']:.3f}, {box['ci_high']:.3f}] "
+        f"box-counting dimension{which} {box['dimension']:.3f}, 95% CI [{box['ci_low']:.3f}, {box['ci_high']:.3f}] "
         f"({basis})",
         resolve,
         *(f"warning: {w}" for w in box.get("warnings") or []),

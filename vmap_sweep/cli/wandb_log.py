@@ -147,8 +147,9 @@ def trajectory_plots(view, trajectories: dict, rows: Sequence[int], max_lines: i
 
 
 def log_maps(run, store, rows: Sequence[int] | None = None) -> None:
-    """`plot`'s pictures as images (maps/score, maps/final_loss, maps/eval_loss, maps/trajectories), the cells
-    table (cells_table) and the trajectories of `rows` (default: first, middle and last) as line plots."""
+    """`plot`'s pictures as images (maps/score, maps/stability, maps/final_loss, maps/eval_loss,
+    maps/trajectories), the cells table (cells_table) and the trajectories of `rows` (default: first, middle and
+    last) as line plots."""
     import matplotlib.pyplot as plt
 
     from vmap_sweep.analysis.plots import plot_figures
