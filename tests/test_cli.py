@@ -34,7 +34,7 @@ TINY = ["run", "--preset", "tiny", "--resolution", "4", "--y", "tokens:256:1024:
         "--models-per-batch", "4", "--device", "cpu", "--no-share"]
 RESULT_FIELDS = ("steps", "steps_done", "initial_loss", "final_loss", "eval_loss", "diverged", "diverged_step")
 ARRAY_FIELDS = ("trajectory", "base_losses", "grad_norms", "lrs")
-PLOTS = ("score", "final_loss", "eval_loss", "trajectories")
+PLOTS = ("score", "stability", "final_loss", "eval_loss", "trajectories")
 MAGIC = {"png": b"\x89PNG", "pdf": b"%PDF", "svg": b"<?xml"}
 
 
