@@ -497,7 +497,7 @@ def rules_of_thumb(store: StudyStore | str | os.PathLike, size_unit: str = "toke
         leave_out=leave,
         leave_out_fraction=fraction,
         ten_x=ten_x_verdict(crit),
-        notes=_repeat_note(budgets, sized, kept, lr_on, store) + _notes(rows, lr_spec),
+        notes=_repeat_note(budgets, sized, kept, lr_on) + _notes(rows, lr_spec),
         size_unit=size_unit,
         lrs=lr_rows,
         tokens_min_fit=_tokens_fit(lr_rows, "tokens_min", float(sizes.min())),
@@ -515,12 +515,12 @@ def _budgets(store: StudyStore, lr_on: str) -> list[int]:
     return [by_index[k] for k in range(len(by_index))]
 
 
-def _repeat_note(budgets: list[int], sized, kept: list[int], lr_on: str, store: StudyStore) -> list[str]:
-    dropped = [k for k in range(len(budgets)) if k not in kept]
-    if not dropped:
+def _repeat_note(budgets: list[int], sized, kept: list[int], lr_on: str) -> list[str]:
+    """Which size rows were left out as repeats of a smaller one, in tokens."""
+    along = 1 if lr_on == "x" else 0  # where a cell's (i, j) holds its size row
+    repeated = {key[along]: cell[along] for key, cell in sized.same_as.items()}
+    same = [f"{budgets[k]} = {budgets[repeated[k]]}" for k in range(len(budgets)) if k not in kept]
+    if not same:
         return []
-    along = "j" if lr_on == "x" else "i"
-    repeated = {getattr(c, along): sized.same_as[c.key] for c in store.cells() if c.key in sized.same_as}
-    same = [f"{budgets[k]} = {budgets[repeated[k][1] if along == 'j' else repeated[k][0]]}" for k in dropped]
-    return [f"{len(dropped)} sizes repeat a smaller size's experiment (the tokens between hold no supervised "
+    return [f"{len(same)} sizes repeat a smaller size's experiment (the tokens between hold no supervised "
             f"token) and are counted once: tokens {', '.join(same)}."]

@@ -557,16 +557,12 @@ def rules(
 ):
     """Rules of thumb: critical, safe and optimal LR per dataset size and their power laws, and the smallest
     dataset each LR converges on. With several studies of different models: LR_crit = a D^b P^c."""
-    from vmap_sweep.analysis.plots import picture_file, plot_joint_rules, plot_rules
+    from vmap_sweep.analysis.plots import plot_joint_rules, plot_rules
     from vmap_sweep.analysis.rules import rules_of_thumb
 
-    if plot_file is not None:
-        picture_file(plot_file)
     if len(study) == 1:
-        result = rules_of_thumb(study[0], size_unit)
-        if plot_file is not None:
-            plot_rules(result, plot_file)
-        render.emit(result, json_out, render.rules_lines, plot_file)
+        result = _shown(lambda: rules_of_thumb(study[0], size_unit), plot_rules, render.rules_lines, json_out,
+                        plot_file)
         with _wandb_run(wandb, wandb_project, study[0], "rules") as wb:
             if wb is not None:
                 from vmap_sweep.cli.wandb_log import log_rules
@@ -577,11 +573,21 @@ def rules(
 
     if wandb or wandb_project:
         raise ConfigError("--wandb logs one study's rules; run `vmap-sweep rules STUDY --wandb` for each study")
-    results = [rules_of_thumb(s, size_unit) for s in study]
-    joint = joint_rules(results, _parameter_counts(study, params))
+    _shown(lambda: joint_rules([rules_of_thumb(s, size_unit) for s in study], _parameter_counts(study, params)),
+           plot_joint_rules, render.joint_rules_lines, json_out, plot_file)
+
+
+def _shown(compute, draw, lines, json_out: bool, plot_file: Path | None):
+    """An analysis result computed, drawn where --plot asks (its suffix checked before any work) and printed."""
     if plot_file is not None:
-        plot_joint_rules(joint, plot_file)
-    render.emit(joint, json_out, render.joint_rules_lines, plot_file)
+        from vmap_sweep.analysis.plots import picture_file
+
+        picture_file(plot_file)
+    result = compute()
+    if plot_file is not None:
+        draw(result, plot_file)
+    render.emit(result, json_out, lines, plot_file)
+    return result
 
 
 def _parameter_counts(studies: list[Path], given: str | None) -> list[float]:
@@ -623,18 +629,14 @@ def early_warning(
     LR x gradient norm) predict that a cell will not converge: ROC AUC by k, and the earliest k at which a
     threshold rule reaches the precision."""
     from vmap_sweep.analysis.early_warning import early_warning as measure
-    from vmap_sweep.analysis.plots import picture_file, plot_early_warning
+    from vmap_sweep.analysis.plots import plot_early_warning
 
-    if plot_file is not None:
-        picture_file(plot_file)
     try:
         ks = None if steps is None else [int(k) for k in steps.split(",") if k.strip()]
     except ValueError:
         raise ConfigError(f"--k {steps!r}: give comma-separated step counts, e.g. 1,2,4,8") from None
-    result = measure(study, ks, precision=precision, min_recall=min_recall)
-    if plot_file is not None:
-        plot_early_warning(result, plot_file)
-    render.emit(result, json_out, render.early_warning_lines, plot_file)
+    _shown(lambda: measure(study, ks, precision=precision, min_recall=min_recall), plot_early_warning,
+           render.early_warning_lines, json_out, plot_file)
 
 
 @app.command()
@@ -647,14 +649,9 @@ def compare(
 ):
     """Two studies over one grid: cells that changed class, converged shares, ΔD with its CI, LR_crit ratios."""
     from vmap_sweep.analysis.compare import compare_studies
-    from vmap_sweep.analysis.plots import picture_file, plot_compare
+    from vmap_sweep.analysis.plots import plot_compare
 
-    if plot_file is not None:
-        picture_file(plot_file)  # a bad suffix is refused before any work
-    result = compare_studies(a, b)
-    if plot_file is not None:
-        plot_compare(result, plot_file)
-    render.emit(result, json_out, render.compare_lines, plot_file)
+    _shown(lambda: compare_studies(a, b), plot_compare, render.compare_lines, json_out, plot_file)
 
 
 @app.command()

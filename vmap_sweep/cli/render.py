@@ -352,37 +352,31 @@ def zoom_dimension_lines(report: dict) -> list[str]:
     return lines
 
 
-def rules_table(result: RulesResult) -> Table:
-    """The per-size values (the CLI prints it, then ``fit_table``)."""
-    header, rows = result.table_rows()
-    table = Table(title=f"rules of thumb: {result.lr_axis} vs dataset size ({result.criterion} criterion)")
+def _string_table(title: str, header_rows: tuple[list[str], list[list[str]]], numbers_right: bool = True) -> Table:
+    """A table of strings; with numbers_right every column but a note is right-aligned."""
+    header, rows = header_rows
+    table = Table(title=title)
     for h in header:
-        table.add_column(h, justify="left" if h == "note" else "right")
+        table.add_column(h, justify="left" if h == "note" or not numbers_right else "right")
     for r in rows:
         table.add_row(*r)
     return table
+
+
+def rules_table(result: RulesResult) -> Table:
+    """The per-size values (the CLI prints it, then ``fit_table``)."""
+    return _string_table(f"rules of thumb: {result.lr_axis} vs dataset size ({result.criterion} criterion)",
+                         result.table_rows())
 
 
 def fit_table(result: RulesResult) -> Table:
     """The fitted power laws, one row per rule."""
-    header, rows = result.fit_rows()
-    table = Table(title=f"fitted rules (D in {result.size_unit})")
-    for h in header:
-        table.add_column(h)
-    for r in rows:
-        table.add_row(*r)
-    return table
+    return _string_table(f"fitted rules (D in {result.size_unit})", result.fit_rows(), numbers_right=False)
 
 
 def tokens_table(result: RulesResult) -> Table:
     """The converse per LR: the smallest dataset on which it converges."""
-    header, rows = result.tokens_rows()
-    table = Table(title=f"minimum viable dataset per {result.lr_axis} (tokens)")
-    for h in header:
-        table.add_column(h, justify="left" if h == "note" else "right")
-    for r in rows:
-        table.add_row(*r)
-    return table
+    return _string_table(f"minimum viable dataset per {result.lr_axis} ({result.size_unit})", result.tokens_rows())
 
 
 def rules_lines(result: RulesResult) -> list[RenderableType]:
