@@ -10,11 +10,12 @@ import torch
 
 from vmap_sweep.errors import OutOfMemoryForOneModel
 from vmap_sweep.model.gpt import GPT
-from vmap_sweep.train.trainer import CellRecord, StackedTrainer, TrainConfig
+from vmap_sweep.train.trainer import CellRecord, TrainConfig
+from vmap_sweep.train.trunk import TrunkTrainer
 
 
-class _OneStepStream:
-    """Random tokens of the study's shape: the probe needs the memory of a step, not its data."""
+class _RandomTokens:
+    """Random tokens of the study's shape: the probe needs the memory of training, not its data."""
 
     def __init__(self, vocab: int):
         self.vocab = vocab
@@ -26,11 +27,15 @@ class _OneStepStream:
 
 
 def _fits(model: GPT, k: int, cfg: TrainConfig, device: torch.device) -> bool:
-    # Budgets that each end at another token of step 0: its loss weights differ for every model, so step 0 is a pass
-    # of the whole stack, as every later step is (models with one budget would share a single model's pass).
-    cells = [{"lr": 1e-6, "tokens": cfg.tokens_per_step - i % cfg.tokens_per_step} for i in range(k)]
+    """Whether K trunks train and read out here: each lane trains two steps (the second a pass of the whole
+    stack: step 0 at the base weights is one model's) and reads out a budget that ends at the last token of step
+    1, a one-model branch of the whole batch beside the resident trunks, with its final loss and an eval pass.
+    Those are the two peaks of a study's batch, whatever its budgets."""
+    tokens = 2 * cfg.tokens_per_step
+    lanes = [[{"lr": 1e-6, "tokens": tokens - 1}, {"lr": 1e-6, "tokens": tokens}] for _ in range(k)]
+    stream = _RandomTokens(model.config.vocab_size)
     try:
-        StackedTrainer(model, cells, cfg, device).run(_OneStepStream(model.config.vocab_size))
+        TrunkTrainer(model, lanes, cfg, device).run(stream, [stream.batch(2, cfg.batch_size, cfg.seq_len)])
         fits = True
     except torch.OutOfMemoryError:
         fits = False

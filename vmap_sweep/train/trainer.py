@@ -316,6 +316,7 @@ class StackedTrainer:
         template = model.transformer.h[0]
         self._halves = (_HalfBlock(template, "before_attention"), _HalfBlock(template, "after_attention"))
         self.base_cache = {} if base_cache is None else base_cache
+        self._eval_set: tuple | None = None  # (the held-out batches given, the same on the device): _resident
         self.at_base = True  # every model still holds the base weights (until the first update)
         # Finite weights: one compiled call over every stacked tensor (a maximum is exact in any order). Gradient
         # norms stay eager: compiled, a (K, n) sum is split differently for each K, and a stored norm would then
@@ -383,10 +384,23 @@ class StackedTrainer:
         count = valid.sum(dim=(1, 2), keepdim=True)
         return valid.float() / count.clamp(min=1).float()
 
-    def _forward_backward(self, inputs, targets, weights, with_grad: bool, stages=None) -> torch.Tensor:
+    def _rows(self, step: int, budgets: Sequence[int] | None = None) -> int:
+        """How many rows of step `step`, from the first, hold a position inside one of these budgets (default: the
+        stack's own). The rows after them carry no loss weight and are not computed: a row's numbers never depend
+        on the rows beside it, so a budget that ends in a step's first row costs one row, not the whole step."""
+        inside = budget_mask(step, self.tokens if budgets is None else list(budgets), self.cfg.batch_size,
+                             self.cfg.seq_len, "cpu")
+        used = inside.flatten(0, -3).any(0).any(-1).nonzero()
+        return int(used[-1]) + 1 if len(used) else 0
+
+    def _forward_backward(self, inputs, targets, weights, with_grad: bool, stages=None,
+                          rows: int | None = None) -> torch.Tensor:
         """(K,) summed weighted losses over micro-batches; gradients accumulated in .grad when asked.
-        stages: the parameters to run (default: the whole stack), K = weights.shape[0] models of them."""
+        stages: the parameters to run (default: the whole stack), K = weights.shape[0] models of them.
+        rows: only the first this many rows (those past them must carry no weight; default: all)."""
         stages = self._stages if stages is None else stages
+        if rows is not None:
+            inputs, targets, weights = inputs[:rows], targets[:rows], weights[:, :rows]
         mb = self.cfg.micro_batch_size or inputs.shape[0]
         total = torch.zeros(weights.shape[0], device=self.device)
         for start in range(0, inputs.shape[0], mb):
@@ -400,23 +414,24 @@ class StackedTrainer:
             total += losses.detach().float()
         return total
 
-    def _first_forward_backward(self, inputs, targets, weights) -> torch.Tensor:
+    def _first_forward_backward(self, inputs, targets, weights, rows: int | None = None) -> torch.Tensor:
         """Step 0's (K,) losses and gradients. Every model still holds the base weights and sees the same tokens,
         so models with the same loss weights have the same loss and gradient: computed once per distinct weights
         row as a stack of one model, and copied to each. A stack of one whatever the companions, so the result
         does not depend on them, for a fraction of the work (cells of a few steps are mostly this step).
         A batch of many token budgets that end inside step 0 would pay a pass for each: it runs the whole stack.
         (Both ways give the same numbers on the CPU; on a GPU they round apart, as stacks of 1 and K models do.)"""
-        rows, row_of = torch.unique(weights.flatten(1), dim=0, return_inverse=True)
-        if rows.shape[0] > self.k // 2:
-            return self._forward_backward(inputs, targets, weights, with_grad=True)
+        distinct, row_of = torch.unique(weights.flatten(1), dim=0, return_inverse=True)
+        if distinct.shape[0] > self.k // 2:
+            return self._forward_backward(inputs, targets, weights, with_grad=True, rows=rows)
         losses = torch.empty(self.k, device=self.device)
         grads = {n: torch.empty_like(p) for n, p in self.stacked.items()}
-        for r in range(rows.shape[0]):
+        for r in range(distinct.shape[0]):
             members = torch.nonzero(row_of == r).flatten()
             first = int(members[0])
             one = {n: p[first:first + 1].detach().requires_grad_(True) for n, p in self.stacked.items()}
-            loss = self._forward_backward(inputs, targets, weights[first:first + 1], True, self._stages_of(one))
+            loss = self._forward_backward(inputs, targets, weights[first:first + 1], True, self._stages_of(one),
+                                          self._rows(0, [self.tokens[first]]))
             losses[members] = loss
             for n, p in one.items():
                 grads[n][members] = p.grad
@@ -457,14 +472,17 @@ class StackedTrainer:
         for p in self.stacked.values():
             p.grad = None
         base = self._base_losses(step, inputs, targets, weights).cpu()
+        rows = self._rows(step)
         if self.at_base:
-            losses = self._first_forward_backward(inputs, targets, weights).cpu()
+            losses = self._first_forward_backward(inputs, targets, weights, rows).cpu()
         else:
-            losses = self._forward_backward(inputs, targets, weights, with_grad=True).cpu()
+            losses = self._forward_backward(inputs, targets, weights, with_grad=True, rows=rows).cpu()
         norms = self._grad_norms().cpu()
         bad = ~torch.isfinite(losses) | (losses > cfg.divergence_ratio * base) | ~torch.isfinite(norms)
         stepping = active & has_tokens & ~bad
         self._optimizer_step(mult, stepping)
+        for p in self.stacked.values():
+            p.grad = None  # not kept between steps: a trunk's read-outs take that memory for their branch
         self.at_base = False
         bad_weights = ~self._weights_finite().cpu() & stepping
         return Step(losses, base, norms, self.base_lr * mult, has_tokens, bad | bad_weights)
@@ -502,9 +520,10 @@ class StackedTrainer:
         finished = [i for i, r in enumerate(records) if not r.diverged and r.steps_done > 0]
         for last in sorted({records[i].steps_done - 1 for i in finished}):
             inputs, targets = (t.to(self.device) for t in stream.batch(last, cfg.batch_size, cfg.seq_len))
-            losses = self._forward_backward(inputs, targets, self._loss_weights(last, targets), with_grad=False)
-            for i in finished:
-                if records[i].steps_done - 1 == last:
+            ending = [i for i in finished if records[i].steps_done - 1 == last]
+            losses = self._forward_backward(inputs, targets, self._loss_weights(last, targets), with_grad=False,
+                                            rows=self._rows(last, [self.tokens[i] for i in ending]))
+            for i in ending:
                     records[i].losses.append(losses[i].item())
                     records[i].base_losses.append(records[i].base_losses[-1])
 
@@ -514,15 +533,25 @@ class StackedTrainer:
         """(K,) mean loss of every model over the same held-out tokens, all models in one batched pass.
         stages, k: other parameters to evaluate, k models of them (default: the whole stack)."""
         k = self.k if k is None else k
-        total_tokens = sum(int((t != -1).sum()) for _, t in eval_batches)
-        if total_tokens == 0:
-            raise ValueError("the evaluation set has no supervised tokens")
         loss = torch.zeros(k, device=self.device)
-        for inputs, targets in eval_batches:
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
-            w = ((targets != -1).float() / total_tokens).unsqueeze(0).expand(k, -1, -1)
-            loss += self._forward_backward(inputs, targets, w, with_grad=False, stages=stages)
+        for inputs, targets, w in self._resident(eval_batches):
+            loss += self._forward_backward(inputs, targets, w.expand(k, -1, -1), with_grad=False, stages=stages)
         return loss.cpu()
+
+    def _resident(self, eval_batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple]:
+        """The held-out batches on the device with their (1, B, T) loss weights, made once per set: a trunk
+        evaluates every read-out on them, and copying them over (and counting their tokens) each time would
+        wait on the host."""
+        if self._eval_set is None or self._eval_set[0] is not eval_batches:
+            total_tokens = sum(int((t != -1).sum()) for _, t in eval_batches)
+            if total_tokens == 0:
+                raise ValueError("the evaluation set has no supervised tokens")
+            resident = []
+            for inputs, targets in eval_batches:
+                inputs, targets = inputs.to(self.device), targets.to(self.device)
+                resident.append((inputs, targets, ((targets != -1).float() / total_tokens).unsqueeze(0)))
+            self._eval_set = (eval_batches, resident)
+        return self._eval_set[1]
 
     def state_dict_of(self, index: int) -> dict[str, torch.Tensor]:
         return unstack(self.stacked, self.frozen, index)

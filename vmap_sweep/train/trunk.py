@@ -12,8 +12,9 @@ of its lane; every other cell of the lane is read out of it:
   that step: its gradient on the first N tokens, the optimizer's update applied to a one-model copy of the
   lane (weights and optimizer state), its final loss and eval loss on that copy. The trunk is not touched.
   At step 0 every lane still holds the base weights, so such a gradient is computed once per budget and
-  serves every learning rate; and budgets of one step whose extra tokens are all unsupervised learn from the
-  same tokens, so one branch serves them all.
+  applied to every learning rate before the next budget's is taken (memory holds one such gradient, however
+  many budgets end inside step 0); and budgets of one step whose extra tokens are all unsupervised learn from
+  the same tokens, so one branch serves them all. A partial step computes only the rows its budget reaches.
 
 A trunk that diverges decides every cell it still carries and stops. Every record is the one training that
 cell alone gives: bitwise on a CPU (tests/test_trunk.py), since a model's numbers never depend on its
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vmap_sweep.data.stream import budget_mask
 from vmap_sweep.model.gpt import GPT
 from vmap_sweep.study.plan import steps_for
 from vmap_sweep.study.schedule import lr_multiplier
@@ -89,22 +91,23 @@ class TrunkTrainer(StackedTrainer):
         undecided = set(range(len(self.members)))
         total_steps = self.total_steps.long()
         active = torch.ones(k, dtype=torch.bool)
-        step_zero_grads: dict[int, tuple] = {}  # step 0's loss, gradient and norm (base weights) by its tokens
-        self._same_data: dict[tuple, CellRecord] = {}  # a branch's record by (lane, step, tokens it learns from)
+        self._lane_evals: dict[int, float | None] = {}  # each lane's eval loss at the current step, once taken
         for step in range(int(total_steps.max())):
             active &= step < total_steps
             if not active.any():
                 break
-            inputs, targets = (t.to(self.device) for t in stream.batch(step, cfg.batch_size, cfg.seq_len))
+            self._lane_evals.clear()
+            host_inputs, host_targets = stream.batch(step, cfg.batch_size, cfg.seq_len)
+            inputs, targets = host_inputs.to(self.device), host_targets.to(self.device)
             batch = (step, inputs, targets)
             weights = self._loss_weights(step, targets)
             mult = lr_multiplier(step, self.total_steps, self.warmup_ratio, cfg.schedule)
             ending = [m for m in self.members if m.index in undecided and m.steps - 1 == step and active[m.lane]]
             shared_end = [m for m in ending if self._shares_last_step(m, step)]
-            for m in ending:
-                if m not in shared_end:
-                    self._read_out_branch(m, records[m.index], batch, mult, step_zero_grads)
-                    undecided.discard(m.index)
+            branching = [m for m in ending if m not in shared_end]
+            self._read_out_branches(branching, records, batch, host_targets, mult)
+            undecided.difference_update(m.index for m in branching)
+            self._lane_evals.clear()
             diverged, has_tokens = self._trunk_step(batch, weights, mult, active)
             for m in shared_end:
                 self._read_out_shared(m, records[m.index], batch, has_tokens[m.lane], bool(diverged[m.lane]))
@@ -152,35 +155,60 @@ class TrunkTrainer(StackedTrainer):
             stages = self._lane_stages(m.lane)
             w = self._loss_weights(step, targets, [m.tokens])
             with torch.no_grad():
-                loss = self._forward_backward(inputs, targets, w, with_grad=False, stages=stages).cpu()
+                loss = self._forward_backward(inputs, targets, w, False, stages, self._rows(step, [m.tokens])).cpu()
             rec.losses.append(loss[0].item())
             rec.base_losses.append(rec.base_losses[-1])
         rec.eval_loss = self._lane_eval(m.lane)
 
-    def _read_out_branch(self, m: _Member, rec: CellRecord, batch, mult, step_zero_grads: dict) -> None:
+    def _read_out_branches(self, members: list[_Member], records: list[CellRecord], batch, host_targets, mult):
+        """The cells whose last step is partial, at this step: each takes that step on a copy of its lane.
+
+        Budgets are grouped by the supervised tokens they learn from in this step (a budget holds the first
+        supervised tokens of its last step, so budgets with as many of them learn from the very same tokens: one
+        branch per lane serves them all). At step 0 every lane still holds the base weights, so a group's
+        gradient is the same for every lane: taken once, applied to every lane, and dropped before the next
+        group's is taken. Memory holds one branch, however many budgets end in the step."""
+        step = batch[0]
+        supervised = host_targets != -1
+        groups: dict[int, list[_Member]] = {}
+        for m in members:
+            inside = budget_mask(step, m.tokens, self.cfg.batch_size, self.cfg.seq_len)
+            groups.setdefault(int((inside & supervised).sum()), []).append(m)
+        for supervised, group in groups.items():
+            done: dict[int, CellRecord] = {}  # the record of each lane's branch on these tokens
+            gradient = None
+            for m in group:
+                rec = records[m.index]
+                self._copy_history(m.lane, rec)
+                if supervised == 0:  # no supervised token in its last step: it ends where the trunk is now
+                    self._read_out_unstepped(m, rec)
+                elif m.lane in done:
+                    _copy_record(done[m.lane], rec)
+                else:
+                    done[m.lane] = rec
+                    gradient = self._read_out_branch(m, rec, batch, mult, gradient)
+
+    def _read_out_branch(self, m: _Member, rec: CellRecord, batch, mult, gradient: tuple | None) -> tuple | None:
         """A cell whose last step is partial: that step taken on a copy of its lane, from the trunk's state
-        before the step; the trunk is not touched."""
+        before the step; the trunk is not touched. Returns the step's (loss, gradients, norm) where another lane
+        can take them as `gradient` (at the base weights, where every lane's are the same), else None."""
         step, inputs, targets = batch
         cfg = self.cfg
-        self._copy_history(m.lane, rec)
         w = self._loss_weights(step, targets, [m.tokens])
-        # A budget holds the first supervised tokens of its last step: budgets of one step with as many of them
-        # learn from the very same tokens (the ones between are unsupervised), so one branch serves them all.
-        supervised = int((w > 0).sum())
-        if supervised == 0:  # no supervised token in its last step: it ends where the trunk is now
-            self._read_out_unstepped(m, rec)
-            return
-        same = self._same_data.get((m.lane, step, supervised))
-        if same is not None:
-            _copy_record(same, rec)
-            return
-        self._same_data[(m.lane, step, supervised)] = rec
+        rows = self._rows(step, [m.tokens])
         branch = self._load_branch(m.lane)
         base = self._base_losses(step, inputs, targets, w).cpu()
-        loss, norm = self._branch_gradient(branch, batch, w, step_zero_grads if self.at_base else None, supervised)
+        if gradient is None:
+            gradient = self._branch_gradient(branch, batch, w, rows)
+        else:  # the optimizers read gradients and never write them: every lane's update can read the same ones
+            for p, g in zip(branch["params"].values(), gradient[1], strict=True):
+                p.grad = g
+        loss, _, norm = gradient
         bad = bool(~torch.isfinite(loss) | (loss > cfg.divergence_ratio * base) | ~torch.isfinite(norm))
         if not bad:
             self._branch_update(branch, m.lane, mult)
+        for p in branch["params"].values():
+            p.grad = None  # (a shared gradient lives on in `gradient` while other lanes need it)
         bad_weights = not bad and not bool(self._finite([p.detach() for p in branch["params"].values()])[0])
         lane = slice(m.lane, m.lane + 1)
         taken = Step(loss, base, norm, self.base_lr[lane] * mult[lane], torch.ones(1, dtype=torch.bool),
@@ -188,12 +216,13 @@ class TrunkTrainer(StackedTrainer):
         taken.record([rec], step, torch.ones(1, dtype=torch.bool))
         if rec.diverged:
             rec.eval_loss = self._lane_eval(m.lane) if bad else self._eval(branch["stages"], 1)
-            return
-        with torch.no_grad():
-            final = self._forward_backward(inputs, targets, w, with_grad=False, stages=branch["stages"]).cpu()
-        rec.losses.append(final[0].item())
-        rec.base_losses.append(rec.base_losses[-1])
-        rec.eval_loss = self._eval(branch["stages"], 1)
+        else:
+            with torch.no_grad():
+                final = self._forward_backward(inputs, targets, w, False, branch["stages"], rows).cpu()
+            rec.losses.append(final[0].item())
+            rec.base_losses.append(rec.base_losses[-1])
+            rec.eval_loss = self._eval(branch["stages"], 1)
+        return gradient if self.at_base else None
 
     def _read_out_unstepped(self, m: _Member, rec: CellRecord) -> None:
         """Its last step held no token to learn from: the weights are the trunk's now, its final loss is on the
@@ -202,8 +231,8 @@ class TrunkTrainer(StackedTrainer):
             step, inputs, targets = self._batch(rec.steps_done - 1)
             w = self._loss_weights(step, targets, [m.tokens])
             with torch.no_grad():
-                loss = self._forward_backward(inputs, targets, w, with_grad=False,
-                                              stages=self._lane_stages(m.lane)).cpu()
+                loss = self._forward_backward(inputs, targets, w, False, self._lane_stages(m.lane),
+                                              self._rows(step, [m.tokens])).cpu()
             rec.losses.append(loss[0].item())
             rec.base_losses.append(rec.base_losses[-1])
         rec.eval_loss = self._lane_eval(m.lane)
@@ -231,21 +260,14 @@ class TrunkTrainer(StackedTrainer):
                     b["muon"].buf[n].copy_(self.muon.buf[n][lane:lane + 1])
         return b
 
-    def _branch_gradient(self, branch: dict, batch, w, step_zero: dict | None, tokens: int):
-        """(1,) loss and gradient norm of the branch on its partial batch; the gradient lands in its .grad.
-        At step 0 (base weights) one pass per set of tokens (`tokens` supervised ones) serves every lane."""
-        step, inputs, targets = batch
+    def _branch_gradient(self, branch: dict, batch, w, rows: int) -> tuple:
+        """(1,) loss, the gradient (in the branch's .grad) and (1,) its norm, on the first `rows` rows of the
+        branch's partial batch."""
+        _, inputs, targets = batch
         params = branch["params"]
-        if step_zero is not None and tokens in step_zero:
-            loss, grads, norm = step_zero[tokens]
-            for n, p in params.items():
-                p.grad = grads[n].clone()
-            return loss, norm
-        loss = self._forward_backward(inputs, targets, w, True, branch["stages"]).cpu()
-        norm = _grad_norms([p.grad for p in params.values()]).cpu()
-        if step_zero is not None:
-            step_zero[tokens] = (loss, {n: p.grad.clone() for n, p in params.items()}, norm)
-        return loss, norm
+        loss = self._forward_backward(inputs, targets, w, True, branch["stages"], rows).cpu()
+        grads = [p.grad for p in params.values()]
+        return loss, grads, _grad_norms(grads).cpu()
 
     def _branch_update(self, branch: dict, lane: int, mult: torch.Tensor) -> None:
         """The optimizer's update of the branch, with its lane's learning rates at this step."""
@@ -268,7 +290,10 @@ class TrunkTrainer(StackedTrainer):
         return self._stages_of({n: p[lane:lane + 1].detach() for n, p in self.stacked.items()})
 
     def _lane_eval(self, lane: int) -> float | None:
-        return self._eval(self._lane_stages(lane), 1)
+        """The lane's eval loss as its weights are now, taken once however many cells end there."""
+        if lane not in self._lane_evals:
+            self._lane_evals[lane] = self._eval(self._lane_stages(lane), 1)
+        return self._lane_evals[lane]
 
     def _eval(self, stages, k: int) -> float | None:
         if not self._eval_batches:
