@@ -1,18 +1,28 @@
 """Shared trajectories on the GPU: the default 128 × 128 d20 study under a constant LR, projected from batches of
-trunks run through `vmap-sweep run`, beside two rivals timed in the same process:
+trunks run through `vmap-sweep run`, beside two rivals timed in the same lease:
 
 (a) one cell at a time: a compiled single model, fused AdamW, reset to the base weights for every cell (cells of
     1, 5 and 10 steps timed, a + b (n - 1) fitted and summed over the study's cells, as study_slice.py does);
 (b) the best single-model loop that reuses prefixes: one run per learning rate to the largest budget, read out
     at every budget (a budget that ends inside a step: weights and optimizer state copied into a second model,
-    that step taken there, its final loss and eval loss; a budget that ends on a step: the final loss and eval
-    loss of the run itself). One learning rate's whole column is timed and multiplied by 128.
+    that step taken there on the rows the budget reaches, its final loss and eval loss; a budget that ends on a
+    step: the final loss and eval loss of the run itself). One learning rate's whole column is timed and
+    multiplied by 128.
 
-    PYTHONPATH=. python benchmarks/shared_trajectories.py --part cli --out shared_cli.json
-    PYTHONPATH=. python benchmarks/shared_trajectories.py --part rivals --out shared_rivals.json
-    PYTHONPATH=. python benchmarks/shared_trajectories.py --part check --out shared_check.json
+    PYTHONPATH=. python benchmarks/shared_trajectories.py --part memory --out memory.json
+    PYTHONPATH=. python benchmarks/shared_trajectories.py --part rivals --out rivals.json
+    PYTHONPATH=. python benchmarks/shared_trajectories.py --part check --out check.json
+    PYTHONPATH=. python benchmarks/shared_trajectories.py --part cli --models-per-batch 4 --out cli.json
     PYTHONPATH=. python benchmarks/shared_trajectories.py --device cpu --depth 1 --vocab 512 --sizes 8 \
-        --part all   # a smoke test of this script
+        --models-per-batch 2 --part all   # a smoke test of this script
+
+`--part cli` runs the flagship command on three windows of the grid's learning rates (the lowest 2K, K in the
+middle, the highest K: a trunk that diverges early is cheaper, so a steady low-LR batch alone is not the study),
+each a `vmap-sweep run` over exactly those grid points, and times every part of each batch on the device
+(trunk steps, partial steps, their updates, final-loss passes, eval passes, branch copies) with CUDA events.
+The study is projected batch by batch, interpolating between the windows, plus the first batch's compilation.
+`--part memory` finds the largest K that the probe (`--models-per-batch auto`) fits for each memory option and
+the peak of a batch of that K.
 
 Random-init d20 in the project's own format, the byte tokenizer and the synthetic document-QA set (speed does
 not depend on the weights or the tokens' values). `--part check` compares read-outs with cells trained alone
@@ -36,10 +46,11 @@ from vmap_sweep.cli import app
 from vmap_sweep.model.checkpoint import save_model
 from vmap_sweep.model.gpt import GPT, GPTConfig
 from vmap_sweep.model.tokenizer import ByteTokenizer
-from vmap_sweep.run.bench import RandomStream, time_baseline
+from vmap_sweep.run.bench import RandomStream, matmul_peak_tflops, time_baseline
 from vmap_sweep.store.db import StudyStore
 from vmap_sweep.study.config import preset
 from vmap_sweep.study.plan import build_grid, plan_study, sharing_summary, steps_for
+from vmap_sweep.train import memory
 from vmap_sweep.train.trainer import StackedTrainer, TrainConfig
 from vmap_sweep.train.trunk import TrunkTrainer
 
@@ -54,32 +65,161 @@ def study_config(args):
     return cfg.with_overrides(resolution=str(args.sizes)) if args.sizes != 128 else cfg
 
 
+class PartTimer:
+    """CUDA events around every forward/backward pass, optimizer update and branch copy of a trunk batch, summed
+    by the part of the study each serves; no synchronisation until `collect`. A pass's FLOPs by nanochat's
+    estimate (a forward is a third of a training step's), for each part's MFU."""
+
+    PASSES = {"_step": "trunk steps", "_branch_gradient": "partial steps", "evaluate": "eval passes",
+              "_read_out_branch": "final-loss passes", "_read_out_shared": "final-loss passes",
+              "_read_out_unstepped": "final-loss passes"}
+
+    def __init__(self, flops_per_token: float):
+        self.flops_per_token = flops_per_token
+        self.events: list[tuple[str, object, object, float]] = []
+        self.within: list[str] = []
+
+    def install(self) -> None:
+        for cls in (StackedTrainer, TrunkTrainer):
+            for name, part in self.PASSES.items():
+                if name in vars(cls):
+                    self._label(cls, name, part)
+        self._time(StackedTrainer, "_forward_backward", None)
+        self._time(StackedTrainer, "_optimizer_step", "trunk updates")
+        self._time(TrunkTrainer, "_branch_update", "partial-step updates")
+        self._time(TrunkTrainer, "_load_branch", "branch copies")
+
+    def _label(self, cls, name: str, part: str) -> None:
+        """Passes inside `name` count for `part`."""
+        real = getattr(cls, name)
+
+        def labelled(this, *args, **kwargs):
+            self.within.append(part)
+            try:
+                return real(this, *args, **kwargs)
+            finally:
+                self.within.pop()
+
+        setattr(cls, name, labelled)
+
+    def _time(self, cls, name: str, part: str | None) -> None:
+        """Events around `name`; part None: a pass, counted for the part it serves, with its FLOPs."""
+        real = getattr(cls, name)
+
+        def timed(this, *args, **kwargs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            result = real(this, *args, **kwargs)
+            end.record()
+            flops = 0.0
+            if part is None:
+                inputs, weights = args[0], args[2]
+                rows = args[5] if len(args) > 5 else kwargs.get("rows")
+                with_grad = args[3] if len(args) > 3 else kwargs["with_grad"]
+                tokens = (inputs.shape[0] if rows is None else rows) * inputs.shape[1] * weights.shape[0]
+                flops = tokens * self.flops_per_token * (1.0 if with_grad else 1 / 3)
+            label = part or (self.within[-1] if self.within else "other passes")
+            self.events.append((label, start, end, flops))
+            return result
+
+        setattr(cls, name, timed)
+
+    def collect(self) -> dict:
+        torch.cuda.synchronize()
+        parts: dict[str, dict] = {}
+        for part, start, end, flops in self.events:
+            p = parts.setdefault(part, {"seconds": 0.0, "flops": 0.0, "calls": 0})
+            p["seconds"] += start.elapsed_time(end) / 1e3
+            p["flops"] += flops
+            p["calls"] += 1
+        self.events.clear()
+        return parts
+
+
+def _grid_lrs(cfg) -> list[float]:
+    return [c.hparams["lr"] for c in build_grid(cfg).cells() if c.j == 0]
+
+
 def part_cli(args, device, result) -> None:
-    """Two batches of trunks through the CLI: the first compiles, the second is the study's steady batch."""
+    """The flagship command over three windows of the grid's learning rates; each batch timed by parts."""
     work = Path(tempfile.mkdtemp(prefix="shared-"))
     model = GPT(GPTConfig.from_depth(args.depth, vocab_size=args.vocab, sequence_len=1024)).init_weights(0)
     model_dir = save_model(work / f"d{args.depth}", model, ByteTokenizer())
     cfg = study_config(args)
-    k, n = args.models_per_batch, args.sizes
-    shards = n // (2 * k)  # a shard of 2K learning rates: two batches of K trunks
-    cmd = ["run", "--model", str(model_dir), "--data", "synthetic", "--schedule", "constant", "--resolution", str(n),
-           "--models-per-batch", str(k), "--shard", f"1/{shards}", "--device", device.type, "--out",
-           str(work / "study"), "--quiet", *args.cli_options]
-    start = time.perf_counter()
-    app(cmd, standalone_mode=False)
-    wall = time.perf_counter() - start
-    with StudyStore.open(work / "study" / f"shard-1-of-{shards}") as store:
-        rows = [r for r in store.rows() if r["status"] == "done"]
-    batches: dict[int, list[dict]] = {}
-    for r in rows:
-        batches.setdefault(r["batch_index"], []).append(r)
-    seconds = [sum(r["wall_time"] for r in b) for _, b in sorted(batches.items())]
+    k, lrs = args.models_per_batch, _grid_lrs(cfg)
+    n = len(lrs)
+    windows = {"low": (0, min(n, 2 * k)), "high": (n - k, n), "middle": (n // 2 - k // 2, n // 2 - k // 2 + k)}
+    timer = PartTimer(model.config.flops_per_token(1024)) if device.type == "cuda" else None
+    if timer:
+        timer.install()
+    peak = matmul_peak_tflops() if device.type == "cuda" else float("nan")
+    out = {"models_per_batch": k, "matmul_peak_tflops": peak, "windows": {}}
+    for name, (lo, hi) in windows.items():
+        x = f"lr:{lrs[lo]!r}:{lrs[hi - 1]!r}:log"
+        folder = work / name
+        cmd = ["run", "--model", str(model_dir), "--data", "synthetic", "--schedule", "constant", "--x", x,
+               "--resolution", f"{hi - lo}x{args.sizes}", "--models-per-batch", str(k), "--device", device.type,
+               "--out", str(folder), "--quiet", *args.cli_options]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        app(cmd, standalone_mode=False)
+        wall = time.perf_counter() - start
+        with StudyStore.open(folder) as store:
+            rows = [r for r in store.rows() if r["status"] == "done"]
+        batches: dict[int, list[dict]] = {}
+        for r in rows:
+            batches.setdefault(r["batch_index"], []).append(r)
+        seconds = [sum(r["wall_time"] for r in b) for _, b in sorted(batches.items())]
+        parts = timer.collect() if timer else {}
+        for p in parts.values():
+            p["mfu"] = p["flops"] / p["seconds"] / 1e12 / peak if p["seconds"] and p["flops"] else None
+        out["windows"][name] = {
+            "command": "vmap-sweep " + " ".join(cmd), "lr_indices": [lo, hi], "cells": len(rows),
+            "batch_seconds": seconds, "cli_seconds": wall, "diverged": sum(bool(r["diverged"]) for r in rows),
+            "parts": parts,
+            "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None}
+        print(json.dumps({name: out["windows"][name]}), flush=True)
+    # the study batch by batch: K learning rates each, interpolated between the windows' steady batches
+    w = out["windows"]
+    points = [((windows["low"][0] + windows["low"][1] - 1) / 2, w["low"]["batch_seconds"][-1]),
+              ((windows["middle"][0] + windows["middle"][1] - 1) / 2, w["middle"]["batch_seconds"][-1]),
+              ((windows["high"][0] + windows["high"][1] - 1) / 2, w["high"]["batch_seconds"][-1])]
+    centres = [(b * k + min(n, b * k + k) - 1) / 2 for b in range(-(-n // k))]
+    per_batch = np.interp(centres, [p[0] for p in points], [p[1] for p in points])
+    compile_extra = w["low"]["batch_seconds"][0] - w["low"]["batch_seconds"][-1]
     plan = plan_study(cfg, build_grid(cfg).cells(), k)
-    result["cli"] = {"command": "vmap-sweep " + " ".join(cmd[:1] + cmd[3:]), "cells": len(rows),
-                     "batch_seconds": seconds, "cli_seconds": wall, "study_batches": len(plan),
-                     "plan": sharing_summary(plan), "diverged": sum(bool(r["diverged"]) for r in rows),
-                     "study_hours": len(plan) * seconds[-1] / 3600}
-    print(json.dumps(result["cli"]), flush=True)
+    out["projection"] = {"batches": len(per_batch), "steady_seconds": float(per_batch.sum()),
+                         "compile_seconds": compile_extra,
+                         "study_hours": (float(per_batch.sum()) + compile_extra) / 3600, "plan": sharing_summary(plan)}
+    result["cli"] = out
+    print(json.dumps(out["projection"]), flush=True)
+
+
+def part_memory(args, device, result) -> None:
+    """For each memory option: the largest K the probe fits (`--models-per-batch auto`) and a batch's peak there."""
+    model = GPT(GPTConfig.from_depth(args.depth, vocab_size=args.vocab, sequence_len=1024)).init_weights(0)
+    rows = []
+    for ckpt, state in ((False, "float32"), (False, "bfloat16"), (True, "float32"), (True, "bfloat16")):
+        cfg = TrainConfig(schedule="constant", batch_size=8, seq_len=1024, checkpoint_activations=ckpt,
+                          optimizer_state_dtype=state)
+        start = time.perf_counter()
+        try:
+            k = memory.probe_models_per_batch(model, cfg, device, limit=args.memory_limit)
+        except Exception as e:  # noqa: BLE001 - a row of the table either way
+            rows.append({"checkpoint_activations": ckpt, "optimizer_state": state, "error": str(e)})
+            continue
+        probe_s = time.perf_counter() - start
+        peak = None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            memory._fits(model, k, cfg, device)
+            peak = torch.cuda.max_memory_allocated() / 1e9
+        rows.append({"checkpoint_activations": ckpt, "optimizer_state": state, "models": k, "peak_gb": peak,
+                     "probe_seconds": probe_s})
+        print(json.dumps(rows[-1]), flush=True)
+    total = torch.cuda.get_device_properties(0).total_memory / 1e9 if device.type == "cuda" else None
+    result["memory"] = {"device_memory_gb": total, "rows": rows}
 
 
 def prefix_loop(model: GPT, stream, budgets: list[int], batch_size: int, seq_len: int, eval_batches: int,
@@ -96,8 +236,12 @@ def prefix_loop(model: GPT, stream, budgets: list[int], batch_size: int, seq_len
     held_out = [tuple(t.to(device) for t in stream.batch(10**6 + b, batch_size, seq_len)) for b in range(eval_batches)]
 
     def loss_of(forward, x, y, n=None):
-        """The mean loss over the first n positions (all: None), the full-logit path a user would write."""
-        y = y if n is None else torch.where(torch.arange(y.numel(), device=y.device).view_as(y) < n, y, -1)
+        """The mean loss over the first n positions (all: None), the full-logit path a user would write, on only
+        the rows those positions reach."""
+        if n is not None:
+            rows = -(-n // seq_len)
+            x, y = x[:rows], y[:rows]
+            y = torch.where(torch.arange(y.numel(), device=y.device).view_as(y) < n, y, -1)
         with autocast:
             return forward(x, y)
 
@@ -172,7 +316,8 @@ def part_check(args, device, result) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["cli", "rivals", "check", "all"], default="all")
+    ap.add_argument("--part", choices=["memory", "cli", "rivals", "check", "all"], default="all")
+    ap.add_argument("--memory-limit", type=int, default=16, help="the largest K the memory part tries")
     ap.add_argument("--models-per-batch", type=int, default=4)
     ap.add_argument("--depth", type=int, default=20)
     ap.add_argument("--vocab", type=int, default=65536)
@@ -185,7 +330,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
     result = {"env": {"torch": torch.__version__, "device": name, "python": platform.python_version()},
               "models_per_batch": args.models_per_batch, "depth": args.depth}
-    for part, fn in (("cli", part_cli), ("rivals", part_rivals), ("check", part_check)):
+    for part, fn in (("memory", part_memory), ("check", part_check), ("rivals", part_rivals), ("cli", part_cli)):
         if args.part in (part, "all"):
             fn(args, device, result)
             Path(args.out).write_text(json.dumps(result, indent=2))

@@ -385,13 +385,16 @@ class StackedTrainer:
         return valid.float() / count.clamp(min=1).float()
 
     def _rows(self, step: int, budgets: Sequence[int] | None = None) -> int:
-        """How many rows of step `step`, from the first, hold a position inside one of these budgets (default: the
-        stack's own). The rows after them carry no loss weight and are not computed: a row's numbers never depend
-        on the rows beside it, so a budget that ends in a step's first row costs one row, not the whole step."""
+        """The rows of step `step` to compute for these budgets (default: the stack's own): those from the first
+        to the last that holds a position inside one of them, rounded up to a power of two (so that a compiled
+        step sees a few shapes), at most the batch. The rows left out carry no loss weight, and a row's numbers
+        never depend on the rows beside it: a budget that ends in a step's first row costs one row, not the step."""
         inside = budget_mask(step, self.tokens if budgets is None else list(budgets), self.cfg.batch_size,
                              self.cfg.seq_len, "cpu")
         used = inside.flatten(0, -3).any(0).any(-1).nonzero()
-        return int(used[-1]) + 1 if len(used) else 0
+        if not len(used):
+            return 0
+        return min(self.cfg.batch_size, 1 << int(used[-1]).bit_length())
 
     def _forward_backward(self, inputs, targets, weights, with_grad: bool, stages=None,
                           rows: int | None = None) -> torch.Tensor:
