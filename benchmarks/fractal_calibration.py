@@ -172,10 +172,10 @@ def main() -> None:
                 for i in range(len(calibration_cases(resolutions, args.per, seed)))]
         with ProcessPoolExecutor(args.jobs) as pool:
             rows = list(pool.map(measure, jobs, chunksize=4))
-        if args.masks:
-            rows += measure_masks(args.masks)
-        if args.save:
-            args.save.write_text(json.dumps(rows, default=float))
+    if args.masks:
+        rows = [r for r in rows if r["split"] in ("tuned", "held out")] + measure_masks(args.masks)
+    if args.save and not args.load:
+        args.save.write_text(json.dumps(rows, default=float))
     shapes = [r for r in rows if r["split"] in ("tuned", "held out")]
     print(f"{len(shapes)} shape cases ({sum(r['split'] == 'tuned' for r in shapes)} tuned, "
           f"{sum(r['split'] == 'held out' for r in shapes)} held out)\n")

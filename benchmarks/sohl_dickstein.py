@@ -175,7 +175,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--resolutions", nargs="*", type=int, default=[64])
-    parser.add_argument("--configs", nargs="*", default=["tanh", "relu", "identity"], choices=sorted(CONFIGS))
+    parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=sorted(CONFIGS),
+                        help="in this order; --budget-s skips what would not fit")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--chunk", type=int, default=None, help="lanes per vmap call (default: 2^16 GPU, 2^12 CPU)")
     parser.add_argument("--dtype", choices=["float64", "float32"], default="float64")

@@ -42,3 +42,18 @@ def test_his_divergence_rule():
     losses = torch.tensor([[2.0] + [1.0] * 25, [2.0] + [3.0] * 25, [2.0] + [float("nan")] * 25,
                            [2.0, float("inf")] + [1.0] * 24], dtype=torch.float64)
     assert sd.converged(losses).tolist() == [True, False, False, True]  # only the last 20 ratios count
+
+
+def test_the_masks_it_writes_load_into_the_calibration(tmp_path):
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import fractal_calibration
+    from shapes import disk_placed
+
+    np.savez_compressed(tmp_path / "tanh.npz", mask_128=disk_placed(128, 0.8))
+    rows = fractal_calibration.measure_masks(tmp_path)
+    assert [(r["n"], r["split"]) for r in rows] == [(128, "reference"), (64, "subsampled"), (32, "subsampled")]
+    assert all(r["family"] == "tanh:mask_128" and r["true"] == rows[0]["dimension"] for r in rows)
+    assert abs(rows[0]["dimension"] - 1) < 0.02 and not rows[0]["too_small"] and rows[2]["too_small"]
+    assert "tanh:mask_128" in fractal_calibration.masks_table(rows)
