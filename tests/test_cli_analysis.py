@@ -228,6 +228,12 @@ def test_zoom_dimension_lines_pool_only_two_or_more_levels():
     no_se = zoom_dimension_lines({"levels": [level, level], "pooled": {**pooled, "stderr": None, "ci_low": None,
                                                                        "ci_high": None}})
     assert no_se[-1] == "pooled over levels 0, 1: D = 1.230, no CI (too few box counts for a standard error)"
+    apart = zoom_dimension_lines({"levels": [level, level], "pooled": {
+        "dimension": None, "disagree": True, "agreement_p": 0.001, "error": "the levels disagree (p = 0.001)"}})
+    assert apart[-1] == "not pooled: the levels disagree (p = 0.001)"
+    small = {**level, "too_small": "too small a map to measure a dimension"}
+    assert zoom_dimension_lines({"levels": [small, level], "pooled": pooled})[0] == (
+        "level 0: no dimension, too small a map to measure a dimension; cell scale 1")
     one = zoom_dimension_lines({"levels": [level], "pooled": {**pooled, "stderr": None, "levels": [0]}})
     assert len(one) == 2 and "nothing to pool" in one[1] and "`vmap-sweep zoom s --auto`" in one[1]
 
