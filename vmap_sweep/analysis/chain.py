@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vmap_sweep.analysis.classify import study_classes
-from vmap_sweep.analysis.fractal import AGREE_P, MEASURABLE_OCTAVES, fractal_dimension, pooled_dimension
+from vmap_sweep.analysis.fractal import AGREE_P, fractal_dimension, pooled_dimension
 from vmap_sweep.analysis.jsonsafe import json_safe
 from vmap_sweep.analysis.window import Window, axis_window, cell_coords, pick_window
 from vmap_sweep.errors import ConfigError, StoreError, VmapSweepError
@@ -138,7 +138,7 @@ def _measure_level(store: StudyStore, entry: dict[str, Any], top_criterion: dict
 
 def pool_small_reason(levels: list[int]) -> str:
     names = ", ".join(str(v) for v in levels)
-    return f"level{'s' if len(levels) > 1 else ''} {names} under {MEASURABLE_OCTAVES} octaves"
+    return f"level{'s' if len(levels) > 1 else ''} {names}"
 
 
 def _pooled(pool: list[tuple[Any, float, int]]) -> dict[str, Any]:

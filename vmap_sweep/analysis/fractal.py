@@ -418,11 +418,15 @@ def box_counting(
                         "single power law at this resolution")
     res = resolution if resolution is not None else (occ.shape[0] + 1, occ.shape[1] + 1)
     too_small = None
-    if clean_octaves < MEASURABLE_OCTAVES:
-        too_small = (f"the boundary spans box sizes {lo}-{hi} at {res[0]}x{res[1]}, {clean_octaves:.1f} octaves above "
-                     f"size {SMALLEST_BOX} (under "
-                     f"{MEASURABLE_OCTAVES}): too small a map to measure a dimension; sweep 128x128 or more, or refine "
-                     "or zoom into the boundary")
+    # a fallback window (none of two octaves between the usual ends) runs into the staircase or up to boxes that
+    # cover the boundary with a handful: too small however many octaves it nominally spans
+    fallback = fit_range is None and not (lo >= LOWER_ENDS[0] and hi <= UPPER_ENDS[1] * max(extent)
+                                          and (windows[:, 1] >= windows[:, 0] * 2**MIN_OCTAVES).all())
+    if clean_octaves < MEASURABLE_OCTAVES or fallback:
+        why = (f"{clean_octaves:.2f} octaves above size {SMALLEST_BOX} (under {MEASURABLE_OCTAVES})" if not fallback
+               else f"no two octaves between size {LOWER_ENDS[0]} and a sixth of its extent ({max(extent)})")
+        too_small = (f"the boundary spans box sizes {lo}-{hi} at {res[0]}x{res[1]}, {why}: too small a map to measure "
+                     "a dimension; sweep 128x128 or more, or refine or zoom into the boundary")
     method = (
         f"box counting: 2x2-rule boundary, {SIZES_PER_OCTAVE} box sizes per octave, {n_offsets} lattices "
         f"(seed {seed}), frame-cut boxes weighted by area only where the boundary meets the frame; median slope "

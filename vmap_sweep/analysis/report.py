@@ -264,6 +264,9 @@ def _fractal_section(doc: _Doc, study_dir: Path, tmp: Path) -> dict | None:
     if box.get("too_small"):
         doc.p(f"No dimension: {box['too_small']}. Box sizes {' '.join(str(v) for v in box['box_sizes'])}; counts "
               f"{' '.join(f'{c:.1f}' for c in box['box_counts'])}.")
+        if plot.is_file():
+            doc.figure("box_counting", plot, f"Box counting at {res}: number of boxes N(s) holding boundary against "
+                       "box size s (log-log); too few octaves of box size for a dimension.")
         return None
     doc.p(f"Box-counting dimension D = {box['dimension']:.3f}, 95% CI {format_ci(box['ci_low'], box['ci_high'])} "
           f"({basis}; {se_text}), fit over box sizes {box['fit_range'][0]}–{box['fit_range'][1]} "
@@ -331,6 +334,10 @@ def _zoom_tables(doc: _Doc, rep: Mapping[str, Any], tmp: Path) -> None:
         if len(win) == 4:
             where = f"{format_count(win[0])}–{format_count(win[1])} × {format_count(win[2])}–{format_count(win[3])}"
         fr = lv.get("fit_range")
+        if lv.get("too_small"):  # no number for a map too small to measure, as `fractal` prints none
+            rows.append([lv.get("level"), where, _fmt(lv.get("scale"), ".3g"), "—", "—", "—",
+                         f"{fr[0]}–{fr[1]}" if fr else "—", lv["too_small"]])
+            continue
         rows.append([lv.get("level"), where, _fmt(lv.get("scale"), ".3g"), _fmt(lv.get("dimension")),
                      _fmt(lv.get("stderr")), format_ci(_f(lv.get("ci_low")), _f(lv.get("ci_high"))),
                      f"{fr[0]}–{fr[1]}" if fr else "—", lv.get("error") or ""])
