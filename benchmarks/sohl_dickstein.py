@@ -180,7 +180,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--chunk", type=int, default=None, help="lanes per vmap call (default: 2^16 GPU, 2^12 CPU)")
     parser.add_argument("--dtype", choices=["float64", "float32"], default="float64")
-    parser.add_argument("--budget-s", type=float, default=280.0,
+    parser.add_argument("--budget-s", type=float, default=290.0,
                         help="skip a (configuration, resolution) whose projected training time (from the cost per "
                              "pixel measured so far) would overrun this many seconds in all")
     parser.add_argument("--out", type=Path, required=True)
