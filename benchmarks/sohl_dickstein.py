@@ -153,9 +153,15 @@ def grid_lrs(n: int, lo: float = LR_RANGE[0], hi: float = LR_RANGE[1]) -> torch.
     return torch.stack([in_lr.reshape(-1), out_lr.reshape(-1)], dim=1)
 
 
-def mask(problem: Problem, n: int, steps: int, chunk: int) -> np.ndarray:
-    """(n, n) bool trainability mask over his grid, trained ``chunk`` lanes at a time (bounded memory)."""
-    lrs = grid_lrs(n).to(device=problem.x.device, dtype=problem.x.dtype)
+def mask(problem: Problem, n: int, steps: int, chunk: int,
+         window: tuple[float, float, float, float] = LR_RANGE * 2) -> np.ndarray:
+    """(n, n) bool trainability mask over his grid (``window``: log10 lr of the input layer from, to, then of the
+    output layer's), trained ``chunk`` lanes at a time (bounded memory)."""
+    g_in = torch.logspace(window[0], window[1], n, dtype=torch.float64)
+    g_out = torch.logspace(window[2], window[3], n, dtype=torch.float64)
+    out_lr, in_lr = torch.meshgrid(g_out, g_in, indexing="ij")
+    lrs = torch.stack([in_lr.reshape(-1), out_lr.reshape(-1)], dim=1).to(device=problem.x.device,
+                                                                         dtype=problem.x.dtype)
     out = torch.empty(n * n, dtype=torch.bool, device=problem.x.device)
     for start in range(0, n * n, chunk):
         out[start:start + chunk] = converged(train_lanes(problem, lrs[start:start + chunk], steps))
@@ -183,8 +189,14 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=290.0,
                         help="skip a (configuration, resolution) whose projected training time (from the cost per "
                              "pixel measured so far) would overrun this many seconds in all")
+    parser.add_argument("--window", nargs=4, type=float, default=list(LR_RANGE * 2),
+                        metavar=("IN_LO", "IN_HI", "OUT_LO", "OUT_HI"),
+                        help="log10 learning rates of the input layer (x) and the output layer (y); default his "
+                             "starting view -3 6 -3 6")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if not (args.window[0] < args.window[1] and args.window[2] < args.window[3]):
+        raise SystemExit(f"--window {args.window}: each axis needs from < to")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here; pass --device cpu")
     if any(n < 4 for n in args.resolutions):
@@ -204,7 +216,7 @@ def main() -> None:
                       f"us/pixel would overrun --budget-s {args.budget_s:.0f} ({spent:.0f} s spent)", flush=True)
                 continue
             t0 = time.perf_counter()
-            m = mask(problem, n, args.steps, chunk)
+            m = mask(problem, n, args.steps, chunk, tuple(args.window))
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
@@ -216,14 +228,15 @@ def main() -> None:
                 row = measure(m)
             except ConfigError as e:
                 row = {"dimension": None, "note": str(e)}
-            row.update(config=name, n=n, steps=args.steps, seconds=seconds, us_per_pixel=1e6 * seconds / n**2,
+            row.update(config=name, n=n, window=list(args.window),
+                       steps=args.steps, seconds=seconds, us_per_pixel=1e6 * seconds / n**2,
                        published=config.published, published_note=config.published_note, device=args.device,
                        dtype=args.dtype)
             rows.append(row)
             d = row.get("dimension")
             shown = "no number" if d is None else f"{d:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
             if row.get("too_small"):
-                shown += " (too small a map: " + f"{row['octaves']:.1f} octaves)"
+                shown += " (too small a map: `fractal` would print no number)"
             print(f"{name:<10} {n:>5}^2 D = {shown}, {row.get('octaves', math.nan):.1f} octaves; published "
                   f"{config.published} ({config.published_note}); {seconds:.1f} s, "
                   f"{row['us_per_pixel']:.1f} us/pixel", flush=True)
