@@ -502,8 +502,9 @@ def test_demo_ends_with_heatmaps_fractal_json_and_the_dimension(tmp_path):
     for name in (*PLOTS, "box_counting"):
         assert (out / "plots" / f"{name}.png").read_bytes().startswith(MAGIC["png"]), name
     report = json.loads((out / "fractal.json").read_text(), parse_constant=_no_nan)
-    m = re.search(r"box-counting dimension (\d\.\d{3})", text)
-    assert m and float(m.group(1)) == round(report["dimension"], 3)
+    flat = " ".join(text.split())
+    assert report["too_small"] and "no box-counting dimension: the boundary spans" in flat and "too small a map" in flat
+    assert not re.search(r"box-counting dimension \d", text)  # a 4x4 map prints no number
     with StudyStore.open(out) as store:
         assert store.done_count() == 16 and store.config["model"] == "tiny"
     # too small to measure a boundary: refused before any training, not after it
@@ -547,8 +548,15 @@ def test_fractal_of_arrays(tmp_path):
     assert a["ci_low"] <= a["dimension"] <= a["ci_high"] and 0.8 < a["dimension"] < 1.5
     assert len(a["box_sizes"]) == len(a["box_counts"]) >= 3
     assert plot.read_bytes().startswith(MAGIC["png"])
-    text = ok("fractal", tmp_path / "mask.npy").stdout
-    assert f"box-counting dimension {a['dimension']:.3f}" in text
+    text = " ".join(ok("fractal", tmp_path / "mask.npy").stdout.split())
+    assert a["too_small"] and "no box-counting dimension: " in text and f"{a['dimension']:.3f}" not in text
+    # at 128x128 the same kind of edge spans three octaves: a number, with its grid and octaves
+    jj, ii = np.mgrid[0:128, 0:128]
+    np.save(tmp_path / "wide.npy", ii < 48 + 24 * np.sin(jj / 12.0))
+    wide = json.loads(ok("fractal", tmp_path / "wide.npy", "--json").stdout)
+    text = " ".join(ok("fractal", tmp_path / "wide.npy").stdout.split())
+    assert wide["too_small"] is None
+    assert f"box-counting dimension {wide['dimension']:.3f}" in text and " at 128×128 over " in text
 
 
 @pytest.mark.parametrize("kind", ["3d", "empty", "one-class", "garbage.npy", "text.txt", "missing.npy"])

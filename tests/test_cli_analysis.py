@@ -62,8 +62,9 @@ def test_rules_and_report(study, tmp_path):
     html = tmp_path / "r.html"
     ok("report", study, "-o", html, "--format", "html")
     text = html.read_text()
-    dimension = json.loads(ok("fractal", study, "--json").stdout)["dimension"]
-    assert "data:image/png;base64" in text and f"D = {dimension:.3f}" in text
+    box = json.loads(ok("fractal", study, "--json").stdout)
+    assert "data:image/png;base64" in text and "No dimension: " in text and box["too_small"] in text
+    assert f"D = {box['dimension']:.3f}" not in text  # a 6x6 map is too small for a number
 
 
 def test_backend_and_bench_errors_are_one_line(study, tmp_path):
@@ -203,7 +204,8 @@ def test_zoom_dimension_without_a_zoom_says_so_and_how_to_make_one(study, tmp_pa
     assert [lv["level"] for lv in report["levels"]] == [0]
     text = ok("zoom-dimension", solo).stdout
     level = report["levels"][0]
-    assert f"level 0: D = {level['dimension']:.3f}, 95% CI [{level['ci_low']:.3f}, {level['ci_high']:.3f}]" in text
+    assert level["too_small"] and f"level 0: no dimension, {' '.join(level['too_small'].split())}" in " ".join(
+        text.split())
     assert "no zoom level below this study" in text and f"vmap-sweep zoom {solo} --auto" in " ".join(text.split())
     assert "pooled over" not in text and "n/a" not in text
 
@@ -211,11 +213,12 @@ def test_zoom_dimension_without_a_zoom_says_so_and_how_to_make_one(study, tmp_pa
 def test_zoom_dimension_lines_pool_only_two_or_more_levels():
     from vmap_sweep.cli.render import zoom_dimension_lines
 
-    level = {"level": 0, "dir": "s", "dimension": 1.14, "ci_low": 0.96, "ci_high": 1.37, "scale": 1.0}
+    level = {"level": 0, "dir": "s", "dimension": 1.14, "ci_low": 0.96, "ci_high": 1.37, "scale": 1.0,
+             "resolution": [256, 256], "octaves": 4.2}
     pooled = {"dimension": 1.23, "stderr": 0.04, "ci_low": 1.1516, "ci_high": 1.3084, "levels": [0, 1]}
     lines = zoom_dimension_lines({"levels": [level, {**level, "level": 1, "scale": 0.125}], "pooled": pooled})
-    assert lines == ["level 0: D = 1.140, 95% CI [0.960, 1.370], cell scale 1",
-                     "level 1: D = 1.140, 95% CI [0.960, 1.370], cell scale 0.125",
+    assert lines == ["level 0: D = 1.140, 95% CI [0.960, 1.370] at 256×256 over 4.2 octaves, cell scale 1",
+                     "level 1: D = 1.140, 95% CI [0.960, 1.370] at 256×256 over 4.2 octaves, cell scale 0.125",
                      "pooled over levels 0, 1: D = 1.230, 95% CI [1.152, 1.308] (± 1.96 × the pooled standard "
                      "uncertainty 0.040: levels weighted by their own, never below the best level's)"]
     coarse = {**level, "warnings": ["the fit spans 1.6 octaves"]}
@@ -225,6 +228,12 @@ def test_zoom_dimension_lines_pool_only_two_or_more_levels():
     no_se = zoom_dimension_lines({"levels": [level, level], "pooled": {**pooled, "stderr": None, "ci_low": None,
                                                                        "ci_high": None}})
     assert no_se[-1] == "pooled over levels 0, 1: D = 1.230, no CI (too few box counts for a standard error)"
+    apart = zoom_dimension_lines({"levels": [level, level], "pooled": {
+        "dimension": None, "disagree": True, "agreement_p": 0.001, "error": "the levels disagree (p = 0.001)"}})
+    assert apart[-1] == "not pooled: the levels disagree (p = 0.001)"
+    small = {**level, "too_small": "too small a map to measure a dimension"}
+    assert zoom_dimension_lines({"levels": [small, level], "pooled": pooled})[0] == (
+        "level 0: no dimension, too small a map to measure a dimension; cell scale 1")
     one = zoom_dimension_lines({"levels": [level], "pooled": {**pooled, "stderr": None, "levels": [0]}})
     assert len(one) == 2 and "nothing to pool" in one[1] and "`vmap-sweep zoom s --auto`" in one[1]
 
@@ -232,10 +241,9 @@ def test_zoom_dimension_lines_pool_only_two_or_more_levels():
 def test_fractal_names_the_ci_and_its_terms_and_what_the_grid_resolves(study):
     box = json.loads(ok("fractal", study, "--json").stdout)
     text = " ".join(ok("fractal", study).stdout.split())
-    assert (f"box-counting dimension {box['dimension']:.3f}, 95% CI [{box['ci_low']:.3f}, {box['ci_high']:.3f}] "
-            f"(± 1.96 × standard uncertainty {box['stderr']:.3f}: fit-window spread {box['window_sd']:.3f}, "
-            f"lattice placement {box['lattice_sd']:.3f}, small-box correction {box['model_sd']:.3f}, "
-            "end effects)") in text
+    # a 6x6 study is too small a map for a number: it says so, and shows what it counted
+    assert box["too_small"] and f"no box-counting dimension: {' '.join(box['too_small'].split())}" in text
+    assert f"{box['dimension']:.3f}," not in text
     lo, hi = box["fit_range"]
     assert f"fit over box sizes {lo}–{hi} ({box['octaves']:.1f} octaves" in text
     for warning in box["warnings"]:
@@ -250,12 +258,20 @@ def test_fractal_lines_warn_and_handle_two_box_sizes():
            "octaves": 1.58, "windows": [[2, 6]], "local_slope_range": [0.9, 1.3],
            "warnings": ["the fit spans 1.6 octaves of box size (under 2)"]}
     lines = [line.plain for line in fractal_lines(box)]
-    assert lines[0] == "box-counting dimension 1.128, 95% CI [1.089, 1.167] (± 1.96 × standard uncertainty 0.020)"
+    assert lines[0] == ("box-counting dimension 1.128, 95% CI [1.089, 1.167] at 32×32 over 1.6 octaves (± 1.96 × "
+                        "standard uncertainty 0.020)")
     assert lines[1] == ("fit over box sizes 2–6 (1.6 octaves, 1 fit window) at 32×32; local slopes 0.90–1.30 "
                         "inside the fit")
     assert lines[2] == "warning: the fit spans 1.6 octaves of box size (under 2)"
     first = fractal_lines({**box, "stderr": float("nan")})[0].plain
     assert "nan" not in first and "no standard uncertainty from 2 box sizes" in first
+    terms = fractal_lines({**box, "window_sd": 0.001, "lattice_sd": 0.002, "model_sd": 0.003, "curvature_sd": 0.004})
+    assert ("fit-window spread 0.001, lattice placement 0.002, small-box correction 0.003, curvature 0.004, "
+            "end effects") in terms[0].plain
+    small = [line.plain for line in fractal_lines({**box, "too_small": "too small a map to measure a dimension"})]
+    assert small[0] == "no box-counting dimension: too small a map to measure a dimension"
+    assert not any("1.128" in line for line in small)  # no number printed, the grid and box counts still are
+    assert small[1].startswith("fit over box sizes 2–6")
 
 
 def _bench_result(tflops: float, peak: float):

@@ -45,10 +45,9 @@ def test_difference_shares_and_crit_ratio_follow_the_two_laws(pair):
         want_a, want_b = lrs[lrs >= crit(size)][0], lrs[lrs >= 4 * crit(size)][0]
         assert (row.size, row.lr_crit_a, row.lr_crit_b) == (size, want_a, want_b)
         assert row.ratio == pytest.approx(want_b / want_a) and 4 / 1.5 < row.ratio < 4 * 1.5  # one LR step
-    # both boundaries are straight lines in log-log: D ~ 1 each, no shift
-    assert r.dimension_a.dimension == pytest.approx(1.0, abs=0.15)
-    assert r.delta_d == pytest.approx(r.dimension_b.dimension - r.dimension_a.dimension)
-    assert r.delta_d_ci[0] < r.delta_d < r.delta_d_ci[1]
+    # a 32x32 map is too small for a dimension: no ΔD, and the summary says why
+    assert r.dimension_a.dimension is None and "too small a map" in r.dimension_a.reason
+    assert r.dimension_a.grid == (32, 32) and r.delta_d is None and "ΔD not measured" in r.summary()[2]
     assert "converge only in B" in r.summary()[1] and "geometric mean" in r.summary()[-1]
     d = json.loads(json.dumps(r.to_dict(), allow_nan=False))
     assert d["changed"] == r.gained and "views" not in d and len(d["crit"]) == 32
@@ -61,22 +60,49 @@ def test_delta_d_interval_adds_half_widths_in_quadrature():
     assert delta_dimension(Dimension(None, None, None, "one class"), Dimension(1.5, 1.4, 1.6)) == (None, None)
 
 
-def test_a_noisy_boundary_has_a_larger_dimension(pair, tmp_path):
-    a, _, crit = pair
-    rng = np.random.default_rng(0)
-    coin = rng.random((32, 32)) < 0.5  # coin-flip classes: the boundary fills the plane, D ~ 2
-    build_study(tmp_path / "noise", crit, nx=32, ny=32, x=X, y=Y,
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """96x96 (2.7 octaves: large enough to measure): the line of ``pair`` and coin-flip classes; and the line at
+    64x64 (too small)."""
+    root = tmp_path_factory.mktemp("wide")
+    crit = law(3e-5, 0.5)
+    coin = np.random.default_rng(0).random((96, 96)) < 0.5  # the boundary fills the plane, D ~ 2
+    build_study(root / "line", crit, nx=96, ny=96, x=X, y=Y).close()
+    build_study(root / "noise", crit, nx=96, ny=96, x=X, y=Y,
                 override=lambda k_lr, k_size: bool(coin[k_size, k_lr])).close()
-    r = compare_studies(a, tmp_path / "noise")
+    build_study(root / "line64", crit, nx=64, ny=64, x=X, y=Y).close()
+    return root
+
+
+def test_a_noisy_boundary_has_a_larger_dimension(wide):
+    r = compare_studies(wide / "line", wide / "noise")
+    assert r.dimension_a.dimension == pytest.approx(1.0, abs=0.15)  # a straight line in log-log
     assert r.dimension_b.dimension > 1.7 and 0.6 < r.delta_d < 1.1 and r.delta_d_ci[0] > 0
-    assert "contains 0" not in r.summary()[2]
+    assert "contains 0" not in r.summary()[2] and "at 96x96 over 2.7 octaves" in r.summary()[2]
 
 
-def test_same_study_changes_nothing(pair):
-    a, _, _ = pair
-    r = compare_studies(a, a)
+def test_same_study_changes_nothing(wide):
+    r = compare_studies(wide / "line", wide / "line")
     assert r.changed == 0 and r.delta_d == 0.0 and all(row.ratio == 1.0 for row in r.crit if row.ratio)
     assert r.delta_d_ci[0] < 0 < r.delta_d_ci[1] and "contains 0" in r.summary()[2]
+
+
+def test_different_resolutions_are_compared_only_when_asked_and_then_without_cells(wide, tmp_path):
+    with pytest.raises(ConfigError, match="a dimension moves with the grid") as e:
+        compare_studies(wide / "line", wide / "line64")
+    assert "--across-resolutions" in str(e.value) and "\n" not in str(e.value)
+    r = compare_studies(wide / "line", wide / "line64", across_resolutions=True)
+    assert r.gained is None and r.changed is None and r.crit == [] and r.views is None
+    assert r.dimension_a.grid == (96, 96) and r.dimension_b.grid == (64, 64)
+    assert r.dimension_b.dimension is None and "too small a map" in r.dimension_b.reason and r.delta_d is None
+    text = " ".join(r.summary())
+    assert "grids of different resolutions, no cell compared" in text and "part of ΔD is the grid's" in text
+    out = " ".join(ok("compare", wide / "line", wide / "line64", "--across-resolutions").stdout.split())
+    assert "no cell compared" in out
+    refused = cli("compare", wide / "line", wide / "line64")
+    assert refused.exit_code == 2 and "--across-resolutions" in refused.stderr
+    one = cli("compare", wide / "line", wide / "line64", "--across-resolutions", "--plot", tmp_path / "c.png")
+    assert one.exit_code == 2 and "compare without --plot" in one.stderr and not (tmp_path / "c.png").exists()
 
 
 @pytest.mark.parametrize("x, y, nx, needle", [("lr:1e-6:1e-2:log", Y, 32, "same axes and ranges"),

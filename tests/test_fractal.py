@@ -6,7 +6,18 @@ import math
 import numpy as np
 import pytest
 from matplotlib.path import Path as MplPath
-from shapes import disk_mask, koch_mask, koch_snowflake, noise_mask, polygon_mask, sierpinski_mask
+from shapes import (
+    KOCH_D,
+    disk_mask,
+    disk_placed,
+    inward_koch_island,
+    koch_island,
+    koch_mask,
+    koch_snowflake,
+    noise_mask,
+    polygon_mask,
+    sierpinski_mask,
+)
 
 from vmap_sweep.analysis import fractal
 from vmap_sweep.analysis.fractal import (
@@ -140,8 +151,10 @@ def test_result_fields_windows_and_local_slopes():
     assert (r.windows[:, 1] >= 4 * r.windows[:, 0]).all()  # every window spans two octaves
     assert r.dimension == pytest.approx(float(np.median(r.window_dimensions)))
     assert r.octaves == pytest.approx(math.log2(38 / 2)) and r.warnings == ()
-    assert r.stderr == pytest.approx(math.sqrt(r.window_sd**2 + r.lattice_sd**2 + r.model_sd**2
+    assert r.stderr == pytest.approx(math.sqrt(r.window_sd**2 + r.lattice_sd**2 + r.model_sd**2 + r.curvature_sd**2
                                                + fractal.END_EFFECT_SD**2))
+    assert r.curvature_sd == pytest.approx(fractal.CURVATURE_SHARE * abs(r.local_slope_drift))
+    assert r.too_small is None and "256x256 over 4.2 octaves" in r.measured_on
     assert r.ci_high - r.dimension == pytest.approx(1.959963984540054 * r.stderr)
     assert r.ci_low < r.dimension < r.ci_high
     # local slope at size s: over sizes two steps (half an octave) each side
@@ -313,3 +326,50 @@ def test_pooled_koch_zoom_levels():
     assert p.ci_low <= TRUE["koch"] <= p.ci_high
     assert abs(p.dimension - TRUE["koch"]) < 0.02
     assert p.size_range[0] == pytest.approx(2 / 16)
+
+
+# ----------------------------------------------------------------------------- curvature, octaves, resolution
+
+
+def test_the_interval_carries_the_bend_of_touching_arcs():
+    # the Koch curve with its bumps turned inward: its arcs touch, the local slopes climb through the fit range
+    # and every window reads high together; the curvature term and the full correction widen the interval
+    r = fractal_dimension(inward_koch_island(512, 0.8, angle=0.3))
+    assert r.dimension - KOCH_D > 0.05 and r.local_slope_drift > 0.05
+    assert r.curvature_sd == pytest.approx(fractal.CURVATURE_SHARE * r.local_slope_drift)
+    assert r.ci_low <= KOCH_D <= r.ci_high
+    without = math.sqrt(r.stderr**2 - r.curvature_sd**2)
+    assert r.dimension - 1.959963984540054 * without > KOCH_D  # the curvature term is what covers it
+    # a smooth edge does not bend: no curvature to carry
+    disk = fractal_dimension(disk_placed(512, 0.7))
+    assert abs(disk.local_slope_drift) < 0.02 and disk.curvature_sd < 0.01
+
+
+def test_the_small_box_correction_counts_in_full_and_applies_only_with_three_octaves():
+    fine = fractal_dimension(koch_island(512, 0.8, angle=0.3))
+    assert fine.octaves >= fractal.CORRECTION_OCTAVES and fine.small_box_offset > 0.05
+    x = np.log2(fine.box_sizes.astype(float))
+    keep = (fine.box_sizes >= fine.fit_range[0]) & (fine.box_sizes <= fine.fit_range[1])
+    plain = -np.polyfit(x[keep], np.log2(fine.box_counts[keep]), 1)[0]
+    assert fine.model_sd == pytest.approx(abs(fine.dimension - plain), abs=0.01)  # in full, not half
+    coarse = fractal_dimension(koch_island(64, 0.8, angle=0.3))
+    assert coarse.octaves < fractal.CORRECTION_OCTAVES
+    assert coarse.small_box_offset == 0.0 and "not applied" in coarse.method
+    assert coarse.model_sd > 0  # fitted to size the uncertainty all the same
+    assert coarse.ci_low <= KOCH_D <= coarse.ci_high
+
+
+@pytest.mark.parametrize("n, small", [(32, True), (64, True), (256, False)])
+def test_maps_too_small_to_measure_say_so(n, small):
+    r = fractal_dimension(disk_placed(n, 0.8))
+    assert (r.too_small is not None) == small
+    if small:
+        assert f"at {n}x{n}" in r.too_small and "too small a map" in r.too_small and "128x128" in r.too_small
+
+
+def test_pooling_tests_whether_the_levels_share_one_dimension():
+    disk = fractal_dimension(disk_placed(256, 0.8))
+    agree = pooled_dimension([(disk, 1.0), (fractal_dimension(disk_placed(256, 0.5)), 0.125)])
+    assert agree.agreement_p > fractal.AGREE_P
+    apart = pooled_dimension([(disk, 1.0), (fractal_dimension(noise_mask(256, seed=3)), 0.125)])
+    assert apart.agreement_p < 1e-6

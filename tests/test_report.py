@@ -45,8 +45,8 @@ def test_markdown_has_the_sections_numbers_and_linked_pictures(study, tmp_path):
     for section in SECTIONS:
         assert section in text
     assert "Out-of-distribution" not in text and "Zoom levels" not in text
-    box = fractal_report(study)
-    assert f"D = {box['dimension']:.3f}" in text and f"{box['ci_low']:.3f}, {box['ci_high']:.3f}" in text
+    box = fractal_report(study)  # 16x16: too small a map for a number, and the report says so
+    assert f"No dimension: {box['too_small']}." in text and f"D = {box['dimension']:.3f}" not in text
     r = rules_of_thumb(study)
     assert r.crit_fit.formula() in text and f"D^{r.opt_fit.exponent:.3f}" in text
     assert f"allows 2x more LR: {r.ten_x.verdict}" in text
@@ -73,7 +73,7 @@ def test_html_is_one_file_with_embedded_pictures(study, tmp_path):
     assert len(re.findall("<figcaption>", text)) == 6
     assert not (tmp_path / "report_files").exists() and sorted(p.name for p in tmp_path.iterdir()) == [
         "report.html", "study"]
-    assert f"{fractal_report(study)['dimension']:.3f}" in text and f"<td>{LR_AXIS}</td>" in text
+    assert fractal_report(study)["too_small"] in text and f"<td>{LR_AXIS}</td>" in text
 
 
 def fake_zoom(seen: list[Path]) -> types.ModuleType:
@@ -216,9 +216,9 @@ def test_zoom_section_with_the_real_zoom_module(tmp_path):
     rep = zoom.dimension_report(parent)
     text = write_report(parent, tmp_path / "z.md").read_text()
     assert "## Zoom levels" in text and "| 1 | 1e-05–0.001 × 10,000–1,000,000 |" in text
-    for level in rep["levels"]:
-        assert f"{level['dimension']:.3f}" in text
-    assert f"D = {rep['pooled']['dimension']:.3f}" in text
+    for level in rep["levels"]:  # 16x16 levels: each named too small, none pooled into a number
+        assert level["too_small"] in text and f"| {level['dimension']:.3f} |" not in text
+    assert "Pooled dimension: not measurable (every level is too small" in text
 
 
 def test_the_report_follows_the_studys_own_criterion(study, tmp_path):
@@ -238,14 +238,18 @@ def test_the_report_follows_the_studys_own_criterion(study, tmp_path):
     assert "computed when the study was classified by {'criterion': 'ratio'}" in threshold
 
 
-def test_fractal_and_ten_x_wording_cannot_be_misread(study, tmp_path):
+def test_fractal_and_ten_x_wording_cannot_be_misread(tmp_path):
     """The dimension's CI is ± 1.96 standard uncertainties and the report says what they add up; each
     warning about the resolution is in it. The 10x answer shows the interval and R² it rests on."""
+    study = tmp_path / "study"  # 96x96: a map large enough (2.7 octaves) to print a number
+    build_study(study, law(3e-5, 0.5), nx=96, ny=96).close()
     text = write_report(study, tmp_path / "w.md").read_text()
     box = fractal_report(study)
     assert (f"D = {box['dimension']:.3f}, 95% CI [{box['ci_low']:.3f}, {box['ci_high']:.3f}] (± 1.96 standard "
             "uncertainties: the spread of the slope over the admissible fit windows, over box-lattice placements, "
-            f"half the small-box correction and an end-effect term; standard uncertainty {box['stderr']:.3f})") in text
+            "the small-box correction in full, the curvature of the counts (the drift of the local slopes across the "
+            f"fit) and an end-effect term; standard uncertainty {box['stderr']:.3f}), fit over box sizes "
+            f"{box['fit_range'][0]}–{box['fit_range'][1]} at 96×96 over {box['octaves']:.1f} octaves") in text
     for warning in box["warnings"]:
         assert f"Warning: {warning}." in text
     r = rules_of_thumb(study)

@@ -225,14 +225,30 @@ def test_dimension_report_per_level_and_pooled(disk_chain):
     assert [lv["scale"] for lv in levels] == pytest.approx([1, 1 / 8, 1 / 64], rel=1e-9)
     for lv in levels:  # a disk's edge, and windows of it, have dimension 1; 32x32 spans under two octaves
         assert lv["error"] is None and any("under 2" in w for w in lv["warnings"]), lv
-        # level 2 is a near-straight edge from corner to corner of its frame: the corner boxes, cut on both
-        # axes, weigh little, and over box sizes 2..7 that end effect reads 1.17
-        assert abs(lv["dimension"] - 1) < 0.2, lv
-    pooled = report["pooled"]
-    assert pooled["levels"] == [0, 1, 2] and abs(pooled["dimension"] - 1) < 0.1
-    assert pooled["ci_low"] <= 1.0 <= pooled["ci_high"]
-    assert pooled["size_range"][0] == pytest.approx(2 / 64)  # smallest fitted box of level 2, in parent cells
+        assert "too small a map" in lv["too_small"] and "32x32" in lv["too_small"], lv
+        assert lv["ci_low"] <= 1.0 <= lv["ci_high"], lv  # the numbers stay in the JSON, with their intervals
+    pooled = report["pooled"]  # levels too small to measure are not pooled into a number either
+    assert pooled["dimension"] is None and pooled["too_small_levels"] == [0, 1, 2]
+    assert "every level is too small" in pooled["error"]
     json.dumps(report, allow_nan=False)  # --json ready: no NaN
+
+
+def test_levels_that_disagree_are_reported_apart_not_pooled():
+    from shapes import disk_placed, noise_mask
+
+    from vmap_sweep.analysis.chain import _pooled
+    from vmap_sweep.analysis.fractal import fractal_dimension
+
+    disk, wider, noise = (fractal_dimension(m) for m in (disk_placed(256, 0.8), disk_placed(256, 0.5),
+                                                          noise_mask(256, seed=1)))
+    same = _pooled([(disk, 1.0, 0), (wider, 0.125, 1)])
+    assert abs(same["dimension"] - 1) < 0.02 and same["levels"] == [0, 1] and same["agreement_p"] > 0.05
+    apart = _pooled([(disk, 1.0, 0), (noise, 0.125, 1)])
+    assert apart["dimension"] is None and apart["disagree"] and apart["agreement_p"] < 0.05
+    assert f"level 0: {disk.dimension:.3f}" in apart["error"] and f"level 1: {noise.dimension:.3f}" in apart["error"]
+    small = fractal_dimension(disk_placed(32, 0.8))
+    mixed = _pooled([(disk, 1.0, 0), (small, 0.125, 1)])  # a too-small level is left out of the pool
+    assert mixed["levels"] == [0] and mixed["too_small_levels"] == [1]
 
 
 def test_rerun_resumes_an_interrupted_child_and_then_trains_nothing(tmp_path):

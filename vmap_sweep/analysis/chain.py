@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vmap_sweep.analysis.classify import study_classes
-from vmap_sweep.analysis.fractal import fractal_dimension, pooled_dimension
+from vmap_sweep.analysis.fractal import AGREE_P, fractal_dimension, pooled_dimension
 from vmap_sweep.analysis.jsonsafe import json_safe
 from vmap_sweep.analysis.window import Window, axis_window, cell_coords, pick_window
 from vmap_sweep.errors import ConfigError, StoreError, VmapSweepError
@@ -132,22 +132,43 @@ def _measure_level(store: StudyStore, entry: dict[str, Any], top_criterion: dict
         return None
     entry.update(dimension=box.dimension, stderr=box.stderr, ci_low=box.ci_low, ci_high=box.ci_high,
                  fit_range=list(box.fit_range), octaves=box.octaves, warnings=list(box.warnings),
-                 box_sizes=box.box_sizes, box_counts=box.box_counts, error=None)
+                 box_sizes=box.box_sizes, box_counts=box.box_counts, too_small=box.too_small, error=None)
     return box
 
 
+def pool_small_reason(levels: list[int]) -> str:
+    names = ", ".join(str(v) for v in levels)
+    return f"level{'s' if len(levels) > 1 else ''} {names}"
+
+
 def _pooled(pool: list[tuple[Any, float, int]]) -> dict[str, Any]:
-    """The fixed-effects dimension over the measured levels ``(box, scale, level)``, JSON-ready."""
+    """The fixed-effects dimension over the measured levels ``(box, scale, level)`` that are large enough to
+    measure, JSON-ready; levels whose dimensions disagree (chi^2 test, p < AGREE_P) are not pooled."""
     if not pool:
         return {"dimension": None, "error": "no level could be measured; see each level's error"}
+    small = [lv for box, _, lv in pool if box.too_small is not None]
+    pool = [item for item in pool if item[0].too_small is None]
+    if not pool:
+        return {"dimension": None, "too_small_levels": small,
+                "error": f"every level is too small a map to measure a dimension ({pool_small_reason(small)}); "
+                         "sweep 128x128 or more per level"}
     try:
         p = pooled_dimension([(box, scale) for box, scale, _ in pool])
     except VmapSweepError as e:
         return {"dimension": None, "error": str(e)}
+    if len(pool) > 1 and p.agreement_p < AGREE_P:
+        apart = ", ".join(f"level {lv}: {box.dimension:.3f} [{box.ci_low:.3f}, {box.ci_high:.3f}]"
+                          for box, _, lv in pool)
+        return {"dimension": None, "disagree": True, "agreement_p": p.agreement_p, "birge_ratio": p.birge_ratio,
+                "levels": [lv for _, _, lv in pool], "too_small_levels": small,
+                "error": f"the levels disagree (chi-squared test of one shared dimension: p = {p.agreement_p:.2g}), "
+                         f"so they are reported apart, not pooled: {apart}; the dimension changes with the scale "
+                         "or the grid"}
     pooled = {"dimension": p.dimension, "stderr": p.stderr, "ci_low": p.ci_low, "ci_high": p.ci_high,
               "n_points": p.n_points, "size_range": list(p.size_range), "level_slopes": p.level_slopes,
               "level_stderrs": p.level_stderrs, "birge_ratio": p.birge_ratio,
-              "levels": [lv for _, _, lv in pool], "method": p.method, "error": None}
+              "levels": [lv for _, _, lv in pool], "method": p.method, "agreement_p": p.agreement_p,
+              "too_small_levels": small, "error": None}
     return {k: json_safe(v) for k, v in pooled.items()}
 
 

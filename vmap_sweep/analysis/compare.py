@@ -2,7 +2,10 @@
 difference of the boundary's dimension, and the critical LR of both per dataset size.
 
 Comparable: both sweep the same two axes over the same ranges, scales and resolution, so that cell (i, j) is the
-same hyperparameter point in both (what differs is what the configs fix: schedule, optimizer, model...).
+same hyperparameter point in both (what differs is what the configs fix: schedule, optimizer, model...). A box-counting
+dimension depends on the grid it was measured on (a real trainability mask reads 1.42 at 128^2 and 1.70 at 2048^2),
+so studies of different resolutions are refused unless ``across_resolutions``; then only their dimensions (each with
+its grid and octaves) and converged shares are set side by side, and no cell is matched.
 
 ΔD = D_B - D_A, each measured by ``fractal_dimension`` (box counting; its 95% CI from the spread over box
 lattices). Interval of the difference: the two studies are measured independently, so the half-widths of their
@@ -40,6 +43,8 @@ class Dimension:
     ci_low: float | None
     ci_high: float | None
     reason: str | None = None
+    grid: tuple[int, int] | None = None  # the class grid it was measured on (rows, columns)
+    octaves: float | None = None  # of box size, the widest fit window
 
 
 @dataclass(frozen=True)
@@ -62,8 +67,8 @@ class CompareResult:
     differs: str  # what the two configs differ in (config_diff), for the reader
     converged_share_a: float
     converged_share_b: float
-    gained: int  # cells converged in B only
-    lost: int  # cells converged in A only
+    gained: int | None  # cells converged in B only (None: grids of different resolutions, no cell matched)
+    lost: int | None  # cells converged in A only
     dimension_a: Dimension
     dimension_b: Dimension
     delta_d: float | None  # D_B - D_A
@@ -72,9 +77,11 @@ class CompareResult:
     notes: list[str] = field(default_factory=list)
     views: tuple[GridView, GridView] | None = field(default=None, repr=False, compare=False)  # for the figure
 
+    resolution_b: tuple[int, int] | None = None  # B's (nx, ny) where it differs from A's
+
     @property
-    def changed(self) -> int:
-        return self.gained + self.lost
+    def changed(self) -> int | None:
+        return None if self.gained is None or self.lost is None else self.gained + self.lost
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k != "views"}
@@ -84,10 +91,15 @@ class CompareResult:
     def summary(self) -> list[str]:
         """The findings in sentences (the CLI and the report)."""
         n = self.resolution[0] * self.resolution[1]
-        lines = [f"B differs from A in: {self.differs or 'nothing but the folder'}.",
-                 f"Converged share: A {self.converged_share_a:.1%}, B {self.converged_share_b:.1%} "
-                 f"({self.changed} of {n} cells changed class: {self.gained} converge only in B, "
-                 f"{self.lost} only in A)."]
+        share = f"Converged share: A {self.converged_share_a:.1%}, B {self.converged_share_b:.1%}"
+        if self.changed is None:
+            rb = self.resolution_b or self.resolution
+            share += (f" (A {self.resolution[0]}x{self.resolution[1]}, B {rb[0]}x{rb[1]} cells: grids of different "
+                      "resolutions, no cell compared)")
+        else:
+            share += (f" ({self.changed} of {n} cells changed class: {self.gained} converge only in B, "
+                      f"{self.lost} only in A)")
+        lines = [f"B differs from A in: {self.differs or 'nothing but the folder'}.", share + "."]
         if self.delta_d is None:
             why = "; ".join(f"{k}: {d.reason}" for k, d in (("A", self.dimension_a), ("B", self.dimension_b))
                             if d.reason)
@@ -114,23 +126,27 @@ def _g(v: float | None) -> str:
 
 
 def _dim(d: Dimension) -> str:
-    return f"{d.dimension:.3f} [{d.ci_low:.3f}, {d.ci_high:.3f}]"
+    where = "" if d.grid is None else f" at {d.grid[0]}x{d.grid[1]} over {d.octaves:.1f} octaves"
+    return f"{d.dimension:.3f} [{d.ci_low:.3f}, {d.ci_high:.3f}]{where}"
 
 
 def _axes(store: StudyStore) -> tuple[str, ...]:
     return tuple(str(parse_axis_spec(store.config[k])) for k in AXIS_KEYS)
 
 
-def check_comparable(a: StudyStore, b: StudyStore) -> None:
-    """Refuse, in one line, two studies whose cells are not the same hyperparameter points."""
+def check_comparable(a: StudyStore, b: StudyStore, across_resolutions: bool = False) -> None:
+    """Refuse, in one line, two studies whose cells are not the same hyperparameter points (with
+    ``across_resolutions``, the same axes and ranges at different resolutions pass)."""
     axes_a, axes_b = _axes(a), _axes(b)
     if axes_a != axes_b:
         raise ConfigError(f"{b.directory} sweeps {' x '.join(axes_b)} but {a.directory} sweeps "
                           f"{' x '.join(axes_a)}; compare needs the same axes and ranges (run B with --x "
                           f"{axes_a[0]} --y {axes_a[1]})")
-    if (a.nx, a.ny) != (b.nx, b.ny):
+    if (a.nx, a.ny) != (b.nx, b.ny) and not across_resolutions:
         raise ConfigError(f"{b.directory} has {b.nx}x{b.ny} cells but {a.directory} {a.nx}x{a.ny}; compare needs "
-                          f"the same resolution (run B with --resolution {a.nx}x{a.ny})")
+                          "the same resolution: a dimension moves with the grid it is measured on, so a difference "
+                          f"would mix resolution into it (run B with --resolution {a.nx}x{a.ny}, or pass "
+                          "--across-resolutions to set the two dimensions side by side without matching cells)")
 
 
 def _dimension(converged: np.ndarray) -> Dimension:
@@ -138,7 +154,10 @@ def _dimension(converged: np.ndarray) -> Dimension:
         r = fractal_dimension(converged)
     except ConfigError as e:
         return Dimension(None, None, None, str(e))
-    return Dimension(float(r.dimension), float(r.ci_low), float(r.ci_high))
+    grid = (int(r.resolution[0]), int(r.resolution[1]))
+    if r.too_small is not None:
+        return Dimension(None, None, None, r.too_small, grid, float(r.octaves))
+    return Dimension(float(r.dimension), float(r.ci_low), float(r.ci_high), None, grid, float(r.octaves))
 
 
 def delta_dimension(a: Dimension, b: Dimension) -> tuple[float | None, tuple[float, float] | None]:
@@ -162,18 +181,30 @@ def _crit_rows(a: StudyStore, b: StudyStore) -> tuple[list[CritRow], list[str]]:
     return rows, []
 
 
-def compare_studies(a: StudyStore | str | os.PathLike, b: StudyStore | str | os.PathLike) -> CompareResult:
-    """Compare two finished, classified studies over the same grid (A is the reference)."""
+def compare_studies(a: StudyStore | str | os.PathLike, b: StudyStore | str | os.PathLike,
+                    across_resolutions: bool = False) -> CompareResult:
+    """Compare two finished, classified studies over the same grid (A is the reference); ``across_resolutions``
+    compares the dimensions (and converged shares) of two grids of the same ranges at different resolutions."""
     if not isinstance(a, StudyStore):
         with StudyStore.open(a) as opened:
-            return compare_studies(opened, b)
+            return compare_studies(opened, b, across_resolutions)
     if not isinstance(b, StudyStore):
         with StudyStore.open(b) as opened:
-            return compare_studies(a, opened)
-    check_comparable(a, b)
+            return compare_studies(a, opened, across_resolutions)
+    check_comparable(a, b, across_resolutions)
     ca, cb = study_classes(a), study_classes(b)
     da, db = _dimension(ca), _dimension(cb)
     delta, ci = delta_dimension(da, db)
+    if (a.nx, a.ny) != (b.nx, b.ny):
+        notes = [f"Resolutions differ (A {a.nx}x{a.ny}, B {b.nx}x{b.ny}, compared as asked): part of ΔD is the "
+                 "grid's, not the change between the studies; no cell and no LR_crit compared."]
+        return CompareResult(
+            a=str(a.directory), b=str(b.directory),
+            x_name=parse_axis_spec(a.config["x"]).name, y_name=parse_axis_spec(a.config["y"]).name,
+            resolution=(a.nx, a.ny), differs=config_diff(a.config, b.config),
+            converged_share_a=float(ca.mean()), converged_share_b=float(cb.mean()), gained=None, lost=None,
+            dimension_a=da, dimension_b=db, delta_d=delta, delta_d_ci=ci, crit=[], notes=notes,
+            resolution_b=(b.nx, b.ny))
     crit, notes = _crit_rows(a, b)
     return CompareResult(
         a=str(a.directory), b=str(b.directory),

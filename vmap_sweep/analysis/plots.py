@@ -625,6 +625,9 @@ def compare_figure(result: CompareResult):
 def plot_compare(result: CompareResult, path: str | os.PathLike) -> Path:
     """The comparison figure; format from the suffix."""
     path = picture_file(path)
+    if result.views is None:
+        raise ConfigError(f"--plot {path}: the difference map matches cells, and grids of different resolutions "
+                          "have none in common; compare without --plot")
     return _save(compare_figure(result), path)
 
 

@@ -256,14 +256,23 @@ def _fractal_section(doc: _Doc, study_dir: Path, tmp: Path) -> dict | None:
     res = f"{box['resolution'][0]}×{box['resolution'][1]}"
     # analysis.fractal.box_counting: CI = ± 1.96 × the standard uncertainty, a root sum of squares of its terms
     basis = ("± 1.96 standard uncertainties: the spread of the slope over the admissible fit windows, over "
-             "box-lattice placements, half the small-box correction and an end-effect term")
+             "box-lattice placements, the small-box correction in full, the curvature of the counts (the drift of "
+             "the local slopes across the fit) and an end-effect term")
     slope_se = _f(box.get("stderr"))
     se_text = ("standard uncertainty " + _fmt(slope_se) if slope_se is not None and math.isfinite(slope_se)
                else "no standard uncertainty from 2 box sizes")
+    if box.get("too_small"):
+        doc.p(f"No dimension: {box['too_small']}. Box sizes {' '.join(str(v) for v in box['box_sizes'])}; counts "
+              f"{' '.join(f'{c:.1f}' for c in box['box_counts'])}.")
+        if plot.is_file():
+            doc.figure("box_counting", plot, f"Box counting at {res}: number of boxes N(s) holding boundary against "
+                       "box size s (log-log); too few octaves of box size for a dimension.")
+        return None
     doc.p(f"Box-counting dimension D = {box['dimension']:.3f}, 95% CI {format_ci(box['ci_low'], box['ci_high'])} "
           f"({basis}; {se_text}), fit over box sizes {box['fit_range'][0]}–{box['fit_range'][1]} "
-          f"at {res}. A smooth edge has D = 1 and noise D = 2; a fit spanning under two octaves of box size "
-          "cannot separate a fractal from a wiggly smooth edge, and zoom levels add octaves of scale.")
+          f"at {res} over {box['octaves']:.1f} octaves. A smooth edge has D = 1 and noise D = 2; a fit spanning "
+          "under two octaves of box size cannot separate a fractal from a wiggly smooth edge, and zoom levels add "
+          "octaves of scale.")
     for warning in box.get("warnings") or []:
         doc.p(f"Warning: {warning}.")
     rows = [("dimension", f"{box['dimension']:.3f}"),
@@ -325,6 +334,10 @@ def _zoom_tables(doc: _Doc, rep: Mapping[str, Any], tmp: Path) -> None:
         if len(win) == 4:
             where = f"{format_count(win[0])}–{format_count(win[1])} × {format_count(win[2])}–{format_count(win[3])}"
         fr = lv.get("fit_range")
+        if lv.get("too_small"):  # no number for a map too small to measure, as `fractal` prints none
+            rows.append([lv.get("level"), where, _fmt(lv.get("scale"), ".3g"), "—", "—", "—",
+                         f"{fr[0]}–{fr[1]}" if fr else "—", lv["too_small"]])
+            continue
         rows.append([lv.get("level"), where, _fmt(lv.get("scale"), ".3g"), _fmt(lv.get("dimension")),
                      _fmt(lv.get("stderr")), format_ci(_f(lv.get("ci_low")), _f(lv.get("ci_high"))),
                      f"{fr[0]}–{fr[1]}" if fr else "—", lv.get("error") or ""])

@@ -646,12 +646,16 @@ def compare(
     b: Annotated[Path, typer.Argument(help="Study folder over the same grid (finished and classified).")],
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     plot_file: Annotated[Path | None, typer.Option("--plot", help="Draw the difference map (.png/.svg/.pdf).")] = None,
+    across_resolutions: Annotated[bool, typer.Option(
+        "--across-resolutions", help="Set the dimensions of two grids of different resolutions side by side "
+                                     "(a dimension moves with its grid; no cell is matched).")] = False,
 ):
     """Two studies over one grid: cells that changed class, converged shares, ΔD with its CI, LR_crit ratios."""
     from vmap_sweep.analysis.compare import compare_studies
     from vmap_sweep.analysis.plots import plot_compare
 
-    _shown(lambda: compare_studies(a, b), plot_compare, render.compare_lines, json_out, plot_file)
+    _shown(lambda: compare_studies(a, b, across_resolutions), plot_compare, render.compare_lines, json_out,
+           plot_file)
 
 
 @app.command()

@@ -293,7 +293,7 @@ def fractal_lines(report: dict) -> list[Text]:
     stderr = box.get("stderr")
     if stderr is not None and stderr == stderr:  # analysis.fractal.box_counting: CI = ± 1.96 stderr
         parts = [(box.get("window_sd"), "fit-window spread"), (box.get("lattice_sd"), "lattice placement"),
-                 (box.get("model_sd"), "small-box correction")]
+                 (box.get("model_sd"), "small-box correction"), (box.get("curvature_sd"), "curvature")]
         terms = ", ".join(f"{name} {value:.3f}" for value, name in parts if value is not None and value == value)
         basis = f"± 1.96 × standard uncertainty {stderr:.3f}" + (f": {terms}, end effects" if terms else "")
     else:
@@ -306,9 +306,14 @@ def fractal_lines(report: dict) -> list[Text]:
     if slope_range and all(v is not None and v == v for v in slope_range):
         resolve += f"; local slopes {slope_range[0]:.2f}–{slope_range[1]:.2f} inside the fit"
     which = {"stability": " of the stability boundary (stopped as unstable vs not)"}.get(box.get("map"), "")
+    grid = f"{box['resolution'][0]}×{box['resolution'][1]}"
+    if box.get("too_small"):
+        head = f"no box-counting dimension{which}: {box['too_small']}"
+    else:
+        head = (f"box-counting dimension{which} {box['dimension']:.3f}, 95% CI [{box['ci_low']:.3f}, "
+                f"{box['ci_high']:.3f}] at {grid} over {box.get('octaves', math.log2(hi / lo)):.1f} octaves ({basis})")
     lines = [
-        f"box-counting dimension{which} {box['dimension']:.3f}, 95% CI [{box['ci_low']:.3f}, {box['ci_high']:.3f}] "
-        f"({basis})",
+        head,
         resolve,
         *(f"warning: {w}" for w in box.get("warnings") or []),
         "box sizes:  " + " ".join(f"{s:>7d}" for s in box["box_sizes"]),
@@ -328,10 +333,13 @@ def zoom_dimension_lines(report: dict) -> list[str]:
     for level in report["levels"]:
         if level.get("dimension") is None:
             lines.append(f"level {level['level']}: not measurable ({level.get('error')})")
+        elif level.get("too_small"):
+            lines.append(f"level {level['level']}: no dimension, {level['too_small']}; cell scale {level['scale']:.3g}")
         else:
+            grid = "×".join(str(v) for v in level.get("resolution") or [])
             lines.append(f"level {level['level']}: D = {_num(level['dimension'])}, 95% CI [{_num(level['ci_low'])}, "
-                         f"{_num(level['ci_high'])}], cell scale {level['scale']:.3g}"
-                         + "".join(f"; warning: {w}" for w in level.get("warnings") or []))
+                         f"{_num(level['ci_high'])}] at {grid} over {level['octaves']:.1f} octaves, cell scale "
+                         f"{level['scale']:.3g}" + "".join(f"; warning: {w}" for w in level.get("warnings") or []))
     if len(report["levels"]) < 2:
         top = report["levels"][0]["dir"] if report["levels"] else "DIR"
         lines.append(f"no zoom level below this study, so there is nothing to pool over: `vmap-sweep zoom {top} "
@@ -339,7 +347,9 @@ def zoom_dimension_lines(report: dict) -> list[str]:
                      "measures each level and their pooled dimension")
         return lines
     pooled = report["pooled"]
-    if pooled.get("dimension") is None:
+    if pooled.get("disagree"):
+        lines.append(f"not pooled: {pooled.get('error')}")
+    elif pooled.get("dimension") is None:
         lines.append(f"pooled: not measurable ({pooled.get('error')})")
     elif pooled.get("stderr") is None or pooled.get("ci_low") is None:
         lines.append(f"pooled over levels {', '.join(str(v) for v in pooled.get('levels') or [])}: "
