@@ -2,13 +2,20 @@
 repos holding both checkpoint layouts, and the 2026 nanochat architecture."""
 
 import json
+from dataclasses import replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
+import torch.nn.functional as F
+from helpers import TIKTOKEN_VOCAB, random_model, tiny_config, write_tokenizer_pkl
 
 from vmap_sweep.data.sources import data_fingerprint, load_conversations
-from vmap_sweep.errors import DataError
+from vmap_sweep.errors import CheckpointError, DataError
+from vmap_sweep.model.checkpoint import load_model
+from vmap_sweep.model.generate import generate
+from vmap_sweep.model.gpt import GPT
 
 
 def messages(i: int, tag: str = "") -> list[dict]:
@@ -104,3 +111,71 @@ def test_folder_without_a_training_file_names_the_names_it_reads(tmp_path):
     with pytest.raises(DataError, match="no training file in this directory; expected train.jsonl/.parquet or "
                                         "NAME_train.jsonl/.parquet"):
         load_conversations(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------- padded vocabularies
+
+
+def write_padded_native(folder, model, step: int = 5, multiple: int = 64, lm_rows: int | None = None):
+    """A native checkpoint as nanochat writes it since December 2025: wte and lm_head padded with rows up to a
+    multiple of 64, meta's vocab_size the tokenizer's. The padding rows of lm_head point far along the hidden
+    states' mean, so any forward that kept them would argmax and sample them."""
+    v = model.config.vocab_size
+    padded = -(-v // multiple) * multiple
+    state = {k: t.detach().clone() for k, t in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(7)
+    wte = torch.randn(padded, model.config.n_embd, generator=gen)
+    wte[:v] = state["transformer.wte.weight"]
+    lm = torch.full((lm_rows or padded, model.config.n_embd), 50.0)
+    lm[:v] = state["lm_head.weight"]
+    state["transformer.wte.weight"], state["lm_head.weight"] = wte.to(torch.bfloat16), lm
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"_orig_mod." + k: t for k, t in state.items()}, folder / f"model_{step:06d}.pt")
+    c = model.config
+    mc = dict(sequence_len=c.sequence_len, vocab_size=v, n_layer=c.n_layer, n_head=c.n_head, n_kv_head=c.n_kv_head,
+              n_embd=c.n_embd)
+    (folder / f"meta_{step:06d}.json").write_text(json.dumps({"step": step, "model_config": mc}))
+    return state
+
+
+def nanochat_padded_logits(state: dict, config, ids: torch.Tensor) -> torch.Tensor:
+    """nanochat's forward on a padded model: every row in the matmul, then the logits sliced to the vocab."""
+    padded = GPT(replace(config, vocab_size=state["lm_head.weight"].shape[0]))
+    padded.load_state_dict({k: t.float() for k, t in state.items()})
+    with torch.no_grad():
+        return padded.logits(padded.hidden(ids))[..., : config.vocab_size], padded
+
+
+def test_padded_vocab_checkpoint_loads_with_nanochats_logits_and_never_yields_padding(tmp_path):
+    config = tiny_config(vocab_size=TIKTOKEN_VOCAB)  # 276 tokens: padded to 320 rows
+    state = write_padded_native(tmp_path, random_model(config, seed=3))
+    write_tokenizer_pkl(tmp_path / "tokenizer.pkl")
+    loaded = load_model(tmp_path)
+    assert loaded.config.vocab_size == TIKTOKEN_VOCAB and state["lm_head.weight"].shape[0] == 320
+    assert loaded.model.lm_head.weight.shape[0] == loaded.model.transformer.wte.weight.shape[0] == TIKTOKEN_VOCAB
+    ids = torch.randint(0, TIKTOKEN_VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
+    ref, padded_model = nanochat_padded_logits(state, config, ids)
+    with torch.no_grad():
+        got = loaded.model(ids)
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+        targets = ids.roll(-1, 1)
+        loss = F.cross_entropy(ref.flatten(0, 1), targets.flatten())  # nanochat's loss: over the vocab only
+        torch.testing.assert_close(loaded.model(ids, targets), loss, rtol=1e-6, atol=1e-6)
+        weights = torch.full(targets.shape, 1.0 / targets.numel())
+        torch.testing.assert_close(loaded.model(ids, targets, weights), loss, rtol=1e-5, atol=1e-6)
+        # the padding rows win most argmaxes of the uncropped model: what loading must never expose
+        assert (padded_model(ids).argmax(-1) >= TIKTOKEN_VOCAB).float().mean() > 0.5
+    prompt = ids[0].tolist()
+    greedy = generate(loaded.model, prompt, stop=set(), max_tokens=8)
+    sampled = generate(loaded.model, prompt, stop=set(), max_tokens=8, temperature=5.0,
+                       generator=torch.Generator().manual_seed(0))
+    assert len(greedy) == len(sampled) == 8 and max(greedy + sampled) < TIKTOKEN_VOCAB
+
+
+@pytest.mark.parametrize("lm_rows", [300, 384])
+def test_padding_that_is_not_nanochats_is_refused_as_before(tmp_path, lm_rows):
+    config = tiny_config(vocab_size=TIKTOKEN_VOCAB)
+    write_padded_native(tmp_path, random_model(config, seed=3), lm_rows=lm_rows)
+    write_tokenizer_pkl(tmp_path / "tokenizer.pkl")
+    with pytest.raises(CheckpointError, match=r"has shape \(\d+, 32\) but the config implies \(276, 32\)"):
+        load_model(tmp_path)

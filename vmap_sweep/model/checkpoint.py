@@ -28,7 +28,7 @@ from vmap_sweep.errors import CheckpointError, TokenizerError
 from vmap_sweep.model import hf_names
 from vmap_sweep.model.gpt import GPT, GPTConfig
 from vmap_sweep.model.tokenizer import BYTES, ByteTokenizer, Tokenizer, load_tokenizer
-from vmap_sweep.model.validate import check_config, check_weights, parse_json
+from vmap_sweep.model.validate import check_config, check_weights, padded_vocab_rows, parse_json, vocab_rows
 
 OWN_FORMAT = "vmap-sweep"
 OWN_META = "vmap_sweep.json"
@@ -188,7 +188,18 @@ def _load_native(folder: Path, step: int | None, tokenizer_file: str | Path | No
     state = _torch_load(weights)
     # torch.compile'd models save their parameters under _orig_mod.
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
-    return LoadedModel(_build(config, state, weights), tokenizer, config)
+    return LoadedModel(_build(config, _unpad_vocab(config, state), weights), tokenizer, config)
+
+
+def _unpad_vocab(config: GPTConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state without nanochat's vocab padding: its rows past vocab_size are never a token (nanochat's forward
+    slices them off the logits before the softcap and the loss), so dropping them changes no logit of a token
+    and leaves nothing that could ever be sampled, argmaxed or scored but a real token."""
+    padded = padded_vocab_rows(config, {k: tuple(v.shape) for k, v in state.items()})
+    if padded is None:
+        return state
+    keys = set(vocab_rows(config))
+    return {k: v[: config.vocab_size] if k in keys else v for k, v in state.items()}
 
 
 def _meta_name(model_name: str) -> str:

@@ -94,6 +94,25 @@ def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+VOCAB_MULTIPLE = 64  # nanochat (since December 2025) pads its vocab rows up to a multiple of this
+
+
+def vocab_rows(config: GPTConfig) -> list[str]:
+    """The parameters with one row per token: what nanochat pads."""
+    return [k for k, s in expected_shapes(config).items() if s[0] == config.vocab_size and len(s) == 2]
+
+
+def padded_vocab_rows(config: GPTConfig, shapes: Mapping[str, tuple[int, ...]]) -> int | None:
+    """The padded row count when the weights hold nanochat's padded vocabulary for the config's vocab_size (every
+    per-token tensor with vocab_size rounded up to a multiple of 64 rows, and more rows than vocab_size); None
+    otherwise, and then check_weights judges the shapes as they are."""
+    padded = -(-config.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    keys = vocab_rows(config)
+    if padded == config.vocab_size or not all(k in shapes and len(shapes[k]) == 2 for k in keys):
+        return None
+    return padded if all(shapes[k][0] == padded for k in keys) else None
+
+
 def _names(keys: list[str], limit: int = 4) -> str:
     more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
