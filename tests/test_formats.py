@@ -2,6 +2,7 @@
 repos holding both checkpoint layouts, and the 2026 nanochat architecture."""
 
 import json
+import re
 from dataclasses import replace
 
 import pyarrow as pa
@@ -9,13 +10,25 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TIKTOKEN_VOCAB, random_model, tiny_config, write_tokenizer_pkl
+from cli_helpers import cli, ok
+from helpers import (
+    TIKTOKEN_VOCAB,
+    random_model,
+    tiny_config,
+    with_bf16_wte,
+    write_native_checkpoint,
+    write_tokenizer_json,
+    write_tokenizer_pkl,
+)
 
 from vmap_sweep.data.sources import data_fingerprint, load_conversations
 from vmap_sweep.errors import CheckpointError, DataError
-from vmap_sweep.model.checkpoint import load_model
+from vmap_sweep.model.checkpoint import _pick_hub_files, load_model, weight_files
 from vmap_sweep.model.generate import generate
 from vmap_sweep.model.gpt import GPT
+from vmap_sweep.model.hf_format import save_hf_model
+from vmap_sweep.model.tokenizer import load_tokenizer
+from vmap_sweep.study.config import preset
 
 
 def messages(i: int, tag: str = "") -> list[dict]:
@@ -179,3 +192,97 @@ def test_padding_that_is_not_nanochats_is_refused_as_before(tmp_path, lm_rows):
     write_tokenizer_pkl(tmp_path / "tokenizer.pkl")
     with pytest.raises(CheckpointError, match=r"has shape \(\d+, 32\) but the config implies \(276, 32\)"):
         load_model(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------- both layouts
+
+
+def both_layouts(folder, config):
+    """A folder (or Hub snapshot) holding a native checkpoint and a transformers port of another model; returns
+    (native model as loaded, port as loaded): different weights, so a test can tell which one came."""
+    native, port = random_model(config, seed=11), random_model(config, seed=12)
+    write_native_checkpoint(folder, native, step=650)
+    write_tokenizer_pkl(folder / "tokenizer.pkl")
+    save_hf_model(folder, port, load_tokenizer(folder / "tokenizer.pkl"))
+    write_tokenizer_json(folder / "tokenizer.json")  # what a Hub port serves
+    assert {"config.json", "model.safetensors", "model_000650.pt", "meta_000650.json"} <= {
+        p.name for p in folder.iterdir()}
+    return with_bf16_wte(native), port
+
+
+def same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_folder_with_both_layouts_loads_native_by_default_and_says_why(tmp_path, capsys):
+    native, port = both_layouts(tmp_path / "m", tiny_config(vocab_size=TIKTOKEN_VOCAB))
+    loaded = load_model(tmp_path / "m")
+    assert same_weights(loaded.model, native) and not same_weights(loaded.model, port)
+    line = capsys.readouterr().err.strip()
+    assert line == (f"{tmp_path / 'm'}: holds both nanochat's native model_XXXXXX.pt and a transformers port "
+                    "(config.json + safetensors); loading the native one (the default: what nanochat trained, "
+                    "not a conversion); --model-format transformers loads the other")
+    load_model(tmp_path / "m")
+    assert capsys.readouterr().err == ""  # said once
+    hf = load_model(tmp_path / "m", model_format="transformers")
+    assert same_weights(hf.model, port)
+    assert "loading the transformers one (--model-format transformers)" in capsys.readouterr().err
+    assert same_weights(load_model(tmp_path / "m", model_format="native").model, native)
+    assert weight_files(tmp_path / "m") == [tmp_path / "m" / "model_000650.pt"]
+    assert weight_files(tmp_path / "m", model_format="transformers") == [tmp_path / "m" / "model.safetensors"]
+
+
+def test_a_hub_snapshot_with_both_layouts_follows_model_format(tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "cache"
+    snapshot = cache / "models--someone--nanochat-d2" / "snapshots" / ("ab" * 20)
+    (snapshot.parents[1] / "refs").mkdir(parents=True)
+    (snapshot.parents[1] / "refs" / "main").write_text("ab" * 20)
+    native, port = both_layouts(snapshot, tiny_config(vocab_size=TIKTOKEN_VOCAB))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert same_weights(load_model("someone/nanochat-d2").model, native)
+    assert "someone/nanochat-d2: holds both" in capsys.readouterr().err
+    assert same_weights(load_model("someone/nanochat-d2", model_format="transformers").model, port)
+
+
+def test_hub_file_lists_pick_the_files_of_the_chosen_layout():
+    files = ["config.json", "model.safetensors", "tokenizer.json", "README.md",
+             "chatsft_checkpoints/d20/model_000650.pt", "chatsft_checkpoints/d20/meta_000650.json",
+             "tokenizer/tokenizer.pkl"]
+    assert _pick_hub_files("o/n", files, None) == (
+        "chatsft_checkpoints/d20", ["chatsft_checkpoints/d20/model_000650.pt",
+                                    "chatsft_checkpoints/d20/meta_000650.json", "tokenizer/tokenizer.pkl"])
+    assert _pick_hub_files("o/n", files, None, "transformers") == (
+        "", ["config.json", "model.safetensors", "tokenizer.json"])
+
+
+@pytest.mark.parametrize("held, asked, problem", [
+    ("native", "transformers", "holds no transformers port (config.json + safetensors), only nanochat's native "
+                               "model_XXXXXX.pt; use --model-format native"),
+    ("transformers", "native", "holds no nanochat's native model_XXXXXX.pt, only transformers port "
+                               "(config.json + safetensors); use --model-format transformers"),
+    ("native", "safetensors", "--model-format 'safetensors': choose native or transformers"),
+])
+def test_a_layout_the_checkpoint_does_not_hold_is_refused_in_one_line(tmp_path, held, asked, problem):
+    model = random_model(tiny_config(vocab_size=TIKTOKEN_VOCAB), seed=1)
+    write_tokenizer_pkl(tmp_path / "tokenizer.pkl")
+    if held == "native":
+        write_native_checkpoint(tmp_path, model, step=1)
+    else:
+        save_hf_model(tmp_path, model, load_tokenizer(tmp_path / "tokenizer.pkl"))
+    with pytest.raises(CheckpointError, match=re.escape(problem)) as err:
+        load_model(tmp_path, model_format=asked)
+    assert "\n" not in str(err.value)
+
+
+def test_cli_model_format_reaches_the_loader_and_is_checked(tmp_path):
+    both_layouts(tmp_path / "m", tiny_config(vocab_size=TIKTOKEN_VOCAB, sequence_len=1024))
+    common = ["run", "--preset", "tiny", "--model", tmp_path / "m", "--resolution", "2", "--y", "tokens:256:512:log",
+              "--device", "cpu", "--dry-run", "--out", tmp_path / "s"]
+    result = ok(*common, "--model-format", "transformers")
+    assert "loading the transformers one (--model-format transformers)" in result.stderr
+    result = cli(*common, "--model-format", "pt")
+    assert result.exit_code == 2 and "--model-format 'pt': choose native or transformers" in result.output
+    assert "--model-format" not in preset("tiny").to_dict()  # left out, a study's hash is as before
+    assert preset("tiny").with_overrides(model_format="native").to_dict()["model_format"] == "native"

@@ -7,6 +7,10 @@ Sources `load_model` understands:
   (d) the project's own folder: model.safetensors + vmap_sweep.json (written by `save_model`).
 Every format ends in the one strict `_load_state`: the weights must fill the model exactly.
 
+A folder or Hub repo holding both (a) and (b) loads (a) unless `model_format="transformers"` says otherwise:
+the native weights are what a nanochat user trained, while the port is a conversion (bf16 weights, another
+norm epsilon). Which one loaded, and why, is printed once per process.
+
 A transformers folder saved without a tokenizer still loads: its tokenizer is None, and a MissingTokenizerWarning
 says so (pass `tokenizer=PATH` to load one from elsewhere).
 """
@@ -17,6 +21,7 @@ import json
 import os
 import posixpath
 import re
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -41,6 +46,8 @@ _HF_NAMES = {"sequence_len": "max_position_embeddings", "vocab_size": "vocab_siz
              "n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads", "n_embd": "hidden_size",
              "norm_eps": "rms_norm_eps", "rope_base": "rope_theta", "softcap": "final_logit_softcapping"}
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+MODEL_FORMATS = ("native", "transformers")  # the layouts a user can pick where a folder or repo holds both
+_TOLD: set[tuple[str, str]] = set()  # (source, layout) choices already printed
 
 class LoadedModel(NamedTuple):
     model: GPT
@@ -56,28 +63,33 @@ class MissingTokenizerWarning(UserWarning):
 
 
 def load_model(source: str | Path, device: str | torch.device = "cpu", step: int | None = None, *,
-               tokenizer: str | Path | None = None, revision: str | None = None) -> LoadedModel:
+               tokenizer: str | Path | None = None, revision: str | None = None,
+               model_format: str | None = None) -> LoadedModel:
     """Model (float32, eval mode, on `device`), tokenizer and config from a folder, a file or a Hub id.
 
     `step` picks a native checkpoint's model_{step:06d}.pt; by default the newest one. `tokenizer`: a tokenizer
     file (or folder) to use instead of the one stored with the weights. `revision`: a Hub id's branch, tag or
-    commit (default: its main branch).
+    commit (default: its main branch). `model_format`: "native" or "transformers", the layout to load where the
+    folder or repo holds both (default: native); one it does not hold is refused.
     """
-    loaded = _load_local(locate_model(source, step, revision), step, tokenizer)
+    loaded = _load_local(locate_model(source, step, revision, model_format), step, tokenizer, model_format)
     loaded.model.to(device).eval()
     return loaded
 
 
-def locate_model(source: str | Path, step: int | None = None, revision: str | None = None) -> Path:
+def locate_model(source: str | Path, step: int | None = None, revision: str | None = None,
+                 model_format: str | None = None) -> Path:
     """The local file or folder `source` names: itself, or a Hub id's snapshot in huggingface_hub's cache
-    (downloaded as needed; its folder name is the commit it resolved to)."""
+    (downloaded as needed; its folder name is the commit it resolved to), the subfolder of the layout
+    `model_format` picks (see load_model)."""
+    check_model_format(model_format)
     path = Path(source).expanduser()
     if path.exists():
         if revision is not None:
             raise CheckpointError(f"{source}: a local path has no Hub revision; drop --model-revision {revision}")
         return path
     if is_hub_id(source):
-        return _resolve_hub(str(source), step, revision)
+        return _resolve_hub(str(source), step, revision, model_format)
     raise CheckpointError(f"{source}: no such file or folder, and not a Hub repo id like owner/name; check the path")
 
 
@@ -92,20 +104,24 @@ def hub_commit(path: Path) -> str | None:
     return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
 
 
-def weight_files(path: Path, step: int | None = None) -> list[Path]:
+def check_model_format(model_format: str | None) -> None:
+    if model_format is not None and model_format not in MODEL_FORMATS:
+        raise CheckpointError(f"--model-format {model_format!r}: choose {' or '.join(MODEL_FORMATS)}")
+
+
+def weight_files(path: Path, step: int | None = None, model_format: str | None = None) -> list[Path]:
     """The files holding the weights of the checkpoint at `path` (as `locate_model` returns it), sorted."""
     if path.is_file():
         m = _NATIVE_MODEL.fullmatch(path.name)
         step = int(m.group(1)) if m and step is None else step
         path = path.parent
-    if (path / OWN_META).is_file():
+    layout = _local_layout(path, model_format, told=False)
+    if layout == OWN_FORMAT:
         return [path / OWN_WEIGHTS]
-    if (path / "config.json").is_file():
+    if layout == "transformers":
         index = path / "model.safetensors.index.json"
         return sorted([*path.glob("*.safetensors"), *([index] if index.is_file() else [])])
     steps = _native_steps(path)
-    if not steps:
-        raise CheckpointError(f"{path}: not a checkpoint: no {OWN_META}, config.json or model_XXXXXX.pt here")
     chosen = steps.get(max(steps) if step is None else step)
     if chosen is None:
         raise CheckpointError(f"{path}: no model file for step {step}; steps here: {sorted(steps)}")
@@ -135,25 +151,63 @@ def save_model(directory: str | Path, model: GPT, tokenizer: Tokenizer) -> Path:
 # ---------------------------------------------------------------------------------------------- dispatch
 
 
-def _load_local(path: Path, step: int | None, tokenizer: str | Path | None = None) -> LoadedModel:
+def _load_local(path: Path, step: int | None, tokenizer: str | Path | None = None,
+                model_format: str | None = None) -> LoadedModel:
     if path.is_file():
         # A file inside a checkpoint folder stands for the folder; model_XXXXXX.pt also names its step.
         m = _NATIVE_MODEL.fullmatch(path.name)
         if m and step is None:
             step = int(m.group(1))
         path = path.parent
-    if (path / OWN_META).is_file():
+    layout = _local_layout(path, model_format)
+    if layout == OWN_FORMAT:
         _no_step(step, path / OWN_META)
         return _load_own(path, tokenizer)
-    if (path / "config.json").is_file():
+    if layout == "transformers":
         _no_step(step, path / "config.json")
         return _load_hf(path, tokenizer)
-    if _native_steps(path):
-        return _load_native(path, step, tokenizer)
-    raise CheckpointError(
-        f"{path}: not a checkpoint: no {OWN_META}, config.json or model_XXXXXX.pt here; "
-        "point at the folder that holds the weights"
-    )
+    return _load_native(path, step, tokenizer)
+
+
+def _local_layout(folder: Path, model_format: str | None, told: bool = True) -> str:
+    """The layout of `folder` to load: OWN_FORMAT, "transformers" or "native" (see _choose_layout)."""
+    held = {OWN_FORMAT: (folder / OWN_META).is_file(), "transformers": (folder / "config.json").is_file(),
+            "native": bool(_native_steps(folder))}
+    if not any(held.values()):
+        raise CheckpointError(
+            f"{folder}: not a checkpoint: no {OWN_META}, config.json or model_XXXXXX.pt here; "
+            "point at the folder that holds the weights"
+        )
+    return _choose_layout(str(folder), {k for k, v in held.items() if v}, model_format, told)
+
+
+def _choose_layout(source: str, held: set[str], model_format: str | None, told: bool = True) -> str:
+    """Which of the layouts `source` holds to load. Asked for one (model_format), that one, refused where it is
+    absent; else the project's own format, then native, then transformers. Where native and transformers are
+    both held, a line says which loaded and why (once per source and layout)."""
+    check_model_format(model_format)
+    both = {"native", "transformers"} <= held
+    if model_format is not None:
+        if model_format not in held:
+            has = " and ".join(_LAYOUT_NAMES[k] for k in sorted(held))
+            other = next((k for k in MODEL_FORMATS if k in held), None)
+            fix = f"use --model-format {other}" if other else "drop --model-format"
+            raise CheckpointError(f"{source}: --model-format {model_format}, but it holds no "
+                                  f"{_LAYOUT_NAMES[model_format]}, only {has}; {fix}")
+        layout, why = model_format, f"--model-format {model_format}"
+    else:
+        layout = next(k for k in (OWN_FORMAT, "native", "transformers") if k in held)
+        why = "the default: what nanochat trained, not a conversion"
+    if both and told and (source, layout) not in _TOLD:
+        _TOLD.add((source, layout))
+        other = "transformers" if layout == "native" else "native"
+        print(f"{source}: holds both {_LAYOUT_NAMES['native']} and a {_LAYOUT_NAMES['transformers']}; loading "
+              f"the {layout} one ({why}); --model-format {other} loads the other", file=sys.stderr, flush=True)
+    return layout
+
+
+_LAYOUT_NAMES = {"native": "nanochat's native model_XXXXXX.pt", "transformers": "transformers port "
+                 "(config.json + safetensors)", OWN_FORMAT: f"the project's own format ({OWN_META})"}
 
 
 def _no_step(step: int | None, file: Path) -> None:
@@ -439,7 +493,8 @@ def _hub_offline() -> bool:
     return true(env.get("HF_HUB_OFFLINE")) or true(env.get("TRANSFORMERS_OFFLINE")) or constants.HF_HUB_OFFLINE
 
 
-def _resolve_hub(repo_id: str, step: int | None, revision: str | None = None) -> Path:
+def _resolve_hub(repo_id: str, step: int | None, revision: str | None = None,
+                 model_format: str | None = None) -> Path:
     """The folder in huggingface_hub's cache holding repo_id's checkpoint (at `revision`, default the main
     branch), downloading what is needed."""
     from huggingface_hub import HfApi, snapshot_download
@@ -469,12 +524,12 @@ def _resolve_hub(repo_id: str, step: int | None, revision: str | None = None) ->
             listing_error = e
     try:
         if files is not None:
-            subfolder, wanted = _pick_hub_files(repo_id, files, step)
+            subfolder, wanted = _pick_hub_files(repo_id, files, step, model_format)
             snapshot = Path(snapshot_download(repo_id, cache_dir=cache_dir, allow_patterns=wanted, **pinned))
         else:
             snapshot = Path(snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True, **pinned))
             present = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
-            subfolder, _ = _pick_hub_files(repo_id, present, step)
+            subfolder, _ = _pick_hub_files(repo_id, present, step, model_format)
     except CheckpointError:
         raise
     except LocalEntryNotFoundError:
@@ -491,13 +546,25 @@ def _resolve_hub(repo_id: str, step: int | None, revision: str | None = None) ->
     return snapshot / subfolder
 
 
-def _pick_hub_files(repo_id: str, files: list[str], step: int | None) -> tuple[str, list[str]]:
-    """From a repo's file list: the subfolder to load and the files it needs (layout (d), (b) or (a))."""
+def _pick_hub_files(repo_id: str, files: list[str], step: int | None,
+                    model_format: str | None = None) -> tuple[str, list[str]]:
+    """From a repo's file list: the subfolder to load and the files it needs (layout (d), (b) or (a), as
+    _choose_layout picks among those the repo holds)."""
     names = set(files)
     root = [f for f in files if "/" not in f]
-    if OWN_META in names:
+    held = {k for k, v in {
+        OWN_FORMAT: OWN_META in names,
+        "transformers": "config.json" in names and any(f.endswith(".safetensors") for f in root),
+        "native": any(_NATIVE_MODEL.fullmatch(f.rpartition("/")[2]) for f in files)}.items() if v}
+    if not held:
+        raise CheckpointError(
+            f"{repo_id}: the repo holds neither config.json + *.safetensors nor model_XXXXXX.pt; "
+            "not a nanochat checkpoint repo"
+        )
+    layout = _choose_layout(repo_id, held, model_format)
+    if layout == OWN_FORMAT:
         return "", root
-    if "config.json" in names and any(f.endswith(".safetensors") for f in root):
+    if layout == "transformers":
         wanted = [
             f
             for f in root
@@ -510,11 +577,6 @@ def _pick_hub_files(repo_id: str, files: list[str], step: int | None) -> tuple[s
         for f in files
         if (m := _NATIVE_MODEL.fullmatch(f.rpartition("/")[2]))
     ]
-    if not models:
-        raise CheckpointError(
-            f"{repo_id}: the repo holds neither config.json + *.safetensors nor model_XXXXXX.pt; "
-            "not a nanochat checkpoint repo"
-        )
     folders = sorted({d for d, _, _ in models})
     # Prefer the root, then nanochat's most-trained stage.
     preference = ["", *[f for stage in ("chatsft", "chatrl", "mid", "base") for f in folders if stage in f]]
