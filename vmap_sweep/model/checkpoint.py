@@ -31,7 +31,7 @@ import torch
 
 from vmap_sweep.errors import CheckpointError, TokenizerError
 from vmap_sweep.model import hf_names
-from vmap_sweep.model.gpt import GPT, GPTConfig
+from vmap_sweep.model.gpt import ARCH_2026, GPT, GPTConfig
 from vmap_sweep.model.tokenizer import BYTES, ByteTokenizer, Tokenizer, load_tokenizer
 from vmap_sweep.model.validate import check_config, check_weights, padded_vocab_rows, parse_json, vocab_rows
 
@@ -41,6 +41,9 @@ OWN_WEIGHTS = "model.safetensors"
 
 _NATIVE_MODEL = re.compile(r"model_(\d+)\.pt")
 _NATIVE_CONFIG_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
+# parameters only the 2026 architecture has (besides value_embeds.* and ve_gate), and its fixed RoPE base
+_KEYS_2026 = ("resid_lambdas", "x0_lambdas", "smear_gate.weight", "smear_lambda", "backout_lambda")
+ROPE_BASE_2026 = 100000.0
 # GPTConfig's fields as a transformers config.json spells them, to name the file's own field in an error.
 _HF_NAMES = {"sequence_len": "max_position_embeddings", "vocab_size": "vocab_size", "n_layer": "num_hidden_layers",
              "n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads", "n_embd": "hidden_size",
@@ -236,12 +239,17 @@ def _load_native(folder: Path, step: int | None, tokenizer_file: str | Path | No
     weights = steps[step]
     meta_path = weights.with_name(_meta_name(weights.name))
     meta = _read_json(meta_path, f"every {weights.name} needs its {meta_path.name} beside it")
-    config = _native_config(meta, meta_path)
-    tokenizer = load_tokenizer(tokenizer_file or _find_native_tokenizer(folder))
-    _check_tokenizer(tokenizer, config, meta_path)
+    # Mapped, so the keys are read without the tensors: which architecture the file holds is in its keys.
     state = _torch_load(weights)
     # torch.compile'd models save their parameters under _orig_mod.
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+    config = _native_config(meta, meta_path, set(state), weights)
+    tokenizer = load_tokenizer(tokenizer_file or _find_native_tokenizer(folder))
+    _check_tokenizer(tokenizer, config, meta_path)
+    if config.is_2026:
+        # as nanochat's checkpoint_manager: checkpoints from before these scalars existed held them neutral
+        state.setdefault("resid_lambdas", torch.ones(config.n_layer))
+        state.setdefault("x0_lambdas", torch.zeros(config.n_layer))
     return LoadedModel(_build(config, _unpad_vocab(config, state), weights), tokenizer, config)
 
 
@@ -261,21 +269,34 @@ def _meta_name(model_name: str) -> str:
     return "meta_" + model_name.removeprefix("model_").removesuffix(".pt") + ".json"
 
 
-def _native_config(meta: dict, meta_path: Path) -> GPTConfig:
+def _native_config(meta: dict, meta_path: Path, keys: set[str], weights: Path) -> GPTConfig:
+    """The config of a native checkpoint: the 2026 architecture where meta names a window_pattern or the weights
+    hold its parameters (nanochat's checkpoint_manager patches a missing window_pattern to "L"), else 2025."""
     mc = meta.get("model_config")
     if not isinstance(mc, dict):
         raise CheckpointError(f"{meta_path}: no model_config object; is this a nanochat meta_XXXXXX.json?")
     missing = [k for k in _NATIVE_CONFIG_KEYS if k not in mc]
     if missing:
         raise CheckpointError(f"{meta_path}: model_config lacks {', '.join(missing)}; the file is incomplete")
-    extra = sorted(set(mc) - set(_NATIVE_CONFIG_KEYS))
+    extra = sorted(set(mc) - {*_NATIVE_CONFIG_KEYS, "window_pattern"})
     if extra:
         raise CheckpointError(
-            f"{meta_path}: model_config has {', '.join(extra)}, from a later nanochat architecture "
-            "(Jan 2026+); only the Oct-Dec 2025 architecture (e.g. nanochat-d20) is supported"
+            f"{meta_path}: model_config has {', '.join(extra)}, from a nanochat architecture this version does not "
+            "know; the Oct-Dec 2025 architecture and nanochat's since 2026-03-14 (window_pattern) load"
         )
     # Native nanochat normalizes with F.rms_norm(eps=None): the dtype's machine epsilon.
-    return check_config({**{k: mc[k] for k in _NATIVE_CONFIG_KEYS}, "norm_eps": None}, meta_path)
+    fields = {**{k: mc[k] for k in _NATIVE_CONFIG_KEYS}, "norm_eps": None}
+    if "window_pattern" in mc or keys & set(_KEYS_2026) or any(k.startswith("value_embeds.") for k in keys):
+        absent = [k for k in _KEYS_2026 if k not in keys and k not in ("resid_lambdas", "x0_lambdas")]
+        if absent:
+            raise CheckpointError(
+                f"{weights}: a 2026 nanochat checkpoint without {', '.join(absent)}: from a version between "
+                "January and March 2026 whose forward differs from today's; only the Oct-Dec 2025 architecture "
+                "and nanochat's since 2026-03-14 load"
+            )
+        fields |= {"architecture": ARCH_2026, "window_pattern": mc.get("window_pattern", "L"),
+                   "rope_base": ROPE_BASE_2026}
+    return check_config(fields, meta_path)
 
 
 def _find_native_tokenizer(folder: Path) -> Path:
@@ -605,7 +626,8 @@ def _load_own(folder: Path, tokenizer_file: str | Path | None = None) -> LoadedM
     mc = meta.get("model_config")
     if not isinstance(mc, dict):
         raise CheckpointError(f"{meta_path}: no model_config object; the file is corrupt")
-    missing = [k for k in GPTConfig.__dataclass_fields__ if k not in mc]
+    # fields added after a folder was saved take their defaults, which are what the folder held
+    missing = [k for k in GPTConfig.__dataclass_fields__ if k not in mc and k not in ("architecture", "window_pattern")]
     if missing:
         raise CheckpointError(f"{meta_path}: model_config lacks {', '.join(missing)}; the file is corrupt")
     config = check_config(mc, meta_path)

@@ -16,9 +16,17 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from vmap_sweep.errors import CheckpointError
-from vmap_sweep.model.gpt import GPTConfig
+from vmap_sweep.model.gpt import (
+    ARCH_2026,
+    ARCHITECTURES,
+    SMEAR_CHANNELS,
+    VE_GATE_CHANNELS,
+    GPTConfig,
+    has_value_embedding,
+)
 
 SIZES = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
+MAX_WINDOW_PATTERN = 1024  # nanochat's patterns are a few characters ("SSSL"); a longer one is no real config
 _LAYER_KEY = re.compile(r"transformer\.h\.(\d+)\.")
 
 
@@ -64,6 +72,16 @@ def check_config(fields: Mapping[str, object], where: Path, names: Mapping[str, 
     for field in ("rope_base", "softcap"):
         if field in fields and not (_is_number(fields[field]) and fields[field] > 0):
             raise refuse(field, f"is {fields[field]!r}, not a finite number > 0")
+    arch = fields.get("architecture", GPTConfig.architecture)
+    if arch not in ARCHITECTURES:
+        raise refuse("architecture", f"is {arch!r}, not one of {', '.join(ARCHITECTURES)}")
+    pattern = fields.get("window_pattern", GPTConfig.window_pattern)
+    if not (isinstance(pattern, str) and 0 < len(pattern) <= MAX_WINDOW_PATTERN
+            and not set(pattern.upper()) - set("SL")):
+        shown = pattern[:40] + "..." if isinstance(pattern, str) and len(pattern) > 40 else pattern
+        raise refuse("window_pattern", f"is {shown!r}, not 1 to {MAX_WINDOW_PATTERN} letters S and L")
+    if arch != ARCH_2026 and pattern.upper() != "L":
+        raise refuse("window_pattern", f"is {pattern!r} but architecture is {arch!r}, which has no sliding windows")
     floats = {f: float(fields[f]) for f in ("norm_eps", "rope_base", "softcap") if fields.get(f) is not None}
     config = GPTConfig(**{**fields, **floats})
     if config.n_embd % config.n_head:
@@ -74,6 +92,8 @@ def check_config(fields: Mapping[str, object], where: Path, names: Mapping[str, 
     if config.head_dim % 2:
         raise refuse("n_embd", f"{config.n_embd} over {config.n_head} heads gives head_dim {config.head_dim}, "
                                "which must be even for rotary embeddings")
+    if config.is_2026 and config.n_embd < SMEAR_CHANNELS:
+        raise refuse("n_embd", f"{config.n_embd} is below the {SMEAR_CHANNELS} channels nanochat's smear gate reads")
     return config
 
 
@@ -91,6 +111,14 @@ def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
             block + "mlp.c_fc.weight": (4 * e, e),
             block + "mlp.c_proj.weight": (e, 4 * e),
         }
+    if config.is_2026:
+        n, kv = config.n_layer, config.n_kv_head * hd
+        shapes |= {"resid_lambdas": (n,), "x0_lambdas": (n,), "smear_gate.weight": (1, SMEAR_CHANNELS),
+                   "smear_lambda": (1,), "backout_lambda": (1,)}
+        for i in range(n):
+            if has_value_embedding(i, n):
+                shapes |= {f"value_embeds.{i}.weight": (config.vocab_size, kv),
+                           f"transformer.h.{i}.attn.ve_gate.weight": (config.n_kv_head, VE_GATE_CHANNELS)}
     return shapes
 
 
@@ -99,7 +127,8 @@ VOCAB_MULTIPLE = 64  # nanochat (since December 2025) pads its vocab rows up to 
 
 def vocab_rows(config: GPTConfig) -> list[str]:
     """The parameters with one row per token: what nanochat pads."""
-    return [k for k, s in expected_shapes(config).items() if s[0] == config.vocab_size and len(s) == 2]
+    return [k for k in expected_shapes(config)
+            if k in ("transformer.wte.weight", "lm_head.weight") or k.startswith("value_embeds.")]
 
 
 def padded_vocab_rows(config: GPTConfig, shapes: Mapping[str, tuple[int, ...]]) -> int | None:
