@@ -23,11 +23,11 @@ from helpers import (
 
 from vmap_sweep.data.sources import data_fingerprint, load_conversations
 from vmap_sweep.errors import CheckpointError, DataError
-from vmap_sweep.model.checkpoint import _pick_hub_files, load_model, weight_files
+from vmap_sweep.model.checkpoint import _pick_hub_files, load_model, save_model, weight_files
 from vmap_sweep.model.generate import generate
 from vmap_sweep.model.gpt import GPT
 from vmap_sweep.model.hf_format import save_hf_model
-from vmap_sweep.model.tokenizer import load_tokenizer
+from vmap_sweep.model.tokenizer import ByteTokenizer, load_tokenizer
 from vmap_sweep.study.config import preset
 
 
@@ -286,3 +286,220 @@ def test_cli_model_format_reaches_the_loader_and_is_checked(tmp_path):
     assert result.exit_code == 2 and "--model-format 'pt': choose native or transformers" in result.output
     assert "--model-format" not in preset("tiny").to_dict()  # left out, a study's hash is as before
     assert preset("tiny").with_overrides(model_format="native").to_dict()["model_format"] == "native"
+
+
+# ------------------------------------------------------------------------------------------- nanochat, 2026
+# nanochat/gpt.py since commit a825e63 (2026-03-14, unchanged in its forward to today), transcribed as a reference
+# that reads a checkpoint's state dict directly: padded rows and all, GQA through SDPA's enable_gqa, sliding
+# windows as nanochat's SDPA fallback (flash_attention._sdpa_attention) masks them. float32, as NANOCHAT_DTYPE.
+
+
+def _norm(x):
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def _rotary(x, cos, sin):
+    d = x.shape[3] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos], 3)
+
+
+def _window_sizes(mc: dict) -> list[int]:
+    long, short = mc["sequence_len"], -(-mc["sequence_len"] // 4 // 128) * 128
+    pattern = mc["window_pattern"].upper()
+    sizes = [short if pattern[i % len(pattern)] == "S" else long for i in range(mc["n_layer"])]
+    sizes[-1] = long
+    return sizes
+
+
+def _sdpa(q, k, v, window):
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = q.size(1) != k.size(1)
+    T = q.size(2)
+    if window < 0 or window >= T:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    else:
+        row, col = torch.arange(T).unsqueeze(1), torch.arange(T).unsqueeze(0)
+        mask = (col <= row) & ((row - col) <= window)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return y.transpose(1, 2)
+
+
+def nanochat_2026_logits(state: dict, mc: dict, idx: torch.Tensor) -> torch.Tensor:
+    """nanochat's GPT.forward(idx) (no targets, no KV cache) on a native state dict and its meta's model_config."""
+    sd = {k.removeprefix("_orig_mod."): v.float() for k, v in state.items()}
+    n_layer, n_head, n_kv, n_embd = mc["n_layer"], mc["n_head"], mc["n_kv_head"], mc["n_embd"]
+    hd = n_embd // n_head
+    B, T = idx.shape
+    inv_freq = 1.0 / (100000 ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    freqs = torch.outer(torch.arange(T, dtype=torch.float32), inv_freq)
+    cos, sin = freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+    x = _norm(F.embedding(idx, sd["transformer.wte.weight"]))
+    gate = sd["smear_lambda"] * torch.sigmoid(F.linear(x[:, 1:, :24], sd["smear_gate.weight"]))
+    x = torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
+    x0, x_backout = x, None
+    for i, window in enumerate(_window_sizes(mc)):
+        p = f"transformer.h.{i}."
+        x = sd["resid_lambdas"][i] * x + sd["x0_lambdas"][i] * x0
+        h = _norm(x)
+        q = F.linear(h, sd[p + "attn.c_q.weight"]).view(B, T, n_head, hd)
+        k = F.linear(h, sd[p + "attn.c_k.weight"]).view(B, T, n_kv, hd)
+        v = F.linear(h, sd[p + "attn.c_v.weight"]).view(B, T, n_kv, hd)
+        if f"value_embeds.{i}.weight" in sd:
+            ve = F.embedding(idx, sd[f"value_embeds.{i}.weight"]).view(B, T, n_kv, hd)
+            g = 3 * torch.sigmoid(F.linear(h[..., :12], sd[p + "attn.ve_gate.weight"]))
+            v = v + g.unsqueeze(-1) * ve
+        q, k = _rotary(q, cos, sin), _rotary(k, cos, sin)
+        q, k = _norm(q) * 1.2, _norm(k) * 1.2
+        y = _sdpa(q, k, v, window).contiguous().view(B, T, -1)
+        x = x + F.linear(y, sd[p + "attn.c_proj.weight"])
+        m = F.relu(F.linear(_norm(x), sd[p + "mlp.c_fc.weight"])).square()
+        x = x + F.linear(m, sd[p + "mlp.c_proj.weight"])
+        if i == n_layer // 2:
+            x_backout = x
+    x = _norm(x - sd["backout_lambda"] * x_backout)
+    logits = F.linear(x, sd["lm_head.weight"])[..., : mc["vocab_size"]].float()
+    return 15 * torch.tanh(logits / 15)
+
+
+def write_native_2026(folder, *, vocab=TIKTOKEN_VOCAB, n_layer=4, n_head=4, n_kv_head=2, n_embd=32,
+                      sequence_len=512, window_pattern: str | None = "SSSL", lambdas=True, seed=0, step=100):
+    """A checkpoint as nanochat's save_checkpoint writes one today: vocab rows padded to a multiple of 64,
+    embeddings in bf16, `_orig_mod.` keys, meta's model_config = asdict(GPTConfig) (window_pattern left out, or
+    resid/x0 lambdas left out, as in checkpoints older than them). Every weight random, scalars away from their
+    init. Returns (state, model_config)."""
+    gen = torch.Generator().manual_seed(seed)
+    padded, hd = -(-vocab // 64) * 64, n_embd // n_head
+
+    def rand(*shape, std=0.2, mean=0.0):
+        return torch.randn(shape, generator=gen) * std + mean
+
+    state = {"transformer.wte.weight": rand(padded, n_embd, std=1.0).to(torch.bfloat16),
+             "lm_head.weight": rand(padded, n_embd),
+             "smear_gate.weight": rand(1, 24), "smear_lambda": rand(1, std=0.5, mean=0.5),
+             "backout_lambda": rand(1, std=0.1, mean=0.2)}
+    if lambdas:
+        state |= {"resid_lambdas": rand(n_layer, std=0.1, mean=1.0), "x0_lambdas": rand(n_layer, std=0.1, mean=0.1)}
+    for i in range(n_layer):
+        p = f"transformer.h.{i}."
+        state |= {p + "attn.c_q.weight": rand(n_head * hd, n_embd), p + "attn.c_k.weight": rand(n_kv_head * hd, n_embd),
+                  p + "attn.c_v.weight": rand(n_kv_head * hd, n_embd), p + "attn.c_proj.weight": rand(n_embd, n_embd),
+                  p + "mlp.c_fc.weight": rand(4 * n_embd, n_embd), p + "mlp.c_proj.weight": rand(n_embd, 4 * n_embd)}
+        if i % 2 == (n_layer - 1) % 2:
+            state |= {f"value_embeds.{i}.weight": rand(padded, n_kv_head * hd, std=0.3).to(torch.bfloat16),
+                      p + "attn.ve_gate.weight": rand(n_kv_head, 12)}
+    mc = dict(sequence_len=sequence_len, vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
+              n_embd=n_embd)
+    if window_pattern is not None:
+        mc["window_pattern"] = window_pattern
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"_orig_mod." + k: v for k, v in state.items()}, folder / f"model_{step:06d}.pt")
+    (folder / f"meta_{step:06d}.json").write_text(json.dumps({"step": step, "model_config": mc}))
+    write_tokenizer_pkl(folder / "tokenizer.pkl")
+    return state, {"window_pattern": "L", **mc}
+
+
+def ids_of(T: int, B: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, TIKTOKEN_VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("shape", [
+    dict(),  # SSSL over 4 layers, GQA 4/2: windows 128, 128, 128, 512
+    dict(n_layer=3, n_head=2, n_kv_head=1, window_pattern="SL"),  # MQA; value embeddings on layers 0 and 2
+    dict(n_layer=5, n_head=4, n_kv_head=4, n_embd=64, window_pattern="ssl"),  # nanochat upper-cases the pattern
+])
+def test_2026_checkpoint_forward_equals_nanochats(tmp_path, shape):
+    state, mc = write_native_2026(tmp_path, **shape)
+    loaded = load_model(tmp_path)
+    c = loaded.config
+    assert c.is_2026 and c.rope_base == 100000.0 and c.vocab_size == TIKTOKEN_VOCAB
+    assert c.window_sizes() == _window_sizes(mc) and 128 in c.window_sizes()
+    ids = ids_of(300)  # longer than the short window: the windows cut keys
+    with torch.no_grad():
+        ref = nanochat_2026_logits(state, mc, ids)
+        got = loaded.model(ids)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        targets = ids.roll(-1, 1)
+        loss = F.cross_entropy(ref.flatten(0, 1), targets.flatten())
+        torch.testing.assert_close(loaded.model(ids, targets), loss, rtol=1e-5, atol=1e-6)
+        weights = torch.full(targets.shape, 1.0 / targets.numel())
+        torch.testing.assert_close(loaded.model(ids, targets, weights), loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loaded.model.token_losses(ids, targets).mean(), loss, rtol=1e-5, atol=1e-6)
+
+
+def test_2026_parity_is_not_a_coincidence_of_its_parts(tmp_path):
+    """Each 2026 feature changes the logits: the parity above would fail if the loader left one out."""
+    state, mc = write_native_2026(tmp_path)
+    model = load_model(tmp_path).model
+    ids = ids_of(300)
+    with torch.no_grad():
+        ref = nanochat_2026_logits(state, mc, ids)
+
+        def differs(**change) -> bool:
+            m = GPT(replace(model.config, **change)) if change else model
+            if change:
+                m.load_state_dict(model.state_dict())
+            return not torch.allclose(m(ids), ref, rtol=1e-3, atol=1e-3)
+
+        assert not differs()
+        assert differs(window_pattern="L")  # sliding windows
+        assert differs(rope_base=10000.0)
+        saved = {n: p.clone() for n, p in model.named_parameters()}
+        for name, neutral in [("smear_lambda", 0.0), ("backout_lambda", 0.0), ("x0_lambdas", 0.0),
+                              ("resid_lambdas", 1.0), ("value_embeds.3.weight", 0.0)]:
+            model.get_parameter(name).fill_(neutral)
+            assert differs(), name
+            model.get_parameter(name).copy_(saved[name])
+        assert not differs()
+
+
+def test_2026_checkpoints_older_than_some_fields_are_patched_as_nanochat_does(tmp_path):
+    state, mc = write_native_2026(tmp_path / "a", window_pattern=None)  # meta before window_pattern: "L"
+    loaded = load_model(tmp_path / "a")
+    assert loaded.config.window_pattern == "L" and set(loaded.config.window_sizes()) == {512}
+    ids = ids_of(200)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids), nanochat_2026_logits(state, mc, ids), rtol=1e-5, atol=1e-5)
+    state, mc = write_native_2026(tmp_path / "b", lambdas=False)  # before resid/x0 lambdas: 1 and 0
+    loaded = load_model(tmp_path / "b")
+    state |= {"resid_lambdas": torch.ones(4), "x0_lambdas": torch.zeros(4)}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids), nanochat_2026_logits(state, mc, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_2026_model_under_vmap_equals_each_model_alone(tmp_path):
+    """The training core drives the GPT through functional_call under vmap: the 2026 modules must batch."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    write_native_2026(tmp_path / "a", seed=1)
+    write_native_2026(tmp_path / "b", seed=2)
+    models = [load_model(tmp_path / n).model for n in "ab"]
+    params, buffers = stack_module_state(models)
+    ids = ids_of(260)
+    with torch.no_grad():
+        stacked = vmap(lambda p, b: functional_call(models[0], (p, b), (ids,)))(params, buffers)
+        for k, m in enumerate(models):
+            torch.testing.assert_close(stacked[k], m(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_2026_model_round_trips_through_the_projects_format_and_has_no_transformers_layout(tmp_path):
+    write_native_2026(tmp_path / "n")
+    loaded = load_model(tmp_path / "n")
+    save_model(tmp_path / "own", loaded.model, loaded.tokenizer)
+    again = load_model(tmp_path / "own")
+    assert again.config == loaded.config and same_weights(again.model, loaded.model)
+    with pytest.raises(CheckpointError, match="has the 2025 architecture only"):
+        save_hf_model(tmp_path / "hf", loaded.model, loaded.tokenizer)
+    greedy = generate(again.model, ids_of(5, B=1)[0].tolist(), stop=set(), max_tokens=4)
+    assert len(greedy) == 4 and max(greedy) < TIKTOKEN_VOCAB
+
+
+def test_own_format_saved_before_the_2026_fields_loads_as_2025(tmp_path):
+    model = random_model(tiny_config(), seed=2)
+    save_model(tmp_path, model, ByteTokenizer())
+    meta = json.loads((tmp_path / "vmap_sweep.json").read_text())
+    for field in ("architecture", "window_pattern"):
+        del meta["model_config"][field]
+    (tmp_path / "vmap_sweep.json").write_text(json.dumps(meta))
+    loaded = load_model(tmp_path)
+    assert not loaded.config.is_2026 and same_weights(loaded.model, model)
