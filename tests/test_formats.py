@@ -1,7 +1,9 @@
 """Formats users hold: nanochat's CustomJSON, a folder of NAME_train / NAME_val files, padded vocabularies, Hub
 repos holding both checkpoint layouts, and the 2026 nanochat architecture."""
 
+import copy
 import json
+import math
 import re
 from dataclasses import replace
 
@@ -13,6 +15,8 @@ import torch.nn.functional as F
 from cli_helpers import cli, ok
 from helpers import (
     TIKTOKEN_VOCAB,
+    RandomStream,
+    budget_weights,
     random_model,
     tiny_config,
     with_bf16_wte,
@@ -25,10 +29,13 @@ from vmap_sweep.data.sources import data_fingerprint, load_conversations
 from vmap_sweep.errors import CheckpointError, DataError
 from vmap_sweep.model.checkpoint import _pick_hub_files, load_model, save_model, weight_files
 from vmap_sweep.model.generate import generate
-from vmap_sweep.model.gpt import GPT
+from vmap_sweep.model.gpt import ARCH_2026, GPT, GPTConfig
 from vmap_sweep.model.hf_format import save_hf_model
 from vmap_sweep.model.tokenizer import ByteTokenizer, load_tokenizer
 from vmap_sweep.study.config import preset
+from vmap_sweep.train.stack import HELD_2026
+from vmap_sweep.train.trainer import StackedTrainer, TrainConfig
+from vmap_sweep.train.trunk import TrunkTrainer
 
 
 def messages(i: int, tag: str = "") -> list[dict]:
@@ -503,3 +510,64 @@ def test_own_format_saved_before_the_2026_fields_loads_as_2025(tmp_path):
     (tmp_path / "vmap_sweep.json").write_text(json.dumps(meta))
     loaded = load_model(tmp_path)
     assert not loaded.config.is_2026 and same_weights(loaded.model, model)
+
+
+def model_2026(vocab: int = 61, seed: int = 0) -> GPT:
+    """A 2026-architecture model in memory, every weight random (scalars near their trained values), windows of
+    128 keys in its short layers."""
+    config = GPTConfig(sequence_len=512, vocab_size=vocab, n_layer=4, n_head=4, n_kv_head=2, n_embd=32,
+                       architecture=ARCH_2026, window_pattern="SSSL", rope_base=100000.0)
+    model = random_model(config, seed=seed)
+    with torch.no_grad():
+        model.resid_lambdas.add_(1.0)
+        model.backout_lambda.fill_(0.2)
+    return model
+
+
+def reference_adamw_held(base: GPT, stream, cell: dict, batch_size: int, seq_len: int):
+    """One cell trained the ordinary way, torch.optim.AdamW on every parameter but the held 2026 scalars."""
+    model = copy.deepcopy(base)
+    trained = [p for n, p in model.named_parameters() if n not in HELD_2026]
+    for p in trained:
+        p.requires_grad_(True)
+    steps = max(1, math.ceil(cell["tokens"] / (batch_size * seq_len)))
+    opt = torch.optim.AdamW(trained, lr=cell["lr"], betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, foreach=False)
+    losses = []
+    for step in range(steps):
+        x, y = stream.batch(step, batch_size, seq_len)
+        loss = model(x, y, budget_weights(step, cell["tokens"], y))
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.param_groups[0]["lr"] = cell["lr"] * (1 - step / steps)
+        opt.step()
+    return losses, model
+
+
+def test_stacked_training_of_a_2026_model_equals_separate_runs():
+    base, stream = model_2026(), RandomStream()
+    B, T = 2, 160  # longer than the 128-key windows
+    cfg = TrainConfig(optimizer="adamw", schedule="linear", batch_size=B, seq_len=T, divergence_ratio=10.0)
+    cells = [{"lr": 1e-4, "tokens": 3 * B * T}, {"lr": 3e-3, "tokens": 2 * B * T - 50}]
+    trainer = StackedTrainer(base, cells, cfg)
+    assert set(trainer.frozen) == set(HELD_2026)  # the scalars are shared, every other parameter stacked
+    records = trainer.run(stream)
+    for i, cell in enumerate(cells):
+        losses, ref = reference_adamw_held(base, stream, cell, B, T)
+        assert not records[i].diverged
+        got = torch.tensor(records[i].losses[:-1])
+        torch.testing.assert_close(got, torch.tensor(losses), rtol=1e-5, atol=0)
+        state = trainer.state_dict_of(i)
+        for name, p in ref.named_parameters():
+            assert float((state[name] - p.detach()).norm() / p.detach().norm()) <= 1e-5, (i, name)
+
+
+def test_a_2026_model_trains_with_the_nanochat_optimizer_and_shared_trajectories():
+    base, stream = model_2026(), RandomStream(seed=3)
+    cfg = TrainConfig(optimizer="nanochat", schedule="constant", batch_size=2, seq_len=160)
+    lanes = [[{"lr": 1e-3, "tokens": 320}, {"lr": 1e-3, "tokens": 960}], [{"lr": 1e-2, "tokens": 640}]]
+    records = TrunkTrainer(base, lanes, cfg).run(stream)
+    alone = StackedTrainer(base, [c for lane in lanes for c in lane], cfg).run(stream)
+    for r, a in zip(records, alone, strict=True):
+        assert not r.diverged and len(r.losses) == r.steps + 1 and r.losses[-1] < r.losses[0]
+        torch.testing.assert_close(torch.tensor(r.losses), torch.tensor(a.losses), rtol=1e-5, atol=0)
