@@ -32,6 +32,7 @@ from vmap_sweep.model.generate import generate
 from vmap_sweep.model.gpt import ARCH_2026, GPT, GPTConfig
 from vmap_sweep.model.hf_format import save_hf_model
 from vmap_sweep.model.tokenizer import ByteTokenizer, load_tokenizer
+from vmap_sweep.store.db import StudyStore
 from vmap_sweep.study.config import preset
 from vmap_sweep.train.stack import HELD_2026
 from vmap_sweep.train.trainer import StackedTrainer, TrainConfig
@@ -571,3 +572,15 @@ def test_a_2026_model_trains_with_the_nanochat_optimizer_and_shared_trajectories
     for r, a in zip(records, alone, strict=True):
         assert not r.diverged and len(r.losses) == r.steps + 1 and r.losses[-1] < r.losses[0]
         torch.testing.assert_close(torch.tensor(r.losses), torch.tensor(a.losses), rtol=1e-5, atol=0)
+
+
+def test_a_study_runs_on_a_2026_checkpoint_and_exports_its_cells_in_the_projects_format(tmp_path):
+    write_native_2026(tmp_path / "m", sequence_len=1024, n_embd=64)
+    ok("run", "--preset", "tiny", "--model", tmp_path / "m", "--data", "synthetic", "--resolution", "2",
+       "--y", "tokens:256:512:log", "--eval-tokens", "256", "--device", "cpu", "--out", tmp_path / "s", "--quiet")
+    with StudyStore.open(tmp_path / "s") as store:
+        rows = list(store.rows())
+    assert len(rows) == 4 and all(r["status"] == "done" for r in rows)
+    result = ok("model", tmp_path / "s", "--cell", "0,0", "-o", tmp_path / "e", "--device", "cpu")
+    assert "no transformers folder: transformers' NanoChat port has no 2026 architecture" in result.stdout
+    assert load_model(tmp_path / "e" / "vmap-sweep").config.is_2026 and not (tmp_path / "e" / "transformers").exists()
