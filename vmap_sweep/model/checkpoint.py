@@ -33,7 +33,14 @@ from vmap_sweep.errors import CheckpointError, TokenizerError
 from vmap_sweep.model import hf_names
 from vmap_sweep.model.gpt import ARCH_2026, GPT, GPTConfig
 from vmap_sweep.model.tokenizer import BYTES, ByteTokenizer, Tokenizer, load_tokenizer
-from vmap_sweep.model.validate import check_config, check_weights, padded_vocab_rows, parse_json, vocab_rows
+from vmap_sweep.model.validate import (
+    check_config,
+    check_weights,
+    layer_count,
+    padded_vocab_rows,
+    parse_json,
+    vocab_rows,
+)
 
 OWN_FORMAT = "vmap-sweep"
 OWN_META = "vmap_sweep.json"
@@ -246,7 +253,7 @@ def _load_native(folder: Path, step: int | None, tokenizer_file: str | Path | No
     config = _native_config(meta, meta_path, set(state), weights)
     tokenizer = load_tokenizer(tokenizer_file or _find_native_tokenizer(folder))
     _check_tokenizer(tokenizer, config, meta_path)
-    if config.is_2026:
+    if config.is_2026 and layer_count(state) == config.n_layer:  # else check_weights refuses, before allocating
         # as nanochat's checkpoint_manager: checkpoints from before these scalars existed held them neutral
         state.setdefault("resid_lambdas", torch.ones(config.n_layer))
         state.setdefault("x0_lambdas", torch.zeros(config.n_layer))
@@ -260,7 +267,7 @@ def _unpad_vocab(config: GPTConfig, state: dict[str, torch.Tensor]) -> dict[str,
     padded = padded_vocab_rows(config, {k: tuple(v.shape) for k, v in state.items()})
     if padded is None:
         return state
-    keys = set(vocab_rows(config))
+    keys = set(vocab_rows(state))
     return {k: v[: config.vocab_size] if k in keys else v for k, v in state.items()}
 
 

@@ -125,10 +125,11 @@ def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
 VOCAB_MULTIPLE = 64  # nanochat (since December 2025) pads its vocab rows up to a multiple of this
 
 
-def vocab_rows(config: GPTConfig) -> list[str]:
-    """The parameters with one row per token: what nanochat pads."""
-    return [k for k in expected_shapes(config)
-            if k in ("transformer.wte.weight", "lm_head.weight") or k.startswith("value_embeds.")]
+def vocab_rows(keys) -> list[str]:
+    """Of a checkpoint's keys, the parameters with one row per token: what nanochat pads. From the keys the file
+    holds, not from the config: a config claiming 10^12 layers must cost nothing to look at."""
+    return [k for k in keys if k in ("transformer.wte.weight", "lm_head.weight")
+            or (k.startswith("value_embeds.") and k.endswith(".weight"))]
 
 
 def padded_vocab_rows(config: GPTConfig, shapes: Mapping[str, tuple[int, ...]]) -> int | None:
@@ -136,8 +137,8 @@ def padded_vocab_rows(config: GPTConfig, shapes: Mapping[str, tuple[int, ...]]) 
     per-token tensor with vocab_size rounded up to a multiple of 64 rows, and more rows than vocab_size); None
     otherwise, and then check_weights judges the shapes as they are."""
     padded = -(-config.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-    keys = vocab_rows(config)
-    if padded == config.vocab_size or not all(k in shapes and len(shapes[k]) == 2 for k in keys):
+    keys = vocab_rows(shapes)
+    if padded == config.vocab_size or not keys or any(len(shapes[k]) != 2 for k in keys):
         return None
     return padded if all(shapes[k][0] == padded for k in keys) else None
 
@@ -147,15 +148,20 @@ def _names(keys: list[str], limit: int = 4) -> str:
     return ", ".join(keys[:limit]) + more
 
 
+def layer_count(keys) -> int:
+    """How many blocks (transformer.h.N.) a checkpoint's keys hold."""
+    return len({int(m.group(1)) for k in keys if (m := _LAYER_KEY.match(k))})
+
+
 def check_weights(config: GPTConfig, shapes: Mapping[str, tuple[int, ...]], weights: Path,
                   names: Mapping[str, str] | None = None) -> None:
     """The config against the shapes the weight files declare: same keys, same shapes, and nothing the config
     sizes (the rotary tables) bigger than the weights. Runs before GPT(config) allocates anything."""
     names = names or {}
-    layers = {int(m.group(1)) for k in shapes if (m := _LAYER_KEY.match(k))}
-    if config.n_layer != len(layers):  # first: listing the keys of a million claimed layers takes seconds
+    layers = layer_count(shapes)
+    if config.n_layer != layers:  # first: listing the keys of a million claimed layers takes seconds
         raise CheckpointError(f"{weights}: the config's {names.get('n_layer', 'n_layer')} is {config.n_layer}, "
-                              f"the weights hold {len(layers)} layers; weights and config disagree")
+                              f"the weights hold {layers} layers; weights and config disagree")
     expected = expected_shapes(config)
     missing = [k for k in expected if k not in shapes]
     extra = [k for k in shapes if k not in expected]
