@@ -41,6 +41,7 @@ from vmap_sweep.model.validate import (
     parse_json,
     vocab_rows,
 )
+from vmap_sweep.study.config import MODEL_FORMATS
 
 OWN_FORMAT = "vmap-sweep"
 OWN_META = "vmap_sweep.json"
@@ -56,7 +57,6 @@ _HF_NAMES = {"sequence_len": "max_position_embeddings", "vocab_size": "vocab_siz
              "n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads", "n_embd": "hidden_size",
              "norm_eps": "rms_norm_eps", "rope_base": "rope_theta", "softcap": "final_logit_softcapping"}
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
-MODEL_FORMATS = ("native", "transformers")  # the layouts a user can pick where a folder or repo holds both
 _TOLD: set[tuple[str, str]] = set()  # (source, layout) choices already printed
 
 class LoadedModel(NamedTuple):
