@@ -395,11 +395,21 @@ def test_native_meta_without_model_config(native_dir):
     _one_line_naming(err, "meta_000100.json")
 
 
-def test_native_meta_of_later_architecture(native_dir):
-    _edit_meta(native_dir, lambda m: m["model_config"].update(window_pattern="SSSL"))
-    with pytest.raises(CheckpointError, match="later nanochat architecture") as err:
+def test_native_meta_of_unknown_architecture(native_dir):
+    _edit_meta(native_dir, lambda m: m["model_config"].update(n_experts=8))
+    with pytest.raises(CheckpointError, match="model_config has n_experts, from a nanochat architecture this "
+                                              "version does not know") as err:
         load_model(native_dir)
     _one_line_naming(err, "meta_000100.json")
+
+
+def test_native_meta_of_2026_over_weights_without_its_parameters(native_dir):
+    # January to March 2026: window_pattern, but no smear/backout, and a forward unlike today's
+    _edit_meta(native_dir, lambda m: m["model_config"].update(window_pattern="SSSL"))
+    with pytest.raises(CheckpointError, match="a 2026 nanochat checkpoint without smear_gate.weight, smear_lambda, "
+                                              "backout_lambda: from a version between January and March") as err:
+        load_model(native_dir)
+    _one_line_naming(err, "model_000100.pt")
 
 
 def test_native_missing_meta(native_dir):

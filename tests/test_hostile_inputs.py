@@ -162,6 +162,21 @@ def native(**model_config):
     return lambda root: native_folder(root / "model", **model_config)
 
 
+def native_2026(**model_config):
+    """A native folder of the 2026 architecture saved before resid/x0 lambdas existed (the loader adds them, one
+    per layer, as nanochat does), with its meta edited."""
+    def make(root: Path) -> None:
+        folder = root / "model"
+        config = tiny_config(**MODEL, architecture="nanochat-2026", window_pattern="SL", rope_base=100000.0)
+        native_folder(folder)
+        state = {k: v for k, v in random_model(config, seed=5).state_dict().items()
+                 if k not in ("resid_lambdas", "x0_lambdas")}
+        torch.save(state, folder / "model_000001.pt")
+        edit_json(folder / "meta_000001.json",
+                  lambda m: m["model_config"].update({"window_pattern": "SL", **model_config}))
+    return make
+
+
 def write(relative: str, content: str | bytes):
     def make(root: Path) -> None:
         path = root / relative
@@ -287,7 +302,17 @@ FILE_CASES = [
     ("own-width-indivisible", own_config(n_embd=30), ["vmap_sweep.json", "not divisible by n_head 4"]),
     ("own-kv-heads-indivisible", own_config(n_kv_head=3), ["vmap_sweep.json", "not a multiple of n_kv_head 3"]),
     ("own-head-dim-odd", own_config(n_embd=36), ["vmap_sweep.json", "head_dim 9"]),
-    ("own-unknown-field", own_config(window_pattern="SSSL"), ["vmap_sweep.json", "window_pattern"]),
+    ("own-unknown-field", own_config(n_experts=8), ["vmap_sweep.json", "unknown model config fields n_experts"]),
+    ("own-windows-without-2026", own_config(window_pattern="SSSL"), ["vmap_sweep.json", "window_pattern", "SSSL"]),
+    ("own-architecture-unknown", own_config(architecture="nanochat-2030"), ["vmap_sweep.json", "nanochat-2030"]),
+    ("own-window-letters", own_config(architecture="nanochat-2026", window_pattern="SQL"),
+     ["vmap_sweep.json", "window_pattern", "'SQL'"]),
+    ("own-window-huge", own_config(architecture="nanochat-2026", window_pattern="S" * 10**6),
+     ["vmap_sweep.json", "window_pattern", "letters S and L"]),
+    ("own-window-not-text", own_config(architecture="nanochat-2026", window_pattern=["S"]),
+     ["vmap_sweep.json", "window_pattern"]),
+    ("own-2026-over-2025-weights", own_config(architecture="nanochat-2026"),
+     ["model.safetensors", "missing keys", "resid_lambdas"]),
     ("own-missing-field",
      lambda root: edit_json(root / "model" / "vmap_sweep.json", lambda m: m["model_config"].pop("vocab_size")),
      ["vmap_sweep.json", "lacks vocab_size"]),
@@ -329,6 +354,9 @@ FILE_CASES = [
     ("native-heads-zero", native(n_head=0), ["meta_000001.json", "n_head"]),
     ("native-vocab-1e12", native(vocab_size=10**12), ["model_000001.pt", "transformer.wte.weight"]),
     ("native-layers-string", native(n_layer="2"), ["meta_000001.json", "n_layer", "'2'"]),
+    ("native-layers-1e12", native(n_layer=10**12), ["model_000001.pt", "1000000000000", "2 layers"]),
+    ("native-2026-layers-1e12", native_2026(n_layer=10**12), ["model_000001.pt", "1000000000000", "2 layers"]),
+    ("native-2026-window-letters", native_2026(window_pattern="SLX"), ["meta_000001.json", "window_pattern", "SLX"]),
     ("native-meta-bomb", lambda root: (native_folder(root / "model"), write("model/meta_000001.json", BOMB)(root)),
      ["meta_000001.json", "nested too deeply"]),
     ("native-weights-run-code", code_in_weights, ["model_000001.pt", "can't be read"]),
@@ -424,9 +452,9 @@ open(report, "w").write(json.dumps({"code": code, "added_kib": after - before}))
 
 @pytest.mark.parametrize("make", [own_config(vocab_size=10**12), own_config(n_layer=10**6),
                                   hf(num_hidden_layers=10**7), native(sequence_len=10**12),
-                                  tokenizer_pkl({"pat_str": ""})],
+                                  native_2026(n_layer=10**12), tokenizer_pkl({"pat_str": ""})],
                          ids=["own-vocab-1e12", "own-layers-1e6", "hf-layers-1e7", "native-sequence-1e12",
-                              "pat-str-empty"])
+                              "native-2026-layers-1e12", "pat-str-empty"])
 def test_a_refusal_in_a_real_process_is_one_line_and_costs_no_memory(root, make):
     """In a real process: nothing but the error line reaches stderr (no Rust panic message either), and the
     refusal adds less than RSS_LIMIT to the peak resident memory."""

@@ -160,6 +160,8 @@ def run(
                                                             "pinned to its commit when the study starts).")] = None,
     data_revision: Annotated[str | None, typer.Option(help="Hub branch, tag or commit of --data (default: main, "
                                                            "pinned likewise).")] = None,
+    model_format: Annotated[str | None, typer.Option(help="native or transformers: the layout to load where --model "
+                                                          "holds both (default native).")] = None,
     x: Annotated[str | None, typer.Option(help="AXIS:MIN:MAX[:log|lin] (see `vmap-sweep axes`).")] = None,
     y: Annotated[str | None, typer.Option(help="AXIS:MIN:MAX[:log|lin].")] = None,
     resolution: Annotated[str | None, typer.Option(help="N or NxM cells.")] = None,
@@ -214,7 +216,7 @@ def run(
                         optimizer=optimizer, schedule=schedule, batch_size=batch_size, seq_len=seq_len, seed=seed,
                         eval_tokens=eval_tokens, trainable=trainable, optimizer_state=optimizer_state,
                         checkpoint_activations=checkpoint_activations or None, tokenizer=tokenizer,
-                        model_revision=model_revision, data_revision=data_revision)
+                        model_revision=model_revision, data_revision=data_revision, model_format=model_format)
     if (address or workers) and backend != "ray":
         raise ConfigError("--address/--workers work with --backend ray; add --backend ray")
     if backend not in ("local", "ray"):
@@ -294,7 +296,7 @@ def _dry_run(cfg, k, device, share=True):
     from vmap_sweep.study.plan import build_grid, plan_study
 
     dev = resolve_device(device)
-    model_config, tokenizer = base_model_shape(cfg.model, cfg.tokenizer, cfg.model_revision)
+    model_config, tokenizer = base_model_shape(cfg.model, cfg.tokenizer, cfg.model_revision, cfg.model_format)
     grid = build_grid(cfg)
     budgets = training_stream(cfg, model_config.sequence_len, tokenizer).budgets(
         sorted({int(c.hparams["tokens"]) for c in grid.cells()}))

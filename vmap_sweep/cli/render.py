@@ -463,7 +463,8 @@ def cell_model_lines(exported) -> list[str]:
     return [f"cell ({info['i']}, {info['j']}): {hparams}, {info['label'] or 'unclassified'}, eval loss "
             f"{_num(info['eval_loss'])}; re-trained, max relative difference to the stored trajectory "
             f"{info['retrain_max_rel_diff']:.3g}",
-            f"{out / 'transformers'}  (NanoChatForCausalLM.from_pretrained: {', '.join(exported.hf_files)})",
+            f"{out / 'transformers'}  (NanoChatForCausalLM.from_pretrained: {', '.join(exported.hf_files)})"
+            if exported.hf_files else "no transformers folder: transformers' NanoChat port has no 2026 architecture",
             f"{out / 'vmap-sweep'}  (vmap_sweep.model.checkpoint.load_model)"]
 
 

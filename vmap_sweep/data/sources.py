@@ -2,12 +2,16 @@
 
 Splits are "train" and "validation", and the two never share a conversation:
 - "synthetic": train and validation come from different seed streams (and carry different source ids).
+- a local .jsonl holds one conversation per line: {"messages": [...]}, or nanochat's CustomJSON
+  (`tasks/customjson.py`), the bare array of {role, content} messages.
 - a local file has no validation split of its own, so a fixed held-out tail is carved out of it:
   the rows are permuted with HOLDOUT_SEED and the last HOLDOUT_FRACTION of that permutation
   (at least one row once there are two) is "validation"; "train" is every other row, in file order.
   The split depends only on the number of rows, so it is the same on every run.
-- a local directory holding train.jsonl/.parquet (and optionally validation.jsonl/.parquet) uses its
-  validation file when there is one, else the held-out tail of train.
+- a local directory holding one training file, train.jsonl/.parquet or NAME_train.jsonl/.parquet, and optionally
+  one validation file, validation.* or NAME_validation.* / NAME_val.* (the same NAME), uses its validation file
+  when there is one, else the held-out tail of train. Two training (or validation) files are refused: which
+  one is the study's data is the user's to say.
 - a Hub dataset id is read with `datasets.load_dataset(source, split=split)`, its own splits.
 Every row is validated on load, so a malformed row fails here, naming its file:line or source and row index.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from pathlib import Path
 
 from vmap_sweep.data.render import validate_conversation
@@ -122,18 +127,43 @@ def _holdout_split(rows: list[dict], split: str) -> list[dict]:
     return [row for i, row in enumerate(rows) if keep(i)]
 
 
-def _directory_files(path: Path) -> tuple[Path | None, Path | None]:
-    """A data folder's (train, validation) files, each None where absent."""
-    def find(name: str) -> Path | None:
-        return next((path / f"{name}{s}" for s in LOCAL_SUFFIXES if (path / f"{name}{s}").is_file()), None)
+_TRAIN_NAMES = re.compile(r"(?:(.+)_)?train")
+_VALIDATION_NAMES = re.compile(r"(?:(.+)_)?(validation|val)")
 
-    return find("train"), find("validation")
+
+def _directory_files(path: Path) -> tuple[Path | None, Path | None]:
+    """A data folder's (train, validation) files, each None where absent; DataError where the folder holds two
+    of either, or a validation file of another set than its training file. A name held both as .jsonl and as
+    .parquet is read from the .jsonl."""
+    found: dict[str, dict[str, tuple[str | None, Path]]] = {"train": {}, "validation": {}}
+    for f in sorted(path.iterdir(), key=lambda f: (LOCAL_SUFFIXES.index(f.suffix) if f.suffix in LOCAL_SUFFIXES
+                                                   else len(LOCAL_SUFFIXES), f.name)):
+        if f.suffix not in LOCAL_SUFFIXES or not f.is_file():
+            continue
+        for split, names, bare in (("train", _TRAIN_NAMES, "train"), ("validation", _VALIDATION_NAMES, "validation")):
+            if (m := names.fullmatch(f.stem)) and (m.group(1) is not None or f.stem == bare):
+                found[split].setdefault(f.stem, (m.group(1), f))  # the .jsonl of a stem held in both formats
+
+    def one(split: str) -> tuple[str | None, Path | None]:
+        files = found[split]
+        if len(files) > 1:
+            names = ", ".join(sorted(f.name for _, f in files.values()))
+            raise DataError(f"{path}: {len(files)} {split} files ({names}); keep one in the folder, or pass the "
+                            "file itself as --data")
+        return next(iter(files.values()), (None, None))
+
+    (train_set, train), (val_set, validation) = one("train"), one("validation")
+    if train is not None and validation is not None and train_set != val_set:
+        raise DataError(f"{path}: {validation.name} is not the validation split of {train.name} (the names differ "
+                        f"before _train/_val); rename one to match, or pass the training file itself as --data")
+    return train, validation
 
 
 def _load_directory(path: Path, split: str) -> list[dict]:
     train, validation = _directory_files(path)
     if train is None:
-        raise DataError(f"{path}: no train.jsonl or train.parquet in this directory")
+        raise DataError(f"{path}: no training file in this directory; expected train.jsonl/.parquet or "
+                        "NAME_train.jsonl/.parquet (with NAME_val or NAME_validation beside it for eval)")
     if validation is not None:
         return _read_file(validation if split == "validation" else train)
     return _holdout_split(_read_file(train), split)
@@ -171,11 +201,14 @@ def _read_jsonl(path: Path) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(
-                    f"{path}:{lineno}: invalid JSON ({e.msg}); expected one {{\"messages\": [...]}} per line"
+                    f"{path}:{lineno}: invalid JSON ({e.msg}); expected one {{\"messages\": [...]}} per line "
+                    "(or nanochat's CustomJSON: one [messages] array per line)"
                 ) from e
             except RecursionError:
                 raise DataError(f"{path}:{lineno}: JSON nested too deeply to be a conversation; "
                                 "expected one {\"messages\": [...]} per line") from None
+            if isinstance(row, list):  # nanochat's CustomJSON: the messages themselves
+                row = {"messages": row}
             validate_conversation(row, None, f"{path}:{lineno}")
             rows.append({"messages": row["messages"]})
     return rows

@@ -2,6 +2,7 @@
 which refuses a model that does not reproduce the stored trajectory), then written twice into OUT:
 
   OUT/transformers/  config.json, model.safetensors, tokenizer files: `NanoChatForCausalLM.from_pretrained`
+                     (not for a 2026 nanochat model: transformers' port has only the 2025 architecture)
   OUT/vmap-sweep/    the project's own format (`load_model`), with the study's tokenizer as it is
   OUT/cell.json      which study and cell, its hyperparameters, class and stored losses, the reproduction check
 """
@@ -58,7 +59,8 @@ def export_cell(study_dir: str | Path, i: int, j: int, out: str | Path, device: 
     retrained = next(retrain_cells(study_dir, [cells[(i, j)]], device, models_per_batch=1, rtol=rtol,
                                    deterministic=deterministic))
     cell = retrained.cell
-    hf_files = save_hf_model(out / HF_DIR, retrained.model, retrained.tokenizer)
+    is_2026 = retrained.model.config.is_2026
+    hf_files = [] if is_2026 else save_hf_model(out / HF_DIR, retrained.model, retrained.tokenizer)
     save_model(out / OWN_DIR, retrained.model, retrained.tokenizer)
     info = {"study": str(Path(study_dir).resolve()), "i": i, "j": j, "x": cell.x, "y": cell.y,
             "hparams": cell.hparams, "label": row["label"], "final_loss": row["final_loss"],

@@ -7,6 +7,10 @@ Sources `load_model` understands:
   (d) the project's own folder: model.safetensors + vmap_sweep.json (written by `save_model`).
 Every format ends in the one strict `_load_state`: the weights must fill the model exactly.
 
+A folder or Hub repo holding both (a) and (b) loads (a) unless `model_format="transformers"` says otherwise:
+the native weights are what a nanochat user trained, while the port is a conversion (bf16 weights, another
+norm epsilon). Which one loaded, and why, is printed once per process.
+
 A transformers folder saved without a tokenizer still loads: its tokenizer is None, and a MissingTokenizerWarning
 says so (pass `tokenizer=PATH` to load one from elsewhere).
 """
@@ -17,6 +21,7 @@ import json
 import os
 import posixpath
 import re
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -26,9 +31,17 @@ import torch
 
 from vmap_sweep.errors import CheckpointError, TokenizerError
 from vmap_sweep.model import hf_names
-from vmap_sweep.model.gpt import GPT, GPTConfig
+from vmap_sweep.model.gpt import ARCH_2026, GPT, GPTConfig
 from vmap_sweep.model.tokenizer import BYTES, ByteTokenizer, Tokenizer, load_tokenizer
-from vmap_sweep.model.validate import check_config, check_weights, parse_json
+from vmap_sweep.model.validate import (
+    check_config,
+    check_weights,
+    layer_count,
+    padded_vocab_rows,
+    parse_json,
+    vocab_rows,
+)
+from vmap_sweep.study.config import MODEL_FORMATS
 
 OWN_FORMAT = "vmap-sweep"
 OWN_META = "vmap_sweep.json"
@@ -36,11 +49,15 @@ OWN_WEIGHTS = "model.safetensors"
 
 _NATIVE_MODEL = re.compile(r"model_(\d+)\.pt")
 _NATIVE_CONFIG_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
+# parameters only the 2026 architecture has (besides value_embeds.* and ve_gate), and its fixed RoPE base
+_KEYS_2026 = ("resid_lambdas", "x0_lambdas", "smear_gate.weight", "smear_lambda", "backout_lambda")
+ROPE_BASE_2026 = 100000.0
 # GPTConfig's fields as a transformers config.json spells them, to name the file's own field in an error.
 _HF_NAMES = {"sequence_len": "max_position_embeddings", "vocab_size": "vocab_size", "n_layer": "num_hidden_layers",
              "n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads", "n_embd": "hidden_size",
              "norm_eps": "rms_norm_eps", "rope_base": "rope_theta", "softcap": "final_logit_softcapping"}
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+_TOLD: set[tuple[str, str]] = set()  # (source, layout) choices already printed
 
 class LoadedModel(NamedTuple):
     model: GPT
@@ -56,28 +73,33 @@ class MissingTokenizerWarning(UserWarning):
 
 
 def load_model(source: str | Path, device: str | torch.device = "cpu", step: int | None = None, *,
-               tokenizer: str | Path | None = None, revision: str | None = None) -> LoadedModel:
+               tokenizer: str | Path | None = None, revision: str | None = None,
+               model_format: str | None = None) -> LoadedModel:
     """Model (float32, eval mode, on `device`), tokenizer and config from a folder, a file or a Hub id.
 
     `step` picks a native checkpoint's model_{step:06d}.pt; by default the newest one. `tokenizer`: a tokenizer
     file (or folder) to use instead of the one stored with the weights. `revision`: a Hub id's branch, tag or
-    commit (default: its main branch).
+    commit (default: its main branch). `model_format`: "native" or "transformers", the layout to load where the
+    folder or repo holds both (default: native); one it does not hold is refused.
     """
-    loaded = _load_local(locate_model(source, step, revision), step, tokenizer)
+    loaded = _load_local(locate_model(source, step, revision, model_format), step, tokenizer, model_format)
     loaded.model.to(device).eval()
     return loaded
 
 
-def locate_model(source: str | Path, step: int | None = None, revision: str | None = None) -> Path:
+def locate_model(source: str | Path, step: int | None = None, revision: str | None = None,
+                 model_format: str | None = None) -> Path:
     """The local file or folder `source` names: itself, or a Hub id's snapshot in huggingface_hub's cache
-    (downloaded as needed; its folder name is the commit it resolved to)."""
+    (downloaded as needed; its folder name is the commit it resolved to), the subfolder of the layout
+    `model_format` picks (see load_model)."""
+    check_model_format(model_format)
     path = Path(source).expanduser()
     if path.exists():
         if revision is not None:
             raise CheckpointError(f"{source}: a local path has no Hub revision; drop --model-revision {revision}")
         return path
     if is_hub_id(source):
-        return _resolve_hub(str(source), step, revision)
+        return _resolve_hub(str(source), step, revision, model_format)
     raise CheckpointError(f"{source}: no such file or folder, and not a Hub repo id like owner/name; check the path")
 
 
@@ -92,20 +114,24 @@ def hub_commit(path: Path) -> str | None:
     return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
 
 
-def weight_files(path: Path, step: int | None = None) -> list[Path]:
+def check_model_format(model_format: str | None) -> None:
+    if model_format is not None and model_format not in MODEL_FORMATS:
+        raise CheckpointError(f"--model-format {model_format!r}: choose {' or '.join(MODEL_FORMATS)}")
+
+
+def weight_files(path: Path, step: int | None = None, model_format: str | None = None) -> list[Path]:
     """The files holding the weights of the checkpoint at `path` (as `locate_model` returns it), sorted."""
     if path.is_file():
         m = _NATIVE_MODEL.fullmatch(path.name)
         step = int(m.group(1)) if m and step is None else step
         path = path.parent
-    if (path / OWN_META).is_file():
+    layout = _local_layout(path, model_format, told=False)
+    if layout == OWN_FORMAT:
         return [path / OWN_WEIGHTS]
-    if (path / "config.json").is_file():
+    if layout == "transformers":
         index = path / "model.safetensors.index.json"
         return sorted([*path.glob("*.safetensors"), *([index] if index.is_file() else [])])
     steps = _native_steps(path)
-    if not steps:
-        raise CheckpointError(f"{path}: not a checkpoint: no {OWN_META}, config.json or model_XXXXXX.pt here")
     chosen = steps.get(max(steps) if step is None else step)
     if chosen is None:
         raise CheckpointError(f"{path}: no model file for step {step}; steps here: {sorted(steps)}")
@@ -135,25 +161,63 @@ def save_model(directory: str | Path, model: GPT, tokenizer: Tokenizer) -> Path:
 # ---------------------------------------------------------------------------------------------- dispatch
 
 
-def _load_local(path: Path, step: int | None, tokenizer: str | Path | None = None) -> LoadedModel:
+def _load_local(path: Path, step: int | None, tokenizer: str | Path | None = None,
+                model_format: str | None = None) -> LoadedModel:
     if path.is_file():
         # A file inside a checkpoint folder stands for the folder; model_XXXXXX.pt also names its step.
         m = _NATIVE_MODEL.fullmatch(path.name)
         if m and step is None:
             step = int(m.group(1))
         path = path.parent
-    if (path / OWN_META).is_file():
+    layout = _local_layout(path, model_format)
+    if layout == OWN_FORMAT:
         _no_step(step, path / OWN_META)
         return _load_own(path, tokenizer)
-    if (path / "config.json").is_file():
+    if layout == "transformers":
         _no_step(step, path / "config.json")
         return _load_hf(path, tokenizer)
-    if _native_steps(path):
-        return _load_native(path, step, tokenizer)
-    raise CheckpointError(
-        f"{path}: not a checkpoint: no {OWN_META}, config.json or model_XXXXXX.pt here; "
-        "point at the folder that holds the weights"
-    )
+    return _load_native(path, step, tokenizer)
+
+
+def _local_layout(folder: Path, model_format: str | None, told: bool = True) -> str:
+    """The layout of `folder` to load: OWN_FORMAT, "transformers" or "native" (see _choose_layout)."""
+    held = {OWN_FORMAT: (folder / OWN_META).is_file(), "transformers": (folder / "config.json").is_file(),
+            "native": bool(_native_steps(folder))}
+    if not any(held.values()):
+        raise CheckpointError(
+            f"{folder}: not a checkpoint: no {OWN_META}, config.json or model_XXXXXX.pt here; "
+            "point at the folder that holds the weights"
+        )
+    return _choose_layout(str(folder), {k for k, v in held.items() if v}, model_format, told)
+
+
+def _choose_layout(source: str, held: set[str], model_format: str | None, told: bool = True) -> str:
+    """Which of the layouts `source` holds to load. Asked for one (model_format), that one, refused where it is
+    absent; else the project's own format, then native, then transformers. Where native and transformers are
+    both held, a line says which loaded and why (once per source and layout)."""
+    check_model_format(model_format)
+    both = {"native", "transformers"} <= held
+    if model_format is not None:
+        if model_format not in held:
+            has = " and ".join(_LAYOUT_NAMES[k] for k in sorted(held))
+            other = next((k for k in MODEL_FORMATS if k in held), None)
+            fix = f"use --model-format {other}" if other else "drop --model-format"
+            raise CheckpointError(f"{source}: --model-format {model_format}, but it holds no "
+                                  f"{_LAYOUT_NAMES[model_format]}, only {has}; {fix}")
+        layout, why = model_format, f"--model-format {model_format}"
+    else:
+        layout = next(k for k in (OWN_FORMAT, "native", "transformers") if k in held)
+        why = "the default: what nanochat trained, not a conversion"
+    if both and told and (source, layout) not in _TOLD:
+        _TOLD.add((source, layout))
+        other = "transformers" if layout == "native" else "native"
+        print(f"{source}: holds both {_LAYOUT_NAMES['native']} and a {_LAYOUT_NAMES['transformers']}; loading "
+              f"the {layout} one ({why}); --model-format {other} loads the other", file=sys.stderr, flush=True)
+    return layout
+
+
+_LAYOUT_NAMES = {"native": "nanochat's native model_XXXXXX.pt", "transformers": "transformers port "
+                 "(config.json + safetensors)", OWN_FORMAT: f"the project's own format ({OWN_META})"}
 
 
 def _no_step(step: int | None, file: Path) -> None:
@@ -182,13 +246,29 @@ def _load_native(folder: Path, step: int | None, tokenizer_file: str | Path | No
     weights = steps[step]
     meta_path = weights.with_name(_meta_name(weights.name))
     meta = _read_json(meta_path, f"every {weights.name} needs its {meta_path.name} beside it")
-    config = _native_config(meta, meta_path)
-    tokenizer = load_tokenizer(tokenizer_file or _find_native_tokenizer(folder))
-    _check_tokenizer(tokenizer, config, meta_path)
+    # Mapped, so the keys are read without the tensors: which architecture the file holds is in its keys.
     state = _torch_load(weights)
     # torch.compile'd models save their parameters under _orig_mod.
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
-    return LoadedModel(_build(config, state, weights), tokenizer, config)
+    config = _native_config(meta, meta_path, set(state), weights)
+    tokenizer = load_tokenizer(tokenizer_file or _find_native_tokenizer(folder))
+    _check_tokenizer(tokenizer, config, meta_path)
+    if config.is_2026 and layer_count(state) == config.n_layer:  # else check_weights refuses, before allocating
+        # as nanochat's checkpoint_manager: checkpoints from before these scalars existed held them neutral
+        state.setdefault("resid_lambdas", torch.ones(config.n_layer))
+        state.setdefault("x0_lambdas", torch.zeros(config.n_layer))
+    return LoadedModel(_build(config, _unpad_vocab(config, state), weights), tokenizer, config)
+
+
+def _unpad_vocab(config: GPTConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state without nanochat's vocab padding: its rows past vocab_size are never a token (nanochat's forward
+    slices them off the logits before the softcap and the loss), so dropping them changes no logit of a token
+    and leaves nothing that could ever be sampled, argmaxed or scored but a real token."""
+    padded = padded_vocab_rows(config, {k: tuple(v.shape) for k, v in state.items()})
+    if padded is None:
+        return state
+    keys = set(vocab_rows(state))
+    return {k: v[: config.vocab_size] if k in keys else v for k, v in state.items()}
 
 
 def _meta_name(model_name: str) -> str:
@@ -196,21 +276,34 @@ def _meta_name(model_name: str) -> str:
     return "meta_" + model_name.removeprefix("model_").removesuffix(".pt") + ".json"
 
 
-def _native_config(meta: dict, meta_path: Path) -> GPTConfig:
+def _native_config(meta: dict, meta_path: Path, keys: set[str], weights: Path) -> GPTConfig:
+    """The config of a native checkpoint: the 2026 architecture where meta names a window_pattern or the weights
+    hold its parameters (nanochat's checkpoint_manager patches a missing window_pattern to "L"), else 2025."""
     mc = meta.get("model_config")
     if not isinstance(mc, dict):
         raise CheckpointError(f"{meta_path}: no model_config object; is this a nanochat meta_XXXXXX.json?")
     missing = [k for k in _NATIVE_CONFIG_KEYS if k not in mc]
     if missing:
         raise CheckpointError(f"{meta_path}: model_config lacks {', '.join(missing)}; the file is incomplete")
-    extra = sorted(set(mc) - set(_NATIVE_CONFIG_KEYS))
+    extra = sorted(set(mc) - {*_NATIVE_CONFIG_KEYS, "window_pattern"})
     if extra:
         raise CheckpointError(
-            f"{meta_path}: model_config has {', '.join(extra)}, from a later nanochat architecture "
-            "(Jan 2026+); only the Oct-Dec 2025 architecture (e.g. nanochat-d20) is supported"
+            f"{meta_path}: model_config has {', '.join(extra)}, from a nanochat architecture this version does not "
+            "know; the Oct-Dec 2025 architecture and nanochat's since 2026-03-14 (window_pattern) load"
         )
     # Native nanochat normalizes with F.rms_norm(eps=None): the dtype's machine epsilon.
-    return check_config({**{k: mc[k] for k in _NATIVE_CONFIG_KEYS}, "norm_eps": None}, meta_path)
+    fields = {**{k: mc[k] for k in _NATIVE_CONFIG_KEYS}, "norm_eps": None}
+    if "window_pattern" in mc or keys & set(_KEYS_2026) or any(k.startswith("value_embeds.") for k in keys):
+        absent = [k for k in _KEYS_2026 if k not in keys and k not in ("resid_lambdas", "x0_lambdas")]
+        if absent:
+            raise CheckpointError(
+                f"{weights}: a 2026 nanochat checkpoint without {', '.join(absent)}: from a version between "
+                "January and March 2026 whose forward differs from today's; only the Oct-Dec 2025 architecture "
+                "and nanochat's since 2026-03-14 load"
+            )
+        fields |= {"architecture": ARCH_2026, "window_pattern": mc.get("window_pattern", "L"),
+                   "rope_base": ROPE_BASE_2026}
+    return check_config(fields, meta_path)
 
 
 def _find_native_tokenizer(folder: Path) -> Path:
@@ -428,7 +521,8 @@ def _hub_offline() -> bool:
     return true(env.get("HF_HUB_OFFLINE")) or true(env.get("TRANSFORMERS_OFFLINE")) or constants.HF_HUB_OFFLINE
 
 
-def _resolve_hub(repo_id: str, step: int | None, revision: str | None = None) -> Path:
+def _resolve_hub(repo_id: str, step: int | None, revision: str | None = None,
+                 model_format: str | None = None) -> Path:
     """The folder in huggingface_hub's cache holding repo_id's checkpoint (at `revision`, default the main
     branch), downloading what is needed."""
     from huggingface_hub import HfApi, snapshot_download
@@ -458,12 +552,12 @@ def _resolve_hub(repo_id: str, step: int | None, revision: str | None = None) ->
             listing_error = e
     try:
         if files is not None:
-            subfolder, wanted = _pick_hub_files(repo_id, files, step)
+            subfolder, wanted = _pick_hub_files(repo_id, files, step, model_format)
             snapshot = Path(snapshot_download(repo_id, cache_dir=cache_dir, allow_patterns=wanted, **pinned))
         else:
             snapshot = Path(snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True, **pinned))
             present = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
-            subfolder, _ = _pick_hub_files(repo_id, present, step)
+            subfolder, _ = _pick_hub_files(repo_id, present, step, model_format)
     except CheckpointError:
         raise
     except LocalEntryNotFoundError:
@@ -480,13 +574,25 @@ def _resolve_hub(repo_id: str, step: int | None, revision: str | None = None) ->
     return snapshot / subfolder
 
 
-def _pick_hub_files(repo_id: str, files: list[str], step: int | None) -> tuple[str, list[str]]:
-    """From a repo's file list: the subfolder to load and the files it needs (layout (d), (b) or (a))."""
+def _pick_hub_files(repo_id: str, files: list[str], step: int | None,
+                    model_format: str | None = None) -> tuple[str, list[str]]:
+    """From a repo's file list: the subfolder to load and the files it needs (layout (d), (b) or (a), as
+    _choose_layout picks among those the repo holds)."""
     names = set(files)
     root = [f for f in files if "/" not in f]
-    if OWN_META in names:
+    held = {k for k, v in {
+        OWN_FORMAT: OWN_META in names,
+        "transformers": "config.json" in names and any(f.endswith(".safetensors") for f in root),
+        "native": any(_NATIVE_MODEL.fullmatch(f.rpartition("/")[2]) for f in files)}.items() if v}
+    if not held:
+        raise CheckpointError(
+            f"{repo_id}: the repo holds neither config.json + *.safetensors nor model_XXXXXX.pt; "
+            "not a nanochat checkpoint repo"
+        )
+    layout = _choose_layout(repo_id, held, model_format)
+    if layout == OWN_FORMAT:
         return "", root
-    if "config.json" in names and any(f.endswith(".safetensors") for f in root):
+    if layout == "transformers":
         wanted = [
             f
             for f in root
@@ -499,11 +605,6 @@ def _pick_hub_files(repo_id: str, files: list[str], step: int | None) -> tuple[s
         for f in files
         if (m := _NATIVE_MODEL.fullmatch(f.rpartition("/")[2]))
     ]
-    if not models:
-        raise CheckpointError(
-            f"{repo_id}: the repo holds neither config.json + *.safetensors nor model_XXXXXX.pt; "
-            "not a nanochat checkpoint repo"
-        )
     folders = sorted({d for d, _, _ in models})
     # Prefer the root, then nanochat's most-trained stage.
     preference = ["", *[f for stage in ("chatsft", "chatrl", "mid", "base") for f in folders if stage in f]]
@@ -532,7 +633,8 @@ def _load_own(folder: Path, tokenizer_file: str | Path | None = None) -> LoadedM
     mc = meta.get("model_config")
     if not isinstance(mc, dict):
         raise CheckpointError(f"{meta_path}: no model_config object; the file is corrupt")
-    missing = [k for k in GPTConfig.__dataclass_fields__ if k not in mc]
+    # fields added after a folder was saved take their defaults, which are what the folder held
+    missing = [k for k in GPTConfig.__dataclass_fields__ if k not in mc and k not in ("architecture", "window_pattern")]
     if missing:
         raise CheckpointError(f"{meta_path}: model_config lacks {', '.join(missing)}; the file is corrupt")
     config = check_config(mc, meta_path)

@@ -1,4 +1,5 @@
-"""nanochat's GPT as the Oct-Dec 2025 checkpoints (nanochat-d20 among them) define it.
+"""nanochat's GPT: the architecture of the Oct-Dec 2025 checkpoints (nanochat-d20 among them), and that of
+nanochat since March 2026 (`architecture="nanochat-2026"`).
 
 A plain nn.Module with nanochat's parameter names, so that `torch.func.functional_call` can drive it
 with stacked parameters. Notable features, all from nanochat:
@@ -10,6 +11,14 @@ with stacked parameters. Notable features, all from nanochat:
 - no bias in any linear layer
 - logit softcap 15 * tanh(logits / 15)
 - group-query attention when n_kv_head < n_head
+The 2026 architecture (nanochat/gpt.py from commit a825e63, 2026-03-14, to today) adds, each where nanochat has it:
+- sliding-window attention per layer (window_pattern of S = a quarter of sequence_len rounded up to 128 tokens,
+  L = sequence_len, tiled over the layers, the last layer always L), RoPE base 100000
+- per-layer scalars resid_lambdas and x0_lambdas mixing the residual stream with the normed embedding x0
+- smear: each position adds smear_lambda * sigmoid(smear_gate(x[:24])) of the previous position's embedding
+- value embeddings on alternating layers (the last always), added to v through a per-head gate 3 * sigmoid
+- queries and keys scaled by 1.2 after the QK norm
+- backout: backout_lambda times the residual stream after layer n_layer // 2 subtracted before the final norm
 """
 
 from __future__ import annotations
@@ -22,6 +31,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vmap_sweep.model.loss import fused_linear_cross_entropy
+
+ARCH_2025, ARCH_2026 = "nanochat-2025", "nanochat-2026"
+ARCHITECTURES = (ARCH_2025, ARCH_2026)
+SMEAR_CHANNELS, VE_GATE_CHANNELS, QK_SCALE = 24, 12, 1.2  # nanochat's constants of the 2026 architecture
+
+
+def has_value_embedding(layer: int, n_layer: int) -> bool:
+    """nanochat's alternating value embeddings: every other layer, the last one always."""
+    return layer % 2 == (n_layer - 1) % 2
 
 
 @dataclass(frozen=True)
@@ -36,6 +54,8 @@ class GPTConfig:
     norm_eps: float | None = None
     rope_base: float = 10000.0
     softcap: float = 15.0
+    architecture: str = ARCH_2025
+    window_pattern: str = "L"  # the 2026 architecture's attention windows (see the module doc)
 
     @classmethod
     def from_depth(cls, depth: int, **overrides) -> GPTConfig:
@@ -50,6 +70,21 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    @property
+    def is_2026(self) -> bool:
+        return self.architecture == ARCH_2026
+
+    def window_sizes(self) -> list[int | None]:
+        """Each layer's attention window, in keys before the query (None: the whole causal context), as nanochat
+        computes them from window_pattern (the 2025 architecture: None everywhere)."""
+        if not self.is_2026:
+            return [None] * self.n_layer
+        short = -(-self.sequence_len // 4 // 128) * 128
+        sizes = [short if self.window_pattern.upper()[i % len(self.window_pattern)] == "S" else self.sequence_len
+                 for i in range(self.n_layer)]
+        sizes[-1] = self.sequence_len
+        return sizes
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -59,7 +94,12 @@ class GPTConfig:
         per_layer = 2 * self.n_embd * self.n_embd + 2 * self.n_embd * self.n_kv_head * self.head_dim
         per_layer += 8 * self.n_embd * self.n_embd  # MLP
         matrices = self.n_layer * per_layer + self.vocab_size * self.n_embd
-        return 6 * matrices + 12 * self.n_layer * self.n_embd * (seq_len or self.sequence_len)
+        seq = seq_len or self.sequence_len
+        if self.is_2026:  # the gates' matmuls, and attention over at most each layer's window
+            matrices += SMEAR_CHANNELS + sum(VE_GATE_CHANNELS * self.n_kv_head for i in range(self.n_layer)
+                                             if has_value_embedding(i, self.n_layer))
+            return 6 * matrices + sum(12 * self.n_embd * min(w, seq) for w in self.window_sizes())
+        return 6 * matrices + 12 * self.n_layer * self.n_embd * seq
 
     def validate(self) -> None:
         if self.n_embd % self.n_head:
@@ -68,6 +108,12 @@ class GPTConfig:
             raise ValueError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.architecture!r}; choose from {ARCHITECTURES}")
+        if self.is_2026 and (self.n_embd < SMEAR_CHANNELS or not self.window_pattern
+                             or set(self.window_pattern.upper()) - set("SL")):
+            raise ValueError(f"the 2026 architecture needs n_embd >= {SMEAR_CHANNELS} and a window_pattern of S "
+                             f"and L, not {self.n_embd} and {self.window_pattern!r}")
 
 
 def norm(x: torch.Tensor, eps: float | None) -> torch.Tensor:
@@ -86,15 +132,21 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return torch.cat([y1, y2], dim=-1)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention of (B, H, T, D) queries, keys and values."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Causal attention of (B, H, T, D) queries, keys and values; with a window, each query sees itself and at most
+    `window` keys before it (nanochat's sliding window, as its SDPA path computes it)."""
+    T = q.size(-2)
+    if window is None or window >= T:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    pos = torch.arange(T, device=q.device)
+    back = pos[:, None] - pos[None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=(back >= 0) & (back <= window))
 
 
 class CausalSelfAttention(nn.Module):
     """The attention layer's weights; Block runs it in two halves around `causal_attention`."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.eps = config.norm_eps
@@ -102,15 +154,24 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.qk_scale = QK_SCALE if config.is_2026 else None
+        if config.is_2026 and has_value_embedding(layer, config.n_layer):
+            self.ve_gate = nn.Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False)
 
-    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Queries, keys and values (B, H, T, D) of x (B, T, C), keys and values expanded to every query head."""
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ve: torch.Tensor | None = None):
+        """Queries, keys and values (B, H, T, D) of x (B, T, C), keys and values expanded to every query head;
+        ve (B, T, n_kv_head * D): the 2026 architecture's value embedding of the tokens, gated into v."""
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, n_kv_head)
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q, k = norm(q, self.eps), norm(k, self.eps)  # QK norm, after RoPE
+        if self.qk_scale is not None:
+            q, k = q * self.qk_scale, k * self.qk_scale
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if self.n_kv_head != self.n_head:
             # Query head h reads kv head h // group. Expanding keeps the SDPA call on its fused kernels.
@@ -136,19 +197,20 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
         self.eps = config.norm_eps
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return self.after_attention(x, causal_attention(*self.before_attention(x, cos, sin)))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ve: torch.Tensor | None = None,
+                window: int | None = None) -> torch.Tensor:
+        return self.after_attention(x, causal_attention(*self.before_attention(x, cos, sin, ve), window))
 
     # The two halves around attention: a stack of models runs each half under vmap and attention in between
     # for all models at once (vmap_sweep/train/trainer.py).
-    def before_attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        return self.attn.qkv(norm(x, self.eps), cos, sin)
+    def before_attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ve: torch.Tensor | None = None):
+        return self.attn.qkv(norm(x, self.eps), cos, sin, ve)
 
     def after_attention(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x = x + self.attn.project(y)
@@ -163,10 +225,21 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.is_2026:
+            n = config.n_layer
+            self.resid_lambdas = nn.Parameter(torch.ones(n))
+            self.x0_lambdas = nn.Parameter(torch.zeros(n))
+            self.smear_gate = nn.Linear(SMEAR_CHANNELS, 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+            self.backout_lambda = nn.Parameter(torch.full((1,), 0.2))
+            kv_dim = config.n_kv_head * config.head_dim
+            self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, kv_dim) for i in range(n)
+                                               if has_value_embedding(i, n)})
+        self.windows = config.window_sizes()
         cos, sin = self._rotary_tables(config.sequence_len)
         # Non-persistent buffers: never in a checkpoint, and functional_call reads them from the module,
         # so a stacked forward shares one copy across all models.
@@ -208,8 +281,26 @@ class GPT(nn.Module):
         cos, sin = self.cos[:T], self.sin[:T]
         eps = self.config.norm_eps
         x = norm(self.transformer.wte(idx), eps)
+        if self.config.is_2026:
+            return self._hidden_2026(idx, x, cos, sin)
         for block in self.transformer.h:
             x = block(x, cos, sin)
+        return norm(x, eps)
+
+    def _hidden_2026(self, idx: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The 2026 architecture's trunk after the normed embedding x, as nanochat's GPT.forward runs it."""
+        eps = self.config.norm_eps
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., 1:, :SMEAR_CHANNELS]))
+        x = torch.cat([x[..., :1, :], x[..., 1:, :] + gate * x[..., :-1, :]], dim=-2)
+        x0, backout_layer, x_backout = x, self.config.n_layer // 2, None
+        for i, block in enumerate(self.transformer.h):
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            x = block(x, cos, sin, ve, self.windows[i])
+            if i == backout_layer:
+                x_backout = x
+        if x_backout is not None:
+            x = x - self.backout_lambda * x_backout
         return norm(x, eps)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from vmap_sweep.errors import CheckpointError
 from vmap_sweep.model import hf_names
 from vmap_sweep.model.gpt import GPT
 from vmap_sweep.model.tokenizer import SPECIAL_TOKENS, ByteTokenizer, HFTokenizer, Tokenizer
@@ -40,6 +41,9 @@ def save_hf_model(directory: str | Path, model: GPT, tokenizer: Tokenizer) -> li
     one (load_model says so), and the study's tokenizer.pkl goes beside it with the project's own format."""
     from safetensors.torch import save_file
 
+    if model.config.is_2026:
+        raise CheckpointError("transformers' NanoChat port has the 2025 architecture only: a 2026 nanochat model "
+                              "(sliding windows, value embeddings, smear, backout) has no transformers layout")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     c = model.config

@@ -20,14 +20,14 @@ from vmap_sweep.study.sizes import Budgets
 TRAINING_EFFICIENCY = {True: 0.41, False: 0.15}
 
 
-def base_model_shape(name: str, tokenizer: str | None = None, revision: str | None = None
-                     ) -> tuple[GPTConfig, Tokenizer]:
+def base_model_shape(name: str, tokenizer: str | None = None, revision: str | None = None,
+                     model_format: str | None = None) -> tuple[GPTConfig, Tokenizer]:
     """The base model's shape and tokenizer, without pretraining the embedded tiny model."""
-    if name == "tiny" and tokenizer is None and revision is None:
+    if name == "tiny" and tokenizer is None and revision is None and model_format is None:
         from vmap_sweep.train.tiny import TINY_CONFIG
 
         return TINY_CONFIG, ByteTokenizer()
-    loaded = load_base_model(name, tokenizer, revision)
+    loaded = load_base_model(name, tokenizer, revision, model_format)
     return loaded.config, loaded.tokenizer
 
 

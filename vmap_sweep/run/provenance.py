@@ -33,7 +33,7 @@ def pin_sources(cfg: StudyConfig, stored: StudyConfig | None = None) -> StudyCon
     if stored is not None and model_rev is None and stored.model == cfg.model:
         model_rev = stored.model_revision
     elif is_hub_id(cfg.model):
-        model_rev = hub_commit(locate_model(cfg.model, revision=model_rev))
+        model_rev = hub_commit(locate_model(cfg.model, revision=model_rev, model_format=cfg.model_format))
     if stored is not None and data_rev is None and stored.data == cfg.data:
         data_rev = stored.data_revision
     else:  # refuses a revision for local data, before anything loads
@@ -47,7 +47,7 @@ def base_model_dir(cfg: StudyConfig) -> Path:
         from vmap_sweep.train.tiny import tiny_base_dir
 
         return tiny_base_dir()
-    return locate_model(cfg.model, revision=cfg.model_revision)
+    return locate_model(cfg.model, revision=cfg.model_revision, model_format=cfg.model_format)
 
 
 def collect(cfg: StudyConfig) -> dict:
@@ -58,7 +58,7 @@ def collect(cfg: StudyConfig) -> dict:
         "vmap_sweep": _package_version(),
         "python": platform.python_version(),
         "model": {"source": cfg.model, "revision": hub_commit(model_dir) if is_hub_id(cfg.model) else None,
-                  "sha256": sha256_of_files(weight_files(model_dir))},
+                  "sha256": sha256_of_files(weight_files(model_dir, model_format=cfg.model_format))},
         "data": {"source": cfg.data, "revision": cfg.data_revision},
     }
 

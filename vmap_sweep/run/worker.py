@@ -54,23 +54,25 @@ def train_config(cfg: StudyConfig, settings: RunSettings, compile: bool) -> Trai
     )
 
 
-def load_base_model(name: str, tokenizer: str | None = None, revision: str | None = None):
+def load_base_model(name: str, tokenizer: str | None = None, revision: str | None = None,
+                    model_format: str | None = None):
     """A LoadedModel (model and tokenizer) by the name a config gives: the embedded tiny model, or any source
-    model/checkpoint.py reads (`tokenizer`: a tokenizer file to use instead of its own; `revision`: a Hub id's).
+    model/checkpoint.py reads (`tokenizer`: a tokenizer file to use instead of its own; `revision`: a Hub id's;
+    `model_format`: the layout of a folder or repo holding both).
     Training reads text, so a model without a tokenizer is refused here, naming the option that gives one."""
     if name == "tiny":
         from vmap_sweep.train.tiny import tiny_base_model
 
         loaded = tiny_base_model()
-        if tokenizer is None and revision is None:
+        if tokenizer is None and revision is None and model_format is None:
             return loaded
-        raise ConfigError("--model tiny: the embedded model has its own byte tokenizer and no Hub revision; "
-                          "drop --tokenizer and --model-revision")
+        raise ConfigError("--model tiny: the embedded model has its own byte tokenizer, no Hub revision and one "
+                          "layout; drop --tokenizer, --model-revision and --model-format")
     from vmap_sweep.model.checkpoint import MissingTokenizerWarning, load_model
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MissingTokenizerWarning)  # refused below, in one line
-        loaded = load_model(name, tokenizer=tokenizer, revision=revision)
+        loaded = load_model(name, tokenizer=tokenizer, revision=revision, model_format=model_format)
     if loaded.tokenizer is None:
         raise TokenizerError(f"{name}: the model was saved without a tokenizer (no tokenizer.json); give the "
                              "base model's tokenizer with --tokenizer PATH (tokenizer.json or tokenizer.pkl)")
@@ -96,7 +98,7 @@ def training_stream(cfg: StudyConfig, sequence_len: int, tokenizer: Tokenizer) -
 
 def load_study_data(cfg: StudyConfig, device: torch.device) -> StudyData:
     """The base model, its tokenizer, the fixed training order and the held-out evaluation tokens."""
-    loaded = load_base_model(cfg.model, cfg.tokenizer, cfg.model_revision)
+    loaded = load_base_model(cfg.model, cfg.tokenizer, cfg.model_revision, cfg.model_format)
     model, tokenizer = loaded.model, loaded.tokenizer
     max_len = model.config.sequence_len
     stream = training_stream(cfg, model.config.sequence_len, tokenizer)

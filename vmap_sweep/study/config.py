@@ -18,9 +18,10 @@ SCHEDULES = ("constant", "linear", "cosine")
 MAX_TOKENS_PER_STEP = 1 << 24  # 128x the plan's largest batch (128K tokens); more is a typo, not a study
 GROUPS = ("embedding", "unembedding", "attn", "mlp")  # parameter groups, each with its own learning rate
 OPTIMIZER_STATES = ("float32", "bfloat16")
+MODEL_FORMATS = ("native", "transformers")  # the checkpoint layouts a Hub repo may hold both of
 # Where the model and data come from beyond their names. Each is stored (and hashed) only when given, so a study
 # made before they existed keeps its hash and resumes.
-SOURCE_OPTIONS = ("tokenizer", "model_revision", "data_revision")
+SOURCE_OPTIONS = ("tokenizer", "model_revision", "data_revision", "model_format")
 
 
 def check_micro_batch_size(micro_batch_size: int | None, rows: int,
@@ -92,6 +93,8 @@ class StudyConfig:
     # the Hub revisions (branch, tag or commit) of a Hub model and dataset; `run` pins a new study's to commits
     model_revision: str | None = None
     data_revision: str | None = None
+    # native or transformers, where the model's folder or Hub repo holds both layouts (None: native)
+    model_format: str | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -133,6 +136,8 @@ class StudyConfig:
             raise ConfigError(f"--trainable {','.join(self.trainable)!r}: choose one or more of {', '.join(GROUPS)}")
         if self.optimizer_state not in OPTIMIZER_STATES:
             raise ConfigError(f"--optimizer-state {self.optimizer_state!r}: choose {' or '.join(OPTIMIZER_STATES)}")
+        if self.model_format not in (None, *MODEL_FORMATS):
+            raise ConfigError(f"--model-format {self.model_format!r}: choose {' or '.join(MODEL_FORMATS)}")
         for key, value in self.fixed.items():
             check_fixed(key, value)
         check_steps(self, x, y)

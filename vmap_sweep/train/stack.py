@@ -7,11 +7,19 @@ from torch import nn
 
 from vmap_sweep.study.config import GROUPS
 
+# The 2026 architecture's per-layer scalars and smear gate: nanochat tunes them with learning rates of their own,
+# which no study axis sets, so a fine-tune holds them at their trained values (shared, never stacked).
+HELD_2026 = ("resid_lambdas", "x0_lambdas", "smear_gate.weight", "smear_lambda", "backout_lambda")
+HELD = "held"  # their group, never trainable
+
 
 def group_of(name: str) -> str:
-    """The parameter group of a nanochat parameter name; each group has its own per-model learning rate."""
-    if name == "transformer.wte.weight":
+    """The parameter group of a nanochat parameter name; each group has its own per-model learning rate. The 2026
+    architecture's value embeddings are embeddings, its value-embedding gates part of attention."""
+    if name == "transformer.wte.weight" or (name.startswith("value_embeds.") and name.endswith(".weight")):
         return "embedding"
+    if name in HELD_2026:
+        return HELD
     if name == "lm_head.weight":
         return "unembedding"
     if ".attn." in name:

@@ -225,6 +225,27 @@ def _block_stage(halves: tuple[_HalfBlock, _HalfBlock], stacked: dict, shared: d
     return vmap(lambda p, x, yy: functional_call(after, (p, shared), (x, yy)), in_dims=(dims, 0, 0))(stacked, h, y)
 
 
+class _Hidden(torch.nn.Module):
+    """A GPT whose forward is its final hidden states, for functional_call (parameters named "gpt.<name>")."""
+
+    def __init__(self, gpt: GPT):
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, idx):
+        return self.gpt.hidden(idx)
+
+
+def _whole_model_stage(hidden: _Hidden, stacked: dict, shared: dict, idx, attention_kernels: list) -> torch.Tensor:
+    """The final hidden states (K, B, T, C) of every model, the whole trunk under vmap: the 2026 architecture's
+    value embeddings, x0 mixing and backout reach across blocks, so its blocks are not run as separate stages.
+    Attention runs inside vmap, where only SDPA's math kernel gives right gradients on every device."""
+    stacked = {"gpt." + n: _GradInOwnLayout.apply(t) if t.requires_grad else t for n, t in stacked.items()}
+    shared = {"gpt." + n: t for n, t in shared.items()}
+    with sdpa_kernel(attention_kernels):
+        return vmap(lambda p: functional_call(hidden, (p, shared), (idx,)))(stacked)
+
+
 def _loss_stage(stacked: dict, shared: dict, h, targets, weights, eps, softcap: float, chunk: int, compiled: bool):
     """(K,) weighted cross-entropy sums of the final norm + lm_head + softcap, on the stacked tensors directly."""
     weight = stacked["weight"] if stacked else shared["weight"]
@@ -315,6 +336,7 @@ class StackedTrainer:
         # every block has the same structure: the first one's halves run each block's parameters
         template = model.transformer.h[0]
         self._halves = (_HalfBlock(template, "before_attention"), _HalfBlock(template, "after_attention"))
+        self._hidden = _Hidden(model)
         self.base_cache = {} if base_cache is None else base_cache
         self._eval_set: tuple | None = None  # (the held-out batches given, the same on the device): _resident
         self.at_base = True  # every model still holds the base weights (until the first update)
@@ -339,7 +361,12 @@ class StackedTrainer:
         return (StackedAdamW(adamw_params, hp, compile=cfg.compile) if adamw_params else None), muon
 
     def _stages_of(self, stacked: dict) -> list[tuple[dict, dict]]:
-        """(stacked, shared) parameters of each stage, named relative to its submodule: embedding, blocks, lm_head."""
+        """(stacked, shared) parameters of each stage, named relative to its submodule: embedding, blocks, lm_head;
+        for the 2026 architecture, the whole model, then lm_head."""
+        if self.model.config.is_2026:
+            head = {n.removeprefix("lm_head."): t for n, t in stacked.items() if n.startswith("lm_head.")}
+            return [(stacked, self.frozen), (head, {n.removeprefix("lm_head."): t for n, t in self.frozen.items()
+                                                    if n.startswith("lm_head.")})]
         prefixes = ["transformer.wte.", *(f"transformer.h.{i}." for i in range(len(self.model.transformer.h))),
                     "lm_head."]
         return [({n[len(p):]: t for n, t in stacked.items() if n.startswith(p)},
@@ -349,6 +376,12 @@ class StackedTrainer:
         """(K,) losses of the stacked models on shared tokens x, targets y and per-model loss weights w (K, B, T),
         computed stage by stage: embedding, each block (checkpointed if asked), the loss."""
         model, eps, k = self.model, self.model.config.norm_eps, w.shape[0]
+        if model.config.is_2026:
+            (s, f), (head, head_shared) = stages
+            h = _whole_model_stage(self._hidden, s, f, x, [SDPBackend.MATH]) if s else \
+                model.hidden(x).expand(k, *x.shape, -1)
+            weight = head["weight"] if head else head_shared["weight"]
+            return stacked_linear_cross_entropy(h, weight, y, w, model.config.softcap, self.ce_chunk, self.cfg.compile)
         cos, sin = model.cos[: x.size(-1)], model.sin[: x.size(-1)]
         s, f = stages[0]
 
