@@ -486,12 +486,34 @@ def _tokens_per_step(sizes: list[int]) -> str:
     return f"{sizes[0]:,} … {sizes[-1]:,}: {len(sizes)} batch sizes, each batch of one"
 
 
+BUDGET_UNIT_WORDS = {"tokens": "tokens (every position of a row)", "supervised": "supervised (answer) tokens",
+                     "conversations": "conversations"}
+
+
+def layout_rows(cfg, layout: dict | None) -> list[tuple[str, str]]:
+    """--dry-run: how the data fills the rows (data/stream.py, TokenStream.layout)."""
+    if layout is None:
+        return []
+    answers = f"{layout['supervised_share'] * cfg.batch_size * cfg.seq_len:,.0f} per step on average"
+    if layout["layout"] == "packed":
+        return [("rows", f"packed: conversations run across rows of {cfg.seq_len}; "
+                         f"{layout['cut_share']:.1%} of answer tokens are trained without their conversation's "
+                         "start in their row"),
+                ("supervised tokens", answers)]
+    return [("rows", f"one conversation per row of {cfg.seq_len}: {layout['rows']:,} rows, {layout['dropped']:,} "
+                     f"conversations dropped (no answer token within {cfg.seq_len} tokens)"),
+            ("padding", f"{layout['padding_share']:.1%} of positions"),
+            ("supervised tokens", answers)]
+
+
 def plan_table(cfg, k: int, s: dict) -> Table:
     """--dry-run's plan: what will be trained and a rough time for it."""
     table = Table(title="plan", show_header=False)
     for key, value in [
         ("model / data", f"{cfg.model} / {cfg.data}"),
         ("grid", f"{cfg.x} × {cfg.y} at {cfg.resolution}"),
+        ("budgets count", BUDGET_UNIT_WORDS[cfg.budget_unit]),
+        *layout_rows(cfg, s.get("layout")),
         ("cells", s["cells"]), ("batches", f"{s['batches']} of up to {k} models"),
         ("tokens per step", _tokens_per_step(s["tokens_per_step"])),
         ("steps per cell", f"{s['steps_range'][0]} … {s['steps_range'][1]}"),
