@@ -115,3 +115,25 @@ def test_cli_classifies_by_last20_and_compares_criteria(tmp_path):
     out = ok("compare", tmp_path / "s", tmp_path / "s", "--criterion-a", "ratio").output
     assert "criterion: ratio -> last20" in out
     assert cli("compare", tmp_path / "s", tmp_path / "s", "--criterion-b", "nope").exit_code == 2
+
+
+def fractal_llm_lr_mult(step_idx: int, total_steps: int, warmup_frac: float) -> float:
+    """fractal-llm's schedule, as written there (final_lr_frac 0)."""
+    warmup_steps = max(1, int(total_steps * warmup_frac))
+    if step_idx < warmup_steps:
+        return (step_idx + 1) / warmup_steps
+    progress = (step_idx - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@pytest.mark.parametrize("total", [1, 2, 8, 16, 17, 25, 100, 333])
+@pytest.mark.parametrize("ratio", [0.0, 0.06, 0.3])
+def test_warmup_cosine_is_the_plan_authors_schedule(total, ratio):
+    import torch
+
+    from vmap_sweep.study.schedule import lr_multiplier
+
+    ratios = torch.tensor([ratio], dtype=torch.float64)  # as the trainer and the planner hold it
+    got = [float(lr_multiplier(s, torch.tensor([float(total)]), ratios, "warmup-cosine")[0])
+           for s in range(total)]
+    assert got == pytest.approx([fractal_llm_lr_mult(s, total, ratio) for s in range(total)], rel=1e-12, abs=1e-15)

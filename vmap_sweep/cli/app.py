@@ -166,7 +166,8 @@ def run(
     models_per_batch: Annotated[str | None, typer.Option(
         help="Models trained at once, or 'auto' to probe memory (default 8; resuming, the study's).")] = None,
     optimizer: Annotated[str | None, typer.Option(help="adamw, or nanochat (Muon + AdamW).")] = None,
-    schedule: Annotated[str | None, typer.Option(help="constant, linear (to zero) or cosine.")] = None,
+    schedule: Annotated[str | None, typer.Option(help="constant, linear (to zero), cosine, or warmup-cosine (the plan "
+                                                       "author's: at least one warmup step).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Rows per optimizer step (sweep tokens per step with "
                                                         "--x/--y batch_size:MIN:MAX).")] = None,
     seq_len: Annotated[int | None, typer.Option(help="Tokens per row.")] = None,

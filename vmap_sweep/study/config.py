@@ -15,7 +15,9 @@ from vmap_sweep.study.axes import AXES, check_axis_pair, parse_axis_spec, parse_
 from vmap_sweep.study.sizes import SIZE_UNITS
 
 OPTIMIZERS = ("adamw", "nanochat")  # nanochat: Muon on the block matrices, AdamW on the (un)embedding
-SCHEDULES = ("constant", "linear", "cosine")
+# warmup-cosine: the plan author's (fractal-llm src/finetune.py): max(1, floor(warmup_ratio x steps)) warmup steps,
+# then half a cosine to zero; "cosine" rounds the warmup and allows none
+SCHEDULES = ("constant", "linear", "cosine", "warmup-cosine")
 MAX_TOKENS_PER_STEP = 1 << 24  # 128x the plan's largest batch (128K tokens); more is a typo, not a study
 GROUPS = ("embedding", "unembedding", "attn", "mlp")  # parameter groups, each with its own learning rate
 OPTIMIZER_STATES = ("float32", "bfloat16")
