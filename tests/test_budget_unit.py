@@ -72,3 +72,63 @@ def test_a_supervised_study_trains_each_cell_as_the_token_budget_of_its_prefix(t
             assert r["steps"] == a["steps"]
             for field in ("trajectory", "base_losses", "grad_norms"):
                 assert np.array_equal(bits(r[field]), bits(a[field])), field
+
+
+def test_rules_count_d_in_the_study_unit_by_default_and_convert_on_request(tmp_path):
+    from test_rules import converging
+
+    from vmap_sweep.analysis.rules import rules_of_thumb
+    from vmap_sweep.analysis.study import reclassify
+    from vmap_sweep.store import extras
+    from vmap_sweep.store.db import StudyStore
+    from vmap_sweep.study.axes import parse_axis_spec
+    from vmap_sweep.study.config import StudyConfig
+    from vmap_sweep.study.grid import Grid
+    from vmap_sweep.study.sizes import DatasetSize
+
+    x, y = "lr:1e-6:1e-1:log", "tokens:100:800:log"
+    cfg = StudyConfig(model="tiny", data="synthetic", x=x, y=y, resolution="16x4", budget_unit="supervised")
+    grid = Grid(parse_axis_spec(x), parse_axis_spec(y), 16, 4)
+    store = StudyStore.create_or_open(tmp_path / "s", cfg.to_dict(), grid.cells())
+    budgets = sorted({int(c.hparams["tokens"]) for c in grid.cells()})
+    extras.put_dataset_sizes(store, {n: DatasetSize(20 * n, n, n // 10) for n in budgets})
+    store.record_batch([(c, converging(c.x < 1e-3 * (c.y / 100) ** 0.5, 2.0)) for c in grid.cells()], batch_index=0)
+    reclassify(store)
+    with store:
+        answers, tokens = rules_of_thumb(store), rules_of_thumb(store, "tokens")
+        sized = sized_cells(store)
+    assert answers.size_unit == answers.budget_unit == "supervised"
+    assert [r.size for r in answers.sizes] == budgets
+    assert [r.size for r in tokens.sizes] == [20 * n for n in budgets]  # the positions, as recorded
+    assert sized.size(budgets[0], "conversations") == budgets[0] // 10
+    # the stored sizes keep their positions: a study in answer tokens reads back what it recorded
+    assert {n: s.tokens for n, s in sized.sizes.items()} == {n: 20 * n for n in budgets}
+
+
+def test_dry_run_shows_rows_padding_and_answer_tokens_per_step(tmp_path):
+    from cli_helpers import ok
+
+    out = ok("run", "--preset", "tiny", "--no-packing", "--seq-len", "256", "--batch-size", "2", "--budget-unit",
+             "supervised", "--y", "tokens:8:64:log", "--resolution", "4", "--dry-run", "--device", "cpu",
+             "--out", tmp_path / "s").output
+    assert "supervised (answer) tokens" in out and "4,000 rows" in out and "26.6% of positions" in out
+    assert "per step on average" in out
+    packed = ok("run", "--preset", "tiny", "--resolution", "4", "--dry-run", "--device", "cpu",
+                "--out", tmp_path / "p").output
+    assert "trained without their conversation's" in packed
+
+
+def test_shards_of_a_study_in_answer_tokens_deal_its_grid_cells_by_their_positions():
+    from vmap_sweep.study.plan import build_grid, cell_steps, plan_study, shard_cells
+
+    cfg = preset("tiny").with_overrides(packing=False, seq_len=256, batch_size=1, resolution="4",
+                                        y="tokens:8:64:log", budget_unit="supervised")
+    grid = build_grid(cfg)
+    positions = {int(c.hparams["tokens"]): 256 * int(c.hparams["tokens"]) for c in grid.cells()}  # 1 answer/row
+    parts = [shard_cells(cfg, grid, k, 2, positions) for k in (1, 2)]
+    assert sorted(c.key for p in parts for c in p) == sorted(c.key for c in grid.cells())
+    assert all(c in grid.cells() for p in parts for c in p)  # as the grid holds them, budgets in answer tokens
+    batches = plan_study(cfg, parts[0], 4, True, positions)
+    steps = cell_steps(cfg)
+    assert all(n == steps(c) == -(-c.hparams["tokens"] // 256) for b in batches
+               for c, n in zip(b.cells, b.cell_steps, strict=True))
