@@ -250,6 +250,9 @@ def status_table(store: StudyStore) -> Table:
     table = Table(title=f"study {escape(str(store.directory))}", show_header=False)
     table.add_row("model / data", escape(f"{cfg.get('model')} / {cfg.get('data')}"))
     table.add_row("grid", escape(f"{cfg.get('x')} × {cfg.get('y')} at {store.nx}×{store.ny}"))
+    # a config stored without these fields was trained packed, its budgets in tokens (study/config.py)
+    table.add_row("rows", "packed" if cfg.get("packing", True) else f"one conversation per row of {cfg.get('seq_len')}")
+    table.add_row("budgets count", BUDGET_UNIT_WORDS[str(cfg.get("budget_unit", "tokens"))])
     table.add_row("config hash", store.config_hash[:16])
     for key, value in _counts_rows(store):
         table.add_row(key, value)
