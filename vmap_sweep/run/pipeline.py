@@ -86,7 +86,7 @@ def run_study(cfg: StudyConfig, out: str | Path, backend: Backend, *, models_per
         claimed = True
         digest = _check_resumable(study, backend.settings)
         origin = _check_provenance(study, cfg, progress)
-        budgets = backend.budgets(sorted({int(c.hparams["tokens"]) for c in grid.cells()}), cfg.budget_unit)
+        budgets = _budgets(backend, cfg, grid)
         check_smallest_budget(cfg, grid, budgets.first_supervised)
         positions = budget_positions(cfg, budgets)
         cells, shard_name = _cells_of_shard(cfg, grid, shard, positions)
@@ -107,6 +107,12 @@ def run_study(cfg: StudyConfig, out: str | Path, backend: Backend, *, models_per
         raise
     finally:
         progress.finish()  # also on error: a live progress display would hide the cursor
+
+
+def _budgets(backend: Backend, cfg: StudyConfig, grid: Grid) -> Budgets:
+    """What the grid's budgets hold; a study in tokens asks as a backend written before budget units did."""
+    every = sorted({int(c.hparams["tokens"]) for c in grid.cells()})
+    return backend.budgets(every) if cfg.budget_unit == "tokens" else backend.budgets(every, cfg.budget_unit)
 
 
 def budget_positions(cfg: StudyConfig, budgets: Budgets) -> dict[int, int]:
