@@ -21,9 +21,10 @@ from vmap_sweep.store import extras
 from vmap_sweep.store.db import StudyStore
 
 COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
-# 2 x 2 cells of one or two steps on a one-layer model: seconds per run
+# 2 x 2 cells of one or two steps on a one-layer model: seconds per run (packed: a 32-token row holds no whole
+# synthetic conversation)
 GRID = ["--data", "synthetic", "--x", "lr:1e-3:1e-2:log", "--y", "tokens:256:512:log", "--resolution", "2",
-        "--batch-size", "2", "--seq-len", "32", "--eval-tokens", "512", "--device", "cpu", "--quiet"]
+        "--batch-size", "2", "--seq-len", "32", "--packing", "--eval-tokens", "512", "--device", "cpu", "--quiet"]
 
 
 def save_hf_model(folder: Path, seed: int, tokenizer: bool = False) -> Path:

@@ -16,6 +16,13 @@ Two criteria (DESIGN.md, "Definitions the science depends on"):
   clipped to [-1, 2], and 2 for a non-finite trajectory or a forced divergence. So the score is
   < 0 exactly when converged, in [0, 1] when marginal and > 1 when diverged.
 
+* ``"last20"`` (the plan author's fine-tuning, fractal-llm ``src/finetune.py``): trainable iff the run stayed
+  finite and the mean of its last ``min(20, n)`` training losses is below its first, over the ``n`` losses taken
+  before each update (the stored trajectory without its final after-the-last-update value; ``steps_done`` says
+  how many). Losses of different minibatches are compared, with no reference. Score: mean / first - 1 (< 0 iff
+  trainable), ``RATIO_CAP`` for a run that did not stay finite. Labels: converged (trainable)/diverged (not).
+  A one-step cell has one such loss, the first: it is never trainable by this rule.
+
 Every function takes an optional ``diverged`` flag (the trainer's own divergence verdict); it
 forces the label "diverged". A cell that diverged before its first step has an empty trajectory
 and ``diverged=True``; its score is the most-diverged value of the criterion (0 for "ratio", 2 for
@@ -35,7 +42,7 @@ CONVERGED = "converged"
 DIVERGED = "diverged"
 MARGINAL = "marginal"
 LABELS = (CONVERGED, DIVERGED, MARGINAL)
-CRITERIA = ("ratio", "threshold")
+CRITERIA = ("ratio", "threshold", "last20")
 
 RATIO_CAP = 1e6  # Sohl-Dickstein's replacement for non-finite ratios and upper clip
 RATIO_FLOOR = 1e-12  # keeps 1/v finite; a cross-entropy ratio is never this small in practice
@@ -126,6 +133,7 @@ def classify_grid(
     criterion: str = "ratio",
     diverged: ArrayLike | None = None,
     references: Sequence[ArrayLike] | None = None,
+    steps_done: ArrayLike | None = None,
     **kw: float,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Classify many trajectories at once -> (labels: str array (n,), scores: float array (n,)).
@@ -137,6 +145,7 @@ def classify_grid(
     ``references`` (ratio only): per-step reference losses, one array per trajectory of the same length,
     replacing the scalar initial loss: v = losses / reference. With minibatches that differ from step to
     step, the base model's loss on the same batch is the fair "before any update" for that step.
+    ``steps_done`` (last20 only, required): each trajectory's count of losses taken before an update.
     """
     if criterion not in CRITERIA:
         raise ConfigError(f"criterion={criterion!r}: unknown; use one of {', '.join(CRITERIA)}")
@@ -170,6 +179,15 @@ def classify_grid(
                     raise ConfigError(f"references[{r}]: {a.size} values for a trajectory of {np.asarray(t).size}")
                 ref[r, : a.size] = a
         return _ratio(mat, lengths, valid, cols, ref, flags)
+    if criterion == "last20":
+        if kw:
+            raise ConfigError(f"criterion='last20' takes no options, got {sorted(kw)}")
+        if steps_done is None:
+            raise ConfigError("criterion='last20' needs steps_done: each trajectory's losses before an update")
+        done = np.asarray(steps_done, dtype=np.int64).reshape(-1)
+        if done.size != n:
+            raise ConfigError(f"steps_done: {done.size} values for {n} trajectories; pass one per trajectory")
+        return _last20(mat, np.minimum(done, lengths), cols, flags)
     unknown = set(kw) - {"converged_below", "diverged_above"}
     if unknown or "converged_below" not in kw:
         raise ConfigError(
@@ -201,6 +219,22 @@ def _ratio(
     inv = np.where(valid, 1.0 / np.where(valid, v, 1.0), 0.0)
     scores = np.where(converged, -v.sum(axis=1), inv.sum(axis=1))
     labels = np.where(converged, CONVERGED, DIVERGED).astype("<U9")
+    return labels, scores.astype(np.float64)
+
+
+def _last20(mat: np.ndarray, lengths: np.ndarray, cols: np.ndarray, flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    valid = cols < lengths[:, None]
+    stable = ~flags & (lengths > 0) & ~(valid & ~np.isfinite(mat)).any(axis=1)
+    first = mat[:, 0]
+    window = np.maximum(np.minimum(RATIO_WINDOW, lengths), 1)
+    in_tail = valid & (cols >= (lengths - window)[:, None])
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        tail_mean = np.where(in_tail, mat, 0.0).sum(axis=1) / window
+        ratio = tail_mean / first
+    ok = stable & np.isfinite(ratio) & (first > 0)
+    trainable = ok & (ratio < 1.0)
+    scores = np.where(ok, np.clip(ratio - 1.0, -1.0, RATIO_CAP), RATIO_CAP)
+    labels = np.where(trainable, CONVERGED, DIVERGED).astype("<U9")
     return labels, scores.astype(np.float64)
 
 
@@ -270,8 +304,8 @@ def checked_criterion(criterion: str, **options: float | None) -> dict:
     """{"criterion": name, **options} with its defaults filled in, checked before anything is classified."""
     if criterion not in CRITERIA:
         raise ConfigError(f"criterion={criterion!r}: unknown; use one of {', '.join(CRITERIA)}")
-    if criterion == "ratio":
-        return {"criterion": "ratio"}
+    if criterion in ("ratio", "last20"):
+        return {"criterion": criterion}
     if options.get("converged_below") is None:
         raise ConfigError("criterion='threshold' needs converged_below=<loss> (and optionally diverged_above=<loss>)")
     above = options.get("diverged_above")
@@ -280,11 +314,15 @@ def checked_criterion(criterion: str, **options: float | None) -> dict:
 
 
 def classify_record(losses: ArrayLike, initial_loss: float, diverged: bool, reference: ArrayLike | None,
-                    criterion: dict) -> tuple[str, float]:
+                    criterion: dict, steps_done: int | None = None) -> tuple[str, float]:
     """One trained cell's (label, score) by a study's criterion, as `classify` would recompute it."""
     options = {k: v for k, v in criterion.items() if k != "criterion"}
     if criterion["criterion"] == "ratio":
         return classify_ratio(losses, initial_loss, diverged=diverged, reference=reference)
+    if criterion["criterion"] == "last20":
+        labels, scores = classify_grid([losses], [1.0], criterion="last20", diverged=[diverged],
+                                       steps_done=[len(losses) if steps_done is None else steps_done])
+        return str(labels[0]), float(scores[0])
     init = initial_loss if np.isfinite(initial_loss) else 1.0
     labels, scores = classify_grid([losses], [init], criterion=criterion["criterion"], diverged=[diverged], **options)
     return str(labels[0]), float(scores[0])
@@ -292,4 +330,5 @@ def classify_record(losses: ArrayLike, initial_loss: float, diverged: bool, refe
 
 def label_record(criterion: dict, record) -> tuple[str, float]:
     """The labeller a run stores classes with: a trained record's (label, score) by the study's criterion."""
-    return classify_record(record.losses, record.initial_loss, record.diverged, record.base_losses, criterion)
+    return classify_record(record.losses, record.initial_loss, record.diverged, record.base_losses, criterion,
+                           record.steps_done)

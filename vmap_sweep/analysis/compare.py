@@ -12,23 +12,28 @@ lattices). Interval of the difference: the two studies are measured independentl
 CIs add in quadrature, ΔD +- sqrt(h_A^2 + h_B^2) with h = (ci_high - ci_low) / 2 (a normal approximation).
 Critical LR: the first diverging LR per dataset size (analysis/rules.py) of each, and their ratio B / A, when
 the axes are an LR and ``tokens``.
+
+The classes are each study's stored ones, or recomputed from the trajectories by a criterion given per side
+(`criterion_a`, `criterion_b`: ratio or last20), so one study can be compared with itself across criteria; what
+differs then names the criterion, beside any difference of the configs.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from vmap_sweep.analysis.classify import study_classes
+from vmap_sweep.analysis.classify import CONVERGED, study_classes
 from vmap_sweep.analysis.fractal import fractal_dimension
 from vmap_sweep.analysis.jsonsafe import json_safe
 from vmap_sweep.analysis.rules import rules_of_thumb
 from vmap_sweep.analysis.view import GridView, grid_view
 from vmap_sweep.errors import ConfigError
+from vmap_sweep.store import extras
 from vmap_sweep.store.db import StudyStore, config_diff
 from vmap_sweep.study.axes import parse_axis_spec
 
@@ -75,6 +80,7 @@ class CompareResult:
     delta_d_ci: tuple[float, float] | None
     crit: list[CritRow]
     notes: list[str] = field(default_factory=list)
+    size_unit: str = "tokens"  # what D of the LR_crit rows counts
     views: tuple[GridView, GridView] | None = field(default=None, repr=False, compare=False)  # for the figure
 
     resolution_b: tuple[int, int] | None = None  # B's (nx, ny) where it differs from A's
@@ -117,7 +123,7 @@ class CompareResult:
         return lines + self.notes
 
     def crit_rows(self) -> tuple[list[str], list[list[str]]]:
-        header = ["D (tokens)", "LR_crit A", "LR_crit B", "B / A"]
+        header = [f"D ({self.size_unit})", "LR_crit A", "LR_crit B", "B / A"]
         return header, [[f"{r.size:,.0f}", _g(r.lr_crit_a), _g(r.lr_crit_b), _g(r.ratio)] for r in self.crit]
 
 
@@ -169,9 +175,12 @@ def delta_dimension(a: Dimension, b: Dimension) -> tuple[float | None, tuple[flo
     return delta, (delta - half, delta + half)
 
 
-def _crit_rows(a: StudyStore, b: StudyStore) -> tuple[list[CritRow], list[str]]:
+def _crit_rows(a: StudyStore, b: StudyStore, ca: np.ndarray, cb: np.ndarray) -> tuple[list[CritRow], list[str]]:
+    unit = _unit(a)
+    if _unit(b) != unit:
+        return [], [f"A counts its budgets in {unit}, B in {_unit(b)}: LR_crit per dataset size not compared."]
     try:
-        ra, rb = rules_of_thumb(a), rules_of_thumb(b)
+        ra, rb = rules_of_thumb(a, unit, classes=ca), rules_of_thumb(b, unit, classes=cb)
     except ConfigError:
         return [], ["LR_crit per dataset size needs an LR axis and `tokens`; not compared."]
     rows = []
@@ -181,37 +190,72 @@ def _crit_rows(a: StudyStore, b: StudyStore) -> tuple[list[CritRow], list[str]]:
     return rows, []
 
 
+def _unit(store: StudyStore) -> str:
+    return str(store.config.get("budget_unit", "tokens"))
+
+
+COMPARE_CRITERIA = ("ratio", "last20")  # those that take no option (threshold: classify the study, then compare)
+
+
+def _classes(store: StudyStore, criterion: str | None) -> tuple[np.ndarray, GridView, str]:
+    """(converged grid, view, criterion name): as stored, or recomputed from the trajectories by `criterion`."""
+    if criterion is None:
+        return study_classes(store), grid_view(store), str(extras.criterion(store)["criterion"])
+    if criterion not in COMPARE_CRITERIA:
+        raise ConfigError(f"criterion {criterion!r}: compare recomputes {' or '.join(COMPARE_CRITERIA)}; for "
+                          "threshold, `vmap-sweep classify` the study first and compare its stored classes")
+    from vmap_sweep.analysis.study import classify_cells
+
+    got = classify_cells(store, criterion)
+    labels = np.full((store.ny, store.nx), "", dtype="<U9")
+    scores = np.full((store.ny, store.nx), np.nan)
+    for (i, j), (label, score) in got.items():
+        labels[j, i], scores[j, i] = label, score
+    if (labels == "").any():
+        raise ConfigError(f"{store.directory}: {int((labels == '').sum())} cells are pending; finish the run first")
+    converged = labels == CONVERGED
+    view = replace(grid_view(store), labels=labels, scores=scores, converged=converged,
+                   criterion={"criterion": criterion})
+    return converged, view, criterion
+
+
 def compare_studies(a: StudyStore | str | os.PathLike, b: StudyStore | str | os.PathLike,
+                    criterion_a: str | None = None, criterion_b: str | None = None,
                     across_resolutions: bool = False) -> CompareResult:
-    """Compare two finished, classified studies over the same grid (A is the reference); ``across_resolutions``
-    compares the dimensions (and converged shares) of two grids of the same ranges at different resolutions."""
+    """Compare two finished studies over the same grid (A is the reference), each by its stored classes or by
+    a criterion recomputed from its trajectories (B may be A itself, under another criterion).
+    ``across_resolutions`` compares the dimensions (and converged shares) of two grids of the same ranges at
+    different resolutions."""
     if not isinstance(a, StudyStore):
         with StudyStore.open(a) as opened:
-            return compare_studies(opened, b, across_resolutions)
+            return compare_studies(opened, b, criterion_a, criterion_b, across_resolutions)
     if not isinstance(b, StudyStore):
         with StudyStore.open(b) as opened:
-            return compare_studies(a, opened, across_resolutions)
+            return compare_studies(a, opened, criterion_a, criterion_b, across_resolutions)
     check_comparable(a, b, across_resolutions)
-    ca, cb = study_classes(a), study_classes(b)
+    (ca, va, name_a), (cb, vb, name_b) = _classes(a, criterion_a), _classes(b, criterion_b)
     da, db = _dimension(ca), _dimension(cb)
     delta, ci = delta_dimension(da, db)
+    differs = [config_diff(a.config, b.config)] if a.config != b.config else []
+    if name_a != name_b:
+        differs.append(f"criterion: {name_a} -> {name_b}")
     if (a.nx, a.ny) != (b.nx, b.ny):
         notes = [f"Resolutions differ (A {a.nx}x{a.ny}, B {b.nx}x{b.ny}, compared as asked): part of ΔD is the "
                  "grid's, not the change between the studies; no cell and no LR_crit compared."]
         return CompareResult(
             a=str(a.directory), b=str(b.directory),
             x_name=parse_axis_spec(a.config["x"]).name, y_name=parse_axis_spec(a.config["y"]).name,
-            resolution=(a.nx, a.ny), differs=config_diff(a.config, b.config),
+            resolution=(a.nx, a.ny), differs="; ".join(differs),
             converged_share_a=float(ca.mean()), converged_share_b=float(cb.mean()), gained=None, lost=None,
             dimension_a=da, dimension_b=db, delta_d=delta, delta_d_ci=ci, crit=[], notes=notes,
-            resolution_b=(b.nx, b.ny))
-    crit, notes = _crit_rows(a, b)
+            resolution_b=(b.nx, b.ny), size_unit=_unit(a), views=(va, vb))
+    crit, notes = _crit_rows(a, b, ca, cb)
     return CompareResult(
         a=str(a.directory), b=str(b.directory),
         x_name=parse_axis_spec(a.config["x"]).name, y_name=parse_axis_spec(a.config["y"]).name,
-        resolution=(a.nx, a.ny), differs=config_diff(a.config, b.config),
+        resolution=(a.nx, a.ny), differs="; ".join(differs),
         converged_share_a=float(ca.mean()), converged_share_b=float(cb.mean()),
         gained=int((~ca & cb).sum()), lost=int((ca & ~cb).sum()),
         dimension_a=da, dimension_b=db, delta_d=delta, delta_d_ci=ci, crit=crit, notes=notes,
-        views=(grid_view(a), grid_view(b)),
+        size_unit=_unit(a), views=(va, vb),
     )

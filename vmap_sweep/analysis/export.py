@@ -31,9 +31,10 @@ from vmap_sweep.store.db import DB_NAME, StudyStore
 
 FORMATS = ("csv", "parquet", "npz")
 DEFAULT_NAME = "cells"  # the export of STUDY without a path: STUDY/cells.FORMAT
-INT_COLUMNS = ("i", "j", "steps", "steps_done", "diverged", "diverged_step", "supervised_tokens", "conversations")
+INT_COLUMNS = ("i", "j", "steps", "steps_done", "diverged", "diverged_step", "supervised_tokens", "conversations",
+               "stream_tokens")
 FLOAT_COLUMNS = ("x", "y", "score", "initial_loss", "final_loss", "eval_loss", "wall_time")
-STR_COLUMNS = ("status", "label", "hparams", "same_data_as")
+STR_COLUMNS = ("status", "label", "hparams", "same_data_as", "budget_unit")
 # per-step arrays added by --trajectories: the training losses and the base model's losses on the same tokens,
 # so the ratio criterion can be recomputed from an export, and the gradient norms and learning rates of each step,
 # so the early-warning features can
@@ -42,7 +43,9 @@ COLUMNS = ("i", "j", "x", "y", "status", "label", "score", "initial_loss", "fina
            "steps", "steps_done", "diverged", "diverged_step", "wall_time", "hparams",
            # the cell's dataset counted in supervised tokens and conversations (empty for a study that recorded its
            # sizes in tokens only), and "i,j" of the cell whose experiment it repeats (analysis/repeats.py)
-           "supervised_tokens", "conversations", "same_data_as")
+           "supervised_tokens", "conversations", "same_data_as",
+           # what the cell's budget (hparams "tokens", the tokens axis) counts, and the stream positions it trains on
+           "budget_unit", "stream_tokens")
 
 
 EXPORT_HEADER = "i,j,x,y,status,label,score,"  # how every version's csv export begins
@@ -55,6 +58,8 @@ def _records(store: StudyStore, trajectories: bool) -> list[dict[str, Any]]:
         size = None if sized.sizes is None else sized.sizes[int(r["hparams"]["tokens"])]
         r["supervised_tokens"] = None if size is None else size.supervised
         r["conversations"] = None if size is None else size.conversations
+        r["budget_unit"] = sized.unit
+        r["stream_tokens"] = int(r["hparams"]["tokens"]) if size is None else size.tokens
         same = sized.same_as.get((r["i"], r["j"]))
         r["same_data_as"] = None if same is None else f"{same[0]},{same[1]}"
         r["hparams"] = json.dumps(r["hparams"], sort_keys=True)

@@ -65,8 +65,14 @@ _AXIS_LABELS = {
 _LR_LABELS = {"adamw": "learning rate (AdamW lr)", "nanochat": "learning rate (lr: Muon + AdamW base)"}
 
 
-def axis_label(name: str, optimizer: str = "") -> str:
-    """An axis name as a reader needs it: what it is and its unit, e.g. ``dataset size (tokens)``."""
+SIZE_UNIT_NAMES = {"tokens": "tokens", "supervised": "supervised tokens", "conversations": "conversations"}
+
+
+def axis_label(name: str, optimizer: str = "", budget_unit: str = "tokens") -> str:
+    """An axis name as a reader needs it: what it is and its unit, e.g. ``dataset size (tokens)`` or, for a study
+    that counts its budgets in answer tokens, ``dataset size (supervised tokens)``."""
+    if name == "tokens":
+        return f"dataset size ({SIZE_UNIT_NAMES[budget_unit]})"
     if name == "lr":
         return _LR_LABELS.get(optimizer, "learning rate (lr)")
     if name in _AXIS_LABELS:
@@ -76,10 +82,10 @@ def axis_label(name: str, optimizer: str = "") -> str:
     return name
 
 
-def value_text(name: str, value: float) -> str:
+def value_text(name: str, value: float, budget_unit: str = "tokens") -> str:
     """One axis value in words, e.g. ``dataset size = 2048 tokens`` or ``lr = 0.001``."""
     if name == "tokens":
-        return f"dataset size = {value:.0f} tokens"
+        return f"dataset size = {value:.0f} {SIZE_UNIT_NAMES[budget_unit]}"
     if name == "batch_size":
         return f"batch size = {value:.0f} tokens per step"
     if name in _AXIS_LABELS:
@@ -98,8 +104,8 @@ def _short_log_axis(axis, values: np.ndarray) -> None:
 
 
 def _axes(ax, view: GridView) -> None:
-    ax.set_xlabel(axis_label(view.x_name, view.optimizer))
-    ax.set_ylabel(axis_label(view.y_name, view.optimizer))
+    ax.set_xlabel(axis_label(view.x_name, view.optimizer, view.budget_unit))
+    ax.set_ylabel(axis_label(view.y_name, view.optimizer, view.budget_unit))
     if view.x_log:
         ax.set_xscale("log")
         _short_log_axis(ax.xaxis, view.xs)
@@ -323,7 +329,7 @@ def plot_trajectories(
             lo, hi = shades.get(label, ("Greys", 0.45, 0.95))[1:]
             shade = plt.get_cmap(shades.get(label, ("Greys",))[0])(lo + (hi - lo) * i / max(1, len(view.xs) - 1))
             ax.plot(np.arange(len(y)), y, color=shade, lw=1.1, ls="-." if label == MARGINAL else "-",
-                    label=f"{value_text(view.x_name, view.xs[i])}: {label}")
+                    label=f"{value_text(view.x_name, view.xs[i], view.budget_unit)}: {label}")
         drew = bool(ax.lines)
         if threshold:
             c, d = _thresholds(view)
@@ -337,7 +343,7 @@ def plot_trajectories(
             ax.axhline(1.0, color="black", ls="--", lw=1, label="base model's loss (ratio 1)")
             ax.set_ylabel("training loss ÷ base model's\nloss on the same batch")
         ax.set_yscale("log")
-        row = value_text(view.y_name, view.ys[j])
+        row = value_text(view.y_name, view.ys[j], view.budget_unit)
         if drew:
             ax.set_title(row, fontsize=9)
             ax.legend(fontsize=6, ncol=2)
@@ -544,15 +550,12 @@ def _rules_fits(ax, result: RulesResult) -> None:
                 label=f"tokens_min fit: {fit.coefficient:.2g}·LR^{fit.exponent:.2f}")
 
 
-SIZE_UNIT_NAMES = {"tokens": "tokens", "supervised": "supervised tokens", "conversations": "conversations"}
-
-
 def plot_rules(result: RulesResult, path: str | os.PathLike) -> Path:
     """LR vs dataset size (log-log): per-size edges and optima, fitted lines and the safe line, over the
     score heatmap with its boundary when the result carries the study's view. Format from the suffix."""
     path = picture_file(path)
     # the map's columns are token budgets: under another unit the points stand alone
-    view = _size_major_view(result) if result.size_unit == SIZE_AXIS else None
+    view = _size_major_view(result) if result.size_unit == result.budget_unit else None
     if view is not None:
         fig = score_figure(view)
         ax = fig.axes[0]
@@ -611,7 +614,7 @@ def compare_figure(result: CompareResult):
                 ax.plot(*zip(*pts, strict=True), marker, color=colour, ms=5, label=f"LR_crit of {name}")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel(axis_label(SIZE_AXIS))
+        ax.set_xlabel(axis_label(SIZE_AXIS, budget_unit=result.size_unit))
         ax.set_ylabel(f"first diverging {axis_label('lr', va.optimizer)}")
         ax.legend(fontsize=8)
         ax.grid(True, which="major", alpha=0.3)

@@ -13,7 +13,7 @@ from vmap_sweep.errors import ConfigError
 from vmap_sweep.store import extras
 from vmap_sweep.store.db import StudyStore
 from vmap_sweep.study.config import StudyConfig
-from vmap_sweep.study.plan import same_experiments
+from vmap_sweep.study.plan import at_positions, same_experiments
 from vmap_sweep.study.sizes import SIZE_UNITS, DatasetSize
 
 
@@ -21,10 +21,11 @@ from vmap_sweep.study.sizes import SIZE_UNITS, DatasetSize
 class SizedCells:
     sizes: dict[int, DatasetSize] | None  # by budget; None: a study that recorded its sizes in tokens only
     same_as: dict[tuple[int, int], tuple[int, int]]  # (i, j) -> the cell whose experiment it repeats
+    unit: str = "tokens"  # what the study's budgets count
 
     def size(self, budget: int, unit: str) -> int:
         """A budget counted in `unit` (tokens, supervised or conversations)."""
-        if unit == "tokens":
+        if self.sizes is None and unit == "tokens":  # a study of this age counts its budgets in tokens
             return int(budget)
         if self.sizes is None:
             raise ConfigError(f"this study recorded its dataset sizes in tokens only; use --size-unit tokens, "
@@ -42,8 +43,10 @@ def sized_cells(store: StudyStore) -> SizedCells:
     """The study's sizes as its data filled them, and its repeated experiments (none known without sizes)."""
     sizes = extras.dataset_sizes(store)
     if sizes is None:
-        return SizedCells(None, {})
+        return SizedCells(None, {})  # a study of this age counts its budgets in tokens
     cfg = StudyConfig.from_dict(store.config)
-    supervised = {n: s.supervised for n, s in sizes.items()}
-    same = same_experiments(store.cells(), supervised, cfg.schedule, cfg.batch_size * cfg.seq_len)
-    return SizedCells(sizes, {key: cell.key for key, cell in same.items()})
+    # trajectories are shared and repeated in stream positions, whatever unit the budgets count
+    cells = at_positions(store.cells(), {n: s.tokens for n, s in sizes.items()})
+    supervised = {s.tokens: s.supervised for s in sizes.values()}
+    same = same_experiments(cells, supervised, cfg.schedule, cfg.batch_size * cfg.seq_len)
+    return SizedCells(sizes, {key: cell.key for key, cell in same.items()}, cfg.budget_unit)

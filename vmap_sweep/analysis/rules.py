@@ -184,6 +184,7 @@ class RulesResult:
     ten_x: TenX
     notes: list[str] = field(default_factory=list)
     size_unit: str = "tokens"  # what D counts: tokens, supervised (targets) or conversations
+    budget_unit: str = "tokens"  # what the study's budgets (its tokens axis) count
     lrs: list[LrRow] = field(default_factory=list)
     tokens_min_fit: PowerLaw | None = None  # smallest converged size per LR (primary)
     tokens_all_fit: PowerLaw | None = None  # smallest size from which all larger ones converge
@@ -449,17 +450,20 @@ def _notes(rows: list[SizeRow], lr_spec: AxisSpec) -> list[str]:
     return notes
 
 
-def rules_of_thumb(store: StudyStore | str | os.PathLike, size_unit: str = "tokens") -> RulesResult:
+def rules_of_thumb(store: StudyStore | str | os.PathLike, size_unit: str | None = None,
+                   classes: np.ndarray | None = None) -> RulesResult:
     """Critical, safe and optimal LR per dataset size and their power laws, from a finished, classified study.
-    D counts `size_unit` (tokens, supervised targets or conversations); a size whose every cell repeats a smaller
-    one's experiment (analysis/repeats.py) is that size again, and counted once."""
-    check_unit(size_unit)
+    D counts `size_unit` (tokens, supervised targets or conversations; default: what the study's budgets count);
+    a size whose every cell repeats a smaller one's experiment (analysis/repeats.py) is that size again, and
+    counted once. classes: a converged grid (ny, nx) to use instead of the stored classes."""
     if not isinstance(store, StudyStore):
         with StudyStore.open(store) as opened:
-            return rules_of_thumb(opened, size_unit)
+            return rules_of_thumb(opened, size_unit, classes)
+    check_unit(size_unit or str(store.config.get("budget_unit", "tokens")))
+    size_unit = size_unit or str(store.config.get("budget_unit", "tokens"))
     lr_on = _lr_on(store)
     x, y = parse_axis_spec(store.config["x"]), parse_axis_spec(store.config["y"])
-    conv = study_classes(store)  # (ny, nx); refuses pending or unclassified cells
+    conv = study_classes(store) if classes is None else classes  # (ny, nx); refuses pending or unclassified
     evals = store.grid_arrays("eval_loss")
     xs, ys = x.values(store.nx), y.values(store.ny)
     view = grid_view(store)
@@ -499,6 +503,7 @@ def rules_of_thumb(store: StudyStore | str | os.PathLike, size_unit: str = "toke
         ten_x=ten_x_verdict(crit),
         notes=_repeat_note(budgets, sized, kept, lr_on) + _notes(rows, lr_spec),
         size_unit=size_unit,
+        budget_unit=str(store.config.get("budget_unit", "tokens")),
         lrs=lr_rows,
         tokens_min_fit=_tokens_fit(lr_rows, "tokens_min", float(sizes.min())),
         tokens_all_fit=_tokens_fit(lr_rows, "tokens_all", float(sizes.min())),
@@ -523,4 +528,4 @@ def _repeat_note(budgets: list[int], sized, kept: list[int], lr_on: str) -> list
     if not same:
         return []
     return [f"{len(same)} sizes repeat a smaller size's experiment (the tokens between hold no supervised "
-            f"token) and are counted once: tokens {', '.join(same)}."]
+            f"token) and are counted once: {sized.unit} {', '.join(same)}."]

@@ -29,6 +29,7 @@ def classify_rows(rows: list[dict], criterion: str = "ratio", **kw) -> dict[tupl
         criterion=criterion,
         diverged=[bool(r["diverged"]) for r in done],
         references=[r["base_losses"] for r in done] if criterion == "ratio" else None,
+        steps_done=[int(r["steps_done"]) for r in done] if criterion == "last20" else None,
         **kw,
     )
     return {(r["i"], r["j"]): (str(lab), float(s)) for r, lab, s in zip(done, labels, scores, strict=True)}

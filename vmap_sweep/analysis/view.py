@@ -47,6 +47,7 @@ class GridView:
     initial_loss: np.ndarray | None = None  # the base model's loss before any update (the scalar fallback)
     base_trajectories: dict[tuple[int, int], np.ndarray] | None = None  # per-step base losses, keyed (i, j)
     optimizer: str = ""
+    budget_unit: str = "tokens"  # what the tokens axis counts (study/config.py)
     repeats: np.ndarray | None = None  # bool: the cell repeats a smaller budget's experiment (analysis/repeats.py)
     unstable: np.ndarray | None = None  # bool: the trainer stopped the cell (non-finite or runaway loss); False pending
 
@@ -57,7 +58,7 @@ class GridView:
                         final_loss=self.final_loss.T, eval_loss=self.eval_loss.T, title=self.title,
                         labels=_t(self.labels), criterion=dict(self.criterion), base_loss=_t(self.base_loss),
                         initial_loss=_t(self.initial_loss), base_trajectories=_swap(self.base_trajectories),
-                        optimizer=self.optimizer, repeats=_t(self.repeats),
+                        optimizer=self.optimizer, budget_unit=self.budget_unit, repeats=_t(self.repeats),
                         unstable=_t(self.unstable))
 
     def relative_final_loss(self) -> np.ndarray | None:
@@ -103,6 +104,7 @@ def grid_view(store: StudyStore) -> GridView:
         initial_loss=store.grid_arrays("initial_loss"),
         base_trajectories=base,
         optimizer=str(cfg.get("optimizer") or ""),
+        budget_unit=str(cfg.get("budget_unit", "tokens")),
         repeats=repeats,
         unstable=store.grid_arrays("diverged") == 1,
     )

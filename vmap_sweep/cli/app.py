@@ -168,10 +168,18 @@ def run(
     models_per_batch: Annotated[str | None, typer.Option(
         help="Models trained at once, or 'auto' to probe memory (default 8; resuming, the study's).")] = None,
     optimizer: Annotated[str | None, typer.Option(help="adamw, or nanochat (Muon + AdamW).")] = None,
-    schedule: Annotated[str | None, typer.Option(help="constant, linear (to zero) or cosine.")] = None,
+    schedule: Annotated[str | None, typer.Option(help="constant, linear (to zero), cosine, or warmup-cosine (the plan "
+                                                       "author's: at least one warmup step).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Rows per optimizer step (sweep tokens per step with "
                                                         "--x/--y batch_size:MIN:MAX).")] = None,
     seq_len: Annotated[int | None, typer.Option(help="Tokens per row.")] = None,
+    packing: Annotated[bool | None, typer.Option(
+        "--packing/--no-packing", help="Concatenate conversations across rows; the default (--no-packing) is one "
+                                       "conversation per row, truncated to --seq-len and padded, as nanochat's SFT. "
+                                       "Resuming, the study's.")] = None,
+    budget_unit: Annotated[str | None, typer.Option(
+        help="What the tokens axis counts: tokens (every position), supervised (answer tokens, as the plan "
+             "author's fine-tuning) or conversations.")] = None,
     micro_batch_size: Annotated[int | None, typer.Option(help="Rows per forward/backward.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the data order.")] = None,
     eval_tokens: Annotated[int | None, typer.Option(help="Held-out tokens for the eval loss.")] = None,
@@ -216,7 +224,8 @@ def run(
                         optimizer=optimizer, schedule=schedule, batch_size=batch_size, seq_len=seq_len, seed=seed,
                         eval_tokens=eval_tokens, trainable=trainable, optimizer_state=optimizer_state,
                         checkpoint_activations=checkpoint_activations or None, tokenizer=tokenizer,
-                        model_revision=model_revision, data_revision=data_revision, model_format=model_format)
+                        model_revision=model_revision, data_revision=data_revision, model_format=model_format,
+                        packing=packing, budget_unit=budget_unit)
     if (address or workers) and backend != "ray":
         raise ConfigError("--address/--workers work with --backend ray; add --backend ray")
     if backend not in ("local", "ray"):
@@ -290,7 +299,7 @@ def _run(cfg, out, k, settings, shard_spec=None, quiet=False, wandb=False, backe
 def _dry_run(cfg, k, device, share=True):
     """The plan, checked against the model and the data as the run would check them; nothing trains."""
     from vmap_sweep.run.estimate import base_model_shape, describe_plan
-    from vmap_sweep.run.pipeline import check_smallest_budget
+    from vmap_sweep.run.pipeline import budget_positions, check_smallest_budget
     from vmap_sweep.run.policy import resolve_device
     from vmap_sweep.run.worker import training_stream
     from vmap_sweep.study.plan import build_grid, plan_study
@@ -298,10 +307,12 @@ def _dry_run(cfg, k, device, share=True):
     dev = resolve_device(device)
     model_config, tokenizer = base_model_shape(cfg.model, cfg.tokenizer, cfg.model_revision, cfg.model_format)
     grid = build_grid(cfg)
-    budgets = training_stream(cfg, model_config.sequence_len, tokenizer).budgets(
-        sorted({int(c.hparams["tokens"]) for c in grid.cells()}))
+    stream = training_stream(cfg, model_config.sequence_len, tokenizer)
+    budgets = stream.budgets(sorted({int(c.hparams["tokens"]) for c in grid.cells()}), cfg.budget_unit)
     check_smallest_budget(cfg, grid, budgets.first_supervised)
-    s = describe_plan(cfg, plan_study(cfg, grid.cells(), k, share), model_config, dev, budgets)
+    positions = budget_positions(cfg, budgets)
+    s = describe_plan(cfg, plan_study(cfg, grid.cells(), k, share, positions), model_config, dev, budgets)
+    s["layout"] = stream.layout(cfg.seq_len)
     render.show([render.plan_table(cfg, k, s)])
 
 
@@ -343,7 +354,9 @@ def status(study: Annotated[Path, typer.Argument(help="Study folder.")]):
 @user_errors
 def classify(
     study: Annotated[Path, typer.Argument(help="Study folder.")],
-    criterion: Annotated[str, typer.Option(help="ratio (Sohl-Dickstein) or threshold.")] = "ratio",
+    criterion: Annotated[str, typer.Option(
+        help="ratio (Sohl-Dickstein), threshold, or last20 (the plan author's: finite, and the mean of the last 20 "
+             "losses below the first).")] = "ratio",
     converged_below: Annotated[float | None, typer.Option(help="threshold: converged if final loss < this.")] = None,
     diverged_above: Annotated[float, typer.Option(help="threshold: diverged if final loss > this.")] = 10.0,
 ):
@@ -549,9 +562,10 @@ def rules(
                                                      "several: one joint fit over dataset and model size.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     plot_file: Annotated[Path | None, typer.Option("--plot", help="Draw LR vs dataset size (.png/.svg/.pdf).")] = None,
-    size_unit: Annotated[str, typer.Option(
-        "--size-unit", help="What a dataset size D counts: tokens (the budget), supervised (the assistant tokens "
-                            "it holds, what the model learns from) or conversations.")] = "tokens",
+    size_unit: Annotated[str | None, typer.Option(
+        "--size-unit", help="What a dataset size D counts: tokens (the positions), supervised (the assistant tokens "
+                            "it holds, what the model learns from) or conversations; default: what the study's "
+                            "budgets count (run --budget-unit).")] = None,
     params: Annotated[str | None, typer.Option(help="Several studies: their models' parameter counts, comma-"
                                                     "separated in the folders' order (default: counted).")] = None,
     wandb: WandbResults = False,
@@ -651,12 +665,18 @@ def compare(
     across_resolutions: Annotated[bool, typer.Option(
         "--across-resolutions", help="Set the dimensions of two grids of different resolutions side by side "
                                      "(a dimension moves with its grid; no cell is matched).")] = False,
+    criterion_a: Annotated[str | None, typer.Option(help="Classify A by this criterion (ratio or last20), "
+                                                         "recomputed from its trajectories; default: its stored "
+                                                         "classes.")] = None,
+    criterion_b: Annotated[str | None, typer.Option(
+        help="The same for B (B may be A: one study, two criteria).")] = None,
 ):
     """Two studies over one grid: cells that changed class, converged shares, ΔD with its CI, LR_crit ratios."""
     from vmap_sweep.analysis.compare import compare_studies
     from vmap_sweep.analysis.plots import plot_compare
 
-    _shown(lambda: compare_studies(a, b, across_resolutions), plot_compare, render.compare_lines, json_out,
+    _shown(lambda: compare_studies(a, b, criterion_a, criterion_b, across_resolutions), plot_compare,
+           render.compare_lines, json_out,
            plot_file)
 
 

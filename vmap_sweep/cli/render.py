@@ -250,6 +250,9 @@ def status_table(store: StudyStore) -> Table:
     table = Table(title=f"study {escape(str(store.directory))}", show_header=False)
     table.add_row("model / data", escape(f"{cfg.get('model')} / {cfg.get('data')}"))
     table.add_row("grid", escape(f"{cfg.get('x')} × {cfg.get('y')} at {store.nx}×{store.ny}"))
+    # a config stored without these fields was trained packed, its budgets in tokens (study/config.py)
+    table.add_row("rows", "packed" if cfg.get("packing", True) else f"one conversation per row of {cfg.get('seq_len')}")
+    table.add_row("budgets count", BUDGET_UNIT_WORDS[str(cfg.get("budget_unit", "tokens"))])
     table.add_row("config hash", store.config_hash[:16])
     for key, value in _counts_rows(store):
         table.add_row(key, value)
@@ -497,12 +500,34 @@ def _tokens_per_step(sizes: list[int]) -> str:
     return f"{sizes[0]:,} … {sizes[-1]:,}: {len(sizes)} batch sizes, each batch of one"
 
 
+BUDGET_UNIT_WORDS = {"tokens": "tokens (every position of a row)", "supervised": "supervised (answer) tokens",
+                     "conversations": "conversations"}
+
+
+def layout_rows(cfg, layout: dict | None) -> list[tuple[str, str]]:
+    """--dry-run: how the data fills the rows (data/stream.py, TokenStream.layout)."""
+    if layout is None:
+        return []
+    answers = f"{layout['supervised_share'] * cfg.batch_size * cfg.seq_len:,.0f} per step on average"
+    if layout["layout"] == "packed":
+        return [("rows", f"packed: conversations run across rows of {cfg.seq_len}; "
+                         f"{layout['cut_share']:.1%} of answer tokens are trained without their conversation's "
+                         "start in their row"),
+                ("supervised tokens", answers)]
+    return [("rows", f"one conversation per row of {cfg.seq_len}: {layout['rows']:,} rows, {layout['dropped']:,} "
+                     f"conversations dropped (no answer token within {cfg.seq_len} tokens)"),
+            ("padding", f"{layout['padding_share']:.1%} of positions"),
+            ("supervised tokens", answers)]
+
+
 def plan_table(cfg, k: int, s: dict) -> Table:
     """--dry-run's plan: what will be trained and a rough time for it."""
     table = Table(title="plan", show_header=False)
     for key, value in [
         ("model / data", f"{cfg.model} / {cfg.data}"),
         ("grid", f"{cfg.x} × {cfg.y} at {cfg.resolution}"),
+        ("budgets count", BUDGET_UNIT_WORDS[cfg.budget_unit]),
+        *layout_rows(cfg, s.get("layout")),
         ("cells", s["cells"]), ("batches", f"{s['batches']} of up to {k} models"),
         ("tokens per step", _tokens_per_step(s["tokens_per_step"])),
         ("steps per cell", f"{s['steps_range'][0]} … {s['steps_range'][1]}"),

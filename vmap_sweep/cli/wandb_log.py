@@ -138,9 +138,10 @@ def trajectory_plots(view, trajectories: dict, rows: Sequence[int], max_lines: i
                 continue
             xs.append(list(range(end)))
             ys.append(loss[:end].tolist())
-            keys.append(f"{value_text(view.x_name, view.xs[i])}: {view.labels[j, i] or 'unclassified'}")
+            where = value_text(view.x_name, view.xs[i], view.budget_unit)
+            keys.append(f"{where}: {view.labels[j, i] or 'unclassified'}")
         if keys:
-            title = f"training loss per step at {value_text(view.y_name, view.ys[j])}"
+            title = f"training loss per step at {value_text(view.y_name, view.ys[j], view.budget_unit)}"
             plots[f"trajectories/row_{j}"] = wandb.plot.line_series(xs=xs, ys=ys, keys=keys, title=title,
                                                                     xname="optimizer step")
     return plots

@@ -21,7 +21,7 @@ from vmap_sweep.run.worker import Job
 from vmap_sweep.store import extras
 from vmap_sweep.store.db import DB_NAME, LOCK_NAME, Labeller, StudyStore
 from vmap_sweep.store.study import Study
-from vmap_sweep.study.config import StudyConfig
+from vmap_sweep.study.config import MAX_STEPS_PER_CELL, StudyConfig
 from vmap_sweep.study.grid import Cell, Grid
 from vmap_sweep.study.plan import Batch, build_grid, plan_study, shard_cells
 from vmap_sweep.study.settings import RunSettings
@@ -53,8 +53,8 @@ class Backend(Protocol):
 
     settings: RunSettings
 
-    def budgets(self, budgets: list[int]) -> Budgets:
-        """What the study's data holds in each budget (the first N tokens)."""
+    def budgets(self, budgets: list[int], unit: str = "tokens") -> Budgets:
+        """What the study's data holds in each budget of `unit` (TokenStream.budgets)."""
 
     def models_per_batch(self, limit: int) -> int: ...
 
@@ -76,7 +76,6 @@ def run_study(cfg: StudyConfig, out: str | Path, backend: Backend, *, models_per
     """
     progress = progress or Progress()
     grid = build_grid(cfg)
-    cells, shard_name = _cells_of_shard(cfg, grid, shard)
     out = Path(out)
     new_dir, new_db = not out.exists(), not (out / DB_NAME).exists()
     # The folder and the config are checked before the backend loads anything.
@@ -87,12 +86,14 @@ def run_study(cfg: StudyConfig, out: str | Path, backend: Backend, *, models_per
         claimed = True
         digest = _check_resumable(study, backend.settings)
         origin = _check_provenance(study, cfg, progress)
-        budgets = backend.budgets(sorted({int(c.hparams["tokens"]) for c in grid.cells()}))
+        budgets = _budgets(backend, cfg, grid)
         check_smallest_budget(cfg, grid, budgets.first_supervised)
+        positions = budget_positions(cfg, budgets)
+        cells, shard_name = _cells_of_shard(cfg, grid, shard, positions)
         _record_start(study, backend.settings, digest, criterion, budgets=budgets, origin=origin,
                       models_per_batch=models_per_batch, share=share)
         k = backend.models_per_batch(grid.nx * grid.ny) if models_per_batch == "auto" else int(models_per_batch)
-        batches = plan_study(cfg, cells, k, share)
+        batches = plan_study(cfg, cells, k, share, positions)
         _train_and_store(study.store, backend, batches, progress, labeller, shard_name)
         return study.store
     except BaseException as e:
@@ -108,10 +109,30 @@ def run_study(cfg: StudyConfig, out: str | Path, backend: Backend, *, models_per
         progress.finish()  # also on error: a live progress display would hide the cursor
 
 
-def _cells_of_shard(cfg: StudyConfig, grid: Grid, shard: tuple[int, int] | None) -> tuple[list[Cell], str | None]:
+def _budgets(backend: Backend, cfg: StudyConfig, grid: Grid) -> Budgets:
+    """What the grid's budgets hold; a study in tokens asks as a backend written before budget units did."""
+    every = sorted({int(c.hparams["tokens"]) for c in grid.cells()})
+    return backend.budgets(every) if cfg.budget_unit == "tokens" else backend.budgets(every, cfg.budget_unit)
+
+
+def budget_positions(cfg: StudyConfig, budgets: Budgets) -> dict[int, int]:
+    """Each budget as the stream positions it trains on (itself, in tokens), refused past the steps a cell may
+    take (a budget in answer tokens or conversations is known in positions only once the data is)."""
+    positions = {n: size.tokens for n, size in budgets.sizes.items()}
+    longest = max(positions.values())
+    per_step = cfg.batch_size * cfg.seq_len
+    if cfg.budget_unit != "tokens" and longest / per_step > MAX_STEPS_PER_CELL:
+        n = max(positions, key=positions.get)
+        raise ConfigError(f"a budget of {n} {cfg.budget_unit} is {longest:,} tokens of {cfg.data}, more than the "
+                          f"{MAX_STEPS_PER_CELL:,} steps of {per_step} tokens a cell may take; use a smaller budget")
+    return positions
+
+
+def _cells_of_shard(cfg: StudyConfig, grid: Grid, shard: tuple[int, int] | None,
+                    positions: dict[int, int] | None = None) -> tuple[list[Cell], str | None]:
     if shard is None:
         return grid.cells(), None
-    cells, name = shard_cells(cfg, grid, *shard), f"{shard[0]}/{shard[1]}"
+    cells, name = shard_cells(cfg, grid, *shard, positions), f"{shard[0]}/{shard[1]}"
     if not cells:
         raise ConfigError(f"--shard {name}: that part holds no cells (the grid has {len(grid.cells())}, "
                           "dealt in whole rows); split it into fewer parts")

@@ -92,9 +92,9 @@ class RayWorker:
         assert self.worker is not None, "load() first"
         return self.worker.models_per_batch(limit)
 
-    def budgets(self, budgets: list[int]) -> Budgets:
+    def budgets(self, budgets: list[int], unit: str = "tokens") -> Budgets:
         assert self.worker is not None, "load() first"
-        return self.worker.data.stream.budgets(budgets)
+        return self.worker.data.stream.budgets(budgets, unit)
 
 
 @dataclass(eq=False)
@@ -235,12 +235,12 @@ class RayBackend:
         raise WorkersLostError(f"the memory probe lost its Ray worker {self.max_attempts} times; "
                                "see the Ray logs (/tmp/ray/session_latest/logs), or give --models-per-batch N")
 
-    def budgets(self, budgets: list[int]) -> Budgets:
+    def budgets(self, budgets: list[int], unit: str = "tokens") -> Budgets:
         """From one worker's data: every worker loads the same."""
         for _ in range(self.max_attempts):
             slot = self._wait_ready()
             try:
-                return self._get(slot.actor.budgets.remote(budgets))
+                return self._get(slot.actor.budgets.remote(budgets, unit))
             except self.lost:
                 self._replace(slot)
         raise WorkersLostError(f"reading the data lost its Ray worker {self.max_attempts} times; "

@@ -93,7 +93,7 @@ def training_stream(cfg: StudyConfig, sequence_len: int, tokenizer: Tokenizer) -
         raise ConfigError(f"--seq-len {cfg.seq_len} is longer than the model's sequence_len {sequence_len}; "
                           f"choose --seq-len <= {sequence_len}")
     return TokenStream.build(load_conversations(cfg.data, "train", cfg.data_revision), tokenizer, cfg.seed,
-                             sequence_len, source=cfg.data)
+                             sequence_len, source=cfg.data, row_len=cfg.row_len)
 
 
 def load_study_data(cfg: StudyConfig, device: torch.device) -> StudyData:
@@ -103,7 +103,7 @@ def load_study_data(cfg: StudyConfig, device: torch.device) -> StudyData:
     max_len = model.config.sequence_len
     stream = training_stream(cfg, model.config.sequence_len, tokenizer)
     held_out = EvalSet.build(load_conversations(cfg.data, "validation", cfg.data_revision), tokenizer, cfg.eval_tokens,
-                             max_len=max_len, source=cfg.data)
+                             max_len=max_len, source=cfg.data, row_len=cfg.row_len)
     return StudyData(model, tokenizer, stream, held_out.batches(cfg.batch_size, cfg.seq_len))
 
 
@@ -159,8 +159,8 @@ class LocalBackend:
     def worker(self) -> Worker:
         return Worker(self.cfg, self.device, self.settings)
 
-    def budgets(self, budgets: list[int]) -> Budgets:
-        return self.worker.data.stream.budgets(budgets)
+    def budgets(self, budgets: list[int], unit: str = "tokens") -> Budgets:
+        return self.worker.data.stream.budgets(budgets, unit)
 
     def models_per_batch(self, limit: int) -> int:
         return self.worker.models_per_batch(limit)

@@ -97,13 +97,19 @@ def put_ood(store: StudyStore, result: Any) -> None:
 
 
 def dataset_sizes(store: StudyStore) -> dict[int, DatasetSize] | None:
-    """Each budget of the grid counted in supervised targets and conversations; None for a study made before
-    they were recorded (its sizes are known in tokens only)."""
+    """Each budget of the grid counted in supervised targets, conversations and stream positions (tokens); None for
+    a study made before they were recorded (its sizes are known in tokens only). A budget counted in tokens is its
+    own positions; one counted in another unit (run --budget-unit) stores them third."""
     stored = store.get_extra(DATASET_SIZES)
     if stored is None:
         return None
     try:
-        return {int(n): DatasetSize(int(n), int(sup), int(conv)) for n, (sup, conv) in stored.items()}
+        sizes = {}
+        for n, v in stored.items():
+            if len(v) not in (2, 3):
+                raise ValueError(n)
+            sizes[int(n)] = DatasetSize(int(v[2]) if len(v) == 3 else int(n), int(v[0]), int(v[1]))
+        return sizes
     except (AttributeError, TypeError, ValueError):
         raise StoreError(f"{store.path}: extra {DATASET_SIZES!r} is not what vmap-sweep stores; the database was "
                          f"edited: delete that row (sqlite3 study.db \"DELETE FROM extra WHERE "
@@ -111,4 +117,5 @@ def dataset_sizes(store: StudyStore) -> dict[int, DatasetSize] | None:
 
 
 def put_dataset_sizes(store: StudyStore, sizes: dict[int, DatasetSize]) -> None:
-    store.put_extra(DATASET_SIZES, {str(n): [s.supervised, s.conversations] for n, s in sorted(sizes.items())})
+    store.put_extra(DATASET_SIZES, {str(n): [s.supervised, s.conversations] + ([s.tokens] if s.tokens != n else [])
+                                    for n, s in sorted(sizes.items())})

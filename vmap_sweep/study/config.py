@@ -12,9 +12,12 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.study.axes import AXES, check_axis_pair, parse_axis_spec, parse_resolution
+from vmap_sweep.study.sizes import SIZE_UNITS
 
 OPTIMIZERS = ("adamw", "nanochat")  # nanochat: Muon on the block matrices, AdamW on the (un)embedding
-SCHEDULES = ("constant", "linear", "cosine")
+# warmup-cosine: the plan author's (fractal-llm src/finetune.py): max(1, floor(warmup_ratio x steps)) warmup steps,
+# then half a cosine to zero; "cosine" rounds the warmup and allows none
+SCHEDULES = ("constant", "linear", "cosine", "warmup-cosine")
 MAX_TOKENS_PER_STEP = 1 << 24  # 128x the plan's largest batch (128K tokens); more is a typo, not a study
 GROUPS = ("embedding", "unembedding", "attn", "mlp")  # parameter groups, each with its own learning rate
 OPTIMIZER_STATES = ("float32", "bfloat16")
@@ -22,6 +25,10 @@ MODEL_FORMATS = ("native", "transformers")  # the checkpoint layouts a Hub repo 
 # Where the model and data come from beyond their names. Each is stored (and hashed) only when given, so a study
 # made before they existed keeps its hash and resumes.
 SOURCE_OPTIONS = ("tokenizer", "model_revision", "data_revision", "model_format")
+# How the data is laid out and what a budget counts. A study made before they existed holds neither and means
+# what it meant then (packed rows, budgets in tokens): each is stored (and hashed) only where it differs from that.
+EARLIER_MEANING = {"packing": True, "budget_unit": "tokens"}
+BUDGET_UNITS = SIZE_UNITS
 
 
 def check_micro_batch_size(micro_batch_size: int | None, rows: int,
@@ -57,6 +64,8 @@ def fixed_value(key: str, value: float) -> float | int:
 
 def check_steps(cfg: StudyConfig, x, y) -> None:
     """The largest dataset size within MAX_STEPS_PER_CELL optimizer steps (x, y: the parsed axes)."""
+    if cfg.budget_unit != "tokens":  # positions known once the data is (run/pipeline.py checks them then)
+        return
     per_step = cfg.batch_size * cfg.seq_len
     budgets = [(f"--{name} {axis}", axis.hi) for name, axis in (("x", x), ("y", y)) if axis.name == "tokens"]
     if "tokens" in cfg.fixed:
@@ -95,6 +104,12 @@ class StudyConfig:
     data_revision: str | None = None
     # native or transformers, where the model's folder or Hub repo holds both layouts (None: native)
     model_format: str | None = None
+    # False: one conversation per row of seq_len, truncated and padded, as nanochat's SFT and the plan author's
+    # fine-tuning feed it (data/stream.py); True: conversations concatenated across rows
+    packing: bool = False
+    # what the `tokens` axis counts: stream positions (tokens), answer targets (supervised, the plan author's
+    # budget) or conversations; a budget is the shortest prefix of the stream holding that many
+    budget_unit: str = "tokens"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -102,12 +117,15 @@ class StudyConfig:
         for name in SOURCE_OPTIONS:
             if d[name] is None:
                 del d[name]
+        for name, earlier in EARLIER_MEANING.items():
+            if d[name] == earlier:
+                del d[name]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> StudyConfig:
         known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
+        d = {**EARLIER_MEANING, **{k: v for k, v in d.items() if k in known}}
         d["trainable"] = tuple(d.get("trainable", GROUPS))
         return cls(**d)
 
@@ -134,6 +152,10 @@ class StudyConfig:
         unknown = set(self.trainable) - set(GROUPS)
         if unknown or not self.trainable:
             raise ConfigError(f"--trainable {','.join(self.trainable)!r}: choose one or more of {', '.join(GROUPS)}")
+        if not isinstance(self.packing, bool):
+            raise ConfigError(f"packing {self.packing!r}: give --packing or --no-packing")
+        if self.budget_unit not in BUDGET_UNITS:
+            raise ConfigError(f"--budget-unit {self.budget_unit!r}: choose {', '.join(BUDGET_UNITS)}")
         if self.optimizer_state not in OPTIMIZER_STATES:
             raise ConfigError(f"--optimizer-state {self.optimizer_state!r}: choose {' or '.join(OPTIMIZER_STATES)}")
         if self.model_format not in (None, *MODEL_FORMATS):
@@ -158,6 +180,11 @@ class StudyConfig:
         if spec is not None and spec.lo < self.seq_len:
             raise ConfigError(f"axis spec {str(spec)!r}: batch_size counts tokens per step in whole rows of --seq-len "
                               f"{self.seq_len} tokens; use a min >= {self.seq_len}")
+
+    @property
+    def row_len(self) -> int | None:
+        """The rows layout's row length (one conversation per row); None when conversations are packed."""
+        return None if self.packing else self.seq_len
 
     def tokens_per_step(self, hparams: dict | None = None) -> int:
         """A cell's tokens per optimizer step: its swept batch_size, else --batch-size rows of --seq-len."""
@@ -198,6 +225,9 @@ PRESETS: dict[str, StudyConfig] = {
         seq_len=64,
         seed=42,
         eval_tokens=4096,
+        # 64-token rows hold no whole synthetic conversation (~190 tokens): rows would drop them all. The tiny
+        # study is packed; `--no-packing --seq-len 256 --batch-size 1` gives nanochat's rows at the same steps.
+        packing=True,
     ),
 }
 

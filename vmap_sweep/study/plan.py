@@ -225,9 +225,20 @@ def shard(batches: Sequence[Batch], k: int, n: int) -> list[Batch]:
     return sorted((b for b in batches if owner[b.index] == k - 1), key=lambda b: b.index)
 
 
-def plan_study(cfg: StudyConfig, cells: Sequence[Cell], models_per_batch: int, share: bool = True) -> list[Batch]:
+def at_positions(cells: Sequence[Cell], positions: Mapping[int, int] | None) -> list[Cell]:
+    """The cells with their budget (`tokens`, counted in the study's budget unit) as the stream positions it trains
+    on, as the planner and the trainer take it; the same cells where `positions` is None (a budget in tokens)."""
+    if positions is None:
+        return list(cells)
+    return [replace(c, hparams={**c.hparams, "tokens": int(positions[int(c.hparams["tokens"])])}) for c in cells]
+
+
+def plan_study(cfg: StudyConfig, cells: Sequence[Cell], models_per_batch: int, share: bool = True,
+               positions: Mapping[int, int] | None = None) -> list[Batch]:
     """The batches that train `cells`: trunks of shared trajectories (`trunks`) stacked `models_per_batch` at
-    a time, or with share False every cell alone (the same results, for more work)."""
+    a time, or with share False every cell alone (the same results, for more work). positions: each budget's
+    stream positions (`at_positions`), for a study that counts its budgets in another unit than tokens."""
+    cells = at_positions(cells, positions)
     if not share:
         return plan_batches(cells, models_per_batch, cell_steps(cfg))
     return plan_lanes(trunks(cells, cfg.schedule, cfg.batch_size * cfg.seq_len), models_per_batch, cell_steps(cfg))
@@ -244,11 +255,13 @@ def sharing_summary(batches: Sequence[Batch]) -> dict[str, float]:
             "read_out_model_steps": branches * 4 / 3}
 
 
-def shard_cells(cfg: StudyConfig, grid: Grid, k: int, n: int) -> list[Cell]:
+def shard_cells(cfg: StudyConfig, grid: Grid, k: int, n: int,
+                positions: Mapping[int, int] | None = None) -> list[Cell]:
     """The cells of shard k of n, whatever each shard's --models-per-batch: shards are dealt whole trunks
     (`trunks`) of equal step count, about a grid row's worth of cells at a time, balanced by their steps, so the
     parts never depend on how a shard batches them and no trunk's steps are taken in two shards."""
-    lanes = trunks(grid.cells(), cfg.schedule, cfg.batch_size * cfg.seq_len)
+    lanes = trunks(at_positions(grid.cells(), positions), cfg.schedule, cfg.batch_size * cfg.seq_len)
     per_unit = max(1, grid.nx // max(len(lane) for lane in lanes))
     units = plan_lanes(lanes, per_unit, cell_steps(cfg))
-    return [c for unit in shard(units, k, n) for c in unit.cells]
+    by_key = {c.key: c for c in grid.cells()}  # as the grid holds them: the caller plans them with `positions`
+    return [by_key[c.key] for unit in shard(units, k, n) for c in unit.cells]
