@@ -171,3 +171,26 @@ def test_cli_status_dry_run_fractal_and_export_show_the_levels(studies):
     assert ",inferred," in text and ",done," in text
     bad = cli("refine", str(root / "coarse"), "--levels", "0")
     assert bad.exit_code == 2 and "--levels 0" in bad.output
+
+
+def test_plot_draws_the_finest_level_with_inferred_cells_apart(studies):
+    root, _, _ = studies
+    drawn = cli("plot", str(root / "coarse"), "--out", str(root / "plots"))
+    assert drawn.exit_code == 0, drawn.output
+    assert (root / "plots" / "refined.png").stat().st_size > 0
+    from vmap_sweep.analysis.plots import REFINED_CLASSES, refined_figure
+
+    fig = refined_figure(refined_map(root / "coarse"))
+    ticks = [t.get_text().replace("\n", " ") for t in fig.axes[-1].get_yticklabels()]
+    assert ticks == list(REFINED_CLASSES)
+
+
+def test_one_writer_a_refinement_beside_a_run_is_refused(studies):
+    from vmap_sweep.errors import StoreError
+
+    root, _, _ = studies
+    with StudyStore.open(root / "coarse") as holder:
+        holder.claim_writer()
+        with pytest.raises(StoreError, match="is being trained by"):
+            refine_study(root / "coarse", local_backend(CFG), 3, labeller=label_record)
+    assert not level_dir(root / "coarse", 3).exists()  # refused before anything was written
