@@ -776,8 +776,12 @@ def refined_figure(refined):
                     y_log=refined.y_log, scores=values, converged=converged, final_loss=values, eval_loss=values)
     _axes(ax, view)
     ny, nx = converged.shape
-    ax.set_title(f"refinement level {refined.level}: {nx}×{ny} cells, {int((~inferred).sum()):,} trained, "
-                 f"{int(inferred.sum()):,} inferred (light)", fontsize=9)
+    title = (f"refinement level {refined.level}: {nx}×{ny} cells, {int((~inferred).sum()):,} trained, "
+             f"{int(inferred.sum()):,} inferred (light)")
+    repeats = int(refined.entry.get("repeat_lines") or 0)
+    if repeats and "tokens" in (refined.x_name, refined.y_name):  # where the tokens axis ran out of new data
+        title += f"\n{repeats} dataset sizes repeat a smaller one's data: there it was refined along the LR only"
+    ax.set_title(title, fontsize=9)
     return fig
 
 

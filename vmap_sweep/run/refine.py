@@ -179,12 +179,23 @@ def _repeats(cfg: StudyConfig, grid: Grid, targets: set[tuple[int, int]],
     lines = sorted({i if axis == "y" else j for i, j in targets})
     out: dict[tuple[int, int], tuple[int, int]] = {}
     n = grid.ny if axis == "y" else grid.nx
+    # along one line only the budget changes; which budgets repeat depends on nothing else but the step counts and
+    # LR multipliers, i.e. on the line's batch size and warmup (the same for every line that sweeps neither)
+    known: dict[tuple, dict[int, int]] = {}
+    def key(line: int, k: int) -> tuple[int, int]:
+        return (line, k) if axis == "y" else (k, line)
+
     for line in lines:
-        cells = [grid.cell(line, k) if axis == "y" else grid.cell(k, line) for k in range(n)]
-        same = same_experiments(cells, held, cfg.schedule, tps)
-        for c in cells:
-            if c.key in targets and c.key in same:
-                out[c.key] = same[c.key].key
+        first = grid.cell(*key(line, 0))
+        kind = (first.hparams.get("batch_size"), first.hparams.get("warmup_ratio"))
+        if kind not in known:
+            cells = [grid.cell(*key(line, k)) for k in range(n)]
+            same = same_experiments(cells, held, cfg.schedule, tps)
+            pos = {c.key: k for k, c in enumerate(cells)}
+            known[kind] = {pos[cell]: pos[rep.key] for cell, rep in same.items()}
+        for k, rep in known[kind].items():
+            if key(line, k) in targets:
+                out[key(line, k)] = key(line, rep)
     # lines that repeat along tokens: one line of cells (the first learning rate) tells, under any schedule
     probe = [grid.cell(0, k) if axis == "y" else grid.cell(k, 0) for k in range(n)]
     return out, len(same_experiments(probe, held, cfg.schedule, tps))
