@@ -97,7 +97,7 @@ def study_map(store: StudyStore) -> LevelMap:
             raise StoreError(f"{store.path}: its refinement map is {codes.shape}, its grid {labels.shape}; "
                              "the database was edited or damaged")
         names = list(info["labels"])
-        inferred = codes >= 0
+        inferred = (codes >= 0) & (labels == "")  # a cell trained since (say by `run` on the level) is trained
         labels = labels.copy()
         labels[inferred] = np.array(names, dtype=str)[codes[inferred]]
     missing = int((labels == "").sum())
