@@ -74,7 +74,14 @@ def check(coarse: Path, full: Path) -> dict:
     with StudyStore.open(coarse) as store:
         coarse_mask = converged_mask(study_map(store).labels)
     levels = refined.levels
+    margins = {}
+    for m in (0, 1, 2):  # the rule applied to the full grid's map: what each margin trains and infers wrongly
+        run = simulate(codes, refined.level, m)
+        bad = (run[-1]["codes"] != codes) & run[-1]["inferred_mask"]
+        margins[m] = {"trained_per_level": [e["trained"] for e in run[1:]], "inferred": run[-1]["inferred"],
+                      "inferred_wrong": int(bad.sum())}
     return {
+        "margins_simulated": margins,
         "cells": int(inferred.size), "stored": len(stored), "stored_unequal_to_full": len(unequal),
         "inferred": int(inferred.sum()), "inferred_wrong": int(wrong.sum()),
         "inferred_wrong_share": float(wrong.sum() / max(inferred.sum(), 1)),

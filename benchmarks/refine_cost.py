@@ -73,7 +73,8 @@ def project(cfg, levels: int, truth: np.ndarray, *, margin: int = DEFAULT_MARGIN
     steps0 = sum(b.model_steps for b in base)
     rows = [{"level": 0, "grid": f"{nx}x{ny}", "trained": nx * ny, "trunks": sum(len(b.stacked) for b in base),
              "model_steps": steps0, "read_outs": nx * ny, "seconds": price(steps0, nx * ny)}]
-    for entry in simulate(truth, levels, margin)[1:]:
+    sim = simulate(truth, levels, margin)
+    for entry in sim[1:]:
         level = entry["level"]
         fine = cfg.with_overrides(resolution=f"{level_points(nx, level)}x{level_points(ny, level)}")
         fgrid = build_grid(fine)
@@ -84,7 +85,22 @@ def project(cfg, levels: int, truth: np.ndarray, *, margin: int = DEFAULT_MARGIN
                      "inferred": entry["inferred"], "trunks": sum(len(b.stacked) for b in batches),
                      "model_steps": steps, "read_outs": len(cells), "seconds": price(steps, len(cells))})
     total = sum(r["seconds"] for r in rows)
-    return {"levels": rows, "seconds_total": total, "times_base_study": total / rows[0]["seconds"]}
+    finest = sim[-1]
+    wrong = (finest["codes"] != truth) & finest["inferred_mask"]
+    return {"levels": rows, "seconds_total": total, "times_base_study": total / rows[0]["seconds"],
+            "inferred_wrong": int(wrong.sum()), "inferred": int(finest["inferred_mask"].sum()), "sim": sim}
+
+
+def dimensions(truth: np.ndarray, levels: int, sim: list[dict]) -> dict:
+    """The box-counting dimension with its interval: the base grid's map, the refined map, the truth."""
+    from vmap_sweep.analysis.fractal import fractal_dimension
+
+    def one(a: np.ndarray) -> str:
+        box = fractal_dimension(a.astype(bool))
+        return f"{box.dimension:.3f} [{box.ci_low:.3f}, {box.ci_high:.3f}] over {box.octaves:.1f} octaves"
+
+    step = 2 ** levels
+    return {"base": one(truth[::step, ::step]), "refined": one(sim[-1]["codes"]), "truth": one(truth)}
 
 
 def main() -> None:
@@ -98,6 +114,7 @@ def main() -> None:
     p.add_argument("--readout-seconds", type=float, default=0.0, help="one cell's read-out")
     p.add_argument("--truth", default="rabbit")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--dimensions", action="store_true", help="also the dimension of the base, refined and true maps")
     a = p.parse_args()
     cfg = preset(a.preset)
     if a.resolution:
@@ -106,6 +123,9 @@ def main() -> None:
     truth = truth_map(a.truth, level_points(ny, a.levels), level_points(nx, a.levels))
     out = project(cfg, a.levels, truth, margin=a.margin, models_per_batch=a.models_per_batch,
                   step_seconds=a.step_seconds, readout_seconds=a.readout_seconds)
+    sim = out.pop("sim")
+    if a.dimensions:
+        out["dimension"] = dimensions(truth, a.levels, sim)
     if a.json:
         print(json.dumps(out, indent=2))
         return
@@ -116,6 +136,10 @@ def main() -> None:
         print(f"{r['level']:>5}  {r['grid']:<10} {r['trained']:>8,} {r['trunks']:>9,} {r['model_steps']:>12,} "
               f"{r['read_outs']:>10,} {r['seconds'] / 3600:>9.2f}")
     print(f"total {out['seconds_total'] / 3600:.2f} h = {out['times_base_study']:.2f}x the base study")
+    print(f"inferred cells of the finest level whose class differs from the truth: {out['inferred_wrong']:,} of "
+          f"{out['inferred']:,} ({100 * out['inferred_wrong'] / max(out['inferred'], 1):.3f}%)")
+    for name, text in out.get("dimension", {}).items():
+        print(f"dimension, {name}: {text}")
 
 
 if __name__ == "__main__":
