@@ -171,6 +171,12 @@ def test_cli_status_dry_run_fractal_and_export_show_the_levels(studies):
     assert ",inferred," in text and ",done," in text
     bad = cli("refine", str(root / "coarse"), "--levels", "0")
     assert bad.exit_code == 2 and "--levels 0" in bad.output
+    own = cli("fractal", str(root / "coarse"), "--level", "0")
+    assert own.exit_code == 0 and "at 5×5" in own.output and "refined study" not in own.output
+    missing = cli("export", str(root / "coarse"), "--level", "4")
+    assert missing.exit_code == 2 and "level 4 is not refined" in missing.output
+    plain = cli("fractal", str(root / "full"), "--level", "1")
+    assert plain.exit_code == 2 and "not a refined study" in plain.output
 
 
 def test_plot_draws_the_finest_level_with_inferred_cells_apart(studies):
