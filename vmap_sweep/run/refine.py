@@ -203,7 +203,8 @@ def _repeats(cfg: StudyConfig, grid: Grid, targets: set[tuple[int, int]],
 
 # ------------------------------------------------------------------------------------------------ refining
 def _record(row: dict) -> CellRecord:
-    """A stored cell's result as the record that stored it (record_batch reads it back bit for bit)."""
+    """A stored cell's result as the record that stored it (record_batch reads it back bit for bit), but for its
+    wall time."""
     def opt(v: float) -> float | None:
         return None if not np.isfinite(v) else float(v)
 
@@ -212,7 +213,7 @@ def _record(row: dict) -> CellRecord:
                       grad_norms=row["grad_norms"].tolist(), lrs=row["lrs"].tolist(),
                       steps_done=int(row["steps_done"]), diverged=bool(row["diverged"]),
                       diverged_step=row["diverged_step"], eval_loss=opt(row["eval_loss"]),
-                      wall_time=0.0 if not np.isfinite(row["wall_time"]) else float(row["wall_time"]))
+                      wall_time=0.0)  # a copy trains nothing: a level's training time is its own
 
 
 def _copy(store: StudyStore, sources: Mapping[tuple[int, int], dict], origin: Mapping[tuple[int, int], str],
