@@ -54,6 +54,7 @@ EXPORT_HEADER = "i,j,x,y,status,label,score,"  # how every version's csv export 
 def _records(store: StudyStore, trajectories: bool) -> list[dict[str, Any]]:
     rows = store.rows(arrays=trajectories)
     sized = sized_cells(store)
+    inferred = _inferred(store)
     for r in rows:
         size = None if sized.sizes is None else sized.sizes[int(r["hparams"]["tokens"])]
         r["supervised_tokens"] = None if size is None else size.supervised
@@ -67,7 +68,16 @@ def _records(store: StudyStore, trajectories: bool) -> list[dict[str, Any]]:
         if trajectories and r["status"] != "done":
             for c in ARRAY_COLUMNS:
                 r[c] = None
+        if inferred is not None and r["status"] != "done":  # a refinement level: its untrained cells' classes
+            r["status"], r["label"] = "inferred", str(inferred[r["j"], r["i"]])
     return rows
+
+
+def _inferred(store: StudyStore):
+    """A refinement level's labels with its inferred cells filled in (None for any other study)."""
+    from vmap_sweep.run.refine import level_info, study_map
+
+    return None if level_info(store) is None else study_map(store).labels
 
 
 def _write_csv(rows: list[dict[str, Any]], cols: list[str], f: IO[str], config: str) -> None:

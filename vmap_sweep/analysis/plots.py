@@ -756,3 +756,40 @@ def plot_joint_rules(result: JointResult, path: str | os.PathLike) -> Path:
     ax2.set_xlabel("model size P (parameters)")
     ax2.set_title("dataset-size dependence divided out", fontsize=9)
     return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- a refined study's finest level
+REFINED_CLASSES = ("converged, trained", "converged, inferred", "not converged, trained", "not converged, inferred")
+
+
+def refined_figure(refined):
+    """A refined study's level (analysis/refined.py, RefinedMap): trained cells in full colour, inferred ones (the
+    class of their uniform coarse neighbourhood) in a light tint of it, and the boundary."""
+    from vmap_sweep.analysis.classify import converged_mask
+
+    converged = converged_mask(refined.map.labels)
+    inferred = refined.map.inferred
+    values = np.where(converged, np.where(inferred, 1.0, 0.0), np.where(inferred, 3.0, 2.0))
+    colours = ListedColormap(["#3b6fb6", "#b7cde9", "#c0392b", "#f1c0b9"])
+    fig, ax = plt.subplots(figsize=(6.4, 5.2), constrained_layout=True)
+    mesh = ax.pcolormesh(_edges(refined.xs, refined.x_log), _edges(refined.ys, refined.y_log), values, cmap=colours,
+                         norm=Normalize(-0.5, 3.5))
+    bar = fig.colorbar(mesh, ax=ax)
+    bar.set_ticks([0, 1, 2, 3], labels=[c.replace(", ", ",\n") for c in REFINED_CLASSES])
+    if converged.any() and not converged.all():
+        ax.contour(refined.xs, refined.ys, converged.astype(float), levels=[0.5], colors="black", linewidths=0.6)
+    view = GridView(xs=refined.xs, ys=refined.ys, x_name=refined.x_name, y_name=refined.y_name, x_log=refined.x_log,
+                    y_log=refined.y_log, scores=values, converged=converged, final_loss=values, eval_loss=values)
+    _axes(ax, view)
+    ny, nx = converged.shape
+    title = (f"refinement level {refined.level}: {nx}×{ny} cells, {int((~inferred).sum()):,} trained, "
+             f"{int(inferred.sum()):,} inferred (light)")
+    repeats = int(refined.entry.get("repeat_lines") or 0)
+    if repeats and "tokens" in (refined.x_name, refined.y_name):  # where the tokens axis ran out of new data
+        title += f"\n{repeats} dataset sizes repeat a smaller one's data: there it was refined along the LR only"
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
+def plot_refined(refined, path: Path) -> Path:
+    return _save(refined_figure(refined), Path(path))

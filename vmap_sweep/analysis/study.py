@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 
 from vmap_sweep.analysis.chain import zoom_tree
-from vmap_sweep.analysis.classify import checked_criterion, classify_grid, map_mask
+from vmap_sweep.analysis.classify import checked_criterion, classify_grid, converged_mask, map_mask
 from vmap_sweep.analysis.fractal import fractal_dimension, uncertainty_exponent
+from vmap_sweep.analysis.refined import is_refined, refined_fractal_report, refined_map
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.store.db import StudyStore
 
@@ -77,13 +78,27 @@ def load_class_grid(source: Path, kind: str = "trainability") -> np.ndarray:
         raise ConfigError(f"{source}: can't read it as a numpy array ({e})") from None
 
 
-def fractal_report(source: Path, plot_file: Path | None = None, kind: str = "trainability") -> dict:
+def fractal_report(source: Path, plot_file: Path | None = None, kind: str = "trainability",
+                   level: int | None = None) -> dict:
     """Box-counting dimension of one map's boundary (`kind`) with CI, fit range and counts, and the
-    uncertainty-exponent estimate."""
+    uncertainty-exponent estimate. A refined study's trainability map is measured on its finest level (or
+    `level`), with level 0 beside it (analysis/refined.py)."""
     if plot_file is not None:
         from vmap_sweep.analysis.plots import picture_file
 
         plot_file = picture_file(plot_file)
+    refined = Path(source).is_dir() and is_refined(Path(source))
+    if kind == "trainability" and refined and level != 0:
+        report = refined_fractal_report(Path(source), level)
+        if plot_file is not None:
+            from vmap_sweep.analysis.plots import plot_box_counts
+
+            plot_box_counts(fractal_dimension(converged_mask(refined_map(Path(source), level).map.labels)),
+                            Path(plot_file))
+        return report
+    if level not in (None, 0) or (level == 0 and not refined):
+        raise ConfigError(f"{source}: --level measures a level of a refined study's trainability map; this is "
+                          + ("the stability map" if refined else "not a refined study (`vmap-sweep refine` makes one)"))
     grid = load_class_grid(Path(source), kind)
     try:
         box = fractal_dimension(grid)

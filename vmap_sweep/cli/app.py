@@ -400,7 +400,8 @@ def plot(
 
 
 def _plot(study: Path, formats, rows, out: Path | None = None, wb=None):
-    from vmap_sweep.analysis.plots import save_plots
+    from vmap_sweep.analysis.plots import plot_refined, save_plots
+    from vmap_sweep.analysis.refined import refine_record, refined_map
     from vmap_sweep.analysis.view import grid_view
     from vmap_sweep.store.db import StudyStore
 
@@ -413,6 +414,9 @@ def _plot(study: Path, formats, rows, out: Path | None = None, wb=None):
         if bad:
             raise ConfigError(f"--rows {bad}: rows run from 0 to {ny - 1}")
         written = save_plots(view, out or study / "plots", formats, store.trajectories(), rows)
+        if refine_record(store) is not None:  # a refined study: its finest level, inferred cells drawn apart
+            refined = refined_map(study)
+            written += [plot_refined(refined, (out or study / "plots") / f"refined.{fmt}") for fmt in formats]
         if wb is not None:
             from vmap_sweep.cli.wandb_log import log_maps
 
@@ -432,12 +436,18 @@ def export(
                                                 "Replaces only an earlier export of the same format.")] = None,
     trajectories: Annotated[bool, typer.Option(help="Add each cell's per-step losses, base-model losses, "
                                                           "gradient norms and learning rates.")] = False,
+    level: Annotated[int | None, typer.Option(help="A refined study's level: its cells, trained (status done) and "
+                                                   "inferred (status inferred, with the inferred label).")] = None,
 ):
     """One row per cell: i, j, x, y, status, label, initial_loss, final_loss, eval_loss, steps. The format is the
     output's suffix; without -o the file is STUDY/cells.csv (or cells.parquet, cells.npz with --format)."""
     from vmap_sweep.analysis.export import export_study
     from vmap_sweep.store.db import StudyStore
 
+    if level:
+        from vmap_sweep.analysis.refined import refined_map
+
+        study = refined_map(study, level).folder  # checked: a finished level of this study
     with StudyStore.open(study) as store:
         path = export_study(store, format, output, trajectories=trajectories)
     _say(str(path))
@@ -472,11 +482,14 @@ def fractal(
     map_: Annotated[str, typer.Option(
         "--map", help="Which boundary of a study: trainability (converged vs not) or stability (stopped as "
                       "unstable vs not: at a low LR an untrained cell is stable).")] = "trainability",
+    level: Annotated[int | None, typer.Option(help="A refined study's level to measure (default: its finest; 0: "
+                                                   "its own grid).")] = None,
     wandb: WandbResults = False,
     wandb_project: WandbProject = None,
 ):
-    """Box-counting dimension of the convergence boundary, with its CI, fit range and box counts."""
-    report = _print_fractal(source, json_out, plot_file, kind=map_)
+    """Box-counting dimension of the convergence boundary, with its CI, fit range and box counts. A refined study
+    (`refine`) is measured on its finest level, with the octaves that refinement gained."""
+    report = _print_fractal(source, json_out, plot_file, kind=map_, level=level)
     with _wandb_run(wandb, wandb_project, source, "fractal") as wb:
         if wb is not None:
             from vmap_sweep.cli.wandb_log import log_dimension
@@ -485,10 +498,10 @@ def fractal(
 
 
 def _print_fractal(source: Path, json_out: bool, plot_file: Path | None, save_json: Path | None = None,
-                   kind: str = "trainability") -> dict:
+                   kind: str = "trainability", level: int | None = None) -> dict:
     from vmap_sweep.analysis.study import fractal_report
 
-    report = fractal_report(source, plot_file, kind)
+    report = fractal_report(source, plot_file, kind, level=level)
     if save_json is not None:
         save_json.write_text(json.dumps(json_safe(report), indent=2, allow_nan=False))
     render.emit(report, json_out, render.fractal_lines, plot_file)
@@ -527,6 +540,77 @@ def zoom(
                               progress=render.RichProgress(console, quiet=quiet), labeller=label_record)
     for child in children:
         _say(str(child))
+
+
+@app.command()
+@user_errors
+def refine(
+    study: Annotated[Path, typer.Argument(help="A finished, classified study folder.")],
+    levels: Annotated[int, typer.Option(help="Levels of refinement, each halving both spacings "
+                                             "(128 -> 255 -> 509 -> 1017 points per axis).")] = 3,
+    margin: Annotated[int, typer.Option(help="Coarse cells around a new cell's square that must all share one class "
+                                             "for it to be inferred instead of trained.")] = 1,
+    models_per_batch: Annotated[str | None, typer.Option(
+        help="Models trained at once, or 'auto' (default: the study's).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default: the study's).")] = None,
+    micro_batch_size: Annotated[int | None, typer.Option(help="Rows per forward/backward.")] = None,
+    deterministic: Annotated[bool, typer.Option(help="Bitwise-reproducible kernels.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Print each level's cells, trunks and model-steps; train nothing.")]
+    = False,
+    quiet: Annotated[bool, typer.Option(help="Log lines instead of a progress bar.")] = False,
+):
+    """Refine the boundary: nested grids, each level halving both spacings, training only the new cells whose
+    coarse neighbourhood holds both classes; the rest are inferred and marked so (resumable, one writer)."""
+    from vmap_sweep.analysis.classify import label_record
+    from vmap_sweep.run.refine import check_levels, refine_study
+    from vmap_sweep.store import extras
+    from vmap_sweep.store.study import Study
+
+    check_levels(levels)
+    with Study.open(study) as top:
+        cfg, stored_settings, options = top.config, top.settings, extras.run_options(top.store)
+    k = _models_per_batch(models_per_batch or str(options.get("models_per_batch", "8")))
+    share = options.get("share", True)
+    if stored_settings is not None:
+        device = device or stored_settings.device
+        micro_batch_size = micro_batch_size if micro_batch_size is not None else stored_settings.micro_batch_size
+        deterministic = deterministic or stored_settings.deterministic
+    if dry_run:
+        _refine_dry_run(study, cfg, levels, margin, 8 if k == "auto" else k, share)
+        return
+    settings = _run_settings(cfg, device or "auto", micro_batch_size, deterministic)
+    progress = render.RichProgress(console, quiet=quiet)
+    with _open_backend(cfg, settings) as backend:
+        done = refine_study(study, backend, levels, margin=margin, models_per_batch=k, progress=progress,
+                            labeller=label_record, share=share, note=progress.note)
+    for line in render.refine_lines(study, done):
+        _say(line)
+
+
+def _refine_dry_run(study: Path, cfg, levels: int, margin: int, k: int, share: bool):
+    from vmap_sweep.analysis.classify import converged_mask
+    from vmap_sweep.analysis.fractal import fractal_dimension
+    from vmap_sweep.run.estimate import base_model_shape
+    from vmap_sweep.run.refine import plan_refinement, study_map
+    from vmap_sweep.run.worker import training_stream
+    from vmap_sweep.store.db import StudyStore
+
+    model_config, tokenizer = base_model_shape(cfg.model, cfg.tokenizer, cfg.model_revision)
+    stream = training_stream(cfg, model_config.sequence_len, tokenizer)
+
+    def supervised(budgets):
+        return {n: s.supervised for n, s in stream.budgets(budgets).sizes.items()}
+
+    with StudyStore.open(study) as store:
+        mask = converged_mask(study_map(store).labels)
+    try:  # later levels grow with the boundary's dimension: 2^D cells per level
+        dim = min(max(fractal_dimension(mask).dimension, 1.0), 2.0)
+    except VmapSweepError:
+        dim = 1.0
+    plan = plan_refinement(study, levels, supervised, margin=margin, models_per_batch=k, share=share,
+                           growth=2.0 ** dim)
+    for line in render.refine_lines(study, plan, dry_run=True, dimension=dim):
+        _say(line)
 
 
 @app.command("zoom-dimension")

@@ -266,7 +266,54 @@ def status_table(store: StudyStore) -> Table:
     children = store.children()
     if children:
         table.add_row("zoom children", escape(", ".join(c.child_dir for c in children)))
+    for key, value in refine_rows(store):
+        table.add_row(key, escape(value))
     return table
+
+
+def refine_rows(store: StudyStore) -> list[tuple[str, str]]:
+    """A refined study's finished levels and what each cost; a level's own place and inferred cells."""
+    from vmap_sweep.run.refine import REFINE, level_info
+
+    rows = []
+    record = store.get_extra(REFINE)
+    for e in (record or {}).get("levels", []):
+        rows.append((f"refine level {e['level']}", _level_cost(e)))
+    info = level_info(store)
+    if info is not None:
+        cost = info.get("cost", {})
+        state = "finished" if info.get("complete") else "unfinished: `vmap-sweep refine` on its study resumes it"
+        rows.append(("refinement", f"level {info['level']} of {store.directory.parent}, {state}; pending cells are "
+                                   f"inferred ({cost.get('inferred', '?'):,} of {store.nx * store.ny:,})"
+                     if info.get("complete") else f"level {info['level']} of {store.directory.parent}, {state}"))
+    return rows
+
+
+def _level_cost(e: dict) -> str:
+    """One level: its grid, its new cells, which of them were trained, repeated or inferred, and what it cost."""
+    def n(v: int | None) -> str:
+        return "?" if v is None else f"{v:,}"
+
+    inferred = e.get("inferred", e.get("inferred_new"))
+    repeats = f", {n(e.get('repeats'))} repeat a trained cell's experiment (free)" if e.get("repeats") else ""
+    seconds = e.get("seconds")
+    return (f"{e['nx']}×{e['ny']}: {n(e['targets'])} of {n(e['new_cells'])} new cells on the boundary, "
+            f"{n(e['trained'])} trained{repeats}; {n(inferred)} cells inferred; {n(e['trunks'])} trunks, "
+            f"{n(e['model_steps'])} model-steps" + (f", {duration(seconds)}" if seconds is not None else ""))
+
+
+def refine_lines(study: Path, levels: list[dict], dry_run: bool = False, dimension: float | None = None) -> list[str]:
+    """`refine`'s levels (with --dry-run: done, planned exactly, or projected)."""
+    lines = []
+    for e in levels:
+        tag = (" (done)" if e.get("done") else " (projected)" if e.get("projected") else " (exact)") if dry_run else ""
+        lines.append(f"level {e['level']}{tag}: {_level_cost(e)}")
+    if dry_run and any(e.get("projected") for e in levels):
+        lines.append(f"projected levels assume a boundary of dimension {dimension:.2f} (2^D times the cells per "
+                     "level); each is planned exactly once the level before it is refined")
+    if not dry_run and levels:
+        lines.append(f"refined study in {study} (levels in {study}/refine-1 … refine-{levels[-1]['level']})")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------ commands
@@ -326,6 +373,10 @@ def fractal_lines(report: dict) -> list[Text]:
         note = f" ({box['uncertainty_note']})" if "uncertainty_note" in box else ""
         lines.append(f"uncertainty-exponent dimension {box['uncertainty_dimension']:.3f} "
                      f"± {box['uncertainty_stderr']:.3f}{note}")
+    if "refined" in box:
+        from vmap_sweep.analysis.refined import refined_lines
+
+        lines += refined_lines(box)
     return [_prose(line) for line in lines]
 
 

@@ -65,7 +65,8 @@ class Backend(Protocol):
 
 def run_study(cfg: StudyConfig, out: str | Path, backend: Backend, *, models_per_batch: int | str = 8,
               shard: tuple[int, int] | None = None, progress: Progress | None = None,
-              labeller: Labeller | None = None, criterion: dict | None = None, share: bool = True) -> StudyStore:
+              labeller: Labeller | None = None, criterion: dict | None = None, share: bool = True,
+              only: list[Cell] | None = None) -> StudyStore:
     """Train every pending cell of the study in `out` on `backend` (which the caller owns); returns the store,
     open. This process is the only writer of the store: each finished batch commits in one transaction.
 
@@ -73,6 +74,7 @@ def run_study(cfg: StudyConfig, out: str | Path, backend: Backend, *, models_per
     criterion: what a new study's classes follow (a zoom child takes its parent's); default ratio.
     share: read the cells that differ only in their dataset size out of one trajectory (study/plan.py, `trunks`);
     False trains every cell alone, for the same results.
+    only: train just these cells of the grid (a refinement level's targets); the others stay pending.
     """
     progress = progress or Progress()
     grid = build_grid(cfg)
@@ -89,7 +91,7 @@ def run_study(cfg: StudyConfig, out: str | Path, backend: Backend, *, models_per
         budgets = _budgets(backend, cfg, grid)
         check_smallest_budget(cfg, grid, budgets.first_supervised)
         positions = budget_positions(cfg, budgets)
-        cells, shard_name = _cells_of_shard(cfg, grid, shard, positions)
+        cells, shard_name = _cells_of_shard(cfg, grid, shard, positions) if only is None else (list(only), None)
         _record_start(study, backend.settings, digest, criterion, budgets=budgets, origin=origin,
                       models_per_batch=models_per_batch, share=share)
         k = backend.models_per_batch(grid.nx * grid.ny) if models_per_batch == "auto" else int(models_per_batch)

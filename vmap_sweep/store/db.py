@@ -629,14 +629,15 @@ class StudyStore:
         return _from_blob(blob)
 
     @_reads
-    def rows(self, arrays: bool = False) -> list[dict[str, Any]]:
-        """Every cell as a dict, row-major. Missing floats are NaN, missing ints None;
-        with ``arrays`` also trajectory, base_losses, grad_norms and lrs (empty when pending)."""
+    def rows(self, arrays: bool = False, done_only: bool = False) -> list[dict[str, Any]]:
+        """Every cell (with ``done_only``, every done cell) as a dict, row-major. Missing floats are NaN, missing ints
+        None; with ``arrays`` also trajectory, base_losses, grad_norms and lrs (empty when pending)."""
         cols = ["i", "j", "x", "y", "hparams", "status", *RESULT_COLUMNS[:7], *_RUN_COLUMNS]
         if arrays:
             cols += list(ARRAY_FIELDS)
         out = []
-        for r in self._conn.execute(f"SELECT {', '.join(cols)} FROM cells ORDER BY j, i"):
+        where = "WHERE status='done'" if done_only else ""
+        for r in self._conn.execute(f"SELECT {', '.join(cols)} FROM cells {where} ORDER BY j, i"):
             d = dict(zip(cols, r, strict=True))
             d["hparams"] = self._hparams(d["i"], d["j"], d["hparams"])
             for f in _FLOAT_FIELDS:

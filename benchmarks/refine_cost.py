@@ -1,0 +1,146 @@
+"""What refining a study's boundary costs, projected from a boundary's shape and measured per-step costs.
+
+    PYTHONPATH=. python benchmarks/refine_cost.py --preset d20-docvqa --levels 3 \
+        --step-seconds 0.9 --models-per-batch 8 --readout-seconds 0.35 --truth rabbit
+
+A boundary of known shape (`--truth`) at the finest level's resolution is refined as `vmap-sweep refine` would
+(study/refine.py `simulate`: the targets of each level follow from the level below, their classes are read from the
+truth), and each level's trained cells are planned as the engine plans them (study/plan.py: a learning rate's new
+budgets read out of one trunk, trained as far as its largest needed budget). Cost in seconds:
+
+    model-steps x step-seconds / models-per-batch  +  read-outs x readout-seconds
+
+step-seconds: one optimizer step of a full batch of models-per-batch trunks (the GPU's measured batch step);
+readout-seconds: one cell's read-out (its branch step, final-loss forward and eval loss). The base study (every cell
+of the coarse grid) is priced the same way, so the ratio is the refinement's price in base studies. Repeated budgets
+(free in a real refinement) are counted as trained here, so the projection is an upper bound on that term.
+
+--truth: koch (D 1.26), basilica (1.27), rabbit (1.39), quadratic (1.5), a .npy of class codes at the finest
+resolution, or a refined study's folder (its finest map, resampled to nearest: below its own spacing the resampled
+boundary is straight, so this undercounts the finer levels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from vmap_sweep.study.axes import parse_resolution  # noqa: E402
+from vmap_sweep.study.config import preset  # noqa: E402
+from vmap_sweep.study.plan import build_grid, plan_study  # noqa: E402
+from vmap_sweep.study.refine import DEFAULT_MARGIN, level_points, simulate  # noqa: E402
+
+
+def truth_map(name: str, ny: int, nx: int) -> np.ndarray:
+    """Class codes (0/1) of shape (ny, nx): a shape of known dimension, a .npy, or a refined study's finest map."""
+    import shapes
+
+    n = max(nx, ny)
+    made = {"koch": lambda: shapes.koch_island(n, 0.8, angle=0.3),
+            "basilica": lambda: shapes.julia_mask(n, "basilica"),
+            "rabbit": lambda: shapes.julia_mask(n, "rabbit"),
+            "quadratic": lambda: shapes.quadratic_koch_island(n, 0.8, angle=0.3)}
+    if name in made:
+        return made[name]()[:ny, :nx].astype(np.int64)
+    path = Path(name)
+    if path.suffix == ".npy":
+        a = np.load(path, allow_pickle=False)
+    else:
+        from vmap_sweep.analysis.classify import converged_mask
+        from vmap_sweep.analysis.refined import refined_map
+
+        a = converged_mask(refined_map(path).map.labels)
+    rows = np.rint(np.linspace(0, a.shape[0] - 1, ny)).astype(int)
+    cols = np.rint(np.linspace(0, a.shape[1] - 1, nx)).astype(int)
+    return np.asarray(a)[np.ix_(rows, cols)].astype(np.int64)
+
+
+def project(cfg, levels: int, truth: np.ndarray, *, margin: int = DEFAULT_MARGIN, models_per_batch: int = 8,
+            step_seconds: float = 1.0, readout_seconds: float = 0.0) -> dict:
+    """Per level (0: the base study) the cells trained, trunks, model-steps, read-outs and seconds; and totals."""
+    def price(model_steps: int, read_outs: int) -> float:
+        return model_steps * step_seconds / models_per_batch + read_outs * readout_seconds
+
+    nx, ny = parse_resolution(cfg.resolution)
+    grid = build_grid(cfg)
+    base = plan_study(cfg, grid.cells(), models_per_batch)
+    steps0 = sum(b.model_steps for b in base)
+    rows = [{"level": 0, "grid": f"{nx}x{ny}", "trained": nx * ny, "trunks": sum(len(b.stacked) for b in base),
+             "model_steps": steps0, "read_outs": nx * ny, "seconds": price(steps0, nx * ny)}]
+    sim = simulate(truth, levels, margin)
+    for entry in sim[1:]:
+        level = entry["level"]
+        fine = cfg.with_overrides(resolution=f"{level_points(nx, level)}x{level_points(ny, level)}")
+        fgrid = build_grid(fine)
+        cells = [fgrid.cell(int(i), int(j)) for j, i in zip(*np.nonzero(entry["targets"]), strict=True)]
+        batches = plan_study(fine, cells, models_per_batch) if cells else []
+        steps = sum(b.model_steps for b in batches)
+        rows.append({"level": level, "grid": f"{fgrid.nx}x{fgrid.ny}", "trained": len(cells),
+                     "inferred": entry["inferred"], "trunks": sum(len(b.stacked) for b in batches),
+                     "model_steps": steps, "read_outs": len(cells), "seconds": price(steps, len(cells))})
+    total = sum(r["seconds"] for r in rows)
+    finest = sim[-1]
+    wrong = (finest["codes"] != truth) & finest["inferred_mask"]
+    return {"levels": rows, "seconds_total": total, "times_base_study": total / rows[0]["seconds"],
+            "inferred_wrong": int(wrong.sum()), "inferred": int(finest["inferred_mask"].sum()), "sim": sim}
+
+
+def dimensions(truth: np.ndarray, levels: int, sim: list[dict]) -> dict:
+    """The box-counting dimension with its interval: the base grid's map, the refined map, the truth."""
+    from vmap_sweep.analysis.fractal import fractal_dimension
+
+    def one(a: np.ndarray) -> str:
+        box = fractal_dimension(a.astype(bool))
+        return f"{box.dimension:.3f} [{box.ci_low:.3f}, {box.ci_high:.3f}] over {box.octaves:.1f} octaves"
+
+    step = 2 ** levels
+    return {"base": one(truth[::step, ::step]), "refined": one(sim[-1]["codes"]), "truth": one(truth)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="d20-docvqa")
+    p.add_argument("--resolution", default=None, help="the base study's (default: the preset's)")
+    p.add_argument("--levels", type=int, default=3)
+    p.add_argument("--margin", type=int, default=DEFAULT_MARGIN)
+    p.add_argument("--models-per-batch", type=int, default=8)
+    p.add_argument("--step-seconds", type=float, required=True, help="one optimizer step of a full batch")
+    p.add_argument("--readout-seconds", type=float, default=0.0, help="one cell's read-out")
+    p.add_argument("--truth", default="rabbit")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--dimensions", action="store_true", help="also the dimension of the base, refined and true maps")
+    a = p.parse_args()
+    cfg = preset(a.preset)
+    if a.resolution:
+        cfg = cfg.with_overrides(resolution=a.resolution)
+    nx, ny = parse_resolution(cfg.resolution)
+    truth = truth_map(a.truth, level_points(ny, a.levels), level_points(nx, a.levels))
+    out = project(cfg, a.levels, truth, margin=a.margin, models_per_batch=a.models_per_batch,
+                  step_seconds=a.step_seconds, readout_seconds=a.readout_seconds)
+    sim = out.pop("sim")
+    if a.dimensions:
+        out["dimension"] = dimensions(truth, a.levels, sim)
+    if a.json:
+        print(json.dumps(out, indent=2))
+        return
+    print(f"{a.preset} at {cfg.resolution}, truth {a.truth}, margin {a.margin}, {a.models_per_batch} models per batch, "
+          f"{a.step_seconds} s per batch step, {a.readout_seconds} s per read-out")
+    print("level  grid        trained    trunks  model-steps  read-outs     hours")
+    for r in out["levels"]:
+        print(f"{r['level']:>5}  {r['grid']:<10} {r['trained']:>8,} {r['trunks']:>9,} {r['model_steps']:>12,} "
+              f"{r['read_outs']:>10,} {r['seconds'] / 3600:>9.2f}")
+    print(f"total {out['seconds_total'] / 3600:.2f} h = {out['times_base_study']:.2f}x the base study")
+    print(f"inferred cells of the finest level whose class differs from the truth: {out['inferred_wrong']:,} of "
+          f"{out['inferred']:,} ({100 * out['inferred_wrong'] / max(out['inferred'], 1):.3f}%)")
+    for name, text in out.get("dimension", {}).items():
+        print(f"dimension, {name}: {text}")
+
+
+if __name__ == "__main__":
+    main()

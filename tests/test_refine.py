@@ -1,0 +1,202 @@
+"""Refinement: nested grids trained only where the coarse neighbourhood holds both classes.
+
+The plan's rule against the cell-by-cell definition on random maps; and on the tiny preset, a coarse study refined
+two levels against the full grid trained directly: every stored cell of the refined study bit for bit the full
+grid's, every new cell whose coarse neighbourhood was mixed trained, a kill mid-level resumed to the same result.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cli_helpers import cli
+from helpers import StopsAfterOneBatch, local_backend, run_local
+
+from vmap_sweep.analysis.classify import label_record
+from vmap_sweep.analysis.refined import refined_fractal_report, refined_map
+from vmap_sweep.errors import ConfigError
+from vmap_sweep.run.refine import REFINE, level_dir, refine_study, study_map
+from vmap_sweep.store.db import RESULT_COLUMNS, StudyStore
+from vmap_sweep.study.config import preset
+from vmap_sweep.study.refine import UNKNOWN, level_points, neighbourhood_mixed, plan_level, simulate
+
+# ------------------------------------------------------------------------------------------------ the rule
+
+
+@pytest.mark.parametrize("margin", [0, 1, 2])
+def test_every_new_cell_with_a_mixed_neighbourhood_is_a_target_and_no_other(margin):
+    rng = np.random.default_rng(margin)
+    for _ in range(60):
+        ny, nx = (int(v) for v in rng.integers(2, 9, 2))
+        coarse = (rng.random((ny, nx)) < rng.random()).astype(np.int64) + (rng.random((ny, nx)) < 0.1)
+        plan = plan_level(coarse, margin)
+        assert plan.codes.shape == (2 * ny - 1, 2 * nx - 1)
+        assert np.array_equal(plan.codes[::2, ::2], coarse)  # nested: every coarse cell stays a cell
+        for fj in range(2 * ny - 1):
+            for fi in range(2 * nx - 1):
+                if fi % 2 == 0 and fj % 2 == 0:
+                    assert not plan.targets[fj, fi]
+                    continue
+                mixed = neighbourhood_mixed(coarse, fi, fj, margin)
+                assert plan.targets[fj, fi] == mixed, (fi, fj)
+                assert (plan.codes[fj, fi] == UNKNOWN) == mixed
+                if not mixed:  # inferred: the one class its neighbourhood holds
+                    assert plan.codes[fj, fi] == coarse[min(fj // 2, ny - 1), min(fi // 2, nx - 1)]
+
+
+def test_a_margin_sees_a_boundary_that_the_square_s_corners_miss():
+    coarse = np.zeros((5, 5), dtype=np.int64)
+    coarse[2, 4] = 1  # a crossing one coarse cell to the right of the square (2..3, 1..2)
+    assert not plan_level(coarse, 0).targets[3, 5]
+    assert plan_level(coarse, 1).targets[3, 5]
+
+
+def test_levels_double_the_points_per_axis():
+    assert [level_points(128, k) for k in range(4)] == [128, 255, 509, 1017]
+
+
+def test_simulation_of_a_straight_edge_trains_a_band_and_infers_the_rest_exactly():
+    truth = np.zeros((33, 33), dtype=np.int64)
+    truth[:, 17:] = 1
+    levels = simulate(truth, 2, margin=1)
+    finest = levels[-1]
+    assert np.array_equal(finest["codes"], truth)  # a smooth edge: nothing inferred wrongly
+    assert finest["inferred"] > 0 and 0 < finest["trained"] < finest["inferred"]
+
+
+def test_a_map_with_unknown_cells_is_refused():
+    with pytest.raises(ConfigError, match="unknown class"):
+        plan_level(np.array([[0, -1], [1, 1]]))
+
+
+# ------------------------------------------------------------------------------------------------ on the tiny preset
+# 5 x 5 -> 9 x 9 -> 17 x 17; budgets of 1-4 steps, several of which hold the same answer tokens (repeats)
+CFG = preset("tiny").with_overrides(resolution="5", y="tokens:256:1024:log", eval_tokens=256)
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory, shared_model_cache):
+    root = tmp_path_factory.mktemp("refine")
+    backend = local_backend(CFG)
+    run_local(CFG, root / "coarse", models_per_batch=2, backend=backend).close()
+    # level 1 killed after its first batch, then resumed; then a second level added
+    stops = StopsAfterOneBatch(CFG, backend.settings)
+    with pytest.raises(KeyboardInterrupt):
+        refine_study(root / "coarse", stops, 1, models_per_batch=2, labeller=label_record)
+    first = refine_study(root / "coarse", backend, 1, models_per_batch=2, labeller=label_record)
+    levels = refine_study(root / "coarse", backend, 2, models_per_batch=2, labeller=label_record)
+    full = CFG.with_overrides(resolution="17")
+    run_local(full, root / "full", models_per_batch=8, backend=backend).close()
+    return root, first, levels
+
+
+def _results(folder):
+    with StudyStore.open(folder) as store:
+        return {(r["i"], r["j"]): r for r in store.rows(arrays=True) if r["status"] == "done"}
+
+
+def test_refined_cells_are_bitwise_the_full_grid_s(studies):
+    root, _, _ = studies
+    refined, full = _results(level_dir(root / "coarse", 2)), _results(root / "full")
+    assert len(refined) < len(full) == 17 * 17
+    for key, row in refined.items():
+        for col in (*RESULT_COLUMNS, "label", "score"):
+            a, b = row[col], full[key][col]
+            if isinstance(a, np.ndarray):
+                assert a.tobytes() == b.tobytes(), (key, col)
+            else:
+                assert a == b or (a != a and b != b), (key, col, a, b)
+
+
+def test_no_level_skips_a_mixed_neighbourhood(studies):
+    root, _, _ = studies
+    with StudyStore.open(root / "coarse") as store:
+        coarse = study_map(store).labels
+    for level in (1, 2):
+        with StudyStore.open(level_dir(root / "coarse", level)) as store:
+            done = {(c.i, c.j) for c in store.cells()} - {c.key for c in store.pending()}
+            names = sorted(set(coarse.reshape(-1).tolist()))
+            codes = np.vectorize(names.index)(coarse)
+            for fj in range(2 * coarse.shape[0] - 1):
+                for fi in range(2 * coarse.shape[1] - 1):
+                    if neighbourhood_mixed(codes, fi, fj, 1):
+                        assert (fi, fj) in done, (level, fi, fj)
+            fine = study_map(store)
+        assert fine.inferred.any() and (~fine.inferred).any()
+        coarse = fine.labels
+
+
+def test_repeated_budgets_are_copied_not_trained_and_every_level_records_its_cost(studies):
+    root, first, levels = studies
+    assert first == levels[:1]  # the resumed level 1 is the one level 2 built on
+    assert [e["level"] for e in levels] == [1, 2]
+    assert sum(e["repeats"] for e in levels) > 0  # 256, 305 and 362 tokens hold the same answer tokens
+    for e in levels:
+        assert e["trained"] + e["repeats"] >= e["targets"] > 0
+        assert e["trunks"] > 0 and e["model_steps"] > 0
+    with StudyStore.open(root / "coarse") as store:
+        assert store.get_extra(REFINE)["levels"] == levels
+
+
+def test_refining_again_trains_nothing(studies):
+    root, _, levels = studies
+    before = _results(level_dir(root / "coarse", 2))
+    again = refine_study(root / "coarse", local_backend(CFG), 2, labeller=label_record)
+    assert again == levels and _results(level_dir(root / "coarse", 2)).keys() == before.keys()
+
+
+def test_fractal_measures_the_finest_level_and_says_what_it_gained(studies):
+    root, _, _ = studies
+    report = refined_fractal_report(root / "coarse")
+    assert report["resolution"] == [17, 17]
+    r = report["refined"]
+    assert r["level"] == 2 and r["coarse"]["resolution"] == [5, 5] and 0 < r["inferred_share"] < 1
+    assert r["octaves_gained"] == pytest.approx(report["octaves"] - r["coarse"]["octaves"])
+    assert refined_map(root / "coarse", 1).map.labels.shape == (9, 9)
+
+
+def test_cli_status_dry_run_fractal_and_export_show_the_levels(studies):
+    root, _, _ = studies
+    status = cli("status", str(root / "coarse"))
+    assert status.exit_code == 0 and "refine level 2" in status.output
+    plan = cli("refine", str(root / "coarse"), "--levels", "3", "--dry-run")
+    assert plan.exit_code == 0, plan.output
+    assert "level 2 (done): 17×17" in plan.output and "level 3 (exact): 33×33" in plan.output
+    fractal = cli("fractal", str(root / "coarse"))
+    assert fractal.exit_code == 0 and "refined study: measured on level 2" in fractal.output
+    out = root / "cells.csv"
+    exported = cli("export", str(root / "coarse"), "--level", "2", "-o", str(out))
+    assert exported.exit_code == 0, exported.output
+    text = out.read_text()
+    assert ",inferred," in text and ",done," in text
+    bad = cli("refine", str(root / "coarse"), "--levels", "0")
+    assert bad.exit_code == 2 and "--levels 0" in bad.output
+    own = cli("fractal", str(root / "coarse"), "--level", "0")
+    assert own.exit_code == 0 and "at 5×5" in own.output and "refined study" not in own.output
+    missing = cli("export", str(root / "coarse"), "--level", "4")
+    assert missing.exit_code == 2 and "level 4 is not refined" in missing.output
+    plain = cli("fractal", str(root / "full"), "--level", "1")
+    assert plain.exit_code == 2 and "not a refined study" in plain.output
+
+
+def test_plot_draws_the_finest_level_with_inferred_cells_apart(studies):
+    root, _, _ = studies
+    drawn = cli("plot", str(root / "coarse"), "--out", str(root / "plots"))
+    assert drawn.exit_code == 0, drawn.output
+    assert (root / "plots" / "refined.png").stat().st_size > 0
+    from vmap_sweep.analysis.plots import REFINED_CLASSES, refined_figure
+
+    fig = refined_figure(refined_map(root / "coarse"))
+    ticks = [t.get_text().replace("\n", " ") for t in fig.axes[-1].get_yticklabels()]
+    assert ticks == list(REFINED_CLASSES)
+
+
+def test_one_writer_a_refinement_beside_a_run_is_refused(studies):
+    from vmap_sweep.errors import StoreError
+
+    root, _, _ = studies
+    with StudyStore.open(root / "coarse") as holder:
+        holder.claim_writer()
+        with pytest.raises(StoreError, match="is being trained by"):
+            refine_study(root / "coarse", local_backend(CFG), 3, labeller=label_record)
+    assert not level_dir(root / "coarse", 3).exists()  # refused before anything was written

@@ -1,0 +1,138 @@
+"""A refined study read back: its levels, the finest level's map (trained and inferred cells), its dimension.
+
+`vmap-sweep refine` (run/refine.py) writes level L of the study in DIR to DIR/refine-L and records the finished
+levels in DIR's `refine` extra. Here a refined study is measured on its finest level, beside its own grid, so that
+what refinement bought (octaves of box sizes, a narrower interval) is read off one report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vmap_sweep.analysis.classify import converged_mask
+from vmap_sweep.analysis.fractal import fractal_dimension
+from vmap_sweep.errors import ConfigError
+from vmap_sweep.run.refine import REFINE, LevelMap, level_dir, level_info, study_map
+from vmap_sweep.store import extras
+from vmap_sweep.store.db import DB_NAME, StudyStore
+from vmap_sweep.study.axes import parse_axis_spec
+
+
+def refine_record(store: StudyStore) -> dict | None:
+    record = store.get_extra(REFINE)
+    return record if isinstance(record, dict) and record.get("levels") else None
+
+
+def is_refined(source: Path) -> bool:
+    """A study folder with at least one finished refinement level."""
+    if not (Path(source) / DB_NAME).is_file():
+        return False
+    with StudyStore.open(source) as store:
+        return refine_record(store) is not None
+
+
+@dataclass
+class RefinedMap:
+    level: int
+    folder: Path
+    xs: np.ndarray
+    ys: np.ndarray
+    x_name: str
+    y_name: str
+    x_log: bool
+    y_log: bool
+    map: LevelMap
+    entry: dict  # the level's cost record
+    levels: list[dict]  # every finished level's
+
+
+def refined_map(top: Path, level: int | None = None) -> RefinedMap:
+    """The map of level `level` (default: the finest finished) of the refined study in `top`."""
+    top = Path(top)
+    with StudyStore.open(top) as store:
+        record = refine_record(store)
+        criterion = extras.criterion(store)
+    if record is None:
+        raise ConfigError(f"{top}: not refined; `vmap-sweep refine {top} --levels 3` refines it")
+    levels = sorted(record["levels"], key=lambda e: int(e["level"]))
+    finished = [int(e["level"]) for e in levels]
+    want = finished[-1] if level is None else int(level)
+    if want not in finished:
+        raise ConfigError(f"{top}: level {want} is not refined (finished levels: "
+                          f"{', '.join(map(str, finished))}); `vmap-sweep refine {top} --levels {want}` adds it")
+    folder = level_dir(top, want)
+    with StudyStore.open(folder) as store:
+        info = level_info(store)
+        if info is None:
+            raise ConfigError(f"{folder}: not a refinement level of {top}")
+        if info.get("criterion") != criterion:
+            raise ConfigError(f"{folder} was refined under another criterion than {top}'s last `classify`; classify "
+                              f"{top} with the criterion it was refined with, or refine a copy of it anew")
+        cfg = store.config
+        x, y = parse_axis_spec(cfg["x"]), parse_axis_spec(cfg["y"])
+        seq = int(cfg.get("seq_len", 1))
+        return RefinedMap(want, folder, x.values(store.nx, seq), y.values(store.ny, seq), x.name, y.name,
+                          x.scale == "log", y.scale == "log", study_map(store),
+                          next(e for e in levels if int(e["level"]) == want), levels)
+
+
+def _summary(box) -> dict:
+    return {"dimension": box.dimension, "ci_low": box.ci_low, "ci_high": box.ci_high, "octaves": box.octaves,
+            "resolution": list(box.resolution), "fit_range": list(box.fit_range)}
+
+
+def tokens_note(refined: RefinedMap) -> str | None:
+    """Where the tokens axis ran out of new data at this level: budgets that repeat a smaller one's experiment."""
+    lines = int(refined.entry.get("repeat_lines") or 0)
+    if not lines or "tokens" not in (refined.x_name, refined.y_name):
+        return None
+    n = len(refined.ys) if refined.y_name == "tokens" else len(refined.xs)
+    return (f"{lines} of the {n} dataset sizes of level {refined.level} repeat a smaller size's experiment (no new "
+            "supervised token between them): along tokens this resolution resolves the data's answers, not "
+            "training; there refinement went on along the learning rate only")
+
+
+def refined_fractal_report(top: Path, level: int | None = None) -> dict:
+    """The box-counting dimension on a refined study's finest (or given) level, with level 0's beside it: the
+    octaves of box size and the narrowing of the interval that refinement bought."""
+    refined = refined_map(top, level)
+    try:
+        box = fractal_dimension(converged_mask(refined.map.labels))
+        with StudyStore.open(top) as store:
+            coarse = fractal_dimension(converged_mask(study_map(store).labels))
+    except ConfigError as e:
+        raise ConfigError(f"{top}: {e}") from None
+    report = box.to_dict()
+    report["map"] = "trainability"
+    width, coarse_width = box.ci_high - box.ci_low, coarse.ci_high - coarse.ci_low
+    report["refined"] = {
+        "level": refined.level,
+        "folder": refined.folder.name,
+        "inferred_share": float(refined.map.inferred.mean()),
+        "trained_cells": int((~refined.map.inferred).sum()),
+        "cells": int(refined.map.inferred.size),
+        "coarse": _summary(coarse),
+        "octaves_gained": float(box.octaves - coarse.octaves),
+        "interval_narrowing": float(coarse_width / width) if width > 0 else None,
+        "levels": refined.levels,
+        "tokens_note": tokens_note(refined),
+    }
+    return report
+
+
+def refined_lines(report: dict) -> list[str]:
+    """What `fractal` adds for a refined study: which level, how much was inferred, what refinement bought."""
+    r = report["refined"]
+    c = r["coarse"]
+    lines = [f"refined study: measured on level {r['level']} ({r['folder']}), {r['trained_cells']:,} of "
+             f"{r['cells']:,} cells trained, {100 * r['inferred_share']:.1f}% inferred from uniform neighbourhoods",
+             f"level 0 at {c['resolution'][0]}×{c['resolution'][1]}: D = {c['dimension']:.3f}, 95% CI "
+             f"[{c['ci_low']:.3f}, {c['ci_high']:.3f}] over {c['octaves']:.1f} octaves; refinement gained "
+             f"{r['octaves_gained']:.1f} octaves"
+             + (f" and an interval {r['interval_narrowing']:.2f}× as narrow" if r["interval_narrowing"] else "")]
+    if r.get("tokens_note"):
+        lines.append(f"note: {r['tokens_note']}")
+    return lines

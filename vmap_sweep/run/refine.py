@@ -1,0 +1,404 @@
+"""Refine a finished study's boundary: nested grids, each halving both spacings, trained only where it can matter.
+
+Level L of the study in DIR is a study of its own in DIR/refine-L (its config: the study's, at the finer
+resolution). Its store holds, done: the cells of level L-1 that were trained (copied, bit for bit: a nested grid's
+cell has the same hyperparameters at every level), the new cells whose coarse neighbourhood holds more than one class
+(trained here, study/refine.py says which), and the new cells that repeat one of those's experiment (the same
+supervised tokens: copied from it, bitwise what training them would give). Every other cell stays pending in that
+store and takes the class of its uniform neighbourhood: the level's `refine_level` extra holds those inferred
+classes, which are never stored as trained. The study in DIR records each finished level and what it cost
+(`refine` extra).
+
+Pricing is the engine's: the trained cells are planned as any run's (study/plan.py), so a new learning rate is a
+trunk trained as far as its largest needed budget, new budgets of a learning rate are read out of its trunk, and
+batches commit atomically through run_study. One writer: the refining process holds DIR's lock (and each level's,
+while it trains). A killed refinement resumes with the same command: a level's targets follow from the level below
+it, which is finished, so they are the same.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vmap_sweep.errors import ConfigError, StoreError
+from vmap_sweep.run.pipeline import Backend, Progress, check_data_unchanged, check_origin_unchanged, run_study
+from vmap_sweep.store import extras
+from vmap_sweep.store.db import DB_NAME, Labeller, StudyStore
+from vmap_sweep.store.study import Study
+from vmap_sweep.study.axes import parse_resolution
+from vmap_sweep.study.config import StudyConfig
+from vmap_sweep.study.grid import Cell, Grid
+from vmap_sweep.study.plan import build_grid, cell_steps, plan_study, same_experiments
+from vmap_sweep.study.refine import DEFAULT_MARGIN, UNKNOWN, LevelPlan, level_points, plan_level
+from vmap_sweep.train.trainer import CellRecord
+
+REFINE = "refine"  # the refined study's {"margin", "levels": [per level: where, size, cells and cost]}
+REFINE_LEVEL = "refine_level"  # a level study's own {"level", "margin", "criterion", "labels", "inferred", ...}
+MAX_LEVELS = 6
+_COPY_CHUNK = 2048  # cells per copying transaction
+
+
+def level_dir(top: Path, level: int) -> Path:
+    return Path(top) / f"refine-{level}"
+
+
+def level_config(cfg: StudyConfig, level: int) -> StudyConfig:
+    nx, ny = parse_resolution(cfg.resolution)
+    fx, fy = level_points(nx, level), level_points(ny, level)
+    return cfg.with_overrides(resolution=str(fx) if fx == fy else f"{fx}x{fy}")
+
+
+# ------------------------------------------------------------------------------------------------ class maps
+def encode_codes(codes: np.ndarray) -> dict:
+    """A small-int map as stored in an extra: shape and zlib-compressed int8 bytes, base64."""
+    a = np.ascontiguousarray(codes, dtype=np.int8)
+    return {"shape": list(a.shape), "int8_zlib_b64": base64.b64encode(zlib.compress(a.tobytes(), 9)).decode()}
+
+
+def decode_codes(stored: Mapping, where: Path) -> np.ndarray:
+    try:
+        raw = zlib.decompress(base64.b64decode(stored["int8_zlib_b64"]))
+        return np.frombuffer(raw, dtype=np.int8).astype(np.int64).reshape(tuple(stored["shape"]))
+    except (KeyError, TypeError, ValueError, zlib.error):
+        raise StoreError(f"{where}: its refinement map can't be read; the database was edited or damaged") from None
+
+
+@dataclass(frozen=True)
+class LevelMap:
+    """A level's classes: labels (str, every cell), inferred (bool: the label was inferred, not trained)."""
+
+    labels: np.ndarray
+    inferred: np.ndarray
+
+
+def level_info(store: StudyStore) -> dict | None:
+    info = store.get_extra(REFINE_LEVEL)
+    return info if isinstance(info, dict) else None
+
+
+def study_map(store: StudyStore) -> LevelMap:
+    """A finished study's or refinement level's classes: stored labels, and a level's inferred ones."""
+    labels = store.labels_array()
+    inferred = np.zeros(labels.shape, dtype=bool)
+    info = level_info(store)
+    if info is not None:
+        if not info.get("complete"):
+            raise ConfigError(f"{store.directory}: this refinement level is unfinished; run `vmap-sweep refine` on "
+                              "its study again (it resumes)")
+        codes = decode_codes(info["inferred"], store.path)
+        if codes.shape != labels.shape:
+            raise StoreError(f"{store.path}: its refinement map is {codes.shape}, its grid {labels.shape}; "
+                             "the database was edited or damaged")
+        names = list(info["labels"])
+        inferred = (codes >= 0) & (labels == "")  # a cell trained since (say by `run` on the level) is trained
+        labels = labels.copy()
+        labels[inferred] = np.array(names, dtype=str)[codes[inferred]]
+    missing = int((labels == "").sum())
+    if missing:
+        raise ConfigError(f"{store.directory}: {missing} cells are pending or unclassified; finish the run (same "
+                          f"command resumes it) or run `vmap-sweep classify {store.directory}` before refining it")
+    return LevelMap(labels, inferred)
+
+
+def _codes(labels: np.ndarray, names: list[str]) -> np.ndarray:
+    index = {n: k for k, n in enumerate(names)}
+    return np.vectorize(index.__getitem__, otypes=[np.int64])(labels)
+
+
+# ------------------------------------------------------------------------------------------------ one level
+@dataclass
+class LevelWork:
+    """What level L needs: the plan of its classes, the cells to train, to copy (coarse trained cells, repeats)."""
+
+    level: int
+    config: StudyConfig
+    grid: Grid
+    plan: LevelPlan
+    names: list[str]
+    train: list[Cell]  # targets, and the cells whose experiment a target repeats when those are not yet trained
+    copies: dict[tuple[int, int], tuple[int, int]]  # a target repeating another cell -> that cell (same store)
+    from_coarse: dict[tuple[int, int], tuple[int, int]]  # a cell of this level -> its trained cell one level down
+    repeat_rows: int  # rows (or columns) along the tokens axis that repeat a smaller budget everywhere
+
+
+def level_work(cfg: StudyConfig, level: int, coarse: LevelMap, coarse_trained: np.ndarray,
+               supervised: Callable[[list[int]], Mapping[int, int]], margin: int) -> LevelWork:
+    """The cells level `level` trains, infers and copies, given level-1's map (`coarse`) and which of its cells were
+    trained (`coarse_trained`, bool). supervised(budgets) -> supervised tokens of each budget."""
+    names = sorted(set(coarse.labels.reshape(-1).tolist()))
+    plan = plan_level(_codes(coarse.labels, names), margin)
+    fine_cfg = level_config(cfg, level)
+    grid = build_grid(fine_cfg)
+    if (grid.ny, grid.nx) != plan.codes.shape:
+        raise ConfigError(f"refine: level {level} has {grid.nx}x{grid.ny} cells, its plan {plan.codes.shape}")
+    _check_nested(build_grid(level_config(cfg, level - 1)), grid)
+    targets = {(int(i), int(j)) for j, i in zip(*np.nonzero(plan.targets), strict=True)}
+    trained_below = {(2 * int(i), 2 * int(j)) for j, i in zip(*np.nonzero(coarse_trained), strict=True)}
+    repeats, repeat_rows = _repeats(fine_cfg, grid, targets, supervised)
+    train: set[tuple[int, int]] = set()
+    copies: dict[tuple[int, int], tuple[int, int]] = {}
+    for key in sorted(targets):
+        rep = repeats.get(key, key)
+        if rep != key:
+            copies[key] = rep
+        if rep not in trained_below:
+            train.add(rep)
+    cells = [grid.cell(i, j) for i, j in sorted(train, key=lambda k: (k[1], k[0]))]
+    from_coarse = {k: (k[0] // 2, k[1] // 2) for k in trained_below}
+    return LevelWork(level, fine_cfg, grid, plan, names, cells, copies, from_coarse, repeat_rows)
+
+
+def _check_nested(coarse: Grid, fine: Grid) -> None:
+    """Every cell of the coarser grid is bitwise the finer grid's cell (2p, 2q): the reason its result is reused."""
+    xs, ys, fxs, fys = coarse.xs, coarse.ys, fine.xs, fine.ys
+    if not (np.array_equal(xs, fxs[::2]) and np.array_equal(ys, fys[::2])):
+        bad = "x" if not np.array_equal(xs, fxs[::2]) else "y"
+        raise ConfigError(f"refine: the {bad} values of the {fine.nx}x{fine.ny} grid at the coarse points differ "
+                          f"from the {coarse.nx}x{coarse.ny} grid's in their last digits, so its cells can't be "
+                          "reused; refine a study whose range gives nested values (e.g. one of the presets' ranges)")
+
+
+def _repeats(cfg: StudyConfig, grid: Grid, targets: set[tuple[int, int]],
+             supervised: Callable[[list[int]], Mapping[int, int]]) -> tuple[dict, int]:
+    """Each target that repeats another cell's experiment -> that cell (study/plan.py `same_experiments`, over the
+    whole line of cells that differ from it only in their budget); and how many grid lines along the tokens axis
+    repeat a smaller budget's experiment for every learning rate (where the tokens axis has run out of new data)."""
+    axis = "y" if grid.y.name == "tokens" else "x" if grid.x.name == "tokens" else None
+    if axis is None:
+        return {}, 0
+    budgets = sorted({int(v) for v in (grid.ys if axis == "y" else grid.xs)})
+    held = supervised(budgets)
+    tps = cfg.batch_size * cfg.seq_len
+    lines = sorted({i if axis == "y" else j for i, j in targets})
+    out: dict[tuple[int, int], tuple[int, int]] = {}
+    n = grid.ny if axis == "y" else grid.nx
+    # along one line only the budget changes; which budgets repeat depends on nothing else but the step counts and
+    # LR multipliers, i.e. on the line's batch size and warmup (the same for every line that sweeps neither)
+    known: dict[tuple, dict[int, int]] = {}
+    def key(line: int, k: int) -> tuple[int, int]:
+        return (line, k) if axis == "y" else (k, line)
+
+    for line in lines:
+        first = grid.cell(*key(line, 0))
+        kind = (first.hparams.get("batch_size"), first.hparams.get("warmup_ratio"))
+        if kind not in known:
+            cells = [grid.cell(*key(line, k)) for k in range(n)]
+            same = same_experiments(cells, held, cfg.schedule, tps)
+            pos = {c.key: k for k, c in enumerate(cells)}
+            known[kind] = {pos[cell]: pos[rep.key] for cell, rep in same.items()}
+        for k, rep in known[kind].items():
+            if key(line, k) in targets:
+                out[key(line, k)] = key(line, rep)
+    # lines that repeat along tokens: one line of cells (the first learning rate) tells, under any schedule
+    probe = [grid.cell(0, k) if axis == "y" else grid.cell(k, 0) for k in range(n)]
+    return out, len(same_experiments(probe, held, cfg.schedule, tps))
+
+
+# ------------------------------------------------------------------------------------------------ refining
+def _record(row: dict) -> CellRecord:
+    """A stored cell's result as the record that stored it (record_batch reads it back bit for bit), but for its
+    wall time."""
+    def opt(v: float) -> float | None:
+        return None if not np.isfinite(v) else float(v)
+
+    return CellRecord(initial_loss=float(row["initial_loss"]), steps=int(row["steps"]),
+                      losses=row["trajectory"].tolist(), base_losses=row["base_losses"].tolist(),
+                      grad_norms=row["grad_norms"].tolist(), lrs=row["lrs"].tolist(),
+                      steps_done=int(row["steps_done"]), diverged=bool(row["diverged"]),
+                      diverged_step=row["diverged_step"], eval_loss=opt(row["eval_loss"]),
+                      wall_time=0.0)  # a copy trains nothing: a level's training time is its own
+
+
+def _copy(store: StudyStore, sources: Mapping[tuple[int, int], dict], origin: Mapping[tuple[int, int], str],
+          labeller: Labeller | None, steps: Mapping[tuple[int, int], int] | None = None) -> int:
+    """Store each pending cell of `sources` (key -> a done row of another cell, same experiment) in chunks, each one
+    transaction; `origin`: what the copy records as where it was trained; `steps`: a repeat's own planned step count
+    (its record is its experiment's in everything else: the steps past the last supervised token change nothing).
+    Returns the cells copied."""
+    pending = {c.key for c in store.pending()}
+    todo = [k for k in sorted(sources, key=lambda k: (k[1], k[0])) if k in pending]
+    for start in range(0, len(todo), _COPY_CHUNK):
+        chunk = todo[start:start + _COPY_CHUNK]
+        by_origin: dict[str, list[tuple[tuple[int, int], CellRecord]]] = {}
+        for k in chunk:
+            rec = _record(sources[k])
+            if steps is not None:
+                rec.steps = int(steps[k])
+            by_origin.setdefault(origin[k], []).append((k, rec))
+        for where, items in by_origin.items():
+            store.record_batch(items, batch_index=None, shard=where, labeller=labeller)
+    return len(todo)
+
+
+def _origin(row: dict, level: int) -> str:
+    shard = row.get("shard")
+    return shard if isinstance(shard, str) and shard.startswith(("level ", "repeat ")) else f"level {level}"
+
+
+def refine_study(top: str | Path, backend: Backend, levels: int, *, margin: int = DEFAULT_MARGIN,
+                 models_per_batch: int | str = 8, progress: Progress | None = None, labeller: Labeller | None = None,
+                 share: bool = True, note: Callable[[str], None] | None = None) -> list[dict]:
+    """Refine the finished study in `top` to `levels` levels (resuming any begun); returns each level's cost."""
+    top = Path(top)
+    levels = check_levels(levels)
+    note = note or (lambda _: None)
+    with Study.open(top) as study:
+        study.store.claim_writer()  # one refinement (or run, or zoom) of this study at a time
+        if study.settings is not None:
+            study.settings.check_trainable_here(study.store.path)
+        check_data_unchanged(study.store, study.config.data)
+        check_origin_unchanged(study.store, study.config)
+        if extras.zoom_of(study.store) is not None or level_info(study.store) is not None:
+            raise ConfigError(f"{top}: refine the top study of a folder, not a zoom child or a refinement level")
+        cfg, criterion = study.config, study.criterion
+        record = dict(study.store.get_extra(REFINE) or {})
+        if record and int(record.get("margin", margin)) != margin:
+            raise ConfigError(f"{top} was refined with --margin {record['margin']}; refine it further with that "
+                              "margin, or copy the study folder (without its refine-* folders) to refine it anew")
+        done_levels = {int(e["level"]): e for e in record.get("levels", [])}
+        coarse = study_map(study.store)
+        trained = np.ones(coarse.labels.shape, dtype=bool)
+        rows_below = {(r["i"], r["j"]): r for r in study.store.rows(arrays=True, done_only=True)}
+        for level in range(1, levels + 1):
+            folder = level_dir(top, level)
+            if level in done_levels and (folder / DB_NAME).is_file():
+                with Study.open(folder) as lv:
+                    if lv.criterion != criterion:
+                        raise ConfigError(f"{folder} was refined under another criterion than {top}'s last "
+                                          f"`classify`; classify {top} again with the criterion it was refined with")
+                    coarse = study_map(lv.store)
+                    rows_below = {(r["i"], r["j"]): r for r in lv.store.rows(arrays=True, done_only=True)}
+                    trained = ~coarse.inferred
+                continue
+            work = level_work(cfg, level, coarse, trained, lambda b: _supervised(backend, b), margin)
+            batches = plan_study(work.config, work.train, 8 if models_per_batch == "auto" else int(models_per_batch),
+                                 share) if work.train else []
+            note(f"level {level}: {work.grid.nx}x{work.grid.ny}, {int(work.plan.targets.sum()):,} new cells on the "
+                 f"boundary ({len(work.train):,} to train, {len(work.copies):,} repeat an experiment), "
+                 f"{int(work.plan.inferred_new.sum()):,} inferred")
+            start = time.perf_counter()
+            lv_study = Study.create(folder, work.config, work.grid.cells())
+            lv_study.close()
+            store = run_study(work.config, folder, backend, models_per_batch=models_per_batch, progress=progress,
+                              labeller=labeller, criterion=criterion, share=share, only=work.train) \
+                if work.train else _writable_level(folder, criterion)
+            with store:
+                seconds = time.perf_counter() - start
+                sources = {k: rows_below[src] for k, src in work.from_coarse.items()}
+                origin = {k: _origin(rows_below[src], level - 1) for k, src in work.from_coarse.items()}
+                _copy(store, sources, origin, labeller)
+                rows = {(r["i"], r["j"]): r for r in store.rows(arrays=True, done_only=True)}
+                rep_sources = {k: rows[src] for k, src in work.copies.items() if src in rows}
+                missing = sorted(set(work.copies) - set(rep_sources))
+                if missing:
+                    raise StoreError(f"{folder}: cell {missing[0]} repeats a cell that is not stored; run the same "
+                                     "command again")
+                own_steps = cell_steps(work.config)
+                _copy(store, rep_sources, {k: f"repeat of {src}" for k, src in work.copies.items()}, labeller,
+                      {k: own_steps(work.grid.cell(*k)) for k in rep_sources})
+                entry = _finish_level(store, work, batches, seconds, margin, criterion)
+                coarse = study_map(store)
+                rows_below = {(r["i"], r["j"]): r for r in store.rows(arrays=True, done_only=True)}
+                trained = ~coarse.inferred
+            done_levels[level] = entry
+            record = {"margin": margin, "levels": [done_levels[k] for k in sorted(done_levels)]}
+            study.store.put_extra(REFINE, record)
+        return record.get("levels", [])
+
+
+def _writable_level(folder: Path, criterion: dict) -> StudyStore:
+    """A level with nothing to train (every target repeats a trained cell): its store, held as its writer."""
+    store = StudyStore.open(folder)
+    store.claim_writer()
+    if not extras.has_criterion(store):
+        extras.put_criterion(store, criterion)
+    return store
+
+
+def _supervised(backend: Backend, budgets: list[int]) -> dict[int, int]:
+    return {n: s.supervised for n, s in backend.budgets(budgets).sizes.items()}
+
+
+def _finish_level(store: StudyStore, work: LevelWork, batches: Sequence, seconds: float, margin: int,
+                  criterion: dict) -> dict:
+    """Check the level is whole (every cell trained, copied or inferred); store its inferred classes; its cost."""
+    pending = {c.key for c in store.pending()}
+    codes = np.full(work.plan.codes.shape, UNKNOWN, dtype=np.int64)
+    for i, j in pending:
+        code = work.plan.codes[j, i]
+        if code == UNKNOWN:
+            raise StoreError(f"{store.path}: cell ({i}, {j}) lies on the boundary but is not stored; run the same "
+                             "command again")
+        codes[j, i] = code
+    cost = {"level": work.level, "folder": store.directory.name, "nx": work.grid.nx, "ny": work.grid.ny,
+            "new_cells": int((~work.plan.coarse).sum()), "targets": int(work.plan.targets.sum()),
+            "trained": len(work.train), "repeats": len(work.copies), "inferred": len(pending),
+            "trunks": sum(len(b.stacked) for b in batches), "model_steps": sum(b.model_steps for b in batches),
+            "seconds": round(seconds, 3), "repeat_lines": work.repeat_rows}
+    store.put_extra(REFINE_LEVEL, {"level": work.level, "of": "..", "margin": margin, "criterion": criterion,
+                                   "labels": work.names, "inferred": encode_codes(codes), "cost": cost,
+                                   "complete": True})
+    return cost
+
+
+def check_levels(levels: int) -> int:
+    if isinstance(levels, bool) or not isinstance(levels, int) or not 1 <= levels <= MAX_LEVELS:
+        raise ConfigError(f"--levels {levels!r}: give a whole number from 1 to {MAX_LEVELS} (each level doubles "
+                          "the points per axis)")
+    return levels
+
+
+def _cost(work: LevelWork, k: int, share: bool) -> dict:
+    batches = plan_study(work.config, work.train, k, share) if work.train else []
+    return {"level": work.level, "nx": work.grid.nx, "ny": work.grid.ny, "new_cells": int((~work.plan.coarse).sum()),
+            "targets": int(work.plan.targets.sum()), "trained": len(work.train), "repeats": len(work.copies),
+            "inferred_new": int(work.plan.inferred_new.sum()), "trunks": sum(len(b.stacked) for b in batches),
+            "model_steps": sum(b.model_steps for b in batches), "repeat_lines": work.repeat_rows, "projected": False}
+
+
+def plan_refinement(top: str | Path, levels: int, supervised: Callable[[list[int]], Mapping[int, int]], *,
+                    margin: int = DEFAULT_MARGIN, models_per_batch: int = 8, share: bool = True,
+                    growth: float = 2.0) -> list[dict]:
+    """--dry-run: per level the cells, the cells to train, the trunks and model-steps, nothing trained. A level whose
+    coarser level is finished (level 0, or a refined one) is planned exactly; the levels after the first unfinished
+    one depend on classes not yet known, and are projected: targets x `growth` per level (2^D for a boundary of
+    dimension D), trunks doubled (up to the grid's lines), model-steps in proportion to the trunks."""
+    top = Path(top)
+    levels = check_levels(levels)
+    out: list[dict] = []
+    with Study.open(top) as study:
+        cfg = study.config
+        record = dict(study.store.get_extra(REFINE) or {})
+        finished = {int(e["level"]) for e in record.get("levels", [])}
+        coarse = study_map(study.store)
+    trained = ~coarse.inferred
+    for level in range(1, levels + 1):
+        if level in finished:
+            with Study.open(level_dir(top, level)) as lv:
+                entry = dict(next(e for e in record["levels"] if int(e["level"]) == level))
+                coarse = study_map(lv.store)
+                trained = ~coarse.inferred
+            out.append({**entry, "done": True, "projected": False})
+            continue
+        if out and (out[-1]["projected"] or not out[-1].get("done")):
+            prev = out[-1]
+            nx, ny = level_points(prev["nx"], 1), level_points(prev["ny"], 1)
+            lines = nx if build_grid(cfg).x.name != "tokens" else ny
+            trunks = min(lines, 2 * prev["trunks"])
+            targets = min(int(round(prev["targets"] * growth)), (nx * ny) - prev["nx"] * prev["ny"])
+            steps = int(round(prev["model_steps"] * trunks / prev["trunks"])) if prev["trunks"] else 0
+            out.append({"level": level, "nx": nx, "ny": ny, "new_cells": nx * ny - prev["nx"] * prev["ny"],
+                        "targets": targets, "trained": targets, "repeats": None,
+                        "inferred_new": nx * ny - prev["nx"] * prev["ny"] - targets, "trunks": trunks,
+                        "model_steps": steps, "projected": True})
+            continue
+        work = level_work(cfg, level, coarse, trained, supervised, margin)
+        out.append(_cost(work, models_per_batch, share))
+    return out
