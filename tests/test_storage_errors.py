@@ -304,3 +304,100 @@ def test_a_zoom_child_outside_the_study_is_refused_by_everything_that_follows_ch
     assert snapshot(study) == before and snapshot(victim) == theirs
     assert not (tmp_path / "merged" / "study.db").exists() and not (tmp_path / "report.md").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["study", "victim"]
+
+
+# ---------------------------------------------------------------------------------------------- the study's own log
+def _log_of(folder: Path, statement: str) -> bytes:
+    """The write-ahead log a crash would leave after `statement` committed in `folder`'s study (folder unchanged)."""
+    work = Path(tempfile.mkdtemp(prefix="vmap-sweep-log-"))
+    try:
+        copy = Path(shutil.copytree(folder, work / "s"))
+        conn = sqlite3.connect(copy / "study.db")
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+        conn.execute(statement)
+        conn.commit()
+        log = (copy / "study.db-wal").read_bytes()
+        conn.close()
+        return log
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_another_studys_log_beside_a_restored_study_is_refused_not_replayed(tmp_path):
+    """The data loss this guards against: a finished study restored from a backup into a folder where another study
+    of the same config crashed; SQLite replays that study's log over it on the first read (`status`), and the
+    finished study becomes the other one. Refused, naming the log, with both files as they were; without the log,
+    the study reads whole."""
+    finished = make_study(tmp_path / "finished")
+    other = make_study(tmp_path / "other", range(1))
+    (finished / "study.db-wal").write_bytes(_log_of(other, "UPDATE cells SET label='diverged' WHERE j=0"))
+    before = snapshot(finished)
+    for args in (["status", finished], ["export", finished, "-o", tmp_path / "x.csv"], ["run", "--out", finished],
+                 ["classify", finished]):
+        one_line_error(cli(*args), str(finished / "study.db-wal"), "not this study's own write-ahead log",
+                       "finished cell", "move study.db-wal")
+    assert snapshot(finished) == before
+    (finished / "study.db-wal").unlink()
+    with StudyStore.open(finished) as store:
+        assert store.done_count() == 16
+
+
+def test_an_older_log_of_the_same_study_is_refused(tmp_path):
+    """A log left by a crash of this same study, beside a later backup of it: replaying it would put back pages
+    older than the results the backup holds."""
+    half = make_study(tmp_path / "half", range(2))
+    older = _log_of(half, "UPDATE cells SET label='diverged' WHERE j<2")
+    finished = Path(shutil.copytree(half, tmp_path / "finished"))
+    with StudyStore.open(finished) as store:
+        cells = store.pending()
+        store.record_batch([(c, record(c.i, c.j)) for c in cells], labeller=label_record)
+    (finished / "study.db-wal").write_bytes(older)
+    before = snapshot(finished)
+    one_line_error(cli("status", finished), "study.db-wal", "not this study's own write-ahead log")
+    assert snapshot(finished) == before
+
+
+def test_the_studys_own_log_after_a_crash_is_replayed(made, tmp_path):
+    """What the log is for: a commit a crash left only in the log is read (and kept) by the next command."""
+    logged = _with_a_commit_only_in_its_log(made, tmp_path / "logged")
+    ok("status", logged)
+    with StudyStore.open(logged) as store:
+        assert store.labels_array()[0, 0] == "diverged" and store.done_count() == 16
+
+
+@pytest.mark.parametrize("kind", ["rollback journal", "fifo log", "link log", "folder log"])
+def test_a_journal_that_a_study_never_writes_is_refused(study, tmp_path, kind):
+    if kind == "rollback journal":
+        (study / "study.db-journal").write_bytes(b"\xd9\xd5\x05\xf9\x20\xa1\x63\xd7" + bytes(504))
+        needles = ["study.db-journal", "rollback journal", "not this study's own"]
+    elif kind == "fifo log":
+        os.mkfifo(study / "study.db-wal")  # opened, it would block every command forever
+        needles = ["study.db-wal", "not a plain file"]
+    elif kind == "link log":
+        other = make_study(tmp_path / "other", range(1))
+        (tmp_path / "log").write_bytes(_log_of(other, "UPDATE cells SET label='x' WHERE j=0"))
+        os.symlink(tmp_path / "log", study / "study.db-wal")
+        needles = ["study.db-wal", "not a plain file"]
+    else:
+        (study / "study.db-wal").mkdir()
+        needles = ["study.db-wal", "not a plain file"]
+    refused_unchanged(study, [["status", study], ["rules", study], ["run", "--out", study]], *needles)
+
+
+# ------------------------------------------------------------------------------------------------ the lock
+def test_the_lock_holds_by_the_database_file_wherever_it_is_reached_from(study, tmp_path):
+    """A folder whose study.db is a symbolic link into a study being trained is that study: a second trainer there
+    waits for the same lock. A hard link (a second name the lock can't see) is refused for training."""
+    alias = tmp_path / "alias"
+    alias.mkdir()
+    os.symlink(study / "study.db", alias / "study.db")
+    with StudyStore.open(study) as trainer:
+        trainer.claim_writer()
+        with StudyStore.open(alias) as second, pytest.raises(StoreError, match="is being trained by pid"):
+            second.claim_writer()
+        one_line_error(cli("run", "--out", alias), str(alias), str(study / "study.db"), "is being trained by pid")
+    hard = tmp_path / "hard"
+    hard.mkdir()
+    os.link(study / "study.db", hard / "study.db")
+    with StudyStore.open(hard) as store, pytest.raises(StoreError, match="has 2 hard links"):
+        store.claim_writer()

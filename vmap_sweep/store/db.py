@@ -305,6 +305,8 @@ class StudyStore:
         if path.exists() and not _writable(path):  # a study to resume, on read-only media or write-protected
             cls.open(directory).close()  # ... but still a study? (else that is the error to show)
             raise read_only_error(path, "its folder or study.db can't be written")
+        if path.exists():
+            check_own_journal(path)
         conn = _connect(path)
         try:
             if _is_empty(conn, path):
@@ -336,6 +338,7 @@ class StudyStore:
         if path.name != DB_NAME:
             raise StoreError(f"{directory}: a file, not a study folder; pass the folder a run wrote (its --out)")
         read_only = not _writable(path)
+        check_own_journal(path)
         conn = _connect(path, read_only)
         try:
             if _is_empty(conn, path):
@@ -364,17 +367,24 @@ class StudyStore:
         so a killed process leaves none behind."""
         if self.read_only:
             raise read_only_error(self.path, "its folder or study.db can't be written")
+        links = _link_count(self.path)
+        if links > 1:  # another name of the same file, in a folder whose lock this one can't see
+            raise StoreError(f"{self.path} has {links} hard links: the same database is reachable under another "
+                             "name, so a second run could train it unseen; train a copy (cp, not cp -l or ln)")
+        lock = lock_path(self.path)
         try:
-            fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise StoreError(f"{self.directory / LOCK_NAME}: can't take the study's lock ({e.strerror or e}); make "
+            raise StoreError(f"{lock}: can't take the study's lock ({e.strerror or e}); make "
                              "the study folder writable") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.read(fd, 300).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise StoreError(f"{self.directory} is being trained by {holder}; wait for it to finish (or stop it), "
+            where = self.directory if lock.parent == self.directory.resolve() else \
+                f"{self.directory} (its study.db is {self.path.resolve()})"
+            raise StoreError(f"{where} is being trained by {holder}; wait for it to finish (or stop it), "
                              "then run again: `vmap-sweep status` shows its progress") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {_now()}".encode())
@@ -658,6 +668,128 @@ class StudyStore:
         return self._conn.execute("PRAGMA integrity_check").fetchone()[0]
 
 
+# -------------------------------------------------------------------- the study's own lock and journal
+def lock_path(path: Path) -> Path:
+    """The lock file of the database at `path`: beside the file itself, wherever `path` reaches it from (a
+    study.db that is a symbolic link into a study being trained is that study, and waits for its lock)."""
+    return path.resolve().parent / LOCK_NAME
+
+
+def _link_count(path: Path) -> int:
+    try:
+        return os.stat(path).st_nlink
+    except OSError:
+        return 1
+
+
+def being_trained(path: Path) -> bool:
+    """Whether a process holds the training lock of the database at `path` now (without taking it)."""
+    try:
+        fd = os.open(lock_path(path), os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+_WAL_HEADER = 32  # bytes of a write-ahead log's header; a log no longer than it holds no commit
+
+
+def check_own_journal(path: Path) -> None:
+    """Refuse a journal beside study.db that is not the study's own, before SQLite replays it into the study.
+
+    SQLite replays whatever ``study.db-wal`` (or hot ``study.db-journal``) lies beside a database when it opens it,
+    even for a read: a study restored from a backup beside another study's (or an older) log would be replaced by
+    that log's pages, silently. A study never uses a rollback journal (it is in WAL mode from its first write), so
+    a non-empty ``-journal`` is never its own. A log is its own if replaying it, in a scratch copy, leaves the same
+    study with every result it already holds (a log only adds results); one being written by the study's trainer
+    right now is its own by construction."""
+    journal = path.with_name(path.name + "-journal")
+    if os.path.lexists(journal) and (not journal.is_file() or journal.stat().st_size > 0):
+        raise StoreError(f"{journal}: a rollback journal beside {path.name}, which a study never writes (it is not "
+                         f"this study's own): SQLite would roll it into the study; move it away, then run again")
+    wal = path.with_name(path.name + "-wal")
+    if not os.path.lexists(wal):
+        return
+    if wal.is_symlink() or not wal.is_file():
+        raise StoreError(f"{wal}: not a plain file (a link, folder or pipe where the study's write-ahead log "
+                         "belongs), so not this study's own log; move it away, then run again")
+    if wal.stat().st_size <= _WAL_HEADER or being_trained(path):
+        return
+    for _ in range(2):  # a writer that checkpoints during the copy can tear it once; a foreign log stays
+        why = _foreign_log(path, wal)
+        if why is None:
+            return
+    raise StoreError(f"{wal} is not this study's own write-ahead log ({why}): SQLite would replay it over "
+                     f"{path.name} and lose its results; move {wal.name} (and {path.name}-shm) away, then run again")
+
+
+def _foreign_log(path: Path, wal: Path) -> str | None:
+    """Why replaying `wal` over `path` would change what the study already holds, or None if it would not."""
+    import tempfile
+
+    try:
+        before = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
+    except sqlite3.Error:
+        return None
+    with tempfile.TemporaryDirectory(prefix="vmap-sweep-log-") as scratch:
+        copy = Path(scratch) / DB_NAME
+        try:
+            shutil.copyfile(wal, copy.with_name(copy.name + "-wal"))
+            shutil.copyfile(path, copy)
+        except OSError:
+            before.close()
+            return None  # can't tell here: the open that follows names what is wrong with the files
+        after = sqlite3.connect(copy)
+        try:
+            return _lost_by_replay(before, after)
+        finally:
+            before.close()
+            after.close()
+
+
+def _lost_by_replay(before: sqlite3.Connection, after: sqlite3.Connection) -> str | None:
+    try:
+        tables = {r[0] for r in before.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.Error:
+        return None  # study.db alone is not readable: nothing a log could lose; the open names it
+    if not {"meta", "cells", "children"} <= tables:
+        return None  # a study whose first commit is still in its log
+    try:
+        meta_before = dict(before.execute("SELECT key, value FROM meta"))
+        meta_after = dict(after.execute("SELECT key, value FROM meta"))
+    except sqlite3.Error as e:
+        return f"with it, the study can't be read: {e}"
+    if meta_before != meta_after:
+        changed = sorted(k for k in set(meta_before) | set(meta_after) if meta_before.get(k) != meta_after.get(k))
+        return f"it would change the study's {', '.join(changed)}"
+    cols = ", ".join(RESULT_COLUMNS)
+    query = f"SELECT i, j, {cols} FROM cells WHERE status='done' ORDER BY j, i"
+    try:
+        done_after = after.execute(f"SELECT i, j, {cols} FROM cells WHERE status='done' ORDER BY j, i")
+        lost = 0
+        row_after = next(done_after, None)
+        for row in before.execute(query):
+            while row_after is not None and (row_after[1], row_after[0]) < (row[1], row[0]):
+                row_after = next(done_after, None)
+            if row_after is None or row_after != row:
+                lost += 1
+        children = set(before.execute("SELECT child_dir, x0, x1, y0, y1, level FROM children"))
+        children -= set(after.execute("SELECT child_dir, x0, x1, y0, y1, level FROM children"))
+    except sqlite3.Error as e:
+        return f"with it, the study can't be read: {e}"
+    if lost:
+        return f"it would undo or change {lost} finished cell(s)"
+    if children:
+        return f"it would drop {len(children)} zoom child(ren)"
+    return None
+
+
 # -------------------------------------------------------------------- helpers
 def inside(folder: Path, relative: Any, what: str) -> Path:
     """``folder / relative`` for a path read from a study's database, refused unless it is a relative path that
@@ -825,7 +957,8 @@ def _pragmas(conn: sqlite3.Connection, path: Path) -> None:
 def _create(conn: sqlite3.Connection, path: Path, text: str, digest: str, cells: Sequence[Cell]) -> None:
     _pragmas(conn, path)
     meta = {"app": APP, "schema_version": str(SCHEMA_VERSION), "config": text, "config_hash": digest,
-            "created": _now(), "nx": str(max(int(c.i) for c in cells) + 1),
+            "created": _now(), "study_id": os.urandom(16).hex(),  # tells apart two studies of one config
+            "nx": str(max(int(c.i) for c in cells) + 1),
             "ny": str(max(int(c.j) for c in cells) + 1)}
     try:
         conn.execute("BEGIN IMMEDIATE")
