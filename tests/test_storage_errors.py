@@ -401,3 +401,34 @@ def test_the_lock_holds_by_the_database_file_wherever_it_is_reached_from(study, 
     os.link(study / "study.db", hard / "study.db")
     with StudyStore.open(hard) as store, pytest.raises(StoreError, match="has 2 hard links"):
         store.claim_writer()
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+@pytest.mark.parametrize("link", ["symbolic", "hard"])
+@pytest.mark.parametrize("target", ["study.db", "study.db-wal"])
+def test_no_output_replaces_a_file_of_the_study(made, tmp_path, link, target):
+    """An output path that is a link to the study's database or its log (or names them) is refused by every
+    command that writes a file, before any work, and the study reads as it did."""
+    study = Path(shutil.copytree(made, tmp_path / "study"))
+    if target == "study.db-wal":
+        study = _with_a_commit_only_in_its_log(made, tmp_path / "logged")
+    out = tmp_path / "out"
+    out.mkdir()
+    make = os.symlink if link == "symbolic" else os.link
+    names = {"fractal.png": ["fractal", study, "--plot"], "report.md": ["report", study, "-o"],
+             "cells.csv": ["export", study, "-o"], "rules.png": ["rules", study, "--plot"],
+             "compare.png": ["compare", study, study, "--plot"], "fractal.json": None}
+    for name in names:
+        make(study / target, out / name)
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    make(study / target, plots / "score.png")
+    ok("status", study)  # the study's own log is folded into study.db by the first read: the links stay
+    before = snapshot(study)
+    for name, args in names.items():
+        if args is not None:
+            one_line_error(cli(*args, out / name), str(out / name), "may not replace a study's own file")
+    one_line_error(cli("plot", study, "--out", plots), "score.png", "may not replace a study's own file")
+    one_line_error(cli("fractal", study, "--plot", study / target), "may not replace a study's own file")
+    assert snapshot(study) == before
+    ok("status", study)

@@ -33,7 +33,7 @@ from vmap_sweep.analysis.study import fractal_report
 from vmap_sweep.analysis.view import grid_view
 from vmap_sweep.errors import ConfigError, VmapSweepError
 from vmap_sweep.store import extras
-from vmap_sweep.store.db import StudyStore
+from vmap_sweep.store.db import StudyStore, check_output
 
 FORMATS = ("md", "html")
 MAX_TABLE_ROWS = 16  # per-size rules rows shown in the report (a 128-row table does not belong in a draft)
@@ -95,7 +95,7 @@ class _Doc:
                 lines.append("")
             elif kind == "fig":
                 assets.mkdir(parents=True, exist_ok=True)
-                (assets / f"{value.name}.png").write_bytes(value.png)
+                check_output(assets / f"{value.name}.png").write_bytes(value.png)
                 lines += [f"![Figure {value.number}: {value.name}]({assets.name}/{value.name}.png)", "",
                           f"*Figure {value.number}.* {value.caption}", ""]
         return "\n".join(lines)
@@ -517,7 +517,7 @@ def write_report(study_dir: str | os.PathLike, out_file: str | os.PathLike, fmt:
     (a study over the same grid) a section comparing the two."""
     if fmt not in FORMATS:
         raise ConfigError(f"report format {fmt!r}: choose md or html")
-    study_dir, out_file = Path(study_dir), Path(out_file)
+    study_dir, out_file = Path(study_dir), check_output(out_file)
     if out_file.exists() and out_file.is_dir():
         raise ConfigError(f"{out_file} is a folder; give a file name for the report, e.g. report.{fmt}")
     with StudyStore.open(study_dir) as store:

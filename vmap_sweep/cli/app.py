@@ -471,11 +471,16 @@ def fractal(
 
 def _print_fractal(source: Path, json_out: bool, plot_file: Path | None, save_json: Path | None = None,
                    kind: str = "trainability") -> dict:
+    from vmap_sweep.analysis.plots import picture_file
     from vmap_sweep.analysis.study import fractal_report
 
+    if plot_file is not None:
+        picture_file(plot_file)  # its suffix, and that it is no study's own file, before any work
     report = fractal_report(source, plot_file, kind)
     if save_json is not None:
-        save_json.write_text(json.dumps(json_safe(report), indent=2, allow_nan=False))
+        from vmap_sweep.store.db import check_output
+
+        check_output(save_json).write_text(json.dumps(json_safe(report), indent=2, allow_nan=False))
     render.emit(report, json_out, render.fractal_lines, plot_file)
     return report
 

@@ -790,6 +790,35 @@ def _lost_by_replay(before: sqlite3.Connection, after: sqlite3.Connection) -> st
     return None
 
 
+# -------------------------------------------------------------------- outputs
+STUDY_FILES = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", f"{DB_NAME}-journal", LOCK_NAME)
+# how a SQLite database, its write-ahead log (either byte order) and its shared-memory index begin
+_DATABASE_HEADS = (SQLITE_MAGIC, b"\x37\x7f\x06\x82", b"\x37\x7f\x06\x83", b"\x18\xe2\x2d\x00")
+
+
+def check_output(path: str | os.PathLike) -> Path:
+    """`path`, refused where writing it would overwrite a study's own file: its database, journals or lock, reached
+    by name, by a symbolic link or by a hard link under another name (an existing file that begins as a SQLite
+    database, log or shared-memory index does). Every file a command writes (pictures, reports, exports, JSON)
+    passes here first."""
+    path = Path(path)
+    target = path.resolve()
+    why = None
+    if target.name in STUDY_FILES:
+        why = f"it is {target}" if target != path.absolute() else f"its name is a study's {target.name}"
+    else:
+        try:
+            with open(target, "rb") as f:
+                head = f.read(len(SQLITE_MAGIC)) if target.is_file() else b""
+        except OSError:
+            head = b""
+        if any(head.startswith(h) for h in _DATABASE_HEADS):
+            why = f"{target} is a SQLite database or one of its journals"
+    if why is not None:
+        raise ConfigError(f"{path}: an output may not replace a study's own file ({why}); choose another file name")
+    return path
+
+
 # -------------------------------------------------------------------- helpers
 def inside(folder: Path, relative: Any, what: str) -> Path:
     """``folder / relative`` for a path read from a study's database, refused unless it is a relative path that
