@@ -390,13 +390,13 @@ def _rules_section(doc: _Doc, store: StudyStore, tmp: Path):
     return r
 
 
-def _compare_section(doc: _Doc, store: StudyStore, other: Path, tmp: Path) -> None:
+def _compare_section(doc: _Doc, store: StudyStore, other: Path, tmp: Path, mixed_criteria: bool = False) -> None:
     from vmap_sweep.analysis.compare import compare_studies
     from vmap_sweep.analysis.plots import plot_compare
 
     doc.h("Compared with another study")
     with StudyStore.open(other) as b:
-        r = compare_studies(store, b)  # grids that can't be compared: one clear error, no report
+        r = compare_studies(store, b, mixed_criteria)  # grids that can't be compared: one clear error, no report
     doc.p(f"A is this study, B is {other}.")
     doc.bullets(r.summary())
     if r.crit:
@@ -512,9 +512,9 @@ def _render_any(doc: _Doc, obj: Any, depth: int) -> None:
 
 
 def write_report(study_dir: str | os.PathLike, out_file: str | os.PathLike, fmt: str = "md",
-                 compare: str | os.PathLike | None = None) -> Path:
+                 compare: str | os.PathLike | None = None, mixed_criteria: bool = False) -> Path:
     """Write the report of the finished study in ``study_dir`` to ``out_file`` ("md" or "html"); with ``compare``
-    (a study over the same grid) a section comparing the two."""
+    (a study over the same grid) a section comparing the two (of another criterion only with ``mixed_criteria``)."""
     if fmt not in FORMATS:
         raise ConfigError(f"report format {fmt!r}: choose md or html")
     study_dir, out_file = Path(study_dir), check_output(out_file)
@@ -534,7 +534,7 @@ def write_report(study_dir: str | os.PathLike, out_file: str | os.PathLike, fmt:
             _zoom_section(doc, store, study_dir, tmp)
             _rules_section(doc, store, tmp)
             if compare is not None:
-                _compare_section(doc, store, Path(compare), tmp)
+                _compare_section(doc, store, Path(compare), tmp, mixed_criteria)
             ood = extras.ood(store)
             if ood is not None:
                 _ood_section(doc, ood, tmp, extras.criterion(store))

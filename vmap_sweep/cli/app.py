@@ -644,6 +644,11 @@ def early_warning(
            render.early_warning_lines, json_out, plot_file)
 
 
+MixedCriteria = Annotated[bool, typer.Option(
+    "--mixed-criteria", help="Compare studies classified by different criteria (refused otherwise: a cell may "
+                             "change class by the criterion alone).")]
+
+
 @app.command()
 @user_errors
 def compare(
@@ -651,12 +656,13 @@ def compare(
     b: Annotated[Path, typer.Argument(help="Study folder over the same grid (finished and classified).")],
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     plot_file: Annotated[Path | None, typer.Option("--plot", help="Draw the difference map (.png/.svg/.pdf).")] = None,
+    mixed_criteria: MixedCriteria = False,
 ):
     """Two studies over one grid: cells that changed class, converged shares, ΔD with its CI, LR_crit ratios."""
     from vmap_sweep.analysis.compare import compare_studies
     from vmap_sweep.analysis.plots import plot_compare
 
-    _shown(lambda: compare_studies(a, b), plot_compare, render.compare_lines, json_out, plot_file)
+    _shown(lambda: compare_studies(a, b, mixed_criteria), plot_compare, render.compare_lines, json_out, plot_file)
 
 
 @app.command()
@@ -666,12 +672,13 @@ def report(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Default STUDY/report.FORMAT.")] = None,
     format: Annotated[str, typer.Option(help="md (pictures in a folder beside it) or html (one file).")] = "md",
     compare: Annotated[Path | None, typer.Option(help="A study over the same grid to compare this one with.")] = None,
+    mixed_criteria: MixedCriteria = False,
 ):
     """One report: config, maps, fractal dimension, zoom levels, rules of thumb, OOD correlation (and a comparison
     with --compare)."""
     from vmap_sweep.analysis.report import write_report
 
-    _say(str(write_report(study, output or study / f"report.{format}", format, compare)))
+    _say(str(write_report(study, output or study / f"report.{format}", format, compare, mixed_criteria)))
 
 
 # ------------------------------------------------------------------------------------------------ eval

@@ -273,6 +273,7 @@ class StudyStore:
         self.config: dict[str, Any] = json.loads(meta["config"])
         self.config_hash: str = meta["config_hash"]
         self.created: str = meta["created"]
+        self.study_id: str | None = meta.get("study_id")  # studies made before it was recorded have none
         self.nx = int(meta["nx"])
         self.ny = int(meta["ny"])
 
