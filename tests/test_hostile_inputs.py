@@ -348,6 +348,14 @@ FILE_CASES = [
      ["data.jsonl:8", "role is a list"]),
     ("data-content-number", data_row('{"messages": [' + USER + ', {"role": "assistant", "content": 1e999}]}'),
      ["data.jsonl:8", "content is a float"]),
+    ("data-integer-100k-digits", data_row('{"messages": [' + USER + '], "n": ' + "9" * 100_000 + "}"),
+     ["data.jsonl:8", "an integer of 100,000 digits"]),
+    ("data-line-9-mib", data_row('{"messages": [' + USER + '], "pad": "' + "x" * (9 << 20) + '"}'),
+     ["data.jsonl:8", "a line longer than 8 MiB"]),
+    ("data-line-9-mib-no-newline", lambda root: (root / "data.jsonl").write_bytes(b"x" * (9 << 20)),
+     ["data.jsonl:1", "a line longer than 8 MiB"]),
+    ("data-fifo", lambda root: ((root / "data.jsonl").unlink(), os.mkfifo(root / "data.jsonl")),
+     ["data.jsonl", "not a regular file"]),
 ]
 
 SET_CASES = [
@@ -363,6 +371,20 @@ SET_CASES = [
     ("weight_decay=-1e-300", ["weight_decay", ">= 0"]),
     ("tokens", ["write KEY=VALUE"]),
 ]
+
+
+# options of `run` out of any study's bounds, refused before anything is loaded
+OPTION_CASES = [
+    ("seed-past-64-bits", ["--seed", "99999999999999999999"], ["--seed 99999999999999999999", "2**63 - 1"]),
+    ("seed-negative", ["--seed", "-1"], ["--seed -1", "[0, 2**63 - 1]"]),
+    ("eval-tokens-1e12", ["--eval-tokens", "1000000000000"], ["--eval-tokens 1,000,000,000,000", "at most"]),
+    ("eval-tokens-zero", ["--eval-tokens", "0"], ["--eval-tokens must be at least 1"]),
+]
+
+
+@pytest.mark.parametrize("options, names", [c[1:] for c in OPTION_CASES], ids=[c[0] for c in OPTION_CASES])
+def test_an_option_out_of_bounds_is_one_line_before_any_work(root, options, names):
+    refused(root, *names, args=("run", "--out", "study", *options, "--dry-run"))
 
 
 @pytest.mark.parametrize("make, names", [c[1:] for c in FILE_CASES], ids=[c[0] for c in FILE_CASES])
