@@ -132,11 +132,31 @@ DAMAGE = {
     "edited nx": (["UPDATE meta SET value='5' WHERE key='nx'"], "its grid size nx=5, ny=4 does not match its 16 cells"),
     "extra not JSON": (["INSERT OR REPLACE INTO extra VALUES ('criterion', '[')"],
                        "extra 'criterion' is not valid JSON"),
+    # rows whose values are of the right type but not what any run stores, each named by its cell
+    "negative steps": (["UPDATE cells SET steps=-5 WHERE i=1 AND j=1"], "cell (1, 1) has -5 steps"),
+    "more steps done than taken": (["UPDATE cells SET steps_done=steps+7 WHERE i=2 AND j=3"],
+                                   "cell (2, 3) has 207 steps done of its 200"),
+    "a billion steps": (["UPDATE cells SET steps=1000000000 WHERE i=0 AND j=0"], "cell (0, 0) has 1000000000 steps"),
+    "hparams off the coordinates": (["UPDATE cells SET hparams=json_set(hparams, '$.lr', 0.5) WHERE i=2 AND j=1"],
+                                    "cell (2, 1) has hyperparameters that disagree with its coordinates"),
+    "moved cell": (["UPDATE cells SET x=x*2 WHERE i=1 AND j=0"], "cell (1, 0) sits at"),
+    "negative loss": (["UPDATE cells SET final_loss=-3 WHERE i=3 AND j=2"],
+                      "cell (3, 2) has final_loss -3.0, below 0"),
+    "unknown label": (["UPDATE cells SET label='convergedd' WHERE i=0 AND j=3"],
+                      "cell (0, 3) is labelled 'convergedd'"),
+    "diverged not a flag": (["UPDATE cells SET diverged=7 WHERE i=1 AND j=2"], "cell (1, 2) has diverged=7"),
+    "diverged past its steps": (["UPDATE cells SET diverged_step=100000 WHERE i=3 AND j=3"],
+                                "cell (3, 3) diverged at step 100000, outside its 200 steps"),
+    "more losses than steps": (["UPDATE cells SET trajectory=zeroblob(8000) WHERE i=0 AND j=2"],
+                               "cell (0, 2) holds 1000 losses for its 200 steps"),
 }
 
 
 # damage found when a study is opened: every command refuses it; in a row: every command that reads that row
-WHOLE_STUDY = {"dropped column", "dropped table", "dropped meta", "config not JSON", "edited nx"}
+WHOLE_STUDY = {"dropped column", "dropped table", "dropped meta", "config not JSON", "edited nx", "text for a loss",
+               "negative steps", "more steps done than taken", "a billion steps", "hparams off the coordinates",
+               "moved cell", "negative loss", "unknown label", "diverged not a flag", "diverged past its steps",
+               "more losses than steps"}
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
@@ -148,7 +168,8 @@ def test_damaged_rows_and_tables_are_named_as_what_they_are(study, tmp_path, dam
     else:
         commands = [["export", study, "--trajectories", "-o", tmp_path / "x.csv"], ["classify", study]]
     if damage in WHOLE_STUDY:
-        commands += [["status", study], ["rules", study], ["run", "--out", study]]
+        commands += [["status", study], ["rules", study], ["run", "--out", study], ["fractal", study],
+                     ["plot", study, "--out", tmp_path / "plots"]]
     refused_unchanged(study, commands, str(study), needle, "restore study.db from a backup")
     assert not (tmp_path / "x.csv").exists()
 

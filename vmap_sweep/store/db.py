@@ -126,6 +126,10 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 _MISSING = "<missing>"
+# The classes analysis/classify.py gives a cell; a stored label outside them was written by hand.
+LABELS = ("converged", "diverged", "marginal")
+# A cell's optimizer steps at most (study/config.py's MAX_STEPS_PER_CELL): a stored count beyond is no real run.
+_MAX_STEPS = 100_000
 
 
 def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 6) -> str:
@@ -276,6 +280,7 @@ class StudyStore:
         self.study_id: str | None = meta.get("study_id")  # studies made before it was recorded have none
         self.nx = int(meta["nx"])
         self.ny = int(meta["ny"])
+        _check_rows(conn, path, self.config, self.nx, self.ny)
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -667,6 +672,91 @@ class StudyStore:
     @_reads
     def integrity_check(self) -> str:
         return self._conn.execute("PRAGMA integrity_check").fetchone()[0]
+
+
+# -------------------------------------------------------------------- every row, checked once when opened
+def _check_rows(conn: sqlite3.Connection, path: Path, config: Mapping[str, Any], nx: int, ny: int) -> None:
+    """Every cell row as vmap-sweep writes it, else the first bad one named by its cell: its coordinates and
+    hyperparameters those of the study's grid (and of each other), and its results of the types and ranges a run
+    stores (step counts, losses, flags, labels). Every command reads a study through here, so an edited row is
+    refused before status, export, plot, fractal or rules could trust it. Per-step arrays are checked as they
+    are read (`_array`)."""
+    expected = _grid_cells(config, nx, ny)
+    rows = conn.execute(
+        "SELECT i, j, x, y, hparams, status, steps, steps_done, initial_loss, final_loss, eval_loss, diverged, "
+        "diverged_step, typeof(trajectory), length(trajectory), label, score FROM cells ORDER BY j, i").fetchall()
+    for (i, j, x, y, hparams, status, steps, steps_done, initial, final, evals, diverged, diverged_step,
+         kind, size, label, score) in rows:
+        why = _bad_row(i, j, x, y, hparams, expected)
+        if why is None and status == "done":
+            why = _bad_result(steps, steps_done, (initial, final, evals), diverged, diverged_step, kind, size,
+                              label, score)
+        if why is not None:
+            raise _damaged(path, f"cell ({i}, {j}){why}")
+
+
+def _grid_cells(config: Mapping[str, Any], nx: int, ny: int) -> dict[tuple[int, int], Cell] | None:
+    """The cells the config's grid holds, by (i, j); None for a config that is not a study's (tests' stores)."""
+    from vmap_sweep.study.axes import parse_axis_spec
+    from vmap_sweep.study.grid import Grid
+
+    try:
+        grid = Grid(parse_axis_spec(config["x"]), parse_axis_spec(config["y"]), nx, ny,
+                    dict(config.get("fixed") or {}), int(config.get("seq_len") or 1))
+        return {c.key: c for c in grid.cells()}
+    except (KeyError, TypeError, ValueError, AttributeError, ConfigError):
+        return None
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _bad_row(i: Any, j: Any, x: Any, y: Any, hparams: Any, expected: dict | None) -> str | None:
+    if not (_is_number(x) and _is_number(y)):
+        return f" has coordinates {x!r:.40}, {y!r:.40}, not numbers"
+    if expected is None:
+        return None
+    want = expected.get((i, j))
+    if want is None:
+        return " is not a cell of the study's grid"
+    if not (math.isclose(x, want.x, rel_tol=1e-12) and math.isclose(y, want.y, rel_tol=1e-12)):
+        return f" sits at ({x:.6g}, {y:.6g}), but the study's grid puts it at ({want.x:.6g}, {want.y:.6g})"
+    try:
+        stored = json.loads(hparams)
+    except (TypeError, ValueError, RecursionError):
+        return None  # named as invalid JSON where the hparams are read
+    if stored != json.loads(canonical_json(want.hparams)):
+        keys = sorted(k for k in set(stored) | set(want.hparams) if stored.get(k) != want.hparams.get(k)) \
+            if isinstance(stored, dict) else ["(not an object)"]
+        return (f" has hyperparameters that disagree with its coordinates and the study's config "
+                f"({', '.join(f'{k}={stored.get(k) if isinstance(stored, dict) else stored!r}' for k in keys[:3])}, "
+                f"the grid says {', '.join(f'{k}={want.hparams.get(k)!r}' for k in keys[:3])})")
+    return None
+
+
+def _bad_result(steps: Any, steps_done: Any, losses: tuple, diverged: Any, diverged_step: Any, kind: str,
+                size: Any, label: Any, score: Any) -> str | None:
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= _MAX_STEPS:
+        return f" has {steps!r:.40} steps; a run takes 1 to {_MAX_STEPS:,}"
+    if not isinstance(steps_done, int) or not 0 <= steps_done <= steps:
+        return f" has {steps_done!r:.40} steps done of its {steps}"
+    for name, v in zip(("initial_loss", "final_loss", "eval_loss"), losses, strict=True):
+        if v is not None and not _is_number(v):
+            return f"'s {name} is {v!r:.40}, not a number"
+        if v is not None and v < 0:  # a cross-entropy is never negative (inf and NaN are a divergence's)
+            return f" has {name} {v!r}, below 0, which no cross-entropy loss is"
+    if diverged not in (0, 1):
+        return f" has diverged={diverged!r:.40}, not 0 or 1"
+    if diverged_step is not None and (not isinstance(diverged_step, int) or not 0 <= diverged_step <= steps):
+        return f" diverged at step {diverged_step!r:.40}, outside its {steps} steps"
+    if kind == "blob" and isinstance(size, int) and size % 8 == 0 and size // 8 > steps + 1:
+        return f" holds {size // 8} losses for its {steps} steps"
+    if label is not None and label not in LABELS:
+        return f" is labelled {label!r:.40}; a class is one of {', '.join(LABELS)}"
+    if score is not None and not _is_number(score):
+        return f" has score {score!r:.40}, not a number"
+    return None
 
 
 # -------------------------------------------------------------------- the study's own lock and journal
