@@ -373,6 +373,32 @@ SET_CASES = [
 ]
 
 
+def weights_edited(edit):
+    """The study's own-format model saved again with one tensor edited (finite or not)."""
+    def make(root: Path) -> None:
+        loaded = load_model(root / "model")
+        with torch.no_grad():
+            edit(dict(loaded.model.named_parameters()))
+        save_model(root / "model", loaded.model, loaded.tokenizer)
+    return make
+
+
+@pytest.mark.parametrize("edit, names", [
+    (lambda p: p["transformer.h.0.attn.c_q.weight"][0, 0].fill_(float("nan")),
+     ["model.safetensors", "transformer.h.0.attn.c_q.weight", "holds NaN or inf"]),
+    (lambda p: p["transformer.h.0.mlp.c_fc.weight"].mul_(1e30),
+     ["model.safetensors", "logits on the first training row"]),
+], ids=["nan-weight", "weights-overflow"])
+def test_weights_that_give_a_non_finite_loss_are_named_before_the_first_batch(root, edit, names):
+    """A new study of those weights is refused before its first batch, naming the model's file (and the tensor),
+    and leaves no folder behind."""
+    weights_edited(edit)(root)
+    refused(root, *names, args=("run", "--preset", "tiny", "--model", "model", "--data", "data.jsonl", "--x",
+                                "lr:1e-3:1e-2", "--y", "tokens:512:1024", "--resolution", "2", "--batch-size", "2",
+                                "--seq-len", "64", "--eval-tokens", "1024", "--out", "new", "--quiet"))
+    assert not (root / "new").exists()
+
+
 # options of `run` out of any study's bounds, refused before anything is loaded
 OPTION_CASES = [
     ("seed-past-64-bits", ["--seed", "99999999999999999999"], ["--seed 99999999999999999999", "2**63 - 1"]),
