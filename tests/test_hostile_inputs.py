@@ -250,6 +250,16 @@ def shard_outside(root: Path) -> None:
     (root / "model" / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
+def linked_out(name: str, make_folder=None):
+    """The model folder's file `name` moved out of it and replaced by a link to where it went."""
+    def make(root: Path) -> None:
+        if make_folder is not None:
+            make_folder(root / "model")
+        shutil.move(root / "model" / name, root / f"elsewhere-{name}")
+        os.symlink(root / f"elsewhere-{name}", root / "model" / name)
+    return make
+
+
 def tensor_in_two_shards(root: Path) -> None:
     from safetensors.torch import save_file
 
@@ -325,6 +335,16 @@ FILE_CASES = [
      ["config.json", "rope_theta", "'1e4'"]),
     ("hf-tensor-in-two-shards", tensor_in_two_shards, ["model.safetensors", "lm_head.weight", "another shard"]),
     ("hf-shard-outside-folder", shard_outside, ["model.safetensors.index.json", "outside its folder"]),
+    ("own-weights-link-out", linked_out("model.safetensors"),
+     ["model.safetensors", "not a file of the model's folder", "elsewhere-model.safetensors"]),
+    ("own-meta-link-out", linked_out("vmap_sweep.json"), ["vmap_sweep.json", "not a file of the model's folder"]),
+    ("hf-shard-link-out", linked_out("model.safetensors", hf_folder),
+     ["model.safetensors", "not a file of the model's folder"]),
+    ("hf-config-link-out", linked_out("config.json", hf_folder), ["config.json", "not a file of the model's folder"]),
+    ("hf-tokenizer-link-out", linked_out("tokenizer.json", hf_folder),
+     ["tokenizer.json", "not a file of the model's folder"]),
+    ("native-weights-link-out", linked_out("model_000001.pt", native_folder),
+     ["model_000001.pt", "not a file of the model's folder"]),
     # a native nanochat folder
     ("native-heads-zero", native(n_head=0), ["meta_000001.json", "n_head"]),
     ("native-vocab-1e12", native(vocab_size=10**12), ["model_000001.pt", "transformer.wte.weight"]),
