@@ -453,3 +453,22 @@ def test_no_output_replaces_a_file_of_the_study(made, tmp_path, link, target):
     one_line_error(cli("fractal", study, "--plot", study / target), "may not replace a study's own file")
     assert snapshot(study) == before
     ok("status", study)
+
+
+def test_a_log_another_process_has_open_is_that_process_s_and_is_read(study):
+    """A log held open by a live connection of another process (a sqlite3 shell, another command) is that
+    connection's: read, not refused, even where it holds what a restored backup's stray log would."""
+    code = ("import sqlite3, sys, time\n"
+            "conn = sqlite3.connect(sys.argv[1]); conn.execute('PRAGMA wal_autocheckpoint=0')\n"
+            "conn.execute(\"UPDATE cells SET status='pending' WHERE i=1 AND j=1\"); conn.commit()\n"
+            "print('ready', flush=True); sys.stdin.read(); conn.close()\n")
+    child = subprocess.Popen([sys.executable, "-c", code, str(study / "study.db")], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        assert (study / "study.db-wal").stat().st_size > 32
+        ok("status", study)
+        with StudyStore.open(study) as store:
+            assert store.done_count() == 15
+    finally:
+        child.communicate("", timeout=60)

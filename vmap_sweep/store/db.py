@@ -23,6 +23,8 @@ import os
 import shutil
 import socket
 import sqlite3
+import struct
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -281,6 +283,9 @@ class StudyStore:
         self.nx = int(meta["nx"])
         self.ny = int(meta["ny"])
         _check_rows(conn, path, self.config, self.nx, self.ny)
+        self._registered = self._file is not None
+        if self._registered:
+            _OPEN_HERE[self._file] = _OPEN_HERE.get(self._file, 0) + 1
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -362,6 +367,11 @@ class StudyStore:
             raise
 
     def close(self) -> None:
+        if self._registered:
+            self._registered = False
+            _OPEN_HERE[self._file] -= 1
+            if not _OPEN_HERE[self._file]:
+                del _OPEN_HERE[self._file]
         self._conn.close()
         if self._writer is not None:
             os.close(self._writer)  # releases the lock
@@ -789,6 +799,30 @@ def being_trained(path: Path) -> bool:
 
 
 _WAL_HEADER = 32  # bytes of a write-ahead log's header; a log no longer than it holds no commit
+# (device, inode) of every study database this process has open: its log is this process's own
+_OPEN_HERE: dict[tuple[int, int], int] = {}
+# Every SQLite connection to a database in WAL mode holds a shared POSIX lock on this byte of its -shm file
+# (os_unix.c: UNIX_SHM_DMS) for as long as it is open.
+_SHM_DMS = 128
+
+
+def _open_elsewhere(path: Path) -> bool:
+    """Whether a connection of another process has the database open now (its log is then that connection's,
+    live). Asked with F_GETLK, which takes no lock; Linux's struct flock layout."""
+    shm = path.with_name(path.name + "-shm")
+    if not sys.platform.startswith("linux") or not shm.is_file():
+        return False
+    try:
+        fd = os.open(shm, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        query = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, _SHM_DMS, 1, 0)
+        return struct.unpack("hhqqi4x", fcntl.fcntl(fd, fcntl.F_GETLK, query))[0] != fcntl.F_UNLCK
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def check_own_journal(path: Path) -> None:
@@ -810,7 +844,8 @@ def check_own_journal(path: Path) -> None:
     if wal.is_symlink() or not wal.is_file():
         raise StoreError(f"{wal}: not a plain file (a link, folder or pipe where the study's write-ahead log "
                          "belongs), so not this study's own log; move it away, then run again")
-    if wal.stat().st_size <= _WAL_HEADER or being_trained(path):
+    if wal.stat().st_size <= _WAL_HEADER or _identity(path) in _OPEN_HERE or being_trained(path) \
+            or _open_elsewhere(path):
         return
     for _ in range(2):  # a writer that checkpoints during the copy can tear it once; a foreign log stays
         why = _foreign_log(path, wal)
