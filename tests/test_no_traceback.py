@@ -122,3 +122,44 @@ def test_nothing_is_left_open(finished, tmp_path):
         cli(*args)
     assert not (study / "study.db-wal").exists() or not (study / "study.db-wal").stat().st_size
     sqlite3.connect(study / "study.db").close()
+
+
+def test_rules_params_on_one_study_is_refused_not_ignored(finished):
+    result = cli("rules", finished, "--params", "1e6")
+    answered(result, "rules --params")
+    assert result.exit_code == 2 and "--params 1e6" in result.stderr and "joint fit" in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_a_study_db_that_is_not_a_file_is_named_so(tmp_path, kind):
+    import os
+
+    (tmp_path / "s").mkdir()
+    (os.mkfifo if kind == "fifo" else os.mkdir)(tmp_path / "s" / "study.db")
+    paths = [tmp_path / "s"] + ([tmp_path / "s" / "study.db"] if kind == "fifo" else [])
+    for args in (["status", p] for p in paths):
+        result = cli(*args)
+        answered(result, args)
+        assert result.exit_code == 2 and "not a regular file" in result.stderr and "no study.db" not in result.stderr
+
+
+# The CLI in a child process, interrupted (SIGINT, as Ctrl-C sends it) at moments of its start.
+@pytest.mark.parametrize("delay", [0.15, 0.5, 1.5, 4.0])
+def test_ctrl_c_in_the_first_seconds_is_one_line_and_no_traceback(tmp_path, delay):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, "-c", "from vmap_sweep.cli import app; app()", "run", "--preset", "tiny",
+                              "--resolution", "4", "--out", str(tmp_path / "s"), "--quiet"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=300)
+    assert "Traceback" not in err and "Traceback" not in out, err
+    if child.returncode != 0:  # a machine fast enough may have finished the 16 cells
+        assert child.returncode == 130, (child.returncode, err)
+        assert "interrupted" in err.strip().splitlines()[-1], err

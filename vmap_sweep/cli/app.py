@@ -565,6 +565,10 @@ def rules(
     from vmap_sweep.analysis.plots import plot_joint_rules, plot_rules
     from vmap_sweep.analysis.rules import rules_of_thumb
 
+    if len(study) == 1 and params is not None:
+        raise ConfigError(f"--params {params}: the parameter count enters only the joint fit over several studies "
+                          "(LR_crit = a D^b P^c); one study's rules don't use it: drop --params, or give several "
+                          "studies")
     if len(study) == 1:
         result = _shown(lambda: rules_of_thumb(study[0], size_unit), plot_rules, render.rules_lines, json_out,
                         plot_file)

@@ -344,6 +344,9 @@ class StudyStore:
         """Open an existing study (no config needed)."""
         directory = Path(directory)
         path = directory / DB_NAME if directory.is_dir() or not directory.exists() else directory
+        if path.exists() and not path.is_file():
+            raise StoreError(f"{path}: not a regular file (a folder, named pipe, device or socket), so not a study "
+                             "database; pass the folder a run wrote (its --out)")
         if not path.is_file():
             raise StoreError(f"{directory}: no {DB_NAME} here; is this a study folder (the --out of a run)?")
         if path.name != DB_NAME:
