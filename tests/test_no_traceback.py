@@ -163,3 +163,34 @@ def test_ctrl_c_in_the_first_seconds_is_one_line_and_no_traceback(tmp_path, dela
     if child.returncode != 0:  # a machine fast enough may have finished the 16 cells
         assert child.returncode == 130, (child.returncode, err)
         assert "interrupted" in err.strip().splitlines()[-1], err
+
+
+def test_bench_checks_memory_before_allocating_and_runs_where_there_is_no_gpu(monkeypatch):
+    """The default d20 x 4 models needs ~36 GB before any activation: refused in one line where that much is not
+    free (here: a machine said to have 8 GiB), before a tensor is allocated. Its default device is one that
+    exists: without a GPU, a small bench runs on the CPU."""
+    import torch
+
+    import vmap_sweep.run.bench as bench_module
+    from vmap_sweep.model.gpt import GPTConfig
+
+    monkeypatch.setattr(bench_module, "free_memory", lambda device: 8 << 30)
+    allocated = []
+    monkeypatch.setattr(bench_module.GPT, "init_weights", lambda self, seed: allocated.append(seed))
+    result = cli("bench", "--device", "cpu")
+    answered(result, "bench")
+    assert result.exit_code == 2 and "need at least 3" in result.stderr and "8.0 GiB free" in result.stderr
+    assert not allocated
+    with torch.device("meta"):
+        params = sum(p.numel() for p in bench_module.GPT(GPTConfig.from_depth(20)).parameters())
+    assert bench_module.memory_floor(params, 4) > 32 << 30
+    monkeypatch.undo()
+    asked = {}
+
+    def fake_bench(*args, device, **kwargs):
+        asked["device"] = device
+        raise bench_module.ConfigError("stopped before the benchmark")
+
+    monkeypatch.setattr(bench_module, "bench", fake_bench)
+    assert cli("bench", "--depth", "1").exit_code == 2
+    assert asked["device"] == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -775,7 +775,7 @@ def bench(
     compile: Annotated[bool | None, typer.Option(help="torch.compile the stacked step (default: on CUDA).")] = None,
     checkpoint_activations: Annotated[bool, typer.Option(help="Recompute activations: less memory.")] = False,
     optimizer_state: Annotated[str, typer.Option(help="float32, or bfloat16 (half the memory).")] = "float32",
-    device: Annotated[str, typer.Option(help="cuda (cpu works, slowly).")] = "cuda",
+    device: Annotated[str, typer.Option(help="auto (cuda where there is one), cuda or cpu (slowly).")] = "auto",
 ):
     """Stacked training against the best one-at-a-time loop, side by side, on random-init weights."""
     from vmap_sweep.run.bench import bench as run_bench
