@@ -376,6 +376,9 @@ FILE_CASES = [
      ["data.jsonl:1", "a line longer than 8 MiB"]),
     ("data-fifo", lambda root: ((root / "data.jsonl").unlink(), os.mkfifo(root / "data.jsonl")),
      ["data.jsonl", "not a regular file"]),
+    ("data-link-to-dev-zero",
+     lambda root: ((root / "data.jsonl").unlink(), os.symlink("/dev/zero", root / "data.jsonl")),
+     ["data.jsonl", "not a regular file"]),
 ]
 
 SET_CASES = [

@@ -130,13 +130,14 @@ def test_rules_params_on_one_study_is_refused_not_ignored(finished):
     assert result.exit_code == 2 and "--params 1e6" in result.stderr and "joint fit" in result.stderr
 
 
-@pytest.mark.parametrize("kind", ["fifo", "folder"])
+@pytest.mark.parametrize("kind", ["fifo", "folder", "link to a device"])
 def test_a_study_db_that_is_not_a_file_is_named_so(tmp_path, kind):
     import os
 
     (tmp_path / "s").mkdir()
-    (os.mkfifo if kind == "fifo" else os.mkdir)(tmp_path / "s" / "study.db")
-    paths = [tmp_path / "s"] + ([tmp_path / "s" / "study.db"] if kind == "fifo" else [])
+    make = {"fifo": os.mkfifo, "folder": os.mkdir, "link to a device": lambda p: os.symlink("/dev/zero", p)}[kind]
+    make(tmp_path / "s" / "study.db")
+    paths = [tmp_path / "s"] + ([tmp_path / "s" / "study.db"] if kind != "folder" else [])
     for args in (["status", p] for p in paths):
         result = cli(*args)
         answered(result, args)

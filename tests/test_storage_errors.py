@@ -451,6 +451,8 @@ def test_no_output_replaces_a_file_of_the_study(made, tmp_path, link, target):
             one_line_error(cli(*args, out / name), str(out / name), "may not replace a study's own file")
     one_line_error(cli("plot", study, "--out", plots), "score.png", "may not replace a study's own file")
     one_line_error(cli("fractal", study, "--plot", study / target), "may not replace a study's own file")
+    for name in ("study.db-shm", "study.lock", "study.db-journal"):  # by name alone, whether the file exists or not
+        one_line_error(cli("export", study, "-o", study / name, "--format", "csv"), "may not replace a study's own")
     assert snapshot(study) == before
     ok("status", study)
 
