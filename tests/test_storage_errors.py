@@ -149,6 +149,10 @@ DAMAGE = {
                                 "cell (3, 3) diverged at step 100000, outside its 200 steps"),
     "more losses than steps": (["UPDATE cells SET trajectory=zeroblob(8000) WHERE i=0 AND j=2"],
                                "cell (0, 2) holds 1000 losses for its 200 steps"),
+    "no loss though done": (["UPDATE cells SET trajectory=x'' WHERE i=1 AND j=1"], "cell (1, 1) holds no loss"),
+    "base losses cut short": (["UPDATE cells SET base_losses=substr(base_losses, 1, 80) WHERE i=2 AND j=2"],
+                              "cell (2, 2) holds 10 base-model losses for its 200 losses"),
+    "initial loss zero": (["UPDATE cells SET initial_loss=0 WHERE i=3 AND j=1"], "cell (3, 1) has initial_loss 0"),
 }
 
 
@@ -156,7 +160,7 @@ DAMAGE = {
 WHOLE_STUDY = {"dropped column", "dropped table", "dropped meta", "config not JSON", "edited nx", "text for a loss",
                "negative steps", "more steps done than taken", "a billion steps", "hparams off the coordinates",
                "moved cell", "negative loss", "unknown label", "diverged not a flag", "diverged past its steps",
-               "more losses than steps"}
+               "more losses than steps", "no loss though done", "base losses cut short", "initial loss zero"}
 
 
 @pytest.mark.parametrize("damage", DAMAGE)

@@ -697,13 +697,16 @@ def _check_rows(conn: sqlite3.Connection, path: Path, config: Mapping[str, Any],
     expected = _grid_cells(config, nx, ny)
     rows = conn.execute(
         "SELECT i, j, x, y, hparams, status, steps, steps_done, initial_loss, final_loss, eval_loss, diverged, "
-        "diverged_step, typeof(trajectory), length(trajectory), label, score FROM cells ORDER BY j, i").fetchall()
+        "diverged_step, typeof(trajectory), length(trajectory), label, score, length(base_losses) "
+        "FROM cells ORDER BY j, i").fetchall()
     for (i, j, x, y, hparams, status, steps, steps_done, initial, final, evals, diverged, diverged_step,
-         kind, size, label, score) in rows:
+         kind, size, label, score, base_size) in rows:
         why = _bad_row(i, j, x, y, hparams, expected)
         if why is None and status == "done":
             why = _bad_result(steps, steps_done, (initial, final, evals), diverged, diverged_step, kind, size,
                               label, score)
+        if why is None and status == "done" and kind == "blob" and isinstance(size, int):
+            why = _bad_lengths(size, base_size, initial)
         if why is not None:
             raise _damaged(path, f"cell ({i}, {j}){why}")
 
@@ -745,6 +748,20 @@ def _bad_row(i: Any, j: Any, x: Any, y: Any, hparams: Any, expected: dict | None
         return (f" has hyperparameters that disagree with its coordinates and the study's config "
                 f"({', '.join(f'{k}={stored.get(k) if isinstance(stored, dict) else stored!r}' for k in keys[:3])}, "
                 f"the grid says {', '.join(f'{k}={want.hparams.get(k)!r}' for k in keys[:3])})")
+    return None
+
+
+def _bad_lengths(size: int, base_size: Any, initial: Any) -> str | None:
+    """A finished run's losses: at least one, the base model's losses one per loss (or none, in studies made before
+    they were stored), and an initial loss above 0."""
+    if size % 8 or (isinstance(base_size, int) and base_size % 8):
+        return None  # not whole float64s: named where the array is read (`_array`)
+    if size == 0:
+        return " holds no loss, though it is done (a run stores at least the loss of its first step)"
+    if isinstance(base_size, int) and base_size not in (0, size):
+        return f" holds {base_size // 8} base-model losses for its {size // 8} losses (one each)"
+    if _is_number(initial) and initial <= 0:
+        return f" has initial_loss {initial!r}: the loss before any update is above 0"
     return None
 
 
