@@ -392,7 +392,7 @@ def test_plot_writes_every_picture_in_every_format(base, tmp_path):
 
 def test_refused_output_paths_and_options_leave_the_study_as_it_was(base, tmp_path):
     before = snapshot(base[0])
-    one_line_error(cli("export", base[0], "-o", base[0] / "study.db"), "would replace the study's database")
+    one_line_error(cli("export", base[0], "-o", base[0] / "study.db"), "may not replace a study's own file")
     one_line_error(cli("fractal", base[0], "--plot", tmp_path / "x.jpg2"), "unknown picture format '.jpg2'")
     one_line_error(cli("rules", base[0], "--plot", tmp_path / "x.jpg2"), "unknown picture format '.jpg2'")
     one_line_error(cli("classify", base[0], "--converged-below", "5"), "--criterion threshold")

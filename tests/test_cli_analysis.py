@@ -75,7 +75,7 @@ def test_backend_and_bench_errors_are_one_line(study, tmp_path):
     import torch
 
     if not torch.cuda.is_available():
-        result = cli("bench", "--depth", "1")
+        result = cli("bench", "--depth", "1", "--device", "cuda")
         assert result.exit_code == 2 and "no CUDA device" in result.stderr
 
 

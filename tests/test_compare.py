@@ -138,3 +138,66 @@ def test_report_compare_section(tmp_path):
     text = write_report(tmp_path / "a", tmp_path / "r.md", "md", compare=tmp_path / "b").read_text()
     assert "## Compared with another study" in text and r.summary()[1] in text
     assert (tmp_path / "r_files" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------------------------------------------------ hostile pairs
+def _with_sizes(folder, repeated: int):
+    """Record dataset sizes in which size row `repeated` holds no supervised token more than the row below it:
+    rules count it as a repeat (what two seeds of one grid do, at different rows)."""
+    from vmap_sweep.store import extras
+    from vmap_sweep.store.db import StudyStore
+    from vmap_sweep.study.sizes import DatasetSize
+
+    with StudyStore.open(folder) as store:
+        budgets = sorted({int(c.hparams["tokens"]) for c in store.cells()})
+        sup = {n: 10 * (k + 1) for k, n in enumerate(budgets)}
+        sup[budgets[repeated]] = sup[budgets[repeated - 1]]
+        extras.put_dataset_sizes(store, {n: DatasetSize(n, sup[n], 1 + k) for k, n in enumerate(budgets)})
+
+
+def test_two_seeds_that_repeat_different_sizes_compare_size_by_size(pair, tmp_path):
+    """Two seeds of one grid leave out different repeated sizes: compared size by size (was a zip traceback), the
+    sizes one of them left out named, and report --compare works too."""
+    import shutil
+
+    a, b = (shutil.copytree(p, tmp_path / p.name) for p in pair[:2])
+    _with_sizes(a, 3)
+    _with_sizes(b, 5)
+    r = compare_studies(a, b)
+    sizes = parse_axis_spec(Y).values(32)
+    assert [row.size for row in r.crit] == list(sizes)  # every size, the ones either left out too
+    only = {row.size for row in r.crit if row.ratio is None and (row.lr_crit_a is None) != (row.lr_crit_b is None)}
+    assert only == {float(sizes[3]), float(sizes[5])}
+    assert any("measured only in A" in n for n in r.notes) and any("measured only in B" in n for n in r.notes)
+    result = ok("compare", a, b)
+    assert "measured only in" in result.stdout
+    ok("report", a, "--compare", b, "-o", tmp_path / "r.md")
+
+
+def test_compare_says_what_really_differs(pair, tmp_path):
+    import shutil
+
+    a, b = pair[:2]
+    assert compare_studies(a, a).differs.startswith("nothing: A and B are the same study")
+    copy = shutil.copytree(a, tmp_path / "copy")
+    assert compare_studies(a, copy).differs == "nothing but the folder: B is a copy of A"
+    assert "the same settings, stored as other text" not in ok("compare", a, a).stdout
+    again = tmp_path / "again"
+    build_study(again, law(3e-5, 0.5), nx=32, ny=32, x=X, y=Y).close()
+    assert compare_studies(a, again).differs.startswith("nothing in the config: the same settings, run twice")
+
+
+def test_studies_of_different_criteria_are_compared_only_when_asked(pair, tmp_path):
+    import shutil
+
+    a = pair[0]
+    b = shutil.copytree(pair[1], tmp_path / "b")
+    ok("classify", b, "--criterion", "threshold", "--converged-below", "2.5")
+    for args in (["compare", a, b], ["report", a, "--compare", b, "-o", tmp_path / "r.md"]):
+        result = cli(*args)
+        assert result.exit_code == 2 and "criterion=ratio" in result.stderr and "criterion=threshold" in result.stderr
+        assert "--mixed-criteria" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r.md").exists()
+    mixed = compare_studies(a, b, mixed_criteria=True)
+    assert any("changes of class mix the criterion's" in n for n in mixed.notes)
+    ok("compare", a, b, "--mixed-criteria")

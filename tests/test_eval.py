@@ -4,6 +4,7 @@ custom multiple-choice task read from a local file (offline: nothing comes from 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -395,10 +396,11 @@ def test_retraining_reproduces_the_stored_trajectories(study, study_copy):
         sa, sb = a.model.state_dict(), b.model.state_dict()
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     # A stored trajectory that re-training can't reproduce is refused, naming the cell.
-    with sqlite3.connect(study_copy / "study.db") as conn:
+    with contextlib.closing(sqlite3.connect(study_copy / "study.db")) as conn:  # closed: the edit leaves no log
         blob = np.array(stored[(1, 2)], dtype="<f8")
         blob[1] *= 1.001
         conn.execute("UPDATE cells SET trajectory=? WHERE i=1 AND j=2", (blob.tobytes(),))
+        conn.commit()
     with pytest.raises(ConfigError, match=r"cell \(1, 2\).*does not reproduce"):
         list(retrain_cells(study_copy, cells, device="cpu", models_per_batch=8))
 

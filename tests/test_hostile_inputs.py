@@ -265,6 +265,16 @@ def shard_outside(root: Path) -> None:
     (root / "model" / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
+def linked_out(name: str, make_folder=None):
+    """The model folder's file `name` moved out of it and replaced by a link to where it went."""
+    def make(root: Path) -> None:
+        if make_folder is not None:
+            make_folder(root / "model")
+        shutil.move(root / "model" / name, root / f"elsewhere-{name}")
+        os.symlink(root / f"elsewhere-{name}", root / "model" / name)
+    return make
+
+
 def tensor_in_two_shards(root: Path) -> None:
     from safetensors.torch import save_file
 
@@ -350,6 +360,16 @@ FILE_CASES = [
      ["config.json", "rope_theta", "'1e4'"]),
     ("hf-tensor-in-two-shards", tensor_in_two_shards, ["model.safetensors", "lm_head.weight", "another shard"]),
     ("hf-shard-outside-folder", shard_outside, ["model.safetensors.index.json", "outside its folder"]),
+    ("own-weights-link-out", linked_out("model.safetensors"),
+     ["model.safetensors", "not a file of the model's folder", "elsewhere-model.safetensors"]),
+    ("own-meta-link-out", linked_out("vmap_sweep.json"), ["vmap_sweep.json", "not a file of the model's folder"]),
+    ("hf-shard-link-out", linked_out("model.safetensors", hf_folder),
+     ["model.safetensors", "not a file of the model's folder"]),
+    ("hf-config-link-out", linked_out("config.json", hf_folder), ["config.json", "not a file of the model's folder"]),
+    ("hf-tokenizer-link-out", linked_out("tokenizer.json", hf_folder),
+     ["tokenizer.json", "not a file of the model's folder"]),
+    ("native-weights-link-out", linked_out("model_000001.pt", native_folder),
+     ["model_000001.pt", "not a file of the model's folder"]),
     # a native nanochat folder
     ("native-heads-zero", native(n_head=0), ["meta_000001.json", "n_head"]),
     ("native-vocab-1e12", native(vocab_size=10**12), ["model_000001.pt", "transformer.wte.weight"]),
@@ -376,6 +396,17 @@ FILE_CASES = [
      ["data.jsonl:8", "role is a list"]),
     ("data-content-number", data_row('{"messages": [' + USER + ', {"role": "assistant", "content": 1e999}]}'),
      ["data.jsonl:8", "content is a float"]),
+    ("data-integer-100k-digits", data_row('{"messages": [' + USER + '], "n": ' + "9" * 100_000 + "}"),
+     ["data.jsonl:8", "an integer of 100,000 digits"]),
+    ("data-line-9-mib", data_row('{"messages": [' + USER + '], "pad": "' + "x" * (9 << 20) + '"}'),
+     ["data.jsonl:8", "a line longer than 8 MiB"]),
+    ("data-line-9-mib-no-newline", lambda root: (root / "data.jsonl").write_bytes(b"x" * (9 << 20)),
+     ["data.jsonl:1", "a line longer than 8 MiB"]),
+    ("data-fifo", lambda root: ((root / "data.jsonl").unlink(), os.mkfifo(root / "data.jsonl")),
+     ["data.jsonl", "not a regular file"]),
+    ("data-link-to-dev-zero",
+     lambda root: ((root / "data.jsonl").unlink(), os.symlink("/dev/zero", root / "data.jsonl")),
+     ["data.jsonl", "not a regular file"]),
 ]
 
 SET_CASES = [
@@ -391,6 +422,46 @@ SET_CASES = [
     ("weight_decay=-1e-300", ["weight_decay", ">= 0"]),
     ("tokens", ["write KEY=VALUE"]),
 ]
+
+
+def weights_edited(edit):
+    """The study's own-format model saved again with one tensor edited (finite or not)."""
+    def make(root: Path) -> None:
+        loaded = load_model(root / "model")
+        with torch.no_grad():
+            edit(dict(loaded.model.named_parameters()))
+        save_model(root / "model", loaded.model, loaded.tokenizer)
+    return make
+
+
+@pytest.mark.parametrize("edit, names", [
+    (lambda p: p["transformer.h.0.attn.c_q.weight"][0, 0].fill_(float("nan")),
+     ["model.safetensors", "transformer.h.0.attn.c_q.weight", "holds NaN or inf"]),
+    (lambda p: p["transformer.h.0.mlp.c_fc.weight"].mul_(1e30),
+     ["model.safetensors", "logits on the first training row"]),
+], ids=["nan-weight", "weights-overflow"])
+def test_weights_that_give_a_non_finite_loss_are_named_before_the_first_batch(root, edit, names):
+    """A new study of those weights is refused before its first batch, naming the model's file (and the tensor),
+    and leaves no folder behind."""
+    weights_edited(edit)(root)
+    refused(root, *names, args=("run", "--preset", "tiny", "--model", "model", "--data", "data.jsonl", "--x",
+                                "lr:1e-3:1e-2", "--y", "tokens:512:1024", "--resolution", "2", "--batch-size", "2",
+                                "--seq-len", "64", "--eval-tokens", "1024", "--out", "new", "--quiet"))
+    assert not (root / "new").exists()
+
+
+# options of `run` out of any study's bounds, refused before anything is loaded
+OPTION_CASES = [
+    ("seed-past-64-bits", ["--seed", "99999999999999999999"], ["--seed 99999999999999999999", "2**63 - 1"]),
+    ("seed-negative", ["--seed", "-1"], ["--seed -1", "[0, 2**63 - 1]"]),
+    ("eval-tokens-1e12", ["--eval-tokens", "1000000000000"], ["--eval-tokens 1,000,000,000,000", "at most"]),
+    ("eval-tokens-zero", ["--eval-tokens", "0"], ["--eval-tokens must be at least 1"]),
+]
+
+
+@pytest.mark.parametrize("options, names", [c[1:] for c in OPTION_CASES], ids=[c[0] for c in OPTION_CASES])
+def test_an_option_out_of_bounds_is_one_line_before_any_work(root, options, names):
+    refused(root, *names, args=("run", "--out", "study", *options, "--dry-run"))
 
 
 @pytest.mark.parametrize("make, names", [c[1:] for c in FILE_CASES], ids=[c[0] for c in FILE_CASES])

@@ -98,6 +98,7 @@ def test_a_cell_that_does_not_reproduce_is_refused_and_nothing_is_written(study,
         (blob,) = conn.execute("SELECT trajectory FROM cells WHERE i=0 AND j=0").fetchone()
         changed = (np.frombuffer(blob, dtype="<f8") * (1 + 1e-4)).astype("<f8").tobytes()
         conn.execute("UPDATE cells SET trajectory=? WHERE i=0 AND j=0", (changed,))
+    conn.close()  # as a sqlite3 shell would: the edit is folded into study.db, no log is left
     result = cli("model", copy, "--cell", "0,0", "-o", tmp_path / "out", "--device", "cpu")
     assert result.exit_code == 2 and "does not reproduce its stored trajectory" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

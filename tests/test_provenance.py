@@ -5,6 +5,7 @@ transformers folder saved without a tokenizer trains once `--tokenizer` names on
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sqlite3
@@ -131,8 +132,9 @@ def _store_extra(out: Path, key: str, edit) -> None:
 def test_another_torch_is_refused_another_vmap_sweep_only_shown(tmp_path):
     out = tmp_path / "s"
     ok("run", "--preset", "tiny", "--out", out, *GRID)
-    with sqlite3.connect(out / "study.db") as conn:  # one cell left to train
+    with contextlib.closing(sqlite3.connect(out / "study.db")) as conn:  # one cell left to train
         conn.execute("UPDATE cells SET status='pending' WHERE i=1 AND j=1")
+        conn.commit()
     _store_extra(out, extras.RUN_SETTINGS, lambda s: s.update(torch="2.0.0"))
     one_line(cli("run", "--out", out, *GRID), "torch: '2.0.0' -> ", "same torch")
 

@@ -22,6 +22,7 @@ from vmap_sweep.store.db import StudyStore
 from vmap_sweep.study.axes import parse_axis_spec
 from vmap_sweep.study.config import StudyConfig
 from vmap_sweep.study.grid import Grid
+from vmap_sweep.study.plan import build_grid
 
 LR_AXIS = "lr:1e-6:1e-1:log"
 SIZE_AXIS = "tokens:1e3:1e6:log"
@@ -252,8 +253,9 @@ def test_lr_on_y_and_a_group_lr_axis_give_the_same_rules(tmp_path, clean):
 @pytest.mark.parametrize("x, y", [("weight_decay:0:0.1:lin", SIZE_AXIS), (LR_AXIS, "warmup_ratio:0:0.5:lin"),
                                   (LR_AXIS, "matrix_lr:1e-6:1e-1:log")])
 def test_other_axis_pairs_are_refused_naming_the_axes(tmp_path, x, y):
-    cfg = StudyConfig(model="tiny", data="synthetic", x=x, y=y, resolution="3", fixed={"tokens": 1000})
-    grid = Grid(parse_axis_spec(x), parse_axis_spec(y), 3, 3)
+    fixed = {} if "tokens" in x + y else {"tokens": 1000}
+    cfg = StudyConfig(model="tiny", data="synthetic", x=x, y=y, resolution="3", fixed=fixed)
+    grid = build_grid(cfg)
     with StudyStore.create_or_open(tmp_path / "s", cfg.to_dict(), grid.cells()) as store:
         with pytest.raises(ConfigError) as e:
             rules_of_thumb(store)

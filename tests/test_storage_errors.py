@@ -132,11 +132,35 @@ DAMAGE = {
     "edited nx": (["UPDATE meta SET value='5' WHERE key='nx'"], "its grid size nx=5, ny=4 does not match its 16 cells"),
     "extra not JSON": (["INSERT OR REPLACE INTO extra VALUES ('criterion', '[')"],
                        "extra 'criterion' is not valid JSON"),
+    # rows whose values are of the right type but not what any run stores, each named by its cell
+    "negative steps": (["UPDATE cells SET steps=-5 WHERE i=1 AND j=1"], "cell (1, 1) has -5 steps"),
+    "more steps done than taken": (["UPDATE cells SET steps_done=steps+7 WHERE i=2 AND j=3"],
+                                   "cell (2, 3) has 207 steps done of its 200"),
+    "a billion steps": (["UPDATE cells SET steps=1000000000 WHERE i=0 AND j=0"], "cell (0, 0) has 1000000000 steps"),
+    "hparams off the coordinates": (["UPDATE cells SET hparams=json_set(hparams, '$.lr', 0.5) WHERE i=2 AND j=1"],
+                                    "cell (2, 1) has hyperparameters that disagree with its coordinates"),
+    "moved cell": (["UPDATE cells SET x=x*2 WHERE i=1 AND j=0"], "cell (1, 0) sits at"),
+    "negative loss": (["UPDATE cells SET final_loss=-3 WHERE i=3 AND j=2"],
+                      "cell (3, 2) has final_loss -3.0, below 0"),
+    "unknown label": (["UPDATE cells SET label='convergedd' WHERE i=0 AND j=3"],
+                      "cell (0, 3) is labelled 'convergedd'"),
+    "diverged not a flag": (["UPDATE cells SET diverged=7 WHERE i=1 AND j=2"], "cell (1, 2) has diverged=7"),
+    "diverged past its steps": (["UPDATE cells SET diverged_step=100000 WHERE i=3 AND j=3"],
+                                "cell (3, 3) diverged at step 100000, outside its 200 steps"),
+    "more losses than steps": (["UPDATE cells SET trajectory=zeroblob(8000) WHERE i=0 AND j=2"],
+                               "cell (0, 2) holds 1000 losses for its 200 steps"),
+    "no loss though done": (["UPDATE cells SET trajectory=x'' WHERE i=1 AND j=1"], "cell (1, 1) holds no loss"),
+    "base losses cut short": (["UPDATE cells SET base_losses=substr(base_losses, 1, 80) WHERE i=2 AND j=2"],
+                              "cell (2, 2) holds 10 base-model losses for its 200 losses"),
+    "initial loss zero": (["UPDATE cells SET initial_loss=0 WHERE i=3 AND j=1"], "cell (3, 1) has initial_loss 0"),
 }
 
 
 # damage found when a study is opened: every command refuses it; in a row: every command that reads that row
-WHOLE_STUDY = {"dropped column", "dropped table", "dropped meta", "config not JSON", "edited nx"}
+WHOLE_STUDY = {"dropped column", "dropped table", "dropped meta", "config not JSON", "edited nx", "text for a loss",
+               "negative steps", "more steps done than taken", "a billion steps", "hparams off the coordinates",
+               "moved cell", "negative loss", "unknown label", "diverged not a flag", "diverged past its steps",
+               "more losses than steps", "no loss though done", "base losses cut short", "initial loss zero"}
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
@@ -148,7 +172,8 @@ def test_damaged_rows_and_tables_are_named_as_what_they_are(study, tmp_path, dam
     else:
         commands = [["export", study, "--trajectories", "-o", tmp_path / "x.csv"], ["classify", study]]
     if damage in WHOLE_STUDY:
-        commands += [["status", study], ["rules", study], ["run", "--out", study]]
+        commands += [["status", study], ["rules", study], ["run", "--out", study], ["fractal", study],
+                     ["plot", study, "--out", tmp_path / "plots"]]
     refused_unchanged(study, commands, str(study), needle, "restore study.db from a backup")
     assert not (tmp_path / "x.csv").exists()
 
@@ -304,3 +329,152 @@ def test_a_zoom_child_outside_the_study_is_refused_by_everything_that_follows_ch
     assert snapshot(study) == before and snapshot(victim) == theirs
     assert not (tmp_path / "merged" / "study.db").exists() and not (tmp_path / "report.md").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["study", "victim"]
+
+
+# ---------------------------------------------------------------------------------------------- the study's own log
+def _log_of(folder: Path, statement: str) -> bytes:
+    """The write-ahead log a crash would leave after `statement` committed in `folder`'s study (folder unchanged)."""
+    work = Path(tempfile.mkdtemp(prefix="vmap-sweep-log-"))
+    try:
+        copy = Path(shutil.copytree(folder, work / "s"))
+        conn = sqlite3.connect(copy / "study.db")
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+        conn.execute(statement)
+        conn.commit()
+        log = (copy / "study.db-wal").read_bytes()
+        conn.close()
+        return log
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_another_studys_log_beside_a_restored_study_is_refused_not_replayed(tmp_path):
+    """The data loss this guards against: a finished study restored from a backup into a folder where another study
+    of the same config crashed; SQLite replays that study's log over it on the first read (`status`), and the
+    finished study becomes the other one. Refused, naming the log, with both files as they were; without the log,
+    the study reads whole."""
+    finished = make_study(tmp_path / "finished")
+    other = make_study(tmp_path / "other", range(1))
+    (finished / "study.db-wal").write_bytes(_log_of(other, "UPDATE cells SET label='diverged' WHERE j=0"))
+    before = snapshot(finished)
+    for args in (["status", finished], ["export", finished, "-o", tmp_path / "x.csv"], ["run", "--out", finished],
+                 ["classify", finished]):
+        one_line_error(cli(*args), str(finished / "study.db-wal"), "not this study's own write-ahead log",
+                       "finished cell", "move study.db-wal")
+    assert snapshot(finished) == before
+    (finished / "study.db-wal").unlink()
+    with StudyStore.open(finished) as store:
+        assert store.done_count() == 16
+
+
+def test_an_older_log_of_the_same_study_is_refused(tmp_path):
+    """A log left by a crash of this same study, beside a later backup of it: replaying it would put back pages
+    older than the results the backup holds."""
+    half = make_study(tmp_path / "half", range(2))
+    older = _log_of(half, "UPDATE cells SET label='diverged' WHERE j<2")
+    finished = Path(shutil.copytree(half, tmp_path / "finished"))
+    with StudyStore.open(finished) as store:
+        cells = store.pending()
+        store.record_batch([(c, record(c.i, c.j)) for c in cells], labeller=label_record)
+    (finished / "study.db-wal").write_bytes(older)
+    before = snapshot(finished)
+    one_line_error(cli("status", finished), "study.db-wal", "not this study's own write-ahead log")
+    assert snapshot(finished) == before
+
+
+def test_the_studys_own_log_after_a_crash_is_replayed(made, tmp_path):
+    """What the log is for: a commit a crash left only in the log is read (and kept) by the next command."""
+    logged = _with_a_commit_only_in_its_log(made, tmp_path / "logged")
+    ok("status", logged)
+    with StudyStore.open(logged) as store:
+        assert store.labels_array()[0, 0] == "diverged" and store.done_count() == 16
+
+
+@pytest.mark.parametrize("kind", ["rollback journal", "fifo log", "link log", "folder log"])
+def test_a_journal_that_a_study_never_writes_is_refused(study, tmp_path, kind):
+    if kind == "rollback journal":
+        (study / "study.db-journal").write_bytes(b"\xd9\xd5\x05\xf9\x20\xa1\x63\xd7" + bytes(504))
+        needles = ["study.db-journal", "rollback journal", "not this study's own"]
+    elif kind == "fifo log":
+        os.mkfifo(study / "study.db-wal")  # opened, it would block every command forever
+        needles = ["study.db-wal", "not a plain file"]
+    elif kind == "link log":
+        other = make_study(tmp_path / "other", range(1))
+        (tmp_path / "log").write_bytes(_log_of(other, "UPDATE cells SET label='x' WHERE j=0"))
+        os.symlink(tmp_path / "log", study / "study.db-wal")
+        needles = ["study.db-wal", "not a plain file"]
+    else:
+        (study / "study.db-wal").mkdir()
+        needles = ["study.db-wal", "not a plain file"]
+    refused_unchanged(study, [["status", study], ["rules", study], ["run", "--out", study]], *needles)
+
+
+# ------------------------------------------------------------------------------------------------ the lock
+def test_the_lock_holds_by_the_database_file_wherever_it_is_reached_from(study, tmp_path):
+    """A folder whose study.db is a symbolic link into a study being trained is that study: a second trainer there
+    waits for the same lock. A hard link (a second name the lock can't see) is refused for training."""
+    alias = tmp_path / "alias"
+    alias.mkdir()
+    os.symlink(study / "study.db", alias / "study.db")
+    with StudyStore.open(study) as trainer:
+        trainer.claim_writer()
+        with StudyStore.open(alias) as second, pytest.raises(StoreError, match="is being trained by pid"):
+            second.claim_writer()
+        one_line_error(cli("run", "--out", alias), str(alias), str(study / "study.db"), "is being trained by pid")
+    hard = tmp_path / "hard"
+    hard.mkdir()
+    os.link(study / "study.db", hard / "study.db")
+    with StudyStore.open(hard) as store, pytest.raises(StoreError, match="has 2 hard links"):
+        store.claim_writer()
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+@pytest.mark.parametrize("link", ["symbolic", "hard"])
+@pytest.mark.parametrize("target", ["study.db", "study.db-wal"])
+def test_no_output_replaces_a_file_of_the_study(made, tmp_path, link, target):
+    """An output path that is a link to the study's database or its log (or names them) is refused by every
+    command that writes a file, before any work, and the study reads as it did."""
+    study = Path(shutil.copytree(made, tmp_path / "study"))
+    if target == "study.db-wal":
+        study = _with_a_commit_only_in_its_log(made, tmp_path / "logged")
+    out = tmp_path / "out"
+    out.mkdir()
+    make = os.symlink if link == "symbolic" else os.link
+    names = {"fractal.png": ["fractal", study, "--plot"], "report.md": ["report", study, "-o"],
+             "cells.csv": ["export", study, "-o"], "rules.png": ["rules", study, "--plot"],
+             "compare.png": ["compare", study, study, "--plot"], "fractal.json": None}
+    for name in names:
+        make(study / target, out / name)
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    make(study / target, plots / "score.png")
+    ok("status", study)  # the study's own log is folded into study.db by the first read: the links stay
+    before = snapshot(study)
+    for name, args in names.items():
+        if args is not None:
+            one_line_error(cli(*args, out / name), str(out / name), "may not replace a study's own file")
+    one_line_error(cli("plot", study, "--out", plots), "score.png", "may not replace a study's own file")
+    one_line_error(cli("fractal", study, "--plot", study / target), "may not replace a study's own file")
+    for name in ("study.db-shm", "study.lock", "study.db-journal"):  # by name alone, whether the file exists or not
+        one_line_error(cli("export", study, "-o", study / name, "--format", "csv"), "may not replace a study's own")
+    assert snapshot(study) == before
+    ok("status", study)
+
+
+def test_a_log_another_process_has_open_is_that_process_s_and_is_read(study):
+    """A log held open by a live connection of another process (a sqlite3 shell, another command) is that
+    connection's: read, not refused, even where it holds what a restored backup's stray log would."""
+    code = ("import sqlite3, sys, time\n"
+            "conn = sqlite3.connect(sys.argv[1]); conn.execute('PRAGMA wal_autocheckpoint=0')\n"
+            "conn.execute(\"UPDATE cells SET status='pending' WHERE i=1 AND j=1\"); conn.commit()\n"
+            "print('ready', flush=True); sys.stdin.read(); conn.close()\n")
+    child = subprocess.Popen([sys.executable, "-c", code, str(study / "study.db")], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        assert (study / "study.db-wal").stat().st_size > 32
+        ok("status", study)
+        with StudyStore.open(study) as store:
+            assert store.done_count() == 15
+    finally:
+        child.communicate("", timeout=60)

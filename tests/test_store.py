@@ -381,3 +381,10 @@ def test_a_folder_of_other_files_is_refused_before_anything_is_written(tmp_path)
     for _ in range(2):
         StudyStore.create_or_open(child, STORE_CONFIG, store_grid().cells()).close()
     assert (child / DB_NAME).is_file()
+
+
+def test_the_store_knows_the_classes_classify_gives():
+    from vmap_sweep.analysis.classify import LABELS
+    from vmap_sweep.store.db import LABELS as STORED
+
+    assert STORED == LABELS

@@ -470,3 +470,39 @@ def test_a_study_with_results_keeps_its_criterion_and_a_failed_classify_changes_
         reclassify_with_zooms(study, "nope")
     with StudyStore.open(study) as store:
         assert study_criterion(store) == {"criterion": "ratio"}
+
+
+@pytest.mark.parametrize("swap", ["a study made by run", "another level", "another window"])
+def test_a_zoom_child_that_is_not_the_recorded_zoom_is_refused(disk_chain, tmp_path, swap):
+    """A child folder holding another study (the top study's copy, a deeper level's, or a window the parent did
+    not record) is not counted as a level: every command that walks the chain names it and writes nothing."""
+    import shutil
+
+    from cli_helpers import cli
+
+    parent, dirs, _ = disk_chain
+    top = Path(shutil.copytree(parent, tmp_path / "parent"))
+    level1 = top / dirs[0].name
+    if swap == "a study made by run":
+        shutil.copy(parent / DB_NAME, level1 / DB_NAME)
+        needle = "records no zoom of its own"
+    elif swap == "another level":
+        shutil.copy(level1 / dirs[1].name / DB_NAME, level1 / DB_NAME)
+        needle = "it is a level-2 zoom, recorded as level 1"
+    else:
+        conn = sqlite3.connect(top / DB_NAME)
+        conn.execute("UPDATE children SET x0 = x0 * 1.5")
+        conn.commit()
+        conn.close()
+        needle = "recorded as window"
+    said = f"zoom child {dirs[0].name!r} holds a study that is not that zoom"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for args in (["zoom-dimension", top], ["animate", top, "-o", tmp_path / "z.gif"]):
+        result = cli(*args)
+        assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, (args, result.output)
+        assert said in result.stderr and needle in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    # the report stands without the zoom levels, and says why they are not in it
+    assert cli("report", top, "-o", tmp_path / "r.md").exit_code == 0
+    text = (tmp_path / "r.md").read_text()
+    assert "Zoom levels not measurable" in text and said in text and needle in text

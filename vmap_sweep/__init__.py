@@ -1,13 +1,17 @@
 """vmap-sweep: train many fine-tunes of one LLM at once and map where fine-tuning converges."""
 
 from vmap_sweep.errors import VmapSweepError
-from vmap_sweep.model.gpt import GPT, GPTConfig
 
 __all__ = ["GPT", "GPTConfig", "VmapSweepError", "load_model"]
 
 
 def __getattr__(name):
-    # load_model pulls in tokenizers and huggingface_hub; import it only when asked for.
+    # Imported only when asked for: the model pulls in torch, load_model tokenizers and huggingface_hub, and the
+    # command line (vmap_sweep.cli) must be able to answer Ctrl-C before any of them has loaded.
+    if name in ("GPT", "GPTConfig"):
+        from vmap_sweep.model import gpt
+
+        return getattr(gpt, name)
     if name == "load_model":
         from vmap_sweep.model.checkpoint import load_model
 

@@ -74,16 +74,45 @@ def _walk(top: str | os.PathLike, follow: Callable[[list[Child]], list[Child]]) 
     for folder, _ in found:  # grows as children are found
         with StudyStore.open(folder) as store:
             children = [(store.child_folder(c), c) for c in follow(store.children())]
+            parent_config = store.config
         for child, c in children:
             if child.resolve() in seen or depth[folder] >= _MAX_LEVELS:
                 raise StoreError(f"{folder}: zoom child {c.child_dir!r} leads back up the tree; remove that entry")
             if not (child / DB_NAME).is_file():
                 raise StoreError(f"{folder}: zoom child {c.child_dir!r} is recorded but its folder has no "
                                  f"{DB_NAME}; run the zoom again to recreate it")
+            with StudyStore.open(child) as child_store:
+                why = _not_the_child(parent_config, child_store, c)
+            if why is not None:
+                raise StoreError(f"{folder}: zoom child {c.child_dir!r} holds a study that is not that zoom ({why}); "
+                                 "remove that entry, or run the zoom again into a new folder")
             seen.add(child.resolve())
             depth[child] = depth[folder] + 1
             found.append((child, c))
     return found
+
+
+def _not_the_child(parent_config: dict, child: StudyStore, record: Child) -> str | None:
+    """Why the study in a child's folder is not the zoom its parent recorded (window, level, and the parent's
+    config with only its axes narrowed to that window), or None."""
+    info = extras.zoom_of(child)
+    if info is None:
+        return "it records no zoom of its own: a study made by `run`"
+    if info.get("level") != record.level:
+        return f"it is a level-{info.get('level')} zoom, recorded as level {record.level}"
+    try:
+        window = [float(v) for v in info.get("window")]
+        own = axis_window(child.config)
+    except (TypeError, ValueError, KeyError, ConfigError):
+        return "its recorded window can't be read"
+    if not (np.allclose(window, record.window, rtol=1e-9, atol=0)
+            and np.allclose(own, record.window, rtol=1e-9, atol=0)):
+        return f"it sweeps {tuple(float(v) for v in own)}, recorded as window {record.window}"
+    differ = sorted(k for k in set(parent_config) | set(child.config)
+                    if k not in ("x", "y") and parent_config.get(k) != child.config.get(k))
+    if differ:
+        return f"its config differs from its parent's in {', '.join(differ)}"
+    return None
 
 
 def zoom_tree(folder: str | os.PathLike) -> list[Path]:

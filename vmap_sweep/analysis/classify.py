@@ -62,6 +62,9 @@ def _check_initial_loss(initial_loss: float) -> float:
 
 
 def _check_thresholds(converged_below: float, diverged_above: float) -> tuple[float, float]:
+    for name, v in (("converged_below", converged_below), ("diverged_above", diverged_above)):
+        if isinstance(v, bool) or not isinstance(v, int | float | np.floating | np.integer):
+            raise ConfigError(f"{name}={v!r:.40}: must be a loss (a number)")
     c, d = float(converged_below), float(diverged_above)
     if not (np.isfinite(c) and c > 0):
         raise ConfigError(f"converged_below={converged_below!r}: must be a finite positive loss")

@@ -20,9 +20,11 @@ differs then names the criterion, beside any difference of the configs.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -183,11 +185,21 @@ def _crit_rows(a: StudyStore, b: StudyStore, ca: np.ndarray, cb: np.ndarray) -> 
         ra, rb = rules_of_thumb(a, unit, classes=ca), rules_of_thumb(b, unit, classes=cb)
     except ConfigError:
         return [], ["LR_crit per dataset size needs an LR axis and `tokens`; not compared."]
+    # matched by size: each study leaves out the sizes that repeat a smaller one's experiment, and two seeds (or
+    # data files) of one grid repeat different sizes
+    by_a = {r.size: r.lr_first_diverging for r in ra.sizes}
+    by_b = {r.size: r.lr_first_diverging for r in rb.sizes}
     rows = []
-    for sa, sb in zip(ra.sizes, rb.sizes, strict=True):
-        la, lb = sa.lr_first_diverging, sb.lr_first_diverging
-        rows.append(CritRow(sa.size, la, lb, None if la is None or lb is None else lb / la))
-    return rows, []
+    for size in sorted(set(by_a) | set(by_b)):
+        la, lb = by_a.get(size), by_b.get(size)
+        rows.append(CritRow(size, la, lb, None if la is None or lb is None else lb / la))
+    notes = []
+    for name, only in (("A", set(by_a) - set(by_b)), ("B", set(by_b) - set(by_a))):
+        if only:
+            other = "B" if name == "A" else "A"
+            notes.append(f"{len(only)} dataset size(s) measured only in {name} ({other} counts them as repeats of a "
+                         f"smaller size): {', '.join(f'{s:,.0f}' for s in sorted(only))}; no ratio there.")
+    return rows, notes
 
 
 def _unit(store: StudyStore) -> str:
@@ -219,24 +231,70 @@ def _classes(store: StudyStore, criterion: str | None) -> tuple[np.ndarray, Grid
     return converged, view, criterion
 
 
+def check_criteria(a: StudyStore, b: StudyStore, mixed: bool) -> list[str]:
+    """Refuse two studies classified by different criteria (a cell may change class by the criterion alone),
+    unless `mixed`; then the note that says so."""
+    ca, cb = extras.criterion(a), extras.criterion(b)
+    if ca == cb:
+        return []
+    text = f"A ({a.directory}) is classified by {_criterion(ca)}, B ({b.directory}) by {_criterion(cb)}"
+    if not mixed:
+        raise ConfigError(f"{text}: a cell could change class by the criterion alone; classify both the same way "
+                          f"(`vmap-sweep classify {b.directory} ...` with A's options), or pass --mixed-criteria")
+    return [f"{text}: changes of class mix the criterion's with the studies'."]
+
+
+def _criterion(c: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(c.items()))
+
+
+def what_differs(a: StudyStore, b: StudyStore) -> str:
+    """What B differs from A in: the config's settings; for one config, what the two runs recorded beside it."""
+    if _same_file(a.path, b.path):
+        return f"nothing: A and B are the same study ({a.path})"
+    if a.config != b.config:
+        return config_diff(a.config, b.config)
+    if (a.study_id, a.created) == (b.study_id, b.created):
+        return "nothing but the folder: B is a copy of A"
+    runs = [f"{key}: {_short(va)} -> {_short(vb)}"
+            for key in (extras.RUN_SETTINGS, extras.DATA_DIGEST, extras.CRITERION, extras.PROVENANCE)
+            for va, vb in [(a.get_extra(key), b.get_extra(key))] if va != vb]
+    return "nothing in the config: the same settings, run twice" + (f" ({'; '.join(runs)})" if runs else "")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _same_file(p: Path, q: Path) -> bool:
+    try:
+        return os.path.samefile(p, q)
+    except OSError:
+        return False
+
+
 def compare_studies(a: StudyStore | str | os.PathLike, b: StudyStore | str | os.PathLike,
                     criterion_a: str | None = None, criterion_b: str | None = None,
-                    across_resolutions: bool = False) -> CompareResult:
+                    across_resolutions: bool = False, mixed_criteria: bool = False) -> CompareResult:
     """Compare two finished studies over the same grid (A is the reference), each by its stored classes or by
-    a criterion recomputed from its trajectories (B may be A itself, under another criterion).
-    ``across_resolutions`` compares the dimensions (and converged shares) of two grids of the same ranges at
-    different resolutions."""
+    a criterion recomputed from its trajectories (B may be A itself, under another criterion). Stored classes of
+    different criteria only with `mixed_criteria`; ``across_resolutions`` compares the dimensions (and converged
+    shares) of two grids of the same ranges at different resolutions."""
+    args = (criterion_a, criterion_b, across_resolutions, mixed_criteria)
     if not isinstance(a, StudyStore):
         with StudyStore.open(a) as opened:
-            return compare_studies(opened, b, criterion_a, criterion_b, across_resolutions)
+            return compare_studies(opened, b, *args)
     if not isinstance(b, StudyStore):
         with StudyStore.open(b) as opened:
-            return compare_studies(a, opened, criterion_a, criterion_b, across_resolutions)
+            return compare_studies(a, opened, *args)
     check_comparable(a, b, across_resolutions)
+    # criteria asked for by name are meant to differ; stored ones that do are refused unless asked
+    criteria = check_criteria(a, b, mixed_criteria) if criterion_a is None and criterion_b is None else []
     (ca, va, name_a), (cb, vb, name_b) = _classes(a, criterion_a), _classes(b, criterion_b)
     da, db = _dimension(ca), _dimension(cb)
     delta, ci = delta_dimension(da, db)
-    differs = [config_diff(a.config, b.config)] if a.config != b.config else []
+    differs = [what_differs(a, b)]
     if name_a != name_b:
         differs.append(f"criterion: {name_a} -> {name_b}")
     if (a.nx, a.ny) != (b.nx, b.ny):
@@ -256,6 +314,6 @@ def compare_studies(a: StudyStore | str | os.PathLike, b: StudyStore | str | os.
         resolution=(a.nx, a.ny), differs="; ".join(differs),
         converged_share_a=float(ca.mean()), converged_share_b=float(cb.mean()),
         gained=int((~ca & cb).sum()), lost=int((ca & ~cb).sum()),
-        dimension_a=da, dimension_b=db, delta_d=delta, delta_d_ci=ci, crit=crit, notes=notes,
+        dimension_a=da, dimension_b=db, delta_d=delta, delta_d_ci=ci, crit=crit, notes=criteria + notes,
         size_unit=_unit(a), views=(va, vb),
     )

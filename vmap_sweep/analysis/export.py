@@ -27,7 +27,7 @@ import numpy as np
 
 from vmap_sweep.analysis.repeats import sized_cells
 from vmap_sweep.errors import ConfigError
-from vmap_sweep.store.db import DB_NAME, StudyStore
+from vmap_sweep.store.db import DB_NAME, StudyStore, check_output
 
 FORMATS = ("csv", "parquet", "npz")
 DEFAULT_NAME = "cells"  # the export of STUDY without a path: STUDY/cells.FORMAT
@@ -188,7 +188,7 @@ def export_study(store: StudyStore, fmt: str | None, path: str | os.PathLike | N
     learning rates. Only a file that is an earlier export in the same format is replaced."""
     if fmt is not None and str(fmt).lower() not in FORMATS:
         raise ConfigError(f"export format {str(fmt).lower()!r} is unknown; use one of {', '.join(FORMATS)}")
-    path = default_path(store, fmt) if path is None else Path(path)
+    path = check_output(default_path(store, fmt) if path is None else path)
     if path.is_dir():
         raise ConfigError(f"export path {path} is a folder; give a file name like {path / DEFAULT_NAME}."
                           f"{(fmt or 'csv').lower()}")

@@ -25,6 +25,7 @@ from vmap_sweep.analysis.fractal import FractalResult  # noqa: E402
 from vmap_sweep.analysis.rules import SIZE_AXIS  # noqa: E402
 from vmap_sweep.analysis.view import GridView  # noqa: E402
 from vmap_sweep.errors import ConfigError  # noqa: E402
+from vmap_sweep.store.db import check_output  # noqa: E402
 from vmap_sweep.study.axes import AXES  # noqa: E402
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ PICTURE_SUFFIXES = (".png", ".svg", ".pdf")
 
 def picture_file(path) -> Path:
     """A picture's path, its format from the suffix: any other suffix is a one-line error, before any work."""
-    path = Path(path)
+    path = check_output(path)
     if path.suffix.lower() not in PICTURE_SUFFIXES:
         raise ConfigError(f"{path}: unknown picture format {path.suffix!r}; use a file ending in "
                           f"{', '.join(PICTURE_SUFFIXES)}")
@@ -406,11 +407,14 @@ def save_plots(
 ) -> list[Path]:
     """Score heatmap with the boundary, final loss relative to the base model's and eval-loss heatmaps, and
     trajectories of `rows`."""
+    for name in ("score", "stability", "final_loss", "eval_loss", "trajectories"):
+        for fmt in formats:  # all of them before any picture is drawn
+            check_output(out_dir / f"{name}.{fmt}")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name, fig in plot_figures(view, trajectories, rows).items():
         for fmt in formats:
-            path = out_dir / f"{name}.{fmt}"
+            path = check_output(out_dir / f"{name}.{fmt}")
             fig.savefig(path, dpi=120)
             written.append(path)
         plt.close(fig)
@@ -418,6 +422,7 @@ def save_plots(
 
 
 def _save(fig, path: Path) -> Path:
+    check_output(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)

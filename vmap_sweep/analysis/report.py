@@ -33,7 +33,7 @@ from vmap_sweep.analysis.study import fractal_report
 from vmap_sweep.analysis.view import grid_view
 from vmap_sweep.errors import ConfigError, VmapSweepError
 from vmap_sweep.store import extras
-from vmap_sweep.store.db import StudyStore
+from vmap_sweep.store.db import StudyStore, check_output
 
 FORMATS = ("md", "html")
 MAX_TABLE_ROWS = 16  # per-size rules rows shown in the report (a 128-row table does not belong in a draft)
@@ -95,7 +95,7 @@ class _Doc:
                 lines.append("")
             elif kind == "fig":
                 assets.mkdir(parents=True, exist_ok=True)
-                (assets / f"{value.name}.png").write_bytes(value.png)
+                check_output(assets / f"{value.name}.png").write_bytes(value.png)
                 lines += [f"![Figure {value.number}: {value.name}]({assets.name}/{value.name}.png)", "",
                           f"*Figure {value.number}.* {value.caption}", ""]
         return "\n".join(lines)
@@ -403,13 +403,13 @@ def _rules_section(doc: _Doc, store: StudyStore, tmp: Path):
     return r
 
 
-def _compare_section(doc: _Doc, store: StudyStore, other: Path, tmp: Path) -> None:
+def _compare_section(doc: _Doc, store: StudyStore, other: Path, tmp: Path, mixed_criteria: bool = False) -> None:
     from vmap_sweep.analysis.compare import compare_studies
     from vmap_sweep.analysis.plots import plot_compare
 
     doc.h("Compared with another study")
     with StudyStore.open(other) as b:
-        r = compare_studies(store, b)  # grids that can't be compared: one clear error, no report
+        r = compare_studies(store, b, mixed_criteria=mixed_criteria)  # grids that can't be compared: one clear error, no report
     doc.p(f"A is this study, B is {other}.")
     doc.bullets(r.summary())
     if r.crit:
@@ -525,12 +525,12 @@ def _render_any(doc: _Doc, obj: Any, depth: int) -> None:
 
 
 def write_report(study_dir: str | os.PathLike, out_file: str | os.PathLike, fmt: str = "md",
-                 compare: str | os.PathLike | None = None) -> Path:
+                 compare: str | os.PathLike | None = None, mixed_criteria: bool = False) -> Path:
     """Write the report of the finished study in ``study_dir`` to ``out_file`` ("md" or "html"); with ``compare``
-    (a study over the same grid) a section comparing the two."""
+    (a study over the same grid) a section comparing the two (of another criterion only with ``mixed_criteria``)."""
     if fmt not in FORMATS:
         raise ConfigError(f"report format {fmt!r}: choose md or html")
-    study_dir, out_file = Path(study_dir), Path(out_file)
+    study_dir, out_file = Path(study_dir), check_output(out_file)
     if out_file.exists() and out_file.is_dir():
         raise ConfigError(f"{out_file} is a folder; give a file name for the report, e.g. report.{fmt}")
     with StudyStore.open(study_dir) as store:
@@ -547,7 +547,7 @@ def write_report(study_dir: str | os.PathLike, out_file: str | os.PathLike, fmt:
             _zoom_section(doc, store, study_dir, tmp)
             _rules_section(doc, store, tmp)
             if compare is not None:
-                _compare_section(doc, store, Path(compare), tmp)
+                _compare_section(doc, store, Path(compare), tmp, mixed_criteria)
             ood = extras.ood(store)
             if ood is not None:
                 _ood_section(doc, ood, tmp, extras.criterion(store))

@@ -70,6 +70,8 @@ def load_class_grid(source: Path, kind: str = "trainability") -> np.ndarray:
             return map_mask(store, kind)
     if source.suffix != ".npy":
         raise ConfigError(f"{source}: not a study folder or a .npy file; pass one of those")
+    if source.exists() and not source.is_file():
+        raise ConfigError(f"{source}: not a regular file (a named pipe, device or socket); give a .npy file")
     if not source.is_file():
         raise ConfigError(f"{source}: no such file")
     try:

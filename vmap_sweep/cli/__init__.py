@@ -1,5 +1,52 @@
-"""The `vmap-sweep` command line: commands in app.py, what they print and draw in render.py."""
+"""The `vmap-sweep` command line: commands in app.py, what they print and draw in render.py.
 
-from vmap_sweep.cli.app import app
+Importing this package installs the command line's Ctrl-C handling before anything heavy loads (torch, the
+plotting and Hub libraries take seconds to import): a Ctrl-C in the middle of an import ends the process at once
+with one line, since a half-imported module would only fail later with a misleading traceback; anywhere else it
+is the KeyboardInterrupt the commands handle (a run keeps every stored batch and says how to resume). Every
+write a command makes is atomic (SQLite transactions, files renamed into place), so ending at once loses nothing
+stored.
+"""
 
-__all__ = ["app"]
+import os
+import signal
+import sys
+
+__all__ = ["app", "main"]
+
+
+def _interrupted(signum, frame) -> None:
+    f = frame
+    while f is not None:
+        if f.f_code.co_filename.startswith("<frozen importlib"):
+            sys.stderr.write("error: interrupted (Ctrl-C) while vmap-sweep was loading; nothing stored changed\n")
+            sys.stderr.flush()
+            os._exit(130)
+        f = f.f_back
+    raise KeyboardInterrupt
+
+
+def _install() -> None:
+    """The handler above, where Python's own is in place (never over a handler another program set)."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        try:
+            signal.signal(signal.SIGINT, _interrupted)
+        except ValueError:  # not the main thread: signals are not this thread's to handle
+            pass
+
+
+_install()
+
+
+def main() -> None:
+    """The console entry point."""
+    __getattr__("app")()
+
+
+def __getattr__(name):
+    if name == "app":
+        from vmap_sweep.cli.app import app
+
+        globals()["app"] = app  # the Typer app, not the submodule of the same name its import bound here
+        return app
+    raise AttributeError(name)

@@ -499,11 +499,16 @@ def fractal(
 
 def _print_fractal(source: Path, json_out: bool, plot_file: Path | None, save_json: Path | None = None,
                    kind: str = "trainability", level: int | None = None) -> dict:
+    from vmap_sweep.analysis.plots import picture_file
     from vmap_sweep.analysis.study import fractal_report
 
+    if plot_file is not None:
+        picture_file(plot_file)  # its suffix, and that it is no study's own file, before any work
     report = fractal_report(source, plot_file, kind, level=level)
     if save_json is not None:
-        save_json.write_text(json.dumps(json_safe(report), indent=2, allow_nan=False))
+        from vmap_sweep.store.db import check_output
+
+        check_output(save_json).write_text(json.dumps(json_safe(report), indent=2, allow_nan=False))
     render.emit(report, json_out, render.fractal_lines, plot_file)
     return report
 
@@ -660,6 +665,10 @@ def rules(
     from vmap_sweep.analysis.plots import plot_joint_rules, plot_rules
     from vmap_sweep.analysis.rules import rules_of_thumb
 
+    if len(study) == 1 and params is not None:
+        raise ConfigError(f"--params {params}: the parameter count enters only the joint fit over several studies "
+                          "(LR_crit = a D^b P^c); one study's rules don't use it: drop --params, or give several "
+                          "studies")
     if len(study) == 1:
         result = _shown(lambda: rules_of_thumb(study[0], size_unit), plot_rules, render.rules_lines, json_out,
                         plot_file)
@@ -739,6 +748,11 @@ def early_warning(
            render.early_warning_lines, json_out, plot_file)
 
 
+MixedCriteria = Annotated[bool, typer.Option(
+    "--mixed-criteria", help="Compare studies classified by different criteria (refused otherwise: a cell may "
+                             "change class by the criterion alone).")]
+
+
 @app.command()
 @user_errors
 def compare(
@@ -754,14 +768,14 @@ def compare(
                                                          "classes.")] = None,
     criterion_b: Annotated[str | None, typer.Option(
         help="The same for B (B may be A: one study, two criteria).")] = None,
+    mixed_criteria: MixedCriteria = False,
 ):
     """Two studies over one grid: cells that changed class, converged shares, ΔD with its CI, LR_crit ratios."""
     from vmap_sweep.analysis.compare import compare_studies
     from vmap_sweep.analysis.plots import plot_compare
 
-    _shown(lambda: compare_studies(a, b, criterion_a, criterion_b, across_resolutions), plot_compare,
-           render.compare_lines, json_out,
-           plot_file)
+    _shown(lambda: compare_studies(a, b, criterion_a, criterion_b, across_resolutions, mixed_criteria),
+           plot_compare, render.compare_lines, json_out, plot_file)
 
 
 @app.command()
@@ -771,12 +785,13 @@ def report(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Default STUDY/report.FORMAT.")] = None,
     format: Annotated[str, typer.Option(help="md (pictures in a folder beside it) or html (one file).")] = "md",
     compare: Annotated[Path | None, typer.Option(help="A study over the same grid to compare this one with.")] = None,
+    mixed_criteria: MixedCriteria = False,
 ):
     """One report: config, maps, fractal dimension, zoom levels, rules of thumb, OOD correlation (and a comparison
     with --compare)."""
     from vmap_sweep.analysis.report import write_report
 
-    _say(str(write_report(study, output or study / f"report.{format}", format, compare)))
+    _say(str(write_report(study, output or study / f"report.{format}", format, compare, mixed_criteria)))
 
 
 # ------------------------------------------------------------------------------------------------ eval
@@ -869,7 +884,7 @@ def bench(
     compile: Annotated[bool | None, typer.Option(help="torch.compile the stacked step (default: on CUDA).")] = None,
     checkpoint_activations: Annotated[bool, typer.Option(help="Recompute activations: less memory.")] = False,
     optimizer_state: Annotated[str, typer.Option(help="float32, or bfloat16 (half the memory).")] = "float32",
-    device: Annotated[str, typer.Option(help="cuda (cpu works, slowly).")] = "cuda",
+    device: Annotated[str, typer.Option(help="auto (cuda where there is one), cuda or cpu (slowly).")] = "auto",
 ):
     """Stacked training against the best one-at-a-time loop, side by side, on random-init weights."""
     from vmap_sweep.run.bench import bench as run_bench

@@ -50,6 +50,9 @@ def load_conversations(source: str = DEFAULT_DATASET, split: str = "train", revi
     elif path.is_dir():
         rows = _load_directory(path, split)
     elif path.suffix in LOCAL_SUFFIXES:
+        if path.exists() and not path.is_file():  # a pipe would block the read, and the digest would eat it
+            raise DataError(f"{path}: not a regular file (a named pipe, device or socket); give a .jsonl or "
+                            ".parquet file")
         if not path.is_file():
             raise DataError(f"{path}: no such file")
         rows = _holdout_split(_read_file(path), split)
@@ -187,10 +190,34 @@ def data_fingerprint(source: str) -> str | None:
     return sha256_of_files(files) if files else None
 
 
+# A conversation line at most (a DocVQA row with its OCR text is ~100 KB). Python's JSON parser holds ~10x a line's
+# size while it reads it, so a line is refused before it is read whole.
+MAX_LINE_BYTES = 8 << 20
+
+
+def _int_of_json(text: str) -> int:
+    """A JSON integer, refused past 64 bits' worth of digits (int() of 100,000 digits is quadratic work, and
+    Python refuses more than 4300 with a ValueError that names no line)."""
+    if len(text.lstrip("-")) > 20:
+        raise ValueError(f"an integer of {len(text.lstrip('-')):,} digits")
+    return int(text)
+
+
+def _lines(f, path: Path):
+    """(line number, bytes) of each line, a line longer than MAX_LINE_BYTES refused after reading that much."""
+    lineno = 0
+    while raw := f.readline(MAX_LINE_BYTES + 1):
+        lineno += 1
+        if len(raw) > MAX_LINE_BYTES:
+            raise DataError(f"{path}:{lineno}: a line longer than {MAX_LINE_BYTES >> 20} MiB, more than a "
+                            "conversation holds; expected one {\"messages\": [...]} per line")
+        yield lineno, raw
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
     with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+        for lineno, raw in _lines(f, path):
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM is no error
             except UnicodeDecodeError:
@@ -198,12 +225,15 @@ def _read_jsonl(path: Path) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, parse_int=_int_of_json)
             except json.JSONDecodeError as e:
                 raise DataError(
                     f"{path}:{lineno}: invalid JSON ({e.msg}); expected one {{\"messages\": [...]}} per line "
                     "(or nanochat's CustomJSON: one [messages] array per line)"
                 ) from e
+            except ValueError as e:  # from _int_of_json
+                raise DataError(f"{path}:{lineno}: {e}, not a value a conversation holds; expected one "
+                                "{\"messages\": [...]} per line") from None
             except RecursionError:
                 raise DataError(f"{path}:{lineno}: JSON nested too deeply to be a conversation; "
                                 "expected one {\"messages\": [...]} per line") from None

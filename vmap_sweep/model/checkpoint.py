@@ -220,6 +220,24 @@ _LAYOUT_NAMES = {"native": "nanochat's native model_XXXXXX.pt", "transformers": 
                  "(config.json + safetensors)", OWN_FORMAT: f"the project's own format ({OWN_META})"}
 
 
+def _homes(folder: Path) -> set[Path]:
+    """Where a model folder's files may lead once links are resolved: the folder itself, and in a Hugging Face
+    cache snapshot (REPO/snapshots/COMMIT/) the repo's blobs/ folder, which every file of a snapshot links to."""
+    homes = {folder.resolve()}
+    if folder.absolute().parent.name == "snapshots":
+        homes.add((folder.absolute().parent.parent / "blobs").resolve())
+    return homes
+
+
+def confined(folder: Path, path: Path) -> Path:
+    """`path`, a file read for the model in `folder`, refused where a link leads it out of the folder (a shard,
+    a config or a tokenizer linked to another model's file, or to any file the user did not mean to hand over)."""
+    if path.exists() and path.resolve().parent not in _homes(folder):
+        raise CheckpointError(f"{path}: not a file of the model's folder {folder} (a link leading to "
+                              f"{path.resolve()}); copy the file itself into the folder")
+    return path
+
+
 def _no_step(step: int | None, file: Path) -> None:
     if step is not None:
         raise CheckpointError(f"{file}: step={step} applies only to native nanochat folders; leave step unset")
@@ -243,8 +261,8 @@ def _load_native(folder: Path, step: int | None, tokenizer_file: str | Path | No
         step = max(steps)
     elif step not in steps:
         raise CheckpointError(f"{folder}: no model file for step {step}; steps here: {sorted(steps)}")
-    weights = steps[step]
-    meta_path = weights.with_name(_meta_name(weights.name))
+    weights = confined(folder, steps[step])
+    meta_path = confined(folder, weights.with_name(_meta_name(weights.name)))
     meta = _read_json(meta_path, f"every {weights.name} needs its {meta_path.name} beside it")
     # Mapped, so the keys are read without the tensors: which architecture the file holds is in its keys.
     state = _torch_load(weights)
@@ -316,7 +334,8 @@ def _find_native_tokenizer(folder: Path) -> Path:
     ]
     for c in candidates:
         if c.is_file():
-            return c
+            # nanochat's base dir lies above the folder by design; a link there may not lead anywhere else
+            return confined(folder, c) if c.parent == folder else confined(c.parent, c)
     raise TokenizerError(
         f"{folder}: no tokenizer.pkl beside the checkpoint, in tokenizer/, or in nanochat's base dir "
         f"({folder.parent.parent / 'tokenizer'}); copy nanochat's tokenizer/tokenizer.pkl next to the weights"
@@ -346,10 +365,10 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_hf(folder: Path, tokenizer_file: str | Path | None = None) -> LoadedModel:
-    cfg_path = folder / "config.json"
+    cfg_path = confined(folder, folder / "config.json")
     cfg = _read_json(cfg_path, "the folder looks like a transformers model")
     config = _hf_config(cfg, cfg_path)
-    tok_path = Path(tokenizer_file) if tokenizer_file is not None else folder / "tokenizer.json"
+    tok_path = Path(tokenizer_file) if tokenizer_file is not None else confined(folder, folder / "tokenizer.json")
     tokenizer: Tokenizer | None = None
     if tok_path.exists() or tokenizer_file is not None:
         tokenizer = load_tokenizer(tok_path)
@@ -427,7 +446,7 @@ def _hf_config(cfg: dict, path: Path) -> GPTConfig:
 
 def _safetensors_files(folder: Path) -> tuple[list[Path], Path]:
     """The files of a (possibly sharded) safetensors checkpoint, and the file to name in errors."""
-    index = folder / "model.safetensors.index.json"
+    index = confined(folder, folder / "model.safetensors.index.json")
     if index.is_file():
         weight_map = _read_json(index, "").get("weight_map")
         if not isinstance(weight_map, dict):
@@ -449,7 +468,7 @@ def _safetensors_files(folder: Path) -> tuple[list[Path], Path]:
                 f"{folder}: config.json but no *.safetensors; save the model with safe_serialization=True"
             )
         where = files[0] if len(files) == 1 else folder
-    return files, where
+    return [confined(folder, f) for f in files], where
 
 
 def _plain_name(name: object) -> bool:
@@ -624,7 +643,7 @@ def _pick_hub_files(repo_id: str, files: list[str], step: int | None,
 
 
 def _load_own(folder: Path, tokenizer_file: str | Path | None = None) -> LoadedModel:
-    meta_path = folder / OWN_META
+    meta_path = confined(folder, folder / OWN_META)
     meta = _read_json(meta_path, "it should be written by save_model")
     if meta.get("format") != OWN_FORMAT:
         raise CheckpointError(
@@ -643,7 +662,7 @@ def _load_own(folder: Path, tokenizer_file: str | Path | None = None) -> LoadedM
     else:
         tokenizer = _own_tokenizer(folder, meta.get("tokenizer"), meta_path)
     _check_tokenizer(tokenizer, config, meta_path)
-    weights = folder / OWN_WEIGHTS
+    weights = confined(folder, folder / OWN_WEIGHTS)
     if not weights.is_file():
         raise CheckpointError(f"{weights}: missing beside {OWN_META}; save the model again")
     check_weights(config, _safetensors_shapes([weights]), weights)
@@ -658,7 +677,7 @@ def _own_tokenizer(folder: Path, name: object, meta_path: Path) -> Tokenizer:
     if not _plain_name(name):
         raise TokenizerError(f"{meta_path}: tokenizer must be 'bytes' or a file name in this folder, not {name!r}")
     path = folder / name
-    homes = {folder.resolve(), meta_path.resolve().parent}
+    homes = _homes(folder)
     if path.exists() and not (path.is_file() and path.resolve().parent in homes):
         raise TokenizerError(f"{path}: the tokenizer {OWN_META} names is not a file of this folder (it leads to "
                              f"{path.resolve()}); copy the tokenizer file into {folder}")

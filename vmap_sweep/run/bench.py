@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from vmap_sweep.errors import ConfigError
 from vmap_sweep.model.gpt import GPT, GPTConfig
 from vmap_sweep.study.config import GROUPS
 from vmap_sweep.train.trainer import StackedTrainer, TrainConfig
@@ -161,6 +162,44 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+# Bytes per parameter of one stacked model before any activation: float32 weights and gradients, and AdamW's two
+# moments in the optimizer state's dtype.
+_STATE_BYTES = {"float32": 8, "bfloat16": 4}
+
+
+def memory_floor(params: int, models: int, optimizer_state_dtype: str = "float32") -> int:
+    """Bytes the stacked phase needs at least: the base model's weights and, per stacked model, weights, gradients
+    and optimizer state (activations come on top)."""
+    return params * (4 + models * (8 + _STATE_BYTES.get(optimizer_state_dtype, 8)))
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on the device now (CUDA: the driver's count; CPU: the kernel's MemAvailable); None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(gcfg: GPTConfig, models: int, optimizer_state_dtype: str, device: torch.device) -> None:
+    """Refuse a benchmark whose weights, gradients and optimizer state alone exceed the device's free memory,
+    before anything is allocated (a d20 with 4 models needs ~36 GB: more than most laptops have)."""
+    with torch.device("meta"):
+        params = sum(p.numel() for p in GPT(gcfg).parameters())
+    need, free = memory_floor(params, models, optimizer_state_dtype), free_memory(device)
+    if free is not None and need > free:
+        raise ConfigError(f"bench: {models} stacked copies of a {params / 1e6:.0f}M-parameter model (depth "
+                          f"{gcfg.n_layer}) need at least {need / 2**30:.1f} GiB for weights, gradients and optimizer "
+                          f"state, and the {device.type} has {free / 2**30:.1f} GiB free; use a smaller --depth or "
+                          "--models-per-batch, or --optimizer-state bfloat16")
+
+
 def bench(depth: int, models: int, tokens_per_step: int = 8192, seq_len: int = 1024, vocab: int = 65536,
           micro_batch_size: int | None = None, steps: int = 5, device: str = "cuda",
           trainable: tuple[str, ...] = GROUPS, n_embd: int | None = None,
@@ -171,6 +210,7 @@ def bench(depth: int, models: int, tokens_per_step: int = 8192, seq_len: int = 1
     if n_embd is not None:
         overrides.update(n_embd=n_embd, n_head=max(1, n_embd // 128), n_kv_head=max(1, n_embd // 128))
     gcfg = GPTConfig.from_depth(depth, **overrides)
+    check_memory(gcfg, models, optimizer_state_dtype, dev)
     model = GPT(gcfg).init_weights(0).to(dev)
     batch_size = tokens_per_step // seq_len
     tcfg = TrainConfig(batch_size=batch_size, seq_len=seq_len, micro_batch_size=micro_batch_size, trainable=trainable,

@@ -15,7 +15,7 @@ import torch
 
 from vmap_sweep.data.sources import load_conversations
 from vmap_sweep.data.stream import EvalSet, TokenStream
-from vmap_sweep.errors import ConfigError, TokenizerError
+from vmap_sweep.errors import CheckpointError, ConfigError, TokenizerError
 from vmap_sweep.model.gpt import GPT
 from vmap_sweep.model.tokenizer import Tokenizer
 from vmap_sweep.run.policy import compile_on
@@ -107,6 +107,41 @@ def load_study_data(cfg: StudyConfig, device: torch.device) -> StudyData:
     return StudyData(model, tokenizer, stream, held_out.batches(cfg.batch_size, cfg.seq_len))
 
 
+def weights_name(model: str) -> str:
+    """The file(s) a model's weights come from, for a message: a folder's weight files, else the name."""
+    from pathlib import Path
+
+    folder = Path(model).expanduser()
+    if model == "tiny" or not folder.is_dir():
+        return model
+    files = sorted({*folder.glob("*.safetensors"), *folder.glob("model_*.pt")})
+    return ", ".join(str(f) for f in files[:3]) if files else model
+
+
+# Positions of the first training row the base model reads before any batch: enough to reach every layer, few
+# enough that the logits (positions x vocabulary) stay small on any device.
+_CHECK_POSITIONS = 64
+
+
+def check_base_model(data: StudyData, cfg: StudyConfig) -> None:
+    """Refuse base weights that can only give a non-finite loss, before the first batch trains: a tensor holding
+    NaN or inf, or finite weights whose logits on the first training row overflow. Every cell would otherwise
+    be recorded as diverged at step 0, a map of the weights' damage rather than of the learning rate."""
+    model = data.model
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise CheckpointError(f"{weights_name(cfg.model)}: tensor {name} holds NaN or inf, so every loss would "
+                                  "be non-finite; use the base model's own weights (re-download or re-export them)")
+    x, _ = data.stream.batch(0, 1, min(cfg.seq_len, _CHECK_POSITIONS))
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(x.to(device))
+    if not bool(torch.isfinite(logits).all()):
+        raise CheckpointError(f"{weights_name(cfg.model)}: the base model's logits on the first training row are "
+                              "not finite (its weights overflow), so every loss would be; use the base model's own "
+                              "weights (re-download or re-export them)")
+
+
 class Worker:
     """Trains batches of cells on one device. It holds the base model and the data, loaded once."""
 
@@ -114,6 +149,7 @@ class Worker:
         set_determinism(cfg.seed, settings.deterministic)
         self.device = torch.device(device)
         self.data = load_study_data(cfg, self.device)
+        check_base_model(self.data, cfg)
         self.train_cfg = train_config(cfg, settings, compile_on(self.device, self.data.model, settings.compile))
         self.rows_per_step = cfg.rows_per_step()
         # by rows per step: the models that last fitted at once; later batches of as many rows are cut to it

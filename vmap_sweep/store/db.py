@@ -23,6 +23,8 @@ import os
 import shutil
 import socket
 import sqlite3
+import struct
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +128,10 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 _MISSING = "<missing>"
+# The classes analysis/classify.py gives a cell; a stored label outside them was written by hand.
+LABELS = ("converged", "diverged", "marginal")
+# A cell's optimizer steps at most (study/config.py's MAX_STEPS_PER_CELL): a stored count beyond is no real run.
+_MAX_STEPS = 100_000
 
 
 def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 6) -> str:
@@ -273,8 +279,13 @@ class StudyStore:
         self.config: dict[str, Any] = json.loads(meta["config"])
         self.config_hash: str = meta["config_hash"]
         self.created: str = meta["created"]
+        self.study_id: str | None = meta.get("study_id")  # studies made before it was recorded have none
         self.nx = int(meta["nx"])
         self.ny = int(meta["ny"])
+        _check_rows(conn, path, self.config, self.nx, self.ny)
+        self._registered = self._file is not None
+        if self._registered:
+            _OPEN_HERE[self._file] = _OPEN_HERE.get(self._file, 0) + 1
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -305,6 +316,8 @@ class StudyStore:
         if path.exists() and not _writable(path):  # a study to resume, on read-only media or write-protected
             cls.open(directory).close()  # ... but still a study? (else that is the error to show)
             raise read_only_error(path, "its folder or study.db can't be written")
+        if path.exists():
+            check_own_journal(path)
         conn = _connect(path)
         try:
             if _is_empty(conn, path):
@@ -331,11 +344,15 @@ class StudyStore:
         """Open an existing study (no config needed)."""
         directory = Path(directory)
         path = directory / DB_NAME if directory.is_dir() or not directory.exists() else directory
+        if path.exists() and not path.is_file():
+            raise StoreError(f"{path}: not a regular file (a folder, named pipe, device or socket), so not a study "
+                             "database; pass the folder a run wrote (its --out)")
         if not path.is_file():
             raise StoreError(f"{directory}: no {DB_NAME} here; is this a study folder (the --out of a run)?")
         if path.name != DB_NAME:
             raise StoreError(f"{directory}: a file, not a study folder; pass the folder a run wrote (its --out)")
         read_only = not _writable(path)
+        check_own_journal(path)
         conn = _connect(path, read_only)
         try:
             if _is_empty(conn, path):
@@ -353,6 +370,11 @@ class StudyStore:
             raise
 
     def close(self) -> None:
+        if self._registered:
+            self._registered = False
+            _OPEN_HERE[self._file] -= 1
+            if not _OPEN_HERE[self._file]:
+                del _OPEN_HERE[self._file]
         self._conn.close()
         if self._writer is not None:
             os.close(self._writer)  # releases the lock
@@ -364,17 +386,24 @@ class StudyStore:
         so a killed process leaves none behind."""
         if self.read_only:
             raise read_only_error(self.path, "its folder or study.db can't be written")
+        links = _link_count(self.path)
+        if links > 1:  # another name of the same file, in a folder whose lock this one can't see
+            raise StoreError(f"{self.path} has {links} hard links: the same database is reachable under another "
+                             "name, so a second run could train it unseen; train a copy (cp, not cp -l or ln)")
+        lock = lock_path(self.path)
         try:
-            fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise StoreError(f"{self.directory / LOCK_NAME}: can't take the study's lock ({e.strerror or e}); make "
+            raise StoreError(f"{lock}: can't take the study's lock ({e.strerror or e}); make "
                              "the study folder writable") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.read(fd, 300).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise StoreError(f"{self.directory} is being trained by {holder}; wait for it to finish (or stop it), "
+            where = self.directory if lock.parent == self.directory.resolve() else \
+                f"{self.directory} (its study.db is {self.path.resolve()})"
+            raise StoreError(f"{where} is being trained by {holder}; wait for it to finish (or stop it), "
                              "then run again: `vmap-sweep status` shows its progress") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {_now()}".encode())
@@ -659,6 +688,284 @@ class StudyStore:
         return self._conn.execute("PRAGMA integrity_check").fetchone()[0]
 
 
+# -------------------------------------------------------------------- every row, checked once when opened
+def _check_rows(conn: sqlite3.Connection, path: Path, config: Mapping[str, Any], nx: int, ny: int) -> None:
+    """Every cell row as vmap-sweep writes it, else the first bad one named by its cell: its coordinates and
+    hyperparameters those of the study's grid (and of each other), and its results of the types and ranges a run
+    stores (step counts, losses, flags, labels). Every command reads a study through here, so an edited row is
+    refused before status, export, plot, fractal or rules could trust it. Per-step arrays are checked as they
+    are read (`_array`)."""
+    expected = _grid_cells(config, nx, ny)
+    rows = conn.execute(
+        "SELECT i, j, x, y, hparams, status, steps, steps_done, initial_loss, final_loss, eval_loss, diverged, "
+        "diverged_step, typeof(trajectory), length(trajectory), label, score, length(base_losses) "
+        "FROM cells ORDER BY j, i").fetchall()
+    for (i, j, x, y, hparams, status, steps, steps_done, initial, final, evals, diverged, diverged_step,
+         kind, size, label, score, base_size) in rows:
+        why = _bad_row(i, j, x, y, hparams, expected)
+        if why is None and status == "done":
+            why = _bad_result(steps, steps_done, (initial, final, evals), diverged, diverged_step, kind, size,
+                              label, score)
+        if why is None and status == "done" and kind == "blob" and isinstance(size, int):
+            why = _bad_lengths(size, base_size, initial)
+        if why is not None:
+            raise _damaged(path, f"cell ({i}, {j}){why}")
+
+
+def _grid_cells(config: Mapping[str, Any], nx: int, ny: int) -> dict[tuple[int, int], Cell] | None:
+    """The cells the config's grid holds, by (i, j); None for a config that is not a study's (tests' stores)."""
+    from vmap_sweep.study.axes import parse_axis_spec
+    from vmap_sweep.study.grid import Grid
+
+    try:
+        grid = Grid(parse_axis_spec(config["x"]), parse_axis_spec(config["y"]), nx, ny,
+                    dict(config.get("fixed") or {}), int(config.get("seq_len") or 1))
+        return {c.key: c for c in grid.cells()}
+    except (KeyError, TypeError, ValueError, AttributeError, ConfigError):
+        return None
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _bad_row(i: Any, j: Any, x: Any, y: Any, hparams: Any, expected: dict | None) -> str | None:
+    if not (_is_number(x) and _is_number(y)):
+        return f" has coordinates {x!r:.40}, {y!r:.40}, not numbers"
+    if expected is None:
+        return None
+    want = expected.get((i, j))
+    if want is None:
+        return " is not a cell of the study's grid"
+    if not (math.isclose(x, want.x, rel_tol=1e-12) and math.isclose(y, want.y, rel_tol=1e-12)):
+        return f" sits at ({x:.6g}, {y:.6g}), but the study's grid puts it at ({want.x:.6g}, {want.y:.6g})"
+    try:
+        stored = json.loads(hparams)
+    except (TypeError, ValueError, RecursionError):
+        return None  # named as invalid JSON where the hparams are read
+    if stored != json.loads(canonical_json(want.hparams)):
+        keys = sorted(k for k in set(stored) | set(want.hparams) if stored.get(k) != want.hparams.get(k)) \
+            if isinstance(stored, dict) else ["(not an object)"]
+        return (f" has hyperparameters that disagree with its coordinates and the study's config "
+                f"({', '.join(f'{k}={stored.get(k) if isinstance(stored, dict) else stored!r}' for k in keys[:3])}, "
+                f"the grid says {', '.join(f'{k}={want.hparams.get(k)!r}' for k in keys[:3])})")
+    return None
+
+
+def _bad_lengths(size: int, base_size: Any, initial: Any) -> str | None:
+    """A finished run's losses: at least one, the base model's losses one per loss (or none, in studies made before
+    they were stored), and an initial loss above 0."""
+    if size % 8 or (isinstance(base_size, int) and base_size % 8):
+        return None  # not whole float64s: named where the array is read (`_array`)
+    if size == 0:
+        return " holds no loss, though it is done (a run stores at least the loss of its first step)"
+    if isinstance(base_size, int) and base_size not in (0, size):
+        return f" holds {base_size // 8} base-model losses for its {size // 8} losses (one each)"
+    if _is_number(initial) and initial <= 0:
+        return f" has initial_loss {initial!r}: the loss before any update is above 0"
+    return None
+
+
+def _bad_result(steps: Any, steps_done: Any, losses: tuple, diverged: Any, diverged_step: Any, kind: str,
+                size: Any, label: Any, score: Any) -> str | None:
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= _MAX_STEPS:
+        return f" has {steps!r:.40} steps; a run takes 1 to {_MAX_STEPS:,}"
+    if not isinstance(steps_done, int) or not 0 <= steps_done <= steps:
+        return f" has {steps_done!r:.40} steps done of its {steps}"
+    for name, v in zip(("initial_loss", "final_loss", "eval_loss"), losses, strict=True):
+        if v is not None and not _is_number(v):
+            return f"'s {name} is {v!r:.40}, not a number"
+        if v is not None and v < 0:  # a cross-entropy is never negative (inf and NaN are a divergence's)
+            return f" has {name} {v!r}, below 0, which no cross-entropy loss is"
+    if diverged not in (0, 1):
+        return f" has diverged={diverged!r:.40}, not 0 or 1"
+    if diverged_step is not None and (not isinstance(diverged_step, int) or not 0 <= diverged_step <= steps):
+        return f" diverged at step {diverged_step!r:.40}, outside its {steps} steps"
+    if kind == "blob" and isinstance(size, int) and size % 8 == 0 and size // 8 > steps + 1:
+        return f" holds {size // 8} losses for its {steps} steps"
+    if label is not None and label not in LABELS:
+        return f" is labelled {label!r:.40}; a class is one of {', '.join(LABELS)}"
+    if score is not None and not _is_number(score):
+        return f" has score {score!r:.40}, not a number"
+    return None
+
+
+# -------------------------------------------------------------------- the study's own lock and journal
+def lock_path(path: Path) -> Path:
+    """The lock file of the database at `path`: beside the file itself, wherever `path` reaches it from (a
+    study.db that is a symbolic link into a study being trained is that study, and waits for its lock)."""
+    return path.resolve().parent / LOCK_NAME
+
+
+def _link_count(path: Path) -> int:
+    try:
+        return os.stat(path).st_nlink
+    except OSError:
+        return 1
+
+
+def being_trained(path: Path) -> bool:
+    """Whether a process holds the training lock of the database at `path` now (without taking it)."""
+    try:
+        fd = os.open(lock_path(path), os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+_WAL_HEADER = 32  # bytes of a write-ahead log's header; a log no longer than it holds no commit
+# (device, inode) of every study database this process has open: its log is this process's own
+_OPEN_HERE: dict[tuple[int, int], int] = {}
+# Every SQLite connection to a database in WAL mode holds a shared POSIX lock on this byte of its -shm file
+# (os_unix.c: UNIX_SHM_DMS) for as long as it is open.
+_SHM_DMS = 128
+
+
+def _open_elsewhere(path: Path) -> bool:
+    """Whether a connection of another process has the database open now (its log is then that connection's,
+    live). Asked with F_GETLK, which takes no lock; Linux's struct flock layout."""
+    shm = path.with_name(path.name + "-shm")
+    if not sys.platform.startswith("linux") or not shm.is_file():
+        return False
+    try:
+        fd = os.open(shm, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        query = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, _SHM_DMS, 1, 0)
+        return struct.unpack("hhqqi4x", fcntl.fcntl(fd, fcntl.F_GETLK, query))[0] != fcntl.F_UNLCK
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def check_own_journal(path: Path) -> None:
+    """Refuse a journal beside study.db that is not the study's own, before SQLite replays it into the study.
+
+    SQLite replays whatever ``study.db-wal`` (or hot ``study.db-journal``) lies beside a database when it opens it,
+    even for a read: a study restored from a backup beside another study's (or an older) log would be replaced by
+    that log's pages, silently. A study never uses a rollback journal (it is in WAL mode from its first write), so
+    a non-empty ``-journal`` is never its own. A log is its own if replaying it, in a scratch copy, leaves the same
+    study with every result it already holds (a log only adds results); one being written by the study's trainer
+    right now is its own by construction."""
+    journal = path.with_name(path.name + "-journal")
+    if os.path.lexists(journal) and (not journal.is_file() or journal.stat().st_size > 0):
+        raise StoreError(f"{journal}: a rollback journal beside {path.name}, which a study never writes (it is not "
+                         f"this study's own): SQLite would roll it into the study; move it away, then run again")
+    wal = path.with_name(path.name + "-wal")
+    if not os.path.lexists(wal):
+        return
+    if wal.is_symlink() or not wal.is_file():
+        raise StoreError(f"{wal}: not a plain file (a link, folder or pipe where the study's write-ahead log "
+                         "belongs), so not this study's own log; move it away, then run again")
+    if wal.stat().st_size <= _WAL_HEADER or _identity(path) in _OPEN_HERE or being_trained(path) \
+            or _open_elsewhere(path):
+        return
+    for _ in range(2):  # a writer that checkpoints during the copy can tear it once; a foreign log stays
+        why = _foreign_log(path, wal)
+        if why is None:
+            return
+    raise StoreError(f"{wal} is not this study's own write-ahead log ({why}): SQLite would replay it over "
+                     f"{path.name} and lose its results; move {wal.name} (and {path.name}-shm) away, then run again")
+
+
+def _foreign_log(path: Path, wal: Path) -> str | None:
+    """Why replaying `wal` over `path` would change what the study already holds, or None if it would not."""
+    import tempfile
+
+    try:
+        before = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
+    except sqlite3.Error:
+        return None
+    with tempfile.TemporaryDirectory(prefix="vmap-sweep-log-") as scratch:
+        copy = Path(scratch) / DB_NAME
+        try:
+            shutil.copyfile(wal, copy.with_name(copy.name + "-wal"))
+            shutil.copyfile(path, copy)
+        except OSError:
+            before.close()
+            return None  # can't tell here: the open that follows names what is wrong with the files
+        after = sqlite3.connect(copy)
+        try:
+            return _lost_by_replay(before, after)
+        finally:
+            before.close()
+            after.close()
+
+
+def _lost_by_replay(before: sqlite3.Connection, after: sqlite3.Connection) -> str | None:
+    try:
+        tables = {r[0] for r in before.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.Error:
+        return None  # study.db alone is not readable: nothing a log could lose; the open names it
+    if not {"meta", "cells", "children"} <= tables:
+        return None  # a study whose first commit is still in its log
+    try:
+        meta_before = dict(before.execute("SELECT key, value FROM meta"))
+        meta_after = dict(after.execute("SELECT key, value FROM meta"))
+    except sqlite3.Error as e:
+        return f"with it, the study can't be read: {e}"
+    if meta_before != meta_after:
+        changed = sorted(k for k in set(meta_before) | set(meta_after) if meta_before.get(k) != meta_after.get(k))
+        return f"it would change the study's {', '.join(changed)}"
+    cols = ", ".join(RESULT_COLUMNS)
+    query = f"SELECT i, j, {cols} FROM cells WHERE status='done' ORDER BY j, i"
+    try:
+        done_after = after.execute(f"SELECT i, j, {cols} FROM cells WHERE status='done' ORDER BY j, i")
+        lost = 0
+        row_after = next(done_after, None)
+        for row in before.execute(query):
+            while row_after is not None and (row_after[1], row_after[0]) < (row[1], row[0]):
+                row_after = next(done_after, None)
+            if row_after is None or row_after != row:
+                lost += 1
+        children = set(before.execute("SELECT child_dir, x0, x1, y0, y1, level FROM children"))
+        children -= set(after.execute("SELECT child_dir, x0, x1, y0, y1, level FROM children"))
+    except sqlite3.Error as e:
+        return f"with it, the study can't be read: {e}"
+    if lost:
+        return f"it would undo or change {lost} finished cell(s)"
+    if children:
+        return f"it would drop {len(children)} zoom child(ren)"
+    return None
+
+
+# -------------------------------------------------------------------- outputs
+STUDY_FILES = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", f"{DB_NAME}-journal", LOCK_NAME)
+# how a SQLite database, its write-ahead log (either byte order) and its shared-memory index begin
+_DATABASE_HEADS = (SQLITE_MAGIC, b"\x37\x7f\x06\x82", b"\x37\x7f\x06\x83", b"\x18\xe2\x2d\x00")
+
+
+def check_output(path: str | os.PathLike) -> Path:
+    """`path`, refused where writing it would overwrite a study's own file: its database, journals or lock, reached
+    by name, by a symbolic link or by a hard link under another name (an existing file that begins as a SQLite
+    database, log or shared-memory index does). Every file a command writes (pictures, reports, exports, JSON)
+    passes here first."""
+    path = Path(path)
+    target = path.resolve()
+    why = None
+    if target.name in STUDY_FILES:
+        why = f"it is {target}" if target != path.absolute() else f"its name is a study's {target.name}"
+    else:
+        try:
+            with open(target, "rb") as f:
+                head = f.read(len(SQLITE_MAGIC)) if target.is_file() else b""
+        except OSError:
+            head = b""
+        if any(head.startswith(h) for h in _DATABASE_HEADS):
+            why = f"{target} is a SQLite database or one of its journals"
+    if why is not None:
+        raise ConfigError(f"{path}: an output may not replace a study's own file ({why}); choose another file name")
+    return path
+
+
 # -------------------------------------------------------------------- helpers
 def inside(folder: Path, relative: Any, what: str) -> Path:
     """``folder / relative`` for a path read from a study's database, refused unless it is a relative path that
@@ -826,7 +1133,8 @@ def _pragmas(conn: sqlite3.Connection, path: Path) -> None:
 def _create(conn: sqlite3.Connection, path: Path, text: str, digest: str, cells: Sequence[Cell]) -> None:
     _pragmas(conn, path)
     meta = {"app": APP, "schema_version": str(SCHEMA_VERSION), "config": text, "config_hash": digest,
-            "created": _now(), "nx": str(max(int(c.i) for c in cells) + 1),
+            "created": _now(), "study_id": os.urandom(16).hex(),  # tells apart two studies of one config
+            "nx": str(max(int(c.i) for c in cells) + 1),
             "ny": str(max(int(c.j) for c in cells) + 1)}
     try:
         conn.execute("BEGIN IMMEDIATE")

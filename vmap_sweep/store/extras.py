@@ -26,7 +26,13 @@ PROVENANCE = "provenance"  # versions, Hub commits and the base weights' sha256 
 
 def run_settings(store: StudyStore) -> RunSettings | None:
     stored = store.get_extra(RUN_SETTINGS)
-    return None if stored is None else RunSettings.from_stored(stored)
+    if stored is None:
+        return None
+    try:
+        return RunSettings.from_stored(stored)
+    except ValueError as e:
+        raise StoreError(f"{store.path}: extra {RUN_SETTINGS!r} holds {e}, not run settings vmap-sweep stores; the "
+                         "database was edited: restore study.db from a backup") from None
 
 
 def put_run_settings(store: StudyStore, settings: RunSettings) -> None:
@@ -43,9 +49,20 @@ def put_run_options(store: StudyStore, models_per_batch: int | str, share: bool)
     store.put_extra(RUN_OPTIONS, {"models_per_batch": models_per_batch, "share": bool(share)})
 
 
+# What a stored criterion may hold: its name, and the thresholds of the threshold criterion.
+_CRITERIA = {"ratio": set(), "threshold": {"converged_below", "diverged_above"}}
+
+
 def criterion(store: StudyStore) -> dict:
     """The criterion a study's classes follow: its last `classify`, else the ratio one every study starts with."""
-    return dict(store.get_extra(CRITERION) or DEFAULT_CRITERION)
+    value = store.get_extra(CRITERION) or DEFAULT_CRITERION
+    name = value.get("criterion") if isinstance(value, dict) else None
+    if not isinstance(name, str) or name not in _CRITERIA or not set(value) - {"criterion"} <= _CRITERIA[name] \
+            or not all(isinstance(v, int | float) and not isinstance(v, bool)
+                       for k, v in value.items() if k != "criterion"):
+        raise StoreError(f"{store.path}: extra {CRITERION!r} holds {value!r:.80}, not a criterion vmap-sweep stores; "
+                         "the database was edited: run `vmap-sweep classify` on the study to store one again")
+    return dict(value)
 
 
 def has_criterion(store: StudyStore) -> bool:
@@ -76,7 +93,12 @@ def put_zoom_of(store: StudyStore, info: dict[str, Any]) -> None:
 def level(store: StudyStore) -> int:
     """0 for a study made by `run`, else the zoom level it was made at."""
     info = zoom_of(store)
-    return int(info["level"]) if info is not None and "level" in info else 0
+    if info is None or "level" not in info:
+        return 0
+    if isinstance(info["level"], bool) or not isinstance(info["level"], int) or info["level"] < 0:
+        raise StoreError(f"{store.path}: extra {ZOOM_OF!r} records level {info['level']!r:.40}, not a zoom level; "
+                         "the database was edited: restore study.db from a backup")
+    return info["level"]
 
 
 def provenance(store: StudyStore) -> dict | None:

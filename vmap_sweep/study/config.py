@@ -38,6 +38,14 @@ def check_micro_batch_size(micro_batch_size: int | None, rows: int,
         raise ConfigError(f"--micro-batch-size {micro_batch_size}: give a divisor of the {what.format(rows=rows)}")
 
 
+# Held-out tokens evaluated after every cell at most: 512x the flagship's 32,768. Each cell evaluates them all,
+# so --eval-tokens 1e12 would start a run that never ends.
+MAX_EVAL_TOKENS = 1 << 24
+# Seeds the data order and every generator takes: torch's manual_seed accepts no more than 64 bits, and a seed
+# is stored in SQLite as a signed 64-bit integer.
+MAX_SEED = (1 << 63) - 1
+
+
 # A cell's optimizer steps at most. The planner and the trainer do per-step work for every cell, so a budget such
 # as --set tokens=1e12 would plan for hours before training anything; 1e5 steps is ~1000x the flagship study's.
 MAX_STEPS_PER_CELL = 100_000
@@ -138,9 +146,21 @@ class StudyConfig:
         x, y = parse_axis_spec(self.x), parse_axis_spec(self.y)
         check_axis_pair(x, y)
         parse_resolution(self.resolution)
+        for name in ("batch_size", "seq_len", "eval_tokens", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"--{name.replace('_', '-')} {value!r}: give a whole number")
         for name in ("batch_size", "seq_len", "eval_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.eval_tokens > MAX_EVAL_TOKENS:
+            raise ConfigError(f"--eval-tokens {self.eval_tokens:,}: every cell evaluates them all, at most "
+                              f"{MAX_EVAL_TOKENS:,}; give fewer (the default is 32,768)")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"--seed {self.seed}: give a seed in [0, 2**63 - 1]")
+        if isinstance(self.divergence_ratio, bool) or not isinstance(self.divergence_ratio, int | float) \
+                or not math.isfinite(self.divergence_ratio) or self.divergence_ratio <= 1:
+            raise ConfigError(f"divergence ratio {self.divergence_ratio!r}: give a finite number above 1")
         if self.batch_size * self.seq_len > MAX_TOKENS_PER_STEP:  # refused before a step's tensors are allocated
             raise ConfigError(f"--batch-size {self.batch_size} x --seq-len {self.seq_len} = "
                               f"{self.batch_size * self.seq_len:,} tokens per step, more than {MAX_TOKENS_PER_STEP:,};"

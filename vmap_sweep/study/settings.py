@@ -21,6 +21,23 @@ COMPILE_SETTINGS = ("0", "1", "auto")
 ENVIRONMENT = ("torch", "cuda", "gpu")  # the RunSettings that describe the machine, not an option
 
 
+def _optional_text(v: object) -> bool:
+    return v is None or isinstance(v, str)
+
+
+# What each stored setting may be (a study's database is input like any file: an edited one is named).
+_KINDS = {
+    "device": lambda v: isinstance(v, str) and bool(v),
+    "micro_batch_size": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+    "deterministic": lambda v: isinstance(v, bool),
+    "compile": lambda v: v in COMPILE_SETTINGS,
+    "numerics": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+    "torch": _optional_text,
+    "cuda": _optional_text,
+    "gpu": _optional_text,
+}
+
+
 @dataclass(frozen=True)
 class RunSettings:
     device: str = "cpu"  # the device type, "cpu" or "cuda": kernels round differently on each
@@ -43,8 +60,14 @@ class RunSettings:
     def from_stored(cls, stored: dict) -> RunSettings:
         """Settings as a study stored them; studies from before compile and numerics were recorded ran
         eager, with the first arithmetic."""
+        if not isinstance(stored, dict):
+            raise ValueError(f"a JSON {type(stored).__name__}, not an object")
         known = {f.name for f in fields(cls)}
-        return cls(**{"compile": "0", "numerics": 1, **{k: v for k, v in stored.items() if k in known}})
+        values = {"compile": "0", "numerics": 1, **{k: v for k, v in stored.items() if k in known}}
+        for key, value in values.items():
+            if not _KINDS[key](value):
+                raise ValueError(f"{key}={value!r:.60}")
+        return cls(**values)
 
     def check_trainable_here(self, where: object) -> None:
         """This code trains only studies of its own arithmetic; it names the release that trains another."""
