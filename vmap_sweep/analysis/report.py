@@ -409,7 +409,8 @@ def _compare_section(doc: _Doc, store: StudyStore, other: Path, tmp: Path, mixed
 
     doc.h("Compared with another study")
     with StudyStore.open(other) as b:
-        r = compare_studies(store, b, mixed_criteria=mixed_criteria)  # grids that can't be compared: one clear error, no report
+        # grids that can't be compared: one clear error, no report
+        r = compare_studies(store, b, mixed_criteria=mixed_criteria)
     doc.p(f"A is this study, B is {other}.")
     doc.bullets(r.summary())
     if r.crit:
