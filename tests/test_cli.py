@@ -420,12 +420,15 @@ def test_bad_bench_options_are_one_line(extra, needle):
 def test_export_reads_back_exactly(base, tmp_path):
     with StudyStore.open(base[0]) as store:
         rows = store.rows(arrays=True)
-    floats = ("x", "y", "initial_loss", "final_loss", "eval_loss", "score")
+        axes = [parse_axis_spec(store.config[side]).name for side in ("x", "y")]
+    floats = ("initial_loss", "final_loss", "eval_loss", "score")
 
     def check(got: dict, trajectories: list) -> None:
         assert list(got["i"]) == [r["i"] for r in rows] and list(got["j"]) == [r["j"] for r in rows]
         for f in floats:
             assert np.array_equal(bits(got[f]), bits([r[f] for r in rows])), f
+        for name in axes:  # the axes' columns are named after them and hold what each cell trained with
+            assert [float(v) for v in got[name]] == [float(r["hparams"][name]) for r in rows], name
         assert list(got["label"]) == [r["label"] for r in rows]
         for r, t in zip(rows, trajectories, strict=True):
             assert np.array_equal(bits(t), bits(r["trajectory"]))
