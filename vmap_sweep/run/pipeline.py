@@ -11,7 +11,7 @@ import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -237,7 +237,7 @@ class LiveRun:
         self.store.publish_progress({
             "batch": [i + 1 for i in self.running], "batches": self.batches, "done": self.done, "total": self.total,
             "eta_seconds": None if left is None else round(left, 1),
-            "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+            "updated": datetime.now(UTC).isoformat(timespec="seconds")})
 
 
 def _holds_nothing(store: StudyStore) -> bool:
