@@ -310,6 +310,11 @@ def ood_choice_line(pick: str, cells: list[dict]) -> str:
             f"min {q[0]:.2f}, quartiles {q[1]:.2f} {q[2]:.2f} {q[3]:.2f}, max {q[4]:.2f}")
 
 
+# the second estimate `fractal` prints: a different method on the same map, to be read beside D, never instead
+UNCERTAINTY_WHAT = ("the uncertainty exponent (2 - phi, phi the slope of the share of cells eps apart that differ in "
+                    "class against eps)")
+
+
 def fractal_lines(report: dict) -> list[Text]:
     """The box-counting dimension with its CI and what the interval is made of, what the grid can resolve (fit
     windows, octaves, local slopes, warnings), the box sizes and counts, and the uncertainty-exponent dimension
@@ -341,8 +346,9 @@ def fractal_lines(report: dict) -> list[Text]:
     ]
     if "uncertainty_dimension" in box:
         note = f" ({box['uncertainty_note']})" if "uncertainty_note" in box else ""
-        lines.append(f"uncertainty-exponent dimension {box['uncertainty_dimension']:.3f} "
-                     f"± {box['uncertainty_stderr']:.3f}{note}")
+        lines.append(f"cross-check (not the estimate above): {UNCERTAINTY_WHAT} gives "
+                     f"{box['uncertainty_dimension']:.3f} "
+                     f"± {box['uncertainty_stderr']:.3f} (fit standard error, no calibrated interval){note}")
     return [_prose(line) for line in lines]
 
 
