@@ -572,7 +572,7 @@ def test_fractal_refuses_bad_arrays(tmp_path, kind):
 def test_export_names_its_file_after_the_format(base, tmp_path):
     study = tmp_path / "study"  # a copy: the default output is inside the study folder
     shutil.copytree(base[0], study)
-    for fmt, magic in (("npz", b"PK"), ("parquet", b"PAR1"), ("csv", b"i,j,")):
+    for fmt, magic in (("npz", b"PK"), ("parquet", b"PAR1"), ("csv", b"i,j,"), ("json", b"{")):
         assert ok("export", study, "--format", fmt).stdout.strip() == str(study / f"cells.{fmt}")
         assert (study / f"cells.{fmt}").read_bytes().startswith(magic)
 
@@ -644,7 +644,7 @@ def test_export_format_follows_the_file_name_and_the_default_is_in_the_study(bas
     study = tmp_path / "study"
     shutil.copytree(base[0], study)
     # the format is the suffix; without -o the file is STUDY/cells.FORMAT, never ./study.csv shared by all studies
-    for fmt, magic in (("npz", b"PK"), ("parquet", b"PAR1"), ("csv", b"i,j,")):
+    for fmt, magic in (("npz", b"PK"), ("parquet", b"PAR1"), ("csv", b"i,j,"), ("json", b"{")):
         assert ok("export", study, "-o", tmp_path / f"c.{fmt}").stdout.strip() == str(tmp_path / f"c.{fmt}")
         assert (tmp_path / f"c.{fmt}").read_bytes().startswith(magic)
         assert ok("export", study, "--format", fmt).stdout.strip() == str(study / f"cells.{fmt}")
@@ -657,7 +657,7 @@ def test_export_format_follows_the_file_name_and_the_default_is_in_the_study(bas
     one_line_error(cli("export", study, "-o", tmp_path / "c.parquet", "--format", "csv"),
                    "--format csv contradicts", "name it c.csv or leave out --format")
     one_line_error(cli("export", study, "-o", tmp_path / "x.csv", "--format", "parquet"), "--format parquet")
-    one_line_error(cli("export", study, "-o", tmp_path / "x.txt"), "can't tell the format", ".csv, .parquet or .npz")
+    one_line_error(cli("export", study, "-o", tmp_path / "x.txt"), "can't tell the format", ".csv, .parquet, .npz or .json")
     one_line_error(cli("export", study, "-o", tmp_path / "theirs.csv"),
                    "exists and is not an earlier csv export", "choose a new file name")
     assert snapshot(tmp_path) == before and not (tmp_path / "x.csv").exists()
