@@ -657,7 +657,8 @@ def test_export_format_follows_the_file_name_and_the_default_is_in_the_study(bas
     one_line_error(cli("export", study, "-o", tmp_path / "c.parquet", "--format", "csv"),
                    "--format csv contradicts", "name it c.csv or leave out --format")
     one_line_error(cli("export", study, "-o", tmp_path / "x.csv", "--format", "parquet"), "--format parquet")
-    one_line_error(cli("export", study, "-o", tmp_path / "x.txt"), "can't tell the format", ".csv, .parquet, .npz or .json")
+    one_line_error(cli("export", study, "-o", tmp_path / "x.txt"), "can't tell the format",
+                   ".csv, .parquet, .npz or .json")
     one_line_error(cli("export", study, "-o", tmp_path / "theirs.csv"),
                    "exists and is not an earlier csv export", "choose a new file name")
     assert snapshot(tmp_path) == before and not (tmp_path / "x.csv").exists()
