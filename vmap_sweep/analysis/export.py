@@ -9,10 +9,11 @@ missing strings ''. json is one object ``{"config", "columns", "cells": [{column
 are null and non-finite floats the strings "nan", "inf", "-inf" (JSON has no such numbers; ``float`` reads them).
 The file is written to a temporary name beside ``path`` and renamed, so a crash leaves no half file.
 
-The format is the file's suffix (.csv, .parquet, .npz); a format given as well must agree with it. Without a path
+The format is the file's suffix (.csv, .parquet, .npz, .json); a format given as well must agree with it. Without a path
 the export is ``STUDY/cells.FORMAT``, inside the study folder, so two studies never share one export file. An
 existing file is replaced only if it is a previous export of the same format (a csv with the export's header, a
-parquet or npz holding the export's config); anything else there is refused.
+parquet or npz holding the export's config, a json object with its config, columns and cells); anything else there is
+refused.
 """
 
 from __future__ import annotations
