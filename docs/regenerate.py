@@ -53,7 +53,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 FIXTURE = ROOT / "tests" / "data" / "readme-demo.db"
-WIDTH = "200"  # rich draws tables to the terminal's width: one fixed width makes the text reproducible
+WIDTH = "250"  # rich draws tables to the terminal's width: one fixed width makes the text reproducible
 TABLE = "│┃┌┐└┘├┤┬┴┼─━╇╈╉╊┏┓┗┛┡┩"
 
 
@@ -287,19 +287,23 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     runner = Runner(work)
     runner.write = not args.check
-    text = README.read_text()
-    new = text
+    for s in wanted:  # every block exists before minutes of work
+        marked(README.read_text(), s.name)
+    blocks: dict[str, str] = {}
     started = time.perf_counter()
     try:
         for s in wanted:
             t0 = time.perf_counter()
-            for name, body in s.run(runner).items():
-                new = replace(new, name, body)
+            blocks.update(s.run(runner))
             print(f"{s.name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     print(f"all: {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    text = README.read_text()  # read now, not at the start: the README may have been edited meanwhile
+    new = text
+    for name, body in blocks.items():
+        new = replace(new, name, body)
     if args.check:
         differ = [s.name for s in wanted if block(new, s.name) != block(text, s.name)] if new != text else []
         for name in differ:

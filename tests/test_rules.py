@@ -476,5 +476,6 @@ def test_the_second_dimension_is_printed_as_a_named_cross_check():
            "resolution": [32, 32], "box_sizes": [2, 4, 8], "box_counts": [40.0, 15.0, 6.0],
            "uncertainty_dimension": 1.45, "uncertainty_stderr": 0.02}
     last = str(fractal_lines(box)[-1])
-    assert last.startswith("cross-check (not the estimate above): the uncertainty exponent (2 - phi, phi the slope")
-    assert "1.450 ± 0.020 (fit standard error, no calibrated interval)" in last
+    assert last == ("cross-check (not the estimate above): uncertainty exponent 2 - φ = 1.450 ± 0.020 (φ the slope of "
+                    "the share of cells ε apart in different classes against ε; fit standard error, no calibrated "
+                    "interval)")

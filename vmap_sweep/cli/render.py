@@ -311,8 +311,7 @@ def ood_choice_line(pick: str, cells: list[dict]) -> str:
 
 
 # the second estimate `fractal` prints: a different method on the same map, to be read beside D, never instead
-UNCERTAINTY_WHAT = ("the uncertainty exponent (2 - phi, phi the slope of the share of cells eps apart that differ in "
-                    "class against eps)")
+UNCERTAINTY_WHAT = "φ the slope of the share of cells ε apart in different classes against ε"
 
 
 def fractal_lines(report: dict) -> list[Text]:
@@ -346,9 +345,9 @@ def fractal_lines(report: dict) -> list[Text]:
     ]
     if "uncertainty_dimension" in box:
         note = f" ({box['uncertainty_note']})" if "uncertainty_note" in box else ""
-        lines.append(f"cross-check (not the estimate above): {UNCERTAINTY_WHAT} gives "
-                     f"{box['uncertainty_dimension']:.3f} "
-                     f"± {box['uncertainty_stderr']:.3f} (fit standard error, no calibrated interval){note}")
+        lines.append(f"cross-check (not the estimate above): uncertainty exponent 2 - φ = "
+                     f"{box['uncertainty_dimension']:.3f} ± {box['uncertainty_stderr']:.3f} ({UNCERTAINTY_WHAT}; fit "
+                     f"standard error, no calibrated interval){note}")
     return [_prose(line) for line in lines]
 
 
