@@ -479,3 +479,22 @@ def test_the_second_dimension_is_printed_as_a_named_cross_check():
     assert last == ("cross-check (not the estimate above): uncertainty exponent 2 - φ = 1.450 ± 0.020 (φ the slope of "
                     "the share of cells ε apart in different classes against ε; fit standard error, no calibrated "
                     "interval)")
+
+
+def test_the_rules_picture_keeps_its_legend_off_the_map(clean, tmp_path):
+    import matplotlib.pyplot as plt
+
+    captured = {}
+    real = plt.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        captured["fig"] = fig
+        return real(fig, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plt.Figure, "savefig", keep)
+        plot_rules(rules_of_thumb(clean), tmp_path / "rules.png")
+    fig = captured["fig"]
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    assert ax.get_legend().get_window_extent().y1 <= ax.get_window_extent().y0 + 1  # under the axes
