@@ -108,17 +108,36 @@ def prose(text: str) -> list[str]:
     return [line.rstrip() for line in text.splitlines() if line.strip() and not is_table(line)]
 
 
+def redraw(lines: list[str], drop: Callable[[list[str]], bool]) -> list[str]:
+    """A rich table without header (its title line, ┌ … ┘) redrawn without the rows ``drop`` picks: a dropped
+    row of this machine's speed must not leave its width behind."""
+    title = [line for line in lines if not is_table(line)]
+    # rich pads a cell with one space each side; a cell's own leading spaces (an indented row name) stay
+    rows = [[c[1:].rstrip() for c in line.rstrip().strip("│").split("│")] for line in lines if line.startswith("│")]
+    rows = [r for r in rows if not drop([c.strip() for c in r])]
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+    total = sum(w + 3 for w in widths) + 1
+    out = [f"{t.strip():^{total}}".rstrip() for t in title]
+    out.append("┌" + "┬".join("─" * (w + 2) for w in widths) + "┐")
+    out += ["│ " + " │ ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " │" for r in rows]
+    out.append("└" + "┴".join("─" * (w + 2) for w in widths) + "┘")
+    return out
+
+
+def split_table(lines: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """(lines before the table's title, the title and table, lines after it)."""
+    top = next(k for k, line in enumerate(lines) if line.startswith("┌"))
+    end = next(k for k, line in enumerate(lines) if line.startswith("└"))
+    start = top - 1 if top and lines[top - 1].strip() and not is_table(lines[top - 1]) else top
+    return lines[:start], lines[start:end + 1], lines[end + 1:]
+
+
 def demo_lines(stdout: str) -> list[str]:
     """What the demo prints after training, as the README shows it: the counts (not the cells per minute of
     this machine), the pictures and the dimension."""
-    keep = []
-    for line in stdout.splitlines():
-        if re.match(r"\d{4}-\d\d-\d\dT", line) or "trained this run" in line:
-            continue  # timestamped log lines and this machine's speed
-        keep.append(line.rstrip())
-    while keep and not keep[0].strip():
-        keep.pop(0)
-    return keep
+    keep = [line.rstrip() for line in stdout.splitlines() if not re.match(r"\d{4}-\d\d-\d\dT", line)]
+    before, table, after = split_table([line for line in keep if line.strip()])
+    return before + redraw(table, lambda row: row[0] == "trained this run") + after
 
 
 def rules_excerpt(stdout: str) -> list[str]:
@@ -136,7 +155,7 @@ def early_warning_excerpt(stdout: str) -> list[str]:
 def compare_excerpt(stdout: str) -> list[str]:
     lines = []
     for line in stdout.splitlines():
-        if is_table(line):
+        if is_table(line) or line.startswith(" "):  # the per-size table and its (centred) title follow
             break
         if line.strip():
             lines.append(line.rstrip())
@@ -214,23 +233,9 @@ def lr_batch_plan(r: Runner) -> dict[str, str]:
     out = r.cli("run", "--preset", "tiny", "--x", "lr:1e-4:1:log", "--y", "batch_size:64:2048:log", "--set",
                 "tokens=4096", "--resolution", "16x6", "--models-per-batch", "16", "--device", "cpu", "--out",
                 "studies/lr-batch", "--dry-run").stdout
-    lines = [line.rstrip() for line in out.splitlines() if line.strip() and "estimate" not in line]
-    return {"lr-batch-plan": "\n".join(_drop_estimate(lines))}
-
-
-def _drop_estimate(lines: list[str]) -> list[str]:
-    """The plan without its time estimate (this machine's measured matmul speed) and that row's wrapped tail."""
-    out, skipping = [], False
-    for line in lines:
-        cells = [c.strip() for c in re.split("│", line)]
-        if len(cells) > 2 and cells[1] == "estimate":
-            skipping = True
-            continue
-        if skipping and len(cells) > 2 and cells[1] == "":
-            continue
-        skipping = False
-        out.append(line)
-    return out
+    before, table, after = split_table([line.rstrip() for line in out.splitlines() if line.strip()])
+    # the time estimate is this machine's measured matmul speed
+    return {"lr-batch-plan": "\n".join(before + redraw(table, lambda row: row[0] == "estimate") + after)}
 
 
 def zoom(r: Runner) -> dict[str, str]:
