@@ -420,12 +420,15 @@ def test_bad_bench_options_are_one_line(extra, needle):
 def test_export_reads_back_exactly(base, tmp_path):
     with StudyStore.open(base[0]) as store:
         rows = store.rows(arrays=True)
-    floats = ("x", "y", "initial_loss", "final_loss", "eval_loss", "score")
+        axes = [parse_axis_spec(store.config[side]).name for side in ("x", "y")]
+    floats = ("initial_loss", "final_loss", "eval_loss", "score")
 
     def check(got: dict, trajectories: list) -> None:
         assert list(got["i"]) == [r["i"] for r in rows] and list(got["j"]) == [r["j"] for r in rows]
         for f in floats:
             assert np.array_equal(bits(got[f]), bits([r[f] for r in rows])), f
+        for name in axes:  # the axes' columns are named after them and hold what each cell trained with
+            assert [float(v) for v in got[name]] == [float(r["hparams"][name]) for r in rows], name
         assert list(got["label"]) == [r["label"] for r in rows]
         for r, t in zip(rows, trajectories, strict=True):
             assert np.array_equal(bits(t), bits(r["trajectory"]))
@@ -577,7 +580,7 @@ def test_fractal_refuses_bad_arrays(tmp_path, kind):
 def test_export_names_its_file_after_the_format(base, tmp_path):
     study = tmp_path / "study"  # a copy: the default output is inside the study folder
     shutil.copytree(base[0], study)
-    for fmt, magic in (("npz", b"PK"), ("parquet", b"PAR1"), ("csv", b"i,j,")):
+    for fmt, magic in (("npz", b"PK"), ("parquet", b"PAR1"), ("csv", b"i,j,"), ("json", b"{")):
         assert ok("export", study, "--format", fmt).stdout.strip() == str(study / f"cells.{fmt}")
         assert (study / f"cells.{fmt}").read_bytes().startswith(magic)
 
@@ -649,7 +652,7 @@ def test_export_format_follows_the_file_name_and_the_default_is_in_the_study(bas
     study = tmp_path / "study"
     shutil.copytree(base[0], study)
     # the format is the suffix; without -o the file is STUDY/cells.FORMAT, never ./study.csv shared by all studies
-    for fmt, magic in (("npz", b"PK"), ("parquet", b"PAR1"), ("csv", b"i,j,")):
+    for fmt, magic in (("npz", b"PK"), ("parquet", b"PAR1"), ("csv", b"i,j,"), ("json", b"{")):
         assert ok("export", study, "-o", tmp_path / f"c.{fmt}").stdout.strip() == str(tmp_path / f"c.{fmt}")
         assert (tmp_path / f"c.{fmt}").read_bytes().startswith(magic)
         assert ok("export", study, "--format", fmt).stdout.strip() == str(study / f"cells.{fmt}")
@@ -662,7 +665,8 @@ def test_export_format_follows_the_file_name_and_the_default_is_in_the_study(bas
     one_line_error(cli("export", study, "-o", tmp_path / "c.parquet", "--format", "csv"),
                    "--format csv contradicts", "name it c.csv or leave out --format")
     one_line_error(cli("export", study, "-o", tmp_path / "x.csv", "--format", "parquet"), "--format parquet")
-    one_line_error(cli("export", study, "-o", tmp_path / "x.txt"), "can't tell the format", ".csv, .parquet or .npz")
+    one_line_error(cli("export", study, "-o", tmp_path / "x.txt"), "can't tell the format",
+                   ".csv, .parquet, .npz or .json")
     one_line_error(cli("export", study, "-o", tmp_path / "theirs.csv"),
                    "exists and is not an earlier csv export", "choose a new file name")
     assert snapshot(tmp_path) == before and not (tmp_path / "x.csv").exists()

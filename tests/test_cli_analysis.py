@@ -12,6 +12,7 @@ from PIL import Image
 
 from vmap_sweep.analysis.animate import frame_count
 from vmap_sweep.store.db import StudyStore
+from vmap_sweep.study.axes import parse_axis_spec
 
 TINY = ["run", "--preset", "tiny", "--resolution", "6", "--y", "tokens:256:2048:log", "--eval-tokens", "512",
         "--models-per-batch", "6", "--device", "cpu", "--quiet"]
@@ -28,6 +29,10 @@ def test_zoom_then_dimension_then_animation(study):
     result = ok("zoom", study, "--auto", "--depth", "1", "--models-per-batch", "6", "--device", "cpu", "--quiet")
     child = study / result.stdout.strip().splitlines()[-1].split(study.name + "/")[-1]
     assert (child / "study.db").exists()
+    with StudyStore.open(child) as store:  # it says which window it chose, the one the child sweeps
+        x, y = (parse_axis_spec(store.config[side]) for side in ("x", "y"))
+    assert (f"note: level 1: window lr {x.lo:.4g} … {x.hi:.4g} × tokens {y.lo:.4g} … {y.hi:.4g} (auto: the densest "
+            "part of the parent's boundary, 1/8 of each axis)") in result.stderr, result.stderr
     with StudyStore.open(study) as store:
         assert [c.level for c in store.children()] == [1]
     report = json.loads(ok("zoom-dimension", study, "--json").stdout)

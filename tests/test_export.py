@@ -1,4 +1,5 @@
-"""Export: every format reads back bit-for-bit (nan, inf, -0.0 included), pending cells and errors."""
+"""Export: every format reads back bit-for-bit (nan, inf, -0.0 included), one column per hyperparameter named after
+it, the stability column, pending cells and errors."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from vmap_sweep.analysis.export import ARRAY_COLUMNS, COLUMNS, export_study
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.store.db import StudyStore
 
-FLOATS = ("x", "y", "score", "initial_loss", "final_loss", "eval_loss", "wall_time")
+FLOATS = ("score", "initial_loss", "final_loss", "eval_loss", "wall_time")
+HPARAMS = ["lr", "tokens"]  # the helpers' grid: lr x tokens, nothing fixed
+HEADER = ["i", "j", *HPARAMS, *COLUMNS]
 
 
 @pytest.fixture
@@ -42,7 +45,10 @@ def check_rows(store: StudyStore, got: dict[str, list], trajectories: list | Non
         np.testing.assert_array_equal(bits(got[c]), bits([r[c] for r in exp]), err_msg=c)
     assert list(got["status"]) == [r["status"] for r in exp]
     assert [lab or None for lab in got["label"]] == [r["label"] for r in exp]
-    assert [json.loads(h) for h in got["hparams"]] == [r["hparams"] for r in exp]
+    for name in HPARAMS:  # one column per hyperparameter, the value each cell trained with
+        assert [float(v) for v in got[name]] == [float(r["hparams"][name]) for r in exp], name
+    assert [s or None for s in got["stability"]] == [
+        None if r["diverged"] is None else "unstable" if r["diverged"] else "stable" for r in exp]
     if trajectories is not None:
         for r, t in zip(exp, trajectories, strict=True):
             if r["status"] == "done":
@@ -62,7 +68,8 @@ def test_csv_roundtrip(store, tmp_path, traj):
     path = export_study(store, "csv", tmp_path / "out.csv", trajectories=traj)
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == list(COLUMNS) + (list(ARRAY_COLUMNS) if traj else [])
+    assert list(rows[0]) == HEADER + (list(ARRAY_COLUMNS) if traj else [])
+    assert [r["tokens"] for r in rows][:4] == ["1000"] * 4  # a whole-number hyperparameter is written as one
     got = {c: [r[c] for r in rows] for c in rows[0]}
     got["i"] = [int(v) for v in got["i"]]
     got["j"] = [int(v) for v in got["j"]]
@@ -84,7 +91,8 @@ def test_csv_roundtrip(store, tmp_path, traj):
 def test_parquet_roundtrip(store, tmp_path, traj):
     path = export_study(store, "parquet", tmp_path / "out.parquet", trajectories=traj)
     table = pq.read_table(path)
-    assert table.column_names == list(COLUMNS) + (list(ARRAY_COLUMNS) if traj else [])
+    assert table.column_names == HEADER + (list(ARRAY_COLUMNS) if traj else [])
+    assert table.schema.field("lr").type == "double" and table.schema.field("tokens").type == "int64"
     assert table.schema.field("final_loss").type == "double"
     assert json.loads(table.schema.metadata[b"vmap_sweep_config"]) == STORE_CONFIG
     got = table.to_pydict()
@@ -105,7 +113,7 @@ def test_npz_roundtrip(store, tmp_path, traj):
     with np.load(path, allow_pickle=False) as z:
         got = {k: z[k] for k in z.files}
     assert json.loads(str(got["config"])) == STORE_CONFIG
-    assert got["steps"].dtype == np.int64
+    assert got["steps"].dtype == np.int64 and got["tokens"].dtype == np.int64 and got["lr"].dtype == np.float64
     assert list(got["steps"]) == [-1 if r["steps"] is None else r["steps"] for r in expected(store)]
     trajs = None
     if traj:
@@ -118,6 +126,43 @@ def test_npz_roundtrip(store, tmp_path, traj):
             n = got["grad_norms_lengths"][k]
             np.testing.assert_array_equal(bits(got["grad_norms"][k, :n]), bits(stored.get((i, j), [])))
     check_rows(store, {k: list(v) for k, v in got.items() if v.ndim}, trajs)
+
+
+@pytest.mark.parametrize("traj", [False, True])
+def test_json_roundtrip(store, tmp_path, traj):
+    path = export_study(store, "json", tmp_path / "out.json", trajectories=traj)
+    doc = json.loads(path.read_text())  # strict JSON: no NaN or Infinity literals
+    assert doc["config"] == STORE_CONFIG
+    assert doc["columns"] == HEADER + (list(ARRAY_COLUMNS) if traj else [])
+    cells = doc["cells"]
+    assert all(list(c) == doc["columns"] for c in cells)
+
+    def num(v):
+        return math.nan if v is None else float(v)  # "nan", "inf", "-inf" read back with float
+
+    got = {c: [cell[c] for cell in cells] for c in doc["columns"]}
+    for c in FLOATS:
+        got[c] = [num(v) for v in got[c]]
+    assert got["steps"] == [r["steps"] for r in expected(store)]
+    trajs = [None if v is None else [num(t) for t in v] for v in got["trajectory"]] if traj else None
+    check_rows(store, got, trajs)
+    assert "Infinity" not in path.read_text() and "NaN" not in path.read_text()
+
+
+def test_columns_follow_the_study_axes_in_order(tmp_path):
+    """x is tokens and y lr here: the columns are named after them in that order, a fixed one after them."""
+    from vmap_sweep.study.axes import parse_axis_spec
+    from vmap_sweep.study.grid import Grid
+
+    grid = Grid(parse_axis_spec("tokens:1000:8000"), parse_axis_spec("lr:1e-5:1e-2"), 3, 2, {"weight_decay": 0.1})
+    config = {"x": "tokens:1000:8000", "y": "lr:1e-5:1e-2", "resolution": "3x2"}
+    with StudyStore.create_or_open(tmp_path / "s", config, grid.cells()) as s:
+        for fmt in ("csv", "json"):
+            path = export_study(s, fmt, tmp_path / f"c.{fmt}")
+            head = (path.read_text().splitlines()[0].split(",") if fmt == "csv"
+                    else json.loads(path.read_text())["columns"])
+            assert head[:5] == ["i", "j", "tokens", "lr", "weight_decay"] and "x" not in head and "y" not in head
+            assert "hparams" not in head and "stability" in head
 
 
 def test_export_errors_and_no_partial_file(store, tmp_path):
@@ -139,24 +184,24 @@ def test_export_errors_and_no_partial_file(store, tmp_path):
 
 def test_pending_study_exports(tmp_path: Path):
     with new_store(tmp_path, "empty") as s:
-        for fmt in ("csv", "parquet", "npz"):
+        for fmt in ("csv", "parquet", "npz", "json"):
             export_study(s, fmt, tmp_path / f"e.{fmt}", trajectories=True)
         with np.load(tmp_path / "e.npz", allow_pickle=False) as z:
             assert z["trajectory"].shape == (12, 0) and (z["status"] == "pending").all()
 
 
 # ------------------------------------------------------------------ the file's name says its format
-MAGIC = {"csv": b"i,j,", "parquet": b"PAR1", "npz": b"PK"}
+MAGIC = {"csv": b"i,j,", "parquet": b"PAR1", "npz": b"PK", "json": b'{"config"'}
 
 
 def test_the_format_follows_the_suffix_and_a_contradiction_is_refused(store, tmp_path):
-    for fmt in ("csv", "parquet", "npz"):
+    for fmt in ("csv", "parquet", "npz", "json"):
         for name in (f"a.{fmt}", f"B.{fmt.upper()}"):
             path = export_study(store, None, tmp_path / name)
             assert path == tmp_path / name and path.read_bytes().startswith(MAGIC[fmt]), name
     refused = [("csv", "x.parquet", "--format csv contradicts"), ("parquet", "x.csv", "--format parquet contradicts"),
                ("npz", "x.csv", "name it x.npz or leave out --format"), (None, "x.txt", "can't tell the format"),
-               (None, "x", "end it in .csv, .parquet or .npz (e.g. x.csv)"), ("csv", "x.txt", "name it x.csv")]
+               (None, "x", "end it in .csv, .parquet, .npz or .json (e.g. x.csv)"), ("csv", "x.txt", "name it x.csv")]
     for fmt, name, needle in refused:
         with pytest.raises(ConfigError) as e:
             export_study(store, fmt, tmp_path / "new" / name)
@@ -176,6 +221,7 @@ def test_default_export_is_inside_the_study_folder(store, tmp_path):
 
 def test_only_an_earlier_export_of_the_same_format_is_replaced(store, tmp_path):
     theirs = {"notes.csv": b"name,age\nann,3\n", "real.parquet": None, "cells.npz": b"PK\x03\x04 not ours",
+              "notes.json": b'{"cells": []}', "i.csv": b"i,j,status,label\n",
               "old.parquet": None}
     pq.write_table(pa.table({"a": [1, 2]}), tmp_path / "real.parquet")  # someone's parquet file
     export_study(store, "csv", tmp_path / "csv-in.csv")
@@ -193,7 +239,7 @@ def test_only_an_earlier_export_of_the_same_format_is_replaced(store, tmp_path):
         export_study(store, None, tmp_path / "folder.csv")
     # an earlier export (with or without trajectories) is replaced, in each format
     made = []
-    for fmt in ("csv", "parquet", "npz"):
+    for fmt in ("csv", "parquet", "npz", "json"):
         path = tmp_path / "mine" / f"e.{fmt}"
         export_study(store, fmt, path)
         export_study(store, None, path, trajectories=True)
@@ -204,6 +250,7 @@ def test_only_an_earlier_export_of_the_same_format_is_replaced(store, tmp_path):
 
 def test_a_csv_export_written_before_gradient_columns_is_still_replaced(store, tmp_path):
     old = tmp_path / "old.csv"
-    old.write_text(",".join((*COLUMNS, "trajectory", "base_losses")) + "\n")
+    old.write_text("i,j,x,y,status,label,score,initial_loss,final_loss,eval_loss,steps,steps_done,diverged,"
+                   "diverged_step,wall_time,hparams,trajectory,base_losses\n")  # an earlier version's header
     export_study(store, "csv", old, trajectories=True)
     assert old.read_text().splitlines()[0].endswith("trajectory,base_losses,grad_norms,lrs")

@@ -207,3 +207,42 @@ def test_save_plots_writes_every_picture(tmp_path):
     assert sorted(p.name for p in written) == ["eval_loss.png", "final_loss.png", "score.png", "stability.png",
                                                "trajectories.png"]
     assert all(p.stat().st_size > 0 for p in written)
+
+
+# ------------------------------------------------------------------ legends beside the data, ticks that read
+def _legend_clear_of_cells(fig, ax) -> bool:
+    fig.canvas.draw()
+    legend = ax.get_legend().get_window_extent()
+    cells = ax.get_window_extent()
+    return legend.y1 <= cells.y0 + 1  # wholly under the axes: no cell under the legend
+
+
+@pytest.mark.parametrize("criterion", [None, THRESHOLD])
+def test_a_map_legend_sits_under_the_axes_not_over_a_row_of_cells(criterion):
+    view = make_view(criterion)
+    fig = plots.score_figure(view)
+    ax = fig.axes[0]
+    assert plots.BOUNDARY_LABEL in _legend_texts(ax)
+    assert _legend_clear_of_cells(fig, ax)
+
+
+def test_a_one_step_trajectory_panel_has_whole_steps():
+    view = make_view()
+    one = {k: v[:1] for k, v in view.test_trajectories.items()}
+    view.base_trajectories = {k: v[:1] for k, v in view.base_trajectories.items()}
+    fig = plots.plot_trajectories(view, one, rows=[1])
+    fig.canvas.draw()
+    ticks = [t for t in fig.axes[0].get_xticks() if fig.axes[0].get_xlim()[0] <= t <= fig.axes[0].get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_a_deep_zoom_window_gets_plain_ticks_inside_it():
+    """A window of 7,341 ... 7,834 tokens holds no 1, 2 or 5 x 10^k: its ticks are plain values inside it."""
+    view = make_view()
+    view.ys = np.geomspace(7341, 7834, NY)
+    fig = plots.score_figure(view)
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    lo, hi = ax.get_ylim()
+    labels = [t.get_text() for t in ax.get_yticklabels() if lo <= t.get_position()[1] <= hi and t.get_text()]
+    assert len(labels) >= 2 and all("10^" not in s and "times" not in s for s in labels), labels

@@ -2,6 +2,7 @@
 model-steps, a resume hint on Ctrl-C, the diverged count of a resumed study, a finished study's one line."""
 
 import io
+import os
 import re
 
 import pytest
@@ -134,3 +135,103 @@ def test_interrupted_line_names_the_options_a_resume_repeats(tmp_path):
     assert line.endswith(f"`vmap-sweep run --out {tmp_path} --shard 1/3 --micro-batch-size 2 --deterministic` "
                          "resumes it")
     assert "before" in render.interrupted_line(tmp_path, None, None)
+
+
+# ------------------------------------------------------------------ an ETA that learns from finished batches
+def _costs(batches, per_token=0.01, per_cell=2.0, startup=30.0):
+    """What each batch takes on a machine where a token costs per_token, a cell's read-out and eval per_cell, and
+    the first batch also pays for start-up."""
+    return [per_token * w + per_cell * c + (startup if k == 0 else 0.0) for k, (w, c) in enumerate(batches)]
+
+
+def test_the_eta_learns_what_a_token_and_a_cell_cost_and_leaves_start_up_out():
+    from vmap_sweep.run.eta import EtaModel, Work
+
+    batches = [(1000, 32), (1000, 32), (4000, 32), (8000, 16), (16000, 8), (200, 32)]
+    seconds = _costs(batches)
+    eta = EtaModel([Work(w, c) for w, c in batches])
+    for k in range(3):
+        eta.observe(Work(*batches[k]), seconds[k])
+    truth = sum(seconds[3:])
+    assert eta.seconds_left() == pytest.approx(truth, rel=1e-6)
+    assert eta.coefficients() == pytest.approx((0.01, 2.0))
+    # the estimate it replaces (work done / time since the start, model-steps alone) misses by 3x here
+    old = sum(w for w, _ in batches[3:]) * sum(seconds[:3]) / sum(w for w, _ in batches[:3])
+    assert old / truth > 3
+
+
+def test_before_two_later_batches_the_eta_is_the_work_rate_and_proportional_batches_stay_so():
+    from vmap_sweep.run.eta import EtaModel, Work
+
+    eta = EtaModel([Work(100, 4)] * 4)
+    assert eta.seconds_left() is None
+    eta.observe(Work(100, 4), 50.0)  # only the first: its rate, start-up and all
+    assert eta.seconds_left() == pytest.approx(150.0)
+    eta.observe(Work(100, 4), 10.0)  # a later one replaces it
+    assert eta.seconds_left() == pytest.approx(20.0)
+    eta.observe(Work(100, 4), 12.0)  # same shape as the last: no split into token and cell costs, the mean rate
+    assert eta.seconds_left() == pytest.approx(11.0)
+    eta.observe(Work(100, 4), 12.0)
+    assert eta.seconds_left() == 0
+
+
+def test_the_run_log_eta_follows_the_learnt_costs(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(render.time, "perf_counter", clock)
+    out = io.StringIO()
+    progress = RichProgress(Console(file=out, width=200), quiet=True)
+    shapes = [(2, 16), (2, 16), (8, 16), (32, 4), (64, 2)]  # (steps, models): short budgets in many cells first
+    plan = [Batch(k, (), steps, lanes=((),) * models) for k, (steps, models) in enumerate(shapes)]
+    from vmap_sweep.run.eta import batch_work
+
+    work = [batch_work(b, len(b.lanes)) for b in plan]
+    seconds = _costs([(w.tokens, w.cells) for w in work], per_token=0.5, per_cell=3.0, startup=40.0)
+    progress.start(sum(len(b.lanes) for b in plan), 0, len(plan), model_steps=sum(b.model_steps for b in plan),
+                   work=work)
+    for k, b in enumerate(plan[:3]):
+        clock.now += seconds[k]
+        progress.batch_done(b, ["converged"] * len(b.lanes), seconds[k])
+    assert progress.eta_seconds() == pytest.approx(sum(seconds[3:]))
+    assert out.getvalue().splitlines()[-1].endswith(f"ETA {render.duration(sum(seconds[3:]))}")
+
+
+# ------------------------------------------------------------------ status shows a live run
+def test_status_shows_the_run_in_progress_with_its_batch_and_eta(tmp_path, monkeypatch):
+    out = tmp_path / "s"
+    real = RichProgress.batch_done
+    seen = []
+
+    def status_after_two(self, batch, labels, elapsed):
+        real(self, batch, labels, elapsed)
+        if self.trained == 8:  # while the run holds the study: another command reads it
+            seen.append(ok("status", out).stdout)
+
+    monkeypatch.setattr(RichProgress, "batch_done", status_after_two)
+    _run(out)
+    text = " ".join(seen[0].replace("│", " ").split())
+    assert re.search(rf"training now pid {os.getpid()} on \S+ since [\dT:+-]+: between batches \(of 4\), "
+                     r"8/16 cells stored, ETA [\d.]+ (s|min|h) \(as of [\dT:+-]+\)", text), seen[0]
+    after = " ".join(ok("status", out).stdout.replace("│", " ").split())
+    assert "training now no (no process holds the study's lock)" in after
+
+
+def test_a_published_batch_in_flight_and_a_second_trainer_is_told_the_holder_only(tmp_path):
+    from helpers import new_store
+
+    from vmap_sweep.errors import StoreError
+    from vmap_sweep.store.db import live_run
+
+    with new_store(tmp_path) as store:
+        assert live_run(store.directory) is None
+        store.claim_writer()
+        store.publish_progress({"batch": [3], "batches": 5, "done": 7, "total": 12, "eta_seconds": 95.0,
+                                "updated": "2026-12-06T08:00:00+00:00"})
+        live = live_run(store.directory)
+        assert live["holder"].startswith(f"pid {os.getpid()} on ") and live["done"] == 7
+        assert render.live_run_line(live).endswith(": batch 3/5, 7/12 cells stored, ETA 1.6 min "
+                                                   "(as of 2026-12-06T08:00:00+00:00)")
+        with StudyStore.open(store.directory) as second, pytest.raises(StoreError) as e:
+            second.claim_writer()
+        assert "\n" not in str(e.value) and "eta_seconds" not in str(e.value)
+        assert f"is being trained by pid {os.getpid()} on " in str(e.value)
+    assert live_run(tmp_path / "study") is None  # closed: the lock is free, whatever the file still says

@@ -462,3 +462,41 @@ def test_tokens_all_is_fitted_where_small_datasets_converge_at_every_lr(tmp_path
     assert r.tokens_min_fit is None and all(row.tokens_min == r.size_range[0] for row in r.lrs)
     assert r.tokens_all_fit.exponent == pytest.approx(clean.tokens_min_fit.exponent)
     assert any(line.startswith("Every dataset from tokens_all ≈") for line in r.summary())
+
+
+def test_counts_read_in_the_right_number():
+    from vmap_sweep.analysis.fmt import count_of
+
+    assert count_of(1, "size") == "1 size" and count_of(2, "size") == "2 sizes" and count_of(0, "LR") == "0 LRs"
+    assert count_of(1, "size has", "sizes have") == "1 size has"
+
+
+def test_the_second_dimension_is_printed_as_a_named_cross_check():
+    from vmap_sweep.cli.render import fractal_lines
+
+    box = {"dimension": 1.3, "ci_low": 1.2, "ci_high": 1.4, "stderr": 0.05, "fit_range": [2, 8], "octaves": 2.0,
+           "resolution": [32, 32], "box_sizes": [2, 4, 8], "box_counts": [40.0, 15.0, 6.0],
+           "uncertainty_dimension": 1.45, "uncertainty_stderr": 0.02}
+    last = str(fractal_lines(box)[-1])
+    assert last == ("cross-check (not the estimate above): uncertainty exponent 2 - φ = 1.450 ± 0.020 (φ the slope of "
+                    "the share of cells ε apart in different classes against ε; fit standard error, no calibrated "
+                    "interval)")
+
+
+def test_the_rules_picture_keeps_its_legend_off_the_map(clean, tmp_path):
+    import matplotlib.pyplot as plt
+
+    captured = {}
+    real = plt.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        captured["fig"] = fig
+        return real(fig, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plt.Figure, "savefig", keep)
+        plot_rules(rules_of_thumb(clean), tmp_path / "rules.png")
+    fig = captured["fig"]
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    assert ax.get_legend().get_window_extent().y1 <= ax.get_window_extent().y0 + 1  # under the axes

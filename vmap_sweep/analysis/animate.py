@@ -22,7 +22,7 @@ from matplotlib.animation import AbstractMovieWriter, FFMpegWriter, PillowWriter
 from matplotlib.patches import Rectangle
 
 from vmap_sweep.analysis.chain import zoom_levels
-from vmap_sweep.analysis.plots import score_figure
+from vmap_sweep.analysis.plots import legend_outside, score_figure
 from vmap_sweep.analysis.view import grid_view
 from vmap_sweep.analysis.window import Window
 from vmap_sweep.errors import ConfigError
@@ -70,7 +70,7 @@ def _frames(folder: Path, level: int, deepest: int, window: Window, next_window:
         a0, a1, b0, b1 = next_window
         ax.add_patch(Rectangle((a0, b0), a1 - a0, b1 - b0, fill=False, edgecolor="black",
                                linewidth=1.8, linestyle="--", zorder=5, label=f"zoom level {level + 1} window"))
-        ax.legend(loc="upper left", fontsize=7, framealpha=0.85)  # a fixed place: it must not jump while zooming
+        legend_outside(ax)  # under the map: a fixed place that covers no cell while zooming
         frames.append(_pixels(fig))
         xlim, ylim = ax.get_xlim(), ax.get_ylim()
         x_log, y_log = ax.get_xscale() == "log", ax.get_yscale() == "log"

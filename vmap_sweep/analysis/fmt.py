@@ -15,3 +15,8 @@ def format_ci(lo: float | None, hi: float | None, fmt: str = ".3f") -> str:
 def format_count(v: float) -> str:
     """Whole numbers (token counts, rounded axis values) with thousands separators, others to 4 digits."""
     return f"{v:,.0f}" if float(v).is_integer() and abs(v) < 1e15 else f"{v:.4g}"
+
+
+def count_of(n: int, noun: str, plural: str | None = None) -> str:
+    """ "1 size", "2 sizes": a count and its noun in the right number."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import FuncNorm, ListedColormap, Normalize, TwoSlopeNorm  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter, NullLocator  # noqa: E402
 
 from vmap_sweep.analysis.classify import CONVERGED, DIVERGED, MARGINAL  # noqa: E402
 from vmap_sweep.analysis.early_warning import FEATURES  # noqa: E402
@@ -98,10 +98,20 @@ def _short_log_axis(axis, values: np.ndarray) -> None:
     """A log axis spanning under 2 decades: ticks at 1, 2, 5 × 10^k written plainly (e.g. 500, 0.002),
     instead of crowded minor labels like 2×10^-3 4×10^-3 6×10^-3."""
     e = _edges(np.asarray(values, dtype=float), True)
-    if len(values) > 1 and e[0] > 0 and np.log10(e[-1] / e[0]) < 2.0:
+    if len(values) > 1 and e[0] > 0 and np.log10(e[-1] / e[0]) < 0.7:
+        # a deep zoom's window: 1, 2, 5 x 10^k may not fall inside at all; a few evenly spaced plain values do
+        axis.set_major_locator(MaxNLocator(nbins=4, min_n_ticks=2))
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.4g}"))
+        axis.set_minor_locator(NullLocator())
+    elif len(values) > 1 and e[0] > 0 and np.log10(e[-1] / e[0]) < 2.0:
         axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         axis.set_minor_formatter(NullFormatter())
+
+
+def legend_outside(ax, ncol: int = 2) -> None:
+    """The legend under the axes (below the axis label), never over the cells: a map's every cell is data."""
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=ncol, fontsize=7, frameon=False)
 
 
 def _axes(ax, view: GridView) -> None:
@@ -126,7 +136,7 @@ def _boundary(ax, view: GridView) -> bool:
         return False
     ax.contour(view.xs, view.ys, mask, levels=[0.5], colors="black", linewidths=0.8)
     ax.plot([], [], color="black", lw=0.8, label=BOUNDARY_LABEL)  # a contour has no legend entry of its own
-    ax.legend(loc="best", fontsize=7, framealpha=0.85)
+    legend_outside(ax)
     return True
 
 
@@ -155,7 +165,7 @@ def _heatmap(view: GridView, values: np.ndarray, label: str, cmap, norm=None, bo
     fig.colorbar(mesh, ax=ax, label=label)
     marked = _repeats(ax, view)
     if not (boundary and _boundary(ax, view)) and marked:
-        ax.legend(loc="best", fontsize=7, framealpha=0.85)
+        legend_outside(ax)
     _axes(ax, view)
     what = label if title is None else title
     ax.set_title(f"{view.title}\n{what}" if view.title else what, fontsize=9)
@@ -350,6 +360,15 @@ def plot_trajectories(
             ax.legend(fontsize=6, ncol=2)
         else:  # a row of a study still running
             ax.set_title(f"{row}: no cell trained yet", fontsize=9)
+    for ax in axes[:, 0]:  # steps are whole: a one-step run must not read -0.04, -0.02, 0.00, ...
+        # the trajectories' points (the thresholds' horizontal lines span the axes, not steps)
+        longest = max((len(line.get_xdata()) for line in ax.lines if line.get_transform() == ax.transData),
+                      default=0)
+        if longest <= 1:
+            ax.set_xlim(-0.5, 0.5)
+            ax.set_xticks([0])
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[-1, 0].set_xlabel("optimizer step")
     if threshold:
         fig.suptitle("training loss per step; class by the final loss against the thresholds", fontsize=9)
@@ -381,7 +400,7 @@ def stability_figure(view: GridView):
             ax.contour(view.xs, view.ys, drawn, levels=[0.5], colors="black", linewidths=0.9, linestyles=style)
             ax.plot([], [], color="black", lw=0.9, linestyle=style, label=label)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="best", fontsize=7, framealpha=0.85)
+        legend_outside(ax)
     return fig
 
 
@@ -576,8 +595,11 @@ def plot_rules(result: RulesResult, path: str | os.PathLike) -> Path:
     ax.set_ylim(*_span(result.lr_range, None if view is None else view.ys, view is None or view.y_log))
     ax.set_xscale("log")
     ax.set_yscale("log")
+    if view is not None:  # set_xscale reset the map's tidy ticks
+        _short_log_axis(ax.xaxis, view.xs)
+        _short_log_axis(ax.yaxis, view.ys)
     ax.set_title((f"{view.title}\n" if view is not None and view.title else "") + "LR rules of thumb")
-    ax.legend(fontsize=7, loc="best", framealpha=0.85)
+    legend_outside(ax)
     return _save(fig, path)
 
 

@@ -283,7 +283,8 @@ def _fractal_section(doc: _Doc, study_dir: Path, tmp: Path) -> dict | None:
             ("box counts", " ".join(f"{c:.1f}" for c in box["box_counts"]))]
     if "uncertainty_dimension" in box:
         note = f" ({box['uncertainty_note']})" if "uncertainty_note" in box else ""
-        rows.append(("uncertainty-exponent dimension",
+        rows.append(("cross-check: uncertainty-exponent dimension 2 − φ (φ: slope of the share of cells ε apart "
+                     "that differ in class against ε; fit standard error, no calibrated interval)",
                      f"{box['uncertainty_dimension']:.3f} ± {_fmt(box['uncertainty_stderr'])}{note}"))
     doc.table(["quantity", "value"], rows)
     doc.p(f"Method: {box['method']}.")

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from vmap_sweep.analysis.classify import study_classes
-from vmap_sweep.analysis.fmt import format_ci, format_count
+from vmap_sweep.analysis.fmt import count_of, format_ci, format_count
 from vmap_sweep.analysis.jsonsafe import json_safe
 from vmap_sweep.analysis.repeats import check_unit, sized_cells
 from vmap_sweep.analysis.stats import ols, t_quantile
@@ -152,7 +152,7 @@ class TenX:
         head = f"10x more data allows {TARGET_RATIO:g}x more LR: {self.answer}"
         if self.ratio is None:
             return f"{head} ({self.reason})."
-        fit = f"R² {_g(self.r2, '.2f')}, {self.n} sizes"
+        fit = f"R² {_g(self.r2, '.2f')}, {count_of(self.n, 'size')}"
         if self.ci_low is None:
             return f"{head} (LR_crit(10D) / LR_crit(D) = {self.ratio:.2f}x, but {self.reason}; {fit})."
         interval = f"95% CI [{self.ci_low:.2f}, {self.ci_high:.2f}]x"
@@ -265,12 +265,12 @@ class RulesResult:
         if self.crit_fit is not None:
             f = self.crit_fit
             lines.append(f"Critical LR (first diverging) ≈ {f.coefficient:.3g}·D^{f.exponent:.3f} "
-                         f"(exponent 95% CI {format_ci(f.ci_low, f.ci_high, '.3f')}, {f.n} sizes); "
+                         f"(exponent 95% CI {format_ci(f.ci_low, f.ci_high, '.3f')}, {count_of(f.n, 'size')}); "
                          f"safe LR ≈ {SAFE_FACTOR * f.coefficient:.3g}·D^{f.exponent:.3f}.")
         if self.opt_fit is not None:
             f = self.opt_fit
             lines.append(f"Optimal LR ≈ {f.coefficient:.3g}·D^{f.exponent:.3f} "
-                         f"(exponent 95% CI {format_ci(f.ci_low, f.ci_high, '.3f')}, {f.n} sizes).")
+                         f"(exponent 95% CI {format_ci(f.ci_low, f.ci_high, '.3f')}, {count_of(f.n, 'size')}).")
         if self.leave_out_fraction is not None:
             hits = sum(lo.within for lo in self.leave_out)
             lines.append(f"Leave-one-size-out: the refitted LR_opt rule predicts {hits} of {len(self.leave_out)} "
@@ -278,7 +278,7 @@ class RulesResult:
         if self.tokens_min_fit is not None:
             f = self.tokens_min_fit
             lines.append(f"Minimum viable dataset tokens_min ≈ {f.coefficient:.3g}·LR^{f.exponent:.3f} "
-                         f"(exponent 95% CI {format_ci(f.ci_low, f.ci_high, '.3f')}, {f.n} LRs).")
+                         f"(exponent 95% CI {format_ci(f.ci_low, f.ci_high, '.3f')}, {count_of(f.n, 'LR')}).")
             distinct = len({r.tokens_min for r in self.lrs if r.censored is None})
             if distinct < 3:  # a flat fit through one or two grid sizes is the grid speaking, not a law
                 lines.append(f"tokens_min takes only {distinct} distinct grid size(s) over the {f.n} LRs it is "
@@ -286,7 +286,7 @@ class RulesResult:
         if self.tokens_all_fit is not None:
             f = self.tokens_all_fit
             lines.append(f"Every dataset from tokens_all ≈ {f.coefficient:.3g}·LR^{f.exponent:.3f} up converges "
-                         f"(exponent 95% CI {format_ci(f.ci_low, f.ci_high, '.3f')}, {f.n} LRs).")
+                         f"(exponent 95% CI {format_ci(f.ci_low, f.ci_high, '.3f')}, {count_of(f.n, 'LR')}).")
         lines.append(self.ten_x.sentence())
         return lines + self.notes
 
@@ -434,19 +434,21 @@ def _notes(rows: list[SizeRow], lr_spec: AxisSpec) -> list[str]:
                      + ") and excluded from the critical-LR fits.")
     isl = [r for r in rows if r.islands]
     if isl:
-        notes.append(f"{len(isl)} sizes have islands of convergence above the first diverging LR "
-                     "(first diverging < last converging), as expected near a fractal edge.")
+        notes.append(f"{count_of(len(isl), 'size has', 'sizes have')} islands of convergence above the first "
+                     "diverging LR (first diverging < last converging), as expected near a fractal edge.")
     low = sum(r.low_lr_failures for r in rows)
     if low:
-        notes.append(f"{low} cells below a size's lowest converged LR did not converge; they are not "
+        notes.append(f"{count_of(low, 'cell')} below a size's lowest converged LR did not converge; they are not "
                      "the divergence edge and are ignored for LR_crit.")
     edge_opt = [r for r in rows if r.opt_at_edge]
     if edge_opt:
-        notes.append(f"{len(edge_opt)} sizes have their optimal LR at the edge of the LR grid (the optimum may "
+        notes.append(f"{count_of(len(edge_opt), 'size has', 'sizes have')} their optimal LR at the edge of the LR grid "
+                     "(the optimum may "
                      "lie beyond it); they are left out of the LR_opt fit and the leave-one-size-out check.")
     no_opt = sum(r.lr_opt is None for r in rows)
     if no_opt:
-        notes.append(f"{no_opt} sizes have no converged cell with a finite eval loss and no optimal LR.")
+        notes.append(f"{count_of(no_opt, 'size has', 'sizes have')} no converged cell with a finite eval loss "
+                     "and no optimal LR.")
     return notes
 
 
@@ -527,5 +529,5 @@ def _repeat_note(budgets: list[int], sized, kept: list[int], lr_on: str) -> list
     same = [f"{budgets[k]} = {budgets[repeated[k]]}" for k in range(len(budgets)) if k not in kept]
     if not same:
         return []
-    return [f"{len(same)} sizes repeat a smaller size's experiment (the tokens between hold no supervised "
-            f"token) and are counted once: {sized.unit} {', '.join(same)}."]
+    return [f"{count_of(len(same), 'size repeats', 'sizes repeat')} a smaller size's experiment (the tokens "
+            f"between hold no supervised token) and are counted once: {sized.unit} {', '.join(same)}."]

@@ -429,18 +429,19 @@ def _plot(study: Path, formats, rows, out: Path | None = None, wb=None):
 @user_errors
 def export(
     study: Annotated[Path, typer.Argument(help="Study folder.")],
-    format: Annotated[str | None, typer.Option(help="csv, parquet or npz (default: the output's suffix; csv "
+    format: Annotated[str | None, typer.Option(help="csv, parquet, npz or json (default: the output's suffix; csv "
                                                     "without -o). Must agree with the output's suffix.")] = None,
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="File to write, ending in .csv, .parquet or "
-                                                ".npz (default STUDY/cells.FORMAT, inside the study folder). "
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="File to write, ending in .csv, .parquet, "
+                                                ".npz or .json (default STUDY/cells.FORMAT, inside the study folder). "
                                                 "Replaces only an earlier export of the same format.")] = None,
     trajectories: Annotated[bool, typer.Option(help="Add each cell's per-step losses, base-model losses, "
                                                           "gradient norms and learning rates.")] = False,
     level: Annotated[int | None, typer.Option(help="A refined study's level: its cells, trained (status done) and "
                                                    "inferred (status inferred, with the inferred label).")] = None,
 ):
-    """One row per cell: i, j, x, y, status, label, initial_loss, final_loss, eval_loss, steps. The format is the
-    output's suffix; without -o the file is STUDY/cells.csv (or cells.parquet, cells.npz with --format)."""
+    """One row per cell: i, j, one column per hyperparameter (named after it: lr, tokens, ...), status, label,
+    stability, score, losses, steps. The format is the output's suffix; without -o the file is STUDY/cells.csv (or
+    cells.parquet, cells.npz, cells.json with --format)."""
     from vmap_sweep.analysis.export import export_study
     from vmap_sweep.store.db import StudyStore
 

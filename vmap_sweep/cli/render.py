@@ -19,6 +19,7 @@ from rich.text import Text
 
 from vmap_sweep.analysis.jsonsafe import json_safe
 from vmap_sweep.analysis.provenance import provenance_rows
+from vmap_sweep.run.eta import EtaModel, Work, batch_work
 from vmap_sweep.run.pipeline import Progress as ProgressHooks
 
 if TYPE_CHECKING:
@@ -116,7 +117,9 @@ class RichProgress(ProgressHooks):
     """Cells done/total, cells per minute, ETA, the current batch and how many diverged so far: a live bar on a
     terminal; else (--quiet, or output to a file, nohup, Slurm) one timestamped log line per batch.
 
-    The ETA is weighted by work, not by cells: remaining model-steps / (model-steps this run trained / time)."""
+    The ETA is learnt from the batches this run has finished (run/eta.py): a batch's time fitted as its tokens
+    (model-steps x tokens per step) and its cells (read-outs, eval) each at a rate, the first batch's start-up
+    left out once others are known."""
 
     def __init__(self, console: Console, quiet: bool = False, where: str | Path | None = None):
         self.console, self.where = console, where  # where: the study folder, for the line of a finished one
@@ -124,19 +127,22 @@ class RichProgress(ProgressHooks):
         self.quiet = quiet or not (console.is_terminal or console.is_jupyter) or console.is_dumb_terminal
         self.diverged = self.done = self.trained = 0
         self.total = self.batches = 0
-        self.steps_total = self.steps_done = 0  # model-steps of this run's batches: to train, trained
         self.started = self.updated = time.perf_counter()
         self.remaining: float | None = None  # seconds left, estimated at `updated`
+        self.eta_model = EtaModel([])
+        self.weighted = False  # whether start was given each batch's work (else model-steps and cells)
         self.bar: Progress | None = None
         self.running: dict[int, str] = {}  # batches in flight: several at once with one Ray worker per GPU
 
     def start(self, total: int, done: int, batches: int, *, model_steps: int = 0,
-              labels: dict[str, int] | None = None) -> None:
+              labels: dict[str, int] | None = None, work: list[Work] | None = None) -> None:
         # one progress may serve several studies in a row (zoom levels): counts are per study
         self.total, self.done, self.batches = total, done, batches
         self.diverged = (labels or {}).get("diverged", 0)  # a resumed study's count goes on from what is stored
-        self.trained = self.steps_done = 0
-        self.steps_total, self.remaining = model_steps, None
+        self.trained = 0
+        self.remaining = None
+        self.weighted = work is not None
+        self.eta_model = EtaModel(work if work is not None else [Work(float(model_steps), total - done)])
         self.started = self.updated = time.perf_counter()
         self.running = {}
         todo = total - done
@@ -196,7 +202,7 @@ class RichProgress(ProgressHooks):
         self.done += len(labels)
         self.trained += len(labels)
         self.diverged += labels.count("diverged")
-        self._estimate(batch.model_steps)
+        self._estimate(batch, len(labels))
         if self.bar is not None:
             self.bar.update(self.task, completed=self.done, rate=self.cells_per_minute(), diverged=self.diverged)
         else:
@@ -204,13 +210,12 @@ class RichProgress(ProgressHooks):
                       f"{self.done}/{self.total} done, {self.diverged} diverged, "
                       f"{self.cells_per_minute():.1f} cells/min")
 
-    def _estimate(self, model_steps: int) -> None:
-        """rate = model-steps trained by this run / its time; ETA = the model-steps left / rate."""
+    def _estimate(self, batch: Batch, cells: int) -> None:
+        """Learn from the batch just finished (the wall-clock time since the last one), then re-estimate."""
         now = time.perf_counter()
-        self.steps_done += model_steps
-        left = max(self.steps_total - self.steps_done, 0)
-        rate = self.steps_done / max(now - self.started, 1e-9)
-        self.remaining = left / rate if rate > 0 else None
+        work = batch_work(batch, cells) if self.weighted else Work(float(batch.model_steps), cells)
+        self.eta_model.observe(work, now - self.updated)
+        self.remaining = self.eta_model.seconds_left()
         self.updated = now
 
     def finish(self) -> None:
@@ -254,6 +259,8 @@ def status_table(store: StudyStore) -> Table:
     table.add_row("rows", "packed" if cfg.get("packing", True) else f"one conversation per row of {cfg.get('seq_len')}")
     table.add_row("budgets count", BUDGET_UNIT_WORDS[str(cfg.get("budget_unit", "tokens"))])
     table.add_row("config hash", store.config_hash[:16])
+    live = store.live_run()
+    table.add_row("training now", escape(live_run_line(live)) if live else "no (no process holds the study's lock)")
     for key, value in _counts_rows(store):
         table.add_row(key, value)
     for key, value in provenance_rows(store):
@@ -316,6 +323,24 @@ def refine_lines(study: Path, levels: list[dict], dry_run: bool = False, dimensi
     return lines
 
 
+def live_run_line(live: dict) -> str:
+    """The process training a study, as its lock file says: "pid 12 on host since T: batch 3/40, 24/320 cells
+    stored, ETA 1.42 h (as of T)"; what it has not published yet is left out."""
+    parts = []
+    running, batches = live.get("batch") or [], live.get("batches")
+    if running and batches:
+        parts.append(f"batch {', '.join(str(b) for b in running)}/{batches}")
+    elif batches:
+        parts.append(f"between batches (of {batches})")
+    if live.get("total") is not None:
+        parts.append(f"{live.get('done')}/{live['total']} cells stored")
+    if "eta_seconds" in live:
+        eta = live["eta_seconds"]
+        parts.append("ETA after the first batch" if eta is None else f"ETA {duration(float(eta))}"
+                     + (f" (as of {live['updated']})" if live.get("updated") else ""))
+    return live["holder"] + (": " + ", ".join(parts) if parts else "")
+
+
 # ------------------------------------------------------------------------------------------------ commands
 def classify_line(criterion: str, counts: dict[str, int], zooms: int) -> str:
     return (f"{criterion}: " + ", ".join(f"{n} {label}" for label, n in sorted(counts.items()))
@@ -333,6 +358,10 @@ def ood_choice_line(pick: str, cells: list[dict]) -> str:
     q = np.quantile([c["distance"] for c in cells], [0, 0.25, 0.5, 0.75, 1])
     return (f"evaluating {_count(len(cells), 'converged cell')} ({pick}); distance to the boundary in grid steps: "
             f"min {q[0]:.2f}, quartiles {q[1]:.2f} {q[2]:.2f} {q[3]:.2f}, max {q[4]:.2f}")
+
+
+# the second estimate `fractal` prints: a different method on the same map, to be read beside D, never instead
+UNCERTAINTY_WHAT = "φ the slope of the share of cells ε apart in different classes against ε"
 
 
 def fractal_lines(report: dict) -> list[Text]:
@@ -371,8 +400,9 @@ def fractal_lines(report: dict) -> list[Text]:
     ]
     if "uncertainty_dimension" in box:
         note = f" ({box['uncertainty_note']})" if "uncertainty_note" in box else ""
-        lines.append(f"uncertainty-exponent dimension {box['uncertainty_dimension']:.3f} "
-                     f"± {box['uncertainty_stderr']:.3f}{note}")
+        lines.append(f"cross-check (not the estimate above): uncertainty exponent 2 - φ = "
+                     f"{box['uncertainty_dimension']:.3f} ± {box['uncertainty_stderr']:.3f} ({UNCERTAINTY_WHAT}; fit "
+                     f"standard error, no calibrated interval){note}")
     if "refined" in box:
         from vmap_sweep.analysis.refined import refined_lines
 

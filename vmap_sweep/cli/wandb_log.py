@@ -66,8 +66,8 @@ class WandbProgress(ProgressHooks):
         self.inner, self.run = inner, run
         self.labels: dict[str, int] = {}
 
-    def start(self, total, done, batches, *, model_steps=0, labels=None):
-        self.inner.start(total, done, batches, model_steps=model_steps, labels=labels)
+    def start(self, total, done, batches, *, model_steps=0, labels=None, work=None):
+        self.inner.start(total, done, batches, model_steps=model_steps, labels=labels, work=work)
         self.run.summary.update({"cells": total, "cells_stored_before": done})
 
     def batch_started(self, batch, todo):

@@ -89,10 +89,11 @@ def dataset_commit(source: str, revision: str | None = None) -> str | None:
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
-    from vmap_sweep.model.checkpoint import hub_cache_dir, hub_offline
+    from vmap_sweep.model.checkpoint import hub_cache_dir, hub_offline, hub_unreachable
 
     pinned = {} if revision is None else {"revision": revision}
-    if not (hub_offline() or os.environ.get("HF_DATASETS_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}):
+    if not (hub_offline() or os.environ.get("HF_DATASETS_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+            or hub_unreachable()):
         try:
             return HfApi().dataset_info(source, **pinned).sha
         except (RepositoryNotFoundError, RevisionNotFoundError) as e:
@@ -261,14 +262,25 @@ def _load_hub(source: str, split: str, revision: str | None = None) -> list[dict
     """A Hub dataset through `datasets`, which honours HF_HUB_OFFLINE / HF_DATASETS_OFFLINE and its cache."""
     import datasets
 
+    from vmap_sweep.model.checkpoint import hub_unreachable
+
+    # unreachable: straight to the cache, not ~40 s of retries (datasets reads this flag per call)
+    offline = bool(hub_unreachable()) and hasattr(datasets.config, "HF_HUB_OFFLINE")
+    saved = getattr(datasets.config, "HF_HUB_OFFLINE", None)
     try:
+        if offline:
+            datasets.config.HF_HUB_OFFLINE = True
         ds = datasets.load_dataset(source, split=split, **({} if revision is None else {"revision": revision}))
     except Exception as e:  # network, missing repo, missing split, offline without a cache: all user-fixable
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DataError(
             f"could not load Hub dataset {source!r} split {split!r} ({type(e).__name__}: {first_line}); "
-            "check the name, use HF_HUB_OFFLINE=1 with a cached copy, or pass a local .jsonl/.parquet file"
+            "check the name, use HF_HUB_OFFLINE=1 with a cached copy, or pass a local .jsonl/.parquet file (or "
+            "run offline with --preset tiny)"
         ) from e
+    finally:
+        if offline:
+            datasets.config.HF_HUB_OFFLINE = saved
     if "messages" not in ds.column_names:
         raise DataError(f"Hub dataset {source!r}: no `messages` column (columns: {', '.join(ds.column_names)})")
     return [{"messages": m} for m in ds["messages"]]

@@ -540,6 +540,34 @@ def _hub_offline() -> bool:
     return true(env.get("HF_HUB_OFFLINE")) or true(env.get("TRANSFORMERS_OFFLINE")) or constants.HF_HUB_OFFLINE
 
 
+_REACHABLE: dict[str, str | None] = {}  # endpoint -> why it can't be reached (None: it can), probed once a process
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hub can't be reached now (no network, no name resolution), or None if a connection opens.
+
+    huggingface_hub retries a refused or unresolvable request with backoff for ~30-40 s before it gives up; one
+    plain connection attempt (a few seconds at most) tells first, and the caller goes to the cache at once. Behind
+    a proxy (HTTPS_PROXY...) a direct connection proves nothing, so the library is left to try."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    if endpoint not in _REACHABLE:
+        url = urlparse(endpoint)
+        host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            _REACHABLE[endpoint] = None
+        except OSError as e:
+            _REACHABLE[endpoint] = f"{host}:{port}: {e.strerror or type(e).__name__}"
+    return _REACHABLE[endpoint]
+
+
 def _resolve_hub(repo_id: str, step: int | None, revision: str | None = None,
                  model_format: str | None = None) -> Path:
     """The folder in huggingface_hub's cache holding repo_id's checkpoint (at `revision`, default the main
@@ -556,7 +584,10 @@ def _resolve_hub(repo_id: str, step: int | None, revision: str | None = None,
     pinned = {} if revision is None else {"revision": revision}  # left out unset: the library's own default
     files: list[str] | None = None
     listing_error: Exception | None = None
-    if not _hub_offline():
+    unreachable = None if _hub_offline() else hub_unreachable()
+    if unreachable:
+        listing_error = ConnectionError(unreachable)
+    elif not _hub_offline():
         try:
             files = HfApi().list_repo_files(repo_id, **pinned)
         except RevisionNotFoundError:
@@ -580,10 +611,12 @@ def _resolve_hub(repo_id: str, step: int | None, revision: str | None = None,
     except CheckpointError:
         raise
     except LocalEntryNotFoundError:
-        why = f"the Hub can't be reached ({type(listing_error).__name__})" if listing_error else "HF_HUB_OFFLINE is set"
+        why = (f"the Hub can't be reached ({unreachable or type(listing_error).__name__})" if listing_error
+               else "HF_HUB_OFFLINE is set")
         raise CheckpointError(
             f"{repo_id}: no such local folder, not in the Hugging Face cache ({cache_dir or 'default cache'}) "
-            f"and {why}; download it once online, or point at a local folder"
+            f"and {why}; download it once online, point --model at a local folder, or run offline with "
+            "--preset tiny (the project's own model and synthetic data)"
         ) from None
     except Exception as e:  # the download itself failed (connection lost, Hub error, disk full)
         msg = str(e).splitlines()[0] if str(e) else ""

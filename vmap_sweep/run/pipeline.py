@@ -11,12 +11,14 @@ import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
 from vmap_sweep.data.sources import data_fingerprint
 from vmap_sweep.errors import ConfigError, StoreError
 from vmap_sweep.run import provenance
+from vmap_sweep.run.eta import EtaModel, Work, batch_work
 from vmap_sweep.run.worker import Job
 from vmap_sweep.store import extras
 from vmap_sweep.store.db import DB_NAME, LOCK_NAME, Labeller, StudyStore
@@ -33,9 +35,10 @@ class Progress:
     """What the run reports; the CLI renders it (cli/render.py)."""
 
     def start(self, total: int, done: int, batches: int, *, model_steps: int = 0,
-              labels: dict[str, int] | None = None) -> None:
+              labels: dict[str, int] | None = None, work: list[Work] | None = None) -> None:
         """total cells of the plan, done of them already stored, in `batches` batches. model_steps: the work
-        of the batches still to train (Batch.model_steps), for an ETA; labels: the stored cells per class."""
+        of the batches still to train (Batch.model_steps); work: each of them as run/eta.py counts it, for an
+        ETA; labels: the stored cells per class."""
 
     def batch_started(self, batch: Batch, todo: int) -> None: ...
 
@@ -209,18 +212,55 @@ def _train_and_store(store: StudyStore, backend: Backend, batches: list[Batch], 
     jobs = [(b, [c for c in b.cells if c.key in pending]) for b in batches]
     jobs = [(b, cells) for b, cells in jobs if cells]
     total = sum(len(b.cells) for b in batches)
-    progress.start(total, total - sum(len(c) for _, c in jobs), len(batches),
-                   model_steps=sum(b.model_steps for b, _ in jobs), labels=store.label_counts())
+    work = [batch_work(b, len(cells)) for b, cells in jobs]
+    done = total - sum(len(c) for _, c in jobs)
+    progress.start(total, done, len(batches), model_steps=sum(b.model_steps for b, _ in jobs),
+                   labels=store.label_counts(), work=work)
     started_at: dict[int, float] = {}
+    # what `status` shows of this run from another terminal: written into the study's lock file
+    live = LiveRun(store, total, done, len(batches), work)
 
     def started(job: Job) -> None:
         started_at[job[0].index] = time.perf_counter()
         progress.batch_started(job[0], len(job[1]))
+        live.batch_started(job[0])
 
     for (batch, cells), records in backend.run(jobs, started):
         labels = store.record_batch(zip(cells, records, strict=True), batch_index=batch.index, shard=shard_name,
                                     labeller=labeller)
+        live.batch_done(batch, len(labels))
         progress.batch_done(batch, labels, time.perf_counter() - started_at.get(batch.index, time.perf_counter()))
+
+
+class LiveRun:
+    """This run's progress as `status` shows it: pid, the batch in training, cells stored and the ETA (learnt as
+    the progress display learns it), published through the study's lock file at each batch's start and end."""
+
+    def __init__(self, store: StudyStore, total: int, done: int, batches: int, work: list[Work]):
+        self.store, self.total, self.done, self.batches = store, total, done, batches
+        self.eta, self.last = EtaModel(work), time.perf_counter()
+        self.running: list[int] = []
+        self._publish()
+
+    def batch_started(self, batch: Batch) -> None:
+        self.running.append(batch.index)
+        self._publish()
+
+    def batch_done(self, batch: Batch, cells: int) -> None:
+        now = time.perf_counter()
+        self.eta.observe(batch_work(batch, cells), now - self.last)
+        self.last = now
+        self.done += cells
+        with contextlib.suppress(ValueError):
+            self.running.remove(batch.index)
+        self._publish()
+
+    def _publish(self) -> None:
+        left = self.eta.seconds_left()
+        self.store.publish_progress({
+            "batch": [i + 1 for i in self.running], "batches": self.batches, "done": self.done, "total": self.total,
+            "eta_seconds": None if left is None else round(left, 1),
+            "updated": datetime.now(UTC).isoformat(timespec="seconds")})
 
 
 def _holds_nothing(store: StudyStore) -> bool:

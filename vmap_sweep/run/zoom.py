@@ -38,6 +38,15 @@ def child_config(cfg: StudyConfig, window: Sequence[float]) -> StudyConfig:
     return cfg.with_overrides(x=str(grid.x), y=str(grid.y))
 
 
+def window_line(level: int, cfg: StudyConfig, *, picked: bool, fraction: float) -> str:
+    """"level 1: window lr 0.00123 … 0.0456 × tokens 512 … 1024 (auto: ...)": what a zoom level re-sweeps."""
+    x0, x1, y0, y1 = axis_window(cfg)
+    x, y = (spec.split(":", 1)[0] for spec in (cfg.x, cfg.y))
+    how = (f"auto: the densest part of the parent's boundary, 1/{1 / fraction:g} of each axis" if picked
+           else "given by --window")
+    return f"level {level}: window {x} {x0:.4g} … {x1:.4g} × {y} {y0:.4g} … {y1:.4g} ({how})"
+
+
 def zoom_study(parent_dir: str | os.PathLike, backend: Backend, window: Sequence[float] | None = None, depth: int = 1,
                fraction: float = DEFAULT_FRACTION, *, models_per_batch: int | str = 8, progress: Progress | None = None,
                labeller: Labeller | None = None, share: bool = True) -> list[Path]:
@@ -70,6 +79,8 @@ def zoom_study(parent_dir: str | os.PathLike, backend: Backend, window: Sequence
                 child_cfg = child_config(parent.config, auto_window(parent.store, fraction))
             child_cfg.validate()
             win = axis_window(child_cfg)
+            if progress is not None:  # which window each level re-sweeps, before its training starts
+                progress.note(window_line(level, child_cfg, picked=k > 0 or given is None, fraction=fraction))
             name = child_name(level, win)
             child_dir = current / name
             # the child's classes follow the parent's criterion: levels of one chain compare

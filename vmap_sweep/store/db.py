@@ -147,6 +147,31 @@ def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 6) 
     return "; ".join(diffs[:limit]) + more
 
 
+def live_run(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """Whether a process holds a study folder's lock (trains it now) and what it published there; None if none.
+    The probe takes a shared lock for an instant, without blocking: it fails exactly while a trainer holds it."""
+    try:
+        fd = os.open(Path(directory) / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return None  # no lock file (never trained here) or unreadable: nothing to show
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            text = os.pread(fd, 4096, 0).decode(errors="replace")
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+    finally:
+        os.close(fd)
+    holder, _, rest = text.partition("\n")
+    info: dict[str, Any] = {}
+    with contextlib.suppress(ValueError):
+        parsed = json.loads(rest) if rest.strip() else {}
+        info = parsed if isinstance(parsed, dict) else {}
+    return {**info, "holder": holder.strip() or "another process"}
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
@@ -273,6 +298,7 @@ class StudyStore:
         self._conn = conn
         self.read_only = read_only  # opened read-only (the folder or file can't be written): writers refuse
         self._writer: int | None = None  # the lock file's descriptor while this process trains the study
+        self._holder = ""
         self._file = _identity(path)  # the database file this connection opened
         meta = _verified_meta(conn, path)
         self.config_json: str = meta["config"]
@@ -399,15 +425,31 @@ class StudyStore:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = os.read(fd, 300).decode(errors="replace").strip() or "another process"
+            holder = os.read(fd, 300).decode(errors="replace").strip().split("\n")[0] or "another process"
             os.close(fd)
             where = self.directory if lock.parent == self.directory.resolve() else \
                 f"{self.directory} (its study.db is {self.path.resolve()})"
             raise StoreError(f"{where} is being trained by {holder}; wait for it to finish (or stop it), "
                              "then run again: `vmap-sweep status` shows its progress") from None
+        self._holder = f"pid {os.getpid()} on {socket.gethostname()} since {_now()}"
         os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {_now()}".encode())
+        os.write(fd, self._holder.encode())
         self._writer = fd
+
+    def publish_progress(self, info: Mapping[str, Any]) -> None:
+        """While this process trains the study: its progress (JSON) as the lock file's second line, under the
+        holder's, for `status` in another process (live_run). Never raises: progress is not a result."""
+        if self._writer is None:
+            return
+        data = f"{self._holder}\n{json.dumps(dict(info), sort_keys=True)}\n".encode()
+        with contextlib.suppress(OSError):
+            os.pwrite(self._writer, data, 0)
+            os.ftruncate(self._writer, len(data))
+
+    def live_run(self) -> dict[str, Any] | None:
+        """The process training this study now, if any (its lock is held): {"holder": "pid N on HOST since T",
+        and what it last published: batch, batches, done, total, eta_seconds, updated}; None when none is."""
+        return live_run(self.directory)
 
     def __enter__(self) -> StudyStore:
         return self
