@@ -335,3 +335,20 @@ def label_record(criterion: dict, record) -> tuple[str, float]:
     """The labeller a run stores classes with: a trained record's (label, score) by the study's criterion."""
     return classify_record(record.losses, record.initial_loss, record.diverged, record.base_losses, criterion,
                            record.steps_done)
+
+
+def classify_rows(rows: list[dict], criterion: str = "ratio", **kw) -> dict[tuple[int, int], tuple[str, float]]:
+    """(label, score) of every done cell of `rows` (StudyStore.rows(arrays=True))."""
+    done = [r for r in rows if r["status"] == "done"]
+    if not done:
+        return {}
+    labels, scores = classify_grid(
+        [r["trajectory"] for r in done],
+        [r["initial_loss"] if np.isfinite(r["initial_loss"]) else 1.0 for r in done],
+        criterion=criterion,
+        diverged=[bool(r["diverged"]) for r in done],
+        references=[r["base_losses"] for r in done] if criterion == "ratio" else None,
+        steps_done=[int(r["steps_done"]) for r in done] if criterion == "last20" else None,
+        **kw,
+    )
+    return {(r["i"], r["j"]): (str(lab), float(s)) for r, lab, s in zip(done, labels, scores, strict=True)}

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from vmap_sweep.analysis.classify import CONVERGED, study_classes
+from vmap_sweep.analysis.classify import CONVERGED, classify_rows, study_classes
 from vmap_sweep.analysis.fractal import fractal_dimension
 from vmap_sweep.analysis.jsonsafe import json_safe
 from vmap_sweep.analysis.rules import rules_of_thumb
@@ -216,9 +216,7 @@ def _classes(store: StudyStore, criterion: str | None) -> tuple[np.ndarray, Grid
     if criterion not in COMPARE_CRITERIA:
         raise ConfigError(f"criterion {criterion!r}: compare recomputes {' or '.join(COMPARE_CRITERIA)}; for "
                           "threshold, `vmap-sweep classify` the study first and compare its stored classes")
-    from vmap_sweep.analysis.study import classify_cells
-
-    got = classify_cells(store, criterion)
+    got = classify_rows(store.rows(arrays=True), criterion)
     labels = np.full((store.ny, store.nx), "", dtype="<U9")
     scores = np.full((store.ny, store.nx), np.nan)
     for (i, j), (label, score) in got.items():

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from vmap_sweep.analysis.chain import zoom_tree
-from vmap_sweep.analysis.classify import checked_criterion, classify_grid, converged_mask, map_mask
+from vmap_sweep.analysis.classify import checked_criterion, classify_rows, converged_mask, map_mask
 from vmap_sweep.analysis.fractal import fractal_dimension, uncertainty_exponent
 from vmap_sweep.analysis.refined import is_refined, refined_fractal_report, refined_map
 from vmap_sweep.errors import ConfigError
@@ -17,23 +17,6 @@ from vmap_sweep.store.db import StudyStore
 def classify_cells(store: StudyStore, criterion: str = "ratio", **kw) -> dict[tuple[int, int], tuple[str, float]]:
     """(label, score) of every done cell, recomputed from its stored trajectory."""
     return classify_rows(store.rows(arrays=True), criterion, **kw)
-
-
-def classify_rows(rows: list[dict], criterion: str = "ratio", **kw) -> dict[tuple[int, int], tuple[str, float]]:
-    """(label, score) of every done cell of `rows` (StudyStore.rows(arrays=True))."""
-    done = [r for r in rows if r["status"] == "done"]
-    if not done:
-        return {}
-    labels, scores = classify_grid(
-        [r["trajectory"] for r in done],
-        [r["initial_loss"] if np.isfinite(r["initial_loss"]) else 1.0 for r in done],
-        criterion=criterion,
-        diverged=[bool(r["diverged"]) for r in done],
-        references=[r["base_losses"] for r in done] if criterion == "ratio" else None,
-        steps_done=[int(r["steps_done"]) for r in done] if criterion == "last20" else None,
-        **kw,
-    )
-    return {(r["i"], r["j"]): (str(lab), float(s)) for r, lab, s in zip(done, labels, scores, strict=True)}
 
 
 def reclassify(store: StudyStore, criterion: str = "ratio", **kw) -> dict[str, int]:
