@@ -64,7 +64,7 @@ def test_a_supervised_study_trains_each_cell_as_the_token_budget_of_its_prefix(t
     with open(export) as f:
         exported = list(csv.DictReader(f))
     assert {r["budget_unit"] for r in exported} == {"supervised"}
-    assert {float(r["y"]): int(r["stream_tokens"]) for r in exported} == {3.0: lo, 40.0: hi}
+    assert {float(r["tokens"]): int(r["stream_tokens"]) for r in exported} == {3.0: lo, 40.0: hi}
     # the same cells planned in tokens, at the positions those answer budgets take: bitwise the same records
     with _study(tmp_path, "tokens", "tokens", f"tokens:{lo}:{hi}:log") as tokens:
         for r in tokens.rows(arrays=True):

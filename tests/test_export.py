@@ -155,7 +155,7 @@ def test_columns_follow_the_study_axes_in_order(tmp_path):
     from vmap_sweep.study.grid import Grid
 
     grid = Grid(parse_axis_spec("tokens:1000:8000"), parse_axis_spec("lr:1e-5:1e-2"), 3, 2, {"weight_decay": 0.1})
-    config = {"x": "tokens:1000:8000", "y": "lr:1e-5:1e-2", "resolution": "3x2"}
+    config = {"x": "tokens:1000:8000", "y": "lr:1e-5:1e-2", "resolution": "3x2", "fixed": {"weight_decay": 0.1}}
     with StudyStore.create_or_open(tmp_path / "s", config, grid.cells()) as s:
         for fmt in ("csv", "json"):
             path = export_study(s, fmt, tmp_path / f"c.{fmt}")

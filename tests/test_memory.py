@@ -103,13 +103,13 @@ from helpers import RandomStream
 
 torch.set_num_threads(1)
 budgets = int(sys.argv[1])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # everything after the imports: model, trainer, run
 model = GPT(GPTConfig(sequence_len=64, vocab_size=4096, n_layer=2, n_head=2, n_kv_head=2, n_embd=256)).init_weights(0)
 cfg = TrainConfig(schedule="constant", batch_size=4, seq_len=64)
 tokens = [3 + 6 * i for i in range(budgets)] + [2 * cfg.tokens_per_step]  # all but the last end inside step 0
 lanes = [[{"lr": lr, "tokens": n} for n in tokens] for lr in (1e-3, 1e-2)]
 trainer = TrunkTrainer(model, lanes, cfg)
 stream = RandomStream(length=2000)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 trainer.run(stream)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
 """

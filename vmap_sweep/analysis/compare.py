@@ -293,6 +293,8 @@ def compare_studies(a: StudyStore | str | os.PathLike, b: StudyStore | str | os.
     da, db = _dimension(ca), _dimension(cb)
     delta, ci = delta_dimension(da, db)
     differs = [what_differs(a, b)]
+    if name_a != name_b and _same_file(a.path, b.path):
+        differs = []  # one study under two criteria: the criterion is all that differs
     if name_a != name_b:
         differs.append(f"criterion: {name_a} -> {name_b}")
     if (a.nx, a.ny) != (b.nx, b.ny):
@@ -304,7 +306,7 @@ def compare_studies(a: StudyStore | str | os.PathLike, b: StudyStore | str | os.
             resolution=(a.nx, a.ny), differs="; ".join(differs),
             converged_share_a=float(ca.mean()), converged_share_b=float(cb.mean()), gained=None, lost=None,
             dimension_a=da, dimension_b=db, delta_d=delta, delta_d_ci=ci, crit=[], notes=notes,
-            resolution_b=(b.nx, b.ny), size_unit=_unit(a), views=(va, vb))
+            resolution_b=(b.nx, b.ny), size_unit=_unit(a))  # no views: grids of two resolutions draw no cell map
     crit, notes = _crit_rows(a, b, ca, cb)
     return CompareResult(
         a=str(a.directory), b=str(b.directory),

@@ -50,7 +50,7 @@ def put_run_options(store: StudyStore, models_per_batch: int | str, share: bool)
 
 
 # What a stored criterion may hold: its name, and the thresholds of the threshold criterion.
-_CRITERIA = {"ratio": set(), "threshold": {"converged_below", "diverged_above"}}
+_CRITERIA = {"ratio": set(), "last20": set(), "threshold": {"converged_below", "diverged_above"}}
 
 
 def criterion(store: StudyStore) -> dict:
