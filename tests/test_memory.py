@@ -93,7 +93,7 @@ def test_the_probe_measures_a_step_of_the_whole_stack_and_a_branch_beside_it(mon
 
 
 _PEAK_OF_A_RUN = """
-import resource, sys
+import re, sys
 import torch
 from vmap_sweep.model.gpt import GPT, GPTConfig
 from vmap_sweep.train.trainer import TrainConfig
@@ -101,17 +101,24 @@ from vmap_sweep.train.trunk import TrunkTrainer
 sys.path.insert(0, "tests")
 from helpers import RandomStream
 
+
+def peak_kib():
+    return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+
+
 torch.set_num_threads(1)
 budgets = int(sys.argv[1])
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # everything after the imports: model, trainer, run
 model = GPT(GPTConfig(sequence_len=64, vocab_size=4096, n_layer=2, n_head=2, n_kv_head=2, n_embd=256)).init_weights(0)
 cfg = TrainConfig(schedule="constant", batch_size=4, seq_len=64)
 tokens = [3 + 6 * i for i in range(budgets)] + [2 * cfg.tokens_per_step]  # all but the last end inside step 0
 lanes = [[{"lr": lr, "tokens": n} for n in tokens] for lr in (1e-3, 1e-2)]
-trainer = TrunkTrainer(model, lanes, cfg)
 stream = RandomStream(length=2000)
-trainer.run(stream)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+# the peak resident memory (Linux) set back to what the process holds now: imports and their transient peaks
+# are left out, the trainer's state and the run's own peak counted
+open("/proc/self/clear_refs", "w").write("5")
+before = peak_kib()
+TrunkTrainer(model, lanes, cfg).run(stream)
+print(peak_kib() - before)
 """
 
 
