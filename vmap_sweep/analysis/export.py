@@ -102,7 +102,7 @@ def _records(store: StudyStore, trajectories: bool) -> list[dict[str, Any]]:
 
 def _inferred(store: StudyStore):
     """A refinement level's labels with its inferred cells filled in (None for any other study)."""
-    from vmap_sweep.run.refine import level_info, study_map
+    from vmap_sweep.store.levels import level_info, study_map
 
     return None if level_info(store) is None else study_map(store).labels
 

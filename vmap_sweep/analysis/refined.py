@@ -15,9 +15,9 @@ import numpy as np
 from vmap_sweep.analysis.classify import converged_mask
 from vmap_sweep.analysis.fractal import fractal_dimension
 from vmap_sweep.errors import ConfigError
-from vmap_sweep.run.refine import REFINE, LevelMap, level_dir, level_info, study_map
 from vmap_sweep.store import extras
 from vmap_sweep.store.db import DB_NAME, StudyStore
+from vmap_sweep.store.levels import REFINE, LevelMap, level_dir, level_info, study_map
 from vmap_sweep.study.axes import parse_axis_spec
 
 

@@ -280,7 +280,7 @@ def status_table(store: StudyStore) -> Table:
 
 def refine_rows(store: StudyStore) -> list[tuple[str, str]]:
     """A refined study's finished levels and what each cost; a level's own place and inferred cells."""
-    from vmap_sweep.run.refine import REFINE, level_info
+    from vmap_sweep.store.levels import REFINE, level_info
 
     rows = []
     record = store.get_extra(REFINE)

@@ -18,9 +18,7 @@ it, which is finished, so they are the same.
 
 from __future__ import annotations
 
-import base64
 import time
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,17 @@ from vmap_sweep.errors import ConfigError, StoreError
 from vmap_sweep.run.pipeline import Backend, Progress, check_data_unchanged, check_origin_unchanged, run_study
 from vmap_sweep.store import extras
 from vmap_sweep.store.db import DB_NAME, Labeller, StudyStore
+from vmap_sweep.store.levels import (  # noqa: F401 - read by the CLI and tests from here too
+    REFINE,
+    REFINE_LEVEL,
+    LevelMap,
+    decode_codes,
+    encode_codes,
+    label_codes,
+    level_dir,
+    level_info,
+    study_map,
+)
 from vmap_sweep.store.study import Study
 from vmap_sweep.study.axes import parse_resolution
 from vmap_sweep.study.config import StudyConfig
@@ -39,77 +48,14 @@ from vmap_sweep.study.plan import build_grid, cell_steps, plan_study, same_exper
 from vmap_sweep.study.refine import DEFAULT_MARGIN, UNKNOWN, LevelPlan, level_points, plan_level
 from vmap_sweep.train.trainer import CellRecord
 
-REFINE = "refine"  # the refined study's {"margin", "levels": [per level: where, size, cells and cost]}
-REFINE_LEVEL = "refine_level"  # a level study's own {"level", "margin", "criterion", "labels", "inferred", ...}
 MAX_LEVELS = 6
 _COPY_CHUNK = 2048  # cells per copying transaction
-
-
-def level_dir(top: Path, level: int) -> Path:
-    return Path(top) / f"refine-{level}"
 
 
 def level_config(cfg: StudyConfig, level: int) -> StudyConfig:
     nx, ny = parse_resolution(cfg.resolution)
     fx, fy = level_points(nx, level), level_points(ny, level)
     return cfg.with_overrides(resolution=str(fx) if fx == fy else f"{fx}x{fy}")
-
-
-# ------------------------------------------------------------------------------------------------ class maps
-def encode_codes(codes: np.ndarray) -> dict:
-    """A small-int map as stored in an extra: shape and zlib-compressed int8 bytes, base64."""
-    a = np.ascontiguousarray(codes, dtype=np.int8)
-    return {"shape": list(a.shape), "int8_zlib_b64": base64.b64encode(zlib.compress(a.tobytes(), 9)).decode()}
-
-
-def decode_codes(stored: Mapping, where: Path) -> np.ndarray:
-    try:
-        raw = zlib.decompress(base64.b64decode(stored["int8_zlib_b64"]))
-        return np.frombuffer(raw, dtype=np.int8).astype(np.int64).reshape(tuple(stored["shape"]))
-    except (KeyError, TypeError, ValueError, zlib.error):
-        raise StoreError(f"{where}: its refinement map can't be read; the database was edited or damaged") from None
-
-
-@dataclass(frozen=True)
-class LevelMap:
-    """A level's classes: labels (str, every cell), inferred (bool: the label was inferred, not trained)."""
-
-    labels: np.ndarray
-    inferred: np.ndarray
-
-
-def level_info(store: StudyStore) -> dict | None:
-    info = store.get_extra(REFINE_LEVEL)
-    return info if isinstance(info, dict) else None
-
-
-def study_map(store: StudyStore) -> LevelMap:
-    """A finished study's or refinement level's classes: stored labels, and a level's inferred ones."""
-    labels = store.labels_array()
-    inferred = np.zeros(labels.shape, dtype=bool)
-    info = level_info(store)
-    if info is not None:
-        if not info.get("complete"):
-            raise ConfigError(f"{store.directory}: this refinement level is unfinished; run `vmap-sweep refine` on "
-                              "its study again (it resumes)")
-        codes = decode_codes(info["inferred"], store.path)
-        if codes.shape != labels.shape:
-            raise StoreError(f"{store.path}: its refinement map is {codes.shape}, its grid {labels.shape}; "
-                             "the database was edited or damaged")
-        names = list(info["labels"])
-        inferred = (codes >= 0) & (labels == "")  # a cell trained since (say by `run` on the level) is trained
-        labels = labels.copy()
-        labels[inferred] = np.array(names, dtype=str)[codes[inferred]]
-    missing = int((labels == "").sum())
-    if missing:
-        raise ConfigError(f"{store.directory}: {missing} cells are pending or unclassified; finish the run (same "
-                          f"command resumes it) or run `vmap-sweep classify {store.directory}` before refining it")
-    return LevelMap(labels, inferred)
-
-
-def _codes(labels: np.ndarray, names: list[str]) -> np.ndarray:
-    index = {n: k for k, n in enumerate(names)}
-    return np.vectorize(index.__getitem__, otypes=[np.int64])(labels)
 
 
 # ------------------------------------------------------------------------------------------------ one level
@@ -133,7 +79,7 @@ def level_work(cfg: StudyConfig, level: int, coarse: LevelMap, coarse_trained: n
     """The cells level `level` trains, infers and copies, given level-1's map (`coarse`) and which of its cells were
     trained (`coarse_trained`, bool). supervised(budgets) -> supervised tokens of each budget."""
     names = sorted(set(coarse.labels.reshape(-1).tolist()))
-    plan = plan_level(_codes(coarse.labels, names), margin)
+    plan = plan_level(label_codes(coarse.labels, names), margin)
     fine_cfg = level_config(cfg, level)
     grid = build_grid(fine_cfg)
     if (grid.ny, grid.nx) != plan.codes.shape:

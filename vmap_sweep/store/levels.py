@@ -1,0 +1,79 @@
+"""A refined study's stored levels (run/refine.py writes them): where each level's study lives, and the class map
+it holds, trained and inferred cells apart. Analysis reads them from here, below the code that trains them."""
+
+from __future__ import annotations
+
+import base64
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vmap_sweep.errors import ConfigError, StoreError
+from vmap_sweep.store.db import StudyStore
+
+REFINE = "refine"  # the refined study's {"margin", "levels": [per level: where, size, cells and cost]}
+REFINE_LEVEL = "refine_level"  # a level study's own {"level", "margin", "criterion", "labels", "inferred", ...}
+
+
+def level_dir(top: Path, level: int) -> Path:
+    return Path(top) / f"refine-{level}"
+
+
+def encode_codes(codes: np.ndarray) -> dict:
+    """A small-int map as stored in an extra: shape and zlib-compressed int8 bytes, base64."""
+    a = np.ascontiguousarray(codes, dtype=np.int8)
+    return {"shape": list(a.shape), "int8_zlib_b64": base64.b64encode(zlib.compress(a.tobytes(), 9)).decode()}
+
+
+def decode_codes(stored: Mapping, where: Path) -> np.ndarray:
+    try:
+        raw = zlib.decompress(base64.b64decode(stored["int8_zlib_b64"]))
+        return np.frombuffer(raw, dtype=np.int8).astype(np.int64).reshape(tuple(stored["shape"]))
+    except (KeyError, TypeError, ValueError, zlib.error):
+        raise StoreError(f"{where}: its refinement map can't be read; the database was edited or damaged") from None
+
+
+@dataclass(frozen=True)
+class LevelMap:
+    """A level's classes: labels (str, every cell), inferred (bool: the label was inferred, not trained)."""
+
+    labels: np.ndarray
+    inferred: np.ndarray
+
+
+def level_info(store: StudyStore) -> dict | None:
+    info = store.get_extra(REFINE_LEVEL)
+    return info if isinstance(info, dict) else None
+
+
+def study_map(store: StudyStore) -> LevelMap:
+    """A finished study's or refinement level's classes: stored labels, and a level's inferred ones."""
+    labels = store.labels_array()
+    inferred = np.zeros(labels.shape, dtype=bool)
+    info = level_info(store)
+    if info is not None:
+        if not info.get("complete"):
+            raise ConfigError(f"{store.directory}: this refinement level is unfinished; run `vmap-sweep refine` on "
+                              "its study again (it resumes)")
+        codes = decode_codes(info["inferred"], store.path)
+        if codes.shape != labels.shape:
+            raise StoreError(f"{store.path}: its refinement map is {codes.shape}, its grid {labels.shape}; "
+                             "the database was edited or damaged")
+        names = list(info["labels"])
+        inferred = (codes >= 0) & (labels == "")  # a cell trained since (say by `run` on the level) is trained
+        labels = labels.copy()
+        labels[inferred] = np.array(names, dtype=str)[codes[inferred]]
+    missing = int((labels == "").sum())
+    if missing:
+        raise ConfigError(f"{store.directory}: {missing} cells are pending or unclassified; finish the run (same "
+                          f"command resumes it) or run `vmap-sweep classify {store.directory}` before refining it")
+    return LevelMap(labels, inferred)
+
+
+def label_codes(labels: np.ndarray, names: list[str]) -> np.ndarray:
+    """Each label's index in `names`."""
+    index = {n: k for k, n in enumerate(names)}
+    return np.vectorize(index.__getitem__, otypes=[np.int64])(labels)
