@@ -58,7 +58,7 @@ class FormulaBackend:
     def __init__(self, crash_after: int | None = None, trained: list[int] | None = None):
         self.crash_after, self.trained = crash_after, trained if trained is not None else []
 
-    def budgets(self, budgets: list[int]) -> Budgets:
+    def budgets(self, budgets: list[int], unit: str = "tokens") -> Budgets:
         return Budgets(1, {n: DatasetSize(n, n, n) for n in budgets})  # every token supervised
 
     def models_per_batch(self, limit: int) -> int:

@@ -109,44 +109,6 @@ def _wandb_run(enabled: bool, project: str | None, source: Path, job_type: str, 
     return wandb_run(Path(source).name, config or {"source": str(source)}, project, job_type)
 
 
-def _study_config(preset: str | None, settings: list[str] | None, stored=None, **options):
-    """The preset (or, resuming without one, the stored study's config) with every option the user gave (None: not
-    given) and --set values applied, validated."""
-    from vmap_sweep.study.config import preset as get_preset
-
-    base = stored if preset is None and stored is not None else get_preset(preset or "d20-docvqa")
-    trainable = options.pop("trainable", None)
-    cfg = base.with_overrides(**options, fixed={**base.fixed, **_fixed(settings)},
-                              trainable=tuple(trainable.split(",")) if trainable else None)
-    cfg.validate()
-    return cfg
-
-
-def _stored_study(out: Path):
-    """(config, run settings or None, run options) of the study in `out`: what `run --out DIR` alone resumes with;
-    (None, None, {}) where there is no study yet."""
-    from vmap_sweep.store import extras
-    from vmap_sweep.store.db import DB_NAME
-    from vmap_sweep.store.study import Study
-
-    if not (out / DB_NAME).is_file():
-        return None, None, {}
-    with Study.open(out) as study:
-        return study.config, study.settings, extras.run_options(study.store)
-
-
-def _models_per_batch(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        k = int(text)
-    except ValueError:
-        raise ConfigError(f"--models-per-batch {text!r}: give a positive integer or 'auto'") from None
-    if k < 1:
-        raise ConfigError(f"--models-per-batch {k}: give a positive integer or 'auto'")
-    return k
-
-
 @app.command()
 @user_errors
 def run(
@@ -203,6 +165,8 @@ def run(
 ):
     """Run (or resume) a study: every cell of the grid fine-tuned, stored batch by batch. A study resumes from its
     folder alone (`run --out DIR`): options left out are the study's own; options given must match them."""
+    from vmap_sweep.run.resume import RunOptions, StoredRun, resolve_run
+
     out = out or Path("studies") / (preset or "d20-docvqa")
     shard_spec = None
     if shard:
@@ -210,22 +174,16 @@ def run(
 
         shard_spec = parse_shard(shard)
         out = out / f"shard-{shard_spec[0]}-of-{shard_spec[1]}"
-    # Resuming, what is left out is the study's own: its config below, its run settings (a differing one given is
-    # refused by the pipeline, naming it), and how it was batched (which no result depends on).
-    stored, stored_settings, stored_options = _stored_study(out)
-    k = _models_per_batch(models_per_batch or str(stored_options.get("models_per_batch", "8")))
-    share = stored_options.get("share", True) if share is None else share
-    if stored_settings is not None:
-        device = device or stored_settings.device
-        micro_batch_size = micro_batch_size if micro_batch_size is not None else stored_settings.micro_batch_size
-        deterministic = deterministic or stored_settings.deterministic
-    device = device or "auto"
-    cfg = _study_config(preset, set_, stored, model=model, data=data, x=x, y=y, resolution=resolution,
-                        optimizer=optimizer, schedule=schedule, batch_size=batch_size, seq_len=seq_len, seed=seed,
-                        eval_tokens=eval_tokens, trainable=trainable, optimizer_state=optimizer_state,
-                        checkpoint_activations=checkpoint_activations or None, tokenizer=tokenizer,
-                        model_revision=model_revision, data_revision=data_revision, model_format=model_format,
-                        packing=packing, budget_unit=budget_unit)
+    stored = StoredRun.read(out)
+    given = dict(model=model, data=data, x=x, y=y, resolution=resolution, optimizer=optimizer, schedule=schedule,
+                 batch_size=batch_size, seq_len=seq_len, seed=seed, eval_tokens=eval_tokens,
+                 trainable=tuple(trainable.split(",")) if trainable else None, optimizer_state=optimizer_state,
+                 checkpoint_activations=checkpoint_activations or None, tokenizer=tokenizer,
+                 model_revision=model_revision, data_revision=data_revision, model_format=model_format,
+                 packing=packing, budget_unit=budget_unit)
+    resolved = resolve_run(RunOptions(preset, given, _fixed(set_), models_per_batch, share, device, micro_batch_size,
+                                      deterministic), stored, out)
+    cfg, k = resolved.config, resolved.models_per_batch
     if (address or workers) and backend != "ray":
         raise ConfigError("--address/--workers work with --backend ray; add --backend ray")
     if backend not in ("local", "ray"):
@@ -234,14 +192,17 @@ def run(
         from vmap_sweep.run.ray_backend import import_ray
 
         import_ray()  # the install hint before any work
-    settings = _run_settings(cfg, device, micro_batch_size, deterministic)
+    settings = resolved.run_settings()
     if dry_run:
-        _dry_run(cfg, 8 if k == "auto" else k, device, share)
+        from vmap_sweep.run.estimate import dry_run as plan
+
+        k = 8 if k == "auto" else k
+        render.show([render.plan_table(cfg, k, plan(cfg, k, resolved.device, resolved.share, shard_spec))])
         return
     from vmap_sweep.run.provenance import pin_sources
 
-    cfg = pin_sources(cfg, stored)  # a Hub model or dataset as the commit it is now, for every resume to load
-    _run(cfg, out, k, settings, shard_spec, quiet, wandb, backend, address, workers, share, wandb_project)
+    cfg = pin_sources(cfg, stored and stored.config)  # a Hub model or dataset as the commit it is now, for resumes
+    _run(cfg, out, k, settings, shard_spec, quiet, wandb, backend, address, workers, resolved.share, wandb_project)
 
 
 def _run_settings(cfg, device: str, micro_batch_size: int | None = None, deterministic: bool = False):
@@ -294,26 +255,6 @@ def _run(cfg, out, k, settings, shard_spec=None, quiet=False, wandb=False, backe
             if wb is not None:
                 log_study(wb, store)
             _say(f"study stored in {out}")
-
-
-def _dry_run(cfg, k, device, share=True):
-    """The plan, checked against the model and the data as the run would check them; nothing trains."""
-    from vmap_sweep.run.estimate import base_model_shape, describe_plan
-    from vmap_sweep.run.pipeline import budget_positions, check_smallest_budget
-    from vmap_sweep.run.policy import resolve_device
-    from vmap_sweep.run.worker import training_stream
-    from vmap_sweep.study.plan import build_grid, plan_study
-
-    dev = resolve_device(device)
-    model_config, tokenizer = base_model_shape(cfg.model, cfg.tokenizer, cfg.model_revision, cfg.model_format)
-    grid = build_grid(cfg)
-    stream = training_stream(cfg, model_config.sequence_len, tokenizer)
-    budgets = stream.budgets(sorted({int(c.hparams["tokens"]) for c in grid.cells()}), cfg.budget_unit)
-    check_smallest_budget(cfg, grid, budgets.first_supervised)
-    positions = budget_positions(cfg, budgets)
-    s = describe_plan(cfg, plan_study(cfg, grid.cells(), k, share, positions), model_config, dev, budgets)
-    s["layout"] = stream.layout(cfg.seq_len)
-    render.show([render.plan_table(cfg, k, s)])
 
 
 # ------------------------------------------------------------------------------------------------ demo
@@ -532,12 +473,13 @@ def zoom(
 ):
     """Run child studies over a window of the boundary, same resolution, DEPTH levels down (resumable)."""
     from vmap_sweep.analysis.classify import label_record
+    from vmap_sweep.run.resume import check_models_per_batch
     from vmap_sweep.run.zoom import zoom_study
     from vmap_sweep.store.study import Study
 
     if auto == (window is not None):
         raise ConfigError("zoom: give --auto or --window X0 X1 Y0 Y1")
-    k = _models_per_batch(models_per_batch)
+    k = check_models_per_batch(models_per_batch)
     with Study.open(study) as parent:
         cfg = parent.config  # the model and data every level trains
     settings = _run_settings(cfg, device, micro_batch_size, deterministic)
@@ -568,54 +510,30 @@ def refine(
     """Refine the boundary: nested grids, each level halving both spacings, training only the new cells whose
     coarse neighbourhood holds both classes; the rest are inferred and marked so (resumable, one writer)."""
     from vmap_sweep.analysis.classify import label_record
-    from vmap_sweep.run.refine import check_levels, refine_study
-    from vmap_sweep.store import extras
-    from vmap_sweep.store.study import Study
+    from vmap_sweep.run import refine as refining
+    from vmap_sweep.run.resume import RunOptions, StoredRun, resolve_run
 
-    check_levels(levels)
-    with Study.open(study) as top:
-        cfg, stored_settings, options = top.config, top.settings, extras.run_options(top.store)
-    k = _models_per_batch(models_per_batch or str(options.get("models_per_batch", "8")))
-    share = options.get("share", True)
-    if stored_settings is not None:
-        device = device or stored_settings.device
-        micro_batch_size = micro_batch_size if micro_batch_size is not None else stored_settings.micro_batch_size
-        deterministic = deterministic or stored_settings.deterministic
+    refining.check_levels(levels)
+    stored = StoredRun.read(study)
+    if stored is None:  # the error that names what is missing
+        from vmap_sweep.store.study import Study
+
+        Study.open(study).close()
+    resolved = resolve_run(RunOptions(models_per_batch=models_per_batch, device=device,
+                                      micro_batch_size=micro_batch_size, deterministic=deterministic), stored, study)
+    k, share = resolved.models_per_batch, resolved.share
     if dry_run:
-        _refine_dry_run(study, cfg, levels, margin, 8 if k == "auto" else k, share)
+        plan, dim = refining.dry_run(study, levels, margin=margin, models_per_batch=8 if k == "auto" else k,
+                                     share=share)
+        for line in render.refine_lines(study, plan, dry_run=True, dimension=dim):
+            _say(line)
         return
-    settings = _run_settings(cfg, device or "auto", micro_batch_size, deterministic)
+    settings = resolved.run_settings()
     progress = render.RichProgress(console, quiet=quiet)
-    with _open_backend(cfg, settings) as backend:
-        done = refine_study(study, backend, levels, margin=margin, models_per_batch=k, progress=progress,
-                            labeller=label_record, share=share, note=progress.note)
+    with _open_backend(resolved.config, settings) as backend:
+        done = refining.refine_study(study, backend, levels, margin=margin, models_per_batch=k, progress=progress,
+                                     labeller=label_record, share=share, note=progress.note)
     for line in render.refine_lines(study, done):
-        _say(line)
-
-
-def _refine_dry_run(study: Path, cfg, levels: int, margin: int, k: int, share: bool):
-    from vmap_sweep.analysis.classify import converged_mask
-    from vmap_sweep.analysis.fractal import fractal_dimension
-    from vmap_sweep.run.estimate import base_model_shape
-    from vmap_sweep.run.refine import plan_refinement, study_map
-    from vmap_sweep.run.worker import training_stream
-    from vmap_sweep.store.db import StudyStore
-
-    model_config, tokenizer = base_model_shape(cfg.model, cfg.tokenizer, cfg.model_revision)
-    stream = training_stream(cfg, model_config.sequence_len, tokenizer)
-
-    def supervised(budgets):
-        return {n: s.supervised for n, s in stream.budgets(budgets).sizes.items()}
-
-    with StudyStore.open(study) as store:
-        mask = converged_mask(study_map(store).labels)
-    try:  # later levels grow with the boundary's dimension: 2^D cells per level
-        dim = min(max(fractal_dimension(mask).dimension, 1.0), 2.0)
-    except VmapSweepError:
-        dim = 1.0
-    plan = plan_refinement(study, levels, supervised, margin=margin, models_per_batch=k, share=share,
-                           growth=2.0 ** dim)
-    for line in render.refine_lines(study, plan, dry_run=True, dimension=dim):
         _say(line)
 
 

@@ -6,12 +6,14 @@ import time
 
 import torch
 
+from vmap_sweep.data.stream import TokenStream
 from vmap_sweep.model.gpt import GPT, GPTConfig
 from vmap_sweep.model.tokenizer import ByteTokenizer, Tokenizer
-from vmap_sweep.run.policy import compile_on
-from vmap_sweep.run.worker import load_base_model
+from vmap_sweep.run.pipeline import preflight
+from vmap_sweep.run.policy import compile_on, resolve_device
+from vmap_sweep.run.worker import load_base_model, training_stream
 from vmap_sweep.study.config import StudyConfig
-from vmap_sweep.study.plan import plan_summary, same_experiments, sharing_summary
+from vmap_sweep.study.plan import build_grid, plan_summary, same_experiments, sharing_summary
 from vmap_sweep.study.sizes import Budgets
 
 # The fraction of a bare matmul's rate that training reaches, compiled or eager, counting every model's every
@@ -29,6 +31,24 @@ def base_model_shape(name: str, tokenizer: str | None = None, revision: str | No
         return TINY_CONFIG, ByteTokenizer()
     loaded = load_base_model(name, tokenizer, revision, model_format)
     return loaded.config, loaded.tokenizer
+
+
+def study_stream(cfg: StudyConfig) -> tuple[GPTConfig, TokenStream]:
+    """The base model's shape and the study's training order, as a run loads them, without the weights."""
+    model_config, tokenizer = base_model_shape(cfg.model, cfg.tokenizer, cfg.model_revision, cfg.model_format)
+    return model_config, training_stream(cfg, model_config.sequence_len, tokenizer)
+
+
+def dry_run(cfg: StudyConfig, models_per_batch: int, device: str, share: bool = True,
+            shard: tuple[int, int] | None = None) -> dict:
+    """--dry-run: the plan, checked against the model and the data by the run's own checks (pipeline.preflight),
+    described (describe_plan) with the rows' layout; nothing trains."""
+    dev = resolve_device(device)
+    model_config, stream = study_stream(cfg)
+    checked = preflight(cfg, build_grid(cfg), stream, shard)
+    summary = describe_plan(cfg, checked.batches(cfg, models_per_batch, share), model_config, dev, checked.budgets)
+    summary["layout"] = stream.layout(cfg.seq_len)
+    return summary
 
 
 def flops_per_model_step(model_config: GPTConfig, seq_len: int, tokens_per_step: int) -> float:

@@ -11,6 +11,7 @@ import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
@@ -91,15 +92,11 @@ def run_study(cfg: StudyConfig, out: str | Path, backend: Backend, *, models_per
         claimed = True
         digest = _check_resumable(study, backend.settings)
         origin = _check_provenance(study, cfg, progress)
-        budgets = _budgets(backend, cfg, grid)
-        check_smallest_budget(cfg, grid, budgets.first_supervised)
-        positions = budget_positions(cfg, budgets)
-        cells, shard_name = _cells_of_shard(cfg, grid, shard, positions) if only is None else (list(only), None)
-        _record_start(study, backend.settings, digest, criterion, budgets=budgets, origin=origin,
+        checked = preflight(cfg, grid, backend, shard, only)
+        _record_start(study, backend.settings, digest, criterion, budgets=checked.budgets, origin=origin,
                       models_per_batch=models_per_batch, share=share)
         k = backend.models_per_batch(grid.nx * grid.ny) if models_per_batch == "auto" else int(models_per_batch)
-        batches = plan_study(cfg, cells, k, share, positions)
-        _train_and_store(study.store, backend, batches, progress, labeller, shard_name)
+        _train_and_store(study.store, backend, checked.batches(cfg, k, share), progress, labeller, checked.shard_name)
         return study.store
     except BaseException as e:
         # A study this run created and an error (bad data, model) stopped before any result: remove it, so
@@ -114,10 +111,36 @@ def run_study(cfg: StudyConfig, out: str | Path, backend: Backend, *, models_per
         progress.finish()  # also on error: a live progress display would hide the cursor
 
 
-def _budgets(backend: Backend, cfg: StudyConfig, grid: Grid) -> Budgets:
-    """What the grid's budgets hold; a study in tokens asks as a backend written before budget units did."""
-    every = sorted({int(c.hparams["tokens"]) for c in grid.cells()})
-    return backend.budgets(every) if cfg.budget_unit == "tokens" else backend.budgets(every, cfg.budget_unit)
+class BudgetSource(Protocol):
+    """What knows the data's budgets: a Backend, or the TokenStream a dry run builds."""
+
+    def budgets(self, budgets: list[int], unit: str = "tokens") -> Budgets: ...
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """A study's grid checked against its data: what each budget holds, as stream positions, and the cells to
+    plan (a shard's, or the given ones)."""
+
+    budgets: Budgets
+    positions: dict[int, int]
+    cells: list[Cell]
+    shard_name: str | None
+
+    def batches(self, cfg: StudyConfig, models_per_batch: int, share: bool) -> list[Batch]:
+        return plan_study(cfg, self.cells, models_per_batch, share, self.positions)
+
+
+def preflight(cfg: StudyConfig, grid: Grid, data: BudgetSource, shard: tuple[int, int] | None = None,
+              only: list[Cell] | None = None) -> Preflight:
+    """The checks a study passes once its data is known, before any cell trains; a run and its --dry-run make
+    these same ones: every budget holds a supervised token, none takes more steps than a cell may, the shard
+    holds cells."""
+    budgets = data.budgets(sorted({int(c.hparams["tokens"]) for c in grid.cells()}), cfg.budget_unit)
+    check_smallest_budget(cfg, grid, budgets.first_supervised)
+    positions = budget_positions(cfg, budgets)
+    cells, shard_name = _cells_of_shard(cfg, grid, shard, positions) if only is None else (list(only), None)
+    return Preflight(budgets, positions, cells, shard_name)
 
 
 def budget_positions(cfg: StudyConfig, budgets: Budgets) -> dict[int, int]:
@@ -193,7 +216,7 @@ def _record_start(study: Study, settings: RunSettings, digest: str | None, crite
     store = study.store
     if study.settings is None:
         extras.put_run_settings(store, settings)
-    if extras.dataset_sizes(store) is None:  # also for a study started before sizes were recorded
+    if extras.dataset_sizes(store) is None:
         extras.put_dataset_sizes(store, budgets.sizes)
     if not extras.run_options(store):
         extras.put_run_options(store, models_per_batch, share)

@@ -25,8 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
-from vmap_sweep.errors import ConfigError, StoreError
-from vmap_sweep.run.pipeline import Backend, Progress, check_data_unchanged, check_origin_unchanged, run_study
+from vmap_sweep.errors import ConfigError, StoreError, VmapSweepError
+from vmap_sweep.run.pipeline import (
+    Backend,
+    BudgetSource,
+    Progress,
+    check_data_unchanged,
+    check_origin_unchanged,
+    run_study,
+)
 from vmap_sweep.store import extras
 from vmap_sweep.store.db import DB_NAME, Labeller, StudyStore
 from vmap_sweep.store.levels import (  # noqa: F401 - read by the CLI and tests from here too
@@ -268,8 +275,9 @@ def _writable_level(folder: Path, criterion: dict) -> StudyStore:
     return store
 
 
-def _supervised(backend: Backend, budgets: list[int]) -> dict[int, int]:
-    return {n: s.supervised for n, s in backend.budgets(budgets).sizes.items()}
+def _supervised(data: BudgetSource, budgets: list[int]) -> dict[int, int]:
+    """The supervised tokens each budget (in tokens, the grid's) holds: a backend's or a dry run's stream."""
+    return {n: s.supervised for n, s in data.budgets(budgets).sizes.items()}
 
 
 def _finish_level(store: StudyStore, work: LevelWork, batches: Sequence, seconds: float, margin: int,
@@ -348,3 +356,25 @@ def plan_refinement(top: str | Path, levels: int, supervised: Callable[[list[int
         work = level_work(cfg, level, coarse, trained, supervised, margin)
         out.append(_cost(work, models_per_batch, share))
     return out
+
+
+def dry_run(top: str | Path, levels: int, *, margin: int = DEFAULT_MARGIN, models_per_batch: int = 8,
+            share: bool = True) -> tuple[list[dict], float]:
+    """--dry-run: plan_refinement with the study's data loaded as a refinement loads it (no weights), and later
+    levels projected by the boundary's dimension D (2^D cells per level; 1 where it can't be measured). Returns
+    the plan and D."""
+    from vmap_sweep.analysis.classify import converged_mask
+    from vmap_sweep.analysis.fractal import fractal_dimension
+    from vmap_sweep.run.estimate import study_stream
+
+    with Study.open(top) as study:
+        cfg = study.config
+        mask = converged_mask(study_map(study.store).labels)
+    _, stream = study_stream(cfg)
+    try:
+        dim = min(max(fractal_dimension(mask).dimension, 1.0), 2.0)
+    except VmapSweepError:
+        dim = 1.0
+    plan = plan_refinement(top, levels, lambda b: _supervised(stream, b), margin=margin,
+                           models_per_batch=models_per_batch, share=share, growth=2.0 ** dim)
+    return plan, dim

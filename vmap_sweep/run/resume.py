@@ -1,0 +1,139 @@
+"""What a run trains with when its folder may already hold a study: the options given, over the study's own.
+
+A study resumes from its folder alone: an option left out is the study's (its config, its run settings, how it was
+batched); an option given that changes the study's config is refused here, naming the option. The run settings a
+resume must keep (device type, micro-batching, determinism, compile, torch, CUDA, GPU) are compared once the device
+is known, by the pipeline (RunSettings.check_same); so are the Hub commits, once they are pinned.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from vmap_sweep.errors import ConfigError
+from vmap_sweep.store import extras
+from vmap_sweep.store.db import DB_NAME, config_diff
+from vmap_sweep.store.study import Study
+from vmap_sweep.study.config import StudyConfig
+from vmap_sweep.study.config import preset as get_preset
+from vmap_sweep.study.settings import RunSettings
+
+DEFAULT_PRESET = "d20-docvqa"
+DEFAULT_MODELS_PER_BATCH = 8
+# Pinned to a Hub commit after this policy (run/provenance.py pin_sources): compared where the pins are known.
+_PINNED = ("model_revision", "data_revision")
+
+
+@dataclass(frozen=True)
+class StoredRun:
+    """What a study folder holds of how it was run: its config, run settings (None: not trained yet) and the
+    options it was batched with (models_per_batch, share; {}: none recorded)."""
+
+    config: StudyConfig
+    settings: RunSettings | None = None
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, folder: str | os.PathLike) -> StoredRun | None:
+        """The study in `folder`, or None where there is none yet."""
+        if not (Path(folder) / DB_NAME).is_file():
+            return None
+        with Study.open(folder) as study:
+            return cls(study.config, study.settings, extras.run_options(study.store))
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """A run as asked for; None (False for deterministic) where an option was left out."""
+
+    preset: str | None = None
+    config: dict = field(default_factory=dict)  # StudyConfig fields given, e.g. {"seed": 3}; None values: left out
+    fixed: dict = field(default_factory=dict)  # --set: fixed hyperparameters, already checked
+    models_per_batch: int | str | None = None  # a positive integer, "auto", or its text
+    share: bool | None = None
+    device: str | None = None
+    micro_batch_size: int | None = None
+    deterministic: bool = False
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """The config and options a run trains with."""
+
+    config: StudyConfig
+    models_per_batch: int | str
+    share: bool
+    device: str
+    micro_batch_size: int | None
+    deterministic: bool
+
+    def run_settings(self) -> RunSettings:
+        """The run settings on this machine's device (checked: a bad one is refused before any folder is touched)."""
+        from vmap_sweep.run.policy import resolve_device, run_settings
+
+        return run_settings(resolve_device(self.device), self.config.rows_per_step(), self.micro_batch_size,
+                            self.deterministic)
+
+
+def check_models_per_batch(value: int | str) -> int | str:
+    """A positive integer (or its text) or 'auto', as --models-per-batch takes it."""
+    if value == "auto":
+        return value
+    try:
+        k = int(value) if not isinstance(value, bool) and isinstance(value, int | str) else None
+    except ValueError:
+        k = None
+    if k is None:
+        raise ConfigError(f"--models-per-batch {str(value)!r}: give a positive integer or 'auto'")
+    if k < 1:
+        raise ConfigError(f"--models-per-batch {k}: give a positive integer or 'auto'")
+    return k
+
+
+def resolve_run(options: RunOptions, stored: StoredRun | None, where: object = "the study") -> ResolvedRun:
+    """The run `options` ask for in a folder holding `stored` (None: a new study). Left out, an option is the
+    study's: its config (unless --preset is given), its device, micro-batch size and determinism, how many models
+    it trained at once and whether it shared trajectories; a new study takes the defaults. An option that changes
+    a stored study's config is one ConfigError naming it."""
+    kept = stored.options if stored is not None else {}
+    k = check_models_per_batch(options.models_per_batch if options.models_per_batch is not None
+                               else str(kept.get("models_per_batch", DEFAULT_MODELS_PER_BATCH)))
+    share = options.share if options.share is not None else kept.get("share", True)
+    device, micro, deterministic = options.device, options.micro_batch_size, options.deterministic
+    if stored is not None and stored.settings is not None:
+        device = device or stored.settings.device
+        micro = micro if micro is not None else stored.settings.micro_batch_size
+        deterministic = deterministic or stored.settings.deterministic
+    base = stored.config if options.preset is None and stored is not None \
+        else get_preset(options.preset or DEFAULT_PRESET)
+    cfg = base.with_overrides(**options.config, fixed={**base.fixed, **options.fixed})
+    cfg.validate()
+    if stored is not None:
+        _check_same_config(cfg, stored.config, options, where)
+    return ResolvedRun(cfg, k, share, device or "auto", micro, deterministic)
+
+
+def _check_same_config(cfg: StudyConfig, stored: StudyConfig, options: RunOptions, where: object) -> None:
+    mine, theirs = cfg.to_dict(), stored.to_dict()
+    for key in _PINNED:  # a field left at None is not in the dict
+        mine.pop(key, None)
+        if key in theirs:
+            mine[key] = theirs[key]
+    if mine == theirs:
+        return
+    differ = [f.name for f in fields(StudyConfig) if mine.get(f.name) != theirs.get(f.name)]
+    names = sorted({_option_name(key, options) for key in differ})
+    raise ConfigError(f"{where} holds a study made with other options ({config_diff(theirs, mine)}); leave out "
+                      f"{', '.join(names)} (or give the study's values) to resume it, or use a new --out for a new "
+                      "study")
+
+
+def _option_name(key: str, options: RunOptions) -> str:
+    """The option that set a config field: its own, --set for the fixed hyperparameters, else the preset's."""
+    if key == "fixed" and options.fixed:
+        return "--set"
+    if options.config.get(key) is not None:
+        return f"--{key.replace('_', '-')}"
+    return "--preset"
