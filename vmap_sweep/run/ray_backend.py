@@ -199,9 +199,6 @@ class RayBackend:
                 raise e.cause from None
             raise
 
-    def worker_names(self) -> list[str]:
-        return [s.name for s in self.slots]
-
     def _wait_ready(self) -> _Slot:
         """The first worker that finishes loading (others keep loading in the background)."""
         failures = 0
