@@ -7,10 +7,11 @@ from vmap_sweep.store.db import StudyStore
 
 
 def provenance_rows(store: StudyStore) -> list[tuple[str, str]]:
-    """Versions, GPU, Hub commits and the base weights' SHA-256; "not recorded" for a study from before."""
+    """Versions, GPU, Hub commits and the base weights' SHA-256; "not recorded yet" for a study whose first run
+    has not loaded its model and data (the moment they are recorded)."""
     origin, settings = extras.provenance(store), extras.run_settings(store)
     if origin is None and (settings is None or settings.torch is None):
-        return [("provenance", "not recorded (a study from before vmap-sweep recorded it)")]
+        return [("provenance", "not recorded yet (a run records it once its model and data have loaded)")]
     rows = []
     if settings is not None and settings.torch is not None:
         rows.append(("torch / CUDA", f"{settings.torch} / {settings.cuda}"))

@@ -15,8 +15,6 @@ from vmap_sweep.errors import StoreError
 # a cell's last bits. Code of one version reads, analyses and exports a study of another, but does not train
 # more cells into it, so that one study never mixes two arithmetics.
 NUMERICS = 4
-# The release that trains each older version, for the message that refuses it.
-NUMERICS_RELEASE = {1: "vmap-sweep<0.2", 2: "vmap-sweep<0.2", 3: "vmap-sweep<0.2"}
 COMPILE_SETTINGS = ("0", "1", "auto")
 ENVIRONMENT = ("torch", "cuda", "gpu")  # the RunSettings that describe the machine, not an option
 
@@ -46,8 +44,8 @@ class RunSettings:
     compile: str = "0"  # VMAP_SWEEP_COMPILE as it applies on this device: "1", "0" or "auto"
     numerics: int = NUMERICS
     # The software and hardware under the kernels: another torch, CUDA or GPU model picks other kernels (cuBLAS
-    # heuristics, SDPA backends, oneDNN), so they count like the device type. None: not recorded (studies from
-    # before these were, and settings made by hand); such a value is not compared. vmap-sweep's own version is
+    # heuristics, SDPA backends, oneDNN), so they count like the device type. None: not known (settings made by
+    # hand, as a library caller may); such a value is not compared. vmap-sweep's own version is
     # not here: what it changes of the arithmetic is `numerics`.
     torch: str | None = None
     cuda: str | None = None  # the CUDA torch was built with, on a CUDA device; "none" on a CPU
@@ -58,12 +56,15 @@ class RunSettings:
 
     @classmethod
     def from_stored(cls, stored: dict) -> RunSettings:
-        """Settings as a study stored them; studies from before compile and numerics were recorded ran
-        eager, with the first arithmetic."""
+        """Settings as a study stored them: every field, each of its kind (ValueError naming the first that
+        is not)."""
         if not isinstance(stored, dict):
             raise ValueError(f"a JSON {type(stored).__name__}, not an object")
-        known = {f.name for f in fields(cls)}
-        values = {"compile": "0", "numerics": 1, **{k: v for k, v in stored.items() if k in known}}
+        known = [f.name for f in fields(cls)]
+        missing = [k for k in known if k not in stored]
+        if missing:
+            raise ValueError(f"no {missing[0]!r}")
+        values = {k: stored[k] for k in known}
         for key, value in values.items():
             if not _KINDS[key](value):
                 raise ValueError(f"{key}={value!r:.60}")
@@ -72,17 +73,16 @@ class RunSettings:
     def check_trainable_here(self, where: object) -> None:
         """This code trains only studies of its own arithmetic; it names the release that trains another."""
         if self.numerics != NUMERICS:
-            release = NUMERICS_RELEASE.get(self.numerics, f"the vmap-sweep release with numerics {self.numerics}")
             raise StoreError(f"{where} was trained with numerics version {self.numerics}, this vmap-sweep computes "
-                             f"version {NUMERICS}; to add cells to it install {release!r} (analysis, plots and "
-                             "export work here), or start a new --out")
+                             f"version {NUMERICS}; to add cells to it install the vmap-sweep release with numerics "
+                             f"{self.numerics} (analysis, plots and export work here), or start a new --out")
 
     def check_same(self, stored: RunSettings, where: object) -> None:
         """A resume (or a zoom child) keeps the settings its study was trained with."""
         stored.check_trainable_here(where)
         mine, theirs = self.to_dict(), stored.to_dict()
         for key in ENVIRONMENT:
-            if mine[key] is None or theirs[key] is None:  # not recorded on one side: nothing to compare
+            if mine[key] is None or theirs[key] is None:  # not known on one side: nothing to compare
                 mine[key] = theirs[key]
         if mine != theirs:
             diff = ", ".join(f"{k}: {theirs[k]!r} -> {v!r}" for k, v in mine.items() if theirs[k] != v)
