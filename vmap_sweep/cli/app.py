@@ -728,7 +728,7 @@ def eval_(
                                            "and farthest included.")] = "lattice",
     tasks: Annotated[str, typer.Option(help="Comma-separated lm-eval tasks.")] = ",".join(DEFAULT_TASKS),
     limit: Annotated[str | None, typer.Option(help="Examples per task: N (or all) for every task, TASK=N for one, "
-                                                   "e.g. hellaswag=200,piqa=100 or 100,piqa=50. Default the plan's: "
+                                                   "e.g. hellaswag=200,piqa=100 or 100,piqa=50. Default: "
                                                    + ", ".join(f"{t} {n}" for t, n in DEFAULT_LIMITS.items())
                                                    + "; all of any other task.")] = None,
     include_path: Annotated[Path | None, typer.Option(help="Folder of custom lm-eval task YAMLs.")] = None,

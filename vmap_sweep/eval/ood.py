@@ -3,7 +3,7 @@
 A subset of a study's converged cells (an even lattice over the grid, or evenly spread quantiles of their
 distance to the boundary) is re-trained (the same stacked trainer, data order and seeds; each re-trained loss
 trajectory is checked against the stored one, so the models evaluated are the models the study measured), each
-model is evaluated with lm-evaluation-harness (examples per task: the plan's, or the user's), and the Spearman
+model is evaluated with lm-evaluation-harness (examples per task: DEFAULT_LIMITS, or the user's), and the Spearman
 correlation between accuracy and the cell's distance to the boundary (grid steps) is stored with a bootstrap CI
 in the study under the extra key "ood".
 """
@@ -247,9 +247,9 @@ Limits = dict[str, int | None]  # examples per task; None: all of them
 
 
 def parse_limits(spec: str | int | Mapping[str, int | None] | None, tasks: Sequence[str]) -> Limits:
-    """Examples per task. None: the plan's (DEFAULT_LIMITS; all examples of a task it does not name). A number
-    (or "all"): every task. "hellaswag=200,piqa=100": those tasks, the others the plan's; "100,piqa=50": every
-    task 100 but piqa. A mapping: its tasks, the others the plan's."""
+    """Examples per task. None: DEFAULT_LIMITS (all examples of a task it does not name). A number
+    (or "all"): every task. "hellaswag=200,piqa=100": those tasks, the others DEFAULT_LIMITS'; "100,piqa=50": every
+    task 100 but piqa. A mapping: its tasks, the others DEFAULT_LIMITS'."""
     limits: Limits = {t: DEFAULT_LIMITS.get(t) for t in tasks}
     if spec is None:
         return limits
@@ -386,7 +386,7 @@ def run_ood_eval(
     """Select, re-train, evaluate and correlate; stores and returns the "ood" extra of the study.
 
     ``cells``: an NxM lattice (``pick`` "lattice"), or how many cells ("boundary-quantiles", `pick_by_distance`).
-    ``limit``: examples per task, as `parse_limits` reads it (None: the plan's). ``deterministic`` should match
+    ``limit``: examples per task, as `parse_limits` reads it (None: DEFAULT_LIMITS). ``deterministic`` should match
     the study's own run (--deterministic) for GPU re-training to reproduce it; ``seed`` seeds the bootstrap of
     the Spearman CI. ``chosen`` hears the chosen cells (i, j, x, y, distance) before any re-training.
     """

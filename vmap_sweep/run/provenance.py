@@ -28,7 +28,7 @@ SHOWN_ONLY = ("vmap_sweep", "python")  # versions shown beside a resume, never r
 
 def pin_sources(cfg: StudyConfig, stored: StudyConfig | None = None) -> StudyConfig:
     """`cfg` with its Hub model and dataset pinned to commits. A study being resumed (`stored`) keeps its own
-    pins where none is given, and an old study stored without one stays unpinned (its config must not change)."""
+    pins (none, for a local model or data) where none is given: its config must not change."""
     model_rev, data_rev = cfg.model_revision, cfg.data_revision
     if stored is not None and model_rev is None and stored.model == cfg.model:
         model_rev = stored.model_revision
