@@ -307,7 +307,7 @@ def part_check(args, device, result) -> None:
     got = TrunkTrainer(model, lanes, cfg, device).run(stream, held_out)
     worst = 0.0
     for rec, hp in zip(got, [hp for lane in lanes for hp in lane], strict=True):
-        alone = StackedTrainer(model, [hp], cfg, device).run(stream, held_out)[0]
+        alone = TrunkTrainer.separate(model, [hp], cfg, device).run(stream, held_out)[0]
         pairs = [*zip(rec.losses, alone.losses, strict=True), (rec.eval_loss, alone.eval_loss)]
         worst = max(worst, *(abs(x - y) / abs(y) for x, y in pairs))
     result["check"] = {"cells": len(got), "max_relative_difference": worst}

@@ -370,9 +370,9 @@ def train_batch(
     device: str | torch.device = "cpu",
 ) -> list[CellRecord]:
     """Fine-tune one copy of `model` per cell, all at once; one record per cell, in order."""
-    from vmap_sweep.train.trainer import StackedTrainer
+    from vmap_sweep.train.trunk import TrunkTrainer
 
-    return StackedTrainer(model, cells, cfg, device).run(stream, eval_batches)
+    return TrunkTrainer.separate(model, cells, cfg, device).run(stream, eval_batches)
 
 
 # ------------------------------------------------------------------ running a study as the CLI does

@@ -11,7 +11,7 @@ from helpers import RandomStream, bits, tiny_model
 
 from vmap_sweep.study.grid import Cell
 from vmap_sweep.study.plan import trunks
-from vmap_sweep.train.trainer import StackedTrainer, TrainConfig
+from vmap_sweep.train.trainer import TrainConfig
 from vmap_sweep.train.trunk import TrunkTrainer
 
 B, T = 4, 16  # 64 tokens per step
@@ -26,7 +26,7 @@ def _cells(lrs, budgets, **fixed) -> list[Cell]:
 
 
 def _alone(base, cell: Cell, cfg, stream, eval_batches):
-    return StackedTrainer(base, [cell.hparams], cfg, "cpu").run(stream, eval_batches)[0]
+    return TrunkTrainer.separate(base, [cell.hparams], cfg, "cpu").run(stream, eval_batches)[0]
 
 
 def _same(got, want) -> None:
