@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from vmap_sweep.data.stream import budget_mask
 from vmap_sweep.model.gpt import GPT, Block, causal_attention, norm
 from vmap_sweep.model.loss import stacked_linear_cross_entropy
-from vmap_sweep.study.config import GROUPS, OPTIMIZERS, SCHEDULES, check_micro_batch_size
+from vmap_sweep.study.config import GROUPS, OPTIMIZERS, SCHEDULES, check_micro_batch_size, tokens_per_step
 from vmap_sweep.study.plan import steps_for
 from vmap_sweep.train.optim import AdamWHparams, StackedAdamW, StackedMuon
 from vmap_sweep.train.stack import group_of, split_params, unstack
@@ -41,7 +41,7 @@ NANOCHAT_UNEMBEDDING_LR = 0.004
 class TrainConfig:
     optimizer: str = "adamw"  # "adamw", or "nanochat": Muon on block matrices + AdamW on (un)embedding
     schedule: str = "constant"  # constant | linear (to zero, nanochat SFT) | cosine
-    batch_size: int = 8  # rows per optimizer step; tokens per step = batch_size * seq_len
+    batch_size: int = 8  # rows per optimizer step (tokens per step: `tokens_per_step`)
     seq_len: int = 1024
     micro_batch_size: int | None = None  # rows per forward/backward (gradient accumulation); None = all
     adam_betas: tuple[float, float] = (0.9, 0.95)
@@ -72,7 +72,7 @@ class TrainConfig:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.batch_size * self.seq_len
+        return tokens_per_step(self.batch_size, self.seq_len)
 
     def validate(self) -> None:
         """Programming errors only: a study's options were checked as a StudyConfig already."""
