@@ -14,7 +14,8 @@ import torch
 from vmap_sweep.model.gpt import GPT, GPTConfig
 from vmap_sweep.run.bench import RandomStream
 from vmap_sweep.train.memory import probe_models_per_batch, train_splitting_on_oom
-from vmap_sweep.train.trainer import StackedTrainer, TrainConfig, set_determinism
+from vmap_sweep.train.trainer import TrainConfig, set_determinism
+from vmap_sweep.train.trunk import TrunkTrainer
 
 
 def main() -> None:
@@ -35,7 +36,7 @@ def main() -> None:
 
     def train(sub):
         calls.append(len(sub))
-        return StackedTrainer(model, sub, cfg, "cuda").run(stream)
+        return TrunkTrainer.separate(model, sub, cfg, "cuda").run(stream)
 
     records = train_splitting_on_oom(train, cells)
     out["oom_split_calls"] = calls
@@ -47,8 +48,8 @@ def main() -> None:
     small = GPT(GPTConfig.from_depth(4, vocab_size=65536, sequence_len=1024)).init_weights(0).cuda()
     small_cfg = TrainConfig(batch_size=4, seq_len=1024)
     cells = [{"lr": lr, "tokens": 10 * 4096} for lr in (1e-4, 1e-3, 1e-2)]
-    a = StackedTrainer(small, cells, small_cfg, "cuda").run(stream)
-    b = StackedTrainer(small, cells, small_cfg, "cuda").run(stream)
+    a = TrunkTrainer.separate(small, cells, small_cfg, "cuda").run(stream)
+    b = TrunkTrainer.separate(small, cells, small_cfg, "cuda").run(stream)
     out["deterministic_rerun_identical"] = all(x.losses == y.losses for x, y in zip(a, b, strict=True))
     print("deterministic rerun identical:", out["deterministic_rerun_identical"])
     print(json.dumps(out))

@@ -22,7 +22,8 @@ import torch
 
 from vmap_sweep.model.gpt import ARCH_2026, GPT, GPTConfig
 from vmap_sweep.run.bench import RandomStream
-from vmap_sweep.train.trainer import StackedTrainer, TrainConfig
+from vmap_sweep.train.trainer import TrainConfig
+from vmap_sweep.train.trunk import TrunkTrainer
 
 
 def _model(config: GPTConfig, device: torch.device) -> GPT:
@@ -38,7 +39,7 @@ def _timed_run(model: GPT, cells: list[dict], cfg: TrainConfig, device: torch.de
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    records = StackedTrainer(model, cells, cfg, device).run(RandomStream(model.config.vocab_size, device))
+    records = TrunkTrainer.separate(model, cells, cfg, device).run(RandomStream(model.config.vocab_size, device))
     if device.type == "cuda":
         torch.cuda.synchronize()
     return records, time.perf_counter() - start

@@ -15,6 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 from vmap_sweep.model.gpt import GPT, GPTConfig
 from vmap_sweep.run.bench import RandomStream
 from vmap_sweep.train.trainer import StackedTrainer, TrainConfig
+from vmap_sweep.train.trunk import TrunkTrainer
 
 
 def timed(fn, reps: int = 3) -> float:
@@ -68,13 +69,13 @@ def main() -> None:
     del trainer
     torch.cuda.empty_cache()
 
-    StackedTrainer(model, cells, cfg, "cuda").run(stream)  # warm-up
+    TrunkTrainer.separate(model, cells, cfg, "cuda").run(stream)  # warm-up
     torch.cuda.synchronize()
     start = time.perf_counter()
-    StackedTrainer(model, cells, cfg, "cuda").run(stream)
+    TrunkTrainer.separate(model, cells, cfg, "cuda").run(stream)
     torch.cuda.synchronize()
     print(f"a whole run of {args.models} cells: {time.perf_counter() - start:.3f} s wall")
-    trainer = StackedTrainer(model, cells, cfg, "cuda")
+    trainer = TrunkTrainer.separate(model, cells, cfg, "cuda")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
         trainer.run(stream)

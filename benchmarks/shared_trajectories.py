@@ -71,8 +71,7 @@ class PartTimer:
     estimate (a forward is a third of a training step's), for each part's MFU."""
 
     PASSES = {"_step": "trunk steps", "_branch_gradient": "partial steps", "evaluate": "eval passes",
-              "_read_out_branch": "final-loss passes", "_read_out_shared": "final-loss passes",
-              "_read_out_unstepped": "final-loss passes"}
+              "_read_out_branch": "final-loss passes", "_final_losses": "final-loss passes"}
 
     def __init__(self, flops_per_token: float):
         self.flops_per_token = flops_per_token
@@ -85,8 +84,7 @@ class PartTimer:
                 if name in vars(cls):
                     self._label(cls, name, part)
         self._time(StackedTrainer, "_forward_backward", None)
-        self._time(StackedTrainer, "_optimizer_step", "trunk updates")
-        self._time(TrunkTrainer, "_branch_update", "partial-step updates")
+        self._time(StackedTrainer, "_optimizer_step", "updates (trunks and partial steps)")
         self._time(TrunkTrainer, "_load_branch", "branch copies")
 
     def _label(self, cls, name: str, part: str) -> None:
@@ -307,7 +305,7 @@ def part_check(args, device, result) -> None:
     got = TrunkTrainer(model, lanes, cfg, device).run(stream, held_out)
     worst = 0.0
     for rec, hp in zip(got, [hp for lane in lanes for hp in lane], strict=True):
-        alone = StackedTrainer(model, [hp], cfg, device).run(stream, held_out)[0]
+        alone = TrunkTrainer.separate(model, [hp], cfg, device).run(stream, held_out)[0]
         pairs = [*zip(rec.losses, alone.losses, strict=True), (rec.eval_loss, alone.eval_loss)]
         worst = max(worst, *(abs(x - y) / abs(y) for x, y in pairs))
     result["check"] = {"cells": len(got), "max_relative_difference": worst}

@@ -15,7 +15,8 @@ import traceback
 import torch
 
 from vmap_sweep.run.bench import bench, matmul_peak_tflops
-from vmap_sweep.train.trainer import StackedTrainer, TrainConfig
+from vmap_sweep.train.trainer import TrainConfig
+from vmap_sweep.train.trunk import TrunkTrainer
 
 # Every case: the stacked trainer against the best one-at-a-time loop on the same model, tokens and cells.
 # Defaults: d20 (n_embd None), 8 x 1024 tokens per step, cells of 5 steps, everything trainable, float32 Adam
@@ -57,8 +58,8 @@ def gpu_packing_difference(device: str = "cuda") -> float:
     stream = RandomStream(65536, torch.device(device))
     cfg = TrainConfig(batch_size=4, seq_len=1024)
     cell = {"lr": 3e-4, "tokens": 20 * 4096}
-    alone = StackedTrainer(model, [cell], cfg, device).run(stream)[0].losses
-    packed = StackedTrainer(model, [{"lr": 1e-3, "tokens": 4096}, {"lr": 1e-5, "tokens": 40960}, cell,
+    alone = TrunkTrainer.separate(model, [cell], cfg, device).run(stream)[0].losses
+    packed = TrunkTrainer.separate(model, [{"lr": 1e-3, "tokens": 4096}, {"lr": 1e-5, "tokens": 40960}, cell,
                                     {"lr": 1e-2, "tokens": 8192}], cfg, device).run(stream)[2].losses
     return max(abs(a - b) / abs(b) for a, b in zip(alone, packed, strict=True))
 

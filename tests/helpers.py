@@ -370,9 +370,38 @@ def train_batch(
     device: str | torch.device = "cpu",
 ) -> list[CellRecord]:
     """Fine-tune one copy of `model` per cell, all at once; one record per cell, in order."""
-    from vmap_sweep.train.trainer import StackedTrainer
+    from vmap_sweep.train.trunk import TrunkTrainer
 
-    return StackedTrainer(model, cells, cfg, device).run(stream, eval_batches)
+    return TrunkTrainer.separate(model, cells, cfg, device).run(stream, eval_batches)
+
+
+def train_one_by_one(model: GPT, stream, cell: dict, cfg: TrainConfig,
+                     eval_batches: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> CellRecord:
+    """One cell trained by the plainest loop over the stacked step (a stack of one model): step after step until
+    its budget ends or it diverges, then the loss of its last batch and its eval loss. The reference the
+    training loop's read-outs are held to; it shares no code with them."""
+    from vmap_sweep.study.schedule import lr_multiplier
+    from vmap_sweep.train.trainer import CellRecord, StackedTrainer
+
+    trainer = StackedTrainer(model, [cell], cfg)
+    rec = CellRecord(initial_loss=float("nan"), steps=int(trainer.total_steps[0]))
+    active = torch.ones(1, dtype=torch.bool)
+    for step in range(rec.steps):
+        x, y = stream.batch(step, trainer.cfg.batch_size, cfg.seq_len)
+        mult = lr_multiplier(step, trainer.total_steps, trainer.warmup_ratio, cfg.schedule)
+        taken = trainer._step(step, x, y, trainer._loss_weights(step, y), mult, active)
+        taken.record([rec], step, active)
+        if rec.diverged:
+            break
+    if not rec.diverged and rec.steps_done > 0:
+        last = rec.steps_done - 1
+        x, y = stream.batch(last, trainer.cfg.batch_size, cfg.seq_len)
+        with torch.no_grad():
+            loss = trainer._forward_backward(x, y, trainer._loss_weights(last, y), with_grad=False)
+        rec.end_with(loss[0].item())
+    if eval_batches:
+        rec.eval_loss = trainer.evaluate(eval_batches)[0].item()
+    return rec
 
 
 # ------------------------------------------------------------------ running a study as the CLI does

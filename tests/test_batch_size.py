@@ -114,7 +114,7 @@ def test_every_cell_of_a_batch_size_grid_equals_it_trained_alone():
         records = TrunkTrainer(base, [[c.hparams for c in lane] for lane in mine], cfg).run(stream, evals)
         got.update(zip([c.key for lane in mine for c in lane], records, strict=True))
     for c in cells:
-        alone = StackedTrainer(base, [c.hparams], cfg).run(stream, evals)[0]
+        alone = TrunkTrainer.separate(base, [c.hparams], cfg).run(stream, evals)[0]
         assert alone.steps == -(-c.hparams["tokens"] // c.hparams["batch_size"])
         _same(got[c.key], alone)
     with pytest.raises(ValueError, match="a stack holds one batch size"):
@@ -195,16 +195,16 @@ def test_what_fitted_cuts_later_batches_of_the_same_batch_size_only(monkeypatch)
     monkeypatch.setattr(runner, "load_study_data", lambda cfg, device: runner.StudyData(base, None, stream, []))
     worker = runner.Worker(preset("tiny").with_overrides(seq_len=16), "cpu", RunSettings())
     sizes = []
-    real = runner.StackedTrainer
+    real = runner.TrunkTrainer
 
     class SmallMemory(real):
-        def __init__(self, model, cells, cfg, device, base_cache=None):
-            sizes.append((cells[0]["batch_size"], len(cells)))
-            if len(cells) > 2 and cells[0]["batch_size"] == 64:
+        def __init__(self, model, lanes, cfg, device, base_cache=None):
+            sizes.append((lanes[0][0]["batch_size"], len(lanes)))
+            if len(lanes) > 2 and lanes[0][0]["batch_size"] == 64:
                 raise torch.OutOfMemoryError("CUDA out of memory")
-            super().__init__(model, cells, cfg, device, base_cache)
+            super().__init__(model, lanes, cfg, device, base_cache)
 
-    monkeypatch.setattr(runner, "StackedTrainer", SmallMemory)
+    monkeypatch.setattr(runner, "TrunkTrainer", SmallMemory)
 
     def lanes(batch_size):
         return [[{"lr": lr, "tokens": 64, "batch_size": batch_size}] for lr in (1e-4, 3e-4, 1e-3, 3e-3)]

@@ -35,7 +35,7 @@ from vmap_sweep.model.tokenizer import ByteTokenizer, load_tokenizer
 from vmap_sweep.store.db import StudyStore
 from vmap_sweep.study.config import preset
 from vmap_sweep.train.stack import HELD_2026
-from vmap_sweep.train.trainer import StackedTrainer, TrainConfig
+from vmap_sweep.train.trainer import TrainConfig
 from vmap_sweep.train.trunk import TrunkTrainer
 
 
@@ -550,7 +550,7 @@ def test_stacked_training_of_a_2026_model_equals_separate_runs():
     B, T = 2, 160  # longer than the 128-key windows
     cfg = TrainConfig(optimizer="adamw", schedule="linear", batch_size=B, seq_len=T, divergence_ratio=10.0)
     cells = [{"lr": 1e-4, "tokens": 3 * B * T}, {"lr": 3e-3, "tokens": 2 * B * T - 50}]
-    trainer = StackedTrainer(base, cells, cfg)
+    trainer = TrunkTrainer.separate(base, cells, cfg)
     assert set(trainer.frozen) == set(HELD_2026)  # the scalars are shared, every other parameter stacked
     records = trainer.run(stream)
     for i, cell in enumerate(cells):
@@ -568,7 +568,7 @@ def test_a_2026_model_trains_with_the_nanochat_optimizer_and_shared_trajectories
     cfg = TrainConfig(optimizer="nanochat", schedule="constant", batch_size=2, seq_len=160)
     lanes = [[{"lr": 1e-3, "tokens": 320}, {"lr": 1e-3, "tokens": 960}], [{"lr": 1e-2, "tokens": 640}]]
     records = TrunkTrainer(base, lanes, cfg).run(stream)
-    alone = StackedTrainer(base, [c for lane in lanes for c in lane], cfg).run(stream)
+    alone = TrunkTrainer.separate(base, [c for lane in lanes for c in lane], cfg).run(stream)
     for r, a in zip(records, alone, strict=True):
         assert not r.diverged and len(r.losses) == r.steps + 1 and r.losses[-1] < r.losses[0]
         torch.testing.assert_close(torch.tensor(r.losses), torch.tensor(a.losses), rtol=1e-5, atol=0)

@@ -55,21 +55,21 @@ def test_after_a_split_later_batches_are_cut_to_what_fitted(monkeypatch):
     monkeypatch.setattr(runner, "load_study_data", lambda cfg, device: data)
     worker = runner.Worker(preset("tiny").with_overrides(batch_size=2, seq_len=16), "cpu", RunSettings())
     sizes = []
-    real = runner.StackedTrainer
+    real = runner.TrunkTrainer
 
     class SmallMemory(real):
-        def __init__(self, model, cells, cfg, device, base_cache=None):
-            sizes.append(len(cells))
-            if len(cells) > 2:
+        def __init__(self, model, lanes, cfg, device, base_cache=None):
+            sizes.append(len(lanes))
+            if len(lanes) > 2:
                 raise torch.OutOfMemoryError("CUDA out of memory")
-            super().__init__(model, cells, cfg, device, base_cache)
+            super().__init__(model, lanes, cfg, device, base_cache)
 
-    monkeypatch.setattr(runner, "StackedTrainer", SmallMemory)
+    monkeypatch.setattr(runner, "TrunkTrainer", SmallMemory)
     cells = [{"lr": lr, "tokens": 64} for lr in (1e-4, 3e-4, 1e-3, 3e-3)]
     lanes = [[c] for c in cells]  # each cell its own stacked model
     first, second = worker.train(lanes), worker.train(lanes)
     assert sizes == [4, 2, 2, 2, 2]  # the second batch goes straight to the size that fitted
-    whole = real(base, cells, worker.train_cfg, "cpu", {}).run(stream, [])  # the 4 cells at once, never split
+    whole = real.separate(base, cells, worker.train_cfg, "cpu", {}).run(stream, [])  # the 4 cells at once, never split
     for split in (first, second):
         assert [r.losses for r in split] == [r.losses for r in whole]
 

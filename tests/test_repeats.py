@@ -15,7 +15,7 @@ from helpers import VOCAB, bits, tiny_model
 from vmap_sweep.data.stream import TokenStream
 from vmap_sweep.study.grid import Cell
 from vmap_sweep.study.plan import same_experiments, trunks
-from vmap_sweep.train.trainer import StackedTrainer, TrainConfig
+from vmap_sweep.train.trainer import TrainConfig
 from vmap_sweep.train.trunk import TrunkTrainer
 
 B, T = 4, 16  # 64 tokens per step
@@ -107,7 +107,7 @@ def test_a_repeated_experiment_gives_its_cells_the_very_same_record(schedule):
     same = same_experiments(cells, _supervised(stream), schedule, B * T)
     assert len(same) >= 5 * len(LRS)
     # every cell its own model (what --no-share trains), and the trunks read out at each budget
-    alone = dict(zip([c.key for c in cells], StackedTrainer(base, [c.hparams for c in cells], cfg, "cpu")
+    alone = dict(zip([c.key for c in cells], TrunkTrainer.separate(base, [c.hparams for c in cells], cfg, "cpu")
                      .run(stream, evals), strict=True))
     lanes = trunks(cells, schedule, B * T)
     records = TrunkTrainer(base, [[c.hparams for c in lane] for lane in lanes], cfg).run(stream, evals)

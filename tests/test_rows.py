@@ -18,7 +18,7 @@ from vmap_sweep.store.db import config_hash
 from vmap_sweep.study.config import StudyConfig, preset
 from vmap_sweep.study.grid import Cell
 from vmap_sweep.study.plan import trunks
-from vmap_sweep.train.trainer import StackedTrainer, TrainConfig
+from vmap_sweep.train.trainer import TrainConfig
 from vmap_sweep.train.trunk import TrunkTrainer
 
 TOK = ByteTokenizer()
@@ -128,6 +128,6 @@ def test_rows_keep_read_outs_bitwise_equal_to_cells_trained_alone():
     (lane,) = trunks(cells, "constant", B * T)
     got = TrunkTrainer(base, [[c.hparams for c in lane]], cfg).run(stream)
     for cell, rec in zip(lane, got, strict=True):
-        alone = StackedTrainer(base, [cell.hparams], cfg, "cpu").run(stream)[0]
+        alone = TrunkTrainer.separate(base, [cell.hparams], cfg, "cpu").run(stream)[0]
         for field in ("losses", "base_losses", "grad_norms"):
             assert np.array_equal(bits(getattr(rec, field)), bits(getattr(alone, field))), (cell.y, field)

@@ -21,6 +21,7 @@ from vmap_sweep.study.schedule import lr_multiplier
 from vmap_sweep.train.optim import newton_schulz
 from vmap_sweep.train.stack import GROUPS
 from vmap_sweep.train.trainer import StackedTrainer, TrainConfig, ce_chunk_rows, group_lrs
+from vmap_sweep.train.trunk import TrunkTrainer
 
 B, T = 2, 16
 # A tight divergence cap (2x the base loss), so that the large-LR cells below pass it.
@@ -46,7 +47,7 @@ def test_stacked_adamw_equals_separate_runs():
         {"lr": 1e-2, "tokens": 160},
         {"lr": 30.0, "tokens": 200},
     ]
-    trainer = StackedTrainer(base, cells, CFG)
+    trainer = TrunkTrainer.separate(base, cells, CFG)
     records = trainer.run(stream)
     assert records[3].diverged and not any(r.diverged for r in records[:3])
     for i, cell in enumerate(cells):
@@ -73,7 +74,7 @@ def test_stacked_nanochat_optimizer_equals_separate_runs():
     # is amplified to bf16 precision. That the stack equals a loop bitwise in bf16 is tested below.
     cfg = TrainConfig(optimizer="nanochat", schedule="linear", batch_size=B, seq_len=T, muon_ns_dtype="float32")
     cells = [{"lr": 1e-4, "tokens": 160}, {"lr": 1e-3, "tokens": 160}, {"lr": 1e-2, "tokens": 96}]
-    trainer = StackedTrainer(base, cells, cfg)
+    trainer = TrunkTrainer.separate(base, cells, cfg)
     records = trainer.run(stream)
     for i, cell in enumerate(cells):
         ref_losses, ref_model = reference_nanochat(base, stream, cell, B, T, ns_dtype=torch.float32)
@@ -98,9 +99,9 @@ def test_divergence_is_isolated_bitwise():
     good = [{"lr": 1e-3, "tokens": 200}, {"lr": 3e-3, "tokens": 128}]
     capped = {"lr": 1e4, "tokens": 200}  # its loss passes the cap
     non_finite = {"lr": 1e39, "tokens": 200}  # inf in float32: NaN weights and losses after one step
-    with_bad = StackedTrainer(base, [good[0], capped, non_finite, good[1]], CFG)
+    with_bad = TrunkTrainer.separate(base, [good[0], capped, non_finite, good[1]], CFG)
     records_with = with_bad.run(stream)
-    without = StackedTrainer(base, good, CFG)
+    without = TrunkTrainer.separate(base, good, CFG)
     records_without = without.run(stream)
     for bad in records_with[1:3]:
         assert bad.diverged and bad.diverged_step is not None and bad.diverged_step < bad.steps
@@ -113,12 +114,12 @@ def test_divergence_is_isolated_bitwise():
 def test_non_finite_weights_freeze_the_model():
     base, stream = tiny_model(), RandomStream()
     cells = [{"lr": 1e-3, "tokens": 200}, {"lr": 1e39, "tokens": 200}]  # inf in float32
-    trainer = StackedTrainer(base, cells, TrainConfig(batch_size=B, seq_len=T, divergence_ratio=1e9))
+    trainer = TrunkTrainer.separate(base, cells, TrainConfig(batch_size=B, seq_len=T, divergence_ratio=1e9))
     records = trainer.run(stream)
     assert records[1].diverged and records[1].diverged_step == 0
     assert not records[0].diverged and records[0].steps_done == records[0].steps
     # frozen: its weights stay those of its one update, bit for bit (NaNs included), while its companion trains
-    one_step = StackedTrainer(base, [{"lr": 1e39, "tokens": B * T}], TrainConfig(batch_size=B, seq_len=T,
+    one_step = TrunkTrainer.separate(base, [{"lr": 1e39, "tokens": B * T}], TrainConfig(batch_size=B, seq_len=T,
                                                                                  divergence_ratio=1e9))
     one_step.run(stream)
     frozen, after_one = trainer.state_dict_of(1), one_step.state_dict_of(0)
@@ -189,7 +190,7 @@ def test_records_and_budgets():
 def test_frozen_groups_are_shared_not_stacked_and_do_not_move():
     base, stream = tiny_model(), RandomStream()
     cfg = TrainConfig(batch_size=B, seq_len=T, trainable=("attn", "mlp", "unembedding"))
-    trainer = StackedTrainer(base, [{"lr": 1e-2, "tokens": 96}] * 3, cfg)
+    trainer = TrunkTrainer.separate(base, [{"lr": 1e-2, "tokens": 96}] * 3, cfg)
     assert "transformer.wte.weight" in trainer.frozen and "transformer.wte.weight" not in trainer.stacked
     assert trainer.frozen["transformer.wte.weight"].ndim == 2
     trainer.run(stream)
@@ -281,7 +282,7 @@ def test_loss_chunk_follows_the_model_width_unless_set():
     cells = [{"lr": 1e-3, "tokens": 96}]
     assert StackedTrainer(base, cells, CFG).ce_chunk == 512
     chunked = TrainConfig(**{**CFG.__dict__, "ce_chunk": 8})  # 4 chunks of the 32-row batch
-    trainer = StackedTrainer(base, cells, chunked)
+    trainer = TrunkTrainer.separate(base, cells, chunked)
     assert trainer.ce_chunk == 8
     a, b = trainer.run(stream)[0], train_batch(base, stream, cells, CFG)[0]
     assert a.losses != b.losses  # the chunking really changed: it sets the order of the sums
@@ -345,9 +346,9 @@ def test_compiled_step_keeps_packing_and_isolation_bitwise(micro_batch_size):
     companions = [{"lr": 1e4, "tokens": 200}, {"lr": 1e39, "tokens": 20}, {"lr": 1e-3, "tokens": 96},
                   {"lr": 1e-2, "tokens": 24}]
     evals = [stream.batch(1000 + i, B, T) for i in range(2)]
-    alone_trainer = StackedTrainer(base, [cell], cfg)
+    alone_trainer = TrunkTrainer.separate(base, [cell], cfg)
     alone = alone_trainer.run(stream, evals)[0]
-    packed_trainer = StackedTrainer(base, [*companions, cell], cfg)
+    packed_trainer = TrunkTrainer.separate(base, [*companions, cell], cfg)
     packed = packed_trainer.run(stream, evals)
     assert packed[0].diverged and packed[1].diverged and not packed[4].diverged
     assert packed[4].losses == alone.losses and packed[4].grad_norms == alone.grad_norms
@@ -394,14 +395,14 @@ def test_fused_adamw_update_equals_the_eager_one(state):
 def test_base_model_reference_is_computed_once_per_step_across_trainers(monkeypatch):
     base, stream = tiny_model(), RandomStream()
     cells = [{"lr": 1e-3, "tokens": 160}, {"lr": 1e-2, "tokens": 96}]
-    alone = StackedTrainer(base, cells, CFG).run(stream)
+    alone = TrunkTrainer.separate(base, cells, CFG).run(stream)
     calls = []
     real = type(base).token_losses
     monkeypatch.setattr(type(base), "token_losses", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
     cache: dict = {}
-    first = StackedTrainer(base, cells, CFG, base_cache=cache).run(stream)
+    first = TrunkTrainer.separate(base, cells, CFG, base_cache=cache).run(stream)
     computed = len(calls)
-    second = StackedTrainer(base, cells[::-1], CFG, base_cache=cache).run(stream)
+    second = TrunkTrainer.separate(base, cells[::-1], CFG, base_cache=cache).run(stream)
     assert computed == 5 and len(calls) == computed  # 160 tokens = 5 steps of 32; the second batch reuses them
     for a, b in zip(alone, first, strict=True):
         assert a.base_losses == b.base_losses and a.losses == b.losses
@@ -415,7 +416,7 @@ def test_first_step_runs_one_model_per_distinct_budget_and_equals_the_whole_stac
     base, stream = tiny_model(), RandomStream()
     cells = [{"lr": 1e-3, "tokens": 200}, {"lr": 1e-2, "tokens": 20}, {"lr": 3e-3, "tokens": 200},
              {"lr": 1e-4, "tokens": 20}]
-    trainer = StackedTrainer(base, cells, CFG)
+    trainer = TrunkTrainer.separate(base, cells, CFG)
     x, y = stream.batch(0, B, T)
     w = trainer._loss_weights(0, y)
     whole = trainer._forward_backward(x, y, w, with_grad=True)

@@ -7,11 +7,11 @@ import functools
 import numpy as np
 import pytest
 import torch
-from helpers import RandomStream, bits, tiny_model
+from helpers import RandomStream, bits, tiny_model, train_one_by_one
 
 from vmap_sweep.study.grid import Cell
 from vmap_sweep.study.plan import trunks
-from vmap_sweep.train.trainer import StackedTrainer, TrainConfig
+from vmap_sweep.train.trainer import TrainConfig
 from vmap_sweep.train.trunk import TrunkTrainer
 
 B, T = 4, 16  # 64 tokens per step
@@ -26,7 +26,7 @@ def _cells(lrs, budgets, **fixed) -> list[Cell]:
 
 
 def _alone(base, cell: Cell, cfg, stream, eval_batches):
-    return StackedTrainer(base, [cell.hparams], cfg, "cpu").run(stream, eval_batches)[0]
+    return train_one_by_one(base, stream, cell.hparams, cfg, eval_batches)
 
 
 def _same(got, want) -> None:
@@ -73,6 +73,27 @@ def test_every_read_out_equals_the_cell_trained_alone(optimizer, k):
     diverged = [c.hparams["tokens"] for c in cells if want[c.key].diverged]
     # the diverging trunk decided the cells past its divergence, a branch ending there diverged on its own
     assert diverged == [100, 128, 200, 300], diverged
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "nanochat"])
+def test_lanes_of_one_cell_equal_the_cell_trained_alone(optimizer):
+    """A study without shared trajectories runs the same loop, one lane per cell: every budget (inside step 0,
+    partial, whole steps) and a diverging learning rate in one stack, each record the one training it alone gives,
+    final and eval losses included (read out for several lanes in one pass, or one lane at a time)."""
+    base, stream = tiny_model(), RandomStream()
+    cells = _cells(LRS, BUDGETS)
+    records = TrunkTrainer.separate(base, [c.hparams for c in cells], _constant(optimizer)).run(
+        stream, [stream.batch(1000, B, T)])
+    want = _trained_alone(optimizer)
+    for cell, rec in zip(cells, records, strict=True):
+        _same(rec, want[cell.key])
+    assert sum(r.diverged for r in records) == 4 and sum(r.eval_loss is not None for r in records) == len(cells)
+    # most lanes ending at one step: their final and eval losses are one pass of the whole stack
+    together = [c for c in cells if c.hparams["tokens"] in (128, 300)]
+    records = TrunkTrainer.separate(base, [c.hparams for c in together], _constant(optimizer)).run(
+        stream, [stream.batch(1000, B, T)])
+    for cell, rec in zip(together, records, strict=True):
+        _same(rec, want[cell.key])
 
 
 def test_a_decaying_schedule_shares_only_what_its_multipliers_allow():

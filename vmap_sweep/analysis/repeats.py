@@ -48,5 +48,5 @@ def sized_cells(store: StudyStore) -> SizedCells:
     # trajectories are shared and repeated in stream positions, whatever unit the budgets count
     cells = at_positions(store.cells(), {n: s.tokens for n, s in sizes.items()})
     supervised = {s.tokens: s.supervised for s in sizes.values()}
-    same = same_experiments(cells, supervised, cfg.schedule, cfg.batch_size * cfg.seq_len)
+    same = same_experiments(cells, supervised, cfg.schedule, cfg.tokens_per_step())
     return SizedCells(sizes, {key: cell.key for key, cell in same.items()}, cfg.budget_unit)

@@ -32,7 +32,7 @@ from vmap_sweep.store.db import StudyStore
 from vmap_sweep.store.study import Study
 from vmap_sweep.study.grid import Cell
 from vmap_sweep.study.settings import RunSettings
-from vmap_sweep.train.trainer import StackedTrainer
+from vmap_sweep.train.trunk import TrunkTrainer
 
 RTOL = 1e-6  # largest relative difference between a re-trained and a stored trajectory that is accepted
 PICKS = ("lattice", "boundary-quantiles")  # how the evaluated cells are chosen (--pick)
@@ -219,7 +219,7 @@ def retrain_cells(
     worker = Worker(cfg, dev, replace(trained, device=dev.type, deterministic=deterministic))
     data = worker.data
     for stack in plan_retraining(cells, solo, models_per_batch):
-        trainer = StackedTrainer(data.model, [c.hparams for c in stack], worker.train_cfg, dev)
+        trainer = TrunkTrainer.separate(data.model, [c.hparams for c in stack], worker.train_cfg, dev)
         records = trainer.run(data.stream)
         diffs = [trajectory_difference(r.losses, stored[c.key]) for c, r in zip(stack, records, strict=True)]
         worst = int(np.argmax(diffs))

@@ -19,7 +19,8 @@ import torch
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.model.gpt import GPT, GPTConfig
 from vmap_sweep.study.config import GROUPS
-from vmap_sweep.train.trainer import StackedTrainer, TrainConfig
+from vmap_sweep.train.trainer import TrainConfig
+from vmap_sweep.train.trunk import TrunkTrainer
 
 
 @dataclass
@@ -143,7 +144,7 @@ def time_stacked(model: GPT, k: int, cfg: TrainConfig, steps: int, device: torch
     for _ in range(2):
         _sync(device)
         start = time.perf_counter()
-        trainer = StackedTrainer(model, cells, cfg, device, base_cache)
+        trainer = TrunkTrainer.separate(model, cells, cfg, device, base_cache)
         records = trainer.run(stream)
         _sync(device)
         elapsed = time.perf_counter() - start

@@ -101,7 +101,7 @@ def describe_plan(cfg: StudyConfig, batches: list, model_config: GPTConfig, devi
     summary["steps_range"] = (min(min(b.cell_steps) for b in batches), max(max(b.cell_steps) for b in batches))
     cells = [c for b in batches for c in b.cells]  # budgets as stream positions (plan_study)
     same = same_experiments(cells, {size.tokens: size.supervised for size in budgets.sizes.values()}, cfg.schedule,
-                            cfg.batch_size * cfg.seq_len)
+                            cfg.tokens_per_step())
     budget_of = {size.tokens: n for n, size in budgets.sizes.items()}  # back to the study's unit
     summary["repeated_cells"] = len(same)
     summary["repeats"] = {budget_of[int(c.hparams["tokens"])]: budget_of[int(same[c.key].hparams["tokens"])]

@@ -148,7 +148,7 @@ def budget_positions(cfg: StudyConfig, budgets: Budgets) -> dict[int, int]:
     take (a budget in answer tokens or conversations is known in positions only once the data is)."""
     positions = {n: size.tokens for n, size in budgets.sizes.items()}
     longest = max(positions.values())
-    per_step = cfg.batch_size * cfg.seq_len
+    per_step = cfg.tokens_per_step()
     if cfg.budget_unit != "tokens" and longest / per_step > MAX_STEPS_PER_CELL:
         n = max(positions, key=positions.get)
         raise ConfigError(f"a budget of {n} {cfg.budget_unit} is {longest:,} tokens of {cfg.data}, more than the "

@@ -128,7 +128,7 @@ def _repeats(cfg: StudyConfig, grid: Grid, targets: set[tuple[int, int]],
         return {}, 0
     budgets = sorted({int(v) for v in (grid.ys if axis == "y" else grid.xs)})
     held = supervised(budgets)
-    tps = cfg.batch_size * cfg.seq_len
+    tps = cfg.tokens_per_step()
     lines = sorted({i if axis == "y" else j for i, j in targets})
     out: dict[tuple[int, int], tuple[int, int]] = {}
     n = grid.ny if axis == "y" else grid.nx

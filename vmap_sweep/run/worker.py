@@ -25,7 +25,7 @@ from vmap_sweep.study.plan import Batch
 from vmap_sweep.study.settings import RunSettings
 from vmap_sweep.study.sizes import Budgets
 from vmap_sweep.train.memory import probe_models_per_batch, train_splitting_on_oom
-from vmap_sweep.train.trainer import CellRecord, StackedTrainer, TrainConfig, set_determinism, with_batch_size_of
+from vmap_sweep.train.trainer import CellRecord, TrainConfig, set_determinism, with_batch_size_of
 from vmap_sweep.train.trunk import TrunkTrainer
 
 Job = tuple[Batch, list[Cell]]  # a batch and those of its cells still to train, lane by lane
@@ -157,15 +157,11 @@ class Worker:
         self.base_cache: dict = {}  # the base model's per-token losses by step: every batch sees the same steps
 
     def train(self, lanes: list[list[dict]]) -> list[CellRecord]:
-        """One record per cell of `lanes`, in order. A lane of several cells is a trunk, read out at each cell's
-        budget (train/trunk.py). A batch that runs out of memory is split by lanes; no result changes."""
+        """One record per cell of `lanes`, in order. A lane is a trunk, read out at each of its cells' budgets
+        (train/trunk.py). A batch that runs out of memory is split by lanes; no result changes."""
 
         def stacked(sub: list[list[dict]]) -> list[CellRecord]:
-            if all(len(lane) == 1 for lane in sub):
-                trainer = StackedTrainer(self.data.model, [lane[0] for lane in sub], self.train_cfg, self.device,
-                                         self.base_cache)
-            else:
-                trainer = TrunkTrainer(self.data.model, sub, self.train_cfg, self.device, self.base_cache)
+            trainer = TrunkTrainer(self.data.model, sub, self.train_cfg, self.device, self.base_cache)
             return trainer.run(self.data.stream, self.data.eval_batches)
 
         rows = with_batch_size_of([lane[0] for lane in lanes], self.train_cfg).batch_size

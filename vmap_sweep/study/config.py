@@ -31,6 +31,11 @@ EARLIER_MEANING = {"packing": True, "budget_unit": "tokens"}
 BUDGET_UNITS = SIZE_UNITS
 
 
+def tokens_per_step(rows: int, seq_len: int) -> int:
+    """Tokens per optimizer step of `rows` rows of `seq_len` tokens: the one place the two are multiplied."""
+    return rows * seq_len
+
+
 def check_micro_batch_size(micro_batch_size: int | None, rows: int,
                            what: str = "batch size ({rows} rows per step)") -> None:
     """Micro-batches must split a step's rows evenly (one rule for the trainer, `run` and `bench`)."""
@@ -74,7 +79,7 @@ def check_steps(cfg: StudyConfig, x, y) -> None:
     """The largest dataset size within MAX_STEPS_PER_CELL optimizer steps (x, y: the parsed axes)."""
     if cfg.budget_unit != "tokens":  # positions known once the data is (run/pipeline.py checks them then)
         return
-    per_step = cfg.batch_size * cfg.seq_len
+    per_step = cfg.tokens_per_step()
     budgets = [(f"--{name} {axis}", axis.hi) for name, axis in (("x", x), ("y", y)) if axis.name == "tokens"]
     if "tokens" in cfg.fixed:
         budgets.append((f"--set tokens={cfg.fixed['tokens']:g}", cfg.fixed["tokens"]))
@@ -161,9 +166,9 @@ class StudyConfig:
         if isinstance(self.divergence_ratio, bool) or not isinstance(self.divergence_ratio, int | float) \
                 or not math.isfinite(self.divergence_ratio) or self.divergence_ratio <= 1:
             raise ConfigError(f"divergence ratio {self.divergence_ratio!r}: give a finite number above 1")
-        if self.batch_size * self.seq_len > MAX_TOKENS_PER_STEP:  # refused before a step's tensors are allocated
+        if self.tokens_per_step() > MAX_TOKENS_PER_STEP:  # refused before a step's tensors are allocated
             raise ConfigError(f"--batch-size {self.batch_size} x --seq-len {self.seq_len} = "
-                              f"{self.batch_size * self.seq_len:,} tokens per step, more than {MAX_TOKENS_PER_STEP:,};"
+                              f"{self.tokens_per_step():,} tokens per step, more than {MAX_TOKENS_PER_STEP:,};"
                               " use fewer rows or shorter ones")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"--optimizer {self.optimizer!r}: choose {' or '.join(OPTIMIZERS)}")
@@ -210,7 +215,7 @@ class StudyConfig:
         """A cell's tokens per optimizer step: its swept batch_size, else --batch-size rows of --seq-len."""
         if hparams is not None and "batch_size" in hparams:
             return int(hparams["batch_size"])
-        return self.batch_size * self.seq_len
+        return tokens_per_step(self.batch_size, self.seq_len)
 
     def rows_per_step(self) -> tuple[int, ...]:
         """The distinct rows per optimizer step of the study's cells, ascending (one unless batch_size is swept)."""

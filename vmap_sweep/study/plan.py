@@ -241,7 +241,7 @@ def plan_study(cfg: StudyConfig, cells: Sequence[Cell], models_per_batch: int, s
     cells = at_positions(cells, positions)
     if not share:
         return plan_batches(cells, models_per_batch, cell_steps(cfg))
-    return plan_lanes(trunks(cells, cfg.schedule, cfg.batch_size * cfg.seq_len), models_per_batch, cell_steps(cfg))
+    return plan_lanes(trunks(cells, cfg.schedule, cfg.tokens_per_step()), models_per_batch, cell_steps(cfg))
 
 
 def sharing_summary(batches: Sequence[Batch]) -> dict[str, float]:
@@ -260,7 +260,7 @@ def shard_cells(cfg: StudyConfig, grid: Grid, k: int, n: int,
     """The cells of shard k of n, whatever each shard's --models-per-batch: shards are dealt whole trunks
     (`trunks`) of equal step count, about a grid row's worth of cells at a time, balanced by their steps, so the
     parts never depend on how a shard batches them and no trunk's steps are taken in two shards."""
-    lanes = trunks(at_positions(grid.cells(), positions), cfg.schedule, cfg.batch_size * cfg.seq_len)
+    lanes = trunks(at_positions(grid.cells(), positions), cfg.schedule, cfg.tokens_per_step())
     per_unit = max(1, grid.nx // max(len(lane) for lane in lanes))
     units = plan_lanes(lanes, per_unit, cell_steps(cfg))
     by_key = {c.key: c for c in grid.cells()}  # as the grid holds them: the caller plans them with `positions`

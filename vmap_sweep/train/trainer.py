@@ -1,4 +1,4 @@
-"""K fine-tunes of one base model in one vectorized step: functional_call under vmap.
+"""K fine-tunes of one base model in one vectorized step: functional_call under vmap (the loop: trunk.py).
 
 Data is shared (the input has no model dimension); only the weights and the hyperparameters differ.
 Every per-model quantity is a (K,) tensor, and nothing is ever reduced across the model dimension, so a
@@ -8,7 +8,6 @@ model's trajectory does not depend on its companions, and one model's divergence
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -20,9 +19,8 @@ from torch.utils.checkpoint import checkpoint
 from vmap_sweep.data.stream import budget_mask
 from vmap_sweep.model.gpt import GPT, Block, causal_attention, norm
 from vmap_sweep.model.loss import stacked_linear_cross_entropy
-from vmap_sweep.study.config import GROUPS, OPTIMIZERS, SCHEDULES, check_micro_batch_size
+from vmap_sweep.study.config import GROUPS, OPTIMIZERS, SCHEDULES, check_micro_batch_size, tokens_per_step
 from vmap_sweep.study.plan import steps_for
-from vmap_sweep.study.schedule import lr_multiplier
 from vmap_sweep.train.optim import AdamWHparams, StackedAdamW, StackedMuon
 from vmap_sweep.train.stack import group_of, split_params, unstack
 
@@ -43,7 +41,7 @@ NANOCHAT_UNEMBEDDING_LR = 0.004
 class TrainConfig:
     optimizer: str = "adamw"  # "adamw", or "nanochat": Muon on block matrices + AdamW on (un)embedding
     schedule: str = "constant"  # constant | linear (to zero, nanochat SFT) | cosine
-    batch_size: int = 8  # rows per optimizer step; tokens per step = batch_size * seq_len
+    batch_size: int = 8  # rows per optimizer step (tokens per step: `tokens_per_step`)
     seq_len: int = 1024
     micro_batch_size: int | None = None  # rows per forward/backward (gradient accumulation); None = all
     adam_betas: tuple[float, float] = (0.9, 0.95)
@@ -74,7 +72,7 @@ class TrainConfig:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.batch_size * self.seq_len
+        return tokens_per_step(self.batch_size, self.seq_len)
 
     def validate(self) -> None:
         """Programming errors only: a study's options were checked as a StudyConfig already."""
@@ -123,7 +121,18 @@ class CellRecord:
     def final_loss(self) -> float:
         return self.losses[-1] if self.losses else float("nan")
 
+    def copy_from(self, src: CellRecord) -> None:
+        """This record becomes what src holds (its own budget's `steps` aside), in lists of its own: a cell read
+        out of a trunk, or one that learnt from the same tokens as another."""
+        self.losses, self.base_losses = list(src.losses), list(src.base_losses)
+        self.grad_norms, self.lrs = list(src.grad_norms), list(src.lrs)
+        self.steps_done, self.initial_loss, self.eval_loss = src.steps_done, src.initial_loss, src.eval_loss
+        self.diverged, self.diverged_step = src.diverged, src.diverged_step
 
+    def end_with(self, loss: float) -> None:
+        """The loss of its last batch after its last update; the reference is that batch's base loss."""
+        self.losses.append(loss)
+        self.base_losses.append(self.base_losses[-1])
 
 
 @dataclass
@@ -253,7 +262,7 @@ def _loss_stage(stacked: dict, shared: dict, h, targets, weights, eps, softcap: 
 
 
 @torch.no_grad()
-def _grad_norms(grads: list[torch.Tensor]) -> torch.Tensor:
+def grad_norms(grads: list[torch.Tensor]) -> torch.Tensor:
     """(K,) norms of each model's whole gradient over stacked tensors, one pass over each."""
     return sum(torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=torch.float32).square() for g in grads).sqrt()
 
@@ -288,7 +297,9 @@ def set_determinism(seed: int, deterministic: bool) -> None:
 
 
 class StackedTrainer:
-    """K copies of `model` trained at once, one cell's hyperparameters (a dict over the axes) each."""
+    """The stacked step: K copies of `model`, one cell's hyperparameters (a dict over the axes) each, their
+    optimizers, their forward and backward, their update and their evaluation. The loop that drives it, and
+    reads cells out of it, is train/trunk.py's TrunkTrainer."""
 
     def __init__(self, model: GPT, cells: Sequence[dict], cfg: TrainConfig, device: str | torch.device = "cpu",
                  base_cache: dict | None = None):
@@ -485,20 +496,24 @@ class StackedTrainer:
         return (weights * self.base_cache[key].unsqueeze(0)).flatten(1).sum(1)
 
     def _grad_norms(self) -> torch.Tensor:
-        return _grad_norms([p.grad for p in self.stacked.values()])
+        return grad_norms([p.grad for p in self.stacked.values()])
 
     def _weights_finite(self) -> torch.Tensor:
         return self._finite([p.detach() for p in self.stacked.values()])
 
-    def _optimizer_step(self, mult: torch.Tensor, active: torch.Tensor) -> None:
-        """One update of the active models; mult: (K,) this step's schedule multiplier of each model."""
+    def _optimizer_step(self, mult: torch.Tensor, active: torch.Tensor, lanes: slice = slice(None),
+                        optimizers: tuple | None = None) -> None:
+        """One update of the active models; mult: (K,) this step's schedule multiplier of each model.
+        lanes, optimizers: the lanes whose hyperparameters to use and the optimizers of other parameters (a
+        read-out's copy of a lane), instead of the whole stack's."""
+        adamw, muon = (self.adamw, self.muon) if optimizers is None else optimizers
         # (K,) hyperparameters stay on the CPU; the optimizers move them next to each tensor, once per group.
-        group_lrs = {g: lr * mult for g, lr in self.group_lr.items()}
+        group_lrs = {g: lr[lanes] * mult[lanes] for g, lr in self.group_lr.items()}
         lrs = {n: group_lrs[group_of(n)] for n in self.stacked}
-        if self.adamw is not None:
-            self.adamw.step(lrs, self.weight_decay, active)
-        if self.muon is not None:
-            self.muon.step(lrs, active)
+        if adamw is not None:
+            adamw.step(lrs, self.weight_decay[lanes], active)
+        if muon is not None:
+            muon.step(lrs, active)
 
     def _step(self, step: int, inputs, targets, weights, mult: torch.Tensor, active: torch.Tensor) -> Step:
         """One step of the active models: losses before the update (and the base model's on the same tokens),
@@ -523,45 +538,7 @@ class StackedTrainer:
         bad_weights = ~self._weights_finite().cpu() & stepping
         return Step(losses, base, norms, self.base_lr * mult, has_tokens, bad | bad_weights)
 
-    # -- a whole run ------------------------------------------------------------------------------------
-
-    def run(self, stream, eval_batches: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[CellRecord]:
-        cfg, k = self.cfg, self.k
-        start_time = time.perf_counter()
-        records = [CellRecord(initial_loss=float("nan"), steps=int(s)) for s in self.total_steps.tolist()]
-        total_steps = self.total_steps.long()
-        active = torch.ones(k, dtype=torch.bool)
-        for step in range(int(total_steps.max())):
-            active &= step < total_steps
-            if not active.any():
-                break
-            inputs, targets = (t.to(self.device) for t in stream.batch(step, cfg.batch_size, cfg.seq_len))
-            mult = lr_multiplier(step, self.total_steps, self.warmup_ratio, cfg.schedule)
-            taken = self._step(step, inputs, targets, self._loss_weights(step, targets), mult, active)
-            taken.record(records, step, active)
-            active &= ~taken.bad
-        self._final_losses(stream, records)
-        if eval_batches:
-            for rec, loss in zip(records, self.evaluate(eval_batches).tolist(), strict=True):
-                rec.eval_loss = loss
-        elapsed = time.perf_counter() - start_time
-        for rec in records:
-            rec.wall_time = elapsed / k  # a batch's time shared among its cells
-        return records
-
-    @torch.no_grad()
-    def _final_losses(self, stream, records: list[CellRecord]) -> None:
-        """Each finished model's loss on its last batch after its last update (one pass per step count)."""
-        cfg = self.cfg
-        finished = [i for i, r in enumerate(records) if not r.diverged and r.steps_done > 0]
-        for last in sorted({records[i].steps_done - 1 for i in finished}):
-            inputs, targets = (t.to(self.device) for t in stream.batch(last, cfg.batch_size, cfg.seq_len))
-            ending = [i for i in finished if records[i].steps_done - 1 == last]
-            losses = self._forward_backward(inputs, targets, self._loss_weights(last, targets), with_grad=False,
-                                            rows=self._rows(last, [self.tokens[i] for i in ending]))
-            for i in ending:
-                    records[i].losses.append(losses[i].item())
-                    records[i].base_losses.append(records[i].base_losses[-1])
+    # -- evaluation -------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def evaluate(self, eval_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], stages=None,

@@ -1,4 +1,4 @@
-"""Shared trajectories: K trunks trained at once, each read out at the budget of every cell it stands for.
+"""The training loop: K trunks trained at once, each read out at the budget of every cell it stands for.
 
 A dataset of N tokens is the first N tokens of one fixed order, so two cells that differ only in their budget,
 under learning-rate multipliers that agree step for step (study/plan.py, `trunks`), take the very same steps
@@ -16,6 +16,10 @@ of its lane; every other cell of the lane is read out of it:
   many budgets end inside step 0); and budgets of one step whose extra tokens are all unsupervised learn from
   the same tokens, so one branch serves them all. A partial step computes only the rows its budget reaches.
 
+A study that shares no trajectory runs lanes of one cell each through this same loop: a lane's one cell is its
+longest, so it always shares its trunk's last step. Read-outs that end at one step are one pass of the whole
+stack when they serve at least half of it, else one pass of a lane each.
+
 A trunk that diverges decides every cell it still carries and stops. Every record is the one training that
 cell alone gives: bitwise on a CPU (tests/test_trunk.py), since a model's numbers never depend on its
 companions in a stack.
@@ -24,7 +28,7 @@ companions in a stack.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +37,7 @@ from vmap_sweep.data.stream import budget_mask
 from vmap_sweep.model.gpt import GPT
 from vmap_sweep.study.plan import steps_for
 from vmap_sweep.study.schedule import lr_multiplier
-from vmap_sweep.train.stack import group_of
-from vmap_sweep.train.trainer import CellRecord, StackedTrainer, Step, TrainConfig, _grad_norms
+from vmap_sweep.train.trainer import CellRecord, StackedTrainer, Step, TrainConfig, grad_norms
 
 
 @dataclass
@@ -53,16 +56,34 @@ class TrunkTrainer(StackedTrainer):
         """lanes[k]: the hyperparameters of the cells of lane k, which differ only in `tokens`."""
         longest = [max(lane, key=lambda hp: int(hp["tokens"])) for lane in lanes]
         super().__init__(model, longest, cfg, device, base_cache)
-        self.members: list[_Member] = []
-        for k, lane in enumerate(lanes):
-            for hp in lane:
-                tokens = int(hp["tokens"])
-                if {n: v for n, v in hp.items() if n != "tokens"} != {n: v for n, v in longest[k].items()
-                                                                       if n != "tokens"}:
-                    raise ValueError(f"lane {k}: its cells differ in more than `tokens`")
-                self.members.append(_Member(k, len(self.members), tokens, steps_for(tokens, self.cfg.tokens_per_step)))
+        self.members = self._members(lanes, longest)
         self._check_multipliers()
+        # a run fills in one record per cell, copied from its trunk's own record (the trunk's trajectory)
+        self.records = [CellRecord(initial_loss=float("nan"), steps=m.steps) for m in self.members]
+        self._history = [CellRecord(initial_loss=float("nan"), steps=0) for _ in range(self.k)]
+        self._undecided = set(range(len(self.members)))
+        self._active = torch.ones(self.k, dtype=torch.bool)  # trunks still training
         self._branch: dict | None = None  # the one-model scratch copy a partial step branches into
+        self._lane_evals: dict[int, float | None] = {}  # each lane's eval loss at its current weights, once taken
+        self._on_device: tuple | None = None  # (step, inputs, targets): the last batch moved to the device
+        self.stream, self.eval_batches = None, None  # what `run` reads
+
+    @classmethod
+    def separate(cls, model: GPT, cells: Sequence[dict], cfg: TrainConfig, device: str | torch.device = "cpu",
+                 base_cache: dict | None = None) -> TrunkTrainer:
+        """Each cell its own lane: the cells trained at once, sharing the stacked step and nothing else."""
+        return cls(model, [[c] for c in cells], cfg, device, base_cache)
+
+    def _members(self, lanes: Sequence[Sequence[dict]], longest: list[dict]) -> list[_Member]:
+        members = []
+        for k, lane in enumerate(lanes):
+            trunk = {n: v for n, v in longest[k].items() if n != "tokens"}
+            for hp in lane:
+                if {n: v for n, v in hp.items() if n != "tokens"} != trunk:
+                    raise ValueError(f"lane {k}: its cells differ in more than `tokens`")
+                tokens = int(hp["tokens"])
+                members.append(_Member(k, len(members), tokens, steps_for(tokens, self.cfg.tokens_per_step)))
+        return members
 
     def _check_multipliers(self) -> None:
         """A cell is read out of its trunk only where its own schedule gives the trunk's multipliers."""
@@ -81,161 +102,188 @@ class TrunkTrainer(StackedTrainer):
     # -- a whole run ------------------------------------------------------------------------------------
 
     def run(self, stream, eval_batches: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[CellRecord]:
-        """One record per cell, lane by lane in the order the lanes list them."""
-        cfg, k = self.cfg, self.k
+        """One record per cell, lane by lane in the order the lanes list them. A trainer runs once: training
+        moves its weights."""
+        self.stream, self.eval_batches = stream, eval_batches
         start_time = time.perf_counter()
-        self._eval_batches = eval_batches
-        self._stream = stream
-        records = [CellRecord(initial_loss=float("nan"), steps=m.steps) for m in self.members]
-        self._history: list[CellRecord] = [CellRecord(initial_loss=float("nan"), steps=0) for _ in range(k)]
-        undecided = set(range(len(self.members)))
         total_steps = self.total_steps.long()
-        active = torch.ones(k, dtype=torch.bool)
-        self._lane_evals: dict[int, float | None] = {}  # each lane's eval loss at the current step, once taken
         for step in range(int(total_steps.max())):
-            active &= step < total_steps
-            if not active.any():
+            self._active &= step < total_steps
+            if not self._active.any():
                 break
-            self._lane_evals.clear()
-            host_inputs, host_targets = stream.batch(step, cfg.batch_size, cfg.seq_len)
-            inputs, targets = host_inputs.to(self.device), host_targets.to(self.device)
-            batch = (step, inputs, targets)
-            weights = self._loss_weights(step, targets)
-            mult = lr_multiplier(step, self.total_steps, self.warmup_ratio, cfg.schedule)
-            ending = [m for m in self.members if m.index in undecided and m.steps - 1 == step and active[m.lane]]
-            shared_end = [m for m in ending if self._shares_last_step(m, step)]
-            branching = [m for m in ending if m not in shared_end]
-            self._read_out_branches(branching, records, batch, host_targets, mult)
-            undecided.difference_update(m.index for m in branching)
-            self._lane_evals.clear()
-            diverged, has_tokens = self._trunk_step(batch, weights, mult, active)
-            for m in shared_end:
-                self._read_out_shared(m, records[m.index], batch, has_tokens[m.lane], bool(diverged[m.lane]))
-                undecided.discard(m.index)
-            for lane in torch.nonzero(diverged).flatten().tolist():
-                frozen_eval = self._lane_eval(lane)
-                for m in self.members:
-                    if m.lane == lane and m.index in undecided:
-                        self._copy_history(m.lane, records[m.index])
-                        records[m.index].eval_loss = frozen_eval
-                        undecided.discard(m.index)
-            active &= ~diverged
+            self._take_step(step)
         elapsed = time.perf_counter() - start_time
-        for rec in records:
-            rec.wall_time = elapsed / len(records)  # a batch's time shared among its cells
-        return records
+        for rec in self.records:
+            rec.wall_time = elapsed / len(self.records)  # a batch's time shared among its cells
+        return self.records
+
+    def _take_step(self, step: int) -> None:
+        """Step `step` of every active trunk, and the read-outs of the cells whose last step it is: those that end
+        inside it branch off before the trunk steps, those that end with it read the trunk after."""
+        batch = self._batch(step)
+        mult = lr_multiplier(step, self.total_steps, self.warmup_ratio, self.cfg.schedule)
+        ending = [m for m in self.members if m.index in self._undecided and m.steps - 1 == step
+                  and self._active[m.lane]]
+        shared = [m for m in ending if self._shares_last_step(m, step)]
+        self._lane_evals.clear()
+        self._read_out_branches([m for m in ending if m not in shared], batch, mult)
+        self._lane_evals.clear()
+        diverged = self._trunk_step(batch, mult)
+        # a trunk that diverged decides every cell it still carries
+        left = [m for m in self.members if m.index in self._undecided and diverged[m.lane] and m not in shared]
+        self._read_out_trunks(shared + left)
+        self._active &= ~diverged
 
     def _shares_last_step(self, m: _Member, step: int) -> bool:
         """Its last step holds the trunk's tokens of that step: its budget ends where the step, or the trunk, does."""
         return m.tokens >= min(self.tokens[m.lane], (step + 1) * self.cfg.tokens_per_step)
 
-    def _trunk_step(self, batch, weights, mult, active) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step of every active trunk, as StackedTrainer.run takes it; the trunks' histories grow. Returns
-        which trunks diverged, and which had tokens to learn from."""
+    def _trunk_step(self, batch, mult) -> torch.Tensor:
+        """One step of every active trunk; the trunks' own records grow. Returns which trunks diverged."""
         step, inputs, targets = batch
-        taken = self._step(step, inputs, targets, weights, mult, active)
-        taken.record(self._history, step, active)
-        return taken.bad & active & taken.has_tokens, taken.has_tokens
+        taken = self._step(step, inputs, targets, self._loss_weights(step, targets), mult, self._active)
+        taken.record(self._history, step, self._active)
+        return taken.bad & self._active & taken.has_tokens
 
     # -- read-outs ----------------------------------------------------------------------------------------
 
-    def _copy_history(self, lane: int, rec: CellRecord) -> None:
-        h = self._history[lane]
-        rec.losses, rec.base_losses = list(h.losses), list(h.base_losses)
-        rec.grad_norms, rec.lrs = list(h.grad_norms), list(h.lrs)
-        rec.steps_done, rec.initial_loss = h.steps_done, h.initial_loss
-        rec.diverged, rec.diverged_step = h.diverged, h.diverged_step
+    def _read_out_trunks(self, members: list[_Member]) -> None:
+        """Cells that end where their trunk is now: each record is its trunk's, then, if it finished, its final
+        loss from the trunk's weights, and its eval loss."""
+        for m in members:
+            self.records[m.index].copy_from(self._history[m.lane])
+        ends = {m.lane: (self._history[m.lane].steps_done - 1, m.tokens) for m in members
+                if not self._history[m.lane].diverged and self._history[m.lane].steps_done > 0}
+        finals = self._final_losses(ends)
+        evals = self._evals({m.lane for m in members})
+        for m in members:
+            rec = self.records[m.index]
+            if m.lane in finals:
+                rec.end_with(finals[m.lane])
+            rec.eval_loss = evals[m.lane]
+            self._undecided.discard(m.index)
 
-    def _read_out_shared(self, m: _Member, rec: CellRecord, batch, has_tokens: bool, diverged: bool) -> None:
-        """A cell whose last step is the trunk's: its record is the trunk's history, then its final loss and
-        eval loss from the trunk's weights as they are now."""
-        self._copy_history(m.lane, rec)
-        if not diverged and rec.steps_done > 0:
-            step, inputs, targets = batch if has_tokens else self._batch(rec.steps_done - 1)
-            stages = self._lane_stages(m.lane)
-            w = self._loss_weights(step, targets, [m.tokens])
-            with torch.no_grad():
-                loss = self._forward_backward(inputs, targets, w, False, stages, self._rows(step, [m.tokens])).cpu()
-            rec.losses.append(loss[0].item())
-            rec.base_losses.append(rec.base_losses[-1])
-        rec.eval_loss = self._lane_eval(m.lane)
-
-    def _read_out_branches(self, members: list[_Member], records: list[CellRecord], batch, host_targets, mult):
+    def _read_out_branches(self, members: list[_Member], batch, mult) -> None:
         """The cells whose last step is partial, at this step: each takes that step on a copy of its lane.
 
         Budgets are grouped by the supervised tokens they learn from in this step (a budget holds the first
         supervised tokens of its last step, so budgets with as many of them learn from the very same tokens: one
         branch per lane serves them all). At step 0 every lane still holds the base weights, so a group's
         gradient is the same for every lane: taken once, applied to every lane, and dropped before the next
-        group's is taken. Memory holds one branch, however many budgets end in the step."""
-        step = batch[0]
-        supervised = host_targets != -1
+        group's is taken. Memory holds one branch, however many budgets end in the step. A budget whose part
+        of the step has no supervised token takes no update: it ends where its trunk is now."""
+        step, _, targets = batch
+        inside = budget_mask(step, [m.tokens for m in members], *targets.shape, targets.device)
+        supervised = (inside & (targets != -1)).flatten(1).sum(1).tolist()
         groups: dict[int, list[_Member]] = {}
-        for m in members:
-            inside = budget_mask(step, m.tokens, self.cfg.batch_size, self.cfg.seq_len)
-            groups.setdefault(int((inside & supervised).sum()), []).append(m)
-        for supervised, group in groups.items():
+        for m, n in zip(members, supervised, strict=True):
+            groups.setdefault(n, []).append(m)
+        for group in (g for n, g in groups.items() if n > 0):
             done: dict[int, CellRecord] = {}  # the record of each lane's branch on these tokens
             gradient = None
             for m in group:
-                rec = records[m.index]
-                self._copy_history(m.lane, rec)
-                if supervised == 0:  # no supervised token in its last step: it ends where the trunk is now
-                    self._read_out_unstepped(m, rec)
-                elif m.lane in done:
-                    _copy_record(done[m.lane], rec)
+                rec = self.records[m.index]
+                if m.lane in done:
+                    rec.copy_from(done[m.lane])
                 else:
+                    rec.copy_from(self._history[m.lane])
                     done[m.lane] = rec
                     gradient = self._read_out_branch(m, rec, batch, mult, gradient)
+                self._undecided.discard(m.index)
+        self._read_out_trunks(groups.get(0, []))
 
     def _read_out_branch(self, m: _Member, rec: CellRecord, batch, mult, gradient: tuple | None) -> tuple | None:
         """A cell whose last step is partial: that step taken on a copy of its lane, from the trunk's state
         before the step; the trunk is not touched. Returns the step's (loss, gradients, norm) where another lane
         can take them as `gradient` (at the base weights, where every lane's are the same), else None."""
         step, inputs, targets = batch
-        cfg = self.cfg
         w = self._loss_weights(step, targets, [m.tokens])
-        rows = self._rows(step, [m.tokens])
         branch = self._load_branch(m.lane)
         base = self._base_losses(step, inputs, targets, w).cpu()
         if gradient is None:
-            gradient = self._branch_gradient(branch, batch, w, rows)
+            gradient = self._branch_gradient(branch, batch, w, self._rows(step, [m.tokens]))
         else:  # the optimizers read gradients and never write them: every lane's update can read the same ones
             for p, g in zip(branch["params"].values(), gradient[1], strict=True):
                 p.grad = g
         loss, _, norm = gradient
-        bad = bool(~torch.isfinite(loss) | (loss > cfg.divergence_ratio * base) | ~torch.isfinite(norm))
+        bad = bool(~torch.isfinite(loss) | (loss > self.cfg.divergence_ratio * base) | ~torch.isfinite(norm))
+        one, lane = torch.ones(1, dtype=torch.bool), slice(m.lane, m.lane + 1)
         if not bad:
-            self._branch_update(branch, m.lane, mult)
+            self._optimizer_step(mult, one, lane, (branch["adamw"], branch["muon"]))
         for p in branch["params"].values():
             p.grad = None  # (a shared gradient lives on in `gradient` while other lanes need it)
         bad_weights = not bad and not bool(self._finite([p.detach() for p in branch["params"].values()])[0])
-        lane = slice(m.lane, m.lane + 1)
-        taken = Step(loss, base, norm, self.base_lr[lane] * mult[lane], torch.ones(1, dtype=torch.bool),
-                     torch.tensor([bad or bad_weights]))
-        taken.record([rec], step, torch.ones(1, dtype=torch.bool))
-        if rec.diverged:
-            rec.eval_loss = self._lane_eval(m.lane) if bad else self._eval(branch["stages"], 1)
+        taken = Step(loss, base, norm, self.base_lr[lane] * mult[lane], one, torch.tensor([bad or bad_weights]))
+        taken.record([rec], step, one)
+        if bad:  # no update: the lane's weights are the branch's
+            rec.eval_loss = self._evals([m.lane])[m.lane]
         else:
-            with torch.no_grad():
-                final = self._forward_backward(inputs, targets, w, False, branch["stages"], rows).cpu()
-            rec.losses.append(final[0].item())
-            rec.base_losses.append(rec.base_losses[-1])
-            rec.eval_loss = self._eval(branch["stages"], 1)
+            if not rec.diverged:
+                rec.end_with(self._loss_on(branch["stages"], step, m.tokens))
+            rec.eval_loss = self._eval_one(branch["stages"])
         return gradient if self.at_base else None
 
-    def _read_out_unstepped(self, m: _Member, rec: CellRecord) -> None:
-        """Its last step held no token to learn from: the weights are the trunk's now, its final loss is on the
-        batch of its last recorded step."""
-        if rec.steps_done > 0 and not rec.diverged:
-            step, inputs, targets = self._batch(rec.steps_done - 1)
-            w = self._loss_weights(step, targets, [m.tokens])
-            with torch.no_grad():
-                loss = self._forward_backward(inputs, targets, w, False, self._lane_stages(m.lane),
-                                              self._rows(step, [m.tokens])).cpu()
-            rec.losses.append(loss[0].item())
-            rec.base_losses.append(rec.base_losses[-1])
-        rec.eval_loss = self._lane_eval(m.lane)
+    # -- passes shared by the read-outs -------------------------------------------------------------------
+
+    def _by_lanes(self, lanes, whole: Callable[[], torch.Tensor], one: Callable[[int], float]) -> dict[int, float]:
+        """A value for each of `lanes`: whole() for the stack, when they are at least half of it, else one(lane)
+        for each. A model's numbers do not depend on its companions, so both give the same."""
+        lanes = list(lanes)
+        if lanes and 2 * len(lanes) >= self.k:
+            values = whole().tolist()
+            return {lane: values[lane] for lane in lanes}
+        return {lane: one(lane) for lane in lanes}
+
+    @torch.no_grad()
+    def _final_losses(self, ends: dict[int, tuple[int, int]]) -> dict[int, float]:
+        """Each lane's loss, at its weights now, on the batch of its last step under its cell's budget:
+        ends[lane] = (step, tokens)."""
+        losses = {}
+        for step in sorted({s for s, _ in ends.values()}):
+            budgets = {lane: tokens for lane, (s, tokens) in ends.items() if s == step}
+
+            def whole(step=step, budgets=budgets):
+                _, inputs, targets = self._batch(step)
+                w = self._loss_weights(step, targets, [budgets.get(lane, 0) for lane in range(self.k)])
+                return self._forward_backward(inputs, targets, w, False, rows=self._rows(step, budgets.values()))
+
+            def one(lane, step=step, budgets=budgets):
+                return self._loss_on(self._lane_stages(lane), step, budgets[lane])
+
+            losses.update(self._by_lanes(budgets, whole, one))
+        return losses
+
+    @torch.no_grad()
+    def _loss_on(self, stages, step: int, tokens: int) -> float:
+        """The loss of one model (`stages`) on the batch of `step` under a budget of `tokens`."""
+        _, inputs, targets = self._batch(step)
+        w = self._loss_weights(step, targets, [tokens])
+        return self._forward_backward(inputs, targets, w, False, stages, self._rows(step, [tokens]))[0].item()
+
+    def _evals(self, lanes) -> dict[int, float | None]:
+        """The lanes' eval losses at their weights now, each taken once however many cells end there."""
+        if not self.eval_batches:
+            return dict.fromkeys(lanes)
+        todo = [lane for lane in lanes if lane not in self._lane_evals]
+        self._lane_evals.update(self._by_lanes(todo, lambda: self.evaluate(self.eval_batches),
+                                               lambda lane: self._eval_one(self._lane_stages(lane))))
+        return {lane: self._lane_evals[lane] for lane in lanes}
+
+    def _eval_one(self, stages) -> float | None:
+        if not self.eval_batches:
+            return None
+        return self.evaluate(self.eval_batches, stages, 1)[0].item()
+
+    def _batch(self, step: int) -> tuple:
+        """(step, inputs, targets) on the device; the last one is kept, since read-outs read it again."""
+        if self._on_device is None or self._on_device[0] != step:
+            inputs, targets = self.stream.batch(step, self.cfg.batch_size, self.cfg.seq_len)
+            self._on_device = (step, inputs.to(self.device), targets.to(self.device))
+        return self._on_device
+
+    def _lane_stages(self, lane: int):
+        """Lane `lane` of the stack as a stack of one (views, no copy)."""
+        return self._stages_of({n: p[lane:lane + 1].detach() for n, p in self.stacked.items()})
 
     # -- the branch: a one-model copy of a lane --------------------------------------------------------------
 
@@ -264,46 +312,6 @@ class TrunkTrainer(StackedTrainer):
         """(1,) loss, the gradient (in the branch's .grad) and (1,) its norm, on the first `rows` rows of the
         branch's partial batch."""
         _, inputs, targets = batch
-        params = branch["params"]
         loss = self._forward_backward(inputs, targets, w, True, branch["stages"], rows).cpu()
-        grads = [p.grad for p in params.values()]
-        return loss, grads, _grad_norms(grads).cpu()
-
-    def _branch_update(self, branch: dict, lane: int, mult: torch.Tensor) -> None:
-        """The optimizer's update of the branch, with its lane's learning rates at this step."""
-        one = torch.ones(1, dtype=torch.bool)
-        group_lrs = {g: lr[lane:lane + 1] * mult[lane:lane + 1] for g, lr in self.group_lr.items()}
-        lrs = {n: group_lrs[group_of(n)] for n in branch["params"]}
-        if branch["adamw"] is not None:
-            branch["adamw"].step(lrs, self.weight_decay[lane:lane + 1], one)
-        if branch["muon"] is not None:
-            branch["muon"].step(lrs, one)
-
-    # -- shared helpers ---------------------------------------------------------------------------------------
-
-    def _batch(self, step: int):
-        inputs, targets = (t.to(self.device) for t in self._stream.batch(step, self.cfg.batch_size, self.cfg.seq_len))
-        return step, inputs, targets
-
-    def _lane_stages(self, lane: int):
-        """Lane `lane` of the stack as a stack of one (views, no copy)."""
-        return self._stages_of({n: p[lane:lane + 1].detach() for n, p in self.stacked.items()})
-
-    def _lane_eval(self, lane: int) -> float | None:
-        """The lane's eval loss as its weights are now, taken once however many cells end there."""
-        if lane not in self._lane_evals:
-            self._lane_evals[lane] = self._eval(self._lane_stages(lane), 1)
-        return self._lane_evals[lane]
-
-    def _eval(self, stages, k: int) -> float | None:
-        if not self._eval_batches:
-            return None
-        return self.evaluate(self._eval_batches, stages, k)[0].item()
-
-
-def _copy_record(src: CellRecord, dst: CellRecord) -> None:
-    """dst becomes what src holds (a cell that learnt from the same tokens); each keeps its own lists."""
-    dst.losses, dst.base_losses = list(src.losses), list(src.base_losses)
-    dst.grad_norms, dst.lrs = list(src.grad_norms), list(src.lrs)
-    dst.steps_done, dst.initial_loss, dst.eval_loss = src.steps_done, src.initial_loss, src.eval_loss
-    dst.diverged, dst.diverged_step = src.diverged, src.diverged_step
+        grads = [p.grad for p in branch["params"].values()]
+        return loss, grads, grad_norms(grads).cpu()
