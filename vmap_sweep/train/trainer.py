@@ -114,7 +114,7 @@ class CellRecord:
     grad_norms: list[float] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
     steps_done: int = 0
-    diverged: bool = False
+    unstable: bool = False
     diverged_step: int | None = None
     eval_loss: float | None = None
     wall_time: float = 0.0
@@ -149,7 +149,7 @@ class Step:
             if len(rec.losses) == 1:  # the loss before any update, even if step 0 had no token to learn from
                 rec.initial_loss = rec.losses[0]
             if self.bad[i]:
-                rec.diverged, rec.diverged_step = True, step
+                rec.unstable, rec.diverged_step = True, step
 
 
 def group_lrs(hp: dict, optimizer: str, n_embd: int) -> dict[str, float]:
@@ -553,7 +553,7 @@ class StackedTrainer:
     def _final_losses(self, stream, records: list[CellRecord]) -> None:
         """Each finished model's loss on its last batch after its last update (one pass per step count)."""
         cfg = self.cfg
-        finished = [i for i, r in enumerate(records) if not r.diverged and r.steps_done > 0]
+        finished = [i for i, r in enumerate(records) if not r.unstable and r.steps_done > 0]
         for last in sorted({records[i].steps_done - 1 for i in finished}):
             inputs, targets = (t.to(self.device) for t in stream.batch(last, cfg.batch_size, cfg.seq_len))
             ending = [i for i in finished if records[i].steps_done - 1 == last]

@@ -144,7 +144,7 @@ class TrunkTrainer(StackedTrainer):
         rec.losses, rec.base_losses = list(h.losses), list(h.base_losses)
         rec.grad_norms, rec.lrs = list(h.grad_norms), list(h.lrs)
         rec.steps_done, rec.initial_loss = h.steps_done, h.initial_loss
-        rec.diverged, rec.diverged_step = h.diverged, h.diverged_step
+        rec.unstable, rec.diverged_step = h.unstable, h.diverged_step
 
     def _read_out_shared(self, m: _Member, rec: CellRecord, batch, has_tokens: bool, diverged: bool) -> None:
         """A cell whose last step is the trunk's: its record is the trunk's history, then its final loss and
@@ -214,7 +214,7 @@ class TrunkTrainer(StackedTrainer):
         taken = Step(loss, base, norm, self.base_lr[lane] * mult[lane], torch.ones(1, dtype=torch.bool),
                      torch.tensor([bad or bad_weights]))
         taken.record([rec], step, torch.ones(1, dtype=torch.bool))
-        if rec.diverged:
+        if rec.unstable:
             rec.eval_loss = self._lane_eval(m.lane) if bad else self._eval(branch["stages"], 1)
         else:
             with torch.no_grad():
@@ -227,7 +227,7 @@ class TrunkTrainer(StackedTrainer):
     def _read_out_unstepped(self, m: _Member, rec: CellRecord) -> None:
         """Its last step held no token to learn from: the weights are the trunk's now, its final loss is on the
         batch of its last recorded step."""
-        if rec.steps_done > 0 and not rec.diverged:
+        if rec.steps_done > 0 and not rec.unstable:
             step, inputs, targets = self._batch(rec.steps_done - 1)
             w = self._loss_weights(step, targets, [m.tokens])
             with torch.no_grad():
@@ -306,4 +306,4 @@ def _copy_record(src: CellRecord, dst: CellRecord) -> None:
     dst.losses, dst.base_losses = list(src.losses), list(src.base_losses)
     dst.grad_norms, dst.lrs = list(src.grad_norms), list(src.lrs)
     dst.steps_done, dst.initial_loss, dst.eval_loss = src.steps_done, src.initial_loss, src.eval_loss
-    dst.diverged, dst.diverged_step = src.diverged, src.diverged_step
+    dst.unstable, dst.diverged_step = src.unstable, src.diverged_step
