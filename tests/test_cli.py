@@ -307,13 +307,13 @@ def test_batches_are_rows_of_learning_rates(base):
 # ------------------------------------------------------------------------------------------------ 5 progress, status
 def test_quiet_logs_one_line_per_batch_and_a_summary(base):
     out, result = base
-    logs = re.findall(r"batch (\d+)/4: (\d+) cells in [\d.]+s, (\d+)/16 done, (\d+) diverged", result.stderr)
+    logs = re.findall(r"batch (\d+)/4: (\d+) cells in [\d.]+s, (\d+)/16 done, (\d+) not converged", result.stderr)
     assert [(b, n, d) for b, n, d, _ in logs] == [("1", "4", "4"), ("2", "4", "8"), ("3", "4", "12"),
                                                   ("4", "4", "16")], result.stderr
     with StudyStore.open(out) as store:
         counts = store.label_counts()
     # the log's divergence count is the class stored with the results, as in the summary table
-    assert int(logs[-1][3]) == counts.get("diverged", 0) > 0
+    assert int(logs[-1][3]) == counts.get("not_converged", 0) > 0
     assert re.search(r"cells done\s*│\s*16/16", result.stdout)
     for label, n in counts.items():
         assert re.search(rf"{label}\s*│\s*{n}\s", result.stdout)
@@ -349,7 +349,7 @@ def test_classify_recomputes_labels_from_trajectories(base, tmp_path):
         after = store.rows(arrays=True)
         counts = store.label_counts()
     for r, a in zip(original, after, strict=True):
-        expect = "diverged" if r["diverged"] or r["final_loss"] > above else (
+        expect = "not_converged" if r["unstable"] or r["final_loss"] > above else (
             "converged" if r["final_loss"] < below else "marginal")
         assert a["label"] == expect, (r["i"], r["j"], r["final_loss"])
         for f in ARRAY_FIELDS:  # no re-training: the results are untouched

@@ -85,7 +85,7 @@ def fractal_report(source: Path, plot_file: Path | None = None, kind: str = "tra
         box = fractal_dimension(grid)
     except ConfigError as e:
         if kind == "stability" and Path(source).is_dir():
-            e = str(e).replace("is converged", "is stable").replace("is diverged", "was stopped as unstable")
+            e = str(e).replace("is converged", "is stable").replace("is not converged", "was stopped as unstable")
         raise ConfigError(f"{source}: {e}") from None  # name the file: a script may measure many
     report = box.to_dict()
     report["map"] = kind

@@ -80,15 +80,14 @@ def _check_thresholds(converged_below: Any, diverged_above: Any) -> tuple[float,
 
 def check(criterion: str, **options: Any) -> dict:
     """{"criterion": name, **options} with its defaults filled in, checked before anything is classified.
-    An option given as None takes its default."""
+    An option given as None takes its default; a criterion without options ignores those given (the CLI passes
+    the threshold's defaults whatever the criterion)."""
     if not isinstance(criterion, str) or criterion not in OPTIONS:
         raise _unknown(criterion)
+    if criterion != "threshold":
+        return {"criterion": criterion}
     given = {k: v for k, v in options.items() if v is not None}
     unknown = set(given) - set(OPTIONS[criterion])
-    if criterion != "threshold":
-        if unknown:
-            raise ConfigError(f"criterion={criterion!r} takes no options, got {sorted(unknown)}")
-        return {"criterion": criterion}
     if unknown or "converged_below" not in given:
         raise ConfigError("criterion='threshold' needs converged_below=<loss> (and optionally diverged_above=<loss>)"
                           + (f"; unknown options {sorted(unknown)}" if unknown else ""))
@@ -163,6 +162,8 @@ def classify(
     if isinstance(criterion, dict):
         options = {**{k: v for k, v in criterion.items() if k != "criterion"}, **options}
         criterion = criterion.get("criterion")
+    if criterion in OPTIONS and criterion != "threshold" and options:
+        raise ConfigError(f"criterion={criterion!r} takes no options, got {sorted(options)}")
     checked = check(criterion, **options)  # type: ignore[arg-type]
     name = checked["criterion"]
     n = len(trajectories)
