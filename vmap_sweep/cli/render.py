@@ -240,7 +240,7 @@ def _count(n: int, noun: str) -> str:
 def _counts_rows(store: StudyStore) -> list[tuple[str, str]]:
     rows = [("cells done", f"{store.done_count()}/{store.cell_count()}")]
     for label, n in sorted(store.label_counts().items()):
-        rows.append((f"  {label}", str(n)))
+        rows.append((f"  {DISPLAY.get(label, label)}", str(n)))
     return rows
 
 
