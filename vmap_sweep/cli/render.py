@@ -547,7 +547,8 @@ def bench_lines(r: BenchResult) -> list[RenderableType]:
 def cell_model_lines(exported) -> list[str]:
     info, out = exported.info, exported.out
     hparams = ", ".join(f"{k}={v:.4g}" for k, v in info["hparams"].items())
-    return [f"cell ({info['i']}, {info['j']}): {hparams}, {info['label'] or 'unclassified'}, eval loss "
+    label = DISPLAY.get(info["label"], info["label"]) or "unclassified"
+    return [f"cell ({info['i']}, {info['j']}): {hparams}, {label}, eval loss "
             f"{_num(info['eval_loss'])}; re-trained, max relative difference to the stored trajectory "
             f"{info['retrain_max_rel_diff']:.3g}",
             f"{out / 'transformers'}  (NanoChatForCausalLM.from_pretrained: {', '.join(exported.hf_files)})"
