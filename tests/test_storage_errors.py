@@ -42,7 +42,7 @@ def record(i: int, j: int) -> Rec:
         return Rec(initial_loss=5.0, losses=list(4.0 - steps / STEPS - i / 10), base_losses=[5.0] * STEPS,
                    grad_norms=[1.0] * STEPS, lrs=[1e-3] * STEPS, steps=STEPS, steps_done=STEPS, eval_loss=3.0 + i)
     return Rec(initial_loss=5.0, losses=list(5.0 + steps), base_losses=[5.0] * STEPS, grad_norms=[9.0] * STEPS,
-               lrs=[1e-1] * STEPS, steps=STEPS, steps_done=STEPS, diverged=True, diverged_step=3, eval_loss=60.0)
+               lrs=[1e-1] * STEPS, steps=STEPS, steps_done=STEPS, unstable=True, diverged_step=3, eval_loss=60.0)
 
 
 def make_study(folder: Path, rows: range = range(4)) -> Path:
