@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 # --no-share: every cell its own model, so that batches are rows of learning rates (sharing has tests of its own)
 TINY = ["run", "--preset", "tiny", "--resolution", "4", "--y", "tokens:256:1024:log", "--eval-tokens", "512",
         "--models-per-batch", "4", "--device", "cpu", "--no-share"]
-RESULT_FIELDS = ("steps", "steps_done", "initial_loss", "final_loss", "eval_loss", "diverged", "diverged_step")
+RESULT_FIELDS = ("steps", "steps_done", "initial_loss", "final_loss", "eval_loss", "unstable", "diverged_step")
 ARRAY_FIELDS = ("trajectory", "base_losses", "grad_norms", "lrs")
 PLOTS = ("score", "stability", "final_loss", "eval_loss", "trajectories")
 MAGIC = {"png": b"\x89PNG", "pdf": b"%PDF", "svg": b"<?xml"}

@@ -33,7 +33,7 @@ def _same(got, want) -> None:
     for field in ("losses", "base_losses", "grad_norms", "lrs", "initial_loss", "eval_loss"):
         a, b = getattr(got, field), getattr(want, field)
         assert np.array_equal(bits(a), bits(b)), (field, a, b)
-    for field in ("steps", "steps_done", "diverged", "diverged_step"):
+    for field in ("steps", "steps_done", "unstable", "diverged_step"):
         assert getattr(got, field) == getattr(want, field), field
 
 
@@ -70,9 +70,9 @@ def test_every_read_out_equals_the_cell_trained_alone(optimizer, k):
     want = _trained_alone(optimizer)
     for cell in cells:
         _same(got[cell.key], want[cell.key])
-    diverged = [c.hparams["tokens"] for c in cells if want[c.key].unstable]
+    unstable = [c.hparams["tokens"] for c in cells if want[c.key].unstable]
     # the diverging trunk decided the cells past its divergence, a branch ending there diverged on its own
-    assert diverged == [100, 128, 200, 300], diverged
+    assert unstable == [100, 128, 200, 300], unstable
 
 
 def test_a_decaying_schedule_shares_only_what_its_multipliers_allow():
