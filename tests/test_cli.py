@@ -26,6 +26,7 @@ from vmap_sweep.run.estimate import flops_per_model_step
 from vmap_sweep.store.db import StudyStore
 from vmap_sweep.study.axes import parse_axis_spec
 from vmap_sweep.study.config import preset
+from vmap_sweep.study.criterion import DISPLAY
 from vmap_sweep.study.plan import build_grid, shard_cells
 
 REPO = Path(__file__).resolve().parents[1]
@@ -312,11 +313,11 @@ def test_quiet_logs_one_line_per_batch_and_a_summary(base):
                                                   ("4", "4", "16")], result.stderr
     with StudyStore.open(out) as store:
         counts = store.label_counts()
-    # the log's divergence count is the class stored with the results, as in the summary table
+    # the log's not-converged count is the class stored with the results, as in the summary table
     assert int(logs[-1][3]) == counts.get("not_converged", 0) > 0
     assert re.search(r"cells done\s*│\s*16/16", result.stdout)
     for label, n in counts.items():
-        assert re.search(rf"{label}\s*│\s*{n}\s", result.stdout)
+        assert re.search(rf"{DISPLAY.get(label, label)}\s*│\s*{n}\s", result.stdout)
     assert re.search(r"trained this run\s*│\s*16 cells", result.stdout)
 
 
