@@ -357,7 +357,7 @@ def test_classify_recomputes_labels_from_trajectories(base, tmp_path):
             assert np.array_equal(bits(a[f]), bits(r[f]))
         assert a["finished_at"] == r["finished_at"] and a["wall_time"] == r["wall_time"]
     assert [r["label"] for r in after] != [r["label"] for r in original]
-    assert text.strip() == "threshold: " + ", ".join(f"{n} {lab}" for lab, n in sorted(counts.items()))
+    assert text.strip() == "threshold: " + ", ".join(f"{n} {DISPLAY[lab]}" for lab, n in sorted(counts.items()))
 
     ok("classify", study, "--criterion", "ratio")
     with StudyStore.open(study) as store:
