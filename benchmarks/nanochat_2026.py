@@ -73,7 +73,7 @@ def main() -> None:
     out["max_rel_diff_stacked_vs_alone"] = max(
         float(((torch.tensor(s.losses) - torch.tensor(a.losses)).abs() / torch.tensor(a.losses).abs()).max())
         for s, a in zip(stacked, alone, strict=True))
-    out["diverged"] = [r.diverged for r in stacked]
+    out["unstable"] = [r.unstable for r in stacked]
     out["seconds_per_model_step_2026"] = seconds / (args.models * args.steps)
     old = _model(base, device)
     _timed_run(old, cells, cfg, device)  # warm-up of the 2025 kernels

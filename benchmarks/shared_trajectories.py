@@ -174,7 +174,7 @@ def part_cli(args, device, result) -> None:
             p["mfu"] = p["flops"] / p["seconds"] / 1e12 / peak if p["seconds"] and p["flops"] else None
         out["windows"][name] = {
             "command": "vmap-sweep " + " ".join(cmd), "lr_indices": [lo, hi], "cells": len(rows),
-            "batch_seconds": seconds, "cli_seconds": wall, "diverged": sum(bool(r["diverged"]) for r in rows),
+            "batch_seconds": seconds, "cli_seconds": wall, "unstable": sum(bool(r["unstable"]) for r in rows),
             "parts": parts,
             "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None}
         print(json.dumps({name: out["windows"][name]}), flush=True)

@@ -91,7 +91,7 @@ def main() -> None:
                "steps": sorted({steps_of(c) for c in cells}), "batches": len(batches), "cli_seconds": wall,
                "batch_seconds": [t for _, t, _ in batches], "first_batch_excluded": True,
                "timed_cells": sum(n for _, _, n in timed), "timed_seconds": sum(t for _, t, _ in timed),
-               "diverged": sum(bool(r["diverged"]) for r in rows)}
+               "unstable": sum(bool(r["unstable"]) for r in rows)}
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
         save()

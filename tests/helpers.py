@@ -64,7 +64,7 @@ class Rec:
     lrs: list[float] = field(default_factory=lambda: [1e-4, 1e-4, 1e-4])
     steps: int = 3
     steps_done: int = 3
-    diverged: bool = False
+    unstable: bool = False
     diverged_step: int | None = None
     eval_loss: float | None = 2.75
     wall_time: float = 1.5
@@ -87,7 +87,7 @@ def rec_for(i: int, j: int) -> Rec:
         losses[1] = float("inf")
     return Rec(initial_loss=base, losses=losses, base_losses=[base, base * 1.1, base / 7],
                grad_norms=[0.1 * i, -0.0, 1e300], lrs=[1e-4 / (j + 1)] * 3,
-               diverged=(i + j) % 3 == 0, diverged_step=2 if (i + j) % 3 == 0 else None,
+               unstable=(i + j) % 3 == 0, diverged_step=2 if (i + j) % 3 == 0 else None,
                eval_loss=None if i == 0 else base / 4, wall_time=0.1 * (i + 1))
 
 
@@ -391,9 +391,9 @@ def train_one_by_one(model: GPT, stream, cell: dict, cfg: TrainConfig,
         mult = lr_multiplier(step, trainer.total_steps, trainer.warmup_ratio, cfg.schedule)
         taken = trainer._step(step, x, y, trainer._loss_weights(step, y), mult, active)
         taken.record([rec], step, active)
-        if rec.diverged:
+        if rec.unstable:
             break
-    if not rec.diverged and rec.steps_done > 0:
+    if not rec.unstable and rec.steps_done > 0:
         last = rec.steps_done - 1
         x, y = stream.batch(last, trainer.cfg.batch_size, cfg.seq_len)
         with torch.no_grad():
@@ -416,8 +416,8 @@ def local_backend(cfg, **settings):
 def run_local(cfg, out, models_per_batch=8, backend=None, **options):
     """run_study as `vmap-sweep run` calls it (classes by the study's criterion as cells are stored), on the CPU
     in this process unless another backend is given; returns the open store."""
-    from vmap_sweep.analysis.classify import label_record
     from vmap_sweep.run.pipeline import run_study
+    from vmap_sweep.study.criterion import label as label_record
 
     return run_study(cfg, out, backend or local_backend(cfg), models_per_batch=models_per_batch,
                      labeller=label_record, **options)
@@ -425,9 +425,9 @@ def run_local(cfg, out, models_per_batch=8, backend=None, **options):
 
 def zoom_local(parent, backend=None, **options):
     """zoom_study as `vmap-sweep zoom` calls it, on the CPU in this process unless another backend is given."""
-    from vmap_sweep.analysis.classify import label_record
     from vmap_sweep.run.zoom import zoom_study
     from vmap_sweep.store.study import Study
+    from vmap_sweep.study.criterion import label as label_record
 
     if backend is None:
         with Study.open(parent) as study:

@@ -155,7 +155,7 @@ def test_cli_runs_lr_by_batch_size_and_each_cell_equals_it_trained_alone(tmp_pat
         assert g["steps"] == -(-1000 // int(g["y"]))  # steps follow from N and the batch size
         for f in ("trajectory", "base_losses", "grad_norms", "lrs", "initial_loss", "final_loss", "eval_loss"):
             assert np.array_equal(bits(g[f]), bits(w[f])), (key, f)
-        assert (g["steps"], g["diverged"], g["label"]) == (w["steps"], w["diverged"], w["label"])
+        assert (g["steps"], g["unstable"], g["label"]) == (w["steps"], w["unstable"], w["label"])
     # the pictures name the axis with its unit, at the batch sizes the cells were trained at
     with StudyStore.open(stacked) as store:
         view = grid_view(store)

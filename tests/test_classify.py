@@ -5,13 +5,23 @@ import math
 import numpy as np
 import pytest
 
-from vmap_sweep.analysis.classify import (
-    classify_grid,
-    classify_ratio,
-    classify_threshold,
-    converged_mask,
-)
+from vmap_sweep.analysis.classify import converged_mask
 from vmap_sweep.errors import ConfigError
+from vmap_sweep.study.criterion import classify
+
+
+def classify_ratio(losses, initial_loss, unstable=False, reference=None):
+    """One trajectory through `classify` by the ratio criterion -> (label, score)."""
+    labels, scores = classify([losses], [initial_loss], "ratio", unstable=[unstable],
+                              references=None if reference is None else [reference])
+    return str(labels[0]), float(scores[0])
+
+
+def classify_threshold(losses, initial_loss, converged_below, diverged_above=None, unstable=False):
+    """One trajectory through `classify` by the threshold criterion -> (label, score)."""
+    labels, scores = classify([losses], [initial_loss], "threshold", unstable=[unstable],
+                              converged_below=converged_below, diverged_above=diverged_above)
+    return str(labels[0]), float(scores[0])
 
 # ----------------------------------------------------------------------------- ratio criterion
 
@@ -24,10 +34,10 @@ def test_ratio_converged_score_is_minus_sum_of_ratios():
     assert score < 0
 
 
-def test_ratio_diverged_score_is_sum_of_inverse_ratios():
+def test_ratio_not_converged_score_is_sum_of_inverse_ratios():
     losses = np.array([4.0, 6.0, 8.0])
     label, score = classify_ratio(losses, 4.0)
-    assert label == "diverged"
+    assert label == "not_converged"
     assert score == pytest.approx(1 + 4 / 6 + 4 / 8)
     assert score > 0
 
@@ -35,7 +45,7 @@ def test_ratio_diverged_score_is_sum_of_inverse_ratios():
 def test_ratio_nonfinite_becomes_cap_and_values_are_clipped():
     # inf and nan -> 1e6; 1e9 clipped to 1e6: each contributes 1e-6 to sum(1/v)
     label, score = classify_ratio([1.0, math.inf, math.nan, 1e9], 1.0)
-    assert label == "diverged"
+    assert label == "not_converged"
     assert score == pytest.approx(1.0 + 3e-6, rel=1e-12)
 
 
@@ -43,20 +53,20 @@ def test_ratio_uses_only_last_twenty_steps():
     # the spike is the 21st value from the end: outside the window
     assert classify_ratio([0.5] * 9 + [100.0] + [0.5] * 20, 1.0)[0] == "converged"
     # the spike is the 20th value from the end: inside, mean (30 + 19 * 0.5) / 20 > 1
-    assert classify_ratio([0.5] * 10 + [30.0] + [0.5] * 19, 1.0)[0] == "diverged"
+    assert classify_ratio([0.5] * 10 + [30.0] + [0.5] * 19, 1.0)[0] == "not_converged"
 
 
 def test_ratio_short_trajectory_uses_all_values_and_mean_must_be_strictly_below_one():
     assert classify_ratio([0.5, 1.4], 1.0)[0] == "converged"  # mean 0.95
-    assert classify_ratio([0.5, 1.5], 1.0)[0] == "diverged"  # mean 1.0 is not < 1
+    assert classify_ratio([0.5, 1.5], 1.0)[0] == "not_converged"  # mean 1.0 is not < 1
 
 
-def test_ratio_diverged_flag_forces_diverged_and_empty_trajectory():
-    label, score = classify_ratio([0.1, 0.1], 1.0, diverged=True)
-    assert label == "diverged" and score == pytest.approx(20.0)
-    label, score = classify_ratio([], 1.0, diverged=True)
-    assert label == "diverged" and score == 0.0
-    with pytest.raises(ConfigError, match="diverged=True"):
+def test_ratio_unstable_flag_forces_not_converged_and_empty_trajectory():
+    label, score = classify_ratio([0.1, 0.1], 1.0, unstable=True)
+    assert label == "not_converged" and score == pytest.approx(20.0)
+    label, score = classify_ratio([], 1.0, unstable=True)
+    assert label == "not_converged" and score == 0.0
+    with pytest.raises(ConfigError, match="unstable=True"):
         classify_ratio([], 1.0)
 
 
@@ -78,13 +88,13 @@ def test_threshold_labels_and_score_signs():
     c, d = 2.0, 10.0
     assert classify_threshold([5.0, 1.0], 5.0, c, d)[0] == "converged"
     assert classify_threshold([5.0, 3.0], 5.0, c, d)[0] == "marginal"
-    assert classify_threshold([5.0, 11.0], 5.0, c, d)[0] == "diverged"
-    assert classify_threshold([5.0, math.nan, 1.0], 5.0, c, d)[0] == "diverged"  # non-finite anywhere
-    assert classify_threshold([5.0, math.inf], 5.0, c, d) == ("diverged", 2.0)
+    assert classify_threshold([5.0, 11.0], 5.0, c, d)[0] == "not_converged"
+    assert classify_threshold([5.0, math.nan, 1.0], 5.0, c, d)[0] == "not_converged"  # non-finite anywhere
+    assert classify_threshold([5.0, math.inf], 5.0, c, d) == ("not_converged", 2.0)
     for final in (0.5, 1.9, 2.0, 5.0, 10.0, 10.5, 50.0):
         label, score = classify_threshold([final], 5.0, c, d)
         assert (score < 0) == (label == "converged"), final
-        assert (score > 1) == (label == "diverged"), final
+        assert (score > 1) == (label == "not_converged"), final
 
 
 def test_threshold_score_formula_edges_and_monotone():
@@ -100,9 +110,9 @@ def test_threshold_score_formula_edges_and_monotone():
 
 
 def test_threshold_flag_empty_and_bad_thresholds():
-    assert classify_threshold([0.1], 5.0, 2.0, diverged=True) == ("diverged", 2.0)
-    assert classify_threshold([], 5.0, 2.0, diverged=True) == ("diverged", 2.0)
-    with pytest.raises(ConfigError, match="diverged=True"):
+    assert classify_threshold([0.1], 5.0, 2.0, unstable=True) == ("not_converged", 2.0)
+    assert classify_threshold([], 5.0, 2.0, unstable=True) == ("not_converged", 2.0)
+    with pytest.raises(ConfigError, match="unstable=True"):
         classify_threshold([], 5.0, 2.0)
     with pytest.raises(ConfigError, match="diverged_above"):
         classify_threshold([1.0], 5.0, 2.0, diverged_above=1.0)
@@ -128,49 +138,49 @@ def _ragged(seed: int, n: int = 40) -> tuple[list[np.ndarray], np.ndarray, np.nd
 
 def test_grid_matches_scalar_ratio():
     trajs, init, flags = _ragged(0)
-    labels, scores = classify_grid(trajs, init, criterion="ratio", diverged=flags)
+    labels, scores = classify(trajs, init, criterion="ratio", unstable=flags)
     for t, i0, f, lab, sc in zip(trajs, init, flags, labels, scores, strict=True):
-        assert (lab, sc) == pytest.approx(classify_ratio(t, i0, diverged=bool(f)))
-    assert set(labels) == {"converged", "diverged"}
+        assert (lab, sc) == pytest.approx(classify_ratio(t, i0, unstable=bool(f)))
+    assert set(labels) == {"converged", "not_converged"}
 
 
 def test_grid_matches_scalar_threshold():
     trajs, init, flags = _ragged(1)
-    labels, scores = classify_grid(
-        trajs, init, criterion="threshold", diverged=flags, converged_below=1.0, diverged_above=4.0
+    labels, scores = classify(
+        trajs, init, criterion="threshold", unstable=flags, converged_below=1.0, diverged_above=4.0
     )
     for t, i0, f, lab, sc in zip(trajs, init, flags, labels, scores, strict=True):
-        assert (lab, sc) == pytest.approx(classify_threshold(t, i0, 1.0, 4.0, diverged=bool(f)))
-    assert set(labels) == {"converged", "diverged", "marginal"}
+        assert (lab, sc) == pytest.approx(classify_threshold(t, i0, 1.0, 4.0, unstable=bool(f)))
+    assert set(labels) == {"converged", "not_converged", "marginal"}
 
 
 def test_grid_accepts_2d_array_and_scalar_initial_loss():
     mat = np.array([[1.0, 0.5], [1.0, 3.0]])
-    labels, scores = classify_grid(mat, 2.0)  # ratios [.5, .25] and [.5, 1.5] (mean 1: not < 1)
-    assert labels.tolist() == ["converged", "diverged"]
+    labels, scores = classify(mat, 2.0)  # ratios [.5, .25] and [.5, 1.5] (mean 1: not < 1)
+    assert labels.tolist() == ["converged", "not_converged"]
     assert scores == pytest.approx([-0.75, 2.0 + 2.0 / 3.0])
-    labels, scores = classify_grid(mat, 4.0)
+    labels, scores = classify(mat, 4.0)
     assert labels.tolist() == ["converged", "converged"]
     assert scores == pytest.approx([-0.375, -1.0])
 
 
 def test_grid_errors():
     with pytest.raises(ConfigError, match="criterion"):
-        classify_grid([[1.0]], [1.0], criterion="vibes")
+        classify([[1.0]], [1.0], criterion="vibes")
     with pytest.raises(ConfigError, match="initial_losses"):
-        classify_grid([[1.0], [1.0]], [1.0, 1.0, 1.0])
-    with pytest.raises(ConfigError, match="diverged"):
-        classify_grid([[1.0], [1.0]], 1.0, diverged=[True])
+        classify([[1.0], [1.0]], [1.0, 1.0, 1.0])
+    with pytest.raises(ConfigError, match="unstable"):
+        classify([[1.0], [1.0]], 1.0, unstable=[True])
     with pytest.raises(ConfigError, match="converged_below"):
-        classify_grid([[1.0]], 1.0, criterion="threshold")
+        classify([[1.0]], 1.0, criterion="threshold")
     with pytest.raises(ConfigError, match="no options"):
-        classify_grid([[1.0]], 1.0, criterion="ratio", converged_below=1.0)
-    labels, scores = classify_grid([], [])
+        classify([[1.0]], 1.0, criterion="ratio", converged_below=1.0)
+    labels, scores = classify([], [])
     assert labels.shape == (0,) and scores.shape == (0,)
 
 
 def test_converged_mask():
-    labels = np.array([["converged", "marginal"], ["diverged", "converged"]])
+    labels = np.array([["converged", "marginal"], ["not_converged", "converged"]])
     assert converged_mask(labels).tolist() == [[True, False], [False, True]]
     with pytest.raises(ConfigError, match="unknown"):
         converged_mask(["converged", "ok"])
@@ -181,8 +191,8 @@ def test_ratio_with_per_step_references_divides_step_by_step():
     base = np.array([3.0, 1.0, 4.0, 1.5])
     label, score = classify_ratio(base * 0.5, 3.0, reference=base)
     assert label == "converged" and score == pytest.approx(-2.0)
-    # Against the scalar initial loss the same run looks diverged (batch 2 is harder than batch 0).
-    assert classify_ratio(np.array([3.0, 3.0, 6.0, 6.0]), 3.0)[0] == "diverged"
+    # Against the scalar initial loss the same run looks not converged (batch 2 is harder than batch 0).
+    assert classify_ratio(np.array([3.0, 3.0, 6.0, 6.0]), 3.0)[0] == "not_converged"
     assert classify_ratio(np.array([3.0, 3.0, 6.0, 6.0]), 3.0, reference=[6.0, 6.0, 12.0, 12.0])[0] == "converged"
     with pytest.raises(ConfigError, match="references"):
-        classify_grid([base], [3.0], references=[base[:2]])
+        classify([base], [3.0], references=[base[:2]])

@@ -26,13 +26,14 @@ from vmap_sweep.run.estimate import flops_per_model_step
 from vmap_sweep.store.db import StudyStore
 from vmap_sweep.study.axes import parse_axis_spec
 from vmap_sweep.study.config import preset
+from vmap_sweep.study.criterion import DISPLAY
 from vmap_sweep.study.plan import build_grid, shard_cells
 
 REPO = Path(__file__).resolve().parents[1]
 # --no-share: every cell its own model, so that batches are rows of learning rates (sharing has tests of its own)
 TINY = ["run", "--preset", "tiny", "--resolution", "4", "--y", "tokens:256:1024:log", "--eval-tokens", "512",
         "--models-per-batch", "4", "--device", "cpu", "--no-share"]
-RESULT_FIELDS = ("steps", "steps_done", "initial_loss", "final_loss", "eval_loss", "diverged", "diverged_step")
+RESULT_FIELDS = ("steps", "steps_done", "initial_loss", "final_loss", "eval_loss", "unstable", "diverged_step")
 ARRAY_FIELDS = ("trajectory", "base_losses", "grad_norms", "lrs")
 PLOTS = ("score", "stability", "final_loss", "eval_loss", "trajectories")
 MAGIC = {"png": b"\x89PNG", "pdf": b"%PDF", "svg": b"<?xml"}
@@ -307,16 +308,16 @@ def test_batches_are_rows_of_learning_rates(base):
 # ------------------------------------------------------------------------------------------------ 5 progress, status
 def test_quiet_logs_one_line_per_batch_and_a_summary(base):
     out, result = base
-    logs = re.findall(r"batch (\d+)/4: (\d+) cells in [\d.]+s, (\d+)/16 done, (\d+) diverged", result.stderr)
+    logs = re.findall(r"batch (\d+)/4: (\d+) cells in [\d.]+s, (\d+)/16 done, (\d+) not converged", result.stderr)
     assert [(b, n, d) for b, n, d, _ in logs] == [("1", "4", "4"), ("2", "4", "8"), ("3", "4", "12"),
                                                   ("4", "4", "16")], result.stderr
     with StudyStore.open(out) as store:
         counts = store.label_counts()
-    # the log's divergence count is the class stored with the results, as in the summary table
-    assert int(logs[-1][3]) == counts.get("diverged", 0) > 0
+    # the log's not-converged count is the class stored with the results, as in the summary table
+    assert int(logs[-1][3]) == counts.get("not_converged", 0) > 0
     assert re.search(r"cells done\s*│\s*16/16", result.stdout)
     for label, n in counts.items():
-        assert re.search(rf"{label}\s*│\s*{n}\s", result.stdout)
+        assert re.search(rf"{DISPLAY.get(label, label)}\s*│\s*{n}\s", result.stdout)
     assert re.search(r"trained this run\s*│\s*16 cells", result.stdout)
 
 
@@ -349,14 +350,14 @@ def test_classify_recomputes_labels_from_trajectories(base, tmp_path):
         after = store.rows(arrays=True)
         counts = store.label_counts()
     for r, a in zip(original, after, strict=True):
-        expect = "diverged" if r["diverged"] or r["final_loss"] > above else (
+        expect = "not_converged" if r["unstable"] or r["final_loss"] > above else (
             "converged" if r["final_loss"] < below else "marginal")
         assert a["label"] == expect, (r["i"], r["j"], r["final_loss"])
         for f in ARRAY_FIELDS:  # no re-training: the results are untouched
             assert np.array_equal(bits(a[f]), bits(r[f]))
         assert a["finished_at"] == r["finished_at"] and a["wall_time"] == r["wall_time"]
     assert [r["label"] for r in after] != [r["label"] for r in original]
-    assert text.strip() == "threshold: " + ", ".join(f"{n} {lab}" for lab, n in sorted(counts.items()))
+    assert text.strip() == "threshold: " + ", ".join(f"{n} {DISPLAY[lab]}" for lab, n in sorted(counts.items()))
 
     ok("classify", study, "--criterion", "ratio")
     with StudyStore.open(study) as store:

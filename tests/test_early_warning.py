@@ -39,7 +39,7 @@ class Rec:
     initial_loss: float = 3.0
     steps: int = STEPS
     steps_done: int = STEPS
-    diverged: bool = False
+    unstable: bool = False
     diverged_step: int | None = None
     eval_loss: float | None = 2.0
     wall_time: float = 0.0
@@ -69,7 +69,7 @@ def study(tmp_path_factory):
     with StudyStore.create_or_open(out, cfg.to_dict(), grid.cells()) as store:
         store.record_batch([(c, record(c.x, c.i >= 4, c.j % 2 == 0)) for c in grid.cells()], batch_index=0)
         reclassify(store)
-        assert store.label_counts() == {"converged": 32, "diverged": 32}
+        assert store.label_counts() == {"converged": 32, "not_converged": 32}
     return out
 
 

@@ -29,7 +29,8 @@ def store(tmp_path) -> StudyStore:
     cells = store_grid().cells()
     s.record_batch([(c, rec_for(c.i, c.j)) for c in cells[:7]], batch_index=0)
     s.record_batch([((3, 1), rec_for(3, 1).__class__(losses=[1e-310, -0.0, float("-inf")]))], batch_index=1)
-    s.set_labels({(0, 0): ("diverged", float("inf")), (1, 0): ("converged", -1.0 / 3)})
+    s.relabel(lambda rows: {(0, 0): ("not_converged", float("inf")), (1, 0): ("converged", -1.0 / 3)},
+              {"criterion": "ratio"})
     yield s
     s.close()
 
@@ -48,7 +49,7 @@ def check_rows(store: StudyStore, got: dict[str, list], trajectories: list | Non
     for name in HPARAMS:  # one column per hyperparameter, the value each cell trained with
         assert [float(v) for v in got[name]] == [float(r["hparams"][name]) for r in exp], name
     assert [s or None for s in got["stability"]] == [
-        None if r["diverged"] is None else "unstable" if r["diverged"] else "stable" for r in exp]
+        None if r["unstable"] is None else "unstable" if r["unstable"] else "stable" for r in exp]
     if trajectories is not None:
         for r, t in zip(exp, trajectories, strict=True):
             if r["status"] == "done":

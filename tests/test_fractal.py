@@ -236,7 +236,7 @@ def test_polygon_raster_matches_matplotlib_and_koch_area():
         (np.zeros((0, 0), dtype=bool), "smaller than 2x2"),
         (np.zeros((1, 9)), "smaller than 2x2"),
         (np.ones((16, 16), dtype=bool), "every cell is converged"),
-        (np.ones((16, 16)), "every cell is diverged"),
+        (np.ones((16, 16)), "every cell is not converged"),
         (np.array([[-1.0, np.nan], [1.0, 2.0]]), "non-finite"),
         (np.array([["converged", "diverged"], ["diverged", "diverged"]]), "converged_mask"),
     ],

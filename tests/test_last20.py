@@ -11,13 +11,14 @@ import pytest
 from cli_helpers import cli, ok
 from test_rules import Rec
 
-from vmap_sweep.analysis.classify import classify_grid, label_record
+from vmap_sweep.analysis.classify import classify_rows
 from vmap_sweep.analysis.compare import compare_studies
-from vmap_sweep.analysis.study import classify_cells, reclassify
+from vmap_sweep.analysis.study import reclassify
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.store.db import StudyStore
 from vmap_sweep.study.axes import parse_axis_spec
 from vmap_sweep.study.config import StudyConfig
+from vmap_sweep.study.criterion import classify, label
 from vmap_sweep.study.grid import Grid
 
 
@@ -40,7 +41,7 @@ def fractal_llm(losses: list[float]) -> bool:
 ])
 def test_last20_is_the_plan_authors_rule_on_the_losses_before_each_update(pre):
     after = pre[-1] * 0.5  # the stored trajectory's last value: after the last update, which fractal-llm never sees
-    labels, scores = classify_grid([pre + [after]], [pre[0]], criterion="last20", steps_done=[len(pre)])
+    labels, scores = classify([pre + [after]], [pre[0]], criterion="last20", steps_done=[len(pre)])
     assert (labels[0] == "converged") == fractal_llm(pre)
     assert (scores[0] < 0) == fractal_llm(pre)
 
@@ -48,25 +49,25 @@ def test_last20_is_the_plan_authors_rule_on_the_losses_before_each_update(pre):
 def test_a_one_step_barely_moved_cell_is_converged_by_ratio_and_not_by_last20():
     """The issue's cell at lr 1e-6: one step, final loss 6.75982 against the base's 6.76036."""
     losses, base = [6.76036, 6.75982], [6.76036, 6.76036]
-    ratio, _ = classify_grid([losses], [6.76036], criterion="ratio", references=[base])
-    last20, _ = classify_grid([losses], [6.76036], criterion="last20", steps_done=[1])
-    assert ratio[0] == "converged" and last20[0] == "diverged"
+    ratio, _ = classify([losses], [6.76036], criterion="ratio", references=[base])
+    last20, _ = classify([losses], [6.76036], criterion="last20", steps_done=[1])
+    assert ratio[0] == "converged" and last20[0] == "not_converged"
 
 
 def test_a_run_that_did_not_stay_finite_or_was_stopped_is_not_trainable():
-    labels, scores = classify_grid([[3.0, 1.0, float("nan")], [3.0, 1.0, 0.5], [3.0, 1.0]], [3.0] * 3,
-                                   criterion="last20", diverged=[False, True, False], steps_done=[3, 2, 2])
-    assert labels.tolist() == ["diverged", "diverged", "converged"]
+    labels, scores = classify([[3.0, 1.0, float("nan")], [3.0, 1.0, 0.5], [3.0, 1.0]], [3.0] * 3,
+                                   criterion="last20", unstable=[False, True, False], steps_done=[3, 2, 2])
+    assert labels.tolist() == ["not_converged", "not_converged", "converged"]
     assert scores[0] == scores[1] > 0 > scores[2]
     with pytest.raises(ConfigError, match="steps_done"):
-        classify_grid([[3.0, 1.0]], [3.0], criterion="last20")
+        classify([[3.0, 1.0]], [3.0], criterion="last20")
 
 
 def test_a_run_labels_each_record_as_classify_recomputes_it():
     rec = Rec(losses=[3.0, 2.0, 2.9, 1.0], base_losses=[3.0] * 4, steps=3, steps_done=3)
-    assert label_record({"criterion": "last20"}, rec)[0] == "converged"  # mean(3, 2, 2.9) < 3
+    assert label({"criterion": "last20"}, rec)[0] == "converged"  # mean(3, 2, 2.9) < 3
     rec = Rec(losses=[3.0, 3.5, 2.9, 1.0], base_losses=[3.0] * 4, steps=3, steps_done=3)
-    assert label_record({"criterion": "last20"}, rec)[0] == "diverged"  # mean(3, 3.5, 2.9) > 3
+    assert label({"criterion": "last20"}, rec)[0] == "not_converged"  # mean(3, 3.5, 2.9) > 3
 
 
 X, Y = "lr:1e-6:1e-2:log", "tokens:1e3:1e5:log"
@@ -83,7 +84,7 @@ def _study(path):
         if c.i == 0:
             rec = Rec(losses=[6.76036, 6.75982], base_losses=[6.76036] * 2, steps=1, steps_done=1)
         elif c.i == 3:
-            rec = Rec(losses=[3.0, 9.0, 40.0], base_losses=[3.0] * 3, steps=4, steps_done=2, diverged=True,
+            rec = Rec(losses=[3.0, 9.0, 40.0], base_losses=[3.0] * 3, steps=4, steps_done=2, unstable=True,
                       diverged_step=2)
         else:
             rec = Rec(losses=[3.0, 2.2, 1.8, 1.5, 1.4], base_losses=[3.0] * 5)
@@ -100,7 +101,7 @@ def test_compare_one_study_across_criteria_names_the_criterion_and_the_cells(tmp
     assert (r.lost, r.gained) == (4, 0)  # the one-step column
     assert "B differs from A in: criterion: ratio -> last20." in r.summary()[0]
     with StudyStore.open(tmp_path / "s") as store:
-        got = classify_cells(store, "last20")
+        got = classify_rows(store.rows(arrays=True), "last20")
     assert {k for k, (label, _) in got.items() if label == "converged"} == {(i, j) for i in (1, 2) for j in range(4)}
     with pytest.raises(ConfigError, match="threshold"):
         compare_studies(tmp_path / "s", tmp_path / "s", None, "threshold")
@@ -111,7 +112,7 @@ def test_cli_classifies_by_last20_and_compares_criteria(tmp_path):
     out = ok("classify", tmp_path / "s", "--criterion", "last20").output
     assert "last20" in out
     with StudyStore.open(tmp_path / "s") as store:
-        assert (store.labels_array()[:, 0] == "diverged").all()  # stored: the one-step column is not trainable
+        assert (store.labels_array()[:, 0] == "not_converged").all()  # stored: the one-step column is not trainable
     out = ok("compare", tmp_path / "s", tmp_path / "s", "--criterion-a", "ratio").output
     assert "criterion: ratio -> last20" in out
     assert cli("compare", tmp_path / "s", tmp_path / "s", "--criterion-b", "nope").exit_code == 2

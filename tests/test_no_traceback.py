@@ -83,7 +83,7 @@ def test_every_command_answers_every_stored_study(finished, tmp_path, statements
 def test_every_command_answers_a_study_beside_a_stray_log(finished, tmp_path):
     study = Path(shutil.copytree(finished, tmp_path / "study"))
     stranger = make_study(tmp_path / "stranger", range(1))
-    (study / "study.db-wal").write_bytes(_log_of(stranger, "UPDATE cells SET label='diverged' WHERE j=0"))
+    (study / "study.db-wal").write_bytes(_log_of(stranger, "UPDATE cells SET label='not_converged' WHERE j=0"))
     for args in commands(study, stranger, tmp_path / "out"):
         answered(cli(*args), args)
 

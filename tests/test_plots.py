@@ -34,7 +34,7 @@ def make_view(criterion: dict | None = None) -> GridView:
     """Columns 0-1 converged, 2 marginal (threshold) or diverged, 3 diverged; every cell 3 steps."""
     xs, ys = np.geomspace(1e-4, 1e-1, NX), np.geomspace(256, 2048, NY)
     ratio = criterion is None or criterion["criterion"] == "ratio"
-    labels = np.array([["converged", "converged", "diverged" if ratio else "marginal", "diverged"]] * NY)
+    labels = np.array([["converged", "converged", "not_converged" if ratio else "marginal", "not_converged"]] * NY)
     scores = np.array([[-3.0, -2.5, 2.0, 5.0]] * NY) if ratio else np.array([[-0.4, -0.1, 0.5, 1.3]] * NY)
     final = np.array([[2.0, 2.5, 4.0, 20.0]] * NY) + np.arange(NY)[:, None]
     base_traj, traj = {}, {}
@@ -88,8 +88,8 @@ def test_threshold_map_tells_marginal_from_diverged():
     assert red[0] < 0 and red[1] < 0 and red[2] > 0 and red[3] > 0
     assert colours[2][1] > colours[3][1] + 0.2  # marginal yellow, diverged red: the green channel tells them
     ticks = [t.get_text() for t in bar.get_yticklabels()]
-    assert {"converged", "marginal", "diverged", "3", "10"} <= set(ticks)
-    assert "converged < 3 ≤ marginal ≤ 10 < diverged" in ax.get_title()
+    assert {"converged", "marginal", "not converged", "3", "10"} <= set(ticks)
+    assert "converged < 3 ≤ marginal ≤ 10 < not converged" in ax.get_title()
     assert plots.BOUNDARY_LABEL in _legend_texts(ax)
 
 
@@ -135,13 +135,13 @@ def test_ratio_trajectories_divide_by_the_base_loss_and_colour_by_class():
     ref = lines["base model's loss (ratio 1)"]
     assert set(ref.get_ydata()) == {1.0}
     conv = lines[f"{plots.value_text('lr', view.xs[0])}: converged"]
-    div = lines[f"{plots.value_text('lr', view.xs[3])}: diverged"]
+    div = lines[f"{plots.value_text('lr', view.xs[3])}: not converged"]
     np.testing.assert_allclose(conv.get_ydata(), view.test_trajectories[(0, 1)] / view.base_trajectories[(0, 1)])
     np.testing.assert_allclose(div.get_ydata(), view.test_trajectories[(3, 1)] / view.base_trajectories[(3, 1)])
     c, d = to_rgba(conv.get_color()), to_rgba(div.get_color())
     assert c[2] > c[0] and d[0] > d[2]  # converged blue, diverged red
     texts = _legend_texts(ax)
-    assert "base model's loss (ratio 1)" in texts and any(t.endswith(": diverged") for t in texts)
+    assert "base model's loss (ratio 1)" in texts and any(t.endswith(": not converged") for t in texts)
     assert "loss ÷ base model's" in ax.get_ylabel()
     assert ax.get_title() == "dataset size = 724 tokens"
 
@@ -151,10 +151,10 @@ def test_threshold_trajectories_show_both_thresholds_and_the_base_losses():
     ax = plots.plot_trajectories(view, view.test_trajectories, rows=[0]).axes[0]
     lines = {ln.get_label(): ln for ln in ax.lines}
     assert set(lines["converged below 3"].get_ydata()) == {3.0}
-    assert set(lines["diverged above 10"].get_ydata()) == {10.0}
+    assert set(lines["not converged above 10"].get_ydata()) == {10.0}
     np.testing.assert_allclose(lines["base model's loss on the same batch"].get_ydata(), view.base_trajectories[(0, 0)])
     marginal = lines[f"{plots.value_text('lr', view.xs[2])}: marginal"]
-    diverged = lines[f"{plots.value_text('lr', view.xs[3])}: diverged"]
+    diverged = lines[f"{plots.value_text('lr', view.xs[3])}: not converged"]
     assert marginal.get_linestyle() != diverged.get_linestyle()
     np.testing.assert_allclose(marginal.get_ydata(), view.test_trajectories[(2, 0)])  # raw loss, as classified
 

@@ -42,7 +42,7 @@ def test_not_a_terminal_logs_timestamped_lines_with_an_eta(tmp_path):
     assert re.fullmatch(STAMP + r"training 16 cells \(\d+ model-steps\) in 4 batches, ETA after the first batch",
                         lines[0]), lines[0]
     for i, line in enumerate(lines[1:], 1):
-        assert re.fullmatch(STAMP + rf"batch {i}/4: 4 cells in .*, {4 * i}/16 done, \d+ diverged, .* cells/min, "
+        assert re.fullmatch(STAMP + rf"batch {i}/4: 4 cells in .*, {4 * i}/16 done, \d+ not converged, .* cells/min, "
                             r"ETA [\d.]+ (s|min|h)", line), line
     assert lines[-1].endswith("ETA 0 s")
     assert "━" not in result.stderr  # no bar drawn into the log
@@ -70,12 +70,12 @@ def test_eta_is_weighted_by_model_steps(monkeypatch):
     clock.now += 20
     assert progress.eta_seconds() == pytest.approx(300)  # counts down between batches (the live bar)
     clock.now += 300
-    progress.batch_done(big, ["diverged"] * 4, 320.0)
+    progress.batch_done(big, ["not_converged"] * 4, 320.0)
     assert progress.eta_seconds() == 0
     lines = out.getvalue().splitlines()  # never wrapped, though longer than the console
     assert len(lines) == 3 and all(re.match(STAMP, line) for line in lines), lines
-    assert lines[1].endswith("4/8 done, 0 diverged, 24.0 cells/min, ETA 5.3 min"), lines[1]
-    assert lines[2].endswith("8/8 done, 4 diverged, 1.5 cells/min, ETA 0 s"), lines[2]
+    assert lines[1].endswith("4/8 done, 0 not converged, 24.0 cells/min, ETA 5.3 min"), lines[1]
+    assert lines[2].endswith("8/8 done, 4 not converged, 1.5 cells/min, ETA 0 s"), lines[2]
 
 
 def test_the_bar_shows_the_weighted_eta(monkeypatch):
@@ -107,15 +107,15 @@ def test_ctrl_c_says_how_to_resume_and_the_diverged_count_goes_on(tmp_path, monk
     assert f"interrupted: 8 of 16 cells are stored in {out}; `vmap-sweep run --out {out} --device cpu` resumes it" \
         in result.stderr.replace("\n", ""), result.stderr
     with StudyStore.open(out) as store:
-        diverged = store.label_counts().get("diverged", 0)
+        diverged = store.label_counts().get("not_converged", 0)
     monkeypatch.setattr(RichProgress, "batch_done", real)
 
     result = ok("run", "--out", out, "--device", "cpu")  # the hint's command
     lines = _lines(result.stderr)
-    assert re.search(rf"resuming: 8/16 cells already stored, {diverged} diverged; training 8 cells", lines[0])
+    assert re.search(rf"resuming: 8/16 cells already stored, {diverged} not converged; training 8 cells", lines[0])
     with StudyStore.open(out) as store:
-        total = store.label_counts().get("diverged", 0)
-    assert f"16/16 done, {total} diverged" in lines[-1], lines[-1]  # stored before the stop, and since
+        total = store.label_counts().get("not_converged", 0)
+    assert f"16/16 done, {total} not converged" in lines[-1], lines[-1]  # stored before the stop, and since
 
 
 def test_a_finished_study_prints_one_line_not_an_empty_bar(tmp_path):

@@ -18,6 +18,7 @@ import pytest
 
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.store.db import StudyStore
+from vmap_sweep.study.criterion import DISPLAY
 
 ROOT = Path(__file__).resolve().parent.parent
 FIX = "run `python docs/regenerate.py` to re-run the README's examples and rewrite its blocks"
@@ -51,7 +52,7 @@ def test_the_demo_block_holds_the_stored_study_counts_and_dimension(runner):
     shown = REGEN.block(README, "demo").splitlines()
     with StudyStore.open(runner.work / "demo-study") as store:
         counts = {"cells done": f"{store.done_count()}/{store.cell_count()}",
-                  **{label: str(n) for label, n in store.label_counts().items()}}
+                  **{DISPLAY.get(label, label): str(n) for label, n in store.label_counts().items()}}
     rows = {cells[1]: cells[2] for cells in (
         [c.strip() for c in line.split("│")] for line in REGEN.table_rows("\n".join(shown), tuple(counts)))}
     assert rows == counts, f"the README's demo counts {rows} are not the study's {counts}; {FIX}"

@@ -12,12 +12,12 @@ import pytest
 from cli_helpers import cli
 from helpers import StopsAfterOneBatch, local_backend, run_local
 
-from vmap_sweep.analysis.classify import label_record
 from vmap_sweep.analysis.refined import refined_fractal_report, refined_map
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.run.refine import REFINE, level_dir, refine_study, study_map
 from vmap_sweep.store.db import RESULT_COLUMNS, StudyStore
 from vmap_sweep.study.config import preset
+from vmap_sweep.study.criterion import label as label_record
 from vmap_sweep.study.refine import UNKNOWN, level_points, neighbourhood_mixed, plan_level, simulate
 
 # ------------------------------------------------------------------------------------------------ the rule

@@ -94,7 +94,7 @@ def _same_experiment(got, want) -> None:
     for field in ("losses", "base_losses", "grad_norms", "lrs", "initial_loss", "eval_loss"):
         a, b = getattr(got, field), getattr(want, field)
         assert np.array_equal(bits(a), bits(b)), (field, a, b)
-    for field in ("steps_done", "diverged", "diverged_step"):
+    for field in ("steps_done", "unstable", "diverged_step"):
         assert getattr(got, field) == getattr(want, field), field
 
 

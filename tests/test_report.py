@@ -181,7 +181,7 @@ def test_rules_and_report_on_a_real_tiny_study(tiny_study, tmp_path):
         lrs = store.grid_arrays("x")[0]
     r = rules_of_thumb(tiny_study)
     assert [row.size for row in r.sizes] == [256, 406, 645, 1024]
-    assert labels.shape == (4, 4) and set(labels.ravel()) <= {"converged", "diverged"}
+    assert labels.shape == (4, 4) and set(labels.ravel()) <= {"converged", "not_converged"}
     for row, lab, ev in zip(r.sizes, labels, evals, strict=True):
         conv = lab == "converged"
         assert row.n_converged == conv.sum()

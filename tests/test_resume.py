@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 ARGS = ["run", "--preset", "tiny", "--resolution", "4", "--y", "tokens:2048:8192:log", "--eval-tokens", "256",
         "--models-per-batch", "2", "--device", "cpu", "--quiet"]
 CELLS = 16
-FIELDS = ("steps", "steps_done", "initial_loss", "final_loss", "eval_loss", "diverged", "diverged_step", "label",
+FIELDS = ("steps", "steps_done", "initial_loss", "final_loss", "eval_loss", "unstable", "diverged_step", "label",
           "score", "batch_index")
 ARRAYS = ("trajectory", "base_losses", "grad_norms", "lrs")
 
@@ -181,7 +181,7 @@ def test_a_run_whose_database_vanishes_stops_with_an_error(tmp_path):
 def test_classify_during_a_run_is_followed_by_every_cell_after_it(tmp_path):
     """classify --criterion threshold while run trains: the cells stored before it are relabelled, and every
     batch committed after it is labelled by threshold too, so the finished study follows one criterion."""
-    from vmap_sweep.analysis.study import classify_cells
+    from vmap_sweep.analysis.classify import classify_rows
     from vmap_sweep.store.extras import criterion
 
     out = tmp_path / "study"
@@ -193,5 +193,5 @@ def test_classify_during_a_run_is_followed_by_every_cell_after_it(tmp_path):
     with StudyStore.open(out) as store:
         assert criterion(store) == {"criterion": "threshold", "converged_below": 3.0, "diverged_above": 10.0}
         stored = {(r["i"], r["j"]): r["label"] for r in store.rows() if r["status"] == "done"}
-        again = classify_cells(store, "threshold", converged_below=3.0, diverged_above=10.0)
+        again = classify_rows(store.rows(arrays=True), "threshold", converged_below=3.0, diverged_above=10.0)
     assert len(stored) == CELLS and stored == {key: label for key, (label, _) in again.items()}

@@ -39,7 +39,7 @@ class Rec:
     grad_norms: list[float] = field(default_factory=lambda: [1.0] * 5)
     lrs: list[float] = field(default_factory=lambda: [1e-4] * 5)
     steps_done: int = 4
-    diverged: bool = False
+    unstable: bool = False
     diverged_step: int | None = None
     eval_loss: float | None = None
     wall_time: float = 0.0

@@ -1,4 +1,4 @@
-"""Stability apart from trainability: at a low LR an untrained cell is stable, not diverged."""
+"""Stability apart from trainability: at a low LR an untrained cell is stable, not unstable."""
 
 from __future__ import annotations
 
@@ -31,10 +31,10 @@ def kind_of(i: int, j: int) -> str:
 
 def record(kind: str) -> Rec:
     if kind == "converged":
-        return Rec(losses=[3.0, 2.0, 1.5], base_losses=[3.0, 3.0, 3.0], diverged=False)
+        return Rec(losses=[3.0, 2.0, 1.5], base_losses=[3.0, 3.0, 3.0], unstable=False)
     if kind == "untrained":  # stable, a little above the base model's loss throughout
-        return Rec(losses=[3.1, 3.1, 3.1], base_losses=[3.0, 3.0, 3.0], diverged=False)
-    return Rec(losses=[3.0, 40.0], base_losses=[3.0, 3.0], steps_done=2, diverged=True, diverged_step=1)
+        return Rec(losses=[3.1, 3.1, 3.1], base_losses=[3.0, 3.0, 3.0], unstable=False)
+    return Rec(losses=[3.0, 40.0], base_losses=[3.0, 3.0], steps_done=2, unstable=True, diverged_step=1)
 
 
 @pytest.fixture

@@ -22,12 +22,12 @@ import pytest
 from cli_helpers import cli, ok
 from helpers import Rec, snapshot
 
-from vmap_sweep.analysis.classify import label_record
 from vmap_sweep.errors import StoreError
 from vmap_sweep.store import db
 from vmap_sweep.store.db import StudyStore, config_diff
 from vmap_sweep.store.study import Study
 from vmap_sweep.study.config import preset
+from vmap_sweep.study.criterion import label as label_record
 from vmap_sweep.study.plan import build_grid
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def record(i: int, j: int) -> Rec:
         return Rec(initial_loss=5.0, losses=list(4.0 - steps / STEPS - i / 10), base_losses=[5.0] * STEPS,
                    grad_norms=[1.0] * STEPS, lrs=[1e-3] * STEPS, steps=STEPS, steps_done=STEPS, eval_loss=3.0 + i)
     return Rec(initial_loss=5.0, losses=list(5.0 + steps), base_losses=[5.0] * STEPS, grad_norms=[9.0] * STEPS,
-               lrs=[1e-1] * STEPS, steps=STEPS, steps_done=STEPS, diverged=True, diverged_step=3, eval_loss=60.0)
+               lrs=[1e-1] * STEPS, steps=STEPS, steps_done=STEPS, unstable=True, diverged_step=3, eval_loss=60.0)
 
 
 def make_study(folder: Path, rows: range = range(4)) -> Path:
@@ -144,7 +144,7 @@ DAMAGE = {
                       "cell (3, 2) has final_loss -3.0, below 0"),
     "unknown label": (["UPDATE cells SET label='convergedd' WHERE i=0 AND j=3"],
                       "cell (0, 3) is labelled 'convergedd'"),
-    "diverged not a flag": (["UPDATE cells SET diverged=7 WHERE i=1 AND j=2"], "cell (1, 2) has diverged=7"),
+    "unstable not a flag": (["UPDATE cells SET unstable=7 WHERE i=1 AND j=2"], "cell (1, 2) has unstable=7"),
     "diverged past its steps": (["UPDATE cells SET diverged_step=100000 WHERE i=3 AND j=3"],
                                 "cell (3, 3) diverged at step 100000, outside its 200 steps"),
     "more losses than steps": (["UPDATE cells SET trajectory=zeroblob(8000) WHERE i=0 AND j=2"],
@@ -159,7 +159,7 @@ DAMAGE = {
 # damage found when a study is opened: every command refuses it; in a row: every command that reads that row
 WHOLE_STUDY = {"dropped column", "dropped table", "dropped meta", "config not JSON", "edited nx", "text for a loss",
                "negative steps", "more steps done than taken", "a billion steps", "hparams off the coordinates",
-               "moved cell", "negative loss", "unknown label", "diverged not a flag", "diverged past its steps",
+               "moved cell", "negative loss", "unknown label", "unstable not a flag", "diverged past its steps",
                "more losses than steps", "no loss though done", "base losses cut short", "initial loss zero"}
 
 
@@ -297,7 +297,7 @@ def _with_a_commit_only_in_its_log(study: Path, folder: Path) -> Path:
     work = Path(shutil.copytree(study, folder.with_name(folder.name + "-work")))
     conn = sqlite3.connect(work / "study.db")
     conn.execute("PRAGMA wal_autocheckpoint=0")
-    conn.execute("UPDATE cells SET label='diverged' WHERE i=0 AND j=0")
+    conn.execute("UPDATE cells SET label='not_converged' WHERE i=0 AND j=0")
     conn.commit()
     folder.mkdir()
     for name in ("study.db", "study.db-wal"):
@@ -355,7 +355,7 @@ def test_another_studys_log_beside_a_restored_study_is_refused_not_replayed(tmp_
     the study reads whole."""
     finished = make_study(tmp_path / "finished")
     other = make_study(tmp_path / "other", range(1))
-    (finished / "study.db-wal").write_bytes(_log_of(other, "UPDATE cells SET label='diverged' WHERE j=0"))
+    (finished / "study.db-wal").write_bytes(_log_of(other, "UPDATE cells SET label='not_converged' WHERE j=0"))
     before = snapshot(finished)
     for args in (["status", finished], ["export", finished, "-o", tmp_path / "x.csv"], ["run", "--out", finished],
                  ["classify", finished]):
@@ -371,7 +371,7 @@ def test_an_older_log_of_the_same_study_is_refused(tmp_path):
     """A log left by a crash of this same study, beside a later backup of it: replaying it would put back pages
     older than the results the backup holds."""
     half = make_study(tmp_path / "half", range(2))
-    older = _log_of(half, "UPDATE cells SET label='diverged' WHERE j<2")
+    older = _log_of(half, "UPDATE cells SET label='not_converged' WHERE j<2")
     finished = Path(shutil.copytree(half, tmp_path / "finished"))
     with StudyStore.open(finished) as store:
         cells = store.pending()
@@ -387,7 +387,7 @@ def test_the_studys_own_log_after_a_crash_is_replayed(made, tmp_path):
     logged = _with_a_commit_only_in_its_log(made, tmp_path / "logged")
     ok("status", logged)
     with StudyStore.open(logged) as store:
-        assert store.labels_array()[0, 0] == "diverged" and store.done_count() == 16
+        assert store.labels_array()[0, 0] == "not_converged" and store.done_count() == 16
 
 
 @pytest.mark.parametrize("kind", ["rollback journal", "fifo log", "link log", "folder log"])

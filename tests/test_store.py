@@ -146,7 +146,7 @@ def test_record_roundtrip_exact(tmp_path):
                 assert s.grid_arrays("initial_loss")[c.j, c.i] == r.initial_loss
                 ev = s.grid_arrays("eval_loss")[c.j, c.i]
                 assert (np.isnan(ev) if r.eval_loss is None else ev == r.eval_loss)
-                assert s.grid_arrays("diverged")[c.j, c.i] == float(r.diverged)
+                assert s.grid_arrays("unstable")[c.j, c.i] == float(r.unstable)
             else:
                 assert np.isnan(final[c.j, c.i])  # pending
         np.testing.assert_array_equal(s.grid_arrays("x")[0], store_grid().xs)  # x known even when pending
@@ -154,7 +154,7 @@ def test_record_roundtrip_exact(tmp_path):
         assert rows[(0, 0)]["shard"] == "1/2" and rows[(0, 0)]["batch_index"] == 0
         assert rows[(2, 1)]["batch_index"] == 1 and rows[(2, 1)]["status"] == "done"
         assert rows[(3, 2)]["status"] == "pending" and rows[(3, 2)]["steps"] is None
-        assert rows[(0, 0)]["diverged"] is True and rows[(0, 0)]["diverged_step"] == 2
+        assert rows[(0, 0)]["unstable"] is True and rows[(0, 0)]["diverged_step"] == 2
         with pytest.raises(ConfigError, match="unknown field"):
             s.grid_arrays("hparams")
 
@@ -190,15 +190,16 @@ def test_labels_counts_and_arrays(tmp_path):
     cells = store_grid().cells()
     with new_store(tmp_path) as s:
         s.record_batch([(c, rec_for(c.i, c.j)) for c in cells[:5]])
-        s.set_labels({(0, 0): ("diverged", 3.0), (1, 0): ("converged", -2.5), (2, 0): ("converged", -1.0)})
-        assert s.label_counts() == {"converged": 2, "diverged": 1, "unlabelled": 2}
+        labels = {(0, 0): ("not_converged", 3.0), (1, 0): ("converged", -2.5), (2, 0): ("converged", -1.0)}
+        s.relabel(lambda rows: labels, {"criterion": "ratio"})
+        assert s.label_counts() == {"converged": 2, "not_converged": 1, "unlabelled": 2}
         lab = s.labels_array()
-        assert lab.shape == (3, 4) and lab[0, 0] == "diverged" and lab[0, 1] == "converged" and lab[2, 3] == ""
+        assert lab.shape == (3, 4) and lab[0, 0] == "not_converged" and lab[0, 1] == "converged" and lab[2, 3] == ""
         assert s.grid_arrays("score")[0, 1] == -2.5 and np.isnan(s.grid_arrays("score")[0, 3])
-        # atomic: a pending cell in the mapping refuses the whole update
-        with pytest.raises(StoreError, match="pending"):
-            s.set_labels({(3, 0): ("marginal", 0.0), (3, 2): ("converged", -1.0)})
-        assert s.labels_array()[0, 3] == "" and s.label_counts()["unlabelled"] == 2
+        # only done cells take a class: a pending one in the mapping stays unlabelled
+        s.relabel(lambda rows: {(3, 0): ("marginal", 0.0), (3, 2): ("converged", -1.0)}, {"criterion": "ratio"})
+        assert s.labels_array()[0, 3] == "marginal" and s.labels_array()[2, 3] == ""
+        assert s.label_counts()["unlabelled"] == 1
 
 
 def test_children_and_extras(tmp_path):
@@ -383,8 +384,71 @@ def test_a_folder_of_other_files_is_refused_before_anything_is_written(tmp_path)
     assert (child / DB_NAME).is_file()
 
 
-def test_the_store_knows_the_classes_classify_gives():
-    from vmap_sweep.analysis.classify import LABELS
-    from vmap_sweep.store.db import LABELS as STORED
 
-    assert STORED == LABELS
+
+def _older_study(tmp_path: Path) -> tuple[Path, dict]:
+    """A study as vmap-sweep wrote it before the trainer's flag and the class were named apart: the flag in a
+    column `diverged`, the class "not converged" stored as "diverged". Returns its folder and the rows as today's
+    names read them."""
+    cells = store_grid().cells()
+    with new_store(tmp_path) as s:
+        s.record_batch([(c, rec_for(c.i, c.j)) for c in cells[:6]])
+        s.relabel(lambda rows: {(0, 0): ("not_converged", 3.0), (1, 0): ("converged", -2.5),
+                                (2, 0): ("marginal", 0.5)}, {"criterion": "ratio"})
+        expected = {(r["i"], r["j"]): r for r in s.rows(arrays=True)}
+    path = tmp_path / "study" / DB_NAME
+    con = sqlite3.connect(path)
+    con.execute("ALTER TABLE cells RENAME COLUMN unstable TO diverged")
+    con.execute("UPDATE cells SET label='diverged' WHERE label='not_converged'")
+    con.commit()
+    con.close()
+    return tmp_path / "study", expected
+
+
+def _columns_and_labels(path: Path) -> tuple[set, set]:
+    con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    columns = {r[1] for r in con.execute("PRAGMA table_info(cells)")}
+    labels = {r[0] for r in con.execute("SELECT label FROM cells WHERE label IS NOT NULL")}
+    con.close()
+    return columns, labels
+
+
+def _assert_reads_as_today(store: StudyStore, expected: dict) -> None:
+    got = {(r["i"], r["j"]): r for r in store.rows(arrays=True)}
+    assert got.keys() == expected.keys()
+    for key, r in expected.items():
+        assert got[key]["unstable"] == r["unstable"] and got[key]["label"] == r["label"], key
+        assert np.array_equal(bits(got[key]["trajectory"]), bits(r["trajectory"]))
+    assert store.labels_array()[0, 0] == "not_converged"
+    assert store.label_counts() == {"converged": 1, "not_converged": 1, "marginal": 1, "unlabelled": 3}
+    flags = store.grid_arrays("unstable")
+    assert all(flags[j, i] == float(r["unstable"]) if r["status"] == "done" else np.isnan(flags[j, i])
+               for (i, j), r in expected.items())
+    assert any(r["unstable"] for r in expected.values())  # the older column's flags, not only zeros
+
+
+def test_an_older_study_on_a_read_only_path_reads_with_todays_names(tmp_path, monkeypatch):
+    from vmap_sweep.store import db
+
+    folder, expected = _older_study(tmp_path)
+    before = (folder / DB_NAME).read_bytes()
+    monkeypatch.setattr(db, "_writable", lambda path: False)
+    with StudyStore.open(folder) as store:
+        assert store.read_only
+        _assert_reads_as_today(store, expected)
+    assert (folder / DB_NAME).read_bytes() == before  # read as it is: nothing written
+    columns, labels = _columns_and_labels(folder / DB_NAME)
+    assert "diverged" in columns and "unstable" not in columns and labels == {"diverged", "converged", "marginal"}
+
+
+def test_an_older_writable_study_is_migrated_when_opened_and_trains_on(tmp_path):
+    folder, expected = _older_study(tmp_path)
+    with StudyStore.open(folder) as store:
+        _assert_reads_as_today(store, expected)
+    columns, labels = _columns_and_labels(folder / DB_NAME)
+    assert "unstable" in columns and "diverged" not in columns
+    assert labels == {"not_converged", "converged", "marginal"}
+    cells = store_grid().cells()
+    with StudyStore.create_or_open(folder, STORE_CONFIG, cells) as store:  # a resume writes today's names
+        store.record_batch([(cells[6], rec_for(cells[6].i, cells[6].j))])
+        assert store.done_count() == 7

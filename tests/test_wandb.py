@@ -142,7 +142,7 @@ def test_a_run_logs_its_config_and_every_batch_under_the_project_chosen(logged):
         counts = store.label_counts()
     assert {k: v for k, v in batches[-1].items() if k.startswith("class/")} == {
         f"class/{label}": n for label, n in counts.items()}
-    assert batches[-1]["diverged"] == counts.get("diverged", 0) > 0
+    assert batches[-1]["not_converged"] == counts.get("not_converged", 0) > 0
     assert run.summary["cells"] == run.summary["cells_done"] == run.summary["cells_trained"] == 16
 
 

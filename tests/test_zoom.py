@@ -408,13 +408,13 @@ def test_zoom_end_to_end_on_the_tiny_model(model_cache, tmp_path):
 
 def _labels_follow_the_criterion(folder) -> dict:
     """Every stored class equals what the study's criterion recomputes from its trajectory."""
-    from vmap_sweep.analysis.study import classify_cells
+    from vmap_sweep.analysis.classify import classify_rows
     from vmap_sweep.store.extras import criterion as study_criterion
 
     with StudyStore.open(folder) as store:
         criterion = study_criterion(store)
         options = {k: v for k, v in criterion.items() if k != "criterion"}
-        again = classify_cells(store, criterion["criterion"], **options)
+        again = classify_rows(store.rows(arrays=True), criterion["criterion"], **options)
         stored = {(r["i"], r["j"]): r["label"] for r in store.rows() if r["status"] == "done"}
     assert stored and stored == {key: label for key, (label, _) in again.items()}
     return criterion

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from vmap_sweep.analysis.classify import CONVERGED, classify_rows, study_classes
+from vmap_sweep.analysis.classify import classify_rows, study_classes
 from vmap_sweep.analysis.fractal import fractal_dimension
 from vmap_sweep.analysis.jsonsafe import json_safe
 from vmap_sweep.analysis.rules import rules_of_thumb
@@ -38,6 +38,7 @@ from vmap_sweep.errors import ConfigError
 from vmap_sweep.store import extras
 from vmap_sweep.store.db import StudyStore, config_diff
 from vmap_sweep.study.axes import parse_axis_spec
+from vmap_sweep.study.criterion import CONVERGED
 
 AXIS_KEYS = ("x", "y")
 

@@ -199,7 +199,7 @@ def _as_class_grid(array: ArrayLike) -> np.ndarray:
 def _check_two_classes(grid: np.ndarray) -> None:
     n_conv = int(grid.sum())
     if n_conv == 0 or n_conv == grid.size:
-        which = "converged" if n_conv else "diverged"
+        which = "converged" if n_conv else "not converged"
         raise ConfigError(
             f"grid of shape {grid.shape}: every cell is {which}, so there is no boundary to measure; "
             "widen or move the grid until it holds both classes"

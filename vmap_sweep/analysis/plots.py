@@ -19,7 +19,6 @@ from matplotlib.colors import FuncNorm, ListedColormap, Normalize, TwoSlopeNorm 
 from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter, NullLocator  # noqa: E402
 
-from vmap_sweep.analysis.classify import CONVERGED, DIVERGED, MARGINAL  # noqa: E402
 from vmap_sweep.analysis.early_warning import FEATURES  # noqa: E402
 from vmap_sweep.analysis.fractal import FractalResult  # noqa: E402
 from vmap_sweep.analysis.rules import SIZE_AXIS  # noqa: E402
@@ -27,6 +26,7 @@ from vmap_sweep.analysis.view import GridView  # noqa: E402
 from vmap_sweep.errors import ConfigError  # noqa: E402
 from vmap_sweep.store.db import check_output  # noqa: E402
 from vmap_sweep.study.axes import AXES  # noqa: E402
+from vmap_sweep.study.criterion import CONVERGED, DISPLAY, MARGINAL, NOT_CONVERGED  # noqa: E402
 
 if TYPE_CHECKING:
     from vmap_sweep.analysis.compare import CompareResult
@@ -186,10 +186,10 @@ def signed_log(scores: np.ndarray) -> np.ndarray:
     return np.sign(scores) * np.log1p(np.abs(scores))
 
 
-RATIO_SCORE_LABEL = "sign(s)·log(1+|s|)   (← converged | diverged →)"
-RATIO_SCORE_TITLE = ("score s: < 0 converged (s = −Σ loss ratio), > 0 diverged (s = Σ 1/ratio),\n"
+RATIO_SCORE_LABEL = "sign(s)·log(1+|s|)   (← converged | not converged →)"
+RATIO_SCORE_TITLE = ("score s: < 0 converged (s = −Σ loss ratio), > 0 not converged (s = Σ 1/ratio),\n"
                      "ratio = training loss ÷ base model's loss on the same batch; shown as sign·log(1+|s|)")
-CLASS_COLOURS = {CONVERGED: "tab:blue", MARGINAL: "orange", DIVERGED: "tab:red"}
+CLASS_COLOURS = {CONVERGED: "tab:blue", MARGINAL: "orange", NOT_CONVERGED: "tab:red"}
 _SEGMENT = 64  # colours per class in the threshold map
 
 
@@ -218,7 +218,7 @@ def threshold_values(view: GridView) -> np.ndarray:
         return s
     eps = 1.0 / (2 * _SEGMENT)
     out = np.full_like(s, np.nan)
-    for label, lo, hi in ((CONVERGED, -1.0, -eps), (MARGINAL, 0.0, 1 - eps), (DIVERGED, 1.0 + eps, 2.0)):
+    for label, lo, hi in ((CONVERGED, -1.0, -eps), (MARGINAL, 0.0, 1 - eps), (NOT_CONVERGED, 1.0 + eps, 2.0)):
         sel = (labels == label) & ~np.isnan(s)
         out[sel] = np.clip(s[sel], lo, hi)
     return out
@@ -226,19 +226,19 @@ def threshold_values(view: GridView) -> np.ndarray:
 
 def score_figure(view: GridView):
     """The convergence map: the score by the study's criterion, with the boundary. The ratio criterion draws
-    sign·log(1+|s|) blue (converged) to red (diverged); the threshold criterion three colour bands, one per
-    class, so marginal cells are told from diverged ones."""
+    sign·log(1+|s|) blue (converged) to red (not converged); the threshold criterion three colour bands, one
+    per class, so marginal cells are told from not converged ones."""
     if not _is_threshold(view):
         s = signed_log(view.scores)
         return _heatmap(view, s, RATIO_SCORE_LABEL, "coolwarm", score_norm(s), title=RATIO_SCORE_TITLE)
     c, d = _thresholds(view)
     fig = _heatmap(view, threshold_values(view), "class (ticks: final-loss thresholds)", threshold_colours(),
                    Normalize(-1.0, 2.0),
-                   title=f"class by final training loss: converged < {c:g} ≤ marginal ≤ {d:g} < diverged "
+                   title=f"class by final training loss: converged < {c:g} ≤ marginal ≤ {d:g} < not converged "
                          f"(or non-finite)\nshade: score log(final/{c:g}) / log({d:g}/{c:g})")
     bar = fig.axes[-1]
     bar.set_yticks([-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0],
-                   ["", CONVERGED, f"{c:g}", MARGINAL, f"{d:g}", DIVERGED, ""])
+                   ["", DISPLAY[CONVERGED], f"{c:g}", DISPLAY[MARGINAL], f"{d:g}", DISPLAY[NOT_CONVERGED], ""])
     return fig
 
 
@@ -304,7 +304,7 @@ def _reference(view: GridView, i: int, j: int, n: int) -> np.ndarray | None:
 def _label_of(view: GridView, i: int, j: int) -> str:
     if view.labels is not None and view.labels[j, i]:
         return str(view.labels[j, i])
-    return CONVERGED if view.converged[j, i] else DIVERGED
+    return CONVERGED if view.converged[j, i] else NOT_CONVERGED
 
 
 def plot_trajectories(
@@ -316,7 +316,7 @@ def plot_trajectories(
     the training loss with both thresholds and the base model's loss on the same batches."""
     threshold = _is_threshold(view)
     fig, axes = plt.subplots(len(rows), 1, figsize=(6.4, 2.9 * len(rows)), squeeze=False, constrained_layout=True)
-    shades = {CONVERGED: ("Blues", 0.45, 0.95), MARGINAL: ("YlOrBr", 0.35, 0.55), DIVERGED: ("Reds", 0.55, 0.95)}
+    shades = {CONVERGED: ("Blues", 0.45, 0.95), MARGINAL: ("YlOrBr", 0.35, 0.55), NOT_CONVERGED: ("Reds", 0.55, 0.95)}
     for ax, j in zip(axes[:, 0], rows, strict=True):
         cols = np.unique(np.linspace(0, len(view.xs) - 1, min(max_lines, len(view.xs))).astype(int))
         base_row = None
@@ -340,12 +340,12 @@ def plot_trajectories(
             lo, hi = shades.get(label, ("Greys", 0.45, 0.95))[1:]
             shade = plt.get_cmap(shades.get(label, ("Greys",))[0])(lo + (hi - lo) * i / max(1, len(view.xs) - 1))
             ax.plot(np.arange(len(y)), y, color=shade, lw=1.1, ls="-." if label == MARGINAL else "-",
-                    label=f"{value_text(view.x_name, view.xs[i], view.budget_unit)}: {label}")
+                    label=f"{value_text(view.x_name, view.xs[i], view.budget_unit)}: {DISPLAY.get(label, label)}")
         drew = bool(ax.lines)
         if threshold:
             c, d = _thresholds(view)
             ax.axhline(c, color=CLASS_COLOURS[CONVERGED], ls="--", lw=1, label=f"converged below {c:g}")
-            ax.axhline(d, color=CLASS_COLOURS[DIVERGED], ls="--", lw=1, label=f"diverged above {d:g}")
+            ax.axhline(d, color=CLASS_COLOURS[NOT_CONVERGED], ls="--", lw=1, label=f"not converged above {d:g}")
             if base_row is not None:
                 ax.plot(np.arange(len(base_row)), base_row, color="black", ls=":", lw=1.2,
                         label="base model's loss on the same batch")
@@ -605,7 +605,7 @@ def plot_rules(result: RulesResult, path: str | os.PathLike) -> Path:
 
 # ----------------------------------------------------------------------------- two studies compared
 
-_COMPARE_CLASSES = ("diverged in both", "converged in both", "converged in A only", "converged in B only")
+_COMPARE_CLASSES = ("not converged in both", "converged in both", "converged in A only", "converged in B only")
 _COMPARE_COLOURS = ("#d9d9d9", "#9ecae1", "#d7301f", "#1a9850")
 
 

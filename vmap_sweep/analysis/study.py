@@ -7,21 +7,17 @@ from pathlib import Path
 import numpy as np
 
 from vmap_sweep.analysis.chain import zoom_tree
-from vmap_sweep.analysis.classify import checked_criterion, classify_rows, converged_mask, map_mask
+from vmap_sweep.analysis.classify import classify_rows, converged_mask, map_mask
 from vmap_sweep.analysis.fractal import fractal_dimension, uncertainty_exponent
 from vmap_sweep.analysis.refined import is_refined, refined_fractal_report, refined_map
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.store.db import StudyStore
-
-
-def classify_cells(store: StudyStore, criterion: str = "ratio", **kw) -> dict[tuple[int, int], tuple[str, float]]:
-    """(label, score) of every done cell, recomputed from its stored trajectory."""
-    return classify_rows(store.rows(arrays=True), criterion, **kw)
+from vmap_sweep.study.criterion import check
 
 
 def reclassify(store: StudyStore, criterion: str = "ratio", **kw) -> dict[str, int]:
     """Store new classes for every done cell (no re-training); returns the count per class."""
-    checked = checked_criterion(criterion, **kw)
+    checked = check(criterion, **kw)
     kw = {k: v for k, v in checked.items() if k != "criterion"}
     # read, classified and written in one transaction: a run that commits meanwhile waits, and its later
     # batches are labelled by the new criterion
@@ -36,7 +32,7 @@ def reclassify_with_zooms(study: Path, criterion: str = "ratio", **kw) -> tuple[
     """reclassify a study and every zoom study below it, so that a chain's levels share one criterion (their
     dimensions are pooled); returns the study's count per class and how many zoom studies followed. Every
     folder is found and opened before any is written: a missing one changes nothing."""
-    checked_criterion(criterion, **kw)
+    check(criterion, **kw)
     folders = zoom_tree(study)
     counts = []
     for folder in folders:
@@ -89,7 +85,7 @@ def fractal_report(source: Path, plot_file: Path | None = None, kind: str = "tra
         box = fractal_dimension(grid)
     except ConfigError as e:
         if kind == "stability" and Path(source).is_dir():
-            e = str(e).replace("is converged", "is stable").replace("is diverged", "was stopped as unstable")
+            e = str(e).replace("is converged", "is stable").replace("is not converged", "was stopped as unstable")
         raise ConfigError(f"{source}: {e}") from None  # name the file: a script may measure many
     report = box.to_dict()
     report["map"] = kind

@@ -6,11 +6,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vmap_sweep.analysis.classify import DIVERGED, converged_mask
+from vmap_sweep.analysis.classify import converged_mask
 from vmap_sweep.analysis.repeats import sized_cells
 from vmap_sweep.store import extras
 from vmap_sweep.store.db import StudyStore
 from vmap_sweep.study.axes import parse_axis_spec
+from vmap_sweep.study.criterion import NOT_CONVERGED
 
 
 def _swap(cells: dict[tuple[int, int], np.ndarray] | None) -> dict[tuple[int, int], np.ndarray] | None:
@@ -94,7 +95,7 @@ def grid_view(store: StudyStore) -> GridView:
         x_log=x.scale == "log",
         y_log=y.scale == "log",
         scores=store.grid_arrays("score"),
-        converged=converged_mask(np.where(labels == "", DIVERGED, labels)),  # a pending cell: not converged
+        converged=converged_mask(np.where(labels == "", NOT_CONVERGED, labels)),  # a pending cell: not converged
         final_loss=store.grid_arrays("final_loss"),
         eval_loss=store.grid_arrays("eval_loss"),
         title=f"{cfg.get('model')} on {cfg.get('data')}",
@@ -106,5 +107,5 @@ def grid_view(store: StudyStore) -> GridView:
         optimizer=str(cfg.get("optimizer") or ""),
         budget_unit=str(cfg.get("budget_unit", "tokens")),
         repeats=repeats,
-        unstable=store.grid_arrays("diverged") == 1,
+        unstable=store.grid_arrays("unstable") == 1,
     )

@@ -111,7 +111,7 @@ def pick_window(converged: np.ndarray, xs: Sequence[float], ys: Sequence[float],
                           f"cells of a {nx}x{ny} grid; use a smaller fraction or a parent of at least 4x4")
     boundary = boundary_mask(c)
     if not boundary.any():
-        which = "converged" if c.all() else "diverged"
+        which = "converged" if c.all() else "not converged"
         raise ConfigError(f"grid of {nx}x{ny}: every cell is {which}, so there is no boundary to zoom into; "
                           "widen or move the parent range, or give --window X0 X1 Y0 Y1")
     corner = np.zeros((ny, nx), dtype=np.float64)

@@ -225,9 +225,9 @@ def _open_backend(cfg, settings, backend: str = "local", address: str | None = N
 
 def _run(cfg, out, k, settings, shard_spec=None, quiet=False, wandb=False, backend="local", address=None,
          workers=None, share=True, wandb_project=None):
-    from vmap_sweep.analysis.classify import label_record
     from vmap_sweep.run.pipeline import run_study
     from vmap_sweep.store.db import DB_NAME, StudyStore
+    from vmap_sweep.study.criterion import label as label_record
 
     # on a terminal a live bar; with --quiet or output to a file (nohup, Slurm) one log line per batch
     progress = shown = render.RichProgress(console, quiet=quiet, where=out)
@@ -299,7 +299,7 @@ def classify(
         help="ratio (Sohl-Dickstein), threshold, or last20 (the plan author's: finite, and the mean of the last 20 "
              "losses below the first).")] = "ratio",
     converged_below: Annotated[float | None, typer.Option(help="threshold: converged if final loss < this.")] = None,
-    diverged_above: Annotated[float, typer.Option(help="threshold: diverged if final loss > this.")] = 10.0,
+    diverged_above: Annotated[float, typer.Option(help="threshold: not converged if final loss > this.")] = 10.0,
 ):
     """Recompute every cell's class and score from its stored trajectory (no re-training); zoom studies below
     it follow, and cells trained later (resume, zoom) are labelled by the same criterion."""
@@ -472,10 +472,10 @@ def zoom(
     quiet: Annotated[bool, typer.Option(help="Log lines instead of a progress bar.")] = False,
 ):
     """Run child studies over a window of the boundary, same resolution, DEPTH levels down (resumable)."""
-    from vmap_sweep.analysis.classify import label_record
     from vmap_sweep.run.resume import check_models_per_batch
     from vmap_sweep.run.zoom import zoom_study
     from vmap_sweep.store.study import Study
+    from vmap_sweep.study.criterion import label as label_record
 
     if auto == (window is not None):
         raise ConfigError("zoom: give --auto or --window X0 X1 Y0 Y1")
@@ -509,9 +509,9 @@ def refine(
 ):
     """Refine the boundary: nested grids, each level halving both spacings, training only the new cells whose
     coarse neighbourhood holds both classes; the rest are inferred and marked so (resumable, one writer)."""
-    from vmap_sweep.analysis.classify import label_record
     from vmap_sweep.run import refine as refining
     from vmap_sweep.run.resume import RunOptions, StoredRun, resolve_run
+    from vmap_sweep.study.criterion import label as label_record
 
     refining.check_levels(levels)
     stored = StoredRun.read(study)

@@ -21,6 +21,7 @@ from vmap_sweep.analysis.jsonsafe import json_safe
 from vmap_sweep.analysis.provenance import provenance_rows
 from vmap_sweep.run.eta import EtaModel, Work, batch_work
 from vmap_sweep.run.pipeline import Progress as ProgressHooks
+from vmap_sweep.study.criterion import DISPLAY, NOT_CONVERGED
 
 if TYPE_CHECKING:
     from vmap_sweep.analysis.compare import CompareResult
@@ -114,7 +115,7 @@ class _EtaColumn(ProgressColumn):
 
 
 class RichProgress(ProgressHooks):
-    """Cells done/total, cells per minute, ETA, the current batch and how many diverged so far: a live bar on a
+    """Cells done/total, cells per minute, ETA, the current batch and how many did not converge so far: a live bar on a
     terminal; else (--quiet, or output to a file, nohup, Slurm) one timestamped log line per batch.
 
     The ETA is learnt from the batches this run has finished (run/eta.py): a batch's time fitted as its tokens
@@ -125,7 +126,7 @@ class RichProgress(ProgressHooks):
         self.console, self.where = console, where  # where: the study folder, for the line of a finished one
         # a bar written to a file shows nothing for minutes, then garbage: log lines there
         self.quiet = quiet or not (console.is_terminal or console.is_jupyter) or console.is_dumb_terminal
-        self.diverged = self.done = self.trained = 0
+        self.not_converged = self.done = self.trained = 0
         self.total = self.batches = 0
         self.started = self.updated = time.perf_counter()
         self.remaining: float | None = None  # seconds left, estimated at `updated`
@@ -138,7 +139,7 @@ class RichProgress(ProgressHooks):
               labels: dict[str, int] | None = None, work: list[Work] | None = None) -> None:
         # one progress may serve several studies in a row (zoom levels): counts are per study
         self.total, self.done, self.batches = total, done, batches
-        self.diverged = (labels or {}).get("diverged", 0)  # a resumed study's count goes on from what is stored
+        self.not_converged = (labels or {}).get(NOT_CONVERGED, 0)  # a resumed study's count goes on from what is stored
         self.trained = 0
         self.remaining = None
         self.weighted = work is not None
@@ -151,7 +152,7 @@ class RichProgress(ProgressHooks):
             return
         plan = f"training {_count(todo, 'cell')} ({_count(model_steps, 'model-step')})"
         if done:
-            self._log(f"resuming: {done}/{total} cells already stored, {self.diverged} diverged; {plan}")
+            self._log(f"resuming: {done}/{total} cells already stored, {self.not_converged} not converged; {plan}")
         elif self.quiet:
             self._log(f"{plan} in {_count(batches, 'batch')}")
         if not self.quiet:
@@ -159,13 +160,14 @@ class RichProgress(ProgressHooks):
                 TextColumn("{task.description}"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("cells · {task.fields[rate]:.1f}/min · {task.fields[diverged]} diverged"),
+                TextColumn("cells · {task.fields[rate]:.1f}/min · {task.fields[not_converged]} not converged"),
                 TimeElapsedColumn(),
                 _EtaColumn(self),
                 console=self.console,
             )
             self.bar.start()
-            self.task = self.bar.add_task("starting", total=total, completed=done, rate=0.0, diverged=self.diverged)
+            self.task = self.bar.add_task("starting", total=total, completed=done, rate=0.0,
+                                          not_converged=self.not_converged)
 
     def cells_per_minute(self) -> float:
         return 60 * self.trained / max(time.perf_counter() - self.started, 1e-9)
@@ -201,13 +203,14 @@ class RichProgress(ProgressHooks):
         self._describe()
         self.done += len(labels)
         self.trained += len(labels)
-        self.diverged += labels.count("diverged")
+        self.not_converged += labels.count(NOT_CONVERGED)
         self._estimate(batch, len(labels))
         if self.bar is not None:
-            self.bar.update(self.task, completed=self.done, rate=self.cells_per_minute(), diverged=self.diverged)
+            self.bar.update(self.task, completed=self.done, rate=self.cells_per_minute(),
+                            not_converged=self.not_converged)
         else:
             self._log(f"batch {batch.index + 1}/{self.batches}: {len(labels)} cells in {elapsed:.1f}s, "
-                      f"{self.done}/{self.total} done, {self.diverged} diverged, "
+                      f"{self.done}/{self.total} done, {self.not_converged} not converged, "
                       f"{self.cells_per_minute():.1f} cells/min")
 
     def _estimate(self, batch: Batch, cells: int) -> None:
@@ -237,7 +240,7 @@ def _count(n: int, noun: str) -> str:
 def _counts_rows(store: StudyStore) -> list[tuple[str, str]]:
     rows = [("cells done", f"{store.done_count()}/{store.cell_count()}")]
     for label, n in sorted(store.label_counts().items()):
-        rows.append((f"  {label}", str(n)))
+        rows.append((f"  {DISPLAY.get(label, label)}", str(n)))
     return rows
 
 
@@ -343,7 +346,7 @@ def live_run_line(live: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------ commands
 def classify_line(criterion: str, counts: dict[str, int], zooms: int) -> str:
-    return (f"{criterion}: " + ", ".join(f"{n} {label}" for label, n in sorted(counts.items()))
+    return (f"{criterion}: " + ", ".join(f"{n} {DISPLAY.get(label, label)}" for label, n in sorted(counts.items()))
             + (f"; its {zooms} zoom studies too" if zooms else ""))
 
 
@@ -544,7 +547,8 @@ def bench_lines(r: BenchResult) -> list[RenderableType]:
 def cell_model_lines(exported) -> list[str]:
     info, out = exported.info, exported.out
     hparams = ", ".join(f"{k}={v:.4g}" for k, v in info["hparams"].items())
-    return [f"cell ({info['i']}, {info['j']}): {hparams}, {info['label'] or 'unclassified'}, eval loss "
+    label = DISPLAY.get(info["label"], info["label"]) or "unclassified"
+    return [f"cell ({info['i']}, {info['j']}): {hparams}, {label}, eval loss "
             f"{_num(info['eval_loss'])}; re-trained, max relative difference to the stored trajectory "
             f"{info['retrain_max_rel_diff']:.3g}",
             f"{out / 'transformers'}  (NanoChatForCausalLM.from_pretrained: {', '.join(exported.hf_files)})"

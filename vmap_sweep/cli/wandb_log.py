@@ -78,7 +78,7 @@ class WandbProgress(ProgressHooks):
         for label in labels:
             label = label or "unclassified"
             self.labels[label] = self.labels.get(label, 0) + 1
-        self.run.log({"cells_done": self.inner.done, "diverged": self.inner.diverged,
+        self.run.log({"cells_done": self.inner.done, "not_converged": self.inner.not_converged,
                       "cells_per_minute": self.inner.cells_per_minute(), "batch_seconds": elapsed,
                       "batch_models": len(labels), "batch_steps": batch.steps,
                       **{f"class/{label}": n for label, n in self.labels.items()}})
@@ -109,11 +109,11 @@ def _plain(value: Any) -> Any:
 
 def cells_table(store) -> Any:
     """One row per cell: its indices, every hyperparameter it was trained with (lr, tokens, ...), status, class,
-    score, steps, losses and where it diverged."""
+    score, steps, losses, whether it was stopped as unstable and at which step."""
     wandb = _wandb()
     rows = store.rows()
     hparams = sorted({k for r in rows for k in r["hparams"]})
-    fields = ["status", "label", "score", "steps_done", "initial_loss", "final_loss", "eval_loss", "diverged",
+    fields = ["status", "label", "score", "steps_done", "initial_loss", "final_loss", "eval_loss", "unstable",
               "diverged_step"]
     columns = ["i", "j", *hparams, *("class" if f == "label" else f for f in fields)]
     data = [[r["i"], r["j"], *(_plain(r["hparams"].get(h)) for h in hparams), *(_plain(r.get(f)) for f in fields)]

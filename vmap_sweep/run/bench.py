@@ -149,7 +149,7 @@ def time_stacked(model: GPT, k: int, cfg: TrainConfig, steps: int, device: torch
         _sync(device)
         elapsed = time.perf_counter() - start
         # A model that diverges stops early and would make the stack look faster than it is.
-        bad = [i for i, r in enumerate(records) if r.diverged or r.steps_done != steps]
+        bad = [i for i, r in enumerate(records) if r.unstable or r.steps_done != steps]
         if bad:
             raise RuntimeError(f"models {bad} did not train all {steps} steps (diverged); the timing would be wrong")
         del trainer, records

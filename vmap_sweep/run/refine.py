@@ -164,7 +164,7 @@ def _record(row: dict) -> CellRecord:
     return CellRecord(initial_loss=float(row["initial_loss"]), steps=int(row["steps"]),
                       losses=row["trajectory"].tolist(), base_losses=row["base_losses"].tolist(),
                       grad_norms=row["grad_norms"].tolist(), lrs=row["lrs"].tolist(),
-                      steps_done=int(row["steps_done"]), diverged=bool(row["diverged"]),
+                      steps_done=int(row["steps_done"]), unstable=bool(row["unstable"]),
                       diverged_step=row["diverged_step"], eval_loss=opt(row["eval_loss"]),
                       wall_time=0.0)  # a copy trains nothing: a level's training time is its own
 

@@ -33,15 +33,15 @@ from typing import Any
 import numpy as np
 
 from vmap_sweep.errors import ConfigError, StoreError
+from vmap_sweep.study import criterion as criterion_rules
 from vmap_sweep.study.grid import Cell
 
 DB_NAME = "study.db"
 # Held (an OS lock, released when the process ends, however it ends) by the one process that trains a study.
 LOCK_NAME = "study.lock"
-# The extra key holding the criterion a study's classes follow, and the one every study starts with: the store
-# reads it inside each commit (record_batch); store/extras.py reads and writes it for everyone else.
-CRITERION = "criterion"
-DEFAULT_CRITERION = {"criterion": "ratio"}
+# The extra key holding the criterion a study's classes follow, and the one every study starts with
+# (study/criterion.py): the store reads it inside each commit (record_batch); store/extras.py for everyone else.
+CRITERION = criterion_rules.KEY
 # labeller(criterion, record) -> (label, score)
 Labeller = Callable[[dict, Any], tuple[str, float]]
 APP = "vmap-sweep"
@@ -64,7 +64,7 @@ CREATE TABLE cells (
     initial_loss  REAL,
     final_loss    REAL,
     eval_loss     REAL,
-    diverged      INTEGER,
+    unstable      INTEGER,
     diverged_step INTEGER,
     trajectory    BLOB,
     base_losses   BLOB,
@@ -96,11 +96,11 @@ CREATE TABLE extra (
 
 # Columns that hold a cell's training results (what merge compares; label/score are recomputable and
 # wall_time/batch_index/shard/finished_at describe the run, not the result).
-RESULT_COLUMNS = ("steps", "steps_done", "initial_loss", "final_loss", "eval_loss", "diverged",
+RESULT_COLUMNS = ("steps", "steps_done", "initial_loss", "final_loss", "eval_loss", "unstable",
                   "diverged_step", "trajectory", "base_losses", "grad_norms", "lrs")
 _RUN_COLUMNS = ("wall_time", "label", "score", "batch_index", "shard", "finished_at")
 ARRAY_FIELDS = ("trajectory", "base_losses", "grad_norms", "lrs")
-NUMERIC_FIELDS = ("x", "y", "steps", "steps_done", "initial_loss", "final_loss", "eval_loss", "diverged",
+NUMERIC_FIELDS = ("x", "y", "steps", "steps_done", "initial_loss", "final_loss", "eval_loss", "unstable",
                   "diverged_step", "wall_time", "score", "batch_index")
 _FLOAT_FIELDS = ("x", "y", "initial_loss", "final_loss", "eval_loss", "wall_time", "score")
 
@@ -128,8 +128,6 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 _MISSING = "<missing>"
-# The classes analysis/classify.py gives a cell; a stored label outside them was written by hand.
-LABELS = ("converged", "diverged", "marginal")
 # A cell's optimizer steps at most (study/config.py's MAX_STEPS_PER_CELL): a stored count beyond is no real run.
 _MAX_STEPS = 100_000
 
@@ -349,6 +347,7 @@ class StudyStore:
             if _is_empty(conn, path):
                 _create(conn, path, text, digest, cells)
             else:
+                _read_older_names(conn, path, read_only=False)
                 _check_ours(conn, path)
                 meta = _verified_meta(conn, path)
                 if meta["config_hash"] != digest:
@@ -384,6 +383,7 @@ class StudyStore:
             if _is_empty(conn, path):
                 raise StoreError(f"{path} is not a vmap-sweep study database (it is empty); pass the folder a "
                                  "run wrote (its --out)")
+            _read_older_names(conn, path, read_only)
             _check_ours(conn, path)
             if not read_only:
                 _pragmas(conn, path)
@@ -509,7 +509,7 @@ class StudyStore:
                 "initial_loss": _opt_float(rec.initial_loss),
                 "final_loss": float(losses[-1]) if len(losses) else None,
                 "eval_loss": _opt_float(rec.eval_loss),
-                "diverged": int(bool(rec.diverged)), "diverged_step": None if ds is None else int(ds),
+                "unstable": int(bool(rec.unstable)), "diverged_step": None if ds is None else int(ds),
                 "trajectory": _to_blob(losses), "grad_norms": _to_blob(rec.grad_norms),
                 "base_losses": _to_blob(rec.base_losses), "lrs": _to_blob(rec.lrs),
                 "wall_time": _opt_float(rec.wall_time), "batch_index": batch_index, "shard": shard,
@@ -526,7 +526,7 @@ class StudyStore:
                 conn.execute(
                     "UPDATE cells SET status='done', steps=:steps, steps_done=:steps_done, "
                     "initial_loss=:initial_loss, final_loss=:final_loss, eval_loss=:eval_loss, "
-                    "diverged=:diverged, diverged_step=:diverged_step, trajectory=:trajectory, "
+                    "unstable=:unstable, diverged_step=:diverged_step, trajectory=:trajectory, "
                     "base_losses=:base_losses, "
                     "grad_norms=:grad_norms, lrs=:lrs, wall_time=:wall_time, batch_index=:batch_index, "
                     "shard=:shard, finished_at=:finished_at, label=:label, score=:score WHERE i=:i AND j=:j", r)
@@ -534,7 +534,7 @@ class StudyStore:
 
     def _criterion(self, conn: sqlite3.Connection) -> dict:
         row = conn.execute("SELECT value FROM extra WHERE key=?", (CRITERION,)).fetchone()
-        return dict(DEFAULT_CRITERION if row is None else self._extra_value(CRITERION, row[0]))
+        return dict(criterion_rules.DEFAULT if row is None else self._extra_value(CRITERION, row[0]))
 
     def _extra_value(self, key: str, text: Any) -> Any:
         value = _json(self.path, text, f"extra {key!r}")
@@ -551,15 +551,6 @@ class StudyStore:
                              "Give each run its own --shard or --out")
         if want == "done" and row[0] != "done":
             raise StoreError(f"{self.path}: cell ({i}, {j}) is still pending; only done cells get labels")
-
-    def set_labels(self, labels: Mapping[Any, tuple[str, float]]) -> None:
-        """Set (label, score) of done cells in one transaction (classification is recomputed later)."""
-        with self._tx() as conn:
-            for key, (label, score) in labels.items():
-                i, j = _cell_key(key)
-                self._require(conn, i, j, want="done")
-                conn.execute("UPDATE cells SET label=?, score=? WHERE i=? AND j=?",
-                             (str(label), _opt_float(score), i, j))
 
     def relabel(self, classify: Callable[[list[dict[str, Any]]], Mapping[Any, tuple[str, float]]],
                 criterion: dict) -> Mapping[Any, tuple[str, float]]:
@@ -713,7 +704,7 @@ class StudyStore:
             d["hparams"] = self._hparams(d["i"], d["j"], d["hparams"])
             for f in _FLOAT_FIELDS:
                 d[f] = self._number(d["i"], d["j"], f, d[f])
-            d["diverged"] = None if d["diverged"] is None else bool(d["diverged"])
+            d["unstable"] = None if d["unstable"] is None else bool(d["unstable"])
             for f in ARRAY_FIELDS if arrays else ():
                 d[f] = self._array(d["i"], d["j"], f, d[f])
             out.append(d)
@@ -739,14 +730,14 @@ def _check_rows(conn: sqlite3.Connection, path: Path, config: Mapping[str, Any],
     are read (`_array`)."""
     expected = _grid_cells(config, nx, ny)
     rows = conn.execute(
-        "SELECT i, j, x, y, hparams, status, steps, steps_done, initial_loss, final_loss, eval_loss, diverged, "
+        "SELECT i, j, x, y, hparams, status, steps, steps_done, initial_loss, final_loss, eval_loss, unstable, "
         "diverged_step, typeof(trajectory), length(trajectory), label, score, length(base_losses) "
         "FROM cells ORDER BY j, i").fetchall()
-    for (i, j, x, y, hparams, status, steps, steps_done, initial, final, evals, diverged, diverged_step,
+    for (i, j, x, y, hparams, status, steps, steps_done, initial, final, evals, unstable, diverged_step,
          kind, size, label, score, base_size) in rows:
         why = _bad_row(i, j, x, y, hparams, expected)
         if why is None and status == "done":
-            why = _bad_result(steps, steps_done, (initial, final, evals), diverged, diverged_step, kind, size,
+            why = _bad_result(steps, steps_done, (initial, final, evals), unstable, diverged_step, kind, size,
                               label, score)
         if why is None and status == "done" and kind == "blob" and isinstance(size, int):
             why = _bad_lengths(size, base_size, initial)
@@ -808,7 +799,7 @@ def _bad_lengths(size: int, base_size: Any, initial: Any) -> str | None:
     return None
 
 
-def _bad_result(steps: Any, steps_done: Any, losses: tuple, diverged: Any, diverged_step: Any, kind: str,
+def _bad_result(steps: Any, steps_done: Any, losses: tuple, unstable: Any, diverged_step: Any, kind: str,
                 size: Any, label: Any, score: Any) -> str | None:
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= _MAX_STEPS:
         return f" has {steps!r:.40} steps; a run takes 1 to {_MAX_STEPS:,}"
@@ -819,14 +810,14 @@ def _bad_result(steps: Any, steps_done: Any, losses: tuple, diverged: Any, diver
             return f"'s {name} is {v!r:.40}, not a number"
         if v is not None and v < 0:  # a cross-entropy is never negative (inf and NaN are a divergence's)
             return f" has {name} {v!r}, below 0, which no cross-entropy loss is"
-    if diverged not in (0, 1):
-        return f" has diverged={diverged!r:.40}, not 0 or 1"
+    if unstable not in (0, 1):
+        return f" has unstable={unstable!r:.40}, not 0 or 1"
     if diverged_step is not None and (not isinstance(diverged_step, int) or not 0 <= diverged_step <= steps):
         return f" diverged at step {diverged_step!r:.40}, outside its {steps} steps"
     if kind == "blob" and isinstance(size, int) and size % 8 == 0 and size // 8 > steps + 1:
         return f" holds {size // 8} losses for its {steps} steps"
-    if label is not None and label not in LABELS:
-        return f" is labelled {label!r:.40}; a class is one of {', '.join(LABELS)}"
+    if label is not None and label not in criterion_rules.LABELS:
+        return f" is labelled {label!r:.40}; a class is one of {', '.join(criterion_rules.LABELS)}"
     if score is not None and not _is_number(score):
         return f" has score {score!r:.40}, not a number"
     return None
@@ -1092,6 +1083,49 @@ def _is_empty(conn: sqlite3.Connection, path: Path) -> bool:
             raise StoreError(f"{path} is not a vmap-sweep study database (not SQLite); "
                              "remove it or choose another --out") from None
         raise storage_error(path, e) from None
+
+
+# Studies written before the trainer's flag and the class were named apart: the flag's column was `diverged`
+# and the class "not converged" was stored as "diverged".
+_OLDER_FLAG_COLUMN = "diverged"
+
+
+def _read_older_names(conn: sqlite3.Connection, path: Path, read_only: bool) -> None:
+    """Let a study written under the older names read as today's. A writable one is migrated where it lies, in one
+    transaction (the column renamed, its labels rewritten), so every later reader and writer sees one schema. A
+    read-only one can't be written: a temporary view named `cells` (it shadows the table for this connection only)
+    maps the older names as rows are read, and the store, opened read-only, writes nothing."""
+    try:
+        have = {r[1] for r in conn.execute("PRAGMA main.table_info(cells)")}
+    except sqlite3.Error as e:
+        raise storage_error(path, e) from None
+    if _OLDER_FLAG_COLUMN not in have or "unstable" in have:
+        return
+    older = "', '".join(criterion_rules.LEGACY_LABELS)
+    relabel = " ".join(f"WHEN '{a}' THEN '{b}'" for a, b in criterion_rules.LEGACY_LABELS.items())
+    try:
+        if read_only:
+            columns = ", ".join("unstable" if c == _OLDER_FLAG_COLUMN else c for c in _ordered_columns(conn))
+            mapped = ", ".join(f"{_OLDER_FLAG_COLUMN} AS unstable" if c == _OLDER_FLAG_COLUMN
+                               else f"CASE label {relabel} ELSE label END AS label" if c == "label" else c
+                               for c in _ordered_columns(conn))
+            conn.execute(f"CREATE TEMP VIEW cells ({columns}) AS SELECT {mapped} FROM main.cells")
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(f"ALTER TABLE cells RENAME COLUMN {_OLDER_FLAG_COLUMN} TO unstable")
+            conn.execute(f"UPDATE cells SET label = CASE label {relabel} END WHERE label IN ('{older}')")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    except sqlite3.Error as e:
+        raise storage_error(path, e) from None
+
+
+def _ordered_columns(conn: sqlite3.Connection) -> list[str]:
+    return [r[1] for r in conn.execute("PRAGMA main.table_info(cells)")]
 
 
 def _check_ours(conn: sqlite3.Connection, path: Path) -> None:

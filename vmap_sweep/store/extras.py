@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from vmap_sweep.errors import StoreError
-from vmap_sweep.store.db import CRITERION, DEFAULT_CRITERION, StudyStore
+from vmap_sweep.store.db import CRITERION, StudyStore
+from vmap_sweep.study import criterion as criterion_rules
 from vmap_sweep.study.settings import RunSettings
 from vmap_sweep.study.sizes import DatasetSize
 
@@ -49,17 +50,10 @@ def put_run_options(store: StudyStore, models_per_batch: int | str, share: bool)
     store.put_extra(RUN_OPTIONS, {"models_per_batch": models_per_batch, "share": bool(share)})
 
 
-# What a stored criterion may hold: its name, and the thresholds of the threshold criterion.
-_CRITERIA = {"ratio": set(), "last20": set(), "threshold": {"converged_below", "diverged_above"}}
-
-
 def criterion(store: StudyStore) -> dict:
     """The criterion a study's classes follow: its last `classify`, else the ratio one every study starts with."""
-    value = store.get_extra(CRITERION) or DEFAULT_CRITERION
-    name = value.get("criterion") if isinstance(value, dict) else None
-    if not isinstance(name, str) or name not in _CRITERIA or not set(value) - {"criterion"} <= _CRITERIA[name] \
-            or not all(isinstance(v, int | float) and not isinstance(v, bool)
-                       for k, v in value.items() if k != "criterion"):
+    value = store.get_extra(CRITERION) or criterion_rules.DEFAULT
+    if not criterion_rules.is_stored_form(value):
         raise StoreError(f"{store.path}: extra {CRITERION!r} holds {value!r:.80}, not a criterion vmap-sweep stores; "
                          "the database was edited: run `vmap-sweep classify` on the study to store one again")
     return dict(value)

@@ -112,7 +112,7 @@ class CellRecord:
     grad_norms: list[float] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
     steps_done: int = 0
-    diverged: bool = False
+    unstable: bool = False
     diverged_step: int | None = None
     eval_loss: float | None = None
     wall_time: float = 0.0
@@ -127,7 +127,7 @@ class CellRecord:
         self.losses, self.base_losses = list(src.losses), list(src.base_losses)
         self.grad_norms, self.lrs = list(src.grad_norms), list(src.lrs)
         self.steps_done, self.initial_loss, self.eval_loss = src.steps_done, src.initial_loss, src.eval_loss
-        self.diverged, self.diverged_step = src.diverged, src.diverged_step
+        self.unstable, self.diverged_step = src.unstable, src.diverged_step
 
     def end_with(self, loss: float) -> None:
         """The loss of its last batch after its last update; the reference is that batch's base loss."""
@@ -158,7 +158,7 @@ class Step:
             if len(rec.losses) == 1:  # the loss before any update, even if step 0 had no token to learn from
                 rec.initial_loss = rec.losses[0]
             if self.bad[i]:
-                rec.diverged, rec.diverged_step = True, step
+                rec.unstable, rec.diverged_step = True, step
 
 
 def group_lrs(hp: dict, optimizer: str, n_embd: int) -> dict[str, float]:

@@ -128,18 +128,18 @@ class TrunkTrainer(StackedTrainer):
         self._lane_evals.clear()
         self._read_out_branches([m for m in ending if m not in shared], batch, mult)
         self._lane_evals.clear()
-        diverged = self._trunk_step(batch, mult)
-        # a trunk that diverged decides every cell it still carries
-        left = [m for m in self.members if m.index in self._undecided and diverged[m.lane] and m not in shared]
+        unstable = self._trunk_step(batch, mult)
+        # a trunk the trainer stopped (unstable) decides every cell it still carries
+        left = [m for m in self.members if m.index in self._undecided and unstable[m.lane] and m not in shared]
         self._read_out_trunks(shared + left)
-        self._active &= ~diverged
+        self._active &= ~unstable
 
     def _shares_last_step(self, m: _Member, step: int) -> bool:
         """Its last step holds the trunk's tokens of that step: its budget ends where the step, or the trunk, does."""
         return m.tokens >= min(self.tokens[m.lane], (step + 1) * self.cfg.tokens_per_step)
 
     def _trunk_step(self, batch, mult) -> torch.Tensor:
-        """One step of every active trunk; the trunks' own records grow. Returns which trunks diverged."""
+        """One step of every active trunk; the trunks' own records grow. Returns which trunks were stopped."""
         step, inputs, targets = batch
         taken = self._step(step, inputs, targets, self._loss_weights(step, targets), mult, self._active)
         taken.record(self._history, step, self._active)
@@ -153,7 +153,7 @@ class TrunkTrainer(StackedTrainer):
         for m in members:
             self.records[m.index].copy_from(self._history[m.lane])
         ends = {m.lane: (self._history[m.lane].steps_done - 1, m.tokens) for m in members
-                if not self._history[m.lane].diverged and self._history[m.lane].steps_done > 0}
+                if not self._history[m.lane].unstable and self._history[m.lane].steps_done > 0}
         finals = self._final_losses(ends)
         evals = self._evals({m.lane for m in members})
         for m in members:
@@ -218,7 +218,7 @@ class TrunkTrainer(StackedTrainer):
         if bad:  # no update: the lane's weights are the branch's
             rec.eval_loss = self._evals([m.lane])[m.lane]
         else:
-            if not rec.diverged:
+            if not rec.unstable:
                 rec.end_with(self._loss_on(branch["stages"], step, m.tokens))
             rec.eval_loss = self._eval_one(branch["stages"])
         return gradient if self.at_base else None
