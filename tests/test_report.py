@@ -19,6 +19,7 @@ import vmap_sweep.analysis
 from vmap_sweep.analysis.report import write_report
 from vmap_sweep.analysis.rules import rules_of_thumb
 from vmap_sweep.analysis.study import fractal_report
+from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.errors import ConfigError, StoreError
 from vmap_sweep.store.extras import ZOOM_OF
 
@@ -47,7 +48,7 @@ def test_markdown_has_the_sections_numbers_and_linked_pictures(study, tmp_path):
     assert "Out-of-distribution" not in text and "Zoom levels" not in text
     box = fractal_report(study)  # 16x16: too small a map for a number, and the report says so
     assert f"No dimension: {box['too_small']}." in text and f"D = {box['dimension']:.3f}" not in text
-    r = rules_of_thumb(study)
+    r = rules_of_thumb(StudyView.load(study))
     assert r.crit_fit.formula() in text and f"D^{r.opt_fit.exponent:.3f}" in text
     assert f"allows 2x more LR: {r.ten_x.verdict}" in text
     assert f"| x axis | {LR_AXIS} |" in text and "| resolution | 16 × 16 = 256 fine-tunes |" in text
@@ -179,7 +180,7 @@ def test_rules_and_report_on_a_real_tiny_study(tiny_study, tmp_path):
         labels = store.labels_array()
         evals = store.grid_arrays("eval_loss")
         lrs = store.grid_arrays("x")[0]
-    r = rules_of_thumb(tiny_study)
+    r = rules_of_thumb(StudyView.load(tiny_study))
     assert [row.size for row in r.sizes] == [256, 406, 645, 1024]
     assert labels.shape == (4, 4) and set(labels.ravel()) <= {"converged", "diverged"}
     for row, lab, ev in zip(r.sizes, labels, evals, strict=True):
@@ -252,5 +253,5 @@ def test_fractal_and_ten_x_wording_cannot_be_misread(tmp_path):
             f"{box['fit_range'][0]}–{box['fit_range'][1]} at 96×96 over {box['octaves']:.1f} octaves") in text
     for warning in box["warnings"]:
         assert f"Warning: {warning}." in text
-    r = rules_of_thumb(study)
+    r = rules_of_thumb(StudyView.load(study))
     assert r.ten_x.sentence() in text and f"R² {r.crit_fit.r2:.2f}" in text

@@ -17,6 +17,7 @@ from cli_helpers import ok
 
 from vmap_sweep.analysis.rules import rules_of_thumb
 from vmap_sweep.analysis.study import fractal_report
+from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.store.db import StudyStore
 
 pytest.importorskip("wandb")  # in the test extra; optional for users
@@ -155,7 +156,7 @@ def test_a_run_ends_with_maps_cells_trajectories_dimension_and_rules(logged):
     cells = run.table("cells_table")
     with StudyStore.open(out) as store:
         stored = {(r["i"], r["j"]): r for r in store.rows()}
-        rules = rules_of_thumb(store)
+        rules = rules_of_thumb(StudyView.load(store))
     assert len(cells) == 16 and {(c["i"], c["j"]) for c in cells} == set(stored)
     for c in cells:
         r = stored[c["i"], c["j"]]

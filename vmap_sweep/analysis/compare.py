@@ -33,7 +33,7 @@ from vmap_sweep.analysis.classify import CONVERGED, classify_rows, study_classes
 from vmap_sweep.analysis.fractal import fractal_dimension
 from vmap_sweep.analysis.jsonsafe import json_safe
 from vmap_sweep.analysis.rules import rules_of_thumb
-from vmap_sweep.analysis.view import GridView, grid_view
+from vmap_sweep.analysis.view import GridView, StudyView, grid_view
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.store import extras
 from vmap_sweep.store.db import StudyStore, config_diff
@@ -182,7 +182,8 @@ def _crit_rows(a: StudyStore, b: StudyStore, ca: np.ndarray, cb: np.ndarray) -> 
     if _unit(b) != unit:
         return [], [f"A counts its budgets in {unit}, B in {_unit(b)}: LR_crit per dataset size not compared."]
     try:
-        ra, rb = rules_of_thumb(a, unit, classes=ca), rules_of_thumb(b, unit, classes=cb)
+        ra = rules_of_thumb(StudyView.load(a), unit, classes=ca)
+        rb = rules_of_thumb(StudyView.load(b), unit, classes=cb)
     except ConfigError:
         return [], ["LR_crit per dataset size needs an LR axis and `tokens`; not compared."]
     # matched by size: each study leaves out the sizes that repeat a smaller one's experiment, and two seeds (or

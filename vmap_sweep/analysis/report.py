@@ -30,7 +30,7 @@ from vmap_sweep.analysis.fmt import format_ci, format_count
 from vmap_sweep.analysis.provenance import provenance_rows
 from vmap_sweep.analysis.rules import SAFE_FACTOR, rules_of_thumb
 from vmap_sweep.analysis.study import fractal_report
-from vmap_sweep.analysis.view import grid_view
+from vmap_sweep.analysis.view import StudyView, grid_view
 from vmap_sweep.errors import ConfigError, VmapSweepError
 from vmap_sweep.store import extras
 from vmap_sweep.store.db import StudyStore, check_output
@@ -369,7 +369,7 @@ def _rules_section(doc: _Doc, store: StudyStore, tmp: Path):
 
     doc.h("Rules of thumb")
     try:
-        r = rules_of_thumb(store)
+        r = rules_of_thumb(StudyView.load(store))
     except ConfigError as e:
         doc.p(f"Not applicable to this study: {e}")
         return None

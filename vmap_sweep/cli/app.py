@@ -443,14 +443,13 @@ def export(
     stability, score, losses, steps. The format is the output's suffix; without -o the file is STUDY/cells.csv (or
     cells.parquet, cells.npz, cells.json with --format)."""
     from vmap_sweep.analysis.export import export_study
-    from vmap_sweep.store.db import StudyStore
+    from vmap_sweep.analysis.view import StudyView
 
     if level:
         from vmap_sweep.analysis.refined import refined_map
 
         study = refined_map(study, level).folder  # checked: a finished level of this study
-    with StudyStore.open(study) as store:
-        path = export_study(store, format, output, trajectories=trajectories)
+    path = export_study(StudyView.load(study), format, output, trajectories=trajectories)
     _say(str(path))
 
 
@@ -665,14 +664,15 @@ def rules(
     dataset each LR converges on. With several studies of different models: LR_crit = a D^b P^c."""
     from vmap_sweep.analysis.plots import plot_joint_rules, plot_rules
     from vmap_sweep.analysis.rules import rules_of_thumb
+    from vmap_sweep.analysis.view import StudyView
 
     if len(study) == 1 and params is not None:
         raise ConfigError(f"--params {params}: the parameter count enters only the joint fit over several studies "
                           "(LR_crit = a D^b P^c); one study's rules don't use it: drop --params, or give several "
                           "studies")
     if len(study) == 1:
-        result = _shown(lambda: rules_of_thumb(study[0], size_unit), plot_rules, render.rules_lines, json_out,
-                        plot_file)
+        result = _shown(lambda: rules_of_thumb(StudyView.load(study[0]), size_unit), plot_rules, render.rules_lines,
+                        json_out, plot_file)
         with _wandb_run(wandb, wandb_project, study[0], "rules") as wb:
             if wb is not None:
                 from vmap_sweep.cli.wandb_log import log_rules
@@ -683,7 +683,8 @@ def rules(
 
     if wandb or wandb_project:
         raise ConfigError("--wandb logs one study's rules; run `vmap-sweep rules STUDY --wandb` for each study")
-    _shown(lambda: joint_rules([rules_of_thumb(s, size_unit) for s in study], _parameter_counts(study, params)),
+    _shown(lambda: joint_rules([rules_of_thumb(StudyView.load(s), size_unit) for s in study],
+                               _parameter_counts(study, params)),
            plot_joint_rules, render.joint_rules_lines, json_out, plot_file)
 
 
@@ -740,12 +741,13 @@ def early_warning(
     threshold rule reaches the precision."""
     from vmap_sweep.analysis.early_warning import early_warning as measure
     from vmap_sweep.analysis.plots import plot_early_warning
+    from vmap_sweep.analysis.view import StudyView
 
     try:
         ks = None if steps is None else [int(k) for k in steps.split(",") if k.strip()]
     except ValueError:
         raise ConfigError(f"--k {steps!r}: give comma-separated step counts, e.g. 1,2,4,8") from None
-    _shown(lambda: measure(study, ks, precision=precision, min_recall=min_recall), plot_early_warning,
+    _shown(lambda: measure(StudyView.load(study), ks, precision=precision, min_recall=min_recall), plot_early_warning,
            render.early_warning_lines, json_out, plot_file)
 
 

@@ -216,6 +216,7 @@ def log_study(run, store) -> None:
     from vmap_sweep.analysis.plots import plot_rules
     from vmap_sweep.analysis.rules import rules_of_thumb
     from vmap_sweep.analysis.study import fractal_report
+    from vmap_sweep.analysis.view import StudyView
 
     log_maps(run, store)
     with tempfile.TemporaryDirectory() as tmp:
@@ -225,7 +226,7 @@ def log_study(run, store) -> None:
         except VmapSweepError as e:
             run.summary["fractal/skipped"] = str(e)
         try:
-            result = rules_of_thumb(store)
+            result = rules_of_thumb(StudyView.load(store))
             plot_rules(result, rules_plot)
             log_rules(run, result, rules_plot)
         except VmapSweepError as e:
