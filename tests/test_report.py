@@ -46,7 +46,7 @@ def test_markdown_has_the_sections_numbers_and_linked_pictures(study, tmp_path):
     for section in SECTIONS:
         assert section in text
     assert "Out-of-distribution" not in text and "Zoom levels" not in text
-    box = fractal_report(study)  # 16x16: too small a map for a number, and the report says so
+    box = fractal_report(study).to_dict()  # 16x16: too small a map for a number, and the report says so
     assert f"No dimension: {box['too_small']}." in text and f"D = {box['dimension']:.3f}" not in text
     r = rules_of_thumb(StudyView.load(study))
     assert r.crit_fit.formula() in text and f"D^{r.opt_fit.exponent:.3f}" in text
@@ -74,7 +74,7 @@ def test_html_is_one_file_with_embedded_pictures(study, tmp_path):
     assert len(re.findall("<figcaption>", text)) == 6
     assert not (tmp_path / "report_files").exists() and sorted(p.name for p in tmp_path.iterdir()) == [
         "report.html", "study"]
-    assert fractal_report(study)["too_small"] in text and f"<td>{LR_AXIS}</td>" in text
+    assert fractal_report(study).to_dict()["too_small"] in text and f"<td>{LR_AXIS}</td>" in text
 
 
 def fake_zoom(seen: list[Path]) -> types.ModuleType:
@@ -245,7 +245,7 @@ def test_fractal_and_ten_x_wording_cannot_be_misread(tmp_path):
     study = tmp_path / "study"  # 96x96: a map large enough (2.7 octaves) to print a number
     build_study(study, law(3e-5, 0.5), nx=96, ny=96).close()
     text = write_report(study, tmp_path / "w.md").read_text()
-    box = fractal_report(study)
+    box = fractal_report(study).to_dict()
     assert (f"D = {box['dimension']:.3f}, 95% CI [{box['ci_low']:.3f}, {box['ci_high']:.3f}] (± 1.96 standard "
             "uncertainties: the spread of the slope over the admissible fit windows, over box-lattice placements, "
             "the small-box correction in full, the curvature of the counts (the drift of the local slopes across the "

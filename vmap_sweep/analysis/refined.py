@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from vmap_sweep.analysis.classify import converged_mask
-from vmap_sweep.analysis.fractal import fractal_dimension
+from vmap_sweep.analysis.fractal import FractalResult, fractal_dimension
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.store import extras
 from vmap_sweep.store.db import DB_NAME, StudyStore
@@ -98,6 +98,11 @@ def tokens_note(refined: RefinedMap) -> str | None:
 def refined_fractal_report(top: Path, level: int | None = None) -> dict:
     """The box-counting dimension on a refined study's finest (or given) level, with level 0's beside it: the
     octaves of box size and the narrowing of the interval that refinement bought."""
+    return refined_fractal_measure(top, level)[0]
+
+
+def refined_fractal_measure(top: Path, level: int | None = None) -> tuple[dict, FractalResult]:
+    """refined_fractal_report, and the level's box counts (what a picture of the fit draws)."""
     refined = refined_map(top, level)
     try:
         box = fractal_dimension(converged_mask(refined.map.labels))
@@ -120,7 +125,7 @@ def refined_fractal_report(top: Path, level: int | None = None) -> dict:
         "levels": refined.levels,
         "tokens_note": tokens_note(refined),
     }
-    return report
+    return report, box
 
 
 def refined_lines(report: dict) -> list[str]:

@@ -246,10 +246,14 @@ def _maps_section(doc: _Doc, store: StudyStore, tmp: Path) -> None:
 
 
 def _fractal_section(doc: _Doc, study_dir: Path, tmp: Path) -> dict | None:
+    from vmap_sweep.analysis.plots import plot_box_counts
+
     doc.h("Fractal dimension of the boundary")
     plot = tmp / "box_counting.png"
     try:
-        box = fractal_report(study_dir, plot)
+        measured = fractal_report(study_dir)
+        plot_box_counts(measured.box, plot)
+        box = measured.to_dict()
     except VmapSweepError as e:
         doc.p(f"Not measurable on this study: {e}")
         return None
@@ -409,9 +413,8 @@ def _compare_section(doc: _Doc, store: StudyStore, other: Path, tmp: Path, mixed
     from vmap_sweep.analysis.plots import plot_compare
 
     doc.h("Compared with another study")
-    with StudyStore.open(other) as b:
-        # grids that can't be compared: one clear error, no report
-        r = compare_studies(store, b, mixed_criteria=mixed_criteria)
+    # grids that can't be compared: one clear error, no report
+    r = compare_studies(StudyView.load(store), StudyView.load(other), mixed_criteria=mixed_criteria)
     doc.p(f"A is this study, B is {other}.")
     doc.bullets(r.summary())
     if r.crit:

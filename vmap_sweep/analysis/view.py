@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from vmap_sweep.analysis.classify import DIVERGED, converged_mask
+from vmap_sweep.analysis.classify import DIVERGED, converged_mask, map_mask
 from vmap_sweep.analysis.repeats import SizedCells, sized_cells
-from vmap_sweep.errors import StoreError
+from vmap_sweep.errors import ConfigError, StoreError
 from vmap_sweep.store import extras
 from vmap_sweep.store.db import StudyStore
 from vmap_sweep.store.levels import REFINE
@@ -114,6 +114,8 @@ class StudyView:
     labels: np.ndarray  # str; "" where pending or unlabelled
     grid: GridView
     level: int = 0
+    study_id: str | None = None  # tells apart two studies of one config (None: made before it was recorded)
+    created: str = ""
     refine: dict | None = None  # the finished refinement levels' record, where the study was refined
     extras: dict = field(default_factory=dict)
 
@@ -136,6 +138,7 @@ class StudyView:
             x=x, y=y, nx=store.nx, ny=store.ny, criterion=extras.criterion(store), sized=sized, cells=store.cells(),
             rows=store.rows(arrays=True), arrays=arrays, labels=labels,
             grid=_grid(store, config, x, y, arrays, labels, sized), level=extras.level(store),
+            study_id=store.study_id, created=store.created,
             refine=record if isinstance(record, dict) and record.get("levels") else None, extras=store.extras())
 
     @property
@@ -218,3 +221,21 @@ def _grid(store: StudyStore, cfg: StudyConfig, x: AxisSpec, y: AxisSpec, arrays:
 def grid_view(source: StudyStore | str | os.PathLike) -> GridView:
     """Axis values and per-cell arrays of a study, for the plots."""
     return StudyView.load(source).grid
+
+
+def load_class_grid(source: Path, kind: str = "trainability") -> np.ndarray:
+    """A study folder's map (`kind`: trainability, True = converged; stability, True = never stopped as unstable),
+    or a 2-D .npy (bool mask, True = converged; or a signed score, negative = converged)."""
+    if source.is_dir():
+        with StudyStore.open(source) as store:
+            return map_mask(store, kind)
+    if source.suffix != ".npy":
+        raise ConfigError(f"{source}: not a study folder or a .npy file; pass one of those")
+    if source.exists() and not source.is_file():
+        raise ConfigError(f"{source}: not a regular file (a named pipe, device or socket); give a .npy file")
+    if not source.is_file():
+        raise ConfigError(f"{source}: no such file")
+    try:
+        return np.load(source, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{source}: can't read it as a numpy array ({e})") from None

@@ -504,7 +504,12 @@ def _print_fractal(source: Path, json_out: bool, plot_file: Path | None, save_js
 
     if plot_file is not None:
         picture_file(plot_file)  # its suffix, and that it is no study's own file, before any work
-    report = fractal_report(source, plot_file, kind, level=level)
+    result = fractal_report(source, kind, level=level)
+    if plot_file is not None:
+        from vmap_sweep.analysis.plots import plot_box_counts
+
+        plot_box_counts(result.box, plot_file)
+    report = result.to_dict()
     if save_json is not None:
         from vmap_sweep.store.db import check_output
 
@@ -776,8 +781,10 @@ def compare(
     """Two studies over one grid: cells that changed class, converged shares, ΔD with its CI, LR_crit ratios."""
     from vmap_sweep.analysis.compare import compare_studies
     from vmap_sweep.analysis.plots import plot_compare
+    from vmap_sweep.analysis.view import StudyView
 
-    _shown(lambda: compare_studies(a, b, criterion_a, criterion_b, across_resolutions, mixed_criteria),
+    _shown(lambda: compare_studies(StudyView.load(a), StudyView.load(b), criterion_a, criterion_b,
+                                   across_resolutions, mixed_criteria),
            plot_compare, render.compare_lines, json_out, plot_file)
 
 

@@ -213,7 +213,7 @@ def log_study(run, store) -> None:
     """Everything at the end of `run`: maps, cells, trajectories, the dimension, the rules. A result the study
     cannot give (one class, no boundary; no LR x dataset-size grid) is skipped, its reason in the summary
     (e.g. fractal/skipped)."""
-    from vmap_sweep.analysis.plots import plot_rules
+    from vmap_sweep.analysis.plots import plot_box_counts, plot_rules
     from vmap_sweep.analysis.rules import rules_of_thumb
     from vmap_sweep.analysis.study import fractal_report
     from vmap_sweep.analysis.view import StudyView
@@ -222,7 +222,9 @@ def log_study(run, store) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         box, rules_plot = Path(tmp) / "box_counting.png", Path(tmp) / "rules.png"
         try:
-            log_dimension(run, fractal_report(store.directory, box), box)
+            measured = fractal_report(store.directory)
+            plot_box_counts(measured.box, box)
+            log_dimension(run, measured.to_dict(), box)
         except VmapSweepError as e:
             run.summary["fractal/skipped"] = str(e)
         try:
