@@ -10,7 +10,7 @@ import pytest
 from cli_helpers import boundary_pixels, cli, ok
 from PIL import Image
 
-from vmap_sweep.analysis.animate import frame_count
+from vmap_sweep.present.animate import frame_count
 from vmap_sweep.store.db import StudyStore
 from vmap_sweep.study.axes import parse_axis_spec
 

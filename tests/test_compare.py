@@ -11,7 +11,7 @@ from cli_helpers import cli, ok
 from test_rules import build_study, law
 
 from vmap_sweep.analysis.compare import Dimension, compare_studies, delta_dimension
-from vmap_sweep.analysis.plots import plot_compare
+from vmap_sweep.present.plots import plot_compare
 from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.study.axes import parse_axis_spec
@@ -131,7 +131,7 @@ def test_cli_prints_the_findings_and_draws_the_figure(pair, tmp_path):
 
 
 def test_report_compare_section(tmp_path):
-    from vmap_sweep.analysis.report import write_report
+    from vmap_sweep.present.report import write_report
 
     crit = law(3e-5, 0.5)  # a small pair: the report draws every section of A
     build_study(tmp_path / "a", crit, nx=12, ny=8, x=X, y=Y).close()

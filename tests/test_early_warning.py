@@ -19,7 +19,7 @@ from vmap_sweep.analysis.early_warning import (
     roc_auc,
     signed_distance,
 )
-from vmap_sweep.analysis.plots import plot_early_warning
+from vmap_sweep.present.plots import plot_early_warning
 from vmap_sweep.analysis.study import reclassify
 from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.store.db import StudyStore

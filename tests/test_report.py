@@ -16,7 +16,7 @@ import torch
 from test_rules import LR_AXIS, build_study, law
 
 import vmap_sweep.analysis
-from vmap_sweep.analysis.report import write_report
+from vmap_sweep.present.report import write_report
 from vmap_sweep.analysis.rules import rules_of_thumb
 from vmap_sweep.analysis.study import fractal_report
 from vmap_sweep.analysis.view import StudyView

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from vmap_sweep.analysis.plots import plot_rules
+from vmap_sweep.present.plots import plot_rules
 from vmap_sweep.analysis.rules import fit_power_law, rules_of_thumb
 from vmap_sweep.analysis.stats import t_quantile
 from vmap_sweep.analysis.study import reclassify

@@ -9,7 +9,7 @@ import pytest
 from cli_helpers import cli, ok
 from helpers import Rec
 
-from vmap_sweep.analysis import plots
+from vmap_sweep.present import plots
 from vmap_sweep.analysis.classify import map_mask, stability_mask, study_classes
 from vmap_sweep.analysis.fractal import fractal_dimension
 from vmap_sweep.analysis.study import reclassify

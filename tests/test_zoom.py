@@ -22,7 +22,7 @@ from matplotlib.animation import PillowWriter
 from PIL import Image
 
 from vmap_sweep.analysis import animate as animate_mod
-from vmap_sweep.analysis.animate import animate
+from vmap_sweep.present.animate import animate
 from vmap_sweep.analysis.chain import dimension_report, zoom_levels
 from vmap_sweep.analysis.classify import study_classes
 from vmap_sweep.analysis.study import reclassify

@@ -400,7 +400,7 @@ def plot(
 
 
 def _plot(study: Path, formats, rows, out: Path | None = None, wb=None):
-    from vmap_sweep.analysis.plots import plot_refined, save_plots
+    from vmap_sweep.present.plots import plot_refined, save_plots
     from vmap_sweep.analysis.refined import refine_record, refined_map
     from vmap_sweep.analysis.view import grid_view
     from vmap_sweep.store.db import StudyStore
@@ -499,14 +499,14 @@ def fractal(
 
 def _print_fractal(source: Path, json_out: bool, plot_file: Path | None, save_json: Path | None = None,
                    kind: str = "trainability", level: int | None = None) -> dict:
-    from vmap_sweep.analysis.plots import picture_file
+    from vmap_sweep.present.plots import picture_file
     from vmap_sweep.analysis.study import fractal_report
 
     if plot_file is not None:
         picture_file(plot_file)  # its suffix, and that it is no study's own file, before any work
     result = fractal_report(source, kind, level=level)
     if plot_file is not None:
-        from vmap_sweep.analysis.plots import plot_box_counts
+        from vmap_sweep.present.plots import plot_box_counts
 
         plot_box_counts(result.box, plot_file)
     report = result.to_dict()
@@ -643,7 +643,7 @@ def animate(
     fps: Annotated[float, typer.Option(help="Frames per second.")] = 2.0,
 ):
     """The zoom sequence, parent to deepest child, as a GIF (and MP4 where ffmpeg exists)."""
-    from vmap_sweep.analysis.animate import animate as animate_zoom
+    from vmap_sweep.present.animate import animate as animate_zoom
 
     _say(str(animate_zoom(study, output or study / "zoom.gif", fps)))
 
@@ -667,7 +667,7 @@ def rules(
 ):
     """Rules of thumb: critical, safe and optimal LR per dataset size and their power laws, and the smallest
     dataset each LR converges on. With several studies of different models: LR_crit = a D^b P^c."""
-    from vmap_sweep.analysis.plots import plot_joint_rules, plot_rules
+    from vmap_sweep.present.plots import plot_joint_rules, plot_rules
     from vmap_sweep.analysis.rules import rules_of_thumb
     from vmap_sweep.analysis.view import StudyView
 
@@ -696,7 +696,7 @@ def rules(
 def _shown(compute, draw, lines, json_out: bool, plot_file: Path | None):
     """An analysis result computed, drawn where --plot asks (its suffix checked before any work) and printed."""
     if plot_file is not None:
-        from vmap_sweep.analysis.plots import picture_file
+        from vmap_sweep.present.plots import picture_file
 
         picture_file(plot_file)
     result = compute()
@@ -745,7 +745,7 @@ def early_warning(
     LR x gradient norm) predict that a cell will not converge: ROC AUC by k, and the earliest k at which a
     threshold rule reaches the precision."""
     from vmap_sweep.analysis.early_warning import early_warning as measure
-    from vmap_sweep.analysis.plots import plot_early_warning
+    from vmap_sweep.present.plots import plot_early_warning
     from vmap_sweep.analysis.view import StudyView
 
     try:
@@ -780,7 +780,7 @@ def compare(
 ):
     """Two studies over one grid: cells that changed class, converged shares, ΔD with its CI, LR_crit ratios."""
     from vmap_sweep.analysis.compare import compare_studies
-    from vmap_sweep.analysis.plots import plot_compare
+    from vmap_sweep.present.plots import plot_compare
     from vmap_sweep.analysis.view import StudyView
 
     _shown(lambda: compare_studies(StudyView.load(a), StudyView.load(b), criterion_a, criterion_b,
@@ -799,7 +799,7 @@ def report(
 ):
     """One report: config, maps, fractal dimension, zoom levels, rules of thumb, OOD correlation (and a comparison
     with --compare)."""
-    from vmap_sweep.analysis.report import write_report
+    from vmap_sweep.present.report import write_report
 
     _say(str(write_report(study, output or study / f"report.{format}", format, compare, mixed_criteria)))
 

@@ -209,7 +209,7 @@ def _config_section(doc: _Doc, store: StudyStore) -> None:
 
 
 def _maps_section(doc: _Doc, store: StudyStore, tmp: Path) -> None:
-    from vmap_sweep.analysis.plots import save_plots
+    from vmap_sweep.present.plots import save_plots
 
     view = grid_view(store)
     ny = len(view.ys)
@@ -246,7 +246,7 @@ def _maps_section(doc: _Doc, store: StudyStore, tmp: Path) -> None:
 
 
 def _fractal_section(doc: _Doc, study_dir: Path, tmp: Path) -> dict | None:
-    from vmap_sweep.analysis.plots import plot_box_counts
+    from vmap_sweep.present.plots import plot_box_counts
 
     doc.h("Fractal dimension of the boundary")
     plot = tmp / "box_counting.png"
@@ -330,7 +330,7 @@ def _zoom_section(doc: _Doc, store: StudyStore, study_dir: Path, tmp: Path) -> N
 
 def _zoom_tables(doc: _Doc, rep: Mapping[str, Any], tmp: Path) -> None:
     """dimension_report's {"levels": [...], "pooled": {...}}: a table, a sentence, a plot."""
-    from vmap_sweep.analysis.plots import plot_zoom_box_counts
+    from vmap_sweep.present.plots import plot_zoom_box_counts
 
     rows = []
     for lv in rep["levels"]:
@@ -369,7 +369,7 @@ def _zoom_tables(doc: _Doc, rep: Mapping[str, Any], tmp: Path) -> None:
 
 
 def _rules_section(doc: _Doc, store: StudyStore, tmp: Path):
-    from vmap_sweep.analysis.plots import plot_rules
+    from vmap_sweep.present.plots import plot_rules
 
     doc.h("Rules of thumb")
     try:
@@ -410,7 +410,7 @@ def _rules_section(doc: _Doc, store: StudyStore, tmp: Path):
 
 def _compare_section(doc: _Doc, store: StudyStore, other: Path, tmp: Path, mixed_criteria: bool = False) -> None:
     from vmap_sweep.analysis.compare import compare_studies
-    from vmap_sweep.analysis.plots import plot_compare
+    from vmap_sweep.present.plots import plot_compare
 
     doc.h("Compared with another study")
     # grids that can't be compared: one clear error, no report
@@ -429,7 +429,7 @@ def _compare_section(doc: _Doc, store: StudyStore, other: Path, tmp: Path, mixed
 
 
 def _ood_section(doc: _Doc, ood: Any, tmp: Path, criterion: dict | None = None) -> None:
-    from vmap_sweep.analysis.plots import plot_ood
+    from vmap_sweep.present.plots import plot_ood
 
     doc.h("Out-of-distribution skill")
     measured_by = ood.get("criterion") if isinstance(ood, dict) else None  # results stored without it don't say

@@ -22,7 +22,7 @@ from matplotlib.animation import AbstractMovieWriter, FFMpegWriter, PillowWriter
 from matplotlib.patches import Rectangle
 
 from vmap_sweep.analysis.chain import zoom_levels
-from vmap_sweep.analysis.plots import legend_outside, score_figure
+from vmap_sweep.present.plots import legend_outside, score_figure
 from vmap_sweep.analysis.view import grid_view
 from vmap_sweep.analysis.window import Window
 from vmap_sweep.errors import ConfigError
