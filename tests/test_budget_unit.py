@@ -12,11 +12,11 @@ from helpers import bits, run_local
 from test_repeats import brute_force, docqa_like_stream
 
 from vmap_sweep.analysis.export import export_study
-from vmap_sweep.present.plots import axis_label
 from vmap_sweep.analysis.view import StudyView, grid_view
 from vmap_sweep.data.stream import TokenStream
 from vmap_sweep.data.synthetic import synthetic_docqa
 from vmap_sweep.model.tokenizer import ByteTokenizer
+from vmap_sweep.present.plots import axis_label
 from vmap_sweep.study.config import preset
 
 

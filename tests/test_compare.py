@@ -11,9 +11,9 @@ from cli_helpers import cli, ok
 from test_rules import build_study, law
 
 from vmap_sweep.analysis.compare import Dimension, compare_studies, delta_dimension
-from vmap_sweep.present.plots import plot_compare
 from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.errors import ConfigError
+from vmap_sweep.present.plots import plot_compare
 from vmap_sweep.study.axes import parse_axis_spec
 
 X, Y = "lr:1e-6:1e-1:log", "tokens:1e3:1e6:log"

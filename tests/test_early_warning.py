@@ -19,9 +19,9 @@ from vmap_sweep.analysis.early_warning import (
     roc_auc,
     signed_distance,
 )
-from vmap_sweep.present.plots import plot_early_warning
 from vmap_sweep.analysis.study import reclassify
 from vmap_sweep.analysis.view import StudyView
+from vmap_sweep.present.plots import plot_early_warning
 from vmap_sweep.store.db import StudyStore
 from vmap_sweep.study.axes import parse_axis_spec
 from vmap_sweep.study.config import StudyConfig

@@ -158,8 +158,8 @@ def test_exports_carry_each_cells_sizes_and_the_cell_it_repeats(tmp_path):
 
 
 def test_maps_hatch_the_repeated_cells_and_say_so(tmp_path):
-    from vmap_sweep.present import plots
     from vmap_sweep.analysis.view import grid_view
+    from vmap_sweep.present import plots
 
     store, _ = _stored_study(tmp_path)
     view = grid_view(store)

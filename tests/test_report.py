@@ -16,11 +16,11 @@ import torch
 from test_rules import LR_AXIS, build_study, law
 
 import vmap_sweep.analysis
-from vmap_sweep.present.report import write_report
 from vmap_sweep.analysis.rules import rules_of_thumb
 from vmap_sweep.analysis.study import fractal_report
 from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.errors import ConfigError, StoreError
+from vmap_sweep.present.report import write_report
 from vmap_sweep.store.extras import ZOOM_OF
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from vmap_sweep.present.plots import plot_rules
 from vmap_sweep.analysis.rules import fit_power_law, rules_of_thumb
 from vmap_sweep.analysis.stats import t_quantile
 from vmap_sweep.analysis.study import reclassify
 from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.cli.render import rules_table
 from vmap_sweep.errors import ConfigError
+from vmap_sweep.present.plots import plot_rules
 from vmap_sweep.store.db import StudyStore
 from vmap_sweep.study.axes import parse_axis_spec
 from vmap_sweep.study.config import StudyConfig

@@ -400,9 +400,9 @@ def plot(
 
 
 def _plot(study: Path, formats, rows, out: Path | None = None, wb=None):
-    from vmap_sweep.present.plots import plot_refined, save_plots
     from vmap_sweep.analysis.refined import refine_record, refined_map
     from vmap_sweep.analysis.view import grid_view
+    from vmap_sweep.present.plots import plot_refined, save_plots
     from vmap_sweep.store.db import StudyStore
 
     with StudyStore.open(study) as store:
@@ -499,8 +499,8 @@ def fractal(
 
 def _print_fractal(source: Path, json_out: bool, plot_file: Path | None, save_json: Path | None = None,
                    kind: str = "trainability", level: int | None = None) -> dict:
-    from vmap_sweep.present.plots import picture_file
     from vmap_sweep.analysis.study import fractal_report
+    from vmap_sweep.present.plots import picture_file
 
     if plot_file is not None:
         picture_file(plot_file)  # its suffix, and that it is no study's own file, before any work
@@ -667,9 +667,9 @@ def rules(
 ):
     """Rules of thumb: critical, safe and optimal LR per dataset size and their power laws, and the smallest
     dataset each LR converges on. With several studies of different models: LR_crit = a D^b P^c."""
-    from vmap_sweep.present.plots import plot_joint_rules, plot_rules
     from vmap_sweep.analysis.rules import rules_of_thumb
     from vmap_sweep.analysis.view import StudyView
+    from vmap_sweep.present.plots import plot_joint_rules, plot_rules
 
     if len(study) == 1 and params is not None:
         raise ConfigError(f"--params {params}: the parameter count enters only the joint fit over several studies "
@@ -745,8 +745,8 @@ def early_warning(
     LR x gradient norm) predict that a cell will not converge: ROC AUC by k, and the earliest k at which a
     threshold rule reaches the precision."""
     from vmap_sweep.analysis.early_warning import early_warning as measure
-    from vmap_sweep.present.plots import plot_early_warning
     from vmap_sweep.analysis.view import StudyView
+    from vmap_sweep.present.plots import plot_early_warning
 
     try:
         ks = None if steps is None else [int(k) for k in steps.split(",") if k.strip()]
@@ -780,8 +780,8 @@ def compare(
 ):
     """Two studies over one grid: cells that changed class, converged shares, ΔD with its CI, LR_crit ratios."""
     from vmap_sweep.analysis.compare import compare_studies
-    from vmap_sweep.present.plots import plot_compare
     from vmap_sweep.analysis.view import StudyView
+    from vmap_sweep.present.plots import plot_compare
 
     _shown(lambda: compare_studies(StudyView.load(a), StudyView.load(b), criterion_a, criterion_b,
                                    across_resolutions, mixed_criteria),

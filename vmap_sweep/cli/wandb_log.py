@@ -153,8 +153,8 @@ def log_maps(run, store, rows: Sequence[int] | None = None) -> None:
     last) as line plots."""
     import matplotlib.pyplot as plt
 
-    from vmap_sweep.present.plots import plot_figures
     from vmap_sweep.analysis.view import grid_view
+    from vmap_sweep.present.plots import plot_figures
 
     wandb = _wandb()
     if rows is None:
@@ -213,10 +213,10 @@ def log_study(run, store) -> None:
     """Everything at the end of `run`: maps, cells, trajectories, the dimension, the rules. A result the study
     cannot give (one class, no boundary; no LR x dataset-size grid) is skipped, its reason in the summary
     (e.g. fractal/skipped)."""
-    from vmap_sweep.present.plots import plot_box_counts, plot_rules
     from vmap_sweep.analysis.rules import rules_of_thumb
     from vmap_sweep.analysis.study import fractal_report
     from vmap_sweep.analysis.view import StudyView
+    from vmap_sweep.present.plots import plot_box_counts, plot_rules
 
     log_maps(run, store)
     with tempfile.TemporaryDirectory() as tmp:

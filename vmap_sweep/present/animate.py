@@ -22,10 +22,10 @@ from matplotlib.animation import AbstractMovieWriter, FFMpegWriter, PillowWriter
 from matplotlib.patches import Rectangle
 
 from vmap_sweep.analysis.chain import zoom_levels
-from vmap_sweep.present.plots import legend_outside, score_figure
 from vmap_sweep.analysis.view import grid_view
 from vmap_sweep.analysis.window import Window
 from vmap_sweep.errors import ConfigError
+from vmap_sweep.present.plots import legend_outside, score_figure
 from vmap_sweep.store.db import StudyStore
 
 DPI = 100  # frame pixels = the heatmap's figsize x DPI; every frame has the same size
