@@ -16,9 +16,9 @@ from vmap_sweep.analysis.rules import fit_power_law, rules_of_thumb
 from vmap_sweep.analysis.stats import t_quantile
 from vmap_sweep.analysis.study import reclassify
 from vmap_sweep.analysis.view import StudyView
-from vmap_sweep.cli.render import rules_table
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.present.plots import plot_rules
+from vmap_sweep.present.tables import rules_table
 from vmap_sweep.store.db import StudyStore
 from vmap_sweep.study.axes import parse_axis_spec
 from vmap_sweep.study.config import StudyConfig
@@ -474,7 +474,7 @@ def test_counts_read_in_the_right_number():
 
 
 def test_the_second_dimension_is_printed_as_a_named_cross_check():
-    from vmap_sweep.cli.render import fractal_lines
+    from vmap_sweep.present.tables import fractal_lines
 
     box = {"dimension": 1.3, "ci_low": 1.2, "ci_high": 1.4, "stderr": 0.05, "fit_range": [2, 8], "octaves": 2.0,
            "resolution": [32, 32], "box_sizes": [2, 4, 8], "box_counts": [40.0, 15.0, 6.0],

@@ -126,18 +126,3 @@ def refined_fractal_measure(top: Path, level: int | None = None) -> tuple[dict, 
         "tokens_note": tokens_note(refined),
     }
     return report, box
-
-
-def refined_lines(report: dict) -> list[str]:
-    """What `fractal` adds for a refined study: which level, how much was inferred, what refinement bought."""
-    r = report["refined"]
-    c = r["coarse"]
-    lines = [f"refined study: measured on level {r['level']} ({r['folder']}), {r['trained_cells']:,} of "
-             f"{r['cells']:,} cells trained, {100 * r['inferred_share']:.1f}% inferred from uniform neighbourhoods",
-             f"level 0 at {c['resolution'][0]}×{c['resolution'][1]}: D = {c['dimension']:.3f}, 95% CI "
-             f"[{c['ci_low']:.3f}, {c['ci_high']:.3f}] over {c['octaves']:.1f} octaves; refinement gained "
-             f"{r['octaves_gained']:.1f} octaves"
-             + (f" and an interval {r['interval_narrowing']:.2f}× as narrow" if r["interval_narrowing"] else "")]
-    if r.get("tokens_note"):
-        lines.append(f"note: {r['tokens_note']}")
-    return lines

@@ -17,6 +17,7 @@ from vmap_sweep.cli.render import console  # stderr: errors and the progress of 
 from vmap_sweep.cli.render import say as _say
 from vmap_sweep.errors import ConfigError, VmapSweepError
 from vmap_sweep.eval import DEFAULT_LIMITS, DEFAULT_TASKS
+from vmap_sweep.present import tables
 
 app = typer.Typer(
     help="Train many fine-tunes of one LLM at once and map where fine-tuning converges and where it diverges.",
@@ -514,7 +515,7 @@ def _print_fractal(source: Path, json_out: bool, plot_file: Path | None, save_js
         from vmap_sweep.store.db import check_output
 
         check_output(save_json).write_text(json.dumps(json_safe(report), indent=2, allow_nan=False))
-    render.emit(report, json_out, render.fractal_lines, plot_file)
+    render.emit(report, json_out, tables.fractal_lines, plot_file)
     return report
 
 
@@ -632,7 +633,7 @@ def zoom_dimension(
     """Box-counting dimension per zoom level, and pooled over all levels (more decades of scale)."""
     from vmap_sweep.analysis.chain import dimension_report
 
-    render.emit(dimension_report(study), json_out, render.zoom_dimension_lines)
+    render.emit(dimension_report(study), json_out, tables.zoom_dimension_lines)
 
 
 @app.command()
@@ -676,7 +677,7 @@ def rules(
                           "(LR_crit = a D^b P^c); one study's rules don't use it: drop --params, or give several "
                           "studies")
     if len(study) == 1:
-        result = _shown(lambda: rules_of_thumb(StudyView.load(study[0]), size_unit), plot_rules, render.rules_lines,
+        result = _shown(lambda: rules_of_thumb(StudyView.load(study[0]), size_unit), plot_rules, tables.rules_lines,
                         json_out, plot_file)
         with _wandb_run(wandb, wandb_project, study[0], "rules") as wb:
             if wb is not None:
@@ -690,7 +691,7 @@ def rules(
         raise ConfigError("--wandb logs one study's rules; run `vmap-sweep rules STUDY --wandb` for each study")
     _shown(lambda: joint_rules([rules_of_thumb(StudyView.load(s), size_unit) for s in study],
                                _parameter_counts(study, params)),
-           plot_joint_rules, render.joint_rules_lines, json_out, plot_file)
+           plot_joint_rules, tables.joint_rules_lines, json_out, plot_file)
 
 
 def _shown(compute, draw, lines, json_out: bool, plot_file: Path | None):
@@ -753,7 +754,7 @@ def early_warning(
     except ValueError:
         raise ConfigError(f"--k {steps!r}: give comma-separated step counts, e.g. 1,2,4,8") from None
     _shown(lambda: measure(StudyView.load(study), ks, precision=precision, min_recall=min_recall), plot_early_warning,
-           render.early_warning_lines, json_out, plot_file)
+           tables.early_warning_lines, json_out, plot_file)
 
 
 MixedCriteria = Annotated[bool, typer.Option(
@@ -785,7 +786,7 @@ def compare(
 
     _shown(lambda: compare_studies(StudyView.load(a), StudyView.load(b), criterion_a, criterion_b,
                                    across_resolutions, mixed_criteria),
-           plot_compare, render.compare_lines, json_out, plot_file)
+           plot_compare, tables.compare_lines, json_out, plot_file)
 
 
 @app.command()
