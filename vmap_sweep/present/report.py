@@ -30,7 +30,7 @@ from vmap_sweep.analysis.fmt import format_ci, format_count
 from vmap_sweep.analysis.provenance import provenance_rows
 from vmap_sweep.analysis.rules import SAFE_FACTOR, rules_of_thumb
 from vmap_sweep.analysis.study import fractal_report
-from vmap_sweep.analysis.view import StudyView, grid_view
+from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.errors import ConfigError, VmapSweepError
 from vmap_sweep.store import extras
 from vmap_sweep.store.db import StudyStore, check_output
@@ -208,10 +208,10 @@ def _config_section(doc: _Doc, store: StudyStore) -> None:
     )
 
 
-def _maps_section(doc: _Doc, store: StudyStore, tmp: Path) -> None:
+def _maps_section(doc: _Doc, store: StudyStore, study: StudyView, tmp: Path) -> None:
     from vmap_sweep.present.plots import save_plots
 
-    view = grid_view(store)
+    view = study.grid
     ny = len(view.ys)
     rows = sorted({0, ny // 2, ny - 1})
     paths = {p.stem: p for p in save_plots(view, tmp / "maps", ("png",), store.trajectories(), rows)}
@@ -368,12 +368,12 @@ def _zoom_tables(doc: _Doc, rep: Mapping[str, Any], tmp: Path) -> None:
                    f"across scales (pooled D = {_fmt(_f(pooled.get('dimension')))}).")
 
 
-def _rules_section(doc: _Doc, store: StudyStore, tmp: Path):
+def _rules_section(doc: _Doc, study: StudyView, tmp: Path):
     from vmap_sweep.present.plots import plot_rules
 
     doc.h("Rules of thumb")
     try:
-        r = rules_of_thumb(StudyView.load(store))
+        r = rules_of_thumb(study)
     except ConfigError as e:
         doc.p(f"Not applicable to this study: {e}")
         return None
@@ -408,13 +408,13 @@ def _rules_section(doc: _Doc, store: StudyStore, tmp: Path):
     return r
 
 
-def _compare_section(doc: _Doc, store: StudyStore, other: Path, tmp: Path, mixed_criteria: bool = False) -> None:
+def _compare_section(doc: _Doc, study: StudyView, other: Path, tmp: Path, mixed_criteria: bool = False) -> None:
     from vmap_sweep.analysis.compare import compare_studies
     from vmap_sweep.present.plots import plot_compare
 
     doc.h("Compared with another study")
     # grids that can't be compared: one clear error, no report
-    r = compare_studies(StudyView.load(store), StudyView.load(other), mixed_criteria=mixed_criteria)
+    r = compare_studies(study, StudyView.load(other), mixed_criteria=mixed_criteria)
     doc.p(f"A is this study, B is {other}.")
     doc.bullets(r.summary())
     if r.crit:
@@ -540,6 +540,7 @@ def write_report(study_dir: str | os.PathLike, out_file: str | os.PathLike, fmt:
         raise ConfigError(f"{out_file} is a folder; give a file name for the report, e.g. report.{fmt}")
     with StudyStore.open(study_dir) as store:
         study_classes(store)  # every cell done and classified, else one clear error
+        study = StudyView.load(store)  # what the measures read, read once
         cfg = store.config
         doc = _Doc(title=f"Where fine-tuning converges: {cfg.get('model')} on {cfg.get('data')}")
         doc.p(f"Report of the vmap-sweep study in {study_dir} "
@@ -547,12 +548,12 @@ def write_report(study_dir: str | os.PathLike, out_file: str | os.PathLike, fmt:
         with tempfile.TemporaryDirectory(prefix="vmap-sweep-report-") as tmp_name:
             tmp = Path(tmp_name)
             _config_section(doc, store)
-            _maps_section(doc, store, tmp)
+            _maps_section(doc, store, study, tmp)
             _fractal_section(doc, study_dir, tmp)
             _zoom_section(doc, store, study_dir, tmp)
-            _rules_section(doc, store, tmp)
+            _rules_section(doc, study, tmp)
             if compare is not None:
-                _compare_section(doc, store, Path(compare), tmp, mixed_criteria)
+                _compare_section(doc, study, Path(compare), tmp, mixed_criteria)
             ood = extras.ood(store)
             if ood is not None:
                 _ood_section(doc, ood, tmp, extras.criterion(store))
