@@ -502,3 +502,37 @@ def test_the_rules_picture_keeps_its_legend_off_the_map(clean, tmp_path):
     ax = fig.axes[0]
     fig.canvas.draw()
     assert ax.get_legend().get_window_extent().y1 <= ax.get_window_extent().y0 + 1  # under the axes
+
+
+def test_the_study_view_reads_a_store_once_as_the_measures_need_it(tmp_path):
+    """The view holds the validated config, the parsed axes and their values, the grid's arrays and labels, the
+    criterion and the rows: a measure given the view reads what it would have read from the store."""
+    from vmap_sweep.analysis.classify import study_classes
+
+    with build_study(tmp_path / "s", law(3e-5, 0.5), nx=12, ny=4, x=SIZE_AXIS, y=LR_AXIS) as store:
+        view = StudyView.load(store)
+        assert view.config == StudyConfig.from_dict(store.config) and view.raw_config == store.config
+        assert (view.x, view.y) == (parse_axis_spec(SIZE_AXIS), parse_axis_spec(LR_AXIS))
+        assert (view.nx, view.ny) == (12, 4) and view.directory == store.directory
+        np.testing.assert_array_equal(view.xs, parse_axis_spec(SIZE_AXIS).values(12))
+        np.testing.assert_array_equal(view.ys, parse_axis_spec(LR_AXIS).values(4))
+        np.testing.assert_array_equal(view.labels, store.labels_array())
+        np.testing.assert_array_equal(study_classes(view), study_classes(store))
+        np.testing.assert_array_equal(view.grid.converged, study_classes(store))
+        for name in ("score", "eval_loss", "final_loss"):
+            np.testing.assert_array_equal(view.grid_arrays(name), store.grid_arrays(name))
+        assert not view.unstable.any() and view.criterion == {"criterion": "ratio"}
+        assert [(r["i"], r["j"]) for r in view.rows] == [(r["i"], r["j"]) for r in store.rows()]
+        assert view.sized.sizes is None and view.sized.same_as == {} and view.refine is None and view.level == 0
+    # a path reads the same study as its open store
+    again = StudyView.load(tmp_path / "s")
+    assert again.config == view.config and (again.labels == view.labels).all()
+
+
+def test_a_store_without_axes_is_refused_rather_than_read_as_the_default_grid(tmp_path):
+    from helpers import new_store
+
+    from vmap_sweep.errors import StoreError
+
+    with new_store(tmp_path) as store, pytest.raises(StoreError, match="no x or y axis"):
+        StudyView.load(store)
