@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from vmap_sweep.analysis.jsonsafe import json_safe
-from vmap_sweep.analysis.provenance import provenance_rows
+from vmap_sweep.present.provenance import provenance_rows
 from vmap_sweep.run.eta import EtaModel, Work, batch_work
 from vmap_sweep.run.pipeline import Progress as ProgressHooks
 

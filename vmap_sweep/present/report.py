@@ -27,11 +27,11 @@ import numpy as np
 
 from vmap_sweep.analysis.classify import study_classes
 from vmap_sweep.analysis.fmt import format_ci, format_count
-from vmap_sweep.analysis.provenance import provenance_rows
 from vmap_sweep.analysis.rules import SAFE_FACTOR, rules_of_thumb
 from vmap_sweep.analysis.study import fractal_report
 from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.errors import ConfigError, VmapSweepError
+from vmap_sweep.present.provenance import provenance_rows
 from vmap_sweep.store import extras
 from vmap_sweep.store.db import StudyStore, check_output
 
