@@ -14,11 +14,11 @@ import numpy as np
 
 from vmap_sweep.analysis.classify import converged_mask
 from vmap_sweep.analysis.fractal import FractalResult, fractal_dimension
+from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.store import extras
 from vmap_sweep.store.db import DB_NAME, StudyStore
 from vmap_sweep.store.levels import REFINE, LevelMap, level_dir, level_info, study_map
-from vmap_sweep.study.axes import parse_axis_spec
 
 
 def refine_record(store: StudyStore) -> dict | None:
@@ -38,15 +38,35 @@ def is_refined(source: Path) -> bool:
 class RefinedMap:
     level: int
     folder: Path
-    xs: np.ndarray
-    ys: np.ndarray
-    x_name: str
-    y_name: str
-    x_log: bool
-    y_log: bool
+    view: StudyView  # the level's study
     map: LevelMap
     entry: dict  # the level's cost record
     levels: list[dict]  # every finished level's
+
+    # the level's axes, as the pictures read them
+    @property
+    def xs(self) -> np.ndarray:
+        return self.view.grid.xs
+
+    @property
+    def ys(self) -> np.ndarray:
+        return self.view.grid.ys
+
+    @property
+    def x_name(self) -> str:
+        return self.view.x.name
+
+    @property
+    def y_name(self) -> str:
+        return self.view.y.name
+
+    @property
+    def x_log(self) -> bool:
+        return self.view.x.scale == "log"
+
+    @property
+    def y_log(self) -> bool:
+        return self.view.y.scale == "log"
 
 
 def refined_map(top: Path, level: int | None = None) -> RefinedMap:
@@ -64,19 +84,14 @@ def refined_map(top: Path, level: int | None = None) -> RefinedMap:
         raise ConfigError(f"{top}: level {want} is not refined (finished levels: "
                           f"{', '.join(map(str, finished))}); `vmap-sweep refine {top} --levels {want}` adds it")
     folder = level_dir(top, want)
-    with StudyStore.open(folder) as store:
-        info = level_info(store)
-        if info is None:
-            raise ConfigError(f"{folder}: not a refinement level of {top}")
-        if info.get("criterion") != criterion:
-            raise ConfigError(f"{folder} was refined under another criterion than {top}'s last `classify`; classify "
-                              f"{top} with the criterion it was refined with, or refine a copy of it anew")
-        cfg = store.config
-        x, y = parse_axis_spec(cfg["x"]), parse_axis_spec(cfg["y"])
-        seq = int(cfg.get("seq_len", 1))
-        return RefinedMap(want, folder, x.values(store.nx, seq), y.values(store.ny, seq), x.name, y.name,
-                          x.scale == "log", y.scale == "log", study_map(store),
-                          next(e for e in levels if int(e["level"]) == want), levels)
+    view = StudyView.load(folder)
+    info = level_info(view)
+    if info is None:
+        raise ConfigError(f"{folder}: not a refinement level of {top}")
+    if info.get("criterion") != criterion:
+        raise ConfigError(f"{folder} was refined under another criterion than {top}'s last `classify`; classify "
+                          f"{top} with the criterion it was refined with, or refine a copy of it anew")
+    return RefinedMap(want, folder, view, study_map(view), next(e for e in levels if int(e["level"]) == want), levels)
 
 
 def _summary(box) -> dict:
