@@ -51,6 +51,9 @@ def snapshot(folder: Path, *, mtimes: bool = False) -> dict[str, bytes] | dict[s
 # the config, grid and records of a small 4x3 study store
 STORE_CONFIG = {"grid": {"x": "lr:1e-5:1e-2:log", "y": "tokens:1000:8000:log", "res": [4, 3]}, "seed": 0,
                 "model": {"depth": 1}}
+# the same grid as a study's config (what analyses read through analysis/view.py)
+STUDY_STORE_CONFIG = {"model": "tiny", "data": "synthetic", "x": "lr:1e-5:1e-2", "y": "tokens:1000:8000",
+                      "resolution": "4x3", "seed": 0}
 
 
 @dataclass
@@ -91,10 +94,11 @@ def rec_for(i: int, j: int) -> Rec:
                eval_loss=None if i == 0 else base / 4, wall_time=0.1 * (i + 1))
 
 
-def new_store(tmp_path: Path, name: str = "study") -> StudyStore:
+def new_store(tmp_path: Path, name: str = "study", config: dict | None = None) -> StudyStore:
     from vmap_sweep.store.db import StudyStore
 
-    return StudyStore.create_or_open(tmp_path / name, STORE_CONFIG, store_grid().cells())
+    return StudyStore.create_or_open(tmp_path / name, STORE_CONFIG if config is None else config,
+                                     store_grid().cells())
 
 
 # ------------------------------------------------------------------ the loss reference

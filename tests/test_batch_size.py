@@ -12,10 +12,10 @@ from cli_helpers import cli, ok
 from helpers import RandomStream, bits, tiny_model
 from test_trunk import _same
 
-from vmap_sweep.analysis.plots import axis_label, value_text
-from vmap_sweep.analysis.report import write_report
 from vmap_sweep.analysis.view import grid_view
 from vmap_sweep.errors import ConfigError
+from vmap_sweep.present.plots import axis_label, value_text
+from vmap_sweep.present.report import write_report
 from vmap_sweep.store.db import StudyStore
 from vmap_sweep.study.axes import parse_axis_spec
 from vmap_sweep.study.config import preset

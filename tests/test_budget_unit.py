@@ -12,12 +12,11 @@ from helpers import bits, run_local
 from test_repeats import brute_force, docqa_like_stream
 
 from vmap_sweep.analysis.export import export_study
-from vmap_sweep.analysis.plots import axis_label
-from vmap_sweep.analysis.repeats import sized_cells
-from vmap_sweep.analysis.view import grid_view
+from vmap_sweep.analysis.view import StudyView, grid_view
 from vmap_sweep.data.stream import TokenStream
 from vmap_sweep.data.synthetic import synthetic_docqa
 from vmap_sweep.model.tokenizer import ByteTokenizer
+from vmap_sweep.present.plots import axis_label
 from vmap_sweep.study.config import preset
 
 
@@ -52,13 +51,13 @@ def _study(tmp_path, name: str, unit: str, y: str):
 
 def test_a_supervised_study_trains_each_cell_as_the_token_budget_of_its_prefix(tmp_path):
     with _study(tmp_path, "answers", "supervised", "tokens:3:40:log") as answers:
-        sized = sized_cells(answers)
+        sized = StudyView.load(answers).sized
         positions = {n: s.tokens for n, s in sized.sizes.items()}
         assert sorted(positions) == [3, 40] and all(sized.sizes[n].supervised == n for n in positions)
         lo, hi = positions[3], positions[40]
         rows = {(r["i"], r["j"]): r for r in answers.rows(arrays=True)}
         view = grid_view(answers)
-        export = export_study(answers, "csv", tmp_path / "answers.csv")
+        export = export_study(StudyView.load(answers), "csv", tmp_path / "answers.csv")
     assert view.budget_unit == "supervised"
     assert axis_label(view.y_name, view.optimizer, view.budget_unit) == "dataset size (supervised tokens)"
     with open(export) as f:
@@ -95,8 +94,8 @@ def test_rules_count_d_in_the_study_unit_by_default_and_convert_on_request(tmp_p
     store.record_batch([(c, converging(c.x < 1e-3 * (c.y / 100) ** 0.5, 2.0)) for c in grid.cells()], batch_index=0)
     reclassify(store)
     with store:
-        answers, tokens = rules_of_thumb(store), rules_of_thumb(store, "tokens")
-        sized = sized_cells(store)
+        answers, tokens = rules_of_thumb(StudyView.load(store)), rules_of_thumb(StudyView.load(store), "tokens")
+        sized = StudyView.load(store).sized
     assert answers.size_unit == answers.budget_unit == "supervised"
     assert [r.size for r in answers.sizes] == budgets
     assert [r.size for r in tokens.sizes] == [20 * n for n in budgets]  # the positions, as recorded

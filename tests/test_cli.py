@@ -529,7 +529,7 @@ def test_fractal_of_a_study(base, tmp_path):
 
     report = json.loads(ok("fractal", base[0], "--json").stdout, parse_constant=_no_nan)
     assert set(FRACTAL_KEYS) <= set(report)
-    assert report["dimension"] == fractal_report(base[0])["dimension"]
+    assert report["dimension"] == fractal_report(base[0]).to_dict()["dimension"]
     assert report["resolution"] == [4, 4]
     # the study's own boundary was counted: at box size 1 the count is its boundary pixels
     assert report["box_sizes"][0] == 1 and report["box_counts"][0] == pytest.approx(boundary_pixels(base[0]))

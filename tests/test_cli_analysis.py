@@ -10,7 +10,7 @@ import pytest
 from cli_helpers import boundary_pixels, cli, ok
 from PIL import Image
 
-from vmap_sweep.analysis.animate import frame_count
+from vmap_sweep.present.animate import frame_count
 from vmap_sweep.store.db import StudyStore
 from vmap_sweep.study.axes import parse_axis_spec
 
@@ -217,7 +217,7 @@ def test_zoom_dimension_without_a_zoom_says_so_and_how_to_make_one(study, tmp_pa
 
 
 def test_zoom_dimension_lines_pool_only_two_or_more_levels():
-    from vmap_sweep.cli.render import zoom_dimension_lines
+    from vmap_sweep.present.tables import zoom_dimension_lines
 
     level = {"level": 0, "dir": "s", "dimension": 1.14, "ci_low": 0.96, "ci_high": 1.37, "scale": 1.0,
              "resolution": [256, 256], "octaves": 4.2}
@@ -257,7 +257,7 @@ def test_fractal_names_the_ci_and_its_terms_and_what_the_grid_resolves(study):
 
 
 def test_fractal_lines_warn_and_handle_two_box_sizes():
-    from vmap_sweep.cli.render import fractal_lines
+    from vmap_sweep.present.tables import fractal_lines
 
     box = {"dimension": 1.128, "stderr": 0.02, "ci_low": 1.128 - 1.96 * 0.02, "ci_high": 1.128 + 1.96 * 0.02,
            "fit_range": [2, 6], "resolution": [32, 32], "box_sizes": [1, 2], "box_counts": [3.0, 1.0],

@@ -11,8 +11,9 @@ from cli_helpers import cli, ok
 from test_rules import build_study, law
 
 from vmap_sweep.analysis.compare import Dimension, compare_studies, delta_dimension
-from vmap_sweep.analysis.plots import plot_compare
+from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.errors import ConfigError
+from vmap_sweep.present.plots import plot_compare
 from vmap_sweep.study.axes import parse_axis_spec
 
 X, Y = "lr:1e-6:1e-1:log", "tokens:1e3:1e6:log"
@@ -35,7 +36,7 @@ def pair(tmp_path_factory):
 
 def test_difference_shares_and_crit_ratio_follow_the_two_laws(pair):
     a, b, crit = pair
-    r = compare_studies(a, b)
+    r = compare_studies(StudyView.load(a), StudyView.load(b))
     lr, d = grid()
     conv_a, conv_b = lr < crit(d), lr < 4 * crit(d)
     assert r.gained == int((conv_b & ~conv_a).sum()) > 0 and r.lost == 0 and r.changed == r.gained
@@ -75,23 +76,23 @@ def wide(tmp_path_factory):
 
 
 def test_a_noisy_boundary_has_a_larger_dimension(wide):
-    r = compare_studies(wide / "line", wide / "noise")
+    r = compare_studies(StudyView.load(wide / "line"), StudyView.load(wide / "noise"))
     assert r.dimension_a.dimension == pytest.approx(1.0, abs=0.15)  # a straight line in log-log
     assert r.dimension_b.dimension > 1.7 and 0.6 < r.delta_d < 1.1 and r.delta_d_ci[0] > 0
     assert "contains 0" not in r.summary()[2] and "at 96x96 over 2.7 octaves" in r.summary()[2]
 
 
 def test_same_study_changes_nothing(wide):
-    r = compare_studies(wide / "line", wide / "line")
+    r = compare_studies(StudyView.load(wide / "line"), StudyView.load(wide / "line"))
     assert r.changed == 0 and r.delta_d == 0.0 and all(row.ratio == 1.0 for row in r.crit if row.ratio)
     assert r.delta_d_ci[0] < 0 < r.delta_d_ci[1] and "contains 0" in r.summary()[2]
 
 
 def test_different_resolutions_are_compared_only_when_asked_and_then_without_cells(wide, tmp_path):
     with pytest.raises(ConfigError, match="a dimension moves with the grid") as e:
-        compare_studies(wide / "line", wide / "line64")
+        compare_studies(StudyView.load(wide / "line"), StudyView.load(wide / "line64"))
     assert "--across-resolutions" in str(e.value) and "\n" not in str(e.value)
-    r = compare_studies(wide / "line", wide / "line64", across_resolutions=True)
+    r = compare_studies(StudyView.load(wide / "line"), StudyView.load(wide / "line64"), across_resolutions=True)
     assert r.gained is None and r.changed is None and r.crit == [] and r.views is None
     assert r.dimension_a.grid == (96, 96) and r.dimension_b.grid == (64, 64)
     assert r.dimension_b.dimension is None and "too small a map" in r.dimension_b.reason and r.delta_d is None
@@ -111,7 +112,7 @@ def test_grids_that_differ_are_refused_in_one_line(pair, tmp_path, x, y, nx, nee
     a, _, crit = pair
     build_study(tmp_path / "other", crit, nx=nx, ny=32, x=x, y=y).close()
     with pytest.raises(ConfigError, match=needle) as e:
-        compare_studies(a, tmp_path / "other")
+        compare_studies(StudyView.load(a), StudyView.load(tmp_path / "other"))
     assert "\n" not in str(e.value)
     result = cli("compare", a, tmp_path / "other")
     assert result.exit_code == 2 and needle in result.stderr and len(result.stderr.strip().splitlines()) == 1
@@ -125,16 +126,17 @@ def test_cli_prints_the_findings_and_draws_the_figure(pair, tmp_path):
     d = json.loads(ok("compare", a, b, "--json").stdout)
     assert d["lost"] == 0 and d["gained"] > 0
     assert cli("compare", a, b, "--plot", tmp_path / "cmp.gif").exit_code == 2
-    assert plot_compare(compare_studies(a, b), tmp_path / "cmp.svg").read_text().startswith("<?xml")
+    r = compare_studies(StudyView.load(a), StudyView.load(b))
+    assert plot_compare(r, tmp_path / "cmp.svg").read_text().startswith("<?xml")
 
 
 def test_report_compare_section(tmp_path):
-    from vmap_sweep.analysis.report import write_report
+    from vmap_sweep.present.report import write_report
 
     crit = law(3e-5, 0.5)  # a small pair: the report draws every section of A
     build_study(tmp_path / "a", crit, nx=12, ny=8, x=X, y=Y).close()
     build_study(tmp_path / "b", lambda d: 4 * crit(d), nx=12, ny=8, x=X, y=Y).close()
-    r = compare_studies(tmp_path / "a", tmp_path / "b")
+    r = compare_studies(StudyView.load(tmp_path / "a"), StudyView.load(tmp_path / "b"))
     text = write_report(tmp_path / "a", tmp_path / "r.md", "md", compare=tmp_path / "b").read_text()
     assert "## Compared with another study" in text and r.summary()[1] in text
     assert (tmp_path / "r_files" / "compare.png").read_bytes()[:4] == b"\x89PNG"
@@ -163,7 +165,7 @@ def test_two_seeds_that_repeat_different_sizes_compare_size_by_size(pair, tmp_pa
     a, b = (shutil.copytree(p, tmp_path / p.name) for p in pair[:2])
     _with_sizes(a, 3)
     _with_sizes(b, 5)
-    r = compare_studies(a, b)
+    r = compare_studies(StudyView.load(a), StudyView.load(b))
     sizes = parse_axis_spec(Y).values(32)
     assert [row.size for row in r.crit] == list(sizes)  # every size, the ones either left out too
     only = {row.size for row in r.crit if row.ratio is None and (row.lr_crit_a is None) != (row.lr_crit_b is None)}
@@ -178,13 +180,15 @@ def test_compare_says_what_really_differs(pair, tmp_path):
     import shutil
 
     a, b = pair[:2]
-    assert compare_studies(a, a).differs.startswith("nothing: A and B are the same study")
+    view = StudyView.load(a)
+    assert compare_studies(view, view).differs.startswith("nothing: A and B are the same study")
     copy = shutil.copytree(a, tmp_path / "copy")
-    assert compare_studies(a, copy).differs == "nothing but the folder: B is a copy of A"
+    assert compare_studies(view, StudyView.load(copy)).differs == "nothing but the folder: B is a copy of A"
     assert "the same settings, stored as other text" not in ok("compare", a, a).stdout
     again = tmp_path / "again"
     build_study(again, law(3e-5, 0.5), nx=32, ny=32, x=X, y=Y).close()
-    assert compare_studies(a, again).differs.startswith("nothing in the config: the same settings, run twice")
+    assert compare_studies(view, StudyView.load(again)).differs.startswith(
+        "nothing in the config: the same settings, run twice")
 
 
 def test_studies_of_different_criteria_are_compared_only_when_asked(pair, tmp_path):
@@ -198,6 +202,6 @@ def test_studies_of_different_criteria_are_compared_only_when_asked(pair, tmp_pa
         assert result.exit_code == 2 and "criterion=ratio" in result.stderr and "criterion=threshold" in result.stderr
         assert "--mixed-criteria" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "r.md").exists()
-    mixed = compare_studies(a, b, mixed_criteria=True)
+    mixed = compare_studies(StudyView.load(a), StudyView.load(b), mixed_criteria=True)
     assert any("changes of class mix the criterion's" in n for n in mixed.notes)
     ok("compare", a, b, "--mixed-criteria")

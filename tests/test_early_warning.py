@@ -19,8 +19,9 @@ from vmap_sweep.analysis.early_warning import (
     roc_auc,
     signed_distance,
 )
-from vmap_sweep.analysis.plots import plot_early_warning
 from vmap_sweep.analysis.study import reclassify
+from vmap_sweep.analysis.view import StudyView
+from vmap_sweep.present.plots import plot_early_warning
 from vmap_sweep.store.db import StudyStore
 from vmap_sweep.study.axes import parse_axis_spec
 from vmap_sweep.study.config import StudyConfig
@@ -78,7 +79,7 @@ def auc_of(r, feature, k):
 
 
 def test_aucs_by_k_are_the_ones_built_in(study):
-    r = early_warning(study, n_boot=200)
+    r = early_warning(StudyView.load(study), n_boot=200)
     assert r.ks == [1, 2, 4, 8, 16] and r.n_cells == 64 and r.n_failed == 32
     for k in r.ks:
         assert auc_of(r, "loss_ratio", k).auc == 0.5  # the loss says nothing before step 17
@@ -96,7 +97,7 @@ def test_aucs_by_k_are_the_ones_built_in(study):
 
 
 def test_no_rule_catches_more_than_the_early_half(study):
-    r = early_warning(study, ks=[1, 2, 4, 8, 16], min_recall=0.6, n_boot=50)
+    r = early_warning(StudyView.load(study), ks=[1, 2, 4, 8, 16], min_recall=0.6, n_boot=50)
     assert r.earliest is None and "No threshold rule" in r.summary()[1]
     assert r.rules and max(rule.recall for rule in r.rules) == 0.5
 
@@ -143,5 +144,5 @@ def test_cli_table_json_and_figure(study, tmp_path):
 
 
 def test_figure_in_svg(study, tmp_path):
-    r = early_warning(study, n_boot=20)
+    r = early_warning(StudyView.load(study), n_boot=20)
     assert "<svg" in plot_early_warning(r, tmp_path / "ew.svg").read_text()

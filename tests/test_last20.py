@@ -14,6 +14,7 @@ from test_rules import Rec
 from vmap_sweep.analysis.classify import classify_rows
 from vmap_sweep.analysis.compare import compare_studies
 from vmap_sweep.analysis.study import reclassify
+from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.store.db import StudyStore
 from vmap_sweep.study.axes import parse_axis_spec
@@ -96,7 +97,7 @@ def _study(path):
 
 def test_compare_one_study_across_criteria_names_the_criterion_and_the_cells(tmp_path):
     _study(tmp_path / "s").close()
-    r = compare_studies(tmp_path / "s", tmp_path / "s", None, "last20")
+    r = compare_studies(StudyView.load(tmp_path / "s"), StudyView.load(tmp_path / "s"), None, "last20")
     assert r.differs == "criterion: ratio -> last20"
     assert (r.lost, r.gained) == (4, 0)  # the one-step column
     assert "B differs from A in: criterion: ratio -> last20." in r.summary()[0]
@@ -104,7 +105,7 @@ def test_compare_one_study_across_criteria_names_the_criterion_and_the_cells(tmp
         got = classify_rows(store.rows(arrays=True), "last20")
     assert {k for k, (label, _) in got.items() if label == "converged"} == {(i, j) for i in (1, 2) for j in range(4)}
     with pytest.raises(ConfigError, match="threshold"):
-        compare_studies(tmp_path / "s", tmp_path / "s", None, "threshold")
+        compare_studies(StudyView.load(tmp_path / "s"), StudyView.load(tmp_path / "s"), None, "threshold")
 
 
 def test_cli_classifies_by_last20_and_compares_criteria(tmp_path):

@@ -12,9 +12,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.colors import to_rgba  # noqa: E402
 
-from vmap_sweep.analysis import plots  # noqa: E402
 from vmap_sweep.analysis.fractal import FractalResult  # noqa: E402
 from vmap_sweep.analysis.view import GridView  # noqa: E402
+from vmap_sweep.present import plots  # noqa: E402
 
 NX, NY = 4, 3
 

@@ -184,7 +184,7 @@ def test_plot_draws_the_finest_level_with_inferred_cells_apart(studies):
     drawn = cli("plot", str(root / "coarse"), "--out", str(root / "plots"))
     assert drawn.exit_code == 0, drawn.output
     assert (root / "plots" / "refined.png").stat().st_size > 0
-    from vmap_sweep.analysis.plots import REFINED_CLASSES, refined_figure
+    from vmap_sweep.present.plots import REFINED_CLASSES, refined_figure
 
     fig = refined_figure(refined_map(root / "coarse"))
     ticks = [t.get_text().replace("\n", " ") for t in fig.axes[-1].get_yticklabels()]

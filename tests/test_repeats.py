@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import VOCAB, bits, tiny_model
 
+from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.data.stream import TokenStream
 from vmap_sweep.study.grid import Cell
 from vmap_sweep.study.plan import same_experiments, trunks
@@ -148,7 +149,7 @@ def test_exports_carry_each_cells_sizes_and_the_cell_it_repeats(tmp_path):
     from vmap_sweep.analysis.export import export_study
 
     store, budgets = _stored_study(tmp_path)
-    with open(export_study(store, None, tmp_path / "cells.csv"), newline="") as f:
+    with open(export_study(StudyView.load(store), None, tmp_path / "cells.csv"), newline="") as f:
         rows = {(int(r["i"]), int(r["j"])): r for r in csv.DictReader(f)}
     assert [rows[(1, j)]["supervised_tokens"] for j in range(3)] == ["12", "12", "40"]
     assert [rows[(1, j)]["conversations"] for j in range(3)] == ["1", "1", "3"]
@@ -157,8 +158,8 @@ def test_exports_carry_each_cells_sizes_and_the_cell_it_repeats(tmp_path):
 
 
 def test_maps_hatch_the_repeated_cells_and_say_so(tmp_path):
-    from vmap_sweep.analysis import plots
     from vmap_sweep.analysis.view import grid_view
+    from vmap_sweep.present import plots
 
     store, _ = _stored_study(tmp_path)
     view = grid_view(store)

@@ -16,10 +16,11 @@ import torch
 from test_rules import LR_AXIS, build_study, law
 
 import vmap_sweep.analysis
-from vmap_sweep.analysis.report import write_report
 from vmap_sweep.analysis.rules import rules_of_thumb
 from vmap_sweep.analysis.study import fractal_report
+from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.errors import ConfigError, StoreError
+from vmap_sweep.present.report import write_report
 from vmap_sweep.store.extras import ZOOM_OF
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -45,9 +46,9 @@ def test_markdown_has_the_sections_numbers_and_linked_pictures(study, tmp_path):
     for section in SECTIONS:
         assert section in text
     assert "Out-of-distribution" not in text and "Zoom levels" not in text
-    box = fractal_report(study)  # 16x16: too small a map for a number, and the report says so
+    box = fractal_report(study).to_dict()  # 16x16: too small a map for a number, and the report says so
     assert f"No dimension: {box['too_small']}." in text and f"D = {box['dimension']:.3f}" not in text
-    r = rules_of_thumb(study)
+    r = rules_of_thumb(StudyView.load(study))
     assert r.crit_fit.formula() in text and f"D^{r.opt_fit.exponent:.3f}" in text
     assert f"allows 2x more LR: {r.ten_x.verdict}" in text
     assert f"| x axis | {LR_AXIS} |" in text and "| resolution | 16 × 16 = 256 fine-tunes |" in text
@@ -73,7 +74,7 @@ def test_html_is_one_file_with_embedded_pictures(study, tmp_path):
     assert len(re.findall("<figcaption>", text)) == 6
     assert not (tmp_path / "report_files").exists() and sorted(p.name for p in tmp_path.iterdir()) == [
         "report.html", "study"]
-    assert fractal_report(study)["too_small"] in text and f"<td>{LR_AXIS}</td>" in text
+    assert fractal_report(study).to_dict()["too_small"] in text and f"<td>{LR_AXIS}</td>" in text
 
 
 def fake_zoom(seen: list[Path]) -> types.ModuleType:
@@ -179,7 +180,7 @@ def test_rules_and_report_on_a_real_tiny_study(tiny_study, tmp_path):
         labels = store.labels_array()
         evals = store.grid_arrays("eval_loss")
         lrs = store.grid_arrays("x")[0]
-    r = rules_of_thumb(tiny_study)
+    r = rules_of_thumb(StudyView.load(tiny_study))
     assert [row.size for row in r.sizes] == [256, 406, 645, 1024]
     assert labels.shape == (4, 4) and set(labels.ravel()) <= {"converged", "not_converged"}
     for row, lab, ev in zip(r.sizes, labels, evals, strict=True):
@@ -244,7 +245,7 @@ def test_fractal_and_ten_x_wording_cannot_be_misread(tmp_path):
     study = tmp_path / "study"  # 96x96: a map large enough (2.7 octaves) to print a number
     build_study(study, law(3e-5, 0.5), nx=96, ny=96).close()
     text = write_report(study, tmp_path / "w.md").read_text()
-    box = fractal_report(study)
+    box = fractal_report(study).to_dict()
     assert (f"D = {box['dimension']:.3f}, 95% CI [{box['ci_low']:.3f}, {box['ci_high']:.3f}] (± 1.96 standard "
             "uncertainties: the spread of the slope over the admissible fit windows, over box-lattice placements, "
             "the small-box correction in full, the curvature of the counts (the drift of the local slopes across the "
@@ -252,5 +253,5 @@ def test_fractal_and_ten_x_wording_cannot_be_misread(tmp_path):
             f"{box['fit_range'][0]}–{box['fit_range'][1]} at 96×96 over {box['octaves']:.1f} octaves") in text
     for warning in box["warnings"]:
         assert f"Warning: {warning}." in text
-    r = rules_of_thumb(study)
+    r = rules_of_thumb(StudyView.load(study))
     assert r.ten_x.sentence() in text and f"R² {r.crit_fit.r2:.2f}" in text

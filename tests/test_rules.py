@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from vmap_sweep.analysis.plots import plot_rules
 from vmap_sweep.analysis.rules import fit_power_law, rules_of_thumb
 from vmap_sweep.analysis.stats import t_quantile
 from vmap_sweep.analysis.study import reclassify
-from vmap_sweep.cli.render import rules_table
+from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.errors import ConfigError
+from vmap_sweep.present.plots import plot_rules
+from vmap_sweep.present.tables import rules_table
 from vmap_sweep.store.db import StudyStore
 from vmap_sweep.study.axes import parse_axis_spec
 from vmap_sweep.study.config import StudyConfig
@@ -130,7 +131,7 @@ def clean(tmp_path):
 
 
 def test_recovers_the_exponent_and_edges_of_a_clean_law(clean):
-    r = rules_of_thumb(clean)
+    r = rules_of_thumb(StudyView.load(clean))
     crit, lrs = law(3e-5, 0.5), lr_grid()
     assert (r.lr_axis, r.lr_on, r.resolution) == ("lr", "x", (48, 8))
     assert len(r.sizes) == 8 and not r.censored_sizes
@@ -157,16 +158,16 @@ def test_recovers_the_exponent_and_edges_of_a_clean_law(clean):
 
 def test_ten_x_verdict_no_and_inconclusive(tmp_path):
     with build_study(tmp_path / "flat", law(1e-3, 0.1)) as store:
-        r = rules_of_thumb(store)
+        r = rules_of_thumb(StudyView.load(store))
     assert abs(r.crit_fit.exponent - 0.1) < 0.05 and r.ten_x.verdict == "no" and r.ten_x.ci_high < 2
     # few sizes and a noisy edge around b = 0.3 (10^0.3 = 2x): the CI straddles 2
     noise = [1.0, 3.0, 0.35, 2.5]
     idx = {float(d): k for k, d in enumerate(parse_axis_spec(SIZE_AXIS).values(4))}
     with build_study(tmp_path / "noisy", lambda d: 1e-4 * (d / 1e3) ** 0.3 * noise[idx[d]], ny=4) as store:
-        r = rules_of_thumb(store)
+        r = rules_of_thumb(StudyView.load(store))
     assert r.crit_fit.n == 4 and r.ten_x.verdict == "inconclusive" and r.ten_x.ci_low < 2 < r.ten_x.ci_high
     with build_study(tmp_path / "two", law(1e-4, 0.5), ny=2) as store:
-        r = rules_of_thumb(store)
+        r = rules_of_thumb(StudyView.load(store))
     assert r.crit_fit.n == 2 and r.ten_x.verdict == "inconclusive" and r.ten_x.ci_low is None
 
 
@@ -184,7 +185,7 @@ def test_island_hole_and_low_lr_failure(tmp_path):
         return None
 
     with build_study(tmp_path / "islands", crit, override=override) as store:
-        r = rules_of_thumb(store)
+        r = rules_of_thumb(StudyView.load(store))
     island, hole, low = r.sizes[2], r.sizes[5], r.sizes[6]
     assert island.lr_first_diverging == lrs[edge[2]] and island.lr_last_converging == lrs[edge[2] + 3]
     assert island.islands and island.lr_last_converging > island.lr_first_diverging
@@ -198,7 +199,7 @@ def test_island_hole_and_low_lr_failure(tmp_path):
 def test_censored_sizes_are_reported_and_left_out_of_the_fits(tmp_path):
     # LR_crit(1e3) = 3e-7 < grid min 1e-6; LR_crit(1e6) = 0.3 > grid max 0.1
     with build_study(tmp_path / "cens", law(3e-7, 2.0), opt=law(1e-6, 0.5)) as store:
-        r = rules_of_thumb(store)
+        r = rules_of_thumb(StudyView.load(store))
     first, last = r.sizes[0], r.sizes[-1]
     assert first.censored == "below grid" and first.n_converged == 0
     assert first.lr_first_diverging is None and first.lr_opt is None and first.lr_safe is None
@@ -216,7 +217,7 @@ def test_censored_sizes_are_reported_and_left_out_of_the_fits(tmp_path):
 def test_optimum_at_the_grid_edge_is_flagged_and_left_out_of_the_opt_fit(tmp_path):
     # LR_opt(D) = 1e-7 * D/1e3 lies at or below the grid's lowest LR (1e-6) for the three smallest sizes
     with build_study(tmp_path / "edge", law(1e-3, 0.2), opt=law(1e-7, 1.0)) as store:
-        r = rules_of_thumb(store)
+        r = rules_of_thumb(StudyView.load(store))
     assert [row.opt_at_edge for row in r.sizes] == ["lowest LR"] * 3 + [None] * 5
     assert all(row.lr_opt == lr_grid()[0] for row in r.sizes[:3])
     assert r.opt_fit.n == 5 and r.sizes[0].size not in r.opt_fit.sizes and abs(r.opt_fit.exponent - 1) < 0.05
@@ -230,7 +231,7 @@ def test_leave_one_size_out_fails_where_the_optimum_is_off_the_law(tmp_path):
     idx = {float(d): k for k, d in enumerate(sizes())}
     with build_study(tmp_path / "noisy", law(3e-3, 0.2),
                      opt=lambda d: opt(d) * shifted.get(idx[d], 1.0)) as store:
-        r = rules_of_thumb(store)
+        r = rules_of_thumb(StudyView.load(store))
     assert len(r.leave_out) == 8
     within = {lo.size: lo.within for lo in r.leave_out}
     assert not within[sizes()[1]] and not within[sizes()[5]]
@@ -238,9 +239,9 @@ def test_leave_one_size_out_fails_where_the_optimum_is_off_the_law(tmp_path):
 
 
 def test_lr_on_y_and_a_group_lr_axis_give_the_same_rules(tmp_path, clean):
-    ref = rules_of_thumb(clean)
+    ref = rules_of_thumb(StudyView.load(clean))
     with build_study(tmp_path / "t", law(3e-5, 0.5), x=SIZE_AXIS, y="matrix_lr:1e-6:1e-1:log", nx=8, ny=48) as s:
-        r = rules_of_thumb(s)
+        r = rules_of_thumb(StudyView.load(s))
     assert (r.lr_axis, r.lr_on, r.resolution) == ("matrix_lr", "y", (8, 48))
     strip = ("index",)
     for a, b in zip(ref.sizes, r.sizes, strict=True):
@@ -258,7 +259,7 @@ def test_other_axis_pairs_are_refused_naming_the_axes(tmp_path, x, y):
     grid = build_grid(cfg)
     with StudyStore.create_or_open(tmp_path / "s", cfg.to_dict(), grid.cells()) as store:
         with pytest.raises(ConfigError) as e:
-            rules_of_thumb(store)
+            rules_of_thumb(StudyView.load(store))
     msg = str(e.value)
     assert parse_axis_spec(x).name in msg and parse_axis_spec(y).name in msg and "\n" not in msg
 
@@ -266,11 +267,11 @@ def test_other_axis_pairs_are_refused_naming_the_axes(tmp_path, x, y):
 def test_unfinished_study_is_refused(tmp_path):
     with build_study(tmp_path / "half", law(3e-5, 0.5), nx=6, ny=4, finish=False) as store:
         with pytest.raises(ConfigError, match="pending"):
-            rules_of_thumb(store)
+            rules_of_thumb(StudyView.load(store))
 
 
 def test_to_dict_is_strict_json_and_table_prints(clean, tmp_path):
-    r = rules_of_thumb(clean)
+    r = rules_of_thumb(StudyView.load(clean))
     d = json.loads(json.dumps(r.to_dict(), allow_nan=False))
     assert "view" not in d and d["crit_fit"]["exponent"] == pytest.approx(r.crit_fit.exponent)
     assert d["safe_fit"]["coefficient"] == pytest.approx(0.5 * r.crit_fit.coefficient)
@@ -283,11 +284,11 @@ def test_to_dict_is_strict_json_and_table_prints(clean, tmp_path):
     assert fit_rows[0][1] == r.crit_fit.formula() and len(fit_rows) == 6
     assert fit_rows[4][:2] == ["tokens_min(LR)", r.tokens_min_fit.formula("D")]
     # a path opens and closes the store itself
-    assert rules_of_thumb(clean.directory).crit_fit == r.crit_fit
+    assert rules_of_thumb(StudyView.load(clean.directory)).crit_fit == r.crit_fit
 
 
 def test_plot_writes_png_and_svg(clean, tmp_path):
-    r = rules_of_thumb(clean)
+    r = rules_of_thumb(StudyView.load(clean))
     png = plot_rules(r, tmp_path / "p" / "rules.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     svg = plot_rules(r, tmp_path / "rules.svg")
@@ -329,7 +330,7 @@ def test_ten_x_answer_follows_the_exponent_interval_and_shows_it():
 
 
 def test_summary_prints_the_ten_x_answer_with_its_interval(clean):
-    r = rules_of_thumb(clean)
+    r = rules_of_thumb(StudyView.load(clean))
     line = r.summary()[-1 - len(r.notes)]
     assert line == r.ten_x.sentence()
     assert line.startswith("10x more data allows 2x more LR: yes (LR_crit(10D) / LR_crit(D) = ")
@@ -353,7 +354,7 @@ def _with_sizes(store: StudyStore, supervised: Callable[[int], int]) -> list[int
 def test_sizes_that_repeat_a_smaller_one_are_fitted_once_and_named(tmp_path):
     store = build_study(tmp_path / "rep", law(3e-5, 0.5))
     budgets = _with_sizes(store, lambda n: 1000 if n < 10_000 else n)  # the three smallest: one experiment
-    r = rules_of_thumb(store)
+    r = rules_of_thumb(StudyView.load(store))
     assert [row.size for row in r.sizes] == [float(n) for n in budgets[:1] + budgets[3:]]
     assert r.crit_fit.n == len(budgets) - 2
     assert f"tokens {budgets[1]} = {budgets[0]}, {budgets[2]} = {budgets[0]}" in " ".join(r.notes)
@@ -366,20 +367,21 @@ def test_sizes_that_repeat_a_smaller_one_are_fitted_once_and_named(tmp_path):
 def test_size_unit_counts_d_in_supervised_tokens_or_conversations(tmp_path):
     store = build_study(tmp_path / "unit", law(3e-5, 0.5))
     budgets = _with_sizes(store, lambda n: n // 4 + 10)
-    by_tokens, by_supervised = rules_of_thumb(store), rules_of_thumb(store, "supervised")
+    view = StudyView.load(store)
+    by_tokens, by_supervised = rules_of_thumb(view), rules_of_thumb(view, "supervised")
     assert [row.size for row in by_supervised.sizes] == [float(n // 4 + 10) for n in budgets]
     edges = [row.lr_first_diverging for row in by_tokens.sizes]
     assert [row.lr_first_diverging for row in by_supervised.sizes] == edges
-    assert rules_of_thumb(store, "conversations").sizes[-1].size == float((budgets[-1] // 4 + 10) // 10)
+    assert rules_of_thumb(StudyView.load(store), "conversations").sizes[-1].size == float((budgets[-1] // 4 + 10) // 10)
     assert by_supervised.table_rows()[0][0] == "D (supervised)"
     with pytest.raises(ConfigError, match="size unit 'rows': use one of tokens, supervised, conversations"):
-        rules_of_thumb(store, "rows")
+        rules_of_thumb(StudyView.load(store), "rows")
 
 
 def test_a_study_without_recorded_sizes_is_counted_in_tokens_only(clean):
-    assert "repeat" not in " ".join(rules_of_thumb(clean).notes)
+    assert "repeat" not in " ".join(rules_of_thumb(StudyView.load(clean)).notes)
     with pytest.raises(ConfigError, match="recorded its dataset sizes in tokens only; use --size-unit tokens"):
-        rules_of_thumb(clean, "supervised")
+        rules_of_thumb(StudyView.load(clean), "supervised")
 
 
 # ----------------------------------------------------------------------------- tokens_min(LR), the converse
@@ -394,7 +396,7 @@ def test_tokens_min_per_lr_and_its_fit_invert_a_known_law(tmp_path):
     # LR_crit = 1e-5 (D/1e3)^0.5, so D_min = 1e3 (LR/1e-5)^2: exponent 2 = 1 / 0.5
     crit, x, y = law(1e-5, 0.5), "lr:1e-6:1e-3:log", "tokens:1e3:1e6:log"
     with build_study(tmp_path / "inv", crit, nx=16, ny=64, x=x, y=y) as store:
-        r = rules_of_thumb(store)
+        r = rules_of_thumb(StudyView.load(store))
     lrs, ds = parse_axis_spec(x).values(16), parse_axis_spec(y).values(64)
     want = expected_tokens_min(lrs, ds, crit)
     assert [row.lr for row in r.lrs] == list(lrs)
@@ -433,7 +435,7 @@ def test_tokens_min_with_an_island_below_the_last_failure(tmp_path):
         return None
 
     with build_study(tmp_path / "isl", crit, nx=16, ny=64, x=x, y=y, override=override) as store:
-        r = rules_of_thumb(store)
+        r = rules_of_thumb(StudyView.load(store))
     row = r.lrs[k]
     assert row.tokens_min == ds[first - 3] and row.tokens_all == ds[first + 3] and row.islands
     assert r.tokens_min_fit.exponent != r.tokens_all_fit.exponent
@@ -444,7 +446,7 @@ def test_tokens_min_with_an_island_below_the_last_failure(tmp_path):
 def test_tokens_min_on_two_grid_sizes_says_the_fit_says_little(tmp_path):
     x, y = "lr:1e-6:1e-3:log", "tokens:1e3:1e6:log"
     with build_study(tmp_path / "coarse", law(1e-5, 0.5), nx=16, ny=3, x=x, y=y) as store:
-        r = rules_of_thumb(store)
+        r = rules_of_thumb(StudyView.load(store))
     assert {row.tokens_min for row in r.lrs if row.censored is None} == {parse_axis_spec(y).values(3)[1],
                                                                         parse_axis_spec(y).values(3)[2]}
     assert any("only 2 distinct grid size(s)" in line for line in r.summary())
@@ -455,10 +457,10 @@ def test_tokens_all_is_fitted_where_small_datasets_converge_at_every_lr(tmp_path
     # everywhere, tokens_all still follows the law D = 1e3 (LR/1e-5)^2
     crit, x, y = law(1e-5, 0.5), "lr:1e-6:1e-3:log", "tokens:1e3:1e6:log"
     with build_study(tmp_path / "clean", crit, nx=16, ny=64, x=x, y=y) as store:
-        clean = rules_of_thumb(store)
+        clean = rules_of_thumb(StudyView.load(store))
     with build_study(tmp_path / "small", crit, nx=16, ny=64, x=x, y=y,
                      override=lambda k_lr, k_size: True if k_size < 2 else None) as store:
-        r = rules_of_thumb(store)
+        r = rules_of_thumb(StudyView.load(store))
     assert r.tokens_min_fit is None and all(row.tokens_min == r.size_range[0] for row in r.lrs)
     assert r.tokens_all_fit.exponent == pytest.approx(clean.tokens_min_fit.exponent)
     assert any(line.startswith("Every dataset from tokens_all ≈") for line in r.summary())
@@ -472,7 +474,7 @@ def test_counts_read_in_the_right_number():
 
 
 def test_the_second_dimension_is_printed_as_a_named_cross_check():
-    from vmap_sweep.cli.render import fractal_lines
+    from vmap_sweep.present.tables import fractal_lines
 
     box = {"dimension": 1.3, "ci_low": 1.2, "ci_high": 1.4, "stderr": 0.05, "fit_range": [2, 8], "octaves": 2.0,
            "resolution": [32, 32], "box_sizes": [2, 4, 8], "box_counts": [40.0, 15.0, 6.0],
@@ -495,8 +497,42 @@ def test_the_rules_picture_keeps_its_legend_off_the_map(clean, tmp_path):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(plt.Figure, "savefig", keep)
-        plot_rules(rules_of_thumb(clean), tmp_path / "rules.png")
+        plot_rules(rules_of_thumb(StudyView.load(clean)), tmp_path / "rules.png")
     fig = captured["fig"]
     ax = fig.axes[0]
     fig.canvas.draw()
     assert ax.get_legend().get_window_extent().y1 <= ax.get_window_extent().y0 + 1  # under the axes
+
+
+def test_the_study_view_reads_a_store_once_as_the_measures_need_it(tmp_path):
+    """The view holds the validated config, the parsed axes and their values, the grid's arrays and labels, the
+    criterion and the rows: a measure given the view reads what it would have read from the store."""
+    from vmap_sweep.analysis.classify import study_classes
+
+    with build_study(tmp_path / "s", law(3e-5, 0.5), nx=12, ny=4, x=SIZE_AXIS, y=LR_AXIS) as store:
+        view = StudyView.load(store)
+        assert view.config == StudyConfig.from_dict(store.config) and view.raw_config == store.config
+        assert (view.x, view.y) == (parse_axis_spec(SIZE_AXIS), parse_axis_spec(LR_AXIS))
+        assert (view.nx, view.ny) == (12, 4) and view.directory == store.directory
+        np.testing.assert_array_equal(view.xs, parse_axis_spec(SIZE_AXIS).values(12))
+        np.testing.assert_array_equal(view.ys, parse_axis_spec(LR_AXIS).values(4))
+        np.testing.assert_array_equal(view.labels, store.labels_array())
+        np.testing.assert_array_equal(study_classes(view), study_classes(store))
+        np.testing.assert_array_equal(view.grid.converged, study_classes(store))
+        for name in ("score", "eval_loss", "final_loss"):
+            np.testing.assert_array_equal(view.grid_arrays(name), store.grid_arrays(name))
+        assert not view.unstable.any() and view.criterion == {"criterion": "ratio"}
+        assert [(r["i"], r["j"]) for r in view.rows] == [(r["i"], r["j"]) for r in store.rows()]
+        assert view.sized.sizes is None and view.sized.same_as == {} and view.refine is None and view.level == 0
+    # a path reads the same study as its open store
+    again = StudyView.load(tmp_path / "s")
+    assert again.config == view.config and (again.labels == view.labels).all()
+
+
+def test_a_store_without_axes_is_refused_rather_than_read_as_the_default_grid(tmp_path):
+    from helpers import new_store
+
+    from vmap_sweep.errors import StoreError
+
+    with new_store(tmp_path) as store, pytest.raises(StoreError, match="no x or y axis"):
+        StudyView.load(store)

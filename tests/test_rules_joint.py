@@ -12,6 +12,7 @@ from test_rules import build_study
 
 from vmap_sweep.analysis.rules import rules_of_thumb
 from vmap_sweep.analysis.rules_joint import fit_joint, joint_rules
+from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.errors import ConfigError
 
 PARAMS = (1e6, 1e7, 1e8)
@@ -41,7 +42,7 @@ def test_exact_joint_law_is_recovered_by_the_fit():
 
 
 def test_joint_fit_recovers_both_exponents_from_studies(studies):
-    r = joint_rules([rules_of_thumb(s) for s in studies], list(PARAMS))
+    r = joint_rules([rules_of_thumb(StudyView.load(s)) for s in studies], list(PARAMS))
     b, c = r.fit.size_exponent, r.fit.params_exponent
     # grid quantisation (48 LRs over 5 decades) biases each edge by up to one LR step
     assert abs(b.value - 0.5) < 0.05 and abs(c.value + 0.3) < 0.05 and r.fit.n == 24
@@ -54,7 +55,7 @@ def test_joint_fit_recovers_both_exponents_from_studies(studies):
 
 
 def test_studies_that_cannot_be_fitted_together_are_refused(studies, tmp_path):
-    rs = [rules_of_thumb(s) for s in studies]
+    rs = [rules_of_thumb(StudyView.load(s)) for s in studies]
     with pytest.raises(ConfigError, match="at least two model sizes"):
         joint_rules(rs, [1e6, 1e6, 1e6])
     with pytest.raises(ConfigError, match="one per study"):
@@ -62,7 +63,7 @@ def test_studies_that_cannot_be_fitted_together_are_refused(studies, tmp_path):
     with build_study(tmp_path / "m", crit(1e6), x="tokens:1e3:1e6:log", y="matrix_lr:1e-6:1e-1:log", nx=8,
                      ny=48) as other:
         with pytest.raises(ConfigError, match="different LR axes") as e:
-            joint_rules([rs[0], rules_of_thumb(other)], [1e6, 1e7])
+            joint_rules([rs[0], rules_of_thumb(StudyView.load(other))], [1e6, 1e7])
     assert "\n" not in str(e.value)
 
 

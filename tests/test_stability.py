@@ -9,12 +9,12 @@ import pytest
 from cli_helpers import cli, ok
 from helpers import Rec
 
-from vmap_sweep.analysis import plots
 from vmap_sweep.analysis.classify import map_mask, stability_mask, study_classes
 from vmap_sweep.analysis.fractal import fractal_dimension
 from vmap_sweep.analysis.study import reclassify
 from vmap_sweep.analysis.view import grid_view
 from vmap_sweep.errors import ConfigError
+from vmap_sweep.present import plots
 from vmap_sweep.store.db import StudyStore
 from vmap_sweep.study.config import StudyConfig
 from vmap_sweep.study.plan import build_grid

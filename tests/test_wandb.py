@@ -17,6 +17,7 @@ from cli_helpers import ok
 
 from vmap_sweep.analysis.rules import rules_of_thumb
 from vmap_sweep.analysis.study import fractal_report
+from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.store.db import StudyStore
 
 pytest.importorskip("wandb")  # in the test extra; optional for users
@@ -155,7 +156,7 @@ def test_a_run_ends_with_maps_cells_trajectories_dimension_and_rules(logged):
     cells = run.table("cells_table")
     with StudyStore.open(out) as store:
         stored = {(r["i"], r["j"]): r for r in store.rows()}
-        rules = rules_of_thumb(store)
+        rules = rules_of_thumb(StudyView.load(store))
     assert len(cells) == 16 and {(c["i"], c["j"]) for c in cells} == set(stored)
     for c in cells:
         r = stored[c["i"], c["j"]]
@@ -173,7 +174,7 @@ def test_a_run_ends_with_maps_cells_trajectories_dimension_and_rules(logged):
     assert sorted(p["lineVal"] for p in points) == pytest.approx(sorted(
         v for i in range(4) for v in losses[i, 2] if np.isfinite(v)))
     # the dimension with its interval, logged and in the summary, equal to what `fractal` computes
-    want = fractal_report(out)
+    want = fractal_report(out).to_dict()
     for key in ("dimension", "ci_low", "ci_high"):
         assert run.summary[f"fractal/{key}"] == run.logged(f"fractal/{key}") == pytest.approx(want[key])
     assert run.summary["fractal/fit_range"] == list(want["fit_range"])
@@ -194,7 +195,7 @@ def test_plot_fractal_and_rules_log_what_they_compute(logged):
     assert {k for h in plot.history for k in h} >= {"maps/score", "maps/trajectories", "cells_table",
                                                     "trajectories/row_1_table", "trajectories/row_3_table"}
     assert not any(k.startswith(("fractal/", "rules/")) for h in plot.history for k in h)
-    assert fractal.summary["fractal/dimension"] == pytest.approx(fractal_report(out)["dimension"])
+    assert fractal.summary["fractal/dimension"] == pytest.approx(fractal_report(out).to_dict()["dimension"])
     assert fractal.media("fractal/plot").read_bytes() == (tmp / "box.png").read_bytes()  # --plot's picture
     assert len(rules.table("rules/sizes")) == 4 and "maps/score" not in rules.summary
 

@@ -21,13 +21,13 @@ from helpers import StopsAfterOneBatch, run_local, zoom_local
 from matplotlib.animation import PillowWriter
 from PIL import Image
 
-from vmap_sweep.analysis import animate as animate_mod
-from vmap_sweep.analysis.animate import animate
 from vmap_sweep.analysis.chain import dimension_report, zoom_levels
 from vmap_sweep.analysis.classify import study_classes
 from vmap_sweep.analysis.study import reclassify
 from vmap_sweep.analysis.window import pick_window
 from vmap_sweep.errors import ConfigError, StoreError
+from vmap_sweep.present import animate as animate_mod
+from vmap_sweep.present.animate import animate
 from vmap_sweep.run.worker import LocalBackend
 from vmap_sweep.store.db import DB_NAME, StudyStore
 from vmap_sweep.store.extras import ZOOM_OF

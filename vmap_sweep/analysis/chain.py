@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ import numpy as np
 from vmap_sweep.analysis.classify import study_classes
 from vmap_sweep.analysis.fractal import AGREE_P, fractal_dimension, pooled_dimension
 from vmap_sweep.analysis.jsonsafe import json_safe
+from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.analysis.window import Window, axis_window, cell_coords, pick_window
 from vmap_sweep.errors import ConfigError, StoreError, VmapSweepError
 from vmap_sweep.store import extras
@@ -140,22 +142,21 @@ def zoom_levels(parent_dir: str | os.PathLike) -> list[tuple[int, Path, Window]]
 # ----------------------------------------------------------------------------- dimension per level
 
 
-def _axis_span(cfg: dict, n: int, axis: str) -> float:
+def _axis_span(axis: AxisSpec, n: int) -> float:
     """One cell's size along an axis, in log units on a log axis."""
-    spec: AxisSpec = parse_axis_spec(cfg[axis])
-    if spec.scale == "log":
-        return (math.log(spec.hi) - math.log(spec.lo)) / (n - 1)
-    return (spec.hi - spec.lo) / (n - 1)
+    if axis.scale == "log":
+        return (math.log(axis.hi) - math.log(axis.lo)) / (n - 1)
+    return (axis.hi - axis.lo) / (n - 1)
 
 
-def _measure_level(store: StudyStore, entry: dict[str, Any], top_criterion: dict, top_level: int):
+def _measure_level(view: StudyView, entry: dict[str, Any], top_criterion: dict, top_level: int):
     """Box-count one level into ``entry`` (dimension, CI, counts; or dimension None and the error).
     Returns the FractalResult, or None where the level can't be measured."""
     try:
-        if extras.criterion(store) != top_criterion:  # other classes draw another boundary
-            raise ConfigError(f"classified by {extras.criterion(store)}, level {top_level} by {top_criterion}; "
+        if view.criterion != top_criterion:  # other classes draw another boundary
+            raise ConfigError(f"classified by {view.criterion}, level {top_level} by {top_criterion}; "
                               "run `vmap-sweep classify` on the top study (its zoom studies follow)")
-        box = fractal_dimension(study_classes(store))
+        box = fractal_dimension(study_classes(view))
     except VmapSweepError as e:
         entry.update(dimension=None, error=str(e))
         return None
@@ -201,7 +202,26 @@ def _pooled(pool: list[tuple[Any, float, int]]) -> dict[str, Any]:
     return {k: json_safe(v) for k, v in pooled.items()}
 
 
+@dataclass
+class ZoomLevel:
+    level: int
+    folder: Path
+    window: Window  # the level's own range in real units
+    view: StudyView
+
+
+def load_zoom_chain(parent_dir: str | os.PathLike) -> list[ZoomLevel]:
+    """Every study of ``parent_dir``'s zoom chain (zoom_levels), read: the one place the measures of a chain
+    open its studies."""
+    return [ZoomLevel(level, folder, win, StudyView.load(folder)) for level, folder, win in zoom_levels(parent_dir)]
+
+
 def dimension_report(parent_dir: str | os.PathLike) -> dict:
+    """``chain_dimensions`` of the zoom chain below ``parent_dir``."""
+    return chain_dimensions(load_zoom_chain(parent_dir))
+
+
+def chain_dimensions(chain: list[ZoomLevel]) -> dict:
     """Box-counting dimension of each zoom level and pooled over the levels, as a JSON-ready dict.
 
     ``scale`` of a level: one of its cells in cells of the top level (geometric mean of the x and y
@@ -210,19 +230,17 @@ def dimension_report(parent_dir: str | os.PathLike) -> dict:
     ``dimension: null`` and an ``error``; it is left out of the pooled fit. Non-finite numbers (e.g. a
     stderr from two box sizes) are written as null.
     """
-    chain = zoom_levels(parent_dir)
-    with StudyStore.open(chain[0][1]) as top:
-        top_cfg, top_n, top_criterion = top.config, (top.nx, top.ny), extras.criterion(top)
+    top = chain[0].view
     levels: list[dict] = []
     pool = []
-    for level, folder, win in chain:
-        entry: dict[str, Any] = {"level": level, "dir": str(folder), "window": list(win)}
-        with StudyStore.open(folder) as store:
-            sx = _axis_span(store.config, store.nx, "x") / _axis_span(top_cfg, top_n[0], "x")
-            sy = _axis_span(store.config, store.ny, "y") / _axis_span(top_cfg, top_n[1], "y")
-            entry.update(scale=math.sqrt(sx * sy), scale_x=sx, scale_y=sy, resolution=[store.ny, store.nx])
-            box = _measure_level(store, entry, top_criterion, chain[0][0])
+    for z in chain:
+        view = z.view
+        entry: dict[str, Any] = {"level": z.level, "dir": str(z.folder), "window": list(z.window)}
+        sx = _axis_span(view.x, view.nx) / _axis_span(top.x, top.nx)
+        sy = _axis_span(view.y, view.ny) / _axis_span(top.y, top.ny)
+        entry.update(scale=math.sqrt(sx * sy), scale_x=sx, scale_y=sy, resolution=[view.ny, view.nx])
+        box = _measure_level(view, entry, top.criterion, chain[0].level)
         if box is not None:
-            pool.append((box, entry["scale"], level))
+            pool.append((box, entry["scale"], z.level))
         levels.append({k: json_safe(v) for k, v in entry.items()})
     return {"levels": levels, "pooled": _pooled(pool)}

@@ -33,14 +33,11 @@ from vmap_sweep.analysis.classify import classify_rows, study_classes
 from vmap_sweep.analysis.fractal import fractal_dimension
 from vmap_sweep.analysis.jsonsafe import json_safe
 from vmap_sweep.analysis.rules import rules_of_thumb
-from vmap_sweep.analysis.view import GridView, grid_view
+from vmap_sweep.analysis.view import GridView, StudyView
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.store import extras
-from vmap_sweep.store.db import StudyStore, config_diff
-from vmap_sweep.study.axes import parse_axis_spec
+from vmap_sweep.store.db import config_diff
 from vmap_sweep.study.criterion import CONVERGED
-
-AXIS_KEYS = ("x", "y")
 
 
 @dataclass(frozen=True)
@@ -139,11 +136,11 @@ def _dim(d: Dimension) -> str:
     return f"{d.dimension:.3f} [{d.ci_low:.3f}, {d.ci_high:.3f}]{where}"
 
 
-def _axes(store: StudyStore) -> tuple[str, ...]:
-    return tuple(str(parse_axis_spec(store.config[k])) for k in AXIS_KEYS)
+def _axes(view: StudyView) -> tuple[str, ...]:
+    return str(view.x), str(view.y)
 
 
-def check_comparable(a: StudyStore, b: StudyStore, across_resolutions: bool = False) -> None:
+def check_comparable(a: StudyView, b: StudyView, across_resolutions: bool = False) -> None:
     """Refuse, in one line, two studies whose cells are not the same hyperparameter points (with
     ``across_resolutions``, the same axes and ranges at different resolutions pass)."""
     axes_a, axes_b = _axes(a), _axes(b)
@@ -178,7 +175,7 @@ def delta_dimension(a: Dimension, b: Dimension) -> tuple[float | None, tuple[flo
     return delta, (delta - half, delta + half)
 
 
-def _crit_rows(a: StudyStore, b: StudyStore, ca: np.ndarray, cb: np.ndarray) -> tuple[list[CritRow], list[str]]:
+def _crit_rows(a: StudyView, b: StudyView, ca: np.ndarray, cb: np.ndarray) -> tuple[list[CritRow], list[str]]:
     unit = _unit(a)
     if _unit(b) != unit:
         return [], [f"A counts its budgets in {unit}, B in {_unit(b)}: LR_crit per dataset size not compared."]
@@ -203,37 +200,37 @@ def _crit_rows(a: StudyStore, b: StudyStore, ca: np.ndarray, cb: np.ndarray) -> 
     return rows, notes
 
 
-def _unit(store: StudyStore) -> str:
-    return str(store.config.get("budget_unit", "tokens"))
+def _unit(view: StudyView) -> str:
+    return view.config.budget_unit
 
 
 COMPARE_CRITERIA = ("ratio", "last20")  # those that take no option (threshold: classify the study, then compare)
 
 
-def _classes(store: StudyStore, criterion: str | None) -> tuple[np.ndarray, GridView, str]:
+def _classes(study: StudyView, criterion: str | None) -> tuple[np.ndarray, GridView, str]:
     """(converged grid, view, criterion name): as stored, or recomputed from the trajectories by `criterion`."""
     if criterion is None:
-        return study_classes(store), grid_view(store), str(extras.criterion(store)["criterion"])
+        return study_classes(study), study.grid, study.criterion_name
     if criterion not in COMPARE_CRITERIA:
         raise ConfigError(f"criterion {criterion!r}: compare recomputes {' or '.join(COMPARE_CRITERIA)}; for "
                           "threshold, `vmap-sweep classify` the study first and compare its stored classes")
-    got = classify_rows(store.rows(arrays=True), criterion)
-    labels = np.full((store.ny, store.nx), "", dtype="<U9")
-    scores = np.full((store.ny, store.nx), np.nan)
+    got = classify_rows(study.rows, criterion)
+    labels = np.full((study.ny, study.nx), "", dtype="<U9")
+    scores = np.full((study.ny, study.nx), np.nan)
     for (i, j), (label, score) in got.items():
         labels[j, i], scores[j, i] = label, score
     if (labels == "").any():
-        raise ConfigError(f"{store.directory}: {int((labels == '').sum())} cells are pending; finish the run first")
+        raise ConfigError(f"{study.directory}: {int((labels == '').sum())} cells are pending; finish the run first")
     converged = labels == CONVERGED
-    view = replace(grid_view(store), labels=labels, scores=scores, converged=converged,
+    view = replace(study.grid, labels=labels, scores=scores, converged=converged,
                    criterion={"criterion": criterion})
     return converged, view, criterion
 
 
-def check_criteria(a: StudyStore, b: StudyStore, mixed: bool) -> list[str]:
+def check_criteria(a: StudyView, b: StudyView, mixed: bool) -> list[str]:
     """Refuse two studies classified by different criteria (a cell may change class by the criterion alone),
     unless `mixed`; then the note that says so."""
-    ca, cb = extras.criterion(a), extras.criterion(b)
+    ca, cb = a.criterion, b.criterion
     if ca == cb:
         return []
     text = f"A ({a.directory}) is classified by {_criterion(ca)}, B ({b.directory}) by {_criterion(cb)}"
@@ -247,12 +244,12 @@ def _criterion(c: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(c.items()))
 
 
-def what_differs(a: StudyStore, b: StudyStore) -> str:
+def what_differs(a: StudyView, b: StudyView) -> str:
     """What B differs from A in: the config's settings; for one config, what the two runs recorded beside it."""
     if _same_file(a.path, b.path):
         return f"nothing: A and B are the same study ({a.path})"
-    if a.config != b.config:
-        return config_diff(a.config, b.config)
+    if a.raw_config != b.raw_config:
+        return config_diff(a.raw_config, b.raw_config)
     if (a.study_id, a.created) == (b.study_id, b.created):
         return "nothing but the folder: B is a copy of A"
     runs = [f"{key}: {_short(va)} -> {_short(vb)}"
@@ -273,20 +270,13 @@ def _same_file(p: Path, q: Path) -> bool:
         return False
 
 
-def compare_studies(a: StudyStore | str | os.PathLike, b: StudyStore | str | os.PathLike,
+def compare_studies(a: StudyView, b: StudyView,
                     criterion_a: str | None = None, criterion_b: str | None = None,
                     across_resolutions: bool = False, mixed_criteria: bool = False) -> CompareResult:
     """Compare two finished studies over the same grid (A is the reference), each by its stored classes or by
     a criterion recomputed from its trajectories (B may be A itself, under another criterion). Stored classes of
     different criteria only with `mixed_criteria`; ``across_resolutions`` compares the dimensions (and converged
     shares) of two grids of the same ranges at different resolutions."""
-    args = (criterion_a, criterion_b, across_resolutions, mixed_criteria)
-    if not isinstance(a, StudyStore):
-        with StudyStore.open(a) as opened:
-            return compare_studies(opened, b, *args)
-    if not isinstance(b, StudyStore):
-        with StudyStore.open(b) as opened:
-            return compare_studies(a, opened, *args)
     check_comparable(a, b, across_resolutions)
     # criteria asked for by name are meant to differ; stored ones that do are refused unless asked
     criteria = check_criteria(a, b, mixed_criteria) if criterion_a is None and criterion_b is None else []
@@ -303,7 +293,7 @@ def compare_studies(a: StudyStore | str | os.PathLike, b: StudyStore | str | os.
                  "grid's, not the change between the studies; no cell and no LR_crit compared."]
         return CompareResult(
             a=str(a.directory), b=str(b.directory),
-            x_name=parse_axis_spec(a.config["x"]).name, y_name=parse_axis_spec(a.config["y"]).name,
+            x_name=a.x.name, y_name=a.y.name,
             resolution=(a.nx, a.ny), differs="; ".join(differs),
             converged_share_a=float(ca.mean()), converged_share_b=float(cb.mean()), gained=None, lost=None,
             dimension_a=da, dimension_b=db, delta_d=delta, delta_d_ci=ci, crit=[], notes=notes,
@@ -311,7 +301,7 @@ def compare_studies(a: StudyStore | str | os.PathLike, b: StudyStore | str | os.
     crit, notes = _crit_rows(a, b, ca, cb)
     return CompareResult(
         a=str(a.directory), b=str(b.directory),
-        x_name=parse_axis_spec(a.config["x"]).name, y_name=parse_axis_spec(a.config["y"]).name,
+        x_name=a.x.name, y_name=a.y.name,
         resolution=(a.nx, a.ny), differs="; ".join(differs),
         converged_share_a=float(ca.mean()), converged_share_b=float(cb.mean()),
         gained=int((~ca & cb).sum()), lost=int((ca & ~cb).sum()),

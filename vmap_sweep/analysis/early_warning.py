@@ -33,7 +33,6 @@ the other class (scipy's exact distance transform), negative on the converged si
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -43,9 +42,8 @@ from scipy import stats as _scipy_stats
 
 from vmap_sweep.analysis.classify import study_classes
 from vmap_sweep.analysis.jsonsafe import json_safe
+from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.errors import ConfigError
-from vmap_sweep.store import extras
-from vmap_sweep.store.db import StudyStore
 
 FEATURES = ("loss_ratio", "ratio_slope", "grad_growth", "grad_spike", "lr_grad")
 FEATURE_TEXT = {
@@ -239,10 +237,10 @@ def _ci(v: float | None) -> str:
     return "—" if v is None else f"{v:.2f}"
 
 
-def trajectories_of(store: StudyStore, conv: np.ndarray) -> list[Trajectory]:
+def trajectories_of(view: StudyView, conv: np.ndarray) -> list[Trajectory]:
     """Every done cell's per-step arrays and whether it ended not converged (``conv``: study_classes)."""
     out = []
-    for r in store.rows(arrays=True):
+    for r in view.rows:
         out.append(Trajectory(
             i=r["i"], j=r["j"], losses=r["trajectory"], base=r["base_losses"], grad_norms=r["grad_norms"],
             lrs=r["lrs"], steps=int(r["steps"]), failed=not bool(conv[r["j"], r["i"]])))
@@ -267,21 +265,18 @@ def signed_distance(converged: np.ndarray) -> np.ndarray:
     return np.where(conv, -ndimage.distance_transform_edt(conv), ndimage.distance_transform_edt(~conv))
 
 
-def early_warning(store: StudyStore | str | os.PathLike, ks: list[int] | None = None,
+def early_warning(view: StudyView, ks: list[int] | None = None,
                   precision: float = PRECISION, min_recall: float = MIN_RECALL, n_boot: int = N_BOOT,
                   seed: int = 0) -> WarningResult:
     """Features of the first k steps against the final class, for every k; see the module docstring."""
-    if not isinstance(store, StudyStore):
-        with StudyStore.open(store) as opened:
-            return early_warning(opened, ks, precision, min_recall, n_boot, seed)
     if not 0 < precision <= 1 or not 0 <= min_recall <= 1:
         raise ConfigError(f"precision {precision} and min recall {min_recall}: give fractions in (0, 1]")
-    conv = study_classes(store)  # every cell done and classified, else one clear error
-    trajs = trajectories_of(store, conv)
+    conv = study_classes(view)  # every cell done and classified, else one clear error
+    trajs = trajectories_of(view, conv)
     max_steps = max(t.steps for t in trajs)
     ks = default_ks(max_steps) if ks is None else sorted(set(ks))
     if not ks or ks[0] < 1:
-        raise ConfigError(f"{store.directory}: steps k must be >= 1 and below the longest run ({max_steps} steps)")
+        raise ConfigError(f"{view.directory}: steps k must be >= 1 and below the longest run ({max_steps} steps)")
     aucs, rules = [], []
     for k in ks:
         rows = [(features_at(t, k), t.failed) for t in trajs]
@@ -307,9 +302,9 @@ def early_warning(store: StudyStore | str | os.PathLike, ks: list[int] | None = 
     if failed == 0 or failed == len(trajs):
         notes.append("Every cell has the same final class: nothing to predict, no AUC.")
     return WarningResult(
-        study=str(store.directory), ks=ks, aucs=aucs, rules=rules, earliest=earliest, precision=precision,
+        study=str(view.directory), ks=ks, aucs=aucs, rules=rules, earliest=earliest, precision=precision,
         min_recall=min_recall, n_cells=len(trajs), n_failed=failed,
-        criterion=str(extras.criterion(store)["criterion"]), notes=notes, curves=_curves(conv, trajs))
+        criterion=view.criterion_name, notes=notes, curves=_curves(conv, trajs))
 
 
 def _curves(conv: np.ndarray, trajs: list[Trajectory]) -> dict[str, Any]:

@@ -31,9 +31,9 @@ from typing import IO, Any
 
 import numpy as np
 
-from vmap_sweep.analysis.repeats import sized_cells
+from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.errors import ConfigError
-from vmap_sweep.store.db import DB_NAME, StudyStore, check_output
+from vmap_sweep.store.db import DB_NAME, check_output
 
 FORMATS = ("csv", "parquet", "npz", "json")
 DEFAULT_NAME = "cells"  # the export of STUDY without a path: STUDY/cells.FORMAT
@@ -63,23 +63,18 @@ EXPORT_HEADER_FIELDS = ("status", "label", "stability", "score")
 EXPORT_HEADER_V1 = "i,j,x,y,status,label,score,"
 
 
-def hparam_columns(store: StudyStore, rows: list[dict[str, Any]] | None = None) -> list[str]:
+def hparam_columns(view: StudyView) -> list[str]:
     """The hyperparameter columns: the swept axes (x, then y), then every fixed hyperparameter, sorted."""
-    cfg = store.config
-    names = []
-    for side in ("x", "y"):
-        spec = cfg.get(side) if isinstance(cfg.get(side), str) else None
-        if spec:
-            names.append(spec.split(":", 1)[0])
-    rows = store.rows() if rows is None else rows
-    rest = sorted({k for r in rows for k in r["hparams"]} - set(names))
+    names = [view.x.name, view.y.name]
+    rest = sorted({k for r in view.rows for k in r["hparams"]} - set(names))
     return [*names, *rest]
 
 
-def _records(store: StudyStore, trajectories: bool) -> list[dict[str, Any]]:
-    rows = store.rows(arrays=trajectories)
-    sized = sized_cells(store)
-    inferred = _inferred(store)
+def _records(view: StudyView, trajectories: bool) -> list[dict[str, Any]]:
+    # copies: the view's rows stay as the store gave them
+    rows = [{k: v for k, v in r.items() if trajectories or k not in ARRAY_COLUMNS} for r in view.rows]
+    sized = view.sized
+    inferred = _inferred(view)
     for r in rows:
         size = None if sized.sizes is None else sized.sizes[int(r["hparams"]["tokens"])]
         r["supervised_tokens"] = None if size is None else size.supervised
@@ -100,11 +95,11 @@ def _records(store: StudyStore, trajectories: bool) -> list[dict[str, Any]]:
     return rows
 
 
-def _inferred(store: StudyStore):
+def _inferred(view: StudyView):
     """A refinement level's labels with its inferred cells filled in (None for any other study)."""
     from vmap_sweep.store.levels import level_info, study_map
 
-    return None if level_info(store) is None else study_map(store).labels
+    return None if level_info(view) is None else study_map(view).labels
 
 
 def _kinds(rows: list[dict[str, Any]], cols: list[str]) -> dict[str, str]:
@@ -201,9 +196,9 @@ _WRITERS: dict[str, tuple[str, Callable[..., None]]] = {
     "json": ("w", _write_json)}
 
 
-def default_path(store: StudyStore, fmt: str | None = None) -> Path:
+def default_path(view: StudyView, fmt: str | None = None) -> Path:
     """Where an export goes when no path is given: ``STUDY/cells.FORMAT`` (csv unless told)."""
-    return Path(store.directory) / f"{DEFAULT_NAME}.{(fmt or 'csv').lower()}"
+    return Path(view.directory) / f"{DEFAULT_NAME}.{(fmt or 'csv').lower()}"
 
 
 def export_format(fmt: str | None, path: Path) -> str:
@@ -251,25 +246,25 @@ def _is_export(path: Path, fmt: str) -> bool:
         return False
 
 
-def export_study(store: StudyStore, fmt: str | None, path: str | os.PathLike | None,
+def export_study(view: StudyView, fmt: str | None, path: str | os.PathLike | None,
                  trajectories: bool = False) -> Path:
-    """Write every cell of ``store`` to ``path`` (default ``STUDY/cells.FORMAT``) in the format its suffix names
-    (``fmt``, if given, must agree); with ``trajectories`` add per-step losses, base losses, gradient norms and
-    learning rates. Only a file that is an earlier export in the same format is replaced."""
+    """Write every cell of the study ``view`` to ``path`` (default ``STUDY/cells.FORMAT``) in the format its suffix
+    names (``fmt``, if given, must agree); with ``trajectories`` add per-step losses, base losses, gradient norms
+    and learning rates. Only a file that is an earlier export in the same format is replaced."""
     if fmt is not None and str(fmt).lower() not in FORMATS:
         raise ConfigError(f"export format {str(fmt).lower()!r} is unknown; use one of {', '.join(FORMATS)}")
-    path = check_output(default_path(store, fmt) if path is None else path)
+    path = check_output(default_path(view, fmt) if path is None else path)
     if path.is_dir():
         raise ConfigError(f"export path {path} is a folder; give a file name like {path / DEFAULT_NAME}."
                           f"{(fmt or 'csv').lower()}")
-    if path.resolve().parent == Path(store.directory).resolve() and path.name.startswith(DB_NAME):
+    if path.resolve().parent == Path(view.directory).resolve() and path.name.startswith(DB_NAME):
         raise ConfigError(f"export path {path} would replace the study's database; give another file name")
     fmt = export_format(fmt, path)
     if (path.exists() or path.is_symlink()) and not (path.is_file() and _is_export(path, fmt)):
         raise ConfigError(f"export path {path} exists and is not an earlier {fmt} export; choose a new file name "
                           "or remove that file")
-    rows = _records(store, trajectories)
-    cols = ["i", "j", *hparam_columns(store, rows), *COLUMNS, *(ARRAY_COLUMNS if trajectories else ())]
+    rows = _records(view, trajectories)
+    cols = ["i", "j", *hparam_columns(view), *COLUMNS, *(ARRAY_COLUMNS if trajectories else ())]
     kinds = _kinds(rows, cols)
     mode, writer = _WRITERS[fmt]
     tmp: str | None = None
@@ -277,7 +272,7 @@ def export_study(store: StudyStore, fmt: str | None, path: str | os.PathLike | N
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, mode, **({"newline": "", "encoding": "utf-8"} if mode == "w" else {})) as f:
-            writer(rows, cols, kinds, f, store.config_json)
+            writer(rows, cols, kinds, f, view.config_json)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; an export is meant to be shared
         os.replace(tmp, path)
         tmp = None

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from vmap_sweep.analysis.classify import converged_mask
-from vmap_sweep.analysis.fractal import fractal_dimension
+from vmap_sweep.analysis.fractal import FractalResult, fractal_dimension
+from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.store import extras
 from vmap_sweep.store.db import DB_NAME, StudyStore
 from vmap_sweep.store.levels import REFINE, LevelMap, level_dir, level_info, study_map
-from vmap_sweep.study.axes import parse_axis_spec
 
 
 def refine_record(store: StudyStore) -> dict | None:
@@ -38,15 +38,35 @@ def is_refined(source: Path) -> bool:
 class RefinedMap:
     level: int
     folder: Path
-    xs: np.ndarray
-    ys: np.ndarray
-    x_name: str
-    y_name: str
-    x_log: bool
-    y_log: bool
+    view: StudyView  # the level's study
     map: LevelMap
     entry: dict  # the level's cost record
     levels: list[dict]  # every finished level's
+
+    # the level's axes, as the pictures read them
+    @property
+    def xs(self) -> np.ndarray:
+        return self.view.grid.xs
+
+    @property
+    def ys(self) -> np.ndarray:
+        return self.view.grid.ys
+
+    @property
+    def x_name(self) -> str:
+        return self.view.x.name
+
+    @property
+    def y_name(self) -> str:
+        return self.view.y.name
+
+    @property
+    def x_log(self) -> bool:
+        return self.view.x.scale == "log"
+
+    @property
+    def y_log(self) -> bool:
+        return self.view.y.scale == "log"
 
 
 def refined_map(top: Path, level: int | None = None) -> RefinedMap:
@@ -64,19 +84,14 @@ def refined_map(top: Path, level: int | None = None) -> RefinedMap:
         raise ConfigError(f"{top}: level {want} is not refined (finished levels: "
                           f"{', '.join(map(str, finished))}); `vmap-sweep refine {top} --levels {want}` adds it")
     folder = level_dir(top, want)
-    with StudyStore.open(folder) as store:
-        info = level_info(store)
-        if info is None:
-            raise ConfigError(f"{folder}: not a refinement level of {top}")
-        if info.get("criterion") != criterion:
-            raise ConfigError(f"{folder} was refined under another criterion than {top}'s last `classify`; classify "
-                              f"{top} with the criterion it was refined with, or refine a copy of it anew")
-        cfg = store.config
-        x, y = parse_axis_spec(cfg["x"]), parse_axis_spec(cfg["y"])
-        seq = int(cfg.get("seq_len", 1))
-        return RefinedMap(want, folder, x.values(store.nx, seq), y.values(store.ny, seq), x.name, y.name,
-                          x.scale == "log", y.scale == "log", study_map(store),
-                          next(e for e in levels if int(e["level"]) == want), levels)
+    view = StudyView.load(folder)
+    info = level_info(view)
+    if info is None:
+        raise ConfigError(f"{folder}: not a refinement level of {top}")
+    if info.get("criterion") != criterion:
+        raise ConfigError(f"{folder} was refined under another criterion than {top}'s last `classify`; classify "
+                          f"{top} with the criterion it was refined with, or refine a copy of it anew")
+    return RefinedMap(want, folder, view, study_map(view), next(e for e in levels if int(e["level"]) == want), levels)
 
 
 def _summary(box) -> dict:
@@ -98,6 +113,11 @@ def tokens_note(refined: RefinedMap) -> str | None:
 def refined_fractal_report(top: Path, level: int | None = None) -> dict:
     """The box-counting dimension on a refined study's finest (or given) level, with level 0's beside it: the
     octaves of box size and the narrowing of the interval that refinement bought."""
+    return refined_fractal_measure(top, level)[0]
+
+
+def refined_fractal_measure(top: Path, level: int | None = None) -> tuple[dict, FractalResult]:
+    """refined_fractal_report, and the level's box counts (what a picture of the fit draws)."""
     refined = refined_map(top, level)
     try:
         box = fractal_dimension(converged_mask(refined.map.labels))
@@ -120,19 +140,4 @@ def refined_fractal_report(top: Path, level: int | None = None) -> dict:
         "levels": refined.levels,
         "tokens_note": tokens_note(refined),
     }
-    return report
-
-
-def refined_lines(report: dict) -> list[str]:
-    """What `fractal` adds for a refined study: which level, how much was inferred, what refinement bought."""
-    r = report["refined"]
-    c = r["coarse"]
-    lines = [f"refined study: measured on level {r['level']} ({r['folder']}), {r['trained_cells']:,} of "
-             f"{r['cells']:,} cells trained, {100 * r['inferred_share']:.1f}% inferred from uniform neighbourhoods",
-             f"level 0 at {c['resolution'][0]}×{c['resolution'][1]}: D = {c['dimension']:.3f}, 95% CI "
-             f"[{c['ci_low']:.3f}, {c['ci_high']:.3f}] over {c['octaves']:.1f} octaves; refinement gained "
-             f"{r['octaves_gained']:.1f} octaves"
-             + (f" and an interval {r['interval_narrowing']:.2f}× as narrow" if r["interval_narrowing"] else "")]
-    if r.get("tokens_note"):
-        lines.append(f"note: {r['tokens_note']}")
-    return lines
+    return report, box

@@ -39,12 +39,12 @@ def check_unit(unit: str) -> str:
     return unit
 
 
-def sized_cells(store: StudyStore) -> SizedCells:
-    """The study's sizes as its data filled them, and its repeated experiments (none known without sizes)."""
+def sized_cells(store: StudyStore, cfg: StudyConfig) -> SizedCells:
+    """The study's sizes as its data filled them, and its repeated experiments (none known without sizes);
+    `cfg`: the store's validated config (analysis/view.py reads it once)."""
     sizes = extras.dataset_sizes(store)
     if sizes is None:
         return SizedCells(None, {})  # a study of this age counts its budgets in tokens
-    cfg = StudyConfig.from_dict(store.config)
     # trajectories are shared and repeated in stream positions, whatever unit the budgets count
     cells = at_positions(store.cells(), {n: s.tokens for n, s in sizes.items()})
     supervised = {s.tokens: s.supervised for s in sizes.values()}

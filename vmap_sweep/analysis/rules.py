@@ -39,7 +39,6 @@ the exponent. Where LR_crit = a * D^b holds exactly, c = 1 / b.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -48,13 +47,11 @@ import numpy as np
 from vmap_sweep.analysis.classify import study_classes
 from vmap_sweep.analysis.fmt import count_of, format_ci, format_count
 from vmap_sweep.analysis.jsonsafe import json_safe
-from vmap_sweep.analysis.repeats import check_unit, sized_cells
+from vmap_sweep.analysis.repeats import check_unit
 from vmap_sweep.analysis.stats import ols, t_quantile
-from vmap_sweep.analysis.view import GridView, grid_view
+from vmap_sweep.analysis.view import GridView, StudyView
 from vmap_sweep.errors import ConfigError
-from vmap_sweep.store import extras
-from vmap_sweep.store.db import StudyStore
-from vmap_sweep.study.axes import AxisSpec, parse_axis_spec
+from vmap_sweep.study.axes import AxisSpec
 
 SIZE_AXIS = "tokens"
 SAFE_FACTOR = 0.5
@@ -411,14 +408,14 @@ def _tokens_fit(rows: list[LrRow], attr: str, smallest: float) -> PowerLaw | Non
     return replace(fit, variable="LR", method="OLS of log10 D on log10 LR; exponent CI = c +- t(0.975, n-2) * stderr")
 
 
-def _lr_on(store: StudyStore) -> str:
+def _lr_on(view: StudyView) -> str:
     """"x" or "y": which axis of the study is the learning rate (the other must be ``tokens``)."""
-    x, y = parse_axis_spec(store.config["x"]), parse_axis_spec(store.config["y"])
+    x, y = view.x, view.y
     if _is_lr_axis(x.name) and y.name == SIZE_AXIS:
         return "x"
     if _is_lr_axis(y.name) and x.name == SIZE_AXIS:
         return "y"
-    raise ConfigError(f"{store.directory}: rules of thumb need a learning-rate axis (lr or *_lr) and "
+    raise ConfigError(f"{view.directory}: rules of thumb need a learning-rate axis (lr or *_lr) and "
                       f"`tokens`, this study sweeps {x.name} (x) and {y.name} (y); run a study with "
                       "--x lr:MIN:MAX --y tokens:MIN:MAX")
 
@@ -452,32 +449,28 @@ def _notes(rows: list[SizeRow], lr_spec: AxisSpec) -> list[str]:
     return notes
 
 
-def rules_of_thumb(store: StudyStore | str | os.PathLike, size_unit: str | None = None,
+def rules_of_thumb(view: StudyView, size_unit: str | None = None,
                    classes: np.ndarray | None = None) -> RulesResult:
     """Critical, safe and optimal LR per dataset size and their power laws, from a finished, classified study.
     D counts `size_unit` (tokens, supervised targets or conversations; default: what the study's budgets count);
     a size whose every cell repeats a smaller one's experiment (analysis/repeats.py) is that size again, and
     counted once. classes: a converged grid (ny, nx) to use instead of the stored classes."""
-    if not isinstance(store, StudyStore):
-        with StudyStore.open(store) as opened:
-            return rules_of_thumb(opened, size_unit, classes)
-    check_unit(size_unit or str(store.config.get("budget_unit", "tokens")))
-    size_unit = size_unit or str(store.config.get("budget_unit", "tokens"))
-    lr_on = _lr_on(store)
-    x, y = parse_axis_spec(store.config["x"]), parse_axis_spec(store.config["y"])
-    conv = study_classes(store) if classes is None else classes  # (ny, nx); refuses pending or unclassified
-    evals = store.grid_arrays("eval_loss")
-    xs, ys = x.values(store.nx), y.values(store.ny)
-    view = grid_view(store)
-    repeats = view.repeats
+    check_unit(size_unit or view.config.budget_unit)
+    size_unit = size_unit or view.config.budget_unit
+    lr_on = _lr_on(view)
+    x, y = view.x, view.y
+    conv = study_classes(view) if classes is None else classes  # (ny, nx); refuses pending or unclassified
+    evals = view.grid_arrays("eval_loss")
+    xs, ys = x.values(view.nx), y.values(view.ny)
+    repeats = view.grid.repeats
     if lr_on == "y":  # make rows = sizes, columns = LRs
         conv, evals, repeats = conv.T, evals.T, repeats.T
         lrs, sizes, lr_spec = ys, xs, y
     else:
         lrs, sizes, lr_spec = xs, ys, x
-    sized = sized_cells(store)
+    sized = view.sized
     kept = [k for k in range(len(sizes)) if not repeats[k].all()]
-    budgets = _budgets(store, lr_on)
+    budgets = _budgets(view, lr_on)
     sizes = np.array([float(sized.size(budgets[k], size_unit)) for k in range(len(sizes))])
     rows = [_size_row(k, float(sizes[k]), lrs, conv[k], evals[k]) for k in kept]
 
@@ -489,13 +482,13 @@ def rules_of_thumb(store: StudyStore | str | os.PathLike, size_unit: str | None 
     leave, fraction = leave_one_size_out(rows)
     lr_rows = [_lr_row(k, float(lrs[k]), sizes, conv[:, k]) for k in range(len(lrs))]
     return RulesResult(
-        study=str(store.directory),
+        study=str(view.directory),
         lr_axis=lr_spec.name,
         lr_on=lr_on,
         lr_range=(lr_spec.lo, lr_spec.hi),
         size_range=(float(sizes[kept].min()), float(sizes[kept].max())),
-        resolution=(store.nx, store.ny),
-        criterion=str(extras.criterion(store)["criterion"]),
+        resolution=(view.nx, view.ny),
+        criterion=view.criterion_name,
         sizes=rows,
         crit_fit=crit,
         crit_last_fit=crit_last,
@@ -505,19 +498,19 @@ def rules_of_thumb(store: StudyStore | str | os.PathLike, size_unit: str | None 
         ten_x=ten_x_verdict(crit),
         notes=_repeat_note(budgets, sized, kept, lr_on) + _notes(rows, lr_spec),
         size_unit=size_unit,
-        budget_unit=str(store.config.get("budget_unit", "tokens")),
+        budget_unit=view.config.budget_unit,
         lrs=lr_rows,
         tokens_min_fit=_tokens_fit(lr_rows, "tokens_min", float(sizes.min())),
         tokens_all_fit=_tokens_fit(lr_rows, "tokens_all", float(sizes.min())),
-        view=view,
+        view=view.grid,
     )
 
 
-def _budgets(store: StudyStore, lr_on: str) -> list[int]:
+def _budgets(view: StudyView, lr_on: str) -> list[int]:
     """Each size row's budget in tokens (the tokens axis's values, as the cells hold them)."""
     along = "j" if lr_on == "x" else "i"
     by_index: dict[int, int] = {}
-    for c in store.cells():
+    for c in view.cells:
         by_index.setdefault(getattr(c, along), int(c.hparams["tokens"]))
     return [by_index[k] for k in range(len(by_index))]
 

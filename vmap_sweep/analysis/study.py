@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from vmap_sweep.analysis.chain import zoom_tree
-from vmap_sweep.analysis.classify import classify_rows, converged_mask, map_mask
-from vmap_sweep.analysis.fractal import fractal_dimension, uncertainty_exponent
-from vmap_sweep.analysis.refined import is_refined, refined_fractal_report, refined_map
+from vmap_sweep.analysis.classify import classify_rows
+from vmap_sweep.analysis.fractal import FractalResult, fractal_dimension, uncertainty_exponent
+from vmap_sweep.analysis.refined import is_refined, refined_fractal_measure
+from vmap_sweep.analysis.view import load_class_grid
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.store.db import StudyStore
 from vmap_sweep.study.criterion import check
@@ -41,42 +43,24 @@ def reclassify_with_zooms(study: Path, criterion: str = "ratio", **kw) -> tuple[
     return counts[0], len(folders) - 1
 
 
-def load_class_grid(source: Path, kind: str = "trainability") -> np.ndarray:
-    """A study folder's map (`kind`: trainability, True = converged; stability, True = never stopped as unstable),
-    or a 2-D .npy (bool mask, True = converged; or a signed score, negative = converged)."""
-    if source.is_dir():
-        with StudyStore.open(source) as store:
-            return map_mask(store, kind)
-    if source.suffix != ".npy":
-        raise ConfigError(f"{source}: not a study folder or a .npy file; pass one of those")
-    if source.exists() and not source.is_file():
-        raise ConfigError(f"{source}: not a regular file (a named pipe, device or socket); give a .npy file")
-    if not source.is_file():
-        raise ConfigError(f"{source}: no such file")
-    try:
-        return np.load(source, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise ConfigError(f"{source}: can't read it as a numpy array ({e})") from None
+@dataclass
+class FractalReport:
+    """One map's boundary measured: the numbers `fractal` prints (to_dict) and the box counts a picture draws."""
+
+    measures: dict  # dimension, CI, fit range, counts, the map; uncertainty exponent; a refined study's levels
+    box: FractalResult
+
+    def to_dict(self) -> dict:
+        return self.measures
 
 
-def fractal_report(source: Path, plot_file: Path | None = None, kind: str = "trainability",
-                   level: int | None = None) -> dict:
+def fractal_report(source: Path, kind: str = "trainability", level: int | None = None) -> FractalReport:
     """Box-counting dimension of one map's boundary (`kind`) with CI, fit range and counts, and the
     uncertainty-exponent estimate. A refined study's trainability map is measured on its finest level (or
     `level`), with level 0 beside it (analysis/refined.py)."""
-    if plot_file is not None:
-        from vmap_sweep.analysis.plots import picture_file
-
-        plot_file = picture_file(plot_file)
     refined = Path(source).is_dir() and is_refined(Path(source))
     if kind == "trainability" and refined and level != 0:
-        report = refined_fractal_report(Path(source), level)
-        if plot_file is not None:
-            from vmap_sweep.analysis.plots import plot_box_counts
-
-            plot_box_counts(fractal_dimension(converged_mask(refined_map(Path(source), level).map.labels)),
-                            Path(plot_file))
-        return report
+        return FractalReport(*refined_fractal_measure(Path(source), level))
     if level not in (None, 0) or (level == 0 and not refined):
         raise ConfigError(f"{source}: --level measures a level of a refined study's trainability map; this is "
                           + ("the stability map" if refined else "not a refined study (`vmap-sweep refine` makes one)"))
@@ -98,9 +82,4 @@ def fractal_report(source: Path, plot_file: Path | None = None, kind: str = "tra
             report["uncertainty_note"] = "outside [0, 2], no dimension of a boundary in the plane: too few scales"
     except ConfigError:
         pass  # too small a grid for a second estimate; the box count stands alone
-    if plot_file is not None:
-        from vmap_sweep.analysis.plots import plot_box_counts
-
-        plot_box_counts(box, Path(plot_file))
-    return report
-
+    return FractalReport(report, box)

@@ -1,17 +1,28 @@
-"""A study as the pictures and the rules of thumb see it: axis values in real units and per-cell arrays."""
+"""A study as every analysis sees it, read once from its store: the validated config, its parsed axes, the grid's
+labels, criterion, dataset sizes and per-cell arrays.
+
+`StudyView.load` is the one place analysis opens a store; measures take the view and never parse config strings.
+"""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from vmap_sweep.analysis.classify import converged_mask
-from vmap_sweep.analysis.repeats import sized_cells
+from vmap_sweep.analysis.classify import converged_mask, map_mask
+from vmap_sweep.analysis.repeats import SizedCells, sized_cells
+from vmap_sweep.errors import ConfigError, StoreError
 from vmap_sweep.store import extras
 from vmap_sweep.store.db import StudyStore
-from vmap_sweep.study.axes import parse_axis_spec
+from vmap_sweep.store.levels import REFINE
+from vmap_sweep.study.axes import AxisSpec, parse_axis_spec
+from vmap_sweep.study.config import StudyConfig
 from vmap_sweep.study.criterion import NOT_CONVERGED
+from vmap_sweep.study.grid import Cell
 
 
 def _swap(cells: dict[tuple[int, int], np.ndarray] | None) -> dict[tuple[int, int], np.ndarray] | None:
@@ -78,34 +89,154 @@ def _last(cells: dict[tuple[int, int], np.ndarray], ny: int, nx: int) -> np.ndar
     return out
 
 
-def grid_view(store: StudyStore) -> GridView:
-    """Axis values and per-cell arrays of a study, for the plots."""
-    cfg = store.config
-    x, y = parse_axis_spec(cfg["x"]), parse_axis_spec(cfg["y"])
-    labels = store.labels_array()
+GRID_FIELDS = ("score", "final_loss", "eval_loss", "initial_loss", "unstable")  # the per-cell numbers kept
+
+
+@dataclass
+class StudyView:
+    """One stored study, read once. Arrays are (ny, nx); `rows` are the cells as the store lists them, with their
+    per-step arrays. It answers `directory`, `path`, `get_extra`, `labels_array` and `grid_arrays` as a store does,
+    so the criterion's functions (analysis/classify.py) and a level's map (store/levels.py) read it as a store."""
+
+    folder: Path
+    path: Path  # the study's database file
+    config: StudyConfig
+    raw_config: dict  # the stored config as written (exports and diffs show it as it is)
+    config_json: str
+    x: AxisSpec
+    y: AxisSpec
+    nx: int
+    ny: int
+    criterion: dict
+    sized: SizedCells
+    cells: list[Cell]
+    rows: list[dict[str, Any]]
+    arrays: dict[str, np.ndarray]  # GRID_FIELDS by name
+    labels: np.ndarray  # str; "" where pending or unlabelled
+    grid: GridView
+    level: int = 0
+    study_id: str | None = None  # tells apart two studies of one config (None: made before it was recorded)
+    created: str = ""
+    refine: dict | None = None  # the finished refinement levels' record, where the study was refined
+    extras: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, source: StudyStore | str | os.PathLike) -> StudyView:
+        """The view of a study folder or of an open store (left open)."""
+        if not isinstance(source, StudyStore):
+            with StudyStore.open(source) as store:
+                return cls.load(store)
+        store = source
+        config = _stored_config(store)
+        x, y = parse_axis_spec(config.x), parse_axis_spec(config.y)
+        arrays = {f: store.grid_arrays(f) for f in GRID_FIELDS}
+        labels = store.labels_array()
+        sized = sized_cells(store, config)
+        record = store.get_extra(REFINE)
+        return cls(
+            folder=Path(store.directory), path=Path(store.path), config=config, raw_config=dict(store.config),
+            config_json=store.config_json,
+            x=x, y=y, nx=store.nx, ny=store.ny, criterion=extras.criterion(store), sized=sized, cells=store.cells(),
+            rows=store.rows(arrays=True), arrays=arrays, labels=labels,
+            grid=_grid(store, config, x, y, arrays, labels, sized), level=extras.level(store),
+            study_id=store.study_id, created=store.created,
+            refine=record if isinstance(record, dict) and record.get("levels") else None, extras=store.extras())
+
+    @property
+    def directory(self) -> Path:
+        return self.folder
+
+    @property
+    def criterion_name(self) -> str:
+        return str(self.criterion["criterion"])
+
+    @property
+    def xs(self) -> np.ndarray:
+        return self.grid.xs
+
+    @property
+    def ys(self) -> np.ndarray:
+        return self.grid.ys
+
+    @property
+    def unstable(self) -> np.ndarray:
+        """bool (ny, nx): the trainer stopped the cell; False where pending."""
+        return self.arrays["unstable"] == 1
+
+    def get_extra(self, key: str, default: Any = None) -> Any:
+        return self.extras.get(key, default)
+
+    def labels_array(self) -> np.ndarray:
+        return self.labels
+
+    def grid_arrays(self, name: str) -> np.ndarray:
+        return self.arrays[name]
+
+    def done_rows(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["status"] == "done"]
+
+
+def _stored_config(store: StudyStore) -> StudyConfig:
+    """The config a study was made with, as a StudyConfig. Not validated again: a study's measures stand even
+    where a later vmap-sweep would refuse to train its config (an axis it no longer sweeps, say)."""
+    try:
+        missing = [k for k in ("x", "y") if not isinstance(store.config.get(k), str)]
+        if missing:  # the defaults would stand in for them, and the study would read as another grid
+            raise ValueError(f"no {' or '.join(missing)} axis")
+        return StudyConfig.from_dict(store.config)
+    except (TypeError, ValueError) as e:
+        raise StoreError(f"{store.path}: its stored config can't be read ({e}); it was not made by this "
+                         "vmap-sweep, or was edited") from None
+
+
+def _grid(store: StudyStore, cfg: StudyConfig, x: AxisSpec, y: AxisSpec, arrays: dict[str, np.ndarray],
+          labels: np.ndarray, sized: SizedCells) -> GridView:
     base = store.trajectories("base_losses")
     repeats = np.zeros((store.ny, store.nx), dtype=bool)
-    for i, j in sized_cells(store).same_as:
+    for i, j in sized.same_as:
         repeats[j, i] = True
     return GridView(
-        xs=x.values(store.nx, int(cfg.get("seq_len", 1))),  # batch_size: whole rows
-        ys=y.values(store.ny, int(cfg.get("seq_len", 1))),
+        xs=x.values(store.nx, cfg.seq_len),  # batch_size: whole rows
+        ys=y.values(store.ny, cfg.seq_len),
         x_name=x.name,
         y_name=y.name,
         x_log=x.scale == "log",
         y_log=y.scale == "log",
-        scores=store.grid_arrays("score"),
+        scores=arrays["score"],
         converged=converged_mask(np.where(labels == "", NOT_CONVERGED, labels)),  # a pending cell: not converged
-        final_loss=store.grid_arrays("final_loss"),
-        eval_loss=store.grid_arrays("eval_loss"),
-        title=f"{cfg.get('model')} on {cfg.get('data')}",
+        final_loss=arrays["final_loss"],
+        eval_loss=arrays["eval_loss"],
+        title=f"{cfg.model} on {cfg.data}",
         labels=labels,
         criterion=extras.criterion(store),
         base_loss=_last(base, store.ny, store.nx),
-        initial_loss=store.grid_arrays("initial_loss"),
+        initial_loss=arrays["initial_loss"],
         base_trajectories=base,
-        optimizer=str(cfg.get("optimizer") or ""),
-        budget_unit=str(cfg.get("budget_unit", "tokens")),
+        optimizer=str(cfg.optimizer or ""),
+        budget_unit=cfg.budget_unit,
         repeats=repeats,
-        unstable=store.grid_arrays("unstable") == 1,
+        unstable=arrays["unstable"] == 1,
     )
+
+
+def grid_view(source: StudyStore | str | os.PathLike) -> GridView:
+    """Axis values and per-cell arrays of a study, for the plots."""
+    return StudyView.load(source).grid
+
+
+def load_class_grid(source: Path, kind: str = "trainability") -> np.ndarray:
+    """A study folder's map (`kind`: trainability, True = converged; stability, True = never stopped as unstable),
+    or a 2-D .npy (bool mask, True = converged; or a signed score, negative = converged)."""
+    if source.is_dir():
+        with StudyStore.open(source) as store:
+            return map_mask(store, kind)
+    if source.suffix != ".npy":
+        raise ConfigError(f"{source}: not a study folder or a .npy file; pass one of those")
+    if source.exists() and not source.is_file():
+        raise ConfigError(f"{source}: not a regular file (a named pipe, device or socket); give a .npy file")
+    if not source.is_file():
+        raise ConfigError(f"{source}: no such file")
+    try:
+        return np.load(source, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{source}: can't read it as a numpy array ({e})") from None

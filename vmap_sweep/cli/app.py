@@ -17,6 +17,7 @@ from vmap_sweep.cli.render import console  # stderr: errors and the progress of 
 from vmap_sweep.cli.render import say as _say
 from vmap_sweep.errors import ConfigError, VmapSweepError
 from vmap_sweep.eval import DEFAULT_LIMITS, DEFAULT_TASKS
+from vmap_sweep.present import tables
 
 app = typer.Typer(
     help="Train many fine-tunes of one LLM at once and map where fine-tuning converges and where it diverges.",
@@ -341,9 +342,9 @@ def plot(
 
 
 def _plot(study: Path, formats, rows, out: Path | None = None, wb=None):
-    from vmap_sweep.analysis.plots import plot_refined, save_plots
     from vmap_sweep.analysis.refined import refine_record, refined_map
     from vmap_sweep.analysis.view import grid_view
+    from vmap_sweep.present.plots import plot_refined, save_plots
     from vmap_sweep.store.db import StudyStore
 
     with StudyStore.open(study) as store:
@@ -384,14 +385,13 @@ def export(
     stability, score, losses, steps. The format is the output's suffix; without -o the file is STUDY/cells.csv (or
     cells.parquet, cells.npz, cells.json with --format)."""
     from vmap_sweep.analysis.export import export_study
-    from vmap_sweep.store.db import StudyStore
+    from vmap_sweep.analysis.view import StudyView
 
     if level:
         from vmap_sweep.analysis.refined import refined_map
 
         study = refined_map(study, level).folder  # checked: a finished level of this study
-    with StudyStore.open(study) as store:
-        path = export_study(store, format, output, trajectories=trajectories)
+    path = export_study(StudyView.load(study), format, output, trajectories=trajectories)
     _say(str(path))
 
 
@@ -441,17 +441,22 @@ def fractal(
 
 def _print_fractal(source: Path, json_out: bool, plot_file: Path | None, save_json: Path | None = None,
                    kind: str = "trainability", level: int | None = None) -> dict:
-    from vmap_sweep.analysis.plots import picture_file
     from vmap_sweep.analysis.study import fractal_report
+    from vmap_sweep.present.plots import picture_file
 
     if plot_file is not None:
         picture_file(plot_file)  # its suffix, and that it is no study's own file, before any work
-    report = fractal_report(source, plot_file, kind, level=level)
+    result = fractal_report(source, kind, level=level)
+    if plot_file is not None:
+        from vmap_sweep.present.plots import plot_box_counts
+
+        plot_box_counts(result.box, plot_file)
+    report = result.to_dict()
     if save_json is not None:
         from vmap_sweep.store.db import check_output
 
         check_output(save_json).write_text(json.dumps(json_safe(report), indent=2, allow_nan=False))
-    render.emit(report, json_out, render.fractal_lines, plot_file)
+    render.emit(report, json_out, tables.fractal_lines, plot_file)
     return report
 
 
@@ -546,7 +551,7 @@ def zoom_dimension(
     """Box-counting dimension per zoom level, and pooled over all levels (more decades of scale)."""
     from vmap_sweep.analysis.chain import dimension_report
 
-    render.emit(dimension_report(study), json_out, render.zoom_dimension_lines)
+    render.emit(dimension_report(study), json_out, tables.zoom_dimension_lines)
 
 
 @app.command()
@@ -557,7 +562,7 @@ def animate(
     fps: Annotated[float, typer.Option(help="Frames per second.")] = 2.0,
 ):
     """The zoom sequence, parent to deepest child, as a GIF (and MP4 where ffmpeg exists)."""
-    from vmap_sweep.analysis.animate import animate as animate_zoom
+    from vmap_sweep.present.animate import animate as animate_zoom
 
     _say(str(animate_zoom(study, output or study / "zoom.gif", fps)))
 
@@ -581,16 +586,17 @@ def rules(
 ):
     """Rules of thumb: critical, safe and optimal LR per dataset size and their power laws, and the smallest
     dataset each LR converges on. With several studies of different models: LR_crit = a D^b P^c."""
-    from vmap_sweep.analysis.plots import plot_joint_rules, plot_rules
     from vmap_sweep.analysis.rules import rules_of_thumb
+    from vmap_sweep.analysis.view import StudyView
+    from vmap_sweep.present.plots import plot_joint_rules, plot_rules
 
     if len(study) == 1 and params is not None:
         raise ConfigError(f"--params {params}: the parameter count enters only the joint fit over several studies "
                           "(LR_crit = a D^b P^c); one study's rules don't use it: drop --params, or give several "
                           "studies")
     if len(study) == 1:
-        result = _shown(lambda: rules_of_thumb(study[0], size_unit), plot_rules, render.rules_lines, json_out,
-                        plot_file)
+        result = _shown(lambda: rules_of_thumb(StudyView.load(study[0]), size_unit), plot_rules, tables.rules_lines,
+                        json_out, plot_file)
         with _wandb_run(wandb, wandb_project, study[0], "rules") as wb:
             if wb is not None:
                 from vmap_sweep.cli.wandb_log import log_rules
@@ -601,14 +607,15 @@ def rules(
 
     if wandb or wandb_project:
         raise ConfigError("--wandb logs one study's rules; run `vmap-sweep rules STUDY --wandb` for each study")
-    _shown(lambda: joint_rules([rules_of_thumb(s, size_unit) for s in study], _parameter_counts(study, params)),
-           plot_joint_rules, render.joint_rules_lines, json_out, plot_file)
+    _shown(lambda: joint_rules([rules_of_thumb(StudyView.load(s), size_unit) for s in study],
+                               _parameter_counts(study, params)),
+           plot_joint_rules, tables.joint_rules_lines, json_out, plot_file)
 
 
 def _shown(compute, draw, lines, json_out: bool, plot_file: Path | None):
     """An analysis result computed, drawn where --plot asks (its suffix checked before any work) and printed."""
     if plot_file is not None:
-        from vmap_sweep.analysis.plots import picture_file
+        from vmap_sweep.present.plots import picture_file
 
         picture_file(plot_file)
     result = compute()
@@ -657,14 +664,15 @@ def early_warning(
     LR x gradient norm) predict that a cell will not converge: ROC AUC by k, and the earliest k at which a
     threshold rule reaches the precision."""
     from vmap_sweep.analysis.early_warning import early_warning as measure
-    from vmap_sweep.analysis.plots import plot_early_warning
+    from vmap_sweep.analysis.view import StudyView
+    from vmap_sweep.present.plots import plot_early_warning
 
     try:
         ks = None if steps is None else [int(k) for k in steps.split(",") if k.strip()]
     except ValueError:
         raise ConfigError(f"--k {steps!r}: give comma-separated step counts, e.g. 1,2,4,8") from None
-    _shown(lambda: measure(study, ks, precision=precision, min_recall=min_recall), plot_early_warning,
-           render.early_warning_lines, json_out, plot_file)
+    _shown(lambda: measure(StudyView.load(study), ks, precision=precision, min_recall=min_recall), plot_early_warning,
+           tables.early_warning_lines, json_out, plot_file)
 
 
 MixedCriteria = Annotated[bool, typer.Option(
@@ -691,10 +699,12 @@ def compare(
 ):
     """Two studies over one grid: cells that changed class, converged shares, ΔD with its CI, LR_crit ratios."""
     from vmap_sweep.analysis.compare import compare_studies
-    from vmap_sweep.analysis.plots import plot_compare
+    from vmap_sweep.analysis.view import StudyView
+    from vmap_sweep.present.plots import plot_compare
 
-    _shown(lambda: compare_studies(a, b, criterion_a, criterion_b, across_resolutions, mixed_criteria),
-           plot_compare, render.compare_lines, json_out, plot_file)
+    _shown(lambda: compare_studies(StudyView.load(a), StudyView.load(b), criterion_a, criterion_b,
+                                   across_resolutions, mixed_criteria),
+           plot_compare, tables.compare_lines, json_out, plot_file)
 
 
 @app.command()
@@ -708,7 +718,7 @@ def report(
 ):
     """One report: config, maps, fractal dimension, zoom levels, rules of thumb, OOD correlation (and a comparison
     with --compare)."""
-    from vmap_sweep.analysis.report import write_report
+    from vmap_sweep.present.report import write_report
 
     _say(str(write_report(study, output or study / f"report.{format}", format, compare, mixed_criteria)))
 

@@ -124,7 +124,7 @@ def cells_table(store) -> Any:
 def trajectory_plots(view, trajectories: dict, rows: Sequence[int], max_lines: int = 12) -> dict[str, Any]:
     """Per row (y index) of `rows`, the training loss per step of up to `max_lines` evenly spaced cells as one
     W&B line plot, each line named by its x value and class; non-finite losses (a divergence) end a line."""
-    from vmap_sweep.analysis.plots import value_text
+    from vmap_sweep.present.plots import value_text
 
     wandb = _wandb()
     plots = {}
@@ -153,8 +153,8 @@ def log_maps(run, store, rows: Sequence[int] | None = None) -> None:
     last) as line plots."""
     import matplotlib.pyplot as plt
 
-    from vmap_sweep.analysis.plots import plot_figures
     from vmap_sweep.analysis.view import grid_view
+    from vmap_sweep.present.plots import plot_figures
 
     wandb = _wandb()
     if rows is None:
@@ -213,19 +213,22 @@ def log_study(run, store) -> None:
     """Everything at the end of `run`: maps, cells, trajectories, the dimension, the rules. A result the study
     cannot give (one class, no boundary; no LR x dataset-size grid) is skipped, its reason in the summary
     (e.g. fractal/skipped)."""
-    from vmap_sweep.analysis.plots import plot_rules
     from vmap_sweep.analysis.rules import rules_of_thumb
     from vmap_sweep.analysis.study import fractal_report
+    from vmap_sweep.analysis.view import StudyView
+    from vmap_sweep.present.plots import plot_box_counts, plot_rules
 
     log_maps(run, store)
     with tempfile.TemporaryDirectory() as tmp:
         box, rules_plot = Path(tmp) / "box_counting.png", Path(tmp) / "rules.png"
         try:
-            log_dimension(run, fractal_report(store.directory, box), box)
+            measured = fractal_report(store.directory)
+            plot_box_counts(measured.box, box)
+            log_dimension(run, measured.to_dict(), box)
         except VmapSweepError as e:
             run.summary["fractal/skipped"] = str(e)
         try:
-            result = rules_of_thumb(store)
+            result = rules_of_thumb(StudyView.load(store))
             plot_rules(result, rules_plot)
             log_rules(run, result, rules_plot)
         except VmapSweepError as e:

@@ -27,11 +27,11 @@ import numpy as np
 
 from vmap_sweep.analysis.classify import study_classes
 from vmap_sweep.analysis.fmt import format_ci, format_count
-from vmap_sweep.analysis.provenance import provenance_rows
 from vmap_sweep.analysis.rules import SAFE_FACTOR, rules_of_thumb
 from vmap_sweep.analysis.study import fractal_report
-from vmap_sweep.analysis.view import grid_view
+from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.errors import ConfigError, VmapSweepError
+from vmap_sweep.present.provenance import provenance_rows
 from vmap_sweep.store import extras
 from vmap_sweep.store.db import StudyStore, check_output
 
@@ -208,10 +208,10 @@ def _config_section(doc: _Doc, store: StudyStore) -> None:
     )
 
 
-def _maps_section(doc: _Doc, store: StudyStore, tmp: Path) -> None:
-    from vmap_sweep.analysis.plots import save_plots
+def _maps_section(doc: _Doc, store: StudyStore, study: StudyView, tmp: Path) -> None:
+    from vmap_sweep.present.plots import save_plots
 
-    view = grid_view(store)
+    view = study.grid
     ny = len(view.ys)
     rows = sorted({0, ny // 2, ny - 1})
     paths = {p.stem: p for p in save_plots(view, tmp / "maps", ("png",), store.trajectories(), rows)}
@@ -246,10 +246,14 @@ def _maps_section(doc: _Doc, store: StudyStore, tmp: Path) -> None:
 
 
 def _fractal_section(doc: _Doc, study_dir: Path, tmp: Path) -> dict | None:
+    from vmap_sweep.present.plots import plot_box_counts
+
     doc.h("Fractal dimension of the boundary")
     plot = tmp / "box_counting.png"
     try:
-        box = fractal_report(study_dir, plot)
+        measured = fractal_report(study_dir)
+        plot_box_counts(measured.box, plot)
+        box = measured.to_dict()
     except VmapSweepError as e:
         doc.p(f"Not measurable on this study: {e}")
         return None
@@ -326,7 +330,7 @@ def _zoom_section(doc: _Doc, store: StudyStore, study_dir: Path, tmp: Path) -> N
 
 def _zoom_tables(doc: _Doc, rep: Mapping[str, Any], tmp: Path) -> None:
     """dimension_report's {"levels": [...], "pooled": {...}}: a table, a sentence, a plot."""
-    from vmap_sweep.analysis.plots import plot_zoom_box_counts
+    from vmap_sweep.present.plots import plot_zoom_box_counts
 
     rows = []
     for lv in rep["levels"]:
@@ -364,12 +368,12 @@ def _zoom_tables(doc: _Doc, rep: Mapping[str, Any], tmp: Path) -> None:
                    f"across scales (pooled D = {_fmt(_f(pooled.get('dimension')))}).")
 
 
-def _rules_section(doc: _Doc, store: StudyStore, tmp: Path):
-    from vmap_sweep.analysis.plots import plot_rules
+def _rules_section(doc: _Doc, study: StudyView, tmp: Path):
+    from vmap_sweep.present.plots import plot_rules
 
     doc.h("Rules of thumb")
     try:
-        r = rules_of_thumb(store)
+        r = rules_of_thumb(study)
     except ConfigError as e:
         doc.p(f"Not applicable to this study: {e}")
         return None
@@ -404,14 +408,13 @@ def _rules_section(doc: _Doc, store: StudyStore, tmp: Path):
     return r
 
 
-def _compare_section(doc: _Doc, store: StudyStore, other: Path, tmp: Path, mixed_criteria: bool = False) -> None:
+def _compare_section(doc: _Doc, study: StudyView, other: Path, tmp: Path, mixed_criteria: bool = False) -> None:
     from vmap_sweep.analysis.compare import compare_studies
-    from vmap_sweep.analysis.plots import plot_compare
+    from vmap_sweep.present.plots import plot_compare
 
     doc.h("Compared with another study")
-    with StudyStore.open(other) as b:
-        # grids that can't be compared: one clear error, no report
-        r = compare_studies(store, b, mixed_criteria=mixed_criteria)
+    # grids that can't be compared: one clear error, no report
+    r = compare_studies(study, StudyView.load(other), mixed_criteria=mixed_criteria)
     doc.p(f"A is this study, B is {other}.")
     doc.bullets(r.summary())
     if r.crit:
@@ -426,7 +429,7 @@ def _compare_section(doc: _Doc, store: StudyStore, other: Path, tmp: Path, mixed
 
 
 def _ood_section(doc: _Doc, ood: Any, tmp: Path, criterion: dict | None = None) -> None:
-    from vmap_sweep.analysis.plots import plot_ood
+    from vmap_sweep.present.plots import plot_ood
 
     doc.h("Out-of-distribution skill")
     measured_by = ood.get("criterion") if isinstance(ood, dict) else None  # results stored without it don't say
@@ -537,6 +540,7 @@ def write_report(study_dir: str | os.PathLike, out_file: str | os.PathLike, fmt:
         raise ConfigError(f"{out_file} is a folder; give a file name for the report, e.g. report.{fmt}")
     with StudyStore.open(study_dir) as store:
         study_classes(store)  # every cell done and classified, else one clear error
+        study = StudyView.load(store)  # what the measures read, read once
         cfg = store.config
         doc = _Doc(title=f"Where fine-tuning converges: {cfg.get('model')} on {cfg.get('data')}")
         doc.p(f"Report of the vmap-sweep study in {study_dir} "
@@ -544,12 +548,12 @@ def write_report(study_dir: str | os.PathLike, out_file: str | os.PathLike, fmt:
         with tempfile.TemporaryDirectory(prefix="vmap-sweep-report-") as tmp_name:
             tmp = Path(tmp_name)
             _config_section(doc, store)
-            _maps_section(doc, store, tmp)
+            _maps_section(doc, store, study, tmp)
             _fractal_section(doc, study_dir, tmp)
             _zoom_section(doc, store, study_dir, tmp)
-            _rules_section(doc, store, tmp)
+            _rules_section(doc, study, tmp)
             if compare is not None:
-                _compare_section(doc, store, Path(compare), tmp, mixed_criteria)
+                _compare_section(doc, study, Path(compare), tmp, mixed_criteria)
             ood = extras.ood(store)
             if ood is not None:
                 _ood_section(doc, ood, tmp, extras.criterion(store))

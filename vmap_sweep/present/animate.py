@@ -22,11 +22,10 @@ from matplotlib.animation import AbstractMovieWriter, FFMpegWriter, PillowWriter
 from matplotlib.patches import Rectangle
 
 from vmap_sweep.analysis.chain import zoom_levels
-from vmap_sweep.analysis.plots import legend_outside, score_figure
 from vmap_sweep.analysis.view import grid_view
 from vmap_sweep.analysis.window import Window
 from vmap_sweep.errors import ConfigError
-from vmap_sweep.store.db import StudyStore
+from vmap_sweep.present.plots import legend_outside, score_figure
 
 DPI = 100  # frame pixels = the heatmap's figsize x DPI; every frame has the same size
 
@@ -56,8 +55,7 @@ def _between(a: tuple[float, float], b: tuple[float, float], t: float, log: bool
 def _frames(folder: Path, level: int, deepest: int, window: Window, next_window: Window | None) -> list[np.ndarray]:
     """RGBA pixels of one level: its score heatmap; with a next level also the map with that level's window
     as a dashed rectangle and the in-between frames zooming into it."""
-    with StudyStore.open(folder) as store:
-        view = grid_view(store)
+    view = grid_view(folder)
     x0, x1, y0, y1 = window
     view.title = (f"zoom level {level}/{deepest}: {view.x_name} {x0:.4g}–{x1:.4g}, "
                   f"{view.y_name} {y0:.4g}–{y1:.4g}")

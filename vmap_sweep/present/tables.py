@@ -1,0 +1,195 @@
+"""Analysis results as text: the lines and tables `fractal`, `zoom-dimension`, `rules`, `compare` and
+`early-warning` print (cli/render.py shows them, or the result's JSON)."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from rich.console import Console, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+if TYPE_CHECKING:
+    from vmap_sweep.analysis.compare import CompareResult
+    from vmap_sweep.analysis.early_warning import WarningResult
+    from vmap_sweep.analysis.rules import RulesResult
+    from vmap_sweep.analysis.rules_joint import JointResult
+
+_highlighter = Console()  # only its markup and number highlighting: a sentence reads as the terminal shows it
+
+
+def _prose(text: str) -> Text:
+    """A sentence of numbers, not a path: wrapped to the terminal and highlighted, as rich prints a string."""
+    return _highlighter.render_str(text)
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+# the second estimate `fractal` prints: a different method on the same map, to be read beside D, never instead
+UNCERTAINTY_WHAT = "φ the slope of the share of cells ε apart in different classes against ε"
+
+
+def fractal_lines(report: dict) -> list[Text]:
+    """The box-counting dimension with its CI and what the interval is made of, what the grid can resolve (fit
+    windows, octaves, local slopes, warnings), the box sizes and counts, and the uncertainty-exponent dimension
+    where the source had one."""
+    box = report
+    stderr = box.get("stderr")
+    if stderr is not None and stderr == stderr:  # analysis.fractal.box_counting: CI = ± 1.96 stderr
+        parts = [(box.get("window_sd"), "fit-window spread"), (box.get("lattice_sd"), "lattice placement"),
+                 (box.get("model_sd"), "small-box correction"), (box.get("curvature_sd"), "curvature")]
+        terms = ", ".join(f"{name} {value:.3f}" for value, name in parts if value is not None and value == value)
+        basis = f"± 1.96 × standard uncertainty {stderr:.3f}" + (f": {terms}, end effects" if terms else "")
+    else:
+        basis = "no standard uncertainty from 2 box sizes"
+    lo, hi = box["fit_range"]
+    windows = len(box.get("windows") or []) or 1
+    resolve = (f"fit over box sizes {lo}–{hi} ({box.get('octaves', math.log2(hi / lo)):.1f} octaves, "
+               f"{windows} fit window{'s' if windows > 1 else ''}) at {box['resolution'][0]}×{box['resolution'][1]}")
+    slope_range = box.get("local_slope_range")
+    if slope_range and all(v is not None and v == v for v in slope_range):
+        resolve += f"; local slopes {slope_range[0]:.2f}–{slope_range[1]:.2f} inside the fit"
+    which = {"stability": " of the stability boundary (stopped as unstable vs not)"}.get(box.get("map"), "")
+    grid = f"{box['resolution'][0]}×{box['resolution'][1]}"
+    if box.get("too_small"):
+        head = f"no box-counting dimension{which}: {box['too_small']}"
+    else:
+        head = (f"box-counting dimension{which} {box['dimension']:.3f}, 95% CI [{box['ci_low']:.3f}, "
+                f"{box['ci_high']:.3f}] at {grid} over {box.get('octaves', math.log2(hi / lo)):.1f} octaves ({basis})")
+    lines = [
+        head,
+        resolve,
+        *(f"warning: {w}" for w in box.get("warnings") or []),
+        "box sizes:  " + " ".join(f"{s:>7d}" for s in box["box_sizes"]),
+        "box counts: " + " ".join(f"{c:>7.1f}" for c in box["box_counts"]),
+    ]
+    if "uncertainty_dimension" in box:
+        note = f" ({box['uncertainty_note']})" if "uncertainty_note" in box else ""
+        lines.append(f"cross-check (not the estimate above): uncertainty exponent 2 - φ = "
+                     f"{box['uncertainty_dimension']:.3f} ± {box['uncertainty_stderr']:.3f} ({UNCERTAINTY_WHAT}; fit "
+                     f"standard error, no calibrated interval){note}")
+    if "refined" in box:
+        lines += refined_lines(box)
+    return [_prose(line) for line in lines]
+
+
+def zoom_dimension_lines(report: dict) -> list[str]:
+    """One line per zoom level, then the dimension pooled over all levels; a study with no zoom below it says
+    so and how to make one, rather than 'pooling' its one level."""
+    lines = []
+    for level in report["levels"]:
+        if level.get("dimension") is None:
+            lines.append(f"level {level['level']}: not measurable ({level.get('error')})")
+        elif level.get("too_small"):
+            lines.append(f"level {level['level']}: no dimension, {level['too_small']}; cell scale {level['scale']:.3g}")
+        else:
+            grid = "×".join(str(v) for v in level.get("resolution") or [])
+            lines.append(f"level {level['level']}: D = {_num(level['dimension'])}, 95% CI [{_num(level['ci_low'])}, "
+                         f"{_num(level['ci_high'])}] at {grid} over {level['octaves']:.1f} octaves, cell scale "
+                         f"{level['scale']:.3g}" + "".join(f"; warning: {w}" for w in level.get("warnings") or []))
+    if len(report["levels"]) < 2:
+        top = report["levels"][0]["dir"] if report["levels"] else "DIR"
+        lines.append(f"no zoom level below this study, so there is nothing to pool over: `vmap-sweep zoom {top} "
+                     "--auto` re-sweeps a window of the boundary at the same resolution, then zoom-dimension "
+                     "measures each level and their pooled dimension")
+        return lines
+    pooled = report["pooled"]
+    if pooled.get("disagree"):
+        lines.append(f"not pooled: {pooled.get('error')}")
+    elif pooled.get("dimension") is None:
+        lines.append(f"pooled: not measurable ({pooled.get('error')})")
+    elif pooled.get("stderr") is None or pooled.get("ci_low") is None:
+        lines.append(f"pooled over levels {', '.join(str(v) for v in pooled.get('levels') or [])}: "
+                     f"D = {_num(pooled['dimension'])}, no CI (too few box counts for a standard error)")
+    else:  # analysis.fractal.pooled_dimension: inverse-variance mean of the levels, CI = ± 1.96 pooled stderr
+        lines.append(f"pooled over levels {', '.join(str(v) for v in pooled.get('levels') or [])}: "
+                     f"D = {_num(pooled['dimension'])}, 95% CI [{_num(pooled['ci_low'])}, {_num(pooled['ci_high'])}] "
+                     f"(± 1.96 × the pooled standard uncertainty {_num(pooled['stderr'])}: levels weighted by "
+                     "their own, never below the best level's)")
+    return lines
+
+
+def _string_table(title: str, header_rows: tuple[list[str], list[list[str]]], numbers_right: bool = True) -> Table:
+    """A table of strings; with numbers_right every column but a note is right-aligned."""
+    header, rows = header_rows
+    table = Table(title=title)
+    for h in header:
+        table.add_column(h, justify="left" if h == "note" or not numbers_right else "right")
+    for r in rows:
+        table.add_row(*r)
+    return table
+
+
+def rules_table(result: RulesResult) -> Table:
+    """The per-size values (the CLI prints it, then ``fit_table``)."""
+    return _string_table(f"rules of thumb: {result.lr_axis} vs dataset size ({result.criterion} criterion)",
+                         result.table_rows())
+
+
+def fit_table(result: RulesResult) -> Table:
+    """The fitted power laws, one row per rule."""
+    return _string_table(f"fitted rules (D in {result.size_unit})", result.fit_rows(), numbers_right=False)
+
+
+def tokens_table(result: RulesResult) -> Table:
+    """The converse per LR: the smallest dataset on which it converges."""
+    return _string_table(f"minimum viable dataset per {result.lr_axis} ({result.size_unit})", result.tokens_rows())
+
+
+def rules_lines(result: RulesResult) -> list[RenderableType]:
+    """The per-size and per-LR tables and the fits, then the findings in sentences."""
+    return [rules_table(result), tokens_table(result), fit_table(result), *result.summary()]
+
+
+def compare_lines(result: CompareResult) -> list[RenderableType]:
+    """The findings in sentences, then LR_crit of both per dataset size where the axes have one."""
+    lines: list[RenderableType] = [_prose(line) for line in result.summary()]
+    if result.crit:
+        header, rows = result.crit_rows()
+        table = Table(title="critical LR (first diverging) per dataset size")
+        for h in header:
+            table.add_column(h, justify="right")
+        for r in rows:
+            table.add_row(*r)
+        lines.append(table)
+    return lines
+
+
+def early_warning_lines(result: WarningResult) -> list[RenderableType]:
+    """AUC per feature and k, then the findings in sentences."""
+    header, rows = result.auc_rows()
+    table = Table(title="ROC AUC for 'will not converge' after k steps [95% bootstrap CI]")
+    for h in header:
+        table.add_column(h, justify="left" if h == "feature" else "right")
+    for r in rows:
+        table.add_row(*r)
+    return [table, *[_prose(line) for line in result.summary()]]
+
+
+def joint_rules_lines(result: JointResult) -> list[RenderableType]:
+    """Each study's points and own fit, then the joint fit in sentences."""
+    header, rows = result.study_rows()
+    table = Table(title=f"critical {result.lr_axis} (first diverging) per study")
+    for h in header:
+        table.add_column(h)
+    for r in rows:
+        table.add_row(*r)
+    return [table, *[_prose(line) for line in result.summary()]]
+
+
+def refined_lines(report: dict) -> list[str]:
+    """What `fractal` adds for a refined study: which level, how much was inferred, what refinement bought."""
+    r = report["refined"]
+    c = r["coarse"]
+    lines = [f"refined study: measured on level {r['level']} ({r['folder']}), {r['trained_cells']:,} of "
+             f"{r['cells']:,} cells trained, {100 * r['inferred_share']:.1f}% inferred from uniform neighbourhoods",
+             f"level 0 at {c['resolution'][0]}×{c['resolution'][1]}: D = {c['dimension']:.3f}, 95% CI "
+             f"[{c['ci_low']:.3f}, {c['ci_high']:.3f}] over {c['octaves']:.1f} octaves; refinement gained "
+             f"{r['octaves_gained']:.1f} octaves"
+             + (f" and an interval {r['interval_narrowing']:.2f}× as narrow" if r["interval_narrowing"] else "")]
+    if r.get("tokens_note"):
+        lines.append(f"note: {r['tokens_note']}")
+    return lines
