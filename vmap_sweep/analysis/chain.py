@@ -25,12 +25,12 @@ import numpy as np
 from vmap_sweep.analysis.classify import study_classes
 from vmap_sweep.analysis.fractal import AGREE_P, fractal_dimension, pooled_dimension
 from vmap_sweep.analysis.jsonsafe import json_safe
-from vmap_sweep.analysis.view import StudyView
+from vmap_sweep.analysis.view import StudyView, stored_config
 from vmap_sweep.analysis.window import Window, axis_window, cell_coords, pick_window
 from vmap_sweep.errors import ConfigError, StoreError, VmapSweepError
 from vmap_sweep.store import extras
 from vmap_sweep.store.db import DB_NAME, StudyStore
-from vmap_sweep.study.axes import AxisSpec, parse_axis_spec
+from vmap_sweep.study.axes import AxisSpec
 
 if TYPE_CHECKING:
     from vmap_sweep.store.db import Child
@@ -52,8 +52,7 @@ def finished_classes(store: StudyStore) -> np.ndarray:
 
 def auto_window(store: StudyStore, fraction: float) -> Window:
     """The window ``pick_window`` chooses in a finished study."""
-    cfg = store.config
-    x, y = parse_axis_spec(cfg["x"]), parse_axis_spec(cfg["y"])
+    x, y = stored_config(store).axes
     converged = finished_classes(store)
     try:
         return pick_window(converged, cell_coords(x, store.nx), cell_coords(y, store.ny), x.scale == "log",
@@ -104,8 +103,8 @@ def _not_the_child(parent_config: dict, child: StudyStore, record: Child) -> str
         return f"it is a level-{info.get('level')} zoom, recorded as level {record.level}"
     try:
         window = [float(v) for v in info.get("window")]
-        own = axis_window(child.config)
-    except (TypeError, ValueError, KeyError, ConfigError):
+        own = axis_window(stored_config(child))
+    except (TypeError, ValueError, KeyError, VmapSweepError):
         return "its recorded window can't be read"
     if not (np.allclose(window, record.window, rtol=1e-9, atol=0)
             and np.allclose(own, record.window, rtol=1e-9, atol=0)):
@@ -135,7 +134,7 @@ def zoom_levels(parent_dir: str | os.PathLike) -> list[tuple[int, Path, Window]]
     """
     (top, _), *rest = _walk(parent_dir, _newest)
     with StudyStore.open(top) as store:
-        chain = [(extras.level(store), top, axis_window(store.config))]
+        chain = [(extras.level(store), top, axis_window(stored_config(store)))]
     return chain + [(int(c.level), folder, c.window) for folder, c in rest]
 
 

@@ -19,7 +19,7 @@ from vmap_sweep.errors import ConfigError, StoreError
 from vmap_sweep.store import extras
 from vmap_sweep.store.db import StudyStore
 from vmap_sweep.store.levels import REFINE
-from vmap_sweep.study.axes import AxisSpec, parse_axis_spec
+from vmap_sweep.study.axes import AxisSpec
 from vmap_sweep.study.config import StudyConfig
 from vmap_sweep.study.criterion import NOT_CONVERGED
 from vmap_sweep.study.grid import Cell
@@ -127,8 +127,8 @@ class StudyView:
             with StudyStore.open(source) as store:
                 return cls.load(store)
         store = source
-        config = _stored_config(store)
-        x, y = parse_axis_spec(config.x), parse_axis_spec(config.y)
+        config = stored_config(store)
+        x, y = config.axes
         arrays = {f: store.grid_arrays(f) for f in GRID_FIELDS}
         labels = store.labels_array()
         sized = sized_cells(store, config)
@@ -176,7 +176,7 @@ class StudyView:
         return [r for r in self.rows if r["status"] == "done"]
 
 
-def _stored_config(store: StudyStore) -> StudyConfig:
+def stored_config(store: StudyStore) -> StudyConfig:
     """The config a study was made with, as a StudyConfig. Not validated again: a study's measures stand even
     where a later vmap-sweep would refuse to train its config (an axis it no longer sweeps, say)."""
     try:

@@ -35,7 +35,7 @@ import numpy as np
 
 from vmap_sweep.analysis.fractal import boundary_mask
 from vmap_sweep.errors import ConfigError
-from vmap_sweep.study.axes import AxisSpec, parse_axis_spec
+from vmap_sweep.study.axes import AxisSpec
 from vmap_sweep.study.config import StudyConfig
 
 Window = tuple[float, float, float, float]  # (x0, x1, y0, y1) in real axis units
@@ -148,10 +148,9 @@ def check_window(window: Sequence[float]) -> Window:
     return values  # type: ignore[return-value]
 
 
-def axis_window(cfg: StudyConfig | dict) -> Window:
+def axis_window(cfg: StudyConfig) -> Window:
     """A study's own range (x.lo, x.hi, y.lo, y.hi): for a child, the window it zooms into."""
-    d = cfg.to_dict() if isinstance(cfg, StudyConfig) else cfg
-    x, y = parse_axis_spec(d["x"]), parse_axis_spec(d["y"])
+    x, y = cfg.axes
     return (x.lo, x.hi, y.lo, y.hi)
 
 

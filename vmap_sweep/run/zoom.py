@@ -41,7 +41,7 @@ def child_config(cfg: StudyConfig, window: Sequence[float]) -> StudyConfig:
 def window_line(level: int, cfg: StudyConfig, *, picked: bool, fraction: float) -> str:
     """"level 1: window lr 0.00123 … 0.0456 × tokens 512 … 1024 (auto: ...)": what a zoom level re-sweeps."""
     x0, x1, y0, y1 = axis_window(cfg)
-    x, y = (spec.split(":", 1)[0] for spec in (cfg.x, cfg.y))
+    x, y = (spec.name for spec in cfg.axes)
     how = (f"auto: the densest part of the parent's boundary, 1/{1 / fraction:g} of each axis" if picked
            else "given by --window")
     return f"level {level}: window {x} {x0:.4g} … {x1:.4g} × {y} {y0:.4g} … {y1:.4g} ({how})"

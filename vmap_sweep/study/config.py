@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import cached_property
 
 from vmap_sweep.errors import ConfigError
-from vmap_sweep.study.axes import AXES, check_axis_pair, parse_axis_spec, parse_resolution
+from vmap_sweep.study.axes import AXES, AxisSpec, check_axis_pair, parse_axis_spec, parse_resolution
 from vmap_sweep.study.sizes import SIZE_UNITS
 
 OPTIMIZERS = ("adamw", "nanochat")  # nanochat: Muon on the block matrices, AdamW on the (un)embedding
@@ -146,9 +147,14 @@ class StudyConfig:
         """A copy with every override that is not None applied (the CLI's options over a preset)."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
+    @cached_property
+    def axes(self) -> tuple[AxisSpec, AxisSpec]:
+        """The x and y axes, parsed from their specs once (a ConfigError names a spec that does not parse)."""
+        return parse_axis_spec(self.x), parse_axis_spec(self.y)
+
     def validate(self) -> None:
         """Every problem a user can cause, as one ConfigError naming the option and the fix."""
-        x, y = parse_axis_spec(self.x), parse_axis_spec(self.y)
+        x, y = self.axes
         check_axis_pair(x, y)
         parse_resolution(self.resolution)
         for name in ("batch_size", "seq_len", "eval_tokens", "seed"):
@@ -220,7 +226,7 @@ class StudyConfig:
     def rows_per_step(self) -> tuple[int, ...]:
         """The distinct rows per optimizer step of the study's cells, ascending (one unless batch_size is swept)."""
         nx, ny = parse_resolution(self.resolution)
-        for spec, n in ((parse_axis_spec(self.x), nx), (parse_axis_spec(self.y), ny)):
+        for spec, n in zip(self.axes, (nx, ny), strict=True):
             if spec.name == "batch_size":
                 return tuple(sorted({int(v) // self.seq_len for v in spec.values(n, self.seq_len)}))
         return (self.batch_size,)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from vmap_sweep.errors import ConfigError
-from vmap_sweep.study.axes import parse_axis_spec, parse_resolution
+from vmap_sweep.study.axes import parse_resolution
 from vmap_sweep.study.config import StudyConfig
 from vmap_sweep.study.grid import Cell, Grid
 from vmap_sweep.study.schedule import lr_multiplier
@@ -29,7 +29,7 @@ def steps_for(tokens: int, tokens_per_step: int) -> int:
 
 def build_grid(cfg: StudyConfig) -> Grid:
     nx, ny = parse_resolution(cfg.resolution)
-    return Grid(parse_axis_spec(cfg.x), parse_axis_spec(cfg.y), nx, ny, dict(cfg.fixed), cfg.seq_len)
+    return Grid(*cfg.axes, nx, ny, dict(cfg.fixed), cfg.seq_len)
 
 
 def cell_steps(cfg: StudyConfig) -> Callable[[Cell], int]:
