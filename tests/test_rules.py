@@ -18,7 +18,7 @@ from vmap_sweep.analysis.study import reclassify
 from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.present.plots import plot_rules
-from vmap_sweep.present.tables import rules_table
+from vmap_sweep.present.tables import fit_rows, rules_rows, rules_table, tokens_rows
 from vmap_sweep.store.db import StudyStore
 from vmap_sweep.study.axes import parse_axis_spec
 from vmap_sweep.study.config import StudyConfig
@@ -210,7 +210,7 @@ def test_censored_sizes_are_reported_and_left_out_of_the_fits(tmp_path):
     assert r.crit_last_fit.n == 6 and abs(r.crit_fit.exponent - 2.0) < 0.05
     assert r.opt_fit.n == 7 and last.size in r.opt_fit.sizes  # an all-converged size still has an optimum
     assert any("censored" in n and "excluded" in n for n in r.notes)
-    header, rows = r.table_rows()
+    header, rows = rules_rows(r)
     assert "censored (below grid)" in rows[0][-1] and "censored (above grid)" in rows[-1][-1]
 
 
@@ -223,7 +223,7 @@ def test_optimum_at_the_grid_edge_is_flagged_and_left_out_of_the_opt_fit(tmp_pat
     assert r.opt_fit.n == 5 and r.sizes[0].size not in r.opt_fit.sizes and abs(r.opt_fit.exponent - 1) < 0.05
     assert len(r.leave_out) == 5 and r.leave_out_fraction == 1.0
     assert any("edge of the LR grid" in n for n in r.notes)
-    assert "optimum at lowest LR" in r.table_rows()[1][0][-1]
+    assert "optimum at lowest LR" in rules_rows(r)[1][0][-1]
 
 
 def test_leave_one_size_out_fails_where_the_optimum_is_off_the_law(tmp_path):
@@ -280,9 +280,9 @@ def test_to_dict_is_strict_json_and_table_prints(clean, tmp_path):
     console.print(rules_table(r))
     text = console.export_text()
     assert f"{r.sizes[3].lr_first_diverging:.3g}" in text and f"{r.sizes[3].size:,.0f}" in text
-    _, fit_rows = r.fit_rows()
-    assert fit_rows[0][1] == r.crit_fit.formula() and len(fit_rows) == 6
-    assert fit_rows[4][:2] == ["tokens_min(LR)", r.tokens_min_fit.formula("D")]
+    _, fitted = fit_rows(r)
+    assert fitted[0][1] == r.crit_fit.formula() and len(fitted) == 6
+    assert fitted[4][:2] == ["tokens_min(LR)", r.tokens_min_fit.formula("D")]
     # a path opens and closes the store itself
     assert rules_of_thumb(StudyView.load(clean.directory)).crit_fit == r.crit_fit
 
@@ -373,7 +373,7 @@ def test_size_unit_counts_d_in_supervised_tokens_or_conversations(tmp_path):
     edges = [row.lr_first_diverging for row in by_tokens.sizes]
     assert [row.lr_first_diverging for row in by_supervised.sizes] == edges
     assert rules_of_thumb(StudyView.load(store), "conversations").sizes[-1].size == float((budgets[-1] // 4 + 10) // 10)
-    assert by_supervised.table_rows()[0][0] == "D (supervised)"
+    assert rules_rows(by_supervised)[0][0] == "D (supervised)"
     with pytest.raises(ConfigError, match="size unit 'rows': use one of tokens, supervised, conversations"):
         rules_of_thumb(StudyView.load(store), "rows")
 
@@ -439,7 +439,7 @@ def test_tokens_min_with_an_island_below_the_last_failure(tmp_path):
     row = r.lrs[k]
     assert row.tokens_min == ds[first - 3] and row.tokens_all == ds[first + 3] and row.islands
     assert r.tokens_min_fit.exponent != r.tokens_all_fit.exponent
-    header, rows = r.tokens_rows()
+    header, rows = tokens_rows(r)
     assert any(cells[-1] == "islands" for cells in rows) and "censored" in rows[-1][-1]
 
 

@@ -206,56 +206,6 @@ class RulesResult:
         d["censored_sizes"] = self.censored_sizes
         return json_safe(d)
 
-    def table_rows(self) -> tuple[list[str], list[list[str]]]:
-        """(header, rows) of the per-size table, as strings, for rich, Markdown or HTML."""
-        header = [f"D ({self.size_unit})", "first diverging LR", "last converging LR", "safe LR", "optimal LR",
-                  "eval loss at opt", "note"]
-        rows = []
-        for r in self.sizes:
-            notes = []
-            if r.censored:
-                notes.append(f"censored ({r.censored})")
-            if r.islands:
-                notes.append("islands")
-            if r.opt_at_edge:
-                notes.append(f"optimum at {r.opt_at_edge}")
-            if r.low_lr_failures:
-                notes.append(f"{r.low_lr_failures} low-LR failures")
-            rows.append([format_count(r.size), _g(r.lr_first_diverging), _g(r.lr_last_converging), _g(r.lr_safe),
-                         _g(r.lr_opt), _g(r.eval_loss_opt, ".4f"), ", ".join(notes)])
-        return header, rows
-
-    def fit_rows(self) -> tuple[list[str], list[list[str]]]:
-        """(header, rows) of the fitted rules."""
-        header = ["rule", "fit", "exponent 95% CI", "sizes", "R²"]
-        rows = []
-        for name, fit in (("LR_crit (first diverging)", self.crit_fit),
-                          ("LR_crit (last converging)", self.crit_last_fit),
-                          ("LR_safe = 0.5 LR_crit", self.safe_fit), ("LR_opt", self.opt_fit),
-                          ("tokens_min(LR)", self.tokens_min_fit), ("tokens_all(LR)", self.tokens_all_fit)):
-            if fit is None:
-                rows.append([name, "not enough LRs" if name.startswith("tokens") else "not enough sizes", "", "", ""])
-            else:
-                formula = fit.formula("D") if fit.variable == "LR" else fit.formula()
-                rows.append([name, formula, format_ci(fit.ci_low, fit.ci_high, ".3f"), str(fit.n),
-                             _g(fit.r2, ".3f")])
-        return header, rows
-
-    def tokens_rows(self) -> tuple[list[str], list[list[str]]]:
-        """(header, rows) of the per-LR minimum-dataset table; only LRs whose tokens_min lies inside the grid,
-        plus a count of the censored ones in the last row."""
-        header = [f"{self.lr_axis}", f"tokens_min (smallest converging D, in {self.size_unit})",
-                  "all D above converge from", "note"]
-        smallest = self.size_range[0]
-        inside = [r for r in self.lrs if r.censored is None or (r.tokens_all or 0) > smallest]
-        rows = [[_g(r.lr), "below grid" if r.censored == "below grid" else _count(r.tokens_min),
-                 _count(r.tokens_all), "islands" if r.islands else ""] for r in inside]
-        every = sum(r.tokens_all == smallest for r in self.lrs)
-        none = sum(r.censored == "above grid" for r in self.lrs)
-        if every or none:
-            rows.append(["…", "", "", f"{every} LRs converge at every size, {none} at none (censored)"])
-        return header, rows
-
     def summary(self) -> list[str]:
         """The findings in sentences (for the CLI and the report)."""
         lines = []
@@ -286,10 +236,6 @@ class RulesResult:
                          f"(exponent 95% CI {format_ci(f.ci_low, f.ci_high, '.3f')}, {count_of(f.n, 'LR')}).")
         lines.append(self.ten_x.sentence())
         return lines + self.notes
-
-
-def _count(v: float | None) -> str:
-    return "—" if v is None else format_count(v)
 
 
 def _g(v: float | None, fmt: str = ".3g") -> str:

@@ -32,6 +32,7 @@ from vmap_sweep.analysis.study import fractal_report
 from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.errors import ConfigError, VmapSweepError
 from vmap_sweep.present.provenance import provenance_rows
+from vmap_sweep.present.tables import fit_rows, rules_rows
 from vmap_sweep.store import extras
 from vmap_sweep.store.db import StudyStore, check_output
 
@@ -378,9 +379,9 @@ def _rules_section(doc: _Doc, study: StudyView, tmp: Path):
         doc.p(f"Not applicable to this study: {e}")
         return None
     doc.bullets(r.summary())
-    header, rows = r.fit_rows()
+    header, rows = fit_rows(r)
     doc.table(header, rows)
-    header, rows = r.table_rows()
+    header, rows = rules_rows(r)
     if len(rows) > MAX_TABLE_ROWS:
         keep = np.unique(np.linspace(0, len(rows) - 1, MAX_TABLE_ROWS).round().astype(int))
         doc.p(f"Per-size values at {len(keep)} of {len(rows)} dataset sizes, evenly spaced "

@@ -10,6 +10,8 @@ from rich.console import Console, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from vmap_sweep.analysis.fmt import format_ci, format_count
+
 if TYPE_CHECKING:
     from vmap_sweep.analysis.compare import CompareResult
     from vmap_sweep.analysis.early_warning import WarningResult
@@ -123,20 +125,81 @@ def _string_table(title: str, header_rows: tuple[list[str], list[list[str]]], nu
     return table
 
 
+def rules_rows(result: RulesResult) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the per-size table, as strings, for rich, Markdown or HTML."""
+    header = [f"D ({result.size_unit})", "first diverging LR", "last converging LR", "safe LR", "optimal LR",
+              "eval loss at opt", "note"]
+    rows = []
+    for r in result.sizes:
+        notes = []
+        if r.censored:
+            notes.append(f"censored ({r.censored})")
+        if r.islands:
+            notes.append("islands")
+        if r.opt_at_edge:
+            notes.append(f"optimum at {r.opt_at_edge}")
+        if r.low_lr_failures:
+            notes.append(f"{r.low_lr_failures} low-LR failures")
+        rows.append([format_count(r.size), _g(r.lr_first_diverging), _g(r.lr_last_converging), _g(r.lr_safe),
+                     _g(r.lr_opt), _g(r.eval_loss_opt, ".4f"), ", ".join(notes)])
+    return header, rows
+
+
+def fit_rows(result: RulesResult) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the fitted rules."""
+    header = ["rule", "fit", "exponent 95% CI", "sizes", "R²"]
+    rows = []
+    for name, fit in (("LR_crit (first diverging)", result.crit_fit),
+                      ("LR_crit (last converging)", result.crit_last_fit),
+                      ("LR_safe = 0.5 LR_crit", result.safe_fit), ("LR_opt", result.opt_fit),
+                      ("tokens_min(LR)", result.tokens_min_fit), ("tokens_all(LR)", result.tokens_all_fit)):
+        if fit is None:
+            rows.append([name, "not enough LRs" if name.startswith("tokens") else "not enough sizes", "", "", ""])
+        else:
+            formula = fit.formula("D") if fit.variable == "LR" else fit.formula()
+            rows.append([name, formula, format_ci(fit.ci_low, fit.ci_high, ".3f"), str(fit.n),
+                         _g(fit.r2, ".3f")])
+    return header, rows
+
+
+def tokens_rows(result: RulesResult) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the per-LR minimum-dataset table; only LRs whose tokens_min lies inside the grid,
+    plus a count of the censored ones in the last row."""
+    header = [f"{result.lr_axis}", f"tokens_min (smallest converging D, in {result.size_unit})",
+              "all D above converge from", "note"]
+    smallest = result.size_range[0]
+    inside = [r for r in result.lrs if r.censored is None or (r.tokens_all or 0) > smallest]
+    rows = [[_g(r.lr), "below grid" if r.censored == "below grid" else _count(r.tokens_min),
+             _count(r.tokens_all), "islands" if r.islands else ""] for r in inside]
+    every = sum(r.tokens_all == smallest for r in result.lrs)
+    none = sum(r.censored == "above grid" for r in result.lrs)
+    if every or none:
+        rows.append(["…", "", "", f"{every} LRs converge at every size, {none} at none (censored)"])
+    return header, rows
+
+
+def _g(v: float | None, fmt: str = ".3g") -> str:
+    return "—" if v is None or not math.isfinite(v) else format(v, fmt)
+
+
+def _count(v: float | None) -> str:
+    return "—" if v is None else format_count(v)
+
+
 def rules_table(result: RulesResult) -> Table:
     """The per-size values (the CLI prints it, then ``fit_table``)."""
     return _string_table(f"rules of thumb: {result.lr_axis} vs dataset size ({result.criterion} criterion)",
-                         result.table_rows())
+                         rules_rows(result))
 
 
 def fit_table(result: RulesResult) -> Table:
     """The fitted power laws, one row per rule."""
-    return _string_table(f"fitted rules (D in {result.size_unit})", result.fit_rows(), numbers_right=False)
+    return _string_table(f"fitted rules (D in {result.size_unit})", fit_rows(result), numbers_right=False)
 
 
 def tokens_table(result: RulesResult) -> Table:
     """The converse per LR: the smallest dataset on which it converges."""
-    return _string_table(f"minimum viable dataset per {result.lr_axis} ({result.size_unit})", result.tokens_rows())
+    return _string_table(f"minimum viable dataset per {result.lr_axis} ({result.size_unit})", tokens_rows(result))
 
 
 def rules_lines(result: RulesResult) -> list[RenderableType]:
