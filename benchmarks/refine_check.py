@@ -69,17 +69,18 @@ def check(coarse: Path, full: Path) -> dict:
     wrong = (converged_mask(refined.map.labels) != converged_mask(truth_labels)) & inferred
     names = sorted(set(truth_labels.reshape(-1).tolist()) | set(refined.map.labels.reshape(-1).tolist()))
     codes = np.vectorize(names.index)(truth_labels)
-    sim = simulate(codes, refined.level, _margin(coarse))
+    margin, trace = _rule(coarse)
+    sim = simulate(codes, refined.level, margin, trace)
     sim_labels = np.array(names)[sim[-1]["codes"]]
     with StudyStore.open(coarse) as store:
         coarse_mask = converged_mask(study_map(store).labels)
     levels = refined.levels
     margins = {}
-    for m in (0, 1, 2):  # the rule applied to the full grid's map: what each margin trains and infers wrongly
-        run = simulate(codes, refined.level, m)
+    for m, t in ((0, False), (0, True), (1, False), (2, False)):  # each rule applied to the full grid's map
+        run = simulate(codes, refined.level, m, t)
         bad = (run[-1]["codes"] != codes) & run[-1]["inferred_mask"]
-        margins[m] = {"trained_per_level": [e["trained"] for e in run[1:]], "inferred": run[-1]["inferred"],
-                      "inferred_wrong": int(bad.sum())}
+        margins[f"{m} traced" if t else str(m)] = {"trained_per_level": [e["trained"] for e in run[1:]],
+                                                   "inferred": run[-1]["inferred"], "inferred_wrong": int(bad.sum())}
     return {
         "margins_simulated": margins,
         "cells": int(inferred.size), "stored": len(stored), "stored_unequal_to_full": len(unequal),
@@ -96,11 +97,13 @@ def check(coarse: Path, full: Path) -> dict:
     }
 
 
-def _margin(coarse: Path) -> int:
+def _rule(coarse: Path) -> tuple[int, bool]:
+    """The margin the study was refined with, and whether it traced."""
     from vmap_sweep.run.refine import REFINE
 
     with StudyStore.open(coarse) as store:
-        return int(store.get_extra(REFINE)["margin"])
+        record = store.get_extra(REFINE)
+    return int(record["margin"]), bool(record.get("trace", False))
 
 
 def main() -> None:

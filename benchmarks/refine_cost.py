@@ -61,8 +61,8 @@ def truth_map(name: str, ny: int, nx: int) -> np.ndarray:
     return np.asarray(a)[np.ix_(rows, cols)].astype(np.int64)
 
 
-def project(cfg, levels: int, truth: np.ndarray, *, margin: int = DEFAULT_MARGIN, models_per_batch: int = 8,
-            step_seconds: float = 1.0, readout_seconds: float = 0.0) -> dict:
+def project(cfg, levels: int, truth: np.ndarray, *, margin: int = DEFAULT_MARGIN, trace: bool = False,
+            models_per_batch: int = 8, step_seconds: float = 1.0, readout_seconds: float = 0.0) -> dict:
     """Per level (0: the base study) the cells trained, trunks, model-steps, read-outs and seconds; and totals."""
     def price(model_steps: int, read_outs: int) -> float:
         return model_steps * step_seconds / models_per_batch + read_outs * readout_seconds
@@ -73,7 +73,7 @@ def project(cfg, levels: int, truth: np.ndarray, *, margin: int = DEFAULT_MARGIN
     steps0 = sum(b.model_steps for b in base)
     rows = [{"level": 0, "grid": f"{nx}x{ny}", "trained": nx * ny, "trunks": sum(len(b.stacked) for b in base),
              "model_steps": steps0, "read_outs": nx * ny, "seconds": price(steps0, nx * ny)}]
-    sim = simulate(truth, levels, margin)
+    sim = simulate(truth, levels, margin, trace)
     for entry in sim[1:]:
         level = entry["level"]
         fine = cfg.with_overrides(resolution=f"{level_points(nx, level)}x{level_points(ny, level)}")
@@ -109,6 +109,7 @@ def main() -> None:
     p.add_argument("--resolution", default=None, help="the base study's (default: the preset's)")
     p.add_argument("--levels", type=int, default=3)
     p.add_argument("--margin", type=int, default=DEFAULT_MARGIN)
+    p.add_argument("--trace", action="store_true", help="refine --trace: rounds along the boundary after each level")
     p.add_argument("--models-per-batch", type=int, default=8)
     p.add_argument("--step-seconds", type=float, required=True, help="one optimizer step of a full batch")
     p.add_argument("--readout-seconds", type=float, default=0.0, help="one cell's read-out")
@@ -121,7 +122,7 @@ def main() -> None:
         cfg = cfg.with_overrides(resolution=a.resolution)
     nx, ny = parse_resolution(cfg.resolution)
     truth = truth_map(a.truth, level_points(ny, a.levels), level_points(nx, a.levels))
-    out = project(cfg, a.levels, truth, margin=a.margin, models_per_batch=a.models_per_batch,
+    out = project(cfg, a.levels, truth, margin=a.margin, trace=a.trace, models_per_batch=a.models_per_batch,
                   step_seconds=a.step_seconds, readout_seconds=a.readout_seconds)
     sim = out.pop("sim")
     if a.dimensions:
@@ -129,7 +130,8 @@ def main() -> None:
     if a.json:
         print(json.dumps(out, indent=2))
         return
-    print(f"{a.preset} at {cfg.resolution}, truth {a.truth}, margin {a.margin}, {a.models_per_batch} models per batch, "
+    rule = f"margin {a.margin}" + (" traced" if a.trace else "")
+    print(f"{a.preset} at {cfg.resolution}, truth {a.truth}, {rule}, {a.models_per_batch} models per batch, "
           f"{a.step_seconds} s per batch step, {a.readout_seconds} s per read-out")
     print("level  grid        trained    trunks  model-steps  read-outs     hours")
     for r in out["levels"]:

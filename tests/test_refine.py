@@ -18,7 +18,14 @@ from vmap_sweep.run.refine import REFINE, level_dir, refine_study, study_map
 from vmap_sweep.store.db import RESULT_COLUMNS, StudyStore
 from vmap_sweep.study.config import preset
 from vmap_sweep.study.criterion import label as label_record
-from vmap_sweep.study.refine import UNKNOWN, level_points, neighbourhood_mixed, plan_level, simulate
+from vmap_sweep.study.refine import (
+    UNKNOWN,
+    level_points,
+    neighbourhood_mixed,
+    plan_level,
+    simulate,
+    trace_targets,
+)
 
 # ------------------------------------------------------------------------------------------------ the rule
 
@@ -200,3 +207,82 @@ def test_one_writer_a_refinement_beside_a_run_is_refused(studies):
         with pytest.raises(StoreError, match="is being trained by"):
             refine_study(root / "coarse", local_backend(CFG), 3, labeller=label_record)
     assert not level_dir(root / "coarse", 3).exists()  # refused before anything was written
+
+
+# ------------------------------------------------------------------------------------------------ tracing
+def test_tracing_targets_are_the_untrained_corners_of_mixed_blocks():
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        ny, nx = (int(v) for v in rng.integers(2, 9, 2))
+        codes = (rng.random((ny, nx)) < 0.5).astype(np.int64) + (rng.random((ny, nx)) < 0.1)
+        known = rng.random((ny, nx)) < 0.5
+        got = trace_targets(codes, known)
+        for j in range(ny):
+            for i in range(nx):
+                blocks = [codes[b:b + 2, a:a + 2] for b in (j - 1, j) for a in (i - 1, i)
+                          if 0 <= b < ny - 1 and 0 <= a < nx - 1]
+                mixed = any(len(np.unique(block)) > 1 for block in blocks)
+                assert got[j, i] == (mixed and not known[j, i]), (i, j)
+
+
+def test_tracing_follows_a_bay_the_coarse_corners_miss_and_leaves_no_mixed_block_inferred():
+    truth = np.zeros((33, 33), dtype=np.int64)
+    truth[:, 20:] = 1
+    truth[13:16, 12:20] = 1  # a bay 3 fine cells wide between two rows of level 0's cells (every 4th row)
+    plain, traced = simulate(truth, 2, margin=0)[-1], simulate(truth, 2, margin=0, trace=True)[-1]
+    assert (plain["codes"] != truth).any()  # margin 0 alone misses part of the bay
+    assert np.array_equal(traced["codes"], truth) and traced["rounds"]
+    assert not trace_targets(traced["codes"], ~traced["inferred_mask"]).any()
+
+
+@pytest.fixture(scope="module")
+def traced(studies):
+    """The coarse study refined two levels with margin 0 and tracing, killed once after a tracing round trained
+    (its copies not yet made) and resumed."""
+    import vmap_sweep.run.refine as refining
+
+    root, _, _ = studies
+    backend = local_backend(CFG)
+    run_local(CFG, root / "coarse0", models_per_batch=2, backend=backend).close()
+    calls = []
+    real = refining.run_study
+
+    def dies_after_the_first_round(*args, **kw):
+        store = real(*args, **kw)
+        calls.append(kw.get("only"))
+        if len(calls) == 2:  # the level's targets, then the first tracing round
+            store.close()
+            raise KeyboardInterrupt
+        return store
+
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(KeyboardInterrupt):
+        mp.setattr(refining, "run_study", dies_after_the_first_round)
+        refine_study(root / "coarse0", backend, 2, margin=0, models_per_batch=2, labeller=label_record, trace=True)
+    assert len(calls) == 2
+    levels = refine_study(root / "coarse0", backend, 2, margin=0, models_per_batch=2, labeller=label_record,
+                          trace=True)
+    return root, levels
+
+
+def test_a_traced_refinement_is_the_rule_applied_to_the_full_grid_and_resumes_after_a_kill(traced):
+    root, levels = traced
+    assert any(e.get("traced") for e in levels)  # the rounds ran
+    refined = refined_map(root / "coarse0")
+    with StudyStore.open(root / "full") as store:
+        truth = study_map(store).labels
+    names = sorted(set(truth.reshape(-1).tolist()) | set(refined.map.labels.reshape(-1).tolist()))
+    sim = simulate(np.vectorize(names.index)(truth), 2, margin=0, trace=True)[-1]
+    assert np.array_equal(np.array(names)[sim["codes"]], refined.map.labels)
+    # every cell the rule trains is stored (the engine also stores the cells whose experiment a target repeats)
+    assert not (refined.map.inferred & ~sim["inferred_mask"]).any()
+    stored, full = _results(level_dir(root / "coarse0", 2)), _results(root / "full")
+    for key, row in stored.items():
+        assert row["trajectory"].tobytes() == full[key]["trajectory"].tobytes() and row["label"] == full[key]["label"]
+    codes = np.vectorize(names.index)(refined.map.labels)
+    assert not trace_targets(codes, ~refined.map.inferred).any()  # no inferred cell next to a mixed block
+
+
+def test_a_traced_refinement_refuses_to_go_on_without_tracing(traced):
+    root, _ = traced
+    with pytest.raises(ConfigError, match="with --trace"):
+        refine_study(root / "coarse0", local_backend(CFG), 3, margin=0, labeller=label_record)

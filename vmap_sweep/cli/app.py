@@ -503,6 +503,9 @@ def refine(
                                              "(128 -> 255 -> 509 -> 1017 points per axis).")] = 3,
     margin: Annotated[int, typer.Option(help="Coarse cells around a new cell's square that must all share one class "
                                              "for it to be inferred instead of trained.")] = 1,
+    trace: Annotated[bool, typer.Option(help="After each level's targets, train in rounds the inferred cells next to "
+                                             "a 2x2 block of both classes, until none is left (with --margin 0: "
+                                             "about half the cells of --margin 1).")] = False,
     models_per_batch: Annotated[str | None, typer.Option(
         help="Models trained at once, or 'auto' (default: the study's).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default: the study's).")] = None,
@@ -532,12 +535,16 @@ def refine(
                                      share=share)
         for line in render.refine_lines(study, plan, dry_run=True, dimension=dim):
             _say(line)
+        if trace:
+            _say("with --trace each level then trains rounds along the boundary it found: their cells are known only "
+                 "as the level trains, and are not in the counts above")
         return
     settings = resolved.run_settings()
     progress = render.RichProgress(console, quiet=quiet)
     with _open_backend(resolved.config, settings) as backend:
         done = refining.refine_study(study, backend, levels, margin=margin, models_per_batch=k, progress=progress,
-                                     labeller=label_record, share=share, note=progress.note)
+                                     labeller=label_record, share=share, note=progress.note,
+                                     trace=trace)
     for line in render.refine_lines(study, done):
         _say(line)
 

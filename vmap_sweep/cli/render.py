@@ -302,8 +302,11 @@ def _level_cost(e: dict) -> str:
     inferred = e.get("inferred", e.get("inferred_new"))
     repeats = f", {n(e.get('repeats'))} repeat a trained cell's experiment (free)" if e.get("repeats") else ""
     seconds = e.get("seconds")
+    traced = e.get("traced")
+    rounds = (f" (with {sum(traced):,} traced along the boundary in {len(traced)} "
+              f"round{'s' if len(traced) != 1 else ''})") if traced else ""
     return (f"{e['nx']}×{e['ny']}: {n(e['targets'])} of {n(e['new_cells'])} new cells on the boundary, "
-            f"{n(e['trained'])} trained{repeats}; {n(inferred)} cells inferred; {n(e['trunks'])} trunks, "
+            f"{n(e['trained'])} trained{rounds}{repeats}; {n(inferred)} cells inferred; {n(e['trunks'])} trunks, "
             f"{n(e['model_steps'])} model-steps" + (f", {duration(seconds)}" if seconds is not None else ""))
 
 

@@ -52,10 +52,11 @@ from vmap_sweep.study.axes import parse_resolution
 from vmap_sweep.study.config import StudyConfig
 from vmap_sweep.study.grid import Cell, Grid
 from vmap_sweep.study.plan import build_grid, cell_steps, plan_study, same_experiments
-from vmap_sweep.study.refine import DEFAULT_MARGIN, UNKNOWN, LevelPlan, level_points, plan_level
+from vmap_sweep.study.refine import DEFAULT_MARGIN, UNKNOWN, LevelPlan, level_points, plan_level, trace_targets
 from vmap_sweep.train.trainer import CellRecord
 
 MAX_LEVELS = 6
+TRACE_ROUNDS = "refine_rounds"  # a level's tracing rounds: each one's cells, recorded before they train
 _COPY_CHUNK = 2048  # cells per copying transaction
 
 
@@ -197,8 +198,10 @@ def _origin(row: dict, level: int) -> str:
 
 def refine_study(top: str | Path, backend: Backend, levels: int, *, margin: int = DEFAULT_MARGIN,
                  models_per_batch: int | str = 8, progress: Progress | None = None, labeller: Labeller | None = None,
-                 share: bool = True, note: Callable[[str], None] | None = None) -> list[dict]:
-    """Refine the finished study in `top` to `levels` levels (resuming any begun); returns each level's cost."""
+                 share: bool = True, note: Callable[[str], None] | None = None, trace: bool = False) -> list[dict]:
+    """Refine the finished study in `top` to `levels` levels (resuming any begun); returns each level's cost.
+    trace: after each level's targets, train in rounds the inferred cells next to a mixed 2 x 2 block of the finer
+    map (study/refine.py)."""
     top = Path(top)
     levels = check_levels(levels)
     note = note or (lambda _: None)
@@ -215,6 +218,10 @@ def refine_study(top: str | Path, backend: Backend, levels: int, *, margin: int 
         if record and int(record.get("margin", margin)) != margin:
             raise ConfigError(f"{top} was refined with --margin {record['margin']}; refine it further with that "
                               "margin, or copy the study folder (without its refine-* folders) to refine it anew")
+        if record and bool(record.get("trace", False)) != trace:
+            was = "with --trace" if record.get("trace") else "without --trace"
+            raise ConfigError(f"{top} was refined {was}; refine it further the same way, or copy the study folder "
+                              "(without its refine-* folders) to refine it anew")
         done_levels = {int(e["level"]): e for e in record.get("levels", [])}
         coarse = study_map(study.store)
         trained = np.ones(coarse.labels.shape, dtype=bool)
@@ -243,7 +250,6 @@ def refine_study(top: str | Path, backend: Backend, levels: int, *, margin: int 
                               labeller=labeller, criterion=criterion, share=share, only=work.train) \
                 if work.train else _writable_level(folder, criterion)
             with store:
-                seconds = time.perf_counter() - start
                 sources = {k: rows_below[src] for k, src in work.from_coarse.items()}
                 origin = {k: _origin(rows_below[src], level - 1) for k, src in work.from_coarse.items()}
                 _copy(store, sources, origin, labeller)
@@ -256,14 +262,86 @@ def refine_study(top: str | Path, backend: Backend, levels: int, *, margin: int 
                 own_steps = cell_steps(work.config)
                 _copy(store, rep_sources, {k: f"repeat of {src}" for k, src in work.copies.items()}, labeller,
                       {k: own_steps(work.grid.cell(*k)) for k in rep_sources})
-                entry = _finish_level(store, work, batches, seconds, margin, criterion)
+            rounds: list[dict] = []
+            if trace:
+                rounds = _trace(folder, work, backend, models_per_batch, share, progress, labeller, criterion, note)
+            seconds = time.perf_counter() - start
+            with _writable_level(folder, criterion) as store:
+                entry = _finish_level(store, work, batches, seconds, margin, criterion, rounds)
                 coarse = study_map(store)
                 rows_below = {(r["i"], r["j"]): r for r in store.rows(arrays=True, done_only=True)}
                 trained = ~coarse.inferred
             done_levels[level] = entry
-            record = {"margin": margin, "levels": [done_levels[k] for k in sorted(done_levels)]}
+            record = {"margin": margin, "trace": trace, "levels": [done_levels[k] for k in sorted(done_levels)]}
             study.store.put_extra(REFINE, record)
         return record.get("levels", [])
+
+
+def _trace(folder: Path, work: LevelWork, backend: Backend, models_per_batch: int | str, share: bool,
+           progress: Progress | None, labeller: Labeller | None, criterion: dict,
+           note: Callable[[str], None]) -> list[dict]:
+    """Tracing on a level whose targets are stored: rounds, each training (or copying, where it repeats another
+    cell's experiment) the inferred cells next to a mixed 2 x 2 block of the level's map, until none is left.
+    Each round's cells are recorded in the level's store before they train, so a resumed refinement replays the
+    same rounds rather than rounds computed from a half-trained one. Returns each round's cost."""
+    with StudyStore.open(folder) as store:
+        recorded = [[(int(i), int(j)) for i, j in r] for r in store.get_extra(TRACE_ROUNDS) or []]
+    k = 8 if models_per_batch == "auto" else int(models_per_batch)
+    own_steps = cell_steps(work.config)
+    out: list[dict] = []
+    while True:
+        if len(out) < len(recorded):
+            cells = recorded[len(out)]
+        else:
+            with StudyStore.open(folder) as store:
+                codes, known = _level_codes(store, work)
+            more = trace_targets(codes, known)
+            cells = [(int(i), int(j)) for j, i in zip(*np.nonzero(more), strict=True)]
+            if not cells:
+                return out
+            recorded.append(sorted(cells, key=lambda c: (c[1], c[0])))
+            with _writable_level(folder, criterion) as store:
+                store.put_extra(TRACE_ROUNDS, recorded)
+            cells = recorded[-1]
+        repeats, _ = _repeats(work.config, work.grid, set(cells), lambda b: _supervised(backend, b))
+        with StudyStore.open(folder) as store:
+            pending = {c.key for c in store.pending()}
+        train = sorted({repeats.get(c, c) for c in cells} & pending, key=lambda c: (c[1], c[0]))
+        copies = {c: repeats[c] for c in cells if repeats.get(c, c) != c}
+        note(f"level {work.level}, tracing round {len(out) + 1}: {len(cells):,} cells next to a mixed block "
+             f"({len(train):,} to train, {len(copies):,} repeat an experiment)")
+        batches = plan_study(work.config, [work.grid.cell(*c) for c in train], k, share) if train else []
+        if train:
+            run_study(work.config, folder, backend, models_per_batch=models_per_batch, progress=progress,
+                      labeller=labeller, criterion=criterion, share=share,
+                      only=[work.grid.cell(*c) for c in train]).close()
+        with _writable_level(folder, criterion) as store:
+            rows = {(r["i"], r["j"]): r for r in store.rows(arrays=True, done_only=True)}
+            missing = sorted(src for src in copies.values() if src not in rows)
+            if missing:
+                raise StoreError(f"{folder}: cell {missing[0]} is repeated but not stored; run the same command again")
+            _copy(store, {c: rows[src] for c, src in copies.items()},
+                  {c: f"repeat of {src}" for c, src in copies.items()}, labeller,
+                  {c: own_steps(work.grid.cell(*c)) for c in copies})
+        out.append({"cells": len(cells), "trained": len(train), "repeats": len(copies),
+                    "trunks": sum(len(b.stacked) for b in batches), "model_steps": sum(b.model_steps for b in batches)})
+
+
+def _level_codes(store: StudyStore, work: LevelWork) -> tuple[np.ndarray, np.ndarray]:
+    """The level's map as class codes (a stored cell's label, else the class the plan infers for it) and which
+    cells are stored."""
+    stored = store.labels_array()
+    known = np.ones(stored.shape, dtype=bool)
+    for i, j in (c.key for c in store.pending()):
+        known[j, i] = False
+    guessed = work.plan.codes
+    unknown = ~known & (guessed == UNKNOWN)
+    if unknown.any() or (known & (stored == "")).any():
+        j, i = np.argwhere(unknown | (known & (stored == "")))[0]
+        raise StoreError(f"{store.path}: cell ({i}, {j}) is neither stored with a class nor inferred; run the same "
+                         "command again")
+    labels = np.where(known, stored, np.array(work.names)[np.maximum(guessed, 0)])
+    return np.unique(labels, return_inverse=True)[1].reshape(labels.shape), known
 
 
 def _writable_level(folder: Path, criterion: dict) -> StudyStore:
@@ -281,7 +359,7 @@ def _supervised(data: BudgetSource, budgets: list[int]) -> dict[int, int]:
 
 
 def _finish_level(store: StudyStore, work: LevelWork, batches: Sequence, seconds: float, margin: int,
-                  criterion: dict) -> dict:
+                  criterion: dict, rounds: Sequence[dict] = ()) -> dict:
     """Check the level is whole (every cell trained, copied or inferred); store its inferred classes; its cost."""
     pending = {c.key for c in store.pending()}
     codes = np.full(work.plan.codes.shape, UNKNOWN, dtype=np.int64)
@@ -296,6 +374,10 @@ def _finish_level(store: StudyStore, work: LevelWork, batches: Sequence, seconds
             "trained": len(work.train), "repeats": len(work.copies), "inferred": len(pending),
             "trunks": sum(len(b.stacked) for b in batches), "model_steps": sum(b.model_steps for b in batches),
             "seconds": round(seconds, 3), "repeat_lines": work.repeat_rows}
+    if rounds:  # tracing: its rounds' cells count as trained (or repeats) here, and their trunks and steps too
+        for key in ("trained", "repeats", "trunks", "model_steps"):
+            cost[key] += sum(r[key] for r in rounds)
+        cost["traced"] = [r["cells"] for r in rounds]
     store.put_extra(REFINE_LEVEL, {"level": work.level, "of": "..", "margin": margin, "criterion": criterion,
                                    "labels": work.names, "inferred": encode_codes(codes), "cost": cost,
                                    "complete": True})
