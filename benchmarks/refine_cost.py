@@ -78,12 +78,17 @@ def project(cfg, levels: int, truth: np.ndarray, *, margin: int = DEFAULT_MARGIN
         level = entry["level"]
         fine = cfg.with_overrides(resolution=f"{level_points(nx, level)}x{level_points(ny, level)}")
         fgrid = build_grid(fine)
-        cells = [fgrid.cell(int(i), int(j)) for j, i in zip(*np.nonzero(entry["targets"]), strict=True)]
-        batches = plan_study(fine, cells, models_per_batch) if cells else []
+        # each round of tracing trains its cells' trunks again, as far as its own largest budget
+        batches = []
+        for mask in entry["rounds"]:
+            cells = [fgrid.cell(int(i), int(j)) for j, i in zip(*np.nonzero(mask), strict=True)]
+            batches += plan_study(fine, cells, models_per_batch) if cells else []
+        trained = int(entry["trained"])
         steps = sum(b.model_steps for b in batches)
-        rows.append({"level": level, "grid": f"{fgrid.nx}x{fgrid.ny}", "trained": len(cells),
-                     "inferred": entry["inferred"], "trunks": sum(len(b.stacked) for b in batches),
-                     "model_steps": steps, "read_outs": len(cells), "seconds": price(steps, len(cells))})
+        rows.append({"level": level, "grid": f"{fgrid.nx}x{fgrid.ny}", "trained": trained,
+                     "rounds": len(entry["rounds"]), "inferred": entry["inferred"],
+                     "trunks": sum(len(b.stacked) for b in batches),
+                     "model_steps": steps, "read_outs": trained, "seconds": price(steps, trained)})
     total = sum(r["seconds"] for r in rows)
     finest = sim[-1]
     wrong = (finest["codes"] != truth) & finest["inferred_mask"]

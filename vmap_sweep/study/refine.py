@@ -20,8 +20,8 @@ cells: that is what the benchmark's share of wrongly inferred cells measures.
 trained, every cell still inferred that touches a 2 x 2 block of the finer map holding more than one class is
 trained too, in rounds, until no such cell is left. A crossing the coarse neighbourhood missed shows up as a mixed
 block next to a trained cell, and the rounds walk along it. With margin 0 it trains about half of margin 1's cells
-for a similar share of wrongly inferred ones (measured in benchmarks/RESULTS.md); each round waits for the one
-before it.
+for a similar share of wrongly inferred ones, but each round waits for the one before it and trains its cells'
+trunks again: fewer read-outs, more trunk steps (both measured in benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -136,8 +136,8 @@ def trace_targets(codes: np.ndarray, known: np.ndarray) -> np.ndarray:
 def simulate(truth: np.ndarray, levels: int, margin: int = DEFAULT_MARGIN, trace: bool = False) -> list[dict]:
     """Refinement run against a known finest map `truth` (class codes, shape ((ny-1)*2^levels+1, ...)): level 0
     is truth's every 2^levels-th cell, and each target's class is read from truth. Returns per level the cells
-    trained there (with `trace`, the targets and every round's), inferred, and the finest codes with a mask of the
-    inferred cells (to compare with truth).
+    trained there (with `trace`, the targets and every round's; `rounds`: the cells each trains, the targets first),
+    inferred, and the finest codes with a mask of the inferred cells (to compare with truth).
     What refinement would train on a boundary of that shape: the cost projection and the honesty check."""
     truth = np.asarray(truth)
     step = 2 ** levels
@@ -155,13 +155,13 @@ def simulate(truth: np.ndarray, levels: int, margin: int = DEFAULT_MARGIN, trace
         grown = np.zeros(codes.shape, dtype=bool)
         grown[::2, ::2] = inferred
         inferred = grown | plan.inferred_new
-        trained, rounds = plan.targets.copy(), []
+        trained, rounds = plan.targets.copy(), [plan.targets]
         while trace:
             more = trace_targets(codes, ~inferred)
             if not more.any():
                 break
             codes, inferred, trained = np.where(more, at, codes), inferred & ~more, trained | more
-            rounds.append(int(more.sum()))
+            rounds.append(more)
         out.append({"level": level, "shape": codes.shape, "trained": int(trained.sum()),
                     "inferred": int(inferred.sum()), "targets": trained, "rounds": rounds, "codes": codes.copy(),
                     "inferred_mask": inferred.copy()})
