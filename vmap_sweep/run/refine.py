@@ -253,15 +253,7 @@ def refine_study(top: str | Path, backend: Backend, levels: int, *, margin: int 
                 sources = {k: rows_below[src] for k, src in work.from_coarse.items()}
                 origin = {k: _origin(rows_below[src], level - 1) for k, src in work.from_coarse.items()}
                 _copy(store, sources, origin, labeller)
-                rows = {(r["i"], r["j"]): r for r in store.rows(arrays=True, done_only=True)}
-                rep_sources = {k: rows[src] for k, src in work.copies.items() if src in rows}
-                missing = sorted(set(work.copies) - set(rep_sources))
-                if missing:
-                    raise StoreError(f"{folder}: cell {missing[0]} repeats a cell that is not stored; run the same "
-                                     "command again")
-                own_steps = cell_steps(work.config)
-                _copy(store, rep_sources, {k: f"repeat of {src}" for k, src in work.copies.items()}, labeller,
-                      {k: own_steps(work.grid.cell(*k)) for k in rep_sources})
+                _copy_repeats(store, work, work.copies, labeller)
             rounds: list[dict] = []
             if trace:
                 rounds = _trace(folder, work, backend, models_per_batch, share, progress, labeller, criterion, note)
@@ -287,7 +279,6 @@ def _trace(folder: Path, work: LevelWork, backend: Backend, models_per_batch: in
     with StudyStore.open(folder) as store:
         recorded = [[(int(i), int(j)) for i, j in r] for r in store.get_extra(TRACE_ROUNDS) or []]
     k = 8 if models_per_batch == "auto" else int(models_per_batch)
-    own_steps = cell_steps(work.config)
     out: list[dict] = []
     while True:
         if len(out) < len(recorded):
@@ -316,15 +307,23 @@ def _trace(folder: Path, work: LevelWork, backend: Backend, models_per_batch: in
                       labeller=labeller, criterion=criterion, share=share,
                       only=[work.grid.cell(*c) for c in train]).close()
         with _writable_level(folder, criterion) as store:
-            rows = {(r["i"], r["j"]): r for r in store.rows(arrays=True, done_only=True)}
-            missing = sorted(src for src in copies.values() if src not in rows)
-            if missing:
-                raise StoreError(f"{folder}: cell {missing[0]} is repeated but not stored; run the same command again")
-            _copy(store, {c: rows[src] for c, src in copies.items()},
-                  {c: f"repeat of {src}" for c, src in copies.items()}, labeller,
-                  {c: own_steps(work.grid.cell(*c)) for c in copies})
+            _copy_repeats(store, work, copies, labeller)
         out.append({"cells": len(cells), "trained": len(train), "repeats": len(copies),
                     "trunks": sum(len(b.stacked) for b in batches), "model_steps": sum(b.model_steps for b in batches)})
+
+
+def _copy_repeats(store: StudyStore, work: LevelWork, copies: Mapping[tuple[int, int], tuple[int, int]],
+                  labeller: Labeller | None) -> None:
+    """Store each cell of `copies` (a cell -> the stored cell whose experiment it repeats) as that cell's record
+    with its own planned step count."""
+    rows = {(r["i"], r["j"]): r for r in store.rows(arrays=True, done_only=True)}
+    missing = sorted(k for k, src in copies.items() if src not in rows)
+    if missing:
+        raise StoreError(f"{store.directory}: cell {missing[0]} repeats a cell that is not stored; run the same "
+                         "command again")
+    own_steps = cell_steps(work.config)
+    _copy(store, {k: rows[src] for k, src in copies.items()}, {k: f"repeat of {src}" for k, src in copies.items()},
+          labeller, {k: own_steps(work.grid.cell(*k)) for k in copies})
 
 
 def _level_codes(store: StudyStore, work: LevelWork) -> tuple[np.ndarray, np.ndarray]:
