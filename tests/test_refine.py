@@ -16,8 +16,9 @@ from vmap_sweep.analysis.refined import refined_fractal_report, refined_map
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.run.refine import REFINE, level_dir, refine_study, study_map
 from vmap_sweep.store.db import RESULT_COLUMNS, StudyStore
-from vmap_sweep.study.config import preset
+from vmap_sweep.study.config import StudyConfig, preset
 from vmap_sweep.study.criterion import label as label_record
+from vmap_sweep.study.plan import build_grid
 from vmap_sweep.study.refine import (
     UNKNOWN,
     level_points,
@@ -286,3 +287,30 @@ def test_a_traced_refinement_refuses_to_go_on_without_tracing(traced):
     root, _ = traced
     with pytest.raises(ConfigError, match="with --trace"):
         refine_study(root / "coarse0", local_backend(CFG), 3, margin=0, labeller=label_record)
+
+
+def test_a_dry_run_under_another_rule_is_refused_as_the_run_is(traced):
+    from vmap_sweep.run.refine import plan_refinement
+
+    root, _ = traced
+    with pytest.raises(ConfigError, match="with --margin 0"):
+        plan_refinement(root / "coarse0", 3, lambda b: dict.fromkeys(b, 0), margin=1, trace=True)
+    with pytest.raises(ConfigError, match="with --trace"):
+        plan_refinement(root / "coarse0", 3, lambda b: dict.fromkeys(b, 0), margin=0)
+
+
+@pytest.mark.parametrize("value", [[[1]], "x", [[["a", 0]]], [[[999, 999]]], {"a": 1}])
+def test_damaged_tracing_rounds_are_refused_in_one_line(traced, tmp_path, value):
+    import shutil
+
+    from vmap_sweep.errors import StoreError
+    from vmap_sweep.run.refine import TRACE_ROUNDS, _recorded_rounds
+
+    root, _ = traced
+    folder = shutil.copytree(level_dir(root / "coarse0", 2), tmp_path / "level")
+    with StudyStore.open(folder) as store:
+        grid = build_grid(StudyConfig.from_dict(store.config))
+        assert _recorded_rounds(store, grid)  # the real rounds read back
+        store.put_extra(TRACE_ROUNDS, value)
+        with pytest.raises(StoreError, match="refine_rounds record is damaged"):
+            _recorded_rounds(store, grid)

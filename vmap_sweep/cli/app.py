@@ -532,7 +532,7 @@ def refine(
     k, share = resolved.models_per_batch, resolved.share
     if dry_run:
         plan, dim = refining.dry_run(study, levels, margin=margin, models_per_batch=8 if k == "auto" else k,
-                                     share=share)
+                                     share=share, trace=trace)
         for line in render.refine_lines(study, plan, dry_run=True, dimension=dim):
             _say(line)
         if trace:

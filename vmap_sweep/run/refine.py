@@ -206,6 +206,8 @@ def refine_study(top: str | Path, backend: Backend, levels: int, *, margin: int 
     levels = check_levels(levels)
     note = note or (lambda _: None)
     with Study.open(top) as study:
+        record = dict(study.store.get_extra(REFINE) or {})
+        _check_rule(top, record, margin, trace)  # before the lock: a refused command leaves the study as it was
         study.store.claim_writer()  # one refinement (or run, or zoom) of this study at a time
         if study.settings is not None:
             study.settings.check_trainable_here(study.store.path)
@@ -214,14 +216,6 @@ def refine_study(top: str | Path, backend: Backend, levels: int, *, margin: int 
         if extras.zoom_of(study.store) is not None or level_info(study.store) is not None:
             raise ConfigError(f"{top}: refine the top study of a folder, not a zoom child or a refinement level")
         cfg, criterion = study.config, study.criterion
-        record = dict(study.store.get_extra(REFINE) or {})
-        if record and int(record.get("margin", margin)) != margin:
-            raise ConfigError(f"{top} was refined with --margin {record['margin']}; refine it further with that "
-                              "margin, or copy the study folder (without its refine-* folders) to refine it anew")
-        if record and bool(record.get("trace", False)) != trace:
-            was = "with --trace" if record.get("trace") else "without --trace"
-            raise ConfigError(f"{top} was refined {was}; refine it further the same way, or copy the study folder "
-                              "(without its refine-* folders) to refine it anew")
         done_levels = {int(e["level"]): e for e in record.get("levels", [])}
         coarse = study_map(study.store)
         trained = np.ones(coarse.labels.shape, dtype=bool)
@@ -269,6 +263,33 @@ def refine_study(top: str | Path, backend: Backend, levels: int, *, margin: int 
         return record.get("levels", [])
 
 
+def _check_rule(top: Path, record: dict, margin: int, trace: bool) -> None:
+    """A refined study goes on under the rule its levels were refined with (a level's targets follow from it)."""
+    again = "copy the study folder (without its refine-* folders) to refine it anew"
+    if record and int(record.get("margin", margin)) != margin:
+        raise ConfigError(f"{top} was refined with --margin {record['margin']}; refine it further with that "
+                          f"margin, or {again}")
+    if record and bool(record.get("trace", False)) != trace:
+        was = "with --trace" if record.get("trace") else "without --trace"
+        raise ConfigError(f"{top} was refined {was}; refine it further the same way, or {again}")
+
+
+def _recorded_rounds(store: StudyStore, grid: Grid) -> list[list[tuple[int, int]]]:
+    """A level's recorded tracing rounds, checked: lists of (i, j) cells of its grid."""
+    value = store.get_extra(TRACE_ROUNDS)
+    if value is None:
+        return []
+    try:
+        rounds = [[(int(i), int(j)) for i, j in cells] for cells in value]
+        bad = [c for r in rounds for c in r if not (0 <= c[0] < grid.nx and 0 <= c[1] < grid.ny)]
+    except (TypeError, ValueError):
+        bad = ["not lists of (i, j) cells"]
+    if not isinstance(value, list) or bad:
+        raise StoreError(f"{store.path}: its {TRACE_ROUNDS} record is damaged ({bad[0] if bad else 'not a list'}); "
+                         "remove this level's folder and run the same command again")
+    return rounds
+
+
 def _trace(folder: Path, work: LevelWork, backend: Backend, models_per_batch: int | str, share: bool,
            progress: Progress | None, labeller: Labeller | None, criterion: dict,
            note: Callable[[str], None]) -> list[dict]:
@@ -277,7 +298,7 @@ def _trace(folder: Path, work: LevelWork, backend: Backend, models_per_batch: in
     Each round's cells are recorded in the level's store before they train, so a resumed refinement replays the
     same rounds rather than rounds computed from a half-trained one. Returns each round's cost."""
     with StudyStore.open(folder) as store:
-        recorded = [[(int(i), int(j)) for i, j in r] for r in store.get_extra(TRACE_ROUNDS) or []]
+        recorded = _recorded_rounds(store, work.grid)
     k = 8 if models_per_batch == "auto" else int(models_per_batch)
     out: list[dict] = []
     while True:
@@ -400,7 +421,7 @@ def _cost(work: LevelWork, k: int, share: bool) -> dict:
 
 def plan_refinement(top: str | Path, levels: int, supervised: Callable[[list[int]], Mapping[int, int]], *,
                     margin: int = DEFAULT_MARGIN, models_per_batch: int = 8, share: bool = True,
-                    growth: float = 2.0) -> list[dict]:
+                    growth: float = 2.0, trace: bool = False) -> list[dict]:
     """--dry-run: per level the cells, the cells to train, the trunks and model-steps, nothing trained. A level whose
     coarser level is finished (level 0, or a refined one) is planned exactly; the levels after the first unfinished
     one depend on classes not yet known, and are projected: targets x `growth` per level (2^D for a boundary of
@@ -411,6 +432,7 @@ def plan_refinement(top: str | Path, levels: int, supervised: Callable[[list[int
     with Study.open(top) as study:
         cfg = study.config
         record = dict(study.store.get_extra(REFINE) or {})
+        _check_rule(top, record, margin, trace)
         finished = {int(e["level"]) for e in record.get("levels", [])}
         coarse = study_map(study.store)
     trained = ~coarse.inferred
@@ -440,7 +462,7 @@ def plan_refinement(top: str | Path, levels: int, supervised: Callable[[list[int
 
 
 def dry_run(top: str | Path, levels: int, *, margin: int = DEFAULT_MARGIN, models_per_batch: int = 8,
-            share: bool = True) -> tuple[list[dict], float]:
+            share: bool = True, trace: bool = False) -> tuple[list[dict], float]:
     """--dry-run: plan_refinement with the study's data loaded as a refinement loads it (no weights), and later
     levels projected by the boundary's dimension D (2^D cells per level; 1 where it can't be measured). Returns
     the plan and D."""
@@ -457,5 +479,5 @@ def dry_run(top: str | Path, levels: int, *, margin: int = DEFAULT_MARGIN, model
     except VmapSweepError:
         dim = 1.0
     plan = plan_refinement(top, levels, lambda b: _supervised(stream, b), margin=margin,
-                           models_per_batch=models_per_batch, share=share, growth=2.0 ** dim)
+                           models_per_batch=models_per_batch, share=share, growth=2.0 ** dim, trace=trace)
     return plan, dim
