@@ -13,6 +13,7 @@ trunks run through `vmap-sweep run`, beside two rivals timed in the same lease:
     PYTHONPATH=. python benchmarks/shared_trajectories.py --part rivals --out rivals.json
     PYTHONPATH=. python benchmarks/shared_trajectories.py --part check --out check.json
     PYTHONPATH=. python benchmarks/shared_trajectories.py --part cli --models-per-batch 4 --out cli.json
+    PYTHONPATH=. python benchmarks/shared_trajectories.py --part readouts --models-per-batch 3 --out readouts.json
     PYTHONPATH=. python benchmarks/shared_trajectories.py --device cpu --depth 1 --vocab 512 --sizes 8 \
         --models-per-batch 2 --part all   # a smoke test of this script
 
@@ -84,7 +85,7 @@ class PartTimer:
                 if name in vars(cls):
                     self._label(cls, name, part)
         self._time(StackedTrainer, "_forward_backward", None)
-        self._time(StackedTrainer, "_optimizer_step", "updates (trunks and partial steps)")
+        self._time(StackedTrainer, "_optimizer_step", "updates ({})")
         self._time(TrunkTrainer, "_load_branch", "branch copies")
 
     def _label(self, cls, name: str, part: str) -> None:
@@ -116,7 +117,8 @@ class PartTimer:
                 with_grad = args[3] if len(args) > 3 else kwargs["with_grad"]
                 tokens = (inputs.shape[0] if rows is None else rows) * inputs.shape[1] * weights.shape[0]
                 flops = tokens * self.flops_per_token * (1.0 if with_grad else 1 / 3)
-            label = part or (self.within[-1] if self.within else "other passes")
+            context = self.within[-1] if self.within else "other passes"
+            label = context if part is None else part.format(context)
             self.events.append((label, start, end, flops))
             return result
 
@@ -192,6 +194,51 @@ def part_cli(args, device, result) -> None:
                          "study_hours": (float(per_batch.sum()) + compile_extra) / 3600, "plan": sharing_summary(plan)}
     result["cli"] = out
     print(json.dumps(out["projection"]), flush=True)
+
+
+def part_readouts(args, device, result) -> None:
+    """What a read-out costs with and without its eval pass: the highest K learning rates of the grid (one batch of
+    K trunks, read out at all the grid's budgets) run through `vmap-sweep run` three times in one process, with
+    --eval-tokens 0 (compiling), with the study's eval tokens, and with --eval-tokens 0 again. The per-read-out
+    difference is the eval pass that a refinement's level (which takes none by default) does not pay."""
+    work = Path(tempfile.mkdtemp(prefix="readouts-"))
+    timer = PartTimer(1.0) if device.type == "cuda" else None
+    if timer:
+        timer.install()
+    model = GPT(GPTConfig.from_depth(args.depth, vocab_size=args.vocab, sequence_len=1024)).init_weights(0)
+    model_dir = save_model(work / f"d{args.depth}", model, ByteTokenizer())
+    cfg = study_config(args)
+    k, lrs = args.models_per_batch, _grid_lrs(cfg)
+    x = f"lr:{lrs[-k]!r}:{lrs[-1]!r}:log"
+    runs = []
+    for n, eval_tokens in enumerate((0, cfg.eval_tokens, 0)):
+        folder = work / f"run{n}"
+        cmd = ["run", "--model", str(model_dir), "--data", "synthetic", "--schedule", "constant", "--x", x,
+               "--resolution", f"{k}x{args.sizes}", "--models-per-batch", str(k), "--device", device.type,
+               "--eval-tokens", str(eval_tokens), "--out", str(folder), "--quiet", *args.cli_options]
+        start = time.perf_counter()
+        app(cmd, standalone_mode=False)
+        wall = time.perf_counter() - start
+        with StudyStore.open(folder) as store:
+            rows = [r for r in store.rows() if r["status"] == "done"]
+        plan = sharing_summary(plan_study(cfg.with_overrides(x=x, resolution=f"{k}x{args.sizes}"),
+                                          build_grid(cfg.with_overrides(x=x, resolution=f"{k}x{args.sizes}")).cells(),
+                                          k))
+        parts = {name: p["seconds"] for name, p in timer.collect().items()} if timer else {}
+        trunk = parts.get("trunk steps", 0.0) + parts.get("updates (trunk steps)", 0.0)
+        runs.append({"parts": parts, "trunk_seconds": trunk,
+                     "readout_seconds": (sum(r["wall_time"] for r in rows) - trunk) / len(rows) if timer else None,
+                     "command": "vmap-sweep " + " ".join(cmd), "eval_tokens": eval_tokens, "cells": len(rows),
+                     "batch_seconds": sum(r["wall_time"] for r in rows), "cli_seconds": wall, "plan": plan,
+                     "with_eval_loss": sum(r["eval_loss"] is not None and r["eval_loss"] == r["eval_loss"]
+                                               for r in rows)})
+        print(json.dumps(runs[-1]), flush=True)
+    with_eval, without = runs[1]["batch_seconds"], runs[2]["batch_seconds"]
+    cells = runs[1]["cells"]
+    result["readouts"] = {"models_per_batch": k, "runs": runs,
+                          "eval_seconds_per_cell": (with_eval - without) / cells,
+                          "batch_ratio_without_eval": without / with_eval}
+    print(json.dumps({n: v for n, v in result["readouts"].items() if n != "runs"}), flush=True)
 
 
 def part_memory(args, device, result) -> None:
@@ -314,7 +361,7 @@ def part_check(args, device, result) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["memory", "cli", "rivals", "check", "all"], default="all")
+    ap.add_argument("--part", choices=["memory", "cli", "rivals", "check", "readouts", "all"], default="all")
     ap.add_argument("--memory-limit", type=int, default=16, help="the largest K the memory part tries")
     ap.add_argument("--models-per-batch", type=int, default=4)
     ap.add_argument("--depth", type=int, default=20)
@@ -328,7 +375,8 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
     result = {"env": {"torch": torch.__version__, "device": name, "python": platform.python_version()},
               "models_per_batch": args.models_per_batch, "depth": args.depth}
-    for part, fn in (("memory", part_memory), ("check", part_check), ("rivals", part_rivals), ("cli", part_cli)):
+    for part, fn in (("memory", part_memory), ("check", part_check), ("rivals", part_rivals), ("cli", part_cli),
+                     ("readouts", part_readouts)):
         if args.part in (part, "all"):
             fn(args, device, result)
             Path(args.out).write_text(json.dumps(result, indent=2))

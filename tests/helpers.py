@@ -445,8 +445,8 @@ def _stops_after_one_batch():
     class StopsAfterOneBatch(LocalBackend):
         """A run that dies after its first batch is stored (as a killed process would)."""
 
-        def run(self, jobs, started):
-            for n, item in enumerate(super().run(jobs, started)):
+        def run(self, jobs, started, evaluate=True):
+            for n, item in enumerate(super().run(jobs, started, evaluate)):
                 if n == 1:
                     raise KeyboardInterrupt
                 yield item

@@ -391,6 +391,25 @@ def test_plot_writes_every_picture_in_every_format(base, tmp_path):
     assert snapshot(base[0]) == before
 
 
+def test_a_study_without_eval_pass_trains_the_same_cells_and_draws_no_eval_map(base, tmp_path):
+    """--eval-tokens 0: every record is the evaluated study's, bit for bit, without an eval loss; classes never read
+    it, so the labels are the same too."""
+    out = tmp_path / "no-eval"
+    ok(*[a if a != "512" else "0" for a in TINY], "--quiet", "--out", out)
+    with StudyStore.open(base[0]) as a, StudyStore.open(out) as b:
+        evaluated, plain = a.rows(arrays=True), b.rows(arrays=True)
+        assert b.config["eval_tokens"] == 0
+    assert len(plain) == len(evaluated) == 16
+    for x, y in zip(evaluated, plain, strict=True):
+        assert x["eval_loss"] == x["eval_loss"] and y["eval_loss"] != y["eval_loss"]
+        assert x["label"] == y["label"]
+        for f in (*RESULT_FIELDS, *ARRAY_FIELDS):
+            if f != "eval_loss":
+                assert np.array_equal(bits(x[f]), bits(y[f])), (x["i"], x["j"], f)
+    printed = ok("plot", out, "--out", tmp_path / "pics").stdout.split()
+    assert sorted(printed) == sorted(str(tmp_path / "pics" / f"{n}.png") for n in PLOTS if n != "eval_loss")
+
+
 def test_refused_output_paths_and_options_leave_the_study_as_it_was(base, tmp_path):
     before = snapshot(base[0])
     one_line_error(cli("export", base[0], "-o", base[0] / "study.db"), "may not replace a study's own file")

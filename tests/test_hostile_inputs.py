@@ -455,7 +455,7 @@ OPTION_CASES = [
     ("seed-past-64-bits", ["--seed", "99999999999999999999"], ["--seed 99999999999999999999", "2**63 - 1"]),
     ("seed-negative", ["--seed", "-1"], ["--seed -1", "[0, 2**63 - 1]"]),
     ("eval-tokens-1e12", ["--eval-tokens", "1000000000000"], ["--eval-tokens 1,000,000,000,000", "at most"]),
-    ("eval-tokens-zero", ["--eval-tokens", "0"], ["--eval-tokens must be at least 1"]),
+    ("eval-tokens-negative", ["--eval-tokens", "-1"], ["--eval-tokens must be 0 (no eval pass) or more"]),
 ]
 
 

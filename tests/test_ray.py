@@ -96,8 +96,8 @@ class DiesOnce(Worker):
         super().__init__(cfg, device, settings)
         self.flag = flag
 
-    def train(self, lanes: list[list[dict]]) -> list[CellRecord]:
-        records = super().train(lanes)
+    def train(self, lanes: list[list[dict]], evaluate: bool = True) -> list[CellRecord]:
+        records = super().train(lanes, evaluate)
         try:
             fd = os.open(self.flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # exactly one worker wins
         except FileExistsError:

@@ -103,17 +103,38 @@ def _results(folder):
         return {(r["i"], r["j"]): r for r in store.rows(arrays=True) if r["status"] == "done"}
 
 
-def test_refined_cells_are_bitwise_the_full_grid_s(studies):
-    root, _, _ = studies
-    refined, full = _results(level_dir(root / "coarse", 2)), _results(root / "full")
-    assert len(refined) < len(full) == 17 * 17
-    for key, row in refined.items():
+def _same_records(stored: dict, full: dict, evaluated: bool) -> None:
+    """Every stored cell bitwise the full grid's; its eval loss too where it has one (`evaluated`: every cell)."""
+    for key, row in stored.items():
         for col in (*RESULT_COLUMNS, "label", "score"):
             a, b = row[col], full[key][col]
             if isinstance(a, np.ndarray):
                 assert a.tobytes() == b.tobytes(), (key, col)
+            elif col == "eval_loss" and not evaluated and a != a:
+                continue
             else:
                 assert a == b or (a != a and b != b), (key, col, a, b)
+
+
+def test_refined_cells_are_bitwise_the_full_grid_s(studies):
+    root, _, _ = studies
+    refined, full = _results(level_dir(root / "coarse", 2)), _results(root / "full")
+    assert len(refined) < len(full) == 17 * 17
+    _same_records(refined, full, evaluated=False)
+
+
+def test_a_level_takes_no_eval_pass_unless_asked(studies):
+    """Classes never read the eval loss: a level's own cells have none; the cells copied from the 5 x 5 study keep
+    theirs (and the traced refinement below, with evaluate=True, checks every eval loss bitwise)."""
+    root, _, _ = studies
+    refined = _results(level_dir(root / "coarse", 2))
+    coarse = {k: r for k, r in refined.items() if k[0] % 4 == 0 and k[1] % 4 == 0}
+    assert coarse and all(r["eval_loss"] == r["eval_loss"] for r in coarse.values())
+    assert any(r["eval_loss"] != r["eval_loss"] for r in refined.values())
+    with StudyStore.open(level_dir(root / "coarse", 2)) as store:
+        assert store.config["eval_tokens"] == 0
+    with pytest.raises(ConfigError, match="without --eval"):
+        refine_study(root / "coarse", local_backend(CFG), 3, labeller=label_record, evaluate=True)
 
 
 def test_no_level_skips_a_mixed_neighbourhood(studies):
@@ -258,10 +279,11 @@ def traced(studies):
 
     with pytest.MonkeyPatch.context() as mp, pytest.raises(KeyboardInterrupt):
         mp.setattr(refining, "run_study", dies_after_the_first_round)
-        refine_study(root / "coarse0", backend, 2, margin=0, models_per_batch=2, labeller=label_record, trace=True)
+        refine_study(root / "coarse0", backend, 2, margin=0, models_per_batch=2, labeller=label_record, trace=True,
+                     evaluate=True)
     assert len(calls) == 2
     levels = refine_study(root / "coarse0", backend, 2, margin=0, models_per_batch=2, labeller=label_record,
-                          trace=True)
+                          trace=True, evaluate=True)
     return root, levels
 
 
@@ -276,9 +298,7 @@ def test_a_traced_refinement_is_the_rule_applied_to_the_full_grid_and_resumes_af
     assert np.array_equal(np.array(names)[sim["codes"]], refined.map.labels)
     # every cell the rule trains is stored (the engine also stores the cells whose experiment a target repeats)
     assert not (refined.map.inferred & ~sim["inferred_mask"]).any()
-    stored, full = _results(level_dir(root / "coarse0", 2)), _results(root / "full")
-    for key, row in stored.items():
-        assert row["trajectory"].tobytes() == full[key]["trajectory"].tobytes() and row["label"] == full[key]["label"]
+    _same_records(_results(level_dir(root / "coarse0", 2)), _results(root / "full"), evaluated=True)
     codes = np.vectorize(names.index)(refined.map.labels)
     assert not trace_targets(codes, ~refined.map.inferred).any()  # no inferred cell next to a mixed block
 
@@ -286,7 +306,7 @@ def test_a_traced_refinement_is_the_rule_applied_to_the_full_grid_and_resumes_af
 def test_a_traced_refinement_refuses_to_go_on_without_tracing(traced):
     root, _ = traced
     with pytest.raises(ConfigError, match="with --trace"):
-        refine_study(root / "coarse0", local_backend(CFG), 3, margin=0, labeller=label_record)
+        refine_study(root / "coarse0", local_backend(CFG), 3, margin=0, labeller=label_record, evaluate=True)
 
 
 def test_a_dry_run_under_another_rule_is_refused_as_the_run_is(traced):
@@ -294,9 +314,11 @@ def test_a_dry_run_under_another_rule_is_refused_as_the_run_is(traced):
 
     root, _ = traced
     with pytest.raises(ConfigError, match="with --margin 0"):
-        plan_refinement(root / "coarse0", 3, lambda b: dict.fromkeys(b, 0), margin=1, trace=True)
+        plan_refinement(root / "coarse0", 3, lambda b: dict.fromkeys(b, 0), margin=1, trace=True, evaluate=True)
     with pytest.raises(ConfigError, match="with --trace"):
-        plan_refinement(root / "coarse0", 3, lambda b: dict.fromkeys(b, 0), margin=0)
+        plan_refinement(root / "coarse0", 3, lambda b: dict.fromkeys(b, 0), margin=0, evaluate=True)
+    with pytest.raises(ConfigError, match="with --eval"):
+        plan_refinement(root / "coarse0", 3, lambda b: dict.fromkeys(b, 0), margin=0, trace=True)
 
 
 @pytest.mark.parametrize("value", [[[1]], "x", [[["a", 0]]], [[[999, 999]]], {"a": 1}])

@@ -64,7 +64,7 @@ class FormulaBackend:
     def models_per_batch(self, limit: int) -> int:
         return limit
 
-    def run(self, jobs, started):
+    def run(self, jobs, started, evaluate=True):
         for n, job in enumerate(jobs):
             if self.crash_after is not None and n >= self.crash_after:
                 raise RuntimeError("killed")  # like a SIGKILL between batches
@@ -364,9 +364,9 @@ def model_cache(tmp_path_factory):
 class Counting(LocalBackend):
     cells = 0
 
-    def run(self, jobs, started):
+    def run(self, jobs, started, evaluate=True):
         Counting.cells += sum(len(cells) for _, cells in jobs)
-        return super().run(jobs, started)
+        return super().run(jobs, started, evaluate)
 
 
 def test_zoom_end_to_end_on_the_tiny_model(model_cache, tmp_path):

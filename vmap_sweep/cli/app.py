@@ -145,7 +145,8 @@ def run(
              "author's fine-tuning) or conversations.")] = None,
     micro_batch_size: Annotated[int | None, typer.Option(help="Rows per forward/backward.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the data order.")] = None,
-    eval_tokens: Annotated[int | None, typer.Option(help="Held-out tokens for the eval loss.")] = None,
+    eval_tokens: Annotated[int | None, typer.Option(
+        help="Held-out tokens for each cell's eval loss; 0 takes none (no criterion reads it).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Fix a hyperparameter: KEY=VALUE.")] = None,
     trainable: Annotated[str | None, typer.Option(help="Groups to train, e.g. attn,mlp,unembedding.")] = None,
     optimizer_state: Annotated[str | None, typer.Option(help="float32, or bfloat16 (half the memory).")] = None,
@@ -506,6 +507,9 @@ def refine(
     trace: Annotated[bool, typer.Option(help="After each level's targets, train in rounds the inferred cells next to "
                                              "a 2x2 block of both classes, until none is left (with --margin 0: "
                                              "about half the cells of --margin 1).")] = False,
+    eval_: Annotated[bool, typer.Option("--eval", help="Take each trained cell's eval loss too: an eval pass per "
+                                                       "cell, which no criterion reads (default: classes only).")]
+    = False,
     models_per_batch: Annotated[str | None, typer.Option(
         help="Models trained at once, or 'auto' (default: the study's).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default: the study's).")] = None,
@@ -532,7 +536,7 @@ def refine(
     k, share = resolved.models_per_batch, resolved.share
     if dry_run:
         plan, dim = refining.dry_run(study, levels, margin=margin, models_per_batch=8 if k == "auto" else k,
-                                     share=share, trace=trace)
+                                     share=share, trace=trace, evaluate=eval_)
         for line in render.refine_lines(study, plan, dry_run=True, dimension=dim):
             _say(line)
         if trace:
@@ -544,7 +548,7 @@ def refine(
     with _open_backend(resolved.config, settings) as backend:
         done = refining.refine_study(study, backend, levels, margin=margin, models_per_batch=k, progress=progress,
                                      labeller=label_record, share=share, note=progress.note,
-                                     trace=trace)
+                                     trace=trace, evaluate=eval_)
     for line in render.refine_lines(study, done):
         _say(line)
 

@@ -409,9 +409,12 @@ def plot_figures(
     trajectories: dict[tuple[int, int], np.ndarray] | None = None,
     rows: Sequence[int] = (),
 ) -> dict:
-    """The pictures of `save_plots` as matplotlib figures, by file stem (the caller closes them)."""
+    """The pictures of `save_plots` as matplotlib figures, by file stem (the caller closes them); no eval-loss map
+    for a study that took no eval loss (--eval-tokens 0)."""
     figures = {"score": score_figure(view), "stability": stability_figure(view),
-               "final_loss": final_loss_figure(view), "eval_loss": eval_loss_figure(view)}
+               "final_loss": final_loss_figure(view)}
+    if np.isfinite(view.eval_loss).any():
+        figures["eval_loss"] = eval_loss_figure(view)
     if trajectories is not None and rows:
         figures["trajectories"] = plot_trajectories(view, trajectories, rows)
     return figures

@@ -234,9 +234,10 @@ def _maps_section(doc: _Doc, store: StudyStore, study: StudyView, tmp: Path) -> 
                f"Final loss ÷ the base model's loss on the same batch, for each fine-tune over {axes} (its last "
                "batch, after its last update; < 1: better than the base model on those tokens); black line: the "
                "convergence boundary.")
-    doc.figure("eval_loss", paths["eval_loss"],
-               f"Held-out eval loss after fine-tuning ({cfg.get('eval_tokens')} tokens) over {axes}; "
-               "black line: the convergence boundary.")
+    if "eval_loss" in paths:
+        doc.figure("eval_loss", paths["eval_loss"],
+                   f"Held-out eval loss after fine-tuning ({cfg.get('eval_tokens')} tokens) over {axes}; "
+                   "black line: the convergence boundary.")
     if "trajectories" in paths:
         which = ", ".join(format_count(view.ys[j]) for j in rows)
         doc.figure("trajectories", paths["trajectories"],

@@ -62,7 +62,9 @@ class Backend(Protocol):
 
     def models_per_batch(self, limit: int) -> int: ...
 
-    def run(self, jobs: list[Job], started: Callable[[Job], None]) -> Iterator[tuple[Job, list[CellRecord]]]: ...
+    def run(self, jobs: list[Job], started: Callable[[Job], None],
+            evaluate: bool = True) -> Iterator[tuple[Job, list[CellRecord]]]:
+        """(job, records) as each batch finishes; evaluate: take each cell's eval loss."""
 
     def close(self) -> None: ...
 
@@ -96,7 +98,8 @@ def run_study(cfg: StudyConfig, out: str | Path, backend: Backend, *, models_per
         _record_start(study, backend.settings, digest, criterion, budgets=checked.budgets, origin=origin,
                       models_per_batch=models_per_batch, share=share)
         k = backend.models_per_batch(grid.nx * grid.ny) if models_per_batch == "auto" else int(models_per_batch)
-        _train_and_store(study.store, backend, checked.batches(cfg, k, share), progress, labeller, checked.shard_name)
+        _train_and_store(study.store, backend, checked.batches(cfg, k, share), progress, labeller, checked.shard_name,
+                         evaluate=cfg.eval_tokens > 0)
         return study.store
     except BaseException as e:
         # A study this run created and an error (bad data, model) stopped before any result: remove it, so
@@ -230,7 +233,7 @@ def _record_start(study: Study, settings: RunSettings, digest: str | None, crite
 
 
 def _train_and_store(store: StudyStore, backend: Backend, batches: list[Batch], progress: Progress,
-                     labeller: Labeller | None, shard_name: str | None) -> None:
+                     labeller: Labeller | None, shard_name: str | None, evaluate: bool) -> None:
     pending = {c.key for c in store.pending()}
     jobs = [(b, [c for c in b.cells if c.key in pending]) for b in batches]
     jobs = [(b, cells) for b, cells in jobs if cells]
@@ -248,7 +251,7 @@ def _train_and_store(store: StudyStore, backend: Backend, batches: list[Batch], 
         progress.batch_started(job[0], len(job[1]))
         live.batch_started(job[0])
 
-    for (batch, cells), records in backend.run(jobs, started):
+    for (batch, cells), records in backend.run(jobs, started, evaluate):
         labels = store.record_batch(zip(cells, records, strict=True), batch_index=batch.index, shard=shard_name,
                                     labeller=labeller)
         live.batch_done(batch, len(labels))

@@ -84,9 +84,9 @@ class RayWorker:
             what = "CPU"
         return f"{socket.gethostname()} {what} pid {os.getpid()}"  # the pid tells apart workers sharing a GPU
 
-    def train(self, lanes: list[list[dict]]) -> list[CellRecord]:
+    def train(self, lanes: list[list[dict]], evaluate: bool = True) -> list[CellRecord]:
         assert self.worker is not None, "load() first"
-        return self.worker.train(lanes)
+        return self.worker.train(lanes, evaluate)
 
     def models_per_batch(self, limit: int) -> int:
         assert self.worker is not None, "load() first"
@@ -243,7 +243,8 @@ class RayBackend:
         raise WorkersLostError(f"reading the data lost its Ray worker {self.max_attempts} times; "
                                "see the Ray logs (/tmp/ray/session_latest/logs)")
 
-    def run(self, jobs: list[Job], started: Callable[[Job], None]) -> Iterator[tuple[Job, list[CellRecord]]]:
+    def run(self, jobs: list[Job], started: Callable[[Job], None],
+            evaluate: bool = True) -> Iterator[tuple[Job, list[CellRecord]]]:
         """Yields (job, records) in completion order; every job exactly once, whatever workers die."""
         # Longest batches first, so that the last batches to finish are short ones and no GPU waits long.
         queue = deque(sorted(jobs, key=lambda j: -j[0].steps * len(j[1])))
@@ -257,7 +258,7 @@ class RayBackend:
         def dispatch() -> None:
             while queue and idle:
                 slot, job = idle.pop(0), queue.popleft()
-                ref = slot.actor.train.remote(job_lanes(job))
+                ref = slot.actor.train.remote(job_lanes(job), evaluate)
                 running[ref] = (slot, job)
                 self.assigned[job[0].index] = slot.name
                 started(job)

@@ -1,13 +1,14 @@
 """Refine a finished study's boundary: nested grids, each halving both spacings, trained only where it can matter.
 
 Level L of the study in DIR is a study of its own in DIR/refine-L (its config: the study's, at the finer
-resolution). Its store holds, done: the cells of level L-1 that were trained (copied, bit for bit: a nested grid's
-cell has the same hyperparameters at every level), the new cells whose coarse neighbourhood holds more than one class
-(trained here, study/refine.py says which), and the new cells that repeat one of those's experiment (the same
-supervised tokens: copied from it, bitwise what training them would give). Every other cell stays pending in that
-store and takes the class of its uniform neighbourhood: the level's `refine_level` extra holds those inferred
-classes, which are never stored as trained. The study in DIR records each finished level and what it cost
-(`refine` extra).
+resolution, and without eval pass unless the refinement asks for one: a level exists to find its cells' classes,
+which no criterion reads off the eval loss). Its store holds, done: the cells of level L-1 that were trained
+(copied, bit for bit: a nested grid's cell has the same hyperparameters at every level), the new cells whose
+coarse neighbourhood holds more than one class (trained here, study/refine.py says which), and the new cells that
+repeat one of those's experiment (the same supervised tokens: copied from it, bitwise what training them would
+give). Every other cell stays pending in that store and takes the class of its uniform neighbourhood: the
+level's `refine_level` extra holds those inferred classes, which are never stored as trained. The study in DIR
+records each finished level and what it cost (`refine` extra).
 
 Pricing is the engine's: the trained cells are planned as any run's (study/plan.py), so a new learning rate is a
 trunk trained as far as its largest needed budget, new budgets of a learning rate are read out of its trunk, and
@@ -60,10 +61,12 @@ TRACE_ROUNDS = "refine_rounds"  # a level's tracing rounds: each one's cells, re
 _COPY_CHUNK = 2048  # cells per copying transaction
 
 
-def level_config(cfg: StudyConfig, level: int) -> StudyConfig:
+def level_config(cfg: StudyConfig, level: int, evaluate: bool = False) -> StudyConfig:
+    """Level `level`'s study: `cfg` at the level's resolution; evaluate False: no eval pass (--eval-tokens 0)."""
     nx, ny = parse_resolution(cfg.resolution)
     fx, fy = level_points(nx, level), level_points(ny, level)
-    return cfg.with_overrides(resolution=str(fx) if fx == fy else f"{fx}x{fy}")
+    return cfg.with_overrides(resolution=str(fx) if fx == fy else f"{fx}x{fy}",
+                              eval_tokens=cfg.eval_tokens if evaluate else 0)
 
 
 # ------------------------------------------------------------------------------------------------ one level
@@ -83,12 +86,14 @@ class LevelWork:
 
 
 def level_work(cfg: StudyConfig, level: int, coarse: LevelMap, coarse_trained: np.ndarray,
-               supervised: Callable[[list[int]], Mapping[int, int]], margin: int) -> LevelWork:
+               supervised: Callable[[list[int]], Mapping[int, int]], margin: int,
+               evaluate: bool = False) -> LevelWork:
     """The cells level `level` trains, infers and copies, given level-1's map (`coarse`) and which of its cells were
-    trained (`coarse_trained`, bool). supervised(budgets) -> supervised tokens of each budget."""
+    trained (`coarse_trained`, bool). supervised(budgets) -> supervised tokens of each budget; evaluate: the
+    level's cells take an eval loss."""
     names = sorted(set(coarse.labels.reshape(-1).tolist()))
     plan = plan_level(label_codes(coarse.labels, names), margin)
-    fine_cfg = level_config(cfg, level)
+    fine_cfg = level_config(cfg, level, evaluate)
     grid = build_grid(fine_cfg)
     if (grid.ny, grid.nx) != plan.codes.shape:
         raise ConfigError(f"refine: level {level} has {grid.nx}x{grid.ny} cells, its plan {plan.codes.shape}")
@@ -198,16 +203,18 @@ def _origin(row: dict, level: int) -> str:
 
 def refine_study(top: str | Path, backend: Backend, levels: int, *, margin: int = DEFAULT_MARGIN,
                  models_per_batch: int | str = 8, progress: Progress | None = None, labeller: Labeller | None = None,
-                 share: bool = True, note: Callable[[str], None] | None = None, trace: bool = False) -> list[dict]:
+                 share: bool = True, note: Callable[[str], None] | None = None, trace: bool = False,
+                 evaluate: bool = False) -> list[dict]:
     """Refine the finished study in `top` to `levels` levels (resuming any begun); returns each level's cost.
     trace: after each level's targets, train in rounds the inferred cells next to a mixed 2 x 2 block of the finer
-    map (study/refine.py)."""
+    map (study/refine.py). evaluate: take each trained cell's eval loss too (an eval pass per cell)."""
     top = Path(top)
     levels = check_levels(levels)
     note = note or (lambda _: None)
     with Study.open(top) as study:
         record = dict(study.store.get_extra(REFINE) or {})
-        _check_rule(top, record, margin, trace)  # before the lock: a refused command leaves the study as it was
+        # before the lock: a refused command leaves the study as it was
+        _check_rule(top, record, margin, trace, evaluate)
         study.store.claim_writer()  # one refinement (or run, or zoom) of this study at a time
         if study.settings is not None:
             study.settings.check_trainable_here(study.store.path)
@@ -231,7 +238,7 @@ def refine_study(top: str | Path, backend: Backend, levels: int, *, margin: int 
                     rows_below = {(r["i"], r["j"]): r for r in lv.store.rows(arrays=True, done_only=True)}
                     trained = ~coarse.inferred
                 continue
-            work = level_work(cfg, level, coarse, trained, lambda b: _supervised(backend, b), margin)
+            work = level_work(cfg, level, coarse, trained, lambda b: _supervised(backend, b), margin, evaluate)
             batches = plan_study(work.config, work.train, 8 if models_per_batch == "auto" else int(models_per_batch),
                                  share) if work.train else []
             note(f"level {level}: {work.grid.nx}x{work.grid.ny}, {int(work.plan.targets.sum()):,} new cells on the "
@@ -258,19 +265,24 @@ def refine_study(top: str | Path, backend: Backend, levels: int, *, margin: int 
                 rows_below = {(r["i"], r["j"]): r for r in store.rows(arrays=True, done_only=True)}
                 trained = ~coarse.inferred
             done_levels[level] = entry
-            record = {"margin": margin, "trace": trace, "levels": [done_levels[k] for k in sorted(done_levels)]}
+            record = {"margin": margin, "trace": trace, "eval": evaluate,
+                      "levels": [done_levels[k] for k in sorted(done_levels)]}
             study.store.put_extra(REFINE, record)
         return record.get("levels", [])
 
 
-def _check_rule(top: Path, record: dict, margin: int, trace: bool) -> None:
-    """A refined study goes on under the rule its levels were refined with (a level's targets follow from it)."""
+def _check_rule(top: Path, record: dict, margin: int, trace: bool, evaluate: bool) -> None:
+    """A refined study goes on under the rule its levels were refined with (a level's targets follow from it), and
+    with or without eval passes as they were (a begun level's config says which)."""
     again = "copy the study folder (without its refine-* folders) to refine it anew"
     if record and int(record.get("margin", margin)) != margin:
         raise ConfigError(f"{top} was refined with --margin {record['margin']}; refine it further with that "
                           f"margin, or {again}")
     if record and bool(record.get("trace", False)) != trace:
         was = "with --trace" if record.get("trace") else "without --trace"
+        raise ConfigError(f"{top} was refined {was}; refine it further the same way, or {again}")
+    if record and bool(record.get("eval", True)) != evaluate:  # levels refined before "eval" was recorded had one
+        was = "with --eval" if record.get("eval", True) else "without --eval"
         raise ConfigError(f"{top} was refined {was}; refine it further the same way, or {again}")
 
 
@@ -421,7 +433,7 @@ def _cost(work: LevelWork, k: int, share: bool) -> dict:
 
 def plan_refinement(top: str | Path, levels: int, supervised: Callable[[list[int]], Mapping[int, int]], *,
                     margin: int = DEFAULT_MARGIN, models_per_batch: int = 8, share: bool = True,
-                    growth: float = 2.0, trace: bool = False) -> list[dict]:
+                    growth: float = 2.0, trace: bool = False, evaluate: bool = False) -> list[dict]:
     """--dry-run: per level the cells, the cells to train, the trunks and model-steps, nothing trained. A level whose
     coarser level is finished (level 0, or a refined one) is planned exactly; the levels after the first unfinished
     one depend on classes not yet known, and are projected: targets x `growth` per level (2^D for a boundary of
@@ -432,7 +444,7 @@ def plan_refinement(top: str | Path, levels: int, supervised: Callable[[list[int
     with Study.open(top) as study:
         cfg = study.config
         record = dict(study.store.get_extra(REFINE) or {})
-        _check_rule(top, record, margin, trace)
+        _check_rule(top, record, margin, trace, evaluate)
         finished = {int(e["level"]) for e in record.get("levels", [])}
         coarse = study_map(study.store)
     trained = ~coarse.inferred
@@ -456,13 +468,13 @@ def plan_refinement(top: str | Path, levels: int, supervised: Callable[[list[int
                         "inferred_new": nx * ny - prev["nx"] * prev["ny"] - targets, "trunks": trunks,
                         "model_steps": steps, "projected": True})
             continue
-        work = level_work(cfg, level, coarse, trained, supervised, margin)
+        work = level_work(cfg, level, coarse, trained, supervised, margin, evaluate)
         out.append(_cost(work, models_per_batch, share))
     return out
 
 
 def dry_run(top: str | Path, levels: int, *, margin: int = DEFAULT_MARGIN, models_per_batch: int = 8,
-            share: bool = True, trace: bool = False) -> tuple[list[dict], float]:
+            share: bool = True, trace: bool = False, evaluate: bool = False) -> tuple[list[dict], float]:
     """--dry-run: plan_refinement with the study's data loaded as a refinement loads it (no weights), and later
     levels projected by the boundary's dimension D (2^D cells per level; 1 where it can't be measured). Returns
     the plan and D."""
@@ -479,5 +491,6 @@ def dry_run(top: str | Path, levels: int, *, margin: int = DEFAULT_MARGIN, model
     except VmapSweepError:
         dim = 1.0
     plan = plan_refinement(top, levels, lambda b: _supervised(stream, b), margin=margin,
-                           models_per_batch=models_per_batch, share=share, growth=2.0 ** dim, trace=trace)
+                           models_per_batch=models_per_batch, share=share, growth=2.0 ** dim, trace=trace,
+                           evaluate=evaluate)
     return plan, dim

@@ -102,6 +102,8 @@ def load_study_data(cfg: StudyConfig, device: torch.device) -> StudyData:
     model, tokenizer = loaded.model, loaded.tokenizer
     max_len = model.config.sequence_len
     stream = training_stream(cfg, model.config.sequence_len, tokenizer)
+    if cfg.eval_tokens == 0:  # no eval pass: the held-out split is not read
+        return StudyData(model, tokenizer, stream, [])
     held_out = EvalSet.build(load_conversations(cfg.data, "validation", cfg.data_revision), tokenizer, cfg.eval_tokens,
                              max_len=max_len, source=cfg.data, row_len=cfg.row_len)
     return StudyData(model, tokenizer, stream, held_out.batches(cfg.batch_size, cfg.seq_len))
@@ -156,13 +158,14 @@ class Worker:
         self.fits: dict[int, int] = {}
         self.base_cache: dict = {}  # the base model's per-token losses by step: every batch sees the same steps
 
-    def train(self, lanes: list[list[dict]]) -> list[CellRecord]:
+    def train(self, lanes: list[list[dict]], evaluate: bool = True) -> list[CellRecord]:
         """One record per cell of `lanes`, in order. A lane is a trunk, read out at each of its cells' budgets
-        (train/trunk.py). A batch that runs out of memory is split by lanes; no result changes."""
+        (train/trunk.py). A batch that runs out of memory is split by lanes; no result changes.
+        evaluate: take each cell's eval loss (False: a study of --eval-tokens 0, such as a refinement's level)."""
 
         def stacked(sub: list[list[dict]]) -> list[CellRecord]:
             trainer = TrunkTrainer(self.data.model, sub, self.train_cfg, self.device, self.base_cache)
-            return trainer.run(self.data.stream, self.data.eval_batches)
+            return trainer.run(self.data.stream, self.data.eval_batches if evaluate else None)
 
         rows = with_batch_size_of([lane[0] for lane in lanes], self.train_cfg).batch_size
 
@@ -197,11 +200,12 @@ class LocalBackend:
     def models_per_batch(self, limit: int) -> int:
         return self.worker.models_per_batch(limit)
 
-    def run(self, jobs: list[Job], started: Callable[[Job], None]) -> Iterator[tuple[Job, list[CellRecord]]]:
+    def run(self, jobs: list[Job], started: Callable[[Job], None],
+            evaluate: bool = True) -> Iterator[tuple[Job, list[CellRecord]]]:
         """Yields (job, records) as each batch finishes."""
         for job in jobs:
             started(job)
-            yield job, self.worker.train(job_lanes(job))
+            yield job, self.worker.train(job_lanes(job), evaluate)
 
     def close(self) -> None:
         pass

@@ -105,6 +105,7 @@ class StudyConfig:
     batch_size: int = 8
     seq_len: int = 1024
     seed: int = 42
+    # held-out tokens each cell's eval loss is taken on; 0: no eval pass (no criterion reads the eval loss)
     eval_tokens: int = 32768
     trainable: tuple[str, ...] = GROUPS
     divergence_ratio: float = 10.0
@@ -161,9 +162,11 @@ class StudyConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"--{name.replace('_', '-')} {value!r}: give a whole number")
-        for name in ("batch_size", "seq_len", "eval_tokens"):
+        for name in ("batch_size", "seq_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.eval_tokens < 0:
+            raise ConfigError(f"--eval-tokens must be 0 (no eval pass) or more, got {self.eval_tokens}")
         if self.eval_tokens > MAX_EVAL_TOKENS:
             raise ConfigError(f"--eval-tokens {self.eval_tokens:,}: every cell evaluates them all, at most "
                               f"{MAX_EVAL_TOKENS:,}; give fewer (the default is 32,768)")
