@@ -27,7 +27,7 @@ def main() -> None:
     for k in args.models:
         # K = 8 fits with checkpointing and bf16 Adam state (benchmarks/RESULTS.md), K = 4 without
         big = k > 4
-        base = TrainConfig(batch_size=8, seq_len=1024, compile=True, checkpoint_activations=big,
+        base = TrainConfig(rows_per_step=8, seq_len=1024, compile=True, checkpoint_activations=big,
                            optimizer_state_dtype="bfloat16" if big else "float32")
         for chunk in args.chunks:
             cfg = dataclasses.replace(base, ce_chunk=chunk)

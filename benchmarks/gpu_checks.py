@@ -23,7 +23,7 @@ def main() -> None:
     out = {}
     model = GPT(GPTConfig.from_depth(20, vocab_size=65536, sequence_len=1024)).init_weights(0).cuda()
     stream = RandomStream(65536, torch.device("cuda"))
-    cfg = TrainConfig(batch_size=8, seq_len=1024, micro_batch_size=1)
+    cfg = TrainConfig(rows_per_step=8, seq_len=1024, micro_batch_size=1)
 
     start = time.time()
     out["probe_d20_fp32_state"] = probe_models_per_batch(model, cfg, "cuda", limit=16)
@@ -46,7 +46,7 @@ def main() -> None:
     # --deterministic: two runs of the same cells give identical trajectories.
     set_determinism(42, True)
     small = GPT(GPTConfig.from_depth(4, vocab_size=65536, sequence_len=1024)).init_weights(0).cuda()
-    small_cfg = TrainConfig(batch_size=4, seq_len=1024)
+    small_cfg = TrainConfig(rows_per_step=4, seq_len=1024)
     cells = [{"lr": lr, "tokens": 10 * 4096} for lr in (1e-4, 1e-3, 1e-2)]
     a = TrunkTrainer.separate(small, cells, small_cfg, "cuda").run(stream)
     b = TrunkTrainer.separate(small, cells, small_cfg, "cuda").run(stream)

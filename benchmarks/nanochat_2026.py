@@ -59,7 +59,7 @@ def main() -> None:
     device = torch.device(args.device)
     base = GPTConfig.from_depth(args.depth, vocab_size=args.vocab, sequence_len=2048)
     new = replace(base, architecture=ARCH_2026, window_pattern="SSSL", rope_base=100000.0)
-    cfg = TrainConfig(optimizer="nanochat", schedule="linear", batch_size=args.batch_size, seq_len=args.seq_len)
+    cfg = TrainConfig(optimizer="nanochat", schedule="linear", rows_per_step=args.batch_size, seq_len=args.seq_len)
     tokens = args.steps * cfg.tokens_per_step
     cells = [{"lr": 3e-4 * 3**i, "tokens": tokens} for i in range(args.models)]
     out: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",

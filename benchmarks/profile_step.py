@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--baseline", action="store_true", help="also profile the compiled single-model loop")
     args = ap.parse_args()
     model = GPT(GPTConfig.from_depth(args.depth, vocab_size=65536, sequence_len=1024)).init_weights(0).cuda()
-    cfg = TrainConfig(batch_size=8, seq_len=1024, micro_batch_size=args.micro_batch_size, compile=args.compile,
+    cfg = TrainConfig(rows_per_step=8, seq_len=1024, micro_batch_size=args.micro_batch_size, compile=args.compile,
                       checkpoint_activations=args.checkpoint, optimizer_state_dtype=args.state)
     stream = RandomStream(65536, torch.device("cuda"))
     cells = [{"lr": 1e-5, "tokens": 3 * 8192}] * args.models
@@ -154,7 +154,7 @@ def profile_stacked_steps(model: GPT, stream, cfg: TrainConfig, cells, steps: in
 
     def run(n):
         for step in range(n):
-            x, y = (t.cuda() for t in stream.batch(step, cfg.batch_size, cfg.seq_len))
+            x, y = (t.cuda() for t in stream.batch(step, cfg.rows_per_step, cfg.seq_len))
             for p in trainer.stacked.values():
                 p.grad = None
             trainer._forward_backward(x, y, trainer._loss_weights(step, y), with_grad=True).cpu()
@@ -178,7 +178,7 @@ def profile_single(model: GPT, stream, cfg: TrainConfig, steps: int, rows: int) 
 
     def run(n):
         for step in range(n):
-            x, y = stream.batch(step, cfg.batch_size, cfg.seq_len)
+            x, y = stream.batch(step, cfg.rows_per_step, cfg.seq_len)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = forward(x.cuda(), y.cuda())
             loss.backward()

@@ -246,7 +246,7 @@ def part_memory(args, device, result) -> None:
     model = GPT(GPTConfig.from_depth(args.depth, vocab_size=args.vocab, sequence_len=1024)).init_weights(0)
     rows = []
     for ckpt, state in ((False, "float32"), (False, "bfloat16"), (True, "float32"), (True, "bfloat16")):
-        cfg = TrainConfig(schedule="constant", batch_size=8, seq_len=1024, checkpoint_activations=ckpt,
+        cfg = TrainConfig(schedule="constant", rows_per_step=8, seq_len=1024, checkpoint_activations=ckpt,
                           optimizer_state_dtype=state)
         start = time.perf_counter()
         try:
@@ -326,15 +326,15 @@ def part_rivals(args, device, result) -> None:
     grid = build_grid(cfg)
     model = GPT(GPTConfig.from_depth(args.depth, vocab_size=args.vocab, sequence_len=1024)).init_weights(0)
     stream = RandomStream(args.vocab, device)
-    eval_batches = cfg.eval_tokens // (cfg.batch_size * cfg.seq_len)
-    base = {n: time_baseline(model, stream, cfg.batch_size, cfg.seq_len, n, device, compile=True, cells=3,
+    eval_batches = cfg.eval_tokens // (cfg.rows_per_step * cfg.seq_len)
+    base = {n: time_baseline(model, stream, cfg.rows_per_step, cfg.seq_len, n, device, compile=True, cells=3,
                              eval_batches=eval_batches) for n in (1, 5, 10)}
     b, a = np.polyfit(np.array(list(base)) - 1.0, np.array(list(base.values())), 1)
-    steps = [steps_for(int(c.hparams["tokens"]), cfg.batch_size * cfg.seq_len) for c in grid.cells()]
+    steps = [steps_for(int(c.hparams["tokens"]), cfg.rows_per_step * cfg.seq_len) for c in grid.cells()]
     one_at_a_time = sum(a + b * (s - 1) for s in steps)
     budgets = sorted({int(c.hparams["tokens"]) for c in grid.cells()})
-    prefix_loop(model, stream, budgets[: len(budgets) // 4], cfg.batch_size, cfg.seq_len, eval_batches, device)
-    column = prefix_loop(model, stream, budgets, cfg.batch_size, cfg.seq_len, eval_batches, device)
+    prefix_loop(model, stream, budgets[: len(budgets) // 4], cfg.rows_per_step, cfg.seq_len, eval_batches, device)
+    column = prefix_loop(model, stream, budgets, cfg.rows_per_step, cfg.seq_len, eval_batches, device)
     result["rivals"] = {"one_at_a_time_cell": {f"{n}-step": t for n, t in base.items()}, "a": a, "b": b,
                         "one_at_a_time_hours": one_at_a_time / 3600, "prefix_loop_column_seconds": column,
                         "prefix_loop_hours": column * grid.nx / 3600}
@@ -345,7 +345,7 @@ def part_check(args, device, result) -> None:
     """Read-outs against cells trained alone on this device: the largest relative difference of any loss."""
     model = GPT(GPTConfig.from_depth(4, vocab_size=args.vocab, sequence_len=1024)).init_weights(0).to(device)
     stream = RandomStream(args.vocab, device)
-    cfg = TrainConfig(schedule="constant", batch_size=8, seq_len=1024, compile=device.type == "cuda")
+    cfg = TrainConfig(schedule="constant", rows_per_step=8, seq_len=1024, compile=device.type == "cuda")
     budgets = [3000, 8192, 12000, 20000, 5 * 8192, 45000]
     lanes = [[{"lr": lr, "tokens": n} for n in budgets] for lr in (1e-4, 1e-3)]
     held_out = [stream.batch(10**6, 8, 1024)]

@@ -54,7 +54,7 @@ def main() -> None:
     grid = build_grid(cfg)
 
     def steps_of(cell) -> int:
-        return steps_for(int(cell.hparams["tokens"]), cfg.batch_size * cfg.seq_len)
+        return steps_for(int(cell.hparams["tokens"]), cfg.rows_per_step * cfg.seq_len)
 
     device = torch.device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
@@ -104,10 +104,10 @@ def main() -> None:
     # The baseline: a single compiled model, fused AdamW, the same 4 held-out batches per cell.
     stream = RandomStream(args.vocab, device)
     gpu_model = model.to(device)
-    eval_batches = cfg.eval_tokens // (cfg.batch_size * cfg.seq_len)
+    eval_batches = cfg.eval_tokens // (cfg.rows_per_step * cfg.seq_len)
     # cells of 1, 5 and 10 steps, the median of 5 each, and a least-squares line: two points alone swing the
     # slope by 10% with the noise of single cells
-    base = {n: time_baseline(gpu_model, stream, cfg.batch_size, cfg.seq_len, n, device, compile=True, cells=5,
+    base = {n: time_baseline(gpu_model, stream, cfg.rows_per_step, cfg.seq_len, n, device, compile=True, cells=5,
                              eval_batches=eval_batches) for n in (1, 5, 10)}
     base_b, base_a = np.polyfit(np.array(list(base)) - 1.0, np.array(list(base.values())), 1)
     result["baseline_cell"] = {**{f"{n}-step": t for n, t in base.items()}, "a": base_a, "b": base_b,

@@ -56,7 +56,7 @@ def gpu_packing_difference(device: str = "cuda") -> float:
 
     model = GPT(GPTConfig.from_depth(4, vocab_size=65536, sequence_len=1024)).init_weights(0).to(device)
     stream = RandomStream(65536, torch.device(device))
-    cfg = TrainConfig(batch_size=4, seq_len=1024)
+    cfg = TrainConfig(rows_per_step=4, seq_len=1024)
     cell = {"lr": 3e-4, "tokens": 20 * 4096}
     alone = TrunkTrainer.separate(model, [cell], cfg, device).run(stream)[0].losses
     packed = TrunkTrainer.separate(model, [{"lr": 1e-3, "tokens": 4096}, {"lr": 1e-5, "tokens": 40960}, cell,

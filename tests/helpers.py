@@ -68,7 +68,7 @@ class Rec:
     steps: int = 3
     steps_done: int = 3
     unstable: bool = False
-    diverged_step: int | None = None
+    unstable_step: int | None = None
     eval_loss: float | None = 2.75
     wall_time: float = 1.5
 
@@ -90,7 +90,7 @@ def rec_for(i: int, j: int) -> Rec:
         losses[1] = float("inf")
     return Rec(initial_loss=base, losses=losses, base_losses=[base, base * 1.1, base / 7],
                grad_norms=[0.1 * i, -0.0, 1e300], lrs=[1e-4 / (j + 1)] * 3,
-               unstable=(i + j) % 3 == 0, diverged_step=2 if (i + j) % 3 == 0 else None,
+               unstable=(i + j) % 3 == 0, unstable_step=2 if (i + j) % 3 == 0 else None,
                eval_loss=None if i == 0 else base / 4, wall_time=0.1 * (i + 1))
 
 
@@ -391,7 +391,7 @@ def train_one_by_one(model: GPT, stream, cell: dict, cfg: TrainConfig,
     rec = CellRecord(initial_loss=float("nan"), steps=int(trainer.total_steps[0]))
     active = torch.ones(1, dtype=torch.bool)
     for step in range(rec.steps):
-        x, y = stream.batch(step, trainer.cfg.batch_size, cfg.seq_len)
+        x, y = stream.batch(step, trainer.cfg.rows_per_step, cfg.seq_len)
         mult = lr_multiplier(step, trainer.total_steps, trainer.warmup_ratio, cfg.schedule)
         taken = trainer._step(step, x, y, trainer._loss_weights(step, y), mult, active)
         taken.record([rec], step, active)
@@ -399,7 +399,7 @@ def train_one_by_one(model: GPT, stream, cell: dict, cfg: TrainConfig,
             break
     if not rec.unstable and rec.steps_done > 0:
         last = rec.steps_done - 1
-        x, y = stream.batch(last, trainer.cfg.batch_size, cfg.seq_len)
+        x, y = stream.batch(last, trainer.cfg.rows_per_step, cfg.seq_len)
         with torch.no_grad():
             loss = trainer._forward_backward(x, y, trainer._loss_weights(last, y), with_grad=False)
         rec.end_with(loss[0].item())

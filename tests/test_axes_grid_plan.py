@@ -242,5 +242,5 @@ def test_axis_spec_direct_construction_validates():
 @pytest.mark.parametrize("rows, seq_len", [(10**12, 1024), (1 << 15, 1 << 10)])
 def test_a_step_of_more_tokens_than_any_study_uses_is_refused_before_allocation(rows, seq_len):
     with pytest.raises(ConfigError, match=r"tokens per step, more than 16,777,216; use fewer rows or shorter ones"):
-        preset("tiny").with_overrides(batch_size=rows, seq_len=seq_len).validate()
-    preset("tiny").with_overrides(batch_size=1 << 14, seq_len=1 << 10).validate()  # exactly the bound
+        preset("tiny").with_overrides(rows_per_step=rows, seq_len=seq_len).validate()
+    preset("tiny").with_overrides(rows_per_step=1 << 14, seq_len=1 << 10).validate()  # exactly the bound

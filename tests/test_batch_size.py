@@ -45,8 +45,8 @@ def test_batch_sizes_are_whole_rows_and_a_zoom_keeps_them():
     assert all(c.hparams["batch_size"] % 64 == 0 and isinstance(c.hparams["batch_size"], int) for c in grid.cells())
     child = grid.window(1e-3, 1e-2, 100.0, 1000.0)
     assert child.ys.tolist() == [128.0, 128.0, 192.0, 320.0, 448.0, 704.0, 1024.0]  # still whole rows
-    assert _tiny(y="batch_size:64:4096:log", resolution="3x7").rows_per_step() == (1, 2, 4, 8, 16, 32, 64)
-    assert preset("tiny").rows_per_step() == (4,)
+    assert _tiny(y="batch_size:64:4096:log", resolution="3x7").cell_rows_per_step() == (1, 2, 4, 8, 16, 32, 64)
+    assert preset("tiny").cell_rows_per_step() == (4,)
 
 
 @pytest.mark.parametrize(("overrides", "needle"), [
@@ -103,7 +103,7 @@ def test_every_cell_of_a_batch_size_grid_equals_it_trained_alone():
     """Stacked with companions of its batch size and read out of its trunk, a cell's record is bitwise the one
     training it alone gives; a stack of two batch sizes is refused."""
     base, stream = tiny_model(), RandomStream()
-    cfg = TrainConfig(schedule="constant", batch_size=8, seq_len=T, divergence_ratio=3.0)  # rows from the cells
+    cfg = TrainConfig(schedule="constant", rows_per_step=8, seq_len=T, divergence_ratio=3.0)  # rows from the cells
     evals = [stream.batch(1000, 2, T)]
     cells = _cells()
     lanes = trunks(cells, "constant", 8 * T)
@@ -176,11 +176,11 @@ def test_the_memory_probe_steps_the_largest_batch_size(monkeypatch):
     seen = []
 
     def fits(model, k, cfg, device):  # memory for 32 rows in all
-        seen.append(cfg.batch_size)
-        return k * cfg.batch_size <= 32
+        seen.append(cfg.rows_per_step)
+        return k * cfg.rows_per_step <= 32
 
     monkeypatch.setattr(memory, "_fits", fits)
-    cfg = TrainConfig(batch_size=2, seq_len=16)
+    cfg = TrainConfig(rows_per_step=2, seq_len=16)
     assert memory.probe_models_per_batch(tiny_model(), cfg, "cuda", limit=64) == 16 and set(seen) == {2}
     seen.clear()
     assert memory.probe_models_per_batch(tiny_model(), cfg, "cuda", limit=64, rows_per_step=(2, 8)) == 4

@@ -43,8 +43,8 @@ def test_under_rows_a_conversation_budget_is_whole_rows():
 
 
 def _study(tmp_path, name: str, unit: str, y: str):
-    cfg = preset("tiny").with_overrides(packing=False, seq_len=256, batch_size=1, resolution="2", x="lr:1e-3:3e-2:log",
-                                        y=y, eval_tokens=512, budget_unit=unit)
+    cfg = preset("tiny").with_overrides(packing=False, seq_len=256, rows_per_step=1, resolution="2",
+                                        x="lr:1e-3:3e-2:log", y=y, eval_tokens=512, budget_unit=unit)
     cfg.validate()
     return run_local(cfg, tmp_path / name)
 
@@ -107,7 +107,7 @@ def test_rules_count_d_in_the_study_unit_by_default_and_convert_on_request(tmp_p
 def test_dry_run_shows_rows_padding_and_answer_tokens_per_step(tmp_path):
     from cli_helpers import ok
 
-    out = ok("run", "--preset", "tiny", "--no-packing", "--seq-len", "256", "--batch-size", "2", "--budget-unit",
+    out = ok("run", "--preset", "tiny", "--no-packing", "--seq-len", "256", "--rows-per-step", "2", "--budget-unit",
              "supervised", "--y", "tokens:8:64:log", "--resolution", "4", "--dry-run", "--device", "cpu",
              "--out", tmp_path / "s").output
     assert "supervised (answer) tokens" in out and "4,000 rows" in out and "26.6% of positions" in out
@@ -120,7 +120,7 @@ def test_dry_run_shows_rows_padding_and_answer_tokens_per_step(tmp_path):
 def test_shards_of_a_study_in_answer_tokens_deal_its_grid_cells_by_their_positions():
     from vmap_sweep.study.plan import build_grid, cell_steps, plan_study, shard_cells
 
-    cfg = preset("tiny").with_overrides(packing=False, seq_len=256, batch_size=1, resolution="4",
+    cfg = preset("tiny").with_overrides(packing=False, seq_len=256, rows_per_step=1, resolution="4",
                                         y="tokens:8:64:log", budget_unit="supervised")
     grid = build_grid(cfg)
     positions = {int(c.hparams["tokens"]): 256 * int(c.hparams["tokens"]) for c in grid.cells()}  # 1 answer/row

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 # --no-share: every cell its own model, so that batches are rows of learning rates (sharing has tests of its own)
 TINY = ["run", "--preset", "tiny", "--resolution", "4", "--y", "tokens:256:1024:log", "--eval-tokens", "512",
         "--models-per-batch", "4", "--device", "cpu", "--no-share"]
-RESULT_FIELDS = ("steps", "steps_done", "initial_loss", "final_loss", "eval_loss", "unstable", "diverged_step")
+RESULT_FIELDS = ("steps", "steps_done", "initial_loss", "final_loss", "eval_loss", "unstable", "unstable_step")
 ARRAY_FIELDS = ("trajectory", "base_losses", "grad_norms", "lrs")
 PLOTS = ("score", "stability", "final_loss", "eval_loss", "trajectories")
 MAGIC = {"png": b"\x89PNG", "pdf": b"%PDF", "svg": b"<?xml"}
@@ -76,15 +76,17 @@ def base(tmp_path_factory):
 def test_grid_spec_and_preset_overrides_are_stored(tmp_path):
     out = tmp_path / "s"
     ok("run", "--preset", "tiny", "--x", "lr:1e-3:1e-1:lin", "--y", "tokens:256:512", "--resolution", "3x2",
-       "--eval-tokens", "256", "--seed", "5", "--models-per-batch", "8", "--device", "cpu", "--quiet", "--out", out)
+       "--eval-tokens", "256", "--seed", "5", "--models-per-batch", "8", "--device", "cpu", "--quiet", "--out", out,
+       "--batch-size", "2")  # rows per step's older option name, still taken
     tiny = preset("tiny")
     with StudyStore.open(out) as store:
         cfg = store.config
         assert (store.nx, store.ny) == (3, 2)  # NxM: N along x, M along y
         assert cfg["resolution"] == "3x2" and cfg["seed"] == 5 and cfg["eval_tokens"] == 256
+        assert cfg["rows_per_step"] == 2 and "batch_size" not in cfg
         assert parse_axis_spec(cfg["x"]) == parse_axis_spec("lr:1e-3:1e-1:lin")
         assert parse_axis_spec(cfg["y"]).scale == "log"  # the tokens axis' default scale
-        for key in ("model", "data", "batch_size", "seq_len", "optimizer", "schedule"):
+        for key in ("model", "data", "seq_len", "optimizer", "schedule"):
             assert cfg[key] == getattr(tiny, key), key  # what no option overrode comes from the preset
         xs = store.grid_arrays("x")[0]
         ys = store.grid_arrays("y")[:, 0]

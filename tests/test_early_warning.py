@@ -41,7 +41,7 @@ class Rec:
     steps: int = STEPS
     steps_done: int = STEPS
     unstable: bool = False
-    diverged_step: int | None = None
+    unstable_step: int | None = None
     eval_loss: float | None = 2.0
     wall_time: float = 0.0
     extra: dict = field(default_factory=dict)

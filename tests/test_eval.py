@@ -369,7 +369,7 @@ def test_spearman_on_known_data():
 
 def _final_loss(model, stream, cfg: StudyConfig, tokens: int, steps: int) -> float:
     """The loss of the model's last batch, as the trainer stores it at the end of the trajectory."""
-    inputs, targets = stream.batch(steps - 1, cfg.batch_size, cfg.seq_len)
+    inputs, targets = stream.batch(steps - 1, cfg.rows_per_step, cfg.seq_len)
     pos = (steps - 1) * targets.numel() + torch.arange(targets.numel()).view(targets.shape)
     valid = (pos < tokens) & (targets != -1)
     with torch.no_grad():

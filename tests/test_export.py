@@ -254,6 +254,6 @@ def test_only_an_earlier_export_of_the_same_format_is_replaced(store, tmp_path):
 def test_a_csv_export_written_before_gradient_columns_is_still_replaced(store, tmp_path):
     old = tmp_path / "old.csv"
     old.write_text("i,j,x,y,status,label,score,initial_loss,final_loss,eval_loss,steps,steps_done,diverged,"
-                   "diverged_step,wall_time,hparams,trajectory,base_losses\n")  # an earlier version's header
+                   "unstable_step,wall_time,hparams,trajectory,base_losses\n")  # an earlier version's header
     export_study(StudyView.load(store), "csv", old, trajectories=True)
     assert old.read_text().splitlines()[0].endswith("trajectory,base_losses,grad_norms,lrs")

@@ -548,7 +548,7 @@ def reference_adamw_held(base: GPT, stream, cell: dict, batch_size: int, seq_len
 def test_stacked_training_of_a_2026_model_equals_separate_runs():
     base, stream = model_2026(), RandomStream()
     B, T = 2, 160  # longer than the 128-key windows
-    cfg = TrainConfig(optimizer="adamw", schedule="linear", batch_size=B, seq_len=T, divergence_ratio=10.0)
+    cfg = TrainConfig(optimizer="adamw", schedule="linear", rows_per_step=B, seq_len=T, divergence_ratio=10.0)
     cells = [{"lr": 1e-4, "tokens": 3 * B * T}, {"lr": 3e-3, "tokens": 2 * B * T - 50}]
     trainer = TrunkTrainer.separate(base, cells, cfg)
     assert set(trainer.frozen) == set(HELD_2026)  # the scalars are shared, every other parameter stacked
@@ -565,7 +565,7 @@ def test_stacked_training_of_a_2026_model_equals_separate_runs():
 
 def test_a_2026_model_trains_with_the_nanochat_optimizer_and_shared_trajectories():
     base, stream = model_2026(), RandomStream(seed=3)
-    cfg = TrainConfig(optimizer="nanochat", schedule="constant", batch_size=2, seq_len=160)
+    cfg = TrainConfig(optimizer="nanochat", schedule="constant", rows_per_step=2, seq_len=160)
     lanes = [[{"lr": 1e-3, "tokens": 320}, {"lr": 1e-3, "tokens": 960}], [{"lr": 1e-2, "tokens": 640}]]
     records = TrunkTrainer(base, lanes, cfg).run(stream)
     alone = TrunkTrainer.separate(base, [c for lane in lanes for c in lane], cfg).run(stream)

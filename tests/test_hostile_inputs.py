@@ -61,7 +61,7 @@ def made(tmp_path_factory):
     os.chdir(root)
     try:
         result = cli("run", "--preset", "tiny", "--model", "model", "--data", "data.jsonl", "--x", "lr:1e-3:1e-2",
-                     "--y", "tokens:512:1024", "--resolution", "2", "--batch-size", "2", "--seq-len", "64",
+                     "--y", "tokens:512:1024", "--resolution", "2", "--rows-per-step", "2", "--seq-len", "64",
                      "--eval-tokens", "1024", "--out", "study", "--quiet")
     finally:
         os.chdir(cwd)
@@ -445,7 +445,7 @@ def test_weights_that_give_a_non_finite_loss_are_named_before_the_first_batch(ro
     and leaves no folder behind."""
     weights_edited(edit)(root)
     refused(root, *names, args=("run", "--preset", "tiny", "--model", "model", "--data", "data.jsonl", "--x",
-                                "lr:1e-3:1e-2", "--y", "tokens:512:1024", "--resolution", "2", "--batch-size", "2",
+                                "lr:1e-3:1e-2", "--y", "tokens:512:1024", "--resolution", "2", "--rows-per-step", "2",
                                 "--seq-len", "64", "--eval-tokens", "1024", "--out", "new", "--quiet"))
     assert not (root / "new").exists()
 

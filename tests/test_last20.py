@@ -86,7 +86,7 @@ def _study(path):
             rec = Rec(losses=[6.76036, 6.75982], base_losses=[6.76036] * 2, steps=1, steps_done=1)
         elif c.i == 3:
             rec = Rec(losses=[3.0, 9.0, 40.0], base_losses=[3.0] * 3, steps=4, steps_done=2, unstable=True,
-                      diverged_step=2)
+                      unstable_step=2)
         else:
             rec = Rec(losses=[3.0, 2.2, 1.8, 1.5, 1.4], base_losses=[3.0] * 5)
         results.append((c, rec))

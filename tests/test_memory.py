@@ -6,7 +6,7 @@ from vmap_sweep.errors import OutOfMemoryForOneModel
 from vmap_sweep.train.memory import probe_models_per_batch, train_splitting_on_oom
 from vmap_sweep.train.trainer import TrainConfig
 
-CFG = TrainConfig(batch_size=2, seq_len=16)
+CFG = TrainConfig(rows_per_step=2, seq_len=16)
 
 
 def test_out_of_memory_splits_the_batch_and_loses_nothing():
@@ -53,7 +53,7 @@ def test_after_a_split_later_batches_are_cut_to_what_fitted(monkeypatch):
     base, stream = tiny_model(), RandomStream()
     data = runner.StudyData(base, None, stream, [])
     monkeypatch.setattr(runner, "load_study_data", lambda cfg, device: data)
-    worker = runner.Worker(preset("tiny").with_overrides(batch_size=2, seq_len=16), "cpu", RunSettings())
+    worker = runner.Worker(preset("tiny").with_overrides(rows_per_step=2, seq_len=16), "cpu", RunSettings())
     sizes = []
     real = runner.TrunkTrainer
 
@@ -83,7 +83,7 @@ def test_the_probe_measures_a_step_of_the_whole_stack_and_a_branch_beside_it(mon
     real = trainer._block_stage
     monkeypatch.setattr(trainer, "_block_stage", lambda halves, s, f, h, *rest: passes.append(
         (h.shape[0], h.shape[1], torch.is_grad_enabled())) or real(halves, s, f, h, *rest))
-    cfg = TrainConfig(batch_size=2, seq_len=16)
+    cfg = TrainConfig(rows_per_step=2, seq_len=16)
     assert memory._fits(tiny_model(), 3, cfg, torch.device("cpu"))
     assert (3, 2, True) in passes  # a training step of the 3 trunks, every row
     blocks = len(tiny_model().transformer.h)
@@ -109,7 +109,7 @@ def peak_kib():
 torch.set_num_threads(1)
 budgets = int(sys.argv[1])
 model = GPT(GPTConfig(sequence_len=64, vocab_size=4096, n_layer=2, n_head=2, n_kv_head=2, n_embd=256)).init_weights(0)
-cfg = TrainConfig(schedule="constant", batch_size=4, seq_len=64)
+cfg = TrainConfig(schedule="constant", rows_per_step=4, seq_len=64)
 tokens = [3 + 6 * i for i in range(budgets)] + [2 * cfg.tokens_per_step]  # all but the last end inside step 0
 lanes = [[{"lr": lr, "tokens": n} for n in tokens] for lr in (1e-3, 1e-2)]
 stream = RandomStream(length=2000)

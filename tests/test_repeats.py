@@ -95,14 +95,14 @@ def _same_experiment(got, want) -> None:
     for field in ("losses", "base_losses", "grad_norms", "lrs", "initial_loss", "eval_loss"):
         a, b = getattr(got, field), getattr(want, field)
         assert np.array_equal(bits(a), bits(b)), (field, a, b)
-    for field in ("steps_done", "unstable", "diverged_step"):
+    for field in ("steps_done", "unstable", "unstable_step"):
         assert getattr(got, field) == getattr(want, field), field
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_a_repeated_experiment_gives_its_cells_the_very_same_record(schedule):
     base, stream = tiny_model(), docqa_like_stream()
-    cfg = TrainConfig(optimizer="adamw", schedule=schedule, batch_size=B, seq_len=T, divergence_ratio=3.0)
+    cfg = TrainConfig(optimizer="adamw", schedule=schedule, rows_per_step=B, seq_len=T, divergence_ratio=3.0)
     evals = [stream.batch(20, B, T)]
     cells = _cells()
     same = same_experiments(cells, _supervised(stream), schedule, B * T)
@@ -133,7 +133,7 @@ def _stored_study(tmp_path):
     from vmap_sweep.study.sizes import DatasetSize
 
     cfg = StudyConfig(model="tiny", data="synthetic", x="lr:1e-4:1e-2:log", y="tokens:256:1024:log",
-                      resolution="2x3", batch_size=4, seq_len=64)
+                      resolution="2x3", rows_per_step=4, seq_len=64)
     cells = build_grid(cfg).cells()
     store = StudyStore.create_or_open(tmp_path / "study", cfg.to_dict(), cells)
     store.record_batch([(c, rec_for(c.i, c.j)) for c in cells], batch_index=0)

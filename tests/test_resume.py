@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 ARGS = ["run", "--preset", "tiny", "--resolution", "4", "--y", "tokens:2048:8192:log", "--eval-tokens", "256",
         "--models-per-batch", "2", "--device", "cpu", "--quiet"]
 CELLS = 16
-FIELDS = ("steps", "steps_done", "initial_loss", "final_loss", "eval_loss", "unstable", "diverged_step", "label",
+FIELDS = ("steps", "steps_done", "initial_loss", "final_loss", "eval_loss", "unstable", "unstable_step", "label",
           "score", "batch_index")
 ARRAYS = ("trajectory", "base_losses", "grad_norms", "lrs")
 

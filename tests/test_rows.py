@@ -123,7 +123,7 @@ def test_rows_keep_read_outs_bitwise_equal_to_cells_trained_alone():
     convs = [conv("doc " + "x" * (k % 23), "answer " + "y" * (k % 7)) for k in range(12)]
     stream = TokenStream.build(convs, TOK, seed=5, row_len=T)
     base = _model(TOK.vocab_size)
-    cfg = TrainConfig(optimizer="adamw", schedule="constant", batch_size=B, seq_len=T, divergence_ratio=3.0)
+    cfg = TrainConfig(optimizer="adamw", schedule="constant", rows_per_step=B, seq_len=T, divergence_ratio=3.0)
     cells = [Cell(0, j, 1e-2, n, {"lr": 1e-2, "tokens": n}) for j, n in enumerate([40, 128, 200, 384])]
     (lane,) = trunks(cells, "constant", B * T)
     got = TrunkTrainer(base, [[c.hparams for c in lane]], cfg).run(stream)

@@ -41,7 +41,7 @@ class Rec:
     lrs: list[float] = field(default_factory=lambda: [1e-4] * 5)
     steps_done: int = 4
     unstable: bool = False
-    diverged_step: int | None = None
+    unstable_step: int | None = None
     eval_loss: float | None = None
     wall_time: float = 0.0
 

@@ -34,7 +34,7 @@ def record(kind: str) -> Rec:
         return Rec(losses=[3.0, 2.0, 1.5], base_losses=[3.0, 3.0, 3.0], unstable=False)
     if kind == "untrained":  # stable, a little above the base model's loss throughout
         return Rec(losses=[3.1, 3.1, 3.1], base_losses=[3.0, 3.0, 3.0], unstable=False)
-    return Rec(losses=[3.0, 40.0], base_losses=[3.0, 3.0], steps_done=2, unstable=True, diverged_step=1)
+    return Rec(losses=[3.0, 40.0], base_losses=[3.0, 3.0], steps_done=2, unstable=True, unstable_step=1)
 
 
 @pytest.fixture

@@ -42,7 +42,7 @@ def record(i: int, j: int) -> Rec:
         return Rec(initial_loss=5.0, losses=list(4.0 - steps / STEPS - i / 10), base_losses=[5.0] * STEPS,
                    grad_norms=[1.0] * STEPS, lrs=[1e-3] * STEPS, steps=STEPS, steps_done=STEPS, eval_loss=3.0 + i)
     return Rec(initial_loss=5.0, losses=list(5.0 + steps), base_losses=[5.0] * STEPS, grad_norms=[9.0] * STEPS,
-               lrs=[1e-1] * STEPS, steps=STEPS, steps_done=STEPS, unstable=True, diverged_step=3, eval_loss=60.0)
+               lrs=[1e-1] * STEPS, steps=STEPS, steps_done=STEPS, unstable=True, unstable_step=3, eval_loss=60.0)
 
 
 def make_study(folder: Path, rows: range = range(4)) -> Path:
@@ -145,8 +145,8 @@ DAMAGE = {
     "unknown label": (["UPDATE cells SET label='convergedd' WHERE i=0 AND j=3"],
                       "cell (0, 3) is labelled 'convergedd'"),
     "unstable not a flag": (["UPDATE cells SET unstable=7 WHERE i=1 AND j=2"], "cell (1, 2) has unstable=7"),
-    "diverged past its steps": (["UPDATE cells SET diverged_step=100000 WHERE i=3 AND j=3"],
-                                "cell (3, 3) diverged at step 100000, outside its 200 steps"),
+    "stopped past its steps": (["UPDATE cells SET unstable_step=100000 WHERE i=3 AND j=3"],
+                               "cell (3, 3) stopped at step 100000, outside its 200 steps"),
     "more losses than steps": (["UPDATE cells SET trajectory=zeroblob(8000) WHERE i=0 AND j=2"],
                                "cell (0, 2) holds 1000 losses for its 200 steps"),
     "no loss though done": (["UPDATE cells SET trajectory=x'' WHERE i=1 AND j=1"], "cell (1, 1) holds no loss"),
@@ -159,7 +159,7 @@ DAMAGE = {
 # damage found when a study is opened: every command refuses it; in a row: every command that reads that row
 WHOLE_STUDY = {"dropped column", "dropped table", "dropped meta", "config not JSON", "edited nx", "text for a loss",
                "negative steps", "more steps done than taken", "a billion steps", "hparams off the coordinates",
-               "moved cell", "negative loss", "unknown label", "unstable not a flag", "diverged past its steps",
+               "moved cell", "negative loss", "unknown label", "unstable not a flag", "stopped past its steps",
                "more losses than steps", "no loss though done", "base losses cut short", "initial loss zero"}
 
 

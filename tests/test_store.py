@@ -16,7 +16,7 @@ import pytest
 from helpers import STORE_CONFIG, Rec, bits, new_store, rec_for, snapshot, store_grid
 
 from vmap_sweep.errors import ConfigError, StoreError
-from vmap_sweep.store.db import DB_NAME, StudyStore, config_hash
+from vmap_sweep.store.db import DB_NAME, StudyStore, canonical_json, config_hash
 from vmap_sweep.store.merge import merge_studies
 from vmap_sweep.study.plan import plan_batches, shard
 
@@ -154,7 +154,7 @@ def test_record_roundtrip_exact(tmp_path):
         assert rows[(0, 0)]["shard"] == "1/2" and rows[(0, 0)]["batch_index"] == 0
         assert rows[(2, 1)]["batch_index"] == 1 and rows[(2, 1)]["status"] == "done"
         assert rows[(3, 2)]["status"] == "pending" and rows[(3, 2)]["steps"] is None
-        assert rows[(0, 0)]["unstable"] is True and rows[(0, 0)]["diverged_step"] == 2
+        assert rows[(0, 0)]["unstable"] is True and rows[(0, 0)]["unstable_step"] == 2
         with pytest.raises(ConfigError, match="unknown field"):
             s.grid_arrays("hparams")
 
@@ -386,9 +386,14 @@ def test_a_folder_of_other_files_is_refused_before_anything_is_written(tmp_path)
 
 
 
+OLDER_CONFIG = {**STORE_CONFIG, "batch_size": 8}  # rows per step, under its older key
+TODAYS_CONFIG = {**STORE_CONFIG, "rows_per_step": 8}
+
+
 def _older_study(tmp_path: Path) -> tuple[Path, dict]:
-    """A study as vmap-sweep wrote it before the trainer's flag and the class were named apart: the flag in a
-    column `diverged`, the class "not converged" stored as "diverged". Returns its folder and the rows as today's
+    """A study as vmap-sweep wrote it before the trainer's flag and the class were named apart, and rows per step
+    from the batch_size axis: the flag in columns `diverged` and `diverged_step`, the class "not converged" stored
+    as "diverged", rows per step under the config key `batch_size`. Returns its folder and the rows as today's
     names read them."""
     cells = store_grid().cells()
     with new_store(tmp_path) as s:
@@ -399,6 +404,10 @@ def _older_study(tmp_path: Path) -> tuple[Path, dict]:
     path = tmp_path / "study" / DB_NAME
     con = sqlite3.connect(path)
     con.execute("ALTER TABLE cells RENAME COLUMN unstable TO diverged")
+    con.execute("ALTER TABLE cells RENAME COLUMN unstable_step TO diverged_step")
+    text = canonical_json(OLDER_CONFIG)
+    con.executemany("UPDATE meta SET value = ? WHERE key = ?",
+                    [(text, "config"), (config_hash(OLDER_CONFIG), "config_hash")])
     con.execute("UPDATE cells SET label='diverged' WHERE label='not_converged'")
     con.commit()
     con.close()
@@ -416,8 +425,10 @@ def _columns_and_labels(path: Path) -> tuple[set, set]:
 def _assert_reads_as_today(store: StudyStore, expected: dict) -> None:
     got = {(r["i"], r["j"]): r for r in store.rows(arrays=True)}
     assert got.keys() == expected.keys()
+    assert store.config == TODAYS_CONFIG
     for key, r in expected.items():
         assert got[key]["unstable"] == r["unstable"] and got[key]["label"] == r["label"], key
+        assert got[key]["unstable_step"] == r["unstable_step"], key
         assert np.array_equal(bits(got[key]["trajectory"]), bits(r["trajectory"]))
     assert store.labels_array()[0, 0] == "not_converged"
     assert store.label_counts() == {"converged": 1, "not_converged": 1, "marginal": 1, "unlabelled": 3}
@@ -439,6 +450,14 @@ def test_an_older_study_on_a_read_only_path_reads_with_todays_names(tmp_path, mo
     assert (folder / DB_NAME).read_bytes() == before  # read as it is: nothing written
     columns, labels = _columns_and_labels(folder / DB_NAME)
     assert "diverged" in columns and "unstable" not in columns and labels == {"diverged", "converged", "marginal"}
+    assert "diverged_step" in columns and "unstable_step" not in columns
+
+
+def test_an_older_study_resumes_under_todays_config_keys(tmp_path):
+    folder, _ = _older_study(tmp_path)
+    cells = store_grid().cells()
+    with StudyStore.create_or_open(folder, TODAYS_CONFIG, cells) as store:
+        assert store.config == TODAYS_CONFIG and store.config_hash == config_hash(TODAYS_CONFIG)
 
 
 def test_an_older_writable_study_is_migrated_when_opened_and_trains_on(tmp_path):
@@ -447,8 +466,11 @@ def test_an_older_writable_study_is_migrated_when_opened_and_trains_on(tmp_path)
         _assert_reads_as_today(store, expected)
     columns, labels = _columns_and_labels(folder / DB_NAME)
     assert "unstable" in columns and "diverged" not in columns
+    assert "unstable_step" in columns and "diverged_step" not in columns
     assert labels == {"not_converged", "converged", "marginal"}
     cells = store_grid().cells()
-    with StudyStore.create_or_open(folder, STORE_CONFIG, cells) as store:  # a resume writes today's names
+    with pytest.raises(StoreError, match="rows_per_step: 8 -> 4"):  # the config was migrated, not replaced
+        StudyStore.create_or_open(folder, {**STORE_CONFIG, "rows_per_step": 4}, cells)
+    with StudyStore.create_or_open(folder, TODAYS_CONFIG, cells) as store:  # a resume writes today's names
         store.record_batch([(cells[6], rec_for(cells[6].i, cells[6].j))])
         assert store.done_count() == 7

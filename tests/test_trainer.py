@@ -25,7 +25,7 @@ from vmap_sweep.train.trunk import TrunkTrainer
 
 B, T = 2, 16
 # A tight divergence cap (2x the base loss), so that the large-LR cells below pass it.
-CFG = TrainConfig(optimizer="adamw", schedule="linear", batch_size=B, seq_len=T, divergence_ratio=2.0)
+CFG = TrainConfig(optimizer="adamw", schedule="linear", rows_per_step=B, seq_len=T, divergence_ratio=2.0)
 
 
 def norm_rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -72,7 +72,7 @@ def test_stacked_nanochat_optimizer_equals_separate_runs():
     base, stream = tiny_model(), RandomStream(seed=3)
     # Newton-Schulz in float32 here: in bf16 any float32 rounding difference between two implementations
     # is amplified to bf16 precision. That the stack equals a loop bitwise in bf16 is tested below.
-    cfg = TrainConfig(optimizer="nanochat", schedule="linear", batch_size=B, seq_len=T, muon_ns_dtype="float32")
+    cfg = TrainConfig(optimizer="nanochat", schedule="linear", rows_per_step=B, seq_len=T, muon_ns_dtype="float32")
     cells = [{"lr": 1e-4, "tokens": 160}, {"lr": 1e-3, "tokens": 160}, {"lr": 1e-2, "tokens": 96}]
     trainer = TrunkTrainer.separate(base, cells, cfg)
     records = trainer.run(stream)
@@ -104,7 +104,7 @@ def test_divergence_is_isolated_bitwise():
     without = TrunkTrainer.separate(base, good, CFG)
     records_without = without.run(stream)
     for bad in records_with[1:3]:
-        assert bad.unstable and bad.diverged_step is not None and bad.diverged_step < bad.steps
+        assert bad.unstable and bad.unstable_step is not None and bad.unstable_step < bad.steps
     for a, b, ia, ib in [(records_with[0], records_without[0], 0, 0), (records_with[3], records_without[1], 3, 1)]:
         assert a.losses == b.losses and a.grad_norms == b.grad_norms and a.lrs == b.lrs
         sa, sb = with_bad.state_dict_of(ia), without.state_dict_of(ib)
@@ -114,12 +114,12 @@ def test_divergence_is_isolated_bitwise():
 def test_non_finite_weights_freeze_the_model():
     base, stream = tiny_model(), RandomStream()
     cells = [{"lr": 1e-3, "tokens": 200}, {"lr": 1e39, "tokens": 200}]  # inf in float32
-    trainer = TrunkTrainer.separate(base, cells, TrainConfig(batch_size=B, seq_len=T, divergence_ratio=1e9))
+    trainer = TrunkTrainer.separate(base, cells, TrainConfig(rows_per_step=B, seq_len=T, divergence_ratio=1e9))
     records = trainer.run(stream)
-    assert records[1].unstable and records[1].diverged_step == 0
+    assert records[1].unstable and records[1].unstable_step == 0
     assert not records[0].unstable and records[0].steps_done == records[0].steps
     # frozen: its weights stay those of its one update, bit for bit (NaNs included), while its companion trains
-    one_step = TrunkTrainer.separate(base, [{"lr": 1e39, "tokens": B * T}], TrainConfig(batch_size=B, seq_len=T,
+    one_step = TrunkTrainer.separate(base, [{"lr": 1e39, "tokens": B * T}], TrainConfig(rows_per_step=B, seq_len=T,
                                                                                  divergence_ratio=1e9))
     one_step.run(stream)
     frozen, after_one = trainer.state_dict_of(1), one_step.state_dict_of(0)
@@ -144,7 +144,7 @@ def test_packing_invariance_bitwise(companions):
 def test_packing_invariance_bitwise_over_several_loss_chunks():
     """640 rows per model: the loss runs in chunks of 512 rows and 128, which must not depend on the companions."""
     base, stream = tiny_model(), RandomStream()
-    cfg = TrainConfig(optimizer="adamw", schedule="linear", batch_size=40, seq_len=T, divergence_ratio=2.0)
+    cfg = TrainConfig(optimizer="adamw", schedule="linear", rows_per_step=40, seq_len=T, divergence_ratio=2.0)
     assert cfg.ce_chunk is None and ce_chunk_rows(base.config.n_embd) < 40 * T
     cell = {"lr": 2e-3, "tokens": 1600}
     evals = [stream.batch(100, 40, T)]
@@ -159,8 +159,8 @@ def test_packing_invariance_bitwise_over_several_loss_chunks():
 def test_micro_batches_accumulate_to_the_full_batch():
     base, stream = tiny_model(), RandomStream()
     cells = [{"lr": 1e-3, "tokens": 256}, {"lr": 1e-2, "tokens": 256}]
-    full = train_batch(base, stream, cells, TrainConfig(batch_size=4, seq_len=T))
-    micro = train_batch(base, stream, cells, TrainConfig(batch_size=4, seq_len=T, micro_batch_size=1))
+    full = train_batch(base, stream, cells, TrainConfig(rows_per_step=4, seq_len=T))
+    micro = train_batch(base, stream, cells, TrainConfig(rows_per_step=4, seq_len=T, micro_batch_size=1))
     for a, b in zip(full, micro, strict=True):
         assert rel_close(torch.tensor(a.losses), torch.tensor(b.losses), 1e-5)
 
@@ -189,7 +189,7 @@ def test_records_and_budgets():
 
 def test_frozen_groups_are_shared_not_stacked_and_do_not_move():
     base, stream = tiny_model(), RandomStream()
-    cfg = TrainConfig(batch_size=B, seq_len=T, trainable=("attn", "mlp", "unembedding"))
+    cfg = TrainConfig(rows_per_step=B, seq_len=T, trainable=("attn", "mlp", "unembedding"))
     trainer = TrunkTrainer.separate(base, [{"lr": 1e-2, "tokens": 96}] * 3, cfg)
     assert "transformer.wte.weight" in trainer.frozen and "transformer.wte.weight" not in trainer.stacked
     assert trainer.frozen["transformer.wte.weight"].ndim == 2
@@ -251,7 +251,7 @@ def test_active_slices_cover_exactly_the_active_models():
 def test_activation_checkpointing_gives_the_same_trajectory_bitwise(trainable):
     base, stream = tiny_model(), RandomStream()
     cells = [{"lr": 1e-3, "tokens": 160}, {"lr": 1e-2, "tokens": 96}, {"lr": 30.0, "tokens": 160}]
-    plain = TrainConfig(batch_size=B, seq_len=T, trainable=trainable, divergence_ratio=2.0)
+    plain = TrainConfig(rows_per_step=B, seq_len=T, trainable=trainable, divergence_ratio=2.0)
     want = train_batch(base, stream, cells, plain)
     for blocks in (None, 1):  # every block recomputed, or only the first
         ckpt = TrainConfig(**{**plain.__dict__, "checkpoint_activations": True, "checkpoint_blocks": blocks})
@@ -266,7 +266,7 @@ def test_checkpoint_blocks_says_how_many_blocks_recompute(monkeypatch, blocks, r
     calls = []
     real = trainer_module.checkpoint
     monkeypatch.setattr(trainer_module, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
-    cfg = TrainConfig(batch_size=B, seq_len=T, checkpoint_activations=True, checkpoint_blocks=blocks)
+    cfg = TrainConfig(rows_per_step=B, seq_len=T, checkpoint_activations=True, checkpoint_blocks=blocks)
     trainer = StackedTrainer(tiny_model(), [{"lr": 1e-3, "tokens": 32}] * 2, cfg)
     x, y = RandomStream().batch(0, B, T)
     trainer._forward_backward(x, y, trainer._loss_weights(0, y), with_grad=True)
@@ -296,7 +296,7 @@ def test_compiled_step_follows_the_eager_trajectory(checkpointed):
     """torch.compile'd stages (full-logit loss) and fused optimizer updates: the same training, to rounding."""
     base, stream = tiny_model(), RandomStream()
     cells = [{"lr": 1e-3, "tokens": 160}, {"lr": 1e-2, "tokens": 96, "weight_decay": 0.1}, {"lr": 30.0, "tokens": 160}]
-    eager = TrainConfig(batch_size=B, seq_len=T, divergence_ratio=2.0, checkpoint_activations=checkpointed)
+    eager = TrainConfig(rows_per_step=B, seq_len=T, divergence_ratio=2.0, checkpoint_activations=checkpointed)
     compiled = TrainConfig(**{**eager.__dict__, "compile": True})
     for a, b in zip(train_batch(base, stream, cells, eager), train_batch(base, stream, cells, compiled), strict=True):
         assert a.unstable == b.unstable and a.steps_done == b.steps_done

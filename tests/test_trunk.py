@@ -33,7 +33,7 @@ def _same(got, want) -> None:
     for field in ("losses", "base_losses", "grad_norms", "lrs", "initial_loss", "eval_loss"):
         a, b = getattr(got, field), getattr(want, field)
         assert np.array_equal(bits(a), bits(b)), (field, a, b)
-    for field in ("steps", "steps_done", "unstable", "diverged_step"):
+    for field in ("steps", "steps_done", "unstable", "unstable_step"):
         assert getattr(got, field) == getattr(want, field), field
 
 
@@ -49,7 +49,7 @@ def _read_out(base, lanes: list[tuple[Cell, ...]], cfg, stream, eval_batches, k:
 
 
 def _constant(optimizer: str) -> TrainConfig:
-    return TrainConfig(optimizer=optimizer, schedule="constant", batch_size=B, seq_len=T, divergence_ratio=3.0,
+    return TrainConfig(optimizer=optimizer, schedule="constant", rows_per_step=B, seq_len=T, divergence_ratio=3.0,
                        muon_ns_dtype="float32")
 
 
@@ -99,7 +99,7 @@ def test_lanes_of_one_cell_equal_the_cell_trained_alone(optimizer):
 def test_a_decaying_schedule_shares_only_what_its_multipliers_allow():
     """Linear decay: cells of one step count share all but their partial last steps; the rest stand alone."""
     base, stream = tiny_model(), RandomStream()
-    cfg = TrainConfig(schedule="linear", batch_size=B, seq_len=T)
+    cfg = TrainConfig(schedule="linear", rows_per_step=B, seq_len=T)
     cells = _cells([1e-2], [70, 100, 128, 150, 200])
     lanes = trunks(cells, "linear", B * T)
     assert sorted(len(lane) for lane in lanes) == [1, 1, 3]  # 70, 100 and 128 tokens all take 2 steps
@@ -110,7 +110,7 @@ def test_a_decaying_schedule_shares_only_what_its_multipliers_allow():
 
 def test_a_last_step_without_supervised_tokens_ends_where_the_trunk_is():
     base, stream = tiny_model(), RandomStream()
-    cfg = TrainConfig(schedule="constant", batch_size=B, seq_len=T)
+    cfg = TrainConfig(schedule="constant", rows_per_step=B, seq_len=T)
     # a budget whose last step's only position has no supervised target
     tokens = next(s * B * T + 1 for s in range(1, 50) if stream.batch(s, B, T)[1][0, 0] == -1)
     cells = _cells([1e-2], [tokens, tokens + 3 * B * T])
@@ -122,19 +122,19 @@ def test_a_last_step_without_supervised_tokens_ends_where_the_trunk_is():
 
 def test_cells_that_do_not_share_their_schedule_are_refused():
     base = tiny_model()
-    cfg = TrainConfig(schedule="linear", batch_size=B, seq_len=T)
+    cfg = TrainConfig(schedule="linear", rows_per_step=B, seq_len=T)
     with pytest.raises(ValueError, match="does not share its trunk's learning rates"):
         TrunkTrainer(base, [[{"lr": 1e-2, "tokens": 128}, {"lr": 1e-2, "tokens": 640}]], cfg)
     with pytest.raises(ValueError, match="differ in more than"):
         TrunkTrainer(base, [[{"lr": 1e-2, "tokens": 64}, {"lr": 2e-2, "tokens": 640}]],
-                     TrainConfig(batch_size=B, seq_len=T))
+                     TrainConfig(rows_per_step=B, seq_len=T))
 
 
 def test_a_trunk_leaves_its_base_model_untouched_and_reads_out_in_lane_order():
     base, stream = tiny_model(), RandomStream()
     before = {n: p.detach().clone() for n, p in base.named_parameters()}
     lanes = [[{"lr": 1e-2, "tokens": n} for n in (300, 10, 150)]]
-    records = TrunkTrainer(base, lanes, TrainConfig(batch_size=B, seq_len=T)).run(stream)
+    records = TrunkTrainer(base, lanes, TrainConfig(rows_per_step=B, seq_len=T)).run(stream)
     assert [r.steps for r in records] == [5, 1, 3]
     assert all(torch.equal(p, before[n]) for n, p in base.named_parameters())
 
@@ -143,7 +143,7 @@ def test_budgets_that_learn_from_the_same_tokens_share_one_branch(monkeypatch):
     """Two budgets ending in one step, the tokens between them all unsupervised: the same experiment, computed
     once, and each equal to its cell trained alone."""
     base, stream = tiny_model(), RandomStream()
-    cfg = TrainConfig(schedule="constant", batch_size=B, seq_len=T)
+    cfg = TrainConfig(schedule="constant", rows_per_step=B, seq_len=T)
     step = 2
     targets = stream.batch(step, B, T)[1].flatten()
     offset = next(k for k in range(1, B * T - 1) if targets[k] == -1 and targets[:k].ne(-1).any())

@@ -40,7 +40,7 @@ from vmap_sweep.train.trainer import CellRecord
 # ----------------------------------------------------------------------------- helpers
 
 DISK = StudyConfig(model="tiny", data="synthetic", x="lr:1e-4:1:log", y="weight_decay:0.01:100:log",
-                   resolution="32", batch_size=4, seq_len=64, fixed={"tokens": 512})
+                   resolution="32", rows_per_step=4, seq_len=64, fixed={"tokens": 512})
 
 
 def inside_disk(lr: float, wd: float) -> tuple[bool, float]:

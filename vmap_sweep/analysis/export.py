@@ -37,7 +37,7 @@ from vmap_sweep.store.db import DB_NAME, check_output
 
 FORMATS = ("csv", "parquet", "npz", "json")
 DEFAULT_NAME = "cells"  # the export of STUDY without a path: STUDY/cells.FORMAT
-INT_COLUMNS = ("i", "j", "steps", "steps_done", "unstable", "diverged_step", "supervised_tokens", "conversations",
+INT_COLUMNS = ("i", "j", "steps", "steps_done", "unstable", "unstable_step", "supervised_tokens", "conversations",
                "stream_tokens")
 FLOAT_COLUMNS = ("score", "initial_loss", "final_loss", "eval_loss", "wall_time")
 STR_COLUMNS = ("status", "label", "stability", "same_data_as", "budget_unit")
@@ -48,7 +48,7 @@ ARRAY_COLUMNS = ("trajectory", "base_losses", "grad_norms", "lrs")
 # after i, j and the hyperparameter columns (hparam_columns); stability: "stable", or "unstable" where the trainer
 # stopped the cell for a non-finite or runaway loss (the stability map), empty while pending
 COLUMNS = ("status", "label", "stability", "score", "initial_loss", "final_loss", "eval_loss",
-           "steps", "steps_done", "unstable", "diverged_step", "wall_time",
+           "steps", "steps_done", "unstable", "unstable_step", "wall_time",
            # the cell's dataset counted in supervised tokens and conversations (empty for a study that recorded its
            # sizes in tokens only), and "i,j" of the cell whose experiment it repeats (analysis/repeats.py)
            "supervised_tokens", "conversations", "same_data_as",

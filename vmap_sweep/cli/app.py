@@ -133,8 +133,9 @@ def run(
     optimizer: Annotated[str | None, typer.Option(help="adamw, or nanochat (Muon + AdamW).")] = None,
     schedule: Annotated[str | None, typer.Option(help="constant, linear (to zero), cosine, or warmup-cosine (the plan "
                                                        "author's: at least one warmup step).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Rows per optimizer step (sweep tokens per step with "
-                                                        "--x/--y batch_size:MIN:MAX).")] = None,
+    rows_per_step: Annotated[int | None, typer.Option(
+        "--rows-per-step", "--batch-size", help="Rows of --seq-len per optimizer step (sweep tokens per step with "
+                                                "--x/--y batch_size:MIN:MAX).")] = None,
     seq_len: Annotated[int | None, typer.Option(help="Tokens per row.")] = None,
     packing: Annotated[bool | None, typer.Option(
         "--packing/--no-packing", help="Concatenate conversations across rows; the default (--no-packing) is one "
@@ -178,7 +179,7 @@ def run(
         out = out / f"shard-{shard_spec[0]}-of-{shard_spec[1]}"
     stored = StoredRun.read(out)
     given = dict(model=model, data=data, x=x, y=y, resolution=resolution, optimizer=optimizer, schedule=schedule,
-                 batch_size=batch_size, seq_len=seq_len, seed=seed, eval_tokens=eval_tokens,
+                 rows_per_step=rows_per_step, seq_len=seq_len, seed=seed, eval_tokens=eval_tokens,
                  trainable=tuple(trainable.split(",")) if trainable else None, optimizer_state=optimizer_state,
                  checkpoint_activations=checkpoint_activations or None, tokenizer=tokenizer,
                  model_revision=model_revision, data_revision=data_revision, model_format=model_format,
@@ -210,7 +211,7 @@ def run(
 def _run_settings(cfg, device: str, micro_batch_size: int | None = None, deterministic: bool = False):
     from vmap_sweep.run.policy import resolve_device, run_settings
 
-    return run_settings(resolve_device(device), cfg.rows_per_step(), micro_batch_size, deterministic)
+    return run_settings(resolve_device(device), cfg.cell_rows_per_step(), micro_batch_size, deterministic)
 
 
 def _open_backend(cfg, settings, backend: str = "local", address: str | None = None, workers: int | None = None):

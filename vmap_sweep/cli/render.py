@@ -437,7 +437,7 @@ def layout_rows(cfg, layout: dict | None) -> list[tuple[str, str]]:
     """--dry-run: how the data fills the rows (data/stream.py, TokenStream.layout)."""
     if layout is None:
         return []
-    answers = f"{layout['supervised_share'] * cfg.batch_size * cfg.seq_len:,.0f} per step on average"
+    answers = f"{layout['supervised_share'] * cfg.rows_per_step * cfg.seq_len:,.0f} per step on average"
     if layout["layout"] == "packed":
         return [("rows", f"packed: conversations run across rows of {cfg.seq_len}; "
                          f"{layout['cut_share']:.1%} of answer tokens are trained without their conversation's "

@@ -114,7 +114,7 @@ def cells_table(store) -> Any:
     rows = store.rows()
     hparams = sorted({k for r in rows for k in r["hparams"]})
     fields = ["status", "label", "score", "steps_done", "initial_loss", "final_loss", "eval_loss", "unstable",
-              "diverged_step"]
+              "unstable_step"]
     columns = ["i", "j", *hparams, *("class" if f == "label" else f for f in fields)]
     data = [[r["i"], r["j"], *(_plain(r["hparams"].get(h)) for h in hparams), *(_plain(r.get(f)) for f in fields)]
             for r in rows]

@@ -173,7 +173,7 @@ def _heatmap(view: GridView, values: np.ndarray, label: str, cmap, norm=None, bo
 
 
 def score_norm(scores: np.ndarray):
-    """Diverging colours centred on 0: converged (negative) blue, diverged red, on a symmetric-log scale."""
+    """Diverging colours centred on 0: converged (negative) blue, not converged red, on a symmetric-log scale."""
     finite = scores[np.isfinite(scores)]
     if finite.size == 0:
         return None
@@ -203,7 +203,7 @@ def _is_threshold(view: GridView) -> bool:
 
 def threshold_colours() -> ListedColormap:
     """Three bands over score -1..2: blues (converged, darker = lower loss), yellows (marginal), reds
-    (diverged, darker = higher loss)."""
+    (not converged, darker = higher loss)."""
     t = np.linspace(0, 1, _SEGMENT)
     return ListedColormap(np.vstack([plt.get_cmap("Blues")(0.95 - 0.55 * t), plt.get_cmap("YlOrBr")(0.1 + 0.25 * t),
                                      plt.get_cmap("Reds")(0.5 + 0.45 * t)]), name="threshold_classes")
@@ -211,7 +211,7 @@ def threshold_colours() -> ListedColormap:
 
 def threshold_values(view: GridView) -> np.ndarray:
     """The threshold score (-1..2), kept inside its class's band (by the stored label) so that every cell's
-    colour says its class: converged in [-1, 0), marginal in [0, 1), diverged in [1, 2]."""
+    colour says its class: converged in [-1, 0), marginal in [0, 1), not converged in [1, 2]."""
     s = np.array(view.scores, dtype=float)
     labels = view.labels
     if labels is None:
@@ -311,7 +311,7 @@ def plot_trajectories(
     view: GridView, trajectories: dict[tuple[int, int], np.ndarray], rows: Sequence[int], max_lines: int = 12
 ):
     """Per-step losses of the cells in the chosen rows (a sample of columns), coloured by class (blue
-    converged, gold dash-dot marginal, red diverged; darker = larger x), against the reference the criterion uses:
+    converged, gold dash-dot marginal, red not converged; darker = larger x), against the reference the criterion uses:
     ratio criterion: loss ÷ base model's loss on the same batch, with the line at 1; threshold criterion:
     the training loss with both thresholds and the base model's loss on the same batches."""
     threshold = _is_threshold(view)
@@ -384,7 +384,7 @@ TRAINABILITY_LABEL = "trainability boundary (converged within)"
 def stability_figure(view: GridView):
     """Stability and trainability apart: cells the trainer stopped as unstable (non-finite or runaway loss), cells
     that stayed stable but did not converge (at a low LR, too small a step to beat the reference), and converged
-    cells; each boundary drawn on its own, so an untrained cell is not read as a diverged one."""
+    cells; each boundary drawn on its own, so an untrained cell is not read as a not converged one."""
     pending = np.isnan(view.scores)
     unstable = view.unstable if view.unstable is not None else ~view.converged & ~pending
     values = np.where(view.converged, 0.0, np.where(unstable, 2.0, 1.0))

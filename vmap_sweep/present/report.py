@@ -35,6 +35,7 @@ from vmap_sweep.present.provenance import provenance_rows
 from vmap_sweep.present.tables import fit_rows, rules_rows
 from vmap_sweep.store import extras
 from vmap_sweep.store.db import StudyStore, check_output
+from vmap_sweep.study.config import tokens_per_step
 
 FORMATS = ("md", "html")
 MAX_TABLE_ROWS = 16  # per-size rules rows shown in the report (a 128-row table does not belong in a draft)
@@ -166,7 +167,7 @@ def _batch_text(cfg: dict, tokens_step: int | None) -> str:
     swept = [side for side in ("x", "y") if str(cfg.get(side, "")).startswith("batch_size:")]
     if swept:
         return f"swept on the {swept[0]} axis (batch_size, tokens per step), rows of {cfg.get('seq_len')} tokens"
-    return (f"{cfg.get('batch_size')} rows × {cfg.get('seq_len')} tokens"
+    return (f"{cfg.get('rows_per_step')} rows × {cfg.get('seq_len')} tokens"
             + (f" = {tokens_step} tokens per step" if tokens_step else ""))
 
 
@@ -175,8 +176,8 @@ def _config_section(doc: _Doc, store: StudyStore) -> None:
     doc.h("Study")
     counts = store.label_counts()
     tokens_step = None
-    if isinstance(cfg.get("batch_size"), int) and isinstance(cfg.get("seq_len"), int):
-        tokens_step = cfg["batch_size"] * cfg["seq_len"]
+    if isinstance(cfg.get("rows_per_step"), int) and isinstance(cfg.get("seq_len"), int):
+        tokens_step = tokens_per_step(cfg["rows_per_step"], cfg["seq_len"])
     crit = extras.criterion(store)
     options = ", ".join(f"{k}={v}" for k, v in crit.items() if k != "criterion")
     rows = [
@@ -205,7 +206,7 @@ def _config_section(doc: _Doc, store: StudyStore) -> None:
         "classes are recomputed from stored trajectories, never by re-training."
         if crit.get("criterion", "ratio") == "ratio" else
         "Every cell is one fine-tune of the same base model; a run is converged when its final training loss "
-        "is below the threshold above and diverged when non-finite or above the upper threshold."
+        "is below the threshold above and not converged when non-finite or above the upper threshold."
     )
 
 
@@ -227,7 +228,7 @@ def _maps_section(doc: _Doc, store: StudyStore, study: StudyView, tmp: Path) -> 
         score = ("the score log(final loss / lower threshold) / log(upper / lower threshold), negative when "
                  "converged, between 0 and 1 when marginal, as sign·log(1+|s|)")
     doc.figure("score", paths["score"],
-               f"Convergence map of {store.nx}×{store.ny} fine-tunes over {axes}. Blue: converged, red: diverged"
+               f"Convergence map of {store.nx}×{store.ny} fine-tunes over {axes}. Blue: converged, red: not converged"
                f"{'' if extras.criterion(store)['criterion'] == 'ratio' else ', pale yellow: marginal'}; colour "
                f"is {score}. The black line is the boundary between converged cells and the rest.")
     doc.figure("final_loss", paths["final_loss"],
@@ -242,7 +243,7 @@ def _maps_section(doc: _Doc, store: StudyStore, study: StudyView, tmp: Path) -> 
         which = ", ".join(format_count(view.ys[j]) for j in rows)
         doc.figure("trajectories", paths["trajectories"],
                    f"Training loss per step for {view.y_name} = {which} (one panel each), a sample of "
-                   f"{view.x_name} values coloured by class (blue converged, red diverged); under the ratio "
+                   f"{view.x_name} values coloured by class (blue converged, red not converged); under the ratio "
                    "criterion as loss ÷ the base model's loss on the same batch, with the line at 1 it is judged "
                    "against.")
 

@@ -213,8 +213,8 @@ def bench(depth: int, models: int, tokens_per_step: int = 8192, seq_len: int = 1
     gcfg = GPTConfig.from_depth(depth, **overrides)
     check_memory(gcfg, models, optimizer_state_dtype, dev)
     model = GPT(gcfg).init_weights(0).to(dev)
-    batch_size = tokens_per_step // seq_len
-    tcfg = TrainConfig(batch_size=batch_size, seq_len=seq_len, micro_batch_size=micro_batch_size, trainable=trainable,
+    rows = tokens_per_step // seq_len
+    tcfg = TrainConfig(rows_per_step=rows, seq_len=seq_len, micro_batch_size=micro_batch_size, trainable=trainable,
                        optimizer_state_dtype=optimizer_state_dtype, compile=compile,
                        checkpoint_activations=checkpoint_activations, checkpoint_blocks=checkpoint_blocks)
     stream = RandomStream(vocab, dev)
@@ -223,7 +223,7 @@ def bench(depth: int, models: int, tokens_per_step: int = 8192, seq_len: int = 1
         torch.cuda.reset_peak_memory_stats()
     stacked_batch = time_stacked(model, models, tcfg, steps, dev)
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
-    base_cell, variants = best_baseline(model, stream, batch_size, seq_len, steps, dev, micro_batch_size)
+    base_cell, variants = best_baseline(model, stream, rows, seq_len, steps, dev, micro_batch_size)
     del model
     _free(dev)
     flops = gcfg.flops_per_token(seq_len) * tokens_per_step

@@ -86,7 +86,7 @@ def describe_plan(cfg: StudyConfig, batches: list, model_config: GPTConfig, devi
         summary["flops"] += (plan_summary([b], per_step)["flops"]
                              + sharing_summary([b])["read_out_model_steps"] * per_step)
     # and each cell's eval pass: a forward (a third of a step's work) over the held-out tokens, in steps of the
-    # study's --batch-size rows, the eval batches' size
+    # study's --rows-per-step rows, the eval batches' size
     summary["eval_model_steps"] = summary["cells"] * cfg.eval_tokens / cfg.tokens_per_step() / 3
     summary["flops"] += summary["eval_model_steps"] * flops_per_model_step(model_config, cfg.seq_len,
                                                                            cfg.tokens_per_step())

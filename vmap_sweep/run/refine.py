@@ -171,7 +171,7 @@ def _record(row: dict) -> CellRecord:
                       losses=row["trajectory"].tolist(), base_losses=row["base_losses"].tolist(),
                       grad_norms=row["grad_norms"].tolist(), lrs=row["lrs"].tolist(),
                       steps_done=int(row["steps_done"]), unstable=bool(row["unstable"]),
-                      diverged_step=row["diverged_step"], eval_loss=opt(row["eval_loss"]),
+                      unstable_step=row["unstable_step"], eval_loss=opt(row["eval_loss"]),
                       wall_time=0.0)  # a copy trains nothing: a level's training time is its own
 
 

@@ -73,7 +73,7 @@ class ResolvedRun:
         """The run settings on this machine's device (checked: a bad one is refused before any folder is touched)."""
         from vmap_sweep.run.policy import resolve_device, run_settings
 
-        return run_settings(resolve_device(self.device), self.config.rows_per_step(), self.micro_batch_size,
+        return run_settings(resolve_device(self.device), self.config.cell_rows_per_step(), self.micro_batch_size,
                             self.deterministic)
 
 

@@ -44,7 +44,7 @@ def train_config(cfg: StudyConfig, settings: RunSettings, compile: bool) -> Trai
         compile=compile,
         optimizer=cfg.optimizer,
         schedule=cfg.schedule,
-        batch_size=cfg.batch_size,
+        rows_per_step=cfg.rows_per_step,
         seq_len=cfg.seq_len,
         micro_batch_size=settings.micro_batch_size,
         trainable=cfg.trainable,
@@ -106,7 +106,7 @@ def load_study_data(cfg: StudyConfig, device: torch.device) -> StudyData:
         return StudyData(model, tokenizer, stream, [])
     held_out = EvalSet.build(load_conversations(cfg.data, "validation", cfg.data_revision), tokenizer, cfg.eval_tokens,
                              max_len=max_len, source=cfg.data, row_len=cfg.row_len)
-    return StudyData(model, tokenizer, stream, held_out.batches(cfg.batch_size, cfg.seq_len))
+    return StudyData(model, tokenizer, stream, held_out.batches(cfg.rows_per_step, cfg.seq_len))
 
 
 def weights_name(model: str) -> str:
@@ -153,7 +153,7 @@ class Worker:
         self.data = load_study_data(cfg, self.device)
         check_base_model(self.data, cfg)
         self.train_cfg = train_config(cfg, settings, compile_on(self.device, self.data.model, settings.compile))
-        self.rows_per_step = cfg.rows_per_step()
+        self.rows_per_step = cfg.cell_rows_per_step()
         # by rows per step: the models that last fitted at once; later batches of as many rows are cut to it
         self.fits: dict[int, int] = {}
         self.base_cache: dict = {}  # the base model's per-token losses by step: every batch sees the same steps
@@ -167,7 +167,7 @@ class Worker:
             trainer = TrunkTrainer(self.data.model, sub, self.train_cfg, self.device, self.base_cache)
             return trainer.run(self.data.stream, self.data.eval_batches if evaluate else None)
 
-        rows = with_batch_size_of([lane[0] for lane in lanes], self.train_cfg).batch_size
+        rows = with_batch_size_of([lane[0] for lane in lanes], self.train_cfg).rows_per_step
 
         def fitted(n: int) -> None:
             self.fits[rows] = n

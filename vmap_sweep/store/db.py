@@ -34,6 +34,7 @@ import numpy as np
 
 from vmap_sweep.errors import ConfigError, StoreError
 from vmap_sweep.study import criterion as criterion_rules
+from vmap_sweep.study.config import newer_keys
 from vmap_sweep.study.grid import Cell
 
 DB_NAME = "study.db"
@@ -65,7 +66,7 @@ CREATE TABLE cells (
     final_loss    REAL,
     eval_loss     REAL,
     unstable      INTEGER,
-    diverged_step INTEGER,
+    unstable_step INTEGER,
     trajectory    BLOB,
     base_losses   BLOB,
     grad_norms    BLOB,
@@ -97,11 +98,11 @@ CREATE TABLE extra (
 # Columns that hold a cell's training results (what merge compares; label/score are recomputable and
 # wall_time/batch_index/shard/finished_at describe the run, not the result).
 RESULT_COLUMNS = ("steps", "steps_done", "initial_loss", "final_loss", "eval_loss", "unstable",
-                  "diverged_step", "trajectory", "base_losses", "grad_norms", "lrs")
+                  "unstable_step", "trajectory", "base_losses", "grad_norms", "lrs")
 _RUN_COLUMNS = ("wall_time", "label", "score", "batch_index", "shard", "finished_at")
 ARRAY_FIELDS = ("trajectory", "base_losses", "grad_norms", "lrs")
 NUMERIC_FIELDS = ("x", "y", "steps", "steps_done", "initial_loss", "final_loss", "eval_loss", "unstable",
-                  "diverged_step", "wall_time", "score", "batch_index")
+                  "unstable_step", "wall_time", "score", "batch_index")
 _FLOAT_FIELDS = ("x", "y", "initial_loss", "final_loss", "eval_loss", "wall_time", "score")
 
 
@@ -300,7 +301,7 @@ class StudyStore:
         self._file = _identity(path)  # the database file this connection opened
         meta = _verified_meta(conn, path)
         self.config_json: str = meta["config"]
-        self.config: dict[str, Any] = json.loads(meta["config"])
+        self.config: dict[str, Any] = newer_keys(json.loads(meta["config"]))  # a read-only older study's too
         self.config_hash: str = meta["config_hash"]
         self.created: str = meta["created"]
         self.study_id: str | None = meta.get("study_id")  # studies made before it was recorded have none
@@ -503,13 +504,13 @@ class StudyStore:
         for key, rec in results:
             i, j = _cell_key(key)
             losses = np.array(rec.losses, dtype=np.float64).reshape(-1)
-            ds = rec.diverged_step
+            ds = rec.unstable_step
             rows.append({
                 "i": i, "j": j, "steps": int(rec.steps), "steps_done": int(rec.steps_done),
                 "initial_loss": _opt_float(rec.initial_loss),
                 "final_loss": float(losses[-1]) if len(losses) else None,
                 "eval_loss": _opt_float(rec.eval_loss),
-                "unstable": int(bool(rec.unstable)), "diverged_step": None if ds is None else int(ds),
+                "unstable": int(bool(rec.unstable)), "unstable_step": None if ds is None else int(ds),
                 "trajectory": _to_blob(losses), "grad_norms": _to_blob(rec.grad_norms),
                 "base_losses": _to_blob(rec.base_losses), "lrs": _to_blob(rec.lrs),
                 "wall_time": _opt_float(rec.wall_time), "batch_index": batch_index, "shard": shard,
@@ -526,7 +527,7 @@ class StudyStore:
                 conn.execute(
                     "UPDATE cells SET status='done', steps=:steps, steps_done=:steps_done, "
                     "initial_loss=:initial_loss, final_loss=:final_loss, eval_loss=:eval_loss, "
-                    "unstable=:unstable, diverged_step=:diverged_step, trajectory=:trajectory, "
+                    "unstable=:unstable, unstable_step=:unstable_step, trajectory=:trajectory, "
                     "base_losses=:base_losses, "
                     "grad_norms=:grad_norms, lrs=:lrs, wall_time=:wall_time, batch_index=:batch_index, "
                     "shard=:shard, finished_at=:finished_at, label=:label, score=:score WHERE i=:i AND j=:j", r)
@@ -731,13 +732,13 @@ def _check_rows(conn: sqlite3.Connection, path: Path, config: Mapping[str, Any],
     expected = _grid_cells(config, nx, ny)
     rows = conn.execute(
         "SELECT i, j, x, y, hparams, status, steps, steps_done, initial_loss, final_loss, eval_loss, unstable, "
-        "diverged_step, typeof(trajectory), length(trajectory), label, score, length(base_losses) "
+        "unstable_step, typeof(trajectory), length(trajectory), label, score, length(base_losses) "
         "FROM cells ORDER BY j, i").fetchall()
-    for (i, j, x, y, hparams, status, steps, steps_done, initial, final, evals, unstable, diverged_step,
+    for (i, j, x, y, hparams, status, steps, steps_done, initial, final, evals, unstable, unstable_step,
          kind, size, label, score, base_size) in rows:
         why = _bad_row(i, j, x, y, hparams, expected)
         if why is None and status == "done":
-            why = _bad_result(steps, steps_done, (initial, final, evals), unstable, diverged_step, kind, size,
+            why = _bad_result(steps, steps_done, (initial, final, evals), unstable, unstable_step, kind, size,
                               label, score)
         if why is None and status == "done" and kind == "blob" and isinstance(size, int):
             why = _bad_lengths(size, base_size, initial)
@@ -799,7 +800,7 @@ def _bad_lengths(size: int, base_size: Any, initial: Any) -> str | None:
     return None
 
 
-def _bad_result(steps: Any, steps_done: Any, losses: tuple, unstable: Any, diverged_step: Any, kind: str,
+def _bad_result(steps: Any, steps_done: Any, losses: tuple, unstable: Any, unstable_step: Any, kind: str,
                 size: Any, label: Any, score: Any) -> str | None:
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= _MAX_STEPS:
         return f" has {steps!r:.40} steps; a run takes 1 to {_MAX_STEPS:,}"
@@ -812,8 +813,8 @@ def _bad_result(steps: Any, steps_done: Any, losses: tuple, unstable: Any, diver
             return f" has {name} {v!r}, below 0, which no cross-entropy loss is"
     if unstable not in (0, 1):
         return f" has unstable={unstable!r:.40}, not 0 or 1"
-    if diverged_step is not None and (not isinstance(diverged_step, int) or not 0 <= diverged_step <= steps):
-        return f" diverged at step {diverged_step!r:.40}, outside its {steps} steps"
+    if unstable_step is not None and (not isinstance(unstable_step, int) or not 0 <= unstable_step <= steps):
+        return f" stopped at step {unstable_step!r:.40}, outside its {steps} steps"
     if kind == "blob" and isinstance(size, int) and size % 8 == 0 and size // 8 > steps + 1:
         return f" holds {size // 8} losses for its {steps} steps"
     if label is not None and label not in criterion_rules.LABELS:
@@ -1085,36 +1086,56 @@ def _is_empty(conn: sqlite3.Connection, path: Path) -> bool:
         raise storage_error(path, e) from None
 
 
-# Studies written before the trainer's flag and the class were named apart: the flag's column was `diverged`
-# and the class "not converged" was stored as "diverged".
-_OLDER_FLAG_COLUMN = "diverged"
+# Studies written before the trainer's flag and the class were named apart: the flag's columns were `diverged`
+# and `diverged_step`, and the class "not converged" was stored as "diverged".
+_OLDER_COLUMNS = {"diverged": "unstable", "diverged_step": "unstable_step"}
 
 
 def _read_older_names(conn: sqlite3.Connection, path: Path, read_only: bool) -> None:
     """Let a study written under the older names read as today's. A writable one is migrated where it lies, in one
-    transaction (the column renamed, its labels rewritten), so every later reader and writer sees one schema. A
-    read-only one can't be written: a temporary view named `cells` (it shadows the table for this connection only)
-    maps the older names as rows are read, and the store, opened read-only, writes nothing."""
+    transaction (columns renamed, labels rewritten, its config's keys renamed and hashed again), so every later
+    reader and writer sees one schema. A read-only one can't be written: a temporary view named `cells` (it shadows
+    the table for this connection only) maps the older names as rows are read, the store reads its config under
+    today's keys, and, opened read-only, writes nothing."""
     try:
         have = {r[1] for r in conn.execute("PRAGMA main.table_info(cells)")}
     except sqlite3.Error as e:
         raise storage_error(path, e) from None
-    if _OLDER_FLAG_COLUMN not in have or "unstable" in have:
+    try:
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        ours = meta.get("app") == APP and meta.get("schema_version") == str(SCHEMA_VERSION)
+        stored = json.loads(meta["config"]) if ours and "config" in meta else None
+    except (sqlite3.Error, TypeError, ValueError, RecursionError):
+        ours, stored = False, None
+    if not ours:  # no study's meta, another app's or version's, or a damaged one: the checks that follow name it
         return
+    renamed = {a: b for a, b in _OLDER_COLUMNS.items() if a in have and b not in have}
+    newer = newer_keys(stored) if isinstance(stored, dict) else stored
+    if not renamed and newer == stored:
+        return
+    if not read_only:  # the config's hash is checked against its text as it is before it is rewritten
+        _verified_meta(conn, path)
     older = "', '".join(criterion_rules.LEGACY_LABELS)
     relabel = " ".join(f"WHEN '{a}' THEN '{b}'" for a, b in criterion_rules.LEGACY_LABELS.items())
     try:
         if read_only:
-            columns = ", ".join("unstable" if c == _OLDER_FLAG_COLUMN else c for c in _ordered_columns(conn))
-            mapped = ", ".join(f"{_OLDER_FLAG_COLUMN} AS unstable" if c == _OLDER_FLAG_COLUMN
-                               else f"CASE label {relabel} ELSE label END AS label" if c == "label" else c
-                               for c in _ordered_columns(conn))
-            conn.execute(f"CREATE TEMP VIEW cells ({columns}) AS SELECT {mapped} FROM main.cells")
+            if renamed:
+                columns = ", ".join(renamed.get(c, c) for c in _ordered_columns(conn))
+                mapped = ", ".join(f"{c} AS {renamed[c]}" if c in renamed
+                                   else f"CASE label {relabel} ELSE label END AS label" if c == "label" else c
+                                   for c in _ordered_columns(conn))
+                conn.execute(f"CREATE TEMP VIEW cells ({columns}) AS SELECT {mapped} FROM main.cells")
             return
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute(f"ALTER TABLE cells RENAME COLUMN {_OLDER_FLAG_COLUMN} TO unstable")
-            conn.execute(f"UPDATE cells SET label = CASE label {relabel} END WHERE label IN ('{older}')")
+            for a, b in renamed.items():
+                conn.execute(f"ALTER TABLE cells RENAME COLUMN {a} TO {b}")
+            if renamed:
+                conn.execute(f"UPDATE cells SET label = CASE label {relabel} END WHERE label IN ('{older}')")
+            if newer != stored:
+                text = canonical_json(newer)
+                conn.executemany("UPDATE meta SET value = ? WHERE key = ?",
+                                 [(text, "config"), (hashlib.sha256(text.encode()).hexdigest(), "config_hash")])
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")

@@ -30,6 +30,18 @@ SOURCE_OPTIONS = ("tokenizer", "model_revision", "data_revision", "model_format"
 # what it meant then (packed rows, budgets in tokens): each is stored (and hashed) only where it differs from that.
 EARLIER_MEANING = {"packing": True, "budget_unit": "tokens"}
 BUDGET_UNITS = SIZE_UNITS
+# Keys a study's stored config held under an older name: rows per step was stored as `batch_size`, the name the
+# batch_size axis gives tokens per step.
+OLDER_KEYS = {"batch_size": "rows_per_step"}
+
+
+def newer_keys(config: dict) -> dict:
+    """A stored config with today's key names (a copy; the values as they are)."""
+    out = dict(config)
+    for old, new in OLDER_KEYS.items():
+        if old in out and new not in out:
+            out[new] = out.pop(old)
+    return out
 
 
 def tokens_per_step(rows: int, seq_len: int) -> int:
@@ -88,7 +100,7 @@ def check_steps(cfg: StudyConfig, x, y) -> None:
         if tokens / per_step > MAX_STEPS_PER_CELL:
             raise ConfigError(f"{option}: {tokens:.3g} tokens are {tokens / per_step:.3g} optimizer steps of "
                               f"{per_step} tokens, more than the {MAX_STEPS_PER_CELL:,} a cell may take; "
-                              "use fewer tokens or a larger --batch-size x --seq-len")
+                              "use fewer tokens or a larger --rows-per-step x --seq-len")
 
 
 @dataclass(frozen=True)
@@ -102,7 +114,7 @@ class StudyConfig:
     # constant: Sohl-Dickstein's setting, and a dataset size is then a prefix of every larger one, so a learning
     # rate's column trains as one trajectory (study/plan.py, `trunks`); linear: nanochat's SFT decay to zero
     schedule: str = "constant"
-    batch_size: int = 8
+    rows_per_step: int = 8  # rows of seq_len per optimizer step (the batch_size axis counts tokens)
     seq_len: int = 1024
     seed: int = 42
     # held-out tokens each cell's eval loss is taken on; 0: no eval pass (no criterion reads the eval loss)
@@ -140,7 +152,7 @@ class StudyConfig:
     @classmethod
     def from_dict(cls, d: dict) -> StudyConfig:
         known = {f.name for f in fields(cls)}
-        d = {**EARLIER_MEANING, **{k: v for k, v in d.items() if k in known}}
+        d = {**EARLIER_MEANING, **{k: v for k, v in newer_keys(d).items() if k in known}}
         d["trainable"] = tuple(d.get("trainable", GROUPS))
         return cls(**d)
 
@@ -158,11 +170,11 @@ class StudyConfig:
         x, y = self.axes
         check_axis_pair(x, y)
         parse_resolution(self.resolution)
-        for name in ("batch_size", "seq_len", "eval_tokens", "seed"):
+        for name in ("rows_per_step", "seq_len", "eval_tokens", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"--{name.replace('_', '-')} {value!r}: give a whole number")
-        for name in ("batch_size", "seq_len"):
+        for name in ("rows_per_step", "seq_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.eval_tokens < 0:
@@ -176,7 +188,7 @@ class StudyConfig:
                 or not math.isfinite(self.divergence_ratio) or self.divergence_ratio <= 1:
             raise ConfigError(f"divergence ratio {self.divergence_ratio!r}: give a finite number above 1")
         if self.tokens_per_step() > MAX_TOKENS_PER_STEP:  # refused before a step's tensors are allocated
-            raise ConfigError(f"--batch-size {self.batch_size} x --seq-len {self.seq_len} = "
+            raise ConfigError(f"--rows-per-step {self.rows_per_step} x --seq-len {self.seq_len} = "
                               f"{self.tokens_per_step():,} tokens per step, more than {MAX_TOKENS_PER_STEP:,};"
                               " use fewer rows or shorter ones")
         if self.optimizer not in OPTIMIZERS:
@@ -207,10 +219,11 @@ class StudyConfig:
                 raise ConfigError("no learning rate: sweep `lr` on an axis or fix it with --set lr=VALUE")
 
     def _check_batch_size(self, spec) -> None:
-        """Tokens per step are swept on an axis (whole rows of seq_len) or set by --batch-size, never by --set."""
+        """Tokens per step are swept on an axis (whole rows of seq_len) or set by --rows-per-step, never by --set."""
         if "batch_size" in self.fixed:
             raise ConfigError(f"--set batch_size={self.fixed['batch_size']}: a study that does not sweep the batch "
-                              "size sets its rows per step with --batch-size ROWS (tokens per step = rows × --seq-len)")
+                              "size sets its rows per step with --rows-per-step ROWS (tokens per step = rows × "
+                              "--seq-len)")
         if spec is not None and spec.lo < self.seq_len:
             raise ConfigError(f"axis spec {str(spec)!r}: batch_size counts tokens per step in whole rows of --seq-len "
                               f"{self.seq_len} tokens; use a min >= {self.seq_len}")
@@ -221,18 +234,18 @@ class StudyConfig:
         return None if self.packing else self.seq_len
 
     def tokens_per_step(self, hparams: dict | None = None) -> int:
-        """A cell's tokens per optimizer step: its swept batch_size, else --batch-size rows of --seq-len."""
+        """A cell's tokens per optimizer step: its swept batch_size, else --rows-per-step rows of --seq-len."""
         if hparams is not None and "batch_size" in hparams:
             return int(hparams["batch_size"])
-        return tokens_per_step(self.batch_size, self.seq_len)
+        return tokens_per_step(self.rows_per_step, self.seq_len)
 
-    def rows_per_step(self) -> tuple[int, ...]:
+    def cell_rows_per_step(self) -> tuple[int, ...]:
         """The distinct rows per optimizer step of the study's cells, ascending (one unless batch_size is swept)."""
         nx, ny = parse_resolution(self.resolution)
         for spec, n in zip(self.axes, (nx, ny), strict=True):
             if spec.name == "batch_size":
                 return tuple(sorted({int(v) // self.seq_len for v in spec.values(n, self.seq_len)}))
-        return (self.batch_size,)
+        return (self.rows_per_step,)
 
 
 PRESETS: dict[str, StudyConfig] = {
@@ -244,7 +257,7 @@ PRESETS: dict[str, StudyConfig] = {
         x="lr:1e-6:1e-3:log",
         y="tokens:1e3:1e6:log",
         resolution="128",
-        batch_size=8,
+        rows_per_step=8,
         seq_len=1024,
         seed=42,
     ),
@@ -255,12 +268,12 @@ PRESETS: dict[str, StudyConfig] = {
         x="lr:1e-4:1:log",
         y="tokens:256:16384:log",
         resolution="32",
-        batch_size=4,
+        rows_per_step=4,
         seq_len=64,
         seed=42,
         eval_tokens=4096,
         # 64-token rows hold no whole synthetic conversation (~190 tokens): rows would drop them all. The tiny
-        # study is packed; `--no-packing --seq-len 256 --batch-size 1` gives nanochat's rows at the same steps.
+        # study is packed; `--no-packing --seq-len 256 --rows-per-step 1` gives nanochat's rows at the same steps.
         packing=True,
     ),
 }

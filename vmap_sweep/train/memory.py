@@ -35,7 +35,7 @@ def _fits(model: GPT, k: int, cfg: TrainConfig, device: torch.device) -> bool:
     lanes = [[{"lr": 1e-6, "tokens": tokens - 1}, {"lr": 1e-6, "tokens": tokens}] for _ in range(k)]
     stream = _RandomTokens(model.config.vocab_size)
     try:
-        TrunkTrainer(model, lanes, cfg, device).run(stream, [stream.batch(2, cfg.batch_size, cfg.seq_len)])
+        TrunkTrainer(model, lanes, cfg, device).run(stream, [stream.batch(2, cfg.rows_per_step, cfg.seq_len)])
         fits = True
     except torch.OutOfMemoryError:
         fits = False
@@ -59,7 +59,7 @@ def probe_models_per_batch(model: GPT, cfg: TrainConfig, device: str | torch.dev
     device = torch.device(device)
     if device.type != "cuda":
         return min(limit, 8)
-    cfg = replace(cfg, compile=False, batch_size=max(rows_per_step, default=cfg.batch_size))
+    cfg = replace(cfg, compile=False, rows_per_step=max(rows_per_step, default=cfg.rows_per_step))
     if not _fits(model, 1, cfg, device):
         raise OutOfMemoryForOneModel(
             f"not even one model fits in GPU memory at {cfg.tokens_per_step} tokens per step; lower "

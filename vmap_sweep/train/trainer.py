@@ -41,7 +41,7 @@ NANOCHAT_UNEMBEDDING_LR = 0.004
 class TrainConfig:
     optimizer: str = "adamw"  # "adamw", or "nanochat": Muon on block matrices + AdamW on (un)embedding
     schedule: str = "constant"  # constant | linear (to zero, nanochat SFT) | cosine
-    batch_size: int = 8  # rows per optimizer step (tokens per step: `tokens_per_step`)
+    rows_per_step: int = 8  # rows of seq_len per optimizer step (tokens per step: `tokens_per_step`)
     seq_len: int = 1024
     micro_batch_size: int | None = None  # rows per forward/backward (gradient accumulation); None = all
     adam_betas: tuple[float, float] = (0.9, 0.95)
@@ -72,7 +72,7 @@ class TrainConfig:
 
     @property
     def tokens_per_step(self) -> int:
-        return tokens_per_step(self.batch_size, self.seq_len)
+        return tokens_per_step(self.rows_per_step, self.seq_len)
 
     def validate(self) -> None:
         """Programming errors only: a study's options were checked as a StudyConfig already."""
@@ -80,7 +80,7 @@ class TrainConfig:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {OPTIMIZERS}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose from {SCHEDULES}")
-        check_micro_batch_size(self.micro_batch_size, self.batch_size)
+        check_micro_batch_size(self.micro_batch_size, self.rows_per_step)
         if self.checkpoint_blocks is not None and (self.checkpoint_blocks < 0 or not self.checkpoint_activations):
             raise ValueError(f"checkpoint_blocks {self.checkpoint_blocks}: give a number >= 0, with "
                              "checkpoint_activations")
@@ -113,7 +113,7 @@ class CellRecord:
     lrs: list[float] = field(default_factory=list)
     steps_done: int = 0
     unstable: bool = False
-    diverged_step: int | None = None
+    unstable_step: int | None = None
     eval_loss: float | None = None
     wall_time: float = 0.0
 
@@ -127,7 +127,7 @@ class CellRecord:
         self.losses, self.base_losses = list(src.losses), list(src.base_losses)
         self.grad_norms, self.lrs = list(src.grad_norms), list(src.lrs)
         self.steps_done, self.initial_loss, self.eval_loss = src.steps_done, src.initial_loss, src.eval_loss
-        self.unstable, self.diverged_step = src.unstable, src.diverged_step
+        self.unstable, self.unstable_step = src.unstable, src.unstable_step
 
     def end_with(self, loss: float) -> None:
         """The loss of its last batch after its last update; the reference is that batch's base loss."""
@@ -158,7 +158,7 @@ class Step:
             if len(rec.losses) == 1:  # the loss before any update, even if step 0 had no token to learn from
                 rec.initial_loss = rec.losses[0]
             if self.bad[i]:
-                rec.unstable, rec.diverged_step = True, step
+                rec.unstable, rec.unstable_step = True, step
 
 
 def group_lrs(hp: dict, optimizer: str, n_embd: int) -> dict[str, float]:
@@ -285,7 +285,7 @@ def with_batch_size_of(cells: Sequence[dict], cfg: TrainConfig) -> TrainConfig:
     (tokens,) = sizes
     if tokens % cfg.seq_len:
         raise ValueError(f"batch_size {tokens} is not a whole number of rows of {cfg.seq_len} tokens")
-    return replace(cfg, batch_size=tokens // cfg.seq_len)
+    return replace(cfg, rows_per_step=tokens // cfg.seq_len)
 
 
 def set_determinism(seed: int, deterministic: bool) -> None:
@@ -433,12 +433,12 @@ class StackedTrainer:
         to the last that holds a position inside one of them, rounded up to a power of two (so that a compiled
         step sees a few shapes), at most the batch. The rows left out carry no loss weight, and a row's numbers
         never depend on the rows beside it: a budget that ends in a step's first row costs one row, not the step."""
-        inside = budget_mask(step, self.tokens if budgets is None else list(budgets), self.cfg.batch_size,
+        inside = budget_mask(step, self.tokens if budgets is None else list(budgets), self.cfg.rows_per_step,
                              self.cfg.seq_len, "cpu")
         used = inside.flatten(0, -3).any(0).any(-1).nonzero()
         if not len(used):
             return 0
-        return min(self.cfg.batch_size, 1 << int(used[-1]).bit_length())
+        return min(self.cfg.rows_per_step, 1 << int(used[-1]).bit_length())
 
     def _forward_backward(self, inputs, targets, weights, with_grad: bool, stages=None,
                           rows: int | None = None) -> torch.Tensor:

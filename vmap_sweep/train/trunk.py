@@ -277,7 +277,7 @@ class TrunkTrainer(StackedTrainer):
     def _batch(self, step: int) -> tuple:
         """(step, inputs, targets) on the device; the last one is kept, since read-outs read it again."""
         if self._on_device is None or self._on_device[0] != step:
-            inputs, targets = self.stream.batch(step, self.cfg.batch_size, self.cfg.seq_len)
+            inputs, targets = self.stream.batch(step, self.cfg.rows_per_step, self.cfg.seq_len)
             self._on_device = (step, inputs.to(self.device), targets.to(self.device))
         return self._on_device
 
