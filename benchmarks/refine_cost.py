@@ -62,10 +62,14 @@ def truth_map(name: str, ny: int, nx: int) -> np.ndarray:
 
 
 def project(cfg, levels: int, truth: np.ndarray, *, margin: int = DEFAULT_MARGIN, trace: bool = False,
-            models_per_batch: int = 8, step_seconds: float = 1.0, readout_seconds: float = 0.0) -> dict:
-    """Per level (0: the base study) the cells trained, trunks, model-steps, read-outs and seconds; and totals."""
-    def price(model_steps: int, read_outs: int) -> float:
-        return model_steps * step_seconds / models_per_batch + read_outs * readout_seconds
+            models_per_batch: int = 8, step_seconds: float = 1.0, readout_seconds: float = 0.0,
+            level_readout_seconds: float | None = None) -> dict:
+    """Per level (0: the base study) the cells trained, trunks, model-steps, read-outs and seconds; and totals.
+    level_readout_seconds: a read-out of a refined level, which takes no eval pass (default: readout_seconds)."""
+    def price(model_steps: int, read_outs: int, per_read_out: float = readout_seconds) -> float:
+        return model_steps * step_seconds / models_per_batch + read_outs * per_read_out
+
+    per_level_read_out = readout_seconds if level_readout_seconds is None else level_readout_seconds
 
     nx, ny = parse_resolution(cfg.resolution)
     grid = build_grid(cfg)
@@ -88,7 +92,8 @@ def project(cfg, levels: int, truth: np.ndarray, *, margin: int = DEFAULT_MARGIN
         rows.append({"level": level, "grid": f"{fgrid.nx}x{fgrid.ny}", "trained": trained,
                      "rounds": len(entry["rounds"]), "inferred": entry["inferred"],
                      "trunks": sum(len(b.stacked) for b in batches),
-                     "model_steps": steps, "read_outs": trained, "seconds": price(steps, trained)})
+                     "model_steps": steps, "read_outs": trained,
+                     "seconds": price(steps, trained, per_level_read_out)})
     total = sum(r["seconds"] for r in rows)
     finest = sim[-1]
     wrong = (finest["codes"] != truth) & finest["inferred_mask"]
@@ -118,6 +123,8 @@ def main() -> None:
     p.add_argument("--models-per-batch", type=int, default=8)
     p.add_argument("--step-seconds", type=float, required=True, help="one optimizer step of a full batch")
     p.add_argument("--readout-seconds", type=float, default=0.0, help="one cell's read-out")
+    p.add_argument("--level-readout-seconds", type=float, default=None,
+                   help="one read-out of a refined level, without eval pass (default: --readout-seconds)")
     p.add_argument("--truth", default="rabbit")
     p.add_argument("--json", action="store_true")
     p.add_argument("--dimensions", action="store_true", help="also the dimension of the base, refined and true maps")
@@ -128,7 +135,8 @@ def main() -> None:
     nx, ny = parse_resolution(cfg.resolution)
     truth = truth_map(a.truth, level_points(ny, a.levels), level_points(nx, a.levels))
     out = project(cfg, a.levels, truth, margin=a.margin, trace=a.trace, models_per_batch=a.models_per_batch,
-                  step_seconds=a.step_seconds, readout_seconds=a.readout_seconds)
+                  step_seconds=a.step_seconds, readout_seconds=a.readout_seconds,
+                  level_readout_seconds=a.level_readout_seconds)
     sim = out.pop("sim")
     if a.dimensions:
         out["dimension"] = dimensions(truth, a.levels, sim)
@@ -137,7 +145,8 @@ def main() -> None:
         return
     rule = f"margin {a.margin}" + (" traced" if a.trace else "")
     print(f"{a.preset} at {cfg.resolution}, truth {a.truth}, {rule}, {a.models_per_batch} models per batch, "
-          f"{a.step_seconds} s per batch step, {a.readout_seconds} s per read-out")
+          f"{a.step_seconds} s per batch step, {a.readout_seconds} s per read-out"
+          + (f" ({a.level_readout_seconds} s on a refined level)" if a.level_readout_seconds is not None else ""))
     print("level  grid        trained    trunks  model-steps  read-outs     hours")
     for r in out["levels"]:
         print(f"{r['level']:>5}  {r['grid']:<10} {r['trained']:>8,} {r['trunks']:>9,} {r['model_steps']:>12,} "
