@@ -17,10 +17,10 @@ def classify_ratio(losses, initial_loss, unstable=False, reference=None):
     return str(labels[0]), float(scores[0])
 
 
-def classify_threshold(losses, initial_loss, converged_below, diverged_above=None, unstable=False):
+def classify_threshold(losses, initial_loss, converged_below, not_converged_above=None, unstable=False):
     """One trajectory through `classify` by the threshold criterion -> (label, score)."""
     labels, scores = classify([losses], [initial_loss], "threshold", unstable=[unstable],
-                              converged_below=converged_below, diverged_above=diverged_above)
+                              converged_below=converged_below, not_converged_above=not_converged_above)
     return str(labels[0]), float(scores[0])
 
 # ----------------------------------------------------------------------------- ratio criterion
@@ -114,8 +114,8 @@ def test_threshold_flag_empty_and_bad_thresholds():
     assert classify_threshold([], 5.0, 2.0, unstable=True) == ("not_converged", 2.0)
     with pytest.raises(ConfigError, match="unstable=True"):
         classify_threshold([], 5.0, 2.0)
-    with pytest.raises(ConfigError, match="diverged_above"):
-        classify_threshold([1.0], 5.0, 2.0, diverged_above=1.0)
+    with pytest.raises(ConfigError, match="not_converged_above"):
+        classify_threshold([1.0], 5.0, 2.0, not_converged_above=1.0)
     with pytest.raises(ConfigError, match="converged_below"):
         classify_threshold([1.0], 5.0, 0.0)
 
@@ -147,7 +147,7 @@ def test_grid_matches_scalar_ratio():
 def test_grid_matches_scalar_threshold():
     trajs, init, flags = _ragged(1)
     labels, scores = classify(
-        trajs, init, criterion="threshold", unstable=flags, converged_below=1.0, diverged_above=4.0
+        trajs, init, criterion="threshold", unstable=flags, converged_below=1.0, not_converged_above=4.0
     )
     for t, i0, f, lab, sc in zip(trajs, init, flags, labels, scores, strict=True):
         assert (lab, sc) == pytest.approx(classify_threshold(t, i0, 1.0, 4.0, unstable=bool(f)))

@@ -347,7 +347,7 @@ def test_classify_recomputes_labels_from_trajectories(base, tmp_path):
     below = float(np.median(finals))
     above = float(np.sort(finals)[-3])
     text = ok("classify", study, "--criterion", "threshold", "--converged-below", below,
-              "--diverged-above", above).stdout
+              "--not-converged-above", above).stdout
     with StudyStore.open(study) as store:
         after = store.rows(arrays=True)
         counts = store.label_counts()

@@ -51,7 +51,7 @@ def make_view(criterion: dict | None = None) -> GridView:
     return view
 
 
-THRESHOLD = {"criterion": "threshold", "converged_below": 3.0, "diverged_above": 10.0}
+THRESHOLD = {"criterion": "threshold", "converged_below": 3.0, "not_converged_above": 10.0}
 
 
 def test_axes_name_their_quantity_and_unit_on_log_scales():
@@ -95,7 +95,7 @@ def test_threshold_map_tells_marginal_from_diverged():
 
 def test_a_label_decides_the_band_even_at_a_band_edge():
     view = make_view(THRESHOLD)
-    view.scores[0, 2] = 1.0  # final == diverged_above: marginal, not diverged
+    view.scores[0, 2] = 1.0  # final == not_converged_above: marginal, not diverged
     view.scores[0, 3] = 2.0
     values = plots.threshold_values(view)
     assert 0 <= values[0, 2] < 1 and values[0, 3] == 2.0

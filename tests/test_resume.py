@@ -191,7 +191,7 @@ def test_classify_during_a_run_is_followed_by_every_cell_after_it(tmp_path):
     assert result.exit_code == 0, result.stderr
     finish(proc)
     with StudyStore.open(out) as store:
-        assert criterion(store) == {"criterion": "threshold", "converged_below": 3.0, "diverged_above": 10.0}
+        assert criterion(store) == {"criterion": "threshold", "converged_below": 3.0, "not_converged_above": 10.0}
         stored = {(r["i"], r["j"]): r["label"] for r in store.rows() if r["status"] == "done"}
-        again = classify_rows(store.rows(arrays=True), "threshold", converged_below=3.0, diverged_above=10.0)
+        again = classify_rows(store.rows(arrays=True), "threshold", converged_below=3.0, not_converged_above=10.0)
     assert len(stored) == CELLS and stored == {key: label for key, (label, _) in again.items()}

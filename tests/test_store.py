@@ -453,6 +453,14 @@ def test_an_older_study_on_a_read_only_path_reads_with_todays_names(tmp_path, mo
     assert "diverged_step" in columns and "unstable_step" not in columns
 
 
+def test_an_older_threshold_criterion_reads_under_todays_option_name(tmp_path):
+    from vmap_sweep.store.extras import CRITERION, criterion
+
+    with new_store(tmp_path) as s:
+        s.put_extra(CRITERION, {"criterion": "threshold", "converged_below": 3.0, "diverged_above": 9.0})
+        assert criterion(s) == {"criterion": "threshold", "converged_below": 3.0, "not_converged_above": 9.0}
+
+
 def test_an_older_study_resumes_under_todays_config_keys(tmp_path):
     folder, _ = _older_study(tmp_path)
     cells = store_grid().cells()

@@ -420,7 +420,7 @@ def _labels_follow_the_criterion(folder) -> dict:
     return criterion
 
 
-THRESHOLD = {"criterion": "threshold", "converged_below": 3.0, "diverged_above": 10.0}
+THRESHOLD = {"criterion": "threshold", "converged_below": 3.0, "not_converged_above": 10.0}
 
 
 def test_cells_trained_after_a_classify_follow_its_criterion(model_cache, tmp_path):

@@ -302,7 +302,8 @@ def classify(
         help="ratio (Sohl-Dickstein), threshold, or last20 (the plan author's: finite, and the mean of the last 20 "
              "losses below the first).")] = "ratio",
     converged_below: Annotated[float | None, typer.Option(help="threshold: converged if final loss < this.")] = None,
-    diverged_above: Annotated[float, typer.Option(help="threshold: not converged if final loss > this.")] = 10.0,
+    not_converged_above: Annotated[float, typer.Option(
+        "--not-converged-above", "--diverged-above", help="threshold: not converged if final loss > this.")] = 10.0,
 ):
     """Recompute every cell's class and score from its stored trajectory (no re-training); zoom studies below
     it follow, and cells trained later (resume, zoom) are labelled by the same criterion."""
@@ -313,7 +314,7 @@ def classify(
     if criterion != "threshold" and converged_below is not None:
         raise ConfigError("--converged-below works with --criterion threshold; add it, or drop the option")
     counts, zooms = reclassify_with_zooms(study, criterion, converged_below=converged_below,
-                                          diverged_above=diverged_above)
+                                          not_converged_above=not_converged_above)
     _say(render.classify_line(criterion, counts, zooms))
 
 

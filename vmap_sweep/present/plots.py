@@ -194,7 +194,7 @@ _SEGMENT = 64  # colours per class in the threshold map
 
 
 def _thresholds(view: GridView) -> tuple[float, float]:
-    return float(view.criterion["converged_below"]), float(view.criterion.get("diverged_above", 10.0))
+    return float(view.criterion["converged_below"]), float(view.criterion.get("not_converged_above", 10.0))
 
 
 def _is_threshold(view: GridView) -> bool:

@@ -14,9 +14,9 @@ Three criteria:
   clipped at 1e6; converged iff the mean of the last ``min(20, len)`` values of ``v`` is < 1. Score: ``-sum(v)`` if
   converged, else ``sum(1 / v)``. Guard (changes no real cross-entropy value): ``v`` is floored at 1e-12 so that
   ``1 / v`` is finite and a converged score is strictly negative even for a zero loss.
-* ``"threshold"`` (seed plan): not converged if any loss is non-finite or the final loss is > ``diverged_above``;
+* ``"threshold"`` (seed plan): not converged if any loss is non-finite or the final loss is > ``not_converged_above``;
   converged if the final loss is < ``converged_below``; marginal between. Score (for colour):
-  ``log(final / converged_below) / log(diverged_above / converged_below)`` clipped to [-1, 2], and 2 for a
+  ``log(final / converged_below) / log(not_converged_above / converged_below)`` clipped to [-1, 2], and 2 for a
   non-finite trajectory or an unstable cell. So the score is < 0 exactly when converged, in [0, 1] when marginal
   and > 1 when not converged.
 * ``"last20"`` (the plan author's fine-tuning, fractal-llm ``src/finetune.py``): trainable iff the run stayed
@@ -44,15 +44,18 @@ NOT_CONVERGED = "not_converged"
 MARGINAL = "marginal"
 LABELS = (CONVERGED, NOT_CONVERGED, MARGINAL)
 DISPLAY = {CONVERGED: "converged", NOT_CONVERGED: "not converged", MARGINAL: "marginal"}
-# Studies written before "not converged" was named apart from the trainer's unstable flag stored it as "diverged".
+# Studies written before "not converged" was named apart from the trainer's unstable flag stored it as "diverged",
+# and the threshold criterion's upper threshold as "diverged_above".
 LEGACY_LABELS = {"diverged": NOT_CONVERGED}
+OLDER_OPTIONS = {"diverged_above": "not_converged_above"}
 
 # Each criterion's name and the options it takes.
-OPTIONS: dict[str, tuple[str, ...]] = {"ratio": (), "threshold": ("converged_below", "diverged_above"), "last20": ()}
+OPTIONS: dict[str, tuple[str, ...]] = {"ratio": (), "threshold": ("converged_below", "not_converged_above"),
+                                       "last20": ()}
 NAMES = tuple(OPTIONS)
 KEY = "criterion"  # the study's extra holding its criterion
 DEFAULT = {"criterion": "ratio"}  # the criterion every study starts with
-DIVERGED_ABOVE = 10.0  # the threshold criterion's default: a final loss above it is not converged
+NOT_CONVERGED_ABOVE = 10.0  # the threshold criterion's default: a final loss above it is not converged
 
 RATIO_CAP = 1e6  # Sohl-Dickstein's replacement for non-finite ratios and upper clip
 RATIO_FLOOR = 1e-12  # keeps 1/v finite; a cross-entropy ratio is never this small in practice
@@ -66,15 +69,15 @@ def _unknown(name: Any) -> ConfigError:
     return ConfigError(f"criterion={name!r:.40}: unknown; use one of {', '.join(NAMES)}")
 
 
-def _check_thresholds(converged_below: Any, diverged_above: Any) -> tuple[float, float]:
-    for name, v in (("converged_below", converged_below), ("diverged_above", diverged_above)):
+def _check_thresholds(converged_below: Any, not_converged_above: Any) -> tuple[float, float]:
+    for name, v in (("converged_below", converged_below), ("not_converged_above", not_converged_above)):
         if isinstance(v, bool) or not isinstance(v, int | float | np.floating | np.integer):
             raise ConfigError(f"{name}={v!r:.40}: must be a loss (a number)")
-    c, d = float(converged_below), float(diverged_above)
+    c, d = float(converged_below), float(not_converged_above)
     if not (np.isfinite(c) and c > 0):
         raise ConfigError(f"converged_below={converged_below!r}: must be a finite positive loss")
     if not (np.isfinite(d) and d > c):
-        raise ConfigError(f"diverged_above={diverged_above!r}: must be finite and above converged_below={c}")
+        raise ConfigError(f"not_converged_above={not_converged_above!r}: must be finite and above converged_below={c}")
     return c, d
 
 
@@ -89,16 +92,27 @@ def check(criterion: str, **options: Any) -> dict:
     given = {k: v for k, v in options.items() if v is not None}
     unknown = set(given) - set(OPTIONS[criterion])
     if unknown or "converged_below" not in given:
-        raise ConfigError("criterion='threshold' needs converged_below=<loss> (and optionally diverged_above=<loss>)"
+        raise ConfigError("criterion='threshold' needs converged_below=<loss> (and optionally "
+                          "not_converged_above=<loss>)"
                           + (f"; unknown options {sorted(unknown)}" if unknown else ""))
-    c, d = _check_thresholds(given["converged_below"], given.get("diverged_above", DIVERGED_ABOVE))
-    return {"criterion": "threshold", "converged_below": c, "diverged_above": d}
+    c, d = _check_thresholds(given["converged_below"], given.get("not_converged_above", NOT_CONVERGED_ABOVE))
+    return {"criterion": "threshold", "converged_below": c, "not_converged_above": d}
+
+
+def newer_form(value: dict) -> dict:
+    """A stored criterion under today's option names (a copy)."""
+    out = dict(value)
+    for old, new in OLDER_OPTIONS.items():
+        if old in out and new not in out:
+            out[new] = out.pop(old)
+    return out
 
 
 def is_stored_form(value: Any) -> bool:
     """Whether `value` is a criterion as a study stores it (what `check` returns, or an older subset of it)."""
     if not isinstance(value, dict):
         return False
+    value = newer_form(value)
     name = value.get("criterion")
     return (isinstance(name, str) and name in OPTIONS and set(value) - {"criterion"} <= set(OPTIONS[name])
             and all(isinstance(v, int | float) and not isinstance(v, bool)
@@ -151,7 +165,7 @@ def classify(
     """Class many trajectories at once -> (labels: str array (n,), scores: float array (n,)); score < 0 iff
     converged.
 
-    ``criterion``: a name with its ``options`` (``converged_below``, ``diverged_above`` for "threshold"), or a
+    ``criterion``: a name with its ``options`` (``converged_below``, ``not_converged_above`` for "threshold"), or a
     stored criterion dict. ``trajectories``: 1-D loss arrays (lengths may differ: a run stopped as unstable is
     shorter) or an (n, steps) array. ``initial_losses``: one per trajectory or a scalar shared by all.
     ``unstable``: the trainer's flags, forcing "not converged". ``references`` (ratio only): per-step reference
@@ -201,7 +215,7 @@ def classify(
         if done.size != n:
             raise ConfigError(f"steps_done: {done.size} values for {n} trajectories; pass one per trajectory")
         return _last20(mat, np.minimum(done, lengths), cols, flags)
-    return _threshold(mat, lengths, valid, flags, checked["converged_below"], checked["diverged_above"])
+    return _threshold(mat, lengths, valid, flags, checked["converged_below"], checked["not_converged_above"])
 
 
 def label(criterion: dict, record: Any) -> tuple[str, float]:
