@@ -410,6 +410,7 @@ def test_a_study_without_eval_pass_trains_the_same_cells_and_draws_no_eval_map(b
                 assert np.array_equal(bits(x[f]), bits(y[f])), (x["i"], x["j"], f)
     printed = ok("plot", out, "--out", tmp_path / "pics").stdout.split()
     assert sorted(printed) == sorted(str(tmp_path / "pics" / f"{n}.png") for n in PLOTS if n != "eval_loss")
+    assert "the study took no eval loss (--eval-tokens 0)" in ok("rules", out).stdout
 
 
 def test_refused_output_paths_and_options_leave_the_study_as_it_was(base, tmp_path):

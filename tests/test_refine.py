@@ -123,6 +123,23 @@ def test_refined_cells_are_bitwise_the_full_grid_s(studies):
     _same_records(refined, full, evaluated=False)
 
 
+def test_a_begun_level_goes_on_as_it_began(studies, tmp_path):
+    """A level killed before it finished is not in the study's record yet: its own config says how it began."""
+    import shutil
+    import sqlite3
+
+    from vmap_sweep.store.db import DB_NAME
+
+    root, _, _ = studies
+    copy = shutil.copytree(root / "coarse", tmp_path / "coarse")
+    with sqlite3.connect(copy / DB_NAME) as con:  # as if level 1 were still training: no level recorded
+        con.execute("DELETE FROM extra WHERE key = ?", (REFINE,))
+    before = (copy / DB_NAME).read_bytes()
+    with pytest.raises(ConfigError, match="without --eval \\(its level 1 began so\\)"):
+        refine_study(copy, local_backend(CFG), 1, labeller=label_record, evaluate=True)
+    assert (copy / DB_NAME).read_bytes() == before
+
+
 def test_a_level_takes_no_eval_pass_unless_asked(studies):
     """Classes never read the eval loss: a level's own cells have none; the cells copied from the 5 x 5 study keep
     theirs (and the traced refinement below, with evaluate=True, checks every eval loss bitwise)."""

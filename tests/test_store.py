@@ -425,7 +425,7 @@ def _columns_and_labels(path: Path) -> tuple[set, set]:
 def _assert_reads_as_today(store: StudyStore, expected: dict) -> None:
     got = {(r["i"], r["j"]): r for r in store.rows(arrays=True)}
     assert got.keys() == expected.keys()
-    assert store.config == TODAYS_CONFIG
+    assert store.config == TODAYS_CONFIG and store.config_hash == config_hash(TODAYS_CONFIG)
     for key, r in expected.items():
         assert got[key]["unstable"] == r["unstable"] and got[key]["label"] == r["label"], key
         assert got[key]["unstable_step"] == r["unstable_step"], key

@@ -366,7 +366,7 @@ def _lr_on(view: StudyView) -> str:
                       "--x lr:MIN:MAX --y tokens:MIN:MAX")
 
 
-def _notes(rows: list[SizeRow], lr_spec: AxisSpec) -> list[str]:
+def _notes(rows: list[SizeRow], lr_spec: AxisSpec, evaluated: bool = True) -> list[str]:
     """Sentences on what the fits leave out: censored sizes, islands, low-LR failures, optima at the edge."""
     notes = []
     cens = [r for r in rows if r.censored]
@@ -389,7 +389,9 @@ def _notes(rows: list[SizeRow], lr_spec: AxisSpec) -> list[str]:
                      "(the optimum may "
                      "lie beyond it); they are left out of the LR_opt fit and the leave-one-size-out check.")
     no_opt = sum(r.lr_opt is None for r in rows)
-    if no_opt:
+    if not evaluated:
+        notes.append("the study took no eval loss (--eval-tokens 0), so no size has an optimal LR.")
+    elif no_opt:
         notes.append(f"{count_of(no_opt, 'size has', 'sizes have')} no converged cell with a finite eval loss "
                      "and no optimal LR.")
     return notes
@@ -442,7 +444,7 @@ def rules_of_thumb(view: StudyView, size_unit: str | None = None,
         leave_out=leave,
         leave_out_fraction=fraction,
         ten_x=ten_x_verdict(crit),
-        notes=_repeat_note(budgets, sized, kept, lr_on) + _notes(rows, lr_spec),
+        notes=_repeat_note(budgets, sized, kept, lr_on) + _notes(rows, lr_spec, evaluated=view.config.eval_tokens > 0),
         size_unit=size_unit,
         budget_unit=view.config.budget_unit,
         lrs=lr_rows,

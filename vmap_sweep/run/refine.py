@@ -215,6 +215,7 @@ def refine_study(top: str | Path, backend: Backend, levels: int, *, margin: int 
         record = dict(study.store.get_extra(REFINE) or {})
         # before the lock: a refused command leaves the study as it was
         _check_rule(top, record, margin, trace, evaluate)
+        _check_begun_levels(top, study.config, levels, evaluate)
         study.store.claim_writer()  # one refinement (or run, or zoom) of this study at a time
         if study.settings is not None:
             study.settings.check_trainable_here(study.store.path)
@@ -284,6 +285,20 @@ def _check_rule(top: Path, record: dict, margin: int, trace: bool, evaluate: boo
     if record and bool(record.get("eval", True)) != evaluate:  # levels refined before "eval" was recorded had one
         was = "with --eval" if record.get("eval", True) else "without --eval"
         raise ConfigError(f"{top} was refined {was}; refine it further the same way, or {again}")
+
+
+def _check_begun_levels(top: Path, cfg: StudyConfig, levels: int, evaluate: bool) -> None:
+    """A level begun and not finished (the study records a level's rule once it is) goes on as it began: with or
+    without eval passes, as its config says."""
+    for level in range(1, levels + 1):
+        if not (level_dir(top, level) / DB_NAME).is_file():
+            continue
+        with StudyStore.open(level_dir(top, level)) as store:
+            began = store.config.get("eval_tokens")
+        if began != level_config(cfg, level, evaluate).eval_tokens:
+            was = "without --eval" if began == 0 else "with --eval"
+            raise ConfigError(f"{top} was refined {was} (its level {level} began so); refine it further the same "
+                              "way, or copy the study folder (without its refine-* folders) to refine it anew")
 
 
 def _recorded_rounds(store: StudyStore, grid: Grid) -> list[list[tuple[int, int]]]:
@@ -445,6 +460,7 @@ def plan_refinement(top: str | Path, levels: int, supervised: Callable[[list[int
         cfg = study.config
         record = dict(study.store.get_extra(REFINE) or {})
         _check_rule(top, record, margin, trace, evaluate)
+        _check_begun_levels(top, cfg, levels, evaluate)
         finished = {int(e["level"]) for e in record.get("levels", [])}
         coarse = study_map(study.store)
     trained = ~coarse.inferred

@@ -300,9 +300,13 @@ class StudyStore:
         self._holder = ""
         self._file = _identity(path)  # the database file this connection opened
         meta = _verified_meta(conn, path)
-        self.config_json: str = meta["config"]
-        self.config: dict[str, Any] = newer_keys(json.loads(meta["config"]))  # a read-only older study's too
-        self.config_hash: str = meta["config_hash"]
+        stored = json.loads(meta["config"])
+        self.config: dict[str, Any] = newer_keys(stored)
+        if self.config == stored:
+            self.config_json, self.config_hash = meta["config"], meta["config_hash"]
+        else:  # a read-only older study, read under today's keys: its text and hash as a migration would write them
+            self.config_json = canonical_json(self.config)
+            self.config_hash = config_hash(self.config)
         self.created: str = meta["created"]
         self.study_id: str | None = meta.get("study_id")  # studies made before it was recorded have none
         self.nx = int(meta["nx"])

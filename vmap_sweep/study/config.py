@@ -35,13 +35,18 @@ BUDGET_UNITS = SIZE_UNITS
 OLDER_KEYS = {"batch_size": "rows_per_step"}
 
 
-def newer_keys(config: dict) -> dict:
-    """A stored config with today's key names (a copy; the values as they are)."""
-    out = dict(config)
-    for old, new in OLDER_KEYS.items():
+def renamed(stored: dict, older: dict[str, str]) -> dict:
+    """A stored dict with each key of `older` under its newer name (a copy; the values as they are)."""
+    out = dict(stored)
+    for old, new in older.items():
         if old in out and new not in out:
             out[new] = out.pop(old)
     return out
+
+
+def newer_keys(config: dict) -> dict:
+    """A stored config with today's key names."""
+    return renamed(config, OLDER_KEYS)
 
 
 def tokens_per_step(rows: int, seq_len: int) -> int:

@@ -38,6 +38,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from vmap_sweep.errors import ConfigError
+from vmap_sweep.study.config import renamed
 
 CONVERGED = "converged"
 NOT_CONVERGED = "not_converged"
@@ -101,11 +102,7 @@ def check(criterion: str, **options: Any) -> dict:
 
 def newer_form(value: dict) -> dict:
     """A stored criterion under today's option names (a copy)."""
-    out = dict(value)
-    for old, new in OLDER_OPTIONS.items():
-        if old in out and new not in out:
-            out[new] = out.pop(old)
-    return out
+    return renamed(value, OLDER_OPTIONS)
 
 
 def is_stored_form(value: Any) -> bool:
