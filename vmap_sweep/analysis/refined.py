@@ -80,6 +80,9 @@ def refined_map(top: Path, level: int | None = None) -> RefinedMap:
     levels = sorted(record["levels"], key=lambda e: int(e["level"]))
     finished = [int(e["level"]) for e in levels]
     want = finished[-1] if level is None else int(level)
+    if want < 0:
+        raise ConfigError(f"--level {want}: give 0 (the study's own grid) or a refined level "
+                          f"({', '.join(map(str, finished))})")
     if want not in finished:
         raise ConfigError(f"{top}: level {want} is not refined (finished levels: "
                           f"{', '.join(map(str, finished))}); `vmap-sweep refine {top} --levels {want}` adds it")
