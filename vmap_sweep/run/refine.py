@@ -214,8 +214,8 @@ def refine_study(top: str | Path, backend: Backend, levels: int, *, margin: int 
     with Study.open(top) as study:
         record = dict(study.store.get_extra(REFINE) or {})
         # before the lock: a refused command leaves the study as it was
-        _check_rule(top, record, margin, trace, evaluate)
-        _check_begun_levels(top, study.config, levels, evaluate)
+        _check_rule(top, record, margin, trace)
+        _check_levels_eval(top, study.config, evaluate)
         study.store.claim_writer()  # one refinement (or run, or zoom) of this study at a time
         if study.settings is not None:
             study.settings.check_trainable_here(study.store.path)
@@ -272,25 +272,23 @@ def refine_study(top: str | Path, backend: Backend, levels: int, *, margin: int 
         return record.get("levels", [])
 
 
-def _check_rule(top: Path, record: dict, margin: int, trace: bool, evaluate: bool) -> None:
-    """A refined study goes on under the rule its levels were refined with (a level's targets follow from it), and
-    with or without eval passes as they were (a begun level's config says which)."""
-    again = "copy the study folder (without its refine-* folders) to refine it anew"
+_AGAIN = "copy the study folder (without its refine-* folders) to refine it anew"
+
+
+def _check_rule(top: Path, record: dict, margin: int, trace: bool) -> None:
+    """A refined study goes on under the rule its levels were refined with (a level's targets follow from it)."""
     if record and int(record.get("margin", margin)) != margin:
         raise ConfigError(f"{top} was refined with --margin {record['margin']}; refine it further with that "
-                          f"margin, or {again}")
+                          f"margin, or {_AGAIN}")
     if record and bool(record.get("trace", False)) != trace:
         was = "with --trace" if record.get("trace") else "without --trace"
-        raise ConfigError(f"{top} was refined {was}; refine it further the same way, or {again}")
-    if record and bool(record.get("eval", True)) != evaluate:  # levels refined before "eval" was recorded had one
-        was = "with --eval" if record.get("eval", True) else "without --eval"
-        raise ConfigError(f"{top} was refined {was}; refine it further the same way, or {again}")
+        raise ConfigError(f"{top} was refined {was}; refine it further the same way, or {_AGAIN}")
 
 
-def _check_begun_levels(top: Path, cfg: StudyConfig, levels: int, evaluate: bool) -> None:
-    """A level begun and not finished (the study records a level's rule once it is) goes on as it began: with or
-    without eval passes, as its config says."""
-    for level in range(1, levels + 1):
+def _check_levels_eval(top: Path, cfg: StudyConfig, evaluate: bool) -> None:
+    """A refinement goes on with or without eval passes as its levels began, finished or not: each level's config
+    says which (a refinement made before levels could go without one evaluated every level)."""
+    for level in range(1, MAX_LEVELS + 1):
         if not (level_dir(top, level) / DB_NAME).is_file():
             continue
         with StudyStore.open(level_dir(top, level)) as store:
@@ -298,7 +296,7 @@ def _check_begun_levels(top: Path, cfg: StudyConfig, levels: int, evaluate: bool
         if began != level_config(cfg, level, evaluate).eval_tokens:
             was = "without --eval" if began == 0 else "with --eval"
             raise ConfigError(f"{top} was refined {was} (its level {level} began so); refine it further the same "
-                              "way, or copy the study folder (without its refine-* folders) to refine it anew")
+                              f"way, or {_AGAIN}")
 
 
 def _recorded_rounds(store: StudyStore, grid: Grid) -> list[list[tuple[int, int]]]:
@@ -459,8 +457,8 @@ def plan_refinement(top: str | Path, levels: int, supervised: Callable[[list[int
     with Study.open(top) as study:
         cfg = study.config
         record = dict(study.store.get_extra(REFINE) or {})
-        _check_rule(top, record, margin, trace, evaluate)
-        _check_begun_levels(top, cfg, levels, evaluate)
+        _check_rule(top, record, margin, trace)
+        _check_levels_eval(top, cfg, evaluate)
         finished = {int(e["level"]) for e in record.get("levels", [])}
         coarse = study_map(study.store)
     trained = ~coarse.inferred
