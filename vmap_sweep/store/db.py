@@ -1137,9 +1137,8 @@ def _read_older_names(conn: sqlite3.Connection, path: Path, read_only: bool) -> 
             if renamed:
                 conn.execute(f"UPDATE cells SET label = CASE label {relabel} END WHERE label IN ('{older}')")
             if newer != stored:
-                text = canonical_json(newer)
                 conn.executemany("UPDATE meta SET value = ? WHERE key = ?",
-                                 [(text, "config"), (hashlib.sha256(text.encode()).hexdigest(), "config_hash")])
+                                 [(canonical_json(newer), "config"), (config_hash(newer), "config_hash")])
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
