@@ -320,7 +320,9 @@ def refine_lines(study: Path, levels: list[dict], dry_run: bool = False, dimensi
         lines.append(f"projected levels assume a boundary of dimension {dimension:.2f} (2^D times the cells per "
                      "level); each is planned exactly once the level before it is refined")
     if not dry_run and levels:
-        lines.append(f"refined study in {study} (levels in {study}/refine-1 … refine-{levels[-1]['level']})")
+        last = levels[-1]["level"]
+        lines.append(f"refined study in {study} (levels in {study}/refine-1"
+                     + (f" … refine-{last})" if last != 1 else ")"))
     return lines
 
 

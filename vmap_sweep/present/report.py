@@ -36,6 +36,7 @@ from vmap_sweep.present.tables import fit_rows, rules_rows
 from vmap_sweep.store import extras
 from vmap_sweep.store.db import StudyStore, check_output
 from vmap_sweep.study.config import tokens_per_step
+from vmap_sweep.study.criterion import DISPLAY
 
 FORMATS = ("md", "html")
 MAX_TABLE_ROWS = 16  # per-size rules rows shown in the report (a 128-row table does not belong in a draft)
@@ -194,7 +195,7 @@ def _config_section(doc: _Doc, store: StudyStore) -> None:
         ("held-out eval tokens", cfg.get("eval_tokens")),
         ("convergence criterion", str(crit.get("criterion")) + (f" ({options})" if options else "")),
         ("cells done", f"{store.done_count()} of {store.cell_count()}"),
-        ("classes", ", ".join(f"{n} {label}" for label, n in counts.items())),
+        ("classes", ", ".join(f"{n} {DISPLAY.get(label, label)}" for label, n in counts.items())),
         ("created", store.created),
         *provenance_rows(store),
     ]
