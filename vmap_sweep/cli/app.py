@@ -302,17 +302,23 @@ def classify(
         help="ratio (Sohl-Dickstein), threshold, or last20 (the plan author's: finite, and the mean of the last 20 "
              "losses below the first).")] = "ratio",
     converged_below: Annotated[float | None, typer.Option(help="threshold: converged if final loss < this.")] = None,
-    not_converged_above: Annotated[float, typer.Option(
-        "--not-converged-above", "--diverged-above", help="threshold: not converged if final loss > this.")] = 10.0,
+    not_converged_above: Annotated[float | None, typer.Option(
+        "--not-converged-above", "--diverged-above",
+        help="threshold: not converged if final loss > this (default 10).")] = None,
 ):
     """Recompute every cell's class and score from its stored trajectory (no re-training); zoom studies below
     it follow, and cells trained later (resume, zoom) are labelled by the same criterion."""
     from vmap_sweep.analysis.study import reclassify_with_zooms
+    from vmap_sweep.study.criterion import check
 
     if criterion == "threshold" and converged_below is None:
         raise ConfigError("--criterion threshold needs --converged-below LOSS (e.g. the initial loss)")
-    if criterion != "threshold" and converged_below is not None:
-        raise ConfigError("--converged-below works with --criterion threshold; add it, or drop the option")
+    for flag, value in (("--converged-below", converged_below), ("--not-converged-above", not_converged_above)):
+        if criterion != "threshold" and value is not None:
+            raise ConfigError(f"{flag} works with --criterion threshold; add it, or drop the option")
+    flags = {"criterion": "--criterion ", "converged_below": "--converged-below ",
+             "not_converged_above": "--not-converged-above "}
+    check(criterion, spelling=flags, converged_below=converged_below, not_converged_above=not_converged_above)
     counts, zooms = reclassify_with_zooms(study, criterion, converged_below=converged_below,
                                           not_converged_above=not_converged_above)
     _say(render.classify_line(criterion, counts, zooms))

@@ -66,28 +66,34 @@ THRESHOLD_SCORE_MAX = 2.0
 _LABEL_DTYPE = "<U13"
 
 
-def _unknown(name: Any) -> ConfigError:
-    return ConfigError(f"criterion={name!r:.40}: unknown; use one of {', '.join(NAMES)}")
+def _unknown(name: Any, spelling: dict[str, str] | None = None) -> ConfigError:
+    return ConfigError(f"{(spelling or {}).get('criterion', 'criterion=')}{name!r:.40}: unknown; use one of "
+                       f"{', '.join(NAMES)}")
 
 
-def _check_thresholds(converged_below: Any, not_converged_above: Any) -> tuple[float, float]:
+def _check_thresholds(converged_below: Any, not_converged_above: Any, spelling: dict[str, str]) -> tuple[float, float]:
+    def named(name: str, v: Any) -> str:
+        return f"{spelling.get(name, name + '=')}{v!r:.40}"
+
     for name, v in (("converged_below", converged_below), ("not_converged_above", not_converged_above)):
         if isinstance(v, bool) or not isinstance(v, int | float | np.floating | np.integer):
-            raise ConfigError(f"{name}={v!r:.40}: must be a loss (a number)")
+            raise ConfigError(f"{named(name, v)}: must be a loss (a number)")
     c, d = float(converged_below), float(not_converged_above)
     if not (np.isfinite(c) and c > 0):
-        raise ConfigError(f"converged_below={converged_below!r}: must be a finite positive loss")
+        raise ConfigError(f"{named('converged_below', converged_below)}: must be a finite positive loss")
     if not (np.isfinite(d) and d > c):
-        raise ConfigError(f"not_converged_above={not_converged_above!r}: must be finite and above converged_below={c}")
+        raise ConfigError(f"{named('not_converged_above', not_converged_above)}: must be finite and above "
+                          f"{named('converged_below', c)}")
     return c, d
 
 
-def check(criterion: str, **options: Any) -> dict:
+def check(criterion: str, spelling: dict[str, str] | None = None, **options: Any) -> dict:
     """{"criterion": name, **options} with its defaults filled in, checked before anything is classified.
     An option given as None takes its default; a criterion without options ignores those given (the CLI passes
-    the threshold's defaults whatever the criterion)."""
+    the threshold's defaults whatever the criterion). spelling: how the caller names each option in a message,
+    e.g. {"converged_below": "--converged-below "} (default: "converged_below=")."""
     if not isinstance(criterion, str) or criterion not in OPTIONS:
-        raise _unknown(criterion)
+        raise _unknown(criterion, spelling)
     if criterion != "threshold":
         return {"criterion": criterion}
     given = {k: v for k, v in options.items() if v is not None}
@@ -96,7 +102,8 @@ def check(criterion: str, **options: Any) -> dict:
         raise ConfigError("criterion='threshold' needs converged_below=<loss> (and optionally "
                           "not_converged_above=<loss>)"
                           + (f"; unknown options {sorted(unknown)}" if unknown else ""))
-    c, d = _check_thresholds(given["converged_below"], given.get("not_converged_above", NOT_CONVERGED_ABOVE))
+    c, d = _check_thresholds(given["converged_below"], given.get("not_converged_above", NOT_CONVERGED_ABOVE),
+                             spelling or {})
     return {"criterion": "threshold", "converged_below": c, "not_converged_above": d}
 
 
