@@ -14,6 +14,7 @@ from helpers import StopsAfterOneBatch, local_backend, run_local
 
 from vmap_sweep.analysis.refined import refined_fractal_report, refined_map
 from vmap_sweep.errors import ConfigError
+from vmap_sweep.present.tables import refined_lines
 from vmap_sweep.run.refine import REFINE, level_dir, refine_study, study_map
 from vmap_sweep.store.db import RESULT_COLUMNS, StudyStore
 from vmap_sweep.study.config import StudyConfig, preset
@@ -197,8 +198,22 @@ def test_fractal_measures_the_finest_level_and_says_what_it_gained(studies):
     assert report["resolution"] == [17, 17]
     r = report["refined"]
     assert r["level"] == 2 and r["coarse"]["resolution"] == [5, 5] and 0 < r["inferred_share"] < 1
-    assert r["octaves_gained"] == pytest.approx(report["octaves"] - r["coarse"]["octaves"])
+    # 5x5 and 17x17 maps are both too small for a number: nothing gained is claimed, level 0 shows no D
+    assert report["too_small"] and r["coarse"]["too_small"]
+    assert r["octaves_gained"] is None and r["interval_narrowing"] is None
+    assert refined_lines(report)[1] == "level 0 at 5×5: no dimension, too small a map to measure"
     assert refined_map(root / "coarse", 1).map.labels.shape == (9, 9)
+
+
+def test_fractal_lines_claim_a_gain_only_between_two_measured_maps():
+    coarse = {"dimension": 1.2, "ci_low": 1.0, "ci_high": 1.4, "octaves": 2.6, "resolution": [128, 128],
+              "too_small": None}
+    refined = {"level": 3, "folder": "level-3", "trained_cells": 10, "cells": 100, "inferred_share": 0.9,
+               "coarse": coarse, "octaves_gained": 3.0, "interval_narrowing": 2.5}
+    lines = refined_lines({"refined": refined})
+    assert lines[1].endswith("over 2.6 octaves; refinement gained 3.0 octaves and an interval 2.50× as narrow")
+    refined |= {"octaves_gained": None, "interval_narrowing": None}  # the finest level too small for a number
+    assert refined_lines({"refined": refined})[1].endswith("D = 1.200, 95% CI [1.000, 1.400] over 2.6 octaves")
 
 
 def test_cli_status_dry_run_fractal_and_export_show_the_levels(studies):

@@ -99,7 +99,7 @@ def refined_map(top: Path, level: int | None = None) -> RefinedMap:
 
 def _summary(box) -> dict:
     return {"dimension": box.dimension, "ci_low": box.ci_low, "ci_high": box.ci_high, "octaves": box.octaves,
-            "resolution": list(box.resolution), "fit_range": list(box.fit_range)}
+            "resolution": list(box.resolution), "fit_range": list(box.fit_range), "too_small": box.too_small}
 
 
 def tokens_note(refined: RefinedMap) -> str | None:
@@ -131,6 +131,8 @@ def refined_fractal_measure(top: Path, level: int | None = None) -> tuple[dict, 
     report = box.to_dict()
     report["map"] = "trainability"
     width, coarse_width = box.ci_high - box.ci_low, coarse.ci_high - coarse.ci_low
+    # a map too small for a number has no octaves to gain from nor an interval to narrow
+    both = box.too_small is None and coarse.too_small is None
     report["refined"] = {
         "level": refined.level,
         "folder": refined.folder.name,
@@ -138,8 +140,8 @@ def refined_fractal_measure(top: Path, level: int | None = None) -> tuple[dict, 
         "trained_cells": int((~refined.map.inferred).sum()),
         "cells": int(refined.map.inferred.size),
         "coarse": _summary(coarse),
-        "octaves_gained": float(box.octaves - coarse.octaves),
-        "interval_narrowing": float(coarse_width / width) if width > 0 else None,
+        "octaves_gained": float(box.octaves - coarse.octaves) if both else None,
+        "interval_narrowing": float(coarse_width / width) if both and width > 0 else None,
         "levels": refined.levels,
         "tokens_note": tokens_note(refined),
     }

@@ -243,16 +243,25 @@ def joint_rules_lines(result: JointResult) -> list[RenderableType]:
     return [table, *[_prose(line) for line in result.summary()]]
 
 
+def _level0_line(c: dict, r: dict) -> str:
+    at = f"level 0 at {c['resolution'][0]}×{c['resolution'][1]}"
+    if c.get("too_small"):
+        return f"{at}: no dimension, too small a map to measure"
+    line = (f"{at}: D = {c['dimension']:.3f}, 95% CI [{c['ci_low']:.3f}, {c['ci_high']:.3f}] "
+            f"over {c['octaves']:.1f} octaves")
+    if r["octaves_gained"] is None:  # the refined level itself is too small for a number
+        return line
+    return (line + f"; refinement gained {r['octaves_gained']:.1f} octaves"
+            + (f" and an interval {r['interval_narrowing']:.2f}× as narrow" if r["interval_narrowing"] else ""))
+
+
 def refined_lines(report: dict) -> list[str]:
     """What `fractal` adds for a refined study: which level, how much was inferred, what refinement bought."""
     r = report["refined"]
     c = r["coarse"]
     lines = [f"refined study: measured on level {r['level']} ({r['folder']}), {r['trained_cells']:,} of "
              f"{r['cells']:,} cells trained, {100 * r['inferred_share']:.1f}% inferred from uniform neighbourhoods",
-             f"level 0 at {c['resolution'][0]}×{c['resolution'][1]}: D = {c['dimension']:.3f}, 95% CI "
-             f"[{c['ci_low']:.3f}, {c['ci_high']:.3f}] over {c['octaves']:.1f} octaves; refinement gained "
-             f"{r['octaves_gained']:.1f} octaves"
-             + (f" and an interval {r['interval_narrowing']:.2f}× as narrow" if r["interval_narrowing"] else "")]
+             _level0_line(c, r)]
     if r.get("tokens_note"):
         lines.append(f"note: {r['tokens_note']}")
     return lines
