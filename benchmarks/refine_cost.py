@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from vmap_sweep.study.axes import parse_resolution  # noqa: E402
 from vmap_sweep.study.config import preset  # noqa: E402
-from vmap_sweep.study.plan import build_grid, plan_study  # noqa: E402
+from vmap_sweep.study.plan import build_grid, plan_study, same_experiments  # noqa: E402
 from vmap_sweep.study.refine import DEFAULT_MARGIN, level_points, simulate  # noqa: E402
 
 
@@ -61,36 +62,82 @@ def truth_map(name: str, ny: int, nx: int) -> np.ndarray:
     return np.asarray(a)[np.ix_(rows, cols)].astype(np.int64)
 
 
+def repeat_rows(cfg, supervised: Mapping[int, int]) -> np.ndarray:
+    """rep[j]: the grid row whose experiment row j repeats (itself if none), along a tokens y axis: the smallest
+    budget holding as many supervised targets under the same learning rates (study/plan.py `same_experiments`)."""
+    grid = build_grid(cfg)
+    if grid.y.name != "tokens":
+        raise SystemExit(f"--stand-in: the preset's y axis is {grid.y.name!r}, not tokens")
+    line = [grid.cell(0, j) for j in range(grid.ny)]
+    same = same_experiments(line, supervised, cfg.schedule, cfg.tokens_per_step())
+    return np.array([same[c.key].j if c.key in same else c.j for c in line])
+
+
+def stand_in_supervised(cfg, levels: int) -> Mapping[int, int]:
+    """The supervised targets each budget of the finest grid holds, in the project's synthetic document-QA set laid
+    out as the preset lays out its data (byte tokenizer; rows: one conversation per row of --seq-len positions):
+    a stand-in for the real set's layout, where a budget holds a new answer target about once per row."""
+    from vmap_sweep.model.tokenizer import ByteTokenizer
+    from vmap_sweep.run.worker import training_stream
+
+    nx, ny = parse_resolution(cfg.resolution)
+    fine = build_grid(cfg.with_overrides(resolution=f"{level_points(nx, levels)}x{level_points(ny, levels)}"))
+    stream = training_stream(cfg.with_overrides(data="synthetic"), cfg.seq_len, ByteTokenizer())
+    return {n: size.supervised for n, size in stream.budgets(sorted({int(v) for v in fine.ys})).sizes.items()}
+
+
 def project(cfg, levels: int, truth: np.ndarray, *, margin: int = DEFAULT_MARGIN, trace: bool = False,
             models_per_batch: int = 8, step_seconds: float = 1.0, readout_seconds: float = 0.0,
-            level_readout_seconds: float | None = None) -> dict:
+            level_readout_seconds: float | None = None, supervised: Mapping[int, int] | None = None) -> dict:
     """Per level (0: the base study) the cells trained, trunks, model-steps, read-outs and seconds; and totals.
-    level_readout_seconds: a read-out of a refined level, which takes no eval pass (default: readout_seconds)."""
+    level_readout_seconds: a read-out of a refined level, which takes no eval pass (default: readout_seconds).
+    supervised: the supervised targets of each budget (`stand_in_supervised`): a budget that repeats a smaller one's
+    experiment is then one experiment with it, as a real refinement counts it: the truth takes the class of the
+    experiment it repeats, a level trains each experiment once and copies its repeats, and the base study reads
+    out one cell per experiment; every read-out priced is then an experiment. None: every cell is its own."""
     def price(model_steps: int, read_outs: int, per_read_out: float = readout_seconds) -> float:
         return model_steps * step_seconds / models_per_batch + read_outs * per_read_out
 
     per_level_read_out = readout_seconds if level_readout_seconds is None else level_readout_seconds
 
     nx, ny = parse_resolution(cfg.resolution)
+
+    def level_cfg(level: int):
+        return cfg.with_overrides(resolution=f"{level_points(nx, level)}x{level_points(ny, level)}")
+
+    reps = [repeat_rows(level_cfg(level), supervised) if supervised is not None else None
+            for level in range(levels + 1)]
+    if supervised is not None:  # a repeated budget is its experiment: it has that experiment's class
+        truth = truth[reps[-1]]
     grid = build_grid(cfg)
-    base = plan_study(cfg, grid.cells(), models_per_batch)
+    base_cells = grid.cells() if reps[0] is None else [c for c in grid.cells() if reps[0][c.j] == c.j]
+    base = plan_study(cfg, base_cells, models_per_batch)
     steps0 = sum(b.model_steps for b in base)
-    rows = [{"level": 0, "grid": f"{nx}x{ny}", "trained": nx * ny, "trunks": sum(len(b.stacked) for b in base),
-             "model_steps": steps0, "read_outs": nx * ny, "seconds": price(steps0, nx * ny)}]
+    rows = [{"level": 0, "grid": f"{nx}x{ny}", "trained": len(base_cells), "trunks": sum(len(b.stacked) for b in base),
+             "model_steps": steps0, "read_outs": len(base_cells), "seconds": price(steps0, len(base_cells))}]
     sim = simulate(truth, levels, margin, trace)
+    stored = np.ones((ny, nx), dtype=bool)  # the cells a level may copy from: every cell of the base study
     for entry in sim[1:]:
         level = entry["level"]
-        fine = cfg.with_overrides(resolution=f"{level_points(nx, level)}x{level_points(ny, level)}")
+        fine = level_cfg(level)
         fgrid = build_grid(fine)
+        below, stored = stored, np.zeros((fgrid.ny, fgrid.nx), dtype=bool)
+        stored[::2, ::2] = below
         # each round of tracing trains its cells' trunks again, as far as its own largest budget
-        batches = []
+        batches, trained = [], 0
         for mask in entry["rounds"]:
-            cells = [fgrid.cell(int(i), int(j)) for j, i in zip(*np.nonzero(mask), strict=True)]
+            keys = {(int(i), int(j)) for j, i in zip(*np.nonzero(mask), strict=True)}
+            if reps[level] is not None:  # a target that repeats an experiment is copied from it, trained if new
+                keys = {(i, int(reps[level][j])) for i, j in keys if not stored[reps[level][j], i]}
+                stored |= mask
+            cells = [fgrid.cell(i, j) for i, j in sorted(keys, key=lambda k: (k[1], k[0]))]
+            for c in cells:
+                stored[c.j, c.i] = True
+            trained += len(cells)
             batches += plan_study(fine, cells, models_per_batch) if cells else []
-        trained = int(entry["trained"])
         steps = sum(b.model_steps for b in batches)
         rows.append({"level": level, "grid": f"{fgrid.nx}x{fgrid.ny}", "trained": trained,
-                     "rounds": len(entry["rounds"]), "inferred": entry["inferred"],
+                     "targets": int(entry["trained"]), "rounds": len(entry["rounds"]), "inferred": entry["inferred"],
                      "trunks": sum(len(b.stacked) for b in batches),
                      "model_steps": steps, "read_outs": trained,
                      "seconds": price(steps, trained, per_level_read_out)})
@@ -98,7 +145,8 @@ def project(cfg, levels: int, truth: np.ndarray, *, margin: int = DEFAULT_MARGIN
     finest = sim[-1]
     wrong = (finest["codes"] != truth) & finest["inferred_mask"]
     return {"levels": rows, "seconds_total": total, "times_base_study": total / rows[0]["seconds"],
-            "inferred_wrong": int(wrong.sum()), "inferred": int(finest["inferred_mask"].sum()), "sim": sim}
+            "inferred_wrong": int(wrong.sum()), "inferred": int(finest["inferred_mask"].sum()), "sim": sim,
+            "truth": truth}
 
 
 def dimensions(truth: np.ndarray, levels: int, sim: list[dict]) -> dict:
@@ -126,6 +174,9 @@ def main() -> None:
     p.add_argument("--level-readout-seconds", type=float, default=None,
                    help="one read-out of a refined level, without eval pass (default: --readout-seconds)")
     p.add_argument("--truth", default="rabbit")
+    p.add_argument("--stand-in", action="store_true",
+                   help="count experiments, not cells: budgets that repeat a smaller one's experiment in the synthetic "
+                        "set laid out as the preset's data are one experiment (the truth, the levels and the base)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--dimensions", action="store_true", help="also the dimension of the base, refined and true maps")
     a = p.parse_args()
@@ -136,8 +187,9 @@ def main() -> None:
     truth = truth_map(a.truth, level_points(ny, a.levels), level_points(nx, a.levels))
     out = project(cfg, a.levels, truth, margin=a.margin, trace=a.trace, models_per_batch=a.models_per_batch,
                   step_seconds=a.step_seconds, readout_seconds=a.readout_seconds,
-                  level_readout_seconds=a.level_readout_seconds)
-    sim = out.pop("sim")
+                  level_readout_seconds=a.level_readout_seconds,
+                  supervised=stand_in_supervised(cfg, a.levels) if a.stand_in else None)
+    sim, truth = out.pop("sim"), out.pop("truth")
     if a.dimensions:
         out["dimension"] = dimensions(truth, a.levels, sim)
     if a.json:
