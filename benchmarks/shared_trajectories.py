@@ -50,7 +50,7 @@ from vmap_sweep.model.tokenizer import ByteTokenizer
 from vmap_sweep.run.bench import RandomStream, matmul_peak_tflops, time_baseline
 from vmap_sweep.store.db import StudyStore
 from vmap_sweep.study.config import preset
-from vmap_sweep.study.plan import build_grid, plan_study, sharing_summary, steps_for
+from vmap_sweep.study.plan import build_grid, plan_study, same_experiments, sharing_summary, steps_for
 from vmap_sweep.train import memory
 from vmap_sweep.train.trainer import StackedTrainer, TrainConfig
 from vmap_sweep.train.trunk import TrunkTrainer
@@ -211,7 +211,8 @@ def part_readouts(args, device, result) -> None:
     k, lrs = args.models_per_batch, _grid_lrs(cfg)
     x = f"lr:{lrs[-k]!r}:{lrs[-1]!r}:log"
     runs = []
-    for n, eval_tokens in enumerate((0, cfg.eval_tokens, 0)):
+    experiments = _experiments(cfg.with_overrides(x=x, resolution=f"{k}x{args.sizes}"))
+    for n, eval_tokens in enumerate(args.readout_evals or (0, cfg.eval_tokens, 0)):
         folder = work / f"run{n}"
         cmd = ["run", "--model", str(model_dir), "--data", "synthetic", "--schedule", "constant", "--x", x,
                "--resolution", f"{k}x{args.sizes}", "--models-per-batch", str(k), "--device", device.type,
@@ -226,19 +227,34 @@ def part_readouts(args, device, result) -> None:
                                           k))
         parts = {name: p["seconds"] for name, p in timer.collect().items()} if timer else {}
         trunk = parts.get("trunk steps", 0.0) + parts.get("updates (trunk steps)", 0.0)
-        runs.append({"parts": parts, "trunk_seconds": trunk,
-                     "readout_seconds": (sum(r["wall_time"] for r in rows) - trunk) / len(rows) if timer else None,
+        readouts = sum(r["wall_time"] for r in rows) - trunk
+        runs.append({"parts": parts, "trunk_seconds": trunk, "experiments": experiments,
+                     "readout_seconds": readouts / len(rows) if timer else None,
+                     "readout_seconds_per_experiment": readouts / experiments if timer else None,
                      "command": "vmap-sweep " + " ".join(cmd), "eval_tokens": eval_tokens, "cells": len(rows),
                      "batch_seconds": sum(r["wall_time"] for r in rows), "cli_seconds": wall, "plan": plan,
                      "with_eval_loss": sum(r["eval_loss"] is not None and r["eval_loss"] == r["eval_loss"]
                                                for r in rows)})
         print(json.dumps(runs[-1]), flush=True)
-    with_eval, without = runs[1]["batch_seconds"], runs[2]["batch_seconds"]
-    cells = runs[1]["cells"]
-    result["readouts"] = {"models_per_batch": k, "runs": runs,
-                          "eval_seconds_per_cell": (with_eval - without) / cells,
-                          "batch_ratio_without_eval": without / with_eval}
+    result["readouts"] = {"models_per_batch": k, "runs": runs}
+    timed = runs[1:]  # the first run compiles
+    with_eval = [r["batch_seconds"] for r in timed if r["eval_tokens"]]
+    without = [r["batch_seconds"] for r in timed if not r["eval_tokens"]]
+    if with_eval and without:
+        result["readouts"] |= {"eval_seconds_per_cell": (with_eval[-1] - without[-1]) / runs[1]["cells"],
+                               "batch_ratio_without_eval": without[-1] / with_eval[-1]}
     print(json.dumps({n: v for n, v in result["readouts"].items() if n != "runs"}), flush=True)
+
+
+def _experiments(cfg) -> int:
+    """The distinct experiments among a grid's cells: budgets holding as many answer targets of the synthetic set
+    (byte tokenizer, the preset's layout) are one experiment (study/plan.py `same_experiments`)."""
+    from vmap_sweep.run.worker import training_stream
+
+    cells = build_grid(cfg).cells()
+    stream = training_stream(cfg.with_overrides(data="synthetic"), cfg.seq_len, ByteTokenizer())
+    held = {n: z.supervised for n, z in stream.budgets(sorted({int(c.hparams["tokens"]) for c in cells})).sizes.items()}
+    return len(cells) - len(same_experiments(cells, held, cfg.schedule, cfg.tokens_per_step()))
 
 
 def part_memory(args, device, result) -> None:
@@ -368,6 +384,9 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=65536)
     ap.add_argument("--sizes", type=int, default=128, help="grid resolution (128: the default study)")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--readout-evals", type=int, nargs="+", default=None,
+                    help="readouts: the --eval-tokens of each run, in order; the first compiles (default: 0, the "
+                         "study's, 0)")
     ap.add_argument("--cli-options", nargs="*", default=[], help="more `vmap-sweep run` options")
     ap.add_argument("--out", default="shared_trajectories.json")
     args = ap.parse_args()

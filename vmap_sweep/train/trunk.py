@@ -195,31 +195,37 @@ class TrunkTrainer(StackedTrainer):
     def _read_out_branch(self, m: _Member, rec: CellRecord, batch, mult, gradient: tuple | None) -> tuple | None:
         """A cell whose last step is partial: that step taken on a copy of its lane, from the trunk's state
         before the step; the trunk is not touched. Returns the step's (loss, gradients, norm) where another lane
-        can take them as `gradient` (at the base weights, where every lane's are the same), else None."""
+        can take them as `gradient` (at the base weights, where every lane's are the same), else None.
+
+        The update and the final loss are computed whether or not the step diverged, and read back in one
+        transfer: the device never waits on the host in between. A diverged step's update is dropped unread."""
         step, inputs, targets = batch
         w = self._loss_weights(step, targets, [m.tokens])
         branch = self._load_branch(m.lane)
-        base = self._base_losses(step, inputs, targets, w).cpu()
+        base = self._base_losses(step, inputs, targets, w)
         if gradient is None:
             gradient = self._branch_gradient(branch, batch, w, self._rows(step, [m.tokens]))
         else:  # the optimizers read gradients and never write them: every lane's update can read the same ones
             for p, g in zip(branch["params"].values(), gradient[1], strict=True):
                 p.grad = g
         loss, _, norm = gradient
-        bad = bool(~torch.isfinite(loss) | (loss > self.cfg.divergence_ratio * base) | ~torch.isfinite(norm))
+        bad = ~torch.isfinite(loss) | (loss > self.cfg.divergence_ratio * base) | ~torch.isfinite(norm)
         one, lane = torch.ones(1, dtype=torch.bool), slice(m.lane, m.lane + 1)
-        if not bad:
-            self._optimizer_step(mult, one, lane, (branch["adamw"], branch["muon"]))
+        self._optimizer_step(mult, one, lane, (branch["adamw"], branch["muon"]))
         for p in branch["params"].values():
             p.grad = None  # (a shared gradient lives on in `gradient` while other lanes need it)
-        bad_weights = not bad and not bool(self._finite([p.detach() for p in branch["params"].values()])[0])
-        taken = Step(loss, base, norm, self.base_lr[lane] * mult[lane], one, torch.tensor([bad or bad_weights]))
+        finite = self._finite([p.detach() for p in branch["params"].values()])
+        final = self._loss_on(branch["stages"], step, m.tokens)
+        read = torch.cat([t.detach().double().view(1) for t in (loss, base, norm, bad, finite, final)]).cpu()
+        loss_, base_, norm_, bad_, finite_, final_ = read.split(1)
+        stopped = bool(bad_) or not bool(finite_)  # diverged, or its update left a weight non-finite
+        taken = Step(loss_, base_, norm_, self.base_lr[lane] * mult[lane], one, torch.tensor([stopped]))
         taken.record([rec], step, one)
-        if bad:  # no update: the lane's weights are the branch's
+        if bool(bad_):  # no update: the lane's weights are the branch's
             rec.eval_loss = self._evals([m.lane])[m.lane]
         else:
             if not rec.unstable:
-                rec.end_with(self._loss_on(branch["stages"], step, m.tokens))
+                rec.end_with(final_.item())
             rec.eval_loss = self._eval_one(branch["stages"])
         return gradient if self.at_base else None
 
@@ -248,17 +254,17 @@ class TrunkTrainer(StackedTrainer):
                 return self._forward_backward(inputs, targets, w, False, rows=self._rows(step, budgets.values()))
 
             def one(lane, step=step, budgets=budgets):
-                return self._loss_on(self._lane_stages(lane), step, budgets[lane])
+                return self._loss_on(self._lane_stages(lane), step, budgets[lane]).item()
 
             losses.update(self._by_lanes(budgets, whole, one))
         return losses
 
     @torch.no_grad()
-    def _loss_on(self, stages, step: int, tokens: int) -> float:
-        """The loss of one model (`stages`) on the batch of `step` under a budget of `tokens`."""
+    def _loss_on(self, stages, step: int, tokens: int) -> torch.Tensor:
+        """(1,) the loss of one model (`stages`) on the batch of `step` under a budget of `tokens`, on the device."""
         _, inputs, targets = self._batch(step)
         w = self._loss_weights(step, targets, [tokens])
-        return self._forward_backward(inputs, targets, w, False, stages, self._rows(step, [tokens]))[0].item()
+        return self._forward_backward(inputs, targets, w, False, stages, self._rows(step, [tokens]))
 
     def _evals(self, lanes) -> dict[int, float | None]:
         """The lanes' eval losses at their weights now, each taken once however many cells end there."""
@@ -310,8 +316,8 @@ class TrunkTrainer(StackedTrainer):
 
     def _branch_gradient(self, branch: dict, batch, w, rows: int) -> tuple:
         """(1,) loss, the gradient (in the branch's .grad) and (1,) its norm, on the first `rows` rows of the
-        branch's partial batch."""
+        branch's partial batch; on the device."""
         _, inputs, targets = batch
-        loss = self._forward_backward(inputs, targets, w, True, branch["stages"], rows).cpu()
+        loss = self._forward_backward(inputs, targets, w, True, branch["stages"], rows)
         grads = [p.grad for p in branch["params"].values()]
-        return loss, grads, grad_norms(grads).cpu()
+        return loss, grads, grad_norms(grads)
