@@ -41,7 +41,8 @@ def put_run_settings(store: StudyStore, settings: RunSettings) -> None:
 
 
 def run_options(store: StudyStore) -> dict:
-    """{"models_per_batch": int or "auto", "share": bool} as the study was started, or {} (older studies)."""
+    """{"models_per_batch": int or "auto", "share": bool} as the study was started, or {} where none is recorded
+    yet (a study whose first run stopped before its start was recorded)."""
     stored = store.get_extra(RUN_OPTIONS)
     return dict(stored) if isinstance(stored, dict) else {}
 
