@@ -20,6 +20,7 @@ from vmap_sweep.analysis.rules import rules_of_thumb
 from vmap_sweep.analysis.study import fractal_report
 from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.errors import ConfigError, StoreError
+from vmap_sweep.present.prose import ten_x_sentence
 from vmap_sweep.present.report import write_report
 from vmap_sweep.store.extras import ZOOM_OF
 
@@ -254,4 +255,4 @@ def test_fractal_and_ten_x_wording_cannot_be_misread(tmp_path):
     for warning in box["warnings"]:
         assert f"Warning: {warning}." in text
     r = rules_of_thumb(StudyView.load(study))
-    assert r.ten_x.sentence() in text and f"R² {r.crit_fit.r2:.2f}" in text
+    assert ten_x_sentence(r.ten_x) in text and f"R² {r.crit_fit.r2:.2f}" in text

@@ -18,6 +18,7 @@ from vmap_sweep.analysis.study import reclassify
 from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.present.plots import plot_rules
+from vmap_sweep.present.prose import rules_sentences, ten_x_sentence
 from vmap_sweep.present.tables import fit_rows, rules_rows, rules_table, tokens_rows
 from vmap_sweep.store.db import StudyStore
 from vmap_sweep.study.axes import parse_axis_spec
@@ -314,25 +315,25 @@ def test_ten_x_answer_follows_the_exponent_interval_and_shows_it():
     tested = math.log10(2)
     loose = ten_x_verdict(fit(0.5, 0.05, 0.95, 0.44))  # 3.2x by the point estimate, but R² 0.44 and wide
     assert loose.verdict == "inconclusive" and loose.answer == "can't tell"
-    assert loose.sentence() == ("10x more data allows 2x more LR: can't tell (LR_crit(10D) / LR_crit(D) = 3.16x, "
-                                "95% CI [1.12, 8.91]x contains 2x; exponent 0.500, 95% CI [0.050, 0.950] "
-                                "vs log10 2 = 0.301; R² 0.44, 6 sizes).")
+    assert ten_x_sentence(loose) == ("10x more data allows 2x more LR: can't tell (LR_crit(10D) / LR_crit(D) = "
+                                     "3.16x, 95% CI [1.12, 8.91]x contains 2x; exponent 0.500, 95% CI [0.050, 0.950] "
+                                     "vs log10 2 = 0.301; R² 0.44, 6 sizes).")
     yes = ten_x_verdict(fit(0.5, tested + 1e-6, 0.7, 0.44))
-    assert yes.verdict == yes.answer == "yes" and "lies entirely above 2x" in yes.sentence()
-    assert "R² 0.44, 6 sizes" in yes.sentence()
+    assert yes.verdict == yes.answer == "yes" and "lies entirely above 2x" in ten_x_sentence(yes)
+    assert "R² 0.44, 6 sizes" in ten_x_sentence(yes)
     assert ten_x_verdict(fit(0.5, tested, 0.7, 0.9)).answer == "can't tell"  # touching 2x is not above it
     no = ten_x_verdict(fit(0.1, -0.1, tested - 1e-6, 0.8))
-    assert no.verdict == no.answer == "no" and "lies entirely below 2x" in no.sentence()
+    assert no.verdict == no.answer == "no" and "lies entirely below 2x" in ten_x_sentence(no)
     two = ten_x_verdict(fit(0.5, math.nan, math.nan, 1.0, n=2))
-    assert two.answer == "can't tell" and "no CI from 2 sizes" in two.sentence()
-    assert ten_x_verdict(None).sentence() == ("10x more data allows 2x more LR: can't tell "
-                                              "(fewer than 2 uncensored sizes to fit LR_crit).")
+    assert two.answer == "can't tell" and "no CI from 2 sizes" in ten_x_sentence(two)
+    assert ten_x_sentence(ten_x_verdict(None)) == ("10x more data allows 2x more LR: can't tell "
+                                                   "(fewer than 2 uncensored sizes to fit LR_crit).")
 
 
 def test_summary_prints_the_ten_x_answer_with_its_interval(clean):
     r = rules_of_thumb(StudyView.load(clean))
-    line = r.summary()[-1 - len(r.notes)]
-    assert line == r.ten_x.sentence()
+    line = rules_sentences(r)[-1 - len(r.notes)]
+    assert line == ten_x_sentence(r.ten_x)
     assert line.startswith("10x more data allows 2x more LR: yes (LR_crit(10D) / LR_crit(D) = ")
     assert f"R² {r.crit_fit.r2:.2f}, 8 sizes" in line
     d = r.to_dict()["ten_x"]
@@ -415,7 +416,7 @@ def test_tokens_min_per_lr_and_its_fit_invert_a_known_law(tmp_path):
     assert abs(r.tokens_min_fit.exponent - 2.0) < 0.1 and r.tokens_min_fit.ci_low < 2.0 < r.tokens_min_fit.ci_high
     assert r.tokens_min_fit.predict(1e-4) == pytest.approx(1e3 * (1e-4 / 1e-5) ** 2, rel=0.3)
     assert r.tokens_min_fit.formula("D").startswith("D = ") and "* LR^" in r.tokens_min_fit.formula("D")
-    assert any(line.startswith("Minimum viable dataset tokens_min ≈") for line in r.summary())
+    assert any(line.startswith("Minimum viable dataset tokens_min ≈") for line in rules_sentences(r))
     d = json.loads(json.dumps(r.to_dict(), allow_nan=False))
     assert d["tokens_min_fit"]["exponent"] == pytest.approx(r.tokens_min_fit.exponent) and len(d["lrs"]) == 16
 
@@ -449,7 +450,7 @@ def test_tokens_min_on_two_grid_sizes_says_the_fit_says_little(tmp_path):
         r = rules_of_thumb(StudyView.load(store))
     assert {row.tokens_min for row in r.lrs if row.censored is None} == {parse_axis_spec(y).values(3)[1],
                                                                         parse_axis_spec(y).values(3)[2]}
-    assert any("only 2 distinct grid size(s)" in line for line in r.summary())
+    assert any("only 2 distinct grid size(s)" in line for line in rules_sentences(r))
 
 
 def test_tokens_all_is_fitted_where_small_datasets_converge_at_every_lr(tmp_path):
@@ -463,7 +464,7 @@ def test_tokens_all_is_fitted_where_small_datasets_converge_at_every_lr(tmp_path
         r = rules_of_thumb(StudyView.load(store))
     assert r.tokens_min_fit is None and all(row.tokens_min == r.size_range[0] for row in r.lrs)
     assert r.tokens_all_fit.exponent == pytest.approx(clean.tokens_min_fit.exponent)
-    assert any(line.startswith("Every dataset from tokens_all ≈") for line in r.summary())
+    assert any(line.startswith("Every dataset from tokens_all ≈") for line in rules_sentences(r))
 
 
 def test_counts_read_in_the_right_number():

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from vmap_sweep.analysis.classify import study_classes
-from vmap_sweep.analysis.fmt import count_of, format_ci, format_count
+from vmap_sweep.analysis.fmt import count_of, format_count
 from vmap_sweep.analysis.jsonsafe import json_safe
 from vmap_sweep.analysis.repeats import check_unit
 from vmap_sweep.analysis.stats import ols, t_quantile
@@ -144,24 +144,6 @@ class TenX:
     n: int | None = None  # sizes fitted
     answer: str = "can't tell"  # "yes", "no" or "can't tell": the verdict as printed
 
-    def sentence(self) -> str:
-        """The answer with the interval and fit it rests on, for the CLI and the report."""
-        head = f"10x more data allows {TARGET_RATIO:g}x more LR: {self.answer}"
-        if self.ratio is None:
-            return f"{head} ({self.reason})."
-        fit = f"R² {_g(self.r2, '.2f')}, {count_of(self.n, 'size')}"
-        if self.ci_low is None:
-            return f"{head} (LR_crit(10D) / LR_crit(D) = {self.ratio:.2f}x, but {self.reason}; {fit})."
-        interval = f"95% CI [{self.ci_low:.2f}, {self.ci_high:.2f}]x"
-        b_ci = format_ci(self.exponent_ci_low, self.exponent_ci_high, ".3f")
-        exponent = f"exponent {self.exponent:.3f}, 95% CI {b_ci} vs log10 {TARGET_RATIO:g} = {self.tested_exponent:.3f}"
-        if self.verdict == "inconclusive":
-            return (f"{head} (LR_crit(10D) / LR_crit(D) = {self.ratio:.2f}x, {interval} contains "
-                    f"{TARGET_RATIO:g}x; {exponent}; {fit}).")
-        side = "above" if self.verdict == "yes" else "below"
-        return (f"{head} (LR_crit(10D) / LR_crit(D) = {self.ratio:.2f}x, {interval} lies entirely {side} "
-                f"{TARGET_RATIO:g}x; {exponent}; {fit}).")
-
 
 @dataclass
 class RulesResult:
@@ -205,41 +187,6 @@ class RulesResult:
         d["safe_fit"] = None if self.safe_fit is None else asdict(self.safe_fit)
         d["censored_sizes"] = self.censored_sizes
         return json_safe(d)
-
-    def summary(self) -> list[str]:
-        """The findings in sentences (for the CLI and the report)."""
-        lines = []
-        if self.crit_fit is not None:
-            f = self.crit_fit
-            lines.append(f"Critical LR (first diverging) ≈ {f.coefficient:.3g}·D^{f.exponent:.3f} "
-                         f"(exponent 95% CI {format_ci(f.ci_low, f.ci_high, '.3f')}, {count_of(f.n, 'size')}); "
-                         f"safe LR ≈ {SAFE_FACTOR * f.coefficient:.3g}·D^{f.exponent:.3f}.")
-        if self.opt_fit is not None:
-            f = self.opt_fit
-            lines.append(f"Optimal LR ≈ {f.coefficient:.3g}·D^{f.exponent:.3f} "
-                         f"(exponent 95% CI {format_ci(f.ci_low, f.ci_high, '.3f')}, {count_of(f.n, 'size')}).")
-        if self.leave_out_fraction is not None:
-            hits = sum(lo.within for lo in self.leave_out)
-            lines.append(f"Leave-one-size-out: the refitted LR_opt rule predicts {hits} of {len(self.leave_out)} "
-                         f"sizes within {WITHIN:g}x ({self.leave_out_fraction:.0%}).")
-        if self.tokens_min_fit is not None:
-            f = self.tokens_min_fit
-            lines.append(f"Minimum viable dataset tokens_min ≈ {f.coefficient:.3g}·LR^{f.exponent:.3f} "
-                         f"(exponent 95% CI {format_ci(f.ci_low, f.ci_high, '.3f')}, {count_of(f.n, 'LR')}).")
-            distinct = len({r.tokens_min for r in self.lrs if r.censored is None})
-            if distinct < 3:  # a flat fit through one or two grid sizes is the grid speaking, not a law
-                lines.append(f"tokens_min takes only {distinct} distinct grid size(s) over the {f.n} LRs it is "
-                             "fitted on: the fit and its interval say little; a finer tokens axis would.")
-        if self.tokens_all_fit is not None:
-            f = self.tokens_all_fit
-            lines.append(f"Every dataset from tokens_all ≈ {f.coefficient:.3g}·LR^{f.exponent:.3f} up converges "
-                         f"(exponent 95% CI {format_ci(f.ci_low, f.ci_high, '.3f')}, {count_of(f.n, 'LR')}).")
-        lines.append(self.ten_x.sentence())
-        return lines + self.notes
-
-
-def _g(v: float | None, fmt: str = ".3g") -> str:
-    return "—" if v is None or not math.isfinite(v) else format(v, fmt)
 
 
 # ----------------------------------------------------------------------------- fitting

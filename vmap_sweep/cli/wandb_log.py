@@ -190,6 +190,8 @@ def log_rules(run, result, picture: Path | None = None) -> None:
     """The rules of thumb: one row per dataset size with its numbers (rules/sizes: sortable, plottable in W&B), the
     fitted power laws (rules/fits: coefficient, exponent and its 95% CI), the sentences (summary rules/summary)
     and the plot as an image when `picture` was drawn."""
+    from vmap_sweep.present.prose import rules_sentences
+
     wandb = _wandb()
     sizes = [asdict(r) for r in result.sizes]
     fits = [(name, fit) for name, fit in (("crit", result.crit_fit), ("crit_last", result.crit_last_fit),
@@ -203,7 +205,7 @@ def log_rules(run, result, picture: Path | None = None) -> None:
     if picture is not None and Path(picture).is_file():
         logged["rules/plot"] = wandb.Image(str(picture))
     run.log(logged)
-    run.summary["rules/summary"] = "\n".join(result.summary())
+    run.summary["rules/summary"] = "\n".join(rules_sentences(result))
     for name, fit in fits:
         run.summary.update({f"rules/{name}_exponent": _plain(fit.exponent),
                             f"rules/{name}_coefficient": _plain(fit.coefficient)})

@@ -31,6 +31,7 @@ from vmap_sweep.analysis.rules import SAFE_FACTOR, rules_of_thumb
 from vmap_sweep.analysis.study import fractal_report
 from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.errors import ConfigError, VmapSweepError
+from vmap_sweep.present.prose import rules_sentences
 from vmap_sweep.present.provenance import provenance_rows
 from vmap_sweep.present.tables import fit_rows, rules_rows
 from vmap_sweep.store import extras
@@ -381,7 +382,7 @@ def _rules_section(doc: _Doc, study: StudyView, tmp: Path):
     except ConfigError as e:
         doc.p(f"Not applicable to this study: {e}")
         return None
-    doc.bullets(r.summary())
+    doc.bullets(rules_sentences(r))
     header, rows = fit_rows(r)
     doc.table(header, rows)
     header, rows = rules_rows(r)

@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from vmap_sweep.analysis.fmt import format_ci, format_count
+from vmap_sweep.present.prose import rules_sentences
 
 if TYPE_CHECKING:
     from vmap_sweep.analysis.compare import CompareResult
@@ -204,7 +205,7 @@ def tokens_table(result: RulesResult) -> Table:
 
 def rules_lines(result: RulesResult) -> list[RenderableType]:
     """The per-size and per-LR tables and the fits, then the findings in sentences."""
-    return [rules_table(result), tokens_table(result), fit_table(result), *result.summary()]
+    return [rules_table(result), tokens_table(result), fit_table(result), *rules_sentences(result)]
 
 
 def compare_lines(result: CompareResult) -> list[RenderableType]:

@@ -1,0 +1,78 @@
+"""The findings of each analysis in sentences, and its fitted laws as formulas, for the CLI, the report and W&B.
+
+The result types of analysis/ hold numbers; what they read as lives here. Text tables are in tables.py.
+The CLI imports this module at start (through tables.py), before any analysis runs: the analysis modules whose
+constants a sentence uses (they load scipy) are imported when the function is called.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from vmap_sweep.analysis.fmt import count_of, format_ci
+
+if TYPE_CHECKING:
+    from vmap_sweep.analysis.rules import RulesResult, TenX
+
+
+def _g(v: float | None, fmt: str = ".3g") -> str:
+    return "—" if v is None or not math.isfinite(v) else format(v, fmt)
+
+
+# ----------------------------------------------------------------------------- rules of thumb
+
+
+def ten_x_sentence(ten_x: TenX) -> str:
+    """Whether 10x more data allows 2x more LR, with the interval and fit the answer rests on."""
+    from vmap_sweep.analysis.rules import TARGET_RATIO
+
+    head = f"10x more data allows {TARGET_RATIO:g}x more LR: {ten_x.answer}"
+    if ten_x.ratio is None:
+        return f"{head} ({ten_x.reason})."
+    fit = f"R² {_g(ten_x.r2, '.2f')}, {count_of(ten_x.n, 'size')}"
+    if ten_x.ci_low is None:
+        return f"{head} (LR_crit(10D) / LR_crit(D) = {ten_x.ratio:.2f}x, but {ten_x.reason}; {fit})."
+    interval = f"95% CI [{ten_x.ci_low:.2f}, {ten_x.ci_high:.2f}]x"
+    b_ci = format_ci(ten_x.exponent_ci_low, ten_x.exponent_ci_high, ".3f")
+    exponent = f"exponent {ten_x.exponent:.3f}, 95% CI {b_ci} vs log10 {TARGET_RATIO:g} = {ten_x.tested_exponent:.3f}"
+    if ten_x.verdict == "inconclusive":
+        return (f"{head} (LR_crit(10D) / LR_crit(D) = {ten_x.ratio:.2f}x, {interval} contains "
+                f"{TARGET_RATIO:g}x; {exponent}; {fit}).")
+    side = "above" if ten_x.verdict == "yes" else "below"
+    return (f"{head} (LR_crit(10D) / LR_crit(D) = {ten_x.ratio:.2f}x, {interval} lies entirely {side} "
+            f"{TARGET_RATIO:g}x; {exponent}; {fit}).")
+
+
+def rules_sentences(result: RulesResult) -> list[str]:
+    """The fitted rules, the leave-one-size-out check and the 10x answer, then the result's notes."""
+    from vmap_sweep.analysis.rules import SAFE_FACTOR, WITHIN
+
+    lines = []
+    if result.crit_fit is not None:
+        f = result.crit_fit
+        lines.append(f"Critical LR (first diverging) ≈ {f.coefficient:.3g}·D^{f.exponent:.3f} "
+                     f"(exponent 95% CI {format_ci(f.ci_low, f.ci_high, '.3f')}, {count_of(f.n, 'size')}); "
+                     f"safe LR ≈ {SAFE_FACTOR * f.coefficient:.3g}·D^{f.exponent:.3f}.")
+    if result.opt_fit is not None:
+        f = result.opt_fit
+        lines.append(f"Optimal LR ≈ {f.coefficient:.3g}·D^{f.exponent:.3f} "
+                     f"(exponent 95% CI {format_ci(f.ci_low, f.ci_high, '.3f')}, {count_of(f.n, 'size')}).")
+    if result.leave_out_fraction is not None:
+        hits = sum(lo.within for lo in result.leave_out)
+        lines.append(f"Leave-one-size-out: the refitted LR_opt rule predicts {hits} of {len(result.leave_out)} "
+                     f"sizes within {WITHIN:g}x ({result.leave_out_fraction:.0%}).")
+    if result.tokens_min_fit is not None:
+        f = result.tokens_min_fit
+        lines.append(f"Minimum viable dataset tokens_min ≈ {f.coefficient:.3g}·LR^{f.exponent:.3f} "
+                     f"(exponent 95% CI {format_ci(f.ci_low, f.ci_high, '.3f')}, {count_of(f.n, 'LR')}).")
+        distinct = len({r.tokens_min for r in result.lrs if r.censored is None})
+        if distinct < 3:  # a flat fit through one or two grid sizes is the grid speaking, not a law
+            lines.append(f"tokens_min takes only {distinct} distinct grid size(s) over the {f.n} LRs it is "
+                         "fitted on: the fit and its interval say little; a finer tokens axis would.")
+    if result.tokens_all_fit is not None:
+        f = result.tokens_all_fit
+        lines.append(f"Every dataset from tokens_all ≈ {f.coefficient:.3g}·LR^{f.exponent:.3f} up converges "
+                     f"(exponent 95% CI {format_ci(f.ci_low, f.ci_high, '.3f')}, {count_of(f.n, 'LR')}).")
+    lines.append(ten_x_sentence(result.ten_x))
+    return lines + result.notes
