@@ -20,7 +20,7 @@ from vmap_sweep.analysis.rules import rules_of_thumb
 from vmap_sweep.analysis.study import fractal_report
 from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.errors import ConfigError, StoreError
-from vmap_sweep.present.prose import ten_x_sentence
+from vmap_sweep.present.prose import power_law_formula, ten_x_sentence
 from vmap_sweep.present.report import write_report
 from vmap_sweep.store.extras import ZOOM_OF
 
@@ -50,7 +50,7 @@ def test_markdown_has_the_sections_numbers_and_linked_pictures(study, tmp_path):
     box = fractal_report(study).to_dict()  # 16x16: too small a map for a number, and the report says so
     assert f"No dimension: {box['too_small']}." in text and f"D = {box['dimension']:.3f}" not in text
     r = rules_of_thumb(StudyView.load(study))
-    assert r.crit_fit.formula() in text and f"D^{r.opt_fit.exponent:.3f}" in text
+    assert power_law_formula(r.crit_fit) in text and f"D^{r.opt_fit.exponent:.3f}" in text
     assert f"allows 2x more LR: {r.ten_x.verdict}" in text
     assert f"| x axis | {LR_AXIS} |" in text and "| resolution | 16 × 16 = 256 fine-tunes |" in text
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
@@ -198,7 +198,7 @@ def test_rules_and_report_on_a_real_tiny_study(tiny_study, tmp_path):
     text = out.read_text()
     assert "<h2>Rules of thumb</h2>" in text and "data:image/png;base64," in text
     assert "tiny on synthetic" in text and "4 × 4 = 16 fine-tunes" in text
-    assert (r.crit_fit.formula() if r.crit_fit else "not enough sizes") in text
+    assert (power_law_formula(r.crit_fit) if r.crit_fit else "not enough sizes") in text
 
 
 def test_zoom_section_with_the_real_zoom_module(tmp_path):

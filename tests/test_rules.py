@@ -18,7 +18,7 @@ from vmap_sweep.analysis.study import reclassify
 from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.present.plots import plot_rules
-from vmap_sweep.present.prose import rules_sentences, ten_x_sentence
+from vmap_sweep.present.prose import power_law_formula, rules_sentences, ten_x_sentence
 from vmap_sweep.present.tables import fit_rows, rules_rows, rules_table, tokens_rows
 from vmap_sweep.store.db import StudyStore
 from vmap_sweep.study.axes import parse_axis_spec
@@ -282,8 +282,8 @@ def test_to_dict_is_strict_json_and_table_prints(clean, tmp_path):
     text = console.export_text()
     assert f"{r.sizes[3].lr_first_diverging:.3g}" in text and f"{r.sizes[3].size:,.0f}" in text
     _, fitted = fit_rows(r)
-    assert fitted[0][1] == r.crit_fit.formula() and len(fitted) == 6
-    assert fitted[4][:2] == ["tokens_min(LR)", r.tokens_min_fit.formula("D")]
+    assert fitted[0][1] == power_law_formula(r.crit_fit) and len(fitted) == 6
+    assert fitted[4][:2] == ["tokens_min(LR)", power_law_formula(r.tokens_min_fit, "D")]
     # a path opens and closes the store itself
     assert rules_of_thumb(StudyView.load(clean.directory)).crit_fit == r.crit_fit
 
@@ -415,7 +415,8 @@ def test_tokens_min_per_lr_and_its_fit_invert_a_known_law(tmp_path):
     assert r.tokens_min_fit.exponent == pytest.approx(ref.exponent) and r.tokens_min_fit.variable == "LR"
     assert abs(r.tokens_min_fit.exponent - 2.0) < 0.1 and r.tokens_min_fit.ci_low < 2.0 < r.tokens_min_fit.ci_high
     assert r.tokens_min_fit.predict(1e-4) == pytest.approx(1e3 * (1e-4 / 1e-5) ** 2, rel=0.3)
-    assert r.tokens_min_fit.formula("D").startswith("D = ") and "* LR^" in r.tokens_min_fit.formula("D")
+    formula = power_law_formula(r.tokens_min_fit, "D")
+    assert formula.startswith("D = ") and "* LR^" in formula
     assert any(line.startswith("Minimum viable dataset tokens_min ≈") for line in rules_sentences(r))
     d = json.loads(json.dumps(r.to_dict(), allow_nan=False))
     assert d["tokens_min_fit"]["exponent"] == pytest.approx(r.tokens_min_fit.exponent) and len(d["lrs"]) == 16

@@ -14,6 +14,7 @@ from vmap_sweep.analysis.rules import rules_of_thumb
 from vmap_sweep.analysis.rules_joint import fit_joint, joint_rules
 from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.errors import ConfigError
+from vmap_sweep.present.prose import joint_rules_sentences
 
 PARAMS = (1e6, 1e7, 1e8)
 
@@ -50,8 +51,9 @@ def test_joint_fit_recovers_both_exponents_from_studies(studies):
     assert r.fit.predict(1e4, 1e7) == pytest.approx(crit(1e7)(1e4), rel=0.3)
     for s, p in zip(r.studies, PARAMS, strict=True):
         assert s.params == p and len(s.sizes) == 8 and abs(s.own_fit.exponent - 0.5) < 0.05
-    assert f"model-size exponent c = {c.value:.3f}, 95% CI [{c.ci_low:.3f}, {c.ci_high:.3f}]" in r.summary()[1]
-    assert f"multiplies LR_crit by {10 ** c.value:.3g}" in r.summary()[1]
+    sentence = joint_rules_sentences(r)[1]
+    assert f"model-size exponent c = {c.value:.3f}, 95% CI [{c.ci_low:.3f}, {c.ci_high:.3f}]" in sentence
+    assert f"multiplies LR_crit by {10 ** c.value:.3g}" in sentence
 
 
 def test_studies_that_cannot_be_fitted_together_are_refused(studies, tmp_path):

@@ -80,9 +80,6 @@ class PowerLaw:
     def predict(self, size: float | np.ndarray) -> float | np.ndarray:
         return self.coefficient * np.asarray(size, dtype=float) ** self.exponent
 
-    def formula(self, name: str = "LR") -> str:
-        return f"{name} = {self.coefficient:.3g} * {self.variable}^{self.exponent:.3f}"
-
 
 @dataclass(frozen=True)
 class SizeRow:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from vmap_sweep.analysis.fmt import format_ci, format_count
+from vmap_sweep.analysis.fmt import format_count
 from vmap_sweep.analysis.jsonsafe import json_safe
 from vmap_sweep.analysis.rules import PowerLaw, RulesResult
 from vmap_sweep.analysis.stats import t_quantile
@@ -48,10 +48,6 @@ class JointFit:
         return self.coefficient * np.asarray(size, dtype=float) ** self.size_exponent.value \
             * float(params) ** self.params_exponent.value
 
-    def formula(self) -> str:
-        return (f"LR_crit = {self.coefficient:.3g} * D^{self.size_exponent.value:.3f} "
-                f"* P^{self.params_exponent.value:.3f}")
-
 
 @dataclass(frozen=True)
 class StudyPoints:
@@ -71,28 +67,6 @@ class JointResult:
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe(asdict(self))
-
-    def study_rows(self) -> tuple[list[str], list[list[str]]]:
-        header = ["study", "parameters", "sizes fitted", "own fit", "D exponent 95% CI"]
-        rows = []
-        for s in self.studies:
-            f = s.own_fit
-            rows.append([s.study, format_count(s.params), str(len(s.sizes)),
-                         "—" if f is None else f.formula("LR_crit"),
-                         "—" if f is None else format_ci(f.ci_low, f.ci_high, ".3f")])
-        return header, rows
-
-    def summary(self) -> list[str]:
-        if self.fit is None:
-            return [f"Not enough uncensored points for a joint fit ({sum(len(s.sizes) for s in self.studies)} "
-                    "points; need at least 4)."] + self.notes
-        f = self.fit
-        b, c = f.size_exponent, f.params_exponent
-        return [f"Joint fit over {len(self.studies)} studies, {f.n} points: {f.formula()} (R² {f.r2:.3f}).",
-                f"Dataset-size exponent b = {b.value:.3f}, 95% CI {format_ci(b.ci_low, b.ci_high, '.3f')}; "
-                f"model-size exponent c = {c.value:.3f}, 95% CI {format_ci(c.ci_low, c.ci_high, '.3f')} "
-                f"(10x the parameters multiplies LR_crit by {10 ** c.value:.3g}, 95% CI "
-                f"{format_ci(10 ** c.ci_low, 10 ** c.ci_high, '.3g')})."] + self.notes
 
 
 def fit_joint(sizes: np.ndarray, params: np.ndarray, lrs: np.ndarray) -> JointFit | None:

@@ -24,6 +24,7 @@ from vmap_sweep.analysis.fractal import FractalResult  # noqa: E402
 from vmap_sweep.analysis.rules import SIZE_AXIS  # noqa: E402
 from vmap_sweep.analysis.view import GridView  # noqa: E402
 from vmap_sweep.errors import ConfigError  # noqa: E402
+from vmap_sweep.present.prose import joint_formula  # noqa: E402
 from vmap_sweep.store.db import check_output  # noqa: E402
 from vmap_sweep.study.axes import AXES  # noqa: E402
 from vmap_sweep.study.criterion import CONVERGED, DISPLAY, MARGINAL, NOT_CONVERGED  # noqa: E402
@@ -781,7 +782,7 @@ def plot_joint_rules(result: JointResult, path: str | os.PathLike) -> Path:
         ax2.plot(p, f.predict(1.0, 1.0) * p ** f.params_exponent.value, "k-", lw=1.2,
                  label=f"P^{f.params_exponent.value:.2f}")
         ax2.legend(fontsize=8)
-        ax.set_title(f"joint fit: {f.formula()} (R² {f.r2:.2f})", fontsize=9)
+        ax.set_title(f"joint fit: {joint_formula(f)} (R² {f.r2:.2f})", fontsize=9)
         ax2.set_ylabel(f"LR_crit / D^{f.size_exponent.value:.2f}")
     ax2.set_xlabel("model size P (parameters)")
     ax2.set_title("dataset-size dependence divided out", fontsize=9)

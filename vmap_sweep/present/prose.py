@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 from vmap_sweep.analysis.fmt import count_of, format_ci
 
 if TYPE_CHECKING:
-    from vmap_sweep.analysis.rules import RulesResult, TenX
+    from vmap_sweep.analysis.rules import PowerLaw, RulesResult, TenX
+    from vmap_sweep.analysis.rules_joint import JointFit, JointResult
 
 
 def _g(v: float | None, fmt: str = ".3g") -> str:
@@ -21,6 +22,11 @@ def _g(v: float | None, fmt: str = ".3g") -> str:
 
 
 # ----------------------------------------------------------------------------- rules of thumb
+
+
+def power_law_formula(fit: PowerLaw, name: str = "LR") -> str:
+    """"LR = a * D^b"; a tokens_min fit, named "D", reads "D = a * LR^c"."""
+    return f"{name} = {fit.coefficient:.3g} * {fit.variable}^{fit.exponent:.3f}"
 
 
 def ten_x_sentence(ten_x: TenX) -> str:
@@ -76,3 +82,26 @@ def rules_sentences(result: RulesResult) -> list[str]:
                      f"(exponent 95% CI {format_ci(f.ci_low, f.ci_high, '.3f')}, {count_of(f.n, 'LR')}).")
     lines.append(ten_x_sentence(result.ten_x))
     return lines + result.notes
+
+
+# ----------------------------------------------------------------------------- the joint rule across studies
+
+
+def joint_formula(fit: JointFit) -> str:
+    """"LR_crit = a * D^b * P^c"."""
+    return (f"LR_crit = {fit.coefficient:.3g} * D^{fit.size_exponent.value:.3f} "
+            f"* P^{fit.params_exponent.value:.3f}")
+
+
+def joint_rules_sentences(result: JointResult) -> list[str]:
+    """The joint fit and both exponents with their intervals (or why there is none), then the notes."""
+    if result.fit is None:
+        return [f"Not enough uncensored points for a joint fit ({sum(len(s.sizes) for s in result.studies)} "
+                "points; need at least 4)."] + result.notes
+    f = result.fit
+    b, c = f.size_exponent, f.params_exponent
+    return [f"Joint fit over {len(result.studies)} studies, {f.n} points: {joint_formula(f)} (R² {f.r2:.3f}).",
+            f"Dataset-size exponent b = {b.value:.3f}, 95% CI {format_ci(b.ci_low, b.ci_high, '.3f')}; "
+            f"model-size exponent c = {c.value:.3f}, 95% CI {format_ci(c.ci_low, c.ci_high, '.3f')} "
+            f"(10x the parameters multiplies LR_crit by {10 ** c.value:.3g}, 95% CI "
+            f"{format_ci(10 ** c.ci_low, 10 ** c.ci_high, '.3g')})."] + result.notes

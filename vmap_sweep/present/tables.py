@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from vmap_sweep.analysis.fmt import format_ci, format_count
-from vmap_sweep.present.prose import rules_sentences
+from vmap_sweep.present.prose import joint_rules_sentences, power_law_formula, rules_sentences
 
 if TYPE_CHECKING:
     from vmap_sweep.analysis.compare import CompareResult
@@ -157,7 +157,7 @@ def fit_rows(result: RulesResult) -> tuple[list[str], list[list[str]]]:
         if fit is None:
             rows.append([name, "not enough LRs" if name.startswith("tokens") else "not enough sizes", "", "", ""])
         else:
-            formula = fit.formula("D") if fit.variable == "LR" else fit.formula()
+            formula = power_law_formula(fit, "D") if fit.variable == "LR" else power_law_formula(fit)
             rows.append([name, formula, format_ci(fit.ci_low, fit.ci_high, ".3f"), str(fit.n),
                          _g(fit.r2, ".3f")])
     return header, rows
@@ -233,15 +233,27 @@ def early_warning_lines(result: WarningResult) -> list[RenderableType]:
     return [table, *[_prose(line) for line in result.summary()]]
 
 
+def joint_study_rows(result: JointResult) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): per study, its model size, the sizes fitted and its own LR_crit(D) fit."""
+    header = ["study", "parameters", "sizes fitted", "own fit", "D exponent 95% CI"]
+    rows = []
+    for s in result.studies:
+        f = s.own_fit
+        rows.append([s.study, format_count(s.params), str(len(s.sizes)),
+                     "—" if f is None else power_law_formula(f, "LR_crit"),
+                     "—" if f is None else format_ci(f.ci_low, f.ci_high, ".3f")])
+    return header, rows
+
+
 def joint_rules_lines(result: JointResult) -> list[RenderableType]:
     """Each study's points and own fit, then the joint fit in sentences."""
-    header, rows = result.study_rows()
+    header, rows = joint_study_rows(result)
     table = Table(title=f"critical {result.lr_axis} (first diverging) per study")
     for h in header:
         table.add_column(h)
     for r in rows:
         table.add_row(*r)
-    return [table, *[_prose(line) for line in result.summary()]]
+    return [table, *[_prose(line) for line in joint_rules_sentences(result)]]
 
 
 def _level0_line(c: dict, r: dict) -> str:
