@@ -14,6 +14,7 @@ from vmap_sweep.analysis.compare import Dimension, compare_studies, delta_dimens
 from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.present.plots import plot_compare
+from vmap_sweep.present.prose import compare_sentences
 from vmap_sweep.study.axes import parse_axis_spec
 
 X, Y = "lr:1e-6:1e-1:log", "tokens:1e3:1e6:log"
@@ -48,8 +49,9 @@ def test_difference_shares_and_crit_ratio_follow_the_two_laws(pair):
         assert row.ratio == pytest.approx(want_b / want_a) and 4 / 1.5 < row.ratio < 4 * 1.5  # one LR step
     # a 32x32 map is too small for a dimension: no ΔD, and the summary says why
     assert r.dimension_a.dimension is None and "too small a map" in r.dimension_a.reason
-    assert r.dimension_a.grid == (32, 32) and r.delta_d is None and "ΔD not measured" in r.summary()[2]
-    assert "converge only in B" in r.summary()[1] and "geometric mean" in r.summary()[-1]
+    lines = compare_sentences(r)
+    assert r.dimension_a.grid == (32, 32) and r.delta_d is None and "ΔD not measured" in lines[2]
+    assert "converge only in B" in lines[1] and "geometric mean" in lines[-1]
     d = json.loads(json.dumps(r.to_dict(), allow_nan=False))
     assert d["changed"] == r.gained and "views" not in d and len(d["crit"]) == 32
 
@@ -79,13 +81,14 @@ def test_a_noisy_boundary_has_a_larger_dimension(wide):
     r = compare_studies(StudyView.load(wide / "line"), StudyView.load(wide / "noise"))
     assert r.dimension_a.dimension == pytest.approx(1.0, abs=0.15)  # a straight line in log-log
     assert r.dimension_b.dimension > 1.7 and 0.6 < r.delta_d < 1.1 and r.delta_d_ci[0] > 0
-    assert "contains 0" not in r.summary()[2] and "at 96x96 over 2.7 octaves" in r.summary()[2]
+    dimension = compare_sentences(r)[2]
+    assert "contains 0" not in dimension and "at 96x96 over 2.7 octaves" in dimension
 
 
 def test_same_study_changes_nothing(wide):
     r = compare_studies(StudyView.load(wide / "line"), StudyView.load(wide / "line"))
     assert r.changed == 0 and r.delta_d == 0.0 and all(row.ratio == 1.0 for row in r.crit if row.ratio)
-    assert r.delta_d_ci[0] < 0 < r.delta_d_ci[1] and "contains 0" in r.summary()[2]
+    assert r.delta_d_ci[0] < 0 < r.delta_d_ci[1] and "contains 0" in compare_sentences(r)[2]
 
 
 def test_different_resolutions_are_compared_only_when_asked_and_then_without_cells(wide, tmp_path):
@@ -96,7 +99,7 @@ def test_different_resolutions_are_compared_only_when_asked_and_then_without_cel
     assert r.gained is None and r.changed is None and r.crit == [] and r.views is None
     assert r.dimension_a.grid == (96, 96) and r.dimension_b.grid == (64, 64)
     assert r.dimension_b.dimension is None and "too small a map" in r.dimension_b.reason and r.delta_d is None
-    text = " ".join(r.summary())
+    text = " ".join(compare_sentences(r))
     assert "grids of different resolutions, no cell compared" in text and "part of ΔD is the grid's" in text
     out = " ".join(ok("compare", wide / "line", wide / "line64", "--across-resolutions").stdout.split())
     assert "no cell compared" in out
@@ -138,7 +141,7 @@ def test_report_compare_section(tmp_path):
     build_study(tmp_path / "b", lambda d: 4 * crit(d), nx=12, ny=8, x=X, y=Y).close()
     r = compare_studies(StudyView.load(tmp_path / "a"), StudyView.load(tmp_path / "b"))
     text = write_report(tmp_path / "a", tmp_path / "r.md", "md", compare=tmp_path / "b").read_text()
-    assert "## Compared with another study" in text and r.summary()[1] in text
+    assert "## Compared with another study" in text and compare_sentences(r)[1] in text
     assert (tmp_path / "r_files" / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
 

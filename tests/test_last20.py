@@ -16,6 +16,7 @@ from vmap_sweep.analysis.compare import compare_studies
 from vmap_sweep.analysis.study import reclassify
 from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.errors import ConfigError
+from vmap_sweep.present.prose import compare_sentences
 from vmap_sweep.store.db import StudyStore
 from vmap_sweep.study.axes import parse_axis_spec
 from vmap_sweep.study.config import StudyConfig
@@ -100,7 +101,7 @@ def test_compare_one_study_across_criteria_names_the_criterion_and_the_cells(tmp
     r = compare_studies(StudyView.load(tmp_path / "s"), StudyView.load(tmp_path / "s"), None, "last20")
     assert r.differs == "criterion: ratio -> last20"
     assert (r.lost, r.gained) == (4, 0)  # the one-step column
-    assert "B differs from A in: criterion: ratio -> last20." in r.summary()[0]
+    assert "B differs from A in: criterion: ratio -> last20." in compare_sentences(r)[0]
     with StudyStore.open(tmp_path / "s") as store:
         got = classify_rows(store.rows(arrays=True), "last20")
     assert {k for k, (label, _) in got.items() if label == "converged"} == {(i, j) for i in (1, 2) for j in range(4)}

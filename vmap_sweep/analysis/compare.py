@@ -94,47 +94,6 @@ class CompareResult:
         d["changed"] = self.changed
         return json_safe(d)
 
-    def summary(self) -> list[str]:
-        """The findings in sentences (the CLI and the report)."""
-        n = self.resolution[0] * self.resolution[1]
-        share = f"Converged share: A {self.converged_share_a:.1%}, B {self.converged_share_b:.1%}"
-        if self.changed is None:
-            rb = self.resolution_b or self.resolution
-            share += (f" (A {self.resolution[0]}x{self.resolution[1]}, B {rb[0]}x{rb[1]} cells: grids of different "
-                      "resolutions, no cell compared)")
-        else:
-            share += (f" ({self.changed} of {n} cells changed class: {self.gained} converge only in B, "
-                      f"{self.lost} only in A)")
-        lines = [f"B differs from A in: {self.differs or 'nothing but the folder'}.", share + "."]
-        if self.delta_d is None:
-            why = "; ".join(f"{k}: {d.reason}" for k, d in (("A", self.dimension_a), ("B", self.dimension_b))
-                            if d.reason)
-            lines.append(f"ΔD not measured ({why}).")
-        else:
-            lo, hi = self.delta_d_ci
-            lines.append(f"Boundary dimension: A {_dim(self.dimension_a)}, B {_dim(self.dimension_b)}; "
-                         f"ΔD = D_B - D_A = {self.delta_d:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}]"
-                         + (" (contains 0: no shift shown)." if lo <= 0 <= hi else "."))
-        ratios = [r.ratio for r in self.crit if r.ratio is not None]
-        if ratios:
-            g = math.exp(float(np.mean(np.log(ratios))))
-            lines.append(f"LR_crit(B) / LR_crit(A): geometric mean {g:.3g}x over {len(ratios)} dataset sizes "
-                         f"(range {min(ratios):.3g}x to {max(ratios):.3g}x).")
-        return lines + self.notes
-
-    def crit_rows(self) -> tuple[list[str], list[list[str]]]:
-        header = [f"D ({self.size_unit})", "LR_crit A", "LR_crit B", "B / A"]
-        return header, [[f"{r.size:,.0f}", _g(r.lr_crit_a), _g(r.lr_crit_b), _g(r.ratio)] for r in self.crit]
-
-
-def _g(v: float | None) -> str:
-    return "censored" if v is None else f"{v:.3g}"
-
-
-def _dim(d: Dimension) -> str:
-    where = "" if d.grid is None else f" at {d.grid[0]}x{d.grid[1]} over {d.octaves:.1f} octaves"
-    return f"{d.dimension:.3f} [{d.ci_low:.3f}, {d.ci_high:.3f}]{where}"
-
 
 def _axes(view: StudyView) -> tuple[str, ...]:
     return str(view.x), str(view.y)

@@ -10,9 +10,12 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from vmap_sweep.analysis.fmt import count_of, format_ci
 
 if TYPE_CHECKING:
+    from vmap_sweep.analysis.compare import CompareResult, Dimension
     from vmap_sweep.analysis.rules import PowerLaw, RulesResult, TenX
     from vmap_sweep.analysis.rules_joint import JointFit, JointResult
 
@@ -105,3 +108,40 @@ def joint_rules_sentences(result: JointResult) -> list[str]:
             f"model-size exponent c = {c.value:.3f}, 95% CI {format_ci(c.ci_low, c.ci_high, '.3f')} "
             f"(10x the parameters multiplies LR_crit by {10 ** c.value:.3g}, 95% CI "
             f"{format_ci(10 ** c.ci_low, 10 ** c.ci_high, '.3g')})."] + result.notes
+
+
+# ----------------------------------------------------------------------------- two studies compared
+
+
+def _dimension(d: Dimension) -> str:
+    where = "" if d.grid is None else f" at {d.grid[0]}x{d.grid[1]} over {d.octaves:.1f} octaves"
+    return f"{d.dimension:.3f} [{d.ci_low:.3f}, {d.ci_high:.3f}]{where}"
+
+
+def compare_sentences(result: CompareResult) -> list[str]:
+    """What differs, the converged shares and cells that changed class, ΔD with its interval and the LR_crit
+    ratio, then the notes."""
+    r = result
+    n = r.resolution[0] * r.resolution[1]
+    share = f"Converged share: A {r.converged_share_a:.1%}, B {r.converged_share_b:.1%}"
+    if r.changed is None:
+        rb = r.resolution_b or r.resolution
+        share += (f" (A {r.resolution[0]}x{r.resolution[1]}, B {rb[0]}x{rb[1]} cells: grids of different "
+                  "resolutions, no cell compared)")
+    else:
+        share += f" ({r.changed} of {n} cells changed class: {r.gained} converge only in B, {r.lost} only in A)"
+    lines = [f"B differs from A in: {r.differs or 'nothing but the folder'}.", share + "."]
+    if r.delta_d is None:
+        why = "; ".join(f"{k}: {d.reason}" for k, d in (("A", r.dimension_a), ("B", r.dimension_b)) if d.reason)
+        lines.append(f"ΔD not measured ({why}).")
+    else:
+        lo, hi = r.delta_d_ci
+        lines.append(f"Boundary dimension: A {_dimension(r.dimension_a)}, B {_dimension(r.dimension_b)}; "
+                     f"ΔD = D_B - D_A = {r.delta_d:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}]"
+                     + (" (contains 0: no shift shown)." if lo <= 0 <= hi else "."))
+    ratios = [c.ratio for c in r.crit if c.ratio is not None]
+    if ratios:
+        g = math.exp(float(np.mean(np.log(ratios))))
+        lines.append(f"LR_crit(B) / LR_crit(A): geometric mean {g:.3g}x over {len(ratios)} dataset sizes "
+                     f"(range {min(ratios):.3g}x to {max(ratios):.3g}x).")
+    return lines + r.notes

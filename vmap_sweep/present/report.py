@@ -31,9 +31,9 @@ from vmap_sweep.analysis.rules import SAFE_FACTOR, rules_of_thumb
 from vmap_sweep.analysis.study import fractal_report
 from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.errors import ConfigError, VmapSweepError
-from vmap_sweep.present.prose import rules_sentences
+from vmap_sweep.present.prose import compare_sentences, rules_sentences
 from vmap_sweep.present.provenance import provenance_rows
-from vmap_sweep.present.tables import fit_rows, rules_rows
+from vmap_sweep.present.tables import compare_crit_rows, fit_rows, rules_rows
 from vmap_sweep.store import extras
 from vmap_sweep.store.db import StudyStore, check_output
 from vmap_sweep.study.config import tokens_per_step
@@ -421,9 +421,9 @@ def _compare_section(doc: _Doc, study: StudyView, other: Path, tmp: Path, mixed_
     # grids that can't be compared: one clear error, no report
     r = compare_studies(study, StudyView.load(other), mixed_criteria=mixed_criteria)
     doc.p(f"A is this study, B is {other}.")
-    doc.bullets(r.summary())
+    doc.bullets(compare_sentences(r))
     if r.crit:
-        header, rows = r.crit_rows()
+        header, rows = compare_crit_rows(r)
         doc.table(header, rows)
     path = plot_compare(r, tmp / "compare.png")
     doc.figure("compare", path,

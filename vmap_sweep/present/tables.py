@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from vmap_sweep.analysis.fmt import format_ci, format_count
-from vmap_sweep.present.prose import joint_rules_sentences, power_law_formula, rules_sentences
+from vmap_sweep.present.prose import compare_sentences, joint_rules_sentences, power_law_formula, rules_sentences
 
 if TYPE_CHECKING:
     from vmap_sweep.analysis.compare import CompareResult
@@ -208,11 +208,22 @@ def rules_lines(result: RulesResult) -> list[RenderableType]:
     return [rules_table(result), tokens_table(result), fit_table(result), *rules_sentences(result)]
 
 
+def compare_crit_rows(result: CompareResult) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): per dataset size, LR_crit of A and of B and B / A; "censored" where either has none."""
+    header = [f"D ({result.size_unit})", "LR_crit A", "LR_crit B", "B / A"]
+    return header, [[f"{r.size:,.0f}", _or_censored(r.lr_crit_a), _or_censored(r.lr_crit_b), _or_censored(r.ratio)]
+                    for r in result.crit]
+
+
+def _or_censored(v: float | None) -> str:
+    return "censored" if v is None else f"{v:.3g}"
+
+
 def compare_lines(result: CompareResult) -> list[RenderableType]:
     """The findings in sentences, then LR_crit of both per dataset size where the axes have one."""
-    lines: list[RenderableType] = [_prose(line) for line in result.summary()]
+    lines: list[RenderableType] = [_prose(line) for line in compare_sentences(result)]
     if result.crit:
-        header, rows = result.crit_rows()
+        header, rows = compare_crit_rows(result)
         table = Table(title="critical LR (first diverging) per dataset size")
         for h in header:
             table.add_column(h, justify="right")
