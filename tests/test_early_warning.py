@@ -22,6 +22,7 @@ from vmap_sweep.analysis.early_warning import (
 from vmap_sweep.analysis.study import reclassify
 from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.present.plots import plot_early_warning
+from vmap_sweep.present.prose import early_warning_sentences
 from vmap_sweep.store.db import StudyStore
 from vmap_sweep.study.axes import parse_axis_spec
 from vmap_sweep.study.config import StudyConfig
@@ -93,12 +94,12 @@ def test_aucs_by_k_are_the_ones_built_in(study):
     # the earliest rule: gradient growth >= 2 at k = 2 flags the 16 early cells, all failing
     e = r.earliest
     assert (e.k, e.feature, e.threshold, e.flagged, e.precision, e.recall) == (2, "grad_growth", 2.0, 16, 1.0, 0.5)
-    assert "Earliest warning: k = 2 steps" in r.summary()[1]
+    assert "Earliest warning: k = 2 steps" in early_warning_sentences(r)[1]
 
 
 def test_no_rule_catches_more_than_the_early_half(study):
     r = early_warning(StudyView.load(study), ks=[1, 2, 4, 8, 16], min_recall=0.6, n_boot=50)
-    assert r.earliest is None and "No threshold rule" in r.summary()[1]
+    assert r.earliest is None and "No threshold rule" in early_warning_sentences(r)[1]
     assert r.rules and max(rule.recall for rule in r.rules) == 0.5
 
 

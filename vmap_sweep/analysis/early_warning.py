@@ -147,10 +147,6 @@ class ThresholdRule:
     recall: float
     flagged: int
 
-    def sentence(self) -> str:
-        return (f"{self.feature} >= {self.threshold:.4g} after {self.k} steps flags {self.flagged} cells, "
-                f"precision {self.precision:.1%}, recall {self.recall:.1%}")
-
 
 def best_rule(feature: str, k: int, scores: np.ndarray, positive: np.ndarray,
               precision: float = PRECISION) -> ThresholdRule | None:
@@ -201,40 +197,6 @@ class WarningResult:
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe({k: v for k, v in asdict(self).items() if k != "curves"})
-
-    def auc_rows(self) -> tuple[list[str], list[list[str]]]:
-        """(header, rows): one row per feature, one column per k, AUC [95% CI]."""
-        header = ["feature", *[f"k = {k}" for k in self.ks]]
-        by = {(a.feature, a.k): a for a in self.aucs}
-        rows = []
-        for f in FEATURES:
-            cells = []
-            for k in self.ks:
-                a = by.get((f, k))
-                cells.append("—" if a is None or a.auc is None else
-                             f"{a.auc:.2f} [{_ci(a.ci_low)}, {_ci(a.ci_high)}]")
-            rows.append([f, *cells])
-        n_row = ["cells (failing)"]
-        for k in self.ks:
-            a = by.get((FEATURES[0], k))
-            n_row.append("—" if a is None else f"{a.n} ({a.n_failed})")
-        return header, [*rows, n_row]
-
-    def summary(self) -> list[str]:
-        lines = [f"{self.n_cells} cells, {self.n_failed} not converged ({self.criterion} criterion); ROC AUC of "
-                 "each feature for 'will not converge', 95% bootstrap CI over cells."]
-        if self.earliest is None:
-            lines.append(f"No threshold rule on one feature reaches {self.precision:.0%} precision with "
-                         f"{self.min_recall:.0%} recall at any k in {self.ks}.")
-        else:
-            lines.append(f"Earliest warning: k = {self.earliest.k} steps, {self.earliest.sentence()} "
-                         f"(in-sample; the rule needs >= {self.precision:.0%} precision and >= "
-                         f"{self.min_recall:.0%} recall).")
-        return lines + self.notes
-
-
-def _ci(v: float | None) -> str:
-    return "—" if v is None else f"{v:.2f}"
 
 
 def trajectories_of(view: StudyView, conv: np.ndarray) -> list[Trajectory]:

@@ -16,6 +16,7 @@ from vmap_sweep.analysis.fmt import count_of, format_ci
 
 if TYPE_CHECKING:
     from vmap_sweep.analysis.compare import CompareResult, Dimension
+    from vmap_sweep.analysis.early_warning import ThresholdRule, WarningResult
     from vmap_sweep.analysis.rules import PowerLaw, RulesResult, TenX
     from vmap_sweep.analysis.rules_joint import JointFit, JointResult
 
@@ -145,3 +146,26 @@ def compare_sentences(result: CompareResult) -> list[str]:
         lines.append(f"LR_crit(B) / LR_crit(A): geometric mean {g:.3g}x over {len(ratios)} dataset sizes "
                      f"(range {min(ratios):.3g}x to {max(ratios):.3g}x).")
     return lines + r.notes
+
+
+# ----------------------------------------------------------------------------- early warning signs
+
+
+def threshold_rule_sentence(rule: ThresholdRule) -> str:
+    """What the rule flags after k steps, and its precision and recall."""
+    return (f"{rule.feature} >= {rule.threshold:.4g} after {rule.k} steps flags {rule.flagged} cells, "
+            f"precision {rule.precision:.1%}, recall {rule.recall:.1%}")
+
+
+def early_warning_sentences(result: WarningResult) -> list[str]:
+    """The cells counted, the earliest rule that warns (or that none does), then the notes."""
+    lines = [f"{result.n_cells} cells, {result.n_failed} not converged ({result.criterion} criterion); ROC AUC of "
+             "each feature for 'will not converge', 95% bootstrap CI over cells."]
+    if result.earliest is None:
+        lines.append(f"No threshold rule on one feature reaches {result.precision:.0%} precision with "
+                     f"{result.min_recall:.0%} recall at any k in {result.ks}.")
+    else:
+        lines.append(f"Earliest warning: k = {result.earliest.k} steps, {threshold_rule_sentence(result.earliest)} "
+                     f"(in-sample; the rule needs >= {result.precision:.0%} precision and >= "
+                     f"{result.min_recall:.0%} recall).")
+    return lines + result.notes

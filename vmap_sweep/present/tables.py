@@ -1,5 +1,5 @@
 """Analysis results as text: the lines and tables `fractal`, `zoom-dimension`, `rules`, `compare` and
-`early-warning` print (cli/render.py shows them, or the result's JSON)."""
+`early-warning` print (cli/render.py shows them, or the result's JSON); the findings in sentences are prose.py's."""
 
 from __future__ import annotations
 
@@ -11,7 +11,13 @@ from rich.table import Table
 from rich.text import Text
 
 from vmap_sweep.analysis.fmt import format_ci, format_count
-from vmap_sweep.present.prose import compare_sentences, joint_rules_sentences, power_law_formula, rules_sentences
+from vmap_sweep.present.prose import (
+    compare_sentences,
+    early_warning_sentences,
+    joint_rules_sentences,
+    power_law_formula,
+    rules_sentences,
+)
 
 if TYPE_CHECKING:
     from vmap_sweep.analysis.compare import CompareResult
@@ -233,15 +239,40 @@ def compare_lines(result: CompareResult) -> list[RenderableType]:
     return lines
 
 
+def early_warning_rows(result: WarningResult) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): one row per feature, one column per k, AUC [95% CI]; last, the cells (failing) per k."""
+    from vmap_sweep.analysis.early_warning import FEATURES  # here, not at the top: the CLI loads tables before scipy
+
+    header = ["feature", *[f"k = {k}" for k in result.ks]]
+    by = {(a.feature, a.k): a for a in result.aucs}
+    rows = []
+    for f in FEATURES:
+        cells = []
+        for k in result.ks:
+            a = by.get((f, k))
+            cells.append("—" if a is None or a.auc is None else
+                         f"{a.auc:.2f} [{_or_dash(a.ci_low)}, {_or_dash(a.ci_high)}]")
+        rows.append([f, *cells])
+    n_row = ["cells (failing)"]
+    for k in result.ks:
+        a = by.get((FEATURES[0], k))
+        n_row.append("—" if a is None else f"{a.n} ({a.n_failed})")
+    return header, [*rows, n_row]
+
+
+def _or_dash(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f}"
+
+
 def early_warning_lines(result: WarningResult) -> list[RenderableType]:
     """AUC per feature and k, then the findings in sentences."""
-    header, rows = result.auc_rows()
+    header, rows = early_warning_rows(result)
     table = Table(title="ROC AUC for 'will not converge' after k steps [95% bootstrap CI]")
     for h in header:
         table.add_column(h, justify="left" if h == "feature" else "right")
     for r in rows:
         table.add_row(*r)
-    return [table, *[_prose(line) for line in result.summary()]]
+    return [table, *[_prose(line) for line in early_warning_sentences(result)]]
 
 
 def joint_study_rows(result: JointResult) -> tuple[list[str], list[list[str]]]:
