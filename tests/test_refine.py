@@ -12,7 +12,8 @@ import pytest
 from cli_helpers import cli
 from helpers import StopsAfterOneBatch, local_backend, run_local
 
-from vmap_sweep.analysis.refined import refined_fractal_report, refined_map
+from vmap_sweep.analysis.refined import refined_map
+from vmap_sweep.analysis.study import fractal_report
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.present.tables import refined_lines
 from vmap_sweep.run.refine import REFINE, level_dir, refine_study, study_map
@@ -194,7 +195,7 @@ def test_refining_again_trains_nothing(studies):
 
 def test_fractal_measures_the_finest_level_and_says_what_it_gained(studies):
     root, _, _ = studies
-    report = refined_fractal_report(root / "coarse")
+    report = fractal_report(root / "coarse").to_dict()
     assert report["resolution"] == [17, 17]
     r = report["refined"]
     assert r["level"] == 2 and r["coarse"]["resolution"] == [5, 5] and 0 < r["inferred_share"] < 1

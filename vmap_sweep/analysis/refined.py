@@ -97,11 +97,6 @@ def refined_map(top: Path, level: int | None = None) -> RefinedMap:
     return RefinedMap(want, folder, view, study_map(view), next(e for e in levels if int(e["level"]) == want), levels)
 
 
-def _summary(box) -> dict:
-    return {"dimension": box.dimension, "ci_low": box.ci_low, "ci_high": box.ci_high, "octaves": box.octaves,
-            "resolution": list(box.resolution), "fit_range": list(box.fit_range), "too_small": box.too_small}
-
-
 def tokens_note(refined: RefinedMap) -> str | None:
     """Where the tokens axis ran out of new data at this level: budgets that repeat a smaller one's experiment."""
     lines = int(refined.entry.get("repeat_lines") or 0)
@@ -113,14 +108,34 @@ def tokens_note(refined: RefinedMap) -> str | None:
             "training; there refinement went on along the learning rate only")
 
 
-def refined_fractal_report(top: Path, level: int | None = None) -> dict:
-    """The box-counting dimension on a refined study's finest (or given) level, with level 0's beside it: the
-    octaves of box size and the narrowing of the interval that refinement bought."""
-    return refined_fractal_measure(top, level)[0]
+@dataclass
+class RefinementGain:
+    """What refining bought, measured on one level beside level 0 (the study's own grid)."""
+
+    level: int
+    folder: str
+    inferred_share: float
+    trained_cells: int  # stored: trained at some level, or a copy of an experiment it repeats
+    cells: int
+    coarse: FractalResult  # level 0's box count
+    levels: list  # the refine record's levels
+    tokens_note: str | None
+    octaves_gained: float | None = None  # None where either map is too small for a number
+    interval_narrowing: float | None = None
+
+    def to_dict(self) -> dict:
+        c = self.coarse
+        coarse = {"dimension": c.dimension, "ci_low": c.ci_low, "ci_high": c.ci_high, "octaves": c.octaves,
+                  "resolution": list(c.resolution), "fit_range": list(c.fit_range), "too_small": c.too_small}
+        return {"level": self.level, "folder": self.folder, "inferred_share": self.inferred_share,
+                "trained_cells": self.trained_cells, "cells": self.cells, "coarse": coarse,
+                "octaves_gained": self.octaves_gained, "interval_narrowing": self.interval_narrowing,
+                "levels": self.levels, "tokens_note": self.tokens_note}
 
 
-def refined_fractal_measure(top: Path, level: int | None = None) -> tuple[dict, FractalResult]:
-    """refined_fractal_report, and the level's box counts (what a picture of the fit draws)."""
+def refined_fractal_measure(top: Path, level: int | None = None) -> tuple[FractalResult, RefinementGain]:
+    """The box-counting dimension of a refined study's finest (or given) level, and what refining bought beside
+    level 0's: the octaves of box size and the narrowing of the interval."""
     refined = refined_map(top, level)
     try:
         box = fractal_dimension(converged_mask(refined.map.labels))
@@ -128,21 +143,12 @@ def refined_fractal_measure(top: Path, level: int | None = None) -> tuple[dict, 
             coarse = fractal_dimension(converged_mask(study_map(store).labels))
     except ConfigError as e:
         raise ConfigError(f"{top}: {e}") from None
-    report = box.to_dict()
-    report["map"] = "trainability"
+    gain = RefinementGain(refined.level, refined.folder.name, float(refined.map.inferred.mean()),
+                          int((~refined.map.inferred).sum()), int(refined.map.inferred.size), coarse,
+                          refined.levels, tokens_note(refined))
     width, coarse_width = box.ci_high - box.ci_low, coarse.ci_high - coarse.ci_low
     # a map too small for a number has no octaves to gain from nor an interval to narrow
-    both = box.too_small is None and coarse.too_small is None
-    report["refined"] = {
-        "level": refined.level,
-        "folder": refined.folder.name,
-        "inferred_share": float(refined.map.inferred.mean()),
-        "trained_cells": int((~refined.map.inferred).sum()),
-        "cells": int(refined.map.inferred.size),
-        "coarse": _summary(coarse),
-        "octaves_gained": float(box.octaves - coarse.octaves) if both else None,
-        "interval_narrowing": float(coarse_width / width) if both and width > 0 else None,
-        "levels": refined.levels,
-        "tokens_note": tokens_note(refined),
-    }
-    return report, box
+    if box.too_small is None and coarse.too_small is None:
+        gain.octaves_gained = float(box.octaves - coarse.octaves)
+        gain.interval_narrowing = float(coarse_width / width) if width > 0 else None
+    return box, gain

@@ -10,7 +10,7 @@ import numpy as np
 from vmap_sweep.analysis.chain import zoom_tree
 from vmap_sweep.analysis.classify import classify_rows
 from vmap_sweep.analysis.fractal import FractalResult, fractal_dimension, uncertainty_exponent
-from vmap_sweep.analysis.refined import is_refined, refined_fractal_measure
+from vmap_sweep.analysis.refined import RefinementGain, is_refined, refined_fractal_measure
 from vmap_sweep.analysis.view import load_class_grid
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.store.db import StudyStore
@@ -45,13 +45,25 @@ def reclassify_with_zooms(study: Path, criterion: str = "ratio", **kw) -> tuple[
 
 @dataclass
 class FractalReport:
-    """One map's boundary measured: the numbers `fractal` prints (to_dict) and the box counts a picture draws."""
+    """One map's boundary measured: the box count (its dimension, interval, fit range and counts), the
+    uncertainty-exponent estimate beside it, and for a refined study what refining bought."""
 
-    measures: dict  # dimension, CI, fit range, counts, the map; uncertainty exponent; a refined study's levels
     box: FractalResult
+    map: str = "trainability"
+    uncertainty: tuple[float, float] | None = None  # (dimension, stderr); None: too small a grid for it
+    refined: RefinementGain | None = None
 
     def to_dict(self) -> dict:
-        return self.measures
+        """What `fractal --json` prints."""
+        out = {**self.box.to_dict(), "map": self.map}
+        if self.uncertainty is not None:
+            dimension, stderr = self.uncertainty
+            out |= {"uncertainty_dimension": dimension, "uncertainty_stderr": stderr}
+            if not 0.0 <= dimension <= 2.0:  # 2 - phi: on a small grid phi can fall outside [0, 2]
+                out["uncertainty_note"] = "outside [0, 2], no dimension of a boundary in the plane: too few scales"
+        if self.refined is not None:
+            out["refined"] = self.refined.to_dict()
+        return out
 
 
 def fractal_report(source: Path, kind: str = "trainability", level: int | None = None) -> FractalReport:
@@ -60,7 +72,8 @@ def fractal_report(source: Path, kind: str = "trainability", level: int | None =
     `level`), with level 0 beside it (analysis/refined.py)."""
     refined = Path(source).is_dir() and is_refined(Path(source))
     if kind == "trainability" and refined and level != 0:
-        return FractalReport(*refined_fractal_measure(Path(source), level))
+        box, gain = refined_fractal_measure(Path(source), level)
+        return FractalReport(box, refined=gain)
     if level not in (None, 0) or (level == 0 and not refined):
         raise ConfigError(f"{source}: --level measures a level of a refined study's trainability map; this is "
                           + ("the stability map" if refined else "not a refined study (`vmap-sweep refine` makes one)"))
@@ -71,15 +84,10 @@ def fractal_report(source: Path, kind: str = "trainability", level: int | None =
         if kind == "stability" and Path(source).is_dir():
             e = str(e).replace("is converged", "is stable").replace("is not converged", "was stopped as unstable")
         raise ConfigError(f"{source}: {e}") from None  # name the file: a script may measure many
-    report = box.to_dict()
-    report["map"] = kind
     mask = grid if grid.dtype == bool else np.asarray(grid) < 0
     try:
         unc = uncertainty_exponent(mask)
-        report["uncertainty_dimension"] = float(unc.dimension)
-        report["uncertainty_stderr"] = float(unc.stderr)
-        if not 0.0 <= unc.dimension <= 2.0:  # 2 - phi: on a small grid phi can fall outside [0, 2]
-            report["uncertainty_note"] = "outside [0, 2], no dimension of a boundary in the plane: too few scales"
+        uncertainty = (float(unc.dimension), float(unc.stderr))
     except ConfigError:
-        pass  # too small a grid for a second estimate; the box count stands alone
-    return FractalReport(report, box)
+        uncertainty = None  # too small a grid for a second estimate; the box count stands alone
+    return FractalReport(box, kind, uncertainty)
