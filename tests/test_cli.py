@@ -420,8 +420,12 @@ def test_refused_output_paths_and_options_leave_the_study_as_it_was(base, tmp_pa
     one_line_error(cli("rules", base[0], "--plot", tmp_path / "x.jpg2"), "unknown picture format '.jpg2'")
     one_line_error(cli("classify", base[0], "--converged-below", "5"), "--criterion threshold")
     one_line_error(cli("classify", base[0], "--criterion", "nope"), "--criterion 'nope': unknown")
-    one_line_error(cli("classify", base[0], "--not-converged-above", "5"), "--not-converged-above works with "
-                   "--criterion threshold")
+    one_line_error(cli("classify", base[0], "--not-converged-above", "5"), "--not-converged-above (or "
+                   "--diverged-above) works with --criterion threshold")
+    one_line_error(cli("classify", base[0], "--criterion", "Threshold", "--converged-below", "2"),
+                   "--criterion 'Threshold': unknown")
+    one_line_error(cli("classify", base[0], "--criterion", "threshold", "--converged-below", "12"),
+                   "the default --not-converged-above 10.0: must be finite and above --converged-below 12.0")
     one_line_error(cli("classify", base[0], "--criterion", "threshold", "--converged-below", "-1"),
                    "--converged-below -1.0: must be a finite positive loss")
     one_line_error(cli("classify", base[0], "--criterion", "threshold", "--converged-below", "2",

@@ -309,15 +309,18 @@ def classify(
     """Recompute every cell's class and score from its stored trajectory (no re-training); zoom studies below
     it follow, and cells trained later (resume, zoom) are labelled by the same criterion."""
     from vmap_sweep.analysis.study import reclassify_with_zooms
-    from vmap_sweep.study.criterion import check
+    from vmap_sweep.study.criterion import check, check_name
 
+    flags = {"criterion": "--criterion ", "converged_below": "--converged-below ",
+             "not_converged_above": "--not-converged-above " if not_converged_above is not None
+             else "the default --not-converged-above "}
+    check_name(criterion, flags)  # first: the options of an unknown criterion can't be judged
     if criterion == "threshold" and converged_below is None:
         raise ConfigError("--criterion threshold needs --converged-below LOSS (e.g. the initial loss)")
-    for flag, value in (("--converged-below", converged_below), ("--not-converged-above", not_converged_above)):
+    for flag, value in (("--converged-below", converged_below),
+                        ("--not-converged-above (or --diverged-above)", not_converged_above)):
         if criterion != "threshold" and value is not None:
             raise ConfigError(f"{flag} works with --criterion threshold; add it, or drop the option")
-    flags = {"criterion": "--criterion ", "converged_below": "--converged-below ",
-             "not_converged_above": "--not-converged-above "}
     check(criterion, spelling=flags, converged_below=converged_below, not_converged_above=not_converged_above)
     counts, zooms = reclassify_with_zooms(study, criterion, converged_below=converged_below,
                                           not_converged_above=not_converged_above)

@@ -87,13 +87,18 @@ def _check_thresholds(converged_below: Any, not_converged_above: Any, spelling: 
     return c, d
 
 
-def check(criterion: str, spelling: dict[str, str] | None = None, **options: Any) -> dict:
-    """{"criterion": name, **options} with its defaults filled in, checked before anything is classified.
-    An option given as None takes its default; a criterion without options ignores those given (the CLI passes
-    the threshold's defaults whatever the criterion). spelling: how the caller names each option in a message,
-    e.g. {"converged_below": "--converged-below "} (default: "converged_below=")."""
+def check_name(criterion: Any, spelling: dict[str, str] | None = None) -> None:
+    """A ConfigError unless `criterion` names a criterion (before its options are judged)."""
     if not isinstance(criterion, str) or criterion not in OPTIONS:
         raise _unknown(criterion, spelling)
+
+
+def check(criterion: str, spelling: dict[str, str] | None = None, **options: Any) -> dict:
+    """{"criterion": name, **options} with its defaults filled in, checked before anything is classified.
+    An option given as None takes its default; a criterion without options ignores those given. spelling: how
+    the caller names each option in a message, e.g. {"converged_below": "--converged-below "} (default:
+    "converged_below=")."""
+    check_name(criterion, spelling)
     if criterion != "threshold":
         return {"criterion": criterion}
     given = {k: v for k, v in options.items() if v is not None}
