@@ -12,12 +12,18 @@ budgets read out of one trunk, trained as far as its largest needed budget). Cos
 
 step-seconds: one optimizer step of a full batch of models-per-batch trunks (the GPU's measured batch step);
 readout-seconds: one cell's read-out (its branch step, final-loss forward and eval loss). The base study (every cell
-of the coarse grid) is priced the same way, so the ratio is the refinement's price in base studies. Repeated budgets
-(free in a real refinement) are counted as trained here, so the projection is an upper bound on that term.
+of the coarse grid) is priced the same way, so the ratio is the refinement's price in base studies. Without --stand-in,
+repeated budgets (free in a real refinement) are counted as trained, so the projection is an upper bound on that term.
 
 --truth: koch (D 1.26), basilica (1.27), rabbit (1.39), quadratic (1.5), a .npy of class codes at the finest
 resolution, or a refined study's folder (its finest map, resampled to nearest: below its own spacing the resampled
 boundary is straight, so this undercounts the finer levels).
+
+--stand-in counts experiments, not cells: a budget that repeats a smaller one's experiment (as many answer targets of
+the synthetic document-QA set, laid out as the preset lays out its data) is copied, as a real refinement copies it;
+the trained cells, trunks, model-steps and costs are then those of a real refinement of that truth. The inferred
+counts stay `simulate`'s: where a repeat's experiment is neither stored nor a target, a real refinement trains it
+(and knows its class), while here it stays inferred.
 """
 
 from __future__ import annotations
@@ -77,12 +83,17 @@ def stand_in_supervised(cfg, levels: int) -> Mapping[int, int]:
     """The supervised targets each budget of the finest grid holds, in the project's synthetic document-QA set laid
     out as the preset lays out its data (byte tokenizer; rows: one conversation per row of --seq-len positions):
     a stand-in for the real set's layout, where a budget holds a new answer target about once per row."""
+    from vmap_sweep.errors import VmapSweepError
     from vmap_sweep.model.tokenizer import ByteTokenizer
     from vmap_sweep.run.worker import training_stream
 
     nx, ny = parse_resolution(cfg.resolution)
     fine = build_grid(cfg.with_overrides(resolution=f"{level_points(nx, levels)}x{level_points(ny, levels)}"))
-    stream = training_stream(cfg.with_overrides(data="synthetic"), cfg.seq_len, ByteTokenizer())
+    try:
+        stream = training_stream(cfg.with_overrides(data="synthetic"), cfg.seq_len, ByteTokenizer())
+    except VmapSweepError as e:
+        raise SystemExit(f"--stand-in: the synthetic set in the preset's layout (byte tokenizer, --seq-len "
+                         f"{cfg.seq_len}): {e}") from None
     return {n: size.supervised for n, size in stream.budgets(sorted({int(v) for v in fine.ys})).sizes.items()}
 
 
