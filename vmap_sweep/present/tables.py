@@ -315,7 +315,8 @@ def refined_lines(report: dict) -> list[str]:
     r = report["refined"]
     c = r["coarse"]
     lines = [f"refined study: measured on level {r['level']} ({r['folder']}), {r['trained_cells']:,} of "
-             f"{r['cells']:,} cells trained, {100 * r['inferred_share']:.1f}% inferred from uniform neighbourhoods",
+             f"{r['cells']:,} cells stored (trained, or copied from the experiment they repeat), "
+             f"{100 * r['inferred_share']:.1f}% inferred from uniform neighbourhoods",
              _level0_line(c, r)]
     if r.get("tokens_note"):
         lines.append(f"note: {r['tokens_note']}")
