@@ -249,11 +249,10 @@ def part_readouts(args, device, result) -> None:
 def _experiments(cfg) -> int:
     """The distinct experiments among a grid's cells: budgets holding as many answer targets of the synthetic set
     (byte tokenizer, the preset's layout) are one experiment (study/plan.py `same_experiments`)."""
-    from vmap_sweep.run.worker import training_stream
+    from refine_cost import stand_in_supervised
 
     cells = build_grid(cfg).cells()
-    stream = training_stream(cfg.with_overrides(data="synthetic"), cfg.seq_len, ByteTokenizer())
-    held = {n: z.supervised for n, z in stream.budgets(sorted({int(c.hparams["tokens"]) for c in cells})).sizes.items()}
+    held = stand_in_supervised(cfg, levels=0)
     return len(cells) - len(same_experiments(cells, held, cfg.schedule, cfg.tokens_per_step()))
 
 
