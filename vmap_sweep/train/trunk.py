@@ -200,11 +200,11 @@ class TrunkTrainer(StackedTrainer):
         The update and the final loss are computed whether or not the step diverged, and read back in one
         transfer: the device never waits on the host in between. A diverged step's update is dropped unread."""
         step, inputs, targets = batch
-        w = self._loss_weights(step, targets, [m.tokens])
+        w, rows = self._loss_weights(step, targets, [m.tokens]), self._rows(step, [m.tokens])
         branch = self._load_branch(m.lane)
         base = self._base_losses(step, inputs, targets, w)
         if gradient is None:
-            gradient = self._branch_gradient(branch, batch, w, self._rows(step, [m.tokens]))
+            gradient = self._branch_gradient(branch, batch, w, rows)
         else:  # the optimizers read gradients and never write them: every lane's update can read the same ones
             for p, g in zip(branch["params"].values(), gradient[1], strict=True):
                 p.grad = g
@@ -215,7 +215,7 @@ class TrunkTrainer(StackedTrainer):
         for p in branch["params"].values():
             p.grad = None  # (a shared gradient lives on in `gradient` while other lanes need it)
         finite = self._finite([p.detach() for p in branch["params"].values()])
-        final = self._loss_on(branch["stages"], step, m.tokens)
+        final = self._forward_backward(inputs, targets, w, False, branch["stages"], rows)  # its final loss
         read = torch.cat([t.detach().double().view(1) for t in (loss, base, norm, bad, finite, final)]).cpu()
         loss_, base_, norm_, bad_, finite_, final_ = read.split(1)
         stopped = bool(bad_) or not bool(finite_)  # diverged, or its update left a weight non-finite
