@@ -215,7 +215,7 @@ def refine_study(top: str | Path, backend: Backend, levels: int, *, margin: int 
         record = dict(study.store.get_extra(REFINE) or {})
         # before the lock: a refused command leaves the study as it was
         _check_rule(top, record, margin, trace)
-        _check_levels_eval(top, study.config, evaluate)
+        _check_levels_eval(top, study.config, evaluate, record)
         study.store.claim_writer()  # one refinement (or run, or zoom) of this study at a time
         if study.settings is not None:
             study.settings.check_trainable_here(study.store.path)
@@ -285,15 +285,23 @@ def _check_rule(top: Path, record: dict, margin: int, trace: bool) -> None:
         raise ConfigError(f"{top} was refined {was}; refine it further the same way, or {_AGAIN}")
 
 
-def _check_levels_eval(top: Path, cfg: StudyConfig, evaluate: bool) -> None:
-    """A refinement goes on with or without eval passes as its levels began, finished or not: each level's config
-    says which (a refinement made before levels could go without one evaluated every level)."""
+def _check_levels_eval(top: Path, cfg: StudyConfig, evaluate: bool, record: dict) -> None:
+    """A refinement goes on with or without eval passes as its levels began, finished or not. The refine record
+    says how the finished ones did (a record without "eval" was made before levels could go without one: it
+    evaluated every level); a level begun but not finished says so in its own config. Only that level's store
+    is opened: opening one validates its every cell, which at 1017² takes most of a minute."""
+    want = cfg.eval_tokens if evaluate else 0
+    finished = {int(e["level"]) for e in record.get("levels", [])}
+    recorded = cfg.eval_tokens if record.get("eval", True) else 0
     for level in range(1, MAX_LEVELS + 1):
         if not (level_dir(top, level) / DB_NAME).is_file():
             continue
-        with StudyStore.open(level_dir(top, level)) as store:
-            began = store.config.get("eval_tokens")
-        if began != level_config(cfg, level, evaluate).eval_tokens:
+        if level in finished:
+            began = recorded
+        else:
+            with StudyStore.open(level_dir(top, level)) as store:
+                began = store.config.get("eval_tokens")
+        if began != want:
             was = "without --eval" if began == 0 else "with --eval"
             raise ConfigError(f"{top} was refined {was} (its level {level} began so); refine it further the same "
                               f"way, or {_AGAIN}")
@@ -458,7 +466,7 @@ def plan_refinement(top: str | Path, levels: int, supervised: Callable[[list[int
         cfg = study.config
         record = dict(study.store.get_extra(REFINE) or {})
         _check_rule(top, record, margin, trace)
-        _check_levels_eval(top, cfg, evaluate)
+        _check_levels_eval(top, cfg, evaluate, record)
         finished = {int(e["level"]) for e in record.get("levels", [])}
         coarse = study_map(study.store)
     trained = ~coarse.inferred
