@@ -12,6 +12,11 @@ def format_ci(lo: float | None, hi: float | None, fmt: str = ".3f") -> str:
     return f"[{lo:{fmt}}, {hi:{fmt}}]"
 
 
+def format_or_dash(v: float | None, fmt: str = ".3g") -> str:
+    """A number in `fmt`; "—" where it is missing or not finite."""
+    return "—" if v is None or not math.isfinite(v) else format(v, fmt)
+
+
 def format_count(v: float) -> str:
     """Whole numbers (token counts, rounded axis values) with thousands separators, others to 4 digits."""
     return f"{v:,.0f}" if float(v).is_integer() and abs(v) < 1e15 else f"{v:.4g}"

@@ -27,7 +27,7 @@ from vmap_sweep.errors import ConfigError  # noqa: E402
 from vmap_sweep.present.prose import joint_formula  # noqa: E402
 from vmap_sweep.store.db import check_output  # noqa: E402
 from vmap_sweep.study.axes import AXES  # noqa: E402
-from vmap_sweep.study.criterion import CONVERGED, DISPLAY, MARGINAL, NOT_CONVERGED  # noqa: E402
+from vmap_sweep.study.criterion import CONVERGED, DISPLAY, MARGINAL, NOT_CONVERGED, NOT_CONVERGED_ABOVE  # noqa: E402
 
 if TYPE_CHECKING:
     from vmap_sweep.analysis.compare import CompareResult
@@ -195,7 +195,8 @@ _SEGMENT = 64  # colours per class in the threshold map
 
 
 def _thresholds(view: GridView) -> tuple[float, float]:
-    return float(view.criterion["converged_below"]), float(view.criterion.get("not_converged_above", 10.0))
+    criterion = view.criterion
+    return float(criterion["converged_below"]), float(criterion.get("not_converged_above", NOT_CONVERGED_ABOVE))
 
 
 def _is_threshold(view: GridView) -> bool:

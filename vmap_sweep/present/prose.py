@@ -12,17 +12,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vmap_sweep.analysis.fmt import count_of, format_ci
+from vmap_sweep.analysis.fmt import count_of, format_ci, format_or_dash
 
 if TYPE_CHECKING:
     from vmap_sweep.analysis.compare import CompareResult, Dimension
     from vmap_sweep.analysis.early_warning import ThresholdRule, WarningResult
     from vmap_sweep.analysis.rules import PowerLaw, RulesResult, TenX
     from vmap_sweep.analysis.rules_joint import JointFit, JointResult
-
-
-def _g(v: float | None, fmt: str = ".3g") -> str:
-    return "—" if v is None or not math.isfinite(v) else format(v, fmt)
 
 
 # ----------------------------------------------------------------------------- rules of thumb
@@ -40,7 +36,7 @@ def ten_x_sentence(ten_x: TenX) -> str:
     head = f"10x more data allows {TARGET_RATIO:g}x more LR: {ten_x.answer}"
     if ten_x.ratio is None:
         return f"{head} ({ten_x.reason})."
-    fit = f"R² {_g(ten_x.r2, '.2f')}, {count_of(ten_x.n, 'size')}"
+    fit = f"R² {format_or_dash(ten_x.r2, '.2f')}, {count_of(ten_x.n, 'size')}"
     if ten_x.ci_low is None:
         return f"{head} (LR_crit(10D) / LR_crit(D) = {ten_x.ratio:.2f}x, but {ten_x.reason}; {fit})."
     interval = f"95% CI [{ten_x.ci_low:.2f}, {ten_x.ci_high:.2f}]x"

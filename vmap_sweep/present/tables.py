@@ -10,7 +10,7 @@ from rich.console import Console, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from vmap_sweep.analysis.fmt import format_ci, format_count
+from vmap_sweep.analysis.fmt import format_ci, format_count, format_or_dash
 from vmap_sweep.present.prose import (
     compare_sentences,
     early_warning_sentences,
@@ -147,8 +147,9 @@ def rules_rows(result: RulesResult) -> tuple[list[str], list[list[str]]]:
             notes.append(f"optimum at {r.opt_at_edge}")
         if r.low_lr_failures:
             notes.append(f"{r.low_lr_failures} low-LR failures")
-        rows.append([format_count(r.size), _g(r.lr_first_diverging), _g(r.lr_last_converging), _g(r.lr_safe),
-                     _g(r.lr_opt), _g(r.eval_loss_opt, ".4f"), ", ".join(notes)])
+        lrs = (r.lr_first_diverging, r.lr_last_converging, r.lr_safe, r.lr_opt)
+        rows.append([format_count(r.size), *map(format_or_dash, lrs), format_or_dash(r.eval_loss_opt, ".4f"),
+                     ", ".join(notes)])
     return header, rows
 
 
@@ -165,7 +166,7 @@ def fit_rows(result: RulesResult) -> tuple[list[str], list[list[str]]]:
         else:
             formula = power_law_formula(fit, "D") if fit.variable == "LR" else power_law_formula(fit)
             rows.append([name, formula, format_ci(fit.ci_low, fit.ci_high, ".3f"), str(fit.n),
-                         _g(fit.r2, ".3f")])
+                         format_or_dash(fit.r2, ".3f")])
     return header, rows
 
 
@@ -176,17 +177,13 @@ def tokens_rows(result: RulesResult) -> tuple[list[str], list[list[str]]]:
               "all D above converge from", "note"]
     smallest = result.size_range[0]
     inside = [r for r in result.lrs if r.censored is None or (r.tokens_all or 0) > smallest]
-    rows = [[_g(r.lr), "below grid" if r.censored == "below grid" else _count(r.tokens_min),
+    rows = [[format_or_dash(r.lr), "below grid" if r.censored == "below grid" else _count(r.tokens_min),
              _count(r.tokens_all), "islands" if r.islands else ""] for r in inside]
     every = sum(r.tokens_all == smallest for r in result.lrs)
     none = sum(r.censored == "above grid" for r in result.lrs)
     if every or none:
         rows.append(["…", "", "", f"{every} LRs converge at every size, {none} at none (censored)"])
     return header, rows
-
-
-def _g(v: float | None, fmt: str = ".3g") -> str:
-    return "—" if v is None or not math.isfinite(v) else format(v, fmt)
 
 
 def _count(v: float | None) -> str:
