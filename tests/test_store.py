@@ -458,7 +458,10 @@ def test_an_older_threshold_criterion_reads_under_todays_option_name(tmp_path):
 
     with new_store(tmp_path) as s:
         s.put_extra(CRITERION, {"criterion": "threshold", "converged_below": 3.0, "diverged_above": 9.0})
-        assert criterion(s) == {"criterion": "threshold", "converged_below": 3.0, "not_converged_above": 9.0}
+        today = {"criterion": "threshold", "converged_below": 3.0, "not_converged_above": 9.0}
+        assert criterion(s) == today
+        # every reader of the extras sees today's name: shards stored under either name merge as one
+        assert s.extras()[CRITERION] == today and s.get_extra(CRITERION) == today
 
 
 def test_an_older_study_resumes_under_todays_config_keys(tmp_path):

@@ -545,7 +545,9 @@ class StudyStore:
         value = _json(self.path, text, f"extra {key!r}")
         if not isinstance(value, dict) or "v" not in value:
             raise _damaged(self.path, f"extra {key!r} is not what vmap-sweep stores")
-        return value["v"]
+        v = value["v"]
+        # a criterion stored under an older option name reads under today's, for every reader (classes, merge)
+        return criterion_rules.newer_form(v) if key == CRITERION and isinstance(v, dict) else v
 
     def _require(self, conn: sqlite3.Connection, i: int, j: int, want: str) -> None:
         row = conn.execute("SELECT status FROM cells WHERE i=? AND j=?", (i, j)).fetchone()

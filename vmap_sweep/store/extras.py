@@ -57,7 +57,7 @@ def criterion(store: StudyStore) -> dict:
     if not criterion_rules.is_stored_form(value):
         raise StoreError(f"{store.path}: extra {CRITERION!r} holds {value!r:.80}, not a criterion vmap-sweep stores; "
                          "the database was edited: run `vmap-sweep classify` on the study to store one again")
-    return criterion_rules.newer_form(value)
+    return dict(value)
 
 
 def has_criterion(store: StudyStore) -> bool:

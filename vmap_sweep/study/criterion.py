@@ -121,7 +121,6 @@ def is_stored_form(value: Any) -> bool:
     """Whether `value` is a criterion as a study stores it (what `check` returns, or an older subset of it)."""
     if not isinstance(value, dict):
         return False
-    value = newer_form(value)
     name = value.get("criterion")
     return (isinstance(name, str) and name in OPTIONS and set(value) - {"criterion"} <= set(OPTIONS[name])
             and all(isinstance(v, int | float) and not isinstance(v, bool)
