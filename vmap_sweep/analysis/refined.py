@@ -18,7 +18,7 @@ from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.store import extras
 from vmap_sweep.store.db import DB_NAME, StudyStore
-from vmap_sweep.store.levels import REFINE, LevelMap, level_dir, level_info, study_map
+from vmap_sweep.store.levels import MAX_LEVELS, REFINE, LevelMap, level_dir, level_info, study_map
 
 
 def refine_record(store: StudyStore) -> dict | None:
@@ -84,8 +84,10 @@ def refined_map(top: Path, level: int | None = None) -> RefinedMap:
         raise ConfigError(f"--level {want}: give 0 (the study's own grid) or a refined level "
                           f"({', '.join(map(str, finished))})")
     if want not in finished:
+        adds = (f"`vmap-sweep refine {top} --levels {want}` adds it" if want <= MAX_LEVELS
+                else f"a refinement has at most {MAX_LEVELS} levels")
         raise ConfigError(f"{top}: level {want} is not refined (finished levels: "
-                          f"{', '.join(map(str, finished))}); `vmap-sweep refine {top} --levels {want}` adds it")
+                          f"{', '.join(map(str, finished))}); {adds}")
     folder = level_dir(top, want)
     view = StudyView.load(folder)
     info = level_info(view)

@@ -38,6 +38,7 @@ from vmap_sweep.run.pipeline import (
 from vmap_sweep.store import extras
 from vmap_sweep.store.db import DB_NAME, Labeller, StudyStore
 from vmap_sweep.store.levels import (  # noqa: F401 - read by the CLI and tests from here too
+    MAX_LEVELS,
     REFINE,
     REFINE_LEVEL,
     LevelMap,
@@ -56,7 +57,6 @@ from vmap_sweep.study.plan import build_grid, cell_steps, plan_study, same_exper
 from vmap_sweep.study.refine import DEFAULT_MARGIN, UNKNOWN, LevelPlan, level_points, plan_level, trace_targets
 from vmap_sweep.train.trainer import CellRecord
 
-MAX_LEVELS = 6
 TRACE_ROUNDS = "refine_rounds"  # a level's tracing rounds: each one's cells, recorded before they train
 _COPY_CHUNK = 2048  # cells per copying transaction
 

@@ -14,6 +14,7 @@ import numpy as np
 from vmap_sweep.errors import ConfigError, StoreError
 from vmap_sweep.store.db import StudyStore
 
+MAX_LEVELS = 6  # each level doubles both axes: 6 take a 128² study past 8000²
 REFINE = "refine"  # the refined study's {"margin", "levels": [per level: where, size, cells and cost]}
 REFINE_LEVEL = "refine_level"  # a level study's own {"level", "margin", "criterion", "labels", "inferred", ...}
 
