@@ -224,6 +224,9 @@ def test_cli_status_dry_run_fractal_and_export_show_the_levels(studies):
     plan = cli("refine", str(root / "coarse"), "--levels", "3", "--dry-run")
     assert plan.exit_code == 0, plan.output
     assert "level 2 (done): 17×17" in plan.output and "level 3 (exact): 33×33" in plan.output
+    # a finished level counts the inferred cells of its whole grid, a planned one its new cells
+    assert " of its 289 cells inferred" in plan.output
+    assert " new cells inferred" in plan.output
     fractal = cli("fractal", str(root / "coarse"))
     assert fractal.exit_code == 0 and "refined study: measured on level 2" in fractal.output
     out = root / "cells.csv"
@@ -237,6 +240,10 @@ def test_cli_status_dry_run_fractal_and_export_show_the_levels(studies):
     assert own.exit_code == 0 and "at 5×5" in own.output and "refined study" not in own.output
     missing = cli("export", str(root / "coarse"), "--level", "4")
     assert missing.exit_code == 2 and "level 4 is not refined" in missing.output
+    assert "--levels 4` adds it" in missing.output
+    past = cli("export", str(root / "coarse"), "--level", "7")  # no refine command could add it
+    assert past.exit_code == 2 and "a refinement has at most 6 levels" in past.output
+    assert "--levels 7" not in past.output
     plain = cli("fractal", str(root / "full"), "--level", "1")
     assert plain.exit_code == 2 and "not a refined study" in plain.output
 

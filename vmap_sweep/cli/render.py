@@ -299,14 +299,16 @@ def _level_cost(e: dict) -> str:
     def n(v: int | None) -> str:
         return "?" if v is None else f"{v:,}"
 
-    inferred = e.get("inferred", e.get("inferred_new"))
+    # a finished level counts every inferred cell of its grid (those of the level below too); a plan, its new ones
+    inferred = (f"{n(e['inferred'])} of its {n(e['nx'] * e['ny'])} cells inferred" if "inferred" in e
+                else f"{n(e.get('inferred_new'))} new cells inferred")
     repeats = f", {n(e.get('repeats'))} repeat a trained cell's experiment (free)" if e.get("repeats") else ""
     seconds = e.get("seconds")
     traced = e.get("traced")
     rounds = (f" (with {sum(traced):,} traced along the boundary in {len(traced)} "
               f"round{'s' if len(traced) != 1 else ''})") if traced else ""
     return (f"{e['nx']}×{e['ny']}: {n(e['targets'])} of {n(e['new_cells'])} new cells on the boundary, "
-            f"{n(e['trained'])} trained{rounds}{repeats}; {n(inferred)} cells inferred; {n(e['trunks'])} trunks, "
+            f"{n(e['trained'])} trained{rounds}{repeats}; {inferred}; {n(e['trunks'])} trunks, "
             f"{n(e['model_steps'])} model-steps" + (f", {duration(seconds)}" if seconds is not None else ""))
 
 
