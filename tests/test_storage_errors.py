@@ -139,6 +139,8 @@ DAMAGE = {
     "a billion steps": (["UPDATE cells SET steps=1000000000 WHERE i=0 AND j=0"], "cell (0, 0) has 1000000000 steps"),
     "hparams off the coordinates": (["UPDATE cells SET hparams=json_set(hparams, '$.lr', 0.5) WHERE i=2 AND j=1"],
                                     "cell (2, 1) has hyperparameters that disagree with its coordinates"),
+    "another cell's hparams": (["UPDATE cells SET hparams=(SELECT hparams FROM cells WHERE i=0 AND j=0) "
+                                "WHERE i=3 AND j=2"], "cell (3, 2) has hyperparameters that disagree"),
     "moved cell": (["UPDATE cells SET x=x*2 WHERE i=1 AND j=0"], "cell (1, 0) sits at"),
     "negative loss": (["UPDATE cells SET final_loss=-3 WHERE i=3 AND j=2"],
                       "cell (3, 2) has final_loss -3.0, below 0"),
@@ -159,6 +161,7 @@ DAMAGE = {
 # damage found when a study is opened: every command refuses it; in a row: every command that reads that row
 WHOLE_STUDY = {"dropped column", "dropped table", "dropped meta", "config not JSON", "edited nx", "text for a loss",
                "negative steps", "more steps done than taken", "a billion steps", "hparams off the coordinates",
+               "another cell's hparams",
                "moved cell", "negative loss", "unknown label", "unstable not a flag", "stopped past its steps",
                "more losses than steps", "no loss though done", "base losses cut short", "initial loss zero"}
 
@@ -176,6 +179,15 @@ def test_damaged_rows_and_tables_are_named_as_what_they_are(study, tmp_path, dam
                      ["plot", study, "--out", tmp_path / "plots"]]
     refused_unchanged(study, commands, str(study), needle, "restore study.db from a backup")
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_hparams_written_in_another_json_layout_are_the_same_hparams(study):
+    """A row is checked against the text the store writes, and where that differs, against its JSON's values."""
+    from vmap_sweep.store.db import StudyStore
+
+    sql(study, "UPDATE cells SET hparams=replace(replace(hparams, ',', ', '), ':', ': ') WHERE i=1 AND j=1")
+    with StudyStore.open(study) as store:
+        assert store.nx * store.ny == len(store.rows())
 
 
 def _cells_root_page(folder: Path) -> tuple[int, int]:

@@ -735,7 +735,7 @@ def _check_rows(conn: sqlite3.Connection, path: Path, config: Mapping[str, Any],
     stores (step counts, losses, flags, labels). Every command reads a study through here, so an edited row is
     refused before status, export, plot, fractal or rules could trust it. Per-step arrays are checked as they
     are read (`_array`)."""
-    expected = _grid_cells(config, nx, ny)
+    expected = _grid_rows(config, nx, ny)
     rows = conn.execute(
         "SELECT i, j, x, y, hparams, status, steps, steps_done, initial_loss, final_loss, eval_loss, unstable, "
         "unstable_step, typeof(trajectory), length(trajectory), label, score, length(base_losses) "
@@ -752,15 +752,48 @@ def _check_rows(conn: sqlite3.Connection, path: Path, config: Mapping[str, Any],
             raise _damaged(path, f"cell ({i}, {j}){why}")
 
 
-def _grid_cells(config: Mapping[str, Any], nx: int, ny: int) -> dict[tuple[int, int], Cell] | None:
-    """The cells the config's grid holds, by (i, j); None for a config that is not a study's (tests' stores)."""
+class _GridRows:
+    """The cells a study's grid holds, as its rows must hold them: coordinates, and hyperparameters as the JSON
+    text the store writes. The text comes from one template per grid, so that a 1017² level's million rows are
+    checked without a dict and a JSON round trip each."""
+
+    _MARK = "\x00vmap-sweep axis {}\x00"
+
+    def __init__(self, grid):
+        self.grid, self.xs, self.ys = grid, grid.xs.tolist(), grid.ys.tolist()
+        x_text = [json.dumps(grid.x.convert(v)) for v in self.xs]
+        y_text = [json.dumps(grid.y.convert(v)) for v in self.ys]
+        marks = {grid.x.name: self._MARK.format("x"), grid.y.name: self._MARK.format("y")}
+        template = canonical_json({**grid.base, **marks})
+        x_mark, y_mark = (json.dumps(marks[a.name], ensure_ascii=False) for a in (grid.x, grid.y))
+        if template.count(x_mark) != 1 or template.count(y_mark) != 1:
+            self.texts = None  # never for a real config; every row then takes the JSON comparison
+            return
+        swap = template.index(y_mark) < template.index(x_mark)
+        first, second = (y_mark, x_mark) if swap else (x_mark, y_mark)
+        head, rest = template.split(first)
+        middle, tail = rest.split(second)
+        self.texts = (head, middle, tail, y_text if swap else x_text, x_text if swap else y_text, swap)
+
+    def has(self, i: Any, j: Any) -> bool:
+        return (isinstance(i, int) and isinstance(j, int) and 0 <= i < self.grid.nx and 0 <= j < self.grid.ny)
+
+    def text(self, i: int, j: int) -> str | None:
+        if self.texts is None:
+            return None
+        head, middle, tail, first, second, swap = self.texts
+        a, b = (j, i) if swap else (i, j)
+        return head + first[a] + middle + second[b] + tail
+
+
+def _grid_rows(config: Mapping[str, Any], nx: int, ny: int) -> _GridRows | None:
+    """The cells the config's grid holds; None for a config that is not a study's (tests' stores)."""
     from vmap_sweep.study.axes import parse_axis_spec
     from vmap_sweep.study.grid import Grid
 
     try:
-        grid = Grid(parse_axis_spec(config["x"]), parse_axis_spec(config["y"]), nx, ny,
-                    dict(config.get("fixed") or {}), int(config.get("seq_len") or 1))
-        return {c.key: c for c in grid.cells()}
+        return _GridRows(Grid(parse_axis_spec(config["x"]), parse_axis_spec(config["y"]), nx, ny,
+                              dict(config.get("fixed") or {}), int(config.get("seq_len") or 1)))
     except (KeyError, TypeError, ValueError, AttributeError, ConfigError):
         return None
 
@@ -769,26 +802,29 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
-def _bad_row(i: Any, j: Any, x: Any, y: Any, hparams: Any, expected: dict | None) -> str | None:
+def _bad_row(i: Any, j: Any, x: Any, y: Any, hparams: Any, expected: _GridRows | None) -> str | None:
     if not (_is_number(x) and _is_number(y)):
         return f" has coordinates {x!r:.40}, {y!r:.40}, not numbers"
     if expected is None:
         return None
-    want = expected.get((i, j))
-    if want is None:
+    if not expected.has(i, j):
         return " is not a cell of the study's grid"
-    if not (math.isclose(x, want.x, rel_tol=1e-12) and math.isclose(y, want.y, rel_tol=1e-12)):
-        return f" sits at ({x:.6g}, {y:.6g}), but the study's grid puts it at ({want.x:.6g}, {want.y:.6g})"
+    want_x, want_y = expected.xs[i], expected.ys[j]
+    if not (math.isclose(x, want_x, rel_tol=1e-12) and math.isclose(y, want_y, rel_tol=1e-12)):
+        return f" sits at ({x:.6g}, {y:.6g}), but the study's grid puts it at ({want_x:.6g}, {want_y:.6g})"
+    if hparams == expected.text(i, j):  # as the store writes it
+        return None
     try:
         stored = json.loads(hparams)
     except (TypeError, ValueError, RecursionError):
         return None  # named as invalid JSON where the hparams are read
-    if stored != json.loads(canonical_json(want.hparams)):
-        keys = sorted(k for k in set(stored) | set(want.hparams) if stored.get(k) != want.hparams.get(k)) \
+    want = expected.grid.cell(i, j).hparams
+    if stored != json.loads(canonical_json(want)):
+        keys = sorted(k for k in set(stored) | set(want) if stored.get(k) != want.get(k)) \
             if isinstance(stored, dict) else ["(not an object)"]
         return (f" has hyperparameters that disagree with its coordinates and the study's config "
                 f"({', '.join(f'{k}={stored.get(k) if isinstance(stored, dict) else stored!r}' for k in keys[:3])}, "
-                f"the grid says {', '.join(f'{k}={want.hparams.get(k)!r}' for k in keys[:3])})")
+                f"the grid says {', '.join(f'{k}={want.get(k)!r}' for k in keys[:3])})")
     return None
 
 
