@@ -195,3 +195,40 @@ def test_bench_checks_memory_before_allocating_and_runs_where_there_is_no_gpu(mo
     monkeypatch.setattr(bench_module, "bench", fake_bench)
     assert cli("bench", "--depth", "1").exit_code == 2
     assert asked["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["refine", "STUDY", "--levels", "abc"], "Invalid value for '--levels'"),
+    (["fractal", "STUDY", "--no-such-flag"], "No such option: --no-such-flag"),
+    (["refine"], "Missing argument 'study'"),
+    (["no-such-command"], "No such command 'no-such-command'"),
+])
+def test_what_the_parser_refuses_is_one_error_line(finished, monkeypatch, capsys, argv, says):
+    """The console entry point (what `vmap-sweep` runs): a value the parser can't take is one line naming it and
+    where the command's options are listed, exit 2, the study unchanged."""
+    from helpers import snapshot
+
+    from vmap_sweep.cli import main
+
+    before = snapshot(finished)
+    monkeypatch.setattr("sys.argv", ["vmap-sweep", *(str(finished) if a == "STUDY" else a for a in argv)])
+    with pytest.raises(SystemExit) as ended:
+        main()
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and err.startswith("error: ") and says in err, err
+    assert len(err.strip().splitlines()) == 1 and "--help`" in err
+    assert snapshot(finished) == before
+
+
+def test_the_entry_point_runs_a_command_and_shows_help_for_none(finished, monkeypatch, capsys):
+    from vmap_sweep.cli import main
+
+    monkeypatch.setattr("sys.argv", ["vmap-sweep", "status", str(finished)])
+    with pytest.raises(SystemExit) as ended:
+        main()
+    assert ended.value.code == 0 and "study" in capsys.readouterr().out
+    monkeypatch.setattr("sys.argv", ["vmap-sweep"])
+    with pytest.raises(SystemExit) as ended:
+        main()
+    out = capsys.readouterr()
+    assert ended.value.code == 2 and "Usage:" in out.out and "refine" in out.out and "error" not in out.err

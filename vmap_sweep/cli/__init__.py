@@ -39,8 +39,29 @@ _install()
 
 
 def main() -> None:
-    """The console entry point."""
-    __getattr__("app")()
+    """The console entry point. A value the parser can't take (`--levels abc`, an unknown option) is one `error:`
+    line and exit 2, as every other error a user can cause; typer's own report of it is a six-line box."""
+    import typer
+
+    # click's exceptions, wherever this typer takes click from (its own copy since 0.26)
+    click_errors = sys.modules[typer.BadParameter.__module__]
+    no_args = getattr(click_errors, "NoArgsIsHelpError", ())
+    try:
+        code = __getattr__("app")(standalone_mode=False)
+    except no_args as e:  # a bare group or command: its help
+        e.show()
+        code = e.exit_code
+    except click_errors.UsageError as e:
+        command = e.ctx.command_path if e.ctx is not None else "vmap-sweep"
+        sys.stderr.write(f"error: {e.format_message().rstrip('.')}; see `{command} --help`\n")
+        code = 2
+    except click_errors.ClickException as e:
+        sys.stderr.write(f"error: {e.format_message()}\n")
+        code = e.exit_code
+    except typer.Abort:
+        sys.stderr.write("Aborted!\n")
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def __getattr__(name):
