@@ -271,6 +271,72 @@ def test_one_writer_a_refinement_beside_a_run_is_refused(studies):
     assert not level_dir(root / "coarse", 3).exists()  # refused before anything was written
 
 
+def _refined_copy(studies, tmp_path):
+    import shutil
+
+    root, _, _ = studies
+    return shutil.copytree(root / "coarse", tmp_path / "coarse")
+
+
+def test_classify_keeps_the_criterion_a_study_was_refined_under(studies, tmp_path):
+    """The levels' inferred cells took the classes of the criterion they were refined under: another would leave
+    them behind, so it is refused and nothing changes; the same criterion still classifies."""
+    from helpers import snapshot
+
+    from vmap_sweep.store import extras
+
+    top = _refined_copy(studies, tmp_path)
+    before = snapshot(top)
+    other = cli("classify", str(top), "--criterion", "threshold", "--converged-below", "3")
+    assert other.exit_code == 2 and len(other.output.strip().splitlines()) == 1
+    assert "was refined under `--criterion ratio`" in other.output and "refine-*" in other.output
+    assert snapshot(top) == before
+    assert cli("classify", str(top)).exit_code == 0
+    # a record made before it named its criterion, and a first level still training (no record): the levels' own
+    with StudyStore.open(top) as store:
+        record = store.get_extra(REFINE)
+        store.put_extra(REFINE, {k: v for k, v in record.items() if k != "criterion"})
+    assert cli("classify", str(top), "--criterion", "last20").exit_code == 2
+    with StudyStore.open(top) as store:
+        store.put_extra(REFINE, {})
+    import shutil
+
+    shutil.rmtree(level_dir(top, 2))
+    with StudyStore.open(level_dir(top, 1)) as store:
+        extras.put_criterion(store, {"criterion": "ratio"})
+    refused = cli("classify", str(top), "--criterion", "last20")
+    assert refused.exit_code == 2 and "`--criterion ratio`" in refused.output
+
+
+def test_a_dry_run_refuses_what_the_refinement_refuses(studies, tmp_path):
+    from vmap_sweep.store import extras
+
+    top = _refined_copy(studies, tmp_path)
+    for args, says in ((["--device", "tpu"], "--device 'tpu'"), (["--micro-batch-size", "0"], "--micro-batch-size 0")):
+        for dry in ([], ["--dry-run"]):
+            out = cli("refine", str(top), "--levels", "3", *args, *dry)
+            assert out.exit_code == 2 and says in out.output, (dry, out.output)
+    level = cli("refine", str(level_dir(top, 1)), "--levels", "1", "--dry-run")
+    assert level.exit_code == 2 and "not a zoom child or a refinement level" in level.output
+    # a study whose criterion moved away from its levels' (written before classify refused it): both name the fix
+    with StudyStore.open(top) as store:
+        extras.put_criterion(store, {"criterion": "last20"})
+    for dry in ([], ["--dry-run"]):
+        out = cli("refine", str(top), "--levels", "3", *dry)
+        assert out.exit_code == 2 and f"vmap-sweep classify {top} --criterion ratio" in out.output, out.output
+    assert not level_dir(top, 3).exists()
+
+
+def test_a_dry_run_plans_a_removed_level_anew_as_the_refinement_trains_it(studies, tmp_path):
+    import shutil
+
+    top = _refined_copy(studies, tmp_path)
+    shutil.rmtree(level_dir(top, 1))
+    plan = cli("refine", str(top), "--levels", "2", "--dry-run")
+    assert plan.exit_code == 0, plan.output
+    assert "level 1 (exact): 9×9" in plan.output and "level 2 (done): 17×17" in plan.output
+
+
 # ------------------------------------------------------------------------------------------------ tracing
 def test_tracing_targets_are_the_untrained_corners_of_mixed_blocks():
     rng = np.random.default_rng(7)

@@ -19,6 +19,7 @@ from vmap_sweep.errors import ConfigError
 from vmap_sweep.store import extras
 from vmap_sweep.store.db import DB_NAME, StudyStore
 from vmap_sweep.store.levels import MAX_LEVELS, REFINE, LevelMap, level_dir, level_info, study_map
+from vmap_sweep.study.criterion import as_options, is_stored_form
 
 
 def refine_record(store: StudyStore) -> dict | None:
@@ -94,8 +95,10 @@ def refined_map(top: Path, level: int | None = None) -> RefinedMap:
     if info is None:
         raise ConfigError(f"{folder}: not a refinement level of {top}")
     if info.get("criterion") != criterion:
-        raise ConfigError(f"{folder} was refined under another criterion than {top}'s last `classify`; classify "
-                          f"{top} with the criterion it was refined with, or refine a copy of it anew")
+        was = info.get("criterion")
+        was = as_options(was) if is_stored_form(was) else "--criterion (the one it was refined with)"
+        raise ConfigError(f"{folder} was refined under another criterion than {top}'s last `classify`; run "
+                          f"`vmap-sweep classify {top} {was}` to restore it, or refine a copy of it anew")
     return RefinedMap(want, folder, view, study_map(view), next(e for e in levels if int(e["level"]) == want), levels)
 
 

@@ -14,7 +14,8 @@ from vmap_sweep.analysis.refined import RefinementGain, is_refined, refined_frac
 from vmap_sweep.analysis.view import load_class_grid
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.store.db import StudyStore
-from vmap_sweep.study.criterion import check
+from vmap_sweep.store.levels import levels_criterion
+from vmap_sweep.study.criterion import as_options, check, newer_form
 
 
 def reclassify(store: StudyStore, criterion: str = "ratio", **kw) -> dict[str, int]:
@@ -34,13 +35,24 @@ def reclassify_with_zooms(study: Path, criterion: str = "ratio", **kw) -> tuple[
     """reclassify a study and every zoom study below it, so that a chain's levels share one criterion (their
     dimensions are pooled); returns the study's count per class and how many zoom studies followed. Every
     folder is found and opened before any is written: a missing one changes nothing."""
-    check(criterion, **kw)
+    checked = check(criterion, **kw)
+    _check_levels_follow(Path(study), checked)
     folders = zoom_tree(study)
     counts = []
     for folder in folders:
         with StudyStore.open(folder) as store:
             counts.append(reclassify(store, criterion, **kw))
     return counts[0], len(folders) - 1
+
+
+def _check_levels_follow(study: Path, criterion: dict) -> None:
+    """A refined study keeps the criterion its levels were refined under: their inferred cells took its classes,
+    and which cells were trained followed from them, so under another criterion the levels would not hold."""
+    levels = levels_criterion(study)
+    if levels is not None and newer_form(levels) != criterion:
+        raise ConfigError(f"{study} was refined under `{as_options(levels)}`: its levels' inferred cells follow that "
+                          f"criterion; classify it with those options, or copy the study folder without its "
+                          f"refine-* folders to classify the copy (and refine it anew)")
 
 
 @dataclass

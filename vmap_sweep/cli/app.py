@@ -545,6 +545,7 @@ def refine(
     resolved = resolve_run(RunOptions(models_per_batch=models_per_batch, device=device,
                                       micro_batch_size=micro_batch_size, deterministic=deterministic), stored, study)
     k, share = resolved.models_per_batch, resolved.share
+    settings = resolved.run_settings()  # checked for a dry run too: what the run would refuse, it refuses
     if dry_run:
         plan, dim = refining.dry_run(study, levels, margin=margin, models_per_batch=8 if k == "auto" else k,
                                      share=share, trace=trace, evaluate=eval_)
@@ -554,7 +555,6 @@ def refine(
             _say("with --trace each level then trains rounds along the boundary it found: their cells are known only "
                  "as the level trains, and are not in the counts above")
         return
-    settings = resolved.run_settings()
     progress = render.RichProgress(console, quiet=quiet)
     with _open_backend(resolved.config, settings) as backend:
         done = refining.refine_study(study, backend, levels, margin=margin, models_per_batch=k, progress=progress,

@@ -52,6 +52,7 @@ from vmap_sweep.store.levels import (  # noqa: F401 - read by the CLI and tests 
 from vmap_sweep.store.study import Study
 from vmap_sweep.study.axes import parse_resolution
 from vmap_sweep.study.config import StudyConfig
+from vmap_sweep.study.criterion import as_options
 from vmap_sweep.study.grid import Cell, Grid
 from vmap_sweep.study.plan import build_grid, cell_steps, plan_study, same_experiments
 from vmap_sweep.study.refine import DEFAULT_MARGIN, UNKNOWN, LevelPlan, level_points, plan_level, trace_targets
@@ -212,17 +213,12 @@ def refine_study(top: str | Path, backend: Backend, levels: int, *, margin: int 
     levels = check_levels(levels)
     note = note or (lambda _: None)
     with Study.open(top) as study:
-        record = dict(study.store.get_extra(REFINE) or {})
         # before the lock: a refused command leaves the study as it was
-        _check_rule(top, record, margin, trace)
-        _check_levels_eval(top, study.config, evaluate, record)
+        record = _checked_record(top, study, margin, trace, evaluate)
         study.store.claim_writer()  # one refinement (or run, or zoom) of this study at a time
         if study.settings is not None:
             study.settings.check_trainable_here(study.store.path)
-        check_data_unchanged(study.store, study.config.data)
         check_origin_unchanged(study.store, study.config)
-        if extras.zoom_of(study.store) is not None or level_info(study.store) is not None:
-            raise ConfigError(f"{top}: refine the top study of a folder, not a zoom child or a refinement level")
         cfg, criterion = study.config, study.criterion
         done_levels = {int(e["level"]): e for e in record.get("levels", [])}
         coarse = study_map(study.store)
@@ -231,10 +227,7 @@ def refine_study(top: str | Path, backend: Backend, levels: int, *, margin: int 
         for level in range(1, levels + 1):
             folder = level_dir(top, level)
             if level in done_levels and (folder / DB_NAME).is_file():
-                with Study.open(folder) as lv:
-                    if lv.criterion != criterion:
-                        raise ConfigError(f"{folder} was refined under another criterion than {top}'s last "
-                                          f"`classify`; classify {top} again with the criterion it was refined with")
+                with _finished_level(top, level, criterion) as lv:
                     coarse = study_map(lv.store)
                     rows_below = {(r["i"], r["j"]): r for r in lv.store.rows(arrays=True, done_only=True)}
                     trained = ~coarse.inferred
@@ -266,13 +259,34 @@ def refine_study(top: str | Path, backend: Backend, levels: int, *, margin: int 
                 rows_below = {(r["i"], r["j"]): r for r in store.rows(arrays=True, done_only=True)}
                 trained = ~coarse.inferred
             done_levels[level] = entry
-            record = {"margin": margin, "trace": trace, "eval": evaluate,
+            record = {"margin": margin, "trace": trace, "eval": evaluate, "criterion": criterion,
                       "levels": [done_levels[k] for k in sorted(done_levels)]}
             study.store.put_extra(REFINE, record)
         return record.get("levels", [])
 
 
 _AGAIN = "copy the study folder (without its refine-* folders) to refine it anew"
+
+
+def _checked_record(top: Path, study: Study, margin: int, trace: bool, evaluate: bool) -> dict:
+    """What a refinement and its dry run both refuse, before anything is written; the study's refine record."""
+    if extras.zoom_of(study.store) is not None or level_info(study.store) is not None:
+        raise ConfigError(f"{top}: refine the top study of a folder, not a zoom child or a refinement level")
+    record = dict(study.store.get_extra(REFINE) or {})
+    _check_rule(top, record, margin, trace)
+    _check_levels_eval(top, study.config, evaluate, record)
+    check_data_unchanged(study.store, study.config.data)
+    return record
+
+
+def _finished_level(top: Path, level: int, criterion: dict) -> Study:
+    """A finished level's study, refused where its classes follow another criterion than the study's."""
+    lv = Study.open(level_dir(top, level))
+    if (was := lv.criterion) != criterion:
+        lv.close()
+        raise ConfigError(f"{level_dir(top, level)} was refined under another criterion than {top}'s last "
+                          f"`classify`; run `vmap-sweep classify {top} {as_options(was)}` to restore it")
+    return lv
 
 
 def _check_rule(top: Path, record: dict, margin: int, trace: bool) -> None:
@@ -463,16 +477,16 @@ def plan_refinement(top: str | Path, levels: int, supervised: Callable[[list[int
     levels = check_levels(levels)
     out: list[dict] = []
     with Study.open(top) as study:
-        cfg = study.config
-        record = dict(study.store.get_extra(REFINE) or {})
-        _check_rule(top, record, margin, trace)
-        _check_levels_eval(top, cfg, evaluate, record)
-        finished = {int(e["level"]) for e in record.get("levels", [])}
+        cfg, criterion = study.config, study.criterion
+        record = _checked_record(top, study, margin, trace, evaluate)
         coarse = study_map(study.store)
+    # a finished level whose folder was removed is refined again, as `refine` would
+    finished = {int(e["level"]) for e in record.get("levels", [])
+                if (level_dir(top, int(e["level"])) / DB_NAME).is_file()}
     trained = ~coarse.inferred
     for level in range(1, levels + 1):
         if level in finished:
-            with Study.open(level_dir(top, level)) as lv:
+            with _finished_level(top, level, criterion) as lv:
                 entry = dict(next(e for e in record["levels"] if int(e["level"]) == level))
                 coarse = study_map(lv.store)
                 trained = ~coarse.inferred
@@ -507,12 +521,18 @@ def dry_run(top: str | Path, levels: int, *, margin: int = DEFAULT_MARGIN, model
     with Study.open(top) as study:
         cfg = study.config
         mask = converged_mask(study_map(study.store).labels)
-    _, stream = study_stream(cfg)
     try:
         dim = min(max(fractal_dimension(mask).dimension, 1.0), 2.0)
     except VmapSweepError:
         dim = 1.0
-    plan = plan_refinement(top, levels, lambda b: _supervised(stream, b), margin=margin,
+    streams = []  # the data loaded once, when a level is planned: not for a command refused first
+
+    def supervised(budgets):
+        if not streams:
+            streams.append(study_stream(cfg)[1])
+        return _supervised(streams[0], budgets)
+
+    plan = plan_refinement(top, levels, supervised, margin=margin,
                            models_per_batch=models_per_batch, share=share, growth=2.0 ** dim, trace=trace,
                            evaluate=evaluate)
     return plan, dim

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from vmap_sweep.errors import ConfigError, StoreError
-from vmap_sweep.store.db import StudyStore
+from vmap_sweep.store import extras
+from vmap_sweep.store.db import DB_NAME, StudyStore
 
 MAX_LEVELS = 6  # each level doubles both axes: 6 take a 128² study past 8000²
 REFINE = "refine"  # the refined study's {"margin", "levels": [per level: where, size, cells and cost]}
@@ -72,6 +73,22 @@ def study_map(store: StudyStore) -> LevelMap:
         raise ConfigError(f"{store.directory}: {missing} cells are pending or unclassified; finish the run (same "
                           f"command resumes it) or run `vmap-sweep classify {store.directory}` before refining it")
     return LevelMap(labels, inferred)
+
+
+def levels_criterion(top: Path) -> dict | None:
+    """The criterion a study's refinement levels follow (finished or begun), None where it has none: the refine
+    record's, else the lowest level's own (the smallest grid, the quickest to open)."""
+    with StudyStore.open(top) as store:
+        record = store.get_extra(REFINE)
+        top_criterion = extras.criterion(store)
+    if isinstance(record, dict) and isinstance(record.get("criterion"), dict):
+        return dict(record["criterion"])
+    for level in range(1, MAX_LEVELS + 1):
+        if (level_dir(top, level) / DB_NAME).is_file():
+            with StudyStore.open(level_dir(top, level)) as store:
+                # a level just begun has no criterion yet: it follows the study's
+                return extras.criterion(store) if extras.has_criterion(store) else top_criterion
+    return None
 
 
 def label_codes(labels: np.ndarray, names: list[str]) -> np.ndarray:

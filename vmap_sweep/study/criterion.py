@@ -112,6 +112,13 @@ def check(criterion: str, spelling: dict[str, str] | None = None, **options: Any
     return {"criterion": "threshold", "converged_below": c, "not_converged_above": d}
 
 
+def as_options(value: dict) -> str:
+    """A stored criterion as `classify` takes it, e.g. "--criterion threshold --converged-below 2.5 ..."."""
+    value = newer_form(value)
+    return " ".join([f"--criterion {value['criterion']}"]
+                    + [f"--{k.replace('_', '-')} {value[k]:g}" for k in OPTIONS[value["criterion"]] if k in value])
+
+
 def newer_form(value: dict) -> dict:
     """A stored criterion under today's option names (a copy)."""
     return renamed(value, OLDER_OPTIONS)
