@@ -248,6 +248,32 @@ def test_cli_status_dry_run_fractal_and_export_show_the_levels(studies):
     assert plain.exit_code == 2 and "not a refined study" in plain.output
 
 
+def test_compare_matches_a_refined_study_s_finest_level_cell_for_cell_with_the_full_grid(studies):
+    """The refined study (5² -> 17²) against the 17² grid trained directly: every cell matched, the inferred ones
+    by their inferred class; what changed class is exactly where the two maps differ."""
+    from vmap_sweep.analysis.compare import compare_studies
+    from vmap_sweep.analysis.refined import study_view
+    from vmap_sweep.analysis.view import StudyView
+
+    root, _, _ = studies
+    refined, full = study_view(root / "coarse"), StudyView.load(root / "full")
+    assert (refined.nx, refined.ny, refined.refinement_level) == (17, 17, 2) and refined.inferred.any()
+    mine = refined_map(root / "coarse").map.labels == "converged"
+    theirs = full.labels == "converged"
+    result = compare_studies(refined, full)
+    assert result.resolution == (17, 17)
+    assert (result.gained, result.lost) == (int((~mine & theirs).sum()), int((mine & ~theirs).sum()))
+    assert result.converged_share_a == pytest.approx(mine.mean())
+    assert any(n.startswith(f"A is level 2 of a refined study (17x17): {int(refined.inferred.sum()):,} of its 289")
+               for n in result.notes)
+    with pytest.raises(ConfigError, match="inferred cells have no trajectory"):
+        compare_studies(refined, full, criterion_a="last20")
+    shown = cli("compare", str(root / "coarse"), str(root / "full"))
+    assert shown.exit_code == 0 and "A is level 2 of a refined study" in shown.output, shown.output
+    plain = StudyView.load(root / "coarse")  # the study's own 5² grid, as before refining
+    assert study_view(root / "full").inferred is None and plain.nx == 5
+
+
 def test_plot_draws_the_finest_level_with_inferred_cells_apart(studies):
     root, _, _ = studies
     drawn = cli("plot", str(root / "coarse"), "--out", str(root / "plots"))

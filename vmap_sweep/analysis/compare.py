@@ -170,6 +170,9 @@ def _classes(study: StudyView, criterion: str | None) -> tuple[np.ndarray, GridV
     """(converged grid, view, criterion name): as stored, or recomputed from the trajectories by `criterion`."""
     if criterion is None:
         return study_classes(study), study.grid, study.criterion_name
+    if study.inferred is not None and study.inferred.any():
+        raise ConfigError(f"{study.directory}: a refinement level's inferred cells have no trajectory to classify "
+                          "again; compare its stored classes (drop the --criterion option for it)")
     if criterion not in COMPARE_CRITERIA:
         raise ConfigError(f"criterion {criterion!r}: compare recomputes {' or '.join(COMPARE_CRITERIA)}; for "
                           "threshold, `vmap-sweep classify` the study first and compare its stored classes")
@@ -229,6 +232,12 @@ def _same_file(p: Path, q: Path) -> bool:
         return False
 
 
+def _refined_note(name: str, view: StudyView) -> str:
+    inferred = int(view.inferred.sum())
+    return (f"{name} is level {view.refinement_level} of a refined study ({view.nx}x{view.ny}): {inferred:,} of its "
+            f"{view.nx * view.ny:,} cells have the class inferred from their coarser neighbourhood, not trained.")
+
+
 def compare_studies(a: StudyView, b: StudyView,
                     criterion_a: str | None = None, criterion_b: str | None = None,
                     across_resolutions: bool = False, mixed_criteria: bool = False) -> CompareResult:
@@ -243,6 +252,7 @@ def compare_studies(a: StudyView, b: StudyView,
     da, db = _dimension(ca), _dimension(cb)
     delta, ci = delta_dimension(da, db)
     differs = [what_differs(a, b)]
+    refined = [_refined_note(name, view) for name, view in (("A", a), ("B", b)) if view.inferred is not None]
     if name_a != name_b and _same_file(a.path, b.path):
         differs = []  # one study under two criteria: the criterion is all that differs
     if name_a != name_b:
@@ -255,7 +265,7 @@ def compare_studies(a: StudyView, b: StudyView,
             x_name=a.x.name, y_name=a.y.name,
             resolution=(a.nx, a.ny), differs="; ".join(differs),
             converged_share_a=float(ca.mean()), converged_share_b=float(cb.mean()), gained=None, lost=None,
-            dimension_a=da, dimension_b=db, delta_d=delta, delta_d_ci=ci, crit=[], notes=notes,
+            dimension_a=da, dimension_b=db, delta_d=delta, delta_d_ci=ci, crit=[], notes=refined + notes,
             resolution_b=(b.nx, b.ny), size_unit=_unit(a))  # no views: grids of two resolutions draw no cell map
     crit, notes = _crit_rows(a, b, ca, cb)
     return CompareResult(
@@ -264,6 +274,6 @@ def compare_studies(a: StudyView, b: StudyView,
         resolution=(a.nx, a.ny), differs="; ".join(differs),
         converged_share_a=float(ca.mean()), converged_share_b=float(cb.mean()),
         gained=int((~ca & cb).sum()), lost=int((ca & ~cb).sum()),
-        dimension_a=da, dimension_b=db, delta_d=delta, delta_d_ci=ci, crit=crit, notes=criteria + notes,
+        dimension_a=da, dimension_b=db, delta_d=delta, delta_d_ci=ci, crit=crit, notes=refined + criteria + notes,
         size_unit=_unit(a), views=(va, vb),
     )

@@ -7,7 +7,7 @@ what refinement bought (octaves of box sizes, a narrower interval) is read off o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +100,21 @@ def refined_map(top: Path, level: int | None = None) -> RefinedMap:
         raise ConfigError(f"{folder} was refined under another criterion than {top}'s last `classify`; run "
                           f"`vmap-sweep classify {top} {was}` to restore it, or refine a copy of it anew")
     return RefinedMap(want, folder, view, study_map(view), next(e for e in levels if int(e["level"]) == want), levels)
+
+
+def finest_view(top: Path) -> StudyView:
+    """A refined study as the analyses that match cells read it: its finest level's study, every cell with its
+    class (trained, copied from the experiment it repeats, or inferred: `inferred` says which)."""
+    refined = refined_map(top)
+    labels = refined.map.labels
+    grid = replace(refined.view.grid, labels=labels, converged=converged_mask(labels))
+    return replace(refined.view, labels=labels, grid=grid, refinement_level=refined.level,
+                   inferred=refined.map.inferred)
+
+
+def study_view(source: Path) -> StudyView:
+    """A study as compare and zoom read it: a refined one at its finest level, any other as stored."""
+    return finest_view(Path(source)) if is_refined(Path(source)) else StudyView.load(source)
 
 
 def tokens_note(refined: RefinedMap) -> str | None:

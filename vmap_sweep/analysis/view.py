@@ -119,6 +119,10 @@ class StudyView:
     created: str = ""
     refine: dict | None = None  # the finished refinement levels' record, where the study was refined
     extras: dict = field(default_factory=dict)
+    # a refined study read at a level (analysis/refined.py, `finest_view`): the level, and which cells' classes
+    # were inferred from their neighbourhood (they have no trajectory)
+    refinement_level: int = 0
+    inferred: np.ndarray | None = None
 
     @classmethod
     def load(cls, source: StudyStore | str | os.PathLike) -> StudyView:

@@ -719,12 +719,13 @@ def compare(
         help="The same for B (B may be A: one study, two criteria).")] = None,
     mixed_criteria: MixedCriteria = False,
 ):
-    """Two studies over one grid: cells that changed class, converged shares, ΔD with its CI, LR_crit ratios."""
+    """Two studies over one grid: cells that changed class, converged shares, ΔD with its CI, LR_crit ratios. A
+    refined study is compared at its finest level (inferred cells with their inferred class)."""
     from vmap_sweep.analysis.compare import compare_studies
-    from vmap_sweep.analysis.view import StudyView
+    from vmap_sweep.analysis.refined import study_view
     from vmap_sweep.present.plots import plot_compare
 
-    _shown(lambda: compare_studies(StudyView.load(a), StudyView.load(b), criterion_a, criterion_b,
+    _shown(lambda: compare_studies(study_view(a), study_view(b), criterion_a, criterion_b,
                                    across_resolutions, mixed_criteria),
            plot_compare, tables.compare_lines, json_out, plot_file)
 
