@@ -353,6 +353,28 @@ def test_a_dry_run_refuses_what_the_refinement_refuses(studies, tmp_path):
     assert not level_dir(top, 3).exists()
 
 
+def test_a_removed_level_is_named_gone_and_a_begun_one_unfinished(studies, tmp_path):
+    import shutil
+
+    from vmap_sweep.cli.render import refine_lines
+
+    top = _refined_copy(studies, tmp_path)
+    shutil.rmtree(level_dir(top, 2))
+    status = cli("status", str(top))
+    assert status.exit_code == 0 and "refine-2 is gone" in status.output.replace("\n", " ").replace("│", " ")
+    fractal = cli("fractal", str(top))
+    assert fractal.exit_code == 2 and "--levels 2` trains it again" in fractal.output
+    with StudyStore.open(top) as store:  # as a killed refinement leaves it: level 2 begun, not recorded
+        record = store.get_extra(REFINE)
+        store.put_extra(REFINE, {**record, "levels": record["levels"][:1]})
+    shutil.copytree(level_dir(studies[0] / "coarse", 2), level_dir(top, 2))
+    status = cli("status", str(top))
+    assert "begun, not finished" in status.output
+    # after a refine, the levels it found finished are said to be so, beside their cost of then
+    lines = refine_lines(top, studies[2], earlier={1})
+    assert lines[0].startswith("level 1 (done earlier): 9×9") and lines[1].startswith("level 2: 17×17")
+
+
 def test_a_dry_run_plans_a_removed_level_anew_as_the_refinement_trains_it(studies, tmp_path):
     import shutil
 

@@ -90,6 +90,9 @@ def refined_map(top: Path, level: int | None = None) -> RefinedMap:
         raise ConfigError(f"{top}: level {want} is not refined (finished levels: "
                           f"{', '.join(map(str, finished))}); {adds}")
     folder = level_dir(top, want)
+    if not (folder / DB_NAME).is_file():
+        raise ConfigError(f"{top}: level {want} was refined, but its folder {folder.name} is gone; "
+                          f"`vmap-sweep refine {top} --levels {want}` trains it again")
     view = StudyView.load(folder)
     info = level_info(view)
     if info is None:

@@ -556,11 +556,12 @@ def refine(
                  "as the level trains, and are not in the counts above")
         return
     progress = render.RichProgress(console, quiet=quiet)
+    earlier = refining.finished_levels(study)
     with _open_backend(resolved.config, settings) as backend:
         done = refining.refine_study(study, backend, levels, margin=margin, models_per_batch=k, progress=progress,
                                      labeller=label_record, share=share, note=progress.note,
                                      trace=trace, evaluate=eval_)
-    for line in render.refine_lines(study, done):
+    for line in render.refine_lines(study, done, earlier=earlier):
         _say(line)
 
 

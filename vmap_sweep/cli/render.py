@@ -278,12 +278,21 @@ def status_table(store: StudyStore) -> Table:
 
 def refine_rows(store: StudyStore) -> list[tuple[str, str]]:
     """A refined study's finished levels and what each cost; a level's own place and inferred cells."""
-    from vmap_sweep.store.levels import REFINE, level_info
+    from vmap_sweep.store.db import DB_NAME
+    from vmap_sweep.store.levels import MAX_LEVELS, REFINE, level_dir, level_info
 
     rows = []
     record = store.get_extra(REFINE)
-    for e in (record or {}).get("levels", []):
-        rows.append((f"refine level {e['level']}", _level_cost(e)))
+    finished = {int(e["level"]): e for e in (record or {}).get("levels", [])}
+    for level in range(1, MAX_LEVELS + 1):
+        there = (level_dir(store.directory, level) / DB_NAME).is_file()
+        again = f"`vmap-sweep refine {store.directory} --levels {level}`"
+        if level in finished:
+            rows.append((f"refine level {level}", _level_cost(finished[level]) if there else
+                         f"finished, but its folder {level_dir(store.directory, level).name} is gone: {again} "
+                         "trains it again"))
+        elif there:
+            rows.append((f"refine level {level}", f"begun, not finished: {again} resumes it"))
     info = level_info(store)
     if info is not None:
         cost = info.get("cost", {})
@@ -312,11 +321,16 @@ def _level_cost(e: dict) -> str:
             f"{n(e['model_steps'])} model-steps" + (f", {duration(seconds)}" if seconds is not None else ""))
 
 
-def refine_lines(study: Path, levels: list[dict], dry_run: bool = False, dimension: float | None = None) -> list[str]:
-    """`refine`'s levels (with --dry-run: done, planned exactly, or projected)."""
+def refine_lines(study: Path, levels: list[dict], dry_run: bool = False, dimension: float | None = None,
+                 earlier: set[int] = frozenset()) -> list[str]:
+    """`refine`'s levels (with --dry-run: done, planned exactly, or projected; after a run: those `earlier` were
+    finished before it, their cost as it was then)."""
     lines = []
     for e in levels:
-        tag = (" (done)" if e.get("done") else " (projected)" if e.get("projected") else " (exact)") if dry_run else ""
+        if dry_run:
+            tag = " (done)" if e.get("done") else " (projected)" if e.get("projected") else " (exact)"
+        else:
+            tag = " (done earlier)" if int(e["level"]) in earlier else ""
         lines.append(f"level {e['level']}{tag}: {_level_cost(e)}")
     if dry_run and any(e.get("projected") for e in levels):
         lines.append(f"projected levels assume a boundary of dimension {dimension:.2f} (2^D times the cells per "

@@ -221,12 +221,13 @@ def refine_study(top: str | Path, backend: Backend, levels: int, *, margin: int 
         check_origin_unchanged(study.store, study.config)
         cfg, criterion = study.config, study.criterion
         done_levels = {int(e["level"]): e for e in record.get("levels", [])}
+        on_disk = _on_disk(top, record)
         coarse = study_map(study.store)
         trained = np.ones(coarse.labels.shape, dtype=bool)
         rows_below = {(r["i"], r["j"]): r for r in study.store.rows(arrays=True, done_only=True)}
         for level in range(1, levels + 1):
             folder = level_dir(top, level)
-            if level in done_levels and (folder / DB_NAME).is_file():
+            if level in on_disk:
                 with _finished_level(top, level, criterion) as lv:
                     coarse = study_map(lv.store)
                     rows_below = {(r["i"], r["j"]): r for r in lv.store.rows(arrays=True, done_only=True)}
@@ -277,6 +278,19 @@ def _checked_record(top: Path, study: Study, margin: int, trace: bool, evaluate:
     _check_levels_eval(top, study.config, evaluate, record)
     check_data_unchanged(study.store, study.config.data)
     return record
+
+
+def _on_disk(top: Path, record: dict) -> set[int]:
+    """The finished levels of a refine record whose study is still there (one whose folder was removed is refined
+    again)."""
+    return {int(e["level"]) for e in record.get("levels", []) if (level_dir(top, int(e["level"])) / DB_NAME).is_file()}
+
+
+def finished_levels(top: str | Path) -> set[int]:
+    """The levels a refinement of `top` would not train again: finished, their studies in place."""
+    with StudyStore.open(top) as store:
+        record = store.get_extra(REFINE)
+    return _on_disk(Path(top), record) if isinstance(record, dict) else set()
 
 
 def _finished_level(top: Path, level: int, criterion: dict) -> Study:
@@ -480,9 +494,7 @@ def plan_refinement(top: str | Path, levels: int, supervised: Callable[[list[int
         cfg, criterion = study.config, study.criterion
         record = _checked_record(top, study, margin, trace, evaluate)
         coarse = study_map(study.store)
-    # a finished level whose folder was removed is refined again, as `refine` would
-    finished = {int(e["level"]) for e in record.get("levels", [])
-                if (level_dir(top, int(e["level"])) / DB_NAME).is_file()}
+    finished = _on_disk(top, record)
     trained = ~coarse.inferred
     for level in range(1, levels + 1):
         if level in finished:
