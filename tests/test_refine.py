@@ -61,6 +61,18 @@ def test_a_margin_sees_a_boundary_that_the_square_s_corners_miss():
     assert plan_level(coarse, 1).targets[3, 5]
 
 
+def test_a_margin_wider_than_the_map_sees_the_whole_map_and_allocates_no_more(studies):
+    codes = np.random.default_rng(3).integers(0, 2, size=(5, 7))
+    whole = plan_level(codes, 7)
+    huge = plan_level(codes, 10**12)  # a pad of 10**12 cells would exhaust memory
+    assert np.array_equal(huge.codes, whole.codes) and np.array_equal(huge.targets, whole.targets)
+    root, _, _ = studies
+    for dry in ([], ["--dry-run"]):
+        out = cli("refine", str(root / "coarse"), "--levels", "3", "--margin", "5", *dry)
+        assert out.exit_code == 2 and "--margin 5: at most 4 for" in out.output, out.output
+    assert not level_dir(root / "coarse", 3).exists()
+
+
 def test_levels_double_the_points_per_axis():
     assert [level_points(128, k) for k in range(4)] == [128, 255, 509, 1017]
 

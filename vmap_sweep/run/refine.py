@@ -273,6 +273,11 @@ def _checked_record(top: Path, study: Study, margin: int, trace: bool, evaluate:
     """What a refinement and its dry run both refuse, before anything is written; the study's refine record."""
     if extras.zoom_of(study.store) is not None or level_info(study.store) is not None:
         raise ConfigError(f"{top}: refine the top study of a folder, not a zoom child or a refinement level")
+    widest = max(study.store.nx, study.store.ny) - 1
+    if not isinstance(margin, bool) and isinstance(margin, int) and margin > widest:
+        raise ConfigError(f"--margin {margin}: at most {widest} for {top}'s {study.store.nx}x{study.store.ny} grid, "
+                          "where a margin already sees the whole map from every new cell (and so trains them all: "
+                          "for that, sweep the finer resolution directly)")
     record = dict(study.store.get_extra(REFINE) or {})
     _check_rule(top, record, margin, trace)
     _check_levels_eval(top, study.config, evaluate, record)

@@ -99,6 +99,7 @@ def plan_level(coarse_codes: np.ndarray, margin: int = DEFAULT_MARGIN) -> LevelP
         raise ConfigError("refine: the coarser level has cells of unknown class; finish (and classify) it first")
     if isinstance(margin, bool) or not isinstance(margin, int | np.integer) or margin < 0:
         raise ConfigError(f"--margin {margin!r}: give a whole number of coarse cells >= 0")
+    margin = min(int(margin), max(codes.shape))  # wider sees the whole map, as this does
     lo = _neighbourhood_1d(_neighbourhood_1d(codes, margin, 0, np.minimum), margin, 1, np.minimum)
     hi = _neighbourhood_1d(_neighbourhood_1d(codes, margin, 0, np.maximum), margin, 1, np.maximum)
     ny, nx = lo.shape
