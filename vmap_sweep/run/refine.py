@@ -85,6 +85,11 @@ class LevelWork:
     from_coarse: dict[tuple[int, int], tuple[int, int]]  # a cell of this level -> its trained cell one level down
     repeat_rows: int  # rows (or columns) along the tokens axis that repeat a smaller budget everywhere
 
+    @property
+    def trained_off_boundary(self) -> int:
+        """Trained cells that are no target: the experiment a target repeats, in a cell of a uniform neighbourhood."""
+        return sum(1 for c in self.train if not self.plan.targets[c.j, c.i])
+
 
 def level_work(cfg: StudyConfig, level: int, coarse: LevelMap, coarse_trained: np.ndarray,
                supervised: Callable[[list[int]], Mapping[int, int]], margin: int,
@@ -457,7 +462,8 @@ def _finish_level(store: StudyStore, work: LevelWork, batches: Sequence, seconds
         codes[j, i] = code
     cost = {"level": work.level, "folder": store.directory.name, "nx": work.grid.nx, "ny": work.grid.ny,
             "new_cells": int((~work.plan.coarse).sum()), "targets": int(work.plan.targets.sum()),
-            "trained": len(work.train), "repeats": len(work.copies), "inferred": len(pending),
+            "trained": len(work.train), "off_boundary": work.trained_off_boundary, "repeats": len(work.copies),
+            "inferred": len(pending),
             "trunks": sum(len(b.stacked) for b in batches), "model_steps": sum(b.model_steps for b in batches),
             "seconds": round(seconds, 3), "repeat_lines": work.repeat_rows}
     if rounds:  # tracing: its rounds' cells count as trained (or repeats) here, and their trunks and steps too
@@ -480,7 +486,8 @@ def check_levels(levels: int) -> int:
 def _cost(work: LevelWork, k: int, share: bool) -> dict:
     batches = plan_study(work.config, work.train, k, share) if work.train else []
     return {"level": work.level, "nx": work.grid.nx, "ny": work.grid.ny, "new_cells": int((~work.plan.coarse).sum()),
-            "targets": int(work.plan.targets.sum()), "trained": len(work.train), "repeats": len(work.copies),
+            "targets": int(work.plan.targets.sum()), "trained": len(work.train),
+            "off_boundary": work.trained_off_boundary, "repeats": len(work.copies),
             "inferred_new": int(work.plan.inferred_new.sum()), "trunks": sum(len(b.stacked) for b in batches),
             "model_steps": sum(b.model_steps for b in batches), "repeat_lines": work.repeat_rows, "projected": False}
 
