@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 from cli_helpers import boundary_pixels, cli, ok
@@ -217,30 +218,38 @@ def test_zoom_dimension_without_a_zoom_says_so_and_how_to_make_one(study, tmp_pa
 
 
 def test_zoom_dimension_lines_pool_only_two_or_more_levels():
+    from dataclasses import replace
+
+    from vmap_sweep.analysis.chain import ChainDimensions, LevelDimension, PooledDimension
     from vmap_sweep.present.tables import zoom_dimension_lines
 
-    level = {"level": 0, "dir": "s", "dimension": 1.14, "ci_low": 0.96, "ci_high": 1.37, "scale": 1.0,
-             "resolution": [256, 256], "octaves": 4.2}
-    pooled = {"dimension": 1.23, "stderr": 0.04, "ci_low": 1.1516, "ci_high": 1.3084, "levels": [0, 1]}
-    lines = zoom_dimension_lines({"levels": [level, {**level, "level": 1, "scale": 0.125}], "pooled": pooled})
-    assert lines == ["level 0: D = 1.140, 95% CI [0.960, 1.370] at 256×256 over 4.2 octaves, cell scale 1",
-                     "level 1: D = 1.140, 95% CI [0.960, 1.370] at 256×256 over 4.2 octaves, cell scale 0.125",
-                     "pooled over levels 0, 1: D = 1.230, 95% CI [1.152, 1.308] (± 1.96 × the pooled standard "
-                     "uncertainty 0.040: levels weighted by their own, never below the best level's)"]
-    coarse = {**level, "warnings": ["the fit spans 1.6 octaves"]}
-    assert zoom_dimension_lines({"levels": [coarse, level], "pooled": pooled})[0].endswith(
-        "cell scale 1; warning: the fit spans 1.6 octaves")
+    level = LevelDimension(0, Path("s"), (1e-5, 1e-3, 1e4, 1e6), 1.0, 1.0, 1.0, (256, 256), dimension=1.14,
+                           ci_low=0.96, ci_high=1.37, octaves=4.2)
+    pooled = PooledDimension("pooled", dimension=1.23, stderr=0.04, ci_low=1.1516, ci_high=1.3084, levels=(0, 1))
+
+    def lines(levels, pooled):
+        return zoom_dimension_lines(ChainDimensions(tuple(levels), pooled))
+
+    two = lines([level, replace(level, level=1, scale=0.125)], pooled)
+    assert two == ["level 0: D = 1.140, 95% CI [0.960, 1.370] at 256×256 over 4.2 octaves, cell scale 1",
+                   "level 1: D = 1.140, 95% CI [0.960, 1.370] at 256×256 over 4.2 octaves, cell scale 0.125",
+                   "pooled over levels 0, 1: D = 1.230, 95% CI [1.152, 1.308] (± 1.96 × the pooled standard "
+                   "uncertainty 0.040: levels weighted by their own, never below the best level's)"]
+    coarse = replace(level, warnings=("the fit spans 1.6 octaves",))
+    assert lines([coarse, level], pooled)[0].endswith("cell scale 1; warning: the fit spans 1.6 octaves")
     assert 1.23 + 1.96 * 0.04 == pytest.approx(1.3084)  # the CI the line says it is
-    no_se = zoom_dimension_lines({"levels": [level, level], "pooled": {**pooled, "stderr": None, "ci_low": None,
-                                                                       "ci_high": None}})
+    no_se = lines([level, level], replace(pooled, stderr=None, ci_low=None, ci_high=None))
     assert no_se[-1] == "pooled over levels 0, 1: D = 1.230, no CI (too few box counts for a standard error)"
-    apart = zoom_dimension_lines({"levels": [level, level], "pooled": {
-        "dimension": None, "disagree": True, "agreement_p": 0.001, "error": "the levels disagree (p = 0.001)"}})
+    apart = lines([level, level], PooledDimension("levels_disagree", agreement_p=0.001,
+                                                  error="the levels disagree (p = 0.001)"))
     assert apart[-1] == "not pooled: the levels disagree (p = 0.001)"
-    small = {**level, "too_small": "too small a map to measure a dimension"}
-    assert zoom_dimension_lines({"levels": [small, level], "pooled": pooled})[0] == (
+    small = replace(level, too_small="too small a map to measure a dimension")
+    assert lines([small, level], pooled)[0] == (
         "level 0: no dimension, too small a map to measure a dimension; cell scale 1")
-    one = zoom_dimension_lines({"levels": [level], "pooled": {**pooled, "stderr": None, "levels": [0]}})
+    unmeasured = LevelDimension(1, Path("s/zoom-1"), (1e-5, 1e-4, 1e4, 1e5), 0.5, 0.5, 0.5, (256, 256),
+                                error="one class only")
+    assert lines([level, unmeasured], pooled)[1] == "level 1: not measurable (one class only)"
+    one = lines([level], replace(pooled, stderr=None, levels=(0,)))
     assert len(one) == 2 and "nothing to pool" in one[1] and "`vmap-sweep zoom s --auto`" in one[1]
 
 

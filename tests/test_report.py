@@ -16,6 +16,7 @@ import torch
 from test_rules import LR_AXIS, build_study, law
 
 import vmap_sweep.analysis
+from vmap_sweep.analysis.chain import ChainDimensions, LevelDimension, PooledDimension
 from vmap_sweep.analysis.rules import rules_of_thumb
 from vmap_sweep.analysis.study import fractal_report
 from vmap_sweep.analysis.view import StudyView
@@ -79,19 +80,19 @@ def test_html_is_one_file_with_embedded_pictures(study, tmp_path):
 
 
 def fake_zoom(seen: list[Path]) -> types.ModuleType:
-    """Stands in for vmap_sweep.analysis.chain: the shape of its dimension_report, one level unmeasurable."""
+    """Stands in for vmap_sweep.analysis.chain: a dimension_report of its result type, one level unmeasurable."""
     fake = types.ModuleType("vmap_sweep.analysis.chain")
 
     def dimension_report(parent_dir):
         seen.append(Path(parent_dir))
-        level = {"window": [1e-6, 0.1, 1000, 1e6], "scale": 1.0, "resolution": [16, 16], "dimension": 1.234,
-                 "stderr": 0.0321, "ci_low": 1.1, "ci_high": 1.3, "fit_range": [2, 4], "box_sizes": [1, 2, 4, 8],
-                 "box_counts": [30.0, 15.0, 7.0, 3.0], "error": None}
-        return {"levels": [{"level": 0, "dir": str(parent_dir), **level},
-                           {"level": 1, "dir": "zoom-1", **level, "window": [1e-5, 1e-4, 1e4, 1e5], "scale": 0.25,
-                            "dimension": None, "error": "one class only"}],
-                "pooled": {"dimension": 1.2468, "stderr": 0.0123, "ci_low": 1.22, "ci_high": 1.27, "n_points": 3,
-                           "size_range": [2.0, 4.0], "levels": [0], "method": "pooled", "error": None}}
+        top = LevelDimension(0, Path(parent_dir), (1e-6, 0.1, 1000, 1e6), 1.0, 1.0, 1.0, (16, 16),
+                             dimension=1.234, stderr=0.0321, ci_low=1.1, ci_high=1.3, fit_range=(2, 4),
+                             box_sizes=(1, 2, 4, 8), box_counts=(30.0, 15.0, 7.0, 3.0))
+        zoomed = LevelDimension(1, Path("zoom-1"), (1e-5, 1e-4, 1e4, 1e5), 0.25, 0.25, 0.25, (16, 16),
+                                error="one class only")
+        pooled = PooledDimension("pooled", dimension=1.2468, stderr=0.0123, ci_low=1.22, ci_high=1.27, n_points=3,
+                                 size_range=(2.0, 4.0), levels=(0,), method="pooled")
+        return ChainDimensions((top, zoomed), pooled)
 
     fake.dimension_report = dimension_report
     return fake
@@ -218,8 +219,8 @@ def test_zoom_section_with_the_real_zoom_module(tmp_path):
     rep = zoom.dimension_report(parent)
     text = write_report(parent, tmp_path / "z.md").read_text()
     assert "## Zoom levels" in text and "| 1 | 1e-05–0.001 × 10,000–1,000,000 |" in text
-    for level in rep["levels"]:  # 16x16 levels: each named too small, none pooled into a number
-        assert level["too_small"] in text and f"| {level['dimension']:.3f} |" not in text
+    for level in rep.levels:  # 16x16 levels: each named too small, none pooled into a number
+        assert level.too_small in text and f"| {level.dimension:.3f} |" not in text
     assert "Pooled dimension: not measurable (every level is too small" in text
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sqlite3
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from cli_helpers import boundary_pixels
+from cli_helpers import boundary_pixels, ok
 from helpers import StopsAfterOneBatch, run_local, zoom_local
 from matplotlib.animation import PillowWriter
 from PIL import Image
@@ -220,17 +221,43 @@ def test_zoom_makes_recorded_nested_children_over_the_picked_windows(disk_chain)
 def test_dimension_report_per_level_and_pooled(disk_chain):
     parent, dirs, _ = disk_chain
     report = dimension_report(parent)
-    levels = report["levels"]
-    assert [lv["level"] for lv in levels] == [0, 1, 2]
-    assert [lv["scale"] for lv in levels] == pytest.approx([1, 1 / 8, 1 / 64], rel=1e-9)
+    levels = report.levels
+    assert [lv.level for lv in levels] == [0, 1, 2] and [lv.folder for lv in levels] == [parent, *dirs]
+    assert [lv.scale for lv in levels] == pytest.approx([1, 1 / 8, 1 / 64], rel=1e-9)
     for lv in levels:  # a disk's edge, and windows of it, have dimension 1; 32x32 spans under two octaves
-        assert lv["error"] is None and any("under 2" in w for w in lv["warnings"]), lv
-        assert "too small a map" in lv["too_small"] and "32x32" in lv["too_small"], lv
-        assert lv["ci_low"] <= 1.0 <= lv["ci_high"], lv  # the numbers stay in the JSON, with their intervals
-    pooled = report["pooled"]  # levels too small to measure are not pooled into a number either
-    assert pooled["dimension"] is None and pooled["too_small_levels"] == [0, 1, 2]
-    assert "every level is too small" in pooled["error"]
-    json.dumps(report, allow_nan=False)  # --json ready: no NaN
+        assert lv.measured and lv.error is None and any("under 2" in w for w in lv.warnings), lv
+        assert "too small a map" in lv.too_small and "32x32" in lv.too_small, lv
+        assert lv.ci_low <= 1.0 <= lv.ci_high, lv  # the numbers stay in the JSON, with their intervals
+    pooled = report.pooled  # levels too small to measure are not pooled into a number either
+    assert pooled.outcome == "all_too_small" and pooled.dimension is None and pooled.too_small_levels == (0, 1, 2)
+    assert "every level is too small" in pooled.error
+    json.dumps(report.to_dict(), allow_nan=False)  # --json ready: no NaN
+
+
+def test_an_unmeasurable_level_says_why_and_its_json_keeps_the_shape(disk_chain, tmp_path):
+    parent = tmp_path / "parent"  # a copy: the level reclassified here would change the chain other tests read
+    shutil.copytree(disk_chain[0], parent)
+    (child,) = [p for p in parent.iterdir() if p.is_dir()]
+    with StudyStore.open(child) as store:
+        reclassify(store, "threshold", converged_below=1.0)
+    report = dimension_report(parent)
+    top, level, deepest = report.levels
+    assert level.level == 1 and level.folder == child and not level.measured and level.dimension is None
+    assert level.error.startswith("classified by {") and "level 0 by {'criterion': 'ratio'}" in level.error
+    assert "run `vmap-sweep classify` on the top study" in level.error
+    assert level.stderr is None and level.box_sizes == () and level.too_small is None
+    assert level.to_dict() == {"level": 1, "dir": str(child), "window": list(level.window), "scale": level.scale,
+                               "scale_x": level.scale_x, "scale_y": level.scale_y, "resolution": [32, 32],
+                               "dimension": None, "error": level.error}
+    assert list(top.to_dict()) == ["level", "dir", "window", "scale", "scale_x", "scale_y", "resolution",
+                                   "dimension", "stderr", "ci_low", "ci_high", "fit_range", "octaves", "warnings",
+                                   "box_sizes", "box_counts", "too_small", "error"]
+    assert report.pooled.too_small_levels == (0, 2)  # the unmeasured level is neither pooled nor "too small"
+    assert report.pooled.to_dict() == {"dimension": None, "too_small_levels": [0, 2],
+                                       "error": report.pooled.error}
+    printed = json.loads(ok("zoom-dimension", parent, "--json").stdout)
+    assert printed == report.to_dict() == json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    assert [lv["dimension"] is None for lv in printed["levels"]] == [False, True, False] and deepest.measured
 
 
 def test_levels_that_disagree_are_reported_apart_not_pooled():
@@ -242,13 +269,16 @@ def test_levels_that_disagree_are_reported_apart_not_pooled():
     disk, wider, noise = (fractal_dimension(m) for m in (disk_placed(256, 0.8), disk_placed(256, 0.5),
                                                           noise_mask(256, seed=1)))
     same = _pooled([(disk, 1.0, 0), (wider, 0.125, 1)])
-    assert abs(same["dimension"] - 1) < 0.02 and same["levels"] == [0, 1] and same["agreement_p"] > 0.05
+    assert abs(same.dimension - 1) < 0.02 and same.levels == (0, 1) and same.agreement_p > 0.05
+    assert same.outcome == "pooled" and not same.disagree and same.to_dict()["error"] is None
     apart = _pooled([(disk, 1.0, 0), (noise, 0.125, 1)])
-    assert apart["dimension"] is None and apart["disagree"] and apart["agreement_p"] < 0.05
-    assert f"level 0: {disk.dimension:.3f}" in apart["error"] and f"level 1: {noise.dimension:.3f}" in apart["error"]
+    assert apart.dimension is None and apart.disagree and apart.agreement_p < 0.05
+    assert f"level 0: {disk.dimension:.3f}" in apart.error and f"level 1: {noise.dimension:.3f}" in apart.error
+    assert list(apart.to_dict()) == ["dimension", "disagree", "agreement_p", "birge_ratio", "levels",
+                                     "too_small_levels", "error"] and apart.to_dict()["disagree"] is True
     small = fractal_dimension(disk_placed(32, 0.8))
     mixed = _pooled([(disk, 1.0, 0), (small, 0.125, 1)])  # a too-small level is left out of the pool
-    assert mixed["levels"] == [0] and mixed["too_small_levels"] == [1]
+    assert mixed.levels == (0,) and mixed.too_small_levels == (1,)
 
 
 def test_rerun_resumes_an_interrupted_child_and_then_trains_nothing(tmp_path):
@@ -387,21 +417,21 @@ def test_zoom_end_to_end_on_the_tiny_model(model_cache, tmp_path):
     assert zoom_local(parent, Counting(cfg, RunSettings()), depth=2) == dirs
     assert Counting.cells == 0 and [finished_at(d) for d in (parent, *dirs)] == stamps
     report = dimension_report(parent)
-    assert len(report["levels"]) == 3
-    for lv, d in zip(report["levels"], (parent, *dirs), strict=True):  # 6x6: box sizes 1..4, or a refusal
-        assert lv["dir"] == str(d)
-        if lv["dimension"] is None:
-            assert lv["error"]
+    assert len(report.levels) == 3
+    for lv, d in zip(report.levels, (parent, *dirs), strict=True):  # 6x6: box sizes 1..4, or a refusal
+        assert lv.folder == d
+        if lv.dimension is None:
+            assert lv.error
         else:  # each level counted its own folder's boundary
-            assert math.isfinite(lv["dimension"]) and lv["box_sizes"][0] == 1
-            assert lv["box_counts"][0] == pytest.approx(boundary_pixels(d))
-    measured = [lv["level"] for lv in report["levels"] if lv["dimension"] is not None]
-    assert measured[:1] == [0]  # the parent has both classes
-    pooled = report["pooled"]
-    if pooled["dimension"] is None:
-        assert pooled["error"]
+            assert math.isfinite(lv.dimension) and lv.box_sizes[0] == 1
+            assert lv.box_counts[0] == pytest.approx(boundary_pixels(d))
+    measured = tuple(lv.level for lv in report.levels if lv.dimension is not None)
+    assert measured[:1] == (0,)  # the parent has both classes
+    pooled = report.pooled
+    if pooled.dimension is None:
+        assert pooled.error
     else:  # pooled over exactly the measured levels
-        assert math.isfinite(pooled["dimension"]) and pooled["levels"] == measured
+        assert math.isfinite(pooled.dimension) and pooled.levels == measured
     with Image.open(animate(parent, tmp_path / "zoom.gif")) as im:
         assert im.n_frames == animate_mod.frame_count(3)
 
@@ -444,8 +474,8 @@ def test_cells_trained_after_a_classify_follow_its_criterion(model_cache, tmp_pa
 
     with StudyStore.open(child) as store:  # a level classified on its own is not pooled with the others
         reclassify(store, "threshold", converged_below=3.0)
-    level = dimension_report(parent)["levels"][1]
-    assert level["dimension"] is None and "classified by" in level["error"]
+    level = dimension_report(parent).levels[1]
+    assert level.dimension is None and "classified by" in level.error
 
 
 def test_a_study_with_results_keeps_its_criterion_and_a_failed_classify_changes_nothing(model_cache, tmp_path):

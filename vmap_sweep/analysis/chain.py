@@ -8,22 +8,23 @@ absolute (zooming from a level-1 study makes level-2 children).
 newest child at each level). Both walk the tree the same way: every recorded child must hold a study, no
 child leads back to a folder already visited, and no chain is deeper than ``_MAX_LEVELS`` (a loop in a
 hand-edited database, never a zoom). ``dimension_report`` measures the boundary's box-counting dimension
-at each level of a chain and pooled over the levels.
+at each level of a chain and pooled over the levels: a ``ChainDimensions`` of one ``LevelDimension`` per
+level and a ``PooledDimension``, whose ``to_dict`` is the JSON `zoom-dimension --json` prints.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from vmap_sweep.analysis.classify import study_classes
-from vmap_sweep.analysis.fractal import AGREE_P, fractal_dimension, pooled_dimension
+from vmap_sweep.analysis.fractal import AGREE_P, FractalResult, fractal_dimension, pooled_dimension
 from vmap_sweep.analysis.jsonsafe import json_safe
 from vmap_sweep.analysis.view import StudyView, stored_config
 from vmap_sweep.analysis.window import Window, axis_window, cell_coords, pick_window
@@ -138,6 +139,122 @@ def zoom_levels(parent_dir: str | os.PathLike) -> list[tuple[int, Path, Window]]
     return chain + [(int(c.level), folder, c.window) for folder, c in rest]
 
 
+# ----------------------------------------------------------------------------- results
+
+# The keys of a measured level after its place (level, dir, window, scales, resolution), in the order
+# `zoom-dimension --json` writes them.
+_MEASURED_KEYS = ("dimension", "stderr", "ci_low", "ci_high", "fit_range", "octaves", "warnings", "box_sizes",
+             "box_counts", "too_small", "error")
+
+
+@dataclass(frozen=True)
+class LevelDimension:
+    """One zoom level's box-counting dimension, or why it has none (``error``).
+
+    ``scale``: one of its cells in cells of the top level (geometric mean of ``scale_x`` and ``scale_y``,
+    in log units on log axes); auto windows give ``fraction ** level``. A level too small a map for a
+    number keeps the numbers it counted, with ``too_small`` saying why they are not a dimension, as
+    `fractal` does. Numbers that are not finite (a stderr from two box sizes) are None, as JSON writes them.
+    """
+
+    level: int
+    folder: Path
+    window: Window  # the level's own range in real units
+    scale: float
+    scale_x: float
+    scale_y: float
+    resolution: tuple[int, int]  # (ny, nx)
+    dimension: float | None = None  # None where the level can't be measured
+    stderr: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    fit_range: tuple[int, int] | None = None  # smallest and largest box size of any fit window, in its own cells
+    octaves: float | None = None
+    warnings: tuple[str, ...] = ()
+    box_sizes: tuple[int, ...] = ()
+    box_counts: tuple[float, ...] = ()
+    too_small: str | None = None  # why the map is too small for a number, else None
+    error: str | None = None  # why the level can't be measured (one class only, unfinished, another criterion)
+
+    @property
+    def measured(self) -> bool:
+        """Box-counted: its numbers are set (though ``too_small`` may say they make no dimension)."""
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The level as `zoom-dimension --json` writes it: one that can't be measured has only its place,
+        ``dimension: null`` and the error."""
+        place = {"level": self.level, "dir": str(self.folder), "window": self.window, "scale": self.scale,
+                 "scale_x": self.scale_x, "scale_y": self.scale_y, "resolution": self.resolution}
+        if not self.measured:
+            return json_safe({**place, "dimension": None, "error": self.error})
+        return json_safe({**place, **{name: getattr(self, name) for name in _MEASURED_KEYS}})
+
+
+PoolOutcome = Literal["pooled", "levels_disagree", "all_too_small", "none_measured", "fit_refused"]
+
+# The keys `zoom-dimension --json` writes for each outcome, in order: a pooled number with its fit, levels
+# that disagree with their test, otherwise only why there is no number.
+_POOLED_KEYS: dict[PoolOutcome, tuple[str, ...]] = {
+    "pooled": ("dimension", "stderr", "ci_low", "ci_high", "n_points", "size_range", "level_slopes",
+               "level_stderrs", "birge_ratio", "levels", "method", "agreement_p", "too_small_levels", "error"),
+    "levels_disagree": ("dimension", "disagree", "agreement_p", "birge_ratio", "levels", "too_small_levels",
+                        "error"),
+    "all_too_small": ("dimension", "too_small_levels", "error"),
+    "none_measured": ("dimension", "error"),
+    "fit_refused": ("dimension", "error"),
+}
+
+
+@dataclass(frozen=True)
+class PooledDimension:
+    """The dimension pooled over a chain's measured levels (analysis.fractal.pooled_dimension), or, with
+    ``dimension`` None, why there is none: ``outcome`` names the case and ``error`` says it to a reader.
+    Numbers that are not finite are None."""
+
+    outcome: PoolOutcome
+    dimension: float | None = None
+    error: str | None = None
+    stderr: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    n_points: int | None = None  # box sizes fitted over all levels
+    size_range: tuple[float, float] | None = None  # smallest and largest box used, in top-level cells
+    level_slopes: tuple[float, ...] = ()  # each pooled level's own dimension
+    level_stderrs: tuple[float, ...] = ()
+    birge_ratio: float | None = None
+    levels: tuple[int, ...] = ()  # the levels pooled, or compared where they disagree
+    method: str | None = None
+    agreement_p: float | None = None  # chi^2 test of one shared dimension; below AGREE_P they disagree
+    too_small_levels: tuple[int, ...] = ()  # measured, but too small a map to pool
+
+    @property
+    def disagree(self) -> bool:
+        """The levels' dimensions differ beyond their errors, so they are reported apart."""
+        return self.outcome == "levels_disagree"
+
+    def to_dict(self) -> dict[str, Any]:
+        """As `zoom-dimension --json` writes it: only the keys of its outcome."""
+        return json_safe({name: getattr(self, name) for name in _POOLED_KEYS[self.outcome]})
+
+
+@dataclass(frozen=True)
+class ChainDimensions:
+    """The box-counting dimension of each level of a zoom chain, top first, and pooled over the levels."""
+
+    levels: tuple[LevelDimension, ...]
+    pooled: PooledDimension
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object `zoom-dimension --json` prints."""
+        return {"levels": [lv.to_dict() for lv in self.levels], "pooled": self.pooled.to_dict()}
+
+
+def _json_tuple(values) -> tuple:
+    """A sequence (numpy array, tuple) as a tuple of JSON values: Python numbers, non-finite floats None."""
+    return tuple(json_safe(list(values)))
+
+
 # ----------------------------------------------------------------------------- dimension per level
 
 
@@ -148,57 +265,58 @@ def _axis_span(axis: AxisSpec, n: int) -> float:
     return (axis.hi - axis.lo) / (n - 1)
 
 
-def _measure_level(view: StudyView, entry: dict[str, Any], top_criterion: dict, top_level: int):
-    """Box-count one level into ``entry`` (dimension, CI, counts; or dimension None and the error).
-    Returns the FractalResult, or None where the level can't be measured."""
-    try:
-        if view.criterion != top_criterion:  # other classes draw another boundary
-            raise ConfigError(f"classified by {view.criterion}, level {top_level} by {top_criterion}; "
-                              "run `vmap-sweep classify` on the top study (its zoom studies follow)")
-        box = fractal_dimension(study_classes(view))
-    except VmapSweepError as e:
-        entry.update(dimension=None, error=str(e))
-        return None
-    entry.update(dimension=box.dimension, stderr=box.stderr, ci_low=box.ci_low, ci_high=box.ci_high,
-                 fit_range=list(box.fit_range), octaves=box.octaves, warnings=list(box.warnings),
-                 box_sizes=box.box_sizes, box_counts=box.box_counts, too_small=box.too_small, error=None)
-    return box
+def _box_count(view: StudyView, top_criterion: dict, top_level: int) -> FractalResult:
+    """Box-count one level; a VmapSweepError says why it can't be measured."""
+    if view.criterion != top_criterion:  # other classes draw another boundary
+        raise ConfigError(f"classified by {view.criterion}, level {top_level} by {top_criterion}; "
+                          "run `vmap-sweep classify` on the top study (its zoom studies follow)")
+    return fractal_dimension(study_classes(view))
 
 
-def pool_small_reason(levels: list[int]) -> str:
+def _with_box(place: LevelDimension, box: FractalResult) -> LevelDimension:
+    """``place`` with the numbers box counting gave it."""
+    return replace(place, dimension=json_safe(box.dimension), stderr=json_safe(box.stderr),
+                   ci_low=json_safe(box.ci_low), ci_high=json_safe(box.ci_high),
+                   fit_range=_json_tuple(box.fit_range), octaves=json_safe(box.octaves),
+                   warnings=tuple(box.warnings), box_sizes=_json_tuple(box.box_sizes),
+                   box_counts=_json_tuple(box.box_counts), too_small=box.too_small, error=None)
+
+
+def pool_small_reason(levels: Sequence[int]) -> str:
     names = ", ".join(str(v) for v in levels)
     return f"level{'s' if len(levels) > 1 else ''} {names}"
 
 
-def _pooled(pool: list[tuple[Any, float, int]]) -> dict[str, Any]:
+def _pooled(pool: list[tuple[FractalResult, float, int]]) -> PooledDimension:
     """The fixed-effects dimension over the measured levels ``(box, scale, level)`` that are large enough to
-    measure, JSON-ready; levels whose dimensions disagree (chi^2 test, p < AGREE_P) are not pooled."""
+    measure; levels whose dimensions disagree (chi^2 test, p < AGREE_P) are not pooled."""
     if not pool:
-        return {"dimension": None, "error": "no level could be measured; see each level's error"}
-    small = [lv for box, _, lv in pool if box.too_small is not None]
+        return PooledDimension("none_measured", error="no level could be measured; see each level's error")
+    small = tuple(lv for box, _, lv in pool if box.too_small is not None)
     pool = [item for item in pool if item[0].too_small is None]
     if not pool:
-        return {"dimension": None, "too_small_levels": small,
-                "error": f"every level is too small a map to measure a dimension ({pool_small_reason(small)}); "
-                         "sweep 128x128 or more per level"}
+        return PooledDimension("all_too_small", too_small_levels=small,
+                               error=f"every level is too small a map to measure a dimension "
+                                     f"({pool_small_reason(small)}); sweep 128x128 or more per level")
     try:
         p = pooled_dimension([(box, scale) for box, scale, _ in pool])
     except VmapSweepError as e:
-        return {"dimension": None, "error": str(e)}
+        return PooledDimension("fit_refused", error=str(e))
+    levels = tuple(lv for _, _, lv in pool)
     if len(pool) > 1 and p.agreement_p < AGREE_P:
         apart = ", ".join(f"level {lv}: {box.dimension:.3f} [{box.ci_low:.3f}, {box.ci_high:.3f}]"
                           for box, _, lv in pool)
-        return {"dimension": None, "disagree": True, "agreement_p": p.agreement_p, "birge_ratio": p.birge_ratio,
-                "levels": [lv for _, _, lv in pool], "too_small_levels": small,
-                "error": f"the levels disagree (chi-squared test of one shared dimension: p = {p.agreement_p:.2g}), "
-                         f"so they are reported apart, not pooled: {apart}; the dimension changes with the scale "
-                         "or the grid"}
-    pooled = {"dimension": p.dimension, "stderr": p.stderr, "ci_low": p.ci_low, "ci_high": p.ci_high,
-              "n_points": p.n_points, "size_range": list(p.size_range), "level_slopes": p.level_slopes,
-              "level_stderrs": p.level_stderrs, "birge_ratio": p.birge_ratio,
-              "levels": [lv for _, _, lv in pool], "method": p.method, "agreement_p": p.agreement_p,
-              "too_small_levels": small, "error": None}
-    return {k: json_safe(v) for k, v in pooled.items()}
+        return PooledDimension(
+            "levels_disagree", agreement_p=json_safe(p.agreement_p), birge_ratio=json_safe(p.birge_ratio),
+            levels=levels, too_small_levels=small,
+            error=f"the levels disagree (chi-squared test of one shared dimension: p = {p.agreement_p:.2g}), so "
+                  f"they are reported apart, not pooled: {apart}; the dimension changes with the scale or the grid")
+    return PooledDimension(
+        "pooled", dimension=json_safe(p.dimension), stderr=json_safe(p.stderr), ci_low=json_safe(p.ci_low),
+        ci_high=json_safe(p.ci_high), n_points=json_safe(p.n_points), size_range=_json_tuple(p.size_range),
+        level_slopes=_json_tuple(p.level_slopes), level_stderrs=_json_tuple(p.level_stderrs),
+        birge_ratio=json_safe(p.birge_ratio), levels=levels, method=p.method,
+        agreement_p=json_safe(p.agreement_p), too_small_levels=small)
 
 
 @dataclass
@@ -215,31 +333,32 @@ def load_zoom_chain(parent_dir: str | os.PathLike) -> list[ZoomLevel]:
     return [ZoomLevel(level, folder, win, StudyView.load(folder)) for level, folder, win in zoom_levels(parent_dir)]
 
 
-def dimension_report(parent_dir: str | os.PathLike) -> dict:
+def dimension_report(parent_dir: str | os.PathLike) -> ChainDimensions:
     """``chain_dimensions`` of the zoom chain below ``parent_dir``."""
     return chain_dimensions(load_zoom_chain(parent_dir))
 
 
-def chain_dimensions(chain: list[ZoomLevel]) -> dict:
-    """Box-counting dimension of each zoom level and pooled over the levels, as a JSON-ready dict.
+def chain_dimensions(chain: list[ZoomLevel]) -> ChainDimensions:
+    """Box-counting dimension of each zoom level and pooled over the levels.
 
-    ``scale`` of a level: one of its cells in cells of the top level (geometric mean of the x and y
-    ratios, in log units on log axes); auto windows give ``fraction ** level``. A level that can't be
-    measured (one class only, unfinished, too small, classified by another criterion than the top) has
-    ``dimension: null`` and an ``error``; it is left out of the pooled fit. Non-finite numbers (e.g. a
-    stderr from two box sizes) are written as null.
+    A level that can't be measured (one class only, unfinished, too small, classified by another criterion
+    than the top) has no dimension and an error; it is left out of the pooled fit.
     """
     top = chain[0].view
-    levels: list[dict] = []
+    levels: list[LevelDimension] = []
     pool = []
     for z in chain:
         view = z.view
-        entry: dict[str, Any] = {"level": z.level, "dir": str(z.folder), "window": list(z.window)}
         sx = _axis_span(view.x, view.nx) / _axis_span(top.x, top.nx)
         sy = _axis_span(view.y, view.ny) / _axis_span(top.y, top.ny)
-        entry.update(scale=math.sqrt(sx * sy), scale_x=sx, scale_y=sy, resolution=[view.ny, view.nx])
-        box = _measure_level(view, entry, top.criterion, chain[0].level)
-        if box is not None:
-            pool.append((box, entry["scale"], z.level))
-        levels.append({k: json_safe(v) for k, v in entry.items()})
-    return {"levels": levels, "pooled": _pooled(pool)}
+        scale = math.sqrt(sx * sy)
+        place = LevelDimension(z.level, z.folder, _json_tuple(z.window), json_safe(scale), json_safe(sx),
+                               json_safe(sy), _json_tuple((view.ny, view.nx)))
+        try:
+            box = _box_count(view, top.criterion, chain[0].level)
+        except VmapSweepError as e:
+            levels.append(replace(place, error=str(e)))
+            continue
+        pool.append((box, scale, z.level))
+        levels.append(_with_box(place, box))
+    return ChainDimensions(tuple(levels), _pooled(pool))

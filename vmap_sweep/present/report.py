@@ -18,10 +18,10 @@ import html
 import math
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, is_dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,6 +38,9 @@ from vmap_sweep.store import extras
 from vmap_sweep.store.db import StudyStore, check_output
 from vmap_sweep.study.config import tokens_per_step
 from vmap_sweep.study.criterion import DISPLAY
+
+if TYPE_CHECKING:
+    from vmap_sweep.analysis.chain import ChainDimensions
 
 FORMATS = ("md", "html")
 MAX_TABLE_ROWS = 16  # per-size rules rows shown in the report (a 128-row table does not belong in a draft)
@@ -322,55 +325,48 @@ def _zoom_section(doc: _Doc, store: StudyStore, study_dir: Path, tmp: Path) -> N
     except VmapSweepError as e:
         doc.p(f"Zoom levels not measurable: {e}")
         return
-    rep = _plain(rep)
     n = len(children)
     doc.p(f"The study has {n} zoom window{'s' if n != 1 else ''}: each zoom re-sweeps a window of its parent's "
           "boundary at the same resolution. The box-counting dimension per level, and pooled over the levels "
           "(levels weighted by their uncertainties), is:")
-    if isinstance(rep, Mapping) and isinstance(rep.get("levels"), list) and isinstance(rep.get("pooled"), Mapping):
-        _zoom_tables(doc, rep, tmp)
-    else:  # a shape this report does not know: show it plainly rather than not at all
-        _render_any(doc, rep, depth=0)
+    _zoom_tables(doc, rep, tmp)
 
 
-def _zoom_tables(doc: _Doc, rep: Mapping[str, Any], tmp: Path) -> None:
-    """dimension_report's {"levels": [...], "pooled": {...}}: a table, a sentence, a plot."""
+def _zoom_tables(doc: _Doc, rep: ChainDimensions, tmp: Path) -> None:
+    """The levels' dimensions as a table, the pooled one as a sentence, the box counts as a plot."""
     from vmap_sweep.present.plots import plot_zoom_box_counts
 
     rows = []
-    for lv in rep["levels"]:
-        win = lv.get("window") or []
-        where = "—"
-        if len(win) == 4:
-            where = f"{format_count(win[0])}–{format_count(win[1])} × {format_count(win[2])}–{format_count(win[3])}"
-        fr = lv.get("fit_range")
-        if lv.get("too_small"):  # no number for a map too small to measure, as `fractal` prints none
-            rows.append([lv.get("level"), where, _fmt(lv.get("scale"), ".3g"), "—", "—", "—",
-                         f"{fr[0]}–{fr[1]}" if fr else "—", lv["too_small"]])
+    for lv in rep.levels:
+        x0, x1, y0, y1 = lv.window
+        where = f"{format_count(x0)}–{format_count(x1)} × {format_count(y0)}–{format_count(y1)}"
+        fr = lv.fit_range
+        if lv.too_small:  # no number for a map too small to measure, as `fractal` prints none
+            rows.append([lv.level, where, _fmt(lv.scale, ".3g"), "—", "—", "—",
+                         f"{fr[0]}–{fr[1]}" if fr else "—", lv.too_small])
             continue
-        rows.append([lv.get("level"), where, _fmt(lv.get("scale"), ".3g"), _fmt(lv.get("dimension")),
-                     _fmt(lv.get("stderr")), format_ci(_f(lv.get("ci_low")), _f(lv.get("ci_high"))),
-                     f"{fr[0]}–{fr[1]}" if fr else "—", lv.get("error") or ""])
+        rows.append([lv.level, where, _fmt(lv.scale, ".3g"), _fmt(lv.dimension), _fmt(lv.stderr),
+                     format_ci(lv.ci_low, lv.ci_high), f"{fr[0]}–{fr[1]}" if fr else "—", lv.error or ""])
     doc.table(["level", "window (x × y)", "cell scale", "D", "stderr", "95% CI", "fit range", "note"], rows)
-    pooled = rep["pooled"]
-    if pooled.get("dimension") is None:
-        doc.p(f"Pooled dimension: not measurable ({pooled.get('error')}).")
+    pooled = rep.pooled
+    if pooled.dimension is None:
+        doc.p(f"Pooled dimension: not measurable ({pooled.error}).")
     else:
-        sr = pooled.get("size_range") or [math.nan, math.nan]
-        doc.p(f"Pooled over levels {', '.join(str(v) for v in pooled.get('levels') or [])}: "
-              f"D = {_fmt(pooled['dimension'])} ± {_fmt(pooled.get('stderr'))}, 95% CI "
-              f"{format_ci(_f(pooled.get('ci_low')), _f(pooled.get('ci_high')))}, {pooled.get('n_points')} box counts "
-              f"spanning box sizes {_fmt(_f(sr[0]), '.3g')}–{_fmt(_f(sr[1]), '.3g')} top-level cells.")
-    curves = [lv for lv in rep["levels"] if lv.get("box_sizes") and lv.get("box_counts") and lv.get("scale")]
+        sr = pooled.size_range or (math.nan, math.nan)
+        doc.p(f"Pooled over levels {', '.join(str(v) for v in pooled.levels)}: "
+              f"D = {_fmt(pooled.dimension)} ± {_fmt(pooled.stderr)}, 95% CI "
+              f"{format_ci(pooled.ci_low, pooled.ci_high)}, {pooled.n_points} box counts "
+              f"spanning box sizes {_fmt(sr[0], '.3g')}–{_fmt(sr[1], '.3g')} top-level cells.")
+    curves = [lv for lv in rep.levels if lv.box_sizes and lv.box_counts and lv.scale]
     if curves:
         path = plot_zoom_box_counts(
-            [(f"level {lv.get('level')}: D = {_fmt(lv.get('dimension'))}",
-              np.asarray(lv["box_sizes"], dtype=float) * float(lv["scale"]), lv["box_counts"]) for lv in curves],
+            [(f"level {lv.level}: D = {_fmt(lv.dimension)}", np.asarray(lv.box_sizes, dtype=float) * lv.scale,
+              lv.box_counts) for lv in curves],
             tmp / "zoom_box_counting.png")
         doc.figure("zoom_box_counting", path,
                    "Box counts of the boundary at each zoom level against box size in top-level cells (log-log): "
                    "deeper levels extend the curve to smaller scales; a common slope means one dimension "
-                   f"across scales (pooled D = {_fmt(_f(pooled.get('dimension')))}).")
+                   f"across scales (pooled D = {_fmt(pooled.dimension)}).")
 
 
 def _rules_section(doc: _Doc, study: StudyView, tmp: Path):
@@ -484,51 +480,6 @@ def _ood_section(doc: _Doc, ood: Any, tmp: Path, criterion: dict | None = None) 
 
 def _f(v: Any) -> float | None:
     return None if v is None else float(v)
-
-
-def _plain(obj: Any) -> Any:
-    if hasattr(obj, "to_dict") and callable(obj.to_dict):
-        return obj.to_dict()
-    if is_dataclass(obj) and not isinstance(obj, type):
-        return asdict(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return obj
-
-
-def _render_any(doc: _Doc, obj: Any, depth: int) -> None:
-    """A result of unknown shape (the zoom report): scalars as a table, lists of records as tables,
-    nested mappings as sub-sections."""
-    obj = _plain(obj)
-    if not isinstance(obj, Mapping):
-        doc.p(_cell(obj))
-        return
-    scalars, records, nested = [], [], []
-    for k, v in obj.items():
-        v = _plain(v)
-        if isinstance(v, Mapping):
-            nested.append((k, v))
-        elif isinstance(v, list | tuple) and v and all(isinstance(_plain(x), Mapping) for x in v):
-            records.append((k, [_plain(x) for x in v]))
-        elif isinstance(v, list | tuple) and len(v) > 24:
-            scalars.append((k, f"{len(v)} values"))
-        else:
-            scalars.append((k, v))
-    if scalars:
-        doc.table(["quantity", "value"], scalars)
-    for k, recs in records:
-        cols: list[str] = []
-        for rec in recs:
-            cols += [c for c, v in rec.items() if c not in cols and not isinstance(_plain(v), Mapping)
-                     and not (isinstance(v, list | tuple) and len(v) > 24)]
-        doc.p(f"{k}:")
-        doc.table(cols, [[rec.get(c) for c in cols] for rec in recs])
-    for k, v in nested:
-        if depth >= 2:
-            doc.table(["quantity", "value"], [(f"{k}.{kk}", vv) for kk, vv in v.items()])
-        else:
-            doc.h(str(k), level=min(4, 3 + depth))
-            _render_any(doc, v, depth + 1)
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -20,6 +20,7 @@ from vmap_sweep.present.prose import (
 )
 
 if TYPE_CHECKING:
+    from vmap_sweep.analysis.chain import ChainDimensions
     from vmap_sweep.analysis.compare import CompareResult
     from vmap_sweep.analysis.early_warning import WarningResult
     from vmap_sweep.analysis.rules import RulesResult
@@ -85,38 +86,38 @@ def fractal_lines(report: dict) -> list[Text]:
     return [_prose(line) for line in lines]
 
 
-def zoom_dimension_lines(report: dict) -> list[str]:
+def zoom_dimension_lines(report: ChainDimensions) -> list[str]:
     """One line per zoom level, then the dimension pooled over all levels; a study with no zoom below it says
     so and how to make one, rather than 'pooling' its one level."""
     lines = []
-    for level in report["levels"]:
-        if level.get("dimension") is None:
-            lines.append(f"level {level['level']}: not measurable ({level.get('error')})")
-        elif level.get("too_small"):
-            lines.append(f"level {level['level']}: no dimension, {level['too_small']}; cell scale {level['scale']:.3g}")
+    for level in report.levels:
+        if level.dimension is None:
+            lines.append(f"level {level.level}: not measurable ({level.error})")
+        elif level.too_small:
+            lines.append(f"level {level.level}: no dimension, {level.too_small}; cell scale {level.scale:.3g}")
         else:
-            grid = "×".join(str(v) for v in level.get("resolution") or [])
-            lines.append(f"level {level['level']}: D = {_num(level['dimension'])}, 95% CI [{_num(level['ci_low'])}, "
-                         f"{_num(level['ci_high'])}] at {grid} over {level['octaves']:.1f} octaves, cell scale "
-                         f"{level['scale']:.3g}" + "".join(f"; warning: {w}" for w in level.get("warnings") or []))
-    if len(report["levels"]) < 2:
-        top = report["levels"][0]["dir"] if report["levels"] else "DIR"
+            grid = "×".join(str(v) for v in level.resolution)
+            lines.append(f"level {level.level}: D = {_num(level.dimension)}, 95% CI [{_num(level.ci_low)}, "
+                         f"{_num(level.ci_high)}] at {grid} over {level.octaves:.1f} octaves, cell scale "
+                         f"{level.scale:.3g}" + "".join(f"; warning: {w}" for w in level.warnings))
+    if len(report.levels) < 2:
+        top = report.levels[0].folder if report.levels else "DIR"
         lines.append(f"no zoom level below this study, so there is nothing to pool over: `vmap-sweep zoom {top} "
                      "--auto` re-sweeps a window of the boundary at the same resolution, then zoom-dimension "
                      "measures each level and their pooled dimension")
         return lines
-    pooled = report["pooled"]
-    if pooled.get("disagree"):
-        lines.append(f"not pooled: {pooled.get('error')}")
-    elif pooled.get("dimension") is None:
-        lines.append(f"pooled: not measurable ({pooled.get('error')})")
-    elif pooled.get("stderr") is None or pooled.get("ci_low") is None:
-        lines.append(f"pooled over levels {', '.join(str(v) for v in pooled.get('levels') or [])}: "
-                     f"D = {_num(pooled['dimension'])}, no CI (too few box counts for a standard error)")
+    pooled = report.pooled
+    if pooled.disagree:
+        lines.append(f"not pooled: {pooled.error}")
+    elif pooled.dimension is None:
+        lines.append(f"pooled: not measurable ({pooled.error})")
+    elif pooled.stderr is None or pooled.ci_low is None:
+        lines.append(f"pooled over levels {', '.join(str(v) for v in pooled.levels)}: "
+                     f"D = {_num(pooled.dimension)}, no CI (too few box counts for a standard error)")
     else:  # analysis.fractal.pooled_dimension: inverse-variance mean of the levels, CI = ± 1.96 pooled stderr
-        lines.append(f"pooled over levels {', '.join(str(v) for v in pooled.get('levels') or [])}: "
-                     f"D = {_num(pooled['dimension'])}, 95% CI [{_num(pooled['ci_low'])}, {_num(pooled['ci_high'])}] "
-                     f"(± 1.96 × the pooled standard uncertainty {_num(pooled['stderr'])}: levels weighted by "
+        lines.append(f"pooled over levels {', '.join(str(v) for v in pooled.levels)}: "
+                     f"D = {_num(pooled.dimension)}, 95% CI [{_num(pooled.ci_low)}, {_num(pooled.ci_high)}] "
+                     f"(± 1.96 × the pooled standard uncertainty {_num(pooled.stderr)}: levels weighted by "
                      "their own, never below the best level's)")
     return lines
 
