@@ -144,7 +144,7 @@ def zoom_levels(parent_dir: str | os.PathLike) -> list[tuple[int, Path, Window]]
 # The keys of a measured level after its place (level, dir, window, scales, resolution), in the order
 # `zoom-dimension --json` writes them.
 _MEASURED_KEYS = ("dimension", "stderr", "ci_low", "ci_high", "fit_range", "octaves", "warnings", "box_sizes",
-             "box_counts", "too_small", "error")
+                  "box_counts", "too_small", "error")
 
 
 @dataclass(frozen=True)
