@@ -384,6 +384,9 @@ def test_a_removed_level_is_named_gone_and_a_begun_one_unfinished(studies, tmp_p
     shutil.copytree(level_dir(studies[0] / "coarse", 2), level_dir(top, 2))
     status = cli("status", str(top))
     assert "begun, not finished" in status.output
+    # a level recorded before its off-boundary cells were counted apart has them by the count's identity
+    older = {k: v for k, v in studies[2][1].items() if k != "off_boundary"}
+    assert refine_lines(top, [older])[0] == refine_lines(top, [studies[2][1]])[0]
     # after a refine, the levels it found finished are said to be so, beside their cost of then
     lines = refine_lines(top, studies[2], earlier={1})
     assert lines[0].startswith("level 1 (done earlier): 9×9") and lines[1].startswith("level 2: 17×17")

@@ -316,9 +316,12 @@ def _level_cost(e: dict) -> str:
     traced = e.get("traced")
     rounds = (f" (with {sum(traced):,} traced along the boundary in {len(traced)} "
               f"round{'s' if len(traced) != 1 else ''})") if traced else ""
-    # a target that repeats the experiment of a cell off the boundary has that cell trained (its result is copied)
-    off = (f", {n(e['off_boundary'])} of them off the boundary: the experiment a boundary cell repeats"
-           if e.get("off_boundary") else "")
+    # a target that repeats the experiment of a cell off the boundary has that cell trained (its result is copied);
+    # a level recorded before that was counted apart has it by the count's identity
+    off = e.get("off_boundary")
+    if off is None and not traced and None not in (e.get("trained"), e.get("repeats"), e.get("targets")):
+        off = e["trained"] + e["repeats"] - e["targets"]
+    off = f" ({n(off)} of them off the boundary, as the experiment a boundary cell repeats)" if off else ""
     return (f"{e['nx']}×{e['ny']}: {n(e['targets'])} of {n(e['new_cells'])} new cells on the boundary, "
             f"{n(e['trained'])} trained{off}{rounds}{repeats}; {inferred}; {n(e['trunks'])} trunks, "
             f"{n(e['model_steps'])} model-steps" + (f", {duration(seconds)}" if seconds is not None else ""))
