@@ -348,6 +348,74 @@ def test_classify_keeps_the_criterion_a_study_was_refined_under(studies, tmp_pat
     assert refused.exit_code == 2 and "`--criterion ratio`" in refused.output
 
 
+def test_neither_a_level_nor_the_study_db_s_path_gets_round_the_criterion(studies, tmp_path):
+    from helpers import snapshot
+
+    top = _refined_copy(studies, tmp_path)
+    before = snapshot(top)
+    level = cli("classify", str(level_dir(top, 2)), "--criterion", "last20")
+    assert level.exit_code == 2 and "is not classified on its own" in level.output, level.output
+    by_file = cli("classify", str(top / "study.db"), "--criterion", "last20")
+    assert by_file.exit_code == 2 and "was refined under `--criterion ratio`" in by_file.output, by_file.output
+    plan = cli("refine", str(top / "study.db"), "--levels", "2", "--dry-run")
+    assert plan.exit_code == 0 and "level 2 (done)" in plan.output, plan.output
+    assert snapshot(top) == before
+
+
+def test_a_study_copied_without_its_levels_is_classified_as_a_plain_study(studies, tmp_path):
+    import shutil
+
+    top = _refined_copy(studies, tmp_path)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(top / "study.db", copy / "study.db")
+    assert cli("classify", str(copy), "--criterion", "last20").exit_code == 0
+    assert "refine level" not in cli("status", str(copy)).output
+    assert "refined study" not in cli("fractal", str(copy)).output
+    assert cli("classify", str(top), "--criterion", "last20").exit_code == 2  # the levels are still beside it
+
+
+def test_a_level_killed_while_its_database_was_made_is_made_again(studies, tmp_path):
+    import shutil
+    import sqlite3
+
+    top = _refined_copy(studies, tmp_path)
+    shutil.rmtree(level_dir(top, 2))
+    level_dir(top, 2).mkdir()
+    sqlite3.connect(level_dir(top, 2) / "study.db").execute("PRAGMA journal_mode=WAL").fetchall()  # no schema
+    assert "begun" not in cli("status", str(top)).output
+    plan = cli("refine", str(top), "--levels", "2", "--dry-run")
+    assert plan.exit_code == 0 and "level 2 (exact): 17×17" in plan.output, plan.output
+    refused = cli("classify", str(top), "--criterion", "last20")  # level 1 is still there, and rules
+    assert refused.exit_code == 2 and "was refined under" in refused.output, refused.output
+
+
+def test_the_refusal_names_options_that_classify_takes_as_they_are():
+    from vmap_sweep.study.criterion import as_options, check
+
+    stored = check("threshold", converged_below=3.1415926, not_converged_above=10.0000001)
+    text = as_options(stored)
+    assert text == "--criterion threshold --converged-below 3.1415926 --not-converged-above 10.0000001"
+    words = text.split()
+    assert check(words[1], converged_below=float(words[3]), not_converged_above=float(words[5])) == stored
+
+
+def test_a_refinement_trains_with_the_study_s_own_settings(studies, tmp_path):
+    top = _refined_copy(studies, tmp_path)
+    for dry in ([], ["--dry-run"]):
+        out = cli("refine", str(top), "--levels", "3", "--micro-batch-size", "1", *dry)
+        assert out.exit_code == 2 and "micro_batch_size: None -> 1" in out.output, out.output
+    assert not level_dir(top, 3).exists()
+
+
+def test_a_damaged_criterion_in_the_refine_record_is_named(studies, tmp_path):
+    top = _refined_copy(studies, tmp_path)
+    with StudyStore.open(top) as store:
+        store.put_extra(REFINE, {**store.get_extra(REFINE), "criterion": {"criterion": "bogus"}})
+    out = cli("classify", str(top))
+    assert out.exit_code == 2 and "refine record names the criterion" in out.output, out.output
+
+
 def test_a_dry_run_refuses_what_the_refinement_refuses(studies, tmp_path):
     from vmap_sweep.store import extras
 

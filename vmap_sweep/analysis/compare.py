@@ -170,12 +170,12 @@ def _classes(study: StudyView, criterion: str | None) -> tuple[np.ndarray, GridV
     """(converged grid, view, criterion name): as stored, or recomputed from the trajectories by `criterion`."""
     if criterion is None:
         return study_classes(study), study.grid, study.criterion_name
-    if study.inferred is not None and study.inferred.any():
-        raise ConfigError(f"{study.directory}: a refinement level's inferred cells have no trajectory to classify "
-                          "again; compare its stored classes (drop the --criterion option for it)")
     if criterion not in COMPARE_CRITERIA:
         raise ConfigError(f"criterion {criterion!r}: compare recomputes {' or '.join(COMPARE_CRITERIA)}; for "
                           "threshold, `vmap-sweep classify` the study first and compare its stored classes")
+    if study.inferred is not None and study.inferred.any():
+        raise ConfigError(f"{study.directory}: a refinement level's inferred cells have no trajectory to classify "
+                          "again; compare its stored classes (drop the --criterion option for it)")
     got = classify_rows(study.rows, criterion)
     labels = np.full((study.ny, study.nx), "", dtype="<U9")
     scores = np.full((study.ny, study.nx), np.nan)

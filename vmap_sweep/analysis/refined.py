@@ -17,7 +17,7 @@ from vmap_sweep.analysis.fractal import FractalResult, fractal_dimension
 from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.store import extras
-from vmap_sweep.store.db import DB_NAME, StudyStore
+from vmap_sweep.store.db import DB_NAME, StudyStore, holds_schema, study_dir
 from vmap_sweep.store.levels import MAX_LEVELS, REFINE, LevelMap, level_dir, level_info, study_map
 from vmap_sweep.study.criterion import as_options, is_stored_form
 
@@ -28,8 +28,9 @@ def refine_record(store: StudyStore) -> dict | None:
 
 
 def is_refined(source: Path) -> bool:
-    """A study folder with at least one finished refinement level."""
-    if not (Path(source) / DB_NAME).is_file():
+    """A study folder (or its study.db) with at least one finished refinement level."""
+    source = study_dir(source)
+    if not (source / DB_NAME).is_file():
         return False
     with StudyStore.open(source) as store:
         return refine_record(store) is not None
@@ -72,7 +73,7 @@ class RefinedMap:
 
 def refined_map(top: Path, level: int | None = None) -> RefinedMap:
     """The map of level `level` (default: the finest finished) of the refined study in `top`."""
-    top = Path(top)
+    top = study_dir(top)
     with StudyStore.open(top) as store:
         record = refine_record(store)
         criterion = extras.criterion(store)
@@ -90,7 +91,7 @@ def refined_map(top: Path, level: int | None = None) -> RefinedMap:
         raise ConfigError(f"{top}: level {want} is not refined (finished levels: "
                           f"{', '.join(map(str, finished))}); {adds}")
     folder = level_dir(top, want)
-    if not (folder / DB_NAME).is_file():
+    if not holds_schema(folder):
         raise ConfigError(f"{top}: level {want} was refined, but its folder {folder.name} is gone; "
                           f"`vmap-sweep refine {top} --levels {want}` trains it again")
     view = StudyView.load(folder)
@@ -117,7 +118,7 @@ def finest_view(top: Path) -> StudyView:
 
 def study_view(source: Path) -> StudyView:
     """A study as compare and zoom read it: a refined one at its finest level, any other as stored."""
-    return finest_view(Path(source)) if is_refined(Path(source)) else StudyView.load(source)
+    return finest_view(study_dir(source)) if is_refined(source) else StudyView.load(source)
 
 
 def tokens_note(refined: RefinedMap) -> str | None:

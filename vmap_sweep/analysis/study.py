@@ -10,12 +10,12 @@ import numpy as np
 from vmap_sweep.analysis.chain import zoom_tree
 from vmap_sweep.analysis.classify import classify_rows
 from vmap_sweep.analysis.fractal import FractalResult, fractal_dimension, uncertainty_exponent
-from vmap_sweep.analysis.refined import RefinementGain, is_refined, refined_fractal_measure
+from vmap_sweep.analysis.refined import RefinementGain, is_refined, refine_record, refined_fractal_measure
 from vmap_sweep.analysis.view import load_class_grid
 from vmap_sweep.errors import ConfigError
-from vmap_sweep.store.db import StudyStore
-from vmap_sweep.store.levels import levels_criterion
-from vmap_sweep.study.criterion import as_options, check, newer_form
+from vmap_sweep.store.db import StudyStore, study_dir
+from vmap_sweep.store.levels import REFINE, level_info, levels_criterion
+from vmap_sweep.study.criterion import DEFAULT, as_options, check, newer_form
 
 
 def reclassify(store: StudyStore, criterion: str = "ratio", **kw) -> dict[str, int]:
@@ -36,7 +36,8 @@ def reclassify_with_zooms(study: Path, criterion: str = "ratio", **kw) -> tuple[
     dimensions are pooled); returns the study's count per class and how many zoom studies followed. Every
     folder is found and opened before any is written: a missing one changes nothing."""
     checked = check(criterion, **kw)
-    _check_levels_follow(Path(study), checked)
+    study = study_dir(study)
+    _check_levels_follow(study, checked)
     folders = zoom_tree(study)
     counts = []
     for folder in folders:
@@ -47,9 +48,23 @@ def reclassify_with_zooms(study: Path, criterion: str = "ratio", **kw) -> tuple[
 
 def _check_levels_follow(study: Path, criterion: dict) -> None:
     """A refined study keeps the criterion its levels were refined under: their inferred cells took its classes,
-    and which cells were trained followed from them, so under another criterion the levels would not hold."""
+    and which cells were trained followed from them, so under another criterion the levels would not hold. A
+    level is not classified on its own, for the same reason. A study whose levels are not there (copied without
+    them) is a plain study again under another criterion: its record of them is dropped."""
+    with StudyStore.open(study) as store:
+        info = level_info(store)
+        record = refine_record(store)
+        if info is not None:
+            raise ConfigError(f"{study} is level {info.get('level')} of a refined study: its classes follow the "
+                              f"criterion that study was refined under, and it is not classified on its own "
+                              f"(`vmap-sweep classify {study.parent}` classifies the study)")
     levels = levels_criterion(study)
-    if levels is not None and newer_form(levels) != criterion:
+    if levels is None:
+        if record is not None and criterion != newer_form(record.get("criterion") or DEFAULT):
+            with StudyStore.open(study) as store:
+                store.put_extra(REFINE, {})
+        return
+    if newer_form(levels) != criterion:
         raise ConfigError(f"{study} was refined under `{as_options(levels)}`: its levels' inferred cells follow that "
                           f"criterion; classify it with those options, or copy the study folder without its "
                           f"refine-* folders to classify the copy (and refine it anew)")
@@ -82,9 +97,9 @@ def fractal_report(source: Path, kind: str = "trainability", level: int | None =
     """Box-counting dimension of one map's boundary (`kind`) with CI, fit range and counts, and the
     uncertainty-exponent estimate. A refined study's trainability map is measured on its finest level (or
     `level`), with level 0 beside it (analysis/refined.py)."""
-    refined = Path(source).is_dir() and is_refined(Path(source))
+    refined = is_refined(Path(source))
     if kind == "trainability" and refined and level != 0:
-        box, gain = refined_fractal_measure(Path(source), level)
+        box, gain = refined_fractal_measure(study_dir(source), level)
         return FractalReport(box, refined=gain)
     if level not in (None, 0) or (level == 0 and not refined):
         raise ConfigError(f"{source}: --level measures a level of a refined study's trainability map; this is "

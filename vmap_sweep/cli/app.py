@@ -367,9 +367,10 @@ def _plot(study: Path, formats, rows, out: Path | None = None, wb=None):
         bad = [r for r in rows if not 0 <= r < ny]
         if bad:
             raise ConfigError(f"--rows {bad}: rows run from 0 to {ny - 1}")
+        # a refined study: its finest level too, inferred cells drawn apart (read first: a missing level draws nothing)
+        refined = refined_map(study) if refine_record(store) is not None else None
         written = save_plots(view, out or study / "plots", formats, store.trajectories(), rows)
-        if refine_record(store) is not None:  # a refined study: its finest level, inferred cells drawn apart
-            refined = refined_map(study)
+        if refined is not None:
             written += [plot_refined(refined, (out or study / "plots") / f"refined.{fmt}") for fmt in formats]
         if wb is not None:
             from vmap_sweep.cli.wandb_log import log_maps
@@ -548,7 +549,7 @@ def refine(
     settings = resolved.run_settings()  # checked for a dry run too: what the run would refuse, it refuses
     if dry_run:
         plan, dim = refining.dry_run(study, levels, margin=margin, models_per_batch=8 if k == "auto" else k,
-                                     share=share, trace=trace, evaluate=eval_)
+                                     share=share, trace=trace, evaluate=eval_, settings=settings)
         for line in render.refine_lines(study, plan, dry_run=True, dimension=dim):
             _say(line)
         if trace:
@@ -561,7 +562,7 @@ def refine(
         done = refining.refine_study(study, backend, levels, margin=margin, models_per_batch=k, progress=progress,
                                      labeller=label_record, share=share, note=progress.note,
                                      trace=trace, evaluate=eval_)
-    for line in render.refine_lines(study, done, earlier=earlier):
+    for line in render.refine_lines(study, [e for e in done if int(e["level"]) <= levels], earlier=earlier):
         _say(line)
 
 

@@ -278,14 +278,14 @@ def status_table(store: StudyStore) -> Table:
 
 def refine_rows(store: StudyStore) -> list[tuple[str, str]]:
     """A refined study's finished levels and what each cost; a level's own place and inferred cells."""
-    from vmap_sweep.store.db import DB_NAME
+    from vmap_sweep.store.db import holds_schema
     from vmap_sweep.store.levels import MAX_LEVELS, REFINE, level_dir, level_info
 
     rows = []
     record = store.get_extra(REFINE)
     finished = {int(e["level"]): e for e in (record or {}).get("levels", [])}
     for level in range(1, MAX_LEVELS + 1):
-        there = (level_dir(store.directory, level) / DB_NAME).is_file()
+        there = holds_schema(level_dir(store.directory, level))
         again = f"`vmap-sweep refine {store.directory} --levels {level}`"
         if level in finished:
             rows.append((f"refine level {level}", _level_cost(finished[level]) if there else

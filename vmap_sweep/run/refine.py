@@ -36,7 +36,7 @@ from vmap_sweep.run.pipeline import (
     run_study,
 )
 from vmap_sweep.store import extras
-from vmap_sweep.store.db import DB_NAME, Labeller, StudyStore
+from vmap_sweep.store.db import Labeller, StudyStore, holds_schema, study_dir
 from vmap_sweep.store.levels import (  # noqa: F401 - read by the CLI and tests from here too
     MAX_LEVELS,
     REFINE,
@@ -56,6 +56,7 @@ from vmap_sweep.study.criterion import as_options
 from vmap_sweep.study.grid import Cell, Grid
 from vmap_sweep.study.plan import build_grid, cell_steps, plan_study, same_experiments
 from vmap_sweep.study.refine import DEFAULT_MARGIN, UNKNOWN, LevelPlan, level_points, plan_level, trace_targets
+from vmap_sweep.study.settings import RunSettings
 from vmap_sweep.train.trainer import CellRecord
 
 TRACE_ROUNDS = "refine_rounds"  # a level's tracing rounds: each one's cells, recorded before they train
@@ -89,6 +90,14 @@ class LevelWork:
     def trained_off_boundary(self) -> int:
         """Trained cells that are no target: the experiment a target repeats, in a cell of a uniform neighbourhood."""
         return sum(1 for c in self.train if not self.plan.targets[c.j, c.i])
+
+    @property
+    def inferred_new(self) -> int:
+        """New cells left to inference: neither a target nor trained as the experiment a target repeats."""
+        trained = np.zeros(self.plan.targets.shape, dtype=bool)
+        for c in self.train:
+            trained[c.j, c.i] = True
+        return int((self.plan.inferred_new & ~trained).sum())
 
 
 def level_work(cfg: StudyConfig, level: int, coarse: LevelMap, coarse_trained: np.ndarray,
@@ -214,12 +223,12 @@ def refine_study(top: str | Path, backend: Backend, levels: int, *, margin: int 
     """Refine the finished study in `top` to `levels` levels (resuming any begun); returns each level's cost.
     trace: after each level's targets, train in rounds the inferred cells next to a mixed 2 x 2 block of the finer
     map (study/refine.py). evaluate: take each trained cell's eval loss too (an eval pass per cell)."""
-    top = Path(top)
+    top = study_dir(top)
     levels = check_levels(levels)
     note = note or (lambda _: None)
     with Study.open(top) as study:
         # before the lock: a refused command leaves the study as it was
-        record = _checked_record(top, study, margin, trace, evaluate)
+        record = _checked_record(top, study, margin, trace, evaluate, backend.settings)
         study.store.claim_writer()  # one refinement (or run, or zoom) of this study at a time
         if study.settings is not None:
             study.settings.check_trainable_here(study.store.path)
@@ -274,10 +283,15 @@ def refine_study(top: str | Path, backend: Backend, levels: int, *, margin: int 
 _AGAIN = "copy the study folder (without its refine-* folders) to refine it anew"
 
 
-def _checked_record(top: Path, study: Study, margin: int, trace: bool, evaluate: bool) -> dict:
-    """What a refinement and its dry run both refuse, before anything is written; the study's refine record."""
+def _checked_record(top: Path, study: Study, margin: int, trace: bool, evaluate: bool,
+                    settings: RunSettings | None = None) -> dict:
+    """What a refinement and its dry run both refuse, before anything is written; the study's refine record.
+    settings: what the refinement would train with, the study's own (its cells are copied beside the new ones,
+    which must be bitwise what its run would have given)."""
     if extras.zoom_of(study.store) is not None or level_info(study.store) is not None:
         raise ConfigError(f"{top}: refine the top study of a folder, not a zoom child or a refinement level")
+    if settings is not None and study.settings is not None:
+        settings.check_same(study.settings, top)
     widest = max(study.store.nx, study.store.ny) - 1
     if not isinstance(margin, bool) and isinstance(margin, int) and margin > widest:
         raise ConfigError(f"--margin {margin}: at most {widest} for {top}'s {study.store.nx}x{study.store.ny} grid, "
@@ -293,7 +307,7 @@ def _checked_record(top: Path, study: Study, margin: int, trace: bool, evaluate:
 def _on_disk(top: Path, record: dict) -> set[int]:
     """The finished levels of a refine record whose study is still there (one whose folder was removed is refined
     again)."""
-    return {int(e["level"]) for e in record.get("levels", []) if (level_dir(top, int(e["level"])) / DB_NAME).is_file()}
+    return {int(e["level"]) for e in record.get("levels", []) if holds_schema(level_dir(top, int(e["level"])))}
 
 
 def finished_levels(top: str | Path) -> set[int]:
@@ -332,7 +346,7 @@ def _check_levels_eval(top: Path, cfg: StudyConfig, evaluate: bool, record: dict
     finished = {int(e["level"]) for e in record.get("levels", [])}
     recorded = cfg.eval_tokens if record.get("eval", True) else 0
     for level in range(1, MAX_LEVELS + 1):
-        if not (level_dir(top, level) / DB_NAME).is_file():
+        if not holds_schema(level_dir(top, level)):
             continue
         if level in finished:
             began = recorded
@@ -488,23 +502,24 @@ def _cost(work: LevelWork, k: int, share: bool) -> dict:
     return {"level": work.level, "nx": work.grid.nx, "ny": work.grid.ny, "new_cells": int((~work.plan.coarse).sum()),
             "targets": int(work.plan.targets.sum()), "trained": len(work.train),
             "off_boundary": work.trained_off_boundary, "repeats": len(work.copies),
-            "inferred_new": int(work.plan.inferred_new.sum()), "trunks": sum(len(b.stacked) for b in batches),
+            "inferred_new": work.inferred_new, "trunks": sum(len(b.stacked) for b in batches),
             "model_steps": sum(b.model_steps for b in batches), "repeat_lines": work.repeat_rows, "projected": False}
 
 
 def plan_refinement(top: str | Path, levels: int, supervised: Callable[[list[int]], Mapping[int, int]], *,
                     margin: int = DEFAULT_MARGIN, models_per_batch: int = 8, share: bool = True,
-                    growth: float = 2.0, trace: bool = False, evaluate: bool = False) -> list[dict]:
+                    growth: float = 2.0, trace: bool = False, evaluate: bool = False,
+                    settings: RunSettings | None = None) -> list[dict]:
     """--dry-run: per level the cells, the cells to train, the trunks and model-steps, nothing trained. A level whose
     coarser level is finished (level 0, or a refined one) is planned exactly; the levels after the first unfinished
     one depend on classes not yet known, and are projected: targets x `growth` per level (2^D for a boundary of
     dimension D), trunks doubled (up to the grid's lines), model-steps in proportion to the trunks."""
-    top = Path(top)
+    top = study_dir(top)
     levels = check_levels(levels)
     out: list[dict] = []
     with Study.open(top) as study:
         cfg, criterion = study.config, study.criterion
-        record = _checked_record(top, study, margin, trace, evaluate)
+        record = _checked_record(top, study, margin, trace, evaluate, settings)
         coarse = study_map(study.store)
     finished = _on_disk(top, record)
     trained = ~coarse.inferred
@@ -534,7 +549,8 @@ def plan_refinement(top: str | Path, levels: int, supervised: Callable[[list[int
 
 
 def dry_run(top: str | Path, levels: int, *, margin: int = DEFAULT_MARGIN, models_per_batch: int = 8,
-            share: bool = True, trace: bool = False, evaluate: bool = False) -> tuple[list[dict], float]:
+            share: bool = True, trace: bool = False, evaluate: bool = False,
+            settings: RunSettings | None = None) -> tuple[list[dict], float]:
     """--dry-run: plan_refinement with the study's data loaded as a refinement loads it (no weights), and later
     levels projected by the boundary's dimension D (2^D cells per level; 1 where it can't be measured). Returns
     the plan and D."""
@@ -542,6 +558,7 @@ def dry_run(top: str | Path, levels: int, *, margin: int = DEFAULT_MARGIN, model
     from vmap_sweep.analysis.fractal import fractal_dimension
     from vmap_sweep.run.estimate import study_stream
 
+    top = study_dir(top)
     with Study.open(top) as study:
         cfg = study.config
         mask = converged_mask(study_map(study.store).labels)
@@ -558,5 +575,5 @@ def dry_run(top: str | Path, levels: int, *, margin: int = DEFAULT_MARGIN, model
 
     plan = plan_refinement(top, levels, supervised, margin=margin,
                            models_per_batch=models_per_batch, share=share, growth=2.0 ** dim, trace=trace,
-                           evaluate=evaluate)
+                           evaluate=evaluate, settings=settings)
     return plan, dim

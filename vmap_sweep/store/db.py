@@ -106,6 +106,12 @@ NUMERIC_FIELDS = ("x", "y", "steps", "steps_done", "initial_loss", "final_loss",
 _FLOAT_FIELDS = ("x", "y", "initial_loss", "final_loss", "eval_loss", "wall_time", "score")
 
 
+def study_dir(path: str | os.PathLike) -> Path:
+    """The study folder a path names: the folder itself, or the one holding the study.db it names."""
+    path = Path(path)
+    return path.parent if path.name == DB_NAME and not path.is_dir() else path
+
+
 def canonical_json(config: Mapping[str, Any]) -> str:
     """The config as JSON with sorted keys and no whitespace: equal configs give equal text."""
     try:
@@ -1115,6 +1121,23 @@ def _is_sqlite(path: Path) -> bool:
     except OSError:
         return True  # can't tell: let SQLite's own error speak
     return head in (b"", SQLITE_MAGIC)
+
+
+def holds_schema(directory: str | os.PathLike) -> bool:
+    """A study.db in `directory` with a schema: not missing, and not the empty file that a process killed while
+    creating a study leaves (creating it again goes on from there). Unreadable or foreign files count as
+    holding one: opening them names what is wrong."""
+    path = Path(directory) / DB_NAME
+    if not path.is_file():
+        return False
+    try:
+        conn = _connect(path, read_only=not _writable(path))  # a writer's connection leaves no -wal/-shm behind
+        try:
+            return not _is_empty(conn, path)
+        finally:
+            conn.close()
+    except (sqlite3.Error, StoreError):
+        return True
 
 
 def _is_empty(conn: sqlite3.Connection, path: Path) -> bool:

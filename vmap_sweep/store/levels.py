@@ -13,7 +13,8 @@ import numpy as np
 
 from vmap_sweep.errors import ConfigError, StoreError
 from vmap_sweep.store import extras
-from vmap_sweep.store.db import DB_NAME, StudyStore
+from vmap_sweep.store.db import StudyStore, holds_schema
+from vmap_sweep.study import criterion as criterion_rules
 
 MAX_LEVELS = 6  # each level doubles both axes: 6 take a 128² study past 8000²
 REFINE = "refine"  # the refined study's {"margin", "levels": [per level: where, size, cells and cost]}
@@ -76,19 +77,23 @@ def study_map(store: StudyStore) -> LevelMap:
 
 
 def levels_criterion(top: Path) -> dict | None:
-    """The criterion a study's refinement levels follow (finished or begun), None where it has none: the refine
-    record's, else the lowest level's own (the smallest grid, the quickest to open)."""
+    """The criterion a study's refinement levels follow, None where no level is there (none was refined, or the
+    study was copied without them): the refine record's, else the lowest level's own (the smallest grid, the
+    quickest to open)."""
+    there = [level for level in range(1, MAX_LEVELS + 1) if holds_schema(level_dir(top, level))]
+    if not there:
+        return None
     with StudyStore.open(top) as store:
         record = store.get_extra(REFINE)
         top_criterion = extras.criterion(store)
-    if isinstance(record, dict) and isinstance(record.get("criterion"), dict):
+    if isinstance(record, dict) and record.get("criterion") is not None:
+        if not criterion_rules.is_stored_form(record["criterion"]):
+            raise StoreError(f"{store.path}: its refine record names the criterion {record['criterion']!r:.80}, "
+                             "not one vmap-sweep stores; the database was edited")
         return dict(record["criterion"])
-    for level in range(1, MAX_LEVELS + 1):
-        if (level_dir(top, level) / DB_NAME).is_file():
-            with StudyStore.open(level_dir(top, level)) as store:
-                # a level just begun has no criterion yet: it follows the study's
-                return extras.criterion(store) if extras.has_criterion(store) else top_criterion
-    return None
+    with StudyStore.open(level_dir(top, there[0])) as store:
+        # a level just begun has no criterion yet: it follows the study's
+        return extras.criterion(store) if extras.has_criterion(store) else top_criterion
 
 
 def label_codes(labels: np.ndarray, names: list[str]) -> np.ndarray:

@@ -116,7 +116,7 @@ def as_options(value: dict) -> str:
     """A stored criterion as `classify` takes it, e.g. "--criterion threshold --converged-below 2.5 ..."."""
     value = newer_form(value)
     return " ".join([f"--criterion {value['criterion']}"]
-                    + [f"--{k.replace('_', '-')} {value[k]:g}" for k in OPTIONS[value["criterion"]] if k in value])
+                    + [f"--{k.replace('_', '-')} {value[k]!r}" for k in OPTIONS[value["criterion"]] if k in value])
 
 
 def newer_form(value: dict) -> dict:
