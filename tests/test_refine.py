@@ -286,6 +286,12 @@ def test_compare_matches_a_refined_study_s_finest_level_cell_for_cell_with_the_f
     assert shown.exit_code == 0 and "A is level 2 of a refined study" in shown.output, shown.output
     plain = StudyView.load(root / "coarse")  # the study's own 5² grid, as before refining
     assert study_view(root / "full").inferred is None and plain.nx == 5
+    # a level's folder is that level of its study; one of another resolution is told which refinement matches
+    level1 = study_view(level_dir(root / "coarse", 1))
+    assert (level1.nx, level1.refinement_level) == (9, 1) and level1.inferred.any()
+    with pytest.raises(ConfigError, match=r"refine .*coarse to 17x17 \(`vmap-sweep refine .*coarse --levels 2`\)"):
+        compare_studies(level1, full)
+    assert "eval_tokens" not in compare_studies(refined, full).differs  # a level takes no eval pass by design
 
 
 def test_plot_draws_the_finest_level_with_inferred_cells_apart(studies):

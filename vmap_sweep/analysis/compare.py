@@ -37,7 +37,9 @@ from vmap_sweep.analysis.view import GridView, StudyView
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.store import extras
 from vmap_sweep.store.db import config_diff
+from vmap_sweep.store.levels import MAX_LEVELS
 from vmap_sweep.study.criterion import CONVERGED
+from vmap_sweep.study.refine import level_points
 
 
 @dataclass(frozen=True)
@@ -108,10 +110,33 @@ def check_comparable(a: StudyView, b: StudyView, across_resolutions: bool = Fals
                           f"{' x '.join(axes_a)}; compare needs the same axes and ranges (run B with --x "
                           f"{axes_a[0]} --y {axes_a[1]})")
     if (a.nx, a.ny) != (b.nx, b.ny) and not across_resolutions:
+        coarser = a if a.nx * a.ny < b.nx * b.ny else b
+        finer = b if coarser is a else a
+        fix = (f"refine {_top(coarser)} to {finer.nx}x{finer.ny} (`vmap-sweep refine {_top(coarser)} --levels "
+               f"{_levels_to(coarser, finer)}`)" if _top(coarser) is not None and _levels_to(coarser, finer)
+               else f"run B with --resolution {a.nx}x{a.ny}")
         raise ConfigError(f"{b.directory} has {b.nx}x{b.ny} cells but {a.directory} {a.nx}x{a.ny}; compare needs "
                           "the same resolution: a dimension moves with the grid it is measured on, so a difference "
-                          f"would mix resolution into it (run B with --resolution {a.nx}x{a.ny}, or pass "
-                          "--across-resolutions to set the two dimensions side by side without matching cells)")
+                          f"would mix resolution into it ({fix}, or pass --across-resolutions to set the two "
+                          "dimensions side by side without matching cells)")
+
+
+def _top(view: StudyView) -> Path | None:
+    """The folder a refinement of this study's grid goes on from: a refined study's (from its level), or its own
+    where it is a top study; None for a zoom child."""
+    if view.inferred is not None:
+        return view.directory.parent
+    return None if view.level else view.directory
+
+
+def _levels_to(coarse: StudyView, fine: StudyView) -> int | None:
+    """How many levels of refinement take `coarse`'s grid to `fine`'s (each level: n -> 2n - 1 per axis), from
+    the study's own grid; None where none does."""
+    for levels in range(coarse.refinement_level + 1, MAX_LEVELS + 1):
+        more = levels - coarse.refinement_level
+        if (level_points(coarse.nx, more), level_points(coarse.ny, more)) == (fine.nx, fine.ny):
+            return levels
+    return None
 
 
 def _dimension(converged: np.ndarray) -> Dimension:
@@ -210,14 +235,23 @@ def what_differs(a: StudyView, b: StudyView) -> str:
     """What B differs from A in: the config's settings; for one config, what the two runs recorded beside it."""
     if _same_file(a.path, b.path):
         return f"nothing: A and B are the same study ({a.path})"
-    if a.raw_config != b.raw_config:
-        return config_diff(a.raw_config, b.raw_config)
+    mine, theirs = _as_compared(a, b), _as_compared(b, a)
+    if mine != theirs:
+        return config_diff(mine, theirs)
     if (a.study_id, a.created) == (b.study_id, b.created):
         return "nothing but the folder: B is a copy of A"
     runs = [f"{key}: {_short(va)} -> {_short(vb)}"
             for key in (extras.RUN_SETTINGS, extras.DATA_DIGEST, extras.CRITERION, extras.PROVENANCE)
             for va, vb in [(a.get_extra(key), b.get_extra(key))] if va != vb]
     return "nothing in the config: the same settings, run twice" + (f" ({'; '.join(runs)})" if runs else "")
+
+
+def _as_compared(view: StudyView, other: StudyView) -> dict:
+    """A study's config as compare sets it beside `other`'s: beside a refinement level, without the eval tokens,
+    which a level leaves out (or takes) for its own reasons, not its study's."""
+    if view.inferred is None and other.inferred is None:
+        return view.raw_config
+    return {k: v for k, v in view.raw_config.items() if k != "eval_tokens"}
 
 
 def _short(value: Any, limit: int = 60) -> str:

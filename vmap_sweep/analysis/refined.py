@@ -106,10 +106,10 @@ def refined_map(top: Path, level: int | None = None) -> RefinedMap:
     return RefinedMap(want, folder, view, study_map(view), next(e for e in levels if int(e["level"]) == want), levels)
 
 
-def finest_view(top: Path) -> StudyView:
-    """A refined study as the analyses that match cells read it: its finest level's study, every cell with its
-    class (trained, copied from the experiment it repeats, or inferred: `inferred` says which)."""
-    refined = refined_map(top)
+def finest_view(top: Path, level: int | None = None) -> StudyView:
+    """A refined study as the analyses that match cells read it: its finest level's study (or `level`'s), every
+    cell with its class (trained, copied from the experiment it repeats, or inferred: `inferred` says which)."""
+    refined = refined_map(top, level)
     labels = refined.map.labels
     grid = replace(refined.view.grid, labels=labels, converged=converged_mask(labels))
     return replace(refined.view, labels=labels, grid=grid, refinement_level=refined.level,
@@ -117,8 +117,16 @@ def finest_view(top: Path) -> StudyView:
 
 
 def study_view(source: Path) -> StudyView:
-    """A study as compare and zoom read it: a refined one at its finest level, any other as stored."""
-    return finest_view(study_dir(source)) if is_refined(source) else StudyView.load(source)
+    """A study as compare reads it: a refined one at its finest level, a refinement level's folder as that level
+    of its study (inferred cells with their inferred class), any other as stored."""
+    source = study_dir(source)
+    if is_refined(source):
+        return finest_view(source)
+    view = StudyView.load(source)
+    info = level_info(view)
+    if info is None or not info.get("complete"):
+        return view
+    return finest_view(source.parent, int(info["level"]))
 
 
 def tokens_note(refined: RefinedMap) -> str | None:
