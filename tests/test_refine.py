@@ -422,6 +422,29 @@ def test_a_damaged_criterion_in_the_refine_record_is_named(studies, tmp_path):
     assert out.exit_code == 2 and "refine record names the criterion" in out.output, out.output
 
 
+def test_classify_waits_for_a_refinement_that_holds_the_study(studies, tmp_path):
+    """Before its first level exists a refinement has read the criterion: a classify under another one while it
+    holds the study is refused (checked inside the relabelling transaction); the same criterion, or after it, is not."""
+    import shutil
+
+    from helpers import snapshot
+
+    from vmap_sweep.store.levels import REFINING
+
+    root, _, _ = studies
+    top = shutil.copytree(root / "full", tmp_path / "plain")
+    before = snapshot(top)
+    with StudyStore.open(top) as holder:
+        holder.claim_writer(REFINING)
+        refused = cli("classify", str(top), "--criterion", "last20")
+        assert refused.exit_code == 2 and "is being refined by pid" in refused.output, refused.output
+        after = snapshot(top)  # the holder's connection keeps a log beside the database: nothing was written to it
+        assert after["study.db"] == before["study.db"] and not after.get("study.db-wal")
+        assert cli("classify", str(top)).exit_code == 0  # the criterion it holds
+        assert holder.get_extra_settled("criterion") == {"criterion": "ratio"}
+    assert cli("classify", str(top), "--criterion", "last20").exit_code == 0
+
+
 def test_a_dry_run_refuses_what_the_refinement_refuses(studies, tmp_path):
     from vmap_sweep.store import extras
 

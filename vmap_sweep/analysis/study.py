@@ -13,8 +13,9 @@ from vmap_sweep.analysis.fractal import FractalResult, fractal_dimension, uncert
 from vmap_sweep.analysis.refined import RefinementGain, is_refined, refine_record, refined_fractal_measure
 from vmap_sweep.analysis.view import load_class_grid
 from vmap_sweep.errors import ConfigError
+from vmap_sweep.store import extras
 from vmap_sweep.store.db import StudyStore, study_dir
-from vmap_sweep.store.levels import REFINE, level_info, levels_criterion
+from vmap_sweep.store.levels import REFINE, REFINING, level_info, levels_criterion
 from vmap_sweep.study.criterion import DEFAULT, as_options, check, newer_form
 
 
@@ -23,8 +24,9 @@ def reclassify(store: StudyStore, criterion: str = "ratio", **kw) -> dict[str, i
     checked = check(criterion, **kw)
     kw = {k: v for k, v in checked.items() if k != "criterion"}
     # read, classified and written in one transaction: a run that commits meanwhile waits, and its later
-    # batches are labelled by the new criterion
-    labels = store.relabel(lambda rows: classify_rows(rows, criterion, **kw), checked)
+    # batches are labelled by the new criterion; a refinement that began first is waited for
+    labels = store.relabel(lambda rows: classify_rows(rows, criterion, **kw), checked,
+                           check=lambda: _not_while_refining(store, checked))
     counts: dict[str, int] = {}
     for label, _ in labels.values():
         counts[label] = counts.get(label, 0) + 1
@@ -44,6 +46,16 @@ def reclassify_with_zooms(study: Path, criterion: str = "ratio", **kw) -> tuple[
         with StudyStore.open(folder) as store:
             counts.append(reclassify(store, criterion, **kw))
     return counts[0], len(folders) - 1
+
+
+def _not_while_refining(store: StudyStore, criterion: dict) -> None:
+    """Refused while a refinement holds the study under another criterion: its levels follow the one it began
+    with. Checked inside the relabelling transaction, so that a refinement reads the criterion either before the
+    lock is seen here or after this classify has committed."""
+    live = store.live_run()
+    if live is not None and live.get("task") == REFINING and extras.criterion(store) != criterion:
+        raise ConfigError(f"{store.directory} is being refined by {live['holder']}: its levels follow the criterion "
+                          "it began with; classify it once the refinement has finished")
 
 
 def _check_levels_follow(study: Path, criterion: dict) -> None:

@@ -41,6 +41,7 @@ from vmap_sweep.store.levels import (  # noqa: F401 - read by the CLI and tests 
     MAX_LEVELS,
     REFINE,
     REFINE_LEVEL,
+    REFINING,
     LevelMap,
     decode_codes,
     encode_codes,
@@ -229,11 +230,12 @@ def refine_study(top: str | Path, backend: Backend, levels: int, *, margin: int 
     with Study.open(top) as study:
         # before the lock: a refused command leaves the study as it was
         record = _checked_record(top, study, margin, trace, evaluate, backend.settings)
-        study.store.claim_writer()  # one refinement (or run, or zoom) of this study at a time
+        study.store.claim_writer(REFINING)  # one refinement (or run, or zoom) of this study at a time
         if study.settings is not None:
             study.settings.check_trainable_here(study.store.path)
         check_origin_unchanged(study.store, study.config)
-        cfg, criterion = study.config, study.criterion
+        # read once a classify under way has committed; one that begins later sees the lock and waits for the levels
+        cfg, criterion = study.config, extras.criterion(study.store, settled=True)
         done_levels = {int(e["level"]): e for e in record.get("levels", [])}
         on_disk = _on_disk(top, record)
         coarse = study_map(study.store)

@@ -304,6 +304,7 @@ class StudyStore:
         self.read_only = read_only  # opened read-only (the folder or file can't be written): writers refuse
         self._writer: int | None = None  # the lock file's descriptor while this process trains the study
         self._holder = ""
+        self._task: dict = {}
         self._file = _identity(path)  # the database file this connection opened
         meta = _verified_meta(conn, path)
         stored = json.loads(meta["config"])
@@ -417,7 +418,7 @@ class StudyStore:
             os.close(self._writer)  # releases the lock
             self._writer = None
 
-    def claim_writer(self) -> None:
+    def claim_writer(self, task: str | None = None) -> None:
         """Make this process the study's only trainer until close(). Another process that trains it (a second
         `run` or `zoom`) is refused at once, naming the holder; readers are never blocked. The lock is the OS's,
         so a killed process leaves none behind."""
@@ -443,8 +444,9 @@ class StudyStore:
             raise StoreError(f"{where} is being trained by {holder}; wait for it to finish (or stop it), "
                              "then run again: `vmap-sweep status` shows its progress") from None
         self._holder = f"pid {os.getpid()} on {socket.gethostname()} since {_now()}"
+        self._task = {"task": task} if task else {}  # what other processes may ask of the holder (live_run)
         os.ftruncate(fd, 0)
-        os.write(fd, self._holder.encode())
+        os.write(fd, (f"{self._holder}\n{json.dumps(self._task)}\n" if task else self._holder).encode())
         self._writer = fd
 
     def publish_progress(self, info: Mapping[str, Any]) -> None:
@@ -452,7 +454,7 @@ class StudyStore:
         holder's, for `status` in another process (live_run). Never raises: progress is not a result."""
         if self._writer is None:
             return
-        data = f"{self._holder}\n{json.dumps(dict(info), sort_keys=True)}\n".encode()
+        data = f"{self._holder}\n{json.dumps({**dict(info), **self._task}, sort_keys=True)}\n".encode()
         with contextlib.suppress(OSError):
             os.pwrite(self._writer, data, 0)
             os.ftruncate(self._writer, len(data))
@@ -566,10 +568,13 @@ class StudyStore:
             raise StoreError(f"{self.path}: cell ({i}, {j}) is still pending; only done cells get labels")
 
     def relabel(self, classify: Callable[[list[dict[str, Any]]], Mapping[Any, tuple[str, float]]],
-                criterion: dict) -> Mapping[Any, tuple[str, float]]:
+                criterion: dict, check: Callable[[], None] | None = None) -> Mapping[Any, tuple[str, float]]:
         """Every done cell's (label, score) as `classify` computes it from `rows(arrays=True)`, and the criterion
-        they follow, in one transaction: read and written with no commit between, all or nothing."""
+        they follow, in one transaction: read and written with no commit between, all or nothing. check: run
+        first inside the transaction, to refuse (raise) on what no other writer can change meanwhile."""
         with self._tx() as conn:
+            if check is not None:
+                check()
             labels = classify(self.rows(arrays=True))
             for key, (label, score) in labels.items():
                 i, j = _cell_key(key)
@@ -615,6 +620,12 @@ class StudyStore:
         text = canonical_json({"v": value})
         with self._tx() as conn:
             conn.execute("INSERT OR REPLACE INTO extra VALUES (?, ?)", (str(key), text))
+
+    def get_extra_settled(self, key: str, default: Any = None) -> Any:
+        """An extra as it stands once every write begun before this read has committed (read in a write
+        transaction: a relabel under way finishes first)."""
+        with self._tx():
+            return self.get_extra(key, default)
 
     @_reads
     def get_extra(self, key: str, default: Any = None) -> Any:

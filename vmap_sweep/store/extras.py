@@ -51,9 +51,10 @@ def put_run_options(store: StudyStore, models_per_batch: int | str, share: bool)
     store.put_extra(RUN_OPTIONS, {"models_per_batch": models_per_batch, "share": bool(share)})
 
 
-def criterion(store: StudyStore) -> dict:
-    """The criterion a study's classes follow: its last `classify`, else the ratio one every study starts with."""
-    value = store.get_extra(CRITERION) or criterion_rules.DEFAULT
+def criterion(store: StudyStore, settled: bool = False) -> dict:
+    """The criterion a study's classes follow: its last `classify`, else the ratio one every study starts with.
+    settled: once a `classify` under way has committed (StudyStore.get_extra_settled)."""
+    value = (store.get_extra_settled(CRITERION) if settled else store.get_extra(CRITERION)) or criterion_rules.DEFAULT
     if not criterion_rules.is_stored_form(value):
         raise StoreError(f"{store.path}: extra {CRITERION!r} holds {value!r:.80}, not a criterion vmap-sweep stores; "
                          "the database was edited: run `vmap-sweep classify` on the study to store one again")

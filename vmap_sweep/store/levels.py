@@ -18,6 +18,7 @@ from vmap_sweep.study import criterion as criterion_rules
 
 MAX_LEVELS = 6  # each level doubles both axes: 6 take a 128² study past 8000²
 REFINE = "refine"  # the refined study's {"margin", "levels": [per level: where, size, cells and cost]}
+REFINING = "refining"  # the task a refining process names in the study's lock (StudyStore.claim_writer)
 REFINE_LEVEL = "refine_level"  # a level study's own {"level", "margin", "criterion", "labels", "inferred", ...}
 
 
