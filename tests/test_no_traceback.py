@@ -201,6 +201,7 @@ def test_bench_checks_memory_before_allocating_and_runs_where_there_is_no_gpu(mo
     (["refine", "STUDY", "--levels", "abc"], "Invalid value for '--levels'"),
     (["fractal", "STUDY", "--no-such-flag"], "No such option: --no-such-flag"),
     (["refine"], "Missing argument 'study'"),
+    (["refine", "STUDY", "--levels"], "Option '--levels' requires an argument; see `vmap-sweep refine --help`"),
     (["no-such-command"], "No such command 'no-such-command'"),
 ])
 def test_what_the_parser_refuses_is_one_error_line(finished, monkeypatch, capsys, argv, says):

@@ -53,6 +53,8 @@ def main() -> None:
         code = e.exit_code
     except click_errors.UsageError as e:
         command = e.ctx.command_path if e.ctx is not None else "vmap-sweep"
+        if e.ctx is None and len(sys.argv) > 1 and not sys.argv[1].startswith("-"):
+            command = f"vmap-sweep {sys.argv[1]}"  # an option's missing value comes without the command's context
         sys.stderr.write(f"error: {e.format_message().rstrip('.')}; see `{command} --help`\n")
         code = 2
     except click_errors.ClickException as e:
