@@ -233,3 +233,9 @@ def test_the_entry_point_runs_a_command_and_shows_help_for_none(finished, monkey
         main()
     out = capsys.readouterr()
     assert ended.value.code == 2 and "Usage:" in out.out and "refine" in out.out and "error" not in out.err
+
+
+def test_an_empty_device_is_refused_not_taken_as_the_study_s(finished):
+    for args in (["refine", str(finished), "--dry-run"], ["run", "--out", str(finished), "--dry-run"]):
+        out = cli(*args, "--device", "")
+        assert out.exit_code == 2 and "--device '': choose auto, cpu or cuda" in out.output, out.output

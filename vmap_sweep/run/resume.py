@@ -103,7 +103,7 @@ def resolve_run(options: RunOptions, stored: StoredRun | None, where: object = "
     share = options.share if options.share is not None else kept.get("share", True)
     device, micro, deterministic = options.device, options.micro_batch_size, options.deterministic
     if stored is not None and stored.settings is not None:
-        device = device or stored.settings.device
+        device = device if device is not None else stored.settings.device
         micro = micro if micro is not None else stored.settings.micro_batch_size
         deterministic = deterministic or stored.settings.deterministic
     base = stored.config if options.preset is None and stored is not None \
@@ -112,7 +112,7 @@ def resolve_run(options: RunOptions, stored: StoredRun | None, where: object = "
     cfg.validate()
     if stored is not None:
         _check_same_config(cfg, stored.config, options, where)
-    return ResolvedRun(cfg, k, share, device or "auto", micro, deterministic)
+    return ResolvedRun(cfg, k, share, device if device is not None else "auto", micro, deterministic)
 
 
 def _check_same_config(cfg: StudyConfig, stored: StudyConfig, options: RunOptions, where: object) -> None:
