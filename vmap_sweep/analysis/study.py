@@ -39,8 +39,11 @@ def reclassify_with_zooms(study: Path, criterion: str = "ratio", **kw) -> tuple[
     folder is found and opened before any is written: a missing one changes nothing."""
     checked = check(criterion, **kw)
     study = study_dir(study)
-    _check_levels_follow(study, checked)
+    gone = _check_levels_follow(study, checked)
     folders = zoom_tree(study)
+    if gone:  # the record of levels that are not there (a copy without them): the study is a plain one again
+        with StudyStore.open(study) as store:
+            store.put_extra(REFINE, {})
     counts = []
     for folder in folders:
         with StudyStore.open(folder) as store:
@@ -58,11 +61,11 @@ def _not_while_refining(store: StudyStore, criterion: dict) -> None:
                           "it began with; classify it once the refinement has finished")
 
 
-def _check_levels_follow(study: Path, criterion: dict) -> None:
+def _check_levels_follow(study: Path, criterion: dict) -> bool:
     """A refined study keeps the criterion its levels were refined under: their inferred cells took its classes,
     and which cells were trained followed from them, so under another criterion the levels would not hold. A
-    level is not classified on its own, for the same reason. A study whose levels are not there (copied without
-    them) is a plain study again under another criterion: its record of them is dropped."""
+    level is not classified on its own, for the same reason. Returns whether the study's record of its levels is
+    to be dropped: none of them is there (a copy without them) and the criterion changes."""
     with StudyStore.open(study) as store:
         info = level_info(store)
         record = refine_record(store)
@@ -72,14 +75,12 @@ def _check_levels_follow(study: Path, criterion: dict) -> None:
                               f"(`vmap-sweep classify {study.parent}` classifies the study)")
     levels = levels_criterion(study)
     if levels is None:
-        if record is not None and criterion != newer_form(record.get("criterion") or DEFAULT):
-            with StudyStore.open(study) as store:
-                store.put_extra(REFINE, {})
-        return
+        return record is not None and criterion != newer_form(record.get("criterion") or DEFAULT)
     if newer_form(levels) != criterion:
         raise ConfigError(f"{study} was refined under `{as_options(levels)}`: its levels' inferred cells follow that "
                           f"criterion; classify it with those options, or copy the study folder without its "
                           f"refine-* folders to classify the copy (and refine it anew)")
+    return False
 
 
 @dataclass
