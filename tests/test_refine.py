@@ -289,8 +289,14 @@ def test_compare_matches_a_refined_study_s_finest_level_cell_for_cell_with_the_f
     # a level's folder is that level of its study; one of another resolution is told which refinement matches
     level1 = study_view(level_dir(root / "coarse", 1))
     assert (level1.nx, level1.refinement_level) == (9, 1) and level1.inferred.any()
-    with pytest.raises(ConfigError, match=r"refine .*coarse to 17x17 \(`vmap-sweep refine .*coarse --levels 2`\)"):
-        compare_studies(level1, full)
+    with pytest.raises(ConfigError, match=r"give .*coarse/refine-2, the level of .*coarse at 17x17"):
+        compare_studies(level1, full)  # that level is refined already
+    import shutil
+
+    bare = shutil.copytree(root / "coarse", root / "bare", ignore=shutil.ignore_patterns("refine-2"))
+    with pytest.raises(ConfigError, match=r"refine .*bare to 17x17 \(`vmap-sweep refine .*bare --levels 2`\)"):
+        compare_studies(study_view(level_dir(bare, 1)), full)
+    shutil.rmtree(bare)
     assert "eval_tokens" not in compare_studies(refined, full).differs  # a level takes no eval pass by design
 
 

@@ -36,8 +36,8 @@ from vmap_sweep.analysis.rules import rules_of_thumb
 from vmap_sweep.analysis.view import GridView, StudyView
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.store import extras
-from vmap_sweep.store.db import config_diff
-from vmap_sweep.store.levels import MAX_LEVELS
+from vmap_sweep.store.db import config_diff, holds_schema
+from vmap_sweep.store.levels import MAX_LEVELS, level_dir
 from vmap_sweep.study.criterion import CONVERGED
 from vmap_sweep.study.refine import level_points
 
@@ -112,9 +112,13 @@ def check_comparable(a: StudyView, b: StudyView, across_resolutions: bool = Fals
     if (a.nx, a.ny) != (b.nx, b.ny) and not across_resolutions:
         coarser = a if a.nx * a.ny < b.nx * b.ny else b
         finer = b if coarser is a else a
-        fix = (f"refine {_top(coarser)} to {finer.nx}x{finer.ny} (`vmap-sweep refine {_top(coarser)} --levels "
-               f"{_levels_to(coarser, finer)}`)" if _top(coarser) is not None and _levels_to(coarser, finer)
-               else f"run B with --resolution {a.nx}x{a.ny}")
+        top, levels = _top(coarser), _levels_to(coarser, finer)
+        if top is not None and levels and holds_schema(level_dir(top, levels)):
+            fix = f"give {level_dir(top, levels)}, the level of {top} at {finer.nx}x{finer.ny}"
+        elif top is not None and levels:
+            fix = f"refine {top} to {finer.nx}x{finer.ny} (`vmap-sweep refine {top} --levels {levels}`)"
+        else:
+            fix = f"run B with --resolution {a.nx}x{a.ny}"
         raise ConfigError(f"{b.directory} has {b.nx}x{b.ny} cells but {a.directory} {a.nx}x{a.ny}; compare needs "
                           "the same resolution: a dimension moves with the grid it is measured on, so a difference "
                           f"would mix resolution into it ({fix}, or pass --across-resolutions to set the two "
