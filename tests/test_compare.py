@@ -192,6 +192,15 @@ def test_compare_says_what_really_differs(pair, tmp_path):
     build_study(again, law(3e-5, 0.5), nx=32, ny=32, x=X, y=Y).close()
     assert compare_studies(view, StudyView.load(again)).differs.startswith(
         "nothing in the config: the same settings, run twice")
+    from vmap_sweep.store.db import StudyStore
+
+    # a record that differs deep inside names the entry, however long the record is before it
+    with StudyStore.open(again) as store:
+        store.put_extra("provenance", {"a" * 80: 1, "model": {"sha256": "1" * 64}, "vmap_sweep": "0.2.0"})
+    with StudyStore.open(copy) as store:
+        store.put_extra("provenance", {"a" * 80: 1, "model": {"sha256": "1" * 64}, "vmap_sweep": "0.1.0"})
+    differs = compare_studies(StudyView.load(copy), StudyView.load(again)).differs
+    assert 'provenance.vmap_sweep: "0.1.0" -> "0.2.0"' in differs and "sha256" not in differs, differs
 
 
 def test_studies_of_different_criteria_are_compared_only_when_asked(pair, tmp_path):

@@ -244,9 +244,9 @@ def what_differs(a: StudyView, b: StudyView) -> str:
         return config_diff(mine, theirs)
     if (a.study_id, a.created) == (b.study_id, b.created):
         return "nothing but the folder: B is a copy of A"
-    runs = [f"{key}: {_short(va)} -> {_short(vb)}"
+    runs = [f"{name}: {_short(va)} -> {_short(vb)}"
             for key in (extras.RUN_SETTINGS, extras.DATA_DIGEST, extras.CRITERION, extras.PROVENANCE)
-            for va, vb in [(a.get_extra(key), b.get_extra(key))] if va != vb]
+            for name, va, vb in _differing(key, a.get_extra(key), b.get_extra(key))]
     return "nothing in the config: the same settings, run twice" + (f" ({'; '.join(runs)})" if runs else "")
 
 
@@ -256,6 +256,16 @@ def _as_compared(view: StudyView, other: StudyView) -> dict:
     if view.inferred is None and other.inferred is None:
         return view.raw_config
     return {k: v for k, v in view.raw_config.items() if k != "eval_tokens"}
+
+
+def _differing(name: str, va: Any, vb: Any) -> list[tuple[str, Any, Any]]:
+    """(name, A's, B's) of what differs between two recorded values: for two records, each differing entry by its
+    dotted name (shortening a whole record could cut the difference off)."""
+    if va == vb:
+        return []
+    if not (isinstance(va, dict) and isinstance(vb, dict)):
+        return [(name, va, vb)]
+    return [d for k in sorted(set(va) | set(vb), key=str) for d in _differing(f"{name}.{k}", va.get(k), vb.get(k))]
 
 
 def _short(value: Any, limit: int = 60) -> str:
