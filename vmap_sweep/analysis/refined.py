@@ -120,9 +120,9 @@ def study_view(source: Path) -> StudyView:
     """A study as compare reads it: a refined one at its finest level, a refinement level's folder as that level
     of its study (inferred cells with their inferred class), any other as stored."""
     source = study_dir(source)
-    if is_refined(source):
+    view = StudyView.load(source)  # opened once: a plain study's rows are validated on every open
+    if view.refine is not None:
         return finest_view(source)
-    view = StudyView.load(source)
     info = level_info(view)
     if info is None or not info.get("complete"):
         return view
