@@ -224,3 +224,52 @@ def test_eval_retrains_each_batch_size_in_stacks_of_its_own():
     assert all(len({c.hparams["batch_size"] for c in stack}) == 1 for stack in stacks)
     assert sorted(c.key for stack in stacks for c in stack) == sorted(
         [c.key for c in cells] + [cells[2].key, cells[8].key])  # a stack of one gets its copy as companion
+
+
+def _trunks_directly(cells, schedule: str, tokens_per_step: int) -> list[list[tuple[int, int]]]:
+    """trunks' definition, cell by cell: cells that differ only in `tokens`, the longest first, each joining the
+    first trunk whose longest cell's multipliers agree with its own over its steps."""
+    import json
+
+    from vmap_sweep.study.plan import steps_for
+    from vmap_sweep.study.schedule import lr_multiplier
+
+    def mults(c):
+        n = steps_for(int(c.hparams["tokens"]), int(c.hparams.get("batch_size", tokens_per_step)))
+        w = torch.tensor([float(c.hparams.get("warmup_ratio", 0.0))], dtype=torch.float64)
+        return [float(lr_multiplier(s, torch.tensor([float(n)]), w, schedule)) for s in range(n)]
+
+    groups: dict[str, list] = {}
+    for c in cells:
+        groups.setdefault(json.dumps({k: v for k, v in c.hparams.items() if k != "tokens"}, sort_keys=True),
+                          []).append(c)
+    out = []
+    for members in groups.values():
+        lanes: list[list] = []
+        for c in sorted(members, key=lambda c: -len(mults(c))):
+            m = mults(c)
+            lane = next((lane for lane in lanes if mults(lane[0])[:len(m)] == m), None)
+            lanes.append([c]) if lane is None else lane.append(c)
+        out += [sorted(lane, key=lambda c: (c.j, c.i)) for lane in lanes]
+    first = {c.key: n for n, c in enumerate(cells)}
+    return [[c.key for c in lane] for lane in sorted(out, key=lambda lane: min(first[c.key] for c in lane))]
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine", "warmup-cosine"])
+def test_trunks_are_their_definition_cell_by_cell(schedule):
+    """trunks finds a group's lanes once per sequence of (steps, warmup) its cells have: the lanes are still those
+    the definition gives each cell, across warmups, batch sizes and values of another type (1, 1.0, True)."""
+    rng = np.random.default_rng(7)
+    cells = []
+    for i, lr in enumerate([1e-3, 1, 1.0, True]):
+        for j in range(12):
+            hp = {"lr": lr, "tokens": int(rng.integers(1, 200))}
+            if j % 3:
+                hp["warmup_ratio"] = [0.0, 0.1, 0.5][j % 3]
+            if j % 5 == 4:
+                hp["batch_size"] = 16
+            cells.append(Cell(i, j, float(i), float(j), hp))
+    cells = [cells[k] for k in rng.permutation(len(cells))]
+    got = [[c.key for c in lane] for lane in trunks(cells, schedule, 8)]
+    assert got == _trunks_directly(cells, schedule, 8)
+    assert len(got) < len(cells)  # some cells do share a trunk

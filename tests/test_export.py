@@ -257,3 +257,16 @@ def test_a_csv_export_written_before_gradient_columns_is_still_replaced(store, t
                    "unstable_step,wall_time,hparams,trajectory,base_losses\n")  # an earlier version's header
     export_study(StudyView.load(store), "csv", old, trajectories=True)
     assert old.read_text().splitlines()[0].endswith("trajectory,base_losses,grad_norms,lrs")
+
+
+def test_a_view_loaded_without_rows_reads_them_when_asked(tmp_path):
+    """The maps load a view without its rows (a 1017² level's take tens of seconds); an analysis that needs them
+    reads them then, the same rows, and exports the same file."""
+    with new_store(tmp_path, config=STUDY_STORE_CONFIG) as store:
+        store.record_batch([(c, rec_for(c.i, c.j)) for c in store_grid().cells()[:5]], batch_index=0)
+    lean, whole = StudyView.load(store.directory, rows=False), StudyView.load(store.directory)
+    assert lean.rows is None and len(whole.rows) == store.nx * store.ny
+    a = export_study(lean, "json", tmp_path / "lean.json", trajectories=True)
+    b = export_study(whole, "json", tmp_path / "whole.json", trajectories=True)
+    assert a.read_bytes() == b.read_bytes()
+    assert [r["i"] for r in lean.rows] == [r["i"] for r in whole.rows]

@@ -205,7 +205,7 @@ def _classes(study: StudyView, criterion: str | None) -> tuple[np.ndarray, GridV
     if study.inferred is not None and study.inferred.any():
         raise ConfigError(f"{study.directory}: a refinement level's inferred cells have no trajectory to classify "
                           "again; compare its stored classes (drop the --criterion option for it)")
-    got = classify_rows(study.rows, criterion)
+    got = classify_rows(study.all_rows(), criterion)
     labels = np.full((study.ny, study.nx), "", dtype="<U9")
     scores = np.full((study.ny, study.nx), np.nan)
     for (i, j), (label, score) in got.items():

@@ -202,7 +202,7 @@ class WarningResult:
 def trajectories_of(view: StudyView, conv: np.ndarray) -> list[Trajectory]:
     """Every done cell's per-step arrays and whether it ended not converged (``conv``: study_classes)."""
     out = []
-    for r in view.rows:
+    for r in view.all_rows():
         out.append(Trajectory(
             i=r["i"], j=r["j"], losses=r["trajectory"], base=r["base_losses"], grad_norms=r["grad_norms"],
             lrs=r["lrs"], steps=int(r["steps"]), failed=not bool(conv[r["j"], r["i"]])))

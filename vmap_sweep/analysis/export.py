@@ -66,13 +66,13 @@ EXPORT_HEADER_V1 = "i,j,x,y,status,label,score,"
 def hparam_columns(view: StudyView) -> list[str]:
     """The hyperparameter columns: the swept axes (x, then y), then every fixed hyperparameter, sorted."""
     names = [view.x.name, view.y.name]
-    rest = sorted({k for r in view.rows for k in r["hparams"]} - set(names))
+    rest = sorted({k for r in view.all_rows() for k in r["hparams"]} - set(names))
     return [*names, *rest]
 
 
 def _records(view: StudyView, trajectories: bool) -> list[dict[str, Any]]:
     # copies: the view's rows stay as the store gave them
-    rows = [{k: v for k, v in r.items() if trajectories or k not in ARRAY_COLUMNS} for r in view.rows]
+    rows = [{k: v for k, v in r.items() if trajectories or k not in ARRAY_COLUMNS} for r in view.all_rows()]
     sized = view.sized
     inferred = _inferred(view)
     for r in rows:

@@ -94,7 +94,7 @@ def refined_map(top: Path, level: int | None = None) -> RefinedMap:
     if not holds_schema(folder):
         raise ConfigError(f"{top}: level {want} was refined, but its folder {folder.name} is gone; "
                           f"`vmap-sweep refine {top} --levels {want}` trains it again")
-    view = StudyView.load(folder)
+    view = StudyView.load(folder, rows=False)  # the map needs none
     info = level_info(view)
     if info is None:
         raise ConfigError(f"{folder}: not a refinement level of {top}")

@@ -7,12 +7,14 @@ experiment (study/plan.py, `same_experiments`): the rules of thumb count them as
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.store import extras
 from vmap_sweep.store.db import StudyStore
 from vmap_sweep.study.config import StudyConfig
+from vmap_sweep.study.grid import Cell
 from vmap_sweep.study.plan import at_positions, same_experiments
 from vmap_sweep.study.sizes import SIZE_UNITS, DatasetSize
 
@@ -39,14 +41,14 @@ def check_unit(unit: str) -> str:
     return unit
 
 
-def sized_cells(store: StudyStore, cfg: StudyConfig) -> SizedCells:
+def sized_cells(store: StudyStore, cfg: StudyConfig, cells: Sequence[Cell]) -> SizedCells:
     """The study's sizes as its data filled them, and its repeated experiments (none known without sizes);
-    `cfg`: the store's validated config (analysis/view.py reads it once)."""
+    `cfg` and `cells`: the store's validated config and its cells (analysis/view.py reads them once)."""
     sizes = extras.dataset_sizes(store)
     if sizes is None:
         return SizedCells(None, {})  # a study of this age counts its budgets in tokens
     # trajectories are shared and repeated in stream positions, whatever unit the budgets count
-    cells = at_positions(store.cells(), {n: s.tokens for n, s in sizes.items()})
+    cells = at_positions(cells, {n: s.tokens for n, s in sizes.items()})
     supervised = {s.tokens: s.supervised for s in sizes.values()}
     same = same_experiments(cells, supervised, cfg.schedule, cfg.tokens_per_step())
     return SizedCells(sizes, {key: cell.key for key, cell in same.items()}, cfg.budget_unit)

@@ -95,8 +95,9 @@ GRID_FIELDS = ("score", "final_loss", "eval_loss", "initial_loss", "unstable")  
 @dataclass
 class StudyView:
     """One stored study, read once. Arrays are (ny, nx); `rows` are the cells as the store lists them, with their
-    per-step arrays. It answers `directory`, `path`, `get_extra`, `labels_array` and `grid_arrays` as a store does,
-    so the criterion's functions (analysis/classify.py) and a level's map (store/levels.py) read it as a store."""
+    per-step arrays, where the view was loaded with them (`all_rows`). It answers `directory`, `path`, `get_extra`,
+    `labels_array` and `grid_arrays` as a store does, so the criterion's functions (analysis/classify.py) and a
+    level's map (store/levels.py) read it as a store."""
 
     folder: Path
     path: Path  # the study's database file
@@ -110,7 +111,7 @@ class StudyView:
     criterion: dict
     sized: SizedCells
     cells: list[Cell]
-    rows: list[dict[str, Any]]
+    rows: list[dict[str, Any]] | None  # None: loaded without them, as the maps need none (a 1017² level's take 40 s)
     arrays: dict[str, np.ndarray]  # GRID_FIELDS by name
     labels: np.ndarray  # str; "" where pending or unlabelled
     grid: GridView
@@ -125,23 +126,24 @@ class StudyView:
     inferred: np.ndarray | None = None
 
     @classmethod
-    def load(cls, source: StudyStore | str | os.PathLike) -> StudyView:
-        """The view of a study folder or of an open store (left open)."""
+    def load(cls, source: StudyStore | str | os.PathLike, rows: bool = True) -> StudyView:
+        """The view of a study folder or of an open store (left open); rows=False: without `rows`."""
         if not isinstance(source, StudyStore):
             with StudyStore.open(source) as store:
-                return cls.load(store)
+                return cls.load(store, rows)
         store = source
         config = stored_config(store)
         x, y = config.axes
         arrays = {f: store.grid_arrays(f) for f in GRID_FIELDS}
         labels = store.labels_array()
-        sized = sized_cells(store, config)
+        cells = store.cells()
+        sized = sized_cells(store, config, cells)
         record = store.get_extra(REFINE)
         return cls(
             folder=Path(store.directory), path=Path(store.path), config=config, raw_config=dict(store.config),
             config_json=store.config_json,
-            x=x, y=y, nx=store.nx, ny=store.ny, criterion=extras.criterion(store), sized=sized, cells=store.cells(),
-            rows=store.rows(arrays=True), arrays=arrays, labels=labels,
+            x=x, y=y, nx=store.nx, ny=store.ny, criterion=extras.criterion(store), sized=sized, cells=cells,
+            rows=store.rows(arrays=True) if rows else None, arrays=arrays, labels=labels,
             grid=_grid(store, config, x, y, arrays, labels, sized), level=extras.level(store),
             study_id=store.study_id, created=store.created,
             refine=record if isinstance(record, dict) and record.get("levels") else None, extras=store.extras())
@@ -176,8 +178,15 @@ class StudyView:
     def grid_arrays(self, name: str) -> np.ndarray:
         return self.arrays[name]
 
+    def all_rows(self) -> list[dict[str, Any]]:
+        """`rows`: as loaded, or read now from the study's file where the view was loaded without them."""
+        if self.rows is None:
+            with StudyStore.open(self.path) as store:
+                self.rows = store.rows(arrays=True)
+        return self.rows
+
     def done_rows(self) -> list[dict[str, Any]]:
-        return [r for r in self.rows if r["status"] == "done"]
+        return [r for r in self.all_rows() if r["status"] == "done"]
 
 
 def stored_config(store: StudyStore) -> StudyConfig:
@@ -225,7 +234,7 @@ def _grid(store: StudyStore, cfg: StudyConfig, x: AxisSpec, y: AxisSpec, arrays:
 
 def grid_view(source: StudyStore | str | os.PathLike) -> GridView:
     """Axis values and per-cell arrays of a study, for the plots."""
-    return StudyView.load(source).grid
+    return StudyView.load(source, rows=False).grid
 
 
 def load_class_grid(source: Path, kind: str = "trainability") -> np.ndarray:

@@ -10,6 +10,7 @@ import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -130,26 +131,35 @@ def trunks(cells: Sequence[Cell], schedule: str, tokens_per_step: int) -> list[t
     one trunk; under a decay the multipliers part after the first step and every cell is its own trunk.
     Trunks come in grid order of their first cell; a trunk's cells in grid order. tokens_per_step: the study's,
     for cells that do not sweep their own batch_size (a trunk holds one: those differ in more than `tokens`)."""
-    groups: dict[str, list[Cell]] = {}
-    for c in cells:
-        groups.setdefault(json.dumps({k: v for k, v in c.hparams.items() if k != "tokens"}, sort_keys=True),
-                          []).append(c)
-    steps = {c.key: steps_for(int(c.hparams["tokens"]), int(c.hparams.get("batch_size", tokens_per_step)))
-             for c in cells}
-    mult = _multipliers(cells, steps, schedule)
-    out: list[tuple[Cell, ...]] = []
+    groups: dict[Any, list[int]] = {}  # cells by their hyperparameters but `tokens`, as indices into `cells`
+    for n, c in enumerate(cells):
+        groups.setdefault(_all_but_tokens(c.hparams), []).append(n)
+    steps = [steps_for(int(c.hparams["tokens"]), int(c.hparams.get("batch_size", tokens_per_step))) for c in cells]
+    # A cell's multipliers follow from its step count and warmup alone, so a group's lanes follow from the
+    # sequence of those: every column of a grid has the same one, and its lanes are found once, not per column.
+    kind = [(steps[n], float(c.hparams.get("warmup_ratio", 0.0))) for n, c in enumerate(cells)]
+    mult = _multipliers(set(kind), schedule)
+    layouts: dict[tuple, list[int]] = {}
+    out: list[list[int]] = []
     for members in groups.values():
-        lanes: list[list[Cell]] = []
-        for c in sorted(members, key=lambda c: -steps[c.key]):  # stable: longest first, then grid order
-            n = steps[c.key]
-            lane = next((lane for lane in lanes if mult[c.key][:n] == mult[lane[0].key][:n]), None)
-            if lane is None:
-                lanes.append([c])
-            else:
-                lane.append(c)
-        out += [tuple(sorted(lane, key=lambda c: (c.j, c.i))) for lane in lanes]
-    first = {c.key: n for n, c in enumerate(cells)}
-    return sorted(out, key=lambda lane: min(first[c.key] for c in lane))
+        members = sorted(members, key=lambda n: -steps[n])  # stable: longest first, then grid order
+        kinds = tuple(kind[n] for n in members)
+        if kinds not in layouts:
+            layouts[kinds] = _lanes_of(kinds, mult)
+        lanes: list[list[int]] = [[] for _ in range(max(layouts[kinds]) + 1)]
+        for n, lane in zip(members, layouts[kinds], strict=True):
+            lanes[lane].append(n)
+        out += lanes
+    return [tuple(sorted((cells[n] for n in lane), key=lambda c: (c.j, c.i))) for lane in sorted(out, key=min)]
+
+
+def _all_but_tokens(hparams: Mapping[str, Any]) -> Any:
+    """A key that tells cells apart by every hyperparameter but `tokens`: values of another type (1 and 1.0, True
+    and 1) stay apart, as in their JSON."""
+    try:
+        return tuple(sorted((k, type(v), v) for k, v in hparams.items() if k != "tokens"))
+    except TypeError:  # an unhashable value (a list): its JSON text
+        return json.dumps({k: v for k, v in hparams.items() if k != "tokens"}, sort_keys=True)
 
 
 def same_experiments(cells: Sequence[Cell], supervised: Mapping[int, int], schedule: str,
@@ -172,14 +182,34 @@ def same_experiments(cells: Sequence[Cell], supervised: Mapping[int, int], sched
     return repeats
 
 
-def _multipliers(cells: Sequence[Cell], steps: dict, schedule: str) -> dict[tuple[int, int], list[float]]:
-    """Each cell's learning-rate multiplier at each of its steps, as the trainer computes them."""
-    if not cells:
+def _lanes_of(kinds: Sequence[tuple[int, float]], mult: Mapping[tuple[int, float], list[float]]) -> list[int]:
+    """The lane of each cell of a group, given as its (steps, warmup), longest first: the first lane whose first
+    cell's multipliers agree with the cell's over the cell's steps, else a lane of its own."""
+    firsts: list[tuple[int, float]] = []
+    found: dict[tuple[int, float], int] = {}  # cells of one kind agree: the first of them decides the lane
+    out = []
+    for k in kinds:
+        if k not in found:
+            n = k[0]
+            lane = next((m for m, first in enumerate(firsts) if mult[k][:n] == mult[first][:n]), None)
+            if lane is None:
+                lane = len(firsts)
+                firsts.append(k)
+            found[k] = lane
+        out.append(found[k])
+    return out
+
+
+def _multipliers(kinds: set[tuple[int, float]], schedule: str) -> dict[tuple[int, float], list[float]]:
+    """The learning-rate multiplier at each step of a cell of each kind (steps, warmup), as the trainer computes
+    them."""
+    if not kinds:
         return {}
-    totals = torch.tensor([steps[c.key] for c in cells], dtype=torch.float64)
-    warmup = torch.tensor([float(c.hparams.get("warmup_ratio", 0.0)) for c in cells], dtype=torch.float64)
+    kinds = sorted(kinds)
+    totals = torch.tensor([n for n, _ in kinds], dtype=torch.float64)
+    warmup = torch.tensor([w for _, w in kinds], dtype=torch.float64)
     per_step = [lr_multiplier(s, totals, warmup, schedule).tolist() for s in range(int(totals.max()))]
-    return {c.key: [per_step[s][n] for s in range(steps[c.key])] for n, c in enumerate(cells)}
+    return {k: [per_step[s][m] for s in range(k[0])] for m, k in enumerate(kinds)}
 
 
 def plan_summary(batches: Sequence[Batch], flops_per_model_step: float) -> dict[str, float | int]:
@@ -230,7 +260,12 @@ def at_positions(cells: Sequence[Cell], positions: Mapping[int, int] | None) -> 
     on, as the planner and the trainer take it; the same cells where `positions` is None (a budget in tokens)."""
     if positions is None:
         return list(cells)
-    return [replace(c, hparams={**c.hparams, "tokens": int(positions[int(c.hparams["tokens"])])}) for c in cells]
+    out = []
+    for c in cells:
+        budget = int(c.hparams["tokens"])
+        at = int(positions[budget])
+        out.append(c if at == budget else replace(c, hparams={**c.hparams, "tokens": at}))
+    return out
 
 
 def plan_study(cfg: StudyConfig, cells: Sequence[Cell], models_per_batch: int, share: bool = True,
