@@ -485,3 +485,30 @@ def test_an_older_writable_study_is_migrated_when_opened_and_trains_on(tmp_path)
     with StudyStore.create_or_open(folder, TODAYS_CONFIG, cells) as store:  # a resume writes today's names
         store.record_batch([(cells[6], rec_for(cells[6].i, cells[6].j))])
         assert store.done_count() == 7
+
+
+def test_cells_read_their_hyperparameters_as_stored_whether_or_not_the_text_is_the_stores(tmp_path):
+    """Rows whose text is the one the store writes are read without parsing it: the same objects, keys in the same
+    order, values of the same types as json.loads gives; a row written otherwise (the same values) is parsed; and
+    no two cells share an object that changing one would change in the other."""
+    import json
+
+    from helpers import STUDY_STORE_CONFIG
+
+    with new_store(tmp_path, config=STUDY_STORE_CONFIG) as s:
+        path = s.path
+    with sqlite3.connect(path) as conn:  # one row as another writer might put the same values
+        text = conn.execute("SELECT hparams FROM cells WHERE i=2 AND j=1").fetchone()[0]
+        spaced = json.dumps(dict(reversed(json.loads(text).items())), indent=1)
+        conn.execute("UPDATE cells SET hparams=? WHERE i=2 AND j=1", (spaced,))
+    with StudyStore.open(path.parent) as s:
+        assert s._grid_rows.parsed is not None  # the rows of the store's own text are read from its template
+        cells = s.cells()
+        raw = s._conn.execute("SELECT hparams FROM cells ORDER BY j, i").fetchall()
+    for c, (text,) in zip(cells, raw, strict=True):
+        want = json.loads(text)
+        assert c.hparams == want and list(c.hparams) == list(want)
+        assert [type(v) for v in c.hparams.values()] == [type(v) for v in want.values()]
+    assert list(cells[1 * 4 + 2].hparams) == list(reversed(list(cells[0].hparams)))  # the spaced row, as written
+    cells[0].hparams["lr"] = -1.0
+    assert all(c.hparams["lr"] > 0 for c in cells[1:])

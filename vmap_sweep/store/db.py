@@ -318,7 +318,7 @@ class StudyStore:
         self.study_id: str | None = meta.get("study_id")  # studies made before it was recorded have none
         self.nx = int(meta["nx"])
         self.ny = int(meta["ny"])
-        _check_rows(conn, path, self.config, self.nx, self.ny)
+        self._grid_rows = _check_rows(conn, path, self.config, self.nx, self.ny)
         self._registered = self._file is not None
         if self._registered:
             _OPEN_HERE[self._file] = _OPEN_HERE.get(self._file, 0) + 1
@@ -644,6 +644,9 @@ class StudyStore:
         return [Cell(i, j, x, y, self._hparams(i, j, hp)) for i, j, x, y, hp in rows]
 
     def _hparams(self, i: int, j: int, text: Any) -> dict:
+        rows = self._grid_rows
+        if rows is not None and rows.parsed is not None and rows.has(i, j) and text == rows.text(i, j):
+            return rows.hparams(i, j)  # the text the store writes for this cell
         hparams = _json(self.path, text, f"cell ({i}, {j})'s hparams")
         if not isinstance(hparams, dict):
             raise _damaged(self.path, f"cell ({i}, {j})'s hparams are not a JSON object")
@@ -746,7 +749,8 @@ class StudyStore:
 
 
 # -------------------------------------------------------------------- every row, checked once when opened
-def _check_rows(conn: sqlite3.Connection, path: Path, config: Mapping[str, Any], nx: int, ny: int) -> None:
+def _check_rows(conn: sqlite3.Connection, path: Path, config: Mapping[str, Any], nx: int,
+                ny: int) -> _GridRows | None:
     """Every cell row as vmap-sweep writes it, else the first bad one named by its cell: its coordinates and
     hyperparameters those of the study's grid (and of each other), and its results of the types and ranges a run
     stores (step counts, losses, flags, labels). Every command reads a study through here, so an edited row is
@@ -767,12 +771,13 @@ def _check_rows(conn: sqlite3.Connection, path: Path, config: Mapping[str, Any],
             why = _bad_lengths(size, base_size, initial)
         if why is not None:
             raise _damaged(path, f"cell ({i}, {j}){why}")
+    return expected
 
 
 class _GridRows:
     """The cells a study's grid holds, as its rows must hold them: coordinates, and hyperparameters as the JSON
     text the store writes. The text comes from one template per grid, so that a 1017² level's million rows are
-    checked without a dict and a JSON round trip each."""
+    checked, and read, without a JSON parse each."""
 
     _MARK = "\x00vmap-sweep axis {}\x00"
 
@@ -783,14 +788,19 @@ class _GridRows:
         marks = {grid.x.name: self._MARK.format("x"), grid.y.name: self._MARK.format("y")}
         template = canonical_json({**grid.base, **marks})
         x_mark, y_mark = (json.dumps(marks[a.name], ensure_ascii=False) for a in (grid.x, grid.y))
+        self.texts, self.parsed = None, None
         if template.count(x_mark) != 1 or template.count(y_mark) != 1:
-            self.texts = None  # never for a real config; every row then takes the JSON comparison
-            return
+            return  # never for a real config; every row then takes the JSON comparison
         swap = template.index(y_mark) < template.index(x_mark)
         first, second = (y_mark, x_mark) if swap else (x_mark, y_mark)
         head, rest = template.split(first)
         middle, tail = rest.split(second)
         self.texts = (head, middle, tail, y_text if swap else x_text, x_text if swap else y_text, swap)
+        # a row of this text parses to the template's object (its keys in its order) with the axes' values in it;
+        # rows share the template's values, so only where none of them could be changed in place
+        parsed = json.loads(template)
+        if all(isinstance(v, str | int | float | bool | None) for v in parsed.values()):
+            self.parsed = (parsed, [json.loads(t) for t in x_text], [json.loads(t) for t in y_text])
 
     def has(self, i: Any, j: Any) -> bool:
         return (isinstance(i, int) and isinstance(j, int) and 0 <= i < self.grid.nx and 0 <= j < self.grid.ny)
@@ -801,6 +811,13 @@ class _GridRows:
         head, middle, tail, first, second, swap = self.texts
         a, b = (j, i) if swap else (i, j)
         return head + first[a] + middle + second[b] + tail
+
+    def hparams(self, i: int, j: int) -> dict:
+        """json.loads(self.text(i, j)), without parsing it."""
+        template, xs, ys = self.parsed
+        out = dict(template)
+        out[self.grid.x.name], out[self.grid.y.name] = xs[i], ys[j]
+        return out
 
 
 def _grid_rows(config: Mapping[str, Any], nx: int, ny: int) -> _GridRows | None:
