@@ -610,3 +610,38 @@ def test_damaged_tracing_rounds_are_refused_in_one_line(traced, tmp_path, value)
         store.put_extra(TRACE_ROUNDS, value)
         with pytest.raises(StoreError, match="refine_rounds record is damaged"):
             _recorded_rounds(store, grid)
+
+
+def test_ctrl_c_says_how_to_resume_and_a_begun_level_is_named_so(studies, tmp_path, monkeypatch):
+    """A Ctrl-C'ed refinement says, as a run does, that every finished batch is kept and which command resumes
+    it; until it has, reading that level says it was begun, not that the study is unrefined; the command given
+    finishes it."""
+    import shutil
+
+    from vmap_sweep.cli.render import RichProgress
+
+    top = _refined_copy(studies, tmp_path)
+    shutil.rmtree(level_dir(top, 1))
+    shutil.rmtree(level_dir(top, 2))
+    with StudyStore.open(top) as store:
+        store.put_extra(REFINE, None)
+    real = RichProgress.batch_done
+
+    def interrupt_after_one(self, batch, labels, elapsed):
+        real(self, batch, labels, elapsed)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RichProgress, "batch_done", interrupt_after_one)
+    out = cli("refine", str(top), "--levels", "1", "--margin", "2", "--quiet")
+    monkeypatch.setattr(RichProgress, "batch_done", real)
+    assert out.exit_code == 130 and "Traceback" not in out.output and "Aborted" not in out.output
+    command = f"vmap-sweep refine {top} --levels 1 --margin 2"
+    assert f"interrupted: every finished batch is stored; `{command}" in out.output.replace("\n", "")
+    for reading in (("fractal", str(top), "--level", "1"), ("export", str(top), "--level", "1", "-o",
+                                                               str(tmp_path / "level.csv"))):
+        refused = cli(*reading)
+        assert refused.exit_code == 2 and "level 1 was begun but is not finished" in refused.output, refused.output
+        assert f"`vmap-sweep refine {top} --levels 1` finishes it" in refused.output.replace("\n", "")
+    resumed = cli(*out.output.replace("\n", "").split("`")[1].split()[1:])
+    assert resumed.exit_code == 0, resumed.output
+    assert refined_map(top).level == 1

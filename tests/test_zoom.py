@@ -536,3 +536,28 @@ def test_a_zoom_child_that_is_not_the_recorded_zoom_is_refused(disk_chain, tmp_p
     assert cli("report", top, "-o", tmp_path / "r.md").exit_code == 0
     text = (tmp_path / "r.md").read_text()
     assert "Zoom levels not measurable" in text and said in text and needle in text
+
+
+def test_ctrl_c_in_a_zoom_says_how_to_resume_it(model_cache, tmp_path, monkeypatch):
+    """As a run: one line on what is kept and the command that resumes it, exit 130; that command finishes it."""
+    from cli_helpers import cli
+
+    from vmap_sweep.cli.render import RichProgress
+
+    parent = tmp_path / "parent"
+    run_local(preset("tiny").with_overrides(resolution="6", y="tokens:256:2048:log"), parent, 8).close()
+    real = RichProgress.batch_done
+
+    def interrupt(self, batch, labels, elapsed):
+        real(self, batch, labels, elapsed)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RichProgress, "batch_done", interrupt)
+    out = cli("zoom", str(parent), "--auto", "--depth", "1", "--device", "cpu", "--models-per-batch", "4", "--quiet")
+    monkeypatch.setattr(RichProgress, "batch_done", real)
+    assert out.exit_code == 130 and "Traceback" not in out.output and "Aborted" not in out.output
+    line = out.output.replace("\n", "")
+    assert f"interrupted: every finished batch is stored; `vmap-sweep zoom {parent} --auto --depth 1 --device cpu`" \
+        in line, line
+    resumed = ok(*line.split("`")[1].split()[1:])
+    assert zoom_levels(parent)[-1][0] == 1 and str(zoom_levels(parent)[-1][1]) in resumed.output

@@ -77,11 +77,14 @@ def refined_map(top: Path, level: int | None = None) -> RefinedMap:
     with StudyStore.open(top) as store:
         record = refine_record(store)
         criterion = extras.criterion(store)
+    begun = begun_level(top, level)
     if record is None:
-        raise ConfigError(f"{top}: not refined; `vmap-sweep refine {top} --levels 3` refines it")
+        raise ConfigError(begun or f"{top}: not refined; `vmap-sweep refine {top} --levels 3` refines it")
     levels = sorted(record["levels"], key=lambda e: int(e["level"]))
     finished = [int(e["level"]) for e in levels]
     want = finished[-1] if level is None else int(level)
+    if want not in finished and begun:
+        raise ConfigError(begun)
     if want < 0:
         raise ConfigError(f"--level {want}: give 0 (the study's own grid) or a refined level "
                           f"({', '.join(map(str, finished))})")
@@ -104,6 +107,15 @@ def refined_map(top: Path, level: int | None = None) -> RefinedMap:
         raise ConfigError(f"{folder} was refined under another criterion than {top}'s last `classify`; run "
                           f"`vmap-sweep classify {top} {was}` to restore it, or refine a copy of it anew")
     return RefinedMap(want, folder, view, study_map(view), next(e for e in levels if int(e["level"]) == want), levels)
+
+
+def begun_level(top: Path, level: int | None) -> str | None:
+    """Why level `level` of the study in `top` can't be read, where a refinement began it and has not finished it
+    (killed, or still training); None otherwise."""
+    if level is None or not 1 <= int(level) <= MAX_LEVELS or not holds_schema(level_dir(top, int(level))):
+        return None
+    return (f"{top}: level {level} was begun but is not finished; `vmap-sweep refine {top} --levels {level}` "
+            "finishes it")
 
 
 def finest_view(top: Path, level: int | None = None) -> StudyView:

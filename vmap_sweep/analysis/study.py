@@ -10,7 +10,7 @@ import numpy as np
 from vmap_sweep.analysis.chain import zoom_tree
 from vmap_sweep.analysis.classify import classify_rows
 from vmap_sweep.analysis.fractal import FractalResult, fractal_dimension, uncertainty_exponent
-from vmap_sweep.analysis.refined import RefinementGain, is_refined, refine_record, refined_fractal_measure
+from vmap_sweep.analysis.refined import RefinementGain, begun_level, is_refined, refine_record, refined_fractal_measure
 from vmap_sweep.analysis.view import load_class_grid
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.store import extras
@@ -115,6 +115,10 @@ def fractal_report(source: Path, kind: str = "trainability", level: int | None =
         box, gain = refined_fractal_measure(study_dir(source), level)
         return FractalReport(box, refined=gain)
     if level not in (None, 0) or (level == 0 and not refined):
+        if not refined and level:
+            begun = begun_level(study_dir(source), level)
+            if begun:
+                raise ConfigError(begun)
         raise ConfigError(f"{source}: --level measures a level of a refined study's trainability map; this is "
                           + ("the stability map" if refined else "not a refined study (`vmap-sweep refine` makes one)"))
     grid = load_class_grid(Path(source), kind)

@@ -61,6 +61,13 @@ def user_errors(fn):
     return wrapper
 
 
+def _interrupted(resume: str):
+    """A Ctrl-C'ed training command's one line: what it keeps and the command that resumes it; exit 130."""
+    console.print(f"interrupted: every finished batch is stored; `{resume}` resumes it", highlight=False,
+                  markup=False, soft_wrap=True)
+    raise typer.Exit(130) from None
+
+
 def _error(message: str):
     render.error(message)
     raise typer.Exit(2) from None
@@ -501,9 +508,14 @@ def zoom(
     with Study.open(study) as parent:
         cfg = parent.config  # the model and data every level trains
     settings = _run_settings(cfg, device, micro_batch_size, deterministic)
-    with _open_backend(cfg, settings) as backend:
-        children = zoom_study(study, backend, window, depth, fraction, models_per_batch=k,
-                              progress=render.RichProgress(console, quiet=quiet), labeller=label_record)
+    try:
+        with _open_backend(cfg, settings) as backend:
+            children = zoom_study(study, backend, window, depth, fraction, models_per_batch=k,
+                                  progress=render.RichProgress(console, quiet=quiet), labeller=label_record)
+    except KeyboardInterrupt:  # Ctrl-C: every stored batch stays, as for run
+        where = "--auto" if auto else "--window " + " ".join(f"{v:g}" for v in window)
+        size = f" --fraction {fraction:g}" if fraction != 1 / 8 else ""
+        _interrupted(f"vmap-sweep zoom {study} {where} --depth {depth}{size}{render.settings_options(settings)}")
     for child in children:
         _say(str(child))
 
@@ -558,10 +570,15 @@ def refine(
         return
     progress = render.RichProgress(console, quiet=quiet)
     earlier = refining.finished_levels(study)
-    with _open_backend(resolved.config, settings) as backend:
-        done = refining.refine_study(study, backend, levels, margin=margin, models_per_batch=k, progress=progress,
-                                     labeller=label_record, share=share, note=progress.note,
-                                     trace=trace, evaluate=eval_)
+    try:
+        with _open_backend(resolved.config, settings) as backend:
+            done = refining.refine_study(study, backend, levels, margin=margin, models_per_batch=k,
+                                         progress=progress, labeller=label_record, share=share, note=progress.note,
+                                         trace=trace, evaluate=eval_)
+    except KeyboardInterrupt:  # Ctrl-C: every stored batch stays, as for run
+        rule = (f" --margin {margin}" if margin != 1 else "") + (" --trace" if trace else "") + \
+            (" --eval" if eval_ else "")
+        _interrupted(f"vmap-sweep refine {study} --levels {levels}{rule}{render.settings_options(settings)}")
     for line in render.refine_lines(study, [e for e in done if int(e["level"]) <= levels], earlier=earlier):
         _say(line)
 

@@ -83,15 +83,21 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.2f} h"
 
 
+def settings_options(settings) -> str:
+    """The run settings that differ from the defaults, as the options a resume must repeat."""
+    if settings is None:
+        return ""
+    return ((" --device cpu" if settings.device == "cpu" else "")
+            + (f" --micro-batch-size {settings.micro_batch_size}" if settings.micro_batch_size else "")
+            + (" --deterministic" if settings.deterministic else ""))
+
+
 def interrupted_line(out: Path, done: int | None, total: int | None, shard: tuple[int, int] | None = None,
                      settings=None) -> str:
     """What a Ctrl-C'ed run prints: how far it got and the command that resumes it (with the options a resume
     must repeat: the shard, and the run settings that differ from the defaults)."""
     folder, extra = (out.parent, f" --shard {shard[0]}/{shard[1]}") if shard else (out, "")
-    if settings is not None:
-        extra += " --device cpu" if settings.device == "cpu" else ""
-        extra += f" --micro-batch-size {settings.micro_batch_size}" if settings.micro_batch_size else ""
-        extra += " --deterministic" if settings.deterministic else ""
+    extra += settings_options(settings)
     if done is None:
         return f"interrupted before {out} held a study; run the same command again to start it"
     return (f"interrupted: {done} of {total} cells are stored in {out}; `vmap-sweep run --out {folder}{extra}` "
