@@ -239,3 +239,15 @@ def test_an_empty_device_is_refused_not_taken_as_the_study_s(finished):
     for args in (["refine", str(finished), "--dry-run"], ["run", "--out", str(finished), "--dry-run"]):
         out = cli(*args, "--device", "")
         assert out.exit_code == 2 and "--device '': choose auto, cpu or cuda" in out.output, out.output
+
+
+def test_version_of_a_source_tree_never_installed_is_said_not_a_traceback(monkeypatch):
+    import importlib.metadata as metadata
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", missing)
+    out = cli("--version")
+    assert out.exit_code == 0 and "Traceback" not in out.output
+    assert "vmap-sweep (not installed: `pip install -e .` in its folder records a version)" in out.output

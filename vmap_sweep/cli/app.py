@@ -28,9 +28,12 @@ app = typer.Typer(
 
 def _print_version(value: bool) -> None:
     if value:
-        from importlib.metadata import version
+        from importlib.metadata import PackageNotFoundError, version
 
-        _say(f"vmap-sweep {version('vmap-sweep')}")
+        try:
+            _say(f"vmap-sweep {version('vmap-sweep')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            _say("vmap-sweep (not installed: `pip install -e .` in its folder records a version)")
         raise typer.Exit()
 
 

@@ -186,7 +186,7 @@ class StudyConfig:
             raise ConfigError(f"--eval-tokens must be 0 (no eval pass) or more, got {self.eval_tokens}")
         if self.eval_tokens > MAX_EVAL_TOKENS:
             raise ConfigError(f"--eval-tokens {self.eval_tokens:,}: every cell evaluates them all, at most "
-                              f"{MAX_EVAL_TOKENS:,}; give fewer (the default is 32,768)")
+                              f"{MAX_EVAL_TOKENS:,}; give fewer")
         if not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"--seed {self.seed}: give a seed in [0, 2**63 - 1]")
         if isinstance(self.divergence_ratio, bool) or not isinstance(self.divergence_ratio, int | float) \
