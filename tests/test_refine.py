@@ -7,6 +7,8 @@ grid's, every new cell whose coarse neighbourhood was mixed trained, a kill mid-
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from cli_helpers import cli
@@ -632,10 +634,10 @@ def test_ctrl_c_says_how_to_resume_and_a_begun_level_is_named_so(studies, tmp_pa
         raise KeyboardInterrupt
 
     monkeypatch.setattr(RichProgress, "batch_done", interrupt_after_one)
-    out = cli("refine", str(top), "--levels", "1", "--margin", "2", "--quiet")
+    out = cli("refine", str(top), "--levels", "1", "--margin", "0", "--quiet")
     monkeypatch.setattr(RichProgress, "batch_done", real)
     assert out.exit_code == 130 and "Traceback" not in out.output and "Aborted" not in out.output
-    command = f"vmap-sweep refine {top} --levels 1 --margin 2"
+    command = f"vmap-sweep refine {top} --levels 1 --margin 0"
     assert f"interrupted: every finished batch is stored; `{command}" in out.output.replace("\n", "")
     for reading in (("fractal", str(top), "--level", "1"), ("export", str(top), "--level", "1", "-o",
                                                                str(tmp_path / "level.csv"))):
@@ -645,3 +647,7 @@ def test_ctrl_c_says_how_to_resume_and_a_begun_level_is_named_so(studies, tmp_pa
     resumed = cli(*out.output.replace("\n", "").split("`")[1].split()[1:])
     assert resumed.exit_code == 0, resumed.output
     assert refined_map(top).level == 1
+    # the level's note counts as inferred what its summary does (cells trained off the boundary are not)
+    noted = re.search(r"note: level 1: 9x9, .* (\d+) inferred", resumed.output.replace("\n", " "))
+    summed = re.search(r"(\d+) of its 81 cells inferred", resumed.output.replace("\n", " "))
+    assert noted and summed and noted.group(1) == summed.group(1) != "0", resumed.output

@@ -252,9 +252,11 @@ def refine_study(top: str | Path, backend: Backend, levels: int, *, margin: int 
             work = level_work(cfg, level, coarse, trained, lambda b: _supervised(backend, b), margin, evaluate)
             batches = plan_study(work.config, work.train, 8 if models_per_batch == "auto" else int(models_per_batch),
                                  share) if work.train else []
+            off = work.trained_off_boundary
+            off = f", {off:,} of them off it as the experiment a target repeats" if off else ""
             note(f"level {level}: {work.grid.nx}x{work.grid.ny}, {int(work.plan.targets.sum()):,} new cells on the "
-                 f"boundary ({len(work.train):,} to train, {len(work.copies):,} repeat an experiment), "
-                 f"{int(work.plan.inferred_new.sum()):,} inferred")
+                 f"boundary ({len(work.train):,} to train{off}, {len(work.copies):,} repeat an experiment), "
+                 f"{work.inferred_new:,} inferred")
             start = time.perf_counter()
             lv_study = Study.create(folder, work.config, work.grid.cells())
             lv_study.close()
