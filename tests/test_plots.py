@@ -193,6 +193,23 @@ def test_box_count_figure_shows_the_local_slopes_beside_the_fit():
     np.testing.assert_allclose(fitted.get_ydata(), 2.0 ** (10 - 1.25 * np.log2([2, 4, 8, 16])))
 
 
+def test_a_map_too_small_for_a_dimension_shows_its_slopes_and_claims_no_dimension():
+    from dataclasses import replace
+
+    sizes = np.array([1, 2, 4, 8])
+    box = FractalResult(dimension=1.289, stderr=0.29, ci_low=0.722, ci_high=1.856, box_sizes=sizes,
+                        box_counts=2.0 ** (6 - 1.289 * np.log2(sizes)), fit_range=(1, 8), local_slopes=sizes * 1.0,
+                        resolution=(9, 9), method="test", aligned_counts=sizes * 0.0, intercept=6.0,
+                        too_small="the boundary spans box sizes 1-8 at 9x9: too small a map to measure a dimension")
+    fig = plots.box_counts_figure(box)
+    texts = [*_legend_texts(fig.axes[0]), *_legend_texts(fig.axes[1]), fig.axes[0].get_title()]
+    assert not any("D =" in t for t in texts), texts
+    assert "fit: slope (too small a map for a dimension) = 1.289 [0.722, 1.856]" in texts
+    assert "too small a map to measure a dimension" in fig.axes[0].get_title()
+    measured = plots.box_counts_figure(replace(box, too_small=None))
+    assert "fit: D = 1.289 [0.722, 1.856]" in _legend_texts(measured.axes[0])
+
+
 def test_transposed_view_keeps_the_reference_per_cell():
     view = make_view(THRESHOLD)
     t = view.transposed()

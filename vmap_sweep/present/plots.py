@@ -470,11 +470,14 @@ def box_counts_figure(box: FractalResult):
         ax.loglog(sizes[~inside], counts[~inside], "o", mfc="none", mec="grey", color="grey",
                   label="box counts left out of the fit")
     fit_s, _ = box.fit_sizes()
+    # a map too small for a number gets none here either: its slopes are drawn, no fit is claimed
+    estimate = "slope (too small a map for a dimension)" if box.too_small else "D"
     ax.loglog(fit_s, box.fitted_counts(fit_s), "-", color="C1",
-              label=f"fit: D = {box.dimension:.3f} [{box.ci_low:.3f}, {box.ci_high:.3f}]")
+              label=f"fit: {estimate} = {box.dimension:.3f} [{box.ci_low:.3f}, {box.ci_high:.3f}]")
     ax.set_xlabel("box size s (cells)")
     ax.set_ylabel("boxes N(s) holding boundary")
-    ax.set_title(f"box counting at {box.resolution[0]}×{box.resolution[1]}")
+    ax.set_title(f"box counting at {box.resolution[0]}×{box.resolution[1]}"
+                 + (": too small a map to measure a dimension" if box.too_small else ""))
     ax.legend(fontsize=8)
 
     local = np.asarray(box.local_slopes, dtype=float)
@@ -482,7 +485,7 @@ def box_counts_figure(box: FractalResult):
     ax_slope.semilogx(sizes[known], local[known], "o-", ms=3, color="C0", label="local slope (one octave)")
     ax_slope.axvspan(lo, hi, color="C0", alpha=0.08, label=f"fit range {lo}…{hi}")
     ax_slope.axhspan(box.ci_low, box.ci_high, color="C1", alpha=0.2, label="95% CI")
-    ax_slope.axhline(box.dimension, color="C1", lw=1, label=f"D = {box.dimension:.3f}")
+    ax_slope.axhline(box.dimension, color="C1", lw=1, label=f"{estimate} = {box.dimension:.3f}")
     ax_slope.set_xlabel("box size s (cells)")
     ax_slope.set_ylabel("local slope −dlog N / dlog s")
     ax_slope.set_title("local slope: flat where the boundary scales")
