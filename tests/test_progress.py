@@ -109,6 +109,10 @@ def test_ctrl_c_says_how_to_resume_and_the_diverged_count_goes_on(tmp_path, monk
     with StudyStore.open(out) as store:
         diverged = store.label_counts().get("not_converged", 0)
     monkeypatch.setattr(RichProgress, "batch_done", real)
+    for measure in ("fractal", "rules"):  # what has no map yet names the command that finishes it
+        refused = cli(measure, out)
+        assert refused.exit_code == 2, refused.output
+        assert f"8 cells are pending; `vmap-sweep run --out {out}` resumes its run" in refused.output.replace("\n", "")
 
     result = ok("run", "--out", out, "--device", "cpu")  # the hint's command
     lines = _lines(result.stderr)

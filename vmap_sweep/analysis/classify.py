@@ -7,6 +7,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from vmap_sweep.errors import ConfigError
+from vmap_sweep.store.levels import level_info
 from vmap_sweep.study.criterion import CONVERGED, LABELS, classify
 
 
@@ -22,11 +23,24 @@ def converged_mask(labels: ArrayLike) -> np.ndarray:
 def study_classes(store) -> np.ndarray:
     """Boolean (ny, nx) grid of a stored study, True = converged; every cell must be done and classified."""
     labels = store.labels_array()
-    missing = int((labels == "").sum())
-    if missing:
-        raise ConfigError(f"{store.directory}: {missing} cells are pending or unclassified; finish the run "
-                          f"(same command resumes it) or run `vmap-sweep classify {store.directory}`")
+    if (labels == "").any():
+        pending = int(np.isnan(store.grid_arrays("unstable")).sum())
+        if pending:
+            raise ConfigError(_pending(store, pending))
+        raise ConfigError(f"{store.directory}: {int((labels == '').sum())} cells are unclassified; "
+                          f"`vmap-sweep classify {store.directory}` classifies them")
     return converged_mask(labels)
+
+
+def _pending(store, pending: int) -> str:
+    """Why a study with pending cells has no map yet, and the command that trains them: a refinement level's is
+    the refinement's, any other study's its run."""
+    info = level_info(store)
+    if info is not None and "level" in info:
+        resume = f"`vmap-sweep refine {store.directory.parent} --levels {info['level']}` finishes it"
+    else:
+        resume = f"`vmap-sweep run --out {store.directory}` resumes its run"
+    return f"{store.directory}: {pending} cells are pending; {resume}"
 
 
 MAPS = ("trainability", "stability")  # what a boundary separates: converged from not, stable from unstable
@@ -39,7 +53,7 @@ def stability_mask(store) -> np.ndarray:
     unstable = store.grid_arrays("unstable")
     missing = int(np.isnan(unstable).sum())
     if missing:
-        raise ConfigError(f"{store.directory}: {missing} cells are pending; finish the run (same command resumes it)")
+        raise ConfigError(_pending(store, missing))
     return unstable == 0
 
 
