@@ -201,6 +201,14 @@ def test_compare_says_what_really_differs(pair, tmp_path):
         store.put_extra("provenance", {"a" * 80: 1, "model": {"sha256": "1" * 64}, "vmap_sweep": "0.1.0"})
     differs = compare_studies(StudyView.load(copy), StudyView.load(again)).differs
     assert 'provenance.vmap_sweep: "0.1.0" -> "0.2.0"' in differs and "sha256" not in differs, differs
+    # a study classified by the default criterion and one never classified class their cells alike
+    with StudyStore.open(again) as store:
+        store.put_extra("provenance", {"a" * 80: 1, "model": {"sha256": "1" * 64}, "vmap_sweep": "0.1.0"})
+        store.put_extra("criterion", None)
+    with StudyStore.open(copy) as store:
+        store.put_extra("criterion", {"criterion": "ratio"})
+    differs = compare_studies(StudyView.load(copy), StudyView.load(again)).differs
+    assert differs == "nothing in the config: the same settings, run twice", differs
 
 
 def test_studies_of_different_criteria_are_compared_only_when_asked(pair, tmp_path):

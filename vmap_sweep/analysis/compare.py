@@ -244,9 +244,12 @@ def what_differs(a: StudyView, b: StudyView) -> str:
         return config_diff(mine, theirs)
     if (a.study_id, a.created) == (b.study_id, b.created):
         return "nothing but the folder: B is a copy of A"
+    def recorded(view: StudyView, key: str):  # the criterion as it classes the cells: a study never classified
+        return view.criterion if key == extras.CRITERION else view.get_extra(key)  # has the default's
+
     runs = [f"{name}: {_short(va)} -> {_short(vb)}"
             for key in (extras.RUN_SETTINGS, extras.DATA_DIGEST, extras.CRITERION, extras.PROVENANCE)
-            for name, va, vb in _differing(key, a.get_extra(key), b.get_extra(key))]
+            for name, va, vb in _differing(key, recorded(a, key), recorded(b, key))]
     return "nothing in the config: the same settings, run twice" + (f" ({'; '.join(runs)})" if runs else "")
 
 
