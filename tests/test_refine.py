@@ -7,6 +7,7 @@ grid's, every new cell whose coarse neighbourhood was mixed trained, a kill mid-
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -220,6 +221,10 @@ def test_fractal_measures_the_finest_level_and_says_what_it_gained(studies):
     assert r["octaves_gained"] is None and r["interval_narrowing"] is None
     assert refined_lines(report)[1] == "level 0 at 5×5: no dimension, too small a map to measure"
     assert refined_map(root / "coarse", 1).map.labels.shape == (9, 9)
+    # a level's folder is measured as that level of its study, its inferred cells with their class
+    for level in (1, 2):
+        a, b = fractal_report(level_dir(root / "coarse", level)), fractal_report(root / "coarse", level=level)
+        assert json.dumps(a.to_dict(), default=str) == json.dumps(b.to_dict(), default=str)
 
 
 def test_fractal_lines_claim_a_gain_only_between_two_measured_maps():

@@ -36,6 +36,10 @@ def _pending(store, pending: int) -> str:
     """Why a study with pending cells has no map yet, and the command that trains them: a refinement level's is
     the refinement's, any other study's its run."""
     info = level_info(store)
+    if info is not None and info.get("complete") and "level" in info:
+        return (f"{store.directory} is level {info['level']} of the refined study {store.directory.parent}: "
+                f"{pending} of its cells are inferred, not trained; give {store.directory.parent} with --level "
+                f"{info['level']}")
     if info is not None and "level" in info:
         resume = f"`vmap-sweep refine {store.directory.parent} --levels {info['level']}` finishes it"
     else:

@@ -109,6 +109,20 @@ def refined_map(top: Path, level: int | None = None) -> RefinedMap:
     return RefinedMap(want, folder, view, study_map(view), next(e for e in levels if int(e["level"]) == want), levels)
 
 
+def finished_level_of(source: Path) -> tuple[Path, int] | None:
+    """(its study, the level) where `source` is the folder of a finished refinement level, else None."""
+    source = study_dir(source)
+    top = source.parent
+    if not source.name.startswith("refine-") or not (top / DB_NAME).is_file():
+        return None
+    with StudyStore.open(top) as store:
+        record = refine_record(store)
+    for e in (record or {}).get("levels", []):
+        if level_dir(top, int(e["level"])).resolve() == source.resolve():
+            return top, int(e["level"])
+    return None
+
+
 def begun_level(top: Path, level: int | None) -> str | None:
     """Why level `level` of the study in `top` can't be read, where a refinement began it and has not finished it
     (killed, or still training); None otherwise."""

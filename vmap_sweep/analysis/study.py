@@ -10,7 +10,14 @@ import numpy as np
 from vmap_sweep.analysis.chain import zoom_tree
 from vmap_sweep.analysis.classify import classify_rows
 from vmap_sweep.analysis.fractal import FractalResult, fractal_dimension, uncertainty_exponent
-from vmap_sweep.analysis.refined import RefinementGain, begun_level, is_refined, refine_record, refined_fractal_measure
+from vmap_sweep.analysis.refined import (
+    RefinementGain,
+    begun_level,
+    finished_level_of,
+    is_refined,
+    refine_record,
+    refined_fractal_measure,
+)
 from vmap_sweep.analysis.view import load_class_grid
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.store import extras
@@ -110,6 +117,9 @@ def fractal_report(source: Path, kind: str = "trainability", level: int | None =
     """Box-counting dimension of one map's boundary (`kind`) with CI, fit range and counts, and the
     uncertainty-exponent estimate. A refined study's trainability map is measured on its finest level (or
     `level`), with level 0 beside it (analysis/refined.py)."""
+    as_level = finished_level_of(Path(source)) if Path(source).is_dir() else None
+    if as_level is not None and kind == "trainability" and level is None:  # a level's folder: that level
+        return fractal_report(as_level[0], kind, as_level[1])
     refined = is_refined(Path(source))
     if kind == "trainability" and refined and level != 0:
         box, gain = refined_fractal_measure(study_dir(source), level)

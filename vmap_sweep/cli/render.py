@@ -47,8 +47,8 @@ def show(items: Iterable[RenderableType]) -> None:
     for item in items:
         if isinstance(item, str):
             say(item)
-        else:
-            out_console.print(item)
+        else:  # prose fills a terminal's width; in a file or a pipe a line stays one line (80 columns cut rows)
+            out_console.print(item, soft_wrap=isinstance(item, Text) and not out_console.is_terminal)
 
 
 def emit(result: Any, json_out: bool, lines: Callable[[Any], Iterable[RenderableType]],
