@@ -173,10 +173,11 @@ def test_a_run_ends_with_maps_cells_trajectories_dimension_and_rules(logged):
     assert len({p["lineKey"] for p in points}) == 4
     assert sorted(p["lineVal"] for p in points) == pytest.approx(sorted(
         v for i in range(4) for v in losses[i, 2] if np.isfinite(v)))
-    # the dimension with its interval, logged and in the summary, equal to what `fractal` computes
+    # a 4 x 4 map is too small for a dimension: as `fractal`, the run logs its box counts and why, and no number
     want = fractal_report(out).to_dict()
-    for key in ("dimension", "ci_low", "ci_high"):
-        assert run.summary[f"fractal/{key}"] == run.logged(f"fractal/{key}") == pytest.approx(want[key])
+    assert want["too_small"] and run.summary["fractal/skipped"] == want["too_small"]
+    assert not any(k in h for h in run.history for k in ("fractal/dimension", "fractal/ci_low"))
+    assert "fractal/dimension" not in run.summary
     assert run.summary["fractal/fit_range"] == list(want["fit_range"])
     assert run.media("fractal/plot").read_bytes()[:4] == b"\x89PNG"
     # the rules: one row per dataset size with its numbers, the fits, the sentences
@@ -195,9 +196,31 @@ def test_plot_fractal_and_rules_log_what_they_compute(logged):
     assert {k for h in plot.history for k in h} >= {"maps/score", "maps/trajectories", "cells_table",
                                                     "trajectories/row_1_table", "trajectories/row_3_table"}
     assert not any(k.startswith(("fractal/", "rules/")) for h in plot.history for k in h)
-    assert fractal.summary["fractal/dimension"] == pytest.approx(fractal_report(out).to_dict()["dimension"])
+    assert fractal.summary["fractal/skipped"] == fractal_report(out).to_dict()["too_small"]
     assert fractal.media("fractal/plot").read_bytes() == (tmp / "box.png").read_bytes()  # --plot's picture
     assert len(rules.table("rules/sizes")) == 4 and "maps/score" not in rules.summary
+
+
+def test_a_measured_dimension_is_logged_with_its_interval():
+    """What `fractal` measures (a map large enough for a number) is logged and summarised as it computes it."""
+    from vmap_sweep.analysis.fractal import fractal_dimension
+    from vmap_sweep.cli.wandb_log import log_dimension
+
+    class Run:
+        def __init__(self):
+            self.history, self.summary = [], {}
+
+        def log(self, values):
+            self.history.append(values)
+
+    yy, xx = np.mgrid[:256, :256]
+    report = fractal_dimension((xx - 128) ** 2 + (yy - 128) ** 2 < 90**2).to_dict()
+    assert not report.get("too_small")
+    run = Run()
+    log_dimension(run, report)
+    for key in ("dimension", "ci_low", "ci_high", "stderr"):
+        assert run.summary[f"fractal/{key}"] == run.history[0][f"fractal/{key}"] == pytest.approx(report[key])
+    assert "fractal/skipped" not in run.summary and run.summary["fractal/resolution"] == list(report["resolution"])
 
 
 def test_offline_runs_are_ready_for_wandb_sync(logged):

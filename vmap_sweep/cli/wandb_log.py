@@ -173,17 +173,20 @@ def log_dimension(run, report: dict, picture: Path | None = None) -> None:
     """The box-counting dimension and its 95% interval, logged (fractal/...) and in the summary, with the box
     counts as a table and their log-log fit as an image when `picture` was drawn."""
     wandb = _wandb()
-    values = {f"fractal/{k}": report[k] for k in ("dimension", "ci_low", "ci_high", "stderr") if k in report}
     table = wandb.Table(columns=["box_size", "box_count"],
                         data=[[int(s), float(c)] for s, c in zip(report["box_sizes"], report["box_counts"],
                                                                  strict=True)])
     extra = {"fractal/box_counts": table}
     if picture is not None and Path(picture).is_file():
         extra["fractal/plot"] = wandb.Image(str(picture))
-    run.log({**{k: _plain(v) for k, v in values.items()}, **extra})
-    run.summary.update({**{k: _plain(v) for k, v in values.items()},
-                        "fractal/fit_range": list(report["fit_range"]),
-                        "fractal/resolution": list(report["resolution"])})
+    where = {"fractal/fit_range": list(report["fit_range"]), "fractal/resolution": list(report["resolution"])}
+    if report.get("too_small"):  # no number where `fractal` prints none: the counts, and why
+        run.log(extra)
+        run.summary.update({**where, "fractal/skipped": report["too_small"]})
+        return
+    values = {f"fractal/{k}": _plain(report[k]) for k in ("dimension", "ci_low", "ci_high", "stderr") if k in report}
+    run.log({**values, **extra})
+    run.summary.update({**values, **where})
 
 
 def log_rules(run, result, picture: Path | None = None) -> None:
