@@ -103,8 +103,20 @@ def test_new_studies_default_to_rows_and_old_ones_still_read_as_packed():
     read = StudyConfig.from_dict(old)
     assert read.packing is True and read.budget_unit == "tokens" and read.row_len is None
     assert config_hash(read.to_dict()) == config_hash(old)  # it resumes: the same hash as stored
+
+
+def test_a_config_is_checked_where_it_is_made_and_a_stored_one_can_be_read_unchecked():
     with pytest.raises(ConfigError, match="--budget-unit 'answers'"):
-        StudyConfig(model="tiny", data="synthetic", budget_unit="answers").validate()
+        StudyConfig(model="tiny", data="synthetic", budget_unit="answers")
+    with pytest.raises(ConfigError, match="--seq-len must be at least 1"):
+        preset("tiny").with_overrides(seq_len=0)
+    # a stored config this vmap-sweep would not train: refused as a config, read as it is for its measures
+    stored = {**preset("tiny").to_dict(), "resolution": "1", "eval_tokens": -5}
+    with pytest.raises(ConfigError, match="resolution"):
+        StudyConfig.from_dict(stored)
+    read = StudyConfig.from_dict(stored, check=False)
+    assert (read.resolution, read.eval_tokens, read.packing, read.budget_unit) == ("1", -5, True, "tokens")
+    assert read.fixed == {} and read.tokenizer is None and read.axes[0].name == "lr"
 
 
 def _model(vocab: int) -> GPT:

@@ -271,9 +271,9 @@ def test_checkpoint_blocks_says_how_many_blocks_recompute(monkeypatch, blocks, r
     x, y = RandomStream().batch(0, B, T)
     trainer._forward_backward(x, y, trainer._loss_weights(0, y), with_grad=True)
     assert len(calls) == recomputed  # of the tiny model's 2 blocks
-    for bad in (TrainConfig(checkpoint_activations=True, checkpoint_blocks=-1), TrainConfig(checkpoint_blocks=4)):
+    for bad in ({"checkpoint_activations": True, "checkpoint_blocks": -1}, {"checkpoint_blocks": 4}):
         with pytest.raises(ValueError, match="checkpoint_blocks"):
-            bad.validate()
+            TrainConfig(**bad)
 
 
 def test_loss_chunk_follows_the_model_width_unless_set():
@@ -288,7 +288,7 @@ def test_loss_chunk_follows_the_model_width_unless_set():
     assert a.losses != b.losses  # the chunking really changed: it sets the order of the sums
     assert rel_close(torch.tensor(a.losses), torch.tensor(b.losses), 1e-6)
     with pytest.raises(ValueError, match="ce_chunk"):
-        TrainConfig(ce_chunk=0).validate()
+        TrainConfig(ce_chunk=0)
 
 
 @pytest.mark.parametrize("checkpointed", [False, True])

@@ -190,13 +190,12 @@ class StudyView:
 
 
 def stored_config(store: StudyStore) -> StudyConfig:
-    """The config a study was made with, as a StudyConfig. Not validated again: a study's measures stand even
-    where a later vmap-sweep would refuse to train its config (an axis it no longer sweeps, say)."""
+    """The config a study was made with, as a StudyConfig, unchecked (StudyConfig.from_dict)."""
     try:
         missing = [k for k in ("x", "y") if not isinstance(store.config.get(k), str)]
         if missing:  # the defaults would stand in for them, and the study would read as another grid
             raise ValueError(f"no {' or '.join(missing)} axis")
-        return StudyConfig.from_dict(store.config)
+        return StudyConfig.from_dict(store.config, check=False)
     except (TypeError, ValueError) as e:
         raise StoreError(f"{store.path}: its stored config can't be read ({e}); it was not made by this "
                          "vmap-sweep, or was edited") from None

@@ -283,7 +283,6 @@ def demo(
     from vmap_sweep.study.config import preset as get_preset
 
     cfg = get_preset("tiny").with_overrides(resolution=resolution)
-    cfg.validate()
     if min(parse_resolution(resolution)) < 4:  # found out before training, not after it
         raise ConfigError(f"--resolution {resolution!r}: the demo measures the boundary's dimension, which needs "
                           "at least 4x4 cells; use e.g. 32")

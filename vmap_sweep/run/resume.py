@@ -109,7 +109,6 @@ def resolve_run(options: RunOptions, stored: StoredRun | None, where: object = "
     base = stored.config if options.preset is None and stored is not None \
         else get_preset(options.preset or DEFAULT_PRESET)
     cfg = base.with_overrides(**options.config, fixed={**base.fixed, **options.fixed})
-    cfg.validate()
     if stored is not None:
         _check_same_config(cfg, stored.config, options, where)
     return ResolvedRun(cfg, k, share, device if device is not None else "auto", micro, deterministic)

@@ -77,7 +77,6 @@ def zoom_study(parent_dir: str | os.PathLike, backend: Backend, window: Sequence
                 child_cfg = child_config(parent.config, given)
             else:
                 child_cfg = child_config(parent.config, auto_window(parent.store, fraction))
-            child_cfg.validate()
             win = axis_window(child_cfg)
             if progress is not None:  # which window each level re-sweeps, before its training starts
                 progress.note(window_line(level, child_cfg, picked=k > 0 or given is None, fraction=fraction))

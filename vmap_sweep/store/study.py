@@ -1,7 +1,7 @@
 """A study as the layers above the store see it: its folder's database, read through the study vocabulary.
 
 `Study.open` and `Study.create` are the only ways in for code that trains: the config comes back as the
-StudyConfig it was trained with (validated once, here), beside its run settings, criterion and data digest.
+StudyConfig it was trained with (valid, as every StudyConfig is), beside its run settings, criterion and data digest.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ class Study:
     @classmethod
     def create(cls, directory: str | os.PathLike, config: StudyConfig, cells: Sequence[Cell]) -> Study:
         """A new study of `config`, or the one `directory` holds if it was made with the same config."""
-        config.validate()
         return cls(StudyStore.create_or_open(directory, config.to_dict(), cells), config)
 
     @property
@@ -71,7 +70,6 @@ class Study:
 def _trained_config(store: StudyStore) -> StudyConfig:
     try:
         config = StudyConfig.from_dict(store.config)
-        config.validate()
     except (ConfigError, TypeError, ValueError) as e:
         raise StoreError(f"{store.path}: its stored config can't be used ({e}); it was not made by this "
                          "vmap-sweep, or was edited") from None

@@ -8,7 +8,7 @@ agrees on (optimizers, schedules, parameter groups) are defined here, at the bot
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from functools import cached_property
 
 from vmap_sweep.errors import ConfigError
@@ -154,12 +154,23 @@ class StudyConfig:
                 del d[name]
         return d
 
+    def __post_init__(self) -> None:
+        self.validate()  # a StudyConfig is a valid one: checked once, where it is made
+
     @classmethod
-    def from_dict(cls, d: dict) -> StudyConfig:
+    def from_dict(cls, d: dict, *, check: bool = True) -> StudyConfig:
+        """The config a study stored. check=False reads it as it is, unchecked: a study's measures stand even
+        where a later vmap-sweep would refuse to train its config (an axis it no longer sweeps, say)."""
         known = {f.name for f in fields(cls)}
         d = {**EARLIER_MEANING, **{k: v for k, v in newer_keys(d).items() if k in known}}
         d["trainable"] = tuple(d.get("trainable", GROUPS))
-        return cls(**d)
+        if check:
+            return cls(**d)
+        config = object.__new__(cls)  # the dataclass's own fields and defaults, without __post_init__
+        for f in fields(cls):
+            value = d[f.name] if f.name in d else f.default_factory() if f.default is MISSING else f.default
+            object.__setattr__(config, f.name, value)
+        return config
 
     def with_overrides(self, **overrides) -> StudyConfig:
         """A copy with every override that is not None applied (the CLI's options over a preset)."""
@@ -171,7 +182,7 @@ class StudyConfig:
         return parse_axis_spec(self.x), parse_axis_spec(self.y)
 
     def validate(self) -> None:
-        """Every problem a user can cause, as one ConfigError naming the option and the fix."""
+        """Every problem a user can cause, as one ConfigError naming the option and the fix (on construction)."""
         x, y = self.axes
         check_axis_pair(x, y)
         parse_resolution(self.resolution)

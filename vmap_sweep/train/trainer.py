@@ -74,8 +74,11 @@ class TrainConfig:
     def tokens_per_step(self) -> int:
         return tokens_per_step(self.rows_per_step, self.seq_len)
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
-        """Programming errors only: a study's options were checked as a StudyConfig already."""
+        """Programming errors only, on construction: a study's options were checked as a StudyConfig already."""
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {OPTIMIZERS}")
         if self.schedule not in SCHEDULES:
@@ -306,7 +309,6 @@ class StackedTrainer:
         """base_cache: the base model's per-token losses by step, shared by the trainers of one model and one
         token stream (a sweep's batches all see the same steps), so that each step's reference is computed once."""
         cfg = with_batch_size_of(cells, cfg)
-        cfg.validate()
         self.cfg, self.device = cfg, torch.device(device)
         self.model = model.to(self.device)
         self.k = len(cells)
