@@ -3,6 +3,7 @@ study, and an option given that differs from the study's is refused, naming it."
 
 from __future__ import annotations
 
+import re
 import sqlite3
 
 import numpy as np
@@ -56,4 +57,17 @@ def test_run_with_only_the_folder_resumes_with_the_studys_own_options(tmp_path):
         result = cli("run", "--out", out, *extra)
         assert result.exit_code == 2 and needle in result.stderr, (extra, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1
+    assert snapshot(out) == before
+
+
+def test_a_dry_run_on_a_study_plans_only_what_is_left(tmp_path):
+    out = tmp_path / "study"
+    ok(*STARTED, "--out", out)
+    finished = ok("run", "--out", out, "--dry-run")
+    assert f"{out}: every one of the plan's 8 cells is stored; nothing to train" in finished.stdout.replace("\n", "")
+    lose_a_row(out)
+    before = snapshot(out)
+    text = re.sub(r"[\s│┃|]+", " ", ok("run", "--out", out, "--dry-run").stdout)
+    # the lost row is one batch of 4 models (one row of learning rates): that batch, not the study's two
+    assert "cells 4 to train (4 of the plan's 8 are stored)" in text and "batches 1 of up to 4 models" in text, text
     assert snapshot(out) == before

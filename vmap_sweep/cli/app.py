@@ -210,7 +210,11 @@ def run(
         from vmap_sweep.run.estimate import dry_run as plan
 
         k = 8 if k == "auto" else k
-        render.show([render.plan_table(cfg, k, plan(cfg, k, resolved.device, resolved.share, shard_spec))])
+        summary = plan(cfg, k, resolved.device, resolved.share, shard_spec, stored and stored.pending)
+        if not summary["to_train"]:
+            _say(f"{out}: every one of the plan's {summary['cells']:,} cells is stored; nothing to train")
+            return
+        render.show([render.plan_table(cfg, k, summary)])
         return
     from vmap_sweep.run.provenance import pin_sources
 

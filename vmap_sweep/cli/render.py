@@ -480,6 +480,13 @@ def layout_rows(cfg, layout: dict | None) -> list[tuple[str, str]]:
 
 
 def plan_table(cfg, k: int, s: dict) -> Table:
+def _cells_to_train(s: dict) -> str:
+    if not s.get("stored"):
+        return f"{s['cells']:,}"
+    return (f"{s['to_train']:,} to train ({s['stored']:,} of the plan's {s['planned']:,} are stored); the rows below "
+            f"are the batches that hold them")
+
+
     """--dry-run's plan: what will be trained and a rough time for it."""
     table = Table(title="plan", show_header=False)
     for key, value in [
@@ -487,7 +494,7 @@ def plan_table(cfg, k: int, s: dict) -> Table:
         ("grid", f"{cfg.x} × {cfg.y} at {cfg.resolution}"),
         ("budgets count", BUDGET_UNIT_WORDS[cfg.budget_unit]),
         *layout_rows(cfg, s.get("layout")),
-        ("cells", s["cells"]), ("batches", f"{s['batches']} of up to {k} models"),
+        ("cells", _cells_to_train(s)), ("batches", f"{s['batches']} of up to {k} models"),
         ("tokens per step", _tokens_per_step(s["tokens_per_step"])),
         ("steps per cell", f"{s['steps_range'][0]} … {s['steps_range'][1]}"),
         ("trunks", f"{s['trunks']:,} trained, read out at {s['read_outs']:,} cells"),

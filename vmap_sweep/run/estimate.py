@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 
 import torch
 
@@ -40,14 +41,24 @@ def study_stream(cfg: StudyConfig) -> tuple[GPTConfig, TokenStream]:
 
 
 def dry_run(cfg: StudyConfig, models_per_batch: int, device: str, share: bool = True,
-            shard: tuple[int, int] | None = None) -> dict:
+            shard: tuple[int, int] | None = None, pending: Collection[tuple[int, int]] | None = None) -> dict:
     """--dry-run: the plan, checked against the model and the data by the run's own checks (pipeline.preflight),
-    described (describe_plan) with the rows' layout; nothing trains."""
+    described (describe_plan) with the rows' layout; nothing trains. pending: the (i, j) of a study's cells still
+    to train (None: all); the plan is then the batches that hold them, as a resume trains, and `stored` counts
+    the plan's cells already stored."""
     dev = resolve_device(device)
     model_config, stream = study_stream(cfg)
     checked = preflight(cfg, build_grid(cfg), stream, shard)
-    summary = describe_plan(cfg, checked.batches(cfg, models_per_batch, share), model_config, dev, checked.budgets)
-    summary["layout"] = stream.layout(cfg.seq_len)
+    batches = checked.batches(cfg, models_per_batch, share)
+    planned = sum(len(b.cells) for b in batches)
+    if pending is not None:
+        batches = [b for b in batches if any(c.key in pending for c in b.cells)]
+    to_train = sum(c.key in pending for b in batches for c in b.cells) if pending is not None else planned
+    if not batches:
+        return {"cells": planned, "stored": planned, "to_train": 0, "batches": 0}
+    summary = describe_plan(cfg, batches, model_config, dev, checked.budgets)
+    summary.update(layout=stream.layout(cfg.seq_len), stored=planned - to_train, to_train=to_train,
+                   planned=planned)
     return summary
 
 

@@ -28,12 +28,13 @@ _PINNED = ("model_revision", "data_revision")
 
 @dataclass(frozen=True)
 class StoredRun:
-    """What a study folder holds of how it was run: its config, run settings (None: not trained yet) and the
-    options it was batched with (models_per_batch, share; {}: none recorded)."""
+    """What a study folder holds of how it was run: its config, run settings (None: not trained yet), the
+    options it was batched with (models_per_batch, share; {}: none recorded) and its cells still to train."""
 
     config: StudyConfig
     settings: RunSettings | None = None
     options: dict = field(default_factory=dict)
+    pending: frozenset[tuple[int, int]] | None = None  # (i, j) of the cells not stored; None: not read
 
     @classmethod
     def read(cls, folder: str | os.PathLike) -> StoredRun | None:
@@ -41,7 +42,8 @@ class StoredRun:
         if not (Path(folder) / DB_NAME).is_file():
             return None
         with Study.open(folder) as study:
-            return cls(study.config, study.settings, extras.run_options(study.store))
+            return cls(study.config, study.settings, extras.run_options(study.store),
+                       frozenset(c.key for c in study.store.pending()))
 
 
 @dataclass(frozen=True)
