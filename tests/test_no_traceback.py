@@ -166,6 +166,25 @@ def test_ctrl_c_in_the_first_seconds_is_one_line_and_no_traceback(tmp_path, dela
         assert "interrupted" in err.strip().splitlines()[-1], err
 
 
+def test_ctrl_c_before_a_command_runs_ends_at_once_and_inside_one_is_the_command_s(tmp_path):
+    """Deterministic: the signal sent by the process to itself, before and after a command's code starts (typer
+    evaluates the commands' annotations before any runs: a Ctrl-C there used to escape as a traceback)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    before = "import os, signal; import vmap_sweep.cli as c; os.kill(os.getpid(), signal.SIGINT); print('went on')"
+    proc = subprocess.run([sys.executable, "-c", before], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130 and "went on" not in proc.stdout
+    assert proc.stderr == "error: interrupted (Ctrl-C) while vmap-sweep was loading; nothing stored changed\n"
+    inside = ("import os, signal; import vmap_sweep.cli as c; c.command_started()\n"
+              "try:\n    os.kill(os.getpid(), signal.SIGINT)\nexcept KeyboardInterrupt:\n"
+              "    print('the command handles it')")
+    proc = subprocess.run([sys.executable, "-c", inside], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == "the command handles it\n", (proc.stdout, proc.stderr)
+
+
 def test_bench_checks_memory_before_allocating_and_runs_where_there_is_no_gpu(monkeypatch):
     """The default d20 x 4 models needs ~36 GB before any activation: refused in one line where that much is not
     free (here: a machine said to have 8 GiB), before a tensor is allocated. Its default device is one that

@@ -1,11 +1,12 @@
 """The `vmap-sweep` command line: commands in app.py, what they print and draw in render.py.
 
 Importing this package installs the command line's Ctrl-C handling before anything heavy loads (torch, the
-plotting and Hub libraries take seconds to import): a Ctrl-C in the middle of an import ends the process at once
-with one line, since a half-imported module would only fail later with a misleading traceback; anywhere else it
-is the KeyboardInterrupt the commands handle (a run keeps every stored batch and says how to resume). Every
-write a command makes is atomic (SQLite transactions, files renamed into place), so ending at once loses nothing
-stored.
+plotting and Hub libraries take seconds to import): a Ctrl-C before a command's own code runs (while modules
+import, or while typer builds the command line from its functions' annotations) ends the process at once with one
+line, since a half-imported module would only fail later with a misleading traceback and nothing has run yet;
+inside a command it is the KeyboardInterrupt the commands handle (a run keeps every stored batch and says how to
+resume). Every write a command makes is atomic (SQLite transactions, files renamed into place), so ending at once
+loses nothing stored.
 """
 
 import os
@@ -15,14 +16,27 @@ import sys
 __all__ = ["app", "main"]
 
 
+_command_running = False  # set once a command's own code runs (app.py, user_errors)
+
+
+def command_started() -> None:
+    global _command_running
+    _command_running = True
+
+
+def _importing(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _interrupted(signum, frame) -> None:
-    f = frame
-    while f is not None:
-        if f.f_code.co_filename.startswith("<frozen importlib"):
-            sys.stderr.write("error: interrupted (Ctrl-C) while vmap-sweep was loading; nothing stored changed\n")
-            sys.stderr.flush()
-            os._exit(130)
-        f = f.f_back
+    if not _command_running or _importing(frame):
+        sys.stderr.write("error: interrupted (Ctrl-C) while vmap-sweep was loading; nothing stored changed\n")
+        sys.stderr.flush()
+        os._exit(130)
     raise KeyboardInterrupt
 
 

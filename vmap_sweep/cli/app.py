@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from vmap_sweep.analysis.jsonsafe import json_safe
-from vmap_sweep.cli import render
+from vmap_sweep.cli import command_started, render
 from vmap_sweep.cli.render import console  # stderr: errors and the progress of a running study
 from vmap_sweep.cli.render import say as _say
 from vmap_sweep.errors import ConfigError, VmapSweepError
@@ -51,6 +51,7 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        command_started()  # from here a Ctrl-C is the command's to handle
         try:
             return fn(*args, **kwargs)
         except VmapSweepError as e:
