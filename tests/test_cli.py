@@ -389,7 +389,8 @@ def test_plot_writes_every_picture_in_every_format(base, tmp_path):
     assert not (tmp_path / "bad").exists()
     (tmp_path / "a-file").write_text("x")  # an --out that can't be a folder: a path error, not a traceback
     one_line_error(cli("plot", base[0], "--out", tmp_path / "a-file"), str(tmp_path / "a-file"),
-                   "choose another path")
+                   "a file, not a folder; give --out a folder for the pictures")
+    assert (tmp_path / "a-file").read_text() == "x"
     assert snapshot(base[0]) == before
 
 
@@ -605,8 +606,17 @@ def test_fractal_refuses_bad_arrays(tmp_path, kind):
         np.save(path, np.ones((16, 16), dtype=bool))
     elif kind != "missing.npy":
         path.write_bytes(b"hello, not an array")
-    one_line_error(cli("fractal", path, "--plot", tmp_path / "p.png"), path.name)
+    line = one_line_error(cli("fractal", path, "--plot", tmp_path / "p.png"), path.name)
+    assert "allow_pickle" not in line  # numpy's advice would run what the file holds
+    if kind == "garbage.npy":
+        assert "not a numpy array file (it is text, or holds pickled objects, which are never loaded)" in line
     assert not (tmp_path / "p.png").exists()
+
+
+def test_a_mask_file_has_no_stability_map(tmp_path):
+    np.save(tmp_path / "mask.npy", _mask())
+    one_line_error(cli("fractal", tmp_path / "mask.npy", "--map", "stability"), "--map stability: a .npy file "
+                   "holds one mask, not a study's stability map")
 
 
 def test_export_names_its_file_after_the_format(base, tmp_path):

@@ -541,3 +541,19 @@ def test_a_store_without_axes_is_refused_rather_than_read_as_the_default_grid(tm
 
     with new_store(tmp_path) as store, pytest.raises(StoreError, match="no x or y axis"):
         StudyView.load(store)
+
+
+def test_the_note_on_repeated_sizes_counts_them_in_words():
+    from types import SimpleNamespace
+
+    from vmap_sweep.analysis.rules import _repeat_note
+
+    budgets = [256, 280, 306, 512]  # LR on x: a cell's size row is its j
+    one = SimpleNamespace(unit="tokens", same_as={(0, 1): (0, 0)})
+    assert _repeat_note(budgets, one, [0, 2, 3], "x") == [
+        "1 size repeats a smaller size's experiment (the tokens between hold no supervised token) and is counted "
+        "once: tokens 280 = 256."]
+    two = SimpleNamespace(unit="tokens", same_as={(0, 1): (0, 0), (0, 2): (0, 0)})
+    assert _repeat_note(budgets, two, [0, 3], "x")[0].startswith("2 sizes repeat a smaller size's experiment")
+    assert "and are counted once: tokens 280 = 256, 306 = 256." in _repeat_note(budgets, two, [0, 3], "x")[0]
+    assert _repeat_note(budgets, SimpleNamespace(unit="tokens", same_as={}), [0, 1, 2, 3], "x") == []

@@ -414,5 +414,7 @@ def _repeat_note(budgets: list[int], sized, kept: list[int], lr_on: str) -> list
     same = [f"{budgets[k]} = {budgets[repeated[k]]}" for k in range(len(budgets)) if k not in kept]
     if not same:
         return []
+    one = len(same) == 1
     return [f"{count_of(len(same), 'size repeats', 'sizes repeat')} a smaller size's experiment (the tokens "
-            f"between hold no supervised token) and are counted once: {sized.unit} {', '.join(same)}."]
+            f"between hold no supervised token) and {'is' if one else 'are'} counted once: {sized.unit} "
+            f"{', '.join(same)}."]

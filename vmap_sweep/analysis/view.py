@@ -244,6 +244,9 @@ def load_class_grid(source: Path, kind: str = "trainability") -> np.ndarray:
             return map_mask(store, kind)
     if source.suffix != ".npy":
         raise ConfigError(f"{source}: not a study folder or a .npy file; pass one of those")
+    if kind != "trainability":  # a .npy holds one mask, read as converged or not
+        raise ConfigError(f"--map {kind}: a .npy file holds one mask, not a study's {kind} map; give a study "
+                          "folder, or leave --map out")
     if source.exists() and not source.is_file():
         raise ConfigError(f"{source}: not a regular file (a named pipe, device or socket); give a .npy file")
     if not source.is_file():
@@ -251,4 +254,6 @@ def load_class_grid(source: Path, kind: str = "trainability") -> np.ndarray:
     try:
         return np.load(source, allow_pickle=False)
     except (ValueError, OSError) as e:
-        raise ConfigError(f"{source}: can't read it as a numpy array ({e})") from None
+        if "pickle" in str(e):  # numpy's own hint (allow_pickle=True) would execute what the file holds
+            e = "it is text, or holds pickled objects, which are never loaded"
+        raise ConfigError(f"{source}: not a numpy array file ({e}); save the mask with numpy.save") from None

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
+from vmap_sweep.analysis.fmt import count_of
 from vmap_sweep.analysis.jsonsafe import json_safe
 from vmap_sweep.present.provenance import provenance_rows
 from vmap_sweep.run.eta import EtaModel, Work, batch_work
@@ -379,7 +380,7 @@ def classify_line(criterion: str, counts: dict[str, int], zooms: int) -> str:
 
 
 def merge_line(shards: int, store: StudyStore, out: Path) -> str:
-    return f"merged {shards} shards: {store.done_count()}/{store.cell_count()} cells in {out}"
+    return f"merged {count_of(shards, 'shard')}: {store.done_count()}/{store.cell_count()} cells in {out}"
 
 
 def ood_choice_line(pick: str, cells: list[dict]) -> str:
@@ -479,7 +480,6 @@ def layout_rows(cfg, layout: dict | None) -> list[tuple[str, str]]:
             ("supervised tokens", answers)]
 
 
-def plan_table(cfg, k: int, s: dict) -> Table:
 def _cells_to_train(s: dict) -> str:
     if not s.get("stored"):
         return f"{s['cells']:,}"
@@ -487,6 +487,7 @@ def _cells_to_train(s: dict) -> str:
             f"are the batches that hold them")
 
 
+def plan_table(cfg, k: int, s: dict) -> Table:
     """--dry-run's plan: what will be trained and a rough time for it."""
     table = Table(title="plan", show_header=False)
     for key, value in [

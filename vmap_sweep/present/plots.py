@@ -431,6 +431,8 @@ def save_plots(
 ) -> list[Path]:
     """Score heatmap with the boundary, final loss relative to the base model's and eval-loss heatmaps, and
     trajectories of `rows`."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_dir}: a file, not a folder; give --out a folder for the pictures")
     for name in ("score", "stability", "final_loss", "eval_loss", "trajectories"):
         for fmt in formats:  # all of them before any picture is drawn
             check_output(out_dir / f"{name}.{fmt}")
