@@ -68,18 +68,30 @@ def test_the_analysis_excerpts_are_what_the_commands_print(runner, name):
 
 
 def test_the_stored_demo_study_is_what_training_gives_now(runner):
-    """Two of its longest cells, one converged and one not, re-trained alone: bitwise their stored trajectories."""
+    """Two of its longest cells, one converged and one not, re-trained alone: bitwise their stored trajectories.
+
+    On a CPU whose float kernels round otherwise than the machine that made the study (another vector unit), even
+    a one-step cell differs in its last digits and a diverging one's chaos makes anything of that: there the
+    converged cells are held to 1e-3, which a change to training (defaults, data layout, arithmetic) still
+    exceeds."""
     from vmap_sweep.eval.ood import retrain_cells
 
-    with StudyStore.open(runner.work / "demo-study") as store:
+    folder = runner.work / "demo-study"
+    with StudyStore.open(folder) as store:
         rows = {(r["i"], r["j"]): r for r in store.rows()}
         top = max(j for _, j in rows)
         row = sorted((i for i, j in rows if j == top))
         labels = {i: rows[(i, top)]["label"] for i in row}
         pick = [next(i for i in row if labels[i] == "converged"), next(i for i in row if labels[i] != "converged")]
-        cells = [c for c in store.cells() if c.key in {(i, top) for i in pick}]
+        cells = {c.key: c for c in store.cells() if c.key in {(i, top) for i in pick} | {(pick[0], 0)}}
+    one_step, longest = [cells[(pick[0], 0)]], [cells[(i, top)] for i in pick]
     try:
-        retrained = list(retrain_cells(runner.work / "demo-study", cells, "cpu", models_per_batch=2, rtol=0.0))
+        same_arithmetic = next(retrain_cells(folder, one_step, "cpu", rtol=1e-3)).max_rel_diff == 0
+        if same_arithmetic:
+            retrained = list(retrain_cells(folder, longest, "cpu", models_per_batch=2, rtol=0.0))
+            assert len(retrained) == 2 and all(r.max_rel_diff == 0 for r in retrained)
+        else:
+            converged = next(retrain_cells(folder, longest[:1], "cpu", rtol=1e-3))
+            assert 0 < converged.max_rel_diff <= 1e-3
     except ConfigError as e:
         pytest.fail(f"{e}; {FIX}")
-    assert len(retrained) == 2 and all(r.max_rel_diff == 0 for r in retrained)
