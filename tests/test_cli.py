@@ -725,7 +725,9 @@ def test_merge_refuses_a_missing_or_repeated_shard_unless_partial(base, tmp_path
     assert one_line_error(cli("merge", one, "--out", out)) == (
         "error: merge: shard 2/2 is missing (the study was split into 2 parts); give every shard-K-of-2 folder, "
         "or add --partial to merge only these")
-    one_line_error(cli("merge", one, one, "--out", out), f"{one} is given twice", "--partial")
+    for partial in ([], ["--partial"]):  # one folder is never two shards
+        assert one_line_error(cli("merge", one, one, "--out", out, *partial)) == (
+            f"error: merge: {one} is given twice; give each shard folder once")
     one_line_error(cli("merge", one, twin, "--out", out), "shard 1/2 is in both", str(one), str(twin))
     assert not out.exists()
     assert "16/16" in ok("merge", one, "--out", out, "--partial").stdout

@@ -59,6 +59,9 @@ def test_zoom_then_dimension_then_animation(study):
 def test_zoom_needs_exactly_one_of_auto_and_window(study):
     result = cli("zoom", study)
     assert result.exit_code == 2 and "give --auto or --window" in result.stderr
+    both = cli("zoom", study, "--auto", "--window", "1e-3", "1e-2", "300", "1000")
+    assert both.exit_code == 2 and both.stderr.strip() == (
+        "error: zoom: --auto picks the window itself; give --auto or --window X0 X1 Y0 Y1, not both")
 
 
 def test_rules_and_report(study, tmp_path):

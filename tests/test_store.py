@@ -328,14 +328,17 @@ def test_merge_refuses_other_config_and_conflicts(tmp_path):
 def test_merge_refuses_an_incomplete_or_repeated_set_of_shards(tmp_path):
     dirs = [run_shard(tmp_path, k, 4) for k in (1, 2, 3, 4)]
     refused = [([dirs[0]], "shards 2/4, 3/4, 4/4 are missing"),
-               (dirs[:3], "shard 4/4 is missing (the study was split into 4 parts)"),
-               ([*dirs, dirs[1]], f"{dirs[1]} is given twice"),
-               ([*dirs, tmp_path / "." / dirs[1].name], "is given twice")]
+               (dirs[:3], "shard 4/4 is missing (the study was split into 4 parts)")]
     for given, needle in refused:
         with pytest.raises(StoreError, match="--partial") as e:
             merge_studies(given, tmp_path / "m")
         assert needle in str(e.value) and "\n" not in str(e.value)
         assert not (tmp_path / "m").exists()  # refused before anything is written
+    for given in ([*dirs, dirs[1]], [*dirs, tmp_path / "." / dirs[1].name]):  # --partial or not
+        for partial in (False, True):
+            with pytest.raises(ConfigError, match=f"{given[-1]} is given twice; give each shard folder once$"):
+                merge_studies(given, tmp_path / "m", partial=partial)
+            assert not (tmp_path / "m").exists()
     # two folders of one part (a copy of shard 2, say): refused, naming both
     twin = run_shard(tmp_path / "copy", 2, 4)
     with pytest.raises(StoreError, match="shard 2/4 is in both") as e:

@@ -509,7 +509,9 @@ def zoom(
     from vmap_sweep.store.study import Study
     from vmap_sweep.study.criterion import label as label_record
 
-    if auto == (window is not None):
+    if auto and window is not None:
+        raise ConfigError("zoom: --auto picks the window itself; give --auto or --window X0 X1 Y0 Y1, not both")
+    if not auto and window is None:
         raise ConfigError("zoom: give --auto or --window X0 X1 Y0 Y1")
     k = check_models_per_batch(models_per_batch)
     with Study.open(study) as parent:

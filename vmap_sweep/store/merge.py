@@ -36,20 +36,24 @@ def merge_studies(shard_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
                   partial: bool = False) -> StudyStore:
     """Union of the done cells of shard studies (one config) into ``out_dir`` (new, or an earlier
     merge of the same study). A cell done in two places must hold identical results. Unless ``partial``,
-    every part K/N of the split must be there (given, or in ``out_dir`` already) and none given twice."""
+    every part K/N of the split must be there (given, or in ``out_dir`` already) and none in two folders. A folder
+    given twice is refused either way: it is never two shards."""
     if not shard_dirs:
         raise ConfigError("merge: no shard folders given; pass the --out folders of the shard runs")
     out_dir = Path(out_dir)
     resolved = [Path(d).resolve() for d in shard_dirs]
     if out_dir.resolve() in resolved:
         raise ConfigError(f"merge: output {out_dir} is one of the shards; choose a new folder")
+    twice = next((d for k, d in enumerate(shard_dirs) if resolved[k] in resolved[:k]), None)
+    if twice is not None:
+        raise ConfigError(f"merge: {twice} is given twice; give each shard folder once")
     stores: list[StudyStore] = []
     try:
         for d in shard_dirs:
             stores.append(StudyStore.open(d))
         _check_one_study(stores)
         if not partial:
-            _check_whole_split(shard_dirs, stores, out_dir)
+            _check_whole_split(stores, out_dir)
         done, shared = _gather(stores)
         first = stores[0]
         out = StudyStore.create_or_open(out_dir, first.config, first.cells())
@@ -103,14 +107,8 @@ def _shards_of(store: StudyStore) -> set[tuple[int, int]]:
     return found
 
 
-def _check_whole_split(shard_dirs: Sequence[str | os.PathLike], stores: Sequence[StudyStore], out_dir: Path) -> None:
+def _check_whole_split(stores: Sequence[StudyStore], out_dir: Path) -> None:
     """Each shard once, and every part K of N: a merge of part of a split looks finished but is not."""
-    given: dict[Path, str | os.PathLike] = {}
-    for d in shard_dirs:
-        r = Path(d).resolve()
-        if r in given:
-            raise StoreError(f"merge: {d} is given twice; give each shard folder once (or add --partial)")
-        given[r] = d
     owner: dict[tuple[int, int], Path] = {}
     for s in stores:
         for kn in sorted(_shards_of(s)):
