@@ -10,11 +10,10 @@ import torch
 from vmap_sweep.data.stream import TokenStream
 from vmap_sweep.model.gpt import GPT, GPTConfig
 from vmap_sweep.model.tokenizer import ByteTokenizer, Tokenizer
-from vmap_sweep.run.pipeline import preflight
 from vmap_sweep.run.policy import compile_on, resolve_device
 from vmap_sweep.run.worker import load_base_model, training_stream
 from vmap_sweep.study.config import StudyConfig
-from vmap_sweep.study.plan import build_grid, plan_summary, same_experiments, sharing_summary
+from vmap_sweep.study.plan import build_grid, plan_summary, preflight, same_experiments, sharing_summary
 from vmap_sweep.study.sizes import Budgets
 
 # The fraction of a bare matmul's rate that training reaches, compiled or eager, counting every model's every
@@ -42,7 +41,7 @@ def study_stream(cfg: StudyConfig) -> tuple[GPTConfig, TokenStream]:
 
 def dry_run(cfg: StudyConfig, models_per_batch: int, device: str, share: bool = True,
             shard: tuple[int, int] | None = None, pending: Collection[tuple[int, int]] | None = None) -> dict:
-    """--dry-run: the plan, checked against the model and the data by the run's own checks (pipeline.preflight),
+    """--dry-run: the plan, checked against the model and the data by the run's own checks (study/plan.py, preflight),
     described (describe_plan) with the rows' layout; nothing trains. pending: the (i, j) of a study's cells still
     to train (None: all); the plan is then the batches that hold them, as a resume trains, and `stored` counts
     the plan's cells already stored."""

@@ -11,22 +11,21 @@ import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
 from vmap_sweep.data.sources import data_fingerprint
-from vmap_sweep.errors import ConfigError, StoreError
+from vmap_sweep.errors import StoreError
 from vmap_sweep.run import provenance
 from vmap_sweep.run.eta import EtaModel, Work, batch_work
 from vmap_sweep.run.worker import Job
 from vmap_sweep.store import extras
 from vmap_sweep.store.db import DB_NAME, LOCK_NAME, Labeller, StudyStore
 from vmap_sweep.store.study import Study
-from vmap_sweep.study.config import MAX_STEPS_PER_CELL, StudyConfig
-from vmap_sweep.study.grid import Cell, Grid
-from vmap_sweep.study.plan import Batch, build_grid, plan_study, shard_cells
+from vmap_sweep.study.config import StudyConfig
+from vmap_sweep.study.grid import Cell
+from vmap_sweep.study.plan import Batch, build_grid, preflight
 from vmap_sweep.study.settings import RunSettings
 from vmap_sweep.study.sizes import Budgets
 from vmap_sweep.train.trainer import CellRecord
@@ -114,62 +113,6 @@ def run_study(cfg: StudyConfig, out: str | Path, backend: Backend, *, models_per
         progress.finish()  # also on error: a live progress display would hide the cursor
 
 
-class BudgetSource(Protocol):
-    """What knows the data's budgets: a Backend, or the TokenStream a dry run builds."""
-
-    def budgets(self, budgets: list[int], unit: str = "tokens") -> Budgets: ...
-
-
-@dataclass(frozen=True)
-class Preflight:
-    """A study's grid checked against its data: what each budget holds, as stream positions, and the cells to
-    plan (a shard's, or the given ones)."""
-
-    budgets: Budgets
-    positions: dict[int, int]
-    cells: list[Cell]
-    shard_name: str | None
-
-    def batches(self, cfg: StudyConfig, models_per_batch: int, share: bool) -> list[Batch]:
-        return plan_study(cfg, self.cells, models_per_batch, share, self.positions)
-
-
-def preflight(cfg: StudyConfig, grid: Grid, data: BudgetSource, shard: tuple[int, int] | None = None,
-              only: list[Cell] | None = None) -> Preflight:
-    """The checks a study passes once its data is known, before any cell trains; a run and its --dry-run make
-    these same ones: every budget holds a supervised token, none takes more steps than a cell may, the shard
-    holds cells."""
-    budgets = data.budgets(sorted({int(c.hparams["tokens"]) for c in grid.cells()}), cfg.budget_unit)
-    check_smallest_budget(cfg, grid, budgets.first_supervised)
-    positions = budget_positions(cfg, budgets)
-    cells, shard_name = _cells_of_shard(cfg, grid, shard, positions) if only is None else (list(only), None)
-    return Preflight(budgets, positions, cells, shard_name)
-
-
-def budget_positions(cfg: StudyConfig, budgets: Budgets) -> dict[int, int]:
-    """Each budget as the stream positions it trains on (itself, in tokens), refused past the steps a cell may
-    take (a budget in answer tokens or conversations is known in positions only once the data is)."""
-    positions = {n: size.tokens for n, size in budgets.sizes.items()}
-    longest = max(positions.values())
-    per_step = cfg.tokens_per_step()
-    if cfg.budget_unit != "tokens" and longest / per_step > MAX_STEPS_PER_CELL:
-        n = max(positions, key=positions.get)
-        raise ConfigError(f"a budget of {n} {cfg.budget_unit} is {longest:,} tokens of {cfg.data}, more than the "
-                          f"{MAX_STEPS_PER_CELL:,} steps of {per_step} tokens a cell may take; use a smaller budget")
-    return positions
-
-
-def _cells_of_shard(cfg: StudyConfig, grid: Grid, shard: tuple[int, int] | None,
-                    positions: dict[int, int] | None = None) -> tuple[list[Cell], str | None]:
-    if shard is None:
-        return grid.cells(), None
-    cells, name = shard_cells(cfg, grid, *shard, positions), f"{shard[0]}/{shard[1]}"
-    if not cells:
-        raise ConfigError(f"--shard {name}: that part holds no cells (the grid has {len(grid.cells())}, "
-                          "dealt in whole rows); split it into fewer parts")
-    return cells, name
-
-
 def _check_resumable(study: Study, settings: RunSettings) -> str | None:
     """Resume only with the settings and data a study was trained with; returns the data's digest."""
     stored = study.settings
@@ -201,16 +144,6 @@ def check_data_unchanged(store: StudyStore, data: str) -> str | None:
         raise StoreError(f"{data}: its contents changed since {store.path} was started (sha256 {stored[:12]} -> "
                          f"{digest[:12]}); restore that file, or use a new --out for the new data")
     return digest
-
-
-def check_smallest_budget(cfg: StudyConfig, grid: Grid, first: int | None) -> None:
-    """A cell whose budget holds no supervised token would have nothing to learn from: refuse the grid.
-    first: the smallest budget that holds one (None: the data holds none)."""
-    smallest = min(int(c.hparams["tokens"]) for c in grid.cells())
-    if first is None or smallest < first:
-        where = f"start the tokens range at {first} or more" if first else "it holds no assistant turn"
-        raise ConfigError(f"tokens={smallest}: the first {smallest} tokens of {cfg.data} hold no supervised "
-                          f"(assistant) token; {where}")
 
 
 def _record_start(study: Study, settings: RunSettings, digest: str | None, criterion: dict | None,

@@ -29,7 +29,6 @@ import numpy as np
 from vmap_sweep.errors import ConfigError, StoreError, VmapSweepError
 from vmap_sweep.run.pipeline import (
     Backend,
-    BudgetSource,
     Progress,
     check_data_unchanged,
     check_origin_unchanged,
@@ -55,7 +54,7 @@ from vmap_sweep.study.axes import parse_resolution
 from vmap_sweep.study.config import StudyConfig
 from vmap_sweep.study.criterion import as_options
 from vmap_sweep.study.grid import Cell, Grid
-from vmap_sweep.study.plan import build_grid, cell_steps, plan_study, same_experiments
+from vmap_sweep.study.plan import BudgetSource, build_grid, cell_steps, plan_study, same_experiments
 from vmap_sweep.study.refine import DEFAULT_MARGIN, UNKNOWN, LevelPlan, level_points, plan_level, trace_targets
 from vmap_sweep.study.settings import RunSettings
 from vmap_sweep.train.trainer import CellRecord
