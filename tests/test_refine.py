@@ -656,3 +656,62 @@ def test_ctrl_c_says_how_to_resume_and_a_begun_level_is_named_so(studies, tmp_pa
     noted = re.search(r"note: level 1: 9x9, .* (\d+) inferred", resumed.output.replace("\n", " "))
     summed = re.search(r"(\d+) of its 81 cells inferred", resumed.output.replace("\n", " "))
     assert noted and summed and noted.group(1) == summed.group(1) != "0", resumed.output
+
+
+def test_run_on_a_level_is_refused_begun_or_finished_and_the_pending_message_names_refine(studies, tmp_path):
+    """A level's other cells are inferred: `run --out LEVEL` would train them all and the level would no longer be
+    the refinement's. Refused by the level's own record (refine writes it as the level begins) or, for a level
+    begun before that record existed, by its place in the study's folder."""
+    import sqlite3
+
+    from helpers import snapshot
+
+    from vmap_sweep.store.db import DB_NAME
+    from vmap_sweep.store.levels import REFINE_LEVEL
+
+    top = _refined_copy(studies, tmp_path)
+    level = level_dir(top, 2)
+    with StudyStore.open(level) as store:
+        info = store.get_extra(REFINE_LEVEL)
+    assert info["complete"] is True and info["level"] == 2
+    before = snapshot(top)
+    finished = cli("run", "--out", str(level), "--device", "cpu")
+    assert finished.exit_code == 2 and finished.stderr.strip().startswith(
+        f"error: {level} is level 2 of the refined study {top}: refine trains only the cells that can lie on the "
+        "boundary; it is finished, and its "), finished.stderr
+    assert snapshot(top) == before
+    for record in ({**info, "complete": False}, None):  # begun: with the record refine now writes first, or none
+        con = sqlite3.connect(level / DB_NAME)
+        with con:
+            con.execute("DELETE FROM extra WHERE key = ?", (REFINE_LEVEL,))
+        con.close()
+        if record is not None:
+            with StudyStore.open(level) as store:
+                store.put_extra(REFINE_LEVEL, record)
+        before = snapshot(top)
+        begun = cli("run", "--out", str(level), "--device", "cpu")
+        assert begun.exit_code == 2 and begun.stderr.strip().endswith(
+            f"`vmap-sweep refine {top} --levels 2` finishes it"), begun.stderr
+        assert snapshot(top) == before
+        rules = cli("rules", str(level))
+        assert rules.exit_code == 2 and f"`vmap-sweep refine {top} --levels 2` finishes it" in rules.stderr
+        assert "run --out" not in rules.stderr
+
+
+def test_a_level_s_record_says_it_began_before_any_cell_trains(studies, tmp_path):
+    import shutil
+    import sqlite3
+
+    from vmap_sweep.store.db import DB_NAME
+    from vmap_sweep.store.levels import REFINE_LEVEL
+
+    root, _, _ = studies
+    copy = shutil.copytree(root / "coarse", tmp_path / "coarse", ignore=shutil.ignore_patterns("refine-*"))
+    with sqlite3.connect(copy / DB_NAME) as con:  # the coarse study as it was before any refinement
+        con.execute("DELETE FROM extra WHERE key = ?", (REFINE,))
+    with pytest.raises(KeyboardInterrupt):  # killed after the level's first batch
+        refine_study(copy, StopsAfterOneBatch(CFG, local_backend(CFG).settings), 1, models_per_batch=2,
+                     labeller=label_record)
+    with StudyStore.open(level_dir(copy, 1)) as store:
+        assert store.get_extra(REFINE_LEVEL) == {"level": 1, "of": "..", "margin": 1, "complete": False}
+        assert 0 < store.done_count() < store.cell_count()

@@ -7,7 +7,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from vmap_sweep.errors import ConfigError
-from vmap_sweep.store.levels import level_info
+from vmap_sweep.store.levels import refinement_level
 from vmap_sweep.study.criterion import CONVERGED, LABELS, classify
 
 
@@ -35,13 +35,13 @@ def study_classes(store) -> np.ndarray:
 def _pending(store, pending: int) -> str:
     """Why a study with pending cells has no map yet, and the command that trains them: a refinement level's is
     the refinement's, any other study's its run."""
-    info = level_info(store)
-    if info is not None and info.get("complete") and "level" in info:
-        return (f"{store.directory} is level {info['level']} of the refined study {store.directory.parent}: "
+    found = refinement_level(store)
+    if found is not None and found[1]:
+        return (f"{store.directory} is level {found[0]} of the refined study {store.directory.parent}: "
                 f"{pending} of its cells are inferred, not trained; give {store.directory.parent} with --level "
-                f"{info['level']}")
-    if info is not None and "level" in info:
-        resume = f"`vmap-sweep refine {store.directory.parent} --levels {info['level']}` finishes it"
+                f"{found[0]}")
+    if found is not None:
+        resume = f"`vmap-sweep refine {store.directory.parent} --levels {found[0]}` finishes it"
     else:
         resume = f"`vmap-sweep run --out {store.directory}` resumes its run"
     return f"{store.directory}: {pending} cells are pending; {resume}"

@@ -22,6 +22,7 @@ from vmap_sweep.run.eta import EtaModel, Work, batch_work
 from vmap_sweep.run.worker import Job
 from vmap_sweep.store import extras
 from vmap_sweep.store.db import DB_NAME, LOCK_NAME, Labeller, StudyStore
+from vmap_sweep.store.levels import refuse_training_a_level
 from vmap_sweep.store.study import Study
 from vmap_sweep.study.config import StudyConfig
 from vmap_sweep.study.grid import Cell
@@ -91,6 +92,8 @@ def run_study(cfg: StudyConfig, out: str | Path, backend: Backend, *, models_per
     try:
         study.store.claim_writer()
         claimed = True
+        if only is None:
+            refuse_training_a_level(study.store)
         digest = _check_resumable(study, backend.settings)
         origin = _check_provenance(study, cfg, progress)
         checked = preflight(cfg, grid, backend, shard, only)

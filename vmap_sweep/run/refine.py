@@ -259,6 +259,9 @@ def refine_study(top: str | Path, backend: Backend, levels: int, *, margin: int 
             start = time.perf_counter()
             lv_study = Study.create(folder, work.config, work.grid.cells())
             lv_study.close()
+            with _writable_level(folder, criterion) as store:
+                if level_info(store) is None:  # begun: a level's record says so before any cell trains
+                    store.put_extra(REFINE_LEVEL, {"level": level, "of": "..", "margin": margin, "complete": False})
             store = run_study(work.config, folder, backend, models_per_batch=models_per_batch, progress=progress,
                               labeller=labeller, criterion=criterion, share=share, only=work.train) \
                 if work.train else _writable_level(folder, criterion)

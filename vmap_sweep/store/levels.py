@@ -53,6 +53,33 @@ def level_info(store: StudyStore) -> dict | None:
     return info if isinstance(info, dict) else None
 
 
+def refinement_level(store: StudyStore) -> tuple[int, bool] | None:
+    """(level, finished) where `store` is a level of a refined study, else None: by its own record, which refine
+    writes as it begins a level, or by its place (refine-L in a study's folder), for a level begun before that."""
+    info = level_info(store)
+    if info is not None and isinstance(info.get("level"), int):
+        return info["level"], bool(info.get("complete"))
+    name = store.directory.name.removeprefix("refine-")
+    if name.isdigit() and level_dir(store.directory.parent, int(name)) == store.directory \
+            and holds_schema(store.directory.parent):
+        return int(name), False
+    return None
+
+
+def refuse_training_a_level(store: StudyStore) -> None:
+    """A level's cells are trained by `refine` alone: only those that can lie on the boundary, the rest inferred."""
+    found = refinement_level(store)
+    if found is None:
+        return
+    level, finished = found
+    top = store.directory.parent
+    why = (f"it is finished, and its {store.cell_count() - store.done_count():,} other cells are inferred from the "
+           f"coarser level; `vmap-sweep fractal {top}` reads it" if finished else
+           f"`vmap-sweep refine {top} --levels {level}` finishes it")
+    raise ConfigError(f"{store.directory} is level {level} of the refined study {top}: refine trains only the "
+                      f"cells that can lie on the boundary; {why}")
+
+
 def study_map(store: StudyStore) -> LevelMap:
     """A finished study's or refinement level's classes: stored labels, and a level's inferred ones."""
     labels = store.labels_array()
