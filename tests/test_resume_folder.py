@@ -71,3 +71,35 @@ def test_a_dry_run_on_a_study_plans_only_what_is_left(tmp_path):
     # the lost row is one batch of 4 models (one row of learning rates): that batch, not the study's two
     assert "cells 4 to train (4 of the plan's 8 are stored)" in text and "batches 1 of up to 4 models" in text, text
     assert snapshot(out) == before
+
+
+def test_a_shard_resumes_from_its_own_folder_as_that_shard_and_its_parent_is_not_a_study(tmp_path):
+    base = tmp_path / "split"
+    ok(*STARTED, "--shard", "1/2", "--out", base)
+    part = base / "shard-1-of-2"
+    whole = results(part)
+    mine = {k for k, r in whole.items() if r["status"] == "done"}
+    assert 0 < len(mine) < len(whole) and {whole[k]["shard"] for k in mine} == {"1/2"}
+    conn = sqlite3.connect(part / "study.db")  # as a run killed before its last batch leaves it
+    nulls = ", ".join(f"{c}=NULL" for c in RESULT_COLUMNS)
+    lost = sorted(mine)[-1]
+    conn.execute(f"UPDATE cells SET status='pending', {nulls}, label=NULL, score=NULL, batch_index=NULL, "
+                 f"finished_at=NULL, wall_time=NULL, shard=NULL WHERE i={lost[0]} AND j={lost[1]}")
+    conn.commit()
+    conn.close()
+    ok("run", "--out", part, "--quiet")  # the shard's own part again, not the whole grid
+    resumed = results(part)
+    assert {k for k, r in resumed.items() if r["status"] == "done"} == mine
+    assert {resumed[k]["shard"] for k in mine} == {"1/2"}
+    assert np.array_equal(bits(resumed[lost]["trajectory"]), bits(whole[lost]["trajectory"]))
+    before = snapshot(tmp_path)
+    for args, line in (
+            (["run", "--out", base], f"{base} holds the shards shard-1-of-2, not a study of its own; give --shard K/N "
+                                     "to run one, or `vmap-sweep merge` them"),
+            (["run", "--out", part, "--shard", "2/2"], f"{part} holds shard 1/2 of its study, not 2/2; give --out "
+                                                       f"{base} --shard 2/2 for that part"),
+            (["status", base], f"{base}: no study.db here, but the shards shard-1-of-2; give one of them, or "
+                               "`vmap-sweep merge` them into one study")):
+        refused = cli(*args)
+        assert refused.exit_code == 2 and refused.stderr == f"error: {line}\n", (args, refused.stderr)
+    assert snapshot(tmp_path) == before

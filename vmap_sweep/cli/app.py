@@ -179,15 +179,11 @@ def run(
 ):
     """Run (or resume) a study: every cell of the grid fine-tuned, stored batch by batch. A study resumes from its
     folder alone (`run --out DIR`): options left out are the study's own; options given must match them."""
-    from vmap_sweep.run.resume import RunOptions, StoredRun, resolve_run
+    from vmap_sweep.run.resume import RunOptions, StoredRun, resolve_run, shard_folder
+    from vmap_sweep.study.plan import parse_shard
 
-    out = out or Path("studies") / (preset or "d20-docvqa")
-    shard_spec = None
-    if shard:
-        from vmap_sweep.study.plan import parse_shard
-
-        shard_spec = parse_shard(shard)
-        out = out / f"shard-{shard_spec[0]}-of-{shard_spec[1]}"
+    out, shard_spec = shard_folder(out or Path("studies") / (preset or "d20-docvqa"),
+                                   parse_shard(shard) if shard else None)
     stored = StoredRun.read(out)
     given = dict(model=model, data=data, x=x, y=y, resolution=resolution, optimizer=optimizer, schedule=schedule,
                  rows_per_step=rows_per_step, seq_len=seq_len, seed=seed, eval_tokens=eval_tokens,

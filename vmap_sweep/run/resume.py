@@ -18,6 +18,7 @@ from vmap_sweep.store.db import DB_NAME, config_diff
 from vmap_sweep.store.study import Study
 from vmap_sweep.study.config import StudyConfig
 from vmap_sweep.study.config import preset as get_preset
+from vmap_sweep.study.plan import shard_folder_name, shard_of_folder
 from vmap_sweep.study.settings import RunSettings
 
 DEFAULT_PRESET = "d20-docvqa"
@@ -44,6 +45,26 @@ class StoredRun:
         with Study.open(folder) as study:
             return cls(study.config, study.settings, extras.run_options(study.store),
                        frozenset(c.key for c in study.store.pending()))
+
+
+def shard_folder(out: Path, shard: tuple[int, int] | None) -> tuple[Path, tuple[int, int] | None]:
+    """Where a run trains and which part of the plan: with --shard K/N, OUT/shard-K-of-N; in a shard's own folder
+    (`run --out OUT/shard-K-of-N`, with or without --shard), that part again. A folder that holds shards and no
+    study of its own is refused rather than started as a new whole study."""
+    own = shard_of_folder(out.name) if (out / DB_NAME).is_file() else None
+    if own is not None:
+        if shard is not None and shard != own:
+            raise ConfigError(f"{out} holds shard {own[0]}/{own[1]} of its study, not {shard[0]}/{shard[1]}; give "
+                              f"--out {out.parent} --shard {shard[0]}/{shard[1]} for that part")
+        return out, own
+    if shard is not None:
+        return out / shard_folder_name(*shard), shard
+    if out.is_dir() and not (out / DB_NAME).exists():
+        parts = sorted(p.name for p in out.iterdir() if shard_of_folder(p.name) and (p / DB_NAME).is_file())
+        if parts:
+            raise ConfigError(f"{out} holds the shards {', '.join(parts)}, not a study of its own; give --shard K/N "
+                              f"to run one, or `vmap-sweep merge` them")
+    return out, None
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from vmap_sweep.errors import ConfigError, StoreError
 from vmap_sweep.study import criterion as criterion_rules
 from vmap_sweep.study.config import newer_keys
 from vmap_sweep.study.grid import Cell
+from vmap_sweep.study.plan import shard_of_folder
 
 DB_NAME = "study.db"
 # Held (an OS lock, released when the process ends, however it ends) by the one process that trains a study.
@@ -385,6 +386,11 @@ class StudyStore:
             raise StoreError(f"{path}: not a regular file (a folder, named pipe, device or socket), so not a study "
                              "database; pass the folder a run wrote (its --out)")
         if not path.is_file():
+            parts = sorted(p.name for p in directory.iterdir() if shard_of_folder(p.name)
+                           and (p / DB_NAME).is_file()) if directory.is_dir() else []
+            if parts:  # the --out of a sharded run: its parts are the studies
+                raise StoreError(f"{directory}: no {DB_NAME} here, but the shards {', '.join(parts)}; give one of "
+                                 f"them, or `vmap-sweep merge` them into one study")
             raise StoreError(f"{directory}: no {DB_NAME} here; is this a study folder (the --out of a run)?")
         if path.name != DB_NAME:
             raise StoreError(f"{directory}: a file, not a study folder; pass the folder a run wrote (its --out)")

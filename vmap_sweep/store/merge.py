@@ -27,8 +27,8 @@ from vmap_sweep.store.db import (
     config_diff,
 )
 from vmap_sweep.store.extras import RUN_OPTIONS, criterion
+from vmap_sweep.study.plan import shard_of_folder
 
-_SHARD_DIR = re.compile(r"shard-(\d+)-of-(\d+)")
 _SHARD_LABEL = re.compile(r"(\d+)/(\d+)")
 
 
@@ -97,9 +97,9 @@ def _check_one_study(stores: Sequence[StudyStore]) -> None:
 def _shards_of(store: StudyStore) -> set[tuple[int, int]]:
     """The parts K/N a study holds: its folder's name (``shard-K-of-N``) and the ``shard`` its done rows record."""
     found = set()
-    m = _SHARD_DIR.fullmatch(Path(store.directory).name)
-    if m:
-        found.add((int(m.group(1)), int(m.group(2))))
+    own = shard_of_folder(Path(store.directory).name)
+    if own is not None:
+        found.add(own)
     for row in store._raw_done().values():
         m = _SHARD_LABEL.fullmatch(str(row["shard"] or ""))
         if m:

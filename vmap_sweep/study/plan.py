@@ -229,6 +229,17 @@ def plan_summary(batches: Sequence[Batch], flops_per_model_step: float) -> dict[
     }
 
 
+def shard_folder_name(k: int, n: int) -> str:
+    """The folder a run with --shard K/N trains in, inside its --out."""
+    return f"shard-{k}-of-{n}"
+
+
+def shard_of_folder(name: str) -> tuple[int, int] | None:
+    """(K, N) of a shard's folder name (shard_folder_name), else None."""
+    m = re.fullmatch(r"shard-(\d+)-of-(\d+)", name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """``"2/4"`` -> (2, 4): the second of four parts."""
     m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
