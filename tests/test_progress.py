@@ -113,6 +113,12 @@ def test_ctrl_c_says_how_to_resume_and_the_diverged_count_goes_on(tmp_path, monk
         refused = cli(measure, out)
         assert refused.exit_code == 2, refused.output
         assert f"8 cells are pending; `vmap-sweep run --out {out}` resumes its run" in refused.output.replace("\n", "")
+    with StudyStore.open(out) as holder:  # while a run trains it, resuming is refused: the message says to wait
+        holder.claim_writer()
+        training = cli("rules", out)
+    assert training.exit_code == 2 and training.stderr.replace("\n", "").endswith(
+        f"8 cells are pending; they are being trained now (`vmap-sweep status {out}` shows the run); wait for it "
+        "to finish"), training.stderr
 
     result = ok("run", "--out", out, "--device", "cpu")  # the hint's command
     lines = _lines(result.stderr)

@@ -7,6 +7,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from vmap_sweep.errors import ConfigError
+from vmap_sweep.store.db import live_run
 from vmap_sweep.store.levels import refinement_level
 from vmap_sweep.study.criterion import CONVERGED, LABELS, classify
 
@@ -40,7 +41,10 @@ def _pending(store, pending: int) -> str:
         return (f"{store.directory} is level {found[0]} of the refined study {store.directory.parent}: "
                 f"{pending} of its cells are inferred, not trained; give {store.directory.parent} with --level "
                 f"{found[0]}")
-    if found is not None:
+    if live_run(store.directory) is not None:  # the command that trains them is running: resuming it is refused
+        resume = (f"they are being trained now (`vmap-sweep status {store.directory}` shows the run); wait for "
+                  "it to finish")
+    elif found is not None:
         resume = f"`vmap-sweep refine {store.directory.parent} --levels {found[0]}` finishes it"
     else:
         resume = f"`vmap-sweep run --out {store.directory}` resumes its run"
