@@ -168,6 +168,7 @@ def test_unwritable_out_is_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     one_line_error(cli(*TINY, "--out", blocker / "study"), "can't create the study folder")
+    one_line_error(cli(*TINY, "--out", blocker), f"{blocker}: a file, not a folder; give --out a new or empty folder")
     (tmp_path / "s" / "study.db").mkdir(parents=True)
     one_line_error(cli(*TINY, "--out", tmp_path / "s"), "is not a file")
     assert blocker.read_text() == "not a folder"

@@ -338,6 +338,8 @@ class StudyStore:
         keys = [(int(c.i), int(c.j)) for c in cells]
         if len(set(keys)) != len(keys):
             raise ConfigError(f"{directory}: the cell list repeats a cell (i, j); build it with Grid.cells()")
+        if directory.exists() and not directory.is_dir():
+            raise StoreError(f"{directory}: a file, not a folder; give --out a new or empty folder for the study")
         if _foreign_folder(directory):  # a study goes into a new or empty folder, never among the user's files
             raise StoreError(f"{directory} is not empty and holds no study; choose an empty or new folder")
         try:
