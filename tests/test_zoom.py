@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import sqlite3
 from pathlib import Path
@@ -472,6 +473,12 @@ def test_cells_trained_after_a_classify_follow_its_criterion(model_cache, tmp_pa
     assert followed == 1 and sum(counts.values()) == 36
     assert _labels_follow_the_criterion(child) == {"criterion": "ratio"}  # and follows it on a new classify
 
+    before = snapshot(child)  # `classify LEVEL` is refused, naming the chain's top; nothing changes
+    with pytest.raises(ConfigError, match=re.escape(f"{child} is zoom level 1 of {parent}: the levels of a zoom share "
+                                                    f"one criterion, since their dimensions are pooled; `vmap-sweep "
+                                                    f"classify {parent}` classifies every level")):
+        reclassify_with_zooms(child, "threshold", converged_below=3.0)
+    assert snapshot(child) == before
     with StudyStore.open(child) as store:  # a level classified on its own is not pooled with the others
         reclassify(store, "threshold", converged_below=3.0)
     level = dimension_report(parent).levels[1]

@@ -21,7 +21,7 @@ from vmap_sweep.analysis.refined import (
 from vmap_sweep.analysis.view import load_class_grid
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.store import extras
-from vmap_sweep.store.db import StudyStore, study_dir
+from vmap_sweep.store.db import StudyStore, holds_schema, study_dir
 from vmap_sweep.store.levels import REFINE, REFINING, level_info, levels_criterion
 from vmap_sweep.study.criterion import DEFAULT, as_options, check, newer_form
 
@@ -76,10 +76,15 @@ def _check_levels_follow(study: Path, criterion: dict) -> bool:
     with StudyStore.open(study) as store:
         info = level_info(store)
         record = refine_record(store)
+        zoom = extras.zoom_of(store)
         if info is not None:
             raise ConfigError(f"{study} is level {info.get('level')} of a refined study: its classes follow the "
                               f"criterion that study was refined under, and it is not classified on its own "
                               f"(`vmap-sweep classify {study.parent}` classifies the study)")
+    if zoom is not None and holds_schema(study.parent):
+        raise ConfigError(f"{study} is zoom level {zoom.get('level')} of {_zoom_top(study)}: the levels of a zoom "
+                          f"share one criterion, since their dimensions are pooled; `vmap-sweep classify "
+                          f"{_zoom_top(study)}` classifies every level")
     levels = levels_criterion(study)
     if levels is None:
         return record is not None and criterion != newer_form(record.get("criterion") or DEFAULT)
@@ -88,6 +93,16 @@ def _check_levels_follow(study: Path, criterion: dict) -> bool:
                           f"criterion; classify it with those options, or copy the study folder without its "
                           f"refine-* folders to classify the copy (and refine it anew)")
     return False
+
+
+def _zoom_top(study: Path) -> Path:
+    """The study a zoom chain starts from: up through the parents of zoom levels."""
+    while holds_schema(study.parent):
+        with StudyStore.open(study) as store:
+            if extras.zoom_of(store) is None:
+                break
+        study = study.parent
+    return study
 
 
 @dataclass
