@@ -147,3 +147,18 @@ def test_cli_table_json_and_figure(study, tmp_path):
 def test_figure_in_svg(study, tmp_path):
     r = early_warning(StudyView.load(study), n_boot=20)
     assert "<svg" in plot_early_warning(r, tmp_path / "ew.svg").read_text()
+
+
+def test_marginal_cells_are_counted_as_not_converged_and_said_to_be(study, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(study, tmp_path / "threshold")
+    with StudyStore.open(copy) as store:  # final loss 2.7 (converging cells) falls between the two bounds
+        reclassify(store, "threshold", converged_below=2.0, not_converged_above=5.0)
+        assert store.label_counts() == {"marginal": 32, "not_converged": 32}
+    r = early_warning(StudyView.load(copy), n_boot=20)
+    assert (r.n_failed, r.n_marginal) == (64, 32)
+    assert early_warning_sentences(r)[0].startswith("64 cells, 64 not converged, 32 of them marginal (threshold "
+                                                    "criterion); ")
+    plain = early_warning(StudyView.load(study), n_boot=20)
+    assert plain.n_marginal == 0 and early_warning_sentences(plain)[0].startswith("64 cells, 32 not converged (")

@@ -44,6 +44,7 @@ from vmap_sweep.analysis.classify import study_classes
 from vmap_sweep.analysis.jsonsafe import json_safe
 from vmap_sweep.analysis.view import StudyView
 from vmap_sweep.errors import ConfigError
+from vmap_sweep.study.criterion import MARGINAL
 
 FEATURES = ("loss_ratio", "ratio_slope", "grad_growth", "grad_spike", "lr_grad")
 FEATURE_TEXT = {
@@ -193,6 +194,7 @@ class WarningResult:
     n_failed: int
     criterion: str
     notes: list[str] = field(default_factory=list)
+    n_marginal: int = 0  # of n_failed: marginal cells (threshold criterion), which count as not converged
     curves: dict[str, Any] | None = field(default=None, repr=False, compare=False)  # for the figure
 
     def to_dict(self) -> dict[str, Any]:
@@ -265,7 +267,7 @@ def early_warning(view: StudyView, ks: list[int] | None = None,
         notes.append("Every cell has the same final class: nothing to predict, no AUC.")
     return WarningResult(
         study=str(view.directory), ks=ks, aucs=aucs, rules=rules, earliest=earliest, precision=precision,
-        min_recall=min_recall, n_cells=len(trajs), n_failed=failed,
+        min_recall=min_recall, n_cells=len(trajs), n_failed=failed, n_marginal=int((view.labels == MARGINAL).sum()),
         criterion=view.criterion_name, notes=notes, curves=_curves(conv, trajs))
 
 

@@ -155,8 +155,9 @@ def threshold_rule_sentence(rule: ThresholdRule) -> str:
 
 def early_warning_sentences(result: WarningResult) -> list[str]:
     """The cells counted, the earliest rule that warns (or that none does), then the notes."""
-    lines = [f"{result.n_cells} cells, {result.n_failed} not converged ({result.criterion} criterion); ROC AUC of "
-             "each feature for 'will not converge', 95% bootstrap CI over cells."]
+    marginal = f", {result.n_marginal} of them marginal" if result.n_marginal else ""
+    lines = [f"{result.n_cells} cells, {result.n_failed} not converged{marginal} ({result.criterion} criterion); ROC "
+             "AUC of each feature for 'will not converge', 95% bootstrap CI over cells."]
     if result.earliest is None:
         lines.append(f"No threshold rule on one feature reaches {result.precision:.0%} precision with "
                      f"{result.min_recall:.0%} recall at any k in {result.ks}.")
