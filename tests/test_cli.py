@@ -135,6 +135,13 @@ def test_bad_options_on_an_existing_study_change_nothing(base, extra, needle):
     assert snapshot(base[0]) == before
 
 
+def test_a_resolution_spelled_otherwise_is_the_same_grid(base):
+    before = snapshot(base[0])
+    result = ok("run", "--out", base[0], "--resolution", "4x4", "--dry-run")  # the study's "4"
+    assert "every one of the plan's 16 cells is stored; nothing to train" in result.stdout.replace("\n", "")
+    assert snapshot(base[0]) == before
+
+
 def _foreign_db(path: Path, kind: str) -> None:
     if kind == "random":
         path.write_bytes(np.random.default_rng(0).bytes(8192))

@@ -53,7 +53,9 @@ def test_run_with_only_the_folder_resumes_with_the_studys_own_options(tmp_path):
     before = snapshot(out)
     for extra, needle in ((["--seed", "4"], "seed: 3 -> 4"), (["--resolution", "4"], 'resolution: "4x2" -> "4"'),
                           (["--micro-batch-size", "1"], "micro_batch_size: 2 -> 1"),
-                          (["--preset", "tiny"], 'resolution: "4x2" -> "32"')):
+                          (["--preset", "tiny"], 'resolution: "4x2" -> "32"'),
+                          (["--no-packing"], "(packing: true -> false)"),  # as the study means it, not <missing>
+                          (["--set", "weight_decay=0.1"], '(fixed.weight_decay: "<missing>" -> 0.1)')):
         result = cli("run", "--out", out, *extra)
         assert result.exit_code == 2 and needle in result.stderr, (extra, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1

@@ -108,6 +108,10 @@ def test_an_edited_config_or_hash_is_refused_by_every_command(study, tmp_path, e
 def test_a_config_that_differs_only_in_how_it_is_stored_still_names_the_difference(tmp_path):
     assert config_diff({"a": 1, "b": {"c": 2}}, {"a": 1.0, "b": {"c": 2}}) == "a: 1 -> 1.0"
     assert config_diff({"a": 1}, {"a": 1}) != ""  # two texts, one content: still says what it compared
+    # an empty mapping beside one that lists its entries: the entries are the difference
+    assert config_diff({"f": {}}, {"f": {"t": 5}}) == 'f.t: "<missing>" -> 5'
+    assert config_diff({"f": {"t": 5}}, {"f": {}}) == 'f.t: 5 -> "<missing>"'
+    assert config_diff({"f": {}}, {"g": 1}) == 'f: {} -> "<missing>"; g: "<missing>" -> 1'
     cells = build_grid(CONFIG).cells()
     StudyStore.create_or_open(tmp_path / "s", {"lr": 1}, cells).close()
     with pytest.raises(StoreError, match=r"different config \(lr: 1 -> 1\.0\)"):

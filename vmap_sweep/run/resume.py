@@ -9,13 +9,14 @@ is known, by the pipeline (RunSettings.check_same); so are the Hub commits, once
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.store import extras
 from vmap_sweep.store.db import DB_NAME, config_diff
 from vmap_sweep.store.study import Study
+from vmap_sweep.study.axes import parse_resolution
 from vmap_sweep.study.config import StudyConfig
 from vmap_sweep.study.config import preset as get_preset
 from vmap_sweep.study.plan import shard_folder_name, shard_of_folder
@@ -133,6 +134,8 @@ def resolve_run(options: RunOptions, stored: StoredRun | None, where: object = "
         else get_preset(options.preset or DEFAULT_PRESET)
     cfg = base.with_overrides(**options.config, fixed={**base.fixed, **options.fixed})
     if stored is not None:
+        if parse_resolution(cfg.resolution) == parse_resolution(stored.config.resolution):  # "12", "12x12": one grid
+            cfg = replace(cfg, resolution=stored.config.resolution)
         _check_same_config(cfg, stored.config, options, where)
     return ResolvedRun(cfg, k, share, device if device is not None else "auto", micro, deterministic)
 
@@ -147,7 +150,13 @@ def _check_same_config(cfg: StudyConfig, stored: StudyConfig, options: RunOption
         return
     differ = [f.name for f in fields(StudyConfig) if mine.get(f.name) != theirs.get(f.name)]
     names = sorted({_option_name(key, options) for key in differ})
-    raise ConfigError(f"{where} holds a study made with other options ({config_diff(theirs, mine)}); leave out "
+    # shown with every field, as the study means it: to_dict leaves out a value that every study once had
+    shown_mine, shown_theirs = ({f: d.get(f, getattr(c, f)) for f in [*differ, *d]} for c, d in
+                                ((cfg, mine), (stored, theirs)))
+    shown_mine = {k: list(v) if isinstance(v, tuple) else v for k, v in shown_mine.items()}
+    shown_theirs = {k: list(v) if isinstance(v, tuple) else v for k, v in shown_theirs.items()}
+    raise ConfigError(f"{where} holds a study made with other options ({config_diff(shown_theirs, shown_mine)}); "
+                      f"leave out "
                       f"{', '.join(names)} (or give the study's values) to resume it, or use a new --out for a new "
                       "study")
 

@@ -145,8 +145,10 @@ def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 6) 
     whose stored texts differ (values are compared as stored: 1 and 1.0 differ)."""
     a = {k: json.dumps(v) for k, v in _flatten(json.loads(canonical_json(old))).items()}
     b = {k: json.dumps(v) for k, v in _flatten(json.loads(canonical_json(new))).items()}
-    diffs = [f"{k}: {a.get(k, json.dumps(_MISSING))} -> {b.get(k, json.dumps(_MISSING))}"
-             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    # an empty mapping on one side is no difference of its own where the other side lists what it holds
+    shown = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+             and not (a.get(k, b.get(k)) == "{}" and any(x.startswith(f"{k}.") for x in (b if k in a else a)))]
+    diffs = [f"{k}: {a.get(k, json.dumps(_MISSING))} -> {b.get(k, json.dumps(_MISSING))}" for k in shown]
     if not diffs:
         return f"the same settings, stored as other text: sha256 {config_hash(old)[:12]} -> {config_hash(new)[:12]}"
     more = f" (and {len(diffs) - limit} more)" if len(diffs) > limit else ""
