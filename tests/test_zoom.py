@@ -26,7 +26,7 @@ from PIL import Image
 from vmap_sweep.analysis.chain import dimension_report, zoom_levels
 from vmap_sweep.analysis.classify import study_classes
 from vmap_sweep.analysis.study import reclassify
-from vmap_sweep.analysis.window import pick_window
+from vmap_sweep.analysis.window import child_name, pick_window
 from vmap_sweep.errors import ConfigError, StoreError
 from vmap_sweep.present import animate as animate_mod
 from vmap_sweep.present.animate import animate
@@ -566,5 +566,14 @@ def test_ctrl_c_in_a_zoom_says_how_to_resume_it(model_cache, tmp_path, monkeypat
     line = out.output.replace("\n", "")
     assert f"interrupted: every finished batch is stored; `vmap-sweep zoom {parent} --auto --depth 1 --device cpu`" \
         in line, line
+    # the begun level is named, with the window that finishes it (the parent records a child once it is trained)
+    (begun,) = [p for p in parent.iterdir() if p.name.startswith("zoom-")]
+    said = ok("zoom-dimension", str(parent)).stdout.replace("\n", "")
+    finish = re.search(rf"was begun and not finished \({begun.name}\): `vmap-sweep (zoom {re.escape(str(parent))} "
+                       r"--window [^`]+)` finishes it", said)
+    assert finish and "no zoom level below" not in said, said
+    window = tuple(float(v) for v in finish.group(1).split()[-4:])  # names that folder: it would resume it
+    assert child_name(1, window) == begun.name
     resumed = ok(*line.split("`")[1].split()[1:])
+    assert dimension_report(parent).begun == ()
     assert zoom_levels(parent)[-1][0] == 1 and str(zoom_levels(parent)[-1][1]) in resumed.output

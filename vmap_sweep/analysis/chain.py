@@ -30,7 +30,7 @@ from vmap_sweep.analysis.view import StudyView, stored_config
 from vmap_sweep.analysis.window import Window, axis_window, cell_coords, pick_window
 from vmap_sweep.errors import ConfigError, StoreError, VmapSweepError
 from vmap_sweep.store import extras
-from vmap_sweep.store.db import DB_NAME, StudyStore
+from vmap_sweep.store.db import DB_NAME, StudyStore, holds_schema
 from vmap_sweep.study.axes import AxisSpec
 
 if TYPE_CHECKING:
@@ -244,10 +244,25 @@ class ChainDimensions:
 
     levels: tuple[LevelDimension, ...]
     pooled: PooledDimension
+    begun: tuple[tuple[Path, Window], ...] = ()  # zoom studies below the deepest level, begun and not finished
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object `zoom-dimension --json` prints."""
-        return {"levels": [lv.to_dict() for lv in self.levels], "pooled": self.pooled.to_dict()}
+        return {"levels": [lv.to_dict() for lv in self.levels], "pooled": self.pooled.to_dict(),
+                "begun": [{"dir": str(folder), "window": list(window)} for folder, window in self.begun]}
+
+
+def begun_zooms(folder: str | os.PathLike) -> list[tuple[Path, Window]]:
+    """Zoom studies begun in `folder` and not finished (killed, or training now): a zoom records its child in the
+    parent once the child is trained. Each with its window, which the command that finishes it names."""
+    with StudyStore.open(folder) as store:
+        known = {store.child_folder(c).resolve() for c in store.children()}
+    begun = []
+    for path in sorted(Path(folder).glob("zoom-*")):
+        if path.resolve() not in known and holds_schema(path):
+            with StudyStore.open(path) as child:
+                begun.append((path, axis_window(stored_config(child))))
+    return begun
 
 
 def _json_tuple(values) -> tuple:
@@ -334,8 +349,9 @@ def load_zoom_chain(parent_dir: str | os.PathLike) -> list[ZoomLevel]:
 
 
 def dimension_report(parent_dir: str | os.PathLike) -> ChainDimensions:
-    """``chain_dimensions`` of the zoom chain below ``parent_dir``."""
-    return chain_dimensions(load_zoom_chain(parent_dir))
+    """``chain_dimensions`` of the zoom chain below ``parent_dir``, and the zoom begun below its deepest level."""
+    chain = load_zoom_chain(parent_dir)
+    return replace(chain_dimensions(chain), begun=tuple(begun_zooms(chain[-1].folder)))
 
 
 def chain_dimensions(chain: list[ZoomLevel]) -> ChainDimensions:

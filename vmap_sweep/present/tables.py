@@ -100,6 +100,11 @@ def zoom_dimension_lines(report: ChainDimensions) -> list[str]:
             lines.append(f"level {level.level}: D = {_num(level.dimension)}, 95% CI [{_num(level.ci_low)}, "
                          f"{_num(level.ci_high)}] at {grid} over {level.octaves:.1f} octaves, cell scale "
                          f"{level.scale:.3g}" + "".join(f"; warning: {w}" for w in level.warnings))
+    for folder, window in report.begun:
+        lines.append(f"a zoom level below {folder.parent} was begun and not finished ({folder.name}): `vmap-sweep "
+                     f"zoom {folder.parent} --window {' '.join(repr(float(v)) for v in window)}` finishes it")
+    if len(report.levels) < 2 and report.begun:
+        return lines
     if len(report.levels) < 2:
         top = report.levels[0].folder if report.levels else "DIR"
         lines.append(f"no zoom level below this study, so there is nothing to pool over: `vmap-sweep zoom {top} "
