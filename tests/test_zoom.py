@@ -574,6 +574,9 @@ def test_ctrl_c_in_a_zoom_says_how_to_resume_it(model_cache, tmp_path, monkeypat
     assert finish and "no zoom level below" not in said, said
     window = tuple(float(v) for v in finish.group(1).split()[-4:])  # names that folder: it would resume it
     assert child_name(1, window) == begun.name
+    status = re.sub(r"[\s│┃|]+", "", ok("status", str(parent)).stdout)  # a table cell wraps a long path anywhere
+    assert re.sub(r"\s+", "", f"zoom begun {begun.name}, not finished: `vmap-sweep {finish.group(1)}` finishes it") \
+        in status
     resumed = ok(*line.split("`")[1].split()[1:])
     assert dimension_report(parent).begun == ()
     assert zoom_levels(parent)[-1][0] == 1 and str(zoom_levels(parent)[-1][1]) in resumed.output

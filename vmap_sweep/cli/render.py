@@ -258,6 +258,8 @@ def summary_table(store: StudyStore, progress=None) -> Table:
 def status_table(store: StudyStore) -> Table:
     cfg = store.config
     table = Table(title=f"study {escape(str(store.directory))}", show_header=False)
+    table.add_column()
+    table.add_column(overflow="fold")  # a long path or command wraps whole, never cut short with an ellipsis
     table.add_row("model / data", escape(f"{cfg.get('model')} / {cfg.get('data')}"))
     table.add_row("grid", escape(f"{cfg.get('x')} × {cfg.get('y')} at {store.nx}×{store.ny}"))
     # a config stored without these fields was trained packed, its budgets in tokens (study/config.py)
@@ -278,6 +280,12 @@ def status_table(store: StudyStore) -> Table:
     children = store.children()
     if children:
         table.add_row("zoom children", escape(", ".join(c.child_dir for c in children)))
+    from vmap_sweep.analysis.chain import begun_zooms
+    from vmap_sweep.present.tables import finish_zoom_command
+
+    for folder, window in begun_zooms(store.directory):
+        table.add_row("zoom begun", escape(f"{folder.name}, not finished: `{finish_zoom_command(folder, window)}` "
+                                           "finishes it"))
     for key, value in refine_rows(store):
         table.add_row(key, escape(value))
     return table

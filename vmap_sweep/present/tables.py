@@ -86,6 +86,12 @@ def fractal_lines(report: dict) -> list[Text]:
     return [_prose(line) for line in lines]
 
 
+def finish_zoom_command(folder, window) -> str:
+    """The command that finishes the zoom begun in `folder`: its parent and its window, each bound exactly as
+    stored (the window names the folder)."""
+    return f"vmap-sweep zoom {folder.parent} --window {' '.join(repr(float(v)) for v in window)}"
+
+
 def zoom_dimension_lines(report: ChainDimensions) -> list[str]:
     """One line per zoom level, then the dimension pooled over all levels; a study with no zoom below it says
     so and how to make one, rather than 'pooling' its one level."""
@@ -101,8 +107,8 @@ def zoom_dimension_lines(report: ChainDimensions) -> list[str]:
                          f"{_num(level.ci_high)}] at {grid} over {level.octaves:.1f} octaves, cell scale "
                          f"{level.scale:.3g}" + "".join(f"; warning: {w}" for w in level.warnings))
     for folder, window in report.begun:
-        lines.append(f"a zoom level below {folder.parent} was begun and not finished ({folder.name}): `vmap-sweep "
-                     f"zoom {folder.parent} --window {' '.join(repr(float(v)) for v in window)}` finishes it")
+        lines.append(f"a zoom level below {folder.parent} was begun and not finished ({folder.name}): "
+                     f"`{finish_zoom_command(folder, window)}` finishes it")
     if len(report.levels) < 2 and report.begun:
         return lines
     if len(report.levels) < 2:
