@@ -142,6 +142,13 @@ def test_cli_runs_lr_by_batch_size_and_each_cell_equals_it_trained_alone(tmp_pat
     bad = cli(*LR_X_BATCH, "--micro-batch-size", "4", "--out", tmp_path / "never")
     assert bad.exit_code == 2 and "divisor of the batch size (2 rows per step)" in bad.stderr
     assert not (tmp_path / "never").exists()
+    # micro-batches of 3 rows divide the swept 3 and 12 rows, though not the preset's unswept 4
+    odd = [*LR_X_BATCH[:6], "batch_size:192:768:log", *LR_X_BATCH[7:]]
+    odd[odd.index("--resolution") + 1] = "2"
+    trained = ok(*odd, "--micro-batch-size", "3", "--out", tmp_path / "odd")
+    assert "study stored in" in trained.stdout
+    with StudyStore.open(tmp_path / "odd") as store:
+        assert store.done_count() == 4
 
     stacked, alone = tmp_path / "stacked", tmp_path / "alone"
     ok(*LR_X_BATCH, "--models-per-batch", "3", "--out", stacked)

@@ -39,12 +39,13 @@ def job_lanes(job: Job) -> list[list[dict]]:
 
 
 def train_config(cfg: StudyConfig, settings: RunSettings, compile: bool) -> TrainConfig:
-    """The trainer's settings for a study's cells."""
+    """The trainer's settings for a study's cells. Where the study sweeps its batch size, each stack takes its own
+    rows per step (with_batch_size_of); this config holds the smallest, which the micro-batches divide too."""
     return TrainConfig(
         compile=compile,
         optimizer=cfg.optimizer,
         schedule=cfg.schedule,
-        rows_per_step=cfg.rows_per_step,
+        rows_per_step=cfg.cell_rows_per_step()[0],
         seq_len=cfg.seq_len,
         micro_batch_size=settings.micro_batch_size,
         trainable=cfg.trainable,
