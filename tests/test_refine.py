@@ -696,6 +696,10 @@ def test_run_on_a_level_is_refused_begun_or_finished_and_the_pending_message_nam
         rules = cli("rules", str(level))
         assert rules.exit_code == 2 and f"`vmap-sweep refine {top} --levels 2` finishes it" in rules.stderr
         assert "run --out" not in rules.stderr
+        exported = cli("export", str(level), "-o", str(tmp_path / f"begun-{record is None}.csv"))
+        assert exported.exit_code == 0, exported.stderr  # its trained cells, the others pending: as it stands
+        text = (tmp_path / f"begun-{record is None}.csv").read_text()
+        assert ",pending," in text and ",done," in text
 
 
 def test_a_level_s_record_says_it_began_before_any_cell_trains(studies, tmp_path):

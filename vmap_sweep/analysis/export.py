@@ -96,10 +96,12 @@ def _records(view: StudyView, trajectories: bool) -> list[dict[str, Any]]:
 
 
 def _inferred(view: StudyView):
-    """A refinement level's labels with its inferred cells filled in (None for any other study)."""
+    """A finished refinement level's labels with its inferred cells filled in (None for any other study, and for
+    a level begun and not finished: its cells not trained yet are pending)."""
     from vmap_sweep.store.levels import level_info, study_map
 
-    return None if level_info(view) is None else study_map(view).labels
+    info = level_info(view)
+    return study_map(view).labels if info is not None and info.get("complete") else None
 
 
 def _kinds(rows: list[dict[str, Any]], cols: list[str]) -> dict[str, str]:
