@@ -675,10 +675,11 @@ def test_run_on_a_level_is_refused_begun_or_finished_and_the_pending_message_nam
         info = store.get_extra(REFINE_LEVEL)
     assert info["complete"] is True and info["level"] == 2
     before = snapshot(top)
-    finished = cli("run", "--out", str(level), "--device", "cpu")
-    assert finished.exit_code == 2 and finished.stderr.strip().startswith(
-        f"error: {level} is level 2 of the refined study {top}: refine trains only the cells that can lie on the "
-        "boundary; it is finished, and its "), finished.stderr
+    for dry in ([], ["--dry-run"]):  # the dry run refuses what the run refuses
+        finished = cli("run", "--out", str(level), "--device", "cpu", *dry)
+        assert finished.exit_code == 2 and finished.stderr.strip().startswith(
+            f"error: {level} is level 2 of the refined study {top}: refine trains only the cells that can lie on "
+            "the boundary; it is finished, and its "), (dry, finished.stderr)
     assert snapshot(top) == before
     for record in ({**info, "complete": False}, None):  # begun: with the record refine now writes first, or none
         con = sqlite3.connect(level / DB_NAME)

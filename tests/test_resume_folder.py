@@ -105,3 +105,13 @@ def test_a_shard_resumes_from_its_own_folder_as_that_shard_and_its_parent_is_not
         refused = cli(*args)
         assert refused.exit_code == 2 and refused.stderr == f"error: {line}\n", (args, refused.stderr)
     assert snapshot(tmp_path) == before
+    # the part is the study's own record, not its folder's name: a whole study in such a folder stays whole, and
+    # so does a merge of the parts
+    whole = tmp_path / "mine" / "shard-1-of-2"
+    ok(*STARTED, "--out", whole)
+    plan = re.sub(r"[\s│┃|]+", " ", ok("run", "--out", whole, "--dry-run").stdout)
+    assert "every one of the plan's 8 cells is stored" in plan
+    ok(*STARTED, "--shard", "2/2", "--out", base)
+    merged = tmp_path / "merged"
+    ok("merge", part, base / "shard-2-of-2", "--out", merged)
+    assert "every one of the plan's 8 cells is stored" in ok("run", "--out", merged, "--dry-run").stdout

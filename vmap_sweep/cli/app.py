@@ -179,12 +179,15 @@ def run(
 ):
     """Run (or resume) a study: every cell of the grid fine-tuned, stored batch by batch. A study resumes from its
     folder alone (`run --out DIR`): options left out are the study's own; options given must match them."""
-    from vmap_sweep.run.resume import RunOptions, StoredRun, resolve_run, shard_folder
+    from vmap_sweep.run.resume import RunOptions, StoredRun, refuse_a_level, resolve_run, shard_folder
     from vmap_sweep.study.plan import parse_shard
 
-    out, shard_spec = shard_folder(out or Path("studies") / (preset or "d20-docvqa"),
-                                   parse_shard(shard) if shard else None)
-    stored = StoredRun.read(out)
+    given_out = out or Path("studies") / (preset or "d20-docvqa")
+    stored = StoredRun.read(given_out, pending=dry_run)
+    out, shard_spec = shard_folder(given_out, parse_shard(shard) if shard else None, stored)
+    if out != given_out:  # a shard's folder inside the --out given
+        stored = StoredRun.read(out, pending=dry_run)
+    refuse_a_level(out, stored)
     given = dict(model=model, data=data, x=x, y=y, resolution=resolution, optimizer=optimizer, schedule=schedule,
                  rows_per_step=rows_per_step, seq_len=seq_len, seed=seed, eval_tokens=eval_tokens,
                  trainable=tuple(trainable.split(",")) if trainable else None, optimizer_state=optimizer_state,

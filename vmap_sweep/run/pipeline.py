@@ -98,7 +98,7 @@ def run_study(cfg: StudyConfig, out: str | Path, backend: Backend, *, models_per
         origin = _check_provenance(study, cfg, progress)
         checked = preflight(cfg, grid, backend, shard, only)
         _record_start(study, backend.settings, digest, criterion, budgets=checked.budgets, origin=origin,
-                      models_per_batch=models_per_batch, share=share)
+                      models_per_batch=models_per_batch, share=share, shard=checked.shard_name)
         k = backend.models_per_batch(grid.nx * grid.ny) if models_per_batch == "auto" else int(models_per_batch)
         _train_and_store(study.store, backend, checked.batches(cfg, k, share), progress, labeller, checked.shard_name,
                          evaluate=cfg.eval_tokens > 0)
@@ -150,7 +150,8 @@ def check_data_unchanged(store: StudyStore, data: str) -> str | None:
 
 
 def _record_start(study: Study, settings: RunSettings, digest: str | None, criterion: dict | None,
-                  *, budgets: Budgets, origin: dict, models_per_batch: int | str, share: bool) -> None:
+                  *, budgets: Budgets, origin: dict, models_per_batch: int | str, share: bool,
+                  shard: str | None) -> None:
     """What the study was started with, written once its model and data have loaded."""
     store = study.store
     if study.settings is None:
@@ -158,7 +159,7 @@ def _record_start(study: Study, settings: RunSettings, digest: str | None, crite
     if extras.dataset_sizes(store) is None:
         extras.put_dataset_sizes(store, budgets.sizes)
     if not extras.run_options(store):
-        extras.put_run_options(store, models_per_batch, share)
+        extras.put_run_options(store, models_per_batch, share, shard)
     if extras.provenance(store) is None:
         extras.put_provenance(store, origin)
     if digest is not None and study.data_digest is None:

@@ -15,11 +15,12 @@ from pathlib import Path
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.store import extras
 from vmap_sweep.store.db import DB_NAME, config_diff
+from vmap_sweep.store.levels import level_refusal, refinement_level
 from vmap_sweep.store.study import Study
 from vmap_sweep.study.axes import parse_resolution
 from vmap_sweep.study.config import StudyConfig
 from vmap_sweep.study.config import preset as get_preset
-from vmap_sweep.study.plan import shard_folder_name, shard_of_folder
+from vmap_sweep.study.plan import parse_shard, shard_folder_name, shard_of_folder
 from vmap_sweep.study.settings import RunSettings
 
 DEFAULT_PRESET = "d20-docvqa"
@@ -31,28 +32,51 @@ _PINNED = ("model_revision", "data_revision")
 @dataclass(frozen=True)
 class StoredRun:
     """What a study folder holds of how it was run: its config, run settings (None: not trained yet), the
-    options it was batched with (models_per_batch, share; {}: none recorded) and its cells still to train."""
+    options it was batched with (models_per_batch, share, shard; {}: none recorded), the part of a split it
+    trains (shard), where it is a refinement level (level, finished) and its cells still to train (pending)."""
 
     config: StudyConfig
     settings: RunSettings | None = None
     options: dict = field(default_factory=dict)
+    shard: tuple[int, int] | None = None
+    level: tuple[int, bool] | None = None
     pending: frozenset[tuple[int, int]] | None = None  # (i, j) of the cells not stored; None: not read
+    inferred: int = 0  # a finished level's cells that refinement inferred
 
     @classmethod
-    def read(cls, folder: str | os.PathLike) -> StoredRun | None:
-        """The study in `folder`, or None where there is none yet."""
+    def read(cls, folder: str | os.PathLike, pending: bool = False) -> StoredRun | None:
+        """The study in `folder`, or None where there is none yet; pending: read which cells are still to train."""
         if not (Path(folder) / DB_NAME).is_file():
             return None
         with Study.open(folder) as study:
-            return cls(study.config, study.settings, extras.run_options(study.store),
-                       frozenset(c.key for c in study.store.pending()))
+            store = study.store
+            options = extras.run_options(store)
+            return cls(study.config, study.settings, options, _shard_of(store, options), refinement_level(store),
+                       frozenset(c.key for c in store.pending()) if pending else None,
+                       store.cell_count() - store.done_count())
 
 
-def shard_folder(out: Path, shard: tuple[int, int] | None) -> tuple[Path, tuple[int, int] | None]:
+def _shard_of(store, options: dict) -> tuple[int, int] | None:
+    """The part of a split a study trains: as its run recorded it, or (a study from before that record) as the
+    cells it has trained are tagged, where they all name one part."""
+    if "shard" in options:
+        return parse_shard(options["shard"]) if options["shard"] else None
+    tags = store.shard_labels()
+    return parse_shard(tags.pop()) if len(tags) == 1 and None not in tags else None
+
+
+def refuse_a_level(out: Path, stored: StoredRun | None) -> None:
+    """`run` (and its dry run) on a refinement level's folder: refused, as run_study refuses it."""
+    if stored is not None and stored.level is not None:
+        raise level_refusal(out, *stored.level, stored.inferred)
+
+
+def shard_folder(out: Path, shard: tuple[int, int] | None,
+                 stored: StoredRun | None) -> tuple[Path, tuple[int, int] | None]:
     """Where a run trains and which part of the plan: with --shard K/N, OUT/shard-K-of-N; in a shard's own folder
     (`run --out OUT/shard-K-of-N`, with or without --shard), that part again. A folder that holds shards and no
-    study of its own is refused rather than started as a new whole study."""
-    own = shard_of_folder(out.name) if (out / DB_NAME).is_file() else None
+    study of its own is refused rather than started as a new whole study. stored: the study in `out`."""
+    own = stored.shard if stored is not None else None
     if own is not None:
         if shard is not None and shard != own:
             raise ConfigError(f"{out} holds shard {own[0]}/{own[1]} of its study, not {shard[0]}/{shard[1]}; give "
@@ -60,7 +84,7 @@ def shard_folder(out: Path, shard: tuple[int, int] | None) -> tuple[Path, tuple[
         return out, own
     if shard is not None:
         return out / shard_folder_name(*shard), shard
-    if out.is_dir() and not (out / DB_NAME).exists():
+    if stored is None and out.is_dir():
         parts = sorted(p.name for p in out.iterdir() if shard_of_folder(p.name) and (p / DB_NAME).is_file())
         if parts:
             raise ConfigError(f"{out} holds the shards {', '.join(parts)}, not a study of its own; give --shard K/N "

@@ -679,6 +679,11 @@ class StudyStore:
         return self._conn.execute("SELECT count(*) FROM cells").fetchone()[0]
 
     @_reads
+    def shard_labels(self) -> set[str | None]:
+        """The shards ("K/N") the done cells were trained in; None for cells trained outside a split."""
+        return {s for (s,) in self._conn.execute("SELECT DISTINCT shard FROM cells WHERE status='done'")}
+
+    @_reads
     def label_counts(self) -> dict[str, int]:
         """Done cells per label; done cells without a label count as 'unlabelled'."""
         rows = self._conn.execute(

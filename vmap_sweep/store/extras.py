@@ -41,14 +41,16 @@ def put_run_settings(store: StudyStore, settings: RunSettings) -> None:
 
 
 def run_options(store: StudyStore) -> dict:
-    """{"models_per_batch": int or "auto", "share": bool} as the study was started, or {} where none is recorded
-    yet (a study whose first run stopped before its start was recorded)."""
+    """{"models_per_batch": int or "auto", "share": bool, "shard": "K/N" or None} as the study was started (no
+    "shard" where it was started before that was recorded), or {} where none is recorded yet (a study whose first
+    run stopped before its start was recorded)."""
     stored = store.get_extra(RUN_OPTIONS)
     return dict(stored) if isinstance(stored, dict) else {}
 
 
-def put_run_options(store: StudyStore, models_per_batch: int | str, share: bool) -> None:
-    store.put_extra(RUN_OPTIONS, {"models_per_batch": models_per_batch, "share": bool(share)})
+def put_run_options(store: StudyStore, models_per_batch: int | str, share: bool, shard: str | None = None) -> None:
+    """shard: "K/N" where the study trains that part of a split (recorded as null otherwise)."""
+    store.put_extra(RUN_OPTIONS, {"models_per_batch": models_per_batch, "share": bool(share), "shard": shard})
 
 
 def criterion(store: StudyStore, settled: bool = False) -> dict:

@@ -69,15 +69,17 @@ def refinement_level(store: StudyStore) -> tuple[int, bool] | None:
 def refuse_training_a_level(store: StudyStore) -> None:
     """A level's cells are trained by `refine` alone: only those that can lie on the boundary, the rest inferred."""
     found = refinement_level(store)
-    if found is None:
-        return
-    level, finished = found
-    top = store.directory.parent
-    why = (f"it is finished, and its {store.cell_count() - store.done_count():,} other cells are inferred from the "
-           f"coarser level; `vmap-sweep fractal {top}` reads it" if finished else
-           f"`vmap-sweep refine {top} --levels {level}` finishes it")
-    raise ConfigError(f"{store.directory} is level {level} of the refined study {top}: refine trains only the "
-                      f"cells that can lie on the boundary; {why}")
+    if found is not None:
+        raise level_refusal(store.directory, *found, store.cell_count() - store.done_count())
+
+
+def level_refusal(folder: Path, level: int, finished: bool, inferred: int) -> ConfigError:
+    """Why `run` does not train level `level` in `folder` (finished: its `inferred` cells are the refinement's)."""
+    top = folder.parent
+    why = (f"it is finished, and its {inferred:,} other cells are inferred from the coarser level; `vmap-sweep "
+           f"fractal {top}` reads it" if finished else f"`vmap-sweep refine {top} --levels {level}` finishes it")
+    return ConfigError(f"{folder} is level {level} of the refined study {top}: refine trains only the cells that "
+                       f"can lie on the boundary; {why}")
 
 
 def study_map(store: StudyStore) -> LevelMap:

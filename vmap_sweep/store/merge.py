@@ -146,8 +146,9 @@ def _gather(stores: Sequence[StudyStore]) -> tuple[dict, dict]:
                                  "different results; keep only one of those shards")
             done.setdefault(key, (row, s.directory))
         for k, v in s.extras().items():
-            if k == RUN_OPTIONS:  # how a shard was batched, not what it holds: the first shard's stands
-                shared.setdefault(k, (v, s.directory))
+            if k == RUN_OPTIONS:  # how a shard was batched, not what it holds: the first shard's stands, and the
+                # merged study is no one part of the split
+                shared.setdefault(k, ({**v, "shard": None} if isinstance(v, dict) else v, s.directory))
                 continue
             if k in shared and shared[k][0] != v:
                 raise StoreError(f"merge: extra result {k!r} differs between {shared[k][1]} and "
