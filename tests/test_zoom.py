@@ -572,8 +572,13 @@ def test_ctrl_c_in_a_zoom_says_how_to_resume_it(model_cache, tmp_path, monkeypat
     finish = re.search(rf"was begun and not finished \({begun.name}\): `vmap-sweep (zoom {re.escape(str(parent))} "
                        r"--window [^`]+)` finishes it", said)
     assert finish and "no zoom level below" not in said, said
-    window = tuple(float(v) for v in finish.group(1).split()[-4:])  # names that folder: it would resume it
-    assert child_name(1, window) == begun.name
+    words = finish.group(1).split()
+    window = tuple(float(v) for v in words[words.index("--window") + 1:][:4])  # names that folder: resumes it
+    assert child_name(1, window) == begun.name and words[-2:] == ["--device", "cpu"]  # and its run settings
+    (parent / "zoom-junk").mkdir()  # a folder of that name that is no study of this tool's: passed over
+    (parent / "zoom-junk" / "study.db").write_text("not sqlite")
+    assert [b.folder for b in dimension_report(parent).begun] == [begun]
+    shutil.rmtree(parent / "zoom-junk")
     status = re.sub(r"[\s│┃|]+", "", ok("status", str(parent)).stdout)  # a table cell wraps a long path anywhere
     assert re.sub(r"\s+", "", f"zoom begun {begun.name}, not finished: `vmap-sweep {finish.group(1)}` finishes it") \
         in status

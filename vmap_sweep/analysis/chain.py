@@ -30,8 +30,9 @@ from vmap_sweep.analysis.view import StudyView, stored_config
 from vmap_sweep.analysis.window import Window, axis_window, cell_coords, pick_window
 from vmap_sweep.errors import ConfigError, StoreError, VmapSweepError
 from vmap_sweep.store import extras
-from vmap_sweep.store.db import DB_NAME, StudyStore, holds_schema
+from vmap_sweep.store.db import DB_NAME, StudyStore, holds_schema, live_run
 from vmap_sweep.study.axes import AxisSpec
+from vmap_sweep.study.settings import RunSettings
 
 if TYPE_CHECKING:
     from vmap_sweep.store.db import Child
@@ -244,24 +245,44 @@ class ChainDimensions:
 
     levels: tuple[LevelDimension, ...]
     pooled: PooledDimension
-    begun: tuple[tuple[Path, Window], ...] = ()  # zoom studies below the deepest level, begun and not finished
+    begun: tuple[BegunZoom, ...] = ()  # zoom studies below the deepest level, begun and not finished
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object `zoom-dimension --json` prints."""
         return {"levels": [lv.to_dict() for lv in self.levels], "pooled": self.pooled.to_dict(),
-                "begun": [{"dir": str(folder), "window": list(window)} for folder, window in self.begun]}
+                "begun": [{"dir": str(b.folder), "window": list(b.window)} for b in self.begun]}
 
 
-def begun_zooms(folder: str | os.PathLike) -> list[tuple[Path, Window]]:
-    """Zoom studies begun in `folder` and not finished (killed, or training now): a zoom records its child in the
-    parent once the child is trained. Each with its window, which the command that finishes it names."""
-    with StudyStore.open(folder) as store:
-        known = {store.child_folder(c).resolve() for c in store.children()}
+@dataclass(frozen=True)
+class BegunZoom:
+    """A zoom study begun and not finished: its folder, its window and the run settings it was trained with,
+    which the command that finishes it names."""
+
+    folder: Path
+    window: Window
+    settings: RunSettings | None
+
+
+def begun_zooms(folder: str | os.PathLike, children: Sequence[Child] | None = None) -> list[BegunZoom]:
+    """Zoom studies in `folder` that were begun and not finished (killed): a zoom records its child in the parent
+    once the child is trained. One training now is not listed (its run finishes it), nor a folder that can't be
+    read as a study. children: the parent's recorded ones, where the caller has the parent open."""
+    found = [p for p in sorted(Path(folder).glob("zoom-*")) if holds_schema(p)]
+    if not found:
+        return []
+    if children is None:
+        with StudyStore.open(folder) as store:
+            children = store.children()
+    known = {(Path(folder) / c.child_dir).resolve() for c in children}
     begun = []
-    for path in sorted(Path(folder).glob("zoom-*")):
-        if path.resolve() not in known and holds_schema(path):
+    for path in found:
+        if path.resolve() in known or live_run(path) is not None:
+            continue
+        try:
             with StudyStore.open(path) as child:
-                begun.append((path, axis_window(stored_config(child))))
+                begun.append(BegunZoom(path, axis_window(stored_config(child)), extras.run_settings(child)))
+        except VmapSweepError:  # not this tool's study, or damaged: a command given that folder names why
+            continue
     return begun
 
 

@@ -86,11 +86,7 @@ def duration(seconds: float) -> str:
 
 def settings_options(settings) -> str:
     """The run settings that differ from the defaults, as the options a resume must repeat."""
-    if settings is None:
-        return ""
-    return ((" --device cpu" if settings.device == "cpu" else "")
-            + (f" --micro-batch-size {settings.micro_batch_size}" if settings.micro_batch_size else "")
-            + (" --deterministic" if settings.deterministic else ""))
+    return "" if settings is None else settings.resume_options()
 
 
 def interrupted_line(out: Path, done: int | None, total: int | None, shard: tuple[int, int] | None = None,
@@ -283,8 +279,8 @@ def status_table(store: StudyStore) -> Table:
     from vmap_sweep.analysis.chain import begun_zooms
     from vmap_sweep.present.tables import finish_zoom_command
 
-    for folder, window in begun_zooms(store.directory):
-        table.add_row("zoom begun", escape(f"{folder.name}, not finished: `{finish_zoom_command(folder, window)}` "
+    for begun in begun_zooms(store.directory, children):
+        table.add_row("zoom begun", escape(f"{begun.folder.name}, not finished: `{finish_zoom_command(begun)}` "
                                            "finishes it"))
     for key, value in refine_rows(store):
         table.add_row(key, escape(value))

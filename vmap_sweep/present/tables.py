@@ -20,7 +20,7 @@ from vmap_sweep.present.prose import (
 )
 
 if TYPE_CHECKING:
-    from vmap_sweep.analysis.chain import ChainDimensions
+    from vmap_sweep.analysis.chain import BegunZoom, ChainDimensions
     from vmap_sweep.analysis.compare import CompareResult
     from vmap_sweep.analysis.early_warning import WarningResult
     from vmap_sweep.analysis.rules import RulesResult
@@ -86,10 +86,12 @@ def fractal_lines(report: dict) -> list[Text]:
     return [_prose(line) for line in lines]
 
 
-def finish_zoom_command(folder, window) -> str:
-    """The command that finishes the zoom begun in `folder`: its parent and its window, each bound exactly as
-    stored (the window names the folder)."""
-    return f"vmap-sweep zoom {folder.parent} --window {' '.join(repr(float(v)) for v in window)}"
+def finish_zoom_command(begun: BegunZoom) -> str:
+    """The command that finishes a zoom begun and not finished: its parent, its window with each bound exactly as
+    stored (the window names the folder) and the run settings it was trained with."""
+    window = " ".join(repr(float(v)) for v in begun.window)
+    options = begun.settings.resume_options() if begun.settings is not None else ""
+    return f"vmap-sweep zoom {begun.folder.parent} --window {window}{options}"
 
 
 def zoom_dimension_lines(report: ChainDimensions) -> list[str]:
@@ -106,9 +108,9 @@ def zoom_dimension_lines(report: ChainDimensions) -> list[str]:
             lines.append(f"level {level.level}: D = {_num(level.dimension)}, 95% CI [{_num(level.ci_low)}, "
                          f"{_num(level.ci_high)}] at {grid} over {level.octaves:.1f} octaves, cell scale "
                          f"{level.scale:.3g}" + "".join(f"; warning: {w}" for w in level.warnings))
-    for folder, window in report.begun:
-        lines.append(f"a zoom level below {folder.parent} was begun and not finished ({folder.name}): "
-                     f"`{finish_zoom_command(folder, window)}` finishes it")
+    for begun in report.begun:
+        lines.append(f"a zoom level below {begun.folder.parent} was begun and not finished ({begun.folder.name}): "
+                     f"`{finish_zoom_command(begun)}` finishes it")
     if len(report.levels) < 2 and report.begun:
         return lines
     if len(report.levels) < 2:

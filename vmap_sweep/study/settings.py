@@ -51,6 +51,13 @@ class RunSettings:
     cuda: str | None = None  # the CUDA torch was built with, on a CUDA device; "none" on a CPU
     gpu: str | None = None  # the GPU's name, or "cpu"
 
+    def resume_options(self) -> str:
+        """The options a command that resumes this study must repeat: those of these settings that differ from
+        the defaults (" --device cpu --micro-batch-size 2", or "")."""
+        return ((" --device cpu" if self.device == "cpu" else "")
+                + (f" --micro-batch-size {self.micro_batch_size}" if self.micro_batch_size else "")
+                + (" --deterministic" if self.deterministic else ""))
+
     def to_dict(self) -> dict:
         return asdict(self)
 
