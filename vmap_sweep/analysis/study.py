@@ -82,9 +82,10 @@ def _check_levels_follow(study: Path, criterion: dict) -> bool:
                               f"criterion that study was refined under, and it is not classified on its own "
                               f"(`vmap-sweep classify {study.parent}` classifies the study)")
     if zoom is not None and holds_schema(study.parent):
-        raise ConfigError(f"{study} is zoom level {zoom.get('level')} of {_zoom_top(study)}: the levels of a zoom "
-                          f"share one criterion, since their dimensions are pooled; `vmap-sweep classify "
-                          f"{_zoom_top(study)}` classifies every level")
+        top = _zoom_top(study)
+        raise ConfigError(f"{study} is zoom level {zoom.get('level')} of {top}: the levels of a zoom share one "
+                          f"criterion, since their dimensions are pooled; `vmap-sweep classify {top}` classifies "
+                          "every level")
     levels = levels_criterion(study)
     if levels is None:
         return record is not None and criterion != newer_form(record.get("criterion") or DEFAULT)

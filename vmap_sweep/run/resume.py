@@ -14,13 +14,13 @@ from pathlib import Path
 
 from vmap_sweep.errors import ConfigError
 from vmap_sweep.store import extras
-from vmap_sweep.store.db import DB_NAME, config_diff
+from vmap_sweep.store.db import DB_NAME, config_diff, shard_folders
 from vmap_sweep.store.levels import level_refusal, refinement_level
 from vmap_sweep.store.study import Study
 from vmap_sweep.study.axes import parse_resolution
 from vmap_sweep.study.config import StudyConfig
 from vmap_sweep.study.config import preset as get_preset
-from vmap_sweep.study.plan import parse_shard, shard_folder_name, shard_of_folder
+from vmap_sweep.study.plan import shard_folder_name, shard_of_label
 from vmap_sweep.study.settings import RunSettings
 
 DEFAULT_PRESET = "d20-docvqa"
@@ -60,9 +60,9 @@ def _shard_of(store, options: dict) -> tuple[int, int] | None:
     """The part of a split a study trains: as its run recorded it, or (a study from before that record) as the
     cells it has trained are tagged, where they all name one part."""
     if "shard" in options:
-        return parse_shard(options["shard"]) if options["shard"] else None
+        return shard_of_label(options["shard"])
     tags = store.shard_labels()
-    return parse_shard(tags.pop()) if len(tags) == 1 and None not in tags else None
+    return shard_of_label(tags.pop()) if len(tags) == 1 else None
 
 
 def refuse_a_level(out: Path, stored: StoredRun | None) -> None:
@@ -84,8 +84,8 @@ def shard_folder(out: Path, shard: tuple[int, int] | None,
         return out, own
     if shard is not None:
         return out / shard_folder_name(*shard), shard
-    if stored is None and out.is_dir():
-        parts = sorted(p.name for p in out.iterdir() if shard_of_folder(p.name) and (p / DB_NAME).is_file())
+    if stored is None:
+        parts = shard_folders(out)
         if parts:
             raise ConfigError(f"{out} holds the shards {', '.join(parts)}, not a study of its own; give --shard K/N "
                               f"to run one, or `vmap-sweep merge` them")
@@ -174,15 +174,11 @@ def _check_same_config(cfg: StudyConfig, stored: StudyConfig, options: RunOption
         return
     differ = [f.name for f in fields(StudyConfig) if mine.get(f.name) != theirs.get(f.name)]
     names = sorted({_option_name(key, options) for key in differ})
-    # shown with every field, as the study means it: to_dict leaves out a value that every study once had
-    shown_mine, shown_theirs = ({f: d.get(f, getattr(c, f)) for f in [*differ, *d]} for c, d in
-                                ((cfg, mine), (stored, theirs)))
-    shown_mine = {k: list(v) if isinstance(v, tuple) else v for k, v in shown_mine.items()}
-    shown_theirs = {k: list(v) if isinstance(v, tuple) else v for k, v in shown_theirs.items()}
-    raise ConfigError(f"{where} holds a study made with other options ({config_diff(shown_theirs, shown_mine)}); "
-                      f"leave out "
-                      f"{', '.join(names)} (or give the study's values) to resume it, or use a new --out for a new "
-                      "study")
+    # shown as each study means it: to_dict leaves out a value that every study once had (packing: true)
+    shown = config_diff({**theirs, **{f: getattr(stored, f) for f in differ if f not in theirs}},
+                        {**mine, **{f: getattr(cfg, f) for f in differ if f not in mine}})
+    raise ConfigError(f"{where} holds a study made with other options ({shown}); leave out {', '.join(names)} (or "
+                      "give the study's values) to resume it, or use a new --out for a new study")
 
 
 def _option_name(key: str, options: RunOptions) -> str:

@@ -107,6 +107,13 @@ NUMERIC_FIELDS = ("x", "y", "steps", "steps_done", "initial_loss", "final_loss",
 _FLOAT_FIELDS = ("x", "y", "initial_loss", "final_loss", "eval_loss", "wall_time", "score")
 
 
+def shard_folders(directory: Path) -> list[str]:
+    """The names of the shard studies (shard-K-of-N) a folder holds: the --out of a sharded run."""
+    if not directory.is_dir():
+        return []
+    return sorted(p.name for p in directory.iterdir() if shard_of_folder(p.name) and (p / DB_NAME).is_file())
+
+
 def study_dir(path: str | os.PathLike) -> Path:
     """The study folder a path names: the folder itself, or the one holding the study.db it names."""
     path = Path(path)
@@ -390,8 +397,7 @@ class StudyStore:
             raise StoreError(f"{path}: not a regular file (a folder, named pipe, device or socket), so not a study "
                              "database; pass the folder a run wrote (its --out)")
         if not path.is_file():
-            parts = sorted(p.name for p in directory.iterdir() if shard_of_folder(p.name)
-                           and (p / DB_NAME).is_file()) if directory.is_dir() else []
+            parts = shard_folders(directory)
             if parts:  # the --out of a sharded run: its parts are the studies
                 raise StoreError(f"{directory}: no {DB_NAME} here, but the shards {', '.join(parts)}; give one of "
                                  f"them, or `vmap-sweep merge` them into one study")

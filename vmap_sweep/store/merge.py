@@ -10,7 +10,6 @@ unless ``partial``.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,9 +26,7 @@ from vmap_sweep.store.db import (
     config_diff,
 )
 from vmap_sweep.store.extras import RUN_OPTIONS, criterion
-from vmap_sweep.study.plan import shard_of_folder
-
-_SHARD_LABEL = re.compile(r"(\d+)/(\d+)")
+from vmap_sweep.study.plan import shard_of_folder, shard_of_label
 
 
 def merge_studies(shard_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
@@ -100,11 +97,7 @@ def _shards_of(store: StudyStore) -> set[tuple[int, int]]:
     own = shard_of_folder(Path(store.directory).name)
     if own is not None:
         found.add(own)
-    for row in store._raw_done().values():
-        m = _SHARD_LABEL.fullmatch(str(row["shard"] or ""))
-        if m:
-            found.add((int(m.group(1)), int(m.group(2))))
-    return found
+    return found | {kn for kn in map(shard_of_label, store.shard_labels()) if kn is not None}
 
 
 def _check_whole_split(stores: Sequence[StudyStore], out_dir: Path) -> None:

@@ -240,6 +240,12 @@ def shard_of_folder(name: str) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
+def shard_of_label(label: str | None) -> tuple[int, int] | None:
+    """(K, N) of the shard a stored cell is tagged with ("K/N"), else None (no tag, or one this tool never wrote)."""
+    m = re.fullmatch(r"(\d+)/(\d+)", str(label or ""))
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """``"2/4"`` -> (2, 4): the second of four parts."""
     m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
